@@ -1,0 +1,3 @@
+from xnatio.cli.main import main
+
+main()

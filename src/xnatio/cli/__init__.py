@@ -1,0 +1,1 @@
+"""The ``xio`` command line: thin Click commands over the library."""

@@ -1,0 +1,96 @@
+"""The ``xio`` / ``xnatio`` Click group and the one place errors become exit codes.
+
+Every command raises :class:`xnatio.errors.XnatioError` subclasses for expected failures; this
+module prints them as one line on stderr and exits with the error's code. A traceback is shown only
+with ``-v`` (or ``XNATIO_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from xnatio import __version__
+from xnatio.errors import EXIT_CODES, EXIT_INTERRUPTED, XnatioError
+
+EXIT_CODES_HELP = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+DEBUG_KEY = "xnatio.debug"
+
+
+def set_debug(ctx: click.Context, verbose: int) -> None:
+    """Commands call this with their ``-v`` count; ``-v`` shows tracebacks of errors."""
+    if verbose:
+        ctx.meta[DEBUG_KEY] = True
+        logging.getLogger("xnatio").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+
+
+class XioGroup(click.Group):
+    """Lists commands in the order added; turns expected errors into one line and an exit code.
+
+    Doing it here (not only in ``main``) means ``CliRunner`` tests see exactly what users see.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except XnatioError as exc:
+            if ctx.meta.get(DEBUG_KEY) or os.environ.get("XNATIO_DEBUG"):
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(
+    cls=XioGroup,
+    context_settings=CONTEXT_SETTINGS,
+    epilog=f"\b\nExit codes (shared by every command):\n{EXIT_CODES_HELP}",
+)
+@click.version_option(__version__, "--version", prog_name="xio")
+def cli() -> None:
+    """xio: move DICOM imaging sessions into XNAT, fast, resumably, and verified.
+
+    Run `xio demo` to see an upload against a local XNAT-compatible server,
+    or `xio COMMAND --help` for the options and examples of one command.
+    """
+
+
+def _register() -> None:
+    # One module per command; imported here so `xio --help` lists them all.
+    from xnatio.cli import sandbox
+
+    cli.add_command(sandbox.sandbox)
+    cli.add_command(sandbox.synth)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        cli.main(args=argv, prog_name="xio")
+    except KeyboardInterrupt:  # outside any command (e.g. while Click parses)
+        click.echo("Interrupted.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()
