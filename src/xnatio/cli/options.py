@@ -1,0 +1,244 @@
+"""Click options shared by every command that talks to XNAT, and the one way they become Settings.
+
+Each decorator adds a group of options and hands the command ONE typed object instead of a
+handful of loose keyword arguments, so a command reads::
+
+    @click.command()
+    @server_options
+    @output_options
+    @click.pass_context
+    def verify(ctx, *, server: ServerArgs, output: OutputArgs, ...) -> None:
+        start_command(ctx, output)
+        settings = resolve_cli_settings(server)
+
+Adding a credential source (``--env-file``, ``--profile``, a token, ...) is one edit here: a new
+option in :data:`_SERVER_OPTIONS`, a field in :class:`ServerArgs`, and the call in
+:func:`resolve_cli_settings`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+
+from xnatio.settings import Settings, resolve_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PASSWORD_FLAG_WARNING = (
+    "warning: --password is visible to other users in process listings; "
+    "prefer the XNAT_PASSWORD environment variable"
+)
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """The XNAT server and credentials as given on the command line (None: not given)."""
+
+    server: str | None = None
+    user: str | None = None
+    password: str | None = None
+    verify_tls: bool | None = None
+    ca_bundle: str | None = None
+
+    def __repr__(self) -> str:  # never show the password, even in a -v traceback
+        return (
+            f"ServerArgs(server={self.server!r}, user={self.user!r}, "
+            f"password={'<hidden>' if self.password else None}, "
+            f"verify_tls={self.verify_tls!r}, ca_bundle={self.ca_bundle!r})"
+        )
+
+
+@dataclass(frozen=True)
+class DicomArgs:
+    """The DICOM C-STORE receiver as given on the command line (None: not given)."""
+
+    host: str | None = None
+    port: int | None = None
+    called_aet: str | None = None
+    calling_aet: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputArgs:
+    """How a command talks to the user: results on stdout, progress and logs on stderr."""
+
+    json: bool = False
+    quiet: bool = False
+    verbose: int = 0
+
+
+_SERVER_OPTIONS = [
+    click.option(
+        "--server",
+        metavar="URL",
+        help="XNAT base URL, e.g. https://xnat.example.org  [env: XNAT_SERVER]",
+    ),
+    click.option("--user", metavar="NAME", help="XNAT user name.  [env: XNAT_USERNAME]"),
+    click.option(
+        "--password",
+        metavar="SECRET",
+        help="XNAT password. Visible in process listings: prefer XNAT_PASSWORD.  "
+        "[env: XNAT_PASSWORD]",
+    ),
+    click.option(
+        "--verify-tls/--no-verify-tls",
+        "verify_tls",
+        default=None,
+        help="Check the server's TLS certificate (default: check).  [env: XNAT_VERIFY_TLS]",
+    ),
+    click.option(
+        "--ca-bundle",
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="CA certificates (PEM) to trust for the server, e.g. a site's own CA.",
+    ),
+]
+
+_DICOM_OPTIONS = [
+    click.option(
+        "--dicom-host",
+        metavar="HOST",
+        help="Host of XNAT's DICOM receiver (default: the --server host).  [env: XNAT_DICOM_HOST]",
+    ),
+    click.option(
+        "--dicom-port",
+        type=click.IntRange(1, 65535),
+        metavar="PORT",
+        help="Port of XNAT's DICOM receiver (default: 8104).  [env: XNAT_DICOM_PORT]",
+    ),
+    click.option(
+        "--dicom-called-aet",
+        metavar="AET",
+        help="AE title of XNAT's DICOM receiver (default: XNAT).  [env: XNAT_DICOM_CALLED_AET]",
+    ),
+    click.option(
+        "--dicom-calling-aet",
+        metavar="AET",
+        help="Our own AE title (default: XNATIO).  [env: XNAT_DICOM_CALLING_AET]",
+    ),
+]
+
+_OUTPUT_OPTIONS = [
+    click.option(
+        "--json",
+        "json_output",
+        is_flag=True,
+        help="Print the result as JSON on stdout (progress still goes to stderr).",
+    ),
+    click.option(
+        "-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json output)."
+    ),
+    click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="More detail on stderr; -v also shows tracebacks of errors, -vv debug logs.",
+    ),
+]
+
+
+def _apply(options: list[Callable[[Any], Any]], f: Callable[..., Any]) -> Any:
+    # Applied in reverse so --help lists them in the order written above.
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def server_options(f: F) -> F:
+    """Add --server/--user/--password/--verify-tls/--ca-bundle; pass ``server: ServerArgs``."""
+
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        server: str | None,
+        user: str | None,
+        password: str | None,
+        verify_tls: bool | None,
+        ca_bundle: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        args_obj = ServerArgs(server, user, password, verify_tls, ca_bundle)
+        return f(*args, server=args_obj, **kwargs)
+
+    return cast(F, _apply(_SERVER_OPTIONS, wrapper))
+
+
+def dicom_options(f: F) -> F:
+    """Add the --dicom-* receiver options; pass ``dicom: DicomArgs``."""
+
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        dicom_host: str | None,
+        dicom_port: int | None,
+        dicom_called_aet: str | None,
+        dicom_calling_aet: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        args_obj = DicomArgs(dicom_host, dicom_port, dicom_called_aet, dicom_calling_aet)
+        return f(*args, dicom=args_obj, **kwargs)
+
+    return cast(F, _apply(_DICOM_OPTIONS, wrapper))
+
+
+def output_options(f: F) -> F:
+    """Add --json, -q/--quiet and -v/--verbose; pass ``output: OutputArgs``."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, json_output: bool, quiet: bool, verbose: int, **kwargs: Any) -> Any:
+        return f(*args, output=OutputArgs(json_output, quiet, verbose), **kwargs)
+
+    return cast(F, _apply(_OUTPUT_OPTIONS, wrapper))
+
+
+def report_option(f: F) -> F:
+    """Add ``--report FILE`` (per-file outcomes; .csv or .json); pass ``report: Path | None``."""
+    return click.option(
+        "--report",
+        type=click.Path(dir_okay=False, writable=True, path_type=Path),
+        metavar="FILE",
+        help="Write every file's outcome to FILE (.csv, or JSON for any other name).",
+    )(f)
+
+
+def start_command(ctx: click.Context, output: OutputArgs) -> None:
+    """Apply -v/-q before the command does anything else."""
+    # Imported here: cli.main imports every command module, which import this one.
+    from xnatio.cli.main import set_debug
+
+    set_debug(ctx, output.verbose)
+    if output.quiet and not output.verbose:
+        logging.getLogger("xnatio").setLevel(logging.ERROR)
+
+
+def resolve_cli_settings(
+    server: ServerArgs,
+    dicom: DicomArgs | None = None,
+    *,
+    output: OutputArgs | None = None,
+) -> Settings:
+    """The one place a command turns its options into :class:`Settings` (flags > environment).
+
+    Warns (on stderr, unless ``-q``) when the password was given as a flag.
+    """
+    if server.password is not None and not (output and output.quiet):
+        click.echo(PASSWORD_FLAG_WARNING, err=True)
+    d = dicom or DicomArgs()
+    return resolve_settings(
+        server=server.server,
+        username=server.user,
+        password=server.password,
+        verify_tls=server.verify_tls,
+        ca_bundle=server.ca_bundle,
+        dicom_host=d.host,
+        dicom_port=d.port,
+        dicom_called_aet=d.called_aet,
+        dicom_calling_aet=d.calling_aet,
+    )

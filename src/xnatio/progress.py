@@ -1,0 +1,409 @@
+"""Progress subscribers: callables that receive :class:`xnatio.models.ProgressEvent`.
+
+The pipeline only ever calls ``callback(event)``, from any thread; what the user sees is up to
+the subscriber:
+
+- :class:`RichDisplay` — a live display on a terminal (stderr): phase, files done/total, bytes,
+  MB/s, ETA, batches done/failed.
+- :class:`LogDisplay` — plain lines for cron and pipes: one per phase change, then one every
+  ``interval`` seconds or every ``step`` of the way, whichever comes first. No ANSI codes.
+- :class:`SilentDisplay` — ``-q``: nothing (errors are printed by the CLI edge).
+- :func:`tqdm_progress` — for Python API users and notebooks, built on ``tqdm.auto``.
+
+Progress may go backwards after a retry (a batch's bytes are counted again); every subscriber
+shows the latest numbers rather than accumulating deltas.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from xnatio.models import Phase, ProgressEvent
+
+__all__ = [
+    "Display",
+    "LogDisplay",
+    "RichDisplay",
+    "SilentDisplay",
+    "TqdmProgress",
+    "choose_display",
+    "format_event",
+    "tqdm_progress",
+]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover - loop always returns
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Display:
+    """Base subscriber: a context manager that is also the progress callback.
+
+    ``note(text)`` prints a line without garbling a live display (used for warnings).
+    """
+
+    def __call__(self, event: ProgressEvent) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Stop any live output; idempotent."""
+
+    def __enter__(self) -> Display:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SilentDisplay(Display):
+    """``-q``: shows nothing."""
+
+    def __call__(self, event: ProgressEvent) -> None:
+        return None
+
+    def note(self, text: str) -> None:
+        return None
+
+
+class _Rate:
+    """Bytes per second over the current phase, for the plain log display and ETA."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._start = clock()
+
+    def restart(self) -> None:
+        self._start = self._clock()
+
+    def elapsed(self) -> float:
+        return max(0.0, self._clock() - self._start)
+
+    def per_second(self, done: int) -> float:
+        el = self.elapsed()
+        return done / el if el > 0 else 0.0
+
+
+def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
+    """One plain line for an event, e.g. ``upload: 120/300 files (40%), 6.1/15.7 MB, …``."""
+    parts: list[str] = []
+    if event.total:
+        pct = 100.0 * event.current / event.total
+        parts.append(f"{event.current}/{event.total} files ({pct:.0f}%)")
+    elif event.current:
+        parts.append(f"{event.current} files")
+    if event.bytes_total:
+        parts.append(f"{_fmt_bytes(event.bytes_done)}/{_fmt_bytes(event.bytes_total)}")
+        if rate > 0:
+            parts.append(f"{rate / 1e6:.1f} MB/s")
+            left = event.bytes_total - event.bytes_done
+            if left > 0:
+                parts.append(f"ETA {_fmt_duration(left / rate)}")
+    if event.batches_total:
+        parts.append(
+            f"batches {event.batches_done}/{event.batches_total} done, "
+            f"{event.batches_failed} failed"
+        )
+    if event.message:
+        parts.append(event.message)
+    return f"{event.phase.value}: " + (", ".join(parts) if parts else "…")
+
+
+class LogDisplay(Display):
+    """Plain periodic lines on a stream, for when stderr is not a terminal (cron, pipes, CI).
+
+    A line is written on every phase change, then when ``interval`` seconds have passed or the
+    phase has advanced by ``step`` (a fraction of its total) since the last line, and for the
+    final event of a phase. Never any ANSI codes.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        interval: float = 5.0,
+        step: float = 0.10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._step = step
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._phase: Phase | None = None
+        self._last_time = 0.0
+        self._last_fraction = 0.0
+        self._last_line = ""
+        self._rate = _Rate(clock)
+
+    def _write(self, line: str) -> None:
+        stream = self._stream if self._stream is not None else sys.stderr
+        print(line, file=stream, flush=True)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._lock:
+            now = self._clock()
+            fraction = event.current / event.total if event.total else 0.0
+            if event.bytes_total:
+                fraction = event.bytes_done / event.bytes_total
+            if event.phase is not self._phase:
+                self._phase = event.phase
+                self._rate.restart()
+                due = True
+            else:
+                due = (
+                    now - self._last_time >= self._interval
+                    or fraction - self._last_fraction >= self._step - 1e-9
+                    or (event.total > 0 and event.current >= event.total)
+                )
+            if not due:
+                return
+            line = format_event(event, rate=self._rate.per_second(event.bytes_done))
+            if line == self._last_line:
+                return
+            self._last_time, self._last_fraction, self._last_line = now, fraction, line
+            self._write(line)
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            self._write(text)
+
+
+class _AmountColumn(ProgressColumn):
+    """``120/300 files · 6.1/15.7 MB`` (files only outside the upload phase)."""
+
+    def render(self, task: Task) -> Text:
+        files, files_total = task.fields.get("files", 0), task.fields.get("files_total", 0)
+        text = f"{files}/{files_total} files" if files_total else f"{files} files"
+        if task.fields.get("bytes_mode"):
+            text += f" · {_fmt_bytes(task.completed)}/{_fmt_bytes(task.total or 0)}"
+        return Text(text)
+
+
+class _SpeedColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not task.fields.get("bytes_mode") or not speed:
+            return Text("")
+        return Text(f"{speed / 1e6:.1f} MB/s")
+
+
+class _BatchColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        total = task.fields.get("batches_total", 0)
+        if not total:
+            return Text(task.fields.get("message", ""))
+        failed = task.fields.get("batches_failed", 0)
+        text = Text(f"batches {task.fields.get('batches_done', 0)}/{total}")
+        if failed:
+            text.append(f", {failed} failed", style="red")
+        return text
+
+
+class RichDisplay(Display):
+    """A live display on a terminal, one line per phase, on stderr by default.
+
+    Colours follow ``NO_COLOR`` (rich honours it); the display is redrawn in place, so it is only
+    used when the console is a terminal (see :func:`choose_display`).
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("{task.description:<8}"),
+            BarColumn(bar_width=30),
+            _AmountColumn(),
+            _SpeedColumn(),
+            TimeRemainingColumn(),
+            _BatchColumn(),
+            console=self.console,
+            transient=False,
+            refresh_per_second=8,
+        )
+        self._lock = threading.Lock()
+        self._task: TaskID | None = None
+        self._phase: Phase | None = None
+        self._started = False
+        self._closed = False
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._ensure_started()
+            bytes_mode = event.bytes_total > 0
+            if event.phase is not self._phase or self._task is None:
+                if self._task is not None:
+                    self._finish_current()
+                self._phase = event.phase
+                self._task = self._progress.add_task(event.phase.value, total=None)
+            total: float | None = event.bytes_total if bytes_mode else (event.total or None)
+            completed = event.bytes_done if bytes_mode else event.current
+            self._progress.update(
+                self._task,
+                total=total,
+                completed=completed,
+                files=event.current,
+                files_total=event.total,
+                bytes_mode=bytes_mode,
+                batches_done=event.batches_done,
+                batches_failed=event.batches_failed,
+                batches_total=event.batches_total,
+                message=event.message,
+            )
+
+    def _finish_current(self) -> None:
+        task_id = self._task
+        assert task_id is not None
+        task = next(t for t in self._progress.tasks if t.id == task_id)
+        if task.total is None:
+            # A phase with no known total (discovery, commit) ends complete, not pulsing.
+            done = max(task.completed, 1)
+            self._progress.update(task_id, total=done, completed=done)
+        self._progress.stop_task(task_id)
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            self.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._task is not None:
+                self._finish_current()
+            if self._started:
+                self._progress.stop()
+
+
+def choose_display(*, quiet: bool, stream: IO[str] | None = None) -> Display:
+    """``-q`` → silent; a terminal on stderr → rich; otherwise plain log lines.
+
+    ``TERM=dumb`` also gets plain lines: a live display would print escape codes it cannot draw.
+    """
+    if quiet:
+        return SilentDisplay()
+    stream = stream if stream is not None else sys.stderr
+    is_tty = bool(getattr(stream, "isatty", lambda: False)())
+    if is_tty and os.environ.get("TERM") != "dumb":
+        return RichDisplay(Console(file=stream))
+    return LogDisplay(stream)
+
+
+class TqdmProgress:
+    """A progress callback on ``tqdm.auto`` (a widget in Jupyter, a text bar in a terminal).
+
+    One bar per phase; the upload bar counts bytes, the others count files or steps.
+    Use as a context manager, or call :meth:`close` at the end.
+    """
+
+    def __init__(self, **tqdm_kwargs: Any) -> None:
+        self._kwargs = tqdm_kwargs
+        self._lock = threading.Lock()
+        self._bar: Any = None
+        self._phase: Phase | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        # tqdm ships no type information; loaded lazily so importing this module stays cheap.
+        tqdm = importlib.import_module("tqdm.auto").tqdm
+
+        with self._lock:
+            bytes_mode = event.bytes_total > 0
+            if event.phase is not self._phase or self._bar is None:
+                self._close_bar()
+                self._phase = event.phase
+                kwargs: dict[str, Any] = {"desc": event.phase.value, "leave": True}
+                if bytes_mode:
+                    kwargs.update(unit="B", unit_scale=True, unit_divisor=1000)
+                else:
+                    kwargs.update(unit="file")
+                kwargs.update(self._kwargs)
+                self._bar = tqdm(total=None, **kwargs)
+            bar = self._bar
+            total = event.bytes_total if bytes_mode else (event.total or None)
+            if bar.total != total:
+                bar.total = total
+            # Set, not add: progress may go backwards after a retry.
+            bar.n = event.bytes_done if bytes_mode else event.current
+            postfix: dict[str, Any] = {}
+            if bytes_mode and event.total:
+                postfix["files"] = f"{event.current}/{event.total}"
+            if event.batches_total:
+                postfix["batches"] = f"{event.batches_done}/{event.batches_total}"
+                if event.batches_failed:
+                    postfix["failed"] = event.batches_failed
+            if postfix:
+                bar.set_postfix(postfix, refresh=False)
+            bar.refresh()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_bar()
+
+    def __enter__(self) -> TqdmProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tqdm_progress(**tqdm_kwargs: Any) -> TqdmProgress:
+    """A ready ``progress_callback`` for the Python API, e.g. in a notebook::
+
+        from xnatio.progress import tqdm_progress
+        from xnatio.uploaders import upload_dicom_parallel_rest
+
+        with tqdm_progress() as progress:
+            result = upload_dicom_parallel_rest(..., progress_callback=progress)
+
+    Keyword arguments are passed to every ``tqdm`` bar (e.g. ``file=``, ``disable=``).
+    """
+    return TqdmProgress(**tqdm_kwargs)

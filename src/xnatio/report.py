@@ -1,0 +1,249 @@
+"""What an upload reports: the human summary, the ``--json`` result and the ``--report`` file.
+
+The JSON result has a stable, versioned schema (``RESULT_SCHEMA``) so scripts can rely on it:
+new keys may be added within a version, none are renamed or removed. Paths are reported as the
+user gave them (relative to nothing, absolute if PATH was absolute).
+
+Every file under PATH is accounted for: uploaded (or verified), skipped with a reason, or failed
+with a reason. The human summary caps the lists it prints; ``--json`` lists every failed and
+skipped file with its reason and every uploaded file by path; ``--report FILE`` writes one row per
+file with all its fields.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
+from xnatio.models import Batch, FileOutcome, Manifest, Outcome, SkippedFile, UploadResult
+
+RESULT_SCHEMA = "xnatio.upload-result/1"
+PLAN_SCHEMA = "xnatio.upload-plan/1"
+REPORT_COLUMNS = ("path", "outcome", "reason", "sop_instance_uid", "series_uid", "size", "batch")
+
+# How many failed / skipped files the human summary lists before "and N more".
+SUMMARY_LIST_CAP = 20
+
+
+def status_of(result: UploadResult) -> str:
+    """``success`` (everything landed), ``partial`` (some files failed) or ``failed``."""
+    failed = result.failed
+    if result.success and not failed and result.verified is not False:
+        return "success"
+    if result.uploaded and failed:
+        return "partial"
+    return "failed"
+
+
+def exit_code_of(result: UploadResult) -> int:
+    """0 when every file that should have been sent landed, else 1 (see ``xnatio.errors``)."""
+    return EXIT_OK if status_of(result) == "success" else EXIT_FILES_FAILED
+
+
+def account_for_skipped(result: UploadResult, manifest: Manifest) -> UploadResult:
+    """Add the manifest's skipped and duplicate files to ``result.files`` if the transport didn't.
+
+    Both transports are given the manifest and may already list them; a path is never listed twice.
+    """
+    listed = {f.path for f in result.files}
+    extra: list[FileOutcome] = []
+    for s in _skipped_of(manifest):
+        path = str(s.path)
+        if path not in listed:
+            listed.add(path)
+            extra.append(FileOutcome(path, Outcome.SKIPPED, reason=s.reason, size=s.size))
+    result.files.extend(extra)
+    return result
+
+
+def _skipped_of(manifest: Manifest) -> Iterable[SkippedFile]:
+    yield from manifest.skipped
+    yield from manifest.duplicates
+
+
+def _sent_bytes(result: UploadResult) -> int:
+    return sum(f.size for f in result.files if f.outcome is not Outcome.SKIPPED)
+
+
+def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any]:
+    """The ``--json`` result. ``full=True`` gives every field of every uploaded file too."""
+    uploaded, failed, skipped = result.uploaded, result.failed, result.skipped
+    verified_count = sum(1 for f in uploaded if f.outcome is Outcome.VERIFIED)
+    return {
+        "schema": RESULT_SCHEMA,
+        "upload_id": result.upload_id,
+        "status": status_of(result),
+        "exit_code": exit_code_of(result),
+        "transport": result.transport,
+        "project": result.project,
+        "subject": result.subject,
+        "session": result.session,
+        "session_uri": result.session_uri,
+        "verified": result.verified,
+        "totals": {
+            "files": len(result.files),
+            "bytes": _sent_bytes(result),
+            "uploaded": len(uploaded),
+            "verified": verified_count,
+            "failed": len(failed),
+            "skipped": len(skipped),
+            "uploaded_bytes": sum(f.size for f in uploaded),
+        },
+        "duration_s": round(result.duration, 3),
+        "mb_per_s": round(result.mb_per_s, 6),
+        "total_size_mb": round(result.total_size_mb, 6),
+        "batches": {"total": result.batches_total, "failed": result.batches_failed},
+        "studies": [
+            {
+                "study_uid": s.study_uid,
+                "patient_id": s.patient_id,
+                "files": s.file_count,
+                "bytes": s.total_bytes,
+            }
+            for s in result.studies
+        ],
+        "errors": list(result.errors),
+        "files": {
+            "failed": [_file_dict(f) for f in failed],
+            "skipped": [_file_dict(f) for f in skipped],
+            "uploaded": [_file_dict(f) for f in uploaded] if full else [f.path for f in uploaded],
+        },
+    }
+
+
+def _file_dict(f: FileOutcome) -> dict[str, Any]:
+    return {
+        "path": f.path,
+        "outcome": f.outcome.value,
+        "reason": f.reason,
+        "sop_instance_uid": f.sop_instance_uid,
+        "series_uid": f.series_uid,
+        "size": f.size,
+        "batch": f.batch,
+    }
+
+
+def result_to_json(result: UploadResult) -> str:
+    return json.dumps(result_to_dict(result), indent=2, ensure_ascii=False)
+
+
+def write_report(result: UploadResult, path: Path) -> None:
+    """Write one row per file to ``path``: ``.csv`` as a table, anything else as JSON.
+
+    The JSON form is the ``--json`` result with full per-file records for uploaded files too.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(REPORT_COLUMNS)
+                for f in result.files:
+                    row = _file_dict(f)
+                    writer.writerow(["" if row[c] is None else row[c] for c in REPORT_COLUMNS])
+        else:
+            data = result_to_dict(result, full=True)
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from None
+
+
+def check_report_path(path: Path) -> None:
+    """Fail before any upload starts if the report could not be written at the end."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write report {path}: folder {parent} does not exist")
+
+
+def _mb(n: int | float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _listing(title: str, files: Sequence[FileOutcome], cap: int) -> list[str]:
+    if not files:
+        return []
+    lines = [f"{title} ({len(files)}):"]
+    for f in files[:cap]:
+        lines.append(f"  {f.path}: {f.reason or 'no reason given'}")
+    if len(files) > cap:
+        lines.append(f"  … and {len(files) - cap} more — use --report FILE or --json")
+    return lines
+
+
+def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
+    """The end-of-run summary for people: totals first, then what failed and why."""
+    uploaded, failed, skipped = result.uploaded, result.failed, result.skipped
+    to_send = len(uploaded) + len(failed)
+    dest = "/".join(x for x in (result.project, result.subject, result.session) if x)
+    status = status_of(result)
+    head = {
+        "success": "Uploaded",
+        "partial": "Partly uploaded",
+        "failed": "Upload failed:",
+    }[status]
+    lines = [
+        f"{head} {len(uploaded)} of {to_send} files ({_mb(sum(f.size for f in uploaded))}) "
+        f"to {dest or 'XNAT'} in {result.duration:.1f} s ({result.mb_per_s:.1f} MB/s) "
+        f"over {result.transport}",
+    ]
+    details = [f"failed {len(failed)}", f"skipped {len(skipped)}"]
+    if result.batches_total:
+        details.append(f"batches {result.batches_total} ({result.batches_failed} failed)")
+    if result.verified is not None:
+        details.append("verified on the server" if result.verified else "VERIFICATION FAILED")
+    lines.append("  " + ", ".join(details))
+    for s in result.studies:
+        lines.append(f"  study {s.study_uid} (patient {s.patient_id}): {s.file_count} files")
+    if result.session_uri:
+        lines.append(f"  session: {result.session_uri}")
+    if result.upload_id:
+        lines.append(f"  upload id: {result.upload_id}")
+    errors = [e for e in result.errors if e]
+    if errors:
+        lines.append(f"Errors ({len(errors)}):")
+        lines.extend(f"  {e}" for e in errors[:cap])
+        if len(errors) > cap:
+            lines.append(f"  … and {len(errors) - cap} more — use --json")
+    lines += _listing("Failed files", failed, cap)
+    lines += _listing("Skipped files", skipped, cap)
+    return "\n".join(lines)
+
+
+def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]:
+    """The ``--dry-run --json`` result: what would be sent, in which batches, and what not."""
+    return {
+        "schema": PLAN_SCHEMA,
+        "status": "dry-run",
+        "root": str(manifest.root),
+        "totals": {
+            "files": len(manifest.files),
+            "bytes": manifest.total_bytes,
+            "series": len(manifest.series()),
+            "batches": len(batches),
+            "skipped": len(manifest.skipped),
+            "duplicates": len(manifest.duplicates),
+        },
+        "studies": [
+            {
+                "study_uid": s.study_uid,
+                "patient_id": s.patient_id,
+                "files": s.file_count,
+                "bytes": s.total_bytes,
+            }
+            for s in manifest.studies()
+        ],
+        "batches": [
+            {
+                "index": b.index,
+                "files": len(b.files),
+                "bytes": b.total_bytes,
+                "series": sorted({f.series_uid for f in b.files}),
+            }
+            for b in batches
+        ],
+        "skipped": [{"path": str(s.path), "reason": s.reason} for s in _skipped_of(manifest)],
+    }

@@ -1,0 +1,133 @@
+"""Progress subscribers, driven by hand-made events (no network)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+
+from xnatio.models import Phase, ProgressEvent
+from xnatio.progress import (
+    LogDisplay,
+    RichDisplay,
+    SilentDisplay,
+    choose_display,
+    format_event,
+    tqdm_progress,
+)
+
+ANSI = re.compile(r"\x1b\[")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _upload(current: int, total: int = 100, mb: int = 1_000_000, **kw: int) -> ProgressEvent:
+    return ProgressEvent(
+        Phase.UPLOAD,
+        current,
+        total,
+        bytes_done=current * mb // total,
+        bytes_total=mb,
+        batches_total=kw.get("bt", 10),
+        batches_done=kw.get("bd", current // 10),
+        batches_failed=kw.get("bf", 0),
+    )
+
+
+def test_format_event_has_files_bytes_rate_eta_batches() -> None:
+    line = format_event(_upload(40, bf=1), rate=200_000)
+    assert line.startswith("upload: 40/100 files (40%)")
+    assert "400.0 kB/1.0 MB" in line
+    assert "0.2 MB/s" in line
+    assert "ETA 0:03" in line
+    assert "batches 4/10 done, 1 failed" in line
+
+
+def test_log_display_writes_on_phase_change_every_step_and_interval() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    d = LogDisplay(out, interval=5.0, step=0.10, clock=clock)
+    d(ProgressEvent(Phase.DISCOVER, 0, 0, "reading headers"))
+    d(ProgressEvent(Phase.DISCOVER, 100, 100))
+    for i in range(0, 101):  # 101 events, 1 % apart, no time passing
+        d(_upload(i))
+    clock.now += 6  # the interval passes: one more line, if anything changed
+    d(_upload(100, bf=1))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "discover: reading headers"
+    assert lines[1].startswith("discover: 100/100 files")
+    upload = [ln for ln in lines if ln.startswith("upload:")]
+    # first event of the phase, each 10 % step (10..100), then the one after the interval
+    assert len(upload) == 12
+    assert upload[-2].startswith("upload: 100/100 files (100%)")
+    assert upload[-1].endswith("1 failed")
+    assert not ANSI.search(out.getvalue())
+
+
+def test_log_display_progress_may_go_backwards() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    d = LogDisplay(out, clock=clock)
+    d(_upload(50))
+    clock.now += 10
+    d(_upload(30))  # a batch failed and is resent
+    assert out.getvalue().splitlines()[-1].startswith("upload: 30/100 files")
+
+
+def test_silent_display_prints_nothing(capsys: object) -> None:
+    d = SilentDisplay()
+    d(_upload(5))
+    d.note("hello")
+    d.close()
+    assert capsys.readouterr() == ("", "")  # type: ignore[attr-defined]
+
+
+def test_choose_display() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(choose_display(quiet=True, stream=Tty()), SilentDisplay)
+    assert isinstance(choose_display(quiet=False, stream=io.StringIO()), LogDisplay)
+    assert isinstance(choose_display(quiet=False, stream=Tty()), RichDisplay)
+
+
+def test_rich_display_renders_phases_and_numbers() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=140, no_color=True)
+    with RichDisplay(console) as d:
+        d(ProgressEvent(Phase.DISCOVER, 10, 10))
+        for i in range(0, 101, 25):
+            d(_upload(i, bf=1))
+        d(ProgressEvent(Phase.COMMIT, 0, 0, "archiving"))
+    text = out.getvalue()
+    assert "discover" in text and "upload" in text and "commit" in text
+    assert "100/100 files" in text
+    assert "batches 10/10, 1 failed" in text
+
+
+def test_rich_display_respects_no_color(monkeypatch: object) -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=140)  # NO_COLOR=1 set by conftest
+    with RichDisplay(console) as d:
+        d(_upload(50, bf=2))
+    assert "\x1b[31m" not in out.getvalue()  # no red for failed batches
+
+
+def test_tqdm_progress_counts_bytes_in_upload_and_files_elsewhere() -> None:
+    out = io.StringIO()
+    with tqdm_progress(file=out, mininterval=0) as cb:
+        cb(ProgressEvent(Phase.DISCOVER, 5, 10))
+        cb(_upload(50))
+        cb(_upload(20))  # backwards after a retry: shown, not accumulated
+        cb(_upload(100, bd=10))
+    text = out.getvalue()
+    assert "discover" in text and "5/10" in text
+    assert "upload" in text
+    assert "1.00M/1.00M" in text
+    assert "batches=10/10" in text
