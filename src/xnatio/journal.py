@@ -1,0 +1,443 @@
+"""The resume journal and the per-target run lock: an interrupted upload picks up where it stopped.
+
+Where: ``--journal PATH`` > ``$XNATIO_JOURNAL`` > ``$XDG_STATE_HOME/xnatio/journal.sqlite`` >
+``~/.local/state/xnatio/journal.sqlite``.
+
+What it remembers, per upload *target* (server URL without credentials, project, subject,
+session, transport) and *source root* (the PATH given, resolved): every file the server has
+confirmed, identified by its fingerprint (path relative to the root, size, mtime in ns, SOP
+Instance UID), plus whether the session was committed and under which URI. Only confirmations are
+stored; a file is *pending* when no confirmed row has its exact fingerprint, so a file that changed
+since it was sent (size or mtime differ) is pending again and is sent again.
+
+Files confirmed by an earlier run are reported as ``UPLOADED`` with the reason
+``"sent by an earlier run (journal)"`` (and become ``VERIFIED`` when read-back finds them): they
+are on the server, so counting them as skipped would make a resumed run look incomplete.
+
+Durability: WAL mode, one short transaction per confirmed batch, written as each batch is
+confirmed (not at the end), so ``kill -9`` loses at most the batches in flight, and those are
+simply sent again (XNAT merges a re-sent instance into the same file; ``overwrite=append``).
+``synchronous=NORMAL`` survives a killed process; a power cut can lose the last confirmations,
+which again only means re-sending.
+
+The lock: ``fcntl.flock`` on ``locks/<target hash>.lock`` next to the journal. The kernel drops it
+when the holder dies (even by ``kill -9``), so a stale lock cannot block the next cron run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
+
+from xnatio.errors import UsageError
+from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome
+
+JOURNAL_ENV = "XNATIO_JOURNAL"
+EARLIER_RUN_REASON = "sent by an earlier run (journal)"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    root TEXT NOT NULL,
+    fingerprint TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    committed INTEGER NOT NULL DEFAULT 0,
+    session_uri TEXT NOT NULL DEFAULT '',
+    verified INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (target, root)
+);
+CREATE TABLE IF NOT EXISTS files (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    relpath TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sop_uid TEXT NOT NULL,
+    batch INTEGER,
+    confirmed_at REAL NOT NULL,
+    PRIMARY KEY (run_id, relpath)
+);
+"""
+
+
+class LockedError(UsageError):
+    """Another run holds the lock of the same target (exit code 2)."""
+
+
+def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get(JOURNAL_ENV):
+        return Path(env[JOURNAL_ENV]).expanduser()
+    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/state")
+    return Path(state) / "xnatio" / "journal.sqlite"
+
+
+def strip_credentials(url: str) -> str:
+    """``https://user:pw@Host:443/xnat/?q`` -> ``https://host:443/xnat``: a key, never a secret."""
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an upload goes. ``server`` never holds credentials (see :func:`strip_credentials`)."""
+
+    server: str
+    project: str
+    subject: str
+    session: str
+    transport: str = "rest"
+
+    @classmethod
+    def rest(cls, server: str, project: str, subject: str, session: str) -> Target:
+        return cls(strip_credentials(server), project, subject, session, "rest")
+
+    @classmethod
+    def dicom(
+        cls, host: str, port: int, called_aet: str, project: str, subject: str, session: str
+    ) -> Target:
+        return cls(
+            f"dicom://{host.lower()}:{port}/{called_aet}", project, subject, session, "dicom"
+        )
+
+    def key(self) -> str:
+        return json.dumps(
+            [self.server, self.project, self.subject, self.session, self.transport],
+            separators=(",", ":"),
+        )
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.key().encode()).hexdigest()[:24]
+
+    def describe(self) -> str:
+        return f"{self.project}/{self.subject}/{self.session} on {self.server}"
+
+
+def relative_name(f: DicomFile, root: Path) -> str:
+    """The file's stable name under the source root (the member name inside an archive)."""
+    if f.member is not None:
+        return f.member
+    try:
+        return f.path.relative_to(root).as_posix()
+    except ValueError:
+        return f.path.as_posix()
+
+
+def manifest_fingerprint(manifest: Manifest) -> str:
+    h = hashlib.sha256()
+    for f in sorted(manifest.files, key=lambda f: relative_name(f, manifest.root)):
+        h.update(f"{relative_name(f, manifest.root)}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class RunLock:
+    """Exclusive per-target lock: a second run refuses (``LockedError``) or waits (``wait``)."""
+
+    def __init__(self, journal_path: Path, target: Target) -> None:
+        self.path = journal_path.parent / "locks" / f"{target.digest()}.lock"
+        self.target = target
+        self._fd: int | None = None
+
+    def acquire(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                if not wait:
+                    raise LockedError(
+                        f"another xio run{holder} is uploading to {self.target.describe()}; "
+                        "wait for it to finish or pass --wait"
+                    ) from None
+                if on_wait is not None:
+                    on_wait(f"waiting for another xio run{holder} on {self.target.describe()}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        return ""
+    return f" (pid {text[0]}, started {text[1]})" if len(text) >= 2 else ""
+
+
+class Journal:
+    """One SQLite file shared by every target; thread-safe (one connection, one write lock)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path if path is not None else default_journal_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit; every write below is its own explicit transaction.
+        self._db = sqlite3.connect(
+            self.path, timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        with contextlib.suppress(OSError):  # journal names local paths: keep it private
+            os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._write():
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+
+    def _write(self) -> _Txn:
+        return _Txn(self._db, self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def lock(self, target: Target) -> RunLock:
+        return RunLock(self.path, target)
+
+    def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
+        """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""
+        root = str(manifest.source_archive or manifest.root)
+        now = time.time()
+        fp = manifest_fingerprint(manifest)
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id FROM runs WHERE target = ? AND root = ?", (target.key(), root)
+            ).fetchone()
+            if row is not None and restart:
+                db.execute("DELETE FROM files WHERE run_id = ?", (row[0],))
+                db.execute("DELETE FROM runs WHERE id = ?", (row[0],))
+                row = None
+            if row is None:
+                cur = db.execute(
+                    "INSERT INTO runs (target, root, fingerprint, created, updated) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (target.key(), root, fp, now, now),
+                )
+                run_id = int(cur.lastrowid or 0)
+            else:
+                run_id = int(row[0])
+                db.execute(
+                    "UPDATE runs SET fingerprint = ?, updated = ? WHERE id = ?", (fp, now, run_id)
+                )
+        return JournalRun(self, run_id, target, manifest)
+
+    def forget_target(self, target: Target) -> int:
+        """Drop every entry of ``target`` (all roots); returns how many runs were dropped."""
+        with self._write() as db:
+            ids = [
+                r[0] for r in db.execute("SELECT id FROM runs WHERE target = ?", (target.key(),))
+            ]
+            for run_id in ids:
+                db.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        return len(ids)
+
+
+class _Txn:
+    """``with`` block = one ``BEGIN IMMEDIATE`` ... ``COMMIT`` under the connection's lock."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._db, self._lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._db
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self._db.execute("ROLLBACK" if et is not None else "COMMIT")
+        finally:
+            self._lock.release()
+
+
+class JournalRun:
+    """What the journal knows about one (target, source) pair; the transports report into it."""
+
+    def __init__(self, journal: Journal, run_id: int, target: Target, manifest: Manifest) -> None:
+        self.journal = journal
+        self.run_id = run_id
+        self.target = target
+        self.manifest = manifest
+        self._root = manifest.root
+        # Outcomes name files by str(path) (or the member name inside an archive).
+        self._by_name: dict[str, DicomFile] = {}
+        for f in manifest.files:
+            self._by_name[str(f.path)] = f
+            if f.member is not None:
+                self._by_name[f.member] = f
+                self._by_name[f"{f.path}!{f.member}"] = f
+
+    def _confirmed_rows(self) -> dict[str, tuple[int, int, str]]:
+        with self.journal._lock:
+            rows = self.journal._db.execute(
+                "SELECT relpath, size, mtime_ns, sop_uid FROM files WHERE run_id = ?",
+                (self.run_id,),
+            ).fetchall()
+        return {r[0]: (int(r[1]), int(r[2]), str(r[3])) for r in rows}
+
+    def split(
+        self, files: Sequence[DicomFile] | None = None
+    ) -> tuple[list[DicomFile], list[DicomFile]]:
+        """``(confirmed earlier, still to send)``; a changed file (size/mtime/UID) is to send."""
+        rows = self._confirmed_rows()
+        done: list[DicomFile] = []
+        todo: list[DicomFile] = []
+        for f in self.manifest.files if files is None else files:
+            row = rows.get(relative_name(f, self._root))
+            if row == (f.size, f.mtime_ns, f.sop_instance_uid):
+                done.append(f)
+            else:
+                todo.append(f)
+        return done, todo
+
+    def file_for(self, name: str) -> DicomFile | None:
+        return self._by_name.get(name)
+
+    def record_confirmed(self, files: Iterable[DicomFile], *, batch: int | None = None) -> int:
+        """One transaction per call; marks the session uncommitted (new files need a commit)."""
+        now = time.time()
+        rows = [
+            (
+                self.run_id,
+                relative_name(f, self._root),
+                f.size,
+                f.mtime_ns,
+                f.sop_instance_uid,
+                batch,
+                now,
+            )
+            for f in files
+        ]
+        if not rows:
+            return 0
+        with self.journal._write() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO files "
+                "(run_id, relpath, size, mtime_ns, sop_uid, batch, confirmed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            db.execute(
+                "UPDATE runs SET committed = 0, verified = 0, updated = ? WHERE id = ?",
+                (now, self.run_id),
+            )
+        return len(rows)
+
+    def record_outcomes(self, outcomes: Sequence[FileOutcome]) -> int:
+        """The transports' ``on_confirmed`` hook: remember every UPLOADED/VERIFIED outcome."""
+        files = []
+        batch: int | None = None
+        for o in outcomes:
+            if o.outcome not in (Outcome.UPLOADED, Outcome.VERIFIED):
+                continue
+            f = self._by_name.get(o.path)
+            if f is not None:
+                files.append(f)
+                batch = o.batch if o.batch is not None else batch
+        return self.record_confirmed(files, batch=batch)
+
+    def forget(self, files: Iterable[DicomFile]) -> None:
+        """Read-back did not find these: the next run sends them again."""
+        names = [(self.run_id, relative_name(f, self._root)) for f in files]
+        with self.journal._write() as db:
+            db.executemany("DELETE FROM files WHERE run_id = ? AND relpath = ?", names)
+            db.execute("UPDATE runs SET verified = 0 WHERE id = ?", (self.run_id,))
+
+    def _flag(self, column: str) -> tuple[int, str]:
+        with self.journal._lock:
+            row = self.journal._db.execute(
+                f"SELECT {column}, session_uri FROM runs WHERE id = ?", (self.run_id,)
+            ).fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, "")
+
+    @property
+    def committed(self) -> bool:
+        return bool(self._flag("committed")[0])
+
+    @property
+    def verified(self) -> bool:
+        return bool(self._flag("verified")[0])
+
+    @property
+    def session_uri(self) -> str:
+        return self._flag("committed")[1]
+
+    def record_session_uri(self, uri: str) -> None:
+        with self.journal._write() as db:
+            db.execute("UPDATE runs SET session_uri = ? WHERE id = ?", (uri, self.run_id))
+
+    def record_commit(self, uri: str = "") -> None:
+        with self.journal._write() as db:
+            db.execute(
+                "UPDATE runs SET committed = 1, session_uri = CASE WHEN ? = '' THEN session_uri "
+                "ELSE ? END, updated = ? WHERE id = ?",
+                (uri, uri, time.time(), self.run_id),
+            )
+
+    def record_verified(self) -> None:
+        with self.journal._write() as db:
+            db.execute("UPDATE runs SET verified = 1 WHERE id = ?", (self.run_id,))
+
+    def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
+        return [
+            FileOutcome(
+                path=str(f.path) if f.member is None else f"{f.path}!{f.member}",
+                outcome=Outcome.UPLOADED,
+                reason=EARLIER_RUN_REASON,
+                sop_instance_uid=f.sop_instance_uid,
+                series_uid=f.series_uid,
+                size=f.size,
+            )
+            for f in files
+        ]

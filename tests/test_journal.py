@@ -1,0 +1,347 @@
+"""The resume journal and the run lock, on a real SQLite file and real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from xnatio.journal import (
+    EARLIER_RUN_REASON,
+    Journal,
+    LockedError,
+    RunLock,
+    Target,
+    default_journal_path,
+    manifest_fingerprint,
+    strip_credentials,
+)
+from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome
+
+TARGET = Target.rest("https://xnat.example.org/", "P", "S", "E")
+
+
+def make_manifest(root: Path, n: int = 6) -> Manifest:
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        p = root / f"series{i % 2}" / f"img{i}.dcm"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x" * (100 + i))
+        st = p.stat()
+        files.append(
+            DicomFile(
+                path=p,
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                study_uid="1.2.3",
+                series_uid=f"1.2.3.{i % 2}",
+                sop_instance_uid=f"1.2.3.{i % 2}.{i}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                series_number=i % 2 + 1,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                patient_id="PAT",
+            )
+        )
+    return Manifest(root=root, files=files)
+
+
+def restat(m: Manifest) -> Manifest:
+    """The manifest discovery would produce now (sizes and mtimes re-read)."""
+    files = []
+    for f in m.files:
+        st = f.path.stat()
+        files.append(
+            DicomFile(
+                path=f.path,
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                study_uid=f.study_uid,
+                series_uid=f.series_uid,
+                sop_instance_uid=f.sop_instance_uid,
+                sop_class_uid=f.sop_class_uid,
+                series_number=f.series_number,
+                transfer_syntax_uid=f.transfer_syntax_uid,
+                patient_id=f.patient_id,
+            )
+        )
+    return Manifest(root=m.root, files=files)
+
+
+def test_default_path_precedence(tmp_path: Path) -> None:
+    home = {"HOME": str(tmp_path)}
+    assert default_journal_path(home) == tmp_path / ".local/state/xnatio/journal.sqlite"
+    xdg = {**home, "XDG_STATE_HOME": str(tmp_path / "st")}
+    assert default_journal_path(xdg) == tmp_path / "st/xnatio/journal.sqlite"
+    env = {**xdg, "XNATIO_JOURNAL": str(tmp_path / "j.db")}
+    assert default_journal_path(env) == tmp_path / "j.db"
+
+
+def test_default_path_uses_isolated_home(isolated_home: Path) -> None:
+    assert default_journal_path() == isolated_home / ".local/state/xnatio/journal.sqlite"
+
+
+def test_target_key_never_holds_credentials() -> None:
+    assert strip_credentials("HTTPS://alice:s3cret@XNAT.example.org:8443/xnat/?a=1#x") == (
+        "https://xnat.example.org:8443/xnat"
+    )
+    t = Target.rest("https://bob:hunter22@host/", "P", "S", "E")
+    assert "hunter22" not in t.key() and "bob" not in t.key()
+    assert t == Target.rest("https://host", "P", "S", "E")
+
+
+def test_confirmed_files_are_not_sent_again(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        done, todo = run.split()
+        assert done == [] and todo == m.files
+        run.record_confirmed(m.files[:4], batch=0)
+    # A new process (a re-run) sees what the first one confirmed.
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        done, todo = run.split()
+        assert done == m.files[:4]
+        assert todo == m.files[4:]
+        earlier = run.earlier_outcomes(done)
+        assert {o.outcome for o in earlier} == {Outcome.UPLOADED}
+        assert {o.reason for o in earlier} == {EARLIER_RUN_REASON}
+
+
+def test_changed_files_are_sent_again(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.open_run(TARGET, m).record_confirmed(m.files)
+    grown = m.files[1].path
+    grown.write_bytes(grown.read_bytes() + b"more")
+    touched = m.files[2].path
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    m2 = restat(m)
+    with Journal(tmp_path / "j.sqlite") as j:
+        done, todo = j.open_run(TARGET, m2).split()
+    assert [f.path for f in todo] == [grown, touched]
+    assert len(done) == len(m.files) - 2
+
+
+def test_restart_forgets(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.record_confirmed(m.files)
+        run.record_commit("/data/archive/projects/P/subjects/S/experiments/E")
+        run2 = j.open_run(TARGET, m, restart=True)
+        assert run2.split() == ([], m.files)
+        assert not run2.committed
+
+
+def test_targets_and_roots_are_separate(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    other = make_manifest(tmp_path / "other")
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.open_run(TARGET, m).record_confirmed(m.files)
+        assert (
+            j.open_run(Target.rest("https://xnat.example.org", "P", "S", "E2"), m).split()[0] == []
+        )
+        assert (
+            j.open_run(Target.dicom("xnat.example.org", 8104, "XNAT", "P", "S", "E"), m).split()[0]
+            == []
+        )
+        assert j.open_run(TARGET, other).split()[0] == []
+        assert j.open_run(TARGET, m).split()[1] == []
+
+
+def test_commit_state_follows_new_confirmations(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.record_confirmed(m.files[:3])
+        assert not run.committed
+        run.record_commit("/data/prearchive/projects/P/1/E")
+        assert run.committed and run.session_uri == "/data/prearchive/projects/P/1/E"
+        run.record_verified()
+        assert run.verified
+        # More files confirmed after a commit need another commit (and another verification).
+        run.record_confirmed(m.files[3:])
+        assert not run.committed and not run.verified
+        assert run.session_uri == "/data/prearchive/projects/P/1/E"
+
+
+def test_outcomes_hook_and_forget(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        outcomes = [
+            FileOutcome(str(m.files[0].path), Outcome.UPLOADED, batch=3),
+            FileOutcome(str(m.files[1].path), Outcome.FAILED, reason="HTTP 500"),
+            FileOutcome(str(m.files[2].path), Outcome.VERIFIED),
+            FileOutcome("/not/in/manifest", Outcome.UPLOADED),
+        ]
+        assert run.record_outcomes(outcomes) == 2
+        done, _ = run.split()
+        assert done == [m.files[0], m.files[2]]
+        run.forget([m.files[0]])
+        assert run.split()[0] == [m.files[2]]
+
+
+def test_fingerprint_tracks_size_and_mtime(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    fp = manifest_fingerprint(m)
+    assert fp == manifest_fingerprint(restat(m))
+    m.files[0].path.write_bytes(b"changed")
+    assert fp != manifest_fingerprint(restat(m))
+
+
+def test_concurrent_writers_from_threads(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src", n=64)
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        chunks = [m.files[i : i + 4] for i in range(0, 64, 4)]
+        threads = [
+            threading.Thread(target=run.record_confirmed, args=(c,), kwargs={"batch": i})
+            for i, c in enumerate(chunks)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(run.split()[0]) == 64
+
+
+def test_journal_file_is_private(tmp_path: Path) -> None:
+    with Journal(tmp_path / "state" / "j.sqlite") as j:
+        assert (j.path.stat().st_mode & 0o777) == 0o600
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+
+def test_second_run_on_same_target_refuses(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite"
+    first = RunLock(journal, TARGET)
+    first.acquire()
+    try:
+        with pytest.raises(LockedError) as err:
+            RunLock(journal, TARGET).acquire()
+        msg = str(err.value)
+        assert f"pid {os.getpid()}" in msg and "--wait" in msg and "P/S/E" in msg
+        assert err.value.exit_code == 2
+        # Another target is not blocked.
+        other = RunLock(journal, Target.rest("https://xnat.example.org", "P", "S", "E2"))
+        other.acquire()
+        other.release()
+    finally:
+        first.release()
+    again = RunLock(journal, TARGET)
+    again.acquire()
+    again.release()
+
+
+def test_wait_blocks_until_the_holder_finishes(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite"
+    first = RunLock(journal, TARGET)
+    first.acquire()
+    order: list[str] = []
+    waited = threading.Event()
+
+    def second() -> None:
+        lock = RunLock(journal, TARGET)
+        lock.acquire(wait=True, on_wait=lambda _msg: waited.set())
+        order.append("second acquired")
+        lock.release()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert waited.wait(10)
+    order.append("first released")
+    first.release()
+    t.join(10)
+    assert order == ["first released", "second acquired"]
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from xnatio.journal import RunLock, Target, Journal
+    from xnatio.models import Manifest
+    t = Target.rest("https://xnat.example.org", "P", "S", "E")
+    lock = RunLock(Path(sys.argv[1]), t)
+    lock.acquire()
+    j = Journal(Path(sys.argv[1]))
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.integration
+def test_lock_of_a_killed_run_is_released(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(journal)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError):
+            RunLock(journal, TARGET).acquire()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        lock = RunLock(journal, TARGET)
+        lock.acquire()  # no stale lock after kill -9
+        lock.release()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from xnatio.journal import Journal, Target
+    from xnatio.models import DicomFile, Manifest
+    root = Path(sys.argv[2])
+    files = [
+        DicomFile(path=root / f"f{i}", size=i, mtime_ns=i, study_uid="1", series_uid="1.1",
+                  sop_instance_uid=f"1.1.{i}", sop_class_uid="1", series_number=1,
+                  transfer_syntax_uid="1", patient_id="p")
+        for i in range(100000)
+    ]
+    j = Journal(Path(sys.argv[1]))
+    run = j.open_run(Target.rest("https://h", "P", "S", "E"), Manifest(root=root, files=files))
+    for i in range(0, len(files), 10):
+        run.record_confirmed(files[i : i + 10], batch=i // 10)
+        if i == 500:
+            print("writing", flush=True)
+    """
+)
+
+
+@pytest.mark.integration
+def test_kill_9_mid_write_leaves_a_consistent_journal(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(journal), str(tmp_path / "src")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    db = sqlite3.connect(journal)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    n, batches = db.execute("SELECT count(*), count(DISTINCT batch) FROM files").fetchone()
+    db.close()
+    # Whole batches only: each batch of 10 is one transaction.
+    assert n >= 510 and n == batches * 10
