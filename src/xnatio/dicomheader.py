@@ -1,0 +1,420 @@
+"""A small, fast reader for the few DICOM header fields an upload needs.
+
+``pydicom.dcmread`` costs about a millisecond per file even with ``stop_before_pixels``; a
+15,000-file session would spend most of its discovery time there. The fields an uploader needs
+(SOP Class/Instance UID, Study/Series Instance UID, Series Number, Transfer Syntax, Patient ID)
+all sit near the start of the file, in tag order, before (0020,0011) Series Number. This module
+reads the first few KB and walks the elements up to that tag (PS3.5 section 7: tags ascend within
+a data set), skipping every value it does not need, including undefined-length sequences.
+
+It handles the encodings nearly every file uses: a Part 10 file (128-byte preamble, "DICM", an
+explicit VR little endian File Meta group, PS3.10 section 7.1) followed by an explicit or implicit
+VR little endian data set, and raw data sets without a preamble. Anything unusual (big endian,
+deflated, non-ASCII values, malformed or very long headers) raises :class:`NeedFallback` inside
+and is re-read with pydicom (``specific_tags`` and ``stop_before_pixels``), so the answer is
+always the one pydicom would give, only faster in the common case.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import warnings
+from collections.abc import Callable
+from typing import IO, NamedTuple
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+# PS3.4 Annex F: the Media Storage Directory (DICOMDIR) SOP class.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+FIRST_READ = 8192
+# Headers longer than this (a huge private element before the Series Number) go to pydicom.
+MAX_HEADER = 4 * 2**20
+_MAX_DEPTH = 16
+
+_TS = 0x00020010
+_MEDIA_SOP_CLASS = 0x00020002
+_SOP_CLASS = 0x00080016
+_SOP_INSTANCE = 0x00080018
+_PATIENT_ID = 0x00100020
+_STUDY_UID = 0x0020000D
+_SERIES_UID = 0x0020000E
+_SERIES_NUMBER = 0x00200011
+_WANTED = frozenset(
+    {_TS, _MEDIA_SOP_CLASS, _SOP_CLASS, _SOP_INSTANCE, _PATIENT_ID, _STUDY_UID, _SERIES_UID}
+    | {_SERIES_NUMBER}
+)
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+# PS3.5 table 7.1-1: these VRs have a 2-byte reserved field and a 4-byte length.
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN"}
+    | {b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
+_ALL_VRS = _LONG_VRS | _SHORT_VRS
+
+_u16x2 = struct.Struct("<HH")
+_u16 = struct.Struct("<H")
+_u32 = struct.Struct("<L")
+
+
+class HeaderFields(NamedTuple):
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    series_number: int | None
+    transfer_syntax_uid: str
+    patient_id: str
+    media_sop_class_uid: str
+
+
+class NotDicom(Exception):
+    """The bytes are not a DICOM object this tool can send; ``str()`` says why in one sentence."""
+
+
+class NeedFallback(Exception):
+    """The fast reader met something unusual; pydicom must read this file."""
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Buffer:
+    """The growing prefix of one file or stream, read on demand."""
+
+    __slots__ = ("buf", "eof", "read")
+
+    def __init__(self, first: bytes, read: Callable[[int], bytes]) -> None:
+        self.buf = first
+        self.read = read
+        self.eof = False
+
+    def ensure(self, end: int) -> None:
+        """Make ``buf[:end]`` available or raise _Truncated at end of data."""
+        while len(self.buf) < end:
+            if self.eof:
+                raise _Truncated
+            if end > MAX_HEADER:
+                raise NeedFallback("header longer than the read limit")
+            chunk = self.read(max(end - len(self.buf), len(self.buf)))
+            if not chunk:
+                self.eof = True
+                raise _Truncated
+            self.buf += chunk
+
+    def at_end(self, pos: int) -> bool:
+        if pos < len(self.buf):
+            return False
+        if not self.eof:
+            try:
+                self.ensure(pos + 1)
+                return False
+            except _Truncated:
+                pass
+        if pos > len(self.buf):
+            raise _Truncated  # the data ends inside the last element's value
+        return True
+
+
+def _walk(
+    b: _Buffer, pos: int, explicit: bool, stop: int, found: dict[int, bytes], depth: int
+) -> int:
+    """Walk elements from ``pos``; return the position after the last one read.
+
+    At the top level (``stop`` < _ITEM) the walk ends at the first tag above ``stop``, at an
+    item delimiter inside an undefined-length item, or at the end of the data.
+    """
+    if depth > _MAX_DEPTH:
+        raise NeedFallback("sequences nested too deep")
+    while True:
+        if depth == 0 and b.at_end(pos):
+            return pos
+        b.ensure(pos + 8)
+        buf = b.buf
+        group, elem = _u16x2.unpack_from(buf, pos)
+        tag = group << 16 | elem
+        if tag == _ITEM_END:
+            return pos + 8
+        if tag > stop:
+            return pos
+        if explicit:
+            vr = buf[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                b.ensure(pos + 12)
+                (length,) = _u32.unpack_from(b.buf, pos + 8)
+                pos += 12
+            elif vr in _SHORT_VRS:
+                (length,) = _u16.unpack_from(buf, pos + 6)
+                pos += 8
+            else:
+                raise NeedFallback(f"unknown VR {vr!r}")
+        else:
+            vr = b""
+            (length,) = _u32.unpack_from(buf, pos + 4)
+            pos += 8
+        if length == _UNDEFINED:
+            if not explicit or vr == b"SQ":
+                pos = _skip_sequence(b, pos, explicit, depth + 1)
+            elif vr == b"UN":
+                # PS3.5 6.2.2: UN of undefined length holds a sequence in implicit VR LE.
+                pos = _skip_sequence(b, pos, False, depth + 1)
+            else:
+                raise NeedFallback("undefined length on a non-sequence element")
+            continue
+        if tag in _WANTED and depth == 0:
+            b.ensure(pos + length)
+            found[tag] = b.buf[pos : pos + length]
+        pos += length
+
+
+def _skip_sequence(b: _Buffer, pos: int, explicit: bool, depth: int) -> int:
+    """Skip an undefined-length sequence's items up to and including its delimiter."""
+    while True:
+        b.ensure(pos + 8)
+        group, elem = _u16x2.unpack_from(b.buf, pos)
+        tag = group << 16 | elem
+        (length,) = _u32.unpack_from(b.buf, pos + 4)
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise NeedFallback("unexpected tag inside a sequence")
+        if length == _UNDEFINED:
+            pos = _walk(b, pos, explicit, 0xFFFFFFFF, {}, depth)
+        else:
+            pos += length
+
+
+def _uid(raw: bytes | None) -> str:
+    if not raw:
+        return ""
+    try:
+        return raw.rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+    except UnicodeDecodeError:
+        raise NeedFallback("non-ASCII UID") from None
+
+
+def _text(raw: bytes | None) -> str:
+    if not raw:
+        return ""
+    try:
+        return raw.decode("ascii").strip(" \x00")
+    except UnicodeDecodeError:
+        raise NeedFallback("non-ASCII text (character set decoding needed)") from None
+
+
+def parse_int_string(raw: bytes | str | None) -> int | None:
+    """An IS value as an int; None when empty, multi-valued or not a whole number."""
+    if raw is None:
+        return None
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    text = text.strip(" \x00")
+    if not text or "\\" in text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return int(value) if value.is_integer() else None
+
+
+def parse_prefix(first: bytes, read: Callable[[int], bytes]) -> HeaderFields:
+    """Read the header fields from ``first`` (the opening bytes) plus ``read`` for more.
+
+    Raises NotDicom with a reason, or NeedFallback when pydicom must decide.
+    """
+    b = _Buffer(first, read)
+    found: dict[int, bytes] = {}
+    try:
+        b.ensure(132)
+        has_preamble = b.buf[128:132] == b"DICM"
+    except _Truncated:
+        has_preamble = False
+    if has_preamble:
+        pos = 132
+    else:
+        pos = 0
+        if len(b.buf) < 8:
+            raise NotDicom("not a DICOM file (too short)")
+        group = _u16.unpack_from(b.buf, 0)[0]
+        # A raw data set (no preamble) starts with the meta group or group 0008 (PS3.5 7.1);
+        # 0x0200/0x0800 are those groups written big endian.
+        if group not in (0x0002, 0x0008, 0x0200, 0x0800):
+            raise NotDicom("not a DICOM file (no DICM marker and no DICOM data set)")
+        raise NeedFallback("no preamble")
+    try:
+        b.ensure(pos + 6)
+        if _u16.unpack_from(b.buf, pos)[0] != 0x0002 or b.buf[pos + 4 : pos + 6] not in _ALL_VRS:
+            raise NeedFallback("File Meta group missing or not explicit VR")
+        pos = _walk(b, pos, True, 0x0002FFFF, found, 0)
+        ts = _uid(found.get(_TS))
+        if ts == IMPLICIT_VR_LE:
+            explicit = False
+        elif ts in ("", EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE):
+            raise NeedFallback(f"transfer syntax {ts or 'missing'}")
+        else:
+            # Every other standard transfer syntax (the compressed ones included) encodes the
+            # data set in explicit VR little endian (PS3.5 A.4).
+            explicit = True
+        if not b.at_end(pos):
+            b.ensure(pos + 6)
+            looks_explicit = b.buf[pos + 4 : pos + 6] in _ALL_VRS
+            if looks_explicit != explicit:
+                raise NeedFallback("data set VR encoding differs from its transfer syntax")
+        _walk(b, pos, explicit, _SERIES_NUMBER, found, 0)
+    except _Truncated:
+        raise NotDicom("truncated DICOM file (it ends inside the header)") from None
+    return HeaderFields(
+        sop_class_uid=_uid(found.get(_SOP_CLASS)),
+        sop_instance_uid=_uid(found.get(_SOP_INSTANCE)),
+        study_uid=_uid(found.get(_STUDY_UID)),
+        series_uid=_uid(found.get(_SERIES_UID)),
+        series_number=parse_int_string(found.get(_SERIES_NUMBER)),
+        transfer_syntax_uid=ts,
+        patient_id=_text(found.get(_PATIENT_ID)),
+        media_sop_class_uid=_uid(found.get(_MEDIA_SOP_CLASS)),
+    )
+
+
+_PYDICOM_LOCK = threading.Lock()
+_PYDICOM_TAGS = [
+    0x00020002,
+    0x00020010,
+    0x00080005,
+    0x00080016,
+    0x00080018,
+    0x00100020,
+    0x0020000D,
+    0x0020000E,
+    0x00200011,
+]
+
+
+def read_with_pydicom(fp: IO[bytes]) -> HeaderFields:
+    """The slow, thorough path: pydicom reads what the fast reader would not."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with _PYDICOM_LOCK, warnings.catch_warnings():
+            # pydicom warns (and logs) about every oddity it tolerates; the manifest already
+            # says what matters, and catch_warnings is process-wide, hence the lock.
+            warnings.simplefilter("ignore")
+            pydicom_log = logging.getLogger("pydicom")
+            level = pydicom_log.level
+            pydicom_log.setLevel(logging.ERROR)
+            try:
+                ds = pydicom.dcmread(
+                    fp, stop_before_pixels=True, specific_tags=_PYDICOM_TAGS, force=True
+                )
+            finally:
+                pydicom_log.setLevel(level)
+        meta = ds.file_meta if hasattr(ds, "file_meta") else None
+
+        def uid(tag: int, source: object = ds) -> str:
+            elem = source.get(tag) if source is not None else None  # type: ignore[attr-defined]
+            value = elem.value if elem is not None else None
+            if value is None or isinstance(value, bytes):
+                return _uid(value) if value else ""
+            return str(value).strip(" \x00")
+
+        sop_instance = uid(_SOP_INSTANCE)
+        patient = ds.get(_PATIENT_ID)
+        patient_id = "" if patient is None or patient.value is None else str(patient.value)
+        ts = uid(_TS, meta) if meta is not None else ""
+        if not ts and not sop_instance:
+            raise NotDicom("not a DICOM file (no DICOM header found)")
+        if not ts:
+            ts = _encoding_ts(ds)
+        series = ds.get(_SERIES_NUMBER)
+        raw_series = None if series is None else series.value
+        if raw_series is not None and not isinstance(raw_series, (bytes, str)):
+            raw_series = str(raw_series) if not hasattr(raw_series, "__len__") else None
+        return HeaderFields(
+            sop_class_uid=uid(_SOP_CLASS),
+            sop_instance_uid=sop_instance,
+            study_uid=uid(_STUDY_UID),
+            series_uid=uid(_SERIES_UID),
+            series_number=parse_int_string(raw_series),
+            transfer_syntax_uid=ts,
+            patient_id=patient_id.strip(" \x00"),
+            media_sop_class_uid=uid(_MEDIA_SOP_CLASS, meta) if meta is not None else "",
+        )
+    except NotDicom:
+        raise
+    except InvalidDicomError:
+        raise NotDicom("not a DICOM file") from None
+    except NeedFallback:
+        raise NotDicom("not a DICOM file (malformed header)") from None
+    except Exception as exc:  # pydicom raises many kinds on garbage input
+        raise NotDicom(f"unreadable DICOM header ({type(exc).__name__})") from None
+
+
+def _encoding_ts(ds: object) -> str:
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if little:
+        return IMPLICIT_VR_LE if implicit else EXPLICIT_VR_LE
+    return EXPLICIT_VR_BE
+
+
+def read_header_stream(fp: IO[bytes]) -> HeaderFields:
+    """Header fields of the DICOM object at the start of a binary stream (seekable or not).
+
+    Non-seekable streams (members of a compressed tar) are buffered up to the fast reader's
+    limit for a pydicom fallback.
+    """
+    first = fp.read(FIRST_READ)
+    consumed = [first]
+
+    def more(n: int) -> bytes:
+        chunk = fp.read(n)
+        consumed.append(chunk)
+        return chunk
+
+    try:
+        return parse_prefix(first, more)
+    except NeedFallback:
+        pass
+    try:
+        fp.seek(0)
+    except (OSError, ValueError):
+        # A member of a compressed tar cannot seek back: spool it (in memory up to a limit, on
+        # disk beyond) so pydicom can read it; only odd files ever take this path.
+        import shutil
+        import tempfile
+
+        with tempfile.SpooledTemporaryFile(max_size=MAX_HEADER) as spool:
+            for chunk in consumed:
+                spool.write(chunk)
+            shutil.copyfileobj(fp, spool)
+            spool.seek(0)
+            return read_with_pydicom(spool)
+    return read_with_pydicom(fp)
+
+
+def read_header_fd(fd: int) -> HeaderFields:
+    """Header fields of the open file ``fd`` (positioned at 0)."""
+    first = os.read(fd, FIRST_READ)
+    try:
+        return parse_prefix(first, lambda n: os.read(fd, n))
+    except NeedFallback:
+        pass
+    os.lseek(fd, 0, os.SEEK_SET)
+    with os.fdopen(os.dup(fd), "rb") as fp:
+        return read_with_pydicom(fp)

@@ -1,0 +1,414 @@
+"""Find every DICOM instance under PATH (a directory or an archive) and read its header: a Manifest.
+
+DICOM is recognised by content, never by name (field reports: UID-named files and GE's
+``i1234.MRDC.1`` are images, ``DICOMDIR`` is not). Every other file is listed as skipped with a
+one-sentence reason, so each file under PATH is accounted for. Only the header fields the upload
+needs are read (see :mod:`xnatio.dicomheader`); pixel data never is.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tarfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from xnatio.dicomheader import (
+    MEDIA_STORAGE_DIRECTORY,
+    HeaderFields,
+    NotDicom,
+    read_header_fd,
+    read_header_stream,
+)
+from xnatio.errors import UsageError
+from xnatio.models import DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent, SkippedFile
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# Below this many candidates threads are not worth starting.
+_THREAD_THRESHOLD = 1000
+_CHUNK = 100
+# Measured on 16,000 files (2 cores): warm cache 1 thread 38,700 files/s, 4 threads 23,800;
+# cold cache 1 thread 9,300 files/s, 4 threads 12,700. Cold is the usual case for a fresh
+# upload (and network file systems gain far more), so reads overlap by default.
+_DEFAULT_THREADS = 4
+_PROGRESS_EVERY = 0.1  # seconds between progress events
+
+
+class _Found(NamedTuple):
+    size: int
+    mtime_ns: int
+    fields: HeaderFields
+
+
+class _Skip(NamedTuple):
+    reason: str
+    size: int = 0
+
+
+# What examining one file gives.
+_Result = _Found | _Skip
+
+
+def discover(
+    path: Path | str,
+    *,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> Manifest:
+    """Walk PATH (directory or .zip/.tar/.tar.gz/.tgz archive) and describe every file in it.
+
+    Raises UsageError when PATH is missing, not a directory or supported archive, empty, or
+    holds no DICOM at all.
+    """
+    root = Path(path)
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        raise UsageError(f"{root} does not exist.") from None
+    except OSError as exc:
+        raise UsageError(f"{root} cannot be read: {exc.strerror}.") from None
+    if stat.S_ISDIR(st.st_mode):
+        manifest = _discover_directory(root, progress, workers)
+    elif stat.S_ISREG(st.st_mode) and archive_format(root) is not None:
+        manifest = _discover_archive(root, progress)
+    else:
+        raise UsageError(
+            f"{root} is neither a directory nor a .zip, .tar, .tar.gz or .tgz archive."
+        )
+    if not manifest.files and not manifest.duplicates:
+        examined = len(manifest.skipped)
+        if examined == 0:
+            raise UsageError(f"{root} is empty: there are no files to upload.")
+        reasons = Counter(s.reason for s in manifest.skipped).most_common(3)
+        top = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+        raise UsageError(
+            f"No DICOM files found in {root}: looked at {examined} "
+            f"file{'s' if examined != 1 else ''} ({top})."
+        )
+    return manifest
+
+
+def check_single_study(manifest: Manifest, *, allow_multiple: bool) -> None:
+    """Refuse several StudyInstanceUIDs in one upload unless the user allowed it.
+
+    XNAT keys prearchive sessions by StudyInstanceUID: several studies under one label become
+    several sessions or a session stuck in the prearchive (field reports; facts file 7).
+    """
+    studies = manifest.studies()
+    if len(studies) <= 1 or allow_multiple:
+        return
+    listing = "; ".join(
+        f"{s.study_uid} (patient {s.patient_id or 'unknown'}, {s.file_count} "
+        f"file{'s' if s.file_count != 1 else ''})"
+        for s in studies
+    )
+    where = manifest.source_archive or manifest.root
+    raise UsageError(
+        f"{where} holds {len(studies)} studies, which XNAT would split into separate sessions "
+        f"or leave in the prearchive: {listing}. Upload each study on its own, or pass "
+        "--allow-multiple-studies to send them all."
+    )
+
+
+def archive_format(path: Path) -> str | None:
+    """'zip', 'tar' or 'tgz' when ``path`` is such an archive (by content), else None."""
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(512)
+    except OSError:
+        return None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        return "tgz" if path.name.lower().endswith(ARCHIVE_SUFFIXES) else None
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if path.name.lower().endswith(".tar") and tarfile.is_tarfile(path):
+        return "tar"  # a pre-POSIX (v7) tar has no "ustar" magic
+    return None
+
+
+# -- directories -------------------------------------------------------------------------------
+
+
+def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
+    """Every regular file under ``root`` in sorted path order, plus what could not be walked.
+
+    Symlinked directories are followed once: (st_dev, st_ino) of each directory entered is
+    remembered, so a link back up the tree cannot loop.
+    """
+    files: list[str] = []
+    skipped: list[SkippedFile] = []
+    root_st = root.stat()
+    visited = {(root_st.st_dev, root_st.st_ino)}
+    # A stack of iterators over sorted directory listings gives a depth-first, sorted walk.
+    stack: list[Iterator[os.DirEntry[str]]] = []
+
+    def enter(directory: str) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            skipped.append(
+                SkippedFile(Path(directory), "directory not readable (permission denied)")
+            )
+            return
+        except OSError as exc:
+            skipped.append(SkippedFile(Path(directory), f"directory not readable ({exc.strerror})"))
+            return
+        stack.append(iter(entries))
+
+    enter(str(root))
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        try:
+            if entry.is_dir():
+                st = entry.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    if entry.is_symlink():
+                        skipped.append(
+                            SkippedFile(
+                                Path(entry.path), "symbolic link to a folder already walked"
+                            )
+                        )
+                    continue
+                visited.add(key)
+                enter(entry.path)
+            elif entry.is_file():
+                files.append(entry.path)
+            elif entry.is_symlink():
+                skipped.append(SkippedFile(Path(entry.path), "broken symbolic link"))
+            else:
+                skipped.append(SkippedFile(Path(entry.path), "not a regular file"))
+        except OSError as exc:
+            # A symlink loop (ELOOP) or an entry removed while walking.
+            skipped.append(SkippedFile(Path(entry.path), f"cannot be examined ({exc.strerror})"))
+    return files, skipped
+
+
+def _examine(path: str) -> _Result:
+    """Open one candidate file and read its header; never raises for a bad file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        return _Skip("not readable (permission denied)", 0)
+    except FileNotFoundError:
+        return _Skip("removed while discovery was running", 0)
+    except OSError as exc:
+        return _Skip(f"not readable ({exc.strerror})", 0)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return _Skip("not a regular file", 0)
+        if st.st_size == 0:
+            return _Skip("empty file (0 bytes)", 0)
+        try:
+            fields = read_header_fd(fd)
+        except NotDicom as exc:
+            return _Skip(str(exc), st.st_size)
+        except OSError as exc:
+            return _Skip(f"not readable ({exc.strerror})", st.st_size)
+        reason = _unsendable(fields)
+        if reason:
+            return _Skip(reason, st.st_size)
+        return _Found(st.st_size, st.st_mtime_ns, fields)
+    finally:
+        os.close(fd)
+
+
+def _examine_chunk(paths: list[str]) -> list[_Result]:
+    return [_examine(p) for p in paths]
+
+
+def _unsendable(h: HeaderFields) -> str:
+    """Why XNAT would reject this object, or '' when it can be sent."""
+    if MEDIA_STORAGE_DIRECTORY in (h.media_sop_class_uid, h.sop_class_uid):
+        return "DICOMDIR (a media directory index, not an image)"
+    # XNAT's importer rejects objects without these: "object {name} contains no SOP Class UID".
+    if not h.sop_class_uid:
+        return "DICOM object without a SOP Class UID (XNAT rejects it)"
+    if not h.sop_instance_uid:
+        return "DICOM object without a SOP Instance UID (XNAT rejects it)"
+    if not h.study_uid:
+        return "DICOM object without a Study Instance UID"
+    return ""
+
+
+def _examine_all(
+    paths: list[str], workers: int, report: Callable[[int], None]
+) -> Iterator[_Result]:
+    """Examine ``paths`` in order; with ``workers`` > 1, threads overlap the file reads.
+
+    Header parsing holds the GIL, so threads do not add CPU; they hide I/O latency on a cold
+    cache or a network file system, where most of the time is spent waiting in open/read.
+    A process pool was measured and dropped: on a warm cache one process already exceeds
+    30,000 files/s, and worker start-up plus result pickling cost more than they save.
+    """
+    if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
+        for i, p in enumerate(paths, 1):
+            yield _examine(p)
+            report(i)
+        return
+    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnatio-discover") as pool:
+        for results in pool.map(_examine_chunk, chunks):
+            yield from results
+            done += len(results)
+            report(done)
+
+
+class _Progress:
+    def __init__(self, callback: ProgressCallback | None, total: int, what: str) -> None:
+        self.callback = callback
+        self.total = total
+        self.what = what
+        self.last = 0.0
+
+    def __call__(self, current: int, *, force: bool = False) -> None:
+        if self.callback is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= _PROGRESS_EVERY:
+            self.last = now
+            self.callback(ProgressEvent(Phase.DISCOVER, current, self.total, self.what))
+
+
+def _discover_directory(
+    root: Path, callback: ProgressCallback | None, workers: int | None
+) -> Manifest:
+    manifest = Manifest(root=root)
+    paths, manifest.skipped = _walk(root)
+    report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
+    report(0, force=True)
+    results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
+    _collect(manifest, zip(paths, results, strict=True), lambda name: (Path(name), None))
+    report(len(paths), force=True)
+    return manifest
+
+
+# -- archives ----------------------------------------------------------------------------------
+
+
+def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manifest:
+    fmt = archive_format(archive)
+    manifest = Manifest(root=archive.parent, source_archive=archive)
+    try:
+        if fmt == "zip":
+            members = list(_zip_members(archive, callback))
+        else:
+            members = list(_tar_members(archive, fmt == "tgz", callback))
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise UsageError(f"{archive} could not be read as a {fmt} archive: {exc}.") from None
+    members.sort(key=lambda m: m[0])
+    _collect(manifest, members, lambda name: (archive, name))
+    return manifest
+
+
+def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[tuple[str, _Result]]:
+    with zipfile.ZipFile(archive) as zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        report = _Progress(callback, len(infos), f"reading DICOM headers in {archive.name}")
+        for n, info in enumerate(infos, 1):
+            mtime = int(datetime(*info.date_time).timestamp() * 1e9)
+            if info.file_size == 0:
+                yield info.filename, _Skip("empty file (0 bytes)", 0)
+                continue
+            try:
+                with zf.open(info) as fp:
+                    yield info.filename, _examine_stream(fp, info.file_size, mtime)
+            except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
+                # Encrypted members, unsupported compression, CRC errors.
+                yield info.filename, _Skip(f"archive member cannot be read ({exc})", 0)
+            report(n)
+
+
+def _tar_members(
+    archive: Path, gzipped: bool, callback: ProgressCallback | None
+) -> Iterator[tuple[str, _Result]]:
+    # A compressed tar is read front to back once ("r|gz"), never seeked or extracted.
+    report = _Progress(callback, 0, f"reading DICOM headers in {archive.name}")
+    opened = tarfile.open(archive, "r|gz") if gzipped else tarfile.open(archive, "r:")  # noqa: SIM115
+    with opened as tf:
+        for n, info in enumerate(tf, 1):
+            if info.isdir():
+                continue
+            if not info.isfile():
+                yield info.name, _Skip("not a regular file (link or device entry)", 0)
+                continue
+            if info.size == 0:
+                yield info.name, _Skip("empty file (0 bytes)", 0)
+                continue
+            fp = tf.extractfile(info)
+            if fp is None:
+                continue
+            with fp:
+                yield info.name, _examine_stream(fp, info.size, int(info.mtime * 1e9))
+            report(n)
+
+
+def _examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> _Result:
+    try:
+        fields = read_header_stream(fp)
+    except NotDicom as exc:
+        return _Skip(str(exc), size)
+    reason = _unsendable(fields)
+    if reason:
+        return _Skip(reason, size)
+    return _Found(size, mtime_ns, fields)
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+
+def _collect(
+    manifest: Manifest,
+    results: Iterable[tuple[str, _Result]],
+    locate: Callable[[str], tuple[Path, str | None]],
+) -> None:
+    """Turn examined results (in sorted name order) into records; keep the first of duplicates."""
+    first_seen: dict[str, str] = {}
+    intern = sys.intern
+    for name, result in results:
+        path, member = locate(name)
+        if isinstance(result, _Skip):
+            shown = path / member if member is not None else path
+            manifest.skipped.append(SkippedFile(shown, result.reason, result.size))
+            continue
+        size, mtime_ns, h = result
+        first = first_seen.get(h.sop_instance_uid)
+        if first is not None:
+            shown = path / member if member is not None else path
+            manifest.duplicates.append(
+                SkippedFile(shown, f"duplicate of {first} (same SOP Instance UID)", size)
+            )
+            continue
+        first_seen[h.sop_instance_uid] = name
+        manifest.files.append(
+            DicomFile(
+                path=path,
+                size=size,
+                mtime_ns=mtime_ns,
+                # Interned: a session shares a few study/series/class values across all files.
+                study_uid=intern(h.study_uid),
+                series_uid=intern(h.series_uid),
+                sop_instance_uid=h.sop_instance_uid,
+                sop_class_uid=intern(h.sop_class_uid),
+                series_number=h.series_number,
+                transfer_syntax_uid=intern(h.transfer_syntax_uid),
+                patient_id=intern(h.patient_id),
+                member=member,
+            )
+        )

@@ -1,0 +1,389 @@
+"""Discovery: DICOM by content, every other file accounted for, headers equal to pydicom's."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import tarfile
+import tracemalloc
+import warnings
+import zipfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_files
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from xnatio.dicomheader import (
+    FIRST_READ,
+    NeedFallback,
+    NotDicom,
+    parse_prefix,
+    read_header_fd,
+    read_header_stream,
+)
+from xnatio.discover import archive_format, check_single_study, discover
+from xnatio.errors import UsageError
+from xnatio.models import Phase, ProgressEvent
+from xnatio.synth import SyntheticSession, generate_session
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _session(
+    tmp_path: Path, *, series: int = 2, instances: int = 3, extras: tuple[str, ...] = ()
+) -> SyntheticSession:
+    return generate_session(
+        tmp_path / "session", series=series, instances=instances, extras=extras, image_size=(8, 8)
+    )
+
+
+# -- the header reader against pydicom -----------------------------------------------------------
+
+
+def _pydicom_fields(path: str) -> tuple[str, str, str, str, str, int | None] | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            return None
+
+        def text(keyword: str) -> str:
+            value = ds.get(keyword)
+            return "" if value is None else str(value).strip()
+
+        raw = ds.get("SeriesNumber")
+        try:
+            series = int(raw) if raw not in (None, "") else None
+        except TypeError:
+            series = None  # multi-valued
+        return (
+            text("SOPClassUID"),
+            text("SOPInstanceUID"),
+            text("StudyInstanceUID"),
+            text("SeriesInstanceUID"),
+            text("PatientID"),
+            series,
+        )
+
+
+def test_header_reader_matches_pydicom_on_its_bundled_files() -> None:
+    files = [f for f in get_testdata_files() if os.path.isfile(f)]
+    assert len(files) > 100
+    fast = fallback = 0
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            first = os.read(fd, FIRST_READ)
+            try:
+                parse_prefix(first, lambda n, fd=fd: os.read(fd, n))
+                fast += 1
+            except NeedFallback:
+                fallback += 1
+            except NotDicom:
+                pass
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                got = read_header_fd(fd)
+            except NotDicom:
+                # Only files pydicom finds no SOP Instance UID in may be called "not DICOM".
+                expected = _pydicom_fields(path)
+                assert expected is None or not expected[1], path
+                continue
+        finally:
+            os.close(fd)
+        expected = _pydicom_fields(path)
+        assert expected is not None, path
+        assert (
+            got.sop_class_uid,
+            got.sop_instance_uid,
+            got.study_uid,
+            got.series_uid,
+            got.patient_id,
+        ) == expected[:5], path
+        if expected[5] is not None:
+            assert got.series_number == expected[5], path
+    # Most of pydicom's files take the fast path; the odd ones (big endian, deflated) do not.
+    assert fast > 100 and fallback > 5
+
+
+def _dataset(ts: str, **extra: object) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MR
+    sop = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ts
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MR
+    ds.SOPInstanceUID = sop
+    ds.PatientID = "P1"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 7
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated = 16
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PixelData = b"\0" * 32
+    return ds
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+    ],
+)
+def test_each_transfer_syntax_reads_like_pydicom(tmp_path: Path, ts: str) -> None:
+    ds = _dataset(ts)
+    # An undefined-length sequence before the wanted tags must be skipped, not misread.
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    item.ReferencedSOPClassUID = MR
+    ds.ReferencedImageSequence = [item, item]
+    path = tmp_path / "f"
+    ds.save_as(path, enforce_file_format=True)
+    if ts == ExplicitVRLittleEndian:
+        # Rewrite the sequence with undefined lengths, as many scanners write it.
+        data = path.read_bytes()
+        path.write_bytes(_undefined_length_sequences(data))
+        assert pydicom.dcmread(path).ReferencedImageSequence[1].ReferencedSOPInstanceUID == "1.2.3"
+    with open(path, "rb") as fp:
+        got = read_header_stream(fp)
+    assert (got.sop_instance_uid, got.study_uid, got.series_uid) == (
+        ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+    )
+    assert got.series_number == 7 and got.patient_id == "P1" and got.transfer_syntax_uid == ts
+
+
+def _undefined_length_sequences(data: bytes) -> bytes:
+    """Re-encode (0008,1140) of an explicit VR LE file with undefined sequence and item lengths."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    buf = io.BytesIO()
+    from pydicom.filewriter import dcmwrite
+
+    seq_elem = ds["ReferencedImageSequence"]
+    seq_elem.is_undefined_length = True
+    for item in seq_elem.value:
+        item.is_undefined_length_sequence_item = True
+    dcmwrite(buf, ds, enforce_file_format=True)
+    out = buf.getvalue()
+    assert b"\xfe\xff\xdd\xe0" in out  # the sequence delimiter is really there
+    return out
+
+
+def test_long_header_and_raw_dataset_and_non_ascii(tmp_path: Path) -> None:
+    # A private element bigger than the first read, before the wanted tags: the buffer grows.
+    ds = _dataset(ExplicitVRLittleEndian)
+    block = ds.private_block(0x0019, "XNATIO TEST", create=True)
+    block.add_new(0x01, "OB", b"\x01" * (3 * FIRST_READ))
+    long_path = tmp_path / "long"
+    ds.save_as(long_path, enforce_file_format=True)
+    fd = os.open(long_path, os.O_RDONLY)
+    try:
+        first = os.read(fd, FIRST_READ)
+        fields = parse_prefix(first, lambda n: os.read(fd, n))
+    finally:
+        os.close(fd)
+    assert fields.sop_instance_uid == ds.SOPInstanceUID and fields.series_number == 7
+
+    # No preamble, no meta (a raw implicit VR data set): pydicom decides.
+    raw = _dataset(ImplicitVRLittleEndian)
+    raw_path = tmp_path / "raw"
+    raw.save_as(raw_path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert raw_path.read_bytes()[128:132] != b"DICM"
+    with open(raw_path, "rb") as fp:
+        assert read_header_stream(fp).sop_instance_uid == raw.SOPInstanceUID
+
+    # A Latin-1 patient ID is decoded by pydicom with the character set.
+    latin = _dataset(ExplicitVRLittleEndian, SpecificCharacterSet="ISO_IR 100", PatientID="Jörg")
+    latin_path = tmp_path / "latin"
+    latin.save_as(latin_path, enforce_file_format=True)
+    with open(latin_path, "rb") as fp:
+        assert read_header_stream(fp).patient_id == "Jörg"
+
+
+# -- walking directories -------------------------------------------------------------------------
+
+
+def test_synthetic_session_with_every_extra(tmp_path: Path) -> None:
+    s = _session(tmp_path, extras=("dicomdir", "txt", "second-study", "duplicate", "truncated"))
+    events: list[ProgressEvent] = []
+    m = discover(s.root, progress=events.append)
+    main = {f.sop_instance_uid for f in m.files if f.study_uid == s.study_uid}
+    assert main == set(s.instances)
+    assert {f.sop_instance_uid for f in m.files} - main == {
+        pydicom.dcmread(s.extras["second-study"]).SOPInstanceUID
+    }
+    reasons = {p.name: r.reason for r in m.skipped for p in [r.path]}
+    assert reasons["DICOMDIR"].startswith("DICOMDIR")
+    assert reasons["notes.txt"].startswith("not a DICOM file")
+    assert reasons["truncated.dcm"].startswith("truncated")
+    assert len(m.duplicates) == 1
+    dup = m.duplicates[0]
+    assert dup.path.name == "copy of first instance" and "duplicate of" in dup.reason
+    # Series numbers and sizes come through.
+    assert {f.series_number for f in m.files if f.study_uid == s.study_uid} == {1, 2}
+    assert all(f.size == f.path.stat().st_size for f in m.files)
+    # Every file under the folder is accounted for, exactly once.
+    on_disk = {p for p in s.root.rglob("*") if p.is_file()}
+    seen = [f.path for f in m.files] + [x.path for x in m.skipped + m.duplicates]
+    assert sorted(seen) == sorted(on_disk)
+    assert events and all(e.phase is Phase.DISCOVER for e in events)
+    assert events[-1].current == events[-1].total == len(on_disk)
+
+    with pytest.raises(UsageError) as err:
+        check_single_study(m, allow_multiple=False)
+    text = str(err.value)
+    assert s.study_uid in text and s.second_study_uid in text
+    assert "--allow-multiple-studies" in text and "6 files" in text and "SYNTH001" in text
+    check_single_study(m, allow_multiple=True)
+
+
+def test_names_do_not_matter_and_odd_entries_do_not_stop_the_walk(tmp_path: Path) -> None:
+    s = _session(tmp_path, series=1, instances=3)
+    root = s.root
+    first = next(iter(s.instances.values()))
+    first.rename(root / "S001" / "i1234.MRDC.1")
+    (root / "empty").write_bytes(b"")
+    os.symlink("..", root / "S001" / "up")  # a loop back to the root
+    os.symlink("self", root / "self")  # ELOOP
+    os.symlink("nowhere", root / "dangling")
+    os.mkfifo(root / "fifo")  # opening it would block forever
+    (root / "deep" / "a").mkdir(parents=True)
+    os.symlink(root / "S001", root / "deep" / "a" / "series link")  # a second route to S001
+    m = discover(root, workers=2)
+    assert {f.sop_instance_uid for f in m.files} == set(s.instances)
+    reasons = {r.path.name: r.reason for r in m.skipped}
+    assert reasons["empty"] == "empty file (0 bytes)"
+    assert reasons["fifo"] == "not a regular file"
+    assert reasons["dangling"] == "broken symbolic link"
+    assert "self" in reasons
+    assert "already walked" in reasons["up"]
+    assert "already walked" in reasons["series link"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_and_folder_are_listed(tmp_path: Path) -> None:
+    s = _session(tmp_path, series=1, instances=2)
+    root = s.root
+    locked_file = next(iter(s.instances.values()))
+    locked_file.chmod(0)
+    locked_dir = root / "locked"
+    locked_dir.mkdir()
+    locked_dir.chmod(0)
+    try:
+        m = discover(root)
+    finally:
+        locked_dir.chmod(0o755)
+        locked_file.chmod(0o644)
+    reasons = {r.path.name: r.reason for r in m.skipped}
+    assert reasons[locked_file.name] == "not readable (permission denied)"
+    assert reasons["locked"] == "directory not readable (permission denied)"
+    assert len(m.files) == 1
+
+
+def test_bad_paths_are_one_sentence_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        discover(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="is empty"):
+        discover(tmp_path / "empty")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("hello")
+    (notes / "b.txt").write_text("world")
+    (notes / "c").write_bytes(b"")
+    with pytest.raises(UsageError) as err:
+        discover(notes)
+    assert "looked at 3 files" in str(err.value) and "2 x not a DICOM file" in str(err.value)
+    with pytest.raises(UsageError, match="neither a directory nor"):
+        discover(notes / "a.txt")
+
+
+# -- archives -----------------------------------------------------------------------------------
+
+
+def _pack(root: Path, out: Path, fmt: str) -> Path:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if fmt == "zip":
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, p.relative_to(root).as_posix())
+    else:
+        mode = "w:gz" if fmt == "tgz" else "w"
+        with tarfile.open(out, mode) as tf:
+            for p in files:
+                tf.add(p, p.relative_to(root).as_posix())
+    return out
+
+
+@pytest.mark.parametrize("fmt,name", [("zip", "s.zip"), ("tar", "s.tar"), ("tgz", "s.tar.gz")])
+def test_archive_path_is_read_by_streaming(tmp_path: Path, fmt: str, name: str) -> None:
+    s = _session(tmp_path, extras=("dicomdir", "txt", "duplicate"))
+    root = s.root
+    archive = _pack(root, tmp_path / name, fmt)
+    assert archive_format(archive) == fmt
+    from_dir = discover(root)
+    m = discover(archive)
+    assert m.source_archive == archive
+    assert [(f.member, f.sop_instance_uid, f.size, f.series_number) for f in m.files] == [
+        (f.path.relative_to(root).as_posix(), f.sop_instance_uid, f.size, f.series_number)
+        for f in from_dir.files
+    ]
+    assert all(f.path == archive for f in m.files)
+    assert sorted(r.path.name for r in m.skipped) == ["DICOMDIR", "notes.txt"]
+    assert len(m.duplicates) == 1
+
+
+def test_unsupported_or_corrupt_archive(tmp_path: Path) -> None:
+    bogus = tmp_path / "x.tar.gz"
+    bogus.write_bytes(gzip.compress(b"not a tar at all" * 100))
+    with pytest.raises(UsageError, match="could not be read as a tgz archive"):
+        discover(bogus)
+
+
+# -- size ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_memory_per_file_is_small(tmp_path: Path) -> None:
+    """10,000 files: the manifest costs well under 2 KB per file (50,000 files < 100 MB)."""
+    s = _session(tmp_path, series=1, instances=1)
+    template_path = next(iter(s.instances.values()))
+    template = template_path.read_bytes()
+    sop = next(iter(s.instances)).encode()
+    tree = tmp_path / "tree"
+    n = 10_000
+    for d in range(10):
+        (tree / f"d{d}").mkdir(parents=True)
+    for i in range(n):
+        # Same-length replacement UID keeps every element length valid.
+        new = (sop[: -len(str(i)) - 1] + b"9" + str(i).encode()).ljust(len(sop), b"0")[: len(sop)]
+        (tree / f"d{i % 10}" / f"{i:05d}").write_bytes(template.replace(sop, new))
+    shutil.rmtree(s.root)
+    tracemalloc.start()
+    m = discover(tree)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(m.files) + len(m.duplicates) == n
+    assert peak / n < 2048, f"{peak / n:.0f} bytes per file"
