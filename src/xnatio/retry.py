@@ -1,0 +1,97 @@
+"""When to try again, and how long to wait first: one backoff policy for every transport.
+
+Exponential backoff with *full jitter* (the delay before retry ``n`` is uniform in
+``[0, min(cap, base * 2**n)]``), which spreads many workers that failed together (a 503 from an
+overloaded XNAT hits all 42 batches at once) instead of having them come back in lock-step. A
+server's ``Retry-After`` wins over the computed delay, up to ``max_retry_after``.
+
+The policy is plain data; the caller decides what is transient (``xnatio.xnat.errors`` for HTTP,
+DIMSE statuses for C-STORE) and sleeps through :meth:`RetryPolicy.wait`, which a cancel event cuts
+short so Ctrl-C never waits out a backoff.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Sleep = Callable[[float], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """``retries`` further attempts after the first, with jittered exponential backoff.
+
+    ``base``: first backoff ceiling in seconds; ``cap``: largest backoff ceiling;
+    ``max_retry_after``: longest ``Retry-After`` honoured (a misconfigured proxy asking for an
+    hour should not stall an upload for an hour).
+    """
+
+    retries: int = 5
+    base: float = 0.5
+    cap: float = 30.0
+    max_retry_after: float = 300.0
+    rng: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+
+    @property
+    def attempts(self) -> int:
+        """Total tries allowed (first one included)."""
+        return max(0, self.retries) + 1
+
+    def backoff(self, retry_number: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``retry_number`` (0 for the first retry)."""
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, self.max_retry_after)
+        ceiling = min(self.cap, self.base * 2.0 ** max(0, retry_number))
+        return ceiling * self.rng()
+
+    def wait(
+        self,
+        retry_number: int,
+        retry_after: float | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        sleep: Sleep | None = None,
+    ) -> bool:
+        """Sleep before a retry; False when ``cancel`` was set meanwhile (do not retry then)."""
+        delay = self.backoff(retry_number, retry_after)
+        if sleep is not None:
+            sleep(delay)
+            return not (cancel is not None and cancel.is_set())
+        if cancel is not None:
+            return not cancel.wait(delay)
+        time.sleep(delay)
+        return True
+
+
+NO_RETRY = RetryPolicy(retries=0)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP-date (RFC 9110 10.2.3).
+
+    Unparseable or missing values give None (fall back to backoff); dates in the past give 0.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if seconds == seconds else None  # NaN -> None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)

@@ -1,0 +1,73 @@
+"""The backoff policy: full jitter within a capped exponential ceiling, Retry-After honoured."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from xnatio.retry import RetryPolicy, parse_retry_after
+
+
+def test_backoff_ceiling_doubles_then_caps() -> None:
+    top = RetryPolicy(base=0.5, cap=4.0, rng=lambda: 1.0)
+    assert [top.backoff(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_full_jitter_scales_the_ceiling_by_a_uniform_draw() -> None:
+    draws = iter([0.0, 0.25, 0.999])
+    policy = RetryPolicy(base=1.0, cap=100.0, rng=lambda: next(draws))
+    assert policy.backoff(3) == 0.0
+    assert policy.backoff(3) == 2.0
+    assert policy.backoff(3) == pytest.approx(7.992)
+
+
+def test_retry_after_wins_over_backoff_and_is_capped() -> None:
+    policy = RetryPolicy(base=1.0, cap=30.0, max_retry_after=60.0, rng=lambda: 1.0)
+    assert policy.backoff(0, retry_after=7.0) == 7.0
+    assert policy.backoff(5, retry_after=0.0) == 0.0
+    assert policy.backoff(0, retry_after=3600.0) == 60.0
+
+
+def test_attempts_counts_the_first_try() -> None:
+    assert RetryPolicy(retries=5).attempts == 6
+    assert RetryPolicy(retries=0).attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 3 ", 3.0),
+        ("0", 0.0),
+        ("-5", 0.0),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("nan", None),
+        # HTTP-date, 30 s after the "now" passed in below.
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 30.0),
+        # A date in the past means "now".
+        ("Sun, 06 Nov 1994 08:40:00 GMT", 0.0),
+    ],
+)
+def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
+    now = 784111747.0  # 1994-11-06 08:49:07 UTC
+    assert parse_retry_after(header, now=now) == seconds
+
+
+def test_wait_uses_injected_sleep_and_reports_cancel() -> None:
+    slept: list[float] = []
+    cancel = threading.Event()
+    policy = RetryPolicy(base=2.0, rng=lambda: 0.5)
+    assert policy.wait(1, sleep=slept.append, cancel=cancel) is True
+    cancel.set()
+    assert policy.wait(0, retry_after=9.0, sleep=slept.append, cancel=cancel) is False
+    assert slept == [2.0, 9.0]
+
+
+def test_wait_is_cut_short_by_cancel() -> None:
+    cancel = threading.Event()
+    cancel.set()
+    # Without an injected sleep the wait is on the event itself: returns at once, False.
+    assert RetryPolicy(base=1000.0, rng=lambda: 1.0).wait(0, cancel=cancel) is False
