@@ -387,6 +387,10 @@ class JournalRun:
                 batch = o.batch if o.batch is not None else batch
         return self.record_confirmed(files, batch=batch)
 
+    def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None:
+        """The hook handed to a transport (called from its worker threads)."""
+        self.record_outcomes(outcomes)
+
     def forget(self, files: Iterable[DicomFile]) -> None:
         """Read-back did not find these: the next run sends them again."""
         names = [(self.run_id, relative_name(f, self._root)) for f in files]
