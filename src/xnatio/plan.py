@@ -1,0 +1,230 @@
+"""Manifest -> Batches: how the files of one upload are grouped into requests.
+
+A small upload goes as one archive in one request: fewer requests, and XNAT builds the session
+once. A larger one is cut into up to ``num_batches`` batches so that many requests run at once
+(one 2.5 GB request is slow and may time out: field reports, facts file 7). Batches keep a
+series together where they can, so a failed batch maps to whole series for the user, split only
+the series larger than a fair share, and balance bytes so every worker finishes at about the same
+time (greedy longest-processing-time: each chunk, largest first, goes to the lightest batch,
+which is never worse than 4/3 of the best possible balance).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+from xnatio.models import Batch, DicomFile, Manifest
+
+SINGLE_MAX_FILES = 100
+SINGLE_MAX_BYTES = 100 * 2**20
+
+
+def plan_batches(
+    manifest: Manifest,
+    num_batches: int,
+    *,
+    single_max_files: int = SINGLE_MAX_FILES,
+    single_max_bytes: int = SINGLE_MAX_BYTES,
+) -> list[Batch]:
+    """Group ``manifest.files`` into batches; every file is in exactly one batch.
+
+    Deterministic: the same manifest and arguments always give the same batches, in the same
+    order, which resume relies on.
+    """
+    files = manifest.files
+    if not files:
+        return []
+    total = sum(f.size for f in files)
+    if num_batches <= 1 or len(files) <= single_max_files or total <= single_max_bytes:
+        return [Batch(index=0, files=tuple(files))]
+    num_batches = min(num_batches, len(files))
+    fair_share = max(1, math.ceil(total / num_batches))
+    series = _series_in_order(files)
+    # Cutting a large series into pieces of exactly a fair share can pack badly (32 series of
+    # 1.4 shares in 42 batches: pieces of 0.7, two per batch, heaviest 1.36x the mean), so
+    # finer cuts of the large series only are tried too and the most even plan wins.
+    best: list[list[tuple[DicomFile, ...]]] = []
+    best_load = 0
+    for finer in _FINER_CUTS:
+        plan = _pack(series, num_batches, fair_share, max(1, fair_share // finer))
+        load = _heaviest(plan)
+        if not best or load < best_load:
+            best, best_load = plan, load
+        if best_load <= fair_share * _GOOD_ENOUGH:
+            break
+    if best_load > fair_share * _ACCEPTABLE:
+        # Whole series and pieces did not pack within 10 % of even: cut the series, in order,
+        # at every fair share instead (even to within one file; splits at most one series per
+        # cut).
+        plan = _cut_in_order(series, num_batches, total)
+        if _heaviest(plan) < best_load:
+            best = plan
+    return [
+        Batch(index=i, files=tuple(f for chunk in batch for f in chunk))
+        for i, batch in enumerate(best)
+    ]
+
+
+# Piece sizes tried for series larger than a fair share: 1/1, 1/2, ... of a share.
+_FINER_CUTS = (1, 2, 3, 4)
+_GOOD_ENOUGH = 1.05
+_ACCEPTABLE = 1.10
+
+
+def _heaviest(plan: list[list[tuple[DicomFile, ...]]]) -> int:
+    return max(sum(f.size for chunk in batch for f in chunk) for batch in plan)
+
+
+def _cut_in_order(
+    series: list[list[DicomFile]], num_batches: int, total: int
+) -> list[list[tuple[DicomFile, ...]]]:
+    """All files in series order, cut into ``num_batches`` runs of nearly equal bytes."""
+    plan: list[list[tuple[DicomFile, ...]]] = []
+    current: list[DicomFile] = []
+    running = 0
+    for f in (f for group in series for f in group):
+        current.append(f)
+        running += f.size
+        if len(plan) < num_batches - 1 and running * num_batches >= total * (len(plan) + 1):
+            plan.append([tuple(current)])
+            current = []
+    if current:
+        plan.append([tuple(current)])
+    return plan
+
+
+def _pack(
+    series: list[list[DicomFile]], num_batches: int, fair_share: int, piece: int
+) -> list[list[tuple[DicomFile, ...]]]:
+    """Greedy longest-processing-time of series chunks into ``num_batches`` batches.
+
+    Series up to a fair share stay whole; larger ones are cut into pieces of about ``piece``
+    bytes.
+    Returns the non-empty batches, each a list of chunks in discovery order.
+    """
+    chunks: list[tuple[int, int, tuple[DicomFile, ...]]] = []  # (bytes, order, files)
+    for series_files in series:
+        size = sum(f.size for f in series_files)
+        for chunk in _split(series_files, piece if size > fair_share else size):
+            chunks.append((sum(f.size for f in chunk), len(chunks), chunk))
+    # Largest first; ties broken by the chunk's order so the result is stable.
+    chunks.sort(key=lambda c: (-c[0], c[1]))
+    heap = [(0, i) for i in range(num_batches)]  # (bytes so far, batch number)
+    contents: list[list[tuple[int, tuple[DicomFile, ...]]]] = [[] for _ in range(num_batches)]
+    for size, order, chunk in chunks:
+        load, slot = heapq.heappop(heap)
+        contents[slot].append((order, chunk))
+        heapq.heappush(heap, (load + size, slot))
+    return [[chunk for _, chunk in sorted(parts)] for parts in contents if parts]
+
+
+def _series_key(f: DicomFile) -> tuple[str, int, str]:
+    number = f.series_number if f.series_number is not None else 2**31
+    return (f.study_uid, number, f.series_uid)
+
+
+def _series_in_order(files: Sequence[DicomFile]) -> list[list[DicomFile]]:
+    """Files grouped by series, series ordered by study then Series Number; file order kept."""
+    groups: dict[tuple[str, int, str], list[DicomFile]] = {}
+    for f in files:
+        groups.setdefault(_series_key(f), []).append(f)
+    return [groups[key] for key in sorted(groups)]
+
+
+def _split(series_files: list[DicomFile], limit: int) -> list[tuple[DicomFile, ...]]:
+    """A series as is, or cut into consecutive, nearly equal pieces of at most ``limit`` bytes."""
+    size = sum(f.size for f in series_files)
+    pieces = min(len(series_files), math.ceil(size / limit))
+    if pieces <= 1:
+        return [tuple(series_files)]
+    target = size / pieces
+    out: list[tuple[DicomFile, ...]] = []
+    current: list[DicomFile] = []
+    running = 0
+    for f in series_files:
+        current.append(f)
+        running += f.size
+        # Close a piece once the running total reaches its cumulative share, so rounding does
+        # not pile up in the last piece.
+        if len(out) < pieces - 1 and running >= target * (len(out) + 1):
+            out.append(tuple(current))
+            current = []
+    if current:
+        out.append(tuple(current))
+    return out
+
+
+# -- --dry-run -------------------------------------------------------------------------------------
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KB' (decimal units, as file managers and XNAT's UI show sizes)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+_LIST_LIMIT = 50
+
+
+def describe_plan(manifest: Manifest, batches: Sequence[Batch]) -> str:
+    """The plan as plain text for ``--dry-run``: studies, series, batches, skipped files."""
+    where = manifest.source_archive or manifest.root
+    files = manifest.files
+    lines = [
+        f"Plan for {where}: {len(files):,} DICOM file{_s(len(files))}, "
+        f"{human_bytes(manifest.total_bytes)} in {len(batches)} batch{_es(len(batches))}; "
+        f"{len(manifest.duplicates)} duplicate{_s(len(manifest.duplicates))} and "
+        f"{len(manifest.skipped)} other file{_s(len(manifest.skipped))} not sent.",
+        "",
+    ]
+    studies = manifest.studies()
+    lines.append(f"Studies ({len(studies)}):")
+    for st in studies:
+        lines.append(
+            f"  {st.study_uid}  patient {st.patient_id or '(none)'}  "
+            f"{st.file_count:,} file{_s(st.file_count)}  {human_bytes(st.total_bytes)}"
+        )
+    series = _series_in_order(files)
+    lines += ["", f"Series ({len(series)}):"]
+    for group in series:
+        first = group[0]
+        number = "-" if first.series_number is None else str(first.series_number)
+        size = sum(f.size for f in group)
+        lines.append(
+            f"  #{number:<5} {len(group):>7,} file{_s(len(group))} {human_bytes(size):>10}  "
+            f"{first.series_uid}"
+        )
+    lines += ["", f"Batches ({len(batches)}):"]
+    for b in batches:
+        numbers = sorted({f.series_number for f in b.files if f.series_number is not None})
+        label = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
+        lines.append(
+            f"  {b.index + 1:>4}: {len(b.files):>7,} file{_s(len(b.files))} "
+            f"{human_bytes(b.total_bytes):>10}  series {label or '-'}"
+        )
+    for title, entries in (("Duplicates", manifest.duplicates), ("Skipped", manifest.skipped)):
+        if not entries:
+            continue
+        lines += ["", f"{title} ({len(entries)}, not sent):"]
+        for entry in entries[:_LIST_LIMIT]:
+            lines.append(f"  {entry.path}: {entry.reason}")
+        if len(entries) > _LIST_LIMIT:
+            rest = Counter(e.reason for e in entries[_LIST_LIMIT:])
+            summary = "; ".join(f"{n} x {reason}" for reason, n in rest.most_common(3))
+            lines.append(f"  ... and {len(entries) - _LIST_LIMIT} more ({summary})")
+    return "\n".join(lines)
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
+def _es(n: int) -> str:
+    return "" if n == 1 else "es"

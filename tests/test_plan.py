@@ -1,0 +1,121 @@
+"""Planning: every file in exactly one batch, series kept together, bytes balanced, stable."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from xnatio.discover import discover
+from xnatio.models import DicomFile, Manifest, SkippedFile
+from xnatio.plan import describe_plan, human_bytes, plan_batches
+from xnatio.synth import generate_session
+
+MB = 2**20
+
+
+def _manifest(series_sizes: list[list[int]], *, studies: int = 1) -> Manifest:
+    m = Manifest(root=Path("/data"))
+    for s, sizes in enumerate(series_sizes, 1):
+        for i, size in enumerate(sizes):
+            m.files.append(
+                DicomFile(
+                    path=Path(f"/data/S{s:03d}/{i:05d}"),
+                    size=size,
+                    mtime_ns=0,
+                    study_uid=f"1.2.{s % studies}",
+                    series_uid=f"1.2.3.{s}",
+                    sop_instance_uid=f"1.2.3.{s}.{i}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                    series_number=s,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    patient_id="P",
+                )
+            )
+    return m
+
+
+def _check_partition(m: Manifest, batches: list, num: int) -> None:
+    sent = [f.sop_instance_uid for b in batches for f in b.files]
+    assert sorted(sent) == sorted(f.sop_instance_uid for f in m.files)  # each exactly once
+    assert len(batches) <= max(1, num)
+    assert [b.index for b in batches] == list(range(len(batches)))
+    assert all(b.files for b in batches)
+
+
+def test_small_uploads_are_one_batch() -> None:
+    few = _manifest([[MB] * 60, [MB] * 40])  # 100 files
+    assert len(plan_batches(few, 42)) == 1
+    small = _manifest([[1000] * 500])  # 500 files but only 0.5 MB
+    assert len(plan_batches(small, 42)) == 1
+    assert plan_batches(Manifest(root=Path("/x")), 42) == []
+    assert len(plan_batches(_manifest([[MB] * 300]), 1)) == 1
+
+
+def test_series_kept_together_and_large_ones_split() -> None:
+    # 10 series of 100 x 1 MB and one of 2,000 x 1 MB: fair share with 10 batches is 300 MB.
+    m = _manifest([[MB] * 100] * 10 + [[MB] * 2000])
+    batches = plan_batches(m, 10)
+    _check_partition(m, batches, 10)
+    assert len(batches) == 10
+    holders: dict[str, set[int]] = {}
+    for b in batches:
+        for f in b.files:
+            holders.setdefault(f.series_uid, set()).add(b.index)
+    small = [uid for uid in holders if uid != "1.2.3.11"]
+    assert all(len(holders[uid]) == 1 for uid in small)  # small series never split
+    assert len(holders["1.2.3.11"]) >= 7  # the large one is spread out
+    loads = [b.total_bytes for b in batches]
+    assert max(loads) <= 1.34 * (sum(loads) / len(loads))
+
+
+def test_random_manifests_partition_and_balance() -> None:
+    rng = random.Random(1234)
+    for _ in range(60):
+        series = [
+            [rng.randint(1, 4 * MB) for _ in range(rng.randint(1, 400))]
+            for _ in range(rng.randint(1, 30))
+        ]
+        m = _manifest(series, studies=rng.randint(1, 3))
+        num = rng.randint(1, 64)
+        batches = plan_batches(m, num)
+        _check_partition(m, batches, num)
+        assert batches == plan_batches(m, num)  # deterministic
+        if len(batches) > 1:
+            loads = [b.total_bytes for b in batches]
+            fair = sum(loads) / num
+            largest = max(f.size for f in m.files)
+            # Within 10 % of even, or even to within one file when cut in order.
+            assert max(loads) <= max(1.1 * fair, fair + largest) + 1
+
+
+def test_plan_of_a_real_discovery_and_dry_run_text(tmp_path: Path) -> None:
+    s = generate_session(
+        tmp_path / "s", series=3, instances=50, image_size=(64, 64), extras=("txt", "duplicate")
+    )
+    m = discover(s.root)
+    batches = plan_batches(m, 4, single_max_files=10, single_max_bytes=1000)
+    _check_partition(m, batches, 4)
+    text = describe_plan(m, batches)
+    assert f"Plan for {s.root}: 150 DICOM files" in text
+    assert "1 duplicate and 1 other file not sent." in text
+    assert s.study_uid in text and "patient SYNTH001" in text
+    assert "Series (3):" in text and f"Batches ({len(batches)}):" in text
+    assert "notes.txt: not a DICOM file" in text
+    assert "copy of first instance: duplicate of" in text
+
+
+def test_long_skip_lists_are_summarised() -> None:
+    m = _manifest([[MB] * 3])
+    m.skipped = [SkippedFile(Path(f"/data/n{i}.txt"), "not a DICOM file") for i in range(120)]
+    text = describe_plan(m, plan_batches(m, 4))
+    assert "... and 70 more (70 x not a DICOM file)" in text
+    assert text.count(".txt: not a DICOM file") == 50
+
+
+@pytest.mark.parametrize(
+    "n,text", [(0, "0 B"), (999, "999 B"), (1500, "1.5 KB"), (2_500_000_000, "2.5 GB")]
+)
+def test_human_bytes(n: int, text: str) -> None:
+    assert human_bytes(n) == text
