@@ -80,7 +80,7 @@ def parse_bool(value: str, *, name: str) -> bool:
     raise ConfigError(f"{name} must be true or false, not {value!r}")
 
 
-_DISPLAY_FIELDS = (
+DISPLAY_FIELDS = (
     "server",
     "username",
     "password",
@@ -110,8 +110,11 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict)
     # every source consulted for credentials, in order, for the "no credentials" message
     tried: tuple[str, ...] = ()
-    profile: str | None = None  # the profile that was read, if any
+    # the profile that was read, or the one asked for when it may be missing (login creates it)
+    profile: str | None = None
     config_file: str | None = None  # where the config file is (read or not)
+    # things worth telling the user (plain http, TLS checks off); shown by `xio config show`,
+    # while the HTTP client logs its own plain-http warning when it is created
     warnings: tuple[str, ...] = ()
     # credentials asked for interactively by require_credentials(), asked once per Settings
     _prompted: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -165,7 +168,7 @@ class Settings:
     def redacted(self) -> dict[str, str]:
         """The resolved values with secrets hidden, for display."""
         out: dict[str, str] = {}
-        for name in _DISPLAY_FIELDS:
+        for name in DISPLAY_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
@@ -314,12 +317,15 @@ def resolve_settings(
     cwd: Path | None = None,
     need_credentials: bool = False,
     interactive: bool | None = None,
+    profile_may_be_missing: bool = False,
 ) -> Settings:
     """Resolve settings from flags (the keyword arguments) and every source below them.
 
     ``need_credentials`` asks for missing credentials on the terminal (only when stdin is one,
     or ``interactive``) and otherwise raises :class:`AuthError` naming every source tried.
     Without it, missing credentials are left as None (``Settings.require_credentials`` asks later).
+    A profile named by ``profile``/``XNATIO_PROFILE`` must exist unless ``profile_may_be_missing``
+    (``xio login --save-token`` creates it).
     """
     env = os.environ if environ is None else environ
     flags: _Layer = {}
@@ -358,11 +364,9 @@ def resolve_settings(
 
     # Profile: --profile > XNATIO_PROFILE (environment, then env file) > "default" if present.
     cfg_path = config_file.config_path(env)
-    if profile is not None:
-        prof = config_file.load_profile(cfg_path, profile, required=True)
-    elif env.get("XNATIO_PROFILE") or file_env.get("XNATIO_PROFILE"):
-        name = env.get("XNATIO_PROFILE") or file_env["XNATIO_PROFILE"]
-        prof = config_file.load_profile(cfg_path, name, required=True)
+    requested = profile or env.get("XNATIO_PROFILE") or file_env.get("XNATIO_PROFILE")
+    if requested:
+        prof = config_file.load_profile(cfg_path, requested, required=not profile_may_be_missing)
     else:
         prof = config_file.load_profile(cfg_path, config_file.DEFAULT_PROFILE, required=False)
     profile_layer: _Layer = {}
@@ -454,8 +458,6 @@ def resolve_settings(
             )
     if not tls:
         warnings.append(f"TLS certificate checking is off ({sources['verify_tls']})")
-    for w in warnings:
-        log.warning("%s", w)
 
     settings = Settings(
         server=server_url,
@@ -469,7 +471,7 @@ def resolve_settings(
         dicom_calling_aet=str(calling or "XNATIO"),
         sources=sources,
         tried=tuple(tried),
-        profile=prof.name if prof else None,
+        profile=prof.name if prof else requested,
         config_file=str(cfg_path),
         warnings=tuple(warnings),
     )

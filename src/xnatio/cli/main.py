@@ -76,6 +76,13 @@ def _register() -> None:
     cli.add_command(sandbox.sandbox)
     cli.add_command(sandbox.synth)
 
+    from xnatio.cli import config as config_commands
+    from xnatio.cli import resource
+
+    cli.add_command(resource.upload_resource_command)
+    cli.add_command(config_commands.login)
+    cli.add_command(config_commands.config)
+
 
 _register()
 

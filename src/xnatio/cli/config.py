@@ -1,0 +1,257 @@
+"""`xio login` (check credentials, optionally store an alias token) and `xio config show`.
+
+Also the ``--profile``/``--env-file`` options and the settings resolution that includes them,
+used by the commands in this package that take them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from xnatio import config_file, credentials
+from xnatio.cli.options import (
+    PASSWORD_FLAG_WARNING,
+    DicomArgs,
+    OutputArgs,
+    ServerArgs,
+    dicom_options,
+    output_options,
+    server_options,
+    start_command,
+)
+from xnatio.errors import EXIT_CODES, AuthError
+from xnatio.settings import DISPLAY_FIELDS as FIELDS
+from xnatio.settings import Settings, resolve_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_codes_epilog() -> str:
+    """The shared exit codes as a help epilog block (xnatio.errors.EXIT_CODES)."""
+    lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+    return f"\n\b\nExit codes:\n{lines}\n"
+
+
+@dataclass(frozen=True)
+class ProfileArgs:
+    profile: str | None = None
+    env_file: Path | None = None
+
+
+def profile_options(f: F) -> F:
+    """Add --profile and --env-file; pass ``profile: ProfileArgs``."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, profile: str | None, env_file: Path | None, **kwargs: Any) -> Any:
+        return f(*args, profile=ProfileArgs(profile, env_file), **kwargs)
+
+    wrapper = click.option(
+        "--env-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="FILE",
+        help="Read XNAT_* settings from FILE (default: ./.env when present).",
+    )(wrapper)
+    wrapper = click.option(
+        "--profile",
+        metavar="NAME",
+        help="Profile of the config file to use (default: 'default').  [env: XNATIO_PROFILE]",
+    )(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_with_profile(
+    server: ServerArgs,
+    profile: ProfileArgs,
+    *,
+    dicom: DicomArgs | None = None,
+    output: OutputArgs | None = None,
+    need_credentials: bool = False,
+    profile_may_be_missing: bool = False,
+) -> Settings:
+    """Flags (with --profile/--env-file) → Settings; warnings go to stderr unless -q."""
+    quiet = bool(output and output.quiet)
+    if server.password is not None and not quiet:
+        click.echo(PASSWORD_FLAG_WARNING, err=True)
+    d = dicom or DicomArgs()
+    return resolve_settings(
+        server=server.server,
+        username=server.user,
+        password=server.password,
+        verify_tls=server.verify_tls,
+        ca_bundle=server.ca_bundle,
+        dicom_host=d.host,
+        dicom_port=d.port,
+        dicom_called_aet=d.called_aet,
+        dicom_calling_aet=d.calling_aet,
+        profile=profile.profile,
+        env_file=profile.env_file,
+        need_credentials=need_credentials,
+        profile_may_be_missing=profile_may_be_missing,
+    )
+
+
+# --- xio login -----------------------------------------------------------------------------------
+
+LOGIN_EPILOG = (
+    "\b\nExamples:\n"
+    "  xio login --server https://xnat.example.org --user alice\n"
+    "  xio login --profile scanner --save-token     # later: xio upload --profile scanner ...\n"
+    "  XNAT_PASSWORD=... xio login --server https://xnat.example.org --user alice --json\n"
+    "\b\nA saved token goes to the system keyring when the 'keyring' package has a working\n"
+    "backend, else into the profile of the config file (mode 0600). XNAT expires alias tokens\n"
+    "after 48 hours by default: run `xio login --save-token` again to renew.\n"
+) + exit_codes_epilog()
+
+
+def _version_of(info: dict[str, Any]) -> str:
+    version = str(info.get("version") or info.get("Version") or "unknown version")
+    build = info.get("buildNumber") or info.get("build")
+    return f"{version} (build {build})" if build else version
+
+
+@click.command("login", epilog=LOGIN_EPILOG)
+@server_options
+@profile_options
+@click.option(
+    "--save-token",
+    is_flag=True,
+    help="Issue an XNAT alias token and store it for later runs of this profile.",
+)
+@output_options
+@click.pass_context
+def login(
+    ctx: click.Context,
+    *,
+    server: ServerArgs,
+    profile: ProfileArgs,
+    save_token: bool,
+    output: OutputArgs,
+) -> None:
+    """Check that the credentials work and print the XNAT server's version.
+
+    Opens a session (POST /data/JSESSION) and reads /xapi/siteConfig/buildInfo.
+    """
+    start_command(ctx, output)
+    settings = resolve_with_profile(
+        server, profile, output=output, profile_may_be_missing=save_token
+    )
+    url = settings.require_server()
+    username, password = settings.require_credentials()
+    from xnatio.xnat.client import XnatClient
+
+    where: str | None = None
+    try:
+        with XnatClient(url, username=username, password=password, verify=settings.verify) as c:
+            info = c.build_info()
+            if save_token:
+                alias, secret = c.issue_token()
+                cfg = Path(settings.config_file or config_file.config_path())
+                name = profile.profile or settings.profile or config_file.DEFAULT_PROFILE
+                where = credentials.save_token(cfg, name, url, alias, secret.reveal())
+    except AuthError as exc:
+        hint = f" (credentials from {settings.credential_source()})"
+        if "token" in settings.credential_source():
+            hint += "; the stored token may have expired: log in with a password and --save-token"
+        raise AuthError(f"{exc}{hint}") from None
+    version = _version_of(info)
+    if output.json:
+        doc = {
+            "server": url,
+            "username": username,
+            "credentials_from": settings.credential_source(),
+            "version": info.get("version"),
+            "build_info": info,
+            "token_saved": where is not None,
+            "token_store": where,
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if output.quiet:
+        return
+    click.echo(f"Logged in to {url} as {username} ({settings.credential_source()}).")
+    click.echo(f"XNAT {version}")
+    if where is not None:
+        click.echo(f"Saved an alias token in {where}; later runs with this profile use it.")
+
+
+# --- xio config ----------------------------------------------------------------------------------
+
+
+@click.group("config")
+def config() -> None:
+    """Inspect xnatio's configuration (profiles, env files, environment, netrc)."""
+
+
+SHOW_EPILOG = (
+    "\b\nExamples:\n"
+    "  xio config show\n"
+    "  xio config show --profile scanner --json\n"
+    "\b\nSecrets are never printed: a password or token shows as <hidden>, with its source.\n"
+) + exit_codes_epilog()
+
+
+def settings_document(settings: Settings) -> dict[str, Any]:
+    """What `config show` prints: values (secrets hidden) with their sources; no secret values."""
+    values = settings.redacted()
+    return {
+        "settings": {
+            name: {"value": value, "source": settings.sources.get(name, "default")}
+            for name, value in values.items()
+        },
+        "profile": settings.profile,
+        "config_file": settings.config_file,
+        "credentials_tried": list(settings.tried),
+        "keyring_available": credentials.keyring_available(),
+        "warnings": list(settings.warnings),
+    }
+
+
+@config.command("show", epilog=SHOW_EPILOG)
+@server_options
+@profile_options
+@dicom_options
+@output_options
+@click.pass_context
+def show(
+    ctx: click.Context,
+    *,
+    server: ServerArgs,
+    profile: ProfileArgs,
+    dicom: DicomArgs,
+    output: OutputArgs,
+) -> None:
+    """Print the resolved settings, where each value came from, and which sources were read."""
+    start_command(ctx, output)
+    settings = resolve_with_profile(server, profile, dicom=dicom, output=output)
+    doc = settings_document(settings)
+    if output.json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    unset = {
+        "server": "pass --server, set XNAT_SERVER or add it to a profile",
+        "username": "asked on the terminal when needed",
+        "password": "asked on the terminal when needed",
+    }
+    rows: list[tuple[str, str, str]] = []
+    for name in FIELDS:
+        if name in doc["settings"]:
+            rows.append((name, doc["settings"][name]["value"], doc["settings"][name]["source"]))
+        elif name in unset:
+            rows.append((name, "(not set)", unset[name]))
+    width = max(len(r[0]) for r in rows)
+    vwidth = min(48, max(len(r[1]) for r in rows))
+    for name, value, source in rows:
+        click.echo(f"{name:<{width}}  {value:<{vwidth}}  {source}")
+    click.echo("")
+    click.echo(f"config file: {settings.config_file}")
+    click.echo(f"profile: {settings.profile or '(none)'}")
+    click.echo("credential sources, in order: " + ", ".join(settings.tried))
+    for w in settings.warnings:
+        click.echo(f"warning: {w}", err=True)

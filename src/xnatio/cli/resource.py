@@ -1,0 +1,128 @@
+"""`xio upload-resource PROJECT SUBJECT SESSION RESOURCE PATH`: non-DICOM files into a resource.
+
+A file is sent as is; a directory is streamed as one tar archive that XNAT unpacks
+(:mod:`xnatio.resources`). Exit 1 when files already exist in the resource and ``--overwrite``
+was not given, listing them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from xnatio.cli.config import (
+    ProfileArgs,
+    exit_codes_epilog,
+    profile_options,
+    resolve_with_profile,
+)
+from xnatio.cli.options import (
+    OutputArgs,
+    ServerArgs,
+    output_options,
+    server_options,
+    start_command,
+)
+from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK
+from xnatio.models import Outcome
+from xnatio.progress import choose_display
+from xnatio.resources import ResourceResult, upload_resource
+
+SHOWN = 20
+
+EPILOG = (
+    "\b\nExamples:\n"
+    "  xio upload-resource MYPROJ SUBJ01 SESS01 NOTES report.pdf\n"
+    "  xio upload-resource MYPROJ SUBJ01 SESS01 PHYSIO ./physio/ --overwrite\n"
+    "  xio upload-resource MYPROJ SUBJ01 SESS01 NIFTI ./nifti/ --scan 3 --json\n"
+    "\b\nA directory is sent as ONE tar archive built while it is sent (no temporary copy)\n"
+    "and unpacked by XNAT (extract=true); its sub-folders are kept inside the resource.\n"
+) + exit_codes_epilog()
+
+
+@click.command("upload-resource", epilog=EPILOG)
+@click.argument("project")
+@click.argument("subject")
+@click.argument("session")
+@click.argument("resource")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--scan", metavar="ID", help="Put the files in a resource of scan ID instead.")
+@click.option("--overwrite", is_flag=True, help="Replace files that already exist in RESOURCE.")
+@server_options
+@profile_options
+@output_options
+@click.pass_context
+def upload_resource_command(
+    ctx: click.Context,
+    *,
+    project: str,
+    subject: str,
+    session: str,
+    resource: str,
+    path: Path,
+    scan: str | None,
+    overwrite: bool,
+    server: ServerArgs,
+    profile: ProfileArgs,
+    output: OutputArgs,
+) -> None:
+    """Upload a file or a directory (non-DICOM: reports, physio, NIfTI...) into RESOURCE of
+    session PROJECT/SUBJECT/SESSION (or of one of its scans with --scan)."""
+    start_command(ctx, output)
+    settings = resolve_with_profile(server, profile, output=output)
+    url = settings.require_server()
+    username, password = settings.require_credentials()
+    from xnatio.xnat.client import XnatClient
+
+    with (
+        choose_display(quiet=output.quiet) as display,
+        XnatClient(url, username=username, password=password, verify=settings.verify) as client,
+    ):
+        result = upload_resource(
+            client,
+            project,
+            subject,
+            session,
+            resource,
+            path,
+            scan=scan,
+            overwrite=overwrite,
+            progress_callback=display,
+        )
+    if output.json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not output.quiet or not result.success:
+        click.echo(render(result), err=not result.success)
+    ctx.exit(EXIT_OK if result.success else EXIT_FILES_FAILED)
+
+
+def render(result: ResourceResult) -> str:
+    where = f"{result.project}/{result.subject}/{result.session}"
+    if result.scan is not None:
+        where += f" scan {result.scan}"
+    uploaded = [f for f in result.files if f.outcome is Outcome.UPLOADED]
+    skipped = [f for f in result.files if f.outcome is Outcome.SKIPPED]
+    lines: list[str] = []
+    if result.success:
+        how = " as one tar archive unpacked by XNAT" if result.archive else ""
+        mb = result.total_bytes / 1e6
+        lines.append(
+            f"Uploaded {len(uploaded)} file(s) ({mb:.1f} MB) to {where} resource "
+            f"{result.resource}{how} in {result.duration:.1f} s."
+        )
+    else:
+        lines.append(
+            f"error: {len(result.duplicates)} file(s) already exist in {where} resource "
+            f"{result.resource}; nothing was replaced (use --overwrite to replace them):"
+        )
+        lines += [f"  {d}" for d in result.duplicates[:SHOWN]]
+        if len(result.duplicates) > SHOWN:
+            lines.append(f"  ... and {len(result.duplicates) - SHOWN} more (see --json)")
+        if uploaded and result.archive:
+            lines.append(f"{len(uploaded)} other file(s) were stored.")
+    if skipped:
+        lines.append(f"Skipped {len(skipped)} entr(ies):")
+        lines += [f"  {f.path}: {f.reason}" for f in skipped[:SHOWN]]
+    return "\n".join(lines)
