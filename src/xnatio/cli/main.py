@@ -76,6 +76,10 @@ def _register() -> None:
     cli.add_command(sandbox.sandbox)
     cli.add_command(sandbox.synth)
 
+    from xnatio.cli import verify as verify_command
+
+    cli.add_command(verify_command.verify)
+
     from xnatio.cli import config as config_commands
     from xnatio.cli import resource
 

@@ -1,0 +1,118 @@
+"""`xio verify PROJECT SUBJECT SESSION DIR`: does XNAT hold every DICOM file under DIR?
+
+Reads the session back and compares it series by series with what discovery finds in DIR (the
+matching rule is in :mod:`xnatio.verify`). Exit 0 when every file is there, 1 with a per-series
+table of what is missing or different.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from xnatio.cli.options import (
+    OutputArgs,
+    ServerArgs,
+    output_options,
+    report_option,
+    resolve_cli_settings,
+    server_options,
+    start_command,
+)
+from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_OK
+from xnatio.models import FileOutcome, Outcome, UploadResult
+from xnatio.report import account_for_skipped, check_report_path, write_report
+from xnatio.verify import VerifyReport, verify_session
+
+PROBLEMS_SHOWN = 20
+EPILOG = (
+    "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n\n\b\nExit codes:\n"
+    + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+)
+
+
+@click.command(
+    "verify",
+    epilog=EPILOG,
+)
+@click.argument("project")
+@click.argument("subject")
+@click.argument("session")
+@click.argument("path", metavar="DIR", type=click.Path(exists=True, path_type=Path))
+@server_options
+@output_options
+@report_option
+@click.pass_context
+def verify(
+    ctx: click.Context,
+    *,
+    project: str,
+    subject: str,
+    session: str,
+    path: Path,
+    server: ServerArgs,
+    output: OutputArgs,
+    report: Path | None,
+) -> None:
+    """Check that session PROJECT/SUBJECT/SESSION in XNAT holds every DICOM file under DIR.
+
+    Compares per series: instance counts, sizes, and MD5 where XNAT keeps a digest.
+    """
+    start_command(ctx, output)
+    settings = resolve_cli_settings(server, output=output)
+    if report is not None:
+        check_report_path(report)
+    from xnatio.discover import discover
+    from xnatio.xnat.client import XnatClient
+
+    started = time.monotonic()
+    manifest = discover(path)
+    username, password = settings.require_credentials()
+    with XnatClient(
+        settings.require_server(), username=username, password=password, verify=settings.verify
+    ) as client:
+        result = verify_session(client, project, subject, session, manifest.files)
+    if report is not None:
+        as_result = _as_upload_result(result, time.monotonic() - started)
+        write_report(account_for_skipped(as_result, manifest), report)
+    if output.json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not output.quiet or not result.ok:
+        click.echo(render(result), err=not result.ok)
+    ctx.exit(EXIT_OK if result.ok else EXIT_FILES_FAILED)
+
+
+def render(result: VerifyReport) -> str:
+    """The human answer: one line when all is well, else the table and the first problems."""
+    where = f"{result.project}/{result.subject}/{result.session}"
+    if not result.found:
+        return f"verify: session {where} not found on the server"
+    n = len(result.verified)
+    if result.ok:
+        return f"verify: {where} holds all {n} files ({len(result.series)} series)"
+    problems = result.problems
+    lines = [f"verify: {where}: {len(problems)} file(s) missing or different", result.table()]
+    for f, why in problems[:PROBLEMS_SHOWN]:
+        lines.append(f"  {f.path}: {why}")
+    if len(problems) > PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more (see --report FILE)")
+    return "\n".join(lines)
+
+
+def _as_upload_result(result: VerifyReport, duration: float) -> UploadResult:
+    files: list[FileOutcome] = result.outcomes()
+    return UploadResult(
+        success=result.ok,
+        total_files=len(files),
+        duration=duration,
+        total_size_mb=sum(f.size for f in files) / 1e6,
+        files=files,
+        project=result.project,
+        subject=result.subject,
+        session=result.session,
+        verified=result.ok,
+        errors=[f"{f.path}: {f.reason}" for f in files if f.outcome is Outcome.FAILED][:20],
+    )
