@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from xnatio.errors import EXIT_CODES
 from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -206,6 +207,12 @@ def report_option(f: F) -> F:
         metavar="FILE",
         help="Write every file's outcome to FILE (.csv, or JSON for any other name).",
     )(f)
+
+
+def exit_codes_epilog() -> str:
+    """The exit codes as a help epilog block (shared by every command, see xnatio.errors)."""
+    lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+    return f"\n\b\nExit codes:\n{lines}\n"
 
 
 def start_command(ctx: click.Context, output: OutputArgs) -> None:
