@@ -21,6 +21,7 @@ failure (connection reset, 502/503) the whole body is sent again from its first 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from xnatio.errors import UsageError, XnatioError
 from xnatio.models import FileOutcome, Outcome, Phase, ProgressCallback, ProgressEvent
@@ -74,6 +76,7 @@ class ResourceResult:
     bytes_sent: int = 0
     duration: float = 0.0
     errors: list[str] = field(default_factory=list)
+    verified: bool = False  # the files were read back (size, and MD5 where XNAT keeps one)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +91,7 @@ class ResourceResult:
             "total_bytes": self.total_bytes,
             "bytes_sent": self.bytes_sent,
             "duration": round(self.duration, 3),
+            "verified": self.verified,
             "duplicates": self.duplicates,
             "errors": self.errors,
             "files": [
@@ -146,11 +150,13 @@ class _Progress:
         self.bytes_total = total
         self.files_done = 0
         self.bytes_done = 0
+        self.md5: dict[str, str] = {}  # name -> MD5 of the bytes sent, for the read-back check
 
     def restart(self) -> None:
         if self.bytes_done:
             log.info("sending the body again from the start (retry)")
         self.files_done = self.bytes_done = 0
+        self.md5.clear()
         self.emit("")
 
     def add(self, n: int, name: str) -> None:
@@ -178,6 +184,7 @@ class _Progress:
 def _read_exactly(f: LocalFile, progress: _Progress) -> Iterator[bytes]:
     """The file's first ``f.size`` bytes in chunks; raises if it is now shorter."""
     remaining = f.size
+    digest = hashlib.md5(usedforsecurity=False)
     try:
         with f.path.open("rb") as fh:
             while remaining:
@@ -187,10 +194,12 @@ def _read_exactly(f: LocalFile, progress: _Progress) -> Iterator[bytes]:
                         f"{f.path} shrank while being uploaded ({f.size} bytes expected)"
                     )
                 remaining -= len(chunk)
+                digest.update(chunk)
                 progress.add(len(chunk), f.name)
                 yield chunk
     except OSError as exc:
         raise SourceChangedError(f"cannot read {f.path}: {exc.strerror or exc}") from None
+    progress.md5[f.name] = digest.hexdigest()
 
 
 class FileBody:
@@ -292,12 +301,16 @@ def upload_resource(
     scan: str | None = None,
     overwrite: bool = False,
     progress_callback: ProgressCallback | None = None,
+    verify: bool = True,
 ) -> ResourceResult:
     """Upload a file, or a directory as one archive unpacked by XNAT, into a resource.
 
-    Returns a result whose ``success`` is False (with ``duplicates``) when files already exist
-    and ``overwrite`` is off. Raises :class:`UsageError` for a missing or empty PATH and the
-    client's errors (AuthError, UnreachableError, ServerError) after its retries.
+    With ``verify`` the resource's file list is read back and every file checked by size and,
+    where XNAT reports a digest, by the MD5 of the bytes sent (computed while sending).
+    ``success`` is False when files already exist and ``overwrite`` is off (``duplicates``
+    names them) or a file did not land intact. Raises :class:`UsageError` for a missing or
+    empty PATH and the client's errors (AuthError, UnreachableError, ServerError) after its
+    retries.
     """
     root = Path(path)
     uri = resource_uri(project, subject, session, resource, scan)
@@ -318,6 +331,8 @@ def upload_resource(
         result.archive = "tar"
     elif root.is_file():
         st = root.stat()
+        if st.st_size == 0:  # XNAT answers an upload without a body with 400
+            raise UsageError(f"{root} is empty; XNAT does not accept an empty file upload")
         files, skipped = [LocalFile(root, root.name, st.st_size, int(st.st_mtime))], []
         name = root.name
     else:
@@ -337,38 +352,76 @@ def upload_resource(
     }
     started = time.monotonic()
     log.info("PUT %s/files/%s (%d files, %d bytes)", uri, name, len(files), len(body))
+    # PUT of the same bytes is idempotent, and the body restarts on every iteration, so the
+    # client may retry transient failures. A retry after a lost answer to a request XNAT did
+    # store shows up as duplicates of our own files without overwrite; the read-back below
+    # tells them apart (same size and MD5 as what we sent).
     resp = client.request(
         "PUT", f"{uri}/files/{quote(name)}", params=params, data=body, headers=headers
     )
-    result.duration = time.monotonic() - started
     result.bytes_sent = len(body)
     result.duplicates = _duplicates(resp.text)
     clash = set(result.duplicates)
+    landed = _listing(client, uri) if verify else {}
+    result.verified = verify
     for f in files:
+        outcome, reason = Outcome.UPLOADED, ""
         if f.name in clash or (not result.archive and clash):
-            result.files.append(
-                FileOutcome(
-                    path=str(f.path),
-                    outcome=Outcome.FAILED,
-                    reason="already in the resource (use --overwrite to replace)",
-                    size=f.size,
-                )
-            )
-        else:
-            result.files.append(
-                FileOutcome(path=str(f.path), outcome=Outcome.UPLOADED, size=f.size)
-            )
+            outcome, reason = Outcome.FAILED, "already in the resource (use --overwrite to replace)"
+            if verify and _same(landed.get(f.name), f, progress.md5.get(f.name)):
+                reason = "already in the resource with the same size and MD5 (not replaced)"
+        elif verify:
+            outcome, reason = _check(landed.get(f.name), f, progress.md5.get(f.name))
+            if outcome is Outcome.FAILED:
+                result.errors.append(f"{f.name}: {reason}")
+        result.files.append(
+            FileOutcome(path=str(f.path), outcome=outcome, reason=reason, size=f.size)
+        )
+    result.duration = time.monotonic() - started
     if result.duplicates:
-        result.errors.append(
+        result.errors.insert(
+            0,
             f"{len(result.duplicates)} file(s) already in {resource}: "
             + ", ".join(result.duplicates[:20])
             + (" ..." if len(result.duplicates) > 20 else "")
-            + "; use --overwrite to replace them"
+            + "; use --overwrite to replace them",
         )
     result.files.extend(skipped)
-    result.success = not result.duplicates
+    result.success = not any(fo.outcome is Outcome.FAILED for fo in result.files)
     progress.emit("")
     return result
+
+
+def _listing(client: XnatClient, uri: str) -> dict[str, tuple[int, str]]:
+    """The resource's files as {path inside the resource: (size, md5 or "")}."""
+    data = client.get_json(f"{uri}/files")
+    rows = data.get("ResultSet", {}).get("Result", []) if isinstance(data, dict) else []
+    out: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        file_uri = str(row.get("URI", ""))
+        rel = unquote(file_uri.split("/files/", 1)[1]) if "/files/" in file_uri else ""
+        rel = rel or str(row.get("path") or row.get("Name") or "")
+        try:
+            size = int(row.get("Size", -1))
+        except (TypeError, ValueError):
+            size = -1
+        out[rel] = (size, str(row.get("digest") or "").lower())
+    return out
+
+
+def _same(entry: tuple[int, str] | None, f: LocalFile, md5: str | None) -> bool:
+    return entry is not None and entry[0] == f.size and bool(md5) and entry[1] == md5
+
+
+def _check(entry: tuple[int, str] | None, f: LocalFile, md5: str | None) -> tuple[Outcome, str]:
+    if entry is None:
+        return Outcome.FAILED, "not in the resource after the upload"
+    size, digest = entry
+    if size != f.size:
+        return Outcome.FAILED, f"XNAT holds {size} bytes, {f.size} were sent"
+    if digest and md5 and digest != md5:
+        return Outcome.FAILED, "XNAT's MD5 differs from the bytes sent"
+    return Outcome.VERIFIED, ""
 
 
 __all__ = [

@@ -50,6 +50,12 @@ EPILOG = (
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--scan", metavar="ID", help="Put the files in a resource of scan ID instead.")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in RESOURCE.")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Read the resource back and check every file's size (and MD5 where XNAT keeps one).",
+)
 @server_options
 @profile_options
 @output_options
@@ -64,6 +70,7 @@ def upload_resource_command(
     path: Path,
     scan: str | None,
     overwrite: bool,
+    verify: bool,
     server: ServerArgs,
     profile: ProfileArgs,
     output: OutputArgs,
@@ -90,6 +97,7 @@ def upload_resource_command(
             scan=scan,
             overwrite=overwrite,
             progress_callback=display,
+            verify=verify,
         )
     if output.json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -102,26 +110,30 @@ def render(result: ResourceResult) -> str:
     where = f"{result.project}/{result.subject}/{result.session}"
     if result.scan is not None:
         where += f" scan {result.scan}"
-    uploaded = [f for f in result.files if f.outcome is Outcome.UPLOADED]
+    stored = [f for f in result.files if f.outcome in (Outcome.UPLOADED, Outcome.VERIFIED)]
+    failed = [f for f in result.files if f.outcome is Outcome.FAILED]
     skipped = [f for f in result.files if f.outcome is Outcome.SKIPPED]
+    how = " as one tar archive unpacked by XNAT" if result.archive else ""
+    checked = ", read back and checked" if result.verified else ""
     lines: list[str] = []
-    if result.success:
-        how = " as one tar archive unpacked by XNAT" if result.archive else ""
-        mb = result.total_bytes / 1e6
+    if stored:
+        mb = sum(f.size for f in stored) / 1e6
         lines.append(
-            f"Uploaded {len(uploaded)} file(s) ({mb:.1f} MB) to {where} resource "
-            f"{result.resource}{how} in {result.duration:.1f} s."
+            f"Uploaded {len(stored)} file(s) ({mb:.1f} MB) to {where} resource "
+            f"{result.resource}{how}{checked} in {result.duration:.1f} s."
         )
-    else:
+    if result.duplicates:
         lines.append(
             f"error: {len(result.duplicates)} file(s) already exist in {where} resource "
-            f"{result.resource}; nothing was replaced (use --overwrite to replace them):"
+            f"{result.resource} and were not replaced (use --overwrite to replace them):"
         )
         lines += [f"  {d}" for d in result.duplicates[:SHOWN]]
         if len(result.duplicates) > SHOWN:
             lines.append(f"  ... and {len(result.duplicates) - SHOWN} more (see --json)")
-        if uploaded and result.archive:
-            lines.append(f"{len(uploaded)} other file(s) were stored.")
+    other = [f for f in failed if "already in the resource" not in f.reason]
+    if other:
+        lines.append(f"error: {len(other)} file(s) did not land intact:")
+        lines += [f"  {f.path}: {f.reason}" for f in other[:SHOWN]]
     if skipped:
         lines.append(f"Skipped {len(skipped)} entr(ies):")
         lines += [f"  {f.path}: {f.reason}" for f in skipped[:SHOWN]]

@@ -1,0 +1,211 @@
+"""upload-resource: files as is, directories as one streamed tar, clashes, overwrite, retries.
+
+Integration tests talk to the sandbox over real HTTP and check the bytes XNAT stored on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from xnatio.cli.main import cli
+from xnatio.errors import UsageError
+from xnatio.models import Outcome, ProgressEvent
+from xnatio.resources import SourceChangedError, collect_files, iter_tar, upload_resource
+
+USER, PASSWORD = "admin", "admin-secret"
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """A small tree with a sub-folder, an empty file, a long and a non-ASCII name."""
+    content = {
+        "notes.txt": b"hello\n",
+        "physio/resp.csv": os.urandom(70_000),
+        "physio/empty.log": b"",
+        "deep/" + "d" * 90 + "/" + "f" * 60 + ".bin": os.urandom(1000),
+        "ünïcode name.txt": "grüße".encode(),
+    }
+    for rel, data in content.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return content
+
+
+# --- unit: the streamed archive ------------------------------------------------------------------
+
+
+def test_tar_stream_has_exact_length_and_round_trips(tmp_path: Path) -> None:
+    content = make_tree(tmp_path)
+    files, skipped = collect_files(tmp_path)
+    assert skipped == []
+    assert sorted(f.name for f in files) == sorted(content)
+    data = b"".join(iter_tar(files))
+    from xnatio.resources import TarBody, _Progress
+
+    assert len(data) == len(TarBody(files, _Progress(None, 0, 0)))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    assert got == content
+
+
+def test_collect_skips_dir_links_and_special_files(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("a")
+    (tmp_path / "loop").symlink_to(tmp_path)
+    (tmp_path / "link.txt").symlink_to(tmp_path / "real" / "a.txt")
+    os.mkfifo(tmp_path / "fifo")
+    files, skipped = collect_files(tmp_path)
+    assert [f.name for f in files] == ["link.txt", "real/a.txt"]
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert reasons == {
+        "loop": "symbolic link to a directory (not followed)",
+        "fifo": "not a regular file",
+    }
+
+
+def test_file_that_shrinks_while_streaming_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x" * 5000)
+    files, _ = collect_files(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    with pytest.raises(SourceChangedError, match="shrank while being uploaded"):
+        b"".join(iter_tar(files))
+
+
+# --- integration: against the sandbox ------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    server_module = pytest.importorskip("xnatio.sandbox.server")
+    with server_module.SandboxServer(
+        tmp_path_factory.mktemp("xnat"), users={USER: PASSWORD}
+    ) as srv:
+        e = srv.store.create_experiment(
+            project="P", subject="S", label="E", uid=None, modality="MR", date=None
+        )
+        srv.store.upsert_scan(e, "3", modality="MR")
+        yield srv
+
+
+def stored(sandbox: Any, resource: str, scan: str = "") -> dict[str, str]:
+    """MD5 of every file the server holds in a resource, read from its disk."""
+    e = sandbox.store.experiment("P", "E")
+    base = sandbox.store.resource_dir(e, scan, resource)
+    return {
+        p.relative_to(base).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def md5s(content: dict[str, bytes]) -> dict[str, str]:
+    return {k: hashlib.md5(v).hexdigest() for k, v in content.items()}
+
+
+def xio(sandbox: Any, *args: str) -> Result:
+    env = {"XNAT_SERVER": sandbox.url, "XNAT_USERNAME": USER, "XNAT_PASSWORD": PASSWORD}
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.mark.integration
+def test_directory_is_extracted_then_clash_then_overwrite(sandbox: Any, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    content = make_tree(src)
+    res = xio(sandbox, "upload-resource", "P", "S", "E", "PHYSIO", str(src), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["archive"] == "tar" and doc["success"] and doc["verified"]
+    assert {f["outcome"] for f in doc["files"]} == {"verified"}
+    assert stored(sandbox, "PHYSIO") == md5s(content)
+    # one request carried the whole directory
+    assert sum(n for k, n in sandbox.stats().items() if k.startswith("PUT ")) == 1
+
+    # Again without --overwrite: exit 1 naming every clashing file, nothing replaced.
+    (src / "notes.txt").write_bytes(b"changed\n")
+    res = xio(sandbox, "upload-resource", "P", "S", "E", "PHYSIO", str(src))
+    assert res.exit_code == 1
+    assert "5 file(s) already exist in P/S/E resource PHYSIO" in res.stderr
+    for name in content:
+        assert f"  {name}\n" in res.stderr
+    assert stored(sandbox, "PHYSIO")["notes.txt"] == hashlib.md5(b"hello\n").hexdigest()
+
+    res = xio(sandbox, "upload-resource", "P", "S", "E", "PHYSIO", str(src), "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert "Uploaded 5 file(s)" in res.stdout and "read back and checked" in res.stdout
+    assert stored(sandbox, "PHYSIO")["notes.txt"] == hashlib.md5(b"changed\n").hexdigest()
+
+
+@pytest.mark.integration
+def test_single_file_and_scan_resource(sandbox: Any, tmp_path: Path) -> None:
+    report = tmp_path / "report.pdf"
+    report.write_bytes(os.urandom(123_457))
+    res = xio(sandbox, "upload-resource", "P", "S", "E", "NOTES", str(report), "--scan", "3")
+    assert res.exit_code == 0, res.output
+    assert stored(sandbox, "NOTES", scan="3") == {
+        "report.pdf": hashlib.md5(report.read_bytes()).hexdigest()
+    }
+    assert stored(sandbox, "NOTES") == {}
+    res = xio(sandbox, "upload-resource", "P", "S", "E", "NOTES", str(report), "--scan", "3")
+    assert res.exit_code == 1 and "  report.pdf" in res.stderr
+
+    res = xio(sandbox, "upload-resource", "P", "S", "NOPE", "NOTES", str(report))
+    assert res.exit_code == 1 and "Unable to find the specified experiment" in res.stderr
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    res = xio(sandbox, "upload-resource", "P", "S", "E", "NOTES", str(empty))
+    assert res.exit_code == 2 and "is empty" in res.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fault", [{"reset_next": 1}, {"fail_next": 1, "fail_status": 503}])
+def test_transient_failure_resends_the_whole_body(
+    sandbox: Any, tmp_path: Path, fault: dict[str, int]
+) -> None:
+    from xnatio.xnat.client import XnatClient
+
+    src = tmp_path / "src"
+    content = make_tree(src)
+    events: list[ProgressEvent] = []
+    sandbox.set_knobs(fault_path="/data/projects/P/subjects/S/experiments/E/resources", **fault)
+    with XnatClient(sandbox.url, username=USER, password=PASSWORD, sleep=lambda s: None) as c:
+        result = upload_resource(c, "P", "S", "E", "PHYSIO", src, progress_callback=events.append)
+    assert result.success, result.errors
+    assert [f.outcome for f in result.files] == [Outcome.VERIFIED] * len(content)
+    assert stored(sandbox, "PHYSIO") == md5s(content)
+    total = sum(len(v) for v in content.values())
+    assert events[-1].bytes_done == events[-1].bytes_total == total
+    # the body was sent twice: the byte count went back to 0 once after the first attempt
+    restarts = [i for i, e in enumerate(events) if i and e.bytes_done < events[i - 1].bytes_done]
+    assert len(restarts) == 1
+
+
+def test_missing_path_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="holds no regular files"):
+        upload_resource(None, "P", "S", "E", "R", tmp_path)  # type: ignore[arg-type]
+
+
+def test_requests_sends_an_exact_content_length_not_chunked(tmp_path: Path) -> None:
+    import requests
+
+    from xnatio.resources import FileBody, LocalFile, TarBody, _Progress
+
+    make_tree(tmp_path)
+    files, _ = collect_files(tmp_path)
+    tar = TarBody(files, _Progress(None, len(files), 0))
+    prepared = requests.Request("PUT", "http://127.0.0.1/x", data=tar).prepare()
+    assert prepared.headers["Content-Length"] == str(len(b"".join(iter_tar(files))))
+    assert "Transfer-Encoding" not in prepared.headers
+    one = LocalFile(tmp_path / "notes.txt", "notes.txt", 6, 0)
+    prepared = requests.Request("PUT", "http://127.0.0.1/x", data=FileBody(one, tar.progress))
+    assert prepared.prepare().headers["Content-Length"] == "6"
