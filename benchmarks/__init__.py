@@ -1,0 +1,1 @@
+"""xnatio benchmark harness (not part of the package): see benchmarks/run.py."""

@@ -1,0 +1,126 @@
+"""``python benchmarks/run.py [SCENARIO...]``: options, the run, the printed tables, the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.data import cache_root
+from benchmarks.report import case_table, goals, goals_table, machine_info, scale_table
+from benchmarks.scenarios import SCENARIOS, TINY, CaseResult, Runner, Sizes, build_cases
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated file counts, not {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("file counts must be positive")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/run.py",
+        description="Measure xio side by side with the tools users would pick instead, on "
+        "synthetic sessions, against local receivers (loopback only).",
+    )
+    p.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of: {', '.join(SCENARIOS)} (default: all)",
+    )
+    p.add_argument("--repeat", type=int, help="runs per contender (default: per scenario)")
+    p.add_argument("--files", type=int, help="session size for rest-limit, rest-wan and cstore")
+    p.add_argument("--discover-files", type=_counts, help="e.g. 15000,50000")
+    p.add_argument("--scale-files", type=_counts, help="e.g. 2000,15000,50000")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny sessions and one run each: checks the harness in seconds, measures nothing",
+    )
+    p.add_argument("--only", help="run only these contenders (comma-separated names)")
+    p.add_argument("--json", type=Path, help="also write the results to this file")
+    p.add_argument("--markdown", type=Path, help="also write the tables to this Markdown file")
+    p.add_argument("--keep", action="store_true", help="keep each run's work directory")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.scenarios or list(SCENARIOS)
+    sizes = TINY if args.tiny else Sizes()
+    if args.files:
+        sizes = replace(sizes, rest_files=args.files, cstore_files=args.files)
+    if args.discover_files:
+        sizes = replace(sizes, discover_files=args.discover_files)
+    if args.scale_files:
+        sizes = replace(sizes, scale_files=args.scale_files)
+    repeat = args.repeat if args.repeat is not None else (1 if args.tiny else None)
+    cases = build_cases(names, sizes, repeat)
+    only = set(args.only.split(",")) if args.only else None
+
+    started = time.perf_counter()
+    machine = machine_info()
+    print(
+        f"xnatio benchmarks: {', '.join(names)}; {machine['nproc']} CPUs ({machine['cpu']}), "
+        f"{machine['memory_gib']} GiB, load {machine['load_average']}; cache {cache_root()}",
+        flush=True,
+    )
+    runner = Runner(log=lambda s: print(s, flush=True), keep=args.keep, only=only)
+    results: list[CaseResult] = []
+    try:
+        for case in cases:
+            results.append(runner.run_case(case))
+    except KeyboardInterrupt:
+        print("interrupted: reporting the cases that finished", file=sys.stderr)
+    total = time.perf_counter() - started
+
+    gs = goals(results)
+    parts = [case_table(cr) for cr in results]
+    scale = scale_table(results)
+    if scale:
+        parts.append(scale)
+    parts.append("### goals\n\n" + goals_table(gs))
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    footer = f"total harness time: {total:.0f} s; command: `{command.strip()}`\n"
+    markdown = "\n".join(parts) + "\n" + footer
+    print()
+    print(markdown)
+
+    record = {
+        "command": command.strip(),
+        "machine": machine,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "total_s": round(total, 1),
+        "cases": [cr.to_json() for cr in results],
+        "goals": [g.to_json() for g in gs],
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    outputs = [RESULTS_DIR / "latest.json", *([args.json] if args.json else [])]
+    for path in outputs:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    print(f"results written to {', '.join(str(p) for p in outputs)}")
+    # Benchmarks are not tests: a missed goal is reported, not an error. A contender that failed
+    # to run is still worth a non-zero exit, so scripts notice a broken harness.
+    failed = [r.name for cr in results for r in cr.results.values() if not r.ok]
+    return 1 if failed else 0

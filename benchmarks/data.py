@@ -1,0 +1,154 @@
+"""Benchmark data: synthetic sessions generated once into a cache, keyed by their parameters.
+
+The cache lives in ``benchmarks/.cache/`` (gitignored) or ``$XNATIO_BENCH_CACHE``. A dataset is
+only reused when its ``complete.json`` marker exists, so an interrupted generation is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from xnatio.synth import generate_session
+
+# A real MR series is 100-300 images; 300 keeps a 15,000-file session at 50 series.
+INSTANCES_PER_SERIES = 300
+
+
+def cache_root() -> Path:
+    env = os.environ.get("XNATIO_BENCH_CACHE")
+    root = Path(env) if env else Path(__file__).resolve().parent / ".cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A session of about ``files`` instances of ``rows`` x ``cols`` 16-bit pixels."""
+
+    files: int
+    rows: int
+    cols: int
+    modality: str = "MR"
+    seed: int = 7
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(series, instances per series): whole series, at least ``files`` instances in all."""
+        series = max(1, math.ceil(self.files / INSTANCES_PER_SERIES))
+        return series, math.ceil(self.files / series)
+
+    @property
+    def key(self) -> str:
+        series, per = self.layout
+        return f"{self.modality}-{series}x{per}-{self.rows}x{self.cols}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    spec: DataSpec
+    path: Path
+    files: int
+    bytes: int
+    study_uid: str
+
+    def to_json(self) -> dict[str, object]:
+        series, per = self.spec.layout
+        return {
+            "key": self.spec.key,
+            "path": str(self.path),
+            "files": self.files,
+            "bytes": self.bytes,
+            "series": series,
+            "instances_per_series": per,
+            "image": f"{self.spec.rows}x{self.spec.cols} 16-bit {self.spec.modality}",
+            "study_uid": self.study_uid,
+        }
+
+
+def ensure_dataset(spec: DataSpec, log: Callable[[str], None] = print) -> Dataset:
+    root = cache_root() / "data" / spec.key
+    marker = root / "complete.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        return Dataset(spec, root / "session", info["files"], info["bytes"], info["study_uid"])
+    if root.exists():
+        shutil.rmtree(root)
+    series, per = spec.layout
+    log(f"generating {series * per} files ({spec.rows}x{spec.cols}) into {root} (once; cached)")
+    start = time.perf_counter()
+    session = generate_session(
+        root / "session",
+        series=series,
+        instances=per,
+        modality=spec.modality,
+        seed=spec.seed,
+        image_size=(spec.rows, spec.cols),
+    )
+    info = {
+        "files": session.file_count,
+        "bytes": session.total_bytes,
+        "study_uid": session.study_uid,
+        "generate_s": round(time.perf_counter() - start, 2),
+    }
+    marker.write_text(json.dumps(info))
+    log(f"  generated in {info['generate_s']} s")
+    return Dataset(
+        spec, root / "session", session.file_count, session.total_bytes, session.study_uid
+    )
+
+
+def ensure_tar(dataset: Dataset, log: Callable[[str], None] = print) -> Path:
+    """One uncompressed tar of the whole session (for the curl limit), built once and cached."""
+    tar_path = dataset.path.parent / "session.tar"
+    done = dataset.path.parent / "session.tar.complete"
+    if tar_path.exists() and done.exists():
+        return tar_path
+    log(f"building {tar_path} (once; cached; not timed)")
+    tmp = tar_path.with_suffix(".tar.part")
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for path in sorted(dataset.path.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(dataset.path)), recursive=False)
+    tmp.rename(tar_path)
+    done.touch()
+    return tar_path
+
+
+def ensure_dcm_view(dataset: Dataset) -> Path:
+    """The same files under ``<name>.dcm`` names (hard links: no extra disk, same page cache).
+
+    For tools that pick files by extension: xnatctl 0.6.0 takes a file only if its suffix is a
+    DICOM extension or it has none, so UID-named files (``1.2.840...``, whose last dotted part
+    looks like a suffix) are skipped by it.
+    """
+    view = dataset.path.parent / "session-dcm"
+    done = dataset.path.parent / "session-dcm.complete"
+    if view.exists() and done.exists():
+        return view
+    shutil.rmtree(view, ignore_errors=True)
+    for dirpath, _, names in os.walk(dataset.path):
+        target = view / Path(dirpath).relative_to(dataset.path)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.link(os.path.join(dirpath, name), target / f"{name}.dcm")
+    done.touch()
+    return view
+
+
+def warm_cache(dataset: Dataset) -> float:
+    """Read every file once so each contender starts from the same warm page cache."""
+    start = time.perf_counter()
+    for dirpath, _, names in os.walk(dataset.path):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+    return time.perf_counter() - start

@@ -1,0 +1,220 @@
+"""Tables of medians with ratios, the goals of the REST and C-STORE issues, and the JSON record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.scenarios import CaseResult, ContenderResult
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_gb = 0.0
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:"))
+            mem_gb = kb / 1024 / 1024
+    except (OSError, StopIteration):
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_gb, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tools": _tool_versions(),
+    }
+
+
+def _tool_versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    probes = {
+        "curl": ["curl", "--version"],
+        "dcmtk storescu": ["/usr/bin/storescu", "--version"],
+    }
+    for name, cmd in probes.items():
+        if shutil.which(cmd[0]) is None:
+            out[name] = "missing"
+            continue
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+            first = (done.stdout or done.stderr).strip().splitlines()
+            out[name] = first[0] if first else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            out[name] = "?"
+    return out
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def case_table(cr: CaseResult) -> str:
+    """A Markdown table of one case: medians over the runs that succeeded, ratio to baseline."""
+    base = cr.results.get(cr.case.baseline or "")
+    base_t = base.med("metric_s") if base is not None and base.ok else None
+    knobs = ", ".join(f"{k}={v:g}" for k, v in cr.case.knobs.items()) or "none"
+    head = (
+        f"### {cr.case.name}\n\n"
+        f"{cr.dataset.files:,} files, {cr.dataset.bytes / 1e6:,.0f} MB "
+        f"({cr.dataset.to_json()['image']}); receiver: {cr.case.receiver}; server knobs: {knobs}; "
+        f"{cr.case.repeat} run(s) each, alternating.\n\n"
+    )
+    ratio_head = f"speed vs {cr.case.baseline}" if cr.case.baseline else "—"
+    lines = [
+        f"| contender | ok runs | time s | files/s | MB/s | peak RSS MB | peak tmp MB | "
+        f"server tmp MB | {ratio_head} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in cr.results.values():
+        t = r.med("metric_s")
+        ratio = f"{base_t / t:.2f}×" if base_t and t else "—"
+        server_tmp = [run.server.get("server_tmp_mb", 0.0) for run in r.ok_runs]
+        lines.append(
+            f"| {r.name} | {len(r.ok_runs)}/{len(r.runs) or '—'} | {_fmt(t, '.2f')} | "
+            f"{_fmt(r.med('files_per_s'), ',.0f')} | {_fmt(r.med('mb_per_s'), '.1f')} | "
+            f"{_fmt(r.med('peak_rss_mb'), '.0f')} | {_fmt(r.med('peak_tmp_mb'), '.1f')} | "
+            f"{_fmt(max(server_tmp) if server_tmp else None, '.1f')} | {ratio} |"
+        )
+    notes = [
+        f"- **{r.name} failed**: {'; '.join(r.errors)}" for r in cr.results.values() if r.errors
+    ]
+    return head + "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+
+
+@dataclass
+class Goal:
+    text: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+    def to_json(self) -> dict[str, Any]:
+        return {"goal": self.text, "measured": self.measured, "met": self.met}
+
+
+def _find(
+    results: list[CaseResult], scenario: str, contender: str
+) -> list[tuple[CaseResult, ContenderResult]]:
+    return [
+        (cr, cr.results[contender])
+        for cr in results
+        if cr.case.scenario == scenario and contender in cr.results
+    ]
+
+
+def _t(r: ContenderResult) -> float | None:
+    return r.med("metric_s") if r.ok else None
+
+
+def goals(results: list[CaseResult]) -> list[Goal]:
+    out: list[Goal] = []
+
+    def ratio_goal(scenario: str, a: str, b: str, text: str, test: Any, fmt: Any) -> None:
+        for cr in results:
+            if cr.case.scenario != scenario or a not in cr.results or b not in cr.results:
+                continue
+            ra, rb = cr.results[a], cr.results[b]
+            ta, tb = _t(ra), _t(rb)
+            if ta is None or tb is None:
+                failed = ", ".join(x.name for x in (ra, rb) if not x.ok)
+                out.append(Goal(f"{text} ({cr.case.name})", f"not measured: {failed} failed", None))
+            else:
+                out.append(Goal(f"{text} ({cr.case.name})", fmt(ta, tb), bool(test(ta, tb))))
+
+    ratio_goal(
+        "rest-limit",
+        "xio",
+        "curl",
+        "REST within 1.25× of the curl limit",
+        lambda a, b: a / b <= 1.25,
+        lambda a, b: f"xio {a:.2f} s / curl {b:.2f} s = {a / b:.2f}×",
+    )
+    ratio_goal(
+        "rest-wan",
+        "xio",
+        "xnatctl",
+        "≥ 1.5× faster than xnatctl under rest-wan",
+        lambda a, b: b / a >= 1.5,
+        lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    ratio_goal(
+        "rest-wan",
+        "xio",
+        "sequential",
+        "(for reference) faster than sequential upload under rest-wan",
+        lambda a, b: b / a > 1.0,
+        lambda a, b: f"sequential {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    for cr, r in _find(results, "rest-limit", "xio"):
+        rss, tmp = r.med("peak_rss_mb"), r.med("peak_tmp_mb")
+        where = f"xio, {cr.dataset.files:,} files ({cr.case.name})"
+        if not r.ok or rss is None or tmp is None:
+            out.append(Goal(f"RSS < 200 MB and temp disk < 100 MB, {where}", "xio failed", None))
+        else:
+            out.append(Goal(f"peak RSS < 200 MB, {where}", f"{rss:.0f} MB", rss < 200))
+            out.append(Goal(f"temp disk < 100 MB, {where}", f"{tmp:.1f} MB", tmp < 100))
+    for cr, r in _find(results, "discover", "discover+plan"):
+        fps = r.med("files_per_s")
+        text = f"discovery ≥ 5,000 files/s, warm cache ({cr.case.name})"
+        if not r.ok or fps is None:
+            out.append(Goal(text, "failed", None))
+        else:
+            out.append(Goal(text, f"{fps:,.0f} files/s", fps >= 5000))
+    ratio_goal(
+        "cstore",
+        "xio",
+        "dcmtk-storescu",
+        "C-STORE ≥ 5× dcmtk storescu (files/s)",
+        lambda a, b: b / a >= 5,
+        lambda a, b: f"storescu {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    ratio_goal(
+        "cstore",
+        "xio",
+        "pynetdicom-storescu",
+        "C-STORE ahead of pynetdicom's storescu",
+        lambda a, b: b / a > 1,
+        lambda a, b: f"pynetdicom {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    return out
+
+
+def goals_table(gs: list[Goal]) -> str:
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+    for g in gs:
+        met = "n/a" if g.met is None else ("yes" if g.met else "**no**")
+        lines.append(f"| {g.text} | {g.measured} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def scale_table(results: list[CaseResult]) -> str:
+    """How xio's time, RSS and temp disk grow with the session (scale scenario)."""
+    rows = _find(results, "scale", "xio")
+    if not rows:
+        return ""
+    lines = [
+        "| files | MB | time s | ms per 100 files | peak RSS MB | peak tmp MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cr, r in rows:
+        t = _t(r)
+        per = None if t is None else t / cr.dataset.files * 100 * 1000
+        lines.append(
+            f"| {cr.dataset.files:,} | {cr.dataset.bytes / 1e6:,.0f} | {_fmt(t, '.2f')} | "
+            f"{_fmt(per, '.1f')} | {_fmt(r.med('peak_rss_mb'), '.0f')} | "
+            f"{_fmt(r.med('peak_tmp_mb'), '.1f')} |"
+        )
+    return "### scale: growth with session size (xio)\n\n" + "\n".join(lines) + "\n"

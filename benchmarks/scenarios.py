@@ -1,0 +1,388 @@
+"""Scenarios, their cases (one dataset and receiver each), and the loop that runs them.
+
+Within a case every contender runs in the same harness run, alternating (A B C A B C ...), each
+on a freshly started receiver, so slow drifts of a shared machine fall on all of them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import contenders as c
+from benchmarks.data import (
+    Dataset,
+    DataSpec,
+    cache_root,
+    ensure_dataset,
+    ensure_dcm_view,
+    ensure_tar,
+    warm_cache,
+)
+from benchmarks.measure import MB, median, run_measured
+from benchmarks.servers import Sandbox, StoreSCP
+
+# rest-wan's server costs; docs/performance.md says why these values.
+WAN_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0, "bandwidth_mbps": 1000.0}
+
+REST_WORKERS = 42  # xio's default --num-batches / --upload-workers
+CSTORE_ASSOCIATIONS = 45  # xio's default --num-batches for --transport dicom-store
+
+# 288 x 288 x 2 bytes + header: 167 KB a file, so 15,000 files are the 2.5 GB of the issue.
+FULL_IMAGE = (288, 288)
+SMALL_IMAGE = (64, 64)
+
+
+@dataclass
+class Case:
+    scenario: str
+    name: str
+    data: DataSpec
+    receiver: str  # "sandbox", "storescp" or "none"
+    contenders: list[c.Contender]
+    repeat: int
+    baseline: str | None = None
+    knobs: dict[str, float] = field(default_factory=dict)
+    needs_tar: bool = False
+    auth_sandbox: bool = False
+    timeout: float = 900.0
+
+
+@dataclass
+class Sizes:
+    rest_files: int = 15_000
+    cstore_files: int = 2_000
+    discover_files: tuple[int, ...] = (15_000, 50_000)
+    scale_files: tuple[int, ...] = (2_000, 15_000, 50_000)
+    image: tuple[int, int] = FULL_IMAGE
+    scale_image: tuple[int, int] = SMALL_IMAGE
+
+
+TINY = Sizes(
+    rest_files=60,
+    cstore_files=40,
+    discover_files=(300,),
+    scale_files=(60, 180),
+    image=SMALL_IMAGE,
+    scale_image=SMALL_IMAGE,
+)
+
+SCENARIOS = ("rest-limit", "rest-wan", "cstore", "discover", "scale")
+DEFAULT_REPEAT = {"rest-limit": 3, "rest-wan": 2, "cstore": 1, "discover": 3, "scale": 1}
+
+
+def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case]:
+    def reps(scenario: str) -> int:
+        return repeat if repeat is not None else DEFAULT_REPEAT[scenario]
+
+    rest = DataSpec(sizes.rest_files, *sizes.image)
+    cases: list[Case] = []
+    for name in names:
+        if name == "rest-limit":
+            cases.append(
+                Case(
+                    "rest-limit",
+                    f"rest-limit {rest.files} files",
+                    rest,
+                    "sandbox",
+                    [c.xio_rest(REST_WORKERS), c.curl_single_tar()],
+                    reps(name),
+                    baseline="curl",
+                    needs_tar=True,
+                )
+            )
+        elif name == "rest-wan":
+            cases.append(
+                Case(
+                    "rest-wan",
+                    f"rest-wan {rest.files} files",
+                    rest,
+                    "sandbox",
+                    [c.xio_rest(REST_WORKERS), c.xnatctl_rest(REST_WORKERS), c.xio_sequential()],
+                    reps(name),
+                    baseline="xnatctl",
+                    knobs=dict(WAN_KNOBS),
+                )
+            )
+        elif name == "cstore":
+            spec = DataSpec(sizes.cstore_files, *sizes.image)
+            cases.append(
+                Case(
+                    "cstore",
+                    f"cstore {spec.files} files",
+                    spec,
+                    "storescp",
+                    [
+                        c.xio_cstore(CSTORE_ASSOCIATIONS),
+                        c.dcmtk_storescu(),
+                        c.pynetdicom_storescu(),
+                        c.xnatctl_cstore(CSTORE_ASSOCIATIONS),
+                    ],
+                    reps(name),
+                    baseline="dcmtk-storescu",
+                    auth_sandbox=True,
+                )
+            )
+        elif name == "discover":
+            for n in sizes.discover_files:
+                # The 15,000-file case reuses the REST session; larger ones the scale sessions.
+                image = sizes.image if n == sizes.rest_files else sizes.scale_image
+                cases.append(
+                    Case(
+                        "discover",
+                        f"discover {n} files",
+                        DataSpec(n, *image),
+                        "none",
+                        [c.discover_api(), c.xio_dry_run()],
+                        reps(name),
+                    )
+                )
+        elif name == "scale":
+            for n in sizes.scale_files:
+                cases.append(
+                    Case(
+                        "scale",
+                        f"scale {n} files",
+                        DataSpec(n, *sizes.scale_image),
+                        "sandbox",
+                        [c.xio_rest(REST_WORKERS)],
+                        reps(name),
+                    )
+                )
+        else:
+            raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+    return cases
+
+
+@dataclass
+class RunRecord:
+    rep: int
+    ok: bool
+    error: str
+    wall_s: float
+    metric_s: float  # what throughput is computed from: wall time, or in-process time
+    files_per_s: float | None
+    mb_per_s: float | None
+    peak_rss_mb: float
+    peak_tmp_mb: float
+    server: dict[str, float]
+    details: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    summary: str
+    runs: list[RunRecord] = field(default_factory=list)
+    unavailable: str = ""
+
+    @property
+    def ok_runs(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.unavailable and bool(self.runs) and all(r.ok for r in self.runs)
+
+    @property
+    def errors(self) -> list[str]:
+        if self.unavailable:
+            return [self.unavailable]
+        return [f"run {r.rep + 1}: {r.error}" for r in self.runs if not r.ok]
+
+    def med(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.ok_runs if getattr(r, attr) is not None]
+        return median(values)
+
+    def to_json(self) -> dict[str, Any]:
+        keys = ("metric_s", "wall_s", "files_per_s", "mb_per_s", "peak_rss_mb", "peak_tmp_mb")
+        medians = {k: self.med(k) for k in keys}
+        return {
+            "summary": self.summary,
+            "ok": self.ok,
+            "ok_runs": len(self.ok_runs),
+            "runs_attempted": len(self.runs),
+            "errors": self.errors,
+            "median": {k: (round(v, 3) if v is not None else None) for k, v in medians.items()},
+            "runs": [r.to_json() for r in self.runs],
+        }
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    dataset: Dataset
+    results: dict[str, ContenderResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.case.scenario,
+            "case": self.case.name,
+            "dataset": self.dataset.to_json(),
+            "receiver": self.case.receiver,
+            "knobs": self.case.knobs,
+            "repeat": self.case.repeat,
+            "baseline": self.case.baseline,
+            "contenders": {name: r.to_json() for name, r in self.results.items()},
+        }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        log: Callable[[str], None] = print,
+        keep: bool = False,
+        only: set[str] | None = None,
+    ) -> None:
+        self.log = log
+        self.keep = keep
+        self.only = only
+        self.work_root = cache_root() / "work"
+        self._prepared: dict[str, str] = {}  # contender prepare function name -> error
+
+    def _prepare(self, contender: c.Contender) -> str:
+        key = getattr(contender.prepare, "__name__", contender.name)
+        if key not in self._prepared:
+            try:
+                contender.prepare()
+                self._prepared[key] = ""
+            except c.Unavailable as exc:
+                self._prepared[key] = str(exc)
+        return self._prepared[key]
+
+    def run_case(self, case: Case) -> CaseResult:
+        self.log(f"== {case.name} (repeat {case.repeat})")
+        dataset = ensure_dataset(case.data, self.log)
+        tar = ensure_tar(dataset, self.log) if case.needs_tar else None
+        dcm_view = (
+            ensure_dcm_view(dataset) if any(x.name == "xnatctl" for x in case.contenders) else None
+        )
+        warmed = warm_cache(dataset)
+        self.log(
+            f"   {dataset.files} files, {dataset.bytes / MB:.0f} MB; page cache warmed "
+            f"in {warmed:.1f} s"
+        )
+        contenders = [x for x in case.contenders if self.only is None or x.name in self.only]
+        results = {x.name: ContenderResult(x.name, x.summary) for x in contenders}
+        for x in contenders:
+            results[x.name].unavailable = self._prepare(x)
+            if results[x.name].unavailable:
+                self.log(f"   {x.name}: cannot run: {results[x.name].unavailable}")
+        runnable = [x for x in contenders if not results[x.name].unavailable]
+        for rep in range(case.repeat):
+            for x in runnable:
+                record = self._run_one(case, x, rep, dataset, tar, dcm_view)
+                results[x.name].runs.append(record)
+                self.log(f"   run {rep + 1}/{case.repeat} {x.name}: {_line(record)}")
+        return CaseResult(case, dataset, results)
+
+    def _run_one(
+        self,
+        case: Case,
+        x: c.Contender,
+        rep: int,
+        dataset: Dataset,
+        tar: Path | None,
+        dcm_view: Path | None,
+    ) -> RunRecord:
+        workdir = self.work_root / _slug(f"{case.name}-{x.name}-{rep + 1}")
+        shutil.rmtree(workdir, ignore_errors=True)
+        ctx = c.RunContext(
+            dataset=dataset,
+            workdir=workdir,
+            project="BENCH",
+            subject="BENCH01",
+            label=_slug(f"{x.name}_r{rep + 1}"),
+            workers=REST_WORKERS,
+            tar=tar,
+            dcm_view=dcm_view,
+        )
+        ctx.tmp.mkdir(parents=True)
+        ctx.home.mkdir(parents=True)
+        server_peaks: dict[str, float] = {}
+        try:
+            try:
+                self._start_receivers(case, ctx)
+                inv = x.build(ctx)
+            except (c.Unavailable, RuntimeError) as exc:
+                return _failed(rep, str(exc))
+            env = _client_env(ctx, inv.env)
+            measured = run_measured(
+                inv.cmd,
+                env=env,
+                cwd=workdir,
+                watch={"client_tmp": ctx.tmp},
+                log_dir=workdir / "client-log",
+                timeout=case.timeout,
+                stdin_text=inv.stdin_text,
+            )
+            checked = x.check(ctx, measured)
+        finally:
+            if ctx.sandbox is not None:
+                server_peaks = ctx.sandbox.stop()
+            if ctx.auth_sandbox is not None:
+                ctx.auth_sandbox.stop()
+            if ctx.scp is not None:
+                ctx.scp.stop()
+            if not self.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        metric = checked.inner_s if checked.inner_s is not None else measured.wall_s
+        ok = checked.ok
+        return RunRecord(
+            rep=rep,
+            ok=ok,
+            error=checked.error,
+            wall_s=measured.wall_s,
+            metric_s=metric,
+            files_per_s=dataset.files / metric if ok and metric > 0 else None,
+            mb_per_s=dataset.bytes / MB / metric if ok and metric > 0 else None,
+            peak_rss_mb=measured.peak_rss_mb,
+            peak_tmp_mb=measured.peak_tmp_mb["client_tmp"],
+            server=server_peaks,
+            details={"landed": checked.landed, **checked.details},
+        )
+
+    def _start_receivers(self, case: Case, ctx: c.RunContext) -> None:
+        if case.receiver == "sandbox":
+            ctx.sandbox = Sandbox(ctx.workdir / "server", knobs=dict(case.knobs))
+            ctx.sandbox.start()
+        elif case.receiver == "storescp":
+            ctx.scp = StoreSCP(ctx.workdir / "scp")
+            ctx.scp.start()
+            if case.auth_sandbox:
+                ctx.auth_sandbox = Sandbox(ctx.workdir / "auth-server")
+                ctx.auth_sandbox.start()
+
+
+def _client_env(ctx: c.RunContext, extra: dict[str, str]) -> dict[str, str]:
+    # No XNAT_* settings of the person running the harness leak into a contender.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
+    env.update(TMPDIR=str(ctx.tmp), HOME=str(ctx.home), NO_COLOR="1", TERM="dumb")
+    env.update(extra)
+    return env
+
+
+def _failed(rep: int, error: str) -> RunRecord:
+    return RunRecord(rep, False, error, 0.0, 0.0, None, None, 0.0, 0.0, {}, {})
+
+
+def _line(r: RunRecord) -> str:
+    if not r.ok:
+        return f"FAILED: {r.error}"
+    return (
+        f"{r.metric_s:.2f} s, {r.files_per_s or 0:,.0f} files/s, {r.mb_per_s or 0:.1f} MB/s, "
+        f"RSS {r.peak_rss_mb:.0f} MB, tmp {r.peak_tmp_mb:.1f} MB"
+    )

@@ -1,0 +1,241 @@
+"""The receivers the contenders send to, each in its own process, and the checks of what landed.
+
+The local XNAT-compatible server runs as ``python -m xnatio sandbox`` in a separate process, so
+its CPU use does not share the client's interpreter and the client's RSS is measured alone. It is
+started afresh for every run, on a new data directory, so sessions never merge across runs and a
+run's result can be counted on the server exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks.measure import Sampler
+
+STORESCP = "/usr/bin/storescp"
+STORESCU = "/usr/bin/storescu"
+
+
+def free_port() -> int:
+    """An unused loopback port (the machine is shared: never a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class Sandbox:
+    """One ``xio sandbox`` process on a fresh data directory."""
+
+    workdir: Path
+    knobs: dict[str, float] = field(default_factory=dict)
+    user: str = "admin"
+    password: str = "bench-password"
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    sampler: Sampler | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.workdir / "server-tmp"
+
+    def start(self) -> None:
+        data = self.workdir / "server-data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "xnatio",
+            "sandbox",
+            "--data-dir",
+            str(data),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--user",
+            self.user,
+            "--password",
+            self.password,
+        ]
+        for name, value in self.knobs.items():
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+        env = dict(os.environ, TMPDIR=str(self.tmp_dir))
+        log = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        try:
+            _wait_port(self.port, self.proc, 20, "the sandbox server")
+            self._wait_ready()
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}; its log: {self.log_tail()}") from exc
+        # The server's own temp use is watched for the whole run (it is not the client's).
+        self.sampler = Sampler(self.proc.pid, {"server_tmp": self.tmp_dir}, interval=0.2)
+        self.sampler.__enter__()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(
+                    f"{self.url}/xapi/siteConfig/buildInfo",
+                    auth=(self.user, self.password),
+                    timeout=2,
+                )
+                if r.status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the sandbox server did not answer /xapi/siteConfig/buildInfo")
+
+    def log_tail(self, n: int = 800) -> str:
+        try:
+            return (self.workdir / "server.log").read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> dict[str, float]:
+        """Stop the server; returns its peaks (RSS and temp disk, MB) over the run."""
+        peaks: dict[str, float] = {}
+        if self.sampler is not None:
+            self.sampler.__exit__(None, None, None)
+            peaks = {
+                "server_rss_mb": self.sampler.peaks.rss_bytes / 1e6,
+                "server_tmp_mb": self.sampler.peaks.tmp_bytes["server_tmp"] / 1e6,
+            }
+            self.sampler = None
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+        return peaks
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            r = requests.get(
+                f"{self.url}/_sandbox/stats", auth=(self.user, self.password), timeout=10
+            )
+            return dict(r.json()) if r.ok else {}
+        except (requests.RequestException, ValueError):
+            return {}
+
+    def count_archived(self, project: str, subject: str, label: str) -> tuple[int, str]:
+        """Files in the archived session, counted scan by scan through XNAT's REST API.
+
+        Returns (count, note): the note says what was found when it is not a plain archive.
+        """
+        s = requests.Session()
+        s.auth = (self.user, self.password)
+        base = f"{self.url}/data/projects/{project}/subjects/{subject}/experiments/{label}"
+        r = s.get(f"{base}/scans", params={"format": "json"}, timeout=60)
+        if r.status_code == 404:
+            return 0, self._prearchive_note(s, project)
+        r.raise_for_status()
+        total = 0
+        for scan in r.json()["ResultSet"]["Result"]:
+            files = s.get(
+                f"{base}/scans/{scan['ID']}/resources/DICOM/files",
+                params={"format": "json"},
+                timeout=60,
+            )
+            if files.status_code == 404:
+                continue
+            files.raise_for_status()
+            total += len(files.json()["ResultSet"]["Result"])
+        return total, ""
+
+    def _prearchive_note(self, s: requests.Session, project: str) -> str:
+        try:
+            r = s.get(
+                f"{self.url}/data/prearchive/projects/{project}",
+                params={"format": "json"},
+                timeout=30,
+            )
+            rows = r.json()["ResultSet"]["Result"] if r.ok else []
+        except (requests.RequestException, ValueError, KeyError):
+            rows = []
+        if not rows:
+            return "no such experiment in the archive, and nothing in the prearchive"
+        states = ", ".join(f"{row.get('name')}={row.get('status')}" for row in rows)
+        return f"no such experiment in the archive; prearchive holds: {states}"
+
+
+@dataclass
+class StoreSCP:
+    """dcmtk's ``storescp --fork`` (one child process per association) on a fresh directory."""
+
+    workdir: Path
+    aet: str = "XNAT"
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return self.workdir / "received"
+
+    def start(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        log = open(self.workdir / "storescp.log", "wb")  # noqa: SIM115 - closed with the process
+        # Absolute path: pynetdicom installs a Python ``storescp`` that comes first on PATH.
+        self.proc = subprocess.Popen(
+            [STORESCP, "--fork", "-aet", self.aet, "-od", str(self.out_dir), str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        _wait_port(self.port, self.proc, 10, "storescp")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+    def count_received(self) -> int:
+        return sum(1 for p in self.out_dir.rglob("*") if p.is_file())

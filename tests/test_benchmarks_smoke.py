@@ -1,0 +1,91 @@
+"""The benchmark harness itself: its measurements and its report, on tiny data (no timings).
+
+Benchmarks are not tests; these only check that the harness measures what it says, reports a
+broken contender as failed with its reason, and that ``run.py --tiny`` produces a complete record.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import contenders as c  # noqa: E402
+from benchmarks.data import DataSpec  # noqa: E402
+from benchmarks.measure import run_measured  # noqa: E402
+from benchmarks.scenarios import Case, Runner  # noqa: E402
+
+
+def test_run_measured_sees_memory_and_temp_disk_of_the_whole_process_tree(tmp_path: Path) -> None:
+    watched = tmp_path / "tmp"
+    watched.mkdir()
+    # A parent holding 60 MB starts a child that holds 80 MB and writes 5 MB into TMPDIR.
+    child = (
+        "import os, time; b = bytearray(80_000_000); "
+        "open(os.path.join(os.environ['TMPDIR'], 'f'), 'wb').write(os.urandom(5_000_000)); "
+        "time.sleep(0.6)"
+    )
+    parent = (
+        "import subprocess, sys; a = bytearray(60_000_000); "
+        f"subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    )
+    m = run_measured(
+        [sys.executable, "-c", parent],
+        env=dict(os.environ, TMPDIR=str(watched)),
+        cwd=tmp_path,
+        watch={"tmp": watched},
+        log_dir=tmp_path / "log",
+        timeout=60,
+    )
+    assert m.returncode == 0, m.stderr
+    assert m.peak_rss_mb >= 140  # both processes at once, not only the parent
+    assert 5 <= m.peak_tmp_mb["tmp"] < 6
+
+
+def test_run_measured_kills_a_command_that_overruns(tmp_path: Path) -> None:
+    m = run_measured(
+        [sys.executable, "-c", "import time; time.sleep(30)"],
+        env=dict(os.environ),
+        cwd=tmp_path,
+        watch={},
+        log_dir=tmp_path / "log",
+        timeout=0.5,
+    )
+    assert m.timed_out
+    assert m.returncode != 0
+
+
+@pytest.mark.integration
+def test_a_contender_that_fails_is_reported_with_its_reason_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XNATIO_BENCH_CACHE", str(tmp_path / "cache"))
+
+    def build(ctx: c.RunContext) -> c.Invocation:
+        return c.Invocation([sys.executable, "-c", "import sys; sys.exit('no route to XNAT')"])
+
+    def unavailable() -> None:
+        raise c.Unavailable("not installed here (apt-get install it)")
+
+    broken = c.Contender("broken", "exits 1", c.nothing, build, c.check_received)
+    missing = c.Contender("missing", "cannot run", unavailable, build, c.check_received)
+    case = Case(
+        "cstore",
+        "cstore tiny",
+        DataSpec(6, 16, 16),
+        "storescp",
+        [broken, missing],
+        repeat=1,
+    )
+    result = Runner(log=lambda s: None).run_case(case)
+    assert not result.results["broken"].ok
+    assert result.results["broken"].errors == [
+        "run 1: exit code 1: no route to XNAT (0 of 6 files received)"
+    ]
+    assert result.results["missing"].errors == ["not installed here (apt-get install it)"]
