@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from xnatio import redact as scrubber
 from xnatio.errors import AuthError, ServerError, UnreachableError
 from xnatio.retry import RetryPolicy, Sleep, parse_retry_after
 from xnatio.settings import Secret
@@ -90,6 +91,7 @@ class XnatClient:
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
         self._secrets: list[str] = [self._password.reveal()]
+        scrubber.register(self._password.reveal())  # the process-wide log safety net
         self._lock = threading.Lock()
         self._jsession: str | None = None
         self._generation = 0  # bumped at each (re)login so concurrent 401s renew only once
@@ -161,6 +163,7 @@ class XnatClient:
                 status=resp.status_code,
             )
         self._secrets.append(token)
+        scrubber.register(token)
         self._jsession = token
         self._generation += 1
         log.debug("logged in to %s as %s", self.server, self.username)
@@ -357,6 +360,7 @@ class XnatClient:
         except (KeyError, TypeError):
             raise ServerError("the token service answered without alias/secret") from None
         self._secrets.append(secret)
+        scrubber.register(secret)
         return alias, Secret(secret)
 
     def put_subject(self, project: str, subject: str) -> None:
