@@ -1,0 +1,500 @@
+"""Streaming tar and zip archives of DICOM files, with exact sizes known before the first byte.
+
+XNAT's ``DICOM-zip`` importer reads the request body as a zip (``java.util.zip.ZipInputStream``)
+or a tar (commons-compress ``TarArchiveInputStream``, gunzipped first for ``.tar.gz``), entry by
+entry. So an archive never needs to exist on disk or in memory: it is generated from the source
+files while the request body is sent, one chunk at a time, and generated again for a retry.
+
+Tar and stored (uncompressed) zip have sizes that follow from the member names and file sizes
+alone, which lets the transport send an exact ``Content-Length`` instead of chunked encoding.
+Zip entries carry their CRC-32 in the local header rather than a trailing data descriptor,
+because ``ZipInputStream`` refuses STORED entries with a descriptor ("only DEFLATED entries can
+have EXT descriptor"); each file's CRC is computed just before its entry is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from xnatio.errors import XnatioError
+from xnatio.models import DicomFile
+
+CHUNK = 256 * 1024
+# Files up to this size are read once into memory for their zip CRC; larger ones are read twice.
+# One such buffer per stream being generated bounds the memory.
+_ZIP_SINGLE_READ = 1024 * 1024
+
+# Content-Type decides how XNAT reads a raw body (facts file, section 1, table).
+CONTENT_TYPES = {"tar": "application/x-tar", "zip": "application/zip", "tgz": "application/x-gtar"}
+FILENAMES = {"tar": "upload.tar", "zip": "upload.zip", "tgz": "upload.tar.gz"}
+
+# XNAT opens entries whose names end like archives as nested archives (DicomZipImporter).
+_ARCHIVE_LIKE = (".zip", ".tar", ".tgz", ".gz")
+
+
+class SourceChangedError(XnatioError):
+    """A source file vanished or changed size since discovery; nothing of it was sent as valid."""
+
+    def __init__(self, file: DicomFile, reason: str) -> None:
+        super().__init__(f"{file.path}: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+def check_sources(
+    files: Sequence[DicomFile],
+) -> tuple[list[DicomFile], list[tuple[DicomFile, str]]]:
+    """Split ``files`` into those still as discovered and those that are not, with a reason.
+
+    Called right before a batch's stream is built, so a file deleted or rewritten since discovery
+    is reported failed on its own instead of failing the whole request.
+    """
+    ok: list[DicomFile] = []
+    failed: list[tuple[DicomFile, str]] = []
+    for f in files:
+        reason = _changed(f)
+        if reason:
+            failed.append((f, reason))
+        else:
+            ok.append(f)
+    return ok, failed
+
+
+def _changed(f: DicomFile) -> str:
+    try:
+        st = os.stat(f.path)
+    except FileNotFoundError:
+        return "file no longer exists (deleted or moved after discovery)"
+    except PermissionError:
+        return "not readable any more (permission denied)"
+    except OSError as exc:
+        return f"not readable any more ({exc.strerror})"
+    if f.member is not None:
+        return ""  # a member of an archive PATH: the archive itself is sent
+    if not stat.S_ISREG(st.st_mode):
+        return "no longer a regular file"
+    if st.st_size != f.size:
+        return f"file changed after discovery (size {f.size} -> {st.st_size} bytes)"
+    if not os.access(f.path, os.R_OK):
+        return "not readable any more (permission denied)"
+    return ""
+
+
+def member_names(files: Sequence[DicomFile], root: Path) -> list[str]:
+    """Archive entry names for ``files``: relative to ``root``, POSIX, safe and unique.
+
+    No absolute paths, no ``.`` or ``..`` parts, no control characters; names that are not valid
+    UTF-8 on disk get U+FFFD; a name XNAT would take for a nested archive gets ``.dcm`` added;
+    clashes (after those changes) get ``~2``, ``~3``, ... before the extension.
+    """
+    seen: set[str] = set()
+    out: list[str] = []
+    for f in files:
+        try:
+            rel = f.path.relative_to(root).as_posix()
+        except ValueError:
+            rel = f.path.as_posix()
+        name = _safe_name(rel)
+        if name.lower().endswith(_ARCHIVE_LIKE):
+            name += ".dcm"
+        if name in seen:
+            stem, dot, ext = name.rpartition(".")
+            if not dot or "/" in ext:
+                stem, ext = name, ""
+            n = 2
+            while (candidate := f"{stem}~{n}{'.' + ext if ext else ''}") in seen:
+                n += 1
+            name = candidate
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def _safe_name(rel: str) -> str:
+    parts = []
+    for part in rel.replace("\\", "/").split("/"):
+        if part in ("", ".", ".."):
+            continue
+        # Undecodable bytes in a POSIX file name arrive as surrogate escapes.
+        part = part.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        parts.append("".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in part))
+    return "/".join(parts) or "unnamed"
+
+
+class ArchiveStream:
+    """A re-iterable archive of ``files``: iterate it for the bytes, once per attempt.
+
+    ``size`` is the exact byte length (None for tgz, which must be sent chunked). ``on_bytes``,
+    when set, is called with the length of every chunk as it is handed out (for progress).
+    Iterating raises :class:`SourceChangedError` when a file is missing or has another size than
+    discovery saw, before any byte of that file's entry is produced.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[DicomFile],
+        fmt: str,
+        *,
+        root: Path,
+        compresslevel: int = 1,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        if fmt not in CONTENT_TYPES:
+            raise ValueError(f"archive format must be one of {sorted(CONTENT_TYPES)}, not {fmt!r}")
+        inside = [f for f in files if f.member is not None]
+        if inside:
+            raise ValueError(f"{inside[0].path} is an archive: send it as is, not re-archived")
+        self.files = list(files)
+        self.format = fmt
+        self.content_type = CONTENT_TYPES[fmt]
+        self.filename = FILENAMES[fmt]
+        self.compresslevel = compresslevel
+        self.on_bytes = on_bytes
+        self.members: list[tuple[str, DicomFile]] = list(
+            zip(member_names(self.files, root), self.files, strict=True)
+        )
+        self.size: int | None
+        if fmt == "tar":
+            self.size = _tar_size(self.members)
+        elif fmt == "zip":
+            self.size = _zip_layout(self.members).total
+        else:
+            self.size = None
+
+    def __len__(self) -> int:
+        if self.size is None:
+            raise TypeError("a tgz stream has no length known in advance")
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        raw = _zip_chunks(self.members) if self.format == "zip" else _tar_chunks(self.members)
+        chunks = _gzip(raw, self.compresslevel) if self.format == "tgz" else _coalesce(raw)
+        for chunk in chunks:
+            if self.on_bytes is not None:
+                self.on_bytes(len(chunk))
+            yield chunk
+
+
+def make_archive_stream(
+    files: Sequence[DicomFile],
+    fmt: str,
+    *,
+    root: Path,
+    on_bytes: Callable[[int], None] | None = None,
+) -> ArchiveStream:
+    """A streaming ``fmt`` ("tar", "zip" or "tgz") archive of ``files``, names relative to root."""
+    return ArchiveStream(files, fmt, root=root, on_bytes=on_bytes)
+
+
+def _coalesce(parts: Iterator[bytes]) -> Iterator[bytes]:
+    """Join small pieces (headers, small files) into chunks of about CHUNK bytes."""
+    pending: list[bytes] = []
+    size = 0
+    for part in parts:
+        if not part:
+            continue
+        if not pending and len(part) >= CHUNK:
+            yield part
+            continue
+        pending.append(part)
+        size += len(part)
+        if size >= CHUNK:
+            yield b"".join(pending)
+            pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def _gzip(parts: Iterator[bytes], level: int) -> Iterator[bytes]:
+    # wbits=31: a gzip member (header and trailer), as ``.tar.gz`` readers expect.
+    z = zlib.compressobj(level, zlib.DEFLATED, 31)
+    out: list[bytes] = []
+    size = 0
+    for part in parts:
+        data = z.compress(part)
+        if data:
+            out.append(data)
+            size += len(data)
+            if size >= CHUNK:
+                yield b"".join(out)
+                out, size = [], 0
+    out.append(z.flush())
+    yield b"".join(out)
+
+
+class _Source:
+    """One source file opened for streaming, checked against what discovery saw."""
+
+    def __init__(self, f: DicomFile) -> None:
+        self.file = f
+        try:
+            self.fd = os.open(f.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise SourceChangedError(
+                f, "file no longer exists (deleted or moved after discovery)"
+            ) from None
+        except OSError as exc:
+            raise SourceChangedError(f, f"cannot be opened ({exc.strerror})") from None
+        size = os.fstat(self.fd).st_size
+        if size != f.size:
+            os.close(self.fd)
+            raise SourceChangedError(
+                f, f"file changed after discovery (size {f.size} -> {size} bytes)"
+            )
+
+    def read_exactly(self, size: int) -> Iterator[bytes]:
+        """The file's first ``size`` bytes in CHUNK pieces; a short file is a changed file."""
+        left = size
+        while left > 0:
+            data = os.read(self.fd, min(CHUNK, left))
+            if not data:
+                raise SourceChangedError(self.file, "file shrank while it was being sent")
+            left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# -- tar -------------------------------------------------------------------------------------------
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar's default record: the archive is padded to a whole record
+
+
+def _tar_info(name: str, f: DicomFile) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = f.size
+    info.mode = 0o644
+    info.mtime = f.mtime_ns // 1_000_000_000
+    info.type = tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _tar_header(name: str, f: DicomFile) -> bytes:
+    # PAX headers carry long and non-ASCII names exactly (POSIX.1-2001); commons-compress and
+    # GNU tar read them.
+    return _tar_info(name, f).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+
+
+def _tar_header_size(name: str, f: DicomFile) -> int:
+    if len(name) < 100 and name.isascii() and f.size < 8**11:
+        return _BLOCK  # fits the ustar fields: no PAX header (the common case, computed fast)
+    return len(_tar_header(name, f))
+
+
+def _padding(size: int) -> int:
+    return -size % _BLOCK
+
+
+def _tar_size(members: list[tuple[str, DicomFile]]) -> int:
+    body = sum(_tar_header_size(n, f) + f.size + _padding(f.size) for n, f in members)
+    end = body + 2 * _BLOCK
+    return end + (-end % _RECORD)
+
+
+def _tar_chunks(members: list[tuple[str, DicomFile]]) -> Iterator[bytes]:
+    written = 0
+    for name, f in members:
+        source = _Source(f)  # opened and checked before its header goes out
+        try:
+            header = _tar_header(name, f)
+            yield header
+            yield from source.read_exactly(f.size)
+        finally:
+            source.close()
+        pad = _padding(f.size)
+        yield b"\0" * pad
+        written += len(header) + f.size + pad
+    end = written + 2 * _BLOCK
+    yield b"\0" * (2 * _BLOCK + (-end % _RECORD))
+
+
+# -- zip (STORED) ---------------------------------------------------------------------------------
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_END = struct.Struct("<IHHHHIIH")
+_END64 = struct.Struct("<IQHHIIQQQQ")
+_LOCATOR64 = struct.Struct("<IIQI")
+_MAX32 = 0xFFFFFFFF
+_MAX16 = 0xFFFF
+_UTF8_FLAG = 0x0800
+_UNIX = 3 << 8
+
+
+class _ZipLayout:
+    """Offsets and sizes of every zip record, from names and sizes alone."""
+
+    def __init__(self, members: list[tuple[str, DicomFile]]) -> None:
+        self.offsets: list[int] = []
+        self.names: list[bytes] = []
+        offset = 0
+        for name, f in members:
+            encoded = name.encode("utf-8")
+            self.names.append(encoded)
+            self.offsets.append(offset)
+            big = f.size >= _MAX32
+            offset += _LOCAL.size + len(encoded) + (20 if big else 0) + f.size
+        # Central entries need a zip64 extra only where their own size or offset overflows.
+        central = sum(
+            _CENTRAL.size + len(n) + _central_extra_len(f.size, off)
+            for n, (_, f), off in zip(self.names, members, self.offsets, strict=True)
+        )
+        self.central_offset = offset
+        self.central_size = central
+        self.zip64 = len(members) >= _MAX16 or offset >= _MAX32 or central >= _MAX32
+        end = _END.size + (_END64.size + _LOCATOR64.size if self.zip64 else 0)
+        self.total = offset + central + end
+
+
+def _zip_layout(members: list[tuple[str, DicomFile]]) -> _ZipLayout:
+    return _ZipLayout(members)
+
+
+def _central_extra_len(size: int, offset: int) -> int:
+    fields = (2 if size >= _MAX32 else 0) + (1 if offset >= _MAX32 else 0)
+    return 4 + 8 * fields if fields else 0
+
+
+def _dos_time(mtime_ns: int) -> tuple[int, int]:
+    t = time.localtime(mtime_ns / 1e9)
+    year = min(max(t.tm_year, 1980), 2107)
+    date = (year - 1980) << 9 | t.tm_mon << 5 | t.tm_mday
+    clock = t.tm_hour << 11 | t.tm_min << 5 | t.tm_sec // 2
+    return date, clock
+
+
+def _zip_chunks(members: list[tuple[str, DicomFile]]) -> Iterator[bytes]:
+    layout = _ZipLayout(members)
+    crcs: list[int] = []
+    for (_, f), encoded in zip(members, layout.names, strict=True):
+        source = _Source(f)
+        try:
+            if f.size <= _ZIP_SINGLE_READ:
+                data = b"".join(source.read_exactly(f.size))
+                crc = zlib.crc32(data)
+                body: Iterator[bytes] = iter((data,))
+            else:
+                crc = 0
+                for piece in source.read_exactly(f.size):
+                    crc = zlib.crc32(piece, crc)
+                os.lseek(source.fd, 0, os.SEEK_SET)
+                body = source.read_exactly(f.size)
+            crcs.append(crc)
+            yield _local_header(encoded, f, crc)
+            yield from body
+        finally:
+            source.close()
+    yield from _central_directory(members, layout, crcs)
+
+
+def _flags(encoded: bytes) -> int:
+    return _UTF8_FLAG if not encoded.isascii() else 0
+
+
+def _local_header(encoded: bytes, f: DicomFile, crc: int) -> bytes:
+    date, clock = _dos_time(f.mtime_ns)
+    big = f.size >= _MAX32
+    extra = struct.pack("<HHQQ", 1, 16, f.size, f.size) if big else b""
+    size32 = _MAX32 if big else f.size
+    head = _LOCAL.pack(
+        0x04034B50,
+        45 if big else 20,
+        _flags(encoded),
+        0,  # STORED
+        clock,
+        date,
+        crc,
+        size32,
+        size32,
+        len(encoded),
+        len(extra),
+    )
+    return head + encoded + extra
+
+
+def _central_directory(
+    members: list[tuple[str, DicomFile]], layout: _ZipLayout, crcs: list[int]
+) -> Iterator[bytes]:
+    for (_, f), encoded, offset, crc in zip(
+        members, layout.names, layout.offsets, crcs, strict=True
+    ):
+        date, clock = _dos_time(f.mtime_ns)
+        values: list[int] = []
+        if f.size >= _MAX32:
+            values += [f.size, f.size]
+        if offset >= _MAX32:
+            values.append(offset)
+        extra = struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+        size32 = _MAX32 if f.size >= _MAX32 else f.size
+        version = 45 if values else 20
+        yield (
+            _CENTRAL.pack(
+                0x02014B50,
+                _UNIX | version,
+                version,
+                _flags(encoded),
+                0,
+                clock,
+                date,
+                crc,
+                size32,
+                size32,
+                len(encoded),
+                len(extra),
+                0,
+                0,
+                0,
+                (stat.S_IFREG | 0o644) << 16,
+                min(offset, _MAX32),
+            )
+            + encoded
+            + extra
+        )
+    count = len(members)
+    if layout.zip64:
+        end64_offset = layout.central_offset + layout.central_size
+        yield _END64.pack(
+            0x06064B50,
+            _END64.size - 12,
+            _UNIX | 45,
+            45,
+            0,
+            0,
+            count,
+            count,
+            layout.central_size,
+            layout.central_offset,
+        )
+        yield _LOCATOR64.pack(0x07064B50, 0, end64_offset, 1)
+    yield _END.pack(
+        0x06054B50,
+        0,
+        0,
+        min(count, _MAX16),
+        min(count, _MAX16),
+        min(layout.central_size, _MAX32),
+        min(layout.central_offset, _MAX32),
+        0,
+    )
+
+
+__all__ = [
+    "CONTENT_TYPES",
+    "FILENAMES",
+    "ArchiveStream",
+    "SourceChangedError",
+    "check_sources",
+    "make_archive_stream",
+    "member_names",
+]

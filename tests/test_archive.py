@@ -1,0 +1,342 @@
+"""Streaming archives: exact sizes, byte-identical round trips, odd names, changed sources."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import textwrap
+import tracemalloc
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from xnatio.archive import (
+    CONTENT_TYPES,
+    SourceChangedError,
+    check_sources,
+    make_archive_stream,
+    member_names,
+)
+from xnatio.discover import discover
+from xnatio.models import DicomFile
+from xnatio.synth import generate_session
+
+FORMATS = ["tar", "zip", "tgz"]
+
+LONG_DIR = "a folder with spaces/" + "d" * 120 + "/ünïcødé 名前"
+ODD_NAMES = [
+    "plain",
+    "with space.dcm",
+    f"{LONG_DIR}/{'x' * 150}",  # > 100 characters: tar needs a PAX name
+    "ünïcødé/画像 1.dcm",
+    "tab\there",  # control character: replaced
+    "looks like.tar.gz",  # XNAT would open it as a nested archive
+]
+SIZES = [1, 511, 512, 513, 300_000, 1_500_000]  # around blocks, chunks and the zip read limit
+
+
+def _record(path: Path, size: int | None = None) -> DicomFile:
+    st = path.stat()
+    return DicomFile(
+        path=path,
+        size=st.st_size if size is None else size,
+        mtime_ns=st.st_mtime_ns,
+        study_uid="1.2",
+        series_uid="1.2.3",
+        sop_instance_uid=str(path),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        series_number=1,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        patient_id="P",
+    )
+
+
+@pytest.fixture
+def odd_files(tmp_path: Path) -> tuple[Path, list[DicomFile]]:
+    root = tmp_path / "src"
+    files = []
+    for i, name in enumerate(ODD_NAMES):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(SIZES[i % len(SIZES)]))
+        files.append(_record(path))
+    return root, files
+
+
+def _read_back(data: bytes, fmt: str) -> dict[str, bytes]:
+    if fmt == "zip":
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            assert zf.testzip() is None  # every CRC checks out
+            return {i.filename: zf.read(i) for i in zf.infolist()}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if fmt == "tgz" else "r:") as tf:
+        out = {}
+        for info in tf:
+            assert info.isfile() and info.mode == 0o644
+            fp = tf.extractfile(info)
+            assert fp is not None
+            out[info.name] = fp.read()
+        return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_exact_size_and_repeatable(
+    odd_files: tuple[Path, list[DicomFile]], fmt: str
+) -> None:
+    root, files = odd_files
+    counted: list[int] = []
+    stream = make_archive_stream(files, fmt, root=root, on_bytes=counted.append)
+    assert stream.content_type == CONTENT_TYPES[fmt]
+    assert (
+        stream.filename == {"tar": "upload.tar", "zip": "upload.zip", "tgz": "upload.tar.gz"}[fmt]
+    )
+    first = b"".join(stream)
+    second = b"".join(stream)  # a retry re-reads the files and produces the same bytes
+    assert first == second
+    assert sum(counted) == 2 * len(first)
+    if fmt == "tgz":
+        assert stream.size is None
+    else:
+        assert stream.size == len(first)
+    names = [n for n, _ in stream.members]
+    assert names == [
+        "plain",
+        "with space.dcm",
+        f"{LONG_DIR}/{'x' * 150}",
+        "ünïcødé/画像 1.dcm",
+        "tab_here",
+        "looks like.tar.gz.dcm",
+    ]
+    content = _read_back(first, fmt)
+    assert list(content) == names
+    for name, f in stream.members:
+        assert content[name] == f.path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+def test_system_tools_read_the_names_back(
+    odd_files: tuple[Path, list[DicomFile]], fmt: str, tmp_path: Path
+) -> None:
+    root, files = odd_files
+    stream = make_archive_stream(files, fmt, root=root)
+    out = tmp_path / f"out.{fmt}"
+    out.write_bytes(b"".join(stream))
+    names = [n for n, _ in stream.members]
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    if fmt == "tar":
+        listing = subprocess.run(
+            ["tar", "-tvf", str(out)], capture_output=True, text=True, check=True, env=env
+        )
+        lines = listing.stdout.splitlines()
+        assert all(line.startswith("-rw-r--r--") for line in lines)
+        # permissions, owner, size, date, time, name
+        assert [line.split(None, 5)[5] for line in lines] == names
+        extracted = tmp_path / "x"
+        extracted.mkdir()
+        subprocess.run(["tar", "-xf", str(out), "-C", str(extracted)], check=True, env=env)
+        for name, f in stream.members:
+            assert (extracted / name).read_bytes() == f.path.read_bytes()
+    else:
+        if shutil.which("unzip") is None:
+            pytest.skip("unzip not installed")
+        test = subprocess.run(["unzip", "-t", str(out)], capture_output=True, text=True, env=env)
+        assert test.returncode == 0, test.stdout + test.stderr
+        assert "No errors detected" in test.stdout
+
+
+JAVA_READER = textwrap.dedent(
+    """
+    import java.io.*;
+    import java.util.zip.*;
+
+    public class ReadZip {
+        public static void main(String[] args) throws Exception {
+            try (ZipInputStream in = new ZipInputStream(new FileInputStream(args[0]))) {
+                ZipEntry e;
+                byte[] buf = new byte[65536];
+                while ((e = in.getNextEntry()) != null) {
+                    CRC32 crc = new CRC32();
+                    long n = 0;
+                    int r;
+                    while ((r = in.read(buf)) > 0) { crc.update(buf, 0, r); n += r; }
+                    System.out.println(Long.toHexString(crc.getValue()) + " " + n + " " + e.getName());
+                }
+            }
+        }
+    }
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="no Java to run ZipInputStream")
+def test_java_zipinputstream_reads_the_zip(
+    odd_files: tuple[Path, list[DicomFile]], tmp_path: Path
+) -> None:
+    """XNAT reads uploads with java.util.zip.ZipInputStream, which rejects STORED entries that
+    use data descriptors: ours must stream through it entry by entry."""
+    root, files = odd_files
+    stream = make_archive_stream(files, "zip", root=root)
+    out = tmp_path / "upload.zip"
+    out.write_bytes(b"".join(stream))
+    source = tmp_path / "ReadZip.java"
+    source.write_text(JAVA_READER)
+    run = subprocess.run(
+        ["java", "-Dfile.encoding=UTF-8", "-Dstdout.encoding=UTF-8", str(source), str(out)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    expected = [
+        f"{zlib.crc32(f.path.read_bytes()):x} {f.size} {name}" for name, f in stream.members
+    ]
+    assert run.stdout.decode("utf-8").splitlines() == expected
+
+
+def test_member_names_are_safe_and_unique(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    paths = [root / "a" / "x.dcm", root / "a" / "x.dcm", root / "..." / "y", tmp_path / "outside"]
+    files = []
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"1")
+        files.append(_record(p))
+    names = member_names(files, root)
+    assert names[:3] == ["a/x.dcm", "a/x~2.dcm", ".../y"]
+    assert not names[3].startswith("/") and names[3].endswith("outside")
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_missing_or_changed_file_raises_before_its_entry(
+    odd_files: tuple[Path, list[DicomFile]], fmt: str
+) -> None:
+    root, files = odd_files
+    victim = files[3]
+    victim_name = "ünïcødé/画像 1.dcm".encode()
+    victim.path.unlink()
+    ok, failed = check_sources(files)
+    assert victim not in ok and [f for f, _ in failed] == [victim]
+    assert "no longer exists" in failed[0][1]
+
+    stream = make_archive_stream(files, fmt, root=root)
+    emitted: list[bytes] = []
+    with pytest.raises(SourceChangedError) as err:
+        for chunk in stream:
+            emitted.append(chunk)
+    assert err.value.file is victim and "no longer exists" in err.value.reason
+    if fmt != "tgz":
+        assert victim_name not in b"".join(emitted)
+
+    # Same length check, now the file exists with another size.
+    victim.path.write_bytes(b"changed")
+    ok, failed = check_sources(files)
+    assert [f for f, _ in failed] == [victim] and "size" in failed[0][1]
+    with pytest.raises(SourceChangedError, match="changed after discovery"):
+        b"".join(make_archive_stream(files, fmt, root=root))
+    # Without the failed file the rest streams fine.
+    assert _read_back(b"".join(make_archive_stream(ok, fmt, root=root)), fmt)
+
+
+def test_a_real_session_round_trips(tmp_path: Path) -> None:
+    s = generate_session(tmp_path / "s", series=2, instances=5, image_size=(32, 32))
+    m = discover(s.root)
+    stream = make_archive_stream(m.files, "tar", root=m.root)
+    data = b"".join(stream)
+    assert len(data) == stream.size
+    content = _read_back(data, "tar")
+    assert {name.split("/", 1)[1] for name in content} == set(s.instances)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+def test_memory_stays_bounded(tmp_path: Path, fmt: str) -> None:
+    """300 MB through the stream with a peak of a few MB (sparse files keep the test quick)."""
+    root = tmp_path / "big"
+    root.mkdir()
+    files = []
+    for i in range(60):
+        p = root / f"f{i:03d}"
+        with open(p, "wb") as fp:
+            fp.truncate(5_000_000 if i % 2 else 300_000)
+        files.append(_record(p))
+    total = sum(f.size for f in files)
+    assert total > 150_000_000
+    stream = make_archive_stream(files, fmt, root=root)
+    tracemalloc.start()
+    n = 0
+    for chunk in stream:
+        n += len(chunk)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == stream.size
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+class _ZerosWithEnds(io.RawIOBase):
+    """A read-only file: ``head`` bytes, then ``gap`` zero bytes, then ``tail`` bytes."""
+
+    def __init__(self, head: bytes, gap: int, tail: bytes) -> None:
+        self.head, self.gap, self.tail = head, gap, tail
+        self.size = len(head) + gap + len(tail)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf: bytearray) -> int:  # type: ignore[override]
+        n = min(len(buf), self.size - self.pos)
+        out = bytearray()
+        start = self.pos
+        end = start + n
+        h, g = len(self.head), len(self.head) + self.gap
+        if start < h:
+            out += self.head[start : min(end, h)]
+        if end > h and start < g:
+            out += bytes(min(end, g) - max(start, h))
+        if end > g:
+            out += self.tail[max(start, g) - g : end - g]
+        buf[:n] = out
+        self.pos = end
+        return n
+
+
+@pytest.mark.slow
+def test_zip64_for_a_file_over_4_gib(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with open(big, "wb") as fp:
+        fp.truncate(2**32 + 10)  # sparse: no disk used
+    small = tmp_path / "small"
+    small.write_bytes(b"after the big one")
+    files = [_record(big), _record(small)]
+    stream = make_archive_stream(files, "zip", root=tmp_path)
+    head = bytearray()
+    tail = bytearray()
+    n = 0
+    for chunk in stream:
+        if len(head) < 4096:
+            head += chunk[: 4096 - len(head)]
+        tail = (tail + chunk[-4096:])[-4096:]
+        n += len(chunk)
+    assert n == stream.size
+    # Reassemble the archive lazily: the real head and tail around the known run of zeros.
+    fake = _ZerosWithEnds(bytes(head), n - len(head) - len(tail), bytes(tail))
+    with zipfile.ZipFile(io.BufferedReader(fake)) as zf:
+        infos = zf.infolist()
+        assert [(i.filename, i.file_size) for i in infos] == [("big", 2**32 + 10), ("small", 17)]
+        assert zf.read("small") == b"after the big one"
+        assert infos[1].header_offset > 2**32
+        with zf.open("big") as fp:
+            assert fp.read(1024) == bytes(1024)
