@@ -163,7 +163,8 @@ JAVA_READER = textwrap.dedent(
                     long n = 0;
                     int r;
                     while ((r = in.read(buf)) > 0) { crc.update(buf, 0, r); n += r; }
-                    System.out.println(Long.toHexString(crc.getValue()) + " " + n + " " + e.getName());
+                    String crcHex = Long.toHexString(crc.getValue());
+                    System.out.println(crcHex + " " + n + " " + e.getName());
                 }
             }
         }
