@@ -272,6 +272,9 @@ def test_secrets_never_in_repr_or_redacted(isolated_home: Path, tmp_path: Path) 
     assert "hunter2" not in repr(s)
     assert "hunter2" not in str(s.redacted())
     assert s.redacted()["password"] == "<hidden>"
+    with pytest.raises(ConfigError, match="must not hold credentials") as err:
+        resolve_settings(server="https://u:hunter2@xnat.example.org", environ={}, cwd=tmp_path)
+    assert "hunter2" not in str(err.value)
 
 
 def test_update_profile_keeps_comments_and_mode(tmp_path: Path) -> None:

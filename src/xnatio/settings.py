@@ -182,6 +182,13 @@ def normalise_server(url: str) -> str:
     if "://" not in url:
         url = "https://" + url
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Never echo it: the URL holds a password. Credentials in URLs end up in shell history,
+        # logs and every error message that names the server.
+        raise ConfigError(
+            "the server URL must not hold credentials (user:password@); "
+            "use --user and XNAT_PASSWORD, a profile, or ~/.netrc"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"not an http(s) server URL: {url!r}")
     return url.rstrip("/")

@@ -22,21 +22,16 @@ from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
     dicom_options,
+    exit_codes_epilog,
     output_options,
     server_options,
     start_command,
 )
-from xnatio.errors import EXIT_CODES, AuthError
+from xnatio.errors import AuthError
 from xnatio.settings import DISPLAY_FIELDS as FIELDS
 from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def exit_codes_epilog() -> str:
-    """The shared exit codes as a help epilog block (xnatio.errors.EXIT_CODES)."""
-    lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
-    return f"\n\b\nExit codes:\n{lines}\n"
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import click
 
-from xnatio.cli.config import (
-    ProfileArgs,
-    exit_codes_epilog,
-    profile_options,
-    resolve_with_profile,
-)
+from xnatio.cli.config import ProfileArgs, profile_options, resolve_with_profile
 from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
+    exit_codes_epilog,
     output_options,
     server_options,
     start_command,
