@@ -345,3 +345,18 @@ def test_kill_9_mid_write_leaves_a_consistent_journal(tmp_path: Path) -> None:
     db.close()
     # Whole batches only: each batch of 10 is one transaction.
     assert n >= 510 and n == batches * 10
+
+
+def test_transport_hooks_and_changed_files(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.files_confirmed(m.files[:2], "/data/prearchive/projects/P/20260101_000000000/E")
+        assert run.session_uri == "/data/prearchive/projects/P/20260101_000000000/E"
+        assert run.split()[0] == m.files[:2]
+        first = m.files[0].path
+        first.write_bytes(first.read_bytes() + b"!")
+        now = restat(m)
+        run2 = j.open_run(TARGET, now)
+        # Only a file an earlier run sent counts as changed; a never-sent file is just pending.
+        assert [f.path for f in run2.changed_since_sent(now.files)] == [first]

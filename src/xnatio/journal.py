@@ -310,6 +310,7 @@ class JournalRun:
         self.target = target
         self.manifest = manifest
         self._root = manifest.root
+        self._last_uri = ""
         # Outcomes name files by str(path) (or the member name inside an archive).
         self._by_name: dict[str, DicomFile] = {}
         for f in manifest.files:
@@ -340,6 +341,16 @@ class JournalRun:
             else:
                 todo.append(f)
         return done, todo
+
+    def changed_since_sent(self, files: Sequence[DicomFile]) -> list[DicomFile]:
+        """Files an earlier run sent whose size, mtime or SOP Instance UID differ now."""
+        rows = self._confirmed_rows()
+        out = []
+        for f in files:
+            row = rows.get(relative_name(f, self._root))
+            if row is not None and row != (f.size, f.mtime_ns, f.sop_instance_uid):
+                out.append(f)
+        return out
 
     def file_for(self, name: str) -> DicomFile | None:
         return self._by_name.get(name)
@@ -388,8 +399,17 @@ class JournalRun:
         return self.record_confirmed(files, batch=batch)
 
     def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None:
-        """The hook handed to a transport (called from its worker threads)."""
+        """A transport hook (called from worker threads) for outcomes the server confirmed."""
         self.record_outcomes(outcomes)
+
+    def files_confirmed(self, files: Sequence[DicomFile], session_uri: str = "") -> None:
+        """A transport hook for files the server confirmed, with the (prearchive) session URI
+        the answer named: the URI lets a later run commit without sending anything."""
+        batch_files = list(files)
+        self.record_confirmed(batch_files)
+        if session_uri and session_uri != self._last_uri:
+            self._last_uri = session_uri
+            self.record_session_uri(session_uri)
 
     def forget(self, files: Iterable[DicomFile]) -> None:
         """Read-back did not find these: the next run sends them again."""
