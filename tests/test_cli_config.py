@@ -216,3 +216,45 @@ def test_saved_token_goes_to_a_usable_keyring(
     res = run("login", "--json", env={"XNAT_SERVER": sandbox.url}, cwd=tmp_path)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["credentials_from"] == "keyring (profile default)"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_prompts_on_a_real_terminal(sandbox: Any, isolated_home: Path, tmp_path: Path) -> None:
+    """With a terminal on stdin (a pseudo-terminal here) a missing password is asked for."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal, so getpass reads /dev/tty
+        os.chdir(tmp_path)
+        os.execvpe(
+            sys.executable,
+            [sys.executable, "-m", "xnatio", "login", "--server", sandbox.url, "--user", "admin"],
+            {**os.environ, "HOME": str(isolated_home)},
+        )
+    output = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal output
+        while marker not in output:
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, output
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+
+    read_until(b"Password for admin at")
+    os.write(fd, b"admin-secret\n")
+    read_until(b"XNAT ")
+    read_until(b"\n")  # rest of the version line
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "admin-secret" not in text  # not echoed
+    assert "as admin (prompt)" in text
