@@ -7,8 +7,11 @@ A single file is sent as is::
 A directory becomes ONE uncompressed tar archive, built while it is sent (headers are computed
 up front so the ``Content-Length`` is exact; nothing is copied to temp disk), and XNAT unpacks it
 into the resource (``extract=true``). Without ``overwrite=true`` XNAT answers a clash with 200 and
-``{"duplicates": [...]}`` instead of replacing files (section 5 of ``shared/xnat-api.md``): that is
-reported as a failure naming the clashing files, never silently ignored.
+``{"duplicates": [...]}`` instead of replacing files (section 5 of ``shared/xnat-api.md``). A clash
+is a failure naming the clashing files (``conflicts``), never silently ignored, unless the read-back
+shows the file already there is byte-identical to ours (same size and MD5): then there is nothing
+to replace, the file counts as verified, and re-running an upload that was interrupted, or whose
+answer was lost and retried, succeeds. Without an MD5 from the server a clash is always a conflict.
 
 Tar rather than zip because a zip entry stored without compression needs its CRC-32 *before* its
 data unless it uses a data descriptor, which Java's ``ZipInputStream`` (what XNAT unpacks with)
@@ -70,7 +73,8 @@ class ResourceResult:
     scan: str | None
     uri: str
     files: list[FileOutcome] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # every clash XNAT reported
+    conflicts: list[str] = field(default_factory=list)  # clashes not byte-identical to ours
     archive: str | None = None  # "tar" when a directory was sent as one archive
     total_bytes: int = 0
     bytes_sent: int = 0
@@ -93,6 +97,7 @@ class ResourceResult:
             "duration": round(self.duration, 3),
             "verified": self.verified,
             "duplicates": self.duplicates,
+            "conflicts": self.conflicts,
             "errors": self.errors,
             "files": [
                 {"path": f.path, "outcome": f.outcome.value, "size": f.size, "reason": f.reason}
@@ -307,10 +312,10 @@ def upload_resource(
 
     With ``verify`` the resource's file list is read back and every file checked by size and,
     where XNAT reports a digest, by the MD5 of the bytes sent (computed while sending).
-    ``success`` is False when files already exist and ``overwrite`` is off (``duplicates``
-    names them) or a file did not land intact. Raises :class:`UsageError` for a missing or
-    empty PATH and the client's errors (AuthError, UnreachableError, ServerError) after its
-    retries.
+    ``success`` is False when files with other content already exist and ``overwrite`` is off
+    (``conflicts`` names them) or a file did not land intact. Raises :class:`UsageError` for a
+    missing or empty PATH and the client's errors (AuthError, UnreachableError, ServerError)
+    after its retries.
     """
     root = Path(path)
     uri = resource_uri(project, subject, session, resource, scan)
@@ -355,7 +360,7 @@ def upload_resource(
     # PUT of the same bytes is idempotent, and the body restarts on every iteration, so the
     # client may retry transient failures. A retry after a lost answer to a request XNAT did
     # store shows up as duplicates of our own files without overwrite; the read-back below
-    # tells them apart (same size and MD5 as what we sent).
+    # recognises them (same size and MD5 as what we sent).
     resp = client.request(
         "PUT", f"{uri}/files/{quote(name)}", params=params, data=body, headers=headers
     )
@@ -367,9 +372,12 @@ def upload_resource(
     for f in files:
         outcome, reason = Outcome.UPLOADED, ""
         if f.name in clash or (not result.archive and clash):
-            outcome, reason = Outcome.FAILED, "already in the resource (use --overwrite to replace)"
             if verify and _same(landed.get(f.name), f, progress.md5.get(f.name)):
-                reason = "already in the resource with the same size and MD5 (not replaced)"
+                outcome, reason = Outcome.VERIFIED, "already in the resource, identical"
+            else:
+                outcome = Outcome.FAILED
+                reason = "already in the resource (use --overwrite to replace)"
+                result.conflicts.append(f.name)
         elif verify:
             outcome, reason = _check(landed.get(f.name), f, progress.md5.get(f.name))
             if outcome is Outcome.FAILED:
@@ -378,12 +386,12 @@ def upload_resource(
             FileOutcome(path=str(f.path), outcome=outcome, reason=reason, size=f.size)
         )
     result.duration = time.monotonic() - started
-    if result.duplicates:
+    if result.conflicts:
         result.errors.insert(
             0,
-            f"{len(result.duplicates)} file(s) already in {resource}: "
-            + ", ".join(result.duplicates[:20])
-            + (" ..." if len(result.duplicates) > 20 else "")
+            f"{len(result.conflicts)} file(s) already in {resource} with other content: "
+            + ", ".join(result.conflicts[:20])
+            + (" ..." if len(result.conflicts) > 20 else "")
             + "; use --overwrite to replace them",
         )
     result.files.extend(skipped)

@@ -1,8 +1,8 @@
 """`xio upload-resource PROJECT SUBJECT SESSION RESOURCE PATH`: non-DICOM files into a resource.
 
 A file is sent as is; a directory is streamed as one tar archive that XNAT unpacks
-(:mod:`xnatio.resources`). Exit 1 when files already exist in the resource and ``--overwrite``
-was not given, listing them.
+(:mod:`xnatio.resources`). Exit 1 when files with other content already exist in the resource
+and ``--overwrite`` was not given, listing them; identical files already there are fine.
 """
 
 from __future__ import annotations
@@ -118,14 +118,18 @@ def render(result: ResourceResult) -> str:
             f"Uploaded {len(stored)} file(s) ({mb:.1f} MB) to {where} resource "
             f"{result.resource}{how}{checked} in {result.duration:.1f} s."
         )
-    if result.duplicates:
+    identical = len(result.duplicates) - len(result.conflicts)
+    if identical:
+        lines.append(f"{identical} of them were already there with the same content.")
+    if result.conflicts:
         lines.append(
-            f"error: {len(result.duplicates)} file(s) already exist in {where} resource "
-            f"{result.resource} and were not replaced (use --overwrite to replace them):"
+            f"error: {len(result.conflicts)} file(s) already exist in {where} resource "
+            f"{result.resource} with other content and were not replaced "
+            "(use --overwrite to replace them):"
         )
-        lines += [f"  {d}" for d in result.duplicates[:SHOWN]]
-        if len(result.duplicates) > SHOWN:
-            lines.append(f"  ... and {len(result.duplicates) - SHOWN} more (see --json)")
+        lines += [f"  {d}" for d in result.conflicts[:SHOWN]]
+        if len(result.conflicts) > SHOWN:
+            lines.append(f"  ... and {len(result.conflicts) - SHOWN} more (see --json)")
     other = [f for f in failed if "already in the resource" not in f.reason]
     if other:
         lines.append(f"error: {len(other)} file(s) did not land intact:")
