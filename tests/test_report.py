@@ -100,8 +100,8 @@ def test_json_result_schema() -> None:
 
 def test_summary_lists_failures_with_reasons_and_caps_them() -> None:
     text = summary_text(_result(uploaded=1, failed=25, skipped=0), cap=20)
-    assert text.startswith("Partly uploaded 1 of 26 files")
-    assert "to P/S/E" in text
+    assert text.startswith("Partly uploaded: 1 of 26 files")
+    assert "reached P/S/E, 25 failed" in text
     assert "d/bad0: HTTP 500: disk full" in text
     assert "d/bad19" in text and "d/bad20" not in text
     assert "and 5 more — use --report FILE or --json" in text

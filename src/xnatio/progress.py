@@ -33,8 +33,8 @@ from rich.progress import (
     Task,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 from xnatio.models import Phase, ProgressEvent
@@ -122,25 +122,31 @@ class _Rate:
 
 
 def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
-    """One plain line for an event, e.g. ``upload: 120/300 files (40%), 6.1/15.7 MB, …``."""
+    """One plain line for an event, e.g. ``upload: 120/300 files (40%), 6.1/15.7 MB, …``.
+
+    Files, bytes, speed, ETA and batches are shown for discovery and upload; the short phases in
+    between (plan, connect, commit, verify, done) are described by their message.
+    """
     parts: list[str] = []
-    if event.total:
-        pct = 100.0 * event.current / event.total
-        parts.append(f"{event.current}/{event.total} files ({pct:.0f}%)")
-    elif event.current:
-        parts.append(f"{event.current} files")
-    if event.bytes_total:
-        parts.append(f"{_fmt_bytes(event.bytes_done)}/{_fmt_bytes(event.bytes_total)}")
-        if rate > 0:
-            parts.append(f"{rate / 1e6:.1f} MB/s")
-            left = event.bytes_total - event.bytes_done
-            if left > 0:
-                parts.append(f"ETA {_fmt_duration(left / rate)}")
-    if event.batches_total:
-        parts.append(
-            f"batches {event.batches_done}/{event.batches_total} done, "
-            f"{event.batches_failed} failed"
-        )
+    if event.phase in (Phase.DISCOVER, Phase.UPLOAD):
+        if event.total:
+            pct = 100.0 * event.current / event.total
+            parts.append(f"{event.current}/{event.total} files ({pct:.0f}%)")
+        elif event.current:
+            parts.append(f"{event.current} files")
+    if event.phase is Phase.UPLOAD:
+        if event.bytes_total:
+            parts.append(f"{_fmt_bytes(event.bytes_done)}/{_fmt_bytes(event.bytes_total)}")
+            if rate > 0:
+                parts.append(f"{rate / 1e6:.1f} MB/s")
+                left = event.bytes_total - event.bytes_done
+                if left > 0:
+                    parts.append(f"ETA {_fmt_duration(left / rate)}")
+        if event.batches_total:
+            parts.append(
+                f"batches {event.batches_done}/{event.batches_total} done, "
+                f"{event.batches_failed} failed"
+            )
     if event.message:
         parts.append(event.message)
     return f"{event.phase.value}: " + (", ".join(parts) if parts else "…")
@@ -178,6 +184,8 @@ class LogDisplay(Display):
         print(line, file=stream, flush=True)
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.phase is Phase.DONE:
+            return  # the summary follows
         with self._lock:
             now = self._clock()
             fraction = event.current / event.total if event.total else 0.0
@@ -210,10 +218,12 @@ class _AmountColumn(ProgressColumn):
     """``120/300 files · 6.1/15.7 MB`` (files only outside the upload phase)."""
 
     def render(self, task: Task) -> Text:
+        if not task.fields.get("show_files"):
+            return Text("")
         files, files_total = task.fields.get("files", 0), task.fields.get("files_total", 0)
         text = f"{files}/{files_total} files" if files_total else f"{files} files"
         if task.fields.get("bytes_mode"):
-            text += f" · {_fmt_bytes(task.completed)}/{_fmt_bytes(task.total or 0)}"
+            text += f" {_fmt_bytes(task.completed)}/{_fmt_bytes(task.total or 0)}"
         return Text(text)
 
 
@@ -223,6 +233,14 @@ class _SpeedColumn(ProgressColumn):
         if not task.fields.get("bytes_mode") or not speed:
             return Text("")
         return Text(f"{speed / 1e6:.1f} MB/s")
+
+
+class _EtaColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        if not task.fields.get("bytes_mode") or left is None or task.finished:
+            return Text("")
+        return Text(f"ETA {_fmt_duration(left)}", style="cyan")
 
 
 class _BatchColumn(ProgressColumn):
@@ -246,13 +264,15 @@ class RichDisplay(Display):
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
+        # Fixed columns never wrap; the last one (batches, or the phase's message) takes what is
+        # left of the line and is cut with an ellipsis, so each phase stays one line at 80 columns.
         self._progress = Progress(
-            TextColumn("{task.description:<8}"),
-            BarColumn(bar_width=30),
-            _AmountColumn(),
-            _SpeedColumn(),
-            TimeRemainingColumn(),
-            _BatchColumn(),
+            TextColumn("{task.description:<8}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=20),
+            _AmountColumn(table_column=Column(no_wrap=True)),
+            _SpeedColumn(table_column=Column(no_wrap=True)),
+            _EtaColumn(table_column=Column(no_wrap=True)),
+            _BatchColumn(table_column=Column(no_wrap=True, overflow="ellipsis", max_width=30)),
             console=self.console,
             transient=False,
             refresh_per_second=8,
@@ -269,11 +289,13 @@ class RichDisplay(Display):
             self._started = True
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.phase is Phase.DONE:
+            return  # the summary follows
         with self._lock:
             if self._closed:
                 return
             self._ensure_started()
-            bytes_mode = event.bytes_total > 0
+            bytes_mode = event.phase is Phase.UPLOAD and event.bytes_total > 0
             if event.phase is not self._phase or self._task is None:
                 if self._task is not None:
                     self._finish_current()
@@ -287,10 +309,12 @@ class RichDisplay(Display):
                 completed=completed,
                 files=event.current,
                 files_total=event.total,
+                show_files=event.phase in (Phase.DISCOVER, Phase.UPLOAD),
                 bytes_mode=bytes_mode,
                 batches_done=event.batches_done,
                 batches_failed=event.batches_failed,
-                batches_total=event.batches_total,
+                # batches are shown while uploading; the other phases show their message
+                batches_total=event.batches_total if event.phase is Phase.UPLOAD else 0,
                 message=event.message,
             )
 
@@ -351,7 +375,7 @@ class TqdmProgress:
         tqdm = importlib.import_module("tqdm.auto").tqdm
 
         with self._lock:
-            bytes_mode = event.bytes_total > 0
+            bytes_mode = event.phase is Phase.UPLOAD and event.bytes_total > 0
             if event.phase is not self._phase or self._bar is None:
                 self._close_bar()
                 self._phase = event.phase

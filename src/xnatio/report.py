@@ -178,18 +178,26 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     """The end-of-run summary for people: totals first, then what failed and why."""
     uploaded, failed, skipped = result.uploaded, result.failed, result.skipped
     to_send = len(uploaded) + len(failed)
-    dest = "/".join(x for x in (result.project, result.subject, result.session) if x)
+    dest = "/".join(x for x in (result.project, result.subject, result.session) if x) or "XNAT"
+    sent = sum(f.size for f in uploaded)
+    speed = f"{sent / 1e6 / result.duration:.1f} MB/s" if result.duration > 0 else "-"
     status = status_of(result)
-    head = {
-        "success": "Uploaded",
-        "partial": "Partly uploaded",
-        "failed": "Upload failed:",
-    }[status]
-    lines = [
-        f"{head} {len(uploaded)} of {to_send} files ({_mb(sum(f.size for f in uploaded))}) "
-        f"to {dest or 'XNAT'} in {result.duration:.1f} s ({result.mb_per_s:.1f} MB/s) "
-        f"over {result.transport}",
-    ]
+    if status == "success":
+        head = (
+            f"Uploaded {len(uploaded)} of {to_send} files ({_mb(sent)}) to {dest} "
+            f"in {result.duration:.1f} s ({speed}) over {result.transport}"
+        )
+    elif status == "partial":
+        head = (
+            f"Partly uploaded: {len(uploaded)} of {to_send} files ({_mb(sent)}) reached {dest}, "
+            f"{len(failed)} failed, in {result.duration:.1f} s over {result.transport}"
+        )
+    else:
+        head = (
+            f"Upload failed: {len(uploaded)} of {to_send} files reached {dest} "
+            f"({result.duration:.1f} s over {result.transport})"
+        )
+    lines = [head]
     details = [f"failed {len(failed)}", f"skipped {len(skipped)}"]
     if result.batches_total:
         details.append(f"batches {result.batches_total} ({result.batches_failed} failed)")
