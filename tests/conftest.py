@@ -24,5 +24,6 @@ def isolated_home(
     for var in list(os.environ):
         if var.startswith(("XNAT_", "XNATIO_")):
             monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("NETRC", raising=False)  # else a developer's netrc file is read
     monkeypatch.setenv("NO_COLOR", "1")
     yield home
