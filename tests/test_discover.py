@@ -206,13 +206,21 @@ def test_long_header_and_raw_dataset_and_non_ascii(tmp_path: Path) -> None:
         os.close(fd)
     assert fields.sop_instance_uid == ds.SOPInstanceUID and fields.series_number == 7
 
-    # No preamble, no meta (a raw implicit VR data set): pydicom decides.
-    raw = _dataset(ImplicitVRLittleEndian)
-    raw_path = tmp_path / "raw"
-    raw.save_as(raw_path, implicit_vr=True, little_endian=True, enforce_file_format=False)
-    assert raw_path.read_bytes()[128:132] != b"DICM"
-    with open(raw_path, "rb") as fp:
-        assert read_header_stream(fp).sop_instance_uid == raw.SOPInstanceUID
+    # No preamble, no meta (raw data sets, implicit and explicit VR): read on the fast path.
+    # Also a meta group without a preamble.
+    for implicit, meta in ((True, False), (False, False), (True, True)):
+        raw = _dataset(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+        if not meta:
+            del raw.file_meta
+        raw_path = tmp_path / f"raw-{implicit}-{meta}"
+        raw.save_as(raw_path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+        data = raw_path.read_bytes()
+        assert data[128:132] != b"DICM" and data[:2] == (b"\x02\x00" if meta else b"\x08\x00")
+        fields = parse_prefix(data, lambda n: b"")
+        assert fields.sop_instance_uid == raw.SOPInstanceUID and fields.series_number == 7
+        assert fields.transfer_syntax_uid == (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        )
 
     # A Latin-1 patient ID is decoded by pydicom with the character set.
     latin = _dataset(ExplicitVRLittleEndian, SpecificCharacterSet="ISO_IR 100", PatientID="Jörg")

@@ -246,24 +246,30 @@ def parse_prefix(first: bytes, read: Callable[[int], bytes]) -> HeaderFields:
         has_preamble = b.buf[128:132] == b"DICM"
     except _Truncated:
         has_preamble = False
-    if has_preamble:
-        pos = 132
-    else:
-        pos = 0
+    pos = 132 if has_preamble else 0
+    if not has_preamble:
         if len(b.buf) < 8:
             raise NotDicom("not a DICOM file (too short)")
         group = _u16.unpack_from(b.buf, 0)[0]
         # A raw data set (no preamble) starts with the meta group or group 0008 (PS3.5 7.1);
-        # 0x0200/0x0800 are those groups written big endian.
-        if group not in (0x0002, 0x0008, 0x0200, 0x0800):
+        # 0x0200/0x0800 are those groups written big endian (pydicom reads those).
+        if group not in (0x0002, 0x0008):
+            if group in (0x0200, 0x0800):
+                raise NeedFallback("raw big endian data set")
             raise NotDicom("not a DICOM file (no DICM marker and no DICOM data set)")
-        raise NeedFallback("no preamble")
     try:
         b.ensure(pos + 6)
-        if _u16.unpack_from(b.buf, pos)[0] != 0x0002 or b.buf[pos + 4 : pos + 6] not in _ALL_VRS:
-            raise NeedFallback("File Meta group missing or not explicit VR")
-        pos = _walk(b, pos, True, 0x0002FFFF, found, 0)
-        ts = _uid(found.get(_TS))
+        has_meta = _u16.unpack_from(b.buf, pos)[0] == 0x0002
+        if has_meta:
+            if b.buf[pos + 4 : pos + 6] not in _ALL_VRS:
+                raise NeedFallback("File Meta group not in explicit VR")
+            pos = _walk(b, pos, True, 0x0002FFFF, found, 0)
+            ts = _uid(found.get(_TS))
+        elif has_preamble:
+            raise NeedFallback("no File Meta group")
+        else:
+            # A raw data set says nothing of its encoding: the first element shows it.
+            ts = EXPLICIT_VR_LE if b.buf[pos + 4 : pos + 6] in _ALL_VRS else IMPLICIT_VR_LE
         if ts == IMPLICIT_VR_LE:
             explicit = False
         elif ts in ("", EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE):
@@ -279,7 +285,11 @@ def parse_prefix(first: bytes, read: Callable[[int], bytes]) -> HeaderFields:
                 raise NeedFallback("data set VR encoding differs from its transfer syntax")
         _walk(b, pos, explicit, _SERIES_NUMBER, found, 0)
     except _Truncated:
+        if not has_preamble:
+            raise NeedFallback("raw data set that does not parse") from None
         raise NotDicom("truncated DICOM file (it ends inside the header)") from None
+    if not has_preamble and not found.get(_SOP_INSTANCE):
+        raise NeedFallback("raw data set without a SOP Instance UID")
     return HeaderFields(
         sop_class_uid=_uid(found.get(_SOP_CLASS)),
         sop_instance_uid=_uid(found.get(_SOP_INSTANCE)),
