@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from xnatio.errors import EXIT_CODES
-from xnatio.settings import Settings, resolve_settings
+from xnatio.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -231,21 +231,13 @@ def resolve_cli_settings(
     *,
     output: OutputArgs | None = None,
 ) -> Settings:
-    """The one place a command turns its options into :class:`Settings` (flags > environment).
+    """Options → :class:`Settings` for commands without --profile/--env-file of their own.
 
-    Warns (on stderr, unless ``-q``) when the password was given as a flag.
+    Delegates to :func:`xnatio.cli.config.resolve_with_profile` (flags > environment > ./.env >
+    default profile > netrc), so every command resolves settings the same way and the
+    ``--password`` warning is printed in one place.
     """
-    if server.password is not None and not (output and output.quiet):
-        click.echo(PASSWORD_FLAG_WARNING, err=True)
-    d = dicom or DicomArgs()
-    return resolve_settings(
-        server=server.server,
-        username=server.user,
-        password=server.password,
-        verify_tls=server.verify_tls,
-        ca_bundle=server.ca_bundle,
-        dicom_host=d.host,
-        dicom_port=d.port,
-        dicom_called_aet=d.called_aet,
-        dicom_calling_aet=d.calling_aet,
-    )
+    # Imported here: cli.config imports this module.
+    from xnatio.cli.config import ProfileArgs, resolve_with_profile
+
+    return resolve_with_profile(server, ProfileArgs(), dicom=dicom, output=output)
