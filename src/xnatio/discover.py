@@ -263,11 +263,15 @@ def _examine_all(
         return
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     done = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnatio-discover") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnatio-discover")
+    try:
         for results in pool.map(_examine_chunk, chunks):
             yield from results
             done += len(results)
             report(done)
+    finally:
+        # On Ctrl-C (or an error in the caller) drop the chunks not started yet.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Progress:
