@@ -81,6 +81,7 @@ class Contender:
     prepare: Callable[[], None]  # once per harness run; raises Unavailable
     build: Callable[[RunContext], Invocation]
     check: Callable[[RunContext, Measured], Checked]
+    slow: bool = False  # a one-file-at-a-time reference (see Case.slow_repeat)
 
 
 def nothing() -> None:
@@ -179,6 +180,7 @@ def xio_sequential() -> Contender:
         prepare=nothing,
         build=_xio_rest(args, "xio upload-dicom ... " + " ".join(args)),
         check=check_archived,
+        slow=True,
     )
 
 
@@ -407,6 +409,7 @@ def dcmtk_storescu() -> Contender:
         prepare=_require_dcmtk,
         build=build,
         check=check_received,
+        slow=True,
     )
 
 
@@ -435,6 +438,7 @@ def pynetdicom_storescu() -> Contender:
         prepare=nothing,
         build=build,
         check=check_received,
+        slow=True,
     )
 
 
