@@ -341,3 +341,20 @@ def test_zip64_for_a_file_over_4_gib(tmp_path: Path) -> None:
         assert infos[1].header_offset > 2**32
         with zf.open("big") as fp:
             assert fp.read(1024) == bytes(1024)
+
+
+def test_zip_file_rewritten_while_streaming_is_reported(tmp_path: Path) -> None:
+    """A file over the single-read limit is read twice (CRC, then data): a change in between
+    must not go out as an entry with a wrong CRC unnoticed."""
+    path = tmp_path / "big"
+    path.write_bytes(bytes(1_500_000))
+    f = _record(path)
+    chunks = iter(make_archive_stream([f], "zip", root=tmp_path))
+    first = next(chunks)  # the local header (CRC of the zeros) and the first piece
+    assert first.startswith(b"PK\x03\x04")
+    with open(path, "r+b") as fp:  # same size, other content
+        fp.seek(1_000_000)
+        fp.write(b"\x01" * 1000)
+    with pytest.raises(SourceChangedError, match="changed while it was being sent"):
+        for _ in chunks:
+            pass

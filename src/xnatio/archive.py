@@ -383,16 +383,23 @@ def _zip_chunks(members: list[tuple[str, DicomFile]]) -> Iterator[bytes]:
             if f.size <= _ZIP_SINGLE_READ:
                 data = b"".join(source.read_exactly(f.size))
                 crc = zlib.crc32(data)
-                body: Iterator[bytes] = iter((data,))
-            else:
-                crc = 0
-                for piece in source.read_exactly(f.size):
-                    crc = zlib.crc32(piece, crc)
-                os.lseek(source.fd, 0, os.SEEK_SET)
-                body = source.read_exactly(f.size)
+                crcs.append(crc)
+                yield _local_header(encoded, f, crc)
+                yield data
+                continue
+            crc = 0
+            for piece in source.read_exactly(f.size):
+                crc = zlib.crc32(piece, crc)
             crcs.append(crc)
             yield _local_header(encoded, f, crc)
-            yield from body
+            os.lseek(source.fd, 0, os.SEEK_SET)
+            sent = 0
+            for piece in source.read_exactly(f.size):
+                sent = zlib.crc32(piece, sent)
+                yield piece
+            if sent != crc:
+                # Rewritten between the two reads: XNAT would reject the entry's CRC anyway.
+                raise SourceChangedError(f, "file changed while it was being sent")
         finally:
             source.close()
     yield from _central_directory(members, layout, crcs)
