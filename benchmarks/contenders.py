@@ -446,35 +446,26 @@ def pynetdicom_storescu() -> Contender:
 
 # Runs in a fresh interpreter; times discovery and planning alone (imports excluded).
 _DISCOVER_SCRIPT = r"""
-import inspect, json, sys, time
+import json, sys, time
 from pathlib import Path
 from xnatio.discover import discover
-root = Path(sys.argv[1])
+from xnatio.plan import plan_batches
 t0 = time.perf_counter()
-manifest = discover(root)
+manifest = discover(Path(sys.argv[1]))
 t1 = time.perf_counter()
-planned, batches = "not available (no xnatio.plan.plan_batches)", None
-try:
-    from xnatio.plan import plan_batches
-except ImportError:
-    plan_batches = None
-if plan_batches is not None:
-    params = inspect.signature(plan_batches).parameters
-    kwargs = {"num_batches": 42} if "num_batches" in params else {}
-    batches = plan_batches(manifest, **kwargs)
-    planned = "ok"
+batches = plan_batches(manifest, int(sys.argv[2]))
 t2 = time.perf_counter()
 print(json.dumps({
     "files": len(manifest.files), "skipped": len(manifest.skipped),
-    "discover_s": t1 - t0, "plan_s": t2 - t1, "planned": planned,
-    "batches": None if batches is None else len(batches),
+    "discover_s": t1 - t0, "plan_s": t2 - t1, "batches": len(batches),
 }))
 """
 
 
 def discover_api() -> Contender:
     def build(ctx: RunContext) -> Invocation:
-        return Invocation([sys.executable, "-c", _DISCOVER_SCRIPT, str(ctx.dataset.path)])
+        cmd = [sys.executable, "-c", _DISCOVER_SCRIPT, str(ctx.dataset.path), str(ctx.workers)]
+        return Invocation(cmd)
 
     def check(ctx: RunContext, m: Measured) -> Checked:
         if m.returncode != 0:
@@ -489,13 +480,13 @@ def discover_api() -> Contender:
             True,
             landed=out["files"],
             inner_s=out["discover_s"] + out["plan_s"],
-            details={k: out[k] for k in ("discover_s", "plan_s", "planned", "batches")},
+            details={k: out[k] for k in ("discover_s", "plan_s", "batches")},
         )
 
     return Contender(
         name="discover+plan",
-        summary="xnatio.discover.discover(DIR) then xnatio.plan.plan_batches, timed in a "
-        "fresh process (interpreter start and imports excluded)",
+        summary="xnatio.discover.discover(DIR) then xnatio.plan.plan_batches(manifest, 42), "
+        "timed in a fresh process (interpreter start and imports excluded)",
         prepare=nothing,
         build=build,
         check=check,
@@ -522,7 +513,13 @@ def xio_dry_run() -> Contender:
     def check(ctx: RunContext, m: Measured) -> Checked:
         if m.returncode != 0:
             return Checked(False, _failure(m))
-        return Checked(True, landed=ctx.dataset.files)
+        try:
+            planned = int(json.loads(m.stdout)["totals"]["files"])
+        except (ValueError, KeyError, TypeError):
+            return Checked(False, f"no plan in the --json output: {_last_line(m.stdout)!r}")
+        if planned != ctx.dataset.files:
+            return Checked(False, f"planned {planned} of {ctx.dataset.files} files")
+        return Checked(True, landed=planned)
 
     return Contender(
         name="xio --dry-run",
