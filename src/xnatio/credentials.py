@@ -50,8 +50,13 @@ def netrc_lookup(server: str, path: Path) -> NetrcEntry | None:
         return None
     try:
         parsed = netrc.netrc(str(path))
-    except (netrc.NetrcParseError, OSError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except netrc.NetrcParseError as exc:
+        # Not exc.msg: it quotes the offending token, which may be a password.
+        raise ConfigError(
+            f"cannot read {path}: not valid netrc syntax (line {exc.lineno})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     auth = parsed.authenticators(host)
     if not auth or not auth[2]:
         return None
