@@ -1,0 +1,270 @@
+"""Encoded data sets for C-STORE, read from disk without decoding pixel data where possible.
+
+The fast path streams the file's own bytes after its File Meta Information (PS3.10 7.1), and for
+routing splices one Patient Comments (0010,4000) element into the top-level byte stream: the rest
+of the file, pixel data included, leaves byte for byte. pydicom is used only when the encoding must
+change (the peer refused the file's own transfer syntax) or the header cannot be walked.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
+NATIVE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE})
+
+PATIENT_COMMENTS = 0x00104000
+READ_CHUNK = 1 << 20
+_HEAD = 64 * 1024
+# Explicit VR elements with a 4-byte length after two reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+# Word size of the OB/OW-like VRs whose bytes pydicom keeps raw, for big -> little endian.
+_WORD = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}
+
+
+class EncodeError(Exception):
+    """This file cannot be sent in the agreed encoding; ``str()`` says why in one sentence."""
+
+
+class _NeedMore(Exception):
+    """The header walk ran past the bytes read so far."""
+
+
+def ts_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def dataset_offset(buf: bytes) -> int:
+    """Where the data set starts: after the preamble and group 0002, if the file has them."""
+    pos = 132 if buf[128:132] == b"DICM" else 0
+    while pos + 8 <= len(buf):
+        group = struct.unpack_from("<H", buf, pos)[0]
+        if group != 0x0002:
+            return pos
+        # File Meta Information is always Explicit VR Little Endian (PS3.10 7.1).
+        vr = buf[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            pos += 12 + struct.unpack_from("<I", buf, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
+    if pos > len(buf):
+        raise _NeedMore
+    return pos
+
+
+class _Walker:
+    """Steps over top-level elements of an encoded data set without decoding any value."""
+
+    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+        self.buf, self.implicit = buf, implicit
+        self.e = "<" if little else ">"
+
+    def header(self, pos: int) -> tuple[int, int, int]:
+        """(tag, header length, value length) of the element or item at ``pos``."""
+        if pos + 8 > len(self.buf):
+            raise _NeedMore
+        group, elem = struct.unpack_from(self.e + "HH", self.buf, pos)
+        tag = group << 16 | elem
+        if self.implicit or group == 0xFFFE:  # items and delimiters never carry a VR
+            return tag, 8, struct.unpack_from(self.e + "I", self.buf, pos + 4)[0]
+        if self.buf[pos + 4 : pos + 6] in _LONG_VRS:
+            if pos + 12 > len(self.buf):
+                raise _NeedMore
+            return tag, 12, struct.unpack_from(self.e + "I", self.buf, pos + 8)[0]
+        return tag, 8, struct.unpack_from(self.e + "H", self.buf, pos + 6)[0]
+
+    def skip(self, pos: int) -> int:
+        """The position after the element at ``pos`` (sequences of undefined length included)."""
+        tag, head, length = self.header(pos)
+        pos += head
+        if length != 0xFFFFFFFF:
+            return pos + length
+        # Undefined length: items until the Sequence Delimitation Item (FFFE,E0DD).
+        while True:
+            tag, head, length = self.header(pos)
+            pos += head
+            if tag == 0xFFFEE0DD:
+                return pos
+            if length != 0xFFFFFFFF:
+                pos += length
+                continue
+            while True:  # an item of undefined length: elements until (FFFE,E00D)
+                if self.header(pos)[0] == 0xFFFEE00D:
+                    pos += 8
+                    break
+                pos = self.skip(pos)
+
+
+def routing_element(route: str, implicit: bool, little: bool) -> bytes:
+    value = route.encode("ascii")
+    if len(value) % 2:
+        value += b" "  # LT values are padded to even length with a space (PS3.5 6.2)
+    e = "<" if little else ">"
+    if implicit:
+        return struct.pack(e + "HHI", 0x0010, 0x4000, len(value)) + value
+    return struct.pack(e + "HH2sH", 0x0010, 0x4000, b"LT", len(value)) + value
+
+
+def splice_route(
+    buf: bytes, start: int, route: str, implicit: bool, little: bool, complete: bool = True
+) -> bytes:
+    """The data set in ``buf[start:]`` with Patient Comments set to ``route``.
+
+    ``complete`` says whether ``buf`` holds the rest of the file or only its beginning; in the
+    latter case _NeedMore is raised when it ends before the place of (0010,4000) is known. A retired
+    group length (0010,0000), if present, is corrected by the size change.
+    """
+    walker = _Walker(buf, implicit, little)
+    pos, group_len_at = start, -1
+    while pos < len(buf):
+        tag = walker.header(pos)[0]
+        if tag >= PATIENT_COMMENTS:
+            break
+        if tag == 0x00100000:
+            group_len_at = pos + walker.header(pos)[1]
+        pos = walker.skip(pos)
+    if pos > len(buf) or (pos == len(buf) and not complete):
+        raise _NeedMore
+    end = pos
+    if pos < len(buf) and walker.header(pos)[0] == PATIENT_COMMENTS:
+        end = walker.skip(pos)
+    element = routing_element(route, implicit, little)
+    out = bytearray(buf[start:pos])
+    if group_len_at >= 0:
+        e = "<" if little else ">"
+        old = struct.unpack_from(e + "I", buf, group_len_at)[0]
+        struct.pack_into(e + "I", out, group_len_at - start, old + len(element) - (end - pos))
+    out += element
+    out += buf[end:]
+    return bytes(out)
+
+
+def read_as_is(path: Path, transfer_syntax: str, route: str | None) -> Iterator[bytes]:
+    """The file's data set in its own transfer syntax, in pieces of about READ_CHUNK bytes.
+
+    Without a route the bytes after the File Meta Information go out untouched. With one, only
+    the header changes; pixel data and everything else are the file's own bytes.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(_HEAD)
+        complete = len(head) < _HEAD
+        try:
+            start = dataset_offset(head)
+        except _NeedMore:
+            head += fh.read()
+            complete = True
+            start = dataset_offset(head)
+        if transfer_syntax == DEFLATED_LE:
+            # The whole data set is one raw deflate stream (PS3.5 A.5): inflate, splice, deflate.
+            body = zlib.decompress(head[start:] + fh.read(), -zlib.MAX_WBITS)
+            if route is not None:
+                body = splice_route(body, 0, route, implicit=False, little=True)
+                yield _deflate(body)
+                return
+            fh.seek(start)
+            while chunk := fh.read(READ_CHUNK):
+                yield chunk
+            if (fh.tell() - start) % 2:
+                yield b"\0"  # PS3.5 A.5: an odd deflated stream is padded with one NUL byte
+            return
+        elif route is not None:
+            implicit = transfer_syntax == IMPLICIT_LE
+            little = transfer_syntax != EXPLICIT_BE
+            while True:
+                try:
+                    spliced = splice_route(head, start, route, implicit, little, complete)
+                    break
+                except _NeedMore:
+                    if complete:
+                        raise EncodeError("the file ends inside its header") from None
+                    head += fh.read()
+                    complete = True
+            yield spliced
+        else:
+            fh.seek(start)
+        while chunk := fh.read(READ_CHUNK):
+            yield chunk
+
+
+def inflated(path: Path, route: str | None) -> bytes:
+    """A Deflated Explicit VR Little Endian file as plain Explicit VR Little Endian."""
+    buf = path.read_bytes()
+    start = dataset_offset(buf)
+    body = zlib.decompress(buf[start:], -zlib.MAX_WBITS)
+    return splice_route(body, 0, route, False, True) if route is not None else body
+
+
+def _swap_to_little(ds: Dataset) -> None:
+    """pydicom re-encodes decoded values but keeps OW/OF/OD/OL/OV bytes raw: swap them."""
+    for elem in ds.iterall():
+        code = _WORD.get(elem.VR)
+        if code and isinstance(elem.value, bytes) and len(elem.value) % array(code).itemsize == 0:
+            words = array(code, elem.value)
+            words.byteswap()
+            elem.value = words.tobytes()
+
+
+def decoder_missing(transfer_syntax: str) -> str | None:
+    """None if pydicom can decompress this syntax here, else a hint of what to install."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        decoder = get_decoder(UID(transfer_syntax))
+    except (NotImplementedError, ValueError):
+        return "pydicom has no decoder for it"
+    if decoder.is_available:
+        return None
+    # missing_dependencies reads like "pillow - requires pillow>=10.0": keep the plugin names.
+    names = ", ".join(dict.fromkeys(d.split(" ")[0] for d in decoder.missing_dependencies))
+    return f"no decoder is installed (install one of: {names})" if names else "no decoder works"
+
+
+def transcode(path: Path, source_ts: str, target_ts: str, route: str | None) -> bytes:
+    """The data set re-encoded by pydicom in ``target_ts`` (decompressing when needed)."""
+    ds = dcmread(path, force=True)
+    if route is not None:
+        ds.PatientComments = route
+    src = UID(source_ts)
+    target = UID(target_ts)
+    if src.is_compressed and not target.is_compressed and src != DEFLATED_LE:
+        missing = decoder_missing(source_ts)
+        if missing:
+            raise EncodeError(
+                f"the peer accepts only uncompressed syntaxes for {ts_name(source_ts)} "
+                f"and {missing}"
+            )
+        try:
+            # Keep the SOP Instance UID: this is the same instance, only re-encoded.
+            ds.decompress(generate_instance_uid=False)
+        except Exception as exc:  # a decoder can fail on a corrupt or unusual stream
+            raise EncodeError(f"decompressing {ts_name(source_ts)} failed: {exc}") from exc
+    elif src == EXPLICIT_BE and target != EXPLICIT_BE:
+        _swap_to_little(ds)
+    fp = DicomBytesIO()
+    fp.is_little_endian = target != EXPLICIT_BE
+    fp.is_implicit_VR = target == IMPLICIT_LE
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    return _deflate(data) if target == DEFLATED_LE else bytes(data)
+
+
+def _deflate(data: bytes) -> bytes:
+    """Raw deflate (PS3.5 A.5), padded to even length: PDV fragments must be even (PS3.8)."""
+    comp = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = comp.compress(data) + comp.flush()
+    return out + b"\0" if len(out) % 2 else out
