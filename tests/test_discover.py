@@ -352,7 +352,10 @@ def test_archive_path_is_read_by_streaming(tmp_path: Path, fmt: str, name: str) 
     archive = _pack(root, tmp_path / name, fmt)
     assert archive_format(archive) == fmt
     from_dir = discover(root)
-    m = discover(archive)
+    events: list[ProgressEvent] = []
+    m = discover(archive, progress=events.append)
+    members = len(m.files) + len(m.skipped) + len(m.duplicates)
+    assert events[-1].current == events[-1].total == members
     assert m.source_archive == archive
     assert [(f.member, f.sop_instance_uid, f.size, f.series_number) for f in m.files] == [
         (f.path.relative_to(root).as_posix(), f.sop_instance_uid, f.size, f.series_number)

@@ -325,8 +325,13 @@ def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[t
     with zipfile.ZipFile(archive) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         report = _Progress(callback, len(infos), f"reading DICOM headers in {archive.name}")
+        report(0, force=True)
         for n, info in enumerate(infos, 1):
-            mtime = int(datetime(*info.date_time).timestamp() * 1e9)
+            report(n - 1)
+            try:
+                mtime = int(datetime(*info.date_time).timestamp() * 1e9)
+            except (ValueError, OverflowError):
+                mtime = 0  # a zip date that is not a date (month 0): keep the entry anyway
             if info.file_size == 0:
                 yield info.filename, _Skip("empty file (0 bytes)", 0)
                 continue
@@ -336,7 +341,7 @@ def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[t
             except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
                 # Encrypted members, unsupported compression, CRC errors.
                 yield info.filename, _Skip(f"archive member cannot be read ({exc})", 0)
-            report(n)
+        report(len(infos), force=True)
 
 
 def _tar_members(
@@ -344,11 +349,15 @@ def _tar_members(
 ) -> Iterator[tuple[str, _Result]]:
     # A compressed tar is read front to back once ("r|gz"), never seeked or extracted.
     report = _Progress(callback, 0, f"reading DICOM headers in {archive.name}")
+    report(0, force=True)
     opened = tarfile.open(archive, "r|gz") if gzipped else tarfile.open(archive, "r:")  # noqa: SIM115
+    n = 0
     with opened as tf:
-        for n, info in enumerate(tf, 1):
+        for info in tf:
             if info.isdir():
                 continue
+            report(n)
+            n += 1
             if not info.isfile():
                 yield info.name, _Skip("not a regular file (link or device entry)", 0)
                 continue
@@ -357,10 +366,12 @@ def _tar_members(
                 continue
             fp = tf.extractfile(info)
             if fp is None:
+                yield info.name, _Skip("archive member cannot be read", 0)
                 continue
             with fp:
                 yield info.name, _examine_stream(fp, info.size, int(info.mtime * 1e9))
-            report(n)
+    report.total = n  # known only now: a streamed tar has no index
+    report(n, force=True)
 
 
 def _examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> _Result:
