@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 import tracemalloc
 import warnings
 import zipfile
@@ -24,6 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+import xnatio
 from xnatio.dicomheader import (
     FIRST_READ,
     NeedFallback,
@@ -290,24 +295,54 @@ def test_names_do_not_matter_and_odd_entries_do_not_stop_the_walk(tmp_path: Path
     assert "already walked" in reasons["series link"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_and_folder_are_listed(tmp_path: Path) -> None:
-    s = _session(tmp_path, series=1, instances=2)
-    root = s.root
-    locked_file = next(iter(s.instances.values()))
-    locked_file.chmod(0)
-    locked_dir = root / "locked"
-    locked_dir.mkdir()
-    locked_dir.chmod(0)
+_LIST_SKIPPED = """
+import json, sys
+from xnatio.discover import discover
+m = discover(sys.argv[1])
+print(json.dumps({"files": len(m.files), "skipped": {r.path.name: r.reason for r in m.skipped}}))
+"""
+
+
+def _discover_without_privileges(root: Path) -> dict[str, object]:
+    """Discovery as an ordinary user: root itself reads files whatever their permissions, so
+    under root the walk runs in a child process switched to ``nobody`` (util-linux setpriv)."""
+    command = [sys.executable, "-c", _LIST_SKIPPED, str(root)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    src = str(Path(xnatio.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": src, "HOME": "/nonexistent"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    result: dict[str, object] = json.loads(run.stdout)
+    return result
+
+
+def test_unreadable_file_and_folder_are_listed() -> None:
+    # A world-traversable folder, so that the unprivileged child can reach the tree at all.
+    base = Path(tempfile.mkdtemp(prefix="xnatio-perm-"))
     try:
-        m = discover(root)
+        base.chmod(0o755)
+        s = generate_session(base / "session", series=1, instances=2, image_size=(8, 8))
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked_file = next(iter(s.instances.values()))
+        locked_file.chmod(0)
+        locked_dir = s.root / "locked"
+        locked_dir.mkdir()
+        (locked_dir / "inside").write_bytes(b"x")
+        locked_dir.chmod(0)
+        result = _discover_without_privileges(s.root)
     finally:
-        locked_dir.chmod(0o755)
-        locked_file.chmod(0o644)
-    reasons = {r.path.name: r.reason for r in m.skipped}
-    assert reasons[locked_file.name] == "not readable (permission denied)"
-    assert reasons["locked"] == "directory not readable (permission denied)"
-    assert len(m.files) == 1
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755)
+        shutil.rmtree(base)
+    assert result["files"] == 1
+    assert result["skipped"] == {
+        locked_file.name: "not readable (permission denied)",
+        "locked": "directory not readable (permission denied)",
+    }
 
 
 def test_bad_paths_are_one_sentence_usage_errors(tmp_path: Path) -> None:
