@@ -261,10 +261,10 @@ def test_memory_stays_bounded(tmp_path: Path, fmt: str) -> None:
     for i in range(60):
         p = root / f"f{i:03d}"
         with open(p, "wb") as fp:
-            fp.truncate(5_000_000 if i % 2 else 300_000)
+            fp.truncate(10_000_000 if i % 2 else 300_000)
         files.append(_record(p))
     total = sum(f.size for f in files)
-    assert total > 150_000_000
+    assert total > 300_000_000
     stream = make_archive_stream(files, fmt, root=root)
     tracemalloc.start()
     n = 0
