@@ -20,7 +20,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +206,12 @@ class _Tracker:
         self.total, self.bytes_total, self.batches_total = files, size, batches
         self.done = self.bytes_done = self.batches_done = self.batches_failed = 0
         self.cancel = threading.Event()
+        # The resume journal's hook: told of every file the peer confirmed, as it happens.
+        self.on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
+
+    def confirmed(self, outcome: FileOutcome) -> None:
+        if self.on_confirmed is not None and outcome.outcome is Outcome.UPLOADED:
+            self.on_confirmed([outcome])
 
     def report(
         self, *, files: int = 0, size: int = 0, batch: bool | None = None, msg: str = ""
@@ -333,6 +339,7 @@ def _run_association(
                     # The peer answered: this file is settled and never sent again.
                     pending.pop(0)
                     outcomes.append(_outcome(f, index, outcome, reason))
+                    tracker.confirmed(outcomes[-1])
                     tracker.report(files=1, size=f.size)
                     failures = 0
                 assoc.release()
@@ -389,6 +396,7 @@ def send_dicom_store(
     retries: int = 3,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
+    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
 ) -> UploadResult:
     """Send every DICOM file under ``source_dir`` to the SCP at ``host:port`` with C-STORE.
 
@@ -401,7 +409,8 @@ def send_dicom_store(
     ``acse_timeout`` for association set-up and release, ``dimse_timeout`` for each C-STORE
     response, ``network_timeout`` for connecting and any other read. An association that is
     lost is reopened up to ``retries`` times, with backoff, resuming after the last confirmed
-    file. ``manifest`` skips discovery when the caller has already run it.
+    file. ``manifest`` skips discovery when the caller has already run it. ``on_confirmed`` is
+    called from the association threads with each file the peer stored (the resume journal).
 
     Raises UsageError for bad arguments or several studies (unless ``allow_multiple_studies``),
     ConfigError when the peer rejects the AE titles, UnreachableError when the C-ECHO cannot get
@@ -447,6 +456,7 @@ def send_dicom_store(
 
     groups = plan_associations(manifest.files, num_batches)
     tracker = _Tracker(progress_callback, len(manifest.files), manifest.total_bytes, len(groups))
+    tracker.on_confirmed = on_confirmed
     tracker.report(msg=f"{len(groups)} association(s)")
     outcomes: dict[str, FileOutcome] = {}
     errors: list[str] = []
