@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
 import shutil
 import subprocess
 import tarfile
@@ -358,3 +359,65 @@ def test_zip_file_rewritten_while_streaming_is_reported(tmp_path: Path) -> None:
     with pytest.raises(SourceChangedError, match="changed while it was being sent"):
         for _ in chunks:
             pass
+
+
+JAVA_TAR_READER = textwrap.dedent(
+    """
+    import java.io.*;
+    import java.util.zip.*;
+    import org.apache.commons.compress.archivers.tar.*;
+
+    public class ReadTar {
+        public static void main(String[] args) throws Exception {
+            InputStream raw = new BufferedInputStream(new FileInputStream(args[0]));
+            if (args[0].endsWith(".gz")) raw = new GZIPInputStream(raw);
+            try (TarArchiveInputStream in = new TarArchiveInputStream(raw)) {
+                TarArchiveEntry e;
+                byte[] buf = new byte[65536];
+                while ((e = in.getNextTarEntry()) != null) {
+                    CRC32 crc = new CRC32();
+                    long n = 0;
+                    int r;
+                    while ((r = in.read(buf)) > 0) { crc.update(buf, 0, r); n += r; }
+                    String crcHex = Long.toHexString(crc.getValue());
+                    System.out.println(crcHex + " " + n + " " + e.getName());
+                }
+            }
+        }
+    }
+    """
+)
+
+
+def _commons_compress() -> Path | None:
+    # The user's real home (the tests' HOME is a temporary folder).
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    jars = sorted(home.glob(".m2/repository/org/apache/commons/commons-compress/*/*.jar"))
+    return jars[0] if jars else None
+
+
+@pytest.mark.parametrize("fmt", ["tar", "tgz"])
+def test_commons_compress_reads_the_tar(
+    odd_files: tuple[Path, list[DicomFile]], tmp_path: Path, fmt: str
+) -> None:
+    """XNAT reads tar uploads with commons-compress TarArchiveInputStream: long and unicode
+    names (PAX headers) must come through exactly."""
+    jar = _commons_compress()
+    if shutil.which("java") is None or jar is None:
+        pytest.skip("needs Java and a commons-compress jar in the local Maven repository")
+    root, files = odd_files
+    stream = make_archive_stream(files, fmt, root=root)
+    out = tmp_path / stream.filename
+    out.write_bytes(b"".join(stream))
+    source = tmp_path / "ReadTar.java"
+    source.write_text(JAVA_TAR_READER)
+    run = subprocess.run(
+        ["java", "-cp", str(jar), "-Dstdout.encoding=UTF-8", str(source), str(out)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    expected = [
+        f"{zlib.crc32(f.path.read_bytes()):x} {f.size} {name}" for name, f in stream.members
+    ]
+    assert run.stdout.decode("utf-8").splitlines() == expected
