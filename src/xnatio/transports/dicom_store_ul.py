@@ -25,6 +25,9 @@ IMPLEMENTATION_VERSION = "XNATIO_01"
 # carries a typical image, small enough to bound the copy made per fragment.
 UNLIMITED_SEND_PDU = 1 << 20
 
+# Linux only: acknowledge at once instead of the delayed ACK (~40 ms), see _recv_exact.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
 # PS3.8 9.3.4 A-ASSOCIATE-RJ: (source, reason) -> meaning.
 _REJECT_REASONS = {
     (1, 1): "no reason given",
@@ -260,6 +263,8 @@ class Association:
         got = 0
         while got < n:
             try:
+                if _QUICKACK is not None:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
                 k = self.sock.recv_into(view[got:])
             except TimeoutError as exc:
                 self._drop()
