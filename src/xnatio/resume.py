@@ -1,0 +1,405 @@
+"""One resumable, verified upload, whatever the transport:
+
+    lock target -> journal: what is still unconfirmed -> send only that (the transport reports each
+    confirmed batch/file as it goes) -> commit if needed -> read back and compare -> journal update
+
+Both transports plug in through :data:`Send`; everything else (lock, journal, earlier-run
+outcomes, verification, the resume hint on Ctrl-C) lives here once. Callers: ``xio upload-dicom``
+(``xnatio.cli.upload``) and the Python API.
+
+Outcomes of a resumed run: files confirmed by an earlier run are ``UPLOADED`` with the reason
+``"sent by an earlier run (journal)"``; read-back turns every file it finds into ``VERIFIED`` and
+every file it cannot find into ``FAILED`` (and drops it from the journal, so the next run sends it
+again). A run exits 0 only when every DICOM file was confirmed and, unless ``--no-verify``,
+found on the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from xnatio.errors import EXIT_INTERRUPTED, ServerError, XnatioError
+from xnatio.journal import Journal, JournalRun, Target
+from xnatio.models import (
+    Batch,
+    DicomFile,
+    FileOutcome,
+    Manifest,
+    Outcome,
+    ProgressCallback,
+    UploadResult,
+)
+from xnatio.retry import RetryPolicy
+from xnatio.verify import VerifyReport, verify_session
+from xnatio.xnat.client import XnatClient, quote
+
+if TYPE_CHECKING:
+    from xnatio.transports.rest import RestTarget
+
+log = logging.getLogger(__name__)
+
+
+class Confirmations(Protocol):
+    """What a transport reports into, from its worker threads, as the server confirms files."""
+
+    def files_confirmed(self, files: Sequence[DicomFile], session_uri: str = "") -> None: ...
+
+    def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None: ...
+
+
+class _NoJournal:
+    def files_confirmed(self, files: Sequence[DicomFile], session_uri: str = "") -> None:
+        pass
+
+    def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None:
+        pass
+
+
+Send = Callable[[Manifest, Confirmations, "str | None"], UploadResult]
+"""``send(manifest_of_files_to_send, confirmations, overwrite)``: one transport run.
+
+``overwrite`` is None for a first run; ``"append"`` when files of this session were sent by an
+earlier run (the server may already hold the session, which must merge, not answer 409), and
+``"delete"`` when some of the files to send changed since an earlier run sent them (the server's
+copy must be replaced). A user's own ``--overwrite delete`` wins over ``append``.
+"""
+
+Commit = Callable[[str], str]
+"""Commit what earlier runs sent when nothing is left to send (REST): gets the prearchive URI
+the journal remembered, returns the archived session's URI."""
+
+ReadBack = Callable[[Sequence[DicomFile]], VerifyReport]
+
+
+class UploadInterrupted(XnatioError):
+    """Ctrl-C (or SIGTERM): the journal is consistent; the same command resumes."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeOptions:
+    journal: Path | None = None  # None: the default journal (see xnatio.journal)
+    restart: bool = False  # forget what the journal remembers for this target and source
+    wait: bool = False  # wait for another run on the same target instead of refusing
+    verify: bool = True
+    use_journal: bool = True  # False: no journal, no lock (dry runs, library users who opt out)
+
+
+def resumable_upload(
+    target: Target,
+    manifest: Manifest,
+    send: Send,
+    *,
+    options: ResumeOptions = ResumeOptions(),
+    commit: Commit | None = None,
+    read_back: ReadBack | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> UploadResult:
+    """Send what the journal has not seen confirmed, commit, verify; see the module docstring."""
+    say = notify or (lambda msg: log.info("%s", msg))
+    if not options.verify:
+        read_back = None
+    if not options.use_journal:
+        result = send(manifest, _NoJournal(), None)
+        committed = _committed(result, needs_commit=commit is not None)
+        return _finish(result, manifest, None, read_back, say, committed=committed)
+    journal = Journal(options.journal)
+    lock = journal.lock(target)
+    try:
+        lock.acquire(wait=options.wait, on_wait=say)
+        run = journal.open_run(target, manifest, restart=options.restart)
+        done, todo = run.split()
+        if done:
+            say(
+                f"resuming: {len(done)} of {len(manifest.files)} files were confirmed by an "
+                f"earlier run; sending the other {len(todo)}"
+            )
+        try:
+            result, committed = _send_rest_of(run, manifest, done, todo, send, commit, say)
+        except KeyboardInterrupt:
+            confirmed = len(run.split()[0])
+            raise UploadInterrupted(
+                f"interrupted: {confirmed} of {len(manifest.files)} files are confirmed; "
+                "run the same command again to send the rest"
+            ) from None
+        return _finish(result, manifest, run, read_back, say, committed=committed)
+    finally:
+        lock.release()
+        journal.close()
+
+
+def _send_rest_of(
+    run: JournalRun,
+    manifest: Manifest,
+    done: list[DicomFile],
+    todo: list[DicomFile],
+    send: Send,
+    commit: Commit | None,
+    say: Callable[[str], None],
+) -> tuple[UploadResult, bool]:
+    """Send ``todo`` (or only commit); returns the result and whether the session is committed."""
+    started = time.monotonic()
+    if not todo and commit is not None and not run.committed:
+        say("every file was sent by an earlier run; committing the session")
+        try:
+            uri = commit(run.session_uri)
+        except ServerError as exc:
+            if exc.status != 404:
+                raise
+            # The prearchive session the earlier run filled is gone (deleted by someone, or
+            # archived elsewhere): what the journal remembers is stale, so send it all again.
+            say("the earlier run's prearchive session is gone; sending every file again")
+            run.forget(done)
+            done, todo = [], list(manifest.files)
+        else:
+            run.record_commit(uri)
+    if todo:
+        part = Manifest(
+            root=manifest.root,
+            files=todo,
+            skipped=manifest.skipped,
+            duplicates=manifest.duplicates,
+            source_archive=manifest.source_archive,
+        )
+        changed = run.changed_since_sent(todo)
+        overwrite = "delete" if changed else ("append" if done else None)
+        if changed:
+            say(
+                f"{len(changed)} file(s) changed since an earlier run sent them: sending them "
+                "again, replacing the server's copies (overwrite=delete)"
+            )
+        result = send(part, run, overwrite)
+        # The hook may have seen them already; recording twice is harmless (same rows).
+        run.record_outcomes(result.files)
+        committed = _committed(result, needs_commit=commit is not None)
+        if committed:
+            run.record_commit(result.session_uri)
+    else:
+        result = UploadResult(success=True, total_files=0, duration=0.0, total_size_mb=0.0)
+        if not run.committed:
+            run.record_commit()  # nothing known to commit: read-back will tell
+        committed = True
+        result.session_uri = run.session_uri
+        result.duration = time.monotonic() - started
+    result.files.extend(run.earlier_outcomes(done))
+    result.total_files = len(manifest.files)
+    result.total_size_mb = manifest.total_bytes / 1e6
+    return result, committed
+
+
+def _committed(result: UploadResult, *, needs_commit: bool) -> bool:
+    """Did the transport's run end with the session committed (REST) or sent (C-STORE)?
+
+    The REST transport reports the archive URI after a successful commit and the prearchive URI
+    when the commit failed (section 1: every batch answers with the prearchive URI).
+    """
+    if not needs_commit:
+        return True
+    return bool(result.session_uri) and "/prearchive/" not in result.session_uri
+
+
+def _finish(
+    result: UploadResult,
+    manifest: Manifest,
+    run: JournalRun | None,
+    read_back: ReadBack | None,
+    say: Callable[[str], None],
+    *,
+    committed: bool,
+) -> UploadResult:
+    """Read back (if asked and the session was committed) and settle every file's outcome."""
+    sent = [o for o in result.files if o.outcome is Outcome.UPLOADED]
+    if not committed and sent:
+        result.errors.append(
+            "the session was not committed, so its files are not archived yet; "
+            "run the same command again to retry the commit"
+        )
+    elif read_back is not None and sent:
+        say(f"verifying {len(manifest.files)} files against the server")
+        report = read_back(manifest.files)
+        apply_verification(result, report)
+        if run is not None:
+            missing = [f for f, _ in report.problems]
+            if missing:
+                run.forget(missing)
+            if report.ok and not result.failed:
+                run.record_verified()
+    result.success = committed and not result.failed and bool(result.uploaded or not manifest.files)
+    return result
+
+
+def apply_verification(result: UploadResult, report: VerifyReport) -> None:
+    """VERIFIED for what read-back found; FAILED (with why) for what it did not."""
+    by_path = {o.path: o for o in report.outcomes()}
+    for o in result.files:
+        if o.outcome is not Outcome.UPLOADED:
+            continue  # a failed file keeps the transport's reason; skipped stays skipped
+        found = by_path.get(o.path)
+        if found is None:
+            continue
+        o.outcome = found.outcome
+        if found.outcome is Outcome.FAILED:
+            o.reason = found.reason
+        # VERIFIED keeps its reason ("sent by an earlier run (journal)", transport notes).
+    result.verified = report.ok
+    if not report.ok:
+        problems = report.problems
+        result.errors.append(
+            f"verification: {len(problems)} file(s) missing or different on the server"
+        )
+        result.errors.extend(f"{f.path}: {why}" for f, why in problems[:20])
+
+
+# -- the two transports, wired for resume ---------------------------------------------------------
+
+
+def rest_target_of(server: str, project: str, subject: str, session: str) -> Target:
+    return Target.rest(server, project, subject, session)
+
+
+def resumable_rest_upload(
+    client: XnatClient,
+    manifest: Manifest,
+    target: RestTarget,
+    *,
+    options: ResumeOptions = ResumeOptions(),
+    retry: RetryPolicy | None = None,
+    progress_callback: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    notify: Callable[[str], None] | None = None,
+    plan: Callable[[Manifest], list[Batch]] | None = None,
+) -> UploadResult:
+    """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
+
+    ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`).
+
+    When earlier runs already put files of this session on the server, the batches are sent with
+    ``overwrite=append`` (unless the caller chose ``delete``): the archived session must merge,
+    not answer 409 "Session already exists".
+    """
+    from xnatio.transports.rest import RestUploader
+    from xnatio.uploaders import plan_rest_upload
+
+    def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
+        t = target
+        if overwrite is not None and t.overwrite != "delete":
+            t = dataclasses.replace(t, overwrite=overwrite)
+        if plan is not None and part.source_archive is None:
+            batches = plan(part)
+        else:
+            batches = plan_rest_upload(
+                part.root, num_batches=t.num_batches, manifest=part, allow_multiple_studies=True
+            ).batches
+        uploader = RestUploader(
+            client,
+            t,
+            retry=retry,
+            progress_callback=progress_callback,
+            cancel=cancel,
+            on_confirmed=hook.on_confirmed,
+        )
+        return uploader.upload(part, batches)
+
+    def commit(remembered_uri: str) -> str:
+        t = (
+            target
+            if target.overwrite != "none"
+            else dataclasses.replace(target, overwrite="append")
+        )
+        uploader = RestUploader(client, t, retry=retry)
+        archived = ""
+        # The server, not our memory, says what is waiting: every prearchive session of this
+        # label still receiving (section 3), committed with the transport's own final step.
+        for uri in waiting_prearchive_sessions(client, target.project, target.session):
+            archived = uploader.commit_session(uri)
+        return archived
+
+    def read_back(files: Sequence[DicomFile]) -> VerifyReport:
+        return verify_session(client, target.project, target.subject, target.session, files)
+
+    result = resumable_upload(
+        Target.rest(client.server, target.project, target.subject, target.session),
+        manifest,
+        send,
+        options=options,
+        commit=commit,
+        read_back=read_back,
+        notify=notify,
+    )
+    result.transport = "rest"
+    result.project, result.subject, result.session = target.project, target.subject, target.session
+    return result
+
+
+# Prearchive states in which a session still waits for a commit (section 3).
+_WAITING = {"RECEIVING", "RECEIVING_INTERRUPT", "READY"}
+
+
+def waiting_prearchive_sessions(client: XnatClient, project: str, label: str) -> list[str]:
+    """``/data/prearchive/...`` URIs of the prearchive sessions named ``label`` awaiting commit."""
+    data = client.get_json(f"/data/prearchive/projects/{quote(project)}")
+    try:
+        rows = data["ResultSet"]["Result"]
+    except (KeyError, TypeError):
+        return []
+    out = []
+    for row in rows:
+        if not isinstance(row, dict) or row.get("name") != label:
+            continue
+        if str(row.get("status", "")) in _WAITING and row.get("url"):
+            url = str(row["url"])
+            out.append(url if url.startswith("/data/") else "/data" + url)
+    return out
+
+
+def resumable_dicom_store_upload(
+    manifest: Manifest,
+    host: str,
+    port: int,
+    called_aet: str,
+    *,
+    project: str,
+    subject: str,
+    session: str,
+    options: ResumeOptions = ResumeOptions(),
+    notify: Callable[[str], None] | None = None,
+    **send_options: Any,
+) -> UploadResult:
+    """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
+    confirmation, recorded as it arrives). ``send_options`` go to
+    :func:`xnatio.transports.dicom_store.send_dicom_store` (calling AE title, batches, timeouts,
+    routing, retries, progress).
+
+    No read-back here: XNAT's DICOM receiver builds the session only after an idle period
+    (section 6), so the files cannot be checked right after sending; run ``xio verify`` later.
+    """
+    from xnatio.transports.dicom_store import send_dicom_store
+
+    def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
+        # No overwrite with C-STORE: XNAT files a re-sent instance over the same one.
+        return send_dicom_store(
+            part.root,
+            host,
+            port,
+            called_aet,
+            project=project,
+            subject=subject,
+            session=session,
+            manifest=part,
+            on_confirmed=hook.on_confirmed,
+            **send_options,
+        )
+
+    target = Target.dicom(host, port, called_aet, project, subject, session)
+    result = resumable_upload(target, manifest, send, options=options, notify=notify)
+    result.transport = "dicom-store"
+    result.project, result.subject, result.session = project, subject, session
+    return result
