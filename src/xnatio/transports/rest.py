@@ -1,0 +1,775 @@
+"""REST transport: stream series-aligned archives into XNAT's import service, then archive once.
+
+The shape of one upload (sections 1 and 3 of ``shared/xnat-api.md``)::
+
+    PUT subject ─▶ N × POST /data/services/import (prevent_auto_commit, no dest)
+                ─▶ the same prearchive URI from every batch
+                ─▶ POST {URI}?action=commit ─▶ 301 archive URI (auto-archive project)
+                                             └▶ 200 ─▶ POST /data/services/archive?src=…&dest=…
+
+Sending every batch to the prearchive without ``dest`` and committing once is what the XNAT Desktop
+Client does: with an ``/archive`` dest every request would build and archive the same session and
+concurrent requests would race ("Unable to lock session for archiving", lost files).
+
+Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
+
+* ``upload_workers`` threads send batches: never more than that many import requests in flight,
+  and the connection pool of the client is sized to it.
+* ``archive_workers`` threads prepare the next batches while others upload (stat every source
+  file against discovery, lay out the archive); packing itself (tar/zip headers, gzip for tgz)
+  happens inside the streaming request body, so nothing is built ahead in memory or on disk.
+* A semaphore of ``upload_workers + archive_workers`` slots is taken before a batch is handed to
+  the preparers and released when its upload ends, so at most that many batches exist at once.
+
+Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
+in a batch, its archive layout) + upload_workers × (2 × ``CHUNK`` [+ ~256 KiB zlib state for
+tgz]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No temporary
+copy of the dataset is ever written.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from xnatio.archive import SourceChangedError, check_sources, make_archive_stream
+from xnatio.errors import ServerError, UsageError, XnatioError
+from xnatio.models import (
+    Batch,
+    DicomFile,
+    FileOutcome,
+    Manifest,
+    Outcome,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    UploadResult,
+)
+from xnatio.retry import RetryPolicy, Sleep
+from xnatio.xnat.client import XnatClient, quote
+from xnatio.xnat.errors import TransientError, bad_member
+
+log = logging.getLogger(__name__)
+
+IMPORT_PATH = "/data/services/import"
+ARCHIVE_PATH = "/data/services/archive"
+CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
+OVERWRITE_MODES = ("none", "append", "delete")
+ARCHIVE_FORMATS = ("tar", "zip", "tgz")
+# Content types XNAT's DICOM-zip importer maps to a reader (section 1: raw bodies are named from
+# the Content-Type, and anything else is "Unsupported format").
+ARCHIVE_CONTENT_TYPES = {
+    ".zip": "application/zip",
+    ".tar": "application/x-tar",
+    ".tgz": "application/x-gtar",
+    ".tar.gz": "application/x-gtar",
+}
+
+
+class UploadCancelled(XnatioError):
+    """The upload was cancelled (Ctrl-C or a fatal error elsewhere) while a body was streaming."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestTarget:
+    """Where a session goes and how: the knobs of one REST upload.
+
+    ``overwrite``: ``none`` sends no ``overwrite`` parameter at all (XNAT turns merging on for any
+    value, ``none`` included); ``append`` merges into an existing session, ``delete`` also
+    replaces clashing files. ``direct_archive``: XNAT ≥ 1.8.3 Direct-Archive per batch.
+    """
+
+    project: str
+    subject: str
+    session: str
+    num_batches: int = 42
+    upload_workers: int = 42
+    archive_workers: int = 5
+    archive_format: str = "tar"
+    overwrite: str = "none"
+    direct_archive: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("project", "subject", "session"):
+            if not getattr(self, name).strip():
+                raise UsageError(f"the XNAT {name} label must not be empty")
+        if self.archive_format not in ARCHIVE_FORMATS:
+            raise UsageError(f"archive format must be one of {', '.join(ARCHIVE_FORMATS)}")
+        if self.overwrite not in OVERWRITE_MODES:
+            raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}")
+        for name in ("num_batches", "upload_workers", "archive_workers"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def archive_dest(self) -> str:
+        return (
+            f"/archive/projects/{quote(self.project)}/subjects/{quote(self.subject)}"
+            f"/experiments/{quote(self.session)}"
+        )
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Thread-safe counters behind the UPLOAD events; byte updates are throttled to ~10/s."""
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        *,
+        files_total: int,
+        bytes_total: int,
+        batches_total: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._last = 0.0
+        self.files_total, self.bytes_total, self.batches_total = (
+            files_total,
+            bytes_total,
+            batches_total,
+        )
+        self.files_done = self.bytes_done = self.batches_done = self.batches_failed = 0
+
+    def phase(self, phase: Phase, current: int, total: int, message: str = "") -> None:
+        if self._callback is not None:
+            self._callback(self._event(phase, current, total, message))
+
+    def _event(self, phase: Phase, current: int, total: int, message: str) -> ProgressEvent:
+        return ProgressEvent(
+            phase=phase,
+            current=current,
+            total=total,
+            message=message,
+            bytes_done=self.bytes_done,
+            bytes_total=self.bytes_total,
+            batches_done=self.batches_done,
+            batches_failed=self.batches_failed,
+            batches_total=self.batches_total,
+        )
+
+    def update(
+        self, *, nbytes: int = 0, files: int = 0, batch_done: bool = False, failed: bool = False
+    ) -> None:
+        with self._lock:
+            self.bytes_done += nbytes
+            self.files_done += files
+            if batch_done:
+                self.batches_done += 1
+                self.batches_failed += int(failed)
+            now = self._clock()
+            if not batch_done and not files and now - self._last < 0.1:
+                return
+            self._last = now
+            event = self._event(Phase.UPLOAD, self.files_done, self.files_total, "")
+        if self._callback is not None:
+            self._callback(event)
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+class _Body:
+    """A streamed request body over a re-iterable archive: counts bytes, stops on cancel.
+
+    Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts):
+    wire bytes scaled by ``payload / size`` for a sized archive; for tgz, whose compressed size
+    is unknown, the payload is reported when the stream ends. Each ``iter()`` starts the archive
+    again (a retry, or a resend after a 401) and takes back what the previous pass reported. An
+    exception raised by the archive (a source file vanished) is kept in ``error``, because
+    urllib3 may wrap it into a connection error on its way out.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        payload: int,
+        progress: _Progress,
+        cancel: threading.Event,
+        size: int | None = None,
+    ) -> None:
+        self._chunks = chunks
+        self._payload = payload
+        self._scale = payload / size if size else 0.0
+        self._progress = progress
+        self._cancel = cancel
+        self._sent = 0
+        self._reported = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.take_back()
+        self.error = None
+        pending: list[bytes] = []
+        size = 0
+        try:
+            for chunk in self._chunks:
+                if self._cancel.is_set():
+                    raise UploadCancelled("upload cancelled")
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= CHUNK:
+                    yield self._flush(pending, size)
+                    pending, size = [], 0
+            if pending:
+                yield self._flush(pending, size)
+            self._report(self._payload)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def _flush(self, pending: list[bytes], size: int) -> bytes:
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._sent += size
+        if self._scale:
+            self._report(min(self._payload, int(self._sent * self._scale)))
+        return data
+
+    def _report(self, reported: int) -> None:
+        if reported != self._reported:
+            self._progress.update(nbytes=reported - self._reported)
+            self._reported = reported
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """After a failed send: forget this pass's bytes and return the real cause."""
+        self.take_back()
+        return self.error if self.error is not None else exc
+
+    def take_back(self) -> None:
+        """Forget the bytes of a failed pass (progress may go backwards after a retry)."""
+        self._sent = 0
+        self._report(0)
+
+
+class _SizedBody(_Body):
+    """A body of known size: ``len()`` makes requests send an exact Content-Length (no chunking)."""
+
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        payload: int,
+        progress: _Progress,
+        cancel: threading.Event,
+        size: int | None = None,
+    ) -> None:
+        super().__init__(chunks, payload, progress, cancel, size)
+        self._size = size or 0
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class _FileChunks:
+    """Re-iterable chunks of one file on disk (an archive PATH sent as is)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self.path.open("rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                yield chunk
+
+
+def archive_content_type(path: Path) -> str:
+    name = path.name.lower()
+    for ext in (".tar.gz", ".tgz", ".zip", ".tar"):
+        if name.endswith(ext):
+            return ARCHIVE_CONTENT_TYPES[ext]
+    raise UsageError(f"{path} is not a .zip, .tar, .tar.gz or .tgz archive")
+
+
+def display_path(f: DicomFile) -> str:
+    return str(f.path / f.member) if f.member is not None else str(f.path)
+
+
+def _uris(text: str) -> list[str]:
+    """Lines of a ``text/uri-list`` answer (CRLF-separated; comments start with ``#``)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """State of one upload shared by the workers (guarded by ``lock``)."""
+
+    # (path, archive member) of each DicomFile -> its outcome
+    outcomes: dict[tuple[Path, str | None], FileOutcome] = field(default_factory=dict)
+    session_uris: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RestUploader:
+    """Sends one discovered session with a shared :class:`XnatClient`.
+
+    Side effects are constructor arguments so tests replace them without patching: ``clock``
+    (durations, progress throttling), ``sleep`` (retry backoff), ``cancel`` (set it from another
+    thread to stop the upload; Ctrl-C in the calling thread sets it too). ``on_confirmed`` is called
+    from worker threads with the outcomes of each batch the server confirmed (the resume journal).
+    """
+
+    def __init__(
+        self,
+        client: XnatClient,
+        target: RestTarget,
+        *,
+        retry: RetryPolicy | None = None,
+        progress_callback: ProgressCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep | None = None,
+        cancel: threading.Event | None = None,
+        on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.progress_callback = progress_callback
+        self.clock = clock
+        self.sleep = sleep
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.on_confirmed = on_confirmed
+
+    # -- public ---------------------------------------------------------------------------
+
+    def upload(self, manifest: Manifest, batches: list[Batch]) -> UploadResult:
+        """Send ``batches`` (planned from ``manifest``), commit, and account for every file."""
+        started = self.clock()
+        run = _Run()
+        progress = _Progress(
+            self.progress_callback,
+            files_total=len(manifest.files),
+            bytes_total=manifest.total_bytes,
+            batches_total=len(batches),
+            clock=self.clock,
+        )
+        for f in manifest.files:
+            run.outcomes[_key(f)] = FileOutcome(
+                path=display_path(f),
+                outcome=Outcome.FAILED,
+                reason="not sent",
+                sop_instance_uid=f.sop_instance_uid,
+                series_uid=f.series_uid,
+                size=f.size,
+            )
+        committed = True
+        try:
+            progress.phase(Phase.CONNECT, 0, 1, f"connecting to {self.client.server}")
+            if not self.client.logged_in:
+                self.client.login()
+            if not self.target.direct_archive:
+                # The archive step needs the subject; a Direct-Archive upload must not pre-create
+                # anything (section 4: pre-created sessions make XNAT fall back to the prearchive).
+                self.client.put_subject(self.target.project, self.target.subject)
+            progress.phase(Phase.CONNECT, 1, 1, "connected")
+            progress.phase(Phase.UPLOAD, 0, len(manifest.files), "uploading")
+            if manifest.source_archive is not None:
+                self._send_archive_file(manifest, run, progress)
+            else:
+                self._pipeline(manifest, batches, run, progress)
+            if run.session_uris and not self.cancel.is_set():
+                committed = self._commit(run, progress)
+        except BaseException:
+            self.cancel.set()
+            raise
+        return self._result(manifest, batches, run, progress, started, committed)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _pipeline(
+        self, manifest: Manifest, batches: list[Batch], run: _Run, progress: _Progress
+    ) -> None:
+        t = self.target
+        slots = threading.BoundedSemaphore(t.upload_workers + t.archive_workers)
+        prepare_pool = ThreadPoolExecutor(t.archive_workers, thread_name_prefix="xnatio-prep")
+        send_pool = ThreadPoolExecutor(t.upload_workers, thread_name_prefix="xnatio-send")
+        done = threading.Semaphore(0)
+
+        def prepared(batch: Batch, fut: Future[list[DicomFile]]) -> None:
+            try:
+                if self.cancel.is_set():
+                    raise UploadCancelled("upload cancelled")
+                files = fut.result()
+                sent = send_pool.submit(
+                    self._send_guarded, batch, files, manifest.root, run, progress
+                )
+            except BaseException as exc:  # the batch is reported, others go on
+                if not self.cancel.is_set():
+                    self._fail(run, batch.files, f"could not prepare the batch: {exc}", batch.index)
+                    progress.update(batch_done=True, failed=True)
+                slots.release()
+                done.release()
+                return
+            sent.add_done_callback(finished)
+
+        def finished(_: Future[None]) -> None:
+            slots.release()
+            done.release()
+
+        submitted = 0
+        try:
+            for batch in batches:
+                # Blocks while upload_workers + archive_workers batches are in the pipeline.
+                while not slots.acquire(timeout=0.5):
+                    if self.cancel.is_set():
+                        break
+                if self.cancel.is_set():
+                    break
+                fut = prepare_pool.submit(self._prepare, batch, run)
+                fut.add_done_callback(functools.partial(prepared, batch))
+                submitted += 1
+            for _ in range(submitted):
+                while not done.acquire(timeout=0.5):
+                    if self.cancel.is_set():
+                        return
+        except BaseException:
+            # Ctrl-C in this (main) thread: streaming bodies see the event and stop mid-read.
+            self.cancel.set()
+            raise
+        finally:
+            stop = self.cancel.is_set()
+            prepare_pool.shutdown(wait=not stop, cancel_futures=True)
+            send_pool.shutdown(wait=not stop, cancel_futures=True)
+
+    def _prepare(self, batch: Batch, run: _Run) -> list[DicomFile]:
+        """Check the batch's files against discovery; return those still fit to send."""
+        ok, bad = check_sources(list(batch.files))
+        for f, reason in bad:
+            self._fail(run, [f], reason, batch.index)
+        return list(ok)
+
+    def _params(self) -> dict[str, str]:
+        t = self.target
+        params = {
+            "import-handler": "DICOM-zip",
+            "PROJECT_ID": t.project,
+            "SUBJECT_ID": t.subject,
+            "EXPT_LABEL": t.session,
+            "inbody": "true",
+        }
+        if t.direct_archive:
+            params["Direct-Archive"] = "true"
+            if t.overwrite != "none":
+                params["overwrite"] = t.overwrite
+        else:
+            # No dest: the batch stays RECEIVING in the prearchive until our single commit.
+            params["prevent_auto_commit"] = "true"
+        return params
+
+    def _send_guarded(
+        self, batch: Batch, files: list[DicomFile], root: Path, run: _Run, progress: _Progress
+    ) -> None:
+        """:meth:`_send_batch`, with a bug in it reported on the batch's files, not lost."""
+        try:
+            self._send_batch(batch, files, root, run, progress)
+        except Exception as exc:
+            log.exception("batch %d: unexpected error", batch.index + 1)
+            with run.lock:
+                left = [f for f in files if run.outcomes[_key(f)].reason == "not sent"]
+            self._give_up(
+                run, left, RuntimeError(f"internal error: {exc!r}"), 0, batch.index, progress
+            )
+
+    def _send_batch(
+        self, batch: Batch, files: list[DicomFile], root: Path, run: _Run, progress: _Progress
+    ) -> None:
+        """Send one batch until it lands, fails for good, or the upload is cancelled.
+
+        Files XNAT cannot read as DICOM, and files that vanish or change while streaming, are
+        failed one by one with their reason and the rest of the batch is sent again (no
+        ``Ignore-Unparsable``: every file must be accounted for). Transient failures are retried
+        with backoff; anything else fails the batch with XNAT's message.
+        """
+        remaining = list(files)
+        partial = len(remaining) < len(batch.files)
+        retry_number = 0
+        while remaining and not self.cancel.is_set():
+            stream = make_archive_stream(remaining, self.target.archive_format, root=root)
+            payload = sum(f.size for f in remaining)
+            body = (
+                _SizedBody(stream, payload, progress, self.cancel, stream.size)
+                if stream.size is not None
+                else _Body(stream, payload, progress, self.cancel)
+            )
+            try:
+                resp = self._post_import(body, stream.content_type)
+            except Exception as exc:  # classified below; the batch is always accounted for
+                err = body.failure(exc)
+                if isinstance(err, UploadCancelled) or self.cancel.is_set():
+                    return
+                culprit = _culprit(err, stream.members)
+                if culprit is not None:
+                    self._fail(run, [culprit[0]], culprit[1], batch.index)
+                    gone = _key(culprit[0])
+                    remaining = [f for f in remaining if _key(f) != gone]
+                    partial = True
+                    continue
+                if self._wait_to_retry(err, retry_number, f"batch {batch.index + 1}"):
+                    retry_number += 1
+                    continue
+                self._give_up(run, remaining, err, retry_number, batch.index, progress)
+                return
+            self._landed(run, remaining, resp, batch.index, progress, partial)
+            return
+
+    def _send_archive_file(self, manifest: Manifest, run: _Run, progress: _Progress) -> None:
+        """PATH is an archive: one request with the file as is, streamed from disk."""
+        archive = manifest.source_archive
+        assert archive is not None
+        files = list(manifest.files)
+        content_type = archive_content_type(archive)
+        retry_number = 0
+        while not self.cancel.is_set():
+            try:
+                size = archive.stat().st_size
+            except OSError as exc:
+                self._give_up(run, files, exc, 0, 0, progress)
+                return
+            body = _SizedBody(
+                _FileChunks(archive), manifest.total_bytes, progress, self.cancel, size
+            )
+            try:
+                resp = self._post_import(body, content_type)
+            except Exception as exc:  # classified below; the files are always accounted for
+                err = body.failure(exc)
+                if isinstance(err, UploadCancelled) or self.cancel.is_set():
+                    return
+                if self._wait_to_retry(err, retry_number, archive.name):
+                    retry_number += 1
+                    continue
+                self._give_up(run, files, err, retry_number, 0, progress)
+                return
+            self._landed(run, files, resp, 0, progress, partial=False)
+            return
+
+    def _post_import(self, body: _Body, content_type: str) -> requests.Response:
+        # Not retried inside the client: a streamed body is rebuilt (and its files re-checked)
+        # by the caller for every attempt.
+        return self.client.request(
+            "POST",
+            IMPORT_PATH,
+            params=self._params(),
+            data=body,
+            headers={"Content-Type": content_type},
+            idempotent_retry=False,
+        )
+
+    def _wait_to_retry(self, err: BaseException, retry_number: int, what: str) -> bool:
+        """Back off before another attempt when ``err`` is transient and retries are left."""
+        if not isinstance(err, TransientError) or retry_number >= self.retry.retries:
+            return False
+        log.info("%s: %s; retrying (%d/%d)", what, err, retry_number + 1, self.retry.retries)
+        return self.retry.wait(retry_number, err.retry_after, cancel=self.cancel, sleep=self.sleep)
+
+    def _give_up(
+        self,
+        run: _Run,
+        files: list[DicomFile],
+        err: BaseException,
+        retry_number: int,
+        batch: int,
+        progress: _Progress,
+    ) -> None:
+        reason = _reason(err)
+        if isinstance(err, TransientError) and retry_number:
+            reason = f"{reason} (gave up after {retry_number + 1} attempts)"
+        self._fail(run, files, reason, batch)
+        self._error(run, f"batch {batch + 1}: {reason}")
+        progress.update(batch_done=True, failed=True)
+
+    def _landed(
+        self,
+        run: _Run,
+        files: list[DicomFile],
+        resp: requests.Response,
+        batch: int,
+        progress: _Progress,
+        partial: bool,
+    ) -> None:
+        uris = _uris(resp.text)
+        if not uris:
+            # 200 with an empty list: every entry was filtered out (section 1); nothing stored.
+            reason = "XNAT accepted the request but stored none of its files"
+            self._fail(run, files, reason, batch)
+            self._error(run, f"batch {batch + 1}: {reason}")
+            progress.update(batch_done=True, failed=True)
+            return
+        self._confirm(run, files, uris[0], batch)
+        progress.update(files=len(files), batch_done=True, failed=partial)
+
+    # -- commit -----------------------------------------------------------------------------
+
+    def _commit(self, run: _Run, progress: _Progress) -> bool:
+        """Build and archive each prearchive session the batches landed in; True when all did."""
+        ok = True
+        uris = list(dict.fromkeys(run.session_uris))
+        for i, uri in enumerate(uris):
+            progress.phase(Phase.COMMIT, i, len(uris), f"committing {uri}")
+            try:
+                archived = self.commit_session(uri)
+            except XnatioError as exc:
+                message = exc.message if isinstance(exc, ServerError) else str(exc)
+                self._error(run, f"commit of {uri} failed: {message}")
+                ok = False
+                continue
+            run.session_uris[run.session_uris.index(uri)] = archived
+            progress.phase(Phase.COMMIT, i + 1, len(uris), f"archived as {archived}")
+        run.session_uris[:] = list(dict.fromkeys(run.session_uris))
+        return ok
+
+    def commit_session(self, uri: str) -> str:
+        """Build and archive one prearchive session; return its archive URI.
+
+        ``POST {uri}?action=commit`` answers 301 with the archive URI when the project
+        auto-archives, else 200 and the session waits in the prearchive, so it is archived to the
+        requested labels with ``POST /data/services/archive`` (section 3). Transient archive races
+        are retried by the client. Also the way to finish a resumed upload with nothing left to
+        send.
+        """
+        if "/prearchive/" not in uri:
+            return uri  # already in the archive (Direct-Archive, or a site routing rule)
+        resp = self.client.request("POST", uri, params={"action": "commit"})
+        if resp.status_code in (301, 302, 303):
+            # The project auto-archives: the answer points at the archived session.
+            location = resp.headers.get("Location") or (_uris(resp.text) or [""])[0]
+            return _strip_server(location, self.client.server) or uri
+        # 200: built and still in the prearchive; archive it to the requested labels.
+        src = uri[len("/data") :] if uri.startswith("/data/") else uri
+        params = {"src": src, "dest": self.target.archive_dest}
+        if self.target.overwrite != "none":
+            params["overwrite"] = self.target.overwrite
+        resp = self.client.request("POST", ARCHIVE_PATH, params=params)
+        archived = _uris(resp.text)
+        if not archived:
+            raise ServerError(f"archiving {src} returned no archive URI", status=resp.status_code)
+        return archived[0]
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _fail(self, run: _Run, files: Iterable[DicomFile], reason: str, batch: int) -> None:
+        with run.lock:
+            for f in files:
+                o = run.outcomes[_key(f)]
+                o.outcome, o.reason, o.batch = Outcome.FAILED, reason, batch
+
+    def _error(self, run: _Run, message: str) -> None:
+        with run.lock:
+            run.errors.append(message)
+
+    def _confirm(self, run: _Run, files: list[DicomFile], uri: str, batch: int) -> None:
+        with run.lock:
+            confirmed = [run.outcomes[_key(f)] for f in files]
+            for o in confirmed:
+                o.outcome, o.reason, o.batch = Outcome.UPLOADED, "", batch
+            if uri not in run.session_uris:
+                run.session_uris.append(uri)
+        if self.on_confirmed is not None:
+            self.on_confirmed(confirmed)
+
+    def _result(
+        self,
+        manifest: Manifest,
+        batches: list[Batch],
+        run: _Run,
+        progress: _Progress,
+        started: float,
+        committed: bool,
+    ) -> UploadResult:
+        files = [run.outcomes[_key(f)] for f in manifest.files]
+        files += skipped_outcomes(manifest)
+        failed_batches = {o.batch for o in files if o.outcome is Outcome.FAILED}
+        duration = self.clock() - started
+        t = self.target
+        result = UploadResult(
+            success=committed
+            and bool(run.session_uris)
+            and not any(o.outcome is Outcome.FAILED for o in files),
+            total_files=len(manifest.files),
+            duration=duration,
+            total_size_mb=manifest.total_bytes / 1e6,
+            errors=list(run.errors),
+            files=files,
+            transport="rest",
+            upload_id=uuid.uuid4().hex,
+            project=t.project,
+            subject=t.subject,
+            session=t.session,
+            studies=manifest.studies(),
+            batches_total=len(batches),
+            batches_failed=len(failed_batches - {None}),
+            session_uri=run.session_uris[0] if run.session_uris else "",
+        )
+        progress.phase(Phase.DONE, len(result.uploaded), result.total_files, "done")
+        return result
+
+
+def _key(f: DicomFile) -> tuple[Path, str | None]:
+    return (f.path, f.member)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a file's reason: XNAT's own message for server errors."""
+    if isinstance(exc, ServerError):
+        return exc.message
+    if isinstance(exc, XnatioError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+def skipped_outcomes(manifest: Manifest) -> list[FileOutcome]:
+    """SKIPPED outcomes for what discovery set aside (not DICOM, DICOMDIR, duplicates)."""
+    return [
+        FileOutcome(path=str(s.path), outcome=Outcome.SKIPPED, reason=s.reason, size=s.size)
+        for s in [*manifest.skipped, *manifest.duplicates]
+    ]
+
+
+def _culprit(
+    err: BaseException, members: Sequence[tuple[str, DicomFile]]
+) -> tuple[DicomFile, str] | None:
+    """The one file to drop from a batch, and why, when ``err`` is about a single file."""
+    if isinstance(err, SourceChangedError):
+        return err.file, err.reason
+    if isinstance(err, ServerError) and err.status == 400:
+        culprit = _find_member(bad_member(err.message), members)
+        if culprit is not None:
+            return culprit, f"XNAT could not read it: {err.message}"
+    return None
+
+
+def _find_member(name: str | None, members: Sequence[tuple[str, DicomFile]]) -> DicomFile | None:
+    """The file behind the archive entry name XNAT reported (exact, then by path suffix)."""
+    if not name:
+        return None
+    name = name.strip().lstrip("/")
+    by_name = dict(members)
+    if name in by_name:
+        return by_name[name]
+    # XNAT may report the entry under a prefix of its own (or we under a longer one).
+    matches = [f for n, f in members if n.endswith("/" + name) or name.endswith("/" + n)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _strip_server(uri: str, server: str) -> str:
+    if uri.startswith(server):
+        return uri[len(server) :]
+    if "://" in uri:
+        return "/" + uri.split("://", 1)[1].split("/", 1)[-1]
+    return uri
