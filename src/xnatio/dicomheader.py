@@ -401,21 +401,27 @@ def read_header_stream(fp: IO[bytes]) -> HeaderFields:
         return parse_prefix(first, more)
     except NeedFallback:
         pass
-    try:
+    if _seekable(fp):
         fp.seek(0)
-    except (OSError, ValueError):
-        # A member of a compressed tar cannot seek back: spool it (in memory up to a limit, on
-        # disk beyond) so pydicom can read it; only odd files ever take this path.
-        import shutil
-        import tempfile
+        return read_with_pydicom(fp)
+    # A member of a compressed tar cannot seek back: spool it (in memory up to a limit, on disk
+    # beyond) so pydicom can read it; only odd files ever take this path.
+    import shutil
+    import tempfile
 
-        with tempfile.SpooledTemporaryFile(max_size=MAX_HEADER) as spool:
-            for chunk in consumed:
-                spool.write(chunk)
-            shutil.copyfileobj(fp, spool)
-            spool.seek(0)
-            return read_with_pydicom(spool)
-    return read_with_pydicom(fp)
+    with tempfile.SpooledTemporaryFile(max_size=MAX_HEADER) as spool:
+        for chunk in consumed:
+            spool.write(chunk)
+        shutil.copyfileobj(fp, spool)
+        spool.seek(0)
+        return read_with_pydicom(spool)
+
+
+def _seekable(fp: IO[bytes]) -> bool:
+    try:
+        return bool(fp.seekable())
+    except Exception:  # tarfile's stream mode raises AttributeError from deep inside
+        return False
 
 
 def read_header_fd(fd: int) -> HeaderFields:
