@@ -153,6 +153,7 @@ class Received:
     syntaxes: list[str] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)  # SOP UIDs answered with success/warning
     associations: int = 0
+    rejected: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -167,10 +168,12 @@ def scp() -> Iterator[Callable[..., tuple[int, Received]]]:
         syntaxes: list[str] | None = None,
         sop_classes: list[str] | None = None,
         require_called: bool = False,
+        max_associations: int = 10,
     ) -> tuple[int, Received]:
         got = Received()
         ae = AE(ae_title="XNAT")
         ae.require_called_aet = require_called
+        ae.maximum_associations = max_associations
         ts = syntaxes or ALL_TRANSFER_SYNTAXES
         if sop_classes is None:
             for cx in AllStoragePresentationContexts:
@@ -195,10 +198,18 @@ def scp() -> Iterator[Callable[..., tuple[int, Received]]]:
             with got.lock:
                 got.associations += 1
 
+        def on_reject(event: Any) -> None:
+            with got.lock:
+                got.rejected += 1
+
         server = ae.start_server(
             ("127.0.0.1", 0),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_open)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, on_store),
+                (evt.EVT_ACCEPTED, on_open),
+                (evt.EVT_REJECTED, on_reject),
+            ],
         )
         servers.append(server)
         return server.server_address[1], got
@@ -496,3 +507,34 @@ def test_discovers_when_no_manifest_is_given(
     assert result.success
     assert len(got.datasets) == result.total_files == 12
     assert all(d.PatientComments == "Project:PRJ" for d in got.datasets)
+
+
+def test_transiently_rejected_associations_are_retried(
+    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dicom_store, "BACKOFF_BASE", 0.05)
+    port, got = scp(max_associations=1)  # the others are rejected: local limit exceeded
+    result = send(session, port, num_batches=4, retries=20)
+    assert result.success, result.errors
+    assert got.rejected > 0 and got.associations == 1 + 4
+    assert sorted(got.stored) == sorted(o.sop_instance_uid for o in result.files)
+
+
+def test_ctrl_c_stops_every_association(
+    session: Path, scp: Callable[..., tuple[int, Received]]
+) -> None:
+    stop = threading.Event()
+
+    def slow(ds: Dataset, event: Any) -> int:
+        stop.wait(0.2)
+        return 0x0000
+
+    def interrupt(e: ProgressEvent) -> None:
+        if e.phase is Phase.UPLOAD and e.current >= 2:
+            raise KeyboardInterrupt
+
+    port, got = scp(status_for=slow)
+    with pytest.raises(KeyboardInterrupt):
+        send(session, port, num_batches=2, progress_callback=interrupt)
+    stop.set()
+    assert len(got.stored) < 12

@@ -179,7 +179,9 @@ def echo(peer: _Peer) -> None:
                 f"DICOM peer {peer.host}:{peer.port} rejected the association: {which} AE title "
                 f"{title!r} is not recognised there (check {flag})."
             ) from None
-        raise UnreachableError(f"DICOM peer {peer.where}: {exc}.") from None
+        raise UnreachableError(
+            f"DICOM peer {peer.where} rejected the association: {exc.why}."
+        ) from None
     except AssociationLost as exc:
         raise UnreachableError(f"DICOM peer {peer.where}: {exc} during C-ECHO.") from None
     try:
@@ -206,8 +208,25 @@ class _Tracker:
         self.total, self.bytes_total, self.batches_total = files, size, batches
         self.done = self.bytes_done = self.batches_done = self.batches_failed = 0
         self.cancel = threading.Event()
+        self.open: set[Association] = set()
         # The resume journal's hook: told of every file the peer confirmed, as it happens.
         self.on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
+
+    def opened(self, assoc: Association | None, closed: Association | None = None) -> None:
+        with self.lock:
+            if assoc is not None:
+                self.open.add(assoc)
+            if closed is not None:
+                self.open.discard(closed)
+        if assoc is not None and self.cancel.is_set():
+            assoc.interrupt()
+
+    def stop(self) -> None:
+        """Ctrl-C or a fatal error: every association stops now, mid-file if need be."""
+        self.cancel.set()
+        with self.lock:
+            for assoc in self.open:
+                assoc.interrupt()
 
     def confirmed(self, outcome: FileOutcome) -> None:
         if self.on_confirmed is not None and outcome.outcome is Outcome.UPLOADED:
@@ -331,6 +350,7 @@ def _run_association(
         except UpperLayerError as exc:
             lost = exc
         else:
+            tracker.opened(assoc)
             try:
                 while pending and not tracker.cancel.is_set():
                     f = in_flight = pending[0]
@@ -348,6 +368,9 @@ def _run_association(
                 lost = exc
             finally:
                 assoc.abort()
+                tracker.opened(None, closed=assoc)
+        if tracker.cancel.is_set():
+            break
         error = str(lost)
         failures += 1
         if in_flight is not None and in_flight is suspect:
@@ -477,7 +500,7 @@ def send_dicom_store(
                 if gave_up:
                     errors.append(gave_up)
         except BaseException:
-            tracker.cancel.set()  # Ctrl-C: every association stops after its current file
+            tracker.stop()  # Ctrl-C (or a callback that raised): every association stops now
             raise
 
     files = [outcomes[str(f.path)] for f in manifest.files]

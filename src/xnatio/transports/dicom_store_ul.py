@@ -71,8 +71,8 @@ class AssociationRejected(UpperLayerError):
         self.result, self.source, self.reason = result, source, reason
         self.permanent = result == 1
         text = _REJECT_REASONS.get((source, reason), f"reason {reason}")
-        kind = "permanently" if self.permanent else "transiently"
-        super().__init__(f"the peer {kind} rejected the association: {text}")
+        self.why = f"{text} ({'permanent' if self.permanent else 'transient'})"
+        super().__init__(f"the peer rejected the association: {self.why}")
 
     @property
     def bad_ae_title(self) -> bool:
@@ -235,7 +235,7 @@ def _text(raw: bytes | None) -> str:
     return raw.rstrip(b"\0 ").decode("ascii", "replace") if raw else ""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
 class Association:
     """One established association; use :func:`open_association` to make one."""
 
@@ -404,6 +404,11 @@ class Association:
         with contextlib.suppress(OSError):
             self.sock.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0))
         self._drop()
+
+    def interrupt(self) -> None:
+        """From another thread: wake a blocked read or write at once (Ctrl-C)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _drop(self) -> None:
         self._closed = True
