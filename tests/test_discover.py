@@ -389,6 +389,9 @@ def test_archive_path_is_read_by_streaming(tmp_path: Path, fmt: str, name: str) 
     odd = _dataset(ExplicitVRBigEndian)
     odd.StudyInstanceUID = s.study_uid
     odd.save_as(root / "big endian", enforce_file_format=True)
+    # "S001.dup" sorts before "S001/..." as a string but after it as a path: the copy in the
+    # folder S001 is the first one both ways.
+    shutil.copyfile(next(iter(s.instances.values())), root / "S001.dup")
     archive = _pack(root, tmp_path / name, fmt)
     assert archive_format(archive) == fmt
     from_dir = discover(root)
@@ -404,7 +407,10 @@ def test_archive_path_is_read_by_streaming(tmp_path: Path, fmt: str, name: str) 
     assert all(f.path == archive for f in m.files)
     assert "big endian" in {f.member for f in m.files}
     assert sorted(r.path.name for r in m.skipped) == ["DICOMDIR", "notes.txt"]
-    assert len(m.duplicates) == 1
+    assert sorted(d.path.name for d in m.duplicates) == ["S001.dup", "copy of first instance"]
+    assert [d.reason for d in m.duplicates] == [
+        d.reason.replace(f"{root}/", "") for d in from_dir.duplicates
+    ]
 
 
 def test_unsupported_or_corrupt_archive(tmp_path: Path) -> None:

@@ -316,7 +316,8 @@ def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manif
             members = list(_tar_members(archive, fmt == "tgz", callback))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise UsageError(f"{archive} could not be read as a {fmt} archive: {exc}.") from None
-    members.sort(key=lambda m: m[0])
+    # Path order (by component), as the directory walk yields: "a/b" before "a.b".
+    members.sort(key=lambda m: m[0].split("/"))
     _collect(manifest, members, lambda name: (archive, name))
     return manifest
 
