@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny sessions and one run each: checks the harness in seconds, measures nothing",
     )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="generate the cached data and install the peers, then stop (nothing measured)",
+    )
     p.add_argument("--only", help="run only these contenders (comma-separated names)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("--markdown", type=Path, help="also write the tables to this Markdown file")
@@ -85,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     runner = Runner(log=lambda s: print(s, flush=True), keep=args.keep, only=only)
+    if args.prepare_only:
+        for case in cases:
+            runner.prepare_case(case)
+        print(f"prepared in {time.perf_counter() - started:.0f} s")
+        return 0
     results: list[CaseResult] = []
     try:
         for case in cases:

@@ -41,9 +41,13 @@ class DataSpec:
 
     @property
     def layout(self) -> tuple[int, int]:
-        """(series, instances per series): whole series, at least ``files`` instances in all."""
-        series = max(1, math.ceil(self.files / INSTANCES_PER_SERIES))
-        return series, math.ceil(self.files / series)
+        """(series, instances per series): equal series of at most 300 files, exactly ``files``
+        in all where a divisor allows it (2,000 = 8 x 250), else at least ``files``."""
+        least = max(1, math.ceil(self.files / INSTANCES_PER_SERIES))
+        for series in range(least, 2 * least + 1):
+            if self.files % series == 0:
+                return series, self.files // series
+        return least, math.ceil(self.files / least)
 
     @property
     def key(self) -> str:

@@ -52,6 +52,7 @@ class Case:
     baseline: str | None = None
     knobs: dict[str, float] = field(default_factory=dict)
     needs_tar: bool = False
+    moves_bytes: bool = True  # False for discovery: it reads headers only, MB/s means nothing
     auth_sandbox: bool = False
     timeout: float = 900.0
 
@@ -147,6 +148,7 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                         "none",
                         [c.discover_api(), c.xio_dry_run()],
                         reps(name),
+                        moves_bytes=False,
                     )
                 )
         elif name == "scale":
@@ -271,13 +273,20 @@ class Runner:
                 self._prepared[key] = str(exc)
         return self._prepared[key]
 
-    def run_case(self, case: Case) -> CaseResult:
-        self.log(f"== {case.name} (repeat {case.repeat})")
+    def prepare_case(self, case: Case) -> tuple[Dataset, Path | None, Path | None]:
+        """The case's cached data (session, tar, .dcm view) and its contenders' tools."""
         dataset = ensure_dataset(case.data, self.log)
         tar = ensure_tar(dataset, self.log) if case.needs_tar else None
         dcm_view = (
             ensure_dcm_view(dataset) if any(x.name == "xnatctl" for x in case.contenders) else None
         )
+        for x in case.contenders:
+            self._prepare(x)
+        return dataset, tar, dcm_view
+
+    def run_case(self, case: Case) -> CaseResult:
+        self.log(f"== {case.name} (repeat {case.repeat})")
+        dataset, tar, dcm_view = self.prepare_case(case)
         warmed = warm_cache(dataset)
         self.log(
             f"   {dataset.files} files, {dataset.bytes / MB:.0f} MB; page cache warmed "
@@ -334,7 +343,7 @@ class Runner:
                 inv.cmd,
                 env=env,
                 cwd=workdir,
-                watch={"client_tmp": ctx.tmp},
+                watch={"client_tmp": ctx.tmp, "client_home": ctx.home},
                 log_dir=workdir / "client-log",
                 timeout=case.timeout,
                 stdin_text=inv.stdin_text,
@@ -358,11 +367,18 @@ class Runner:
             wall_s=measured.wall_s,
             metric_s=metric,
             files_per_s=dataset.files / metric if ok and metric > 0 else None,
-            mb_per_s=dataset.bytes / MB / metric if ok and metric > 0 else None,
+            mb_per_s=dataset.bytes / MB / metric
+            if ok and metric > 0 and case.moves_bytes
+            else None,
             peak_rss_mb=measured.peak_rss_mb,
             peak_tmp_mb=measured.peak_tmp_mb["client_tmp"],
             server=server_peaks,
-            details={"landed": checked.landed, **checked.details},
+            details={
+                "landed": checked.landed,
+                # State kept under HOME (xio's resume journal, xnatctl's session cache).
+                "home_mb": round(measured.peak_tmp_mb["client_home"], 3),
+                **checked.details,
+            },
         )
 
     def _start_receivers(self, case: Case, ctx: c.RunContext) -> None:

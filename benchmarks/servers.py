@@ -114,8 +114,10 @@ class Sandbox:
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"{exc}; its log: {self.log_tail()}") from exc
-        # The server's own temp use is watched for the whole run (it is not the client's).
-        self.sampler = Sampler(self.proc.pid, {"server_tmp": self.tmp_dir}, interval=0.2)
+        # The server's own temp use (TMPDIR and its spool, DATA/tmp) is watched for the whole
+        # run: it is not the client's.
+        watch = {"tmpdir": self.tmp_dir, "spool": data / "tmp"}
+        self.sampler = Sampler(self.proc.pid, watch, interval=0.2)
         self.sampler.__enter__()
 
     def _wait_ready(self) -> None:
@@ -145,9 +147,11 @@ class Sandbox:
         peaks: dict[str, float] = {}
         if self.sampler is not None:
             self.sampler.__exit__(None, None, None)
+            tmp = self.sampler.peaks.tmp_bytes
             peaks = {
                 "server_rss_mb": self.sampler.peaks.rss_bytes / 1e6,
-                "server_tmp_mb": self.sampler.peaks.tmp_bytes["server_tmp"] / 1e6,
+                # Upper bound: the two peaks need not have been at the same moment.
+                "server_tmp_mb": (tmp["tmpdir"] + tmp["spool"]) / 1e6,
             }
             self.sampler = None
         if self.proc is not None:
