@@ -284,6 +284,9 @@ def test_names_do_not_matter_and_odd_entries_do_not_stop_the_walk(tmp_path: Path
     os.mkfifo(root / "fifo")  # opening it would block forever
     (root / "deep" / "a").mkdir(parents=True)
     os.symlink(root / "S001", root / "deep" / "a" / "series link")  # a second route to S001
+    (root / "zz real").mkdir()  # reached first through a link that sorts before it
+    shutil.copyfile(first.parent / "i1234.MRDC.1", root / "zz real" / "copy")
+    os.symlink(root / "zz real", root / "a link")
     m = discover(root, workers=2)
     assert {f.sop_instance_uid for f in m.files} == set(s.instances)
     reasons = {r.path.name: r.reason for r in m.skipped}
@@ -293,6 +296,8 @@ def test_names_do_not_matter_and_odd_entries_do_not_stop_the_walk(tmp_path: Path
     assert "self" in reasons
     assert "already walked" in reasons["up"]
     assert "already walked" in reasons["series link"]
+    assert reasons["zz real"] == "folder already walked through a symbolic link"
+    assert [d.path for d in m.duplicates] == [root / "a link" / "copy"]
 
 
 _LIST_SKIPPED = """

@@ -177,12 +177,12 @@ def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
                 st = entry.stat()
                 key = (st.st_dev, st.st_ino)
                 if key in visited:
-                    if entry.is_symlink():
-                        skipped.append(
-                            SkippedFile(
-                                Path(entry.path), "symbolic link to a folder already walked"
-                            )
-                        )
+                    reason = (
+                        "symbolic link to a folder already walked"
+                        if entry.is_symlink()
+                        else "folder already walked through a symbolic link"
+                    )
+                    skipped.append(SkippedFile(Path(entry.path), reason))
                     continue
                 visited.add(key)
                 enter(entry.path)
