@@ -8,6 +8,7 @@ unchanged.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import subprocess
 import threading
@@ -30,7 +31,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import MRImageStorage, Verification, register_uid
 
-from xnatio.errors import ConfigError, UnreachableError
+from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, SkippedFile
 from xnatio.synth import generate_session
 from xnatio.transports import dicom_store
@@ -538,3 +539,34 @@ def test_ctrl_c_stops_every_association(
         send(session, port, num_batches=2, progress_callback=interrupt)
     stop.set()
     assert len(got.stored) < 12
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_members_of_a_zip_or_tar_path_are_sent(
+    tmp_path: Path, session: Path, scp: Callable[..., tuple[int, Received]], kind: str
+) -> None:
+    from xnatio.discover import discover
+
+    archive = Path(shutil.make_archive(str(tmp_path / "upload"), kind, session))
+    port, got = scp()
+    result = send_dicom_store(archive, "127.0.0.1", port, num_batches=3, project="PRJ")
+
+    assert result.success, result.errors
+    on_disk = {dcmread(p).SOPInstanceUID: dcmread(p) for p in session.rglob("*") if p.is_file()}
+    arrived = {ds.SOPInstanceUID: ds for ds in got.datasets}
+    assert set(arrived) == set(on_disk)
+    for uid, ds in arrived.items():
+        assert ds.PixelData == on_disk[uid].PixelData
+        assert ds.PatientComments == "Project:PRJ"
+    assert all(o.path.startswith(f"{archive}/") for o in result.files)
+    assert len(discover(archive).files) == result.total_files == 12
+
+
+def test_gzipped_tar_path_is_refused_with_a_hint(
+    tmp_path: Path, session: Path, scp: Callable[..., tuple[int, Received]]
+) -> None:
+    archive = shutil.make_archive(str(tmp_path / "upload"), "gztar", session)
+    port, got = scp()
+    with pytest.raises(UsageError, match=r"compressed tar.*--transport rest"):
+        send_dicom_store(archive, "127.0.0.1", port)
+    assert got.associations == 0

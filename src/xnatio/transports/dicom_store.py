@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pydicom.uid import UID
 
@@ -49,6 +51,7 @@ from xnatio.transports.dicom_store_encode import (
     transcode,
     ts_name,
 )
+from xnatio.transports.dicom_store_source import SourceReader
 from xnatio.transports.dicom_store_status import meaning
 from xnatio.transports.dicom_store_ul import (
     CONTEXT_RESULTS,
@@ -257,9 +260,14 @@ class _Tracker:
                 )
 
 
+def display_path(f: DicomFile) -> str:
+    """The file's path, or ``archive/member`` for a member of an archive PATH (as REST does)."""
+    return str(f.path / f.member) if f.member is not None else str(f.path)
+
+
 def _outcome(f: DicomFile, batch: int, outcome: Outcome, reason: str = "") -> FileOutcome:
     return FileOutcome(
-        str(f.path), outcome, reason, f.sop_instance_uid, f.series_uid, f.size, batch
+        display_path(f), outcome, reason, f.sop_instance_uid, f.series_uid, f.size, batch
     )
 
 
@@ -284,23 +292,37 @@ def _choose(assoc: Association, f: DicomFile) -> tuple[int, str] | str:
     )
 
 
-def _payload(f: DicomFile, target_ts: str, route: str | None) -> Iterator[bytes]:
-    source = f.transfer_syntax_uid
-    if target_ts == source:
-        return read_as_is(Path(f.path), source, route)
-    if source == DEFLATED_LE and target_ts == EXPLICIT_LE:
-        return iter([inflated(Path(f.path), route)])
-    return iter([transcode(Path(f.path), source, target_ts, route)])
+def _payload(
+    f: DicomFile, target_ts: str, route: str | None, reader: SourceReader
+) -> Iterator[bytes]:
+    source_ts = f.transfer_syntax_uid
+    source = reader.open(f)
+    if target_ts == source_ts:
+        return _closing(source, read_as_is(source, source_ts, route))
+    with contextlib.nullcontext(source) if isinstance(source, Path) else source:
+        if source_ts == DEFLATED_LE and target_ts == EXPLICIT_LE:
+            return iter([inflated(source, route)])
+        return iter([transcode(source, source_ts, target_ts, route)])
 
 
-def _send_one(assoc: Association, f: DicomFile, route: str | None) -> tuple[Outcome, str]:
+def _closing(source: Path | IO[bytes], pieces: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        yield from pieces
+    finally:
+        if not isinstance(source, Path):
+            source.close()
+
+
+def _send_one(
+    assoc: Association, f: DicomFile, route: str | None, reader: SourceReader
+) -> tuple[Outcome, str]:
     """Send one file; AssociationLost propagates (the file is then not confirmed)."""
     choice = _choose(assoc, f)
     if isinstance(choice, str):
         return Outcome.FAILED, choice
     context_id, target = choice
     try:
-        pieces = _payload(f, target, route)
+        pieces = _payload(f, target, route, reader)
         # Read the first piece before the request goes out: a file that vanished or cannot be
         # parsed fails alone, and the association stays usable.
         first = next(pieces, b"")
@@ -333,6 +355,7 @@ def _run_association(
     route: str | None,
     retries: int,
     tracker: _Tracker,
+    reader: SourceReader,
 ) -> tuple[list[FileOutcome], str | None]:
     """Send one planned association's files; reopen it after a loss, resuming after the last
     confirmed file. Returns the outcomes and, if it gave up, the one-line reason."""
@@ -354,7 +377,7 @@ def _run_association(
             try:
                 while pending and not tracker.cancel.is_set():
                     f = in_flight = pending[0]
-                    outcome, reason = _send_one(assoc, f, route)
+                    outcome, reason = _send_one(assoc, f, route, reader)
                     in_flight = suspect = None
                     # The peer answered: this file is settled and never sent again.
                     pending.pop(0)
@@ -457,11 +480,7 @@ def send_dicom_store(
     if manifest is None:
         manifest = discover(source_dir, progress=progress_callback)
     check_single_study(manifest, allow_multiple=allow_multiple_studies)
-    if manifest.source_archive is not None:
-        raise UsageError(
-            f"{manifest.source_archive} is an archive: C-STORE sends files, so unpack it first "
-            "or use --transport rest."
-        )
+    reader = SourceReader(manifest.source_archive)
 
     peer = _Peer(
         host,
@@ -486,7 +505,7 @@ def send_dicom_store(
     failed_batches = 0
     with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="c-store") as pool:
         futures = [
-            pool.submit(_run_association, i, g, peer, route, retries, tracker)
+            pool.submit(_run_association, i, g, peer, route, retries, tracker, reader)
             for i, g in enumerate(groups)
         ]
         try:
@@ -503,7 +522,7 @@ def send_dicom_store(
             tracker.stop()  # Ctrl-C (or a callback that raised): every association stops now
             raise
 
-    files = [outcomes[str(f.path)] for f in manifest.files]
+    files = [outcomes[display_path(f)] for f in manifest.files]
     for o in files:
         if o.outcome is Outcome.FAILED and len(errors) < 20:
             errors.append(f"{o.path}: {o.reason}")

@@ -8,11 +8,13 @@ change (the peer refused the file's own transfer syntax) or the header cannot be
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -154,13 +156,22 @@ def splice_route(
     return bytes(out)
 
 
-def read_as_is(path: Path, transfer_syntax: str, route: str | None) -> Iterator[bytes]:
+Source = Path | IO[bytes]
+
+
+def _opened(source: Source) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """A path is opened (and closed) here; an open stream is the caller's to close."""
+    return source.open("rb") if isinstance(source, Path) else contextlib.nullcontext(source)
+
+
+def read_as_is(source: Source, transfer_syntax: str, route: str | None) -> Iterator[bytes]:
     """The file's data set in its own transfer syntax, in pieces of about READ_CHUNK bytes.
 
     Without a route the bytes after the File Meta Information go out untouched. With one, only
-    the header changes; pixel data and everything else are the file's own bytes.
+    the header changes; pixel data and everything else are the file's own bytes. The source is
+    read once, front to back (an archive member streams too).
     """
-    with path.open("rb") as fh:
+    with _opened(source) as fh:
         head = fh.read(_HEAD)
         complete = len(head) < _HEAD
         try:
@@ -169,19 +180,14 @@ def read_as_is(path: Path, transfer_syntax: str, route: str | None) -> Iterator[
             head += fh.read()
             complete = True
             start = dataset_offset(head)
+        sent = len(head) - start
         if transfer_syntax == DEFLATED_LE:
-            # The whole data set is one raw deflate stream (PS3.5 A.5): inflate, splice, deflate.
-            body = zlib.decompress(head[start:] + fh.read(), -zlib.MAX_WBITS)
             if route is not None:
-                body = splice_route(body, 0, route, implicit=False, little=True)
-                yield _deflate(body)
+                # One raw deflate stream (PS3.5 A.5): inflate, splice, deflate again.
+                body = zlib.decompress(head[start:] + fh.read(), -zlib.MAX_WBITS)
+                yield _deflate(splice_route(body, 0, route, implicit=False, little=True))
                 return
-            fh.seek(start)
-            while chunk := fh.read(READ_CHUNK):
-                yield chunk
-            if (fh.tell() - start) % 2:
-                yield b"\0"  # PS3.5 A.5: an odd deflated stream is padded with one NUL byte
-            return
+            yield head[start:]
         elif route is not None:
             implicit = transfer_syntax == IMPLICIT_LE
             little = transfer_syntax != EXPLICIT_BE
@@ -196,14 +202,18 @@ def read_as_is(path: Path, transfer_syntax: str, route: str | None) -> Iterator[
                     complete = True
             yield spliced
         else:
-            fh.seek(start)
+            yield head[start:]
         while chunk := fh.read(READ_CHUNK):
+            sent += len(chunk)
             yield chunk
+        if transfer_syntax == DEFLATED_LE and sent % 2:
+            yield b"\0"  # PS3.5 A.5: an odd deflated stream is padded with one NUL byte
 
 
-def inflated(path: Path, route: str | None) -> bytes:
+def inflated(source: Source, route: str | None) -> bytes:
     """A Deflated Explicit VR Little Endian file as plain Explicit VR Little Endian."""
-    buf = path.read_bytes()
+    with _opened(source) as fh:
+        buf = fh.read()
     start = dataset_offset(buf)
     body = zlib.decompress(buf[start:], -zlib.MAX_WBITS)
     return splice_route(body, 0, route, False, True) if route is not None else body
@@ -234,9 +244,10 @@ def decoder_missing(transfer_syntax: str) -> str | None:
     return f"no decoder is installed (install one of: {names})" if names else "no decoder works"
 
 
-def transcode(path: Path, source_ts: str, target_ts: str, route: str | None) -> bytes:
+def transcode(source: Source, source_ts: str, target_ts: str, route: str | None) -> bytes:
     """The data set re-encoded by pydicom in ``target_ts`` (decompressing when needed)."""
-    ds = dcmread(path, force=True)
+    with _opened(source) as fh:
+        ds = dcmread(fh, force=True)
     if route is not None:
         ds.PatientComments = route
     src = UID(source_ts)
