@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from xnatio.sandbox import SandboxServer
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +31,21 @@ def isolated_home(
     monkeypatch.delenv("NETRC", raising=False)  # else a developer's netrc file is read
     monkeypatch.setenv("NO_COLOR", "1")
     yield home
+
+
+@pytest.fixture
+def xnat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
+    """A started local XNAT (xnatio.sandbox) on an ephemeral port, with a fresh data dir.
+
+    Login: ``xnat_server.username`` / ``xnat_server.password`` ("admin" / "admin-secret");
+    ``xnat_server.url``; ``xnat_server.set_knobs(...)`` for latency and faults.
+    """
+    from xnatio.sandbox import SandboxServer
+
+    server = SandboxServer(
+        tmp_path_factory.mktemp("xnat-data"), users={"admin": "admin-secret"}
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()

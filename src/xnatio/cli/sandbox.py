@@ -2,17 +2,111 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
 
+from xnatio.errors import UsageError
 from xnatio.synth import EXTRAS, generate_session
 
 
-@click.command()
-def sandbox() -> None:
-    """Run a local XNAT-compatible server (for tests, demos and benchmarks)."""
-    raise click.ClickException("the sandbox server is not built yet")
+@click.command(
+    epilog="""\b
+Example:
+  xio sandbox --data-dir /tmp/xnat --port 8080 --user admin --password secret
+  xio sandbox --data-dir /tmp/xnat --latency-ms 40 --bandwidth-mbps 200 --auto-archive DEMO
+
+\b
+Knobs can be changed while it runs (JSON, no login needed, loopback test server):
+  curl -X POST localhost:8080/_sandbox/knobs -d '{"fail_next": 2, "fail_status": 503}'
+  curl localhost:8080/_sandbox/stats
+"""
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where uploads and the SQLite index are kept (reused across restarts).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, help="Port (0 picks a free one).")
+@click.option("--user", default="admin", show_default=True, help="Login accepted by the server.")
+@click.option(
+    "--password", default="admin", show_default=True, help="Password of --user (a test server)."
+)
+@click.option("--latency-ms", type=float, default=0.0, help="Delay added to every request.")
+@click.option("--per-file-ms", type=float, default=0.0, help="Processing time per DICOM file.")
+@click.option(
+    "--bandwidth-mbps", type=float, default=0.0, help="Upload bandwidth cap in Mbit/s (0: none)."
+)
+@click.option(
+    "--session-timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="JSESSION idle timeout in seconds.",
+)
+@click.option(
+    "--auto-archive",
+    "auto_archive",
+    multiple=True,
+    metavar="PROJECT",
+    help="Project whose prearchive setting is auto-archive (repeatable).",
+)
+def sandbox(
+    *,
+    data_dir: Path,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    latency_ms: float,
+    per_file_ms: float,
+    bandwidth_mbps: float,
+    session_timeout: float,
+    auto_archive: tuple[str, ...],
+) -> None:
+    """Run a local XNAT-compatible server (for tests, demos and benchmarks).
+
+    It speaks XNAT's REST API for uploads (import service, prearchive, archive, read-back,
+    resources, JSESSION and alias tokens) and stores what it receives under --data-dir.
+    Stop it with Ctrl-C.
+    """
+    from xnatio.sandbox import Knobs, SandboxServer
+
+    knobs = Knobs(
+        latency_ms=latency_ms,
+        per_file_ms=per_file_ms,
+        bandwidth_mbps=bandwidth_mbps,
+        auto_archive_projects=list(auto_archive),
+    )
+    server = SandboxServer(
+        data_dir,
+        host=host,
+        port=port,
+        users={user: password},
+        knobs=knobs,
+        session_timeout=session_timeout,
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    click.echo(f"XNAT sandbox listening on {server.url}", err=True)
+    click.echo(
+        f"  login: --server {server.url} --user {user} (password as given to --password)",
+        err=True,
+    )
+    click.echo(f"  data:  {data_dir}", err=True)
+    click.echo("  Ctrl-C stops it.", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopping the sandbox.", err=True)
+    finally:
+        server.stop()
 
 
 @click.command(hidden=True)

@@ -1,0 +1,153 @@
+"""Knobs: make the sandbox behave like a distant, busy or failing XNAT.
+
+Performance knobs (``latency_ms``, ``per_file_ms``, ``archive_ms``, ``bandwidth_mbps``) shape every
+request; fault knobs (``fail_next``, ``reset_next``, ``hang_next``, ``disk_full``,
+``expire_sessions``) inject the failures an uploader must survive. Counted fault knobs decrement as
+they fire and can be limited to paths starting with ``fault_path`` (for example
+``/data/services/import``), so a test can fault uploads without faulting the login.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass
+class Knobs:
+    """Settable at start (``SandboxServer(knobs=…)``, ``xio sandbox`` flags) and while running
+    (``SandboxServer.set_knobs(**fields)`` or ``POST /_sandbox/knobs`` with a JSON object).
+    """
+
+    latency_ms: float = 0.0
+    """Added to every request before it is handled (a far-away server)."""
+    per_file_ms: float = 0.0
+    """Processing time per DICOM file imported (XNAT parses and rewrites each one)."""
+    archive_ms: float = 0.0
+    """Extra time one archive operation takes; widens the window of the archive races."""
+    bandwidth_mbps: float = 0.0
+    """Cap, in megabits per second, on reading request bodies, shared by all requests; 0 = none."""
+    fail_next: int = 0
+    """The next N matching requests fail with ``fail_status`` (after their body was read)."""
+    fail_status: int = 503
+    retry_after: float | None = None
+    """Seconds sent as ``Retry-After`` with 429/503 faults; None sends no header."""
+    reset_next: int = 0
+    """The next N matching requests have their connection reset in the middle of the body."""
+    hang_next: int = 0
+    """The next N matching requests get no answer for ``hang_seconds``, then a closed socket."""
+    hang_seconds: float = 30.0
+    disk_full: bool = False
+    """Writes fail with 507 Insufficient Storage, as XNAT does when its disk fills up."""
+    expire_sessions: bool = False
+    """One-shot: setting it to true invalidates every JSESSION now (then it reads false again)."""
+    session_timeout: float | None = None
+    """Idle timeout of JSESSIONs in seconds; None keeps the server's setting."""
+    auto_archive_projects: list[str] = field(default_factory=list)
+    """Projects whose prearchive setting is auto-archive (commit answers 301 + archive URI)."""
+    build_idle_seconds: float = 300.0
+    """Idle time after which a RECEIVING prearchive session is built (XNAT's default 5 min)."""
+    fault_path: str = ""
+    """Counted fault knobs and ``disk_full`` apply only to paths starting with this prefix."""
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_INT_FIELDS = {"fail_next", "fail_status", "reset_next", "hang_next"}
+_FLOAT_FIELDS = {
+    "latency_ms",
+    "per_file_ms",
+    "archive_ms",
+    "bandwidth_mbps",
+    "hang_seconds",
+    "build_idle_seconds",
+}
+
+
+def coerce_knobs(values: dict[str, Any]) -> dict[str, Any]:
+    """Validate and convert JSON/CLI values for ``Knobs`` fields; unknown names raise ValueError."""
+    out: dict[str, Any] = {}
+    unknown = set(values) - Knobs.field_names()
+    if unknown:
+        raise ValueError(f"unknown knob(s): {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        if name in _INT_FIELDS:
+            out[name] = int(value)
+        elif name in _FLOAT_FIELDS:
+            out[name] = float(value)
+        elif name in {"disk_full", "expire_sessions"}:
+            out[name] = value if isinstance(value, bool) else str(value).lower() in {"1", "true"}
+        elif name in {"retry_after", "session_timeout"}:
+            out[name] = None if value is None else float(value)
+        elif name == "auto_archive_projects":
+            out[name] = [str(v) for v in value]
+        else:
+            out[name] = str(value)
+    return out
+
+
+class KnobBox:
+    """Thread-safe holder of the live knobs, the fault counters, and request statistics."""
+
+    def __init__(self, knobs: Knobs | None = None) -> None:
+        self._lock = threading.Lock()
+        self._knobs = replace(knobs) if knobs is not None else Knobs()
+        self._bw_next = 0.0  # when the bandwidth "pipe" is free again (monotonic seconds)
+        self.stats: Counter[str] = Counter()
+
+    def get(self) -> Knobs:
+        with self._lock:
+            return replace(
+                self._knobs, auto_archive_projects=list(self._knobs.auto_archive_projects)
+            )
+
+    def set(self, **values: Any) -> Knobs:
+        clean = coerce_knobs(values)
+        with self._lock:
+            self._knobs = replace(self._knobs, **clean)
+            return replace(self._knobs)
+
+    def take(self, counter: str, path: str) -> bool:
+        """Consume one unit of a counted fault knob if it is armed and scoped to ``path``."""
+        with self._lock:
+            if not path.startswith(self._knobs.fault_path):
+                return False
+            left = getattr(self._knobs, counter)
+            if left <= 0:
+                return False
+            setattr(self._knobs, counter, left - 1)
+            self.stats[f"fault.{counter}"] += 1
+            return True
+
+    def disk_full_for(self, path: str) -> bool:
+        with self._lock:
+            return self._knobs.disk_full and path.startswith(self._knobs.fault_path)
+
+    def throttle(self, nbytes: int) -> None:
+        """Account ``nbytes`` of body against the shared bandwidth cap (sleeps as needed)."""
+        with self._lock:
+            mbps = self._knobs.bandwidth_mbps
+            if mbps <= 0:
+                return
+            now = time.monotonic()
+            start = max(now, self._bw_next)
+            self._bw_next = start + nbytes * 8 / (mbps * 1e6)
+            wait = self._bw_next - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def stats_json(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self.stats.items()))

@@ -1,0 +1,415 @@
+"""The HTTP side of the sandbox: a threaded HTTP/1.1 server speaking XNAT's REST dialect.
+
+Routing is by regular expression on the path; every request goes through the same gate:
+latency knob → fault knobs (hang / reset / fail) → authentication → handler. Errors become
+XNAT's HTML status page (``pages.error_page``). Bodies are streamed to temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from xnatio.sandbox import routes
+from xnatio.sandbox.auth import Authenticator, Principal
+from xnatio.sandbox.bodies import BodyReader, ConnectionAborted
+from xnatio.sandbox.knobs import KnobBox, Knobs
+from xnatio.sandbox.pages import REASONS, HttpError, error_page
+from xnatio.sandbox.store import FileRecord, PrearcSession, Store
+
+log = logging.getLogger("xnatio.sandbox")
+
+SANDBOX_VERSION = "1.8.10"
+DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of an unread body we swallow before closing instead
+
+
+class Response:
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes | str = b"",
+        content_type: str = "text/plain",
+        headers: dict[str, str] | None = None,
+        file: Path | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body.encode() if isinstance(body, str) else body
+        self.content_type = content_type
+        self.headers = dict(headers or {})
+        self.file = file
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data), "application/json")
+
+
+class Request:
+    """What a route handler gets: parsed URL, parameters, identity and the body reader."""
+
+    def __init__(self, handler: Handler, principal: Principal | None) -> None:
+        split = urlsplit(handler.path)
+        self.method = handler.command
+        self.path = unquote(split.path)
+        self.params: dict[str, str] = dict(parse_qsl(split.query, keep_blank_values=True))
+        self.headers = handler.headers
+        self.body: BodyReader = handler.body
+        self.principal = principal
+        self.server: SandboxServer = handler.server.sandbox  # type: ignore[attr-defined]
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "") or ""
+
+    def tmp_path(self, prefix: str) -> Path:
+        return self.server._store().tmp_dir() / f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "XNAT-sandbox"
+    disable_nagle_algorithm = True
+    timeout = 300  # idle keep-alive connections are closed after this
+    body: BodyReader
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_HEAD = do_GET
+
+    # -- the gate --------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        sandbox: SandboxServer = self.server.sandbox  # type: ignore[attr-defined]
+        knobs = sandbox.knob_box
+        path = urlsplit(self.path).path
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        chunked = "chunked" in te
+        reset_at: int | None = None
+        admin = path.startswith("/_sandbox/")
+        if not admin and knobs.take("reset_next", path):
+            reset_at = max(1, length // 2) if length else (1 if not chunked else 1 << 16)
+            if not length and not chunked:
+                self._reset()
+                return
+        self.body = BodyReader(
+            self.rfile,  # type: ignore[arg-type]
+            length=length,
+            chunked=chunked,
+            throttle=knobs.throttle,
+            reset_at=reset_at,
+            on_reset=self._reset,
+        )
+        knobs.count("requests")
+        knobs.count(f"{self.command} {routes.route_name(path)}")
+        k = knobs.get()
+        try:
+            if k.latency_ms > 0 and not admin:
+                time.sleep(k.latency_ms / 1000)
+            if not admin and knobs.take("hang_next", path):
+                time.sleep(k.hang_seconds)
+                self._reset()
+                return
+            if not admin and knobs.take("fail_next", path):
+                self.body.drain()
+                headers = {}
+                if k.retry_after is not None and k.fail_status in (429, 503, 301, 302):
+                    headers["Retry-After"] = str(int(k.retry_after))
+                raise HttpError(
+                    k.fail_status, f"Injected failure ({k.fail_status}) by the sandbox", headers
+                )
+            principal = (
+                None
+                if admin
+                else sandbox.auth.authenticate(self.headers.get("Authorization"), self._cookie())
+            )
+            request = Request(self, principal)
+            response = routes.handle(request)
+            if principal is not None and principal.new_session:
+                response.headers.setdefault(
+                    "Set-Cookie", f"JSESSIONID={principal.new_session}; Path=/; HttpOnly"
+                )
+        except ConnectionAborted as exc:
+            log.debug("connection dropped: %s", exc)
+            self.close_connection = True
+            return
+        except HttpError as exc:
+            response = Response(exc.status, error_page(exc.status, exc.message), "text/html")
+            response.headers.update(exc.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        except Exception as exc:  # a bug: answer like XNAT does (500 + message), keep serving
+            log.exception("sandbox handler failed")
+            response = Response(500, error_page(500, f"Internal error: {exc}"), "text/html")
+        self._finish_body(response)
+        knobs.count(f"status.{response.status}")
+        knobs.count("bytes_in", self.body.bytes_read)
+        try:
+            self._send(response)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _finish_body(self, response: Response) -> None:
+        """Swallow what the handler did not read, so the connection can be kept alive."""
+        try:
+            if not self.body.drain(DRAIN_LIMIT):
+                response.headers["Connection"] = "close"
+                self.close_connection = True
+        except (ConnectionAborted, HttpError, OSError):
+            response.headers["Connection"] = "close"
+            self.close_connection = True
+
+    def _cookie(self) -> str | None:
+        raw = self.headers.get("Cookie")
+        if not raw:
+            return None
+        try:
+            jar = SimpleCookie(raw)
+        except CookieError:
+            return None
+        morsel = jar.get("JSESSIONID")
+        return morsel.value if morsel else None
+
+    def _send(self, r: Response) -> None:
+        self.send_response(r.status, REASONS.get(r.status))
+        ctype = r.content_type
+        if ctype.startswith("text/") and "charset" not in ctype:
+            ctype += ";charset=UTF-8"
+        self.send_header("Content-Type", ctype)
+        size = r.file.stat().st_size if r.file is not None else len(r.body)
+        self.send_header("Content-Length", str(size))
+        for name, value in r.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if r.file is not None:
+            with r.file.open("rb") as f:
+                while block := f.read(1 << 20):
+                    self.wfile.write(block)
+        else:
+            self.wfile.write(r.body)
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST (SO_LINGER 0), as a crashed proxy would."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    sandbox: SandboxServer
+
+
+class SandboxServer:
+    """A local XNAT-compatible server (see the package docstring for what it implements).
+
+    ``users`` maps user names to passwords (default ``{"admin": "admin"}``); ``session_timeout`` is
+    the JSESSION idle timeout in seconds. ``start()`` returns once the socket listens; ``url`` is
+    then ``http://HOST:PORT``. Usable as a context manager.
+
+    Test helpers read the store directly (no HTTP): ``archived_files``, ``prearchive_sessions``,
+    ``experiment_labels``.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        users: dict[str, str] | None = None,
+        knobs: Knobs | None = None,
+        session_timeout: float = 900.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self._port = port
+        self.users = dict(users) if users is not None else {"admin": "admin"}
+        self.knob_box = KnobBox(knobs)
+        self.auth = Authenticator(self.users, session_timeout)
+        if knobs is not None and knobs.session_timeout is not None:
+            self.auth.session_timeout = knobs.session_timeout
+        self.store: Store | None = None
+        self._httpd: _HTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.version = SANDBOX_VERSION
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> SandboxServer:
+        self.store = Store(self.data_dir)
+        httpd = _HTTPServer((self.host, self._port), Handler)
+        httpd.sandbox = self
+        self._httpd = httpd
+        self._port = httpd.server_address[1]
+        self._stopping.clear()
+        serve = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+            name=f"xnat-sandbox-{self._port}",
+        )
+        sweep = threading.Thread(target=self._sweep, daemon=True, name="xnat-sandbox-sweeper")
+        self._threads = [serve, sweep]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads = []
+        if self.store is not None:
+            self.store.close()
+
+    def serve_forever(self) -> None:
+        """Block until ``stop()`` is called from another thread (or KeyboardInterrupt)."""
+        while not self._stopping.wait(0.5):
+            pass
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def username(self) -> str:
+        """The first configured user (the fixture's and the CLI's login)."""
+        return next(iter(self.users))
+
+    @property
+    def password(self) -> str:
+        return self.users[self.username]
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self._port}"
+
+    # -- knobs -----------------------------------------------------------------------------
+    @property
+    def knobs(self) -> Knobs:
+        """A snapshot of the live knobs."""
+        return self.knob_box.get()
+
+    def set_knobs(self, **fields: Any) -> Knobs:
+        """Change knobs now, from any thread (``expire_sessions=True`` fires once)."""
+        expire = fields.pop("expire_sessions", False)
+        k = self.knob_box.set(**fields)
+        if k.session_timeout is not None:
+            self.auth.session_timeout = k.session_timeout
+        if expire:
+            self.auth.expire_all()
+        return k
+
+    def stats(self) -> dict[str, int]:
+        return self.knob_box.stats_json()
+
+    # -- test helpers ----------------------------------------------------------------------
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError("the sandbox is not started")
+        return self.store
+
+    def archived_files(self, project: str, subject: str, label: str) -> dict[str, FileRecord]:
+        """DICOM files archived in an experiment, by SOP Instance UID (empty if none)."""
+        store = self._store()
+        e = store.experiment(project, label)
+        if e is None or (subject and subject not in (e.subject_label, e.subject_id)):
+            return {}
+        out = {}
+        for f in store.files(e, resource="DICOM"):
+            if f["sop_uid"]:
+                out[f["sop_uid"]] = FileRecord(
+                    name=f["path"],
+                    size=f["size"],
+                    md5=f["md5"],
+                    series_number=f["series_number"] or "",
+                    scan_id=f["scan_id"],
+                    path=store.resource_dir(e, f["scan_id"], "DICOM") / f["path"],
+                )
+        return out
+
+    def prearchive_sessions(self, project: str | None = None) -> list[PrearcSession]:
+        """Prearchive sessions (all projects when ``project`` is None), oldest first."""
+        return self._store().list_prearc(project)
+
+    def prearchive_files(self, session: PrearcSession) -> dict[str, FileRecord]:
+        """Files of a prearchive session, by SOP Instance UID."""
+        store = self._store()
+        folder = store.prearc_dir(session)
+        return {
+            r["sop_uid"]: FileRecord(
+                name=r["name"],
+                size=r["size"],
+                md5=r["md5"],
+                series_number=r["series_number"] or "",
+                scan_id=r["scan"],
+                path=folder / "SCANS" / r["scan"] / "DICOM" / r["name"],
+            )
+            for r in store.prearc_files(session.id)
+        }
+
+    def experiment_labels(self, project: str) -> list[str]:
+        return [e.label for e in self._store().experiments(project)]
+
+    # -- background ------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """XNAT's idle timer: RECEIVING sessions idle for ``build_idle_seconds`` get built and,
+        in auto-archive projects, archived."""
+        while not self._stopping.wait(1.0):
+            store = self.store
+            if store is None:
+                continue
+            k = self.knob_box.get()
+            try:
+                for s in store.idle_receiving(k.build_idle_seconds):
+                    built = store.build(s)
+                    if s.project in k.auto_archive_projects:
+                        try:
+                            store.archive(built, wrapped=False)
+                        except HttpError as exc:
+                            log.info("auto-archive of %s failed: %s", s.url, exc.message)
+                store.finish_direct_sessions(k.build_idle_seconds)
+            except Exception:  # never let the timer thread die
+                log.exception("sandbox sweeper failed")
+
+
+Route = Callable[[Request, "re.Match[str]"], Response]
