@@ -42,3 +42,10 @@ def test_extras(tmp_path: Path) -> None:
     assert second.StudyInstanceUID == s.second_study_uid != s.study_uid
     assert s.extras["duplicate"].read_bytes() == next(iter(s.instances.values())).read_bytes()
     assert s.extras["truncated"].stat().st_size == 200
+
+
+def test_uids_unique_across_many_series(tmp_path: Path) -> None:
+    # Series 1 instance 11 and series 11 instance 1 once shared a SOP Instance UID.
+    s = generate_session(tmp_path, series=12, instances=12, image_size=(8, 8))
+    assert s.file_count == 144
+    assert len({p.name for p in s.instances.values()}) == 144

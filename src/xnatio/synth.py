@@ -157,7 +157,10 @@ def generate_session(
     rows, cols = image_size or _SIZES[modality]
 
     def uid(*parts: object) -> str:
-        return str(generate_uid(entropy_srcs=[str(seed), patient_id, *map(str, parts)]))
+        # generate_uid concatenates its entropy sources without a separator, so ("sop", 1, 11)
+        # and ("sop", 11, 1) would collide: join them unambiguously first.
+        key = "|".join([str(seed), patient_id, *map(str, parts)])
+        return str(generate_uid(entropy_srcs=[key]))
 
     study_uid = uid("study")
     session = SyntheticSession(root=root, study_uid=study_uid, patient_id=patient_id)
