@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from xnatio.discover import check_single_study, discover
 from xnatio.errors import UsageError
@@ -48,15 +49,22 @@ __all__ = [
     "UploadResult",
     "XnatClient",
     "plan_rest_upload",
+    "send_dicom_store",
     "upload_dicom_parallel_rest",
 ]
 
-try:  # the C-STORE transport is optional at import time (written separately)
-    from xnatio.transports.dicom_store import send_dicom_store  # noqa: F401
+if TYPE_CHECKING:
+    from xnatio.transports.dicom_store import send_dicom_store
 
-    __all__.append("send_dicom_store")
-except ImportError:  # pragma: no cover - only while that module does not exist
-    pass
+
+def __getattr__(name: str) -> Any:
+    # The C-STORE transport is re-exported lazily: importing it pulls in pynetdicom (~0.2 s),
+    # which a REST upload does not need.
+    if name == "send_dicom_store":
+        from xnatio.transports.dicom_store import send_dicom_store
+
+        return send_dicom_store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ def plan_rest_upload(
                 phase=Phase.PLAN,
                 current=1,
                 total=1,
-                message=f"{len(batches)} batches",
+                message=f"{len(batches)} batch{'es' if len(batches) != 1 else ''}",
                 bytes_total=manifest.total_bytes,
                 batches_total=len(batches),
             )
