@@ -37,6 +37,7 @@ from xnatio.report import (
     summary_text,
     write_report,
 )
+from xnatio.resume import ResumeOptions
 from xnatio.settings import Settings
 
 # Defaults per transport: the REST figure comes from the seed's measurements (42 parallel
@@ -69,11 +70,17 @@ class UploadOptions:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
-    # Hooks for resume and read-back verification (not exposed as options until they work
-    # end to end): verify after commit, ignore the journal and start over, journal location.
+    # Resume and read-back verification (xnatio.resume): verify after commit, ignore the
+    # journal and start over, journal location, wait for another run on the same target.
     verify: bool = True
     restart: bool = False
     journal: Path | None = None
+    wait: bool = False
+
+    def resume_options(self) -> ResumeOptions:
+        return ResumeOptions(
+            journal=self.journal, restart=self.restart, wait=self.wait, verify=self.verify
+        )
 
     @property
     def batches(self) -> int:
@@ -135,16 +142,16 @@ def run_upload(
 def _send_rest(
     opts: UploadOptions, settings: Settings, manifest: Manifest, display: Display
 ) -> UploadResult:
-    from xnatio.uploaders import upload_dicom_parallel_rest
+    """Through the resume journal: only what the server has not confirmed is sent, then the
+    session is committed and read back (see :mod:`xnatio.resume`)."""
+    from xnatio.resume import resumable_rest_upload
+    from xnatio.retry import RetryPolicy
+    from xnatio.transports.rest import RestTarget
+    from xnatio.xnat.client import XnatClient
 
     server = settings.require_server()
     username, password = settings.require_credentials()
-    return upload_dicom_parallel_rest(
-        server,
-        username,
-        password,
-        verify_tls=settings.verify,
-        source_dir=opts.path,
+    target = RestTarget(
         project=opts.project,
         subject=opts.subject,
         session=opts.session,
@@ -152,36 +159,52 @@ def _send_rest(
         upload_workers=opts.upload_workers,
         archive_workers=opts.archive_workers,
         archive_format=opts.archive_format,
-        progress_callback=display,
-        timeout=opts.timeout,
         overwrite=opts.overwrite,
         direct_archive=opts.direct_archive,
-        retries=opts.retries,
-        allow_multiple_studies=opts.allow_multiple_studies,
-        manifest=manifest,
     )
+    retry = RetryPolicy(retries=max(0, opts.retries))
+    with XnatClient(
+        server,
+        username=username,
+        password=password,
+        verify=settings.verify,
+        timeout=opts.timeout,
+        pool_size=opts.upload_workers,
+        retry=retry,
+    ) as client:
+        return resumable_rest_upload(
+            client,
+            manifest,
+            target,
+            options=opts.resume_options(),
+            retry=retry,
+            progress_callback=display,
+            notify=display.note,
+        )
 
 
 def _send_dicom_store(
     opts: UploadOptions, settings: Settings, manifest: Manifest, display: Display
 ) -> UploadResult:
-    from xnatio.transports.dicom_store import send_dicom_store
+    from xnatio.resume import resumable_dicom_store_upload
 
     if not settings.dicom_host:
         raise ConfigError(
             "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
         )
-    return send_dicom_store(
-        opts.path,
+    return resumable_dicom_store_upload(
+        manifest,
         settings.dicom_host,
         settings.dicom_port,
         settings.dicom_called_aet,
-        settings.dicom_calling_aet,
-        opts.batches,
-        display,
+        calling_aet=settings.dicom_calling_aet,
+        num_batches=opts.batches,
+        progress_callback=display,
         project=opts.project,
         subject=opts.subject,
         session=opts.session,
+        options=opts.resume_options(),
+        notify=display.note,
         routing=opts.routing,
         max_pdu=opts.max_pdu,
         acse_timeout=opts.acse_timeout,
@@ -189,7 +212,6 @@ def _send_dicom_store(
         network_timeout=opts.network_timeout,
         retries=opts.retries,
         allow_multiple_studies=opts.allow_multiple_studies,
-        manifest=manifest,
     )
 
 
@@ -311,6 +333,31 @@ Examples:
     help="Send PATH even if it holds several StudyInstanceUIDs (XNAT may split them).",
 )
 @click.option("--dry-run", is_flag=True, help="Discover and print the plan; send nothing.")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="After the commit, read the session back and compare it with PATH, series by series "
+    "(counts, sizes, MD5); a mismatch exits 1 (rest).",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Forget what earlier runs of this upload sent (the journal) and send everything.",
+)
+@click.option(
+    "--journal",
+    "journal_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="The resume journal (SQLite).  [env: XNATIO_JOURNAL; default: "
+    "$XDG_STATE_HOME/xnatio/journal.sqlite]",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="If another xio run is uploading to the same session, wait for it instead of exiting.",
+)
 @report_option
 @output_options
 @server_options
@@ -371,6 +418,10 @@ def upload_dicom(
     retries: int,
     allow_multiple_studies: bool,
     dry_run: bool,
+    verify: bool,
+    restart: bool,
+    journal_path: Path | None,
+    wait: bool,
     report: Path | None,
     output: OutputArgs,
     server: ServerArgs,
@@ -410,6 +461,10 @@ def upload_dicom(
         retries=retries,
         allow_multiple_studies=allow_multiple_studies,
         dry_run=dry_run,
+        verify=verify,
+        restart=restart,
+        journal=journal_path,
+        wait=wait,
         routing=not no_routing,
         max_pdu=max_pdu,
         acse_timeout=acse_timeout,
