@@ -1,0 +1,390 @@
+"""The REST transport end to end, over real HTTP against the local XNAT-compatible server.
+
+Every test asserts what landed on the server, file by file: each SOP Instance UID present exactly
+once, with the size and MD5 of the local file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xnatio.discover import discover
+from xnatio.models import Manifest, Outcome, Phase, ProgressEvent, UploadResult
+from xnatio.plan import plan_batches
+from xnatio.sandbox.server import SandboxServer
+from xnatio.synth import SyntheticSession, generate_session
+from xnatio.transports.rest import RestTarget, RestUploader
+from xnatio.uploaders import upload_dicom_parallel_rest
+from xnatio.xnat.client import XnatClient
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "admin", "admin-secret"
+P, S, E = "PROJ", "SUBJ01", "SUBJ01_MR1"
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSession:
+    """3 series x 40 instances: above the single-request threshold, so it is batched."""
+    return generate_session(
+        tmp_path_factory.mktemp("session") / "MR1", series=3, instances=40, image_size=(32, 32)
+    )
+
+
+def upload(srv: SandboxServer, source: Path | str, **kwargs: Any) -> UploadResult:
+    options: dict[str, Any] = {"num_batches": 4, "upload_workers": 3, "archive_workers": 2}
+    options.update(kwargs)
+    return upload_dicom_parallel_rest(
+        srv.url, USER, PASSWORD, source_dir=source, project=P, subject=S, session=E, **options
+    )
+
+
+def upload_batched(
+    srv: SandboxServer, source: Path, num_batches: int = 4, **kwargs: Any
+) -> UploadResult:
+    """Through RestUploader with a forced multi-batch plan (the public API sends < 100 MiB as one
+    request), as the pipeline does for large sessions."""
+    manifest = discover(source)
+    batches = plan_batches(manifest, num_batches, single_max_files=10, single_max_bytes=0)
+    assert len(batches) == num_batches
+    progress = kwargs.pop("progress_callback", None)
+    cancel = kwargs.pop("cancel", None)
+    options: dict[str, Any] = {"upload_workers": 3, "archive_workers": 2}
+    options.update(kwargs)
+    target = RestTarget(project=P, subject=S, session=E, num_batches=num_batches, **options)
+    with XnatClient(srv.url, username=USER, password=PASSWORD, pool_size=3) as client:
+        uploader = RestUploader(client, target, progress_callback=progress, cancel=cancel)
+        return uploader.upload(manifest, batches)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def assert_landed(srv: SandboxServer, expected: dict[str, Path]) -> None:
+    """Exactly ``expected`` (SOP Instance UID -> local file) is archived, byte for byte."""
+    got = srv.archived_files(P, S, E)
+    assert sorted(got) == sorted(expected)
+    for uid, local in expected.items():
+        assert got[uid].size == local.stat().st_size, uid
+        assert got[uid].md5 == md5(local), uid
+    # Nothing left behind in the prearchive (one commit took everything).
+    assert srv.prearchive_sessions(P) == []
+
+
+def test_batched_upload_lands_every_file_once(
+    xnat_server: SandboxServer, session_dir: SyntheticSession
+) -> None:
+    events: list[ProgressEvent] = []
+    result = upload_batched(xnat_server, session_dir.root, progress_callback=events.append)
+
+    assert result.success, result.errors
+    assert result.total_files == 120
+    assert result.batches_total == 4 and result.batches_failed == 0
+    assert len(result.uploaded) == 120 and not result.failed
+    assert result.session_uri == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    assert len(result.upload_id) == 32
+    assert [s.file_count for s in result.studies] == [120]
+    assert_landed(xnat_server, session_dir.instances)
+
+    # Phases in order; the upload counters end complete.
+    phases = list(dict.fromkeys(e.phase for e in events))
+    assert phases == [Phase.CONNECT, Phase.UPLOAD, Phase.COMMIT, Phase.DONE]
+    last_upload = [e for e in events if e.phase is Phase.UPLOAD][-1]
+    assert (last_upload.current, last_upload.total) == (120, 120)
+    assert last_upload.bytes_done == last_upload.bytes_total == session_dir.total_bytes
+    assert (last_upload.batches_done, last_upload.batches_failed) == (4, 0)
+
+    # Read back through the REST endpoints of facts section 4: the scans and their files.
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+        base = f"/data/projects/{P}/subjects/{S}/experiments/{E}"
+        scans = client.get_json(f"{base}/scans")["ResultSet"]["Result"]
+        assert sorted(int(s["ID"]) for s in scans) == sorted(session_dir.series)
+        for number, uids in session_dir.series.items():
+            files = client.get_json(f"{base}/scans/{number}/resources/DICOM/files")
+            rows = files["ResultSet"]["Result"]
+            assert len(rows) == len(uids)
+            local = {md5(session_dir.instances[u]) for u in uids}
+            assert {r["digest"] for r in rows} == local
+
+
+def test_public_api_sends_a_small_session_in_one_request(
+    xnat_server: SandboxServer, session_dir: SyntheticSession
+) -> None:
+    events: list[ProgressEvent] = []
+    result = upload(xnat_server, session_dir.root, progress_callback=events.append)
+    assert result.success, result.errors
+    assert result.batches_total == 1 and len(result.uploaded) == 120
+    assert result.duration > 0 and result.total_size_mb == session_dir.total_bytes / 1e6
+    phases = list(dict.fromkeys(e.phase for e in events))
+    assert phases == [
+        Phase.DISCOVER,
+        Phase.PLAN,
+        Phase.CONNECT,
+        Phase.UPLOAD,
+        Phase.COMMIT,
+        Phase.DONE,
+    ]
+    assert_landed(xnat_server, session_dir.instances)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tgz"])
+def test_zip_and_tgz_batches(
+    xnat_server: SandboxServer, session_dir: SyntheticSession, fmt: str
+) -> None:
+    result = upload_batched(xnat_server, session_dir.root, 3, archive_format=fmt)
+    assert result.success, result.errors
+    assert_landed(xnat_server, session_dir.instances)
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz"])
+def test_archive_path_is_sent_as_is_in_one_request(
+    xnat_server: SandboxServer, session_dir: SyntheticSession, tmp_path: Path, suffix: str
+) -> None:
+    archive = tmp_path / f"session{suffix}"
+    files = sorted(session_dir.instances.values())
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for f in files:
+                zf.write(f, f.relative_to(session_dir.root).as_posix())
+    else:
+        with tarfile.open(archive, "w:gz" if suffix == ".tar.gz" else "w") as tf:
+            for f in files:
+                tf.add(f, f.relative_to(session_dir.root).as_posix())
+    result = upload(xnat_server, archive)
+    assert result.success, result.errors
+    assert result.batches_total == 1 and len(result.uploaded) == 120
+    assert_landed(xnat_server, session_dir.instances)
+    assert xnat_server.stats()["POST /data/services/import"] == 1
+
+
+def small_session(tmp_path: Path, **kwargs: Any) -> SyntheticSession:
+    options: dict[str, Any] = {"series": 2, "instances": 6, "image_size": (32, 32)}
+    options.update(kwargs)
+    return generate_session(tmp_path / "MR", **options)
+
+
+def test_file_deleted_after_discovery_is_failed_and_the_rest_lands(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    manifest = discover(session.root)
+    gone_uid, gone = next(iter(session.instances.items()))
+    gone.unlink()
+
+    result = upload(xnat_server, session.root, manifest=manifest)
+
+    assert not result.success
+    [failed] = result.failed
+    assert failed.path == str(gone) and failed.sop_instance_uid == gone_uid
+    assert failed.reason
+    assert len(result.uploaded) == len(session.instances) - 1
+    assert_landed(xnat_server, {u: p for u, p in session.instances.items() if u != gone_uid})
+
+
+def with_bad_member(manifest: Manifest, bad: Path) -> Manifest:
+    """The manifest plus an entry for ``bad`` as if discovery had taken it for DICOM."""
+    template = manifest.files[len(manifest.files) // 2]
+    fake = dataclasses.replace(
+        template,
+        path=bad,
+        size=bad.stat().st_size,
+        mtime_ns=bad.stat().st_mtime_ns,
+        sop_instance_uid=template.sop_instance_uid + ".999",
+    )
+    files = list(manifest.files)
+    files.insert(len(files) // 2, fake)
+    return dataclasses.replace(manifest, files=files)
+
+
+def test_member_xnat_cannot_read_is_failed_with_its_reason_and_the_rest_lands(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    bad = session.root / "notes.txt"
+    bad.write_bytes(b"this is not a DICOM object\n" * 40)
+    manifest = with_bad_member(discover(session.root), bad)
+
+    result = upload(xnat_server, session.root, manifest=manifest)
+
+    assert not result.success
+    [failed] = result.failed
+    assert failed.path == str(bad)
+    assert "unable to read DICOM object" in failed.reason
+    assert "notes.txt" in failed.reason
+    assert len(result.uploaded) == len(session.instances)
+    assert_landed(xnat_server, session.instances)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"fail_next": 3, "fail_status": 503, "retry_after": 1},
+        {"fail_next": 2, "fail_status": 500},
+        {"reset_next": 2},
+    ],
+    ids=["503-retry-after", "500", "reset-mid-body"],
+)
+def test_transient_faults_end_in_full_success_without_duplicates(
+    xnat_server: SandboxServer, session_dir: SyntheticSession, knobs: dict[str, Any]
+) -> None:
+    xnat_server.set_knobs(fault_path="/data/services/import", **knobs)
+    result = upload_batched(xnat_server, session_dir.root)
+    assert result.success, result.errors
+    assert xnat_server.knobs.fail_next == 0 and xnat_server.knobs.reset_next == 0
+    assert_landed(xnat_server, session_dir.instances)
+
+
+def test_session_expiry_mid_run_is_renewed(
+    xnat_server: SandboxServer, session_dir: SyntheticSession
+) -> None:
+    fired = threading.Event()
+
+    def expire_once(event: ProgressEvent) -> None:
+        if event.phase is Phase.UPLOAD and event.batches_done == 1 and not fired.is_set():
+            fired.set()
+            xnat_server.set_knobs(expire_sessions=True)
+
+    result = upload_batched(xnat_server, session_dir.root, progress_callback=expire_once)
+    assert fired.is_set()
+    assert result.success, result.errors
+    assert_landed(xnat_server, session_dir.instances)
+
+
+def test_final_4xx_is_reported_with_xnats_message(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(fault_path="/data/services/import", fail_next=1, fail_status=403)
+    result = upload(xnat_server, session.root)
+    assert not result.success
+    assert len(result.failed) == len(session.instances)  # small: one batch
+    assert {f.reason for f in result.failed} == {"Injected failure (403) by the sandbox"}
+    assert any("Injected failure (403)" in e for e in result.errors)
+    assert xnat_server.archived_files(P, S, E) == {}
+
+
+def test_auto_archive_project_commits_with_301(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(auto_archive_projects=[P])
+    result = upload(xnat_server, session.root)
+    assert result.success, result.errors
+    assert result.session_uri.startswith(f"/data/archive/projects/{P}/")
+    assert_landed(xnat_server, session.instances)
+
+
+def test_second_upload_needs_overwrite(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    first = small_session(tmp_path / "a", series=1)
+    assert upload(xnat_server, first.root).success
+    # The same session label again with more files: XNAT refuses to archive over it ...
+    second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
+    refused = upload(xnat_server, second.root)
+    assert not refused.success
+    assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
+    # ... unless asked to merge (overwrite=append), which keeps both sets.
+    merged = upload(xnat_server, second.root, overwrite="append")
+    assert merged.success, merged.errors
+    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(
+        {**first.instances, **second.instances}
+    )
+
+
+def test_direct_archive(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    session = small_session(tmp_path)
+    result = upload(xnat_server, session.root, direct_archive=True)
+    assert result.success, result.errors
+    assert "/direct-archive/" in result.session_uri or "/archive/" in result.session_uri
+    got = xnat_server.archived_files(P, S, E)
+    assert sorted(got) == sorted(session.instances)
+
+
+def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
+    # No server at all: an HTTP request would fail as unreachable.
+    result = upload_dicom_parallel_rest(
+        "http://127.0.0.1:9",
+        USER,
+        PASSWORD,
+        source_dir=session_dir.root,
+        project=P,
+        subject=S,
+        session=E,
+        num_batches=4,
+        dry_run=True,
+    )
+    assert result.success and result.batches_total == 1  # 120 small files: one request
+    assert {f.outcome for f in result.files} == {Outcome.SKIPPED}
+    assert len(result.files) == 120
+
+
+def test_in_flight_requests_never_exceed_upload_workers(
+    xnat_server: SandboxServer, session_dir: SyntheticSession
+) -> None:
+    xnat_server.set_knobs(latency_ms=50)
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    class CountingClient(XnatClient):
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            try:
+                return super().request(*args, **kwargs)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    manifest = discover(session_dir.root)
+    batches = plan_batches(manifest, 12, single_max_files=10, single_max_bytes=0)
+    target = RestTarget(project=P, subject=S, session=E, upload_workers=2, archive_workers=1)
+    with CountingClient(xnat_server.url, username=USER, password=PASSWORD, pool_size=2) as c:
+        result = RestUploader(c, target).upload(manifest, batches)
+    assert result.success, result.errors
+    assert len(batches) == 12
+    assert state["peak"] == 2
+    assert_landed(xnat_server, session_dir.instances)
+
+
+def test_cancel_stops_the_upload(xnat_server: SandboxServer, session_dir: SyntheticSession) -> None:
+    xnat_server.set_knobs(bandwidth_mbps=2)  # slow enough to cancel in the middle
+    cancel = threading.Event()
+
+    def cancel_on_first_bytes(event: ProgressEvent) -> None:
+        if event.phase is Phase.UPLOAD and event.bytes_done > 0:
+            cancel.set()
+
+    result = upload_batched(
+        xnat_server, session_dir.root, cancel=cancel, progress_callback=cancel_on_first_bytes
+    )
+    assert not result.success
+    assert result.failed  # what was not confirmed is accounted for as failed
+    assert xnat_server.archived_files(P, S, E) == {}
+
+
+def test_a_server_that_stops_answering_is_timed_out_and_retried(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(fault_path="/data/services/import", hang_next=1, hang_seconds=5)
+    result = upload(xnat_server, session.root, timeout=1.0)
+    assert result.success, result.errors
+    assert xnat_server.knobs.hang_next == 0
+    assert_landed(xnat_server, session.instances)
+
+
+def test_disk_full_is_final_and_reported(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(fault_path="/data/services/import", disk_full=True)
+    result = upload(xnat_server, session.root)
+    assert not result.success
+    assert len(result.failed) == len(session.instances)
+    assert {f.reason for f in result.failed} == {"No space left on device"}  # XNAT's message
+    assert xnat_server.archived_files(P, S, E) == {}
