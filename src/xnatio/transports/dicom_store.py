@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -501,26 +501,28 @@ def send_dicom_store(
     tracker.on_confirmed = on_confirmed
     tracker.report(msg=f"{len(groups)} association(s)")
     outcomes: dict[str, FileOutcome] = {}
-    errors: list[str] = []
     failed_batches = 0
     with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="c-store") as pool:
-        futures = [
-            pool.submit(_run_association, i, g, peer, route, retries, tracker, reader)
+        futures = {
+            pool.submit(_run_association, i, g, peer, route, retries, tracker, reader): i
             for i, g in enumerate(groups)
-        ]
+        }
+        gave_up: dict[int, str] = {}
         try:
-            for fut in futures:
-                got, gave_up = fut.result()
+            # As they finish, so that "batches done" moves when an association ends.
+            for fut in as_completed(futures):
+                got, why = fut.result()
                 for o in got:
                     outcomes[o.path] = o
-                ok = gave_up is None and all(o.outcome is Outcome.UPLOADED for o in got)
+                ok = why is None and all(o.outcome is Outcome.UPLOADED for o in got)
                 failed_batches += 0 if ok else 1
                 tracker.report(batch=ok)
-                if gave_up:
-                    errors.append(gave_up)
+                if why:
+                    gave_up[futures[fut]] = why
         except BaseException:
             tracker.stop()  # Ctrl-C (or a callback that raised): every association stops now
             raise
+    errors = [gave_up[i] for i in sorted(gave_up)]
 
     files = [outcomes[display_path(f)] for f in manifest.files]
     for o in files:
