@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from xnatio.discover import discover
-from xnatio.models import Manifest, Outcome, Phase, ProgressEvent, UploadResult
+from xnatio.models import Batch, DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.plan import plan_batches
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
@@ -388,3 +388,27 @@ def test_disk_full_is_final_and_reported(xnat_server: SandboxServer, tmp_path: P
     assert len(result.failed) == len(session.instances)
     assert {f.reason for f in result.failed} == {"No space left on device"}  # XNAT's message
     assert xnat_server.archived_files(P, S, E) == {}
+
+
+def test_file_vanishing_while_its_batch_streams_is_failed_and_the_rest_resent(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path, series=1, instances=8)
+    manifest = discover(session.root)
+    victim = manifest.files[5]  # inside the batch: the body is already being generated
+
+    class NoPrecheck(RestUploader):
+        # Skip the check made when a batch is prepared, so the stream itself meets the gap.
+        def _prepare(self, batch: Batch, run: Any) -> list[DicomFile]:
+            victim.path.unlink()
+            return list(batch.files)
+
+    target = RestTarget(project=P, subject=S, session=E, upload_workers=1, archive_workers=1)
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+        result = NoPrecheck(client, target).upload(manifest, [Batch(0, tuple(manifest.files))])
+
+    [failed] = result.failed
+    assert failed.path == str(victim.path) and "no longer exists" in failed.reason
+    expected = {u: p for u, p in session.instances.items() if u != victim.sop_instance_uid}
+    assert len(result.uploaded) == len(expected)
+    assert_landed(xnat_server, expected)
