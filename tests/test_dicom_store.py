@@ -570,3 +570,28 @@ def test_gzipped_tar_path_is_refused_with_a_hint(
     with pytest.raises(UsageError, match=r"compressed tar.*--transport rest"):
         send_dicom_store(archive, "127.0.0.1", port)
     assert got.associations == 0
+
+
+def test_file_the_peer_never_answers_fails_alone(
+    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dicom_store, "BACKOFF_BASE", 0.01)
+    files = manifest_of(session).files
+    stuck = files[4].sop_instance_uid
+    release = threading.Event()
+
+    def hang_on_one(ds: Dataset, event: Any) -> int:
+        if ds.SOPInstanceUID == stuck:
+            release.wait(5)
+        return 0x0000
+
+    port, got = scp(status_for=hang_on_one)
+    result = send(session, port, num_batches=1, dimse_timeout=0.3)
+    release.set()
+
+    assert [o.sop_instance_uid for o in result.failed] == [stuck]
+    assert result.failed[0].reason == (
+        "not sent: the peer did not answer in time twice while this file was being sent"
+    )
+    assert len(result.uploaded) == 11
+    assert got.stored.count(files[5].sop_instance_uid) == 1

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import threading
@@ -64,6 +65,8 @@ from xnatio.transports.dicom_store_ul import (
     UpperLayerError,
     open_association,
 )
+
+log = logging.getLogger(__name__)
 
 TRANSPORT = "dicom-store"
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1..255
@@ -374,6 +377,14 @@ def _run_association(
             lost = exc
         else:
             tracker.opened(assoc)
+            log.debug(
+                "association %d: %d of %d contexts accepted, peer max PDU %d, %d file(s) to send",
+                index,
+                len(assoc.accepted),
+                len(contexts),
+                assoc.peer_max_pdu,
+                len(pending),
+            )
             try:
                 while pending and not tracker.cancel.is_set():
                     f = in_flight = pending[0]
@@ -410,6 +421,15 @@ def _run_association(
         if failures > retries:
             break
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
+        log.debug(
+            "association %d: %s; retry %d of %d in %.1f s, %d file(s) left",
+            index,
+            error,
+            failures,
+            retries,
+            delay,
+            len(pending),
+        )
         if tracker.cancel.wait(delay * random.uniform(0.8, 1.2)):
             break
     gave_up = None
