@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from xnatio import __version__
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
 from xnatio.models import Batch, FileOutcome, Manifest, Outcome, SkippedFile, UploadResult
 
@@ -75,6 +76,7 @@ def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any
     verified_count = sum(1 for f in uploaded if f.outcome is Outcome.VERIFIED)
     return {
         "schema": RESULT_SCHEMA,
+        "xnatio_version": __version__,
         "upload_id": result.upload_id,
         "status": status_of(result),
         "exit_code": exit_code_of(result),

@@ -71,8 +71,10 @@ def cli() -> None:
 
 def _register() -> None:
     # One module per command; imported here so `xio --help` lists them all.
-    from xnatio.cli import sandbox
+    from xnatio.cli import demo, sandbox, upload
 
+    cli.add_command(upload.upload_dicom)
+    cli.add_command(demo.demo)
     cli.add_command(sandbox.sandbox)
     cli.add_command(sandbox.synth)
 

@@ -1,0 +1,84 @@
+"""`xio demo`: synthesise, serve, upload through the upload-dicom code path, read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from xnatio.cli.demo import read_back
+from xnatio.cli.main import cli
+from xnatio.discover import discover
+from xnatio.sandbox import SandboxServer
+from xnatio.settings import Secret, Settings
+from xnatio.synth import generate_session
+
+
+@pytest.fixture
+def own_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The demo's temporary folder goes under tmp_path, so we can see it is removed."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.integration
+def test_demo_uploads_and_reads_back_every_instance(own_tmp: Path) -> None:
+    args = ["demo", "--files", "12", "--series", "2", "--latency-ms", "0", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["status"] == "success" and result["exit_code"] == 0
+    assert result["totals"]["uploaded"] == 12
+    assert result["read_back"] == {
+        "ok": True,
+        "found": True,
+        "scans": 2,
+        "files_on_server": 12,
+        "expected": 12,
+        "verified": 12,
+        "problems": [],
+    }
+    assert list(own_tmp.glob("xnatio-demo-*")) == []  # removed afterwards
+
+
+@pytest.mark.integration
+def test_demo_keep_keeps_the_data(own_tmp: Path) -> None:
+    r = CliRunner().invoke(cli, ["demo", "--files", "4", "--series", "1", "--keep"])
+    assert r.exit_code == 0, r.output
+    kept = list(own_tmp.glob("xnatio-demo-*"))
+    assert len(kept) == 1 and f"kept {kept[0]}" in r.stderr
+    assert len(list((kept[0] / "session").rglob("*"))) == 5  # S001/ and 4 instances
+    assert r.stdout.startswith("Uploaded 4 of 4 files")
+    assert "4 of 4 instances match" in r.stdout
+
+
+@pytest.mark.integration
+def test_read_back_finds_what_is_missing(tmp_path: Path) -> None:
+    """The demo's check fails when the session is not on the server (nothing uploaded)."""
+    s = generate_session(tmp_path / "in", series=1, instances=2, image_size=(16, 16))
+    with SandboxServer(tmp_path / "server", users={"u": "pw"}) as server:
+        settings = Settings(server=server.url, username="u", password=Secret("pw"))
+        check = read_back(settings, discover(s.root))
+    assert not check.ok and not check.found
+    assert "not on the server" in check.text()
+
+
+@pytest.mark.integration
+def test_demo_as_a_real_process_quiet(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
+    env.update(HOME=str(tmp_path), TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "xnatio", "demo", "--files", "6", "--series", "2", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert list(tmp_path.glob("xnatio-demo-*")) == []
