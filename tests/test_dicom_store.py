@@ -34,7 +34,7 @@ from pynetdicom.sop_class import MRImageStorage, Verification, register_uid
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, SkippedFile
 from xnatio.synth import generate_session
-from xnatio.transports import dicom_store
+from xnatio.transports import dicom_store_worker
 from xnatio.transports.dicom_store import send_dicom_store
 from xnatio.transports.dicom_store_encode import decoder_missing
 
@@ -363,7 +363,7 @@ def test_closed_port_and_unknown_host_are_unreachable(session: Path) -> None:
 def test_abort_mid_association_resumes_without_resending_confirmed_files(
     session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom_store, "BACKOFF_BASE", 0.05)
+    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.05)
     calls = {"n": 0}
 
     def abort_twice(ds: Dataset, event: Any) -> int:
@@ -387,7 +387,7 @@ def test_abort_mid_association_resumes_without_resending_confirmed_files(
 def test_peer_that_always_aborts_fails_files_after_retries(
     session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom_store, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.01)
 
     def abort(ds: Dataset, event: Any) -> int:
         event.assoc.abort()
@@ -513,7 +513,7 @@ def test_discovers_when_no_manifest_is_given(
 def test_transiently_rejected_associations_are_retried(
     session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom_store, "BACKOFF_BASE", 0.05)
+    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.05)
     port, got = scp(max_associations=1)  # the others are rejected: local limit exceeded
     result = send(session, port, num_batches=4, retries=20)
     assert result.success, result.errors
@@ -575,7 +575,7 @@ def test_gzipped_tar_path_is_refused_with_a_hint(
 def test_file_the_peer_never_answers_fails_alone(
     session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom_store, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.01)
     files = manifest_of(session).files
     stuck = files[4].sop_instance_uid
     release = threading.Event()

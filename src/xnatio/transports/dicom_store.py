@@ -16,23 +16,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import random
-import re
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-
-from pydicom.uid import UID
 
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import (
-    DicomFile,
     FileOutcome,
     Manifest,
     Outcome,
@@ -41,136 +31,35 @@ from xnatio.models import (
     ProgressEvent,
     UploadResult,
 )
-from xnatio.transports.dicom_store_encode import (
-    DEFLATED_LE,
-    EXPLICIT_LE,
-    IMPLICIT_LE,
-    UNCOMPRESSED,
-    EncodeError,
-    inflated,
-    read_as_is,
-    transcode,
-    ts_name,
+from xnatio.transports.dicom_store_encode import IMPLICIT_LE
+from xnatio.transports.dicom_store_plan import (
+    plan_associations,
+    proposed_contexts,
+    routing_comment,
 )
 from xnatio.transports.dicom_store_source import SourceReader
-from xnatio.transports.dicom_store_status import meaning
 from xnatio.transports.dicom_store_ul import (
-    CONTEXT_RESULTS,
     VERIFICATION,
-    Association,
     AssociationLost,
     AssociationRejected,
     PeerUnreachable,
     ProposedContext,
-    UpperLayerError,
-    open_association,
 )
+from xnatio.transports.dicom_store_worker import Peer, Tracker, display_path, run_association
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "TRANSPORT",
+    "echo",
+    "plan_associations",
+    "proposed_contexts",
+    "routing_comment",
+    "send_dicom_store",
+]
 
 TRANSPORT = "dicom-store"
-MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1..255
-BACKOFF_BASE = 0.5  # seconds; doubled on each retry of an association, capped at BACKOFF_MAX
-BACKOFF_MAX = 10.0
-# XNAT's routing values match [\w-]* (facts file, section 6).
-_ROUTE_VALUE = re.compile(r"^[\w-]+$")
 
 
-def routing_comment(project: str | None, subject: str | None, session: str | None) -> str | None:
-    """``Project:P Subject:S Session:E`` with the parts given, or None if none is."""
-    parts = []
-    for key, value in (("Project", project), ("Subject", subject), ("Session", session)):
-        if value is None or value == "":
-            continue
-        if not _ROUTE_VALUE.match(value):
-            raise UsageError(
-                f"{key.lower()} {value!r} cannot be routed over C-STORE: XNAT reads only letters, "
-                "digits, '_' and '-' in Patient Comments."
-            )
-        parts.append(f"{key}:{value}")
-    return " ".join(parts) if parts else None
-
-
-def plan_associations(files: Sequence[DicomFile], count: int) -> list[list[DicomFile]]:
-    """Split ``files`` (in order, so series stay together) into about ``count`` groups of similar
-    byte size, then split any group that would need more than 128 presentation contexts."""
-    if not files:
-        return []
-    count = max(1, min(count, len(files)))
-    total = sum(f.size for f in files) or len(files)
-    groups: list[list[DicomFile]] = []
-    current: list[DicomFile] = []
-    done = 0
-    for f in files:
-        current.append(f)
-        done += f.size or 1
-        # Close the group when its share of the bytes is reached.
-        if done * count >= total * (len(groups) + 1) and len(groups) < count - 1:
-            groups.append(current)
-            current = []
-    if current:
-        groups.append(current)
-    out: list[list[DicomFile]] = []
-    for group in groups:
-        keys: set[tuple[str, str]] = set()
-        part: list[DicomFile] = []
-        for f in group:
-            need = _needed(f) - keys
-            if part and len(keys) + len(need) > MAX_CONTEXTS:
-                out.append(part)
-                part, keys = [], set()
-                need = _needed(f)
-            part.append(f)
-            keys |= need
-        out.append(part)
-    return out
-
-
-def _needed(f: DicomFile) -> set[tuple[str, str]]:
-    return {(f.sop_class_uid, ts) for ts in (f.transfer_syntax_uid, *UNCOMPRESSED)}
-
-
-def proposed_contexts(files: Sequence[DicomFile]) -> list[ProposedContext]:
-    """One context per (SOP class, transfer syntax), one syntax each, in first-seen order."""
-    pairs: dict[tuple[str, str], None] = {}
-    for f in files:
-        for ts in (f.transfer_syntax_uid, *UNCOMPRESSED):
-            pairs.setdefault((f.sop_class_uid, ts))
-    if len(pairs) > MAX_CONTEXTS:
-        raise ValueError(f"{len(pairs)} presentation contexts needed; the limit is 128")
-    return [ProposedContext(2 * i + 1, sop, (ts,)) for i, (sop, ts) in enumerate(pairs)]
-
-
-@dataclass(frozen=True, slots=True)
-class _Peer:
-    host: str
-    port: int
-    called_aet: str
-    calling_aet: str
-    max_pdu: int
-    acse_timeout: float
-    dimse_timeout: float
-    network_timeout: float
-
-    def open(self, contexts: list[ProposedContext]) -> Association:
-        return open_association(
-            self.host,
-            self.port,
-            self.called_aet,
-            self.calling_aet,
-            contexts,
-            max_pdu=self.max_pdu,
-            acse_timeout=self.acse_timeout,
-            dimse_timeout=self.dimse_timeout,
-            network_timeout=self.network_timeout,
-        )
-
-    @property
-    def where(self) -> str:
-        return f"{self.called_aet}@{self.host}:{self.port}"
-
-
-def echo(peer: _Peer) -> None:
+def echo(peer: Peer) -> None:
     """C-ECHO; raises UnreachableError or ConfigError with the reason in one sentence."""
     try:
         assoc = peer.open([ProposedContext(1, VERIFICATION, (IMPLICIT_LE,))])
@@ -203,243 +92,6 @@ def echo(peer: _Peer) -> None:
         raise UnreachableError(f"DICOM peer {peer.where}: {exc} during C-ECHO.") from None
     finally:
         assoc.abort()
-
-
-class _Tracker:
-    """Outcomes and progress shared by the association threads."""
-
-    def __init__(self, callback: ProgressCallback | None, files: int, size: int, batches: int):
-        self.callback = callback
-        self.lock = threading.Lock()
-        self.total, self.bytes_total, self.batches_total = files, size, batches
-        self.done = self.bytes_done = self.batches_done = self.batches_failed = 0
-        self.cancel = threading.Event()
-        self.open: set[Association] = set()
-        # The resume journal's hook: told of every file the peer confirmed, as it happens.
-        self.on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
-
-    def opened(self, assoc: Association | None, closed: Association | None = None) -> None:
-        with self.lock:
-            if assoc is not None:
-                self.open.add(assoc)
-            if closed is not None:
-                self.open.discard(closed)
-        if assoc is not None and self.cancel.is_set():
-            assoc.interrupt()
-
-    def stop(self) -> None:
-        """Ctrl-C or a fatal error: every association stops now, mid-file if need be."""
-        self.cancel.set()
-        with self.lock:
-            for assoc in self.open:
-                assoc.interrupt()
-
-    def confirmed(self, outcome: FileOutcome) -> None:
-        if self.on_confirmed is not None and outcome.outcome is Outcome.UPLOADED:
-            self.on_confirmed([outcome])
-
-    def report(
-        self, *, files: int = 0, size: int = 0, batch: bool | None = None, msg: str = ""
-    ) -> None:
-        with self.lock:
-            self.done += files
-            self.bytes_done += size
-            if batch is not None:
-                self.batches_done += 1
-                self.batches_failed += 0 if batch else 1
-            if self.callback is not None:
-                self.callback(
-                    ProgressEvent(
-                        Phase.UPLOAD,
-                        self.done,
-                        self.total,
-                        message=msg,
-                        bytes_done=self.bytes_done,
-                        bytes_total=self.bytes_total,
-                        batches_done=self.batches_done,
-                        batches_failed=self.batches_failed,
-                        batches_total=self.batches_total,
-                    )
-                )
-
-
-def display_path(f: DicomFile) -> str:
-    """The file's path, or ``archive/member`` for a member of an archive PATH (as REST does)."""
-    return str(f.path / f.member) if f.member is not None else str(f.path)
-
-
-def _outcome(f: DicomFile, batch: int, outcome: Outcome, reason: str = "") -> FileOutcome:
-    return FileOutcome(
-        display_path(f), outcome, reason, f.sop_instance_uid, f.series_uid, f.size, batch
-    )
-
-
-def _choose(assoc: Association, f: DicomFile) -> tuple[int, str] | str:
-    """(context id, transfer syntax to send in) or the reason no context fits."""
-    by_pair = {
-        (c.abstract_syntax, c.transfer_syntax): c.context_id for c in assoc.accepted.values()
-    }
-    for ts in (f.transfer_syntax_uid, *UNCOMPRESSED):
-        ctx = by_pair.get((f.sop_class_uid, ts))
-        if ctx is not None:
-            return ctx, ts
-    sop = UID(f.sop_class_uid)
-    sop_name = sop.name if sop.name != sop else f"SOP class {sop}"
-    results = {r for r in assoc.refused.values()}
-    if results == {3}:
-        return f"the peer does not accept {sop_name} (abstract syntax not supported)"
-    why = ", ".join(CONTEXT_RESULTS.get(r, str(r)) for r in sorted(results)) or "no answer"
-    return (
-        f"the peer accepted no transfer syntax for {sop_name} "
-        f"(proposed {ts_name(f.transfer_syntax_uid)} and the uncompressed ones: {why})"
-    )
-
-
-def _payload(
-    f: DicomFile, target_ts: str, route: str | None, reader: SourceReader
-) -> Iterator[bytes]:
-    source_ts = f.transfer_syntax_uid
-    source = reader.open(f)
-    if target_ts == source_ts:
-        return _closing(source, read_as_is(source, source_ts, route))
-    with contextlib.nullcontext(source) if isinstance(source, Path) else source:
-        if source_ts == DEFLATED_LE and target_ts == EXPLICIT_LE:
-            return iter([inflated(source, route)])
-        return iter([transcode(source, source_ts, target_ts, route)])
-
-
-def _closing(source: Path | IO[bytes], pieces: Iterator[bytes]) -> Iterator[bytes]:
-    try:
-        yield from pieces
-    finally:
-        if not isinstance(source, Path):
-            source.close()
-
-
-def _send_one(
-    assoc: Association, f: DicomFile, route: str | None, reader: SourceReader
-) -> tuple[Outcome, str]:
-    """Send one file; AssociationLost propagates (the file is then not confirmed)."""
-    choice = _choose(assoc, f)
-    if isinstance(choice, str):
-        return Outcome.FAILED, choice
-    context_id, target = choice
-    try:
-        pieces = _payload(f, target, route, reader)
-        # Read the first piece before the request goes out: a file that vanished or cannot be
-        # parsed fails alone, and the association stays usable.
-        first = next(pieces, b"")
-    except EncodeError as exc:
-        return Outcome.FAILED, str(exc)
-    except OSError as exc:
-        return Outcome.FAILED, f"cannot read the file: {exc.strerror or exc}"
-    except Exception as exc:  # pydicom raises many types on a malformed file
-        return Outcome.FAILED, f"cannot encode the file: {exc}"
-
-    def chained() -> Iterator[bytes]:
-        yield first
-        yield from pieces
-
-    status = assoc.c_store(context_id, f.sop_class_uid, f.sop_instance_uid, chained())
-    result = meaning(status.status, status.error_comment)
-    if result.stored:
-        note = result.reason
-        if target != f.transfer_syntax_uid:
-            conv = f"sent as {ts_name(target)} (the peer refused {ts_name(f.transfer_syntax_uid)})"
-            note = f"{note}; {conv}" if note else conv
-        return Outcome.UPLOADED, note
-    return Outcome.FAILED, result.reason
-
-
-def _run_association(
-    index: int,
-    files: list[DicomFile],
-    peer: _Peer,
-    route: str | None,
-    retries: int,
-    tracker: _Tracker,
-    reader: SourceReader,
-) -> tuple[list[FileOutcome], str | None]:
-    """Send one planned association's files; reopen it after a loss, resuming after the last
-    confirmed file. Returns the outcomes and, if it gave up, the one-line reason."""
-    contexts = proposed_contexts(files)
-    outcomes: list[FileOutcome] = []
-    pending = list(files)
-    failures = 0
-    error = ""
-    suspect: DicomFile | None = None  # in flight when the last association was lost
-    while pending and not tracker.cancel.is_set():
-        lost: UpperLayerError
-        in_flight: DicomFile | None = None
-        try:
-            assoc = peer.open(contexts)
-        except UpperLayerError as exc:
-            lost = exc
-        else:
-            tracker.opened(assoc)
-            log.debug(
-                "association %d: %d of %d contexts accepted, peer max PDU %d, %d file(s) to send",
-                index,
-                len(assoc.accepted),
-                len(contexts),
-                assoc.peer_max_pdu,
-                len(pending),
-            )
-            try:
-                while pending and not tracker.cancel.is_set():
-                    f = in_flight = pending[0]
-                    outcome, reason = _send_one(assoc, f, route, reader)
-                    in_flight = suspect = None
-                    # The peer answered: this file is settled and never sent again.
-                    pending.pop(0)
-                    outcomes.append(_outcome(f, index, outcome, reason))
-                    tracker.confirmed(outcomes[-1])
-                    tracker.report(files=1, size=f.size)
-                    failures = 0
-                assoc.release()
-                continue
-            except AssociationLost as exc:
-                lost = exc
-            finally:
-                assoc.abort()
-                tracker.opened(None, closed=assoc)
-        if tracker.cancel.is_set():
-            break
-        error = str(lost)
-        failures += 1
-        if in_flight is not None and in_flight is suspect:
-            # Lost twice in a row on the same file: the file is the likely cause; give it up
-            # alone so that the rest of the association can go on.
-            pending.pop(0)
-            why = f"not sent: {error} twice while this file was being sent"
-            outcomes.append(_outcome(in_flight, index, Outcome.FAILED, why))
-            tracker.report(files=1)
-            in_flight = None
-        suspect = in_flight
-        if isinstance(lost, AssociationRejected) and lost.bad_ae_title:
-            break  # a wrong AE title will not fix itself
-        if failures > retries:
-            break
-        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
-        log.debug(
-            "association %d: %s; retry %d of %d in %.1f s, %d file(s) left",
-            index,
-            error,
-            failures,
-            retries,
-            delay,
-            len(pending),
-        )
-        if tracker.cancel.wait(delay * random.uniform(0.8, 1.2)):
-            break
-    gave_up = None
-    if pending:
-        what = "interrupted" if tracker.cancel.is_set() else f"not sent: {error}"
-        gave_up = f"association {index}: {len(pending)} file(s) {what}"
-        for f in pending:
-            outcomes.append(_outcome(f, index, Outcome.FAILED, what))
-        tracker.report(files=len(pending))
-    return outcomes, gave_up
 
 
 def send_dicom_store(
@@ -502,7 +154,7 @@ def send_dicom_store(
     check_single_study(manifest, allow_multiple=allow_multiple_studies)
     reader = SourceReader(manifest.source_archive)
 
-    peer = _Peer(
+    peer = Peer(
         host,
         port,
         called_aet.strip(),
@@ -517,14 +169,14 @@ def send_dicom_store(
     emit(ProgressEvent(Phase.CONNECT, 1, 1, message=f"{peer.where} answered C-ECHO"))
 
     groups = plan_associations(manifest.files, num_batches)
-    tracker = _Tracker(progress_callback, len(manifest.files), manifest.total_bytes, len(groups))
+    tracker = Tracker(progress_callback, len(manifest.files), manifest.total_bytes, len(groups))
     tracker.on_confirmed = on_confirmed
     tracker.report(msg=f"{len(groups)} association(s)")
     outcomes: dict[str, FileOutcome] = {}
     failed_batches = 0
     with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="c-store") as pool:
         futures = {
-            pool.submit(_run_association, i, g, peer, route, retries, tracker, reader): i
+            pool.submit(run_association, i, g, peer, route, retries, tracker, reader): i
             for i, g in enumerate(groups)
         }
         gave_up: dict[int, str] = {}

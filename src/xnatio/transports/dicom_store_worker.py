@@ -1,0 +1,322 @@
+"""One planned association's work, run in a thread: open, send file by file, reopen after a loss.
+
+Every file ends with the status of its C-STORE-RSP. A lost association (A-ABORT, rejection,
+broken connection, DIMSE timeout) is reopened with exponential backoff and resumes after the last
+confirmed file, so nothing the peer confirmed is sent twice; a file that was in flight at two
+losses in a row is given up alone, so one poison instance cannot sink its association.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pydicom.uid import UID
+
+from xnatio.models import (
+    DicomFile,
+    FileOutcome,
+    Outcome,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+)
+from xnatio.transports.dicom_store_encode import (
+    DEFLATED_LE,
+    EXPLICIT_LE,
+    UNCOMPRESSED,
+    EncodeError,
+    inflated,
+    read_as_is,
+    transcode,
+    ts_name,
+)
+from xnatio.transports.dicom_store_plan import proposed_contexts
+from xnatio.transports.dicom_store_source import SourceReader
+from xnatio.transports.dicom_store_status import meaning
+from xnatio.transports.dicom_store_ul import (
+    CONTEXT_RESULTS,
+    Association,
+    AssociationLost,
+    AssociationRejected,
+    ProposedContext,
+    UpperLayerError,
+    open_association,
+)
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 0.5  # seconds; doubled on each retry of an association, capped at BACKOFF_MAX
+BACKOFF_MAX = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str
+    max_pdu: int
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+
+    def open(self, contexts: list[ProposedContext]) -> Association:
+        return open_association(
+            self.host,
+            self.port,
+            self.called_aet,
+            self.calling_aet,
+            contexts,
+            max_pdu=self.max_pdu,
+            acse_timeout=self.acse_timeout,
+            dimse_timeout=self.dimse_timeout,
+            network_timeout=self.network_timeout,
+        )
+
+    @property
+    def where(self) -> str:
+        return f"{self.called_aet}@{self.host}:{self.port}"
+
+
+class Tracker:
+    """Outcomes and progress shared by the association threads."""
+
+    def __init__(self, callback: ProgressCallback | None, files: int, size: int, batches: int):
+        self.callback = callback
+        self.lock = threading.Lock()
+        self.total, self.bytes_total, self.batches_total = files, size, batches
+        self.done = self.bytes_done = self.batches_done = self.batches_failed = 0
+        self.cancel = threading.Event()
+        self.open: set[Association] = set()
+        # The resume journal's hook: told of every file the peer confirmed, as it happens.
+        self.on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
+
+    def opened(self, assoc: Association | None, closed: Association | None = None) -> None:
+        with self.lock:
+            if assoc is not None:
+                self.open.add(assoc)
+            if closed is not None:
+                self.open.discard(closed)
+        if assoc is not None and self.cancel.is_set():
+            assoc.interrupt()
+
+    def stop(self) -> None:
+        """Ctrl-C or a fatal error: every association stops now, mid-file if need be."""
+        self.cancel.set()
+        with self.lock:
+            for assoc in self.open:
+                assoc.interrupt()
+
+    def confirmed(self, outcome: FileOutcome) -> None:
+        if self.on_confirmed is not None and outcome.outcome is Outcome.UPLOADED:
+            self.on_confirmed([outcome])
+
+    def report(
+        self, *, files: int = 0, size: int = 0, batch: bool | None = None, msg: str = ""
+    ) -> None:
+        with self.lock:
+            self.done += files
+            self.bytes_done += size
+            if batch is not None:
+                self.batches_done += 1
+                self.batches_failed += 0 if batch else 1
+            if self.callback is not None:
+                self.callback(
+                    ProgressEvent(
+                        Phase.UPLOAD,
+                        self.done,
+                        self.total,
+                        message=msg,
+                        bytes_done=self.bytes_done,
+                        bytes_total=self.bytes_total,
+                        batches_done=self.batches_done,
+                        batches_failed=self.batches_failed,
+                        batches_total=self.batches_total,
+                    )
+                )
+
+
+def display_path(f: DicomFile) -> str:
+    """The file's path, or ``archive/member`` for a member of an archive PATH (as REST does)."""
+    return str(f.path / f.member) if f.member is not None else str(f.path)
+
+
+def _outcome(f: DicomFile, batch: int, outcome: Outcome, reason: str = "") -> FileOutcome:
+    return FileOutcome(
+        display_path(f), outcome, reason, f.sop_instance_uid, f.series_uid, f.size, batch
+    )
+
+
+def _choose(assoc: Association, f: DicomFile) -> tuple[int, str] | str:
+    """(context id, transfer syntax to send in) or the reason no context fits."""
+    by_pair = {
+        (c.abstract_syntax, c.transfer_syntax): c.context_id for c in assoc.accepted.values()
+    }
+    for ts in (f.transfer_syntax_uid, *UNCOMPRESSED):
+        ctx = by_pair.get((f.sop_class_uid, ts))
+        if ctx is not None:
+            return ctx, ts
+    sop = UID(f.sop_class_uid)
+    sop_name = sop.name if sop.name != sop else f"SOP class {sop}"
+    results = {r for r in assoc.refused.values()}
+    if results == {3}:
+        return f"the peer does not accept {sop_name} (abstract syntax not supported)"
+    why = ", ".join(CONTEXT_RESULTS.get(r, str(r)) for r in sorted(results)) or "no answer"
+    return (
+        f"the peer accepted no transfer syntax for {sop_name} "
+        f"(proposed {ts_name(f.transfer_syntax_uid)} and the uncompressed ones: {why})"
+    )
+
+
+def _payload(
+    f: DicomFile, target_ts: str, route: str | None, reader: SourceReader
+) -> Iterator[bytes]:
+    source_ts = f.transfer_syntax_uid
+    source = reader.open(f)
+    if target_ts == source_ts:
+        return _closing(source, read_as_is(source, source_ts, route))
+    with contextlib.nullcontext(source) if isinstance(source, Path) else source:
+        if source_ts == DEFLATED_LE and target_ts == EXPLICIT_LE:
+            return iter([inflated(source, route)])
+        return iter([transcode(source, source_ts, target_ts, route)])
+
+
+def _closing(source: Path | IO[bytes], pieces: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        yield from pieces
+    finally:
+        if not isinstance(source, Path):
+            source.close()
+
+
+def _send_one(
+    assoc: Association, f: DicomFile, route: str | None, reader: SourceReader
+) -> tuple[Outcome, str]:
+    """Send one file; AssociationLost propagates (the file is then not confirmed)."""
+    choice = _choose(assoc, f)
+    if isinstance(choice, str):
+        return Outcome.FAILED, choice
+    context_id, target = choice
+    try:
+        pieces = _payload(f, target, route, reader)
+        # Read the first piece before the request goes out: a file that vanished or cannot be
+        # parsed fails alone, and the association stays usable.
+        first = next(pieces, b"")
+    except EncodeError as exc:
+        return Outcome.FAILED, str(exc)
+    except OSError as exc:
+        return Outcome.FAILED, f"cannot read the file: {exc.strerror or exc}"
+    except Exception as exc:  # pydicom raises many types on a malformed file
+        return Outcome.FAILED, f"cannot encode the file: {exc}"
+
+    def chained() -> Iterator[bytes]:
+        yield first
+        yield from pieces
+
+    status = assoc.c_store(context_id, f.sop_class_uid, f.sop_instance_uid, chained())
+    result = meaning(status.status, status.error_comment)
+    if result.stored:
+        note = result.reason
+        if target != f.transfer_syntax_uid:
+            conv = f"sent as {ts_name(target)} (the peer refused {ts_name(f.transfer_syntax_uid)})"
+            note = f"{note}; {conv}" if note else conv
+        return Outcome.UPLOADED, note
+    return Outcome.FAILED, result.reason
+
+
+def run_association(
+    index: int,
+    files: list[DicomFile],
+    peer: Peer,
+    route: str | None,
+    retries: int,
+    tracker: Tracker,
+    reader: SourceReader,
+) -> tuple[list[FileOutcome], str | None]:
+    """Send one planned association's files; reopen it after a loss, resuming after the last
+    confirmed file. Returns the outcomes and, if it gave up, the one-line reason."""
+    contexts = proposed_contexts(files)
+    outcomes: list[FileOutcome] = []
+    pending = list(files)
+    failures = 0
+    error = ""
+    suspect: DicomFile | None = None  # in flight when the last association was lost
+    while pending and not tracker.cancel.is_set():
+        lost: UpperLayerError
+        in_flight: DicomFile | None = None
+        try:
+            assoc = peer.open(contexts)
+        except UpperLayerError as exc:
+            lost = exc
+        else:
+            tracker.opened(assoc)
+            log.debug(
+                "association %d: %d of %d contexts accepted, peer max PDU %d, %d file(s) to send",
+                index,
+                len(assoc.accepted),
+                len(contexts),
+                assoc.peer_max_pdu,
+                len(pending),
+            )
+            try:
+                while pending and not tracker.cancel.is_set():
+                    f = in_flight = pending[0]
+                    outcome, reason = _send_one(assoc, f, route, reader)
+                    in_flight = suspect = None
+                    # The peer answered: this file is settled and never sent again.
+                    pending.pop(0)
+                    outcomes.append(_outcome(f, index, outcome, reason))
+                    tracker.confirmed(outcomes[-1])
+                    tracker.report(files=1, size=f.size)
+                    failures = 0
+                assoc.release()
+                continue
+            except AssociationLost as exc:
+                lost = exc
+            finally:
+                assoc.abort()
+                tracker.opened(None, closed=assoc)
+        if tracker.cancel.is_set():
+            break
+        error = str(lost)
+        failures += 1
+        if in_flight is not None and in_flight is suspect:
+            # Lost twice in a row on the same file: the file is the likely cause; give it up
+            # alone so that the rest of the association can go on.
+            pending.pop(0)
+            why = f"not sent: {error} twice while this file was being sent"
+            outcomes.append(_outcome(in_flight, index, Outcome.FAILED, why))
+            tracker.report(files=1)
+            in_flight = None
+        suspect = in_flight
+        if isinstance(lost, AssociationRejected) and lost.bad_ae_title:
+            break  # a wrong AE title will not fix itself
+        if failures > retries:
+            break
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
+        log.debug(
+            "association %d: %s; retry %d of %d in %.1f s, %d file(s) left",
+            index,
+            error,
+            failures,
+            retries,
+            delay,
+            len(pending),
+        )
+        if tracker.cancel.wait(delay * random.uniform(0.8, 1.2)):
+            break
+    gave_up = None
+    if pending:
+        what = "interrupted" if tracker.cancel.is_set() else f"not sent: {error}"
+        gave_up = f"association {index}: {len(pending)} file(s) {what}"
+        for f in pending:
+            outcomes.append(_outcome(f, index, Outcome.FAILED, what))
+        tracker.report(files=len(pending))
+    return outcomes, gave_up
