@@ -315,7 +315,7 @@ _WRITER = textwrap.dedent(
         DicomFile(path=root / f"f{i}", size=i, mtime_ns=i, study_uid="1", series_uid="1.1",
                   sop_instance_uid=f"1.1.{i}", sop_class_uid="1", series_number=1,
                   transfer_syntax_uid="1", patient_id="p")
-        for i in range(100000)
+        for i in range(20000)
     ]
     j = Journal(Path(sys.argv[1]))
     run = j.open_run(Target.rest("https://h", "P", "S", "E"), Manifest(root=root, files=files))

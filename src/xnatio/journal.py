@@ -206,6 +206,7 @@ class Journal:
         self.path = path if path is not None else default_journal_path()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
+        self._closed = False
         # isolation_level=None: autocommit; every write below is its own explicit transaction.
         self._db = sqlite3.connect(
             self.path, timeout=30.0, check_same_thread=False, isolation_level=None
@@ -223,9 +224,17 @@ class Journal:
     def _write(self) -> _Txn:
         return _Txn(self._db, self._lock)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        """Close the database; later writes (a worker confirming a batch after Ctrl-C) are
+        dropped: those files are simply sent again by the next run."""
         with self._lock:
-            self._db.close()
+            if not self._closed:
+                self._closed = True
+                self._db.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -370,8 +379,17 @@ class JournalRun:
             )
             for f in files
         ]
-        if not rows:
+        if not rows or self.journal.closed:
             return 0
+        try:
+            self._insert(rows, now)
+        except sqlite3.ProgrammingError:
+            if self.journal.closed:  # closed meanwhile (Ctrl-C): dropped, sent again next run
+                return 0
+            raise
+        return len(rows)
+
+    def _insert(self, rows: Sequence[tuple[object, ...]], now: float) -> None:
         with self.journal._write() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO files "
@@ -383,7 +401,6 @@ class JournalRun:
                 "UPDATE runs SET committed = 0, verified = 0, updated = ? WHERE id = ?",
                 (now, self.run_id),
             )
-        return len(rows)
 
     def record_outcomes(self, outcomes: Sequence[FileOutcome]) -> int:
         """The transports' ``on_confirmed`` hook: remember every UPLOADED/VERIFIED outcome."""
