@@ -150,6 +150,16 @@ def test_unreachable_server_is_exit_4(
     assert "Traceback" not in r.output
 
 
+def test_json_errors_still_give_a_result_on_stdout(
+    cli_invoke: Invoke, session: SyntheticSession, nowhere_env: dict[str, str]
+) -> None:
+    args = ("upload-dicom", "P", "S", "E", session.root, "--retries", "0", "--json")
+    r = cli_invoke(*args, exit_code=4, env=nowhere_env)
+    result = json.loads(r.stdout)
+    assert result["status"] == "error" and result["exit_code"] == 4
+    assert r.stderr.strip().splitlines()[-1] == f"error: {result['error']}"
+
+
 def test_verbose_shows_the_traceback(cli_invoke: Invoke, tmp_path: Path) -> None:
     r = cli_invoke("upload-dicom", "P", "S", "E", tmp_path / "nope", "-v", exit_code=2)
     assert "Traceback" in r.stderr

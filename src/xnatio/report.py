@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xnatio import __version__
-from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
+from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError, XnatioError
 from xnatio.models import Batch, FileOutcome, Manifest, Outcome, SkippedFile, UploadResult
 
 RESULT_SCHEMA = "xnatio.upload-result/1"
@@ -126,6 +126,17 @@ def _file_dict(f: FileOutcome) -> dict[str, Any]:
         "series_uid": f.series_uid,
         "size": f.size,
         "batch": f.batch,
+    }
+
+
+def error_to_dict(exc: XnatioError) -> dict[str, Any]:
+    """The ``--json`` result of a run that stopped on an error (usage, auth, unreachable)."""
+    return {
+        "schema": RESULT_SCHEMA,
+        "xnatio_version": __version__,
+        "status": "error",
+        "exit_code": exc.exit_code,
+        "error": str(exc),
     }
 
 

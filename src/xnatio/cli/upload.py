@@ -6,8 +6,10 @@ exercises exactly the code path users run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +27,13 @@ from xnatio.cli.options import (
     server_options,
     start_command,
 )
-from xnatio.errors import ConfigError, UsageError
+from xnatio.errors import ConfigError, UsageError, XnatioError
 from xnatio.models import Batch, Manifest, UploadResult
 from xnatio.progress import Display, choose_display
 from xnatio.report import (
     account_for_skipped,
     check_report_path,
+    error_to_dict,
     exit_code_of,
     plan_to_dict,
     result_to_json,
@@ -471,9 +474,22 @@ def upload_dicom(
         dimse_timeout=dimse_timeout,
         network_timeout=network_timeout,
     )
+    with json_errors(output):
+        code = _upload(opts, server, profile, dicom, output, report)
+    ctx.exit(code)
+
+
+def _upload(
+    opts: UploadOptions,
+    server: ServerArgs,
+    profile: ProfileArgs,
+    dicom: DicomArgs,
+    output: OutputArgs,
+    report: Path | None,
+) -> int:
     # Cheap checks first: a typo in PATH or a missing password should not wait for discovery.
-    if not os.path.lexists(path):
-        raise UsageError(f"{path} does not exist.")
+    if not os.path.lexists(opts.path):
+        raise UsageError(f"{opts.path} does not exist.")
     if report is not None:
         check_report_path(report)
     settings = resolve_with_profile(server, profile, dicom=dicom, output=output)
@@ -481,14 +497,28 @@ def upload_dicom(
 
     with choose_display(quiet=output.quiet) as display:
         manifest = discover_for_upload(opts, display)
-        if dry_run:
+        if opts.dry_run:
             text, data = describe_dry_run(opts, manifest, display)
         else:
             result = run_upload(opts, settings, manifest, display)
-    if dry_run:
+    if opts.dry_run:
         if output.json:
             click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         elif not output.quiet:
             click.echo(text)
-        return
-    ctx.exit(render_result(result, output, report))
+        return 0
+    return render_result(result, output, report)
+
+
+@contextlib.contextmanager
+def json_errors(output: OutputArgs) -> Iterator[None]:
+    """With --json, an error (exit 2/3/4) still gives scripts a result on stdout.
+
+    The one-line message on stderr and the exit code come from the CLI edge as always.
+    """
+    try:
+        yield
+    except XnatioError as exc:
+        if output.json:
+            click.echo(json.dumps(error_to_dict(exc), indent=2, ensure_ascii=False))
+        raise
