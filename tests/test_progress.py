@@ -43,8 +43,7 @@ def _upload(current: int, total: int = 100, mb: int = 1_000_000, **kw: int) -> P
 
 def test_format_event_has_files_bytes_rate_eta_batches() -> None:
     line = format_event(_upload(40, bf=1), rate=200_000)
-    assert line.startswith("upload: 40/100 files (40%)")
-    assert "400.0 kB/1.0 MB" in line
+    assert line.startswith("upload: 40/100 files, 400.0 kB/1.0 MB (40%)")
     assert "0.2 MB/s" in line
     assert "ETA 0:03" in line
     assert "batches 4/10 done, 1 failed" in line
@@ -65,7 +64,7 @@ def test_log_display_writes_on_phase_change_every_step_and_interval() -> None:
     upload = [ln for ln in lines if ln.startswith("upload:")]
     # first event of the phase, each 10 % step (10..100), then the one after the interval
     assert len(upload) == 12
-    assert upload[-2].startswith("upload: 100/100 files (100%)")
+    assert upload[-2].startswith("upload: 100/100 files, 1.0 MB/1.0 MB (100%)")
     assert upload[-1].endswith("1 failed")
     assert not ANSI.search(out.getvalue())
 
@@ -76,7 +75,7 @@ def test_log_display_progress_may_go_backwards() -> None:
     d(_upload(50))
     clock.now += 10
     d(_upload(30))  # a batch failed and is resent
-    assert out.getvalue().splitlines()[-1].startswith("upload: 30/100 files")
+    assert out.getvalue().splitlines()[-1].startswith("upload: 30/100 files, 300.0 kB/")
 
 
 def test_silent_display_prints_nothing(capsys: object) -> None:

@@ -128,15 +128,23 @@ def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
     between (plan, connect, commit, verify, done) are described by their message.
     """
     parts: list[str] = []
+    by_bytes = event.phase is Phase.UPLOAD and event.bytes_total > 0
     if event.phase in (Phase.DISCOVER, Phase.UPLOAD):
-        if event.total:
+        # The percentage follows bytes while uploading: files count only once their batch is
+        # confirmed, so they lag behind what has been sent.
+        if event.total and not by_bytes:
             pct = 100.0 * event.current / event.total
             parts.append(f"{event.current}/{event.total} files ({pct:.0f}%)")
+        elif event.total:
+            parts.append(f"{event.current}/{event.total} files")
         elif event.current:
             parts.append(f"{event.current} files")
     if event.phase is Phase.UPLOAD:
-        if event.bytes_total:
-            parts.append(f"{_fmt_bytes(event.bytes_done)}/{_fmt_bytes(event.bytes_total)}")
+        if by_bytes:
+            pct = 100.0 * event.bytes_done / event.bytes_total
+            parts.append(
+                f"{_fmt_bytes(event.bytes_done)}/{_fmt_bytes(event.bytes_total)} ({pct:.0f}%)"
+            )
             if rate > 0:
                 parts.append(f"{rate / 1e6:.1f} MB/s")
                 left = event.bytes_total - event.bytes_done
