@@ -194,3 +194,33 @@ def test_plan_balances_bytes_keeps_order_and_respects_128_contexts() -> None:
         assert len(contexts) <= 128
         assert [c.context_id for c in contexts] == list(range(1, 2 * len(contexts), 2))
         assert all(len(c.transfer_syntaxes) == 1 for c in contexts)
+
+
+def test_associate_rq_and_c_store_rq_decode_with_pynetdicom_and_pydicom() -> None:
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    from xnatio.transports.dicom_store_pdu import (
+        ProposedContext,
+        build_associate_rq,
+        c_store_rq,
+    )
+
+    contexts = [
+        ProposedContext(1, "1.2.840.10008.5.1.4.1.1.4", (ExplicitVRLittleEndian,)),
+        ProposedContext(3, "1.3.12.2.1107.5.9.1", (ImplicitVRLittleEndian,)),
+    ]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(build_associate_rq("XNAT", "XNATIO", contexts, 0))
+    assert (pdu.called_ae_title, pdu.calling_ae_title) == ("XNAT", "XNATIO")
+    assert [
+        (c.context_id, c.abstract_syntax, c.transfer_syntax) for c in pdu.presentation_context
+    ] == [
+        (1, "1.2.840.10008.5.1.4.1.1.4", [ExplicitVRLittleEndian]),
+        (3, "1.3.12.2.1107.5.9.1", [ImplicitVRLittleEndian]),
+    ]
+    assert pdu.user_information.maximum_length == 0
+
+    command = read_dataset(io.BytesIO(c_store_rq(7, "1.2.3", "1.2.3.45")), True, True)
+    assert command.CommandGroupLength == len(c_store_rq(7, "1.2.3", "1.2.3.45")) - 12
+    assert (command.CommandField, command.MessageID, command.CommandDataSetType) == (1, 7, 0)
+    assert (command.AffectedSOPClassUID, command.AffectedSOPInstanceUID) == ("1.2.3", "1.2.3.45")
