@@ -218,8 +218,12 @@ class DicomImport:
                 auto and self.p.dest is not None
             )
             if to_archive:
+                # This request is done writing; only *other* writers block the archiver.
+                self.store.release_writers({sid})
+                self.writer_of.discard(sid)
+                built = self.store.build(self.store.get_prearc_by_id(sid) or s)
                 e = self.store.archive(
-                    s,
+                    built,
                     project=s.project,
                     subject=self.p.subject,
                     label=self.p.label,
@@ -267,9 +271,6 @@ class DicomImport:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
         self.files_written += 1
-        ms = self.knobs.get().per_file_ms
-        if ms > 0:
-            time.sleep(ms / 1000)
 
     def _identity(self, h: DicomHeader) -> tuple[str, str, str]:
         """(project, subject, label) from the parameters, else from the DICOM routing rules."""
@@ -365,9 +366,16 @@ class DicomImport:
             )
 
     def _write(self, target: Path, head: bytes, rest: IO[bytes]) -> tuple[int, str]:
-        """Stream head + rest to ``target`` (atomically replaced), returning (size, md5)."""
+        """Stream head + rest to ``target`` (atomically replaced), returning (size, md5).
+
+        Runs under the file lock, like XNAT's write (+ anonymization): ``per_file_ms`` is spent
+        here, which is also what makes the same-file race observable.
+        """
         if self.knobs.disk_full_for(self.path):
             raise HttpError(507, "No space left on device")
+        ms = self.knobs.get().per_file_ms
+        if ms > 0:
+            time.sleep(ms / 1000)
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         md5 = hashlib.md5()

@@ -39,10 +39,18 @@ _PREARC = r"/data/prearchive/projects/(?P<p>[^/]+)/(?P<ts>[^/]+)/(?P<f>[^/]+)"
 def route(methods: str, pattern: str, name: str | None = None) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         for method in methods.split():
-            _ROUTES.append((method, re.compile("^" + pattern + "/?$"), fn, name or pattern))
+            _ROUTES.append(
+                (method, re.compile("^" + pattern + "/?$"), fn, name or _pretty(pattern))
+            )
         return fn
 
     return register
+
+
+def _pretty(pattern: str) -> str:
+    """``/data/projects/(?P<p>[^/]+)`` → ``/data/projects/{p}`` (for statistics keys)."""
+    text = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+    return text.replace("(?:/archive)?", "").replace("(?:archive/)?", "").replace("?", "")
 
 
 def route_name(path: str) -> str:
@@ -62,6 +70,7 @@ def handle(req: Request) -> Response:
             if m == method:
                 return fn(req, match)
             allowed = True
+    req.server.knob_box.count(f"unrouted {req.method} {req.path}")
     if allowed:
         raise HttpError(405, f"Method {req.method} is not allowed on {req.path}")
     raise HttpError(404, f"The requested resource {req.path} was not found.")
@@ -132,6 +141,25 @@ def build_info(req: Request, _: re.Match[str]) -> Response:
 @route("GET", r"/xapi/siteConfig/buildInfo/version")
 def build_version(req: Request, _: re.Match[str]) -> Response:
     return _resp(200, req.server.version, "text/plain")
+
+
+@route("GET", r"/xapi/users/username")
+def current_username(req: Request, _: re.Match[str]) -> Response:
+    assert req.principal is not None
+    return _resp(200, req.principal.user, "text/plain")
+
+
+@route("GET", r"/xapi/users/(?P<u>[^/]+)")
+def user_details(req: Request, m: re.Match[str]) -> Response:
+    if m["u"] not in req.server.users:
+        raise HttpError(404, f"User {m['u']} not found")
+    return _json({"username": m["u"], "enabled": True, "verified": True, "admin": True})
+
+
+@route("GET", r"/data/auth")
+def auth_status(req: Request, _: re.Match[str]) -> Response:
+    assert req.principal is not None
+    return _resp(200, f"User '{req.principal.user}' is logged in", "text/plain")
 
 
 @route("GET POST", r"/data/JSESSION")

@@ -668,8 +668,8 @@ class Store:
                 return done
             if s.id in self._archiving or current.status == "ARCHIVING":
                 raise fail(403, MSG_DUPLICATE if wrapped else MSG_OPERATION)
-            if self._writers.get(s.id, 0) > (1 if wrapped else 0):
-                # The archiving import request is itself one writer.
+            if self._writers.get(s.id, 0) > 0:
+                # Another request is still adding files to this session.
                 raise fail(409, MSG_UNABLE_TO_LOCK if wrapped else MSG_IN_PROGRESS)
             label = label or current.name
             subject = subject or current.subject or label
@@ -678,6 +678,8 @@ class Store:
                 raise fail(423, MSG_IN_USE)
             existing = self.experiment(project, label)
             if existing is not None and not existing.direct and overwrite is None:
+                # XNAT marks the prearchive entry CONFLICT; it still accepts files and retries.
+                self._db.execute("UPDATE prearc SET status='CONFLICT' WHERE id=?", (s.id,))
                 raise fail(409, MSG_EXISTS)
             self._archiving.add(s.id)
             self._dest_in_use.add(dest)

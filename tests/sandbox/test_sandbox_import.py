@@ -1,0 +1,301 @@
+"""POST /data/services/import over real HTTP: formats, bodies, parameters and their errors
+(facts §1)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import requests
+from sandbox_helpers import (
+    client,
+    h3,
+    import_zip,
+    instance_files,
+    session,
+    tar_bytes,
+    zip_bytes,
+)
+
+from xnatio.sandbox import SandboxServer
+
+pytestmark = pytest.mark.integration
+
+IMPORT = "/data/services/import"
+DEST = {"PROJECT_ID": "P", "SUBJECT_ID": "S", "EXPT_LABEL": "E"}
+
+
+def post(server: SandboxServer, body: bytes, ctype: str, **params: str) -> requests.Response:
+    query = {"import-handler": "DICOM-zip", "inbody": "true", **DEST, **params}
+    return client(server).post(
+        server.url + IMPORT, params=query, data=body, headers={"Content-Type": ctype}
+    )
+
+
+@pytest.mark.parametrize(
+    ("ctype", "mode"),
+    [("application/zip", "zip"), ("application/x-tar", "w"), ("application/x-gtar", "w:gz")],
+)
+def test_raw_body_formats_by_content_type(
+    xnat_server: SandboxServer, tmp_path: Path, ctype: str, mode: str
+) -> None:
+    s = session(tmp_path, series=1, instances=2)
+    files = instance_files(s)
+    body = zip_bytes(files) if mode == "zip" else tar_bytes(files, mode)
+    r = post(xnat_server, body, ctype)
+    assert r.status_code == 200, r.text
+    (uri,) = r.text.split("\r\n")[:-1]
+    assert uri.startswith("/data/prearchive/projects/P/") and uri.endswith("/E")
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    assert set(xnat_server.prearchive_files(prearc)) == set(s.instances)
+
+
+@pytest.mark.parametrize(
+    "ctype", ["application/x-gzip", "application/octet-stream", "application/x-bzip2"]
+)
+def test_other_content_types_are_unsupported(xnat_server: SandboxServer, ctype: str) -> None:
+    r = post(xnat_server, b"PK\x03\x04 whatever", ctype)
+    assert r.status_code == 400
+    assert h3(r).startswith("Unsupported format")
+
+
+def test_chunked_body_is_accepted(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=1, instances=3)
+    body = zip_bytes(instance_files(s))
+
+    def chunks():  # a generator makes requests send Transfer-Encoding: chunked
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    r = client(xnat_server).post(
+        xnat_server.url + IMPORT,
+        params={"import-handler": "DICOM-zip", "inbody": "true", **DEST},
+        data=chunks(),
+        headers={"Content-Type": "application/zip"},
+    )
+    assert r.status_code == 200, r.text
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    assert len(xnat_server.prearchive_files(prearc)) == 3
+
+
+def test_multipart_by_part_filename_with_form_fields(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    s = session(tmp_path, series=1, instances=2)
+    body = tar_bytes(instance_files(s), "w:gz")
+    r = client(xnat_server).post(
+        xnat_server.url + IMPORT,
+        data={"import-handler": "DICOM-zip", "project": "P", "subject": "S", "session": "E"},
+        files={"file": ("upload.tgz", body, "application/octet-stream")},
+    )
+    assert r.status_code == 200, r.text
+    assert "/prearchive/projects/P/" in r.text
+
+
+def test_multipart_with_two_files_is_refused(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    body = zip_bytes({"a": b"x"})
+    r = client(xnat_server).post(
+        xnat_server.url + IMPORT,
+        params={"import-handler": "DICOM-zip", **DEST},
+        files={"a": ("a.zip", body), "b": ("b.zip", body)},
+    )
+    assert r.status_code == 400
+    assert h3(r) == "Importer is limited to one uploaded resource at a time."
+
+
+def test_multipart_unknown_extension_and_case_sensitivity(xnat_server: SandboxServer) -> None:
+    r = client(xnat_server).post(
+        xnat_server.url + IMPORT,
+        params={"import-handler": "DICOM-zip", **DEST},
+        files={"file": ("UPLOAD.ZIP", zip_bytes({"a": b"x"}))},
+    )
+    assert r.status_code == 400
+    assert "Unsupported format" in h3(r)
+
+
+def test_inbody_with_multipart_content_type_is_406(xnat_server: SandboxServer) -> None:
+    r = post(xnat_server, b"--b\r\n\r\n--b--\r\n", "multipart/form-data; boundary=b")
+    assert r.status_code == 406
+
+
+def test_unknown_import_handler_is_404(xnat_server: SandboxServer) -> None:
+    r = post(xnat_server, b"", "application/zip", **{"import-handler": "NOPE"})
+    assert r.status_code == 404
+    assert h3(r) == "Unknown importer implementation specified: NOPE"
+
+
+@pytest.mark.parametrize("dest", ["/nowhere", "/archive/project/P", "/prearchive/projects"])
+def test_malformed_dest(xnat_server: SandboxServer, dest: str) -> None:
+    r = post(xnat_server, zip_bytes({"a": b"x"}), "application/zip", dest=dest)
+    assert r.status_code == 400
+    assert h3(r) == "Parameter dest format error"
+
+
+def test_nested_archives_and_directory_entries(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=2, instances=2)
+    uids = list(s.instances)
+    inner_tar = tar_bytes({f"deep/{uids[0]}": s.instances[uids[0]]})
+    inner_zip = zip_bytes({uids[1]: s.instances[uids[1]], "sub/inner.tar": inner_tar})
+    files: dict[str, bytes | Path] = {f"d/{u}": s.instances[u] for u in uids[2:]}
+    files["d/nested.zip"] = inner_zip
+    files["d/empty/"] = b""  # a directory entry
+    r = post(xnat_server, zip_bytes(files), "application/zip", dest="/archive")
+    assert r.status_code == 200, r.text
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
+
+
+def test_dicomdir_refused_without_ignore_unparsable(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    s = session(tmp_path, series=1, instances=2, extras=["dicomdir"])
+    files = {"DICOMDIR": s.extras["dicomdir"]}
+    r = post(xnat_server, zip_bytes(files), "application/zip")
+    assert r.status_code == 400
+    assert h3(r) == "object DICOMDIR contains no SOP Class UID"
+
+
+def test_partial_write_then_ignore_unparsable(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=1, instances=4, extras=["txt"])
+    uids = list(s.instances)
+    files: dict[str, bytes | Path] = {u: s.instances[u] for u in uids[:2]}
+    files["notes.txt"] = s.extras["txt"]
+    files.update({u: s.instances[u] for u in uids[2:]})
+    r = post(xnat_server, zip_bytes(files), "application/zip")
+    assert r.status_code == 400
+    assert h3(r) == "unable to read DICOM object notes.txt"
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    assert set(xnat_server.prearchive_files(prearc)) == set(uids[:2])  # written before the bad one
+
+    r = post(xnat_server, zip_bytes(files), "application/zip", **{"Ignore-Unparsable": "true"})
+    assert r.status_code == 200, r.text
+    assert set(xnat_server.prearchive_files(prearc)) == set(uids)  # same session, merged
+
+
+def test_nothing_parsable_returns_last_error_even_when_ignoring(
+    xnat_server: SandboxServer,
+) -> None:
+    files: dict[str, bytes | Path] = {"a.txt": b"hello", "b.txt": b"world"}
+    r = post(xnat_server, zip_bytes(files), "application/zip", **{"Ignore-Unparsable": "true"})
+    assert r.status_code == 400
+    assert h3(r) == "unable to read DICOM object b.txt"
+
+
+def test_empty_archive_gives_empty_uri_list(xnat_server: SandboxServer) -> None:
+    r = post(xnat_server, zip_bytes({}), "application/zip")
+    assert r.status_code == 200
+    assert r.text == ""
+
+
+def test_requests_merge_into_one_prearchive_session(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    s = session(tmp_path, series=2, instances=2)
+    uids = list(s.instances)
+    first = post(xnat_server, zip_bytes({u: s.instances[u] for u in uids[:2]}), "application/zip")
+    second = post(xnat_server, zip_bytes({u: s.instances[u] for u in uids[2:]}), "application/zip")
+    assert first.status_code == second.status_code == 200
+    assert first.text == second.text
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    assert prearc.status == "RECEIVING"  # no dest: waits for the idle timer
+    assert set(xnat_server.prearchive_files(prearc)) == set(uids)
+    folder = xnat_server.data_dir / "prearchive" / "P" / prearc.timestamp / "E" / "SCANS"
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]  # by Series Number
+
+
+def test_routing_from_dicom_headers_without_project(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    s = session(tmp_path, series=1, instances=1)
+    r = client(xnat_server).post(
+        xnat_server.url + IMPORT,
+        params={"import-handler": "DICOM-zip", "inbody": "true"},
+        data=zip_bytes(instance_files(s)),
+        headers={"Content-Type": "application/zip"},
+    )
+    assert r.status_code == 200
+    assert r.text.startswith("/data/prearchive/projects/Unassigned/")
+    (prearc,) = xnat_server.prearchive_sessions("Unassigned")
+    assert prearc.name == s.patient_id
+
+
+def test_gradual_dicom_one_file_per_request_and_format_txt(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    s = session(tmp_path, series=1, instances=3)
+    http = client(xnat_server)
+    answers = set()
+    for path in s.instances.values():
+        r = http.post(
+            xnat_server.url + IMPORT,
+            params={"import-handler": "gradual-DICOM", "inbody": "true", "format": "txt", **DEST},
+            data=path.read_bytes(),
+            headers={"Content-Type": "application/dicom"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["Content-Type"].startswith("text/plain")
+        answers.add(r.text)
+    assert len(answers) == 1
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    got = xnat_server.prearchive_files(prearc)
+    assert {u: f.md5 for u, f in got.items()} == {
+        u: hashlib.md5(p.read_bytes()).hexdigest() for u, p in s.instances.items()
+    }
+
+
+def test_direct_archive_and_its_fallback(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=1, instances=2)
+    uids = list(s.instances)
+    r = post(
+        xnat_server,
+        zip_bytes({uids[0]: s.instances[uids[0]]}),
+        "application/zip",
+        **{"Direct-Archive": "true"},
+    )
+    assert r.text == f"/xapi/direct-archive/P/{s.study_uid}/E\r\n"
+    r = post(
+        xnat_server,
+        zip_bytes({uids[1]: s.instances[uids[1]]}),
+        "application/zip",
+        **{"Direct-Archive": "true"},
+    )
+    assert r.text == f"/xapi/direct-archive/P/{s.study_uid}/E\r\n"  # same ongoing session
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
+    assert xnat_server.prearchive_sessions("P") == []
+
+    # A pre-created (empty) session makes Direct-Archive fall back to the prearchive.
+    http = client(xnat_server)
+    assert http.put(xnat_server.url + "/data/projects/P/subjects/S2").status_code == 201
+    other = session(tmp_path / "o", series=1, instances=1, seed=7)
+    (xnat_server.data_dir / "archive" / "P" / "arc001" / "E2").mkdir(parents=True)
+    r = post(
+        xnat_server,
+        zip_bytes(instance_files(other)),
+        "application/zip",
+        EXPT_LABEL="E2",
+        **{"Direct-Archive": "true"},
+    )
+    assert r.text.startswith("/data/prearchive/projects/P/")
+
+
+def test_sequential_archive_needs_overwrite_and_none_quirk_merges(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    s = session(tmp_path, series=1, instances=3)
+    uids = list(s.instances)
+    http = client(xnat_server)
+    one = zip_bytes({uids[0]: s.instances[uids[0]]})
+    assert import_zip(http, xnat_server, one, **DEST, dest="/archive").status_code == 200
+    two = zip_bytes({uids[1]: s.instances[uids[1]]})
+    r = import_zip(http, xnat_server, two, **DEST, dest="/archive")
+    assert r.status_code == 400
+    assert h3(r) == "Session already exists, retry with overwrite enabled"
+    # The refused batch stays in the prearchive (CONFLICT).
+    (left,) = xnat_server.prearchive_sessions("P")
+    assert left.status == "CONFLICT"
+    r = import_zip(http, xnat_server, two, **DEST, dest="/archive", overwrite="none")
+    assert r.status_code == 200, r.text  # quirk: any overwrite value turns merging on
+    three = zip_bytes({uids[2]: s.instances[uids[2]]})
+    r = import_zip(http, xnat_server, three, **DEST, dest="/archive", overwrite="append")
+    assert r.status_code == 200
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
