@@ -18,8 +18,10 @@ from pathlib import Path
 
 from xnatio.synth import generate_session
 
-# A real MR series is 100-300 images; 300 keeps a 15,000-file session at 50 series.
-INSTANCES_PER_SERIES = 300
+# xnatio.synth derives SOP Instance UIDs from the series and instance numbers concatenated
+# without a separator (pydicom's generate_uid joins its entropy sources), so series 1 instance 23
+# and series 12 instance 3 get the same UID. With at most 9 series every UID is distinct.
+MAX_SERIES = 9
 
 
 def cache_root() -> Path:
@@ -41,13 +43,12 @@ class DataSpec:
 
     @property
     def layout(self) -> tuple[int, int]:
-        """(series, instances per series): equal series of at most 300 files, exactly ``files``
-        in all where a divisor allows it (2,000 = 8 x 250), else at least ``files``."""
-        least = max(1, math.ceil(self.files / INSTANCES_PER_SERIES))
-        for series in range(least, 2 * least + 1):
+        """(series, instances per series): exactly ``files`` in up to 9 equal series
+        (15,000 = 8 x 1,875), or 9 series of at least ``files`` in all."""
+        for series in range(min(MAX_SERIES, self.files), 0, -1):
             if self.files % series == 0:
                 return series, self.files // series
-        return least, math.ceil(self.files / least)
+        return MAX_SERIES, math.ceil(self.files / MAX_SERIES)
 
     @property
     def key(self) -> str:
@@ -96,6 +97,11 @@ def ensure_dataset(spec: DataSpec, log: Callable[[str], None] = print) -> Datase
         seed=spec.seed,
         image_size=(spec.rows, spec.cols),
     )
+    if session.file_count != series * per:
+        raise RuntimeError(
+            f"xnatio.synth wrote {series * per} files but only {session.file_count} distinct "
+            "SOP Instance UIDs: a benchmark of duplicates would measure deduplication"
+        )
     info = {
         "files": session.file_count,
         "bytes": session.total_bytes,

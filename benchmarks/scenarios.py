@@ -408,7 +408,8 @@ def _failed(rep: int, error: str) -> RunRecord:
 def _line(r: RunRecord) -> str:
     if not r.ok:
         return f"FAILED: {r.error}"
+    mb = "" if r.mb_per_s is None else f"{r.mb_per_s:.1f} MB/s, "
     return (
-        f"{r.metric_s:.2f} s, {r.files_per_s or 0:,.0f} files/s, {r.mb_per_s or 0:.1f} MB/s, "
+        f"{r.metric_s:.2f} s, {r.files_per_s or 0:,.0f} files/s, {mb}"
         f"RSS {r.peak_rss_mb:.0f} MB, tmp {r.peak_tmp_mb:.1f} MB"
     )
