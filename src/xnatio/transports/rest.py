@@ -22,7 +22,7 @@ Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
   the preparers and released when its upload ends, so at most that many batches exist at once.
 
 Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
-in a batch, its archive layout) + upload_workers × (2 × ``CHUNK`` [+ ~256 KiB zlib state for
+in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB zlib for
 tgz]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No temporary
 copy of the dataset is ever written.
 """
@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +51,16 @@ from xnatio.models import (
     Outcome,
     Phase,
     ProgressCallback,
-    ProgressEvent,
     UploadResult,
 )
 from xnatio.retry import RetryPolicy, Sleep
+from xnatio.transports.bodies import (
+    FileChunks,
+    SizedBody,
+    StreamBody,
+    UploadCancelled,
+    UploadProgress,
+)
 from xnatio.xnat.client import XnatClient, quote
 from xnatio.xnat.errors import TransientError, bad_member
 
@@ -62,7 +68,6 @@ log = logging.getLogger(__name__)
 
 IMPORT_PATH = "/data/services/import"
 ARCHIVE_PATH = "/data/services/archive"
-CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
 OVERWRITE_MODES = ("none", "append", "delete")
 ARCHIVE_FORMATS = ("tar", "zip", "tgz")
 # Content types XNAT's DICOM-zip importer maps to a reader (section 1: raw bodies are named from
@@ -73,10 +78,6 @@ ARCHIVE_CONTENT_TYPES = {
     ".tgz": "application/x-gtar",
     ".tar.gz": "application/x-gtar",
 }
-
-
-class UploadCancelled(XnatioError):
-    """The upload was cancelled (Ctrl-C or a fatal error elsewhere) while a body was streaming."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,172 +117,6 @@ class RestTarget:
             f"/archive/projects/{quote(self.project)}/subjects/{quote(self.subject)}"
             f"/experiments/{quote(self.session)}"
         )
-
-
-# -- progress ---------------------------------------------------------------------------------
-
-
-class _Progress:
-    """Thread-safe counters behind the UPLOAD events; byte updates are throttled to ~10/s."""
-
-    def __init__(
-        self,
-        callback: ProgressCallback | None,
-        *,
-        files_total: int,
-        bytes_total: int,
-        batches_total: int,
-        clock: Callable[[], float],
-    ) -> None:
-        self._callback = callback
-        self._lock = threading.Lock()
-        self._clock = clock
-        self._last = 0.0
-        self.files_total, self.bytes_total, self.batches_total = (
-            files_total,
-            bytes_total,
-            batches_total,
-        )
-        self.files_done = self.bytes_done = self.batches_done = self.batches_failed = 0
-
-    def phase(self, phase: Phase, current: int, total: int, message: str = "") -> None:
-        if self._callback is not None:
-            self._callback(self._event(phase, current, total, message))
-
-    def _event(self, phase: Phase, current: int, total: int, message: str) -> ProgressEvent:
-        return ProgressEvent(
-            phase=phase,
-            current=current,
-            total=total,
-            message=message,
-            bytes_done=self.bytes_done,
-            bytes_total=self.bytes_total,
-            batches_done=self.batches_done,
-            batches_failed=self.batches_failed,
-            batches_total=self.batches_total,
-        )
-
-    def update(
-        self, *, nbytes: int = 0, files: int = 0, batch_done: bool = False, failed: bool = False
-    ) -> None:
-        with self._lock:
-            self.bytes_done += nbytes
-            self.files_done += files
-            if batch_done:
-                self.batches_done += 1
-                self.batches_failed += int(failed)
-            now = self._clock()
-            if not batch_done and not files and now - self._last < 0.1:
-                return
-            self._last = now
-            event = self._event(Phase.UPLOAD, self.files_done, self.files_total, "")
-        if self._callback is not None:
-            self._callback(event)
-
-
-# -- request bodies ---------------------------------------------------------------------------
-
-
-class _Body:
-    """A streamed request body over a re-iterable archive: counts bytes, stops on cancel.
-
-    Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts):
-    wire bytes scaled by ``payload / size`` for a sized archive; for tgz, whose compressed size
-    is unknown, the payload is reported when the stream ends. Each ``iter()`` starts the archive
-    again (a retry, or a resend after a 401) and takes back what the previous pass reported. An
-    exception raised by the archive (a source file vanished) is kept in ``error``, because
-    urllib3 may wrap it into a connection error on its way out.
-    """
-
-    def __init__(
-        self,
-        chunks: Iterable[bytes],
-        payload: int,
-        progress: _Progress,
-        cancel: threading.Event,
-        size: int | None = None,
-    ) -> None:
-        self._chunks = chunks
-        self._payload = payload
-        self._scale = payload / size if size else 0.0
-        self._progress = progress
-        self._cancel = cancel
-        self._sent = 0
-        self._reported = 0
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        self.take_back()
-        self.error = None
-        pending: list[bytes] = []
-        size = 0
-        try:
-            for chunk in self._chunks:
-                if self._cancel.is_set():
-                    raise UploadCancelled("upload cancelled")
-                pending.append(chunk)
-                size += len(chunk)
-                if size >= CHUNK:
-                    yield self._flush(pending, size)
-                    pending, size = [], 0
-            if pending:
-                yield self._flush(pending, size)
-            self._report(self._payload)
-        except Exception as exc:
-            self.error = exc
-            raise
-
-    def _flush(self, pending: list[bytes], size: int) -> bytes:
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        self._sent += size
-        if self._scale:
-            self._report(min(self._payload, int(self._sent * self._scale)))
-        return data
-
-    def _report(self, reported: int) -> None:
-        if reported != self._reported:
-            self._progress.update(nbytes=reported - self._reported)
-            self._reported = reported
-
-    def failure(self, exc: BaseException) -> BaseException:
-        """After a failed send: forget this pass's bytes and return the real cause."""
-        self.take_back()
-        return self.error if self.error is not None else exc
-
-    def take_back(self) -> None:
-        """Forget the bytes of a failed pass (progress may go backwards after a retry)."""
-        self._sent = 0
-        self._report(0)
-
-
-class _SizedBody(_Body):
-    """A body of known size: ``len()`` makes requests send an exact Content-Length (no chunking)."""
-
-    def __init__(
-        self,
-        chunks: Iterable[bytes],
-        payload: int,
-        progress: _Progress,
-        cancel: threading.Event,
-        size: int | None = None,
-    ) -> None:
-        super().__init__(chunks, payload, progress, cancel, size)
-        self._size = size or 0
-
-    def __len__(self) -> int:
-        return self._size
-
-
-class _FileChunks:
-    """Re-iterable chunks of one file on disk (an archive PATH sent as is)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with self.path.open("rb") as fh:
-            while chunk := fh.read(1024 * 1024):
-                yield chunk
 
 
 def archive_content_type(path: Path) -> str:
@@ -351,7 +186,7 @@ class RestUploader:
         """Send ``batches`` (planned from ``manifest``), commit, and account for every file."""
         started = self.clock()
         run = _Run()
-        progress = _Progress(
+        progress = UploadProgress(
             self.progress_callback,
             files_total=len(manifest.files),
             bytes_total=manifest.total_bytes,
@@ -392,7 +227,7 @@ class RestUploader:
     # -- sending ----------------------------------------------------------------------------
 
     def _pipeline(
-        self, manifest: Manifest, batches: list[Batch], run: _Run, progress: _Progress
+        self, manifest: Manifest, batches: list[Batch], run: _Run, progress: UploadProgress
     ) -> None:
         t = self.target
         slots = threading.BoundedSemaphore(t.upload_workers + t.archive_workers)
@@ -472,7 +307,7 @@ class RestUploader:
         return params
 
     def _send_guarded(
-        self, batch: Batch, files: list[DicomFile], root: Path, run: _Run, progress: _Progress
+        self, batch: Batch, files: list[DicomFile], root: Path, run: _Run, progress: UploadProgress
     ) -> None:
         """:meth:`_send_batch`, with a bug in it reported on the batch's files, not lost."""
         try:
@@ -486,7 +321,7 @@ class RestUploader:
             )
 
     def _send_batch(
-        self, batch: Batch, files: list[DicomFile], root: Path, run: _Run, progress: _Progress
+        self, batch: Batch, files: list[DicomFile], root: Path, run: _Run, progress: UploadProgress
     ) -> None:
         """Send one batch until it lands, fails for good, or the upload is cancelled.
 
@@ -502,9 +337,9 @@ class RestUploader:
             stream = make_archive_stream(remaining, self.target.archive_format, root=root)
             payload = sum(f.size for f in remaining)
             body = (
-                _SizedBody(stream, payload, progress, self.cancel, stream.size)
+                SizedBody(stream, payload, progress, self.cancel, stream.size)
                 if stream.size is not None
-                else _Body(stream, payload, progress, self.cancel)
+                else StreamBody(stream, payload, progress, self.cancel)
             )
             try:
                 resp = self._post_import(body, stream.content_type)
@@ -527,7 +362,7 @@ class RestUploader:
             self._landed(run, remaining, resp, batch.index, progress, partial)
             return
 
-    def _send_archive_file(self, manifest: Manifest, run: _Run, progress: _Progress) -> None:
+    def _send_archive_file(self, manifest: Manifest, run: _Run, progress: UploadProgress) -> None:
         """PATH is an archive: one request with the file as is, streamed from disk."""
         archive = manifest.source_archive
         assert archive is not None
@@ -540,9 +375,7 @@ class RestUploader:
             except OSError as exc:
                 self._give_up(run, files, exc, 0, 0, progress)
                 return
-            body = _SizedBody(
-                _FileChunks(archive), manifest.total_bytes, progress, self.cancel, size
-            )
+            body = SizedBody(FileChunks(archive), manifest.total_bytes, progress, self.cancel, size)
             try:
                 resp = self._post_import(body, content_type)
             except Exception as exc:  # classified below; the files are always accounted for
@@ -557,7 +390,7 @@ class RestUploader:
             self._landed(run, files, resp, 0, progress, partial=False)
             return
 
-    def _post_import(self, body: _Body, content_type: str) -> requests.Response:
+    def _post_import(self, body: StreamBody, content_type: str) -> requests.Response:
         # Not retried inside the client: a streamed body is rebuilt (and its files re-checked)
         # by the caller for every attempt.
         return self.client.request(
@@ -583,7 +416,7 @@ class RestUploader:
         err: BaseException,
         retry_number: int,
         batch: int,
-        progress: _Progress,
+        progress: UploadProgress,
     ) -> None:
         reason = _reason(err)
         if isinstance(err, TransientError) and retry_number:
@@ -598,7 +431,7 @@ class RestUploader:
         files: list[DicomFile],
         resp: requests.Response,
         batch: int,
-        progress: _Progress,
+        progress: UploadProgress,
         partial: bool,
     ) -> None:
         uris = _uris(resp.text)
@@ -614,7 +447,7 @@ class RestUploader:
 
     # -- commit -----------------------------------------------------------------------------
 
-    def _commit(self, run: _Run, progress: _Progress) -> bool:
+    def _commit(self, run: _Run, progress: UploadProgress) -> bool:
         """Build and archive each prearchive session the batches landed in; True when all did."""
         ok = True
         uris = list(dict.fromkeys(run.session_uris))
@@ -686,7 +519,7 @@ class RestUploader:
         manifest: Manifest,
         batches: list[Batch],
         run: _Run,
-        progress: _Progress,
+        progress: UploadProgress,
         started: float,
         committed: bool,
     ) -> UploadResult:

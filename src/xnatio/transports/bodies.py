@@ -1,0 +1,183 @@
+"""Streamed request bodies and the upload counters behind progress events.
+
+A body wraps a re-iterable archive (``xnatio.archive``) or a file on disk. Requests sends it with
+an exact ``Content-Length`` when it has a ``len()`` (tar, zip, an archive PATH) and chunked when
+not (tgz). Each iteration starts the archive again, so one body object serves a retry or a resend
+after a 401, and checks the upload's cancel event between chunks, so Ctrl-C stops a request in
+the middle of its body.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from xnatio.errors import XnatioError
+from xnatio.models import Phase, ProgressCallback, ProgressEvent
+
+CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
+
+
+class UploadCancelled(XnatioError):
+    """The upload was cancelled (Ctrl-C or a fatal error elsewhere) while a body was streaming."""
+
+
+class UploadProgress:
+    """Thread-safe counters behind the UPLOAD events; byte updates are throttled to ~10/s."""
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        *,
+        files_total: int,
+        bytes_total: int,
+        batches_total: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._last = 0.0
+        self.files_total, self.bytes_total, self.batches_total = (
+            files_total,
+            bytes_total,
+            batches_total,
+        )
+        self.files_done = self.bytes_done = self.batches_done = self.batches_failed = 0
+
+    def phase(self, phase: Phase, current: int, total: int, message: str = "") -> None:
+        if self._callback is not None:
+            self._callback(self._event(phase, current, total, message))
+
+    def _event(self, phase: Phase, current: int, total: int, message: str) -> ProgressEvent:
+        return ProgressEvent(
+            phase=phase,
+            current=current,
+            total=total,
+            message=message,
+            bytes_done=self.bytes_done,
+            bytes_total=self.bytes_total,
+            batches_done=self.batches_done,
+            batches_failed=self.batches_failed,
+            batches_total=self.batches_total,
+        )
+
+    def update(
+        self, *, nbytes: int = 0, files: int = 0, batch_done: bool = False, failed: bool = False
+    ) -> None:
+        with self._lock:
+            self.bytes_done += nbytes
+            self.files_done += files
+            if batch_done:
+                self.batches_done += 1
+                self.batches_failed += int(failed)
+            now = self._clock()
+            if not batch_done and not files and now - self._last < 0.1:
+                return
+            self._last = now
+            event = self._event(Phase.UPLOAD, self.files_done, self.files_total, "")
+        if self._callback is not None:
+            self._callback(event)
+
+
+class StreamBody:
+    """A streamed request body over a re-iterable archive: counts bytes, stops on cancel.
+
+    Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts):
+    wire bytes scaled by ``payload / size`` for a sized archive; for tgz, whose compressed size
+    is unknown, the payload is reported when the stream ends. Each ``iter()`` starts the archive
+    again (a retry, or a resend after a 401) and takes back what the previous pass reported. An
+    exception raised by the archive (a source file vanished) is kept in ``error``, because
+    urllib3 may wrap it into a connection error on its way out.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        payload: int,
+        progress: UploadProgress,
+        cancel: threading.Event,
+        size: int | None = None,
+    ) -> None:
+        self._chunks = chunks
+        self._payload = payload
+        self._scale = payload / size if size else 0.0
+        self._progress = progress
+        self._cancel = cancel
+        self._sent = 0
+        self._reported = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.take_back()
+        self.error = None
+        pending: list[bytes] = []
+        size = 0
+        try:
+            for chunk in self._chunks:
+                if self._cancel.is_set():
+                    raise UploadCancelled("upload cancelled")
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= CHUNK:
+                    yield self._flush(pending, size)
+                    pending, size = [], 0
+            if pending:
+                yield self._flush(pending, size)
+            self._report(self._payload)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def _flush(self, pending: list[bytes], size: int) -> bytes:
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._sent += size
+        if self._scale:
+            self._report(min(self._payload, int(self._sent * self._scale)))
+        return data
+
+    def _report(self, reported: int) -> None:
+        if reported != self._reported:
+            self._progress.update(nbytes=reported - self._reported)
+            self._reported = reported
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """After a failed send: forget this pass's bytes and return the real cause."""
+        self.take_back()
+        return self.error if self.error is not None else exc
+
+    def take_back(self) -> None:
+        """Forget the bytes of a failed pass (progress may go backwards after a retry)."""
+        self._sent = 0
+        self._report(0)
+
+
+class SizedBody(StreamBody):
+    """A body of known size: ``len()`` makes requests send an exact Content-Length (no chunking)."""
+
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        payload: int,
+        progress: UploadProgress,
+        cancel: threading.Event,
+        size: int | None = None,
+    ) -> None:
+        super().__init__(chunks, payload, progress, cancel, size)
+        self._size = size or 0
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class FileChunks:
+    """Re-iterable chunks of one file on disk (an archive PATH sent as is)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self.path.open("rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                yield chunk
