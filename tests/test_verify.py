@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import responses
+from click.testing import CliRunner
 
+from upload_helpers import PASSWORD, USER, import_tar
+from xnatio.cli.main import cli
+from xnatio.discover import discover
 from xnatio.models import DicomFile, Outcome
+from xnatio.sandbox import SandboxServer
+from xnatio.synth import generate_session
 from xnatio.verify import ServerFile, ServerScan, compare, md5_of, read_session, verify_session
+from xnatio.xnat.client import XnatClient
 
 BASE = "https://xnat.test/data/projects/P/subjects/S/experiments/E"
 
@@ -201,3 +211,77 @@ def test_labels_are_quoted(label: str) -> None:
         status=404,
     )
     assert read_session(_Client(), "P", "S", label) is None
+
+
+# -- against the local XNAT server -----------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+        yield server
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> tuple[Path, list[DicomFile]]:
+    root = tmp_path / "exam"
+    generate_session(root, series=3, instances=4, image_size=(32, 32), seed=5)
+    return root, discover(root).files
+
+
+@pytest.mark.integration
+def test_verify_against_the_server(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]]
+) -> None:
+    _, files = synthetic
+    import_tar(sandbox.url, files[:8])
+    with XnatClient(sandbox.url, username=USER, password=PASSWORD) as client:
+        partial = verify_session(client, "P", "S", "E", files)
+        assert not partial.ok
+        assert sorted(len(s.missing) for s in partial.series) == [0, 0, 4]
+        assert all(s.compared_md5 for s in partial.series if s.scan_id)
+        import_tar(sandbox.url, files[8:])
+        full = verify_session(client, "P", "S", "E", files)
+    assert full.ok and len(full.verified) == len(files)
+
+
+@pytest.mark.integration
+def test_verify_command(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    root, files = synthetic
+    monkeypatch.setenv("XNAT_SERVER", sandbox.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    runner = CliRunner()
+    import_tar(sandbox.url, files)
+    ok = runner.invoke(cli, ["verify", "P", "S", "E", str(root)])
+    assert ok.exit_code == 0, ok.output
+    assert f"holds all {len(files)} files (3 series)" in ok.output
+
+    # A file that changed locally after the upload no longer matches what the server holds.
+    changed = files[5].path
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    report = tmp_path / "verify.csv"
+    bad = runner.invoke(cli, ["verify", "P", "S", "E", str(root), "--report", str(report)])
+    assert bad.exit_code == 1
+    assert "1 file(s) missing or different" in bad.output
+    assert f"{changed}: differs on the server (size/MD5" in bad.output
+    rows = list(csv.DictReader(report.open()))
+    assert {r["outcome"] for r in rows if r["path"] == str(changed)} == {"failed"}
+    assert sum(r["outcome"] == "verified" for r in rows) == len(files) - 1
+
+    as_json = runner.invoke(cli, ["verify", "P", "S", "E", str(root), "--json"])
+    assert as_json.exit_code == 1
+    data_out = json.loads(as_json.stdout)
+    assert data_out["ok"] is False
+    assert sum(len(s["different"]) for s in data_out["series"]) == 1
+
+    missing = runner.invoke(cli, ["verify", "P", "S", "NOPE", str(root)])
+    assert missing.exit_code == 1 and "not found on the server" in missing.output
+    assert PASSWORD not in ok.output + bad.output + as_json.output + missing.output

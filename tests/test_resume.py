@@ -1,0 +1,280 @@
+"""Resume against the local XNAT server: a re-run sends only what the server has not confirmed.
+
+Every test checks the server's side too: what it imported (``files_imported`` in its stats) and
+that the archived session holds each instance exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from upload_helpers import (
+    PASSWORD,
+    USER,
+    assert_each_file_once,
+    big_session,
+    imported,
+    journal_rows,
+    run_xio,
+    upload,
+    wait_for,
+    xio_command,
+    xio_env,
+)
+from xnatio.discover import discover
+from xnatio.journal import EARLIER_RUN_REASON
+from xnatio.models import Outcome
+from xnatio.sandbox import SandboxServer
+from xnatio.synth import generate_session
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+        yield server
+
+
+@pytest.fixture
+def exam(tmp_path: Path) -> Path:
+    root = tmp_path / "exam"
+    generate_session(root, series=3, instances=4, image_size=(32, 32), seed=11)
+    return root
+
+
+def test_partial_failure_then_rerun_sends_only_the_rest(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    manifest = discover(exam)
+    # The first two import requests fail for good (507: XNAT's disk is full).
+    sandbox.set_knobs(fail_next=2, fail_status=507, fault_path="/data/services/import")
+    first = upload(sandbox.url, exam, journal)
+    failed = [o for o in first.files if o.outcome is Outcome.FAILED]
+    landed = [o for o in first.files if o.outcome is Outcome.VERIFIED]
+    assert failed and landed and len(failed) + len(landed) == len(manifest.files)
+    assert not first.success
+    assert all("Injected failure (507)" in o.reason for o in failed)
+    sent_first = imported(sandbox)
+    assert sent_first == len(landed)
+
+    second = upload(sandbox.url, exam, journal)
+    assert second.success and second.verified
+    assert imported(sandbox) - sent_first == len(failed)  # only the rest was sent
+    by_reason = {o.path: o.reason for o in second.files}
+    assert {by_reason[o.path] for o in landed} == {EARLIER_RUN_REASON}
+    assert {o.outcome for o in second.files} == {Outcome.VERIFIED}
+    assert_each_file_once(sandbox, manifest)
+
+
+def test_disk_full_fails_clearly_then_completes(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    manifest = discover(exam)
+    sandbox.set_knobs(disk_full=True, fault_path="/data/services/import")
+    first = upload(sandbox.url, exam, journal)
+    assert not first.success
+    assert {o.outcome for o in first.files} == {Outcome.FAILED}
+    assert all("507" in o.reason or "space" in o.reason.lower() for o in first.files)
+    sandbox.set_knobs(disk_full=False)
+    second = upload(sandbox.url, exam, journal)
+    assert second.success and {o.outcome for o in second.files} == {Outcome.VERIFIED}
+    assert_each_file_once(sandbox, manifest)
+
+
+def test_failed_commit_is_retried_without_resending(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    manifest = discover(exam)
+    sandbox.set_knobs(fail_next=1, fail_status=400, fault_path="/data/prearchive")
+    first = upload(sandbox.url, exam, journal)
+    assert not first.success
+    assert any("not committed" in e for e in first.errors)
+    assert sandbox.archived_files("P", "S", "E") == {}
+    sent = imported(sandbox)
+    assert sent == len(manifest.files)
+
+    second = upload(sandbox.url, exam, journal)
+    assert second.success and second.verified
+    assert imported(sandbox) == sent  # nothing sent again, only committed
+    assert_each_file_once(sandbox, manifest)
+
+
+def test_changed_file_is_sent_again_and_replaces_the_server_copy(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    assert upload(sandbox.url, exam, journal).success
+    sent = imported(sandbox)
+    manifest = discover(exam)
+    changed = manifest.files[3].path
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0x01  # one pixel value: same instance, different bytes
+    changed.write_bytes(bytes(data))
+
+    again = upload(sandbox.url, exam, journal)
+    assert again.success and again.verified, again.errors
+    assert imported(sandbox) - sent == 1
+    assert_each_file_once(sandbox, discover(exam))
+
+
+def test_rerun_of_a_complete_upload_sends_nothing_and_restart_sends_all(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    manifest = discover(exam)
+    assert upload(sandbox.url, exam, journal).success
+    sent = imported(sandbox)
+    again = upload(sandbox.url, exam, journal)
+    assert again.success and again.verified
+    assert imported(sandbox) == sent
+    assert {o.reason for o in again.files} == {EARLIER_RUN_REASON}
+
+    # --restart forgets the journal: a first run again, into a session that now exists, so the
+    # server refuses to archive over it unless told to merge (XNAT's 409, section 1).
+    refused = upload(sandbox.url, exam, journal, restart=True)
+    assert not refused.success
+    assert any("Session already exists" in e for e in refused.errors), refused.errors
+    fresh = upload(sandbox.url, exam, journal, restart=True, overwrite="append")
+    assert fresh.success and fresh.verified
+    assert imported(sandbox) - sent == 2 * len(manifest.files)
+    assert_each_file_once(sandbox, manifest)
+
+
+# -- the real command, in a subprocess -------------------------------------------------------------
+
+
+def _start_cli(server: SandboxServer, exam: Path, home: Path, *extra: str) -> subprocess.Popen[str]:
+    args = ["upload-dicom", "P", "S", "E", str(exam), "--num-batches", "12"]
+    args += ["--upload-workers", "2", "--archive-workers", "1", *extra]
+    return subprocess.Popen(
+        xio_command(args),
+        env=xio_env(server.url, home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def settled(server: SandboxServer) -> None:
+    """Wait until the server has been idle a moment (requests in flight are done)."""
+    last = -1
+    while (now := server.stats().get("requests", 0)) != last:
+        last = now
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def big_exam(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return big_session(tmp_path_factory.mktemp("big"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_upload_then_rerun_sends_only_the_rest(
+    sandbox: SandboxServer, big_exam: Path, tmp_path: Path
+) -> None:
+    manifest = discover(big_exam)
+    journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
+    sandbox.set_knobs(per_file_ms=40)
+    proc = _start_cli(sandbox, big_exam, tmp_path / "home")
+    try:
+        # Kill it once a few batches are confirmed and others are in flight.
+        assert wait_for(lambda: journal_rows(journal) >= 20)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    confirmed = journal_rows(journal)
+    assert 20 <= confirmed < len(manifest.files)
+    assert sandbox.archived_files("P", "S", "E") == {}  # never committed
+    settled(sandbox)  # the server finishes the requests that were in flight
+    before = imported(sandbox)
+
+    sandbox.set_knobs(per_file_ms=0)
+    done = run_xio(
+        ["upload-dicom", "P", "S", "E", str(big_exam), "--num-batches", "12", "--json"],
+        xio_env(sandbox.url, tmp_path / "home"),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "success"
+    assert "resuming: " in done.stderr
+    # The second run sent exactly what the journal had not seen confirmed.
+    assert imported(sandbox) - before == len(manifest.files) - confirmed
+    assert_each_file_once(sandbox, manifest)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
+    sandbox: SandboxServer, big_exam: Path, tmp_path: Path
+) -> None:
+    manifest = discover(big_exam)
+    journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
+    sandbox.set_knobs(per_file_ms=40)
+    proc = _start_cli(sandbox, big_exam, tmp_path / "home")
+    try:
+        assert wait_for(lambda: journal_rows(journal) >= 10)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "run the same command again" in last and "Traceback" not in err
+    confirmed = journal_rows(journal)  # consistent (integrity_check) and partial
+    assert 10 <= confirmed < len(manifest.files)
+
+    sandbox.set_knobs(per_file_ms=0)
+    settled(sandbox)
+    before = imported(sandbox)
+    done = run_xio(
+        ["upload-dicom", "P", "S", "E", str(big_exam), "--num-batches", "12"],
+        xio_env(sandbox.url, tmp_path / "home"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert imported(sandbox) - before <= len(manifest.files) - confirmed
+    assert_each_file_once(sandbox, manifest)
+
+
+@pytest.mark.slow
+def test_second_run_on_the_same_target_refuses_or_waits(
+    sandbox: SandboxServer, big_exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
+    sandbox.set_knobs(per_file_ms=80)  # slow enough for two more runs to start meanwhile
+    first = _start_cli(sandbox, big_exam, tmp_path / "home")
+    try:
+        assert wait_for(lambda: journal_rows(journal) >= 1)
+        refused = run_xio(
+            ["upload-dicom", "P", "S", "E", str(big_exam)],
+            xio_env(sandbox.url, tmp_path / "home"),
+        )
+        assert refused.returncode == 2
+        assert "another xio run (pid " in refused.stderr and "--wait" in refused.stderr
+        waited = run_xio(
+            ["upload-dicom", "P", "S", "E", str(big_exam), "--wait", "--json"],
+            xio_env(sandbox.url, tmp_path / "home"),
+        )
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0
+    # The waiting run started after the first one finished: nothing left to send.
+    assert waited.returncode == 0, waited.stderr
+    assert "waiting for another xio run" in waited.stderr
+    data = json.loads(waited.stdout)
+    assert data["status"] == "success"
+    assert_each_file_once(sandbox, discover(big_exam))
