@@ -1,0 +1,89 @@
+"""Knobs over real HTTP: injected failures, resets, hangs, disk full, latency and bandwidth."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from sandbox_helpers import client, h3, import_zip, instance_files, session, zip_bytes
+
+from xnatio.sandbox import Knobs, SandboxServer
+
+pytestmark = pytest.mark.integration
+
+DEST = {"PROJECT_ID": "P", "SUBJECT_ID": "S", "EXPT_LABEL": "E"}
+
+
+def test_fail_next_scoped_to_import_with_retry_after(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    body = zip_bytes(instance_files(session(tmp_path, series=1, instances=1)))
+    http = client(xnat_server)
+    r = http.post(
+        xnat_server.url + "/_sandbox/knobs",
+        json={"fail_next": 2, "fail_status": 503, "retry_after": 7,
+              "fault_path": "/data/services/import"},
+    )  # fmt: skip
+    assert r.json()["fail_next"] == 2
+    assert http.post(xnat_server.url + "/data/JSESSION").status_code == 200  # not faulted
+    for _ in range(2):
+        r = import_zip(http, xnat_server, body, **DEST)
+        assert r.status_code == 503
+        assert r.headers["Retry-After"] == "7"
+        assert "Injected failure" in h3(r)
+    assert import_zip(http, xnat_server, body, **DEST).status_code == 200
+    stats = http.get(xnat_server.url + "/_sandbox/stats").json()
+    assert stats["fault.fail_next"] == 2
+    assert stats["status.503"] == 2
+
+
+def test_reset_mid_body_then_recover(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    body = zip_bytes(instance_files(session(tmp_path, series=1, instances=4)))
+    xnat_server.set_knobs(reset_next=1, fault_path="/data/services/import")
+    http = client(xnat_server)
+    with pytest.raises(requests.ConnectionError):
+        import_zip(http, xnat_server, body, **DEST)
+    assert xnat_server.prearchive_sessions() == []  # nothing of the cut body was imported
+    assert import_zip(client(xnat_server), xnat_server, body, **DEST).status_code == 200
+
+
+def test_hang_next_times_the_client_out(xnat_server: SandboxServer) -> None:
+    xnat_server.set_knobs(hang_next=1, hang_seconds=2)
+    with pytest.raises(requests.Timeout):
+        client(xnat_server).get(xnat_server.url + "/data/projects", timeout=0.3)
+    assert client(xnat_server).get(xnat_server.url + "/data/projects").status_code == 200
+
+
+def test_disk_full_is_507(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    body = zip_bytes(instance_files(session(tmp_path, series=1, instances=1)))
+    xnat_server.set_knobs(disk_full=True)
+    r = import_zip(client(xnat_server), xnat_server, body, **DEST)
+    assert r.status_code == 507
+    xnat_server.set_knobs(disk_full=False)
+    assert import_zip(client(xnat_server), xnat_server, body, **DEST).status_code == 200
+
+
+def test_latency_and_bandwidth_slow_requests_down(tmp_path: Path) -> None:
+    body = b"x" * 250_000  # 2 Mbit
+    knobs = Knobs(latency_ms=300, bandwidth_mbps=4)
+    with SandboxServer(tmp_path / "d", users={"u": "p"}, knobs=knobs) as server:
+        http = client(server)
+        start = time.monotonic()
+        http.get(server.url + "/data/projects")
+        assert time.monotonic() - start >= 0.3  # a lower bound: sleeps never end early
+        start = time.monotonic()
+        r = http.put(
+            server.url + "/data/projects/P/subjects/S/experiments/E/resources/R/files/f",
+            data=body,
+        )
+        assert r.status_code == 404  # no such experiment; the body was still read at 4 Mbit/s
+        assert time.monotonic() - start >= 0.3 + 0.45
+        assert server.knobs.bandwidth_mbps == 4
+
+
+def test_unknown_knob_is_400(xnat_server: SandboxServer) -> None:
+    r = requests.post(xnat_server.url + "/_sandbox/knobs", json={"nope": 1})
+    assert r.status_code == 400
+    assert "unknown knob" in h3(r)
