@@ -45,6 +45,7 @@ def test_demo_uploads_and_reads_back_every_instance(own_tmp: Path) -> None:
         "problems": [],
     }
     assert list(own_tmp.glob("xnatio-demo-*")) == []  # removed afterwards
+    assert not (Path.home() / ".local" / "state" / "xnatio").exists()  # journal was in there too
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 
 from rich.console import Console
@@ -107,7 +108,7 @@ def test_rich_display_renders_phases_and_numbers() -> None:
     text = out.getvalue()
     assert "discover" in text and "upload" in text and "commit" in text
     assert "100/100 files" in text
-    assert "batches 10/10, 1 failed" in text
+    assert "10/10 batches, 1 failed" in text
 
 
 def test_rich_display_respects_no_color(monkeypatch: object) -> None:
@@ -130,3 +131,24 @@ def test_tqdm_progress_counts_bytes_in_upload_and_files_elsewhere() -> None:
     assert "upload" in text
     assert "1.00M/1.00M" in text
     assert "batches=10/10" in text
+
+
+def test_rich_display_prints_log_records_above_the_live_lines() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, no_color=True)
+    handler = logging.StreamHandler(out)
+    log = logging.getLogger("xnatio")
+    level = log.level  # `-q` in an earlier CLI test may have raised it
+    log.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        with RichDisplay(console) as d:
+            d(_upload(10))
+            assert handler.stream is not out  # routed through the console while live
+            log.warning("batch 3: retrying after HTTP 503")
+            d(_upload(20))
+        assert handler.stream is out  # and given back afterwards
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert "batch 3: retrying after HTTP 503" in out.getvalue()

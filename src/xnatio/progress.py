@@ -17,6 +17,7 @@ shows the latest numbers rather than accumulating deltas.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.progress import (
     BarColumn,
     Progress,
@@ -57,6 +59,17 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"  # pragma: no cover - loop always returns
+
+
+def _fmt_byte_pair(done: float, total: float) -> str:
+    """``45.2/132.1 MB``: both in the unit of the total, written once."""
+    scale, unit = 1.0, "B"
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "B")):  # noqa: B007
+        if total >= scale:
+            break
+    if unit == "B":
+        return f"{done:.0f}/{total:.0f} B"
+    return f"{done / scale:.1f}/{total / scale:.1f} {unit}"
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -231,7 +244,7 @@ class _AmountColumn(ProgressColumn):
         files, files_total = task.fields.get("files", 0), task.fields.get("files_total", 0)
         text = f"{files}/{files_total} files" if files_total else f"{files} files"
         if task.fields.get("bytes_mode"):
-            text += f" {_fmt_bytes(task.completed)}/{_fmt_bytes(task.total or 0)}"
+            text += " " + _fmt_byte_pair(task.completed, task.total or 0)
         return Text(text)
 
 
@@ -240,7 +253,8 @@ class _SpeedColumn(ProgressColumn):
         speed = task.finished_speed or task.speed
         if not task.fields.get("bytes_mode") or not speed:
             return Text("")
-        return Text(f"{speed / 1e6:.1f} MB/s")
+        mb = speed / 1e6
+        return Text(f"{mb:.0f} MB/s" if mb >= 10 else f"{mb:.1f} MB/s")
 
 
 class _EtaColumn(ProgressColumn):
@@ -257,7 +271,7 @@ class _BatchColumn(ProgressColumn):
         if not total:
             return Text(task.fields.get("message", ""))
         failed = task.fields.get("batches_failed", 0)
-        text = Text(f"batches {task.fields.get('batches_done', 0)}/{total}")
+        text = Text(f"{task.fields.get('batches_done', 0)}/{total} batches")
         if failed:
             text.append(f", {failed} failed", style="red")
         return text
@@ -272,15 +286,22 @@ class RichDisplay(Display):
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        # Fixed columns never wrap; the last one (batches, or the phase's message) takes what is
-        # left of the line and is cut with an ellipsis, so each phase stays one line at 80 columns.
+        # One line per phase, whatever the terminal's width: fixed columns never wrap, the bar
+        # gets what is left beyond 90 columns (none at 80), and the last column (batches, or
+        # the phase's message) is cut with an ellipsis.
+        width = self.console.width
+        bar = [BarColumn(bar_width=min(30, width - 90))] if width >= 100 else []
         self._progress = Progress(
             TextColumn("{task.description:<8}", table_column=Column(no_wrap=True)),
-            BarColumn(bar_width=20),
+            *bar,
             _AmountColumn(table_column=Column(no_wrap=True)),
             _SpeedColumn(table_column=Column(no_wrap=True)),
             _EtaColumn(table_column=Column(no_wrap=True)),
-            _BatchColumn(table_column=Column(no_wrap=True, overflow="ellipsis", max_width=30)),
+            _BatchColumn(
+                table_column=Column(
+                    no_wrap=True, overflow="ellipsis", max_width=max(12, width - 62)
+                )
+            ),
             console=self.console,
             transient=False,
             refresh_per_second=8,
@@ -294,7 +315,30 @@ class RichDisplay(Display):
     def _ensure_started(self) -> None:
         if not self._started:
             self._progress.start()
+            self._route_logging()
             self._started = True
+
+    def _route_logging(self) -> None:
+        """Log records written to the terminal go above the live display, not through it.
+
+        Rich redirects ``sys.stderr`` while live, but logging handlers keep the stream they were
+        created with (``logging.basicConfig`` in ``xnatio.cli.main``), so they are pointed at a
+        proxy of the console until the display closes.
+        """
+        self._rerouted: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
+        console_file = self.console.file
+        for logger in (logging.getLogger(), logging.getLogger("xnatio")):
+            for h in logger.handlers:
+                if type(h) is logging.StreamHandler and h.stream in (console_file, sys.stderr):
+                    old = h.setStream(FileProxy(self.console, h.stream))
+                    if old is not None:
+                        self._rerouted.append((h, old))
+
+    def _restore_logging(self) -> None:
+        for handler, stream in getattr(self, "_rerouted", []):
+            handler.flush()
+            handler.setStream(stream)
+        self._rerouted = []
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.phase is Phase.DONE:
@@ -348,6 +392,7 @@ class RichDisplay(Display):
             if self._task is not None:
                 self._finish_current()
             if self._started:
+                self._restore_logging()
                 self._progress.stop()
 
 

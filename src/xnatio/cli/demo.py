@@ -127,8 +127,13 @@ def _run_demo(
             f"({latency_ms:g} ms per request, {per_file_ms:g} ms per file)"
         )
         settings = Settings(server=server.url, username=DEMO_USER, password=Secret(password))
+        # The resume journal lives with the demo's data, not in the user's state folder.
         opts = UploadOptions(
-            project=DEMO_PROJECT, subject=DEMO_SUBJECT, session=DEMO_SESSION, path=data
+            project=DEMO_PROJECT,
+            subject=DEMO_SUBJECT,
+            session=DEMO_SESSION,
+            path=data,
+            journal=workdir / "journal.sqlite",
         )
         manifest = discover_for_upload(opts, display)
         result = run_upload(opts, settings, manifest, display)
