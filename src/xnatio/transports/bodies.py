@@ -76,9 +76,9 @@ class UploadProgress:
             if not batch_done and not files and now - self._last < 0.1:
                 return
             self._last = now
-            event = self._event(Phase.UPLOAD, self.files_done, self.files_total, "")
-        if self._callback is not None:
-            self._callback(event)
+            if self._callback is not None:
+                # Under the lock: subscribers see events in order, one at a time.
+                self._callback(self._event(Phase.UPLOAD, self.files_done, self.files_total, ""))
 
 
 class StreamBody:
