@@ -9,13 +9,19 @@ import io
 import logging
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from click.testing import CliRunner
 
+from upload_helpers import PASSWORD, USER, run_xio, xio_env
 from xnatio import redact
 from xnatio.archive import make_archive_stream
+from xnatio.cli.main import cli
 from xnatio.models import DicomFile
+from xnatio.sandbox import SandboxServer
+from xnatio.synth import generate_session
 
 SECRET = "Pa55-w0rd-do-not-leak-7431"
 
@@ -105,3 +111,123 @@ def test_archive_member_names_are_relative_and_safe(tmp_path: Path, fmt: str) ->
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
             tf.extractall(tmp_path / "out", filter="data")
         assert sum(1 for p in (tmp_path / "out").rglob("*") if p.is_file()) == len(files)
+
+
+# -- end to end: the real command against the local XNAT server --------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[SandboxServer]:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as s:
+        # Remember every JSESSION id the server hands out: they are secrets too.
+        issued: list[str] = []
+        real = s.auth.new_session
+
+        def recording(user: str) -> str:
+            sid = real(user)
+            issued.append(sid)
+            return sid
+
+        s.auth.new_session = recording  # type: ignore[method-assign]
+        s.issued = issued  # type: ignore[attr-defined]
+        yield s
+
+
+def leaks(text: str, server: SandboxServer) -> list[str]:
+    found = [PASSWORD] if PASSWORD in text else []
+    found += [sid for sid in server.issued if sid in text]  # type: ignore[attr-defined]
+    return found
+
+
+@pytest.mark.integration
+def test_no_secret_in_logs_output_json_report_or_journal(
+    server: SandboxServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = tmp_path / "exam"
+    generate_session(root, series=2, instances=3, image_size=(32, 32))
+    monkeypatch.setenv("XNAT_SERVER", server.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    journal = tmp_path / "journal.sqlite"
+    report = tmp_path / "report.json"
+    # Faults that make every layer talk: a retried 503, and a session that expires while the
+    # server imports (its idle timeout is shorter than the import): the client logs in again.
+    server.set_knobs(fail_next=1, fail_status=503, fault_path="/data/services/import")
+    server.set_knobs(session_timeout=0.2, per_file_ms=100)
+    runner = CliRunner()
+    with caplog.at_level(logging.DEBUG):
+        r = runner.invoke(
+            cli,
+            [
+                *("upload-dicom", "P", "S", "E", str(root), "-vv", "--json"),
+                *("--report", str(report), "--journal", str(journal)),
+            ],
+        )
+    assert r.exit_code == 0, r.output
+    assert server.issued  # type: ignore[attr-defined]
+    everything = "\n".join(
+        [r.output, caplog.text, report.read_text(), journal.read_bytes().decode("latin-1")]
+    )
+    # The layers did talk (so there was something to leak): the retry and the new login.
+    assert "retrying" in caplog.text and "logging in again" in caplog.text
+    assert leaks(everything, server) == []
+
+
+@pytest.mark.integration
+def test_no_secret_in_errors_or_tracebacks(
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "exam"
+    generate_session(root, series=1, instances=2, image_size=(32, 32))
+    monkeypatch.setenv("XNAT_SERVER", server.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    runner = CliRunner()
+    outputs = []
+    # Wrong password, with -v (tracebacks shown): exit 3, one line, no secret.
+    wrong = PASSWORD + "-wrong"
+    monkeypatch.setenv("XNAT_PASSWORD", wrong)
+    bad = runner.invoke(cli, ["upload-dicom", "P", "S", "E", str(root), "-v"])
+    assert bad.exit_code == 3
+    assert wrong not in bad.output
+    outputs.append(bad.output)
+    # Credentials in the server URL: refused without echoing them.
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    url = server.url.replace("http://", f"http://{USER}:{PASSWORD}@")
+    inurl = runner.invoke(cli, ["verify", "P", "S", "E", str(root), "--server", url, "-v"])
+    assert inurl.exit_code in (2, 3)
+    outputs.append(inurl.output)
+    # A server that dies mid-command: exit 4 or 1, a reason, no secret.
+    server.stop()
+    gone = runner.invoke(cli, ["upload-dicom", "P", "S", "E", str(root), "-v"])
+    assert gone.exit_code in (1, 4)
+    outputs.append(gone.output)
+    for text in outputs:
+        assert PASSWORD not in text and wrong not in text
+        assert leaks(text, server) == []
+
+
+@pytest.mark.integration
+def test_temporary_files_are_private_and_removed(server: SandboxServer, tmp_path: Path) -> None:
+    """Run the real command with an empty TMPDIR, on a compressed tar PATH (discovery spools
+    members it cannot seek), once successfully and once failing: nothing is left behind."""
+    root = tmp_path / "exam"
+    generate_session(root, series=1, instances=3, image_size=(32, 32))
+    archive = tmp_path / "exam.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="exam")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(mode=0o700)
+    env = xio_env(server.url, tmp_path / "home", {"TMPDIR": str(tmpdir)})
+    ok = run_xio(["upload-dicom", "P", "S", "E", str(archive)], env)
+    assert ok.returncode == 0, ok.stderr
+    assert list(tmpdir.iterdir()) == []
+    server.stop()
+    failed = run_xio(["upload-dicom", "P", "S", "E2", str(archive)], env)
+    assert failed.returncode == 4, failed.stderr
+    assert list(tmpdir.iterdir()) == []
+    journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
+    assert journal.stat().st_mode & 0o077 == 0  # the journal names local paths: private
+    assert PASSWORD not in ok.stdout + ok.stderr + failed.stdout + failed.stderr
