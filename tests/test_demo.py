@@ -83,3 +83,13 @@ def test_demo_as_a_real_process_quiet(tmp_path: Path) -> None:
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
     assert list(tmp_path.glob("xnatio-demo-*")) == []
+
+
+def test_demo_without_a_usable_temporary_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    r = CliRunner().invoke(cli, ["demo", "--files", "2", "--series", "1"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"error: cannot create a temporary folder in {tmp_path}/missing")
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""

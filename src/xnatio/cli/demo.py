@@ -20,7 +20,7 @@ import click
 
 from xnatio.cli.options import OutputArgs, exit_codes_epilog, output_options, start_command
 from xnatio.cli.upload import UploadOptions, discover_for_upload, run_upload
-from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK
+from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
 from xnatio.models import Manifest, UploadResult
 from xnatio.progress import Display, choose_display
 from xnatio.report import exit_code_of, result_to_dict, summary_text
@@ -109,7 +109,13 @@ def _run_demo(
 
     data = workdir / "session"
     t0 = time.monotonic()
-    synth = generate_session(data, series=series, instances=per_series, modality="MR")
+    try:
+        synth = generate_session(data, series=series, instances=per_series, modality="MR")
+    except OSError as exc:  # typically a full temporary disk
+        raise UsageError(
+            f"cannot write the demo session under {workdir}: {exc.strerror or exc}; "
+            "set TMPDIR to a folder with more space, or use fewer --files"
+        ) from None
     display.note(
         f"synthesised {synth.file_count} MR instances ({synth.total_bytes / 1e6:.1f} MB) in "
         f"{series} series under {data} ({time.monotonic() - t0:.1f} s)"
@@ -120,7 +126,10 @@ def _run_demo(
         users={DEMO_USER: password},
         knobs=Knobs(latency_ms=latency_ms, per_file_ms=per_file_ms),
     )
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        raise UsageError(f"cannot start the local server: {exc.strerror or exc}") from None
     try:
         display.note(
             f"local XNAT-compatible server at {server.url} "
@@ -213,7 +222,13 @@ def demo(
     """
     start_command(ctx, output)
     per_series = -(-files // series)  # ceil: at least --files instances
-    workdir = Path(tempfile.mkdtemp(prefix="xnatio-demo-"))
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="xnatio-demo-"))
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create a temporary folder in {tempfile.gettempdir()}: "
+            f"{exc.strerror or exc}; set TMPDIR to a writable folder"
+        ) from None
     try:
         with choose_display(quiet=output.quiet) as display:
             result, check = _run_demo(
