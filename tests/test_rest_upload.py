@@ -324,7 +324,7 @@ def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
     assert len(result.files) == 120
 
 
-def test_in_flight_requests_never_exceed_upload_workers(
+def test_in_flight_requests_and_prepared_batches_are_bounded(
     xnat_server: SandboxServer, session_dir: SyntheticSession
 ) -> None:
     xnat_server.set_knobs(latency_ms=50)
@@ -342,14 +342,31 @@ def test_in_flight_requests_never_exceed_upload_workers(
                 with lock:
                     state["now"] -= 1
 
+    class CountingUploader(RestUploader):
+        # A batch exists from the start of its preparation to the end of its upload.
+        def _prepare(self, batch: Batch, run: Any) -> list[DicomFile]:
+            with lock:
+                state["batches"] += 1
+                state["batches_peak"] = max(state["batches_peak"], state["batches"])
+            return super()._prepare(batch, run)
+
+        def _send_guarded(self, *args: Any) -> None:
+            try:
+                super()._send_guarded(*args)
+            finally:
+                with lock:
+                    state["batches"] -= 1
+
+    state.update(batches=0, batches_peak=0)
     manifest = discover(session_dir.root)
     batches = plan_batches(manifest, 12, single_max_files=10, single_max_bytes=0)
     target = RestTarget(project=P, subject=S, session=E, upload_workers=2, archive_workers=1)
     with CountingClient(xnat_server.url, username=USER, password=PASSWORD, pool_size=2) as c:
-        result = RestUploader(c, target).upload(manifest, batches)
+        result = CountingUploader(c, target).upload(manifest, batches)
     assert result.success, result.errors
     assert len(batches) == 12
-    assert state["peak"] == 2
+    assert state["peak"] == 2  # upload_workers requests at once, never more
+    assert state["batches_peak"] == 3  # upload_workers + archive_workers batches alive
     assert_landed(xnat_server, session_dir.instances)
 
 
