@@ -5,8 +5,10 @@ Uploads go through the resumable REST path into the local XNAT server and are re
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from pathlib import Path
 import pydicom.data
 import pytest
 
-from upload_helpers import PASSWORD, USER, upload
+from upload_helpers import PASSWORD, USER, upload, xio_command, xio_env
 from xnatio.discover import check_single_study, discover
 from xnatio.errors import UsageError
 from xnatio.models import Manifest, Outcome, UploadResult
@@ -171,3 +173,46 @@ def test_one_hundred_thousand_tiny_files(tmp_path: Path) -> None:
     assert len(manifest.files) == 3
     assert len(manifest.skipped) == 100_000
     assert {s.reason for s in manifest.skipped} == {"not a DICOM file (too short)"}
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(SETPRIV is None, reason="needs setpriv (util-linux) to drop root's DAC bypass")
+def test_permission_denied_files_and_folders(sandbox: SandboxServer, tmp_path: Path) -> None:
+    """The command runs without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (tests run as root, who
+    would read anything): an unreadable file and an unreadable folder are reported, each with
+    its reason, and everything else lands."""
+    root = tmp_path / "exam"
+    session = generate_session(root, series=2, instances=3, image_size=(32, 32))
+    locked_dir = root / "locked"
+    locked_dir.mkdir()
+    paths = list(session.instances.values())
+    shutil.move(paths[0], locked_dir / paths[0].name)
+    paths[1].chmod(0)
+    locked_dir.chmod(0)
+    report = tmp_path / "report.csv"
+    home = tmp_path / "home"
+    try:
+        env = xio_env(sandbox.url, home)
+        args = ["upload-dicom", "P", "S", "E", str(root), "--report", str(report)]
+        assert SETPRIV is not None
+        done = subprocess.run(
+            [SETPRIV, "--bounding-set=-dac_override,-dac_read_search", *xio_command(args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        locked_dir.chmod(0o755)
+        paths[1].chmod(0o644)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    rows = {r["path"]: r for r in csv.DictReader(report.open())}
+    assert rows[str(locked_dir)]["outcome"] == "skipped"
+    assert "permission denied" in rows[str(locked_dir)]["reason"]
+    assert rows[str(paths[1])]["outcome"] == "skipped"
+    assert "permission denied" in rows[str(paths[1])]["reason"]
+    assert sum(r["outcome"] == "verified" for r in rows.values()) == 4
