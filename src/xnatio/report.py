@@ -172,6 +172,10 @@ def check_report_path(path: Path) -> None:
         raise UsageError(f"cannot write report {path}: folder {parent} does not exist")
 
 
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def _mb(n: int | float) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -197,17 +201,17 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     status = status_of(result)
     if status == "success":
         head = (
-            f"Uploaded {len(uploaded)} of {to_send} files ({_mb(sent)}) to {dest} "
+            f"Uploaded {len(uploaded)} of {_files(to_send)} ({_mb(sent)}) to {dest} "
             f"in {result.duration:.1f} s ({speed}) over {result.transport}"
         )
     elif status == "partial":
         head = (
-            f"Partly uploaded: {len(uploaded)} of {to_send} files ({_mb(sent)}) reached {dest}, "
+            f"Partly uploaded: {len(uploaded)} of {_files(to_send)} ({_mb(sent)}) reached {dest}, "
             f"{len(failed)} failed, in {result.duration:.1f} s over {result.transport}"
         )
     else:
         head = (
-            f"Upload failed: {len(uploaded)} of {to_send} files reached {dest} "
+            f"Upload failed: {len(uploaded)} of {_files(to_send)} reached {dest} "
             f"({result.duration:.1f} s over {result.transport})"
         )
     lines = [head]
@@ -218,7 +222,7 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
         details.append("verified on the server" if result.verified else "VERIFICATION FAILED")
     lines.append("  " + ", ".join(details))
     for s in result.studies:
-        lines.append(f"  study {s.study_uid} (patient {s.patient_id}): {s.file_count} files")
+        lines.append(f"  study {s.study_uid} (patient {s.patient_id}): {_files(s.file_count)}")
     if result.session_uri:
         lines.append(f"  session: {result.session_uri}")
     if result.upload_id:
