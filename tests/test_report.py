@@ -162,3 +162,10 @@ def test_plan_dict() -> None:
     assert d["totals"]["batches"] == 2 and d["totals"]["series"] == 2
     assert d["batches"][0] == {"index": 0, "files": 2, "bytes": 20, "series": ["s1"]}
     assert d["skipped"] == [{"path": "d/t", "reason": "not DICOM"}]
+
+
+def test_summary_does_not_repeat_per_file_errors() -> None:
+    r = _result(uploaded=1, failed=1, errors=["d/bad0: HTTP 500: disk full", "batch 2: gave up"])
+    text = summary_text(r)
+    assert text.count("d/bad0: HTTP 500: disk full") == 1
+    assert "Errors (1):\n  batch 2: gave up" in text

@@ -227,7 +227,9 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
         lines.append(f"  session: {result.session_uri}")
     if result.upload_id:
         lines.append(f"  upload id: {result.upload_id}")
-    errors = [e for e in result.errors if e]
+    # Errors that only repeat a failed file's line are shown once, in the failed list below.
+    per_file = {f"{f.path}: {f.reason}" for f in failed}
+    errors = [e for e in result.errors if e and e not in per_file]
     if errors:
         lines.append(f"Errors ({len(errors)}):")
         lines.extend(f"  {e}" for e in errors[:cap])
