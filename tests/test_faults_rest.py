@@ -171,3 +171,22 @@ def test_server_restarted_mid_upload(exam: Path, tmp_path: Path) -> None:
         server.stop()
         for s in restarted:
             s.stop()
+
+
+def test_read_back_failure_is_not_done_and_a_rerun_verifies(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    journal = tmp_path / "j.sqlite"
+    # Every read-back request fails (more than the retries): the upload itself succeeded.
+    sandbox.set_knobs(
+        fail_next=100, fail_status=500, fault_path="/data/projects/P/subjects/S/experiments"
+    )
+    first = upload(sandbox.url, exam, journal)
+    assert exit_code_of(first) == 1
+    assert any("could not read the session back" in e for e in first.errors), first.errors
+    assert {o.outcome for o in first.files} == {Outcome.UPLOADED}
+    sent = imported(sandbox)
+    sandbox.set_knobs(fail_next=0)
+    second = upload(sandbox.url, exam, journal)
+    assert imported(sandbox) == sent  # nothing sent again
+    assert_complete(second, sandbox, exam)

@@ -224,7 +224,18 @@ def _finish(
         )
     elif read_back is not None and sent:
         say(f"verifying {len(manifest.files)} files against the server")
-        report = read_back(manifest.files)
+        try:
+            report = read_back(manifest.files)
+        except XnatioError as exc:
+            # The files are confirmed and committed, but nobody has seen them land: not "done".
+            # The journal keeps them; the next run sends nothing and verifies again.
+            result.verified = False
+            result.errors.append(
+                f"could not read the session back to verify it ({exc}); "
+                "run the same command again to verify"
+            )
+            result.success = False
+            return result
         apply_verification(result, report)
         if run is not None:
             missing = [f for f, _ in report.problems]
