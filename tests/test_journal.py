@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from xnatio.errors import ConfigError
 from xnatio.journal import (
     EARLIER_RUN_REASON,
     Journal,
@@ -360,3 +361,31 @@ def test_transport_hooks_and_changed_files(tmp_path: Path) -> None:
         run2 = j.open_run(TARGET, now)
         # Only a file an earlier run sent counts as changed; a never-sent file is just pending.
         assert [f.path for f in run2.changed_since_sent(now.files)] == [first]
+
+
+def test_unusable_journal_is_one_clear_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigError) as err:
+        Journal(garbage)
+    assert str(garbage) in str(err.value) and "--journal" in str(err.value)
+    assert err.value.exit_code == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError):
+        Journal(blocker / "sub" / "journal.sqlite")  # its folder cannot be created
+
+
+def test_old_verified_uploads_are_pruned(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    other = make_manifest(tmp_path / "other")
+    with Journal(tmp_path / "j.sqlite") as j:
+        done = j.open_run(TARGET, m)
+        done.record_confirmed(m.files)
+        done.record_verified()
+        pending = j.open_run(TARGET, other)
+        pending.record_confirmed(other.files[:2])
+    # keep_days=0: everything verified is old enough; unverified uploads are always kept.
+    with Journal(tmp_path / "j.sqlite", keep_days=0) as j:
+        assert j.open_run(TARGET, m).split()[0] == []
+        assert j.open_run(TARGET, other).split()[0] == other.files[:2]

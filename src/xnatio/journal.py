@@ -20,6 +20,10 @@ simply sent again (XNAT merges a re-sent instance into the same file; ``overwrit
 ``synchronous=NORMAL`` survives a killed process; a power cut can lose the last confirmations,
 which again only means re-sending.
 
+Housekeeping: uploads that were verified and not touched for 90 days are dropped when the journal
+is opened. A journal that cannot be opened (unwritable folder, not a database) is a one-line
+configuration error (exit 2), never a traceback.
+
 The lock: ``fcntl.flock`` on ``locks/<target hash>.lock`` next to the journal. The kernel drops it
 when the holder dies (even by ``kill -9``), so a stale lock cannot block the next cron run.
 """
@@ -40,10 +44,11 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
-from xnatio.errors import UsageError
+from xnatio.errors import ConfigError, UsageError
 from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome
 
 JOURNAL_ENV = "XNATIO_JOURNAL"
+KEEP_DAYS = 90.0  # verified uploads are forgotten after this long without a new run
 EARLIER_RUN_REASON = "sent by an earlier run (journal)"
 
 _SCHEMA = """
@@ -202,24 +207,52 @@ def _read_holder(fd: int) -> str:
 class Journal:
     """One SQLite file shared by every target; thread-safe (one connection, one write lock)."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, keep_days: float = KEEP_DAYS) -> None:
         self.path = path if path is not None else default_journal_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._closed = False
-        # isolation_level=None: autocommit; every write below is its own explicit transaction.
-        self._db = sqlite3.connect(
-            self.path, timeout=30.0, check_same_thread=False, isolation_level=None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # isolation_level=None: autocommit; every write is its own explicit transaction.
+            self._db = sqlite3.connect(
+                self.path, timeout=30.0, check_same_thread=False, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unusable(exc) from None
+        try:
+            with contextlib.suppress(OSError):  # the journal names local paths: keep it private
+                os.chmod(self.path, 0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._write():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+            self._prune(keep_days)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise self._unusable(exc) from None
+
+    def _unusable(self, exc: BaseException) -> ConfigError:
+        why = getattr(exc, "strerror", None) or str(exc)
+        return ConfigError(
+            f"cannot use the resume journal {self.path} ({why}); move it away, or choose "
+            f"another file with --journal FILE or {JOURNAL_ENV}"
         )
-        with contextlib.suppress(OSError):  # journal names local paths: keep it private
-            os.chmod(self.path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._write():
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
+
+    def _prune(self, keep_days: float) -> None:
+        """Forget uploads verified and untouched for ``keep_days``: the journal stays small."""
+        cutoff = time.time() - keep_days * 86400
+        with self._write() as db:
+            old = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM runs WHERE verified = 1 AND updated < ?", (cutoff,)
+                )
+            ]
+            for run_id in old:
+                db.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def _write(self) -> _Txn:
         return _Txn(self._db, self._lock)
@@ -468,7 +501,9 @@ class JournalRun:
 
     def record_verified(self) -> None:
         with self.journal._write() as db:
-            db.execute("UPDATE runs SET verified = 1 WHERE id = ?", (self.run_id,))
+            db.execute(
+                "UPDATE runs SET verified = 1, updated = ? WHERE id = ?", (time.time(), self.run_id)
+            )
 
     def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
         return [
