@@ -429,3 +429,58 @@ def test_file_vanishing_while_its_batch_streams_is_failed_and_the_rest_resent(
     expected = {u: p for u, p in session.instances.items() if u != victim.sop_instance_uid}
     assert len(result.uploaded) == len(expected)
     assert_landed(xnat_server, expected)
+
+
+def archive_of(root: Path, archive: Path) -> Path:
+    """Every file under ``root`` (DICOM or not) in a .zip or .tar.gz, names relative to root."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in files:
+                zf.write(f, f.relative_to(root).as_posix())
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for f in files:
+                tf.add(f, f.relative_to(root).as_posix())
+    return archive
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_archive_path_with_side_files_sends_only_its_dicom_members(
+    xnat_server: SandboxServer, tmp_path: Path, suffix: str
+) -> None:
+    session = small_session(tmp_path, extras=["dicomdir", "txt"])
+    archive = archive_of(session.root, tmp_path / f"cd-export{suffix}")
+
+    result = upload(xnat_server, archive)
+
+    assert result.success, result.errors
+    assert len(result.uploaded) == len(session.instances)
+    assert {Path(f.path).name for f in result.skipped} >= {"DICOMDIR"}
+    assert_landed(xnat_server, session.instances)
+
+
+def test_archive_member_xnat_refuses_is_failed_and_the_rest_resent(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    (session.root / "junk.dcm").write_bytes(b"not DICOM at all " * 64)
+    archive = archive_of(session.root, tmp_path / "export.zip")
+    manifest = discover(archive)
+    [junk] = manifest.skipped
+    # As if discovery had taken the junk member for DICOM: sent as is, XNAT refuses it.
+    template = manifest.files[0]
+    fake = dataclasses.replace(
+        template,
+        member="junk.dcm",
+        size=junk.size,
+        sop_instance_uid=template.sop_instance_uid + ".9",
+    )
+    manifest = dataclasses.replace(manifest, files=[*manifest.files, fake], skipped=[])
+
+    result = upload(xnat_server, archive, manifest=manifest)
+
+    [failed] = result.failed
+    assert failed.path.endswith("junk.dcm") and "junk.dcm" in failed.reason
+    assert len(result.uploaded) == len(session.instances)
+    assert_landed(xnat_server, session.instances)

@@ -9,12 +9,16 @@ the middle of its body.
 
 from __future__ import annotations
 
+import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
+from xnatio.archive import SourceChangedError
 from xnatio.errors import XnatioError
-from xnatio.models import Phase, ProgressCallback, ProgressEvent
+from xnatio.models import DicomFile, Phase, ProgressCallback, ProgressEvent
 
 CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
 
@@ -181,3 +185,71 @@ class FileChunks:
         with self.path.open("rb") as fh:
             while chunk := fh.read(1024 * 1024):
                 yield chunk
+
+
+class ArchiveMembers:
+    """The DICOM members of an archive PATH, re-packed into a plain tar while it is sent.
+
+    An archive PATH is normally sent as is. When it also holds entries discovery set aside (a
+    DICOMDIR, side files, empty entries), XNAT would stop at the first of them ("unable to read
+    DICOM object", "contains no SOP Class UID") and keep only what came before; so only the
+    DICOM members are sent, read from the archive one by one (never extracted to disk), with an
+    exact size: tar headers follow from the names and sizes alone.
+    """
+
+    content_type = "application/x-tar"
+
+    def __init__(self, archive: Path, files: Sequence[DicomFile]) -> None:
+        self.archive = archive
+        self.files = [f for f in files if f.member is not None]
+        self.members: list[tuple[str, DicomFile]] = [(f.member or "", f) for f in self.files]
+        self._headers = {f.member or "": _tar_header(f) for f in self.files}
+        self.size: int = 2 * 512 + sum(
+            len(self._headers[name]) + f.size + (-f.size % 512) for name, f in self.members
+        )
+
+    def __iter__(self) -> Iterator[bytes]:
+        if zipfile.is_zipfile(self.archive):
+            with zipfile.ZipFile(self.archive) as zf:
+                for f in self.files:
+                    with zf.open(f.member or "") as src:
+                        yield from self._entry(f, src)
+        else:
+            wanted: dict[str, DicomFile] = {f.member or "": f for f in self.files}
+            with tarfile.open(self.archive, "r|*") as tf:
+                for info in tf:
+                    found: DicomFile | None = wanted.pop(info.name, None)
+                    if found is None:
+                        continue  # a skipped entry, or a second copy of a duplicate
+                    data = tf.extractfile(info)
+                    if data is None:
+                        raise SourceChangedError(found, "no longer a regular file in the archive")
+                    yield from self._entry(found, data)
+            if wanted:
+                raise SourceChangedError(next(iter(wanted.values())), "no longer in the archive")
+        yield b"\0" * 1024
+
+    def _entry(self, f: DicomFile, src: IO[bytes]) -> Iterator[bytes]:
+        yield self._headers[f.member or ""]
+        left = f.size
+        while left > 0:
+            data = src.read(min(CHUNK, left))
+            if not data:
+                raise SourceChangedError(f, "archive member shrank since discovery")
+            left -= len(data)
+            yield data
+        if src.read(1):
+            raise SourceChangedError(f, "archive member grew since discovery")
+        if f.size % 512:
+            yield b"\0" * (512 - f.size % 512)
+
+
+def _tar_header(f: DicomFile) -> bytes:
+    # Relative, no "..": the name is only used inside XNAT's temporary extraction folder, but an
+    # uploader never sends a path that could climb out of it.
+    parts = [p for p in (f.member or "").replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    info = tarfile.TarInfo("/".join(parts) or f.sop_instance_uid)
+    info.size = f.size
+    info.mode = 0o644
+    info.mtime = f.mtime_ns // 1_000_000_000
+    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")

@@ -55,6 +55,7 @@ from xnatio.models import (
 )
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.bodies import (
+    ArchiveMembers,
     FileChunks,
     SizedBody,
     StreamBody,
@@ -363,31 +364,51 @@ class RestUploader:
             return
 
     def _send_archive_file(self, manifest: Manifest, run: _Run, progress: UploadProgress) -> None:
-        """PATH is an archive: one request with the file as is, streamed from disk."""
+        """PATH is an archive: one request with the file as is, streamed from disk.
+
+        If it also holds entries discovery skipped, or XNAT refuses one of its members, only the
+        DICOM members are sent, re-packed into a tar on the fly (:class:`ArchiveMembers`).
+        """
         archive = manifest.source_archive
         assert archive is not None
-        files = list(manifest.files)
-        content_type = archive_content_type(archive)
+        remaining = list(manifest.files)
+        repack = bool(manifest.skipped)
         retry_number = 0
-        while not self.cancel.is_set():
+        while remaining and not self.cancel.is_set():
+            payload = sum(f.size for f in remaining)
+            members = [(f.member or "", f) for f in remaining]
             try:
-                size = archive.stat().st_size
+                if repack:
+                    packed = ArchiveMembers(archive, remaining)
+                    chunks: Iterable[bytes] = packed
+                    size, content_type = packed.size, packed.content_type
+                else:
+                    chunks, size = FileChunks(archive), archive.stat().st_size
+                    content_type = archive_content_type(archive)
             except OSError as exc:
-                self._give_up(run, files, exc, 0, 0, progress)
+                self._give_up(run, remaining, exc, 0, 0, progress)
                 return
-            body = SizedBody(FileChunks(archive), manifest.total_bytes, progress, self.cancel, size)
+            body = SizedBody(chunks, payload, progress, self.cancel, size)
             try:
                 resp = self._post_import(body, content_type)
             except Exception as exc:  # classified below; the files are always accounted for
                 err = body.failure(exc)
                 if isinstance(err, UploadCancelled) or self.cancel.is_set():
                     return
+                culprit = _culprit(err, members)
+                if culprit is not None:
+                    self._fail(run, [culprit[0]], culprit[1], 0)
+                    gone = _key(culprit[0])
+                    remaining = [f for f in remaining if _key(f) != gone]
+                    repack = True
+                    continue
                 if self._wait_to_retry(err, retry_number, archive.name):
                     retry_number += 1
                     continue
-                self._give_up(run, files, err, retry_number, 0, progress)
+                self._give_up(run, remaining, err, retry_number, 0, progress)
                 return
-            self._landed(run, files, resp, 0, progress, partial=False)
+            partial = len(remaining) < len(manifest.files)
+            self._landed(run, remaining, resp, 0, progress, partial=partial)
             return
 
     def _post_import(self, body: StreamBody, content_type: str) -> requests.Response:
