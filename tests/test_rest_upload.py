@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import socket
 import tarfile
 import threading
 import zipfile
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from xnatio.discover import discover
+from xnatio.errors import AuthError, UnreachableError
 from xnatio.models import Batch, DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.plan import plan_batches
 from xnatio.sandbox.server import SandboxServer
@@ -484,3 +486,38 @@ def test_archive_member_xnat_refuses_is_failed_and_the_rest_resent(
     assert failed.path.endswith("junk.dcm") and "junk.dcm" in failed.reason
     assert len(result.uploaded) == len(session.instances)
     assert_landed(xnat_server, session.instances)
+
+
+def test_wrong_password_is_an_auth_error_and_nothing_is_sent(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    with pytest.raises(AuthError) as info:
+        upload_dicom_parallel_rest(
+            xnat_server.url,
+            USER,
+            "wrong-horse",
+            source_dir=session.root,
+            project=P,
+            subject=S,
+            session=E,
+        )
+    assert "wrong-horse" not in str(info.value)
+    assert "POST /data/services/import" not in xnat_server.stats()
+
+
+def test_no_server_listening_is_unreachable(tmp_path: Path) -> None:
+    session = small_session(tmp_path)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UnreachableError):
+        upload_dicom_parallel_rest(
+            f"http://127.0.0.1:{port}",
+            USER,
+            PASSWORD,
+            source_dir=session.root,
+            project=P,
+            subject=S,
+            session=E,
+        )
