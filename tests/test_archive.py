@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pwd
@@ -12,6 +13,7 @@ import textwrap
 import tracemalloc
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from xnatio.archive import (
     check_sources,
     make_archive_stream,
     member_names,
+    read_source,
 )
 from xnatio.discover import discover
 from xnatio.models import DicomFile
@@ -196,6 +199,81 @@ def test_java_zipinputstream_reads_the_zip(
         f"{zlib.crc32(f.path.read_bytes()):x} {f.size} {name}" for name, f in stream.members
     ]
     assert run.stdout.decode("utf-8").splitlines() == expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_md5_and_on_member_report_each_entry_as_sent(
+    odd_files: tuple[Path, list[DicomFile]], fmt: str
+) -> None:
+    root, files = odd_files
+    done: list[str] = []
+    stream = make_archive_stream(
+        files, fmt, root=root, with_md5=True, on_member=lambda name, f: done.append(name)
+    )
+    names = [n for n, _ in stream.members]
+    expected = {n: hashlib.md5(f.path.read_bytes()).hexdigest() for n, f in stream.members}
+    data = b"".join(stream)
+    assert done == names
+    # a large zip entry is read twice (CRC, then data): only the bytes sent are hashed
+    assert stream.md5 == expected
+    assert b"".join(stream) == data and stream.md5 == expected and done == names + names
+    # without the option nothing is hashed
+    plain = make_archive_stream(files, fmt, root=root)
+    assert b"".join(plain) == data and plain.md5 == {}
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """Any record with path, size and mtime_ns will do (a resource file, not a DicomFile)."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_any_source_record_and_names_kept_as_they_are(tmp_path: Path, fmt: str) -> None:
+    root = tmp_path / "r"
+    (root / "sub").mkdir(parents=True)
+    sources = []
+    for rel, data in [("data.zip", b"PK"), ("sub/old.TAR.GZ", b"gz"), ("notes.txt", b"n")]:
+        (root / rel).write_bytes(data)
+        st = (root / rel).stat()
+        sources.append(_Plain(root / rel, st.st_size, st.st_mtime_ns))
+    kept = make_archive_stream(sources, fmt, root=root, rename_nested_archives=False)
+    assert [n for n, _ in kept.members] == ["data.zip", "sub/old.TAR.GZ", "notes.txt"]
+    assert all(isinstance(f, _Plain) for _, f in kept.members)
+    assert _read_back(b"".join(kept), fmt) == {
+        "data.zip": b"PK",
+        "sub/old.TAR.GZ": b"gz",
+        "notes.txt": b"n",
+    }
+    # the import service's default: XNAT would open these as nested archives
+    renamed = make_archive_stream(sources, fmt, root=root)
+    assert [n for n, _ in renamed.members] == ["data.zip.dcm", "sub/old.TAR.GZ.dcm", "notes.txt"]
+
+
+def test_read_source_checks_like_an_entry(tmp_path: Path) -> None:
+    path = tmp_path / "one.bin"
+    path.write_bytes(os.urandom(600_000))
+    f = _record(path)
+    assert b"".join(read_source(f)) == path.read_bytes()
+    path.write_bytes(b"short")
+    with pytest.raises(SourceChangedError, match="changed after discovery") as err:
+        b"".join(read_source(f))
+    assert err.value.file is f
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_source_replaced_by_a_directory_is_reported(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "gone"
+    path.write_bytes(b"12345")
+    f = _record(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(SourceChangedError, match="no longer a regular file") as err:
+        b"".join(make_archive_stream([f], fmt, root=tmp_path))
+    assert err.value.file is f
 
 
 def test_member_names_are_safe_and_unique(tmp_path: Path) -> None:

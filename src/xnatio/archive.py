@@ -1,4 +1,9 @@
-"""Streaming tar and zip archives of DICOM files, with exact sizes known before the first byte.
+"""Streaming tar and zip archives of source files, with exact sizes known before the first byte.
+
+One implementation serves both uploads that send archives: DICOM instances to the import service
+(REST transport) and any files to a resource (``xio upload-resource``, which XNAT unpacks with
+``extract=true``). A source is anything with ``path``, ``size`` and ``mtime_ns``
+(:class:`SourceFile`; :class:`~xnatio.models.DicomFile` is one).
 
 XNAT's ``DICOM-zip`` importer reads the request body as a zip (``java.util.zip.ZipInputStream``)
 or a tar (commons-compress ``TarArchiveInputStream``, gunzipped first for ``.tar.gz``), entry by
@@ -10,21 +15,26 @@ alone, which lets the transport send an exact ``Content-Length`` instead of chun
 Zip entries carry their CRC-32 in the local header rather than a trailing data descriptor,
 because ``ZipInputStream`` refuses STORED entries with a descriptor ("only DEFLATED entries can
 have EXT descriptor"); each file's CRC is computed just before its entry is sent.
+
+Member names are always relative, without ``.``/``..`` parts and unique: XNAT rejects a whole
+resource archive holding one entry that resolves outside its folder (``ZipUtils``/``TarUtils``
+path-traversal check), and the import service would write it anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import struct
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from xnatio.errors import XnatioError
-from xnatio.models import DicomFile
 
 CHUNK = 256 * 1024
 # Files up to this size are read once into memory for their zip CRC; larger ones are read twice.
@@ -35,29 +45,49 @@ _ZIP_SINGLE_READ = 1024 * 1024
 CONTENT_TYPES = {"tar": "application/x-tar", "zip": "application/zip", "tgz": "application/x-gtar"}
 FILENAMES = {"tar": "upload.tar", "zip": "upload.zip", "tgz": "upload.tar.gz"}
 
-# XNAT opens entries whose names end like archives as nested archives (DicomZipImporter).
+# The import service's DICOM-zip handler opens entries whose names end like archives as nested
+# archives (DicomZipImporter, facts section 1). A resource's extract=true does not: ZipUtils and
+# TarUtils write every entry out as a file, one level only (facts section 5).
 _ARCHIVE_LIKE = (".zip", ".tar", ".tgz", ".gz")
 
 
-class SourceChangedError(XnatioError):
-    """A source file vanished or changed size since discovery; nothing of it was sent as valid."""
+class SourceFile(Protocol):
+    """What an archive needs of a source file: where it is, and its size and mtime when listed."""
 
-    def __init__(self, file: DicomFile, reason: str) -> None:
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def mtime_ns(self) -> int: ...
+
+
+F = TypeVar("F", bound=SourceFile)
+
+
+class SourceChangedError(XnatioError, Generic[F]):
+    """A source file vanished or changed since it was listed; nothing of it was sent as valid.
+
+    Not an OSError on purpose: raised from inside a request body, an OSError would look like a
+    network failure to urllib3 and be retried instead of failing this one file.
+    """
+
+    def __init__(self, file: F, reason: str) -> None:
         super().__init__(f"{file.path}: {reason}")
         self.file = file
         self.reason = reason
 
 
-def check_sources(
-    files: Sequence[DicomFile],
-) -> tuple[list[DicomFile], list[tuple[DicomFile, str]]]:
+def check_sources(files: Sequence[F]) -> tuple[list[F], list[tuple[F, str]]]:
     """Split ``files`` into those still as discovered and those that are not, with a reason.
 
     Called right before a batch's stream is built, so a file deleted or rewritten since discovery
     is reported failed on its own instead of failing the whole request.
     """
-    ok: list[DicomFile] = []
-    failed: list[tuple[DicomFile, str]] = []
+    ok: list[F] = []
+    failed: list[tuple[F, str]] = []
     for f in files:
         reason = _changed(f)
         if reason:
@@ -67,7 +97,7 @@ def check_sources(
     return ok, failed
 
 
-def _changed(f: DicomFile) -> str:
+def _changed(f: SourceFile) -> str:
     try:
         st = os.stat(f.path)
     except FileNotFoundError:
@@ -76,8 +106,8 @@ def _changed(f: DicomFile) -> str:
         return "not readable any more (permission denied)"
     except OSError as exc:
         return f"not readable any more ({exc.strerror})"
-    if f.member is not None:
-        return ""  # a member of an archive PATH: the archive itself is sent
+    if getattr(f, "member", None) is not None:
+        return ""  # a DICOM member of an archive PATH: the archive itself is sent
     if not stat.S_ISREG(st.st_mode):
         return "no longer a regular file"
     if st.st_size != f.size:
@@ -87,12 +117,15 @@ def _changed(f: DicomFile) -> str:
     return ""
 
 
-def member_names(files: Sequence[DicomFile], root: Path) -> list[str]:
+def member_names(
+    files: Sequence[SourceFile], root: Path, *, rename_nested_archives: bool = True
+) -> list[str]:
     """Archive entry names for ``files``: relative to ``root``, POSIX, safe and unique.
 
     No absolute paths, no ``.`` or ``..`` parts, no control characters; names that are not valid
-    UTF-8 on disk get U+FFFD; a name XNAT would take for a nested archive gets ``.dcm`` added;
-    clashes (after those changes) get ``~2``, ``~3``, ... before the extension.
+    UTF-8 on disk get U+FFFD; with ``rename_nested_archives`` (for the import service) a name XNAT
+    would take for a nested archive gets ``.dcm`` added; clashes (after those changes) get ``~2``,
+    ``~3``, ... before the extension.
     """
     seen: set[str] = set()
     out: list[str] = []
@@ -102,7 +135,7 @@ def member_names(files: Sequence[DicomFile], root: Path) -> list[str]:
         except ValueError:
             rel = f.path.as_posix()
         name = _safe_name(rel)
-        if name.lower().endswith(_ARCHIVE_LIKE):
+        if rename_nested_archives and name.lower().endswith(_ARCHIVE_LIKE):
             name += ".dcm"
         if name in seen:
             stem, dot, ext = name.rpartition(".")
@@ -128,27 +161,39 @@ def _safe_name(rel: str) -> str:
     return "/".join(parts) or "unnamed"
 
 
-class ArchiveStream:
+class ArchiveStream(Generic[F]):
     """A re-iterable archive of ``files``: iterate it for the bytes, once per attempt.
 
-    ``size`` is the exact byte length (None for tgz, which must be sent chunked). ``on_bytes``,
-    when set, is called with the length of every chunk as it is handed out (for progress).
-    Iterating raises :class:`SourceChangedError` when a file is missing or has another size than
-    discovery saw, before any byte of that file's entry is produced.
+    ``size`` is the exact byte length (None for tgz, which must be sent chunked). ``members``
+    pairs each entry name with its source. Hooks, all optional: ``on_bytes`` is called with the
+    length of every chunk as it is handed out (for progress); ``on_member`` with the name and
+    source of each entry once its last byte is produced. With ``with_md5``, ``md5`` maps each
+    entry name to the MD5 of the bytes sent for it in the current (or last) iteration, to compare
+    with the digest XNAT's catalog keeps (facts section 4).
+
+    ``rename_nested_archives`` (the default, for the import service) adds ``.dcm`` to names that
+    end like archives, because the DICOM-zip importer opens those as nested archives. A resource
+    upload turns it off: XNAT unpacks a resource archive one level only and must keep the names.
+
+    Iterating raises :class:`SourceChangedError` when a file is missing, unreadable or has
+    another size than when it was listed, before any byte of that file's entry is produced.
     """
 
     def __init__(
         self,
-        files: Sequence[DicomFile],
+        files: Sequence[F],
         fmt: str,
         *,
         root: Path,
         compresslevel: int = 1,
         on_bytes: Callable[[int], None] | None = None,
+        on_member: Callable[[str, F], None] | None = None,
+        with_md5: bool = False,
+        rename_nested_archives: bool = True,
     ) -> None:
         if fmt not in CONTENT_TYPES:
             raise ValueError(f"archive format must be one of {sorted(CONTENT_TYPES)}, not {fmt!r}")
-        inside = [f for f in files if f.member is not None]
+        inside = [f for f in files if getattr(f, "member", None) is not None]
         if inside:
             raise ValueError(f"{inside[0].path} is an archive: send it as is, not re-archived")
         self.files = list(files)
@@ -157,14 +202,16 @@ class ArchiveStream:
         self.filename = FILENAMES[fmt]
         self.compresslevel = compresslevel
         self.on_bytes = on_bytes
-        self.members: list[tuple[str, DicomFile]] = list(
-            zip(member_names(self.files, root), self.files, strict=True)
-        )
+        self.on_member = on_member
+        self.with_md5 = with_md5
+        self.md5: dict[str, str] = {}
+        names = member_names(self.files, root, rename_nested_archives=rename_nested_archives)
+        self.members: list[tuple[str, F]] = list(zip(names, self.files, strict=True))
         self.size: int | None
         if fmt == "tar":
             self.size = _tar_size(self.members)
         elif fmt == "zip":
-            self.size = _zip_layout(self.members).total
+            self.size = _ZipLayout(self.members).total
         else:
             self.size = None
 
@@ -174,7 +221,12 @@ class ArchiveStream:
         return self.size
 
     def __iter__(self) -> Iterator[bytes]:
-        raw = _zip_chunks(self.members) if self.format == "zip" else _tar_chunks(self.members)
+        self.md5.clear()
+        tap = _Tap(self.md5 if self.with_md5 else None, self.on_member)
+        if self.format == "zip":
+            raw = _zip_chunks(self.members, tap)
+        else:
+            raw = _tar_chunks(self.members, tap)
         chunks = _gzip(raw, self.compresslevel) if self.format == "tgz" else _coalesce(raw)
         for chunk in chunks:
             if self.on_bytes is not None:
@@ -183,14 +235,70 @@ class ArchiveStream:
 
 
 def make_archive_stream(
-    files: Sequence[DicomFile],
+    files: Sequence[F],
     fmt: str,
     *,
     root: Path,
     on_bytes: Callable[[int], None] | None = None,
-) -> ArchiveStream:
-    """A streaming ``fmt`` ("tar", "zip" or "tgz") archive of ``files``, names relative to root."""
-    return ArchiveStream(files, fmt, root=root, on_bytes=on_bytes)
+    on_member: Callable[[str, F], None] | None = None,
+    with_md5: bool = False,
+    rename_nested_archives: bool = True,
+) -> ArchiveStream[F]:
+    """A streaming ``fmt`` ("tar", "zip" or "tgz") archive of ``files``, names relative to root.
+
+    See :class:`ArchiveStream` for the hooks and ``rename_nested_archives``.
+    """
+    return ArchiveStream(
+        files,
+        fmt,
+        root=root,
+        on_bytes=on_bytes,
+        on_member=on_member,
+        with_md5=with_md5,
+        rename_nested_archives=rename_nested_archives,
+    )
+
+
+def read_source(f: F) -> Iterator[bytes]:
+    """One source file's bytes, checked like an archive entry's (for a file sent as is).
+
+    Raises :class:`SourceChangedError` when the file is gone, unreadable or not ``f.size`` long.
+    """
+    source = _Source(f)
+    try:
+        yield from source.read_exactly(f.size)
+    finally:
+        source.close()
+
+
+class _Tap(Generic[F]):
+    """Per-entry bookkeeping while an archive is generated: the MD5 of each entry's bytes as
+    they go out (not of a CRC pre-read), and the ``on_member`` hook once an entry is complete."""
+
+    def __init__(
+        self, md5: dict[str, str] | None, on_member: Callable[[str, F], None] | None
+    ) -> None:
+        self.md5 = md5
+        self.on_member = on_member
+        self.digest: hashlib._Hash | None = None
+
+    def sent(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        if self.md5 is None:
+            yield from pieces
+            return
+        if self.digest is None:
+            self.digest = hashlib.md5(usedforsecurity=False)
+        for piece in pieces:
+            self.digest.update(piece)
+            yield piece
+
+    def done(self, name: str, f: F) -> None:
+        if self.md5 is not None:
+            digest = self.digest or hashlib.md5(usedforsecurity=False)  # an empty file
+            self.md5[name] = digest.hexdigest()
+            self.digest = None
+        if self.on_member is not None:
+            self.on_member(name, f)
 
 
 def _coalesce(parts: Iterator[bytes]) -> Iterator[bytes]:
@@ -232,17 +340,23 @@ def _gzip(parts: Iterator[bytes], level: int) -> Iterator[bytes]:
 class _Source:
     """One source file opened for streaming, checked against what discovery saw."""
 
-    def __init__(self, f: DicomFile) -> None:
+    def __init__(self, f: SourceFile) -> None:
         self.file = f
         try:
-            self.fd = os.open(f.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO put in place of the file must not hang the open (refused below).
+            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+            self.fd = os.open(f.path, flags)
         except FileNotFoundError:
             raise SourceChangedError(
                 f, "file no longer exists (deleted or moved after discovery)"
             ) from None
         except OSError as exc:
             raise SourceChangedError(f, f"cannot be opened ({exc.strerror})") from None
-        size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise SourceChangedError(f, "no longer a regular file")
         if size != f.size:
             os.close(self.fd)
             raise SourceChangedError(
@@ -253,7 +367,10 @@ class _Source:
         """The file's first ``size`` bytes in CHUNK pieces; a short file is a changed file."""
         left = size
         while left > 0:
-            data = os.read(self.fd, min(CHUNK, left))
+            try:
+                data = os.read(self.fd, min(CHUNK, left))
+            except OSError as exc:  # an I/O error on this file fails this file, not the request
+                raise SourceChangedError(self.file, f"read failed ({exc.strerror})") from None
             if not data:
                 raise SourceChangedError(self.file, "file shrank while it was being sent")
             left -= len(data)
@@ -269,7 +386,7 @@ _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar's default record: the archive is padded to a whole record
 
 
-def _tar_info(name: str, f: DicomFile) -> tarfile.TarInfo:
+def _tar_info(name: str, f: SourceFile) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = f.size
     info.mode = 0o644
@@ -280,13 +397,14 @@ def _tar_info(name: str, f: DicomFile) -> tarfile.TarInfo:
     return info
 
 
-def _tar_header(name: str, f: DicomFile) -> bytes:
-    # PAX headers carry long and non-ASCII names exactly (POSIX.1-2001); commons-compress and
-    # GNU tar read them.
+def _tar_header(name: str, f: SourceFile) -> bytes:
+    # PAX headers carry long and non-ASCII names exactly, as UTF-8 (POSIX.1-2001): read by
+    # commons-compress (import service), Ant's TarInputStream since 1.9 (resource extraction,
+    # TarUtils) and GNU tar, whatever the reader's default charset.
     return _tar_info(name, f).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
 
 
-def _tar_header_size(name: str, f: DicomFile) -> int:
+def _tar_header_size(name: str, f: SourceFile) -> int:
     if len(name) < 100 and name.isascii() and f.size < 8**11:
         return _BLOCK  # fits the ustar fields: no PAX header (the common case, computed fast)
     return len(_tar_header(name, f))
@@ -296,25 +414,26 @@ def _padding(size: int) -> int:
     return -size % _BLOCK
 
 
-def _tar_size(members: list[tuple[str, DicomFile]]) -> int:
+def _tar_size(members: Sequence[tuple[str, SourceFile]]) -> int:
     body = sum(_tar_header_size(n, f) + f.size + _padding(f.size) for n, f in members)
     end = body + 2 * _BLOCK
     return end + (-end % _RECORD)
 
 
-def _tar_chunks(members: list[tuple[str, DicomFile]]) -> Iterator[bytes]:
+def _tar_chunks(members: Sequence[tuple[str, F]], tap: _Tap[F]) -> Iterator[bytes]:
     written = 0
     for name, f in members:
         source = _Source(f)  # opened and checked before its header goes out
         try:
             header = _tar_header(name, f)
             yield header
-            yield from source.read_exactly(f.size)
+            yield from tap.sent(source.read_exactly(f.size))
         finally:
             source.close()
         pad = _padding(f.size)
         yield b"\0" * pad
         written += len(header) + f.size + pad
+        tap.done(name, f)
     end = written + 2 * _BLOCK
     yield b"\0" * (2 * _BLOCK + (-end % _RECORD))
 
@@ -335,7 +454,7 @@ _UNIX = 3 << 8
 class _ZipLayout:
     """Offsets and sizes of every zip record, from names and sizes alone."""
 
-    def __init__(self, members: list[tuple[str, DicomFile]]) -> None:
+    def __init__(self, members: Sequence[tuple[str, SourceFile]]) -> None:
         self.offsets: list[int] = []
         self.names: list[bytes] = []
         offset = 0
@@ -357,10 +476,6 @@ class _ZipLayout:
         self.total = offset + central + end
 
 
-def _zip_layout(members: list[tuple[str, DicomFile]]) -> _ZipLayout:
-    return _ZipLayout(members)
-
-
 def _central_extra_len(size: int, offset: int) -> int:
     fields = (2 if size >= _MAX32 else 0) + (1 if offset >= _MAX32 else 0)
     return 4 + 8 * fields if fields else 0
@@ -374,10 +489,10 @@ def _dos_time(mtime_ns: int) -> tuple[int, int]:
     return date, clock
 
 
-def _zip_chunks(members: list[tuple[str, DicomFile]]) -> Iterator[bytes]:
+def _zip_chunks(members: Sequence[tuple[str, F]], tap: _Tap[F]) -> Iterator[bytes]:
     layout = _ZipLayout(members)
     crcs: list[int] = []
-    for (_, f), encoded in zip(members, layout.names, strict=True):
+    for (name, f), encoded in zip(members, layout.names, strict=True):
         source = _Source(f)
         try:
             if f.size <= _ZIP_SINGLE_READ:
@@ -385,23 +500,24 @@ def _zip_chunks(members: list[tuple[str, DicomFile]]) -> Iterator[bytes]:
                 crc = zlib.crc32(data)
                 crcs.append(crc)
                 yield _local_header(encoded, f, crc)
-                yield data
-                continue
-            crc = 0
-            for piece in source.read_exactly(f.size):
-                crc = zlib.crc32(piece, crc)
-            crcs.append(crc)
-            yield _local_header(encoded, f, crc)
-            os.lseek(source.fd, 0, os.SEEK_SET)
-            sent = 0
-            for piece in source.read_exactly(f.size):
-                sent = zlib.crc32(piece, sent)
-                yield piece
-            if sent != crc:
-                # Rewritten between the two reads: XNAT would reject the entry's CRC anyway.
-                raise SourceChangedError(f, "file changed while it was being sent")
+                yield from tap.sent([data])
+            else:
+                crc = 0
+                for piece in source.read_exactly(f.size):
+                    crc = zlib.crc32(piece, crc)
+                crcs.append(crc)
+                yield _local_header(encoded, f, crc)
+                os.lseek(source.fd, 0, os.SEEK_SET)
+                sent = 0
+                for piece in tap.sent(source.read_exactly(f.size)):
+                    sent = zlib.crc32(piece, sent)
+                    yield piece
+                if sent != crc:
+                    # Rewritten between the two reads: XNAT would reject the entry's CRC anyway.
+                    raise SourceChangedError(f, "file changed while it was being sent")
         finally:
             source.close()
+        tap.done(name, f)
     yield from _central_directory(members, layout, crcs)
 
 
@@ -409,7 +525,7 @@ def _flags(encoded: bytes) -> int:
     return _UTF8_FLAG if not encoded.isascii() else 0
 
 
-def _local_header(encoded: bytes, f: DicomFile, crc: int) -> bytes:
+def _local_header(encoded: bytes, f: SourceFile, crc: int) -> bytes:
     date, clock = _dos_time(f.mtime_ns)
     big = f.size >= _MAX32
     extra = struct.pack("<HHQQ", 1, 16, f.size, f.size) if big else b""
@@ -431,7 +547,7 @@ def _local_header(encoded: bytes, f: DicomFile, crc: int) -> bytes:
 
 
 def _central_directory(
-    members: list[tuple[str, DicomFile]], layout: _ZipLayout, crcs: list[int]
+    members: Sequence[tuple[str, SourceFile]], layout: _ZipLayout, crcs: list[int]
 ) -> Iterator[bytes]:
     for (_, f), encoded, offset, crc in zip(
         members, layout.names, layout.offsets, crcs, strict=True
@@ -501,7 +617,9 @@ __all__ = [
     "FILENAMES",
     "ArchiveStream",
     "SourceChangedError",
+    "SourceFile",
     "check_sources",
     "make_archive_stream",
     "member_names",
+    "read_source",
 ]

@@ -4,19 +4,26 @@ A single file is sent as is::
 
     PUT /data/projects/P/subjects/S/experiments/E[/scans/ID]/resources/R/files/NAME?inbody=true
 
-A directory becomes ONE uncompressed tar archive, built while it is sent (headers are computed
-up front so the ``Content-Length`` is exact; nothing is copied to temp disk), and XNAT unpacks it
-into the resource (``extract=true``). Without ``overwrite=true`` XNAT answers a clash with 200 and
-``{"duplicates": [...]}`` instead of replacing files (section 5 of ``shared/xnat-api.md``). A clash
-is a failure naming the clashing files (``conflicts``), never silently ignored, unless the read-back
-shows the file already there is byte-identical to ours (same size and MD5): then there is nothing
-to replace, the file counts as verified, and re-running an upload that was interrupted, or whose
-answer was lost and retried, succeeds. Without an MD5 from the server a clash is always a conflict.
+A directory becomes ONE uncompressed tar archive, built while it is sent by the same streaming
+archive the REST transport uses (:mod:`xnatio.archive`: exact ``Content-Length``, nothing copied
+to temp disk, names relative and safe), and XNAT unpacks it into the resource (``extract=true``).
+Without ``overwrite=true`` XNAT answers a clash with 200 and ``{"duplicates": [...]}`` instead of
+replacing files (section 5 of ``shared/xnat-api.md``). A clash is a failure naming the clashing
+files (``conflicts``), never silently ignored, unless the read-back shows the file already there
+is byte-identical to ours (same size and MD5): then there is nothing to replace, the file counts
+as verified, and re-running an upload that was interrupted, or whose answer was lost and retried,
+succeeds. Without an MD5 from the server a clash is always a conflict.
+
+Entry names are kept as they are on disk, even ``x.zip`` or ``y.tar.gz``: XNAT's resource
+extraction (``ZipUtils``/``TarUtils.extract``) writes every entry out as a file, one level only,
+so the ``.dcm`` suffix the import service needs against nested-archive unpacking is not wanted
+here (it would rename the user's files and break the read-back check). Names too long for a plain
+tar header, or not ASCII, travel in PAX headers (UTF-8 by definition), which the tar readers
+XNAT uses (Ant ``TarInputStream`` since 1.9, commons-compress) apply.
 
 Tar rather than zip because a zip entry stored without compression needs its CRC-32 *before* its
-data unless it uses a data descriptor, which Java's ``ZipInputStream`` (what XNAT unpacks with)
-refuses for stored entries; computing CRCs up front would read every file twice. GNU tar headers
-(``././@LongLink`` for paths over 100 bytes) are read by every Java tar reader.
+data unless it uses a data descriptor, which Java's ``ZipInputStream`` refuses for stored entries;
+computing CRCs up front would read every large file twice.
 
 Bodies are re-iterable: each iteration reopens the files, so when the client retries a transient
 failure (connection reset, 502/503) the whole body is sent again from its first byte.
@@ -29,7 +36,6 @@ import json
 import logging
 import os
 import stat
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,28 +43,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from xnatio.errors import UsageError, XnatioError
+from xnatio.archive import (
+    ArchiveStream,
+    SourceChangedError,
+    make_archive_stream,
+    read_source,
+)
+from xnatio.errors import UsageError
 from xnatio.models import FileOutcome, Outcome, Phase, ProgressCallback, ProgressEvent
 from xnatio.xnat.client import XnatClient, quote
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
-BLOCK = tarfile.BLOCKSIZE  # 512
 ARCHIVE_NAME = "xnatio-upload.tar"
-
-
-class SourceChangedError(XnatioError):
-    """A local file changed or vanished while it was being sent (not an OSError on purpose:
-    urllib3 would take an OSError raised by the body for a network failure and retry)."""
 
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
+    """A file to upload, as listed (an :class:`xnatio.archive.SourceFile`)."""
+
     path: Path
-    name: str  # path inside the resource, with '/' separators
     size: int
-    mtime: int
+    mtime_ns: int
 
 
 @dataclass(slots=True)
@@ -140,36 +146,38 @@ def collect_files(root: Path) -> tuple[list[LocalFile], list[FileOutcome]]:
             if not os.access(path, os.R_OK):
                 skip(path, "cannot read: permission denied")
                 continue
-            rel = path.relative_to(root).as_posix()
-            files.append(LocalFile(path, rel, st.st_size, int(st.st_mtime)))
+            files.append(LocalFile(path, st.st_size, st.st_mtime_ns))
     return files, skipped
 
 
-# --- streaming bodies ----------------------------------------------------------------------------
+# --- the request body ----------------------------------------------------------------------------
 
 
 class _Progress:
-    def __init__(self, callback: ProgressCallback | None, files: int, total: int) -> None:
+    """Progress in bytes of the request body (what goes on the wire) and files completed."""
+
+    def __init__(self, callback: ProgressCallback | None, files: int) -> None:
         self.callback = callback
         self.files_total = files
-        self.bytes_total = total
+        self.bytes_total = 0
         self.files_done = 0
         self.bytes_done = 0
-        self.md5: dict[str, str] = {}  # name -> MD5 of the bytes sent, for the read-back check
+        self.last = ""  # the file completed last, shown as the message
 
     def restart(self) -> None:
         if self.bytes_done:
             log.info("sending the body again from the start (retry)")
         self.files_done = self.bytes_done = 0
-        self.md5.clear()
+        self.last = ""
         self.emit("")
 
-    def add(self, n: int, name: str) -> None:
+    def add(self, n: int) -> None:
         self.bytes_done += n
-        self.emit(name)
+        self.emit(self.last)
 
-    def file_done(self, name: str) -> None:
+    def file_done(self, name: str, _file: object = None) -> None:
         self.files_done += 1
+        self.last = name
         self.emit(name)
 
     def emit(self, name: str) -> None:
@@ -186,88 +194,77 @@ class _Progress:
             )
 
 
-def _read_exactly(f: LocalFile, progress: _Progress) -> Iterator[bytes]:
-    """The file's first ``f.size`` bytes in chunks; raises if it is now shorter."""
-    remaining = f.size
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with f.path.open("rb") as fh:
-            while remaining:
-                chunk = fh.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise SourceChangedError(
-                        f"{f.path} shrank while being uploaded ({f.size} bytes expected)"
-                    )
-                remaining -= len(chunk)
-                digest.update(chunk)
-                progress.add(len(chunk), f.name)
-                yield chunk
-    except OSError as exc:
-        raise SourceChangedError(f"cannot read {f.path}: {exc.strerror or exc}") from None
-    progress.md5[f.name] = digest.hexdigest()
+class ResourceBody:
+    """What one resource upload sends: a file as is, or a directory as one streamed tar.
 
-
-class FileBody:
-    """One file as a request body with a known length; every iteration starts over."""
-
-    def __init__(self, f: LocalFile, progress: _Progress) -> None:
-        self.file = f
-        self.progress = progress
-
-    def __len__(self) -> int:
-        return self.file.size
-
-    def __iter__(self) -> Iterator[bytes]:
-        self.progress.restart()
-        yield from _read_exactly(self.file, self.progress)
-        self.progress.file_done(self.file.name)
-
-
-def _tar_header(f: LocalFile) -> bytes:
-    info = tarfile.TarInfo(f.name)
-    info.size = f.size
-    info.mtime = f.mtime
-    info.mode = 0o644
-    info.type = tarfile.REGTYPE
-    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape")
-
-
-def _padding(size: int) -> int:
-    return -size % BLOCK
-
-
-class TarBody:
-    """Files as one uncompressed tar stream with an exact, precomputed length.
-
-    Headers are rebuilt while streaming (deterministic) rather than kept, so memory holds only
-    the file list, never file contents or all headers of a large tree.
+    ``members`` pairs the name each file gets in the resource with the file; ``md5`` maps those
+    names to the MD5 of the bytes sent in the latest attempt (for the read-back check). Every
+    iteration starts from the first byte; a file that changed since it was listed raises
+    :class:`~xnatio.archive.SourceChangedError`. Raises :class:`UsageError` for a missing or
+    empty PATH.
     """
 
-    def __init__(self, files: list[LocalFile], progress: _Progress) -> None:
-        self.files = files
-        self.progress = progress
-        self.length = 2 * BLOCK + sum(
-            len(_tar_header(f)) + f.size + _padding(f.size) for f in files
-        )
+    def __init__(self, path: Path | str, progress_callback: ProgressCallback | None = None) -> None:
+        root = Path(path)
+        self.skipped: list[FileOutcome] = []
+        self.stream: ArchiveStream[LocalFile] | None = None
+        self._md5: dict[str, str] = {}
+        if root.is_dir():
+            files, self.skipped = collect_files(root)
+            if not files:
+                raise UsageError(f"{root} holds no regular files to upload")
+            self.progress = _Progress(progress_callback, len(files))
+            self.stream = make_archive_stream(
+                files,
+                "tar",
+                root=root,
+                on_bytes=self.progress.add,
+                on_member=self.progress.file_done,
+                with_md5=True,
+                rename_nested_archives=False,
+            )
+            self.members = self.stream.members
+            self.name = ARCHIVE_NAME
+            self.content_type = self.stream.content_type
+            self.size = len(self.stream)
+        elif root.is_file():
+            st = root.stat()
+            if st.st_size == 0:  # XNAT answers an upload without a body with 400
+                raise UsageError(f"{root} is empty; XNAT does not accept an empty file upload")
+            self.progress = _Progress(progress_callback, 1)
+            self.members = [(root.name, LocalFile(root, st.st_size, st.st_mtime_ns))]
+            self.name = root.name
+            self.content_type = "application/octet-stream"
+            self.size = st.st_size
+        else:
+            raise UsageError(f"{root} does not exist or is not a file or directory")
+        self.progress.bytes_total = self.size
+
+    @property
+    def archive(self) -> bool:
+        return self.stream is not None
+
+    @property
+    def md5(self) -> dict[str, str]:
+        return self.stream.md5 if self.stream is not None else self._md5
 
     def __len__(self) -> int:
-        return self.length
+        return self.size
 
     def __iter__(self) -> Iterator[bytes]:
         self.progress.restart()
-        for f in self.files:
-            yield _tar_header(f)
-            yield from _read_exactly(f, self.progress)
-            pad = _padding(f.size)
-            if pad:
-                yield b"\0" * pad
-            self.progress.file_done(f.name)
-        yield b"\0" * (2 * BLOCK)
-
-
-def iter_tar(files: list[LocalFile]) -> Iterator[bytes]:
-    """The tar stream :class:`TarBody` sends (for tests and other callers)."""
-    return iter(TarBody(files, _Progress(None, len(files), 0)))
+        if self.stream is not None:
+            yield from self.stream
+            return
+        name, f = self.members[0]
+        self._md5.clear()
+        digest = hashlib.md5(usedforsecurity=False)
+        for chunk in read_source(f):
+            digest.update(chunk)
+            self.progress.add(len(chunk))
+            yield chunk
+        self._md5[name] = digest.hexdigest()
+        self.progress.file_done(name)
 
 
 # --- upload --------------------------------------------------------------------------------------
@@ -317,7 +314,6 @@ def upload_resource(
     missing or empty PATH and the client's errors (AuthError, UnreachableError, ServerError)
     after its retries.
     """
-    root = Path(path)
     uri = resource_uri(project, subject, session, resource, scan)
     result = ResourceResult(
         success=False,
@@ -328,60 +324,45 @@ def upload_resource(
         scan=scan,
         uri=uri,
     )
-    if root.is_dir():
-        files, skipped = collect_files(root)
-        if not files:
-            raise UsageError(f"{root} holds no regular files to upload")
-        name = ARCHIVE_NAME
-        result.archive = "tar"
-    elif root.is_file():
-        st = root.stat()
-        if st.st_size == 0:  # XNAT answers an upload without a body with 400
-            raise UsageError(f"{root} is empty; XNAT does not accept an empty file upload")
-        files, skipped = [LocalFile(root, root.name, st.st_size, int(st.st_mtime))], []
-        name = root.name
-    else:
-        raise UsageError(f"{root} does not exist or is not a file or directory")
-    result.total_bytes = sum(f.size for f in files)
-    progress = _Progress(progress_callback, len(files), result.total_bytes)
-    body: FileBody | TarBody = (
-        TarBody(files, progress) if result.archive else FileBody(files[0], progress)
-    )
+    body = ResourceBody(path, progress_callback)
+    result.archive = "tar" if body.archive else None
+    result.total_bytes = sum(f.size for _, f in body.members)
     params: dict[str, str | int | float | bool] = {"inbody": "true"}
     if overwrite:
         params["overwrite"] = "true"
-    if result.archive:
+    if body.archive:
         params["extract"] = "true"
-    headers = {
-        "Content-Type": "application/x-tar" if result.archive else "application/octet-stream"
-    }
     started = time.monotonic()
-    log.info("PUT %s/files/%s (%d files, %d bytes)", uri, name, len(files), len(body))
+    log.info("PUT %s/files/%s (%d files, %d bytes)", uri, body.name, len(body.members), len(body))
     # PUT of the same bytes is idempotent, and the body restarts on every iteration, so the
     # client may retry transient failures. A retry after a lost answer to a request XNAT did
     # store shows up as duplicates of our own files without overwrite; the read-back below
     # recognises them (same size and MD5 as what we sent).
     resp = client.request(
-        "PUT", f"{uri}/files/{quote(name)}", params=params, data=body, headers=headers
+        "PUT",
+        f"{uri}/files/{quote(body.name)}",
+        params=params,
+        data=body,
+        headers={"Content-Type": body.content_type},
     )
     result.bytes_sent = len(body)
     result.duplicates = _duplicates(resp.text)
     clash = set(result.duplicates)
     landed = _listing(client, uri) if verify else {}
     result.verified = verify
-    for f in files:
+    for name, f in body.members:
         outcome, reason = Outcome.UPLOADED, ""
-        if f.name in clash or (not result.archive and clash):
-            if verify and _same(landed.get(f.name), f, progress.md5.get(f.name)):
+        if name in clash or (not body.archive and clash):
+            if verify and _same(landed.get(name), f, body.md5.get(name)):
                 outcome, reason = Outcome.VERIFIED, "already in the resource, identical"
             else:
                 outcome = Outcome.FAILED
                 reason = "already in the resource (use --overwrite to replace)"
-                result.conflicts.append(f.name)
+                result.conflicts.append(name)
         elif verify:
-            outcome, reason = _check(landed.get(f.name), f, progress.md5.get(f.name))
+            outcome, reason = _check(landed.get(name), f, body.md5.get(name))
             if outcome is Outcome.FAILED:
-                result.errors.append(f"{f.name}: {reason}")
+                result.errors.append(f"{name}: {reason}")
         result.files.append(
             FileOutcome(path=str(f.path), outcome=outcome, reason=reason, size=f.size)
         )
@@ -394,9 +375,9 @@ def upload_resource(
             + (" ..." if len(result.conflicts) > 20 else "")
             + "; use --overwrite to replace them",
         )
-    result.files.extend(skipped)
+    result.files.extend(body.skipped)
     result.success = not any(fo.outcome is Outcome.FAILED for fo in result.files)
-    progress.emit("")
+    body.progress.emit("")
     return result
 
 
@@ -433,10 +414,11 @@ def _check(entry: tuple[int, str] | None, f: LocalFile, md5: str | None) -> tupl
 
 
 __all__ = [
+    "LocalFile",
+    "ResourceBody",
     "ResourceResult",
     "SourceChangedError",
     "collect_files",
-    "iter_tar",
     "resource_uri",
     "upload_resource",
 ]
