@@ -216,8 +216,9 @@ def test_sigkill_mid_upload_then_rerun_sends_only_the_rest(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
-    sandbox: SandboxServer, big_exam: Path, tmp_path: Path
+    sandbox: SandboxServer, big_exam: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
     manifest = discover(big_exam)
     journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
@@ -225,7 +226,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     proc = _start_cli(sandbox, big_exam, tmp_path / "home")
     try:
         assert wait_for(lambda: journal_rows(journal) >= 10)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

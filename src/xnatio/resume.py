@@ -16,11 +16,13 @@ found on the server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -79,7 +81,7 @@ ReadBack = Callable[[Sequence[DicomFile]], VerifyReport]
 
 
 class UploadInterrupted(XnatioError):
-    """Ctrl-C (or SIGTERM): the journal is consistent; the same command resumes."""
+    """Ctrl-C or SIGTERM: the journal is consistent; the same command resumes."""
 
     exit_code = EXIT_INTERRUPTED
 
@@ -123,7 +125,8 @@ def resumable_upload(
                 f"earlier run; sending the other {len(todo)}"
             )
         try:
-            result, committed = _send_rest_of(run, manifest, done, todo, send, commit, say)
+            with _sigterm_as_interrupt():
+                result, committed = _send_rest_of(run, manifest, done, todo, send, commit, say)
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
             raise UploadInterrupted(
@@ -134,6 +137,24 @@ def resumable_upload(
     finally:
         lock.release()
         journal.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager stopping us, a cron timeout) stops like Ctrl-C: in-flight
+    requests cancelled, the journal consistent, the resume hint printed. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _send_rest_of(
