@@ -74,8 +74,9 @@ copy must be replaced). A user's own ``--overwrite delete`` wins over ``append``
 """
 
 Commit = Callable[[str], str]
-"""Commit what earlier runs sent when nothing is left to send (REST): gets the prearchive URI
-the journal remembered, returns the archived session's URI."""
+"""Commit what earlier runs sent when nothing is left to send (REST). Gets the session URI the
+journal remembered ("" if none); the REST one asks the server which prearchive sessions of this
+label still wait (:func:`waiting_prearchive_sessions`). Returns the archived session's URI."""
 
 ReadBack = Callable[[Sequence[DicomFile]], VerifyReport]
 
@@ -291,10 +292,6 @@ def apply_verification(result: UploadResult, report: VerifyReport) -> None:
 
 
 # -- the two transports, wired for resume ---------------------------------------------------------
-
-
-def rest_target_of(server: str, project: str, subject: str, session: str) -> Target:
-    return Target.rest(server, project, subject, session)
 
 
 def resumable_rest_upload(
