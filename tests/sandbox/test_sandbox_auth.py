@@ -63,3 +63,16 @@ def test_build_info_and_whoami(xnat_server: SandboxServer) -> None:
 def test_no_credentials_is_401(xnat_server: SandboxServer) -> None:
     r = requests.post(xnat_server.url + "/data/services/import", data=b"x" * 10)
     assert r.status_code == 401
+
+
+def test_form_login_as_xnatpy_does_it(xnat_server: SandboxServer) -> None:
+    r = requests.put(
+        xnat_server.url + "/data/services/auth",
+        data={"username": xnat_server.username, "password": xnat_server.password},
+    )
+    assert r.status_code == 200 and len(r.text) == 32
+    assert requests.get(xnat_server.url + "/data/projects", cookies={"JSESSIONID": r.text}).ok
+    bad = requests.put(
+        xnat_server.url + "/data/services/auth", data={"username": "admin", "password": "no"}
+    )
+    assert bad.status_code == 401

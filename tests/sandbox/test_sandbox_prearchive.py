@@ -62,7 +62,8 @@ def test_commit_then_archive_service(xnat_server: SandboxServer, tmp_path: Path)
     assert s.status == "READY"
 
     src = uri.removeprefix("/data")
-    r = http.post(xnat_server.url + "/data/services/archive", params={"src": src})
+    # Parameters as a form body (xnatctl does this) count like query parameters.
+    r = http.post(xnat_server.url + "/data/services/archive", data={"src": src})
     assert r.status_code == 200, r.text
     assert r.text == "/data/archive/projects/P/subjects/S/experiments/E\r\n"
     assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)

@@ -50,6 +50,15 @@ def test_put_file_duplicates_and_overwrite(archived: SandboxServer) -> None:
     assert row["Size"] == "3" and row["digest"] == hashlib.md5(b"two").hexdigest()
 
 
+def test_empty_resource_is_listed(archived: SandboxServer) -> None:
+    http = client(archived)
+    assert http.put(archived.url + EXP + "/resources/EMPTY", params={"format": "TXT"}).ok
+    rows = http.get(archived.url + EXP + "/resources", params={"format": "json"}).json()
+    (row,) = rows["ResultSet"]["Result"]
+    assert (row["label"], row["format"], row["file_count"]) == ("EMPTY", "TXT", 0)
+    assert files(archived, EXP + "/resources/EMPTY/files") == {}
+
+
 def test_put_without_body_is_400(archived: SandboxServer) -> None:
     r = client(archived).put(archived.url + EXP + "/resources/NOTES/files/x.txt")
     assert r.status_code == 400

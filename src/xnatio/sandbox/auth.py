@@ -72,6 +72,10 @@ class Authenticator:
             return token.user
         return None
 
+    def login(self, user: str, password: str) -> str | None:
+        """The login a user name/password (or alias/secret) pair stands for, else None."""
+        return self._check_password(user, password)
+
     def authenticate(self, authorization: str | None, cookie_session: str | None) -> Principal:
         """Resolve a request's identity; raises 401 ``HttpError`` when it has none."""
         if authorization:

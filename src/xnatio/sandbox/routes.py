@@ -138,6 +138,11 @@ def build_info(req: Request, _: re.Match[str]) -> Response:
     )
 
 
+@route("GET", r"/data/version")
+def data_version(req: Request, _: re.Match[str]) -> Response:
+    return _resp(200, req.server.version, "text/plain")
+
+
 @route("GET", r"/xapi/siteConfig/buildInfo/version")
 def build_version(req: Request, _: re.Match[str]) -> Response:
     return _resp(200, req.server.version, "text/plain")
@@ -185,6 +190,22 @@ def jsession_delete(req: Request, _: re.Match[str]) -> Response:
         req.server.auth.end_session(req.principal.new_session)
         req.principal.new_session = None
     return _resp(200, "", "text/plain")
+
+
+@route("PUT POST", r"/data/services/auth")
+def services_auth(req: Request, _: re.Match[str]) -> Response:
+    """XNAT's form login (xnatpy uses it): username/password form fields → JSESSION id."""
+    form = req.params  # the form body is merged into the parameters
+    user = req.server.auth.login(form.get("username", ""), form.get("password", ""))
+    if user is None:
+        raise HttpError(401, "Login attempt failed. Please try again.")
+    sid = req.server.auth.new_session(user)
+    return _resp(200, sid, "text/plain", {"Set-Cookie": f"JSESSIONID={sid}; Path=/; HttpOnly"})
+
+
+@route("GET", r"")
+def root(req: Request, _: re.Match[str]) -> Response:
+    return _resp(200, "<html><body><h1>XNAT sandbox</h1></body></html>", "text/html")
 
 
 @route("GET", r"/data/services/tokens/issue")
@@ -510,8 +531,11 @@ def scan(req: Request, m: re.Match[str]) -> Response:
 def resources(req: Request, m: re.Match[str]) -> Response:
     e = _experiment(req, m)
     scan_id = _scan(req, e, m["scan"]) if m["scan"] else ""
-    files = _store(req).files(e, scan_id)
-    return _json(views.result_set(views.resource_rows(e, scan_id, files)))
+    store = _store(req)
+    rows = views.resource_rows(
+        e, scan_id, store.resource_labels(e, scan_id), store.files(e, scan_id)
+    )
+    return _json(views.result_set(rows))
 
 
 @route("GET", _EXP + r"(?:/scans/(?P<scan>[^/]+))?/resources/(?P<r>[^/]+)/files")
@@ -519,7 +543,7 @@ def files(req: Request, m: re.Match[str]) -> Response:
     e = _experiment(req, m)
     scan_id = _scan(req, e, m["scan"]) if m["scan"] else ""
     rows = _store(req).files(e, scan_id, m["r"])
-    if not rows and m["r"] not in {f["resource"] for f in _store(req).files(e, scan_id)}:
+    if not rows and m["r"] not in {r["label"] for r in _store(req).resource_labels(e, scan_id)}:
         raise HttpError(404, "Unable to find the specified resource.")
     return _json(views.result_set(views.file_rows(e, rows)))
 
@@ -542,7 +566,12 @@ def resource_create(req: Request, m: re.Match[str]) -> Response:
     e = _experiment(req, m)
     if m["scan"]:
         _scan(req, e, m["scan"])
-    _store(req).resource_dir(e, m["scan"] or "", m["r"]).mkdir(parents=True, exist_ok=True)
+    store = _store(req)
+    store.resource_dir(e, m["scan"] or "", m["r"]).mkdir(parents=True, exist_ok=True)
+    p = req.params
+    store.create_resource(
+        e, m["scan"] or "", m["r"], p.get("format"), p.get("content"), p.get("tags")
+    )
     return _resp(200, "", "text/plain")
 
 

@@ -67,6 +67,16 @@ class Request:
         self.body: BodyReader = handler.body
         self.principal = principal
         self.server: SandboxServer = handler.server.sandbox  # type: ignore[attr-defined]
+        if self.content_type.lower().startswith("application/x-www-form-urlencoded"):
+            # Restlet merges form fields into the request parameters (xnatctl's archive call
+            # sends src/overwrite this way).
+            raw = b""
+            while chunk := self.body.read():
+                raw += chunk
+                if len(raw) > 1 << 20:
+                    raise HttpError(400, "Form body too large")
+            for key, value in parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True):
+                self.params.setdefault(key, value)
 
     @property
     def content_type(self) -> str:
@@ -138,9 +148,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(
                     k.fail_status, f"Injected failure ({k.fail_status}) by the sandbox", headers
                 )
+            public = admin or path.rstrip("/") == "/data/services/auth"
             principal = (
                 None
-                if admin
+                if public
                 else sandbox.auth.authenticate(self.headers.get("Authorization"), self._cookie())
             )
             request = Request(self, principal)

@@ -77,6 +77,9 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL, size INTEGER NOT NULL, md5 TEXT NOT NULL, sop_uid TEXT,
     series_number TEXT, format TEXT, content TEXT, tags TEXT,
     PRIMARY KEY (experiment_id, scan_id, resource, path));
+CREATE TABLE IF NOT EXISTS resources (
+    experiment_id TEXT NOT NULL, scan_id TEXT NOT NULL, label TEXT NOT NULL, format TEXT,
+    content TEXT, tags TEXT, PRIMARY KEY (experiment_id, scan_id, label));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -594,9 +597,33 @@ class Store:
         content: str | None = None,
         tags: str | None = None,
     ) -> None:
+        self.create_resource(
+            e, scan_id, resource, fmt if resource != "DICOM" else "DICOM", content, None
+        )
         self._x(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (e.id, scan_id, resource, path, size, md5, sop_uid, series_number, fmt, content, tags),
+        )
+
+    def create_resource(
+        self,
+        e: Experiment,
+        scan_id: str,
+        label: str,
+        fmt: str | None = None,
+        content: str | None = None,
+        tags: str | None = None,
+    ) -> None:
+        """An (empty) resource record; files recorded later belong to it."""
+        self._x(
+            "INSERT OR IGNORE INTO resources VALUES (?,?,?,?,?,?)",
+            (e.id, scan_id, label, fmt, content, tags),
+        )
+
+    def resource_labels(self, e: Experiment, scan_id: str) -> list[sqlite3.Row]:
+        return self._q(
+            "SELECT * FROM resources WHERE experiment_id=? AND scan_id=? ORDER BY rowid",
+            (e.id, scan_id),
         )
 
     def resource_dir(self, e: Experiment, scan_id: str, resource: str) -> Path:

@@ -165,9 +165,14 @@ def scan_rows(e: Experiment, scans: list[sqlite3.Row]) -> list[dict[str, str]]:
     ]
 
 
-def resource_rows(e: Experiment, scan_id: str, files: list[sqlite3.Row]) -> list[dict[str, Any]]:
+def resource_rows(
+    e: Experiment, scan_id: str, resources: list[sqlite3.Row], files: list[sqlite3.Row]
+) -> list[dict[str, Any]]:
     rows = []
-    for label, info in _resource_summary(files).items():
+    summary = _resource_summary(files)
+    for res in resources:
+        label = res["label"]
+        info = summary.get(label, {"count": 0, "size": 0})
         rows.append(
             {
                 "xnat_abstractresource_id": f"{e.id}:{scan_id}:{label}",
@@ -176,9 +181,9 @@ def resource_rows(e: Experiment, scan_id: str, files: list[sqlite3.Row]) -> list
                 "category": "scans" if scan_id else "resources",
                 "cat_id": scan_id,
                 "cat_desc": "",
-                "format": "DICOM" if label == "DICOM" else "",
-                "content": "RAW" if label == "DICOM" else "",
-                "tags": "",
+                "format": res["format"] or "",
+                "content": res["content"] or ("RAW" if label == "DICOM" else ""),
+                "tags": res["tags"] or "",
                 "file_count": info["count"],
                 "file_size": info["size"],
             }
