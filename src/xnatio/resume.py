@@ -429,6 +429,11 @@ def resumable_dicom_store_upload(
 
     target = Target.dicom(host, port, called_aet, project, subject, session)
     result = resumable_upload(target, manifest, send, options=options, notify=notify)
+    if result.success and notify is not None:
+        notify(
+            "not read back: XNAT files C-STORE sessions after an idle period; check later with "
+            f"`xio verify {project} {subject} {session} PATH`"
+        )
     result.transport = "dicom-store"
     result.project, result.subject, result.session = project, subject, session
     return result
