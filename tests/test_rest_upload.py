@@ -521,3 +521,21 @@ def test_no_server_listening_is_unreachable(tmp_path: Path) -> None:
             subject=S,
             session=E,
         )
+
+
+def test_every_file_gone_after_discovery_fails_each_and_commits_nothing(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    manifest = discover(session.root)
+    for path in session.instances.values():
+        path.unlink()
+    events: list[ProgressEvent] = []
+    result = upload(xnat_server, session.root, manifest=manifest, progress_callback=events.append)
+    assert not result.success and result.session_uri == ""
+    assert len(result.failed) == len(session.instances)
+    assert all("no longer exists" in f.reason for f in result.failed)
+    assert result.batches_failed == 1
+    last = [e for e in events if e.phase is Phase.UPLOAD][-1]
+    assert (last.batches_done, last.batches_failed) == (1, 1)
+    assert xnat_server.prearchive_sessions(P) == []

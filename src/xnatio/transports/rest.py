@@ -244,7 +244,7 @@ class RestUploader:
                 sent = send_pool.submit(
                     self._send_guarded, batch, files, manifest.root, run, progress
                 )
-            except BaseException as exc:  # the batch is reported, others go on
+            except Exception as exc:  # the batch is reported, others go on
                 if not self.cancel.is_set():
                     self._fail(run, batch.files, f"could not prepare the batch: {exc}", batch.index)
                     progress.update(batch_done=True, failed=True)
@@ -362,6 +362,8 @@ class RestUploader:
                 return
             self._landed(run, remaining, resp, batch.index, progress, partial)
             return
+        if not self.cancel.is_set():  # every file of the batch failed on its own
+            progress.update(batch_done=True, failed=True)
 
     def _send_archive_file(self, manifest: Manifest, run: _Run, progress: UploadProgress) -> None:
         """PATH is an archive: one request with the file as is, streamed from disk.
@@ -410,6 +412,8 @@ class RestUploader:
             partial = len(remaining) < len(manifest.files)
             self._landed(run, remaining, resp, 0, progress, partial=partial)
             return
+        if not self.cancel.is_set():  # every member failed on its own
+            progress.update(batch_done=True, failed=True)
 
     def _post_import(self, body: StreamBody, content_type: str) -> requests.Response:
         # Not retried inside the client: a streamed body is rebuilt (and its files re-checked)
