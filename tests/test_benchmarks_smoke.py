@@ -6,7 +6,9 @@ broken contender as failed with its reason, and that ``run.py --tiny`` produces 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +91,40 @@ def test_a_contender_that_fails_is_reported_with_its_reason_not_dropped(
         "run 1: exit code 1: no route to XNAT (0 of 6 files received)"
     ]
     assert result.results["missing"].errors == ["not installed here (apt-get install it)"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_py_tiny_uploads_for_real_and_writes_a_complete_record(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    env = dict(os.environ, XNATIO_BENCH_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "rest-limit",
+            "discover",
+            "--tiny",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["machine"]["nproc"] >= 1
+    cases = {case["case"]: case for case in record["cases"]}
+    assert set(cases) == {"rest-limit 60 files", "discover 300 files"}
+    rest = cases["rest-limit 60 files"]
+    for name in ("xio", "curl"):
+        run = rest["contenders"][name]["runs"][0]
+        assert run["ok"], run["error"]
+        # Counted on the server after the run, file by file.
+        assert run["details"]["landed"] == rest["dataset"]["files"] == 60
+    goals = {g["goal"] for g in record["goals"]}
+    assert "REST within 1.25× of the curl limit (rest-limit 60 files)" in goals
+    assert "### rest-limit 60 files" in done.stdout
