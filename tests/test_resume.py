@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -279,3 +280,33 @@ def test_second_run_on_the_same_target_refuses_or_waits(
     data = json.loads(waited.stdout)
     assert data["status"] == "success"
     assert_each_file_once(sandbox, discover(big_exam))
+
+
+def test_archive_path_resumes_from_another_folder(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """PATH is a .zip, given absolute once and relative (from another folder) the next time:
+    the same journal entry, so the second run sends nothing and verifies every member."""
+    archive = tmp_path / "exam.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(exam.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(exam).as_posix())
+    env = xio_env(sandbox.url, tmp_path / "home")
+    report = tmp_path / "report.json"
+
+    def outcomes() -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = json.loads(report.read_text())["files"]["uploaded"]
+        return rows
+
+    args = ["upload-dicom", "P", "S", "E", str(archive), "--report", str(report)]
+    first = run_xio(args, env)
+    assert first.returncode == 0, first.stderr
+    assert len(outcomes()) == 12 and {f["outcome"] for f in outcomes()} == {"verified"}
+    sent = imported(sandbox)
+    args = ["upload-dicom", "P", "S", "E", "exam.zip", "--report", str(report)]
+    again = run_xio(args, env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert imported(sandbox) == sent
+    assert len(outcomes()) == 12 and {f["outcome"] for f in outcomes()} == {"verified"}
+    assert {f["reason"] for f in outcomes()} == {EARLIER_RUN_REASON}

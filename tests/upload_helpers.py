@@ -81,10 +81,10 @@ def xio_command(args: Sequence[str]) -> list[str]:
 
 
 def run_xio(
-    args: Sequence[str], env: Mapping[str, str], timeout: float = 120
+    args: Sequence[str], env: Mapping[str, str], timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        xio_command(args), env=dict(env), capture_output=True, text=True, timeout=timeout
+        xio_command(args), env=dict(env), capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
 
 

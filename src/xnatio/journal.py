@@ -142,6 +142,12 @@ def relative_name(f: DicomFile, root: Path) -> str:
         return f.path.as_posix()
 
 
+def outcome_path(f: DicomFile) -> str:
+    """How outcomes name a file: its path, or ``ARCHIVE/member`` for a member of an archive PATH
+    (the transports' convention, so journal, verification and report rows line up)."""
+    return str(f.path / f.member) if f.member is not None else str(f.path)
+
+
 def manifest_fingerprint(manifest: Manifest) -> str:
     h = hashlib.sha256()
     for f in sorted(manifest.files, key=lambda f: relative_name(f, manifest.root)):
@@ -282,7 +288,8 @@ class Journal:
 
     def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
         """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""
-        root = str(manifest.source_archive or manifest.root)
+        # Resolved: the same source given as a relative path from another folder is the same.
+        root = str(Path(manifest.source_archive or manifest.root).resolve())
         now = time.time()
         fp = manifest_fingerprint(manifest)
         with self._write() as db:
@@ -359,7 +366,7 @@ class JournalRun:
             self._by_name[str(f.path)] = f
             if f.member is not None:
                 self._by_name[f.member] = f
-                self._by_name[f"{f.path}!{f.member}"] = f
+                self._by_name[outcome_path(f)] = f
 
     def _confirmed_rows(self) -> dict[str, tuple[int, int, str]]:
         with self.journal._lock:
@@ -508,7 +515,7 @@ class JournalRun:
     def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
         return [
             FileOutcome(
-                path=str(f.path) if f.member is None else f"{f.path}!{f.member}",
+                path=outcome_path(f),
                 outcome=Outcome.UPLOADED,
                 reason=EARLIER_RUN_REASON,
                 sop_instance_uid=f.sop_instance_uid,

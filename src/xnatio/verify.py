@@ -39,6 +39,7 @@ from typing import IO, Any, Protocol
 from urllib.parse import quote
 
 from xnatio.errors import ServerError
+from xnatio.journal import outcome_path
 from xnatio.models import DicomFile, FileOutcome, Outcome
 
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
@@ -180,7 +181,7 @@ class VerifyReport:
 
 def _outcome(f: DicomFile, outcome: Outcome, reason: str) -> FileOutcome:
     return FileOutcome(
-        path=str(f.path) if f.member is None else f"{f.path}!{f.member}",
+        path=outcome_path(f),
         outcome=outcome,
         reason=reason,
         sop_instance_uid=f.sop_instance_uid,
