@@ -37,6 +37,7 @@ class Measured:
     wall_s: float
     peak_rss_mb: float
     peak_tmp_mb: dict[str, float]
+    cpu_s: float  # user + system time of the client and the children it waited for
     stdout: str
     stderr: str
     timed_out: bool = False
@@ -215,19 +216,34 @@ def run_measured(
         watchdog = threading.Timer(timeout, _kill)
         watchdog.start()
         with Sampler(proc.pid, watch) as sampler:
-            proc.wait()
+            # wait4 rather than Popen.wait: its rusage gives the client's CPU time.
+            _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         watchdog.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
     peak_rss = sampler.peaks.rss_bytes
     return Measured(
         returncode=proc.returncode,
         wall_s=wall,
         peak_rss_mb=peak_rss / MB,
         peak_tmp_mb={k: v / MB for k, v in sampler.peaks.tmp_bytes.items()},
+        cpu_s=usage.ru_utime + usage.ru_stime,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
         timed_out=timed_out.is_set(),
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process and its reaped children, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime..cstime are fields 14-17.
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def median(values: Sequence[float]) -> float | None:

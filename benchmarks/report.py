@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.measure import median
 from benchmarks.scenarios import CaseResult, ContenderResult
 
 
@@ -76,17 +77,19 @@ def case_table(cr: CaseResult) -> str:
     ratio_head = f"speed vs {cr.case.baseline}" if cr.case.baseline else "—"
     lines = [
         f"| contender | ok runs | time s | files/s | MB/s | peak RSS MB | peak tmp MB | "
-        f"server tmp MB | {ratio_head} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"CPU s client / server | server tmp MB | {ratio_head} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in cr.results.values():
         t = r.med("metric_s")
         ratio = f"{base_t / t:.2f}×" if base_t and t else "—"
         server_tmp = [run.server.get("server_tmp_mb", 0.0) for run in r.ok_runs]
+        server_cpu = median([run.server["server_cpu_s"] for run in r.ok_runs if run.server])
+        cpu = f"{_fmt(r.med('cpu_s'), '.1f')} / {_fmt(server_cpu, '.1f')}"
         lines.append(
             f"| {r.name} | {len(r.ok_runs)}/{len(r.runs) or '—'} | {_fmt(t, '.2f')} | "
             f"{_fmt(r.med('files_per_s'), ',.0f')} | {_fmt(r.med('mb_per_s'), '.1f')} | "
-            f"{_fmt(r.med('peak_rss_mb'), '.0f')} | {_fmt(r.med('peak_tmp_mb'), '.1f')} | "
+            f"{_fmt(r.med('peak_rss_mb'), '.0f')} | {_fmt(r.med('peak_tmp_mb'), '.1f')} | {cpu} | "
             f"{_fmt(max(server_tmp) if server_tmp else None, '.1f')} | {ratio} |"
         )
     notes = [

@@ -179,6 +179,7 @@ class RunRecord:
     mb_per_s: float | None
     peak_rss_mb: float
     peak_tmp_mb: float
+    cpu_s: float
     server: dict[str, float]
     details: dict[str, Any]
 
@@ -212,7 +213,15 @@ class ContenderResult:
         return median(values)
 
     def to_json(self) -> dict[str, Any]:
-        keys = ("metric_s", "wall_s", "files_per_s", "mb_per_s", "peak_rss_mb", "peak_tmp_mb")
+        keys = (
+            "metric_s",
+            "wall_s",
+            "files_per_s",
+            "mb_per_s",
+            "peak_rss_mb",
+            "peak_tmp_mb",
+            "cpu_s",
+        )
         medians = {k: self.med(k) for k in keys}
         return {
             "summary": self.summary,
@@ -355,7 +364,7 @@ class Runner:
             if ctx.auth_sandbox is not None:
                 ctx.auth_sandbox.stop()
             if ctx.scp is not None:
-                ctx.scp.stop()
+                server_peaks = ctx.scp.stop()
             if not self.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
         metric = checked.inner_s if checked.inner_s is not None else measured.wall_s
@@ -372,6 +381,7 @@ class Runner:
             else None,
             peak_rss_mb=measured.peak_rss_mb,
             peak_tmp_mb=measured.peak_tmp_mb["client_tmp"],
+            cpu_s=measured.cpu_s,
             server=server_peaks,
             details={
                 "landed": checked.landed,
@@ -402,7 +412,7 @@ def _client_env(ctx: c.RunContext, extra: dict[str, str]) -> dict[str, str]:
 
 
 def _failed(rep: int, error: str) -> RunRecord:
-    return RunRecord(rep, False, error, 0.0, 0.0, None, None, 0.0, 0.0, {}, {})
+    return RunRecord(rep, False, error, 0.0, 0.0, None, None, 0.0, 0.0, 0.0, {}, {})
 
 
 def _line(r: RunRecord) -> str:
@@ -411,5 +421,6 @@ def _line(r: RunRecord) -> str:
     mb = "" if r.mb_per_s is None else f"{r.mb_per_s:.1f} MB/s, "
     return (
         f"{r.metric_s:.2f} s, {r.files_per_s or 0:,.0f} files/s, {mb}"
-        f"RSS {r.peak_rss_mb:.0f} MB, tmp {r.peak_tmp_mb:.1f} MB"
+        f"RSS {r.peak_rss_mb:.0f} MB, tmp {r.peak_tmp_mb:.1f} MB, CPU {r.cpu_s:.1f} s"
+        + (f" (server {r.server['server_cpu_s']:.1f} s)" if "server_cpu_s" in r.server else "")
     )

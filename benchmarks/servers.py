@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from benchmarks.measure import Sampler
+from benchmarks.measure import Sampler, cpu_seconds
 
 STORESCP = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"
@@ -70,6 +70,7 @@ class Sandbox:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     sampler: Sampler | None = None
+    cpu_at_start: float = 0.0
 
     @property
     def url(self) -> str:
@@ -119,6 +120,7 @@ class Sandbox:
         watch = {"tmpdir": self.tmp_dir, "spool": data / "tmp"}
         self.sampler = Sampler(self.proc.pid, watch, interval=0.2)
         self.sampler.__enter__()
+        self.cpu_at_start = cpu_seconds(self.proc.pid)  # its start-up is not the run's
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 20
@@ -149,6 +151,9 @@ class Sandbox:
             self.sampler.__exit__(None, None, None)
             tmp = self.sampler.peaks.tmp_bytes
             peaks = {
+                "server_cpu_s": cpu_seconds(self.proc.pid) - self.cpu_at_start
+                if self.proc is not None
+                else 0.0,
                 "server_rss_mb": self.sampler.peaks.rss_bytes / 1e6,
                 # Upper bound: the two peaks need not have been at the same moment.
                 "server_tmp_mb": (tmp["tmpdir"] + tmp["spool"]) / 1e6,
@@ -236,10 +241,15 @@ class StoreSCP:
         log.close()
         _wait_port(self.port, self.proc, 10, "storescp")
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, float]:
+        """Stop storescp; returns the CPU time it and its association processes used."""
+        peaks: dict[str, float] = {}
         if self.proc is not None:
+            # cutime/cstime count the --fork children storescp has reaped.
+            peaks["server_cpu_s"] = cpu_seconds(self.proc.pid)
             _stop(self.proc)
             self.proc = None
+        return peaks
 
     def count_received(self) -> int:
         return sum(1 for p in self.out_dir.rglob("*") if p.is_file())
