@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from upload_helpers import (
     PASSWORD,
@@ -310,3 +311,31 @@ def test_archive_path_resumes_from_another_folder(
     assert imported(sandbox) == sent
     assert len(outcomes()) == 12 and {f["outcome"] for f in outcomes()} == {"verified"}
     assert {f["reason"] for f in outcomes()} == {EARLIER_RUN_REASON}
+
+
+def test_file_lost_on_the_server_is_found_and_sent_again(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """The journal says sent, but the server lost a file (someone deleted it): read-back finds
+    out, the run fails naming it, and the next run sends that file only."""
+    journal = tmp_path / "journal.sqlite"
+    manifest = discover(exam)
+    assert upload(sandbox.url, exam, journal).success
+    victim = next(iter(sandbox.archived_files("P", "S", "E").values()))
+    gone = requests.delete(
+        f"{sandbox.url}/data/projects/P/subjects/S/experiments/E/scans/{victim.scan_id}"
+        f"/resources/DICOM/files/{victim.name}",
+        auth=(USER, PASSWORD),
+        timeout=10,
+    )
+    assert gone.status_code < 300
+    sent = imported(sandbox)
+    noticed = upload(sandbox.url, exam, journal)
+    assert not noticed.success and imported(sandbox) == sent
+    failed = [o for o in noticed.files if o.outcome is Outcome.FAILED]
+    assert len(failed) == 1 and "not on the server" in failed[0].reason
+    assert any("sends these 1 file(s) again" in e for e in noticed.errors)
+    healed = upload(sandbox.url, exam, journal)
+    assert healed.success and healed.verified
+    assert imported(sandbox) - sent == 1
+    assert_each_file_once(sandbox, manifest)

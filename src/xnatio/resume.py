@@ -263,6 +263,9 @@ def _finish(
             missing = [f for f, _ in report.problems]
             if missing:
                 run.forget(missing)
+                result.errors.append(
+                    f"the next run of the same command sends these {len(missing)} file(s) again"
+                )
             if report.ok and not result.failed:
                 run.record_verified()
     result.success = committed and not result.failed and bool(result.uploaded or not manifest.files)
