@@ -595,3 +595,16 @@ def test_file_the_peer_never_answers_fails_alone(
     )
     assert len(result.uploaded) == 11
     assert got.stored.count(files[5].sop_instance_uid) == 1
+
+
+def test_peer_refusing_every_offered_syntax_is_named_per_file(
+    session: Path, scp: Callable[..., tuple[int, Received]]
+) -> None:
+    port, got = scp(syntaxes=["1.2.840.10008.1.2.4.50"])  # JPEG Baseline only
+    result = send(session, port, num_batches=2)
+    assert got.datasets == []
+    assert len(result.failed) == 12 and result.batches_failed == 2
+    assert {o.reason for o in result.failed} == {
+        "the peer accepted no transfer syntax for MR Image Storage (proposed Explicit VR Little "
+        "Endian and the uncompressed ones: transfer syntax not supported)"
+    }

@@ -80,10 +80,11 @@ def _iter_items(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
 
 def parse_associate_ac(
     body: bytes, proposed: dict[int, ProposedContext]
-) -> tuple[dict[int, AcceptedContext], dict[int, int], int]:
-    """Accepted contexts by id, result codes of the others, and the peer's maximum PDU length."""
+) -> tuple[dict[int, AcceptedContext], dict[int, tuple[str, int]], int]:
+    """Accepted contexts by id, (abstract syntax, result) of the others, and the peer's maximum
+    PDU length."""
     accepted: dict[int, AcceptedContext] = {}
-    refused: dict[int, int] = {}
+    refused: dict[int, tuple[str, int]] = {}
     peer_max = 0
     for item_type, payload in _iter_items(body, 68):
         if item_type == 0x21:
@@ -97,7 +98,7 @@ def parse_associate_ac(
             if result == 0 and ts:
                 accepted[ctx_id] = AcceptedContext(ctx_id, proposed[ctx_id].abstract_syntax, ts)
             else:
-                refused[ctx_id] = result
+                refused[ctx_id] = (proposed[ctx_id].abstract_syntax, result)
         elif item_type == 0x50:
             for sub_type, sub in _iter_items(payload, 0):
                 if sub_type == 0x51 and len(sub) == 4:

@@ -113,7 +113,7 @@ class Association:
 
     sock: socket.socket
     accepted: dict[int, AcceptedContext]
-    refused: dict[int, int]
+    refused: dict[int, tuple[str, int]]  # context id -> (abstract syntax, result)
     peer_max_pdu: int
     dimse_timeout: float
     network_timeout: float

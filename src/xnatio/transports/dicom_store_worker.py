@@ -165,7 +165,7 @@ def _choose(assoc: Association, f: DicomFile) -> tuple[int, str] | str:
             return ctx, ts
     sop = UID(f.sop_class_uid)
     sop_name = sop.name if sop.name != sop else f"SOP class {sop}"
-    results = {r for r in assoc.refused.values()}
+    results = {r for sop_uid, r in assoc.refused.values() if sop_uid == f.sop_class_uid}
     if results == {3}:
         return f"the peer does not accept {sop_name} (abstract syntax not supported)"
     why = ", ".join(CONTEXT_RESULTS.get(r, str(r)) for r in sorted(results)) or "no answer"
