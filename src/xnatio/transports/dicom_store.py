@@ -12,6 +12,14 @@
   the files on disk are never touched and pixel data leaves byte for byte.
 * Every file ends with the status of its C-STORE-RSP. An association that is aborted, rejected or
   broken is opened again with backoff and resumes after the last confirmed file.
+* One process, one thread per association: the sender spends ~0.1-0.2 ms of CPU per 130 KB file
+  (measured against dcmtk's storescp on loopback), so the peer, not this side, is the limit;
+  more processes would only add start-up and IPC. Only re-encoding (rare) is CPU-heavy.
+
+Modules: ``dicom_store_plan`` (groups, contexts, routing text), ``dicom_store_worker`` (one
+association's loop), ``dicom_store_ul`` / ``dicom_store_pdu`` (the DICOM upper layer),
+``dicom_store_encode`` (bytes to send), ``dicom_store_source`` (files or archive members),
+``dicom_store_status`` (what a status code means).
 """
 
 from __future__ import annotations
@@ -120,8 +128,10 @@ def send_dicom_store(
 
     ``num_batches`` parallel associations share the files (series kept together). With
     ``routing`` (the default) each sent data set carries ``Project:P Subject:S Session:E`` (the
-    parts given) in Patient Comments, which XNAT uses to file it; the files on disk are never
-    changed. ``max_pdu`` is the largest PDU we accept from the peer, announced in the association
+    parts given) in Patient Comments, replacing any comment the file had (a stale ``Project:``
+    entry there would route it elsewhere); the files on disk are never changed.
+
+    ``max_pdu`` is the largest PDU we accept from the peer, announced in the association
     request; 0 means no limit, which costs nothing since the peer only sends small responses
     (what we send always follows the peer's own limit). Timeouts are in seconds, 0 for none:
     ``acse_timeout`` for association set-up and release, ``dimse_timeout`` for each C-STORE
