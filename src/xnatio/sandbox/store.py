@@ -165,6 +165,9 @@ class Store:
         self.root = Path(data_dir)
         for sub in ("prearchive", "archive", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for leftover in (self.root / "tmp").iterdir():  # bodies of requests cut by a crash
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(
             self.root / "index.sqlite", check_same_thread=False, isolation_level=None

@@ -1,0 +1,66 @@
+"""`xio sandbox` as a user runs it: a real subprocess, a request, Ctrl-C, a clean exit."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from xnatio.cli.main import cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_help_has_an_example() -> None:
+    result = CliRunner().invoke(cli, ["sandbox", "--help"])
+    assert result.exit_code == 0
+    assert "xio sandbox --data-dir" in result.output
+    assert "--auto-archive" in result.output
+
+
+def test_serves_until_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xnatio", "sandbox", "--data-dir", str(tmp_path / "d"),
+         "--port", "0", "--user", "u", "--password", "pw", "--auto-archive", "P"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        m = re.search(r"(http://127\.0\.0\.1:\d+)", first)
+        assert m, first
+        url = m.group(1)
+        assert requests.get(url + "/data/JSESSION", auth=("u", "pw"), timeout=10).ok
+        assert requests.get(url + "/_sandbox/knobs", timeout=10).json()[
+            "auto_archive_projects"
+        ] == ["P"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        rest = proc.stderr.read()
+        assert "Traceback" not in rest
+        assert "pw" not in first + rest  # the password is never printed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_busy_port_is_a_usage_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = CliRunner().invoke(
+            cli, ["sandbox", "--data-dir", str(tmp_path), "--port", str(port)]
+        )
+    assert result.exit_code == 2
+    assert "cannot listen on 127.0.0.1" in result.output
