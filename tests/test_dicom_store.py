@@ -8,6 +8,7 @@ unchanged.
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
 import socket
 import subprocess
@@ -608,3 +609,42 @@ def test_peer_refusing_every_offered_syntax_is_named_per_file(
         "the peer accepted no transfer syntax for MR Image Storage (proposed Explicit VR Little "
         "Endian and the uncompressed ones: transfer syntax not supported)"
     }
+
+
+def test_storescp_default_syntaxes_get_converted_files(
+    odd_files: Path, storescp: Callable[..., tuple[int, Path]]
+) -> None:
+    # Without +xa dcmtk's storescp takes only the uncompressed syntaxes (big endian included).
+    port, out = storescp()
+    result = send(odd_files, port)
+    arrived = {ds.SOPInstanceUID: ds for ds in map(dcmread, out.iterdir())}
+    for o in result.files:
+        name, ts = Path(o.path).name, COMPRESSED[Path(o.path).name]
+        if ts in (ExplicitVRLittleEndian, "1.2.840.10008.1.2.2"):
+            assert (o.outcome, o.reason) == (Outcome.UPLOADED, ""), name
+        elif ts == "1.2.840.10008.1.2.1.99" or decoder_missing(ts) is None:
+            assert o.outcome is Outcome.UPLOADED, (name, o.reason)
+            assert "(the peer refused" in o.reason
+        else:
+            assert o.outcome is Outcome.FAILED and "no decoder is installed" in o.reason
+            continue
+        assert arrived[o.sop_instance_uid].PatientComments == ROUTE
+    big_endian = dcmread(odd_files / "MR_small_bigendian.dcm")
+    assert arrived[big_endian.SOPInstanceUID].PixelData == big_endian.PixelData
+
+
+def test_large_instance_streams_in_fragments_byte_for_byte(
+    tmp_path: Path, storescp: Callable[..., tuple[int, Path]]
+) -> None:
+    root = tmp_path / "large"
+    generate_session(root, series=1, instances=1, image_size=(16, 16), seed=5)
+    path = next(p for p in root.rglob("*") if p.is_file())
+    ds = dcmread(path)
+    ds.Rows, ds.Columns = 1000, 1100  # 2.2 MB of pixels: several read chunks and PDUs
+    ds.PixelData = bytes(random.Random(1).randbytes(1000 * 1100 * 2))
+    ds.save_as(path, enforce_file_format=True)
+    port, out = storescp("-pdu", "4096")
+    result = send(root, port)
+    assert result.success, result.errors
+    got = dcmread(out / f"MR.{ds.SOPInstanceUID}")
+    assert got.PixelData == ds.PixelData and got.PatientComments == ROUTE
