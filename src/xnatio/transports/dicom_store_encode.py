@@ -30,7 +30,9 @@ UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
 NATIVE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE})
 
 PATIENT_COMMENTS = 0x00104000
-READ_CHUNK = 1 << 20
+# Bytes read from disk at a time. Each association thread holds about three of these at once
+# (the chunk, its PDU copies, the joined write): 45 threads stay near 35 MB whatever the file size.
+READ_CHUNK = 256 * 1024
 _HEAD = 64 * 1024
 # Explicit VR elements with a 4-byte length after two reserved bytes (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
