@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 TRANSPORT = "dicom-store"
+MAX_ERROR_LINES = 20
 
 
 def echo(peer: Peer) -> None:
@@ -207,9 +208,11 @@ def send_dicom_store(
     errors = [gave_up[i] for i in sorted(gave_up)]
 
     files = [outcomes[display_path(f)] for f in manifest.files]
-    for o in files:
-        if o.outcome is Outcome.FAILED and len(errors) < 20:
-            errors.append(f"{o.path}: {o.reason}")
+    failed = [o for o in files if o.outcome is Outcome.FAILED]
+    # One line per failed file, up to a screenful; every file's reason is in ``files``.
+    errors += [f"{o.path}: {o.reason}" for o in failed[:MAX_ERROR_LINES]]
+    if len(failed) > MAX_ERROR_LINES:
+        errors.append(f"... and {len(failed) - MAX_ERROR_LINES} more failed file(s)")
     files += [
         FileOutcome(str(s.path), Outcome.SKIPPED, s.reason, size=s.size)
         for s in (*manifest.skipped, *manifest.duplicates)
