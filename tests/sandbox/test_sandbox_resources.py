@@ -95,3 +95,20 @@ def test_subject_put_created_then_existing(xnat_server: SandboxServer) -> None:
     http = client(xnat_server)
     assert http.put(xnat_server.url + "/data/projects/P/subjects/NEW").status_code == 201
     assert http.put(xnat_server.url + "/data/projects/P/subjects/NEW").status_code == 200
+
+
+def test_scans_download_as_zip(archived: SandboxServer) -> None:
+    import io
+    import zipfile
+
+    r = client(archived).get(archived.url + EXP + "/scans/ALL/files", params={"format": "zip"})
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        got = {n: hashlib.md5(zf.read(n)).hexdigest() for n in zf.namelist()}
+    want = {
+        f"E/scans/{f.scan_id}/resources/DICOM/files/{f.name}": f.md5
+        for f in archived.archived_files("P", "S", "E").values()
+    }
+    assert got == want
+    assert not list((archived.data_dir / "tmp").iterdir())  # the temporary zip is gone

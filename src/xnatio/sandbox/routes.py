@@ -538,6 +538,36 @@ def resources(req: Request, m: re.Match[str]) -> Response:
     return _json(views.result_set(rows))
 
 
+@route("GET", _EXP + r"/scans/(?P<scan>[^/]+)/files")
+def scan_files(req: Request, m: re.Match[str]) -> Response:
+    """All files of some scans (``ALL`` or ``1,2``); ``format=zip`` downloads them."""
+    e = _experiment(req, m)
+    store = _store(req)
+    wanted = None if m["scan"] == "ALL" else set(m["scan"].split(","))
+    rows = [
+        f for f in store.files(e) if f["scan_id"] and (wanted is None or f["scan_id"] in wanted)
+    ]
+    if req.params.get("format") == "zip":
+        return _zip_response(req, e, rows)
+    return _json(views.result_set(views.file_rows(e, rows)))
+
+
+def _zip_response(req: Request, e: Experiment, rows: list[Any]) -> Response:
+    """A stored (uncompressed) zip laid out as XNAT's downloads are:
+    ``{label}/scans/{id}/resources/{res}/files/{path}`` (``{label}/resources/…`` for session
+    resources). Built in the tmp dir, removed once sent."""
+    import zipfile
+
+    store = _store(req)
+    out = req.tmp_path("download")
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in rows:
+            scan = f"scans/{f['scan_id']}/" if f["scan_id"] else ""
+            arcname = f"{e.label}/{scan}resources/{f['resource']}/files/{f['path']}"
+            zf.write(store.resource_dir(e, f["scan_id"], f["resource"]) / f["path"], arcname)
+    return _resp(200, b"", "application/zip", file=out, remove_file=True)
+
+
 @route("GET", _EXP + r"(?:/scans/(?P<scan>[^/]+))?/resources/(?P<r>[^/]+)/files")
 def files(req: Request, m: re.Match[str]) -> Response:
     e = _experiment(req, m)
@@ -545,6 +575,8 @@ def files(req: Request, m: re.Match[str]) -> Response:
     rows = _store(req).files(e, scan_id, m["r"])
     if not rows and m["r"] not in {r["label"] for r in _store(req).resource_labels(e, scan_id)}:
         raise HttpError(404, "Unable to find the specified resource.")
+    if req.params.get("format") == "zip":
+        return _zip_response(req, e, rows)
     return _json(views.result_set(views.file_rows(e, rows)))
 
 

@@ -43,12 +43,14 @@ class Response:
         content_type: str = "text/plain",
         headers: dict[str, str] | None = None,
         file: Path | None = None,
+        remove_file: bool = False,
     ) -> None:
         self.status = status
         self.body = body.encode() if isinstance(body, str) else body
         self.content_type = content_type
         self.headers = dict(headers or {})
         self.file = file
+        self.remove_file = remove_file
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -213,13 +215,13 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in r.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command == "HEAD":
-            return
         if r.file is not None:
             with r.file.open("rb") as f:
-                while block := f.read(1 << 20):
+                if r.remove_file:
+                    r.file.unlink()  # gone from the tmp dir even if the client hangs up
+                while self.command != "HEAD" and (block := f.read(1 << 20)):
                     self.wfile.write(block)
-        else:
+        elif self.command != "HEAD":
             self.wfile.write(r.body)
 
     def _reset(self) -> None:

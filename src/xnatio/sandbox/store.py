@@ -624,9 +624,13 @@ class Store:
         )
 
     def resource_labels(self, e: Experiment, scan_id: str) -> list[sqlite3.Row]:
+        # Files recorded by an index older than the resources table count too.
         return self._q(
-            "SELECT * FROM resources WHERE experiment_id=? AND scan_id=? ORDER BY rowid",
-            (e.id, scan_id),
+            "SELECT label, format, content, tags FROM resources WHERE experiment_id=?"
+            " AND scan_id=? UNION SELECT DISTINCT resource, format, content, NULL FROM files"
+            " WHERE experiment_id=? AND scan_id=? AND resource NOT IN"
+            " (SELECT label FROM resources WHERE experiment_id=? AND scan_id=?)",
+            (e.id, scan_id) * 3,
         )
 
     def resource_dir(self, e: Experiment, scan_id: str, resource: str) -> Path:
