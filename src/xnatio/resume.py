@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from xnatio.errors import EXIT_INTERRUPTED, ServerError, XnatioError
-from xnatio.journal import Journal, JournalRun, Target
+from xnatio.journal import Journal, JournalRun, Target, outcome_path
 from xnatio.models import (
     Batch,
     DicomFile,
@@ -128,16 +128,37 @@ def resumable_upload(
         try:
             with _sigterm_as_interrupt():
                 result, committed = _send_rest_of(run, manifest, done, todo, send, commit, say)
+                return _finish(
+                    result,
+                    manifest,
+                    run,
+                    read_back,
+                    say,
+                    committed=committed,
+                    heal=lambda lost: _heal(run, manifest, lost, send, commit),
+                )
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
             raise UploadInterrupted(
                 f"interrupted: {confirmed} of {len(manifest.files)} files are confirmed; "
                 "run the same command again to send the rest"
             ) from None
-        return _finish(result, manifest, run, read_back, say, committed=committed)
     finally:
         lock.release()
         journal.close()
+
+
+def _heal(
+    run: JournalRun, manifest: Manifest, lost: list[DicomFile], send: Send, commit: Commit | None
+) -> tuple[UploadResult, bool]:
+    """Send ``lost`` again, once, into the (existing) session; also says if it committed."""
+    part = Manifest(root=manifest.root, files=lost, source_archive=manifest.source_archive)
+    result = send(part, run, "append")
+    run.record_outcomes(result.files)
+    committed = _committed(result, needs_commit=commit is not None)
+    if committed:
+        run.record_commit(result.session_uri)
+    return result, committed
 
 
 @contextlib.contextmanager
@@ -236,8 +257,16 @@ def _finish(
     say: Callable[[str], None],
     *,
     committed: bool,
+    heal: Callable[[list[DicomFile]], tuple[UploadResult, bool]] | None = None,
 ) -> UploadResult:
-    """Read back (if asked and the session was committed) and settle every file's outcome."""
+    """Read back (if asked and the session was committed) and settle every file's outcome.
+
+    ``heal``, when given, is tried once with the files read-back did not find at all: it sends
+    them again and returns the outcomes of that pass and whether it committed; then the session
+    is read back again (if it did not commit, that pass's failures stand). Files on the server
+    with different bytes are not re-sent (an anonymization script on the server would make
+    that loop); they are reported.
+    """
     sent = [o for o in result.files if o.outcome is Outcome.UPLOADED]
     if not committed and sent:
         result.errors.append(
@@ -258,6 +287,15 @@ def _finish(
             )
             result.success = False
             return result
+        # Confirmed (by the server, now or by an earlier run) yet not found: lost on the way.
+        uploaded = {o.path for o in sent}
+        lost = [f for f in report.missing if outcome_path(f) in uploaded]
+        if heal is not None and lost:
+            say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
+            again, healed = heal(lost)
+            _merge(result, again)
+            if healed:
+                return _finish(result, manifest, run, read_back, say, committed=True)
         apply_verification(result, report)
         if run is not None:
             missing = [f for f, _ in report.problems]
@@ -270,6 +308,18 @@ def _finish(
                 run.record_verified()
     result.success = committed and not result.failed and bool(result.uploaded or not manifest.files)
     return result
+
+
+def _merge(result: UploadResult, again: UploadResult) -> None:
+    """Replace the outcomes of re-sent files with those of the pass that re-sent them."""
+    newer = {o.path: o for o in again.files if o.outcome is not Outcome.SKIPPED}
+    result.files = [newer.pop(o.path, o) for o in result.files] + list(newer.values())
+    result.errors.extend(again.errors)
+    result.batches_total += again.batches_total
+    result.batches_failed += again.batches_failed
+    result.duration += again.duration
+    if again.session_uri and "/prearchive/" not in again.session_uri:
+        result.session_uri = again.session_uri
 
 
 def apply_verification(result: UploadResult, report: VerifyReport) -> None:

@@ -107,6 +107,11 @@ class VerifyReport:
         return [f for s in self.series for f in s.verified]
 
     @property
+    def missing(self) -> list[DicomFile]:
+        """Local files with no counterpart on the server at all (not merely different)."""
+        return [f for s in self.series for f in s.missing]
+
+    @property
     def problems(self) -> list[tuple[DicomFile, str]]:
         """Every local file that did not verify, with a one-line reason."""
         out: list[tuple[DicomFile, str]] = list(self.unreadable)
