@@ -8,10 +8,15 @@ outcomes, verification, the resume hint on Ctrl-C) lives here once. Callers: ``x
 (``xnatio.cli.upload``) and the Python API.
 
 Outcomes of a resumed run: files confirmed by an earlier run are ``UPLOADED`` with the reason
-``"sent by an earlier run (journal)"``; read-back turns every file it finds into ``VERIFIED`` and
-every file it cannot find into ``FAILED`` (and drops it from the journal, so the next run sends it
-again). A run exits 0 only when every DICOM file was confirmed and, unless ``--no-verify``,
-found on the server.
+``"sent by an earlier run (journal)"``; read-back turns every file it finds into ``VERIFIED``.
+A confirmed file that read-back cannot find (lost on the server) is sent again once, in the same
+run, and the session read back again; what is still missing or different then is ``FAILED``
+with the reason, and dropped from the journal so that the next run sends it again. A run exits 0
+only when every DICOM file was confirmed and, unless ``--no-verify``, found on the server.
+
+Where the session is not committed (REST commit failed) the run fails without reading back; the
+next run sends nothing and only commits. Where read-back itself fails, the run fails; the next
+one sends nothing and only verifies.
 """
 
 from __future__ import annotations
