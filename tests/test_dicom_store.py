@@ -37,7 +37,7 @@ from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, Sk
 from xnatio.synth import generate_session
 from xnatio.transports import dicom_store_worker
 from xnatio.transports.dicom_store import send_dicom_store
-from xnatio.transports.dicom_store_encode import decoder_missing
+from xnatio.transports.dicom_store_encode import dataset_offset, decoder_missing
 
 pytestmark = pytest.mark.integration
 
@@ -276,6 +276,16 @@ def test_storescp_compressed_files_go_in_their_own_syntax(
         assert got.file_meta.TransferSyntaxUID == COMPRESSED[path.name], path.name
         assert got.PatientComments == ROUTE
         assert got.PixelData == ds.PixelData, path.name  # still compressed, byte for byte
+        if COMPRESSED[path.name] not in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"):
+            # Explicit VR LE data sets: the bytes sent are the file's, plus one element.
+            value = ROUTE.encode() + b" " * (len(ROUTE) % 2)
+            element = b"\x10\x00\x00\x40LT" + len(value).to_bytes(2, "little") + value
+            mine = path.read_bytes()
+            raw = next(p for p in out.iterdir() if p.name.endswith(ds.SOPInstanceUID)).read_bytes()
+            assert element in raw
+            assert (
+                raw[dataset_offset(raw) :].replace(element, b"", 1) == mine[dataset_offset(mine) :]
+            )
     assert digests(odd_files) == before
 
 
@@ -285,13 +295,13 @@ def test_routing_off_sends_files_untouched(
     port, out = storescp("+B")
     result = send(session, port, routing=False, num_batches=1)
     assert result.success
-    # +B writes the data set exactly as received: it equals the file's own data set bytes.
+    # +B writes the data set exactly as received: after the File Meta Information, the bytes
+    # that arrived are the bytes of the file on disk.
     for path in session.rglob("*"):
         if path.is_file():
-            ds = dcmread(path)
-            got = out / f"MR.{ds.SOPInstanceUID}"
-            assert got.read_bytes()[-len(ds.PixelData) :] == ds.PixelData
-            assert "PatientComments" not in dcmread(got)
+            mine = path.read_bytes()
+            got = (out / f"MR.{dcmread(path).SOPInstanceUID}").read_bytes()
+            assert got[dataset_offset(got) :] == mine[dataset_offset(mine) :]
 
 
 # -- pynetdicom SCPs -------------------------------------------------------------------------------
