@@ -184,8 +184,9 @@ def resource_rows(
                 "format": res["format"] or "",
                 "content": res["content"] or ("RAW" if label == "DICOM" else ""),
                 "tags": res["tags"] or "",
-                "file_count": info["count"],
-                "file_size": info["size"],
+                # Strings, like every ResultSet value XNAT writes.
+                "file_count": str(info["count"]),
+                "file_size": str(info["size"]),
             }
         )
     return rows
