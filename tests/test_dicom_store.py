@@ -660,3 +660,31 @@ def test_large_instance_streams_in_fragments_byte_for_byte(
     assert result.success, result.errors
     got = dcmread(out / f"MR.{ds.SOPInstanceUID}")
     assert got.PixelData == ds.PixelData and got.PatientComments == ROUTE
+
+
+def test_member_unreadable_halfway_fails_alone(
+    tmp_path: Path, scp: Callable[..., tuple[int, Received]]
+) -> None:
+    import zipfile
+
+    src = tmp_path / "src"
+    generate_session(src, series=1, instances=3, image_size=(256, 256), seed=11)
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(q for q in src.rglob("*") if q.is_file()):
+            zf.write(p, p.relative_to(src).as_posix())
+    names = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    # Flip a byte near the end of the second member: its CRC fails only when read to the end.
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(names[1])
+    data = bytearray(archive.read_bytes())
+    header_len = 30 + len(info.filename.encode()) + len(info.extra)
+    data[info.header_offset + header_len + info.file_size - 10] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+    port, got = scp()
+    result = send_dicom_store(archive, "127.0.0.1", port, num_batches=1, project="PRJ")
+
+    assert [o.path for o in result.failed] == [f"{archive}/{names[1]}"]
+    assert result.failed[0].reason.startswith("reading the file failed while sending it: Bad CRC")
+    assert len(result.uploaded) == 2 and len(got.stored) == 2

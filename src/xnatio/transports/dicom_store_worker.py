@@ -196,6 +196,10 @@ def _closing(source: Path | IO[bytes], pieces: Iterator[bytes]) -> Iterator[byte
             source.close()
 
 
+class _FileBroke(Exception):
+    """This file could not be read to the end after its request had started."""
+
+
 def _send_one(
     assoc: Association, f: DicomFile, route: str | None, reader: SourceReader
 ) -> tuple[Outcome, str]:
@@ -218,9 +222,17 @@ def _send_one(
 
     def chained() -> Iterator[bytes]:
         yield first
-        yield from pieces
+        try:
+            yield from pieces
+        except Exception as exc:  # e.g. an I/O error halfway through a file on a network share
+            raise _FileBroke(f"reading the file failed while sending it: {exc}") from exc
 
-    status = assoc.c_store(context_id, f.sop_class_uid, f.sop_instance_uid, chained())
+    try:
+        status = assoc.c_store(context_id, f.sop_class_uid, f.sop_instance_uid, chained())
+    except _FileBroke:
+        # Half a data set went out: the association cannot carry on; the caller opens another.
+        assoc.abort()
+        raise
     result = meaning(status.status, status.error_comment)
     if result.stored:
         note = result.reason
@@ -278,6 +290,11 @@ def run_association(
                     failures = 0
                 assoc.release()
                 continue
+            except _FileBroke as exc:
+                f = pending.pop(0)
+                outcomes.append(_outcome(f, index, Outcome.FAILED, str(exc)))
+                tracker.report(files=1)
+                continue  # a fresh association for the rest; not a failure of the peer
             except AssociationLost as exc:
                 lost = exc
             finally:
