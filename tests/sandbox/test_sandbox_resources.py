@@ -81,6 +81,18 @@ def test_extract_zip_and_tar_into_scan_resource(archived: SandboxServer) -> None
     assert by_label["DICOM"]["file_count"] == "2"
 
 
+def test_extract_writes_nested_archives_out_as_files(archived: SandboxServer) -> None:
+    inner = tar_bytes({"inner.txt": b"inner"})
+    z = zip_bytes({"a.txt": b"a", "data.tar": inner})
+    url = archived.url + EXP + "/resources/NESTED/files/up.zip"
+    assert client(archived).put(url, params={"extract": "true"}, data=z).status_code == 200
+    got = files(archived, EXP + "/resources/NESTED/files")
+    assert {k: v["digest"] for k, v in got.items()} == {
+        "a.txt": hashlib.md5(b"a").hexdigest(),
+        "data.tar": hashlib.md5(inner).hexdigest(),
+    }
+
+
 def test_multipart_resource_upload(archived: SandboxServer) -> None:
     http = client(archived)
     r = http.post(

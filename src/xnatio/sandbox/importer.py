@@ -133,8 +133,18 @@ def _copy_entry(src: IO[bytes], dst: Path) -> None:
         shutil.copyfileobj(src, out, 1 << 20)
 
 
-def iter_entries(path: Path, kind: str, tmp_dir: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(name, stream) for every file in an archive, recursing into nested archives."""
+def iter_entries(
+    path: Path, kind: str, tmp_dir: Path, *, nested: bool = True
+) -> Iterator[tuple[str, IO[bytes]]]:
+    """(name, stream) for every file in an archive; ``nested`` also opens archives inside it
+    (the DICOM importer does; resource ``extract=true`` writes them out as files)."""
+
+    def entries(name: str, stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
+        if nested:
+            yield from _maybe_nested(name, stream, tmp_dir)
+        else:
+            yield name, stream
+
     try:
         if kind == "zip":
             with zipfile.ZipFile(path) as zf:
@@ -142,7 +152,7 @@ def iter_entries(path: Path, kind: str, tmp_dir: Path) -> Iterator[tuple[str, IO
                     if info.is_dir():
                         continue
                     with zf.open(info) as stream:
-                        yield from _maybe_nested(info.filename, stream, tmp_dir)
+                        yield from entries(info.filename, stream)
         else:
             with tarfile.open(path, "r:gz" if kind == "tgz" else "r:") as tf:
                 for member in tf:
@@ -151,7 +161,7 @@ def iter_entries(path: Path, kind: str, tmp_dir: Path) -> Iterator[tuple[str, IO
                     member_stream = tf.extractfile(member)
                     if member_stream is not None:
                         with member_stream:
-                            yield from _maybe_nested(member.name, member_stream, tmp_dir)
+                            yield from entries(member.name, member_stream)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise

@@ -83,7 +83,8 @@ def store_resource_files(
 
     if kind is not None:
         base = posixpath.dirname(rel_path)
-        for name, stream in iter_entries(upload, kind, store.tmp_dir()):
+        # One level only: XNAT's ZipUtils/TarUtils.extract write nested archives out as files.
+        for name, stream in iter_entries(upload, kind, store.tmp_dir(), nested=False):
             put(posixpath.join(base, name) if base else name, stream)
     else:
         with upload.open("rb") as stream:
