@@ -110,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(scale)
     parts.append("### goals\n\n" + goals_table(gs))
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    footer = f"total harness time: {total:.0f} s; command: `{command.strip()}`\n"
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    footer = (
+        f"Command: `{command.strip()}`; total harness time {total:.0f} s.\n"
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB, "
+        f"Linux {machine['kernel']}, Python {machine['python']}; started "
+        f"{machine['utc']}, ended {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; "
+        f"load average (1/5/15 min) {machine['load_average']} at start, {load_end} at end.\n"
+        f"xnatio {machine['xnatio']['version']} at {machine['xnatio']['revision']}.\n"
+    )
     markdown = "\n".join(parts) + "\n" + footer
     print()
     print(markdown)
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": command.strip(),
         "machine": machine,
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_end": load_end,
         "total_s": round(total, 1),
         "cases": [cr.to_json() for cr in results],
         "goals": [g.to_json() for g in gs],

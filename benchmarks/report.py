@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import median
@@ -37,6 +38,40 @@ def machine_info() -> dict[str, Any]:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tools": _tool_versions(),
+        "xnatio": _code_under_test(),
+    }
+
+
+def _code_under_test() -> dict[str, str]:
+    """Which xnatio was measured: its version, where it was imported from, and the git revision
+    of this checkout (or ``$XNATIO_BENCH_REVISION`` for an exported tree)."""
+    import xnatio
+
+    root = Path(__file__).resolve().parent.parent
+    revision = os.environ.get("XNATIO_BENCH_REVISION", "")
+    if not revision:
+        try:
+            head = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "src"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            revision = head.stdout.strip() + (" + uncommitted changes" if dirty.stdout else "")
+        except (OSError, subprocess.TimeoutExpired):
+            revision = "unknown"
+    return {
+        "version": getattr(xnatio, "__version__", "?"),
+        "imported_from": str(Path(xnatio.__file__).parent),
+        "revision": revision or "unknown",
     }
 
 
