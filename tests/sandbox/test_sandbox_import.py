@@ -263,19 +263,33 @@ def test_direct_archive_and_its_fallback(xnat_server: SandboxServer, tmp_path: P
     assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
     assert xnat_server.prearchive_sessions("P") == []
 
-    # A pre-created (empty) session makes Direct-Archive fall back to the prearchive.
+    # A pre-created (empty) session, or an archive folder that already exists, makes
+    # Direct-Archive fall back to the prearchive.
     http = client(xnat_server)
-    assert http.put(xnat_server.url + "/data/projects/P/subjects/S2").status_code == 201
-    other = session(tmp_path / "o", series=1, instances=1, seed=7)
-    (xnat_server.data_dir / "archive" / "P" / "arc001" / "E2").mkdir(parents=True)
-    r = post(
-        xnat_server,
-        zip_bytes(instance_files(other)),
-        "application/zip",
-        EXPT_LABEL="E2",
-        **{"Direct-Archive": "true"},
-    )
-    assert r.text.startswith("/data/prearchive/projects/P/")
+    url = xnat_server.url + "/data/projects/P/subjects/S/experiments/E2"
+    assert http.put(url, params={"xsiType": "xnat:mrSessionData"}).status_code == 201
+    assert http.put(url).status_code == 200
+    (xnat_server.data_dir / "archive" / "P" / "arc001" / "E3").mkdir(parents=True)
+    for label in ("E2", "E3"):
+        other = session(tmp_path / label, series=1, instances=1, seed=7)
+        r = post(
+            xnat_server,
+            zip_bytes(instance_files(other)),
+            "application/zip",
+            EXPT_LABEL=label,
+            **{"Direct-Archive": "true"},
+        )
+        assert r.text.startswith("/data/prearchive/projects/P/"), label
+
+
+def test_delete_experiment(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=1, instances=1)
+    post(xnat_server, zip_bytes(instance_files(s)), "application/zip", dest="/archive")
+    url = xnat_server.url + "/data/projects/P/subjects/S/experiments/E"
+    http = client(xnat_server)
+    assert http.delete(url).status_code == 200
+    assert http.get(url, params={"format": "json"}).status_code == 404
+    assert not (xnat_server.data_dir / "archive" / "P" / "arc001" / "E").exists()
 
 
 def test_sequential_archive_needs_overwrite_and_none_quirk_merges(

@@ -513,6 +513,37 @@ def experiment(req: Request, m: re.Match[str]) -> Response:
     return _json(views.experiment_document(_store(req), e))
 
 
+@route(
+    "PUT",
+    r"/data(?:/archive)?/projects/(?P<p>[^/]+)/subjects/(?P<s>[^/]+)/experiments/(?P<e>[^/]+)",
+)
+def experiment_put(req: Request, m: re.Match[str]) -> Response:
+    """Create an (empty) session: 201 new, 200 existing. A Direct-Archive upload into a
+    pre-created session falls back to the prearchive, as on XNAT."""
+    store = _store(req)
+    existing = store.experiment(m["p"], m["e"])
+    if existing is not None:
+        return _resp(200, existing.id, "text/plain")
+    xsi = req.params.get("xsiType", "xnat:mrSessionData")
+    modality = {"xnat:mrSessionData": "MR", "xnat:ctSessionData": "CT", "xnat:petSessionData": "PT"}
+    e = store.create_experiment(
+        project=m["p"],
+        subject=m["s"],
+        label=m["e"],
+        uid=None,
+        modality=modality.get(xsi),
+        date=None,
+    )
+    return _resp(201, e.id, "text/plain")
+
+
+@route("DELETE", _EXP)
+def experiment_delete(req: Request, m: re.Match[str]) -> Response:
+    e = _experiment(req, m)
+    _store(req).delete_experiment(e)
+    return _resp(200, "", "text/plain")
+
+
 @route("GET", _EXP + r"/scans")
 def scans(req: Request, m: re.Match[str]) -> Response:
     e = _experiment(req, m)

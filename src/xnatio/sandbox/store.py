@@ -536,6 +536,16 @@ class Store:
             assert e is not None
             return e
 
+    def delete_experiment(self, e: Experiment) -> None:
+        """Remove a session, its index rows and its archive folder."""
+        with self._lock:
+            if (e.project, e.label) in self._dest_in_use:
+                raise HttpError(409, MSG_IN_PROGRESS)
+            for table in ("files", "scans", "resources"):
+                self._db.execute(f"DELETE FROM {table} WHERE experiment_id=?", (e.id,))
+            self._db.execute("DELETE FROM experiments WHERE id=?", (e.id,))
+        shutil.rmtree(self.experiment_dir(e), ignore_errors=True)
+
     def direct_archive_target(
         self,
         *,
