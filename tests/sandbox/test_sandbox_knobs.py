@@ -87,3 +87,25 @@ def test_unknown_knob_is_400(xnat_server: SandboxServer) -> None:
     r = requests.post(xnat_server.url + "/_sandbox/knobs", json={"nope": 1})
     assert r.status_code == 400
     assert "unknown knob" in h3(r)
+
+
+def test_site_anonymization_changes_stored_files(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    import hashlib
+
+    s = session(tmp_path, series=1, instances=2)
+    xnat_server.set_knobs(site_anonymization=True)
+    http = client(xnat_server)
+    r = import_zip(http, xnat_server, zip_bytes(instance_files(s)), **DEST, dest="/archive")
+    assert r.status_code == 200
+    stored = xnat_server.archived_files("P", "S", "E")
+    assert set(stored) == set(s.instances)
+    for uid, rec in stored.items():
+        sent = s.instances[uid].read_bytes()
+        assert rec.md5 != hashlib.md5(sent).hexdigest()
+        data = http.get(
+            xnat_server.url + "/data/projects/P/subjects/S/experiments/E/scans/"
+            f"{rec.scan_id}/resources/DICOM/files/{rec.name}"
+        ).content
+        assert hashlib.md5(data).hexdigest() == rec.md5 and len(data) == rec.size

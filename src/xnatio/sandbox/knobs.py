@@ -46,6 +46,9 @@ class Knobs:
     """One-shot: setting it to true invalidates every JSESSION now (then it reads false again)."""
     session_timeout: float | None = None
     """Idle timeout of JSESSIONs in seconds; None keeps the server's setting."""
+    site_anonymization: bool = False
+    """Stored DICOM files are rewritten as by a site-wide anonymization script (XNAT applies it
+    while writing), so their size and MD5 no longer match what the client sent."""
     auto_archive_projects: list[str] = field(default_factory=list)
     """Projects whose prearchive setting is auto-archive (commit answers 301 + archive URI)."""
     build_idle_seconds: float = 300.0
@@ -83,7 +86,7 @@ def coerce_knobs(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = int(value)
         elif name in _FLOAT_FIELDS:
             out[name] = float(value)
-        elif name in {"disk_full", "expire_sessions"}:
+        elif name in {"disk_full", "expire_sessions", "site_anonymization"}:
             out[name] = value if isinstance(value, bool) else str(value).lower() in {"1", "true"}
         elif name in {"retry_after", "session_timeout"}:
             out[name] = None if value is None else float(value)
