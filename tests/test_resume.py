@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import requests
@@ -256,31 +258,71 @@ def test_second_run_on_the_same_target_refuses_or_waits(
     sandbox: SandboxServer, big_exam: Path, tmp_path: Path
 ) -> None:
     journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
-    sandbox.set_knobs(per_file_ms=80)  # slow enough for two more runs to start meanwhile
-    first = _start_cli(sandbox, big_exam, tmp_path / "home")
+    env = xio_env(sandbox.url, tmp_path / "home")
+    sandbox.set_knobs(per_file_ms=300)  # the first run holds the target while the others start
+    first = _Running(_start_cli(sandbox, big_exam, tmp_path / "home"))
+    waited: _Running | None = None
     try:
         assert wait_for(lambda: journal_rows(journal) >= 1)
-        refused = run_xio(
-            ["upload-dicom", "P", "S", "E", str(big_exam)],
-            xio_env(sandbox.url, tmp_path / "home"),
-        )
+        refused = run_xio(["upload-dicom", "P", "S", "E", str(big_exam)], env)
         assert refused.returncode == 2
         assert "another xio run (pid " in refused.stderr and "--wait" in refused.stderr
-        waited = run_xio(
-            ["upload-dicom", "P", "S", "E", str(big_exam), "--wait", "--json"],
-            xio_env(sandbox.url, tmp_path / "home"),
+        args = ["upload-dicom", "P", "S", "E", str(big_exam), "--wait", "--json"]
+        waited = _Running(
+            subprocess.Popen(
+                xio_command(args),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
-        first.communicate(timeout=120)
+        assert wait_for(lambda: "waiting for another xio run" in waited.err())
+        assert first.proc.poll() is None  # it really is waiting on the first run
+        sandbox.set_knobs(per_file_ms=0)  # now let the first run finish
+        assert first.finish() == 0, first.err()
+        assert waited.finish() == 0, waited.err()
     finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0
-    # The waiting run started after the first one finished: nothing left to send.
-    assert waited.returncode == 0, waited.stderr
-    assert "waiting for another xio run" in waited.stderr
-    data = json.loads(waited.stdout)
-    assert data["status"] == "success"
+        for r in (first, waited):
+            if r is not None and r.proc.poll() is None:
+                r.proc.kill()
+    # The waiting run started after the first one had finished: nothing left to send.
+    assert json.loads(waited.out())["status"] == "success"
+    assert "sending the other 0" in waited.err()
     assert_each_file_once(sandbox, discover(big_exam))
+
+
+class _Running:
+    """A subprocess whose stdout and stderr are drained as they come (no pipe can fill up)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._drain, args=(proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._drain, args=(proc.stderr, self._err), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _drain(stream: IO[str] | None, into: list[str]) -> None:
+        assert stream is not None
+        for line in stream:
+            into.append(line)
+
+    def finish(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(10)
+        return code
+
+    def out(self) -> str:
+        return "".join(self._out)
+
+    def err(self) -> str:
+        return "".join(self._err)
 
 
 def test_archive_path_resumes_from_another_folder(
