@@ -295,7 +295,9 @@ def _finish(
         # Confirmed (by the server, now or by an earlier run) yet not found: lost on the way.
         uploaded = {o.path for o in sent}
         lost = [f for f in report.missing if outcome_path(f) in uploaded]
-        if heal is not None and lost:
+        # Not for Direct-Archive: a re-send into an existing archive folder would fall back to
+        # the prearchive (section 1), a second copy rather than a repair.
+        if heal is not None and lost and "/direct-archive/" not in result.session_uri:
             say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
             again, healed = heal(lost)
             _merge(result, again)
