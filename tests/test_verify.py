@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import responses
 from click.testing import CliRunner
 
 from upload_helpers import PASSWORD, USER, import_tar
+from xnatio.cli import verify as cli_verify
 from xnatio.cli.main import cli
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Outcome
@@ -285,3 +288,43 @@ def test_verify_command(
     missing = runner.invoke(cli, ["verify", "P", "S", "NOPE", str(root)])
     assert missing.exit_code == 1 and "not found on the server" in missing.output
     assert PASSWORD not in ok.output + bad.output + as_json.output + missing.output
+
+
+@pytest.mark.integration
+def test_verify_waits_for_a_session_still_arriving(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--wait-for``: the first read-back finds half the files (as after a C-STORE upload that
+    XNAT has not finished filing); the rest arrives meanwhile; verify then passes."""
+    root, files = synthetic
+    monkeypatch.setenv("XNAT_SERVER", sandbox.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    monkeypatch.setattr(cli_verify, "POLL_SECONDS", 0.1)
+    import_tar(sandbox.url, files[:6])
+
+    def late_arrival() -> None:
+        # Once the first read-back has listed the two scans there are so far, the rest lands.
+        def listings() -> int:
+            return sum(v for k, v in sandbox.stats().items() if k.endswith("/files"))
+
+        deadline = time.monotonic() + 20
+        while listings() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        import_tar(sandbox.url, files[6:])
+
+    arrival = threading.Thread(target=late_arrival, daemon=True)
+    arrival.start()
+    runner = CliRunner()
+    r = runner.invoke(cli, ["verify", "P", "S", "E", str(root), "--wait-for", "30"])
+    arrival.join(20)
+    assert r.exit_code == 0, r.output
+    assert f"holds all {len(files)} files" in r.output
+    # It did read back more than once: the first time the session was incomplete.
+    assert sum(v for k, v in sandbox.stats().items() if k.endswith("/scans")) >= 2
+
+    # Never complete: gives up after the wait with the per-series table.
+    r = runner.invoke(cli, ["verify", "P", "S", "E2", str(root), "--wait-for", "0.3"])
+    assert r.exit_code == 1 and "not found on the server" in r.output

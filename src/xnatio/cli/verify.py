@@ -28,6 +28,7 @@ from xnatio.report import account_for_skipped, check_report_path, write_report
 from xnatio.verify import VerifyReport, verify_session
 
 PROBLEMS_SHOWN = 20
+POLL_SECONDS = 5.0  # between read-backs with --wait-for
 EPILOG = (
     "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n\n\b\nExit codes:\n"
     + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
@@ -45,6 +46,16 @@ EPILOG = (
 @server_options
 @output_options
 @report_option
+@click.option(
+    "--wait-for",
+    "wait_for",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Keep reading the session back until every file is there or SECONDS have passed "
+    "(XNAT builds sessions received over C-STORE after an idle period).",
+)
 @click.pass_context
 def verify(
     ctx: click.Context,
@@ -56,10 +67,12 @@ def verify(
     server: ServerArgs,
     output: OutputArgs,
     report: Path | None,
+    wait_for: float,
 ) -> None:
     """Check that session PROJECT/SUBJECT/SESSION in XNAT holds every DICOM file under DIR.
 
-    Compares per series: instance counts, sizes, and MD5 where XNAT keeps a digest.
+    Compares per series: instance counts, sizes, and MD5 where XNAT keeps a digest. After a
+    C-STORE upload, --wait-for gives XNAT time to build the session.
     """
     start_command(ctx, output)
     settings = resolve_cli_settings(server, output=output)
@@ -75,6 +88,10 @@ def verify(
         settings.require_server(), username=username, password=password, verify=settings.verify
     ) as client:
         result = verify_session(client, project, subject, session, manifest.files)
+        deadline = time.monotonic() + wait_for
+        while not result.ok and time.monotonic() < deadline:
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            result = verify_session(client, project, subject, session, manifest.files)
     if report is not None:
         as_result = _as_upload_result(result, time.monotonic() - started)
         write_report(account_for_skipped(as_result, manifest), report)
