@@ -491,8 +491,8 @@ def resumable_dicom_store_upload(
     result = resumable_upload(target, manifest, send, options=options, notify=notify)
     if result.success and notify is not None:
         notify(
-            "not read back: XNAT files C-STORE sessions after an idle period; check later with "
-            f"`xio verify {project} {subject} {session} PATH`"
+            "not read back: XNAT files C-STORE sessions after an idle period; check with "
+            f"`xio verify {project} {subject} {session} PATH --wait-for 900`"
         )
     result.transport = "dicom-store"
     result.project, result.subject, result.session = project, subject, session
