@@ -174,9 +174,12 @@ class Sampler:
             self.peaks.tmp_bytes[name] = max(self.peaks.tmp_bytes[name], dir_bytes(path))
 
     def _run(self) -> None:
+        # Densely at first, so a command that lives a fraction of a second is still seen.
+        start = time.monotonic()
         while not self._stop.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            dense = time.monotonic() - start < 1.0
+            self._stop.wait(min(0.01, self.interval) if dense else self.interval)
 
 
 def run_measured(

@@ -69,7 +69,7 @@ class Sizes:
 
 TINY = Sizes(
     rest_files=60,
-    cstore_files=40,
+    cstore_files=10,
     discover_files=(300,),
     scale_files=(60, 180),
     image=SMALL_IMAGE,
@@ -285,15 +285,17 @@ class Runner:
         return self._prepared[key]
 
     def prepare_case(self, case: Case) -> tuple[Dataset, Path | None, Path | None]:
-        """The case's cached data (session, tar, .dcm view) and its contenders' tools."""
+        """The case's cached data (session, tar, .dcm view) and its selected contenders' tools."""
+        chosen = self.selected(case)
         dataset = ensure_dataset(case.data, self.log)
         tar = ensure_tar(dataset, self.log) if case.needs_tar else None
-        dcm_view = (
-            ensure_dcm_view(dataset) if any(x.name == "xnatctl" for x in case.contenders) else None
-        )
-        for x in case.contenders:
+        dcm_view = ensure_dcm_view(dataset) if any(x.name == "xnatctl" for x in chosen) else None
+        for x in chosen:
             self._prepare(x)
         return dataset, tar, dcm_view
+
+    def selected(self, case: Case) -> list[c.Contender]:
+        return [x for x in case.contenders if self.only is None or x.name in self.only]
 
     def run_case(self, case: Case) -> CaseResult:
         self.log(f"== {case.name} (repeat {case.repeat})")
@@ -303,7 +305,7 @@ class Runner:
             f"   {dataset.files} files, {dataset.bytes / MB:.0f} MB; page cache warmed "
             f"in {warmed:.1f} s"
         )
-        contenders = [x for x in case.contenders if self.only is None or x.name in self.only]
+        contenders = self.selected(case)
         results = {x.name: ContenderResult(x.name, x.summary) for x in contenders}
         for x in contenders:
             results[x.name].unavailable = self._prepare(x)

@@ -103,8 +103,12 @@ def test_run_py_tiny_uploads_for_real_and_writes_a_complete_record(tmp_path: Pat
             sys.executable,
             str(ROOT / "benchmarks" / "run.py"),
             "rest-limit",
+            "cstore",
             "discover",
             "--tiny",
+            # xnatctl is left out: installing it from PyPI is not a unit of this test.
+            "--only",
+            "xio,curl,dcmtk-storescu,pynetdicom-storescu,discover+plan,xio --dry-run",
             "--json",
             str(out),
         ],
@@ -118,13 +122,20 @@ def test_run_py_tiny_uploads_for_real_and_writes_a_complete_record(tmp_path: Pat
     record = json.loads(out.read_text())
     assert record["machine"]["nproc"] >= 1
     cases = {case["case"]: case for case in record["cases"]}
-    assert set(cases) == {"rest-limit 60 files", "discover 300 files"}
+    assert set(cases) == {"rest-limit 60 files", "cstore 10 files", "discover 300 files"}
     rest = cases["rest-limit 60 files"]
     for name in ("xio", "curl"):
         run = rest["contenders"][name]["runs"][0]
         assert run["ok"], run["error"]
         # Counted on the server after the run, file by file.
         assert run["details"]["landed"] == rest["dataset"]["files"] == 60
+    cstore = cases["cstore 10 files"]
+    for name in ("xio", "dcmtk-storescu", "pynetdicom-storescu"):
+        run = cstore["contenders"][name]["runs"][0]
+        assert run["ok"], run["error"]
+        assert run["details"]["landed"] == 10  # files storescp wrote
+    assert set(cases["discover 300 files"]["contenders"]) == {"discover+plan", "xio --dry-run"}
     goals = {g["goal"] for g in record["goals"]}
     assert "REST within 1.25× of the curl limit (rest-limit 60 files)" in goals
+    assert "C-STORE ≥ 5× dcmtk storescu (files/s) (cstore 10 files)" in goals
     assert "### rest-limit 60 files" in done.stdout
