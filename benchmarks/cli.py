@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="generate the cached data and install the peers, then stop (nothing measured)",
     )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print the cases and their contenders' commands, then stop",
+    )
     p.add_argument("--only", help="run only these contenders (comma-separated names)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("--markdown", type=Path, help="also write the tables to this Markdown file")
@@ -81,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat if args.repeat is not None else (1 if args.tiny else None)
     cases = build_cases(names, sizes, repeat)
     only = set(args.only.split(",")) if args.only else None
+
+    if args.list:
+        for case in cases:
+            series, per = case.data.layout
+            print(f"{case.name}: {series} x {per} files, receiver {case.receiver}", end="")
+            print(f", knobs {case.knobs}" if case.knobs else "", end="")
+            print(f", repeat {case.repeat}")
+            for x in case.contenders:
+                print(f"  {x.name}: {x.summary}")
+        return 0
 
     started = time.perf_counter()
     machine = machine_info()

@@ -164,7 +164,8 @@ def xio_rest(workers: int) -> Contender:
     args = ["--num-batches", str(workers), "--upload-workers", str(workers)]
     return Contender(
         name="xio",
-        summary=f"xio upload-dicom P S E DIR --num-batches {workers} --upload-workers {workers}",
+        summary="xio upload-dicom P S E DIR --server URL --user admin --json -q "
+        f"--num-batches {workers} --upload-workers {workers} (password in XNAT_PASSWORD)",
         prepare=nothing,
         build=_xio_rest(args, "xio upload-dicom ... " + " ".join(args)),
         check=check_archived,
