@@ -328,3 +328,31 @@ def test_verify_waits_for_a_session_still_arriving(
     # Never complete: gives up after the wait with the per-series table.
     r = runner.invoke(cli, ["verify", "P", "S", "E2", str(root), "--wait-for", "0.3"])
     assert r.exit_code == 1 and "not found on the server" in r.output
+
+
+@pytest.mark.integration
+def test_upload_reads_back_unless_no_verify(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    root, _ = synthetic
+    monkeypatch.setenv("XNAT_SERVER", sandbox.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    runner = CliRunner()
+
+    def reads() -> int:
+        return sum(v for k, v in sandbox.stats().items() if k.endswith("/files"))
+
+    report = tmp_path / "r.csv"
+    args = ["upload-dicom", "P", "S", "E", str(root), "--report", str(report)]
+    r = runner.invoke(cli, [*args, "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert reads() == 0  # nothing read back
+    assert {row["outcome"] for row in csv.DictReader(report.open())} == {"uploaded"}
+    r = runner.invoke(cli, [*args, "--restart", "--overwrite", "append"])
+    assert r.exit_code == 0, r.output
+    assert reads() == 3  # one DICOM file listing per scan
+    assert {row["outcome"] for row in csv.DictReader(report.open())} == {"verified"}
