@@ -313,3 +313,36 @@ def test_sequential_archive_needs_overwrite_and_none_quirk_merges(
     r = import_zip(http, xnat_server, three, **DEST, dest="/archive", overwrite="append")
     assert r.status_code == 200
     assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
+
+
+@pytest.mark.parametrize("direct", ["true", "false"])
+def test_nameless_gradual_files_and_name_clashes_keep_every_instance(
+    xnat_server: SandboxServer, tmp_path: Path, direct: str
+) -> None:
+    s = session(tmp_path, series=1, instances=4)
+    uids = list(s.instances)
+    http = client(xnat_server)
+    params = {"import-handler": "gradual-DICOM", "inbody": "true", "Direct-Archive": direct}
+    for uid in uids[:2]:  # raw bodies carry no file name
+        r = http.post(
+            xnat_server.url + IMPORT,
+            params={**params, **DEST},
+            data=s.instances[uid].read_bytes(),
+            headers={"Content-Type": "application/dicom"},
+        )
+        assert r.status_code == 200, r.text
+    for uid in uids[2:]:  # two different instances under one uploaded name
+        r = post(
+            xnat_server,
+            zip_bytes({"same-name.dcm": s.instances[uid]}),
+            "application/zip",
+            **{"Direct-Archive": direct},
+        )
+        assert r.status_code == 200, r.text
+    if direct == "true":
+        stored = xnat_server.archived_files("P", "S", "E")
+    else:
+        (prearc,) = xnat_server.prearchive_sessions("P")
+        stored = xnat_server.prearchive_files(prearc)
+    assert set(stored) == set(uids)
+    assert len({f.name for f in stored.values()}) == 4

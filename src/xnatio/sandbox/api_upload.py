@@ -61,7 +61,7 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
             base = ctype.split(";", 1)[0].strip()
             name = RAW_NAMES.get(base, "upload.unsupported")
             if handler == "gradual-DICOM":
-                name = "upload"
+                name = ""  # no client file name: stored under XNAT's namer name
             body_path = req.tmp_path("body")
             temp.append(body_path)
             req.body.to_file(body_path)

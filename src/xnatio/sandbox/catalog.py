@@ -411,6 +411,15 @@ class Catalog:
             args.append(resource)
         return self._q(sql + " ORDER BY scan_id, resource, path", tuple(args))
 
+    def archived_file_owner(self, e: Experiment, scan_id: str, name: str) -> str | None:
+        """SOP Instance UID of the DICOM file already stored under ``name`` in a scan."""
+        rows = self._q(
+            "SELECT sop_uid FROM files WHERE experiment_id=? AND scan_id=? AND"
+            " resource='DICOM' AND path=?",
+            (e.id, scan_id, name),
+        )
+        return rows[0]["sop_uid"] if rows else None
+
     def delete_file(self, e: Experiment, scan_id: str, resource: str, path: str) -> bool:
         with self._lock:
             cur = self._db.execute(

@@ -317,7 +317,9 @@ class DicomImport:
             writer_of=self.writer_of,
         )
         self.sessions.setdefault(s.id, s)
-        file_name = self._file_name(s, scan, name, h)
+        wanted = self._wanted_name(name)
+        owner = self.store.prearc_file_owner(s.id, scan, wanted) if wanted else None
+        file_name = self._file_name(owner, wanted, h)
         folder = self.store.prearc_dir(s) / "SCANS" / scan / "DICOM"
         with self.store.file_lock(s.id, scan + "/" + file_name):
             size, md5 = self._write(folder / file_name, head, rest)
@@ -336,21 +338,22 @@ class DicomImport:
                 md5=md5,
             )
 
-    def _file_name(self, s: PrearcSession, scan: str, name: str, h: DicomHeader) -> str:
+    def _file_name(self, owner: str | None, wanted: str | None, h: DicomHeader) -> str:
         # XNAT keeps the uploaded name unless rename=true, the name is unusable, or another
         # object already has it in this scan (GradualDicomImporter.getSafeFile).
-        wanted = None if self.p.rename else requested_file_name(name)
-        if wanted is None:
-            return namer_file_name(h)
-        owner = self.store.prearc_file_owner(s.id, scan, wanted)
-        if owner is not None and owner != h.sop_uid:
+        if wanted is None or (owner is not None and owner != h.sop_uid):
             return namer_file_name(h)
         return wanted
+
+    def _wanted_name(self, name: str) -> str | None:
+        return None if self.p.rename else requested_file_name(name)
 
     def _write_direct(
         self, e: Experiment, scan: str, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]
     ) -> None:
-        file_name = (None if self.p.rename else requested_file_name(name)) or namer_file_name(h)
+        wanted = self._wanted_name(name)
+        owner = self.store.archived_file_owner(e, scan, wanted) if wanted else None
+        file_name = self._file_name(owner, wanted, h)
         self.direct.setdefault(e.id, (e, h.study_uid))
         folder = self.store.resource_dir(e, scan, "DICOM")
         with self.store.file_lock(0, f"{e.id}/{scan}/{file_name}"):
