@@ -29,7 +29,7 @@ RACE_MESSAGES = {
 
 
 def wait_for_status(server: SandboxServer, status: str) -> None:
-    for _ in range(200):
+    for _ in range(1000):
         if any(s.status == status for s in server.prearchive_sessions()):
             return
         time.sleep(0.01)
@@ -39,7 +39,7 @@ def wait_for_status(server: SandboxServer, status: str) -> None:
 def test_same_file_sent_twice_at_once(xnat_server: SandboxServer, tmp_path: Path) -> None:
     s = session(tmp_path, series=1, instances=1)
     (path,) = s.instances.values()
-    xnat_server.set_knobs(per_file_ms=400)
+    xnat_server.set_knobs(per_file_ms=1000)
     barrier = threading.Barrier(2)
 
     def send() -> requests.Response:
@@ -105,7 +105,7 @@ def test_requests_against_a_session_being_archived(
     http = client(xnat_server)
     r = import_zip(http, xnat_server, zip_bytes({uids[0]: s.instances[uids[0]]}), **DEST)
     uri = r.text.strip()
-    xnat_server.set_knobs(archive_ms=1500)
+    xnat_server.set_knobs(archive_ms=3000)
     with ThreadPoolExecutor(1) as pool:
         archiving = pool.submit(
             http.post,
@@ -136,7 +136,7 @@ def test_destination_in_use_is_423(xnat_server: SandboxServer, tmp_path: Path) -
         body = zip_bytes({p.name: p for p in s.instances.values()})
         uris.append(import_zip(http, xnat_server, body, **DEST).text.strip())
     assert uris[0] != uris[1]
-    xnat_server.set_knobs(archive_ms=1500)
+    xnat_server.set_knobs(archive_ms=3000)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(
             http.post,
