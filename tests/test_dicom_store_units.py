@@ -224,3 +224,23 @@ def test_associate_rq_and_c_store_rq_decode_with_pynetdicom_and_pydicom() -> Non
     assert command.CommandGroupLength == len(c_store_rq(7, "1.2.3", "1.2.3.45")) - 12
     assert (command.CommandField, command.MessageID, command.CommandDataSetType) == (1, 7, 0)
     assert (command.AffectedSOPClassUID, command.AffectedSOPInstanceUID) == ("1.2.3", "1.2.3.45")
+
+
+def test_splice_steps_over_an_un_sequence_of_undefined_length(tmp_path: Path) -> None:
+    # PS3.5 6.2.2: the items of an UN element of undefined length are Implicit VR LE, so an
+    # explicit-VR reading of them would land in the middle of a value.
+    path = write(tmp_path / "f", tricky(), ExplicitVRLittleEndian)
+    data = path.read_bytes()
+    un = (
+        b"\x09\x00\x10\x00UN\x00\x00\xff\xff\xff\xff"  # (0009,1010) UN, undefined length
+        + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"  # item, undefined length
+        + b"\x09\x00\x11\x10\x06\x00\x00\x00ABCDEF"  # (0009,1011) implicit VR, 6 bytes
+        + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"  # item delimitation
+        + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # sequence delimitation
+    )
+    at = data.index(b"\x10\x00\x10\x00PN")
+    path.write_bytes(data[:at] + un + data[at:])
+
+    raw = b"".join(read_as_is(path, ExplicitVRLittleEndian, ROUTE))
+    assert raw.index(un) < raw.index(b"\x10\x00\x10\x00PN") < raw.index(b"\x10\x00\x00\x40LT")
+    assert decode(raw, ExplicitVRLittleEndian).PatientComments == ROUTE

@@ -9,6 +9,7 @@ change (the peer refused the file's own transfer syntax) or the header cannot be
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import zlib
 from array import array
@@ -95,12 +96,15 @@ class _Walker:
     def skip(self, pos: int) -> int:
         """The position after the element at ``pos`` (sequences of undefined length included)."""
         tag, head, length = self.header(pos)
+        unknown = head == 12 and self.buf[pos + 4 : pos + 6] == b"UN"
         pos += head
         if length != 0xFFFFFFFF:
             return pos + length
+        # PS3.5 6.2.2: an UN element of undefined length holds a sequence in Implicit VR LE.
+        inner = _Walker(self.buf, implicit=True, little=True) if unknown else self
         # Undefined length: items until the Sequence Delimitation Item (FFFE,E0DD).
         while True:
-            tag, head, length = self.header(pos)
+            tag, head, length = inner.header(pos)
             pos += head
             if tag == 0xFFFEE0DD:
                 return pos
@@ -108,10 +112,10 @@ class _Walker:
                 pos += length
                 continue
             while True:  # an item of undefined length: elements until (FFFE,E00D)
-                if self.header(pos)[0] == 0xFFFEE00D:
+                if inner.header(pos)[0] == 0xFFFEE00D:
                     pos += 8
                     break
-                pos = self.skip(pos)
+                pos = inner.skip(pos)
 
 
 def routing_element(route: str, implicit: bool, little: bool) -> bytes:
@@ -199,9 +203,19 @@ def read_as_is(source: Source, transfer_syntax: str, route: str | None) -> Itera
                     break
                 except _NeedMore:
                     if complete:
-                        raise EncodeError("the file ends inside its header") from None
+                        spliced = b""
+                        break
                     head += fh.read()
                     complete = True
+                except (struct.error, IndexError, RecursionError):
+                    spliced = b""
+                    break
+            if not spliced:
+                # The header could not be walked: let pydicom parse and re-encode the file in
+                # its own syntax (pixel data bytes still kept as they are).
+                whole = head + fh.read()
+                yield transcode(io.BytesIO(whole), transfer_syntax, transfer_syntax, route)
+                return
             yield spliced
         else:
             yield head[start:]
