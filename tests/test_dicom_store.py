@@ -688,3 +688,25 @@ def test_member_unreadable_halfway_fails_alone(
     assert [o.path for o in result.failed] == [f"{archive}/{names[1]}"]
     assert result.failed[0].reason.startswith("reading the file failed while sending it: Bad CRC")
     assert len(result.uploaded) == 2 and len(got.stored) == 2
+
+
+def test_a_port_that_does_not_speak_dicom_is_named(session: Path) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_like_http() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer_like_http, daemon=True)
+    thread.start()
+    with pytest.raises(UnreachableError) as err:
+        send(session, port)
+    thread.join(5)
+    server.close()
+    assert str(err.value) == (
+        f"DICOM peer XNAT@127.0.0.1:{port}: the peer does not speak DICOM (its answer starts "
+        "'HTTP/1') during C-ECHO."
+    )

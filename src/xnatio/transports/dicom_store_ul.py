@@ -49,6 +49,9 @@ __all__ = [
 # carries a typical image, small enough to bound the copy made per fragment.
 UNLIMITED_SEND_PDU = 1 << 20
 
+# The peer answers with small PDUs; anything larger than this is refused rather than buffered.
+MAX_RECEIVE_PDU = 64 << 20
+
 # Linux only: acknowledge at once instead of the delayed ACK (~40 ms), see _recv_exact.
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
@@ -154,6 +157,14 @@ class Association:
         self.sock.settimeout(timeout or None)
         head = self._recv_exact(6)
         pdu_type, _, length = struct.unpack(">BBI", head)
+        if pdu_type not in range(1, 8):
+            # Not a DICOM peer: an HTTP server on that port, say.
+            self.abort()
+            text = head.decode("ascii", "replace")
+            raise AssociationLost(f"the peer does not speak DICOM (its answer starts {text!r})")
+        if length > MAX_RECEIVE_PDU:
+            self.abort()
+            raise AssociationLost(f"the peer sent a PDU of {length} bytes, too large to accept")
         self.sock.settimeout(self.network_timeout or None)
         body = self._recv_exact(length) if length else b""
         if pdu_type == 0x07:
