@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1476.1"
+# Under pydicom's UID root, made as generate_uid(entropy_srcs=["xnatio", "implementation class"]).
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.88092232902743023334854365984733242511"
 IMPLEMENTATION_VERSION = "XNATIO_01"
 
 
