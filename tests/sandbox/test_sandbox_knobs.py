@@ -45,7 +45,8 @@ def test_reset_mid_body_then_recover(xnat_server: SandboxServer, tmp_path: Path)
     http = client(xnat_server)
     with pytest.raises(requests.ConnectionError):
         import_zip(http, xnat_server, body, **DEST)
-    assert xnat_server.prearchive_sessions() == []  # nothing of the cut body was imported
+    # A zip body is spooled before it is read (zipfile seeks), so nothing of it was imported.
+    assert xnat_server.prearchive_sessions() == []
     assert import_zip(client(xnat_server), xnat_server, body, **DEST).status_code == 200
 
 
@@ -109,3 +110,34 @@ def test_site_anonymization_changes_stored_files(
             f"{rec.scan_id}/resources/DICOM/files/{rec.name}"
         ).content
         assert hashlib.md5(data).hexdigest() == rec.md5 and len(data) == rec.size
+
+
+def test_reset_mid_tar_body_keeps_entries_read_before_the_cut(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    from sandbox_helpers import tar_bytes
+
+    from xnatio.synth import generate_session
+
+    s = generate_session(tmp_path / "s", series=1, instances=8, image_size=(64, 64))
+    body = tar_bytes({p.name: p for p in s.instances.values()})
+    xnat_server.set_knobs(reset_next=1, fault_path="/data/services/import")
+    http = client(xnat_server)
+    with pytest.raises(requests.ConnectionError):
+        http.post(
+            xnat_server.url + "/data/services/import",
+            params={"import-handler": "DICOM-zip", "inbody": "true", **DEST},
+            data=body,
+            headers={"Content-Type": "application/x-tar"},
+        )
+    # A tar body is read as it arrives (like XNAT's importer): what came before the cut stays.
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    assert 0 < len(xnat_server.prearchive_files(prearc)) < 8
+    r = client(xnat_server).post(
+        xnat_server.url + "/data/services/import",
+        params={"import-handler": "DICOM-zip", "inbody": "true", **DEST},
+        data=body,
+        headers={"Content-Type": "application/x-tar"},
+    )
+    assert r.status_code == 200
+    assert set(xnat_server.prearchive_files(prearc)) == set(s.instances)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xnatio.sandbox import views
@@ -12,6 +13,7 @@ from xnatio.sandbox.bodies import boundary_of, parse_multipart
 from xnatio.sandbox.importer import (
     RAW_NAMES,
     DicomImport,
+    FullReader,
     ImportParams,
     archive_kind,
     cleanup,
@@ -62,27 +64,35 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
             name = RAW_NAMES.get(base, "upload.unsupported")
             if handler == "gradual-DICOM":
                 name = ""  # no client file name: stored under XNAT's namer name
-            body_path = req.tmp_path("body")
-            temp.append(body_path)
-            req.body.to_file(body_path)
+            elif archive_kind(name) is None:
+                raise HttpError(400, f"Unsupported format {name}")
+            body_path = None
+            if archive_kind(name) == "zip":  # zipfile needs to seek: spool the body first
+                body_path = req.tmp_path("body")
+                temp.append(body_path)
+                req.body.to_file(body_path)
         else:
             raise HttpError(
                 400, "Unable to identify the uploaded file: send multipart/form-data or inbody=true"
             )
         p = ImportParams.from_params(params)
         job = DicomImport(store, req.server.knob_box, p, req.path)
+        source: Path | FullReader = body_path if body_path else FullReader(req.body)
         if p.handler == "gradual-DICOM":
 
             def single() -> Any:
-                with body_path.open("rb") as stream:
-                    yield name, stream
+                if isinstance(source, Path):
+                    with source.open("rb") as stream:
+                        yield name, stream
+                else:
+                    yield name, source
 
             uris = job.run(single())
         else:
             kind = archive_kind(name)
             if kind is None:
                 raise HttpError(400, f"Unsupported format {name}")
-            uris = job.run(iter_entries(body_path, kind, store.tmp_dir()))
+            uris = job.run(iter_entries(source, kind, store.tmp_dir()))
         req.server.knob_box.count("files_imported", job.files_written)
     return uri_list(req, uris)
 

@@ -133,11 +133,36 @@ def _copy_entry(src: IO[bytes], dst: Path) -> None:
         shutil.copyfileobj(src, out, 1 << 20)
 
 
+class FullReader:
+    """A file-like view of a request body whose ``read(n)`` returns n bytes unless at the end
+    (a socket read may return fewer)."""
+
+    def __init__(self, source: object) -> None:
+        self._source = source
+        self.name = "upload"
+
+    def read(self, n: int = -1) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        while n < 0 or got < n:
+            block = self._source.read((n - got) if n >= 0 else 1 << 16)  # type: ignore[attr-defined]
+            if not block:
+                break
+            parts.append(block)
+            got += len(block)
+        return b"".join(parts)
+
+
 def iter_entries(
-    path: Path, kind: str, tmp_dir: Path, *, nested: bool = True
+    source: Path | FullReader, kind: str, tmp_dir: Path, *, nested: bool = True
 ) -> Iterator[tuple[str, IO[bytes]]]:
     """(name, stream) for every file in an archive; ``nested`` also opens archives inside it
-    (the DICOM importer does; resource ``extract=true`` writes them out as files)."""
+    (the DICOM importer does; resource ``extract=true`` writes them out as files).
+
+    ``source`` is a spooled file, or, for tar and tar.gz, the request body itself: read as it
+    arrives, like XNAT's importer reads its input stream, so a body cut off in the middle leaves
+    the entries before the cut imported.
+    """
 
     def entries(name: str, stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
         if nested:
@@ -147,14 +172,15 @@ def iter_entries(
 
     try:
         if kind == "zip":
-            with zipfile.ZipFile(path) as zf:
+            assert isinstance(source, Path), "zip needs a seekable (spooled) body"
+            with zipfile.ZipFile(source) as zf:
                 for info in zf.infolist():
                     if info.is_dir():
                         continue
                     with zf.open(info) as stream:
                         yield from entries(info.filename, stream)
         else:
-            with tarfile.open(path, "r:gz" if kind == "tgz" else "r:") as tf:
+            with _open_tar(source, kind) as tf:
                 for member in tf:
                     if not member.isfile():
                         continue
@@ -165,7 +191,15 @@ def iter_entries(
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        raise HttpError(400, f"unable to read archive {path.name}: {exc}") from None
+        name = source.name if isinstance(source, Path) else "upload"
+        raise HttpError(400, f"unable to read archive {name}: {exc}") from None
+
+
+def _open_tar(source: Path | FullReader, kind: str) -> tarfile.TarFile:
+    if isinstance(source, Path):
+        return tarfile.open(source, "r:gz" if kind == "tgz" else "r:")
+    mode = "r|gz" if kind == "tgz" else "r|"  # stream mode: no seeking back
+    return tarfile.open(fileobj=source, mode=mode)  # type: ignore[call-overload,no-any-return]
 
 
 def _maybe_nested(name: str, stream: IO[bytes], tmp_dir: Path) -> Iterator[tuple[str, IO[bytes]]]:
