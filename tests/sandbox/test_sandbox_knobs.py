@@ -141,3 +141,13 @@ def test_reset_mid_tar_body_keeps_entries_read_before_the_cut(
     )
     assert r.status_code == 200
     assert set(xnat_server.prearchive_files(prearc)) == set(s.instances)
+
+
+def test_knobs_posted_like_curl_dash_d(xnat_server: SandboxServer) -> None:
+    r = requests.post(
+        xnat_server.url + "/_sandbox/knobs",
+        data='{"latency_ms": 5}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 200
+    assert xnat_server.knobs.latency_ms == 5

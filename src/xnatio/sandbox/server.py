@@ -69,7 +69,8 @@ class Request:
         self.body: BodyReader = handler.body
         self.principal = principal
         self.server: SandboxServer = handler.server.sandbox  # type: ignore[attr-defined]
-        if self.content_type.lower().startswith("application/x-www-form-urlencoded"):
+        form = self.content_type.lower().startswith("application/x-www-form-urlencoded")
+        if form and not self.path.startswith("/_sandbox/"):  # curl -d sends JSON knobs as a form
             # Restlet merges form fields into the request parameters (xnatctl's archive call
             # sends src/overwrite this way).
             raw = b""
