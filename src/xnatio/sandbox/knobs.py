@@ -1,9 +1,9 @@
 """Knobs: make the sandbox behave like a distant, busy or failing XNAT.
 
 Performance knobs (``latency_ms``, ``per_file_ms``, ``archive_ms``, ``bandwidth_mbps``) shape every
-request; fault knobs (``fail_next``, ``reset_next``, ``hang_next``, ``disk_full``,
-``expire_sessions``) inject the failures an uploader must survive. Counted fault knobs decrement as
-they fire and can be limited to paths starting with ``fault_path`` (for example
+request; fault knobs (``fail_next``, ``reset_next``, ``hang_next``, ``drop_response_next``,
+``disk_full``, ``expire_sessions``) inject the failures an uploader must survive. Counted fault
+knobs decrement as they fire and can be limited to paths starting with ``fault_path`` (for example
 ``/data/services/import``), so a test can fault uploads without faulting the login.
 """
 
@@ -40,6 +40,9 @@ class Knobs:
     hang_next: int = 0
     """The next N matching requests get no answer for ``hang_seconds``, then a closed socket."""
     hang_seconds: float = 30.0
+    drop_response_next: int = 0
+    """The next N matching requests are handled in full (the server does the work), then their
+    connection is reset instead of answered: a success the client never hears of."""
     disk_full: bool = False
     """Writes fail with 507 Insufficient Storage, as XNAT does when its disk fills up."""
     expire_sessions: bool = False
@@ -64,7 +67,7 @@ class Knobs:
         return asdict(self)
 
 
-_INT_FIELDS = {"fail_next", "fail_status", "reset_next", "hang_next"}
+_INT_FIELDS = {"fail_next", "fail_status", "reset_next", "hang_next", "drop_response_next"}
 _FLOAT_FIELDS = {
     "latency_ms",
     "per_file_ms",
