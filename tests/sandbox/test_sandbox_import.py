@@ -346,3 +346,17 @@ def test_nameless_gradual_files_and_name_clashes_keep_every_instance(
         stored = xnat_server.prearchive_files(prearc)
     assert set(stored) == set(uids)
     assert len({f.name for f in stored.values()}) == 4
+
+
+@pytest.mark.parametrize(
+    ("param", "value"), [("PROJECT_ID", ".."), ("EXPT_LABEL", "../../x"), ("SUBJECT_ID", "a/b")]
+)
+def test_labels_that_could_escape_the_data_dir_are_refused(
+    xnat_server: SandboxServer, tmp_path: Path, param: str, value: str
+) -> None:
+    s = session(tmp_path, series=1, instances=1)
+    r = post(xnat_server, zip_bytes(instance_files(s)), "application/zip", dest="/archive",
+             **{param: value})  # fmt: skip
+    assert r.status_code == 400
+    assert "Invalid" in h3(r)
+    assert not (xnat_server.data_dir.parent / "x").exists()

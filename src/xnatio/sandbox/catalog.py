@@ -14,6 +14,7 @@ and archiving on top.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 import sqlite3
 import threading
@@ -25,6 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from xnatio.sandbox.pages import HttpError
+
+_LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def check_label(value: str, kind: str) -> str:
+    """XNAT IDs and labels are letters, digits, ``_`` and ``-`` (we also let ``.`` and ``+``
+    through); anything else, or ``.``/``..``, is refused before it can become a path."""
+    if not _LABEL.match(value) or value in {".", ".."}:
+        raise HttpError(400, f"Invalid {kind} label: {value!r}")
+    return value
+
 
 SITE_ID = "XNAT"
 UNASSIGNED = "Unassigned"
@@ -234,6 +246,8 @@ class Catalog:
 
     def put_subject(self, project: str, label: str) -> tuple[str, bool]:
         """Create the subject if missing; returns (subject ID, created)."""
+        check_label(project, "project")
+        check_label(label, "subject")
         with self._lock:
             row = self.subject(project, label)
             if row is not None:
@@ -256,6 +270,7 @@ class Catalog:
         date: str | None,
         direct: bool = False,
     ) -> Experiment:
+        check_label(label, "session")
         with self._lock:
             subject_id, _ = self.put_subject(project, subject)
             eid = f"{SITE_ID}_E{self._next_id('experiment'):05d}"
@@ -305,6 +320,8 @@ class Catalog:
         XNAT falls back to the prearchive when the archive folder of the session already exists
         (or the session was pre-created) unless it is its own ongoing direct-archive session.
         """
+        check_label(project, "project")
+        check_label(label, "session")
         with self._lock:
             e = self.experiment(project, label)
             if e is None:
@@ -388,6 +405,7 @@ class Catalog:
         )
 
     def resource_dir(self, e: Experiment, scan_id: str, resource: str) -> Path:
+        check_label(resource, "resource")
         base = self.experiment_dir(e)
         if scan_id:
             return base / "SCANS" / scan_id / resource

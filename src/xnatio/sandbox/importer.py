@@ -323,7 +323,7 @@ class DicomImport:
         label = (
             self.p.label or h.routing.get("session") or clean_label(h.patient_id) or "dicom_upload"
         )
-        return project or UNASSIGNED, subject, label
+        return project or UNASSIGNED, subject or label, label
 
     def _place(self, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]) -> None:
         project, subject, label = self._identity(h)

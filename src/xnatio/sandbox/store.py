@@ -31,6 +31,7 @@ from xnatio.sandbox.catalog import (
     Catalog,
     Experiment,
     FileRecord,
+    check_label,
     now_text,
     xsi_types,
 )
@@ -145,6 +146,8 @@ class Store(Catalog):
         request calls ``release_writers`` at its end). A session being archived refuses files
         with XNAT's "Concurrent modification is discouraged" conflict (wrapped as 400).
         """
+        check_label(project, "project")
+        check_label(name, "session")
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM prearc WHERE project=? AND tag=? AND name=? ORDER BY id DESC",
@@ -290,6 +293,7 @@ class Store(Catalog):
             folder.parent.rmdir()  # the timestamp folder, when it is empty
 
     def move_prearc(self, s: PrearcSession, new_project: str) -> PrearcSession:
+        check_label(new_project, "project")
         with self._lock:
             if s.id in self._archiving or self._writers.get(s.id):
                 raise HttpError(409, "session document locked")
