@@ -76,3 +76,14 @@ def test_form_login_as_xnatpy_does_it(xnat_server: SandboxServer) -> None:
         xnat_server.url + "/data/services/auth", data={"username": "admin", "password": "no"}
     )
     assert bad.status_code == 401
+
+
+def test_oldest_sessions_are_evicted_beyond_the_per_account_limit() -> None:
+    from xnatio.sandbox.auth import MAX_SESSIONS_PER_USER, Authenticator
+
+    auth = Authenticator({"u": "p"}, session_timeout=900)
+    first = auth.new_session("u")
+    others = [auth.new_session("u") for _ in range(MAX_SESSIONS_PER_USER)]
+    assert auth.touch(first) is None  # evicted: a client holding it now gets 401
+    assert auth.touch(others[0]) == "u" and auth.touch(others[-1]) == "u"
+    assert auth.session_count() == MAX_SESSIONS_PER_USER
