@@ -539,3 +539,132 @@ def test_every_file_gone_after_discovery_fails_each_and_commits_nothing(
     last = [e for e in events if e.phase is Phase.UPLOAD][-1]
     assert (last.batches_done, last.batches_failed) == (1, 1)
     assert xnat_server.prearchive_sessions(P) == []
+
+
+# -- several studies in one upload (allow_multiple_studies) ----------------------------------
+
+
+def two_studies(tmp_path: Path) -> tuple[SyntheticSession, SyntheticSession]:
+    """Two studies under one folder: the larger (6 files) and a smaller one (2 files)."""
+    big = generate_session(
+        tmp_path / "exam" / "A", series=2, instances=3, image_size=(32, 32), seed=11
+    )
+    small = generate_session(
+        tmp_path / "exam" / "B", series=1, instances=2, image_size=(32, 32), seed=12
+    )
+    assert big.study_uid != small.study_uid
+    return big, small
+
+
+def archive_uri(label: str) -> str:
+    return f"/data/archive/projects/{P}/subjects/{S}/experiments/{label}"
+
+
+@pytest.mark.parametrize("how", ["one-request", "batched", "archive-file", "auto-archive"])
+def test_each_study_is_committed_under_its_own_label(
+    xnat_server: SandboxServer, tmp_path: Path, how: str
+) -> None:
+    big, small = two_studies(tmp_path)
+    source = tmp_path / "exam"
+    if how == "archive-file":
+        source = tmp_path / "exam.tar"
+        with tarfile.open(source, "w") as tf:
+            tf.add(tmp_path / "exam", arcname="exam")
+    if how == "auto-archive":
+        xnat_server.set_knobs(auto_archive_projects=[P])
+    if how == "batched":
+        # Batches that mix both studies: each request must still carry one study only.
+        manifest = discover(source)
+        batches = [Batch(index=i, files=tuple(manifest.files[i::2])) for i in range(2)]
+        assert all(len({f.study_uid for f in b.files}) == 2 for b in batches)
+        target = RestTarget(project=P, subject=S, session=E, upload_workers=2, archive_workers=1)
+        with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+            result = RestUploader(client, target).upload(manifest, batches)
+        assert result.batches_total == 4  # each batch cut in two, one study per request
+    else:
+        result = upload(xnat_server, source, allow_multiple_studies=True)
+
+    assert result.success, result.errors
+    assert len(result.uploaded) == 8 and not result.failed
+    # Nothing is left RECEIVING in the prearchive: every study's session was committed.
+    assert xnat_server.prearchive_sessions(P) == []
+    # The largest study keeps the label asked for; the other one gets it with a suffix.
+    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(big.instances)
+    assert sorted(xnat_server.archived_files(P, S, f"{E}_2")) == sorted(small.instances)
+    assert result.session_uri == archive_uri(E)
+    assert result.session_uris == [archive_uri(E), archive_uri(f"{E}_2")]
+
+
+def test_several_studies_resume_and_verify_each_session(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    from xnatio.resume import ResumeOptions, resumable_rest_upload
+
+    big, small = two_studies(tmp_path)
+    manifest = discover(tmp_path / "exam")
+    target = RestTarget(project=P, subject=S, session=E, upload_workers=2, archive_workers=1)
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+        result = resumable_rest_upload(
+            client, manifest, target, options=ResumeOptions(journal=tmp_path / "journal.db")
+        )
+    assert result.success, result.errors
+    assert result.verified is True
+    assert {f.outcome for f in result.files} == {Outcome.VERIFIED}
+    assert xnat_server.prearchive_sessions(P) == []
+    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(big.instances)
+    assert sorted(xnat_server.archived_files(P, S, f"{E}_2")) == sorted(small.instances)
+
+
+# -- subject creation fails ----------------------------------------------------------------------
+
+
+def test_subject_creation_failing_for_good_fails_every_file_with_the_reason(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(fault_path=f"/data/projects/{P}/subjects", fail_next=5, fail_status=503)
+    result = upload(xnat_server, session.root, retries=1)
+    assert not result.success and result.session_uri == ""
+    assert len(result.failed) == len(session.instances)
+    reasons = {f.reason for f in result.failed}
+    assert len(reasons) == 1
+    (reason,) = reasons
+    assert f"could not create subject {S}" in reason and "503" in reason
+    assert any(f"could not create subject {S}" in e for e in result.errors)
+    assert "POST /data/services/import" not in xnat_server.stats()
+
+
+# -- commit/archive answers lost after the server did the work ----------------------------------
+
+
+@pytest.mark.parametrize("step", ["archive", "auto-archive commit"])
+def test_archived_session_whose_answer_was_lost_is_reconciled_as_success(
+    xnat_server: SandboxServer, tmp_path: Path, step: str
+) -> None:
+    session = small_session(tmp_path)
+    if step == "archive":
+        xnat_server.set_knobs(fault_path="/data/services/archive", drop_response_next=1)
+    else:
+        xnat_server.set_knobs(
+            auto_archive_projects=[P], fault_path=f"/data/prearchive/projects/{P}/"
+        )
+        xnat_server.set_knobs(drop_response_next=1)
+    result = upload(xnat_server, session.root)
+    assert xnat_server.stats().get("fault.drop_response_next") == 1
+    assert result.success, result.errors
+    assert result.session_uri == archive_uri(E)
+    assert_landed(xnat_server, session.instances)
+
+
+def test_lost_answer_without_an_archived_session_stays_a_failure(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Read-back only turns an error into success when the session really is archived."""
+    first = small_session(tmp_path / "a", series=1)
+    assert upload(xnat_server, first.root).success
+    # Same label again, no overwrite: XNAT refuses (409) and the prearchive entry stays.
+    second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
+    refused = upload(xnat_server, second.root)
+    assert not refused.success
+    assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
+    assert len(xnat_server.prearchive_sessions(P)) == 1

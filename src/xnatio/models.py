@@ -163,6 +163,8 @@ class UploadResult:
     batches_failed: int = 0
     session_uri: str = ""
     verified: bool | None = None
+    # Every session the upload filled (REST: one per StudyInstanceUID), ``session_uri`` first.
+    session_uris: list[str] = field(default_factory=list)
 
     @property
     def uploaded(self) -> list[FileOutcome]:

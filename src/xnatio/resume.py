@@ -374,8 +374,14 @@ def resumable_rest_upload(
     ``overwrite=append`` (unless the caller chose ``delete``): the archived session must merge,
     not answer 409 "Session already exists".
     """
-    from xnatio.transports.rest import RestUploader
+    from xnatio.transports.rest import RestUploader, session_labels
     from xnatio.uploaders import plan_rest_upload
+
+    if not target.study_labels:
+        # Labels from the whole manifest, so each study keeps its label whatever part is sent.
+        labels = session_labels(manifest.studies(), target.session)
+        target = dataclasses.replace(target, study_labels=tuple(labels.items()))
+    study_labels = dict(target.study_labels)
 
     def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
         t = target
@@ -405,14 +411,24 @@ def resumable_rest_upload(
         )
         uploader = RestUploader(client, t, retry=retry)
         archived = ""
-        # The server, not our memory, says what is waiting: every prearchive session of this
-        # label still receiving (section 3), committed with the transport's own final step.
-        for uri in waiting_prearchive_sessions(client, target.project, target.session):
-            archived = uploader.commit_session(uri)
+        # The server, not our memory, says what is waiting: every prearchive session of these
+        # labels still receiving (section 3), committed with the transport's own final step.
+        for label in dict.fromkeys([target.session, *study_labels.values()]):
+            for uri in waiting_prearchive_sessions(client, target.project, label):
+                done = uploader.commit_session(uri, label)
+                archived = archived or done
         return archived
 
     def read_back(files: Sequence[DicomFile]) -> VerifyReport:
-        return verify_session(client, target.project, target.subject, target.session, files)
+        # Several studies are archived under one label each (xnatio.transports.rest).
+        by_label: dict[str, list[DicomFile]] = {}
+        for f in files:
+            by_label.setdefault(study_labels.get(f.study_uid, target.session), []).append(f)
+        reports = [
+            verify_session(client, target.project, target.subject, label, part)
+            for label, part in by_label.items()
+        ] or [verify_session(client, target.project, target.subject, target.session, [])]
+        return merge_reports(reports) if len(reports) > 1 else reports[0]
 
     result = resumable_upload(
         Target.rest(client.server, target.project, target.subject, target.session),
@@ -426,6 +442,20 @@ def resumable_rest_upload(
     result.transport = "rest"
     result.project, result.subject, result.session = target.project, target.subject, target.session
     return result
+
+
+def merge_reports(reports: Sequence[VerifyReport]) -> VerifyReport:
+    """One report for the sessions of a multi-study upload (named after the first)."""
+    first = reports[0]
+    return VerifyReport(
+        first.project,
+        first.subject,
+        first.session,
+        found=all(r.found for r in reports),
+        series=[s for r in reports for s in r.series],
+        unmatched_scans=[x for r in reports for x in r.unmatched_scans],
+        unreadable=[x for r in reports for x in r.unreadable],
+    )
 
 
 # Prearchive states in which a session still waits for a commit (section 3).

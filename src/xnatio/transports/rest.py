@@ -11,6 +11,19 @@ Sending every batch to the prearchive without ``dest`` and committing once is wh
 Client does: with an ``/archive`` dest every request would build and archive the same session and
 concurrent requests would race ("Unable to lock session for archiving", lost files).
 
+Several studies (``allow_multiple_studies``): XNAT keys prearchive sessions by StudyInstanceUID
+(section 1), so each study becomes a session of its own, and two of them under one label would
+collide in the archive ("Session already exists", or a CONFLICT entry left in the prearchive). So
+each study gets its own label (:func:`session_labels`): the largest study (most files; the first
+found on a tie) keeps SESSION, the others become SESSION_2, SESSION_3, … in that order; every
+request carries the files of one study only, and every session is committed and archived.
+``UploadResult.session_uris`` lists them all, the SESSION one first (``session_uri``).
+
+A commit or archive request whose success answer is lost (reset, timeout) is retried and may then
+fail ("Session already exists", the prearchive entry 404). After any such error the session is
+looked up: when the experiment exists at PROJECT/SUBJECT/label and the prearchive entry is gone,
+the server did the work and the commit counts as done.
+
 Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
 
 * ``upload_workers`` threads send batches: never more than that many import requests in flight,
@@ -42,7 +55,7 @@ from pathlib import Path
 import requests
 
 from xnatio.archive import SourceChangedError, check_sources, make_archive_stream
-from xnatio.errors import ServerError, UsageError, XnatioError
+from xnatio.errors import AuthError, ServerError, UnreachableError, UsageError, XnatioError
 from xnatio.models import (
     Batch,
     DicomFile,
@@ -51,6 +64,7 @@ from xnatio.models import (
     Outcome,
     Phase,
     ProgressCallback,
+    StudySummary,
     UploadResult,
 )
 from xnatio.retry import RetryPolicy, Sleep
@@ -88,6 +102,9 @@ class RestTarget:
     ``overwrite``: ``none`` sends no ``overwrite`` parameter at all (XNAT turns merging on for any
     value, ``none`` included); ``append`` merges into an existing session, ``delete`` also
     replaces clashing files. ``direct_archive``: XNAT ≥ 1.8.3 Direct-Archive per batch.
+    ``study_labels``: (StudyInstanceUID, session label) pairs when the upload holds several
+    studies; empty means :func:`session_labels` of the manifest being sent. A resumed run passes
+    the labels of the whole manifest, so a study keeps its label whatever is left to send.
     """
 
     project: str
@@ -99,6 +116,7 @@ class RestTarget:
     archive_format: str = "tar"
     overwrite: str = "none"
     direct_archive: bool = False
+    study_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("project", "subject", "session"):
@@ -114,10 +132,31 @@ class RestTarget:
 
     @property
     def archive_dest(self) -> str:
+        return self.archive_dest_for(self.session)
+
+    def archive_dest_for(self, label: str) -> str:
         return (
             f"/archive/projects/{quote(self.project)}/subjects/{quote(self.subject)}"
-            f"/experiments/{quote(self.session)}"
+            f"/experiments/{quote(label)}"
         )
+
+
+def session_labels(studies: Sequence[StudySummary], session: str) -> dict[str, str]:
+    """StudyInstanceUID -> archive label: the first study (``Manifest.studies()`` puts the largest
+    first, ties in the order found) keeps ``session``, the others get ``session_2``, ``_3``…"""
+    return {s.study_uid: session if i == 0 else f"{session}_{i + 1}" for i, s in enumerate(studies)}
+
+
+def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
+    """The batches cut so that each holds one study (renumbered, order kept): XNAT files each
+    StudyInstanceUID into its own prearchive session, and each must go under its own label."""
+    out: list[Batch] = []
+    for batch in batches:
+        groups: dict[str, list[DicomFile]] = {}
+        for f in batch.files:
+            groups.setdefault(f.study_uid, []).append(f)
+        out.extend(Batch(index=len(out) + i, files=tuple(g)) for i, g in enumerate(groups.values()))
+    return out
 
 
 def archive_content_type(path: Path) -> str:
@@ -147,6 +186,9 @@ class _Run:
     # (path, archive member) of each DicomFile -> its outcome
     outcomes: dict[tuple[Path, str | None], FileOutcome] = field(default_factory=dict)
     session_uris: list[str] = field(default_factory=list)
+    # StudyInstanceUID -> label it is sent and archived under; session URI -> its label
+    labels: dict[str, str] = field(default_factory=dict)
+    uri_labels: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -184,9 +226,19 @@ class RestUploader:
     # -- public ---------------------------------------------------------------------------
 
     def upload(self, manifest: Manifest, batches: list[Batch]) -> UploadResult:
-        """Send ``batches`` (planned from ``manifest``), commit, and account for every file."""
+        """Send ``batches`` (planned from ``manifest``), commit, and account for every file.
+
+        Several studies: each goes under its own label (see the module docstring), and batches
+        that mix studies are cut per study. A subject that cannot be created fails every file
+        with the reason (nothing is sent); only a refused login or an unreachable server raise.
+        """
         started = self.clock()
         run = _Run()
+        run.labels = dict(self.target.study_labels) or session_labels(
+            manifest.studies(), self.target.session
+        )
+        if len(set(run.labels.values())) > 1:
+            batches = split_by_study(batches)
         progress = UploadProgress(
             self.progress_callback,
             files_total=len(manifest.files),
@@ -208,14 +260,13 @@ class RestUploader:
             progress.phase(Phase.CONNECT, 0, 1, f"connecting to {self.client.server}")
             if not self.client.logged_in:
                 self.client.login()
-            if not self.target.direct_archive:
-                # The archive step needs the subject; a Direct-Archive upload must not pre-create
-                # anything (section 4: pre-created sessions make XNAT fall back to the prearchive).
-                self.client.put_subject(self.target.project, self.target.subject)
+            if not self.target.direct_archive and not self._put_subject(manifest, run):
+                return self._result(manifest, batches, run, progress, started, False)
             progress.phase(Phase.CONNECT, 1, 1, "connected")
             progress.phase(Phase.UPLOAD, 0, len(manifest.files), "uploading")
             if manifest.source_archive is not None:
-                self._send_archive_file(manifest, run, progress)
+                for batch in batches:  # one, or one per study
+                    self._send_archive_file(manifest, batch, len(batches) > 1, run, progress)
             else:
                 self._pipeline(manifest, batches, run, progress)
             if run.session_uris and not self.cancel.is_set():
@@ -224,6 +275,30 @@ class RestUploader:
             self.cancel.set()
             raise
         return self._result(manifest, batches, run, progress, started, committed)
+
+    def _put_subject(self, manifest: Manifest, run: _Run) -> bool:
+        """Create the subject the archive step needs; on failure fail every file and say why.
+
+        A Direct-Archive upload must not pre-create anything (section 4: pre-created sessions
+        make XNAT fall back to the prearchive), so it is not called for one. The client has
+        retried transient errors already; a refused login or an unreachable server is raised.
+        """
+        t = self.target
+        try:
+            self.client.put_subject(t.project, t.subject)
+        except (AuthError, UnreachableError):
+            raise
+        except XnatioError as exc:
+            reason = f"could not create subject {t.subject} in project {t.project}: {_reason(exc)}"
+            if isinstance(exc, ServerError) and exc.status is not None:
+                reason += f" (HTTP {exc.status})"
+            with run.lock:
+                for f in manifest.files:
+                    o = run.outcomes[_key(f)]
+                    o.outcome, o.reason = Outcome.FAILED, reason
+            self._error(run, reason)
+            return False
+        return True
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -289,13 +364,17 @@ class RestUploader:
             self._fail(run, [f], reason, batch.index)
         return list(ok)
 
-    def _params(self) -> dict[str, str]:
+    def _label(self, run: _Run, files: Sequence[DicomFile]) -> str:
+        """The label a request's files go under (one study per request when there are several)."""
+        return run.labels.get(files[0].study_uid, self.target.session) if files else ""
+
+    def _params(self, label: str) -> dict[str, str]:
         t = self.target
         params = {
             "import-handler": "DICOM-zip",
             "PROJECT_ID": t.project,
             "SUBJECT_ID": t.subject,
-            "EXPT_LABEL": t.session,
+            "EXPT_LABEL": label or t.session,
             "inbody": "true",
         }
         if t.direct_archive:
@@ -333,6 +412,7 @@ class RestUploader:
         """
         remaining = list(files)
         partial = len(remaining) < len(batch.files)
+        label = self._label(run, batch.files)
         retry_number = 0
         while remaining and not self.cancel.is_set():
             stream = make_archive_stream(remaining, self.target.archive_format, root=root)
@@ -343,7 +423,7 @@ class RestUploader:
                 else StreamBody(stream, payload, progress, self.cancel)
             )
             try:
-                resp = self._post_import(body, stream.content_type)
+                resp = self._post_import(body, stream.content_type, label)
             except Exception as exc:  # classified below; the batch is always accounted for
                 err = body.failure(exc)
                 if isinstance(err, UploadCancelled) or self.cancel.is_set():
@@ -360,21 +440,26 @@ class RestUploader:
                     continue
                 self._give_up(run, remaining, err, retry_number, batch.index, progress)
                 return
-            self._landed(run, remaining, resp, batch.index, progress, partial)
+            self._landed(run, remaining, resp, batch.index, progress, partial, label)
             return
         if not self.cancel.is_set():  # every file of the batch failed on its own
             progress.update(batch_done=True, failed=True)
 
-    def _send_archive_file(self, manifest: Manifest, run: _Run, progress: UploadProgress) -> None:
+    def _send_archive_file(
+        self, manifest: Manifest, batch: Batch, per_study: bool, run: _Run, progress: UploadProgress
+    ) -> None:
         """PATH is an archive: one request with the file as is, streamed from disk.
 
-        If it also holds entries discovery skipped, or XNAT refuses one of its members, only the
-        DICOM members are sent, re-packed into a tar on the fly (:class:`ArchiveMembers`).
+        If it also holds entries discovery skipped, or XNAT refuses one of its members, or it
+        holds several studies (``per_study``: one request per study, ``batch`` being one), only
+        the batch's DICOM members are sent, re-packed into a tar on the fly
+        (:class:`ArchiveMembers`).
         """
         archive = manifest.source_archive
         assert archive is not None
-        remaining = list(manifest.files)
-        repack = bool(manifest.skipped)
+        remaining = list(batch.files)
+        repack = bool(manifest.skipped) or per_study
+        label = self._label(run, batch.files)
         retry_number = 0
         while remaining and not self.cancel.is_set():
             payload = sum(f.size for f in remaining)
@@ -388,18 +473,18 @@ class RestUploader:
                     chunks, size = FileChunks(archive), archive.stat().st_size
                     content_type = archive_content_type(archive)
             except OSError as exc:
-                self._give_up(run, remaining, exc, 0, 0, progress)
+                self._give_up(run, remaining, exc, 0, batch.index, progress)
                 return
             body = SizedBody(chunks, payload, progress, self.cancel, size)
             try:
-                resp = self._post_import(body, content_type)
+                resp = self._post_import(body, content_type, label)
             except Exception as exc:  # classified below; the files are always accounted for
                 err = body.failure(exc)
                 if isinstance(err, UploadCancelled) or self.cancel.is_set():
                     return
                 culprit = _culprit(err, members)
                 if culprit is not None:
-                    self._fail(run, [culprit[0]], culprit[1], 0)
+                    self._fail(run, [culprit[0]], culprit[1], batch.index)
                     gone = _key(culprit[0])
                     remaining = [f for f in remaining if _key(f) != gone]
                     repack = True
@@ -407,21 +492,21 @@ class RestUploader:
                 if self._wait_to_retry(err, retry_number, archive.name):
                     retry_number += 1
                     continue
-                self._give_up(run, remaining, err, retry_number, 0, progress)
+                self._give_up(run, remaining, err, retry_number, batch.index, progress)
                 return
-            partial = len(remaining) < len(manifest.files)
-            self._landed(run, remaining, resp, 0, progress, partial=partial)
+            partial = len(remaining) < len(batch.files)
+            self._landed(run, remaining, resp, batch.index, progress, partial, label)
             return
         if not self.cancel.is_set():  # every member failed on its own
             progress.update(batch_done=True, failed=True)
 
-    def _post_import(self, body: StreamBody, content_type: str) -> requests.Response:
+    def _post_import(self, body: StreamBody, content_type: str, label: str) -> requests.Response:
         # Not retried inside the client: a streamed body is rebuilt (and its files re-checked)
         # by the caller for every attempt.
         return self.client.request(
             "POST",
             IMPORT_PATH,
-            params=self._params(),
+            params=self._params(label),
             data=body,
             headers={"Content-Type": content_type},
             idempotent_retry=False,
@@ -458,6 +543,7 @@ class RestUploader:
         batch: int,
         progress: UploadProgress,
         partial: bool,
+        label: str,
     ) -> None:
         uris = _uris(resp.text)
         if not uris:
@@ -467,55 +553,100 @@ class RestUploader:
             self._error(run, f"batch {batch + 1}: {reason}")
             progress.update(batch_done=True, failed=True)
             return
-        self._confirm(run, files, uris[0], batch)
+        # Every URI: a request can fill several sessions (one per study XNAT found in it).
+        self._confirm(run, files, uris, batch, label)
         progress.update(files=len(files), batch_done=True, failed=partial)
 
     # -- commit -----------------------------------------------------------------------------
 
     def _commit(self, run: _Run, progress: UploadProgress) -> bool:
-        """Build and archive each prearchive session the batches landed in; True when all did."""
+        """Build and archive each session the batches landed in; True when all did."""
         ok = True
         uris = list(dict.fromkeys(run.session_uris))
         for i, uri in enumerate(uris):
+            label = run.uri_labels.get(uri, self.target.session)
             progress.phase(Phase.COMMIT, i, len(uris), f"committing {uri}")
             try:
-                archived = self.commit_session(uri)
+                archived = self.commit_session(uri, label)
             except XnatioError as exc:
                 message = exc.message if isinstance(exc, ServerError) else str(exc)
                 self._error(run, f"commit of {uri} failed: {message}")
                 ok = False
                 continue
             run.session_uris[run.session_uris.index(uri)] = archived
+            run.uri_labels[archived] = label
             progress.phase(Phase.COMMIT, i + 1, len(uris), f"archived as {archived}")
         run.session_uris[:] = list(dict.fromkeys(run.session_uris))
         return ok
 
-    def commit_session(self, uri: str) -> str:
-        """Build and archive one prearchive session; return its archive URI.
+    def commit_session(self, uri: str, label: str | None = None) -> str:
+        """Build and archive one prearchive session as ``label`` (default: the target's session);
+        return its archive URI.
 
         ``POST {uri}?action=commit`` answers 301 with the archive URI when the project
         auto-archives, else 200 and the session waits in the prearchive, so it is archived to the
         requested labels with ``POST /data/services/archive`` (section 3). Transient archive races
-        are retried by the client. Also the way to finish a resumed upload with nothing left to
-        send.
+        are retried by the client. When either request still fails, the session is read back
+        (:meth:`archived_anyway`): a success whose answer was lost counts as a success. Also the
+        way to finish a resumed upload with nothing left to send.
         """
         if "/prearchive/" not in uri:
             return uri  # already in the archive (Direct-Archive, or a site routing rule)
-        resp = self.client.request("POST", uri, params={"action": "commit"})
+        label = label or self.target.session
+        try:
+            resp = self.client.request("POST", uri, params={"action": "commit"})
+        except ServerError:
+            archived = self.archived_anyway(uri, label)
+            if archived is None:
+                raise
+            return archived
         if resp.status_code in (301, 302, 303):
             # The project auto-archives: the answer points at the archived session.
             location = resp.headers.get("Location") or (_uris(resp.text) or [""])[0]
             return _strip_server(location, self.client.server) or uri
         # 200: built and still in the prearchive; archive it to the requested labels.
-        src = uri[len("/data") :] if uri.startswith("/data/") else uri
-        params = {"src": src, "dest": self.target.archive_dest}
+        src = _prearchive_path(uri)
+        params = {"src": src, "dest": self.target.archive_dest_for(label)}
         if self.target.overwrite != "none":
             params["overwrite"] = self.target.overwrite
-        resp = self.client.request("POST", ARCHIVE_PATH, params=params)
-        archived = _uris(resp.text)
-        if not archived:
+        try:
+            resp = self.client.request("POST", ARCHIVE_PATH, params=params)
+        except ServerError:
+            archived = self.archived_anyway(uri, label)
+            if archived is None:
+                raise
+            return archived
+        found = _uris(resp.text)
+        if not found:
             raise ServerError(f"archiving {src} returned no archive URI", status=resp.status_code)
-        return archived[0]
+        return found[0]
+
+    def archived_anyway(self, uri: str, label: str) -> str | None:
+        """After a failed commit/archive of ``uri``: its archive URI if the server did it anyway.
+
+        A retried commit or archive whose first answer was lost (connection reset, timeout)
+        fails ("Session already exists", prearchive entry 404) although the server archived the
+        session. It counts as archived when the experiment exists at PROJECT/SUBJECT/``label``
+        (section 4) and the prearchive entry is gone (section 3: archiving removes it). An
+        experiment that was already there (a refused second upload) leaves the entry in place,
+        so that stays a failure. None when not archived, or when the read-back itself fails.
+        """
+        t = self.target
+        experiment = (
+            f"/data/projects/{quote(t.project)}/subjects/{quote(t.subject)}"
+            f"/experiments/{quote(label)}"
+        )
+        try:
+            self.client.get_json(experiment)
+            listing = self.client.get_json(f"/data/prearchive/projects/{quote(t.project)}")
+            rows = listing["ResultSet"]["Result"]
+        except (XnatioError, KeyError, TypeError):
+            return None
+        src = _prearchive_path(uri)
+        if any(isinstance(r, dict) and _prearchive_path(str(r.get("url"))) == src for r in rows):
+            return None  # still waiting in the prearchive: not archived
+        log.info("%s: the answer was lost, but the session is archived as %s", uri, label)
+        return "/data" + t.archive_dest_for(label)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -529,13 +660,17 @@ class RestUploader:
         with run.lock:
             run.errors.append(message)
 
-    def _confirm(self, run: _Run, files: list[DicomFile], uri: str, batch: int) -> None:
+    def _confirm(
+        self, run: _Run, files: list[DicomFile], uris: list[str], batch: int, label: str
+    ) -> None:
         with run.lock:
             confirmed = [run.outcomes[_key(f)] for f in files]
             for o in confirmed:
                 o.outcome, o.reason, o.batch = Outcome.UPLOADED, "", batch
-            if uri not in run.session_uris:
-                run.session_uris.append(uri)
+            for uri in uris:
+                if uri not in run.session_uris:
+                    run.session_uris.append(uri)
+                    run.uri_labels[uri] = label
         if self.on_confirmed is not None:
             self.on_confirmed(confirmed)
 
@@ -553,6 +688,15 @@ class RestUploader:
         failed_batches = {o.batch for o in files if o.outcome is Outcome.FAILED}
         duration = self.clock() - started
         t = self.target
+        # The target's own label first, then the suffixed ones in order (SESSION, SESSION_2, …).
+        order = list(dict.fromkeys([t.session, *run.labels.values()]))
+        uris = sorted(
+            run.session_uris,
+            key=lambda u: order.index(run.uri_labels[u]) if run.uri_labels.get(u) in order else 0,
+        )
+        waiting = [u for u in uris if "/prearchive/" in u]
+        # Not committed: a prearchive URI, which tells resume the commit is still to do.
+        session_uri = waiting[0] if waiting and not committed else (uris[0] if uris else "")
         result = UploadResult(
             success=committed
             and bool(run.session_uris)
@@ -570,7 +714,8 @@ class RestUploader:
             studies=manifest.studies(),
             batches_total=len(batches),
             batches_failed=len(failed_batches - {None}),
-            session_uri=run.session_uris[0] if run.session_uris else "",
+            session_uri=session_uri,
+            session_uris=[session_uri, *(u for u in uris if u != session_uri)] if uris else [],
         )
         progress.phase(Phase.DONE, len(result.uploaded), result.total_files, "done")
         return result
@@ -623,6 +768,11 @@ def _find_member(name: str | None, members: Sequence[tuple[str, DicomFile]]) -> 
     # XNAT may report the entry under a prefix of its own (or we under a longer one).
     matches = [f for n, f in members if n.endswith("/" + name) or name.endswith("/" + n)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _prearchive_path(uri: str) -> str:
+    """``/prearchive/projects/P/TS/F`` from a URI with or without the ``/data`` prefix."""
+    return uri[len("/data") :] if uri.startswith("/data/") else uri
 
 
 def _strip_server(uri: str, server: str) -> str:
