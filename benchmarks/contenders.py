@@ -131,6 +131,27 @@ def check_received(ctx: RunContext, m: Measured) -> Checked:
 # --- xio ---------------------------------------------------------------------------------------
 
 
+def _with_xio_report(
+    check: Callable[[RunContext, Measured], Checked],
+) -> Callable[[RunContext, Measured], Checked]:
+    """Also keep what xio's ``--json`` result says of itself: its own upload time (``duration_s``,
+    which leaves out start-up, discovery and the read-back verification) and its verdict."""
+
+    def checked(ctx: RunContext, m: Measured) -> Checked:
+        result = check(ctx, m)
+        try:
+            report = json.loads(m.stdout)
+        except ValueError:
+            return result
+        if isinstance(report, dict):
+            for key in ("status", "duration_s", "verified"):
+                if key in report:
+                    result.details[f"xio_{key}"] = report[key]
+        return result
+
+    return checked
+
+
 def _xio() -> list[str]:
     # The installed console script of the checkout under test, next to this interpreter.
     exe = Path(sys.executable).with_name("xio")
@@ -168,7 +189,7 @@ def xio_rest(workers: int) -> Contender:
         f"--num-batches {workers} --upload-workers {workers} (password in XNAT_PASSWORD)",
         prepare=nothing,
         build=_xio_rest(args, "xio upload-dicom ... " + " ".join(args)),
-        check=check_archived,
+        check=_with_xio_report(check_archived),
     )
 
 
@@ -180,7 +201,7 @@ def xio_sequential() -> Contender:
         "one request)",
         prepare=nothing,
         build=_xio_rest(args, "xio upload-dicom ... " + " ".join(args)),
-        check=check_archived,
+        check=_with_xio_report(check_archived),
         slow=True,
     )
 
@@ -215,7 +236,7 @@ def xio_cstore(associations: int) -> Contender:
         summary=f"xio upload-dicom P S E DIR --transport dicom-store --num-batches {associations}",
         prepare=nothing,
         build=build,
-        check=check_received,
+        check=_with_xio_report(check_received),
     )
 
 
