@@ -130,6 +130,15 @@ def case_table(cr: CaseResult) -> str:
     notes = [
         f"- **{r.name} failed**: {'; '.join(r.errors)}" for r in cr.results.values() if r.errors
     ]
+    for r in cr.results.values():
+        own = median([x.details["xio_duration_s"] for x in r.ok_runs if "xio_duration_s" in x.details])
+        t = r.med("metric_s")
+        if own is not None and t:
+            notes.append(
+                f"- {r.name}: its own `duration_s` (sending and commit) is {own:.2f} s of the "
+                f"{t:.2f} s; the rest is start-up, discovery and, for REST, the read-back "
+                "verification it does by default"
+            )
     return head + "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
