@@ -472,3 +472,19 @@ def test_archive_path_is_uploaded_as_is(
     result = json.loads(r.stdout)
     assert result["totals"]["uploaded"] == 8 and result["batches"]["total"] == 1
     _assert_landed(sandbox, session, ("P", "S", "E"))
+
+
+@pytest.mark.integration
+def test_allow_multiple_studies_gives_each_study_its_own_session(
+    cli_invoke: Invoke, tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    s = generate_session(
+        tmp_path / "in", series=1, instances=3, image_size=(16, 16), extras=["second-study"]
+    )
+    args = ("upload-dicom", "P", "S", "E", s.root, "--allow-multiple-studies", "--json")
+    result = json.loads(cli_invoke(*args, env=env).stdout)
+    assert result["status"] == "success" and len(result["studies"]) == 2
+    assert [u.rsplit("/", 1)[-1] for u in result["session_uris"]] == ["E", "E_2"]
+    _assert_landed(sandbox, s, ("P", "S", "E"))
+    second = s.extras["second-study"]
+    assert set(sandbox.archived_files("P", "S", "E_2")) == {second.name}

@@ -169,3 +169,13 @@ def test_summary_does_not_repeat_per_file_errors() -> None:
     text = summary_text(r)
     assert text.count("d/bad0: HTTP 500: disk full") == 1
     assert "Errors (1):\n  batch 2: gave up" in text
+
+
+def test_several_sessions_are_all_listed() -> None:
+    uris = ["/data/archive/projects/P/subjects/S/experiments/E", "/data/.../experiments/E_2"]
+    r = _result(session_uri=uris[0], session_uris=uris)
+    assert result_to_dict(r)["session_uris"] == uris
+    text = summary_text(r)
+    assert "sessions (2, one per study):" in text and "    /data/.../experiments/E_2" in text
+    # A transport that fills only session_uri still gives the list.
+    assert result_to_dict(_result())["session_uris"] == [_result().session_uri]

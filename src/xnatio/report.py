@@ -85,6 +85,8 @@ def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any
         "subject": result.subject,
         "session": result.session,
         "session_uri": result.session_uri,
+        "session_uris": list(result.session_uris)
+        or ([result.session_uri] if result.session_uri else []),
         "verified": result.verified,
         "totals": {
             "files": len(result.files),
@@ -223,8 +225,13 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     lines.append("  " + ", ".join(details))
     for s in result.studies:
         lines.append(f"  study {s.study_uid} (patient {s.patient_id}): {_files(s.file_count)}")
-    if result.session_uri:
-        lines.append(f"  session: {result.session_uri}")
+    uris = result.session_uris or ([result.session_uri] if result.session_uri else [])
+    if len(uris) == 1:
+        lines.append(f"  session: {uris[0]}")
+    elif uris:
+        # Several studies: each became its own session (SESSION, SESSION_2, ...).
+        lines.append(f"  sessions ({len(uris)}, one per study):")
+        lines.extend(f"    {u}" for u in uris)
     if result.upload_id:
         lines.append(f"  upload id: {result.upload_id}")
     # Errors that only repeat a failed file's line are shown once, in the failed list below.
