@@ -581,6 +581,7 @@ def test_each_study_is_committed_under_its_own_label(
         with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
             result = RestUploader(client, target).upload(manifest, batches)
         assert result.batches_total == 4  # each batch cut in two, one study per request
+        assert {f.batch for f in result.files} == {0, 1, 2, 3}
     else:
         result = upload(xnat_server, source, allow_multiple_studies=True)
 
@@ -668,3 +669,28 @@ def test_lost_answer_without_an_archived_session_stays_a_failure(
     assert not refused.success
     assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
     assert len(xnat_server.prearchive_sessions(P)) == 1
+
+
+def test_dry_run_of_several_studies_shows_one_study_per_batch_and_its_label(
+    tmp_path: Path,
+) -> None:
+    big, small = two_studies(tmp_path)
+    result = upload_dicom_parallel_rest(
+        "http://127.0.0.1:9",
+        USER,
+        PASSWORD,
+        source_dir=tmp_path / "exam",
+        project=P,
+        subject=S,
+        session=E,
+        allow_multiple_studies=True,
+        dry_run=True,
+    )
+    assert result.batches_total == 2
+    by_uid = {f.sop_instance_uid: f.reason for f in result.files}
+    assert {by_uid[u] for u in big.instances} == {
+        f"dry run: would be sent in batch 1 as session {E}"
+    }
+    assert {by_uid[u] for u in small.instances} == {
+        f"dry run: would be sent in batch 2 as session {E}_2"
+    }

@@ -35,7 +35,14 @@ from xnatio.models import (
 from xnatio.plan import plan_batches
 from xnatio.retry import RetryPolicy
 from xnatio.settings import Secret
-from xnatio.transports.rest import RestTarget, RestUploader, display_path, skipped_outcomes
+from xnatio.transports.rest import (
+    RestTarget,
+    RestUploader,
+    display_path,
+    session_labels,
+    skipped_outcomes,
+    split_by_study,
+)
 from xnatio.xnat.client import XnatClient
 
 __all__ = [
@@ -85,7 +92,9 @@ def plan_rest_upload(
 ) -> RestPlan:
     """Discover (unless ``manifest`` is given), refuse mixed studies, and plan the batches.
 
-    Sends nothing; ``xnatio.plan.describe_plan`` renders the result for ``--dry-run``.
+    With several studies (allowed), batches are cut so that each holds one study: each study is
+    sent and archived under its own label (:mod:`xnatio.transports.rest`). Sends nothing;
+    ``xnatio.plan.describe_plan`` renders the result for ``--dry-run``.
     """
     if manifest is None:
         path = Path(source_dir)
@@ -105,6 +114,8 @@ def plan_rest_upload(
         batches = [Batch(index=0, files=tuple(manifest.files))]
     else:
         batches = plan_batches(manifest, max(1, num_batches))
+    if len(manifest.studies()) > 1:
+        batches = split_by_study(batches)
     if progress_callback is not None:
         progress_callback(
             ProgressEvent(
@@ -154,6 +165,11 @@ def upload_dicom_parallel_rest(
     True, False or a CA bundle path; ``timeout`` is per request (seconds); ``retries`` per batch
     on transient failures; ``overwrite`` is none, append or delete; ``direct_archive`` uses
     XNAT ≥ 1.8.3 Direct-Archive instead of prearchive + commit.
+
+    ``allow_multiple_studies``: send a PATH holding several StudyInstanceUIDs. XNAT makes one
+    session per study, so each is archived under its own label: the largest study as
+    ``session``, the others as ``session_2``, ``session_3``… (by decreasing file count);
+    ``result.session_uris`` lists every archived session, ``result.session_uri`` the first.
 
     Peak memory is bounded by the worker counts, not by the session's size (see
     :mod:`xnatio.transports.rest`). With ``dry_run`` nothing is sent: the result lists every
@@ -213,12 +229,16 @@ def upload_dicom_parallel_rest(
 
 
 def dry_run_result(plan: RestPlan, target: RestTarget) -> UploadResult:
-    """The result of ``dry_run``: every file SKIPPED ("dry run") with its planned batch."""
+    """The result of ``dry_run``: every file SKIPPED ("dry run") with its planned batch (and,
+    with several studies, the session label it would be archived under)."""
+    labels = session_labels(plan.manifest.studies(), target.session)
+    many = len(labels) > 1
     files = [
         FileOutcome(
             path=display_path(f),
             outcome=Outcome.SKIPPED,
-            reason=f"dry run: would be sent in batch {b.index + 1}",
+            reason=f"dry run: would be sent in batch {b.index + 1}"
+            + (f" as session {labels[f.study_uid]}" if many else ""),
             sop_instance_uid=f.sop_instance_uid,
             series_uid=f.series_uid,
             size=f.size,

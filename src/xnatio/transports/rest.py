@@ -155,7 +155,8 @@ def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
         groups: dict[str, list[DicomFile]] = {}
         for f in batch.files:
             groups.setdefault(f.study_uid, []).append(f)
-        out.extend(Batch(index=len(out) + i, files=tuple(g)) for i, g in enumerate(groups.values()))
+        for group in groups.values():
+            out.append(Batch(index=len(out), files=tuple(group)))
     return out
 
 
