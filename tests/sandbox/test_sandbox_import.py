@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -360,3 +362,51 @@ def test_labels_that_could_escape_the_data_dir_are_refused(
     assert r.status_code == 400
     assert "Invalid" in h3(r)
     assert not (xnat_server.data_dir.parent / "x").exists()
+
+
+class _Unseekable(io.RawIOBase):
+    """Makes zipfile write data descriptors (flag bit 3), as streaming zip writers do."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        return self.buf.write(b)
+
+
+def descriptor_zip(files: dict[str, Path], method: int) -> bytes:
+    out = _Unseekable()
+    with zipfile.ZipFile(out, "w", compression=method) as zf:
+        for name, path in files.items():
+            zf.writestr(name, path.read_bytes())
+    return out.buf.getvalue()
+
+
+def test_zip_read_like_zipinputstream(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=1, instances=2)
+    files = {p.name: p for p in s.instances.values()}
+    # DEFLATED entries with data descriptors: fine.
+    r = post(xnat_server, descriptor_zip(files, zipfile.ZIP_DEFLATED), "application/zip")
+    assert r.status_code == 200, r.text
+    (prearc,) = xnat_server.prearchive_sessions("P")
+    assert set(xnat_server.prearchive_files(prearc)) == set(s.instances)
+    # STORED entries with data descriptors: java.util.zip.ZipInputStream refuses them.
+    r = post(xnat_server, descriptor_zip(files, zipfile.ZIP_STORED), "application/zip")
+    assert r.status_code == 400
+    assert "only DEFLATED entries can have EXT descriptor" in h3(r)
+    # Not a zip at all: ZipInputStream finds no entries, so nothing is imported (200, empty).
+    r = post(xnat_server, b"this is not a zip file", "application/zip")
+    assert (r.status_code, r.text) == (200, "")
+
+
+def test_zip_entry_with_a_bad_crc_is_refused(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    s = session(tmp_path, series=1, instances=1)
+    (path,) = s.instances.values()
+    body = bytearray(zip_bytes({"a.dcm": path}))
+    body[14] ^= 0xFF  # the CRC-32 field of the first local header
+    r = post(xnat_server, bytes(body), "application/zip")
+    assert r.status_code == 400
+    assert "invalid entry CRC" in h3(r)

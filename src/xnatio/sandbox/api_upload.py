@@ -66,11 +66,7 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
                 name = ""  # no client file name: stored under XNAT's namer name
             elif archive_kind(name) is None:
                 raise HttpError(400, f"Unsupported format {name}")
-            body_path = None
-            if archive_kind(name) == "zip":  # zipfile needs to seek: spool the body first
-                body_path = req.tmp_path("body")
-                temp.append(body_path)
-                req.body.to_file(body_path)
+            body_path = None  # read as it arrives
         else:
             raise HttpError(
                 400, "Unable to identify the uploaded file: send multipart/form-data or inbody=true"

@@ -9,6 +9,7 @@ write); ``Ignore-Unparsable`` skips bad entries instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -16,7 +17,6 @@ import shutil
 import tarfile
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from xnatio.sandbox.dicom import (
 from xnatio.sandbox.knobs import KnobBox
 from xnatio.sandbox.pages import HttpError
 from xnatio.sandbox.store import UNASSIGNED, Experiment, PrearcSession, Store
+from xnatio.sandbox.zipstream import ZipStreamError, iter_zip_stream
 
 IMPORT_PATH = "/data/services/import"
 HANDLERS = {"DICOM-zip", "gradual-DICOM", "SI"}
@@ -159,9 +160,9 @@ def iter_entries(
     """(name, stream) for every file in an archive; ``nested`` also opens archives inside it
     (the DICOM importer does; resource ``extract=true`` writes them out as files).
 
-    ``source`` is a spooled file, or, for tar and tar.gz, the request body itself: read as it
-    arrives, like XNAT's importer reads its input stream, so a body cut off in the middle leaves
-    the entries before the cut imported.
+    ``source`` is a spooled file (a multipart part) or the request body itself, read as it
+    arrives, like XNAT's importer reads its input stream (zips as ZipInputStream does, see
+    ``zipstream``), so a body cut off in the middle leaves the entries before the cut imported.
     """
 
     def entries(name: str, stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
@@ -172,13 +173,10 @@ def iter_entries(
 
     try:
         if kind == "zip":
-            assert isinstance(source, Path), "zip needs a seekable (spooled) body"
-            with zipfile.ZipFile(source) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        continue
-                    with zf.open(info) as stream:
-                        yield from entries(info.filename, stream)
+            with contextlib.ExitStack() as stack:
+                raw = stack.enter_context(source.open("rb")) if isinstance(source, Path) else source
+                for entry_name, entry in iter_zip_stream(raw):
+                    yield from entries(entry_name, entry)  # type: ignore[arg-type]
         else:
             with _open_tar(source, kind) as tf:
                 for member in tf:
@@ -188,7 +186,7 @@ def iter_entries(
                     if member_stream is not None:
                         with member_stream:
                             yield from entries(member.name, member_stream)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except (ZipStreamError, tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
         name = source.name if isinstance(source, Path) else "upload"
@@ -247,6 +245,8 @@ class DicomImport:
                     if not self.p.ignore_unparsable:
                         raise HttpError(400, str(err)) from None
                     last_error = err
+                except ZipStreamError as err:  # found while reading the entry's bytes
+                    raise HttpError(400, f"unable to read DICOM object {name}: {err}") from None
             if self.files_written == 0 and last_error is not None:
                 raise HttpError(400, str(last_error))
             return self._finish()

@@ -16,6 +16,7 @@ from pathlib import Path
 from xnatio.sandbox.importer import archive_kind, iter_entries
 from xnatio.sandbox.pages import HttpError
 from xnatio.sandbox.store import Experiment, Store
+from xnatio.sandbox.zipstream import ZipStreamError
 
 
 def safe_relpath(path: str) -> str:
@@ -84,8 +85,11 @@ def store_resource_files(
     if kind is not None:
         base = posixpath.dirname(rel_path)
         # One level only: XNAT's ZipUtils/TarUtils.extract write nested archives out as files.
-        for name, stream in iter_entries(upload, kind, store.tmp_dir(), nested=False):
-            put(posixpath.join(base, name) if base else name, stream)
+        try:
+            for name, stream in iter_entries(upload, kind, store.tmp_dir(), nested=False):
+                put(posixpath.join(base, name) if base else name, stream)
+        except ZipStreamError as err:
+            raise HttpError(400, f"Unable to extract {rel_path}: {err}") from None
     else:
         with upload.open("rb") as stream:
             put(rel_path, stream)
