@@ -17,7 +17,7 @@ import shutil
 import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,11 +129,6 @@ class ImportParams:
         )
 
 
-def _copy_entry(src: IO[bytes], dst: Path) -> None:
-    with dst.open("wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-
-
 class FullReader:
     """A file-like view of a request body whose ``read(n)`` returns n bytes unless at the end
     (a socket read may return fewer)."""
@@ -205,20 +200,8 @@ def _maybe_nested(name: str, stream: IO[bytes], tmp_dir: Path) -> Iterator[tuple
     if inner is None:
         yield name, stream
         return
-    nested = tmp_dir / f"nested-{uuid.uuid4().hex}"
-    try:
-        _copy_entry(stream, nested)
-        yield from iter_entries(nested, inner, tmp_dir)
-    finally:
-        nested.unlink(missing_ok=True)
-
-
-class _Spool:
-    """The rest of an entry after its head: the head bytes first, then the stream."""
-
-    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
-        self.head = head
-        self.stream = stream
+    # Read straight out of the outer entry, front to back, as XNAT nests its input streams.
+    yield from iter_entries(FullReader(stream), inner, tmp_dir)
 
 
 class DicomImport:
@@ -474,6 +457,3 @@ def cleanup(paths: list[Path]) -> Iterator[None]:
     finally:
         for p in paths:
             p.unlink(missing_ok=True)
-
-
-EntryFactory = Callable[[], Iterator[tuple[str, IO[bytes]]]]

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -428,6 +426,3 @@ class SandboxServer:
                 store.finish_direct_sessions(k.build_idle_seconds)
             except Exception:  # never let the timer thread die
                 log.exception("sandbox sweeper failed")
-
-
-Route = Callable[[Request, "re.Match[str]"], Response]
