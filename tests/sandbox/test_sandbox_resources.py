@@ -124,3 +124,12 @@ def test_scans_download_as_zip(archived: SandboxServer) -> None:
     }
     assert got == want
     assert not list((archived.data_dir / "tmp").iterdir())  # the temporary zip is gone
+
+
+def test_inbody_resource_rules(archived: SandboxServer) -> None:
+    http = client(archived)
+    base = archived.url + EXP + "/resources/R/files"
+    r = http.put(base, params={"inbody": "true"}, data=b"x")
+    assert r.status_code == 406  # no file name in the URI
+    r = http.put(base + "/a.txt", params={"inbody": "true"}, files={"f": ("a.txt", b"x")})
+    assert r.status_code == 406  # in-body must not be multipart

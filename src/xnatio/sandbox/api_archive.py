@@ -248,8 +248,15 @@ def file_put(req: Request, m: re.Match[str]) -> Response:
     scan_id = _scan(req, e, m["scan"]) if m["scan"] else ""
     params = dict(req.params)
     temp: list[Any] = []
+    multipart = req.content_type.lower().startswith("multipart/")
+    if truthy(params.get("inbody")) and multipart:
+        raise HttpError(
+            406,
+            "In-body File posts must include the file directly as the body of the message"
+            " (not as part of multi-part form data).",
+        )
     with cleanup(temp):
-        if req.content_type.lower().startswith("multipart/"):
+        if multipart:
             boundary = boundary_of(req.content_type)
             if boundary is None:
                 raise HttpError(400, "Malformed multipart request: no boundary")
@@ -263,10 +270,10 @@ def file_put(req: Request, m: re.Match[str]) -> Response:
             if m["path"] and len(uploads) > 1:
                 raise HttpError(400, "Only one file can be uploaded to a file path.")
         else:
+            if not m["path"]:
+                raise HttpError(406, "In-body File posts must specify a file name in the uri.")
             if not req.body.has_body:
                 raise HttpError(400, "No content provided.")
-            if not m["path"]:
-                raise HttpError(400, "A file name is required for an in-body upload.")
             body_path = req.tmp_path("res")
             temp.append(body_path)
             req.body.to_file(body_path)
