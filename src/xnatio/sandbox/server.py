@@ -172,6 +172,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         except Exception as exc:  # a bug: answer like XNAT does (500 + message), keep serving
+            if sandbox.stopping:  # stop() closed the index under this in-flight request
+                self.close_connection = True
+                return
             log.exception("sandbox handler failed")
             response = Response(500, error_page(500, f"Internal error: {exc}"), "text/html")
         if not admin and knobs.take("drop_response_next", path):
@@ -321,6 +324,10 @@ class SandboxServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     @property
     def username(self) -> str:
