@@ -277,6 +277,19 @@ def test_python_names_in_the_docs_exist() -> None:
     assert not missing, f"docs import names that do not exist: {missing}"
 
 
+def test_api_reference_table_names_exist_where_it_says() -> None:
+    """Each row of the API table, "| `name`, `name` | `module` … |", names importable things."""
+    rows = re.findall(
+        r"^\| (`\w+`(?:, `\w+`)*)[^|]*\| `(xnatio[\w.]*)`", DOCS["api-reference.md"], re.M
+    )
+    assert len(rows) >= 8, "the API table of docs/api-reference.md was not found"
+    missing = []
+    for names, module in rows:
+        mod = importlib.import_module(module)
+        missing += [f"{module}.{n}" for n in re.findall(r"`(\w+)`", names) if not hasattr(mod, n)]
+    assert not missing, f"docs/api-reference.md names what its module lacks: {missing}"
+
+
 def test_shell_completion_script_is_what_the_docs_say(tmp_path: Path) -> None:
     """`_XIO_COMPLETE=bash_source xio` (docs/cli.md) prints a script that registers `xio`, and
     the completion it asks for offers the options of the command being typed."""
