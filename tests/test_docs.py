@@ -199,9 +199,26 @@ def test_docs_name_only_commands_that_exist() -> None:
     assert not unknown, f"docs name commands that do not exist: {sorted(unknown)}"
 
 
+def _example_invocations() -> Iterator[tuple[str, str]]:
+    """`xio ...` command lines of the shell scripts in examples/ (comments left out)."""
+    for script in sorted((ROOT / "examples").glob("*.sh")):
+        text = script.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            for m in re.finditer(r"(?:^|[\s!;&|(])xio((?: [a-z][a-z-]*)*)(.*)", line):
+                words = m.group(1).split()
+                while words and "xio " + " ".join(words) not in ALL_COMMANDS:
+                    words.pop()
+                rest = re.split(
+                    r"\s(?:#|\||&&|;|>)", m.group(1)[len(" ".join(words)) + 1 :] + m.group(2)
+                )[0]
+                yield ("xio " + " ".join(words)).strip(), rest
+
+
 def test_command_lines_in_docs_use_only_that_commands_options() -> None:
     wrong = []
-    for path, rest in _xio_invocations(ALL_TEXT):
+    for path, rest in [*_xio_invocations(ALL_TEXT), *_example_invocations()]:
         cmd = ALL_COMMANDS.get(path)
         allowed = set(long_options(cmd)) | {"--help"} if cmd else {"--help", "--version"}
         for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
