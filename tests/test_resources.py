@@ -285,11 +285,6 @@ def test_transient_failure_resends_the_whole_body(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sandbox's extract=true opens nested archives like the DICOM-zip importer; "
-    "XNAT's TarUtils/ZipUtils.extract write every entry out as a file, one level only",
-)
 def test_nested_archive_lands_as_a_file(sandbox: Any, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
