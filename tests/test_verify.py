@@ -16,14 +16,24 @@ import requests
 import responses
 from click.testing import CliRunner
 
-from upload_helpers import PASSWORD, USER, import_tar
+from upload_helpers import PASSWORD, USER, import_tar, upload
 from xnatio.cli import verify as cli_verify
 from xnatio.cli.main import cli
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Outcome
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
-from xnatio.verify import ServerFile, ServerScan, compare, md5_of, read_session, verify_session
+from xnatio.verify import (
+    HEADER_SLACK,
+    REWRITE_REASON,
+    ServerFile,
+    ServerScan,
+    VerifyReport,
+    compare,
+    md5_of,
+    read_session,
+    verify_session,
+)
 from xnatio.xnat.client import XnatClient
 
 BASE = "https://xnat.test/data/projects/P/subjects/S/experiments/E"
@@ -124,6 +134,85 @@ def test_extra_server_files_are_shown_but_not_a_failure(tmp_path: Path) -> None:
     scans[0].files.append(ServerFile("older.dcm", 5, md5(b"older")))
     (check,), _, _ = compare(files, scans)
     assert check.ok and check.extra == ["older.dcm"]
+
+
+def rewritten(scans: list[ServerScan], grow: int = 90) -> list[ServerScan]:
+    """What a site anonymization script leaves: every file a little larger, another MD5."""
+    for scan in scans:
+        for sf in scan.files:
+            sf.size += grow
+            sf.md5 = md5(sf.name.encode() + b"anonymized") if sf.md5 else None
+    return scans
+
+
+def report_of(files: list[DicomFile], scans: list[ServerScan]) -> VerifyReport:
+    report = VerifyReport("P", "S", "E", found=True)
+    report.series, report.unmatched_scans, report.unreadable = compare(files, scans)
+    return report
+
+
+@pytest.mark.parametrize("digests", [True, False])
+def test_server_that_rewrites_every_file_verifies_by_count(tmp_path: Path, digests: bool) -> None:
+    files = session(tmp_path)
+    report = report_of(files, rewritten(as_server(files, digests=digests)))
+    assert report.ok and report.problems == []
+    assert report.verified == [] and len(report.rewritten) == len(files)
+    assert report.warning == (
+        "warning: the server rewrote every file it stored (a site anonymization script?): "
+        "6 files verified by instance count per series, bytes not compared"
+    )
+    assert {(o.outcome, o.reason) for o in report.outcomes()} == {
+        (Outcome.VERIFIED, REWRITE_REASON)
+    }
+    data = report.to_dict()
+    assert data["ok"] and data["server_rewrote"] and data["warnings"] == [report.warning]
+    assert [(s["verified"], s["rewritten"]) for s in data["series"]] == [(3, 3), (3, 3)]
+    assert "rewritten" in report.table().splitlines()[0]
+
+
+def test_identical_files_next_to_different_ones_are_not_a_server_rewrite(tmp_path: Path) -> None:
+    files = session(tmp_path)
+    scans = as_server(files)
+    rewritten([scans[1]])  # series 2 differs everywhere, series 1 is byte-identical
+    report = report_of(files, scans)
+    assert not report.ok and report.rewritten == [] and report.warning == ""
+    assert len(report.verified) == 3
+    assert [len(s.different) for s in report.series] == [0, 3]
+    assert all("differs on the server (size/MD5; series 2" in why for _, why in report.problems)
+    assert report.note.startswith("3 other file(s) are byte-identical on the server")
+    assert "rewritten" not in report.table()
+
+
+def test_rewriting_server_still_needs_every_instance(tmp_path: Path) -> None:
+    files = session(tmp_path)
+    scans = rewritten(as_server(files))
+    scans[1].files.pop()  # series 2: 2 of 3 on the server
+    report = report_of(files, scans)
+    assert not report.ok
+    s1, s2 = report.series
+    assert s1.ok and len(s1.rewritten) == 3  # a complete series is counted in
+    assert not s2.ok and len(s2.missing) == 1 and len(s2.different) == 2 and not s2.rewritten
+    reasons = [why for _, why in report.problems]
+    assert sum(why.startswith("not on the server after upload") for why in reasons) == 1
+    assert sum("holds 2 of the 3 sent" in why for why in reasons) == 2
+    assert "3 files verified by instance count" in report.warning
+
+    # One more file in a scan than was sent: which ones are ours cannot be told either.
+    scans = rewritten(as_server(files))
+    scans[0].files.append(ServerFile("older.dcm", files[0].size + 90, md5(b"older")))
+    report = report_of(files, scans)
+    assert not report.ok and len(report.series[0].different) == 3
+    assert "holds 4 for the 3 sent" in report.problems[0][1]
+
+
+def test_rewrite_that_changes_the_size_too_much_is_not_accepted(tmp_path: Path) -> None:
+    files = session(tmp_path, series=1)
+    report = report_of(files, rewritten(as_server(files), grow=HEADER_SLACK + 1))
+    assert not report.ok and len(report.series[0].different) == 3
+    assert f"by up to {HEADER_SLACK + 1} bytes, more than a header rewrite" in report.problems[0][1]
+    # A script that strips tags makes files smaller: that is a rewrite too.
+    report = report_of(files, rewritten(as_server(files), grow=-10))
+    assert report.ok and len(report.rewritten) == 3
 
 
 def test_unreadable_local_file_is_reported(tmp_path: Path) -> None:
@@ -356,3 +445,103 @@ def test_upload_reads_back_unless_no_verify(
     assert r.exit_code == 0, r.output
     assert reads() == 3  # one DICOM file listing per scan
     assert {row["outcome"] for row in csv.DictReader(report.open())} == {"verified"}
+
+
+# -- a server that rewrites what it stores (the sandbox's site_anonymization knob) -----------------
+
+
+@pytest.fixture
+def cli_env(sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("XNAT_SERVER", sandbox.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    return CliRunner()
+
+
+@pytest.mark.integration
+def test_upload_to_a_server_that_rewrites_every_file_ends_verified(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    cli_env: CliRunner,
+    tmp_path: Path,
+) -> None:
+    root, files = synthetic
+    sandbox.set_knobs(site_anonymization=True)
+    report = tmp_path / "r.csv"
+    r = cli_env.invoke(cli, ["upload-dicom", "P", "S", "E", str(root), "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    warning = (
+        "Warning: the server rewrote every file it stored (a site anonymization script?): "
+        f"{len(files)} files verified by instance count per series, bytes not compared"
+    )
+    assert "verified on the server" in r.stdout and r.stdout.count(warning) == 1
+    rows = list(csv.DictReader(report.open()))
+    assert {(row["outcome"], row["reason"]) for row in rows} == {("verified", REWRITE_REASON)}
+    # Really rewritten: no stored file has the bytes that were sent.
+    stored = sandbox.archived_files("P", "S", "E")
+    assert len(stored) == len(files)
+    assert all(stored[f.sop_instance_uid].md5 != md5_of(f.path) for f in files)
+
+    ok = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.splitlines() == [
+        f"verify: P/S/E holds all {len(files)} files (3 series)",
+        warning[:1].lower() + warning[1:],
+    ]
+    as_json = json.loads(cli_env.invoke(cli, ["verify", "P", "S", "E", str(root), "--json"]).stdout)
+    assert as_json["ok"] and as_json["server_rewrote"] and len(as_json["warnings"]) == 1
+
+
+@pytest.mark.integration
+def test_library_upload_to_a_rewriting_server(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]], tmp_path: Path
+) -> None:
+    root, files = synthetic
+    sandbox.set_knobs(site_anonymization=True)
+    result = upload(sandbox.url, root, tmp_path / "journal.sqlite")
+    assert result.success and result.verified, result.errors
+    assert len(result.files) == len(files)
+    assert {o.outcome for o in result.files} == {Outcome.VERIFIED}
+    assert len(result.warnings) == 1
+    assert f"{len(files)} files verified by instance count" in result.warnings[0]
+
+
+@pytest.mark.integration
+def test_rewriting_server_missing_one_file_fails(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]], cli_env: CliRunner
+) -> None:
+    root, files = synthetic
+    sandbox.set_knobs(site_anonymization=True)
+    lost = files[-1]
+    import_tar(sandbox.url, [f for f in files if f is not lost])
+    r = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root), "--json"])
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert data["ok"] is False
+    by_series = {s["series_number"]: s for s in data["series"]}
+    broken = by_series[lost.series_number]
+    assert len(broken["missing"]) == 1 and broken["on_server"] == broken["local"] - 1
+    # The complete series are counted in (the server evidently rewrites every file).
+    complete = [s for n, s in by_series.items() if n != lost.series_number]
+    assert [s["rewritten"] for s in complete] == [s["local"] for s in complete] == [4, 4]
+    text = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
+    assert text.exit_code == 1
+    assert "file(s) missing or different" in text.output and "rewritten" in text.output
+
+
+@pytest.mark.integration
+def test_some_files_identical_and_some_rewritten_fails(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]], cli_env: CliRunner
+) -> None:
+    """Half the session stored as sent, half rewritten: not what a site script does (it rewrites
+    every file), so the differences fail."""
+    root, files = synthetic
+    import_tar(sandbox.url, files[:6])
+    sandbox.set_knobs(site_anonymization=True)
+    import_tar(sandbox.url, files[6:])
+    r = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
+    assert r.exit_code == 1
+    assert f"{len(files) - 6} file(s) missing or different" in r.output
+    assert "note: 6 other file(s) are byte-identical on the server" in r.output
+    assert "warning" not in r.output and "rewritten" not in r.output
+    assert sum(": differs on the server (size/MD5" in line for line in r.output.splitlines()) == 6

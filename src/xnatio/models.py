@@ -165,6 +165,9 @@ class UploadResult:
     verified: bool | None = None
     # Every session the upload filled (REST: one per StudyInstanceUID), ``session_uri`` first.
     session_uris: list[str] = field(default_factory=list)
+    # Things that did not fail the run but the user should know (one line each), e.g. that the
+    # server rewrote every file so read-back compared instance counts, not bytes.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def uploaded(self) -> list[FileOutcome]:

@@ -111,6 +111,7 @@ def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any
             for s in result.studies
         ],
         "errors": list(result.errors),
+        "warnings": list(result.warnings),
         "files": {
             "failed": [_file_dict(f) for f in failed],
             "skipped": [_file_dict(f) for f in skipped],
@@ -223,6 +224,8 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     if result.verified is not None:
         details.append("verified on the server" if result.verified else "VERIFICATION FAILED")
     lines.append("  " + ", ".join(details))
+    # Not failures, but they change what "verified" means (e.g. counted, bytes not compared).
+    lines.extend(f"  {w[:1].upper()}{w[1:]}" for w in result.warnings)
     for s in result.studies:
         lines.append(f"  study {s.study_uid} (patient {s.patient_id}): {_files(s.file_count)}")
     uris = result.session_uris or ([result.session_uri] if result.session_uri else [])

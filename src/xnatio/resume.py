@@ -341,13 +341,19 @@ def apply_verification(result: UploadResult, report: VerifyReport) -> None:
         o.outcome = found.outcome
         if found.outcome is Outcome.FAILED:
             o.reason = found.reason
+        elif found.reason:  # verified by count only (the server rewrote it): say so, too
+            o.reason = "; ".join(r for r in (o.reason, found.reason) if r)
         # VERIFIED keeps its reason ("sent by an earlier run (journal)", transport notes).
     result.verified = report.ok
+    if report.warning and report.warning not in result.warnings:
+        result.warnings.append(report.warning)
     if not report.ok:
         problems = report.problems
         result.errors.append(
             f"verification: {len(problems)} file(s) missing or different on the server"
         )
+        if report.note:
+            result.errors.append(f"verification: {report.note}")
         result.errors.extend(f"{f.path}: {why}" for f, why in problems[:20])
 
 

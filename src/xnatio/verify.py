@@ -19,6 +19,21 @@ be compared. Instead:
    bytes: a site anonymization script, or a damaged transfer); local files left after that are
    *missing*. Server files left over are *extra* (shown, not a failure: the session may have held
    them before this upload).
+3. a server that rewrites every file it stores. XNAT runs the site-wide anonymization script on
+   each file as it writes it (commonly Patient Name/ID := subject/session label), so on such a
+   server no stored file has the size and MD5 that was sent. When, in one session, *no* local file
+   matches a server file byte for byte and at least one differs, the server is taken to rewrite
+   files, and in each series that holds exactly as many files as were sent, whose sizes differ
+   from ours by no more than a header rewrite could (:data:`HEADER_SLACK`), the differing files
+   are *rewritten*: VERIFIED by instance count, bytes not compared (the report carries one
+   warning line). Missing instances still fail; so does a series with more or fewer files than
+   sent (which of them are ours cannot be told without the bytes). Where some files match byte
+   for byte and others differ, the server evidently does not rewrite files, so the differences
+   are failures (damage, or files changed locally after the upload).
+
+   Why "none identical" and not "most differ": the script runs on every file the server writes,
+   and the fields it rewrites are the same in every file of a session, so its effect is all or
+   nothing. Byte-identical files next to different ones mean something else changed them.
 
 A session that holds files with the same size and MD5 is the same content, so the multiset rule
 cannot mistake one file for another in a way that matters.
@@ -44,6 +59,15 @@ from xnatio.models import DicomFile, FileOutcome, Outcome
 
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
 MD5_THREADS = 4
+# The most a header rewrite may change a file's size by. Anonymization edits names, IDs and dates,
+# and may strip private tags, of which Siemens' CSA headers (~10-200 KB) are the largest common
+# ones; pixel data is untouched. Pixel data of a real image (a 256x256 MR slice is 128 KB, a CT
+# slice 512 KB) is mostly larger, so a truncated file or another image usually shows.
+HEADER_SLACK = 256 * 1024
+
+REWRITE_REASON = (
+    "instance landed; the server rewrote its header (site anonymization?), bytes not compared"
+)
 
 Key = tuple[int, str | None]
 
@@ -82,6 +106,12 @@ class SeriesCheck:
     different: list[DicomFile] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     compared_md5: bool = False
+    # Landed, but the server rewrote the bytes (site anonymization): verified by count only.
+    rewritten: list[DicomFile] = field(default_factory=list)
+    # The session shows a server that rewrites every file (no file of it is byte-identical).
+    server_rewrites: bool = False
+    # The largest size change between this series' differing files and the server's leftovers.
+    size_change: int = 0
 
     @property
     def ok(self) -> bool:
@@ -104,7 +134,36 @@ class VerifyReport:
 
     @property
     def verified(self) -> list[DicomFile]:
+        """Local files the server holds byte for byte."""
         return [f for s in self.series for f in s.verified]
+
+    @property
+    def rewritten(self) -> list[DicomFile]:
+        """Local files that landed, but that the server rewrote (counted, bytes not compared)."""
+        return [f for s in self.series for f in s.rewritten]
+
+    @property
+    def warning(self) -> str:
+        """One line when files were verified by count only because the server rewrote them."""
+        n = len(self.rewritten)
+        if not n:
+            return ""
+        return (
+            "warning: the server rewrote every file it stored (a site anonymization script?): "
+            f"{n} file{'' if n == 1 else 's'} verified by instance count per series, "
+            "bytes not compared"
+        )
+
+    @property
+    def note(self) -> str:
+        """Why differing files were not taken for a server rewrite, when some files match."""
+        same = len(self.verified)
+        if not same or not any(s.different for s in self.series):
+            return ""
+        return (
+            f"{same} other file(s) are byte-identical on the server, so these differences "
+            "are not a server-wide rewrite (site anonymization)"
+        )
 
     @property
     def missing(self) -> list[DicomFile]:
@@ -125,12 +184,12 @@ class VerifyReport:
                 )
                 out.append((f, reason))
             for f in s.different:
-                what = "size/MD5" if s.compared_md5 else "size"
-                out.append((f, f"differs on the server ({what}; {where}, scan {s.scan_id})"))
+                out.append((f, _different_reason(s, where)))
         return out
 
     def outcomes(self) -> list[FileOutcome]:
         out = [_outcome(f, Outcome.VERIFIED, "") for f in self.verified]
+        out.extend(_outcome(f, Outcome.VERIFIED, REWRITE_REASON) for f in self.rewritten)
         out.extend(_outcome(f, Outcome.FAILED, why) for f, why in self.problems)
         return out
 
@@ -142,6 +201,8 @@ class VerifyReport:
             "session": self.session,
             "ok": self.ok,
             "session_found": self.found,
+            "server_rewrote": bool(self.rewritten),
+            "warnings": [self.warning] if self.warning else [],
             "series": [
                 {
                     "series_uid": s.series_uid,
@@ -149,7 +210,8 @@ class VerifyReport:
                     "scan_id": s.scan_id,
                     "local": s.local,
                     "on_server": s.on_server,
-                    "verified": len(s.verified),
+                    "verified": len(s.verified) + len(s.rewritten),
+                    "rewritten": len(s.rewritten),
                     "missing": [str(f.path) for f in s.missing],
                     "different": [str(f.path) for f in s.different],
                     "extra": s.extra,
@@ -163,7 +225,10 @@ class VerifyReport:
 
     def table(self) -> str:
         """A plain-text per-series table (what a mismatch prints)."""
-        head = ("series", "scan", "local", "server", "verified", "missing", "different", "extra")
+        # "rewritten" (a subset of "verified") only where the server rewrote files.
+        rewrites = bool(self.rewritten)
+        head: tuple[str, ...] = ("series", "scan", "local", "server", "verified")
+        head += ("rewritten",) * rewrites + ("missing", "different", "extra")
         rows = [head]
         for s in self.series:
             rows.append(
@@ -172,7 +237,8 @@ class VerifyReport:
                     s.scan_id or "-",
                     str(s.local),
                     str(s.on_server),
-                    str(len(s.verified)),
+                    str(len(s.verified) + len(s.rewritten)),
+                    *((str(len(s.rewritten)),) * rewrites),
                     str(len(s.missing)),
                     str(len(s.different)),
                     str(len(s.extra)),
@@ -182,6 +248,22 @@ class VerifyReport:
         return "\n".join(
             "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows
         )
+
+
+def _different_reason(s: SeriesCheck, where: str) -> str:
+    what = "size/MD5" if s.compared_md5 else "size"
+    if s.server_rewrites and (s.missing or s.extra):
+        how_many = "of the" if s.missing else "for the"
+        return (
+            f"the server rewrote the files of {where} (scan {s.scan_id}) and holds {s.on_server} "
+            f"{how_many} {s.local} sent: which are these cannot be told without the bytes"
+        )
+    if s.server_rewrites and s.size_change > HEADER_SLACK:
+        return (
+            f"differs on the server by up to {s.size_change} bytes, more than a header rewrite "
+            f"({what}; {where}, scan {s.scan_id})"
+        )
+    return f"differs on the server ({what}; {where}, scan {s.scan_id})"
 
 
 def _outcome(f: DicomFile, outcome: Outcome, reason: str) -> FileOutcome:
@@ -372,15 +454,38 @@ def compare(
             else:
                 leftover_local.append(f)
         leftover_server = [
-            sf.name for sf in scan.files if _take(pool, (sf.size, sf.md5 if use_md5 else None))
+            sf for sf in scan.files if _take(pool, (sf.size, sf.md5 if use_md5 else None))
         ]
         n_diff = min(len(leftover_local), len(leftover_server))
         check.different = leftover_local[:n_diff]
         check.missing = leftover_local[n_diff:]
-        check.extra = leftover_server[n_diff:]
+        check.extra = [sf.name for sf in leftover_server[n_diff:]]
+        check.size_change = _size_change(
+            [f.size for f in leftover_local], [sf.size for sf in leftover_server]
+        )
+    _accept_server_rewrite(checks)
     unmatched = [s.id for s in scans if s.id not in used]
     checks.sort(key=lambda c: (c.series_number is None, c.series_number or 0, c.series_uid))
     return checks, unmatched, unreadable
+
+
+def _size_change(local: list[int], server: list[int]) -> int:
+    """The largest size change between equally many local and server files, paired smallest to
+    smallest (of all pairings, that one has the smallest largest change); 0 if the counts differ
+    (then the series fails on its count anyway)."""
+    if not local or len(local) != len(server):
+        return 0
+    return max(abs(x - y) for x, y in zip(sorted(local), sorted(server), strict=True))
+
+
+def _accept_server_rewrite(checks: list[SeriesCheck]) -> None:
+    """Rule 3 of the module docstring, over one session's series."""
+    if any(c.verified for c in checks) or not any(c.different for c in checks):
+        return
+    for c in checks:
+        c.server_rewrites = True
+        if c.different and not c.missing and not c.extra and c.size_change <= HEADER_SLACK:
+            c.rewritten, c.different = c.different, []
 
 
 def _take(pool: Counter[Key], key: Key) -> bool:

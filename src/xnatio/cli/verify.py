@@ -2,7 +2,8 @@
 
 Reads the session back and compares it series by series with what discovery finds in DIR (the
 matching rule is in :mod:`xnatio.verify`). Exit 0 when every file is there, 1 with a per-series
-table of what is missing or different.
+table of what is missing or different. On a server that rewrites every file (site
+anonymization), the files are counted, not compared byte for byte, and one warning line says so.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def verify(
 ) -> None:
     """Check that session PROJECT/SUBJECT/SESSION in XNAT holds every DICOM file under DIR.
 
-    Compares per series: instance counts, sizes, and MD5 where XNAT keeps a digest. After a
-    C-STORE upload, --wait-for gives XNAT time to build the session.
+    Compares per series: instance counts, sizes, and MD5 where XNAT keeps a digest. If the
+    server rewrote every file (a site anonymization script), the instances are counted per
+    series instead, with a warning. After a C-STORE upload, --wait-for gives XNAT time to build
+    the session.
     """
     start_command(ctx, output)
     settings = resolve_cli_settings(server, output=output)
@@ -103,15 +106,23 @@ def verify(
 
 
 def render(result: VerifyReport) -> str:
-    """The human answer: one line when all is well, else the table and the first problems."""
+    """The human answer: one line when all is well (and the warning, if the server rewrote the
+    files), else the table and the first problems."""
     where = f"{result.project}/{result.subject}/{result.session}"
     if not result.found:
         return f"verify: session {where} not found on the server"
-    n = len(result.verified)
+    n = len(result.verified) + len(result.rewritten)
     if result.ok:
-        return f"verify: {where} holds all {n} files ({len(result.series)} series)"
-    problems = result.problems
-    lines = [f"verify: {where}: {len(problems)} file(s) missing or different", result.table()]
+        lines = [f"verify: {where} holds all {n} files ({len(result.series)} series)"]
+    else:
+        problems = result.problems
+        lines = [f"verify: {where}: {len(problems)} file(s) missing or different", result.table()]
+    if result.warning:
+        lines.append(result.warning)
+    if result.ok:
+        return "\n".join(lines)
+    if result.note:
+        lines.append(f"note: {result.note}")
     for f, why in problems[:PROBLEMS_SHOWN]:
         lines.append(f"  {f.path}: {why}")
     if len(problems) > PROBLEMS_SHOWN:
@@ -132,4 +143,5 @@ def _as_upload_result(result: VerifyReport, duration: float) -> UploadResult:
         session=result.session,
         verified=result.ok,
         errors=[f"{f.path}: {f.reason}" for f in files if f.outcome is Outcome.FAILED][:20],
+        warnings=[result.warning] if result.warning else [],
     )
