@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -158,6 +159,13 @@ def test_json_errors_still_give_a_result_on_stdout(
     result = json.loads(r.stdout)
     assert result["status"] == "error" and result["exit_code"] == 4
     assert r.stderr.strip().splitlines()[-1] == f"error: {result['error']}"
+
+
+def test_quiet_and_verbose_do_not_outlive_the_command(cli_invoke: Invoke, tmp_path: Path) -> None:
+    level = logging.getLogger("xnatio").level
+    cli_invoke("upload-dicom", "P", "S", "E", tmp_path / "nope", "-q", exit_code=2)
+    cli_invoke("upload-dicom", "P", "S", "E", tmp_path / "nope", "-vv", exit_code=2)
+    assert logging.getLogger("xnatio").level == level
 
 
 def test_verbose_shows_the_traceback(cli_invoke: Invoke, tmp_path: Path) -> None:

@@ -220,9 +220,14 @@ def start_command(ctx: click.Context, output: OutputArgs) -> None:
     # Imported here: cli.main imports every command module, which import this one.
     from xnatio.cli.main import set_debug
 
+    logger = logging.getLogger("xnatio")
+    level = logger.level
+    # The level is the process's, so give it back when the command ends: commands also run
+    # in-process (tests, scripts calling ``cli.main(standalone_mode=False)``).
+    ctx.call_on_close(lambda: logger.setLevel(level))
     set_debug(ctx, output.verbose)
     if output.quiet and not output.verbose:
-        logging.getLogger("xnatio").setLevel(logging.ERROR)
+        logger.setLevel(logging.ERROR)
 
 
 def resolve_cli_settings(
