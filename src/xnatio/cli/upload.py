@@ -333,7 +333,9 @@ Examples:
 @click.option(
     "--allow-multiple-studies",
     is_flag=True,
-    help="Send PATH even if it holds several StudyInstanceUIDs (XNAT may split them).",
+    help="Send PATH even if it holds several StudyInstanceUIDs. XNAT makes one session per "
+    "study: the largest is archived as SESSION, the others as SESSION_2, SESSION_3, ... "
+    "(by decreasing file count); all are committed, verified and listed in the report.",
 )
 @click.option("--dry-run", is_flag=True, help="Discover and print the plan; send nothing.")
 @click.option(
