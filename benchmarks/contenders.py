@@ -95,8 +95,10 @@ def _last_line(text: str, limit: int = 300) -> str:
 def _failure(m: Measured) -> str:
     if m.timed_out:
         return f"timed out after {m.wall_s:.0f} s"
-    why = _last_line(m.stderr) or _last_line(m.stdout) or "no output"
-    return f"exit code {m.returncode}: {why}"
+    lines = [ln.strip() for ln in m.stderr.splitlines() if ln.strip()]
+    # The first line often says what went wrong, the last what to do (curl, click): keep both.
+    why = " / ".join(dict.fromkeys([lines[0], lines[-1]]))[:400] if lines else ""
+    return f"exit code {m.returncode}: {why or _last_line(m.stdout) or 'no output'}"
 
 
 def check_archived(ctx: RunContext, m: Measured) -> Checked:
@@ -283,15 +285,19 @@ def curl_single_tar() -> Contender:
             # No "Expect: 100-continue" round trip before the body.
             "-H",
             "Expect:",
-            "--data-binary",
-            f"@{ctx.tar}",
+            # --upload-file streams the file; --data-binary @FILE reads it into memory first
+            # and refuses files over 1 GB ("option --data-binary: out of memory", curl 7.88).
+            "--upload-file",
+            str(ctx.tar),
+            "-X",
+            "POST",
             url,
         ]
         return Invocation(cmd, stdin_text=config)
 
     return Contender(
         name="curl",
-        summary="curl --data-binary @session.tar -H 'Content-Type: application/x-tar' "
+        summary="curl -X POST --upload-file session.tar -H 'Content-Type: application/x-tar' "
         "'URL/data/services/import?import-handler=DICOM-zip&PROJECT_ID=P&SUBJECT_ID=S"
         "&EXPT_LABEL=E&inbody=true&dest=/archive/projects/P/subjects/S/experiments/E' "
         "(one tar of the whole session, built once beforehand, not timed)",
