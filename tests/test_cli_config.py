@@ -105,6 +105,30 @@ def test_config_error_exit_2_and_no_secret(isolated_home: Path, tmp_path: Path) 
     assert res.exit_code == 2 and "no profile 'missing'" in res.stderr
 
 
+SERVER_COMMANDS = {
+    "upload-dicom": ["upload-dicom", "P", "S", "E", "{dir}"],
+    "verify": ["verify", "P", "S", "E", "{dir}"],
+    "upload-resource": ["upload-resource", "P", "S", "E", "R", "{dir}"],
+    "login": ["login"],
+    "config show": ["config", "show"],
+}
+
+
+@pytest.mark.parametrize("name", list(SERVER_COMMANDS))
+def test_every_server_command_reads_profile_and_env_file(
+    name: str, isolated_home: Path, tmp_path: Path
+) -> None:
+    # One settings path (xnatio.cli.options): each command that talks to a server honours
+    # --profile and --env-file, so a profile that does not exist is the same error everywhere.
+    args = [a.replace("{dir}", str(tmp_path)) for a in SERVER_COMMANDS[name]]
+    write_config(isolated_home, '[profiles.lab]\nserver = "https://lab.example"\n')
+    res = run(*args, "--profile", "missing", cwd=tmp_path)
+    assert res.exit_code == 2 and "error: no profile 'missing'" in res.stderr
+    missing_env = tmp_path / "nowhere.env"
+    res = run(*args, "--env-file", str(missing_env), cwd=tmp_path)
+    assert res.exit_code == 2 and str(missing_env) in res.stderr
+
+
 # --- login against the sandbox -------------------------------------------------------------------
 
 

@@ -1,96 +1,28 @@
-"""`xio login` (check credentials, optionally store an alias token) and `xio config show`.
-
-Also the ``--profile``/``--env-file`` options and the settings resolution that includes them,
-used by the commands in this package that take them.
-"""
+"""`xio login` (check credentials, optionally store an alias token) and `xio config show`."""
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from xnatio import config_file, credentials
 from xnatio.cli.options import (
-    PASSWORD_FLAG_WARNING,
     DicomArgs,
     OutputArgs,
     ServerArgs,
     dicom_options,
     exit_codes_epilog,
     output_options,
+    resolve_cli_settings,
     server_options,
     start_command,
 )
 from xnatio.errors import AuthError
 from xnatio.settings import DISPLAY_FIELDS as FIELDS
-from xnatio.settings import Settings, resolve_settings
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class ProfileArgs:
-    profile: str | None = None
-    env_file: Path | None = None
-
-
-def profile_options(f: F) -> F:
-    """Add --profile and --env-file; pass ``profile: ProfileArgs``."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, profile: str | None, env_file: Path | None, **kwargs: Any) -> Any:
-        return f(*args, profile=ProfileArgs(profile, env_file), **kwargs)
-
-    wrapper = click.option(
-        "--env-file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        metavar="FILE",
-        help="Read XNAT_* settings from FILE (default: ./.env when present).",
-    )(wrapper)
-    wrapper = click.option(
-        "--profile",
-        metavar="NAME",
-        help="Profile of the config file to use (default: 'default').  [env: XNATIO_PROFILE]",
-    )(wrapper)
-    return wrapper  # type: ignore[return-value]
-
-
-def resolve_with_profile(
-    server: ServerArgs,
-    profile: ProfileArgs,
-    *,
-    dicom: DicomArgs | None = None,
-    output: OutputArgs | None = None,
-    need_credentials: bool = False,
-    profile_may_be_missing: bool = False,
-) -> Settings:
-    """Flags (with --profile/--env-file) → Settings; warnings go to stderr unless -q."""
-    quiet = bool(output and output.quiet)
-    if server.password is not None and not quiet:
-        click.echo(PASSWORD_FLAG_WARNING, err=True)
-    d = dicom or DicomArgs()
-    return resolve_settings(
-        server=server.server,
-        username=server.user,
-        password=server.password,
-        verify_tls=server.verify_tls,
-        ca_bundle=server.ca_bundle,
-        dicom_host=d.host,
-        dicom_port=d.port,
-        dicom_called_aet=d.called_aet,
-        dicom_calling_aet=d.calling_aet,
-        profile=profile.profile,
-        env_file=profile.env_file,
-        need_credentials=need_credentials,
-        profile_may_be_missing=profile_may_be_missing,
-    )
-
+from xnatio.settings import Settings
 
 # --- xio login -----------------------------------------------------------------------------------
 
@@ -113,7 +45,6 @@ def _version_of(info: dict[str, Any]) -> str:
 
 @click.command("login", epilog=LOGIN_EPILOG)
 @server_options
-@profile_options
 @click.option(
     "--save-token",
     is_flag=True,
@@ -125,7 +56,6 @@ def login(
     ctx: click.Context,
     *,
     server: ServerArgs,
-    profile: ProfileArgs,
     save_token: bool,
     output: OutputArgs,
 ) -> None:
@@ -134,9 +64,7 @@ def login(
     Opens a session (POST /data/JSESSION) and reads /xapi/siteConfig/buildInfo.
     """
     start_command(ctx, output)
-    settings = resolve_with_profile(
-        server, profile, output=output, profile_may_be_missing=save_token
-    )
+    settings = resolve_cli_settings(server, output=output, profile_may_be_missing=save_token)
     url = settings.require_server()
     username, password = settings.require_credentials()
     from xnatio.xnat.client import XnatClient
@@ -148,7 +76,7 @@ def login(
             if save_token:
                 alias, secret = c.issue_token()
                 cfg = Path(settings.config_file or config_file.config_path())
-                name = profile.profile or settings.profile or config_file.DEFAULT_PROFILE
+                name = server.profile or settings.profile or config_file.DEFAULT_PROFILE
                 where = credentials.save_token(cfg, name, url, alias, secret.reveal())
     except AuthError as exc:
         hint = f" (credentials from {settings.credential_source()})"
@@ -210,7 +138,6 @@ def settings_document(settings: Settings) -> dict[str, Any]:
 
 @config.command("show", epilog=SHOW_EPILOG)
 @server_options
-@profile_options
 @dicom_options
 @output_options
 @click.pass_context
@@ -218,13 +145,12 @@ def show(
     ctx: click.Context,
     *,
     server: ServerArgs,
-    profile: ProfileArgs,
     dicom: DicomArgs,
     output: OutputArgs,
 ) -> None:
     """Print the resolved settings, where each value came from, and which sources were read."""
     start_command(ctx, output)
-    settings = resolve_with_profile(server, profile, dicom=dicom, output=output)
+    settings = resolve_cli_settings(server, dicom, output=output)
     doc = settings_document(settings)
     if output.json:
         click.echo(json.dumps(doc, indent=2))

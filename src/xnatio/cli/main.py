@@ -16,9 +16,8 @@ from typing import Any
 import click
 
 from xnatio import __version__
-from xnatio.errors import EXIT_CODES, EXIT_INTERRUPTED, XnatioError
-
-EXIT_CODES_HELP = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+from xnatio.cli.options import exit_codes_epilog
+from xnatio.errors import EXIT_INTERRUPTED, XnatioError
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -58,7 +57,7 @@ class XioGroup(click.Group):
 @click.group(
     cls=XioGroup,
     context_settings=CONTEXT_SETTINGS,
-    epilog=f"\b\nExit codes (shared by every command):\n{EXIT_CODES_HELP}",
+    epilog=exit_codes_epilog("Exit codes (shared by every command)"),
 )
 @click.version_option(__version__, "--version", prog_name="xio")
 def cli() -> None:

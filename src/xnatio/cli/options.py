@@ -11,9 +11,10 @@ handful of loose keyword arguments, so a command reads::
         start_command(ctx, output)
         settings = resolve_cli_settings(server)
 
-Adding a credential source (``--env-file``, ``--profile``, a token, ...) is one edit here: a new
-option in :data:`_SERVER_OPTIONS`, a field in :class:`ServerArgs`, and the call in
-:func:`resolve_cli_settings`.
+Every command that talks to a server takes :func:`server_options`, so ``--profile`` and
+``--env-file`` come with ``--server`` and settings resolve one way everywhere. Adding a credential
+source (a token, ...) is one edit here: a new option in :data:`_SERVER_OPTIONS`, a field in
+:class:`ServerArgs`, and the call in :func:`resolve_cli_settings`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from xnatio.errors import EXIT_CODES
-from xnatio.settings import Settings
+from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,19 +41,23 @@ PASSWORD_FLAG_WARNING = (
 
 @dataclass(frozen=True)
 class ServerArgs:
-    """The XNAT server and credentials as given on the command line (None: not given)."""
+    """The XNAT server and credentials as given on the command line (None: not given),
+    with the config-file profile and env file to read the rest from."""
 
     server: str | None = None
     user: str | None = None
     password: str | None = None
     verify_tls: bool | None = None
     ca_bundle: str | None = None
+    profile: str | None = None
+    env_file: Path | None = None
 
     def __repr__(self) -> str:  # never show the password, even in a -v traceback
         return (
             f"ServerArgs(server={self.server!r}, user={self.user!r}, "
             f"password={'<hidden>' if self.password else None}, "
-            f"verify_tls={self.verify_tls!r}, ca_bundle={self.ca_bundle!r})"
+            f"verify_tls={self.verify_tls!r}, ca_bundle={self.ca_bundle!r}, "
+            f"profile={self.profile!r}, env_file={self.env_file!r})"
         )
 
 
@@ -99,6 +104,17 @@ _SERVER_OPTIONS = [
         metavar="FILE",
         type=click.Path(dir_okay=False),
         help="CA certificates (PEM) to trust for the server, e.g. a site's own CA.",
+    ),
+    click.option(
+        "--profile",
+        metavar="NAME",
+        help="Profile of the config file to use (default: 'default').  [env: XNATIO_PROFILE]",
+    ),
+    click.option(
+        "--env-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="FILE",
+        help="Read XNAT_* settings from FILE (default: ./.env when present).",
     ),
 ]
 
@@ -153,7 +169,8 @@ def _apply(options: list[Callable[[Any], Any]], f: Callable[..., Any]) -> Any:
 
 
 def server_options(f: F) -> F:
-    """Add --server/--user/--password/--verify-tls/--ca-bundle; pass ``server: ServerArgs``."""
+    """Add --server/--user/--password/--verify-tls/--ca-bundle/--profile/--env-file; pass
+    ``server: ServerArgs``."""
 
     @functools.wraps(f)
     def wrapper(
@@ -163,9 +180,11 @@ def server_options(f: F) -> F:
         password: str | None,
         verify_tls: bool | None,
         ca_bundle: str | None,
+        profile: str | None,
+        env_file: Path | None,
         **kwargs: Any,
     ) -> Any:
-        args_obj = ServerArgs(server, user, password, verify_tls, ca_bundle)
+        args_obj = ServerArgs(server, user, password, verify_tls, ca_bundle, profile, env_file)
         return f(*args, server=args_obj, **kwargs)
 
     return cast(F, _apply(_SERVER_OPTIONS, wrapper))
@@ -209,10 +228,11 @@ def report_option(f: F) -> F:
     )(f)
 
 
-def exit_codes_epilog() -> str:
-    """The exit codes as a help epilog block (shared by every command, see xnatio.errors)."""
+def exit_codes_epilog(title: str = "Exit codes") -> str:
+    """The exit codes as a help epilog block (the group's and every command's, see
+    :data:`xnatio.errors.EXIT_CODES`)."""
     lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
-    return f"\n\b\nExit codes:\n{lines}\n"
+    return f"\n\b\n{title}:\n{lines}\n"
 
 
 def start_command(ctx: click.Context, output: OutputArgs) -> None:
@@ -235,14 +255,29 @@ def resolve_cli_settings(
     dicom: DicomArgs | None = None,
     *,
     output: OutputArgs | None = None,
+    need_credentials: bool = False,
+    profile_may_be_missing: bool = False,
 ) -> Settings:
-    """Options → :class:`Settings` for commands without --profile/--env-file of their own.
+    """Options → :class:`Settings`, the same way for every command.
 
-    Delegates to :func:`xnatio.cli.config.resolve_with_profile` (flags > environment > ./.env >
-    default profile > netrc), so every command resolves settings the same way and the
-    ``--password`` warning is printed in one place.
+    Precedence (see :func:`xnatio.settings.resolve_settings`): flags > environment > env file >
+    profile > netrc. The ``--password`` warning goes to stderr unless -q.
     """
-    # Imported here: cli.config imports this module.
-    from xnatio.cli.config import ProfileArgs, resolve_with_profile
-
-    return resolve_with_profile(server, ProfileArgs(), dicom=dicom, output=output)
+    if server.password is not None and not (output and output.quiet):
+        click.echo(PASSWORD_FLAG_WARNING, err=True)
+    d = dicom or DicomArgs()
+    return resolve_settings(
+        server=server.server,
+        username=server.user,
+        password=server.password,
+        verify_tls=server.verify_tls,
+        ca_bundle=server.ca_bundle,
+        dicom_host=d.host,
+        dicom_port=d.port,
+        dicom_called_aet=d.called_aet,
+        dicom_calling_aet=d.calling_aet,
+        profile=server.profile,
+        env_file=server.env_file,
+        need_credentials=need_credentials,
+        profile_may_be_missing=profile_may_be_missing,
+    )

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from xnatio.cli.config import ProfileArgs, profile_options, resolve_with_profile
 from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
     exit_codes_epilog,
     output_options,
+    resolve_cli_settings,
     server_options,
     start_command,
 )
@@ -53,7 +53,6 @@ EPILOG = (
     help="Read the resource back and check every file's size (and MD5 where XNAT keeps one).",
 )
 @server_options
-@profile_options
 @output_options
 @click.pass_context
 def upload_resource_command(
@@ -68,13 +67,12 @@ def upload_resource_command(
     overwrite: bool,
     verify: bool,
     server: ServerArgs,
-    profile: ProfileArgs,
     output: OutputArgs,
 ) -> None:
     """Upload a file or a directory (non-DICOM: reports, physio, NIfTI...) into RESOURCE of
     session PROJECT/SUBJECT/SESSION (or of one of its scans with --scan)."""
     start_command(ctx, output)
-    settings = resolve_with_profile(server, profile, output=output)
+    settings = resolve_cli_settings(server, output=output)
     url = settings.require_server()
     username, password = settings.require_credentials()
     from xnatio.xnat.client import XnatClient

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 
-from xnatio.cli.config import ProfileArgs, profile_options, resolve_with_profile
 from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
@@ -24,6 +23,7 @@ from xnatio.cli.options import (
     exit_codes_epilog,
     output_options,
     report_option,
+    resolve_cli_settings,
     server_options,
     start_command,
 )
@@ -366,7 +366,6 @@ Examples:
 @report_option
 @output_options
 @server_options
-@profile_options
 @dicom_options
 @click.option(
     "--max-pdu",
@@ -430,7 +429,6 @@ def upload_dicom(
     report: Path | None,
     output: OutputArgs,
     server: ServerArgs,
-    profile: ProfileArgs,
     dicom: DicomArgs,
     max_pdu: int,
     acse_timeout: float,
@@ -477,14 +475,13 @@ def upload_dicom(
         network_timeout=network_timeout,
     )
     with json_errors(output):
-        code = _upload(opts, server, profile, dicom, output, report)
+        code = _upload(opts, server, dicom, output, report)
     ctx.exit(code)
 
 
 def _upload(
     opts: UploadOptions,
     server: ServerArgs,
-    profile: ProfileArgs,
     dicom: DicomArgs,
     output: OutputArgs,
     report: Path | None,
@@ -494,7 +491,7 @@ def _upload(
         raise UsageError(f"{opts.path} does not exist.")
     if report is not None:
         check_report_path(report)
-    settings = resolve_with_profile(server, profile, dicom=dicom, output=output)
+    settings = resolve_cli_settings(server, dicom, output=output)
     check_ready(opts, settings)
 
     with choose_display(quiet=output.quiet) as display:

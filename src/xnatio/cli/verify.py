@@ -17,23 +17,21 @@ import click
 from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
+    exit_codes_epilog,
     output_options,
     report_option,
     resolve_cli_settings,
     server_options,
     start_command,
 )
-from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_OK
+from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK
 from xnatio.models import FileOutcome, Outcome, UploadResult
 from xnatio.report import account_for_skipped, check_report_path, write_report
 from xnatio.verify import VerifyReport, verify_session
 
 PROBLEMS_SHOWN = 20
 POLL_SECONDS = 5.0  # between read-backs with --wait-for
-EPILOG = (
-    "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n\n\b\nExit codes:\n"
-    + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
-)
+EPILOG = "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n" + exit_codes_epilog()
 
 
 @click.command(
