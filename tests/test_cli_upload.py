@@ -206,6 +206,16 @@ def test_dry_run_prints_the_plan(cli_invoke: Invoke, session: SyntheticSession) 
     assert text.strip()
 
 
+def test_dry_run_quiet_prints_the_plan_and_no_progress(
+    cli_invoke: Invoke, session: SyntheticSession
+) -> None:
+    # The plan is the command's result (stdout); -q silences progress and logs (stderr) only.
+    loud = cli_invoke("upload-dicom", "P", "S", "E", session.root, "--dry-run")
+    quiet = cli_invoke("upload-dicom", "P", "S", "E", session.root, "--dry-run", "-q")
+    assert quiet.stdout == loud.stdout and "8 DICOM files" in quiet.stdout
+    assert loud.stderr and not quiet.stderr
+
+
 # -- real uploads to the local XNAT-compatible server --------------------------------------------
 
 

@@ -337,7 +337,11 @@ Examples:
     "study: the largest is archived as SESSION, the others as SESSION_2, SESSION_3, ... "
     "(by decreasing file count); all are committed, verified and listed in the report.",
 )
-@click.option("--dry-run", is_flag=True, help="Discover and print the plan; send nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Discover and print the plan on stdout (also with -q); send nothing.",
+)
 @click.option(
     "--verify/--no-verify",
     default=True,
@@ -501,9 +505,11 @@ def _upload(
         else:
             result = run_upload(opts, settings, manifest, display)
     if opts.dry_run:
+        # The plan is what a dry run is for, so it is printed even with -q (which silences only
+        # progress and logs on stderr).
         if output.json:
             click.echo(json.dumps(data, indent=2, ensure_ascii=False))
-        elif not output.quiet:
+        else:
             click.echo(text)
         return 0
     return render_result(result, output, report)
