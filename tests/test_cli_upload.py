@@ -311,6 +311,11 @@ def test_human_summary_and_csv_report(
     rows = list(csv.DictReader(report.open(encoding="utf-8")))
     assert sorted(row["sop_instance_uid"] for row in rows) == sorted(session.instances)
     assert {row["outcome"] for row in rows} == {"verified"}  # read back after the commit
+    # stderr is no terminal here: plain progress lines, the read-back's like the upload's
+    size = sum(p.stat().st_size for p in session.instances.values())
+    verify = [ln for ln in r.stderr.splitlines() if ln.startswith("verify: ")]
+    assert verify[0].startswith("verify: 0/8 files, 0 B/") and verify[0].endswith("E back")
+    assert verify[-1].startswith(f"verify: 8/8 files, {size / 1000:.1f} kB/{size / 1000:.1f} kB")
 
 
 @pytest.mark.integration

@@ -152,3 +152,38 @@ def test_rich_display_prints_log_records_above_the_live_lines() -> None:
         log.removeHandler(handler)
         log.setLevel(level)
     assert "batch 3: retrying after HTTP 503" in out.getvalue()
+
+
+def _verify(current: int, total: int = 100, size: int = 1_000_000, msg: str = "") -> ProgressEvent:
+    return ProgressEvent(
+        Phase.VERIFY, current, total, msg, bytes_done=current * size // total, bytes_total=size
+    )
+
+
+def test_log_display_shows_verify_like_upload() -> None:
+    # The read-back after an upload (or `xio verify`): files and bytes hashed, speed, ETA.
+    out, clock = io.StringIO(), FakeClock()
+    d = LogDisplay(out, interval=60.0, step=0.10, clock=clock)
+    d(_verify(0, msg="reading P/S/E back"))
+    for i in range(1, 101):  # one file hashed every 0.1 s
+        clock.now += 0.1
+        d(_verify(i))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "verify: 0/100 files, 0 B/1.0 MB (0%), reading P/S/E back"
+    assert len(lines) == 11  # the first event, then every 10 %
+    assert lines[5] == "verify: 50/100 files, 500.0 kB/1.0 MB (50%), 0.1 MB/s, ETA 0:05"
+    assert lines[-1] == "verify: 100/100 files, 1.0 MB/1.0 MB (100%), 0.1 MB/s"
+    assert not ANSI.search(out.getvalue())
+
+
+def test_rich_display_renders_verify_files_and_bytes() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=140, no_color=True)
+    with RichDisplay(console) as d:
+        d(_upload(100))
+        d(_verify(0, total=50, msg="reading P/S/E back"))
+        for i in range(1, 51, 7):
+            d(_verify(i, total=50))
+        d(_verify(50, total=50))
+    text = out.getvalue()
+    assert "verify" in text and "50/50 files 1.0/1.0 MB" in text

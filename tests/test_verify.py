@@ -484,7 +484,8 @@ def test_upload_to_a_server_that_rewrites_every_file_ends_verified(
 
     ok = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
     assert ok.exit_code == 0, ok.output
-    assert ok.output.splitlines() == [
+    # The result; progress lines are on stderr.
+    assert ok.stdout.splitlines() == [
         f"verify: P/S/E holds all {len(files)} files (3 series)",
         warning[:1].lower() + warning[1:],
     ]
@@ -545,3 +546,61 @@ def test_some_files_identical_and_some_rewritten_fails(
     assert "note: 6 other file(s) are byte-identical on the server" in r.output
     assert "warning" not in r.output and "rewritten" not in r.output
     assert sum(": differs on the server (size/MD5" in line for line in r.output.splitlines()) == 6
+
+
+# -- progress of the read-back (Phase.VERIFY) -----------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("studies", [1, 2])
+def test_upload_read_back_emits_verify_progress(
+    xnat_server: SandboxServer, tmp_path: Path, studies: int
+) -> None:
+    # A real resumable REST upload: the read-back after the commit reports files and bytes
+    # hashed/compared, counted over every session of a multi-study upload, up to the whole.
+    from xnatio.models import Phase, ProgressEvent
+    from xnatio.resume import ResumeOptions, resumable_rest_upload
+    from xnatio.transports.rest import RestTarget
+
+    extras = ["second-study"] if studies == 2 else []
+    generate_session(tmp_path / "exam", series=2, instances=3, image_size=(32, 32), extras=extras)
+    manifest = discover(tmp_path / "exam")
+    assert len(manifest.studies()) == studies
+    events: list[ProgressEvent] = []
+    with XnatClient(
+        xnat_server.url, username=xnat_server.username, password=xnat_server.password
+    ) as client:
+        result = resumable_rest_upload(
+            client,
+            manifest,
+            RestTarget(project="P", subject="S", session="E", num_batches=2),
+            options=ResumeOptions(journal=tmp_path / "journal.sqlite"),
+            progress_callback=events.append,
+        )
+    assert result.success and result.verified
+    phases = [e.phase for e in events]
+    verify = [e for e in events if e.phase is Phase.VERIFY]
+    assert verify and Phase.UPLOAD in phases
+    assert phases.index(Phase.VERIFY) > max(i for i, p in enumerate(phases) if p is Phase.UPLOAD)
+    n, size = len(manifest.files), sum(f.size for f in manifest.files)
+    assert {(e.total, e.bytes_total) for e in verify} == {(n, size)}
+    assert verify[0].current == 0 and "back" in verify[0].message
+    assert [e.current for e in verify] == sorted(e.current for e in verify)
+    assert [e.bytes_done for e in verify] == sorted(e.bytes_done for e in verify)
+    assert (verify[-1].current, verify[-1].bytes_done) == (n, size)
+    # one "reading back" event per session, then (the sandbox keeps MD5 digests) one per file
+    assert len([e for e in verify if "back" in e.message]) == studies
+    assert len([e for e in verify if not e.message]) == n
+
+
+def test_verify_progress_counts_series_compared_by_size_or_not_found(tmp_path: Path) -> None:
+    from xnatio.models import Phase, ProgressEvent
+
+    files = session(tmp_path, series=2, per=3)
+    # series 1 on the server without digests (compared by size), series 2 not there at all
+    scans = as_server(files[:3], digests=False)
+    events: list[ProgressEvent] = []
+    compare(files, scans, progress=events.append)
+    size1, size = sum(f.size for f in files[:3]), sum(f.size for f in files)
+    assert all(e.phase is Phase.VERIFY and (e.total, e.bytes_total) == (6, size) for e in events)
+    assert [(e.current, e.bytes_done) for e in events] == [(3, size1), (6, size)]

@@ -4,7 +4,8 @@ The pipeline only ever calls ``callback(event)``, from any thread; what the user
 the subscriber:
 
 - :class:`RichDisplay` — a live display on a terminal (stderr): phase, files done/total, bytes,
-  MB/s, ETA, batches done/failed.
+  MB/s, ETA, batches done/failed. The verify phase (reading back and hashing) shows files, bytes,
+  MB/s and ETA like the upload phase.
 - :class:`LogDisplay` — plain lines for cron and pipes: one per phase change, then one every
   ``interval`` seconds or every ``step`` of the way, whichever comes first. No ANSI codes.
 - :class:`SilentDisplay` — ``-q``: nothing (errors are printed by the CLI edge).
@@ -51,6 +52,11 @@ __all__ = [
     "format_event",
     "tqdm_progress",
 ]
+
+
+# Phases whose events count bytes (upload: sent; verify: hashed and compared) and files.
+BYTE_PHASES = (Phase.UPLOAD, Phase.VERIFY)
+FILE_PHASES = (Phase.DISCOVER, *BYTE_PHASES)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -137,14 +143,16 @@ class _Rate:
 def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
     """One plain line for an event, e.g. ``upload: 120/300 files (40%), 6.1/15.7 MB, …``.
 
-    Files, bytes, speed, ETA and batches are shown for discovery and upload; the short phases in
-    between (plan, connect, commit, verify, done) are described by their message.
+    Files are shown for discovery, upload and verify; bytes, speed and ETA for upload and verify;
+    batches for upload; the short phases in between (plan, connect, commit, done) are described
+    by their message.
     """
     parts: list[str] = []
-    by_bytes = event.phase is Phase.UPLOAD and event.bytes_total > 0
-    if event.phase in (Phase.DISCOVER, Phase.UPLOAD):
-        # The percentage follows bytes while uploading: files count only once their batch is
-        # confirmed, so they lag behind what has been sent.
+    by_bytes = event.phase in BYTE_PHASES and event.bytes_total > 0
+    if event.phase in FILE_PHASES:
+        # The percentage follows bytes while uploading (files count only once their batch is
+        # confirmed, so they lag behind what has been sent) and while verifying (files differ
+        # in size, bytes are what hashing takes time for).
         if event.total and not by_bytes:
             pct = 100.0 * event.current / event.total
             parts.append(f"{event.current}/{event.total} files ({pct:.0f}%)")
@@ -152,7 +160,7 @@ def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
             parts.append(f"{event.current}/{event.total} files")
         elif event.current:
             parts.append(f"{event.current} files")
-    if event.phase is Phase.UPLOAD:
+    if event.phase in BYTE_PHASES:
         if by_bytes:
             pct = 100.0 * event.bytes_done / event.bytes_total
             parts.append(
@@ -347,7 +355,7 @@ class RichDisplay(Display):
             if self._closed:
                 return
             self._ensure_started()
-            bytes_mode = event.phase is Phase.UPLOAD and event.bytes_total > 0
+            bytes_mode = event.phase in BYTE_PHASES and event.bytes_total > 0
             if event.phase is not self._phase or self._task is None:
                 if self._task is not None:
                     self._finish_current()
@@ -361,7 +369,7 @@ class RichDisplay(Display):
                 completed=completed,
                 files=event.current,
                 files_total=event.total,
-                show_files=event.phase in (Phase.DISCOVER, Phase.UPLOAD),
+                show_files=event.phase in FILE_PHASES,
                 bytes_mode=bytes_mode,
                 batches_done=event.batches_done,
                 batches_failed=event.batches_failed,
@@ -413,7 +421,7 @@ def choose_display(*, quiet: bool, stream: IO[str] | None = None) -> Display:
 class TqdmProgress:
     """A progress callback on ``tqdm.auto`` (a widget in Jupyter, a text bar in a terminal).
 
-    One bar per phase; the upload bar counts bytes, the others count files or steps.
+    One bar per phase; the upload and verify bars count bytes, the others files or steps.
     Use as a context manager, or call :meth:`close` at the end.
     """
 
@@ -428,7 +436,7 @@ class TqdmProgress:
         tqdm = importlib.import_module("tqdm.auto").tqdm
 
         with self._lock:
-            bytes_mode = event.phase is Phase.UPLOAD and event.bytes_total > 0
+            bytes_mode = event.phase in BYTE_PHASES and event.bytes_total > 0
             if event.phase is not self._phase or self._bar is None:
                 self._close_bar()
                 self._phase = event.phase

@@ -41,6 +41,7 @@ from xnatio.models import (
     Manifest,
     Outcome,
     ProgressCallback,
+    ProgressEvent,
     UploadResult,
 )
 from xnatio.retry import RetryPolicy
@@ -430,10 +431,20 @@ def resumable_rest_upload(
         by_label: dict[str, list[DicomFile]] = {}
         for f in files:
             by_label.setdefault(study_labels.get(f.study_uid, target.session), []).append(f)
-        reports = [
-            verify_session(client, target.project, target.subject, label, part)
-            for label, part in by_label.items()
-        ] or [verify_session(client, target.project, target.subject, target.session, [])]
+        if not by_label:
+            return verify_session(client, target.project, target.subject, target.session, [])
+        # One VERIFY count over all sessions: each one's events are shifted by those before it.
+        totals = (len(files), sum(f.size for f in files))
+        done = (0, 0)
+        reports: list[VerifyReport] = []
+        for label, part in by_label.items():
+            progress = _shifted(progress_callback, done, totals)
+            reports.append(
+                verify_session(
+                    client, target.project, target.subject, label, part, progress=progress
+                )
+            )
+            done = (done[0] + len(part), done[1] + sum(f.size for f in part))
         return merge_reports(reports) if len(reports) > 1 else reports[0]
 
     result = resumable_upload(
@@ -448,6 +459,28 @@ def resumable_rest_upload(
     result.transport = "rest"
     result.project, result.subject, result.session = target.project, target.subject, target.session
     return result
+
+
+def _shifted(
+    callback: ProgressCallback | None, before: tuple[int, int], totals: tuple[int, int]
+) -> ProgressCallback | None:
+    """Phase.VERIFY events of one session of a multi-study upload, counted over all of them:
+    ``before`` and ``totals`` are (files, bytes)."""
+    if callback is None:
+        return None
+
+    def shifted(event: ProgressEvent) -> None:
+        callback(
+            dataclasses.replace(
+                event,
+                current=before[0] + event.current,
+                total=totals[0],
+                bytes_done=before[1] + event.bytes_done,
+                bytes_total=totals[1],
+            )
+        )
+
+    return shifted
 
 
 def merge_reports(reports: Sequence[VerifyReport]) -> VerifyReport:

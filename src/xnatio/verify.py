@@ -37,6 +37,10 @@ be compared. Instead:
 
 A session that holds files with the same size and MD5 is the same content, so the multiset rule
 cannot mistake one file for another in a way that matters.
+
+Progress: with a ``progress`` callback, :func:`verify_session` emits ``Phase.VERIFY`` events
+counting local files (and their bytes) compared so far: one at the start, while the session is
+read back, then one per file hashed, and one per series compared by size only or not found.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import hashlib
 import tarfile
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +59,7 @@ from urllib.parse import quote
 
 from xnatio.errors import ServerError
 from xnatio.journal import outcome_path
-from xnatio.models import DicomFile, FileOutcome, Outcome
+from xnatio.models import DicomFile, FileOutcome, Outcome, Phase, ProgressCallback, ProgressEvent
 
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
 MD5_THREADS = 4
@@ -361,8 +365,38 @@ def _open_local(path: Path, member: str | None) -> Iterator[IO[bytes]]:
                 yield extracted
 
 
+class _Progress:
+    """Phase.VERIFY events over one read-back: local files compared so far, and their bytes."""
+
+    def __init__(self, callback: ProgressCallback | None, files: Sequence[DicomFile]) -> None:
+        self._callback = callback
+        self._total = len(files)
+        self._bytes_total = sum(f.size for f in files)
+        self._current = 0
+        self._bytes_done = 0
+
+    def emit(self, message: str = "") -> None:
+        if self._callback is not None:
+            self._callback(
+                ProgressEvent(
+                    Phase.VERIFY,
+                    self._current,
+                    self._total,
+                    message,
+                    bytes_done=self._bytes_done,
+                    bytes_total=self._bytes_total,
+                )
+            )
+
+    def advance(self, files: Sequence[DicomFile]) -> None:
+        if files:
+            self._current += len(files)
+            self._bytes_done += sum(f.size for f in files)
+            self.emit()
+
+
 def _local_digests(
-    files: Sequence[DicomFile], threads: int
+    files: Sequence[DicomFile], threads: int, progress: _Progress
 ) -> tuple[dict[int, str], list[tuple[DicomFile, str]]]:
     """MD5 per file (by index into ``files``) and the files that could not be read."""
     digests: dict[int, str] = {}
@@ -378,6 +412,7 @@ def _local_digests(
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for i, digest, why in pool.map(one, range(len(files))):
+            progress.advance(files[i : i + 1])
             if digest is not None:
                 digests[i] = digest
             else:
@@ -390,10 +425,10 @@ def compare(
     scans: Sequence[ServerScan],
     *,
     threads: int = MD5_THREADS,
-    md5: Callable[[Sequence[DicomFile], int], tuple[dict[int, str], list[tuple[DicomFile, str]]]]
-    | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[list[SeriesCheck], list[str], list[tuple[DicomFile, str]]]:
     """Pair local series with scans and compare files (see the module docstring)."""
+    tracker = _Progress(progress, files)
     by_series: dict[str, list[DicomFile]] = {}
     for f in files:
         by_series.setdefault(f.series_uid, []).append(f)
@@ -412,7 +447,6 @@ def compare(
         key = scan.id if scan is not None else f"?{uid}"
         groups.setdefault(key, (scan, []))[1].append(uid)
 
-    digest_fn = md5 or _local_digests
     checks: list[SeriesCheck] = []
     unreadable: list[tuple[DicomFile, str]] = []
     used: set[str] = set()
@@ -429,13 +463,14 @@ def compare(
         checks.append(check)
         if scan is None:
             check.missing = local
+            tracker.advance(local)
             continue
         used.add(scan.id)
         use_md5 = bool(scan.files) and all(sf.md5 for sf in scan.files)
         check.compared_md5 = use_md5
         local_keys: list[Key | None]
         if use_md5:
-            digests, bad = digest_fn(local, threads)
+            digests, bad = _local_digests(local, threads, tracker)
             unreadable.extend(bad)
             bad_ids = {id(f) for f, _ in bad}
             local_keys = [
@@ -443,6 +478,7 @@ def compare(
             ]
         else:
             local_keys = [(f.size, None) for f in local]
+            tracker.advance(local)
         pool: Counter[Key] = Counter((sf.size, sf.md5 if use_md5 else None) for sf in scan.files)
         leftover_local: list[DicomFile] = []
         for f, lkey in zip(local, local_keys, strict=True):
@@ -504,15 +540,18 @@ def verify_session(
     files: Iterable[DicomFile],
     *,
     threads: int = MD5_THREADS,
+    progress: ProgressCallback | None = None,
 ) -> VerifyReport:
-    """Read the session back and compare it with ``files`` (the manifest's DICOM files)."""
+    """Read the session back and compare it with ``files`` (the manifest's DICOM files);
+    ``progress`` receives Phase.VERIFY events (see the module docstring)."""
     local = list(files)
+    _Progress(progress, local).emit(f"reading {project}/{subject}/{session} back")
     report = VerifyReport(project, subject, session, found=True)
     scans = read_session(client, project, subject, session)
     if scans is None:
         report.found = False
         scans = []
     report.series, report.unmatched_scans, report.unreadable = compare(
-        local, scans, threads=threads
+        local, scans, threads=threads, progress=progress
     )
     return report

@@ -26,6 +26,7 @@ from xnatio.cli.options import (
 )
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK
 from xnatio.models import FileOutcome, Outcome, UploadResult
+from xnatio.progress import choose_display
 from xnatio.report import account_for_skipped, check_report_path, write_report
 from xnatio.verify import VerifyReport, verify_session
 
@@ -85,14 +86,20 @@ def verify(
     started = time.monotonic()
     manifest = discover(path)
     username, password = settings.require_credentials()
-    with XnatClient(
-        settings.require_server(), username=username, password=password, verify=settings.verify
-    ) as client:
-        result = verify_session(client, project, subject, session, manifest.files)
+    with (
+        XnatClient(
+            settings.require_server(), username=username, password=password, verify=settings.verify
+        ) as client,
+        choose_display(quiet=output.quiet) as display,
+    ):
+        # Progress (files and bytes read back and hashed) on stderr, as during an upload.
+        result = verify_session(client, project, subject, session, manifest.files, progress=display)
         deadline = time.monotonic() + wait_for
         while not result.ok and time.monotonic() < deadline:
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            result = verify_session(client, project, subject, session, manifest.files)
+            result = verify_session(
+                client, project, subject, session, manifest.files, progress=display
+            )
     if report is not None:
         as_result = _as_upload_result(result, time.monotonic() - started)
         write_report(account_for_skipped(as_result, manifest), report)
