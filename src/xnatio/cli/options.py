@@ -20,6 +20,7 @@ source (a token, ...) is one edit here: a new option in :data:`_SERVER_OPTIONS`,
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from xnatio.errors import EXIT_CODES
+from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_OK
 from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -233,6 +234,23 @@ def exit_codes_epilog(title: str = "Exit codes") -> str:
     :data:`xnatio.errors.EXIT_CODES`)."""
     lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     return f"\n\b\n{title}:\n{lines}\n"
+
+
+def finish_command(
+    ctx: click.Context,
+    output: OutputArgs,
+    *,
+    ok: bool,
+    doc: Callable[[], Any],
+    text: Callable[[], str],
+) -> None:
+    """Print a check's result and exit 0 (ok) or 1: ``doc()`` as JSON with --json, else
+    ``text()`` — on stdout when ok (nothing with -q), on stderr when not (even with -q)."""
+    if output.json:
+        click.echo(json.dumps(doc(), indent=2))
+    elif not output.quiet or not ok:
+        click.echo(text(), err=not ok)
+    ctx.exit(EXIT_OK if ok else EXIT_FILES_FAILED)
 
 
 def start_command(ctx: click.Context, output: OutputArgs) -> None:

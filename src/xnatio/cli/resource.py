@@ -7,7 +7,6 @@ and ``--overwrite`` was not given, listing them; identical files already there a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -16,12 +15,12 @@ from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
     exit_codes_epilog,
+    finish_command,
     output_options,
     resolve_cli_settings,
     server_options,
     start_command,
 )
-from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK
 from xnatio.models import Outcome
 from xnatio.progress import choose_display
 from xnatio.resources import ResourceResult, upload_resource
@@ -93,11 +92,7 @@ def upload_resource_command(
             progress_callback=display,
             verify=verify,
         )
-    if output.json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    elif not output.quiet or not result.success:
-        click.echo(render(result), err=not result.success)
-    ctx.exit(EXIT_OK if result.success else EXIT_FILES_FAILED)
+    finish_command(ctx, output, ok=result.success, doc=result.to_dict, text=lambda: render(result))
 
 
 def render(result: ResourceResult) -> str:

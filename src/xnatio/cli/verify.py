@@ -8,7 +8,6 @@ anonymization), the files are counted, not compared byte for byte, and one warni
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,13 +17,13 @@ from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
     exit_codes_epilog,
+    finish_command,
     output_options,
     report_option,
     resolve_cli_settings,
     server_options,
     start_command,
 )
-from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK
 from xnatio.models import FileOutcome, Outcome, UploadResult
 from xnatio.progress import choose_display
 from xnatio.report import account_for_skipped, check_report_path, write_report
@@ -103,11 +102,7 @@ def verify(
     if report is not None:
         as_result = _as_upload_result(result, time.monotonic() - started)
         write_report(account_for_skipped(as_result, manifest), report)
-    if output.json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    elif not output.quiet or not result.ok:
-        click.echo(render(result), err=not result.ok)
-    ctx.exit(EXIT_OK if result.ok else EXIT_FILES_FAILED)
+    finish_command(ctx, output, ok=result.ok, doc=result.to_dict, text=lambda: render(result))
 
 
 def render(result: VerifyReport) -> str:
