@@ -29,7 +29,7 @@ from xnatio.settings import Settings
 LOGIN_EPILOG = (
     "\b\nExamples:\n"
     "  xio login --server https://xnat.example.org --user alice\n"
-    "  xio login --profile scanner --save-token     # later: xio upload --profile scanner ...\n"
+    "  xio login --profile scanner --save-token  # later: xio upload-dicom --profile scanner ...\n"
     "  XNAT_PASSWORD=... xio login --server https://xnat.example.org --user alice --json\n"
     "\b\nA saved token goes to the system keyring when the 'keyring' package has a working\n"
     "backend, else into the profile of the config file (mode 0600). XNAT expires alias tokens\n"

@@ -448,8 +448,8 @@ def upload_dicom(
     to the prearchive and committed once at the end.
 
     Progress goes to stderr (a live display on a terminal, plain lines otherwise); the summary,
-    or the --json result, goes to stdout. Credentials come from --user and XNAT_USERNAME /
-    XNAT_PASSWORD.
+    or the --json result, goes to stdout. Credentials come from --user/--password, XNAT_USERNAME
+    / XNAT_PASSWORD, --env-file (or ./.env), --profile, or ~/.netrc; `xio config show` says which.
     """
     start_command(ctx, output)
     opts = UploadOptions(
