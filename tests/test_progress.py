@@ -187,3 +187,12 @@ def test_rich_display_renders_verify_files_and_bytes() -> None:
         d(_verify(50, total=50))
     text = out.getvalue()
     assert "verify" in text and "50/50 files 1.0/1.0 MB" in text
+
+
+def test_tqdm_progress_counts_bytes_while_verifying() -> None:
+    out = io.StringIO()
+    with tqdm_progress(file=out, mininterval=0) as cb:
+        cb(_verify(0, total=4, size=2_000_000, msg="reading P/S/E back"))
+        cb(_verify(4, total=4, size=2_000_000))
+    text = out.getvalue()
+    assert "verify" in text and "2.00M/2.00M" in text
