@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -137,14 +138,33 @@ def test_big_endian_is_converted_with_pixels_swapped() -> None:
         assert sent.PatientComments == ROUTE
 
 
-def test_transcode_without_decoder_says_what_to_install() -> None:
+def test_transcode_without_decoder_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    from pydicom.pixels.decoders.base import get_decoder
+
+    # The dev extra installs decoders (xnatio[codecs]); take them out of this one decoder so
+    # the path a user without them meets is tested here too. pydicom moves a plugin whose
+    # import fails from _available to _unavailable: do the same.
+    decoder = get_decoder(UID("1.2.840.10008.1.2.4.50"))
+    monkeypatch.setattr(decoder, "_available", {})
+    with pytest.raises(EncodeError, match=r"no decoder is installed \(install one of: .*pillow"):
+        transcode(path, "1.2.840.10008.1.2.4.50", ExplicitVRLittleEndian, None)
+
+
+def test_transcode_decompresses_jpeg_when_a_decoder_is_installed() -> None:
     path = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     from xnatio.transports.dicom_store_encode import decoder_missing
 
-    if decoder_missing("1.2.840.10008.1.2.4.50") is None:
-        pytest.skip("a JPEG decoder is installed here")
-    with pytest.raises(EncodeError, match=r"no decoder is installed \(install one of: .*pillow"):
-        transcode(path, "1.2.840.10008.1.2.4.50", ExplicitVRLittleEndian, None)
+    if decoder_missing("1.2.840.10008.1.2.4.50") is not None:
+        pytest.skip("no JPEG decoder here: pip install 'xnatio[codecs]'")
+    sent = decode(
+        transcode(path, "1.2.840.10008.1.2.4.50", ExplicitVRLittleEndian, ROUTE),
+        ExplicitVRLittleEndian,
+    )
+    original = dcmread(path)
+    assert sent.SOPInstanceUID == original.SOPInstanceUID
+    assert sent.PatientComments == ROUTE
+    assert len(sent.PixelData) == original.Rows * original.Columns * 3
 
 
 @pytest.mark.parametrize(
