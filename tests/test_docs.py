@@ -45,7 +45,7 @@ TEST_COMMAND_SENTENCE = "The test command is `python3 -m pytest`"
 
 # Options of other programs that the docs legitimately show, by program.
 FOREIGN_OPTIONS = {
-    "curl": {"--data-binary"},  # the single-request reference in performance.md
+    "curl": {"--data-binary", "--upload-file"},  # the single-request reference in performance.md
     "storescp": {"--fork"},  # dcmtk's receiver, started with --fork
     "pip": {"--no-deps"},
     "xnatctl": {"--workers"},  # the contender in performance.md
