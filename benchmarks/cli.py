@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"any of: {', '.join(SCENARIOS)} (default: all)",
     )
     p.add_argument("--repeat", type=int, help="runs per contender (default: per scenario)")
-    p.add_argument("--files", type=int, help="session size for rest-limit, rest-wan and cstore")
+    p.add_argument(
+        "--files", type=int, help="session size for rest-limit, rest-wan, rest-latency and cstore"
+    )
     p.add_argument("--discover-files", type=_counts, help="e.g. 15000,50000")
     p.add_argument("--scale-files", type=_counts, help="e.g. 2000,15000,50000")
     p.add_argument(

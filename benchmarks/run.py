@@ -1,6 +1,7 @@
 """Benchmark harness entry point: ``python benchmarks/run.py [SCENARIO...] [--tiny] [--repeat N]``.
 
-Scenarios: rest-limit, rest-wan, cstore, discover, scale (default: all). See docs/performance.md.
+Scenarios: rest-limit, rest-wan, rest-latency, cstore, discover, scale (default: all).
+See docs/performance.md.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ from benchmarks.servers import Sandbox, StoreSCP
 
 # rest-wan's server costs; docs/performance.md says why these values.
 WAN_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0, "bandwidth_mbps": 400.0}
+# rest-latency: the same distant, busy server on a link fast enough not to be the limit, which is
+# how issue 3 states its goal against xnatctl ("added latency per request and per file").
+LATENCY_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0}
 
 REST_WORKERS = 42  # xio's default --num-batches / --upload-workers
 CSTORE_ASSOCIATIONS = 45  # xio's default --num-batches for --transport dicom-store
@@ -73,11 +76,18 @@ TINY = Sizes(
     scale_image=SMALL_IMAGE,
 )
 
-SCENARIOS = ("rest-limit", "rest-wan", "cstore", "discover", "scale")
+SCENARIOS = ("rest-limit", "rest-wan", "rest-latency", "cstore", "discover", "scale")
 # Sized so that a full run stays under 15 minutes on 2 cores (measured: about 13): rest-wan moves
 # 2.5 GB at 400 Mbit/s four times (a minute or two each), cstore's single-association references
 # take about 2 minutes each. --repeat N runs every contender N times, alternating.
-DEFAULT_REPEAT = {"rest-limit": 2, "rest-wan": 1, "cstore": 1, "discover": 3, "scale": 1}
+DEFAULT_REPEAT = {
+    "rest-limit": 2,
+    "rest-wan": 1,
+    "rest-latency": 1,
+    "cstore": 1,
+    "discover": 3,
+    "scale": 1,
+}
 
 
 def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case]:
@@ -116,6 +126,19 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                     reps(name),
                     baseline="xnatctl",
                     knobs=dict(WAN_KNOBS),
+                )
+            )
+        elif name == "rest-latency":
+            cases.append(
+                Case(
+                    "rest-latency",
+                    f"rest-latency {rest.files} files",
+                    rest,
+                    "sandbox",
+                    [c.xio_rest_no_verify(REST_WORKERS), c.xnatctl_rest(REST_WORKERS)],
+                    reps(name),
+                    baseline="xnatctl",
+                    knobs=dict(LATENCY_KNOBS),
                 )
             )
         elif name == "cstore":
