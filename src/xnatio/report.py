@@ -13,10 +13,11 @@ file with all its fields.
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from xnatio import __version__
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError, XnatioError
@@ -72,7 +73,14 @@ def _sent_bytes(result: UploadResult) -> int:
 
 def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any]:
     """The ``--json`` result. ``full=True`` gives every field of every uploaded file too."""
-    uploaded, failed, skipped = result.uploaded, result.failed, result.skipped
+    data = _result_head(result)
+    data["files"] = {name: list(items) for name, items in _result_files(result, full=full)}
+    return data
+
+
+def _result_head(result: UploadResult) -> dict[str, Any]:
+    """Everything in the result but the per-file lists (which ``_result_files`` yields)."""
+    uploaded = result.uploaded
     verified_count = sum(1 for f in uploaded if f.outcome is Outcome.VERIFIED)
     return {
         "schema": RESULT_SCHEMA,
@@ -93,8 +101,8 @@ def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any
             "bytes": _sent_bytes(result),
             "uploaded": len(uploaded),
             "verified": verified_count,
-            "failed": len(failed),
-            "skipped": len(skipped),
+            "failed": sum(1 for f in result.files if f.outcome is Outcome.FAILED),
+            "skipped": sum(1 for f in result.files if f.outcome is Outcome.SKIPPED),
             "uploaded_bytes": sum(f.size for f in uploaded),
         },
         "duration_s": round(result.duration, 3),
@@ -112,12 +120,46 @@ def result_to_dict(result: UploadResult, *, full: bool = False) -> dict[str, Any
         ],
         "errors": list(result.errors),
         "warnings": list(result.warnings),
-        "files": {
-            "failed": [_file_dict(f) for f in failed],
-            "skipped": [_file_dict(f) for f in skipped],
-            "uploaded": [_file_dict(f) for f in uploaded] if full else [f.path for f in uploaded],
-        },
     }
+
+
+def _result_files(result: UploadResult, *, full: bool) -> list[tuple[str, Iterator[object]]]:
+    """The result's per-file lists, as generators: a 50,000-file session is written record by
+    record instead of being held as 50,000 dicts plus their encoded text."""
+    done = (Outcome.UPLOADED, Outcome.VERIFIED)
+    files = result.files
+    uploaded: Iterator[object] = (
+        (_file_dict(f) for f in files if f.outcome in done)
+        if full
+        else (f.path for f in files if f.outcome in done)
+    )
+    return [
+        ("failed", (_file_dict(f) for f in files if f.outcome is Outcome.FAILED)),
+        ("skipped", (_file_dict(f) for f in files if f.outcome is Outcome.SKIPPED)),
+        ("uploaded", uploaded),
+    ]
+
+
+def write_result_json(result: UploadResult, out: IO[str], *, full: bool = False) -> None:
+    """Write ``result_to_json``'s text (``full``: the report's) to ``out`` piece by piece.
+
+    The bytes are those of ``json.dumps(result_to_dict(result, full=full), indent=2)``: the
+    head is encoded whole, each file record on its own, so memory does not grow with the
+    number of files (json.dumps with an indent builds a list of every small chunk first).
+    """
+    head = _result_head(result)
+    text = json.dumps(head, indent=2, ensure_ascii=False)
+    out.write(text[:-2])  # up to the last value, without "\n}"
+    out.write(',\n  "files": {')
+    for n, (name, items) in enumerate(_result_files(result, full=full)):
+        out.write(("," if n else "") + f"\n    {json.dumps(name)}: [")
+        first = True
+        for item in items:
+            encoded = json.dumps(item, indent=2, ensure_ascii=False).replace("\n", "\n      ")
+            out.write(("\n      " if first else ",\n      ") + encoded)
+            first = False
+        out.write("]" if first else "\n    ]")
+    out.write("\n  }\n}")
 
 
 def _file_dict(f: FileOutcome) -> dict[str, Any]:
@@ -144,7 +186,9 @@ def error_to_dict(exc: XnatioError) -> dict[str, Any]:
 
 
 def result_to_json(result: UploadResult) -> str:
-    return json.dumps(result_to_dict(result), indent=2, ensure_ascii=False)
+    out = io.StringIO()
+    write_result_json(result, out)
+    return out.getvalue()
 
 
 def write_report(result: UploadResult, path: Path) -> None:
@@ -162,8 +206,9 @@ def write_report(result: UploadResult, path: Path) -> None:
                     row = _file_dict(f)
                     writer.writerow(["" if row[c] is None else row[c] for c in REPORT_COLUMNS])
         else:
-            data = result_to_dict(result, full=True)
-            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
+            with path.open("w", encoding="utf-8") as fh:
+                write_result_json(result, fh, full=True)
+                fh.write("\n")
     except OSError as exc:
         raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from None
 
