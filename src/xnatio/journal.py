@@ -33,12 +33,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -405,31 +406,41 @@ class JournalRun:
         return self._by_name.get(name)
 
     def record_confirmed(self, files: Iterable[DicomFile], *, batch: int | None = None) -> int:
-        """One transaction per call; marks the session uncommitted (new files need a commit)."""
+        """One transaction per call; marks the session uncommitted (new files need a commit).
+
+        Rows are made while SQLite inserts them: a 50,000-file batch is never held as 50,000
+        row tuples (tens of MB at the peak otherwise).
+        """
         now = time.time()
-        rows = [
-            (
-                self.run_id,
-                relative_name(f, self._root),
-                f.size,
-                f.mtime_ns,
-                f.sop_instance_uid,
-                batch,
-                now,
-            )
-            for f in files
-        ]
-        if not rows or self.journal.closed:
+        it = iter(files)
+        first = next(it, None)
+        if first is None or self.journal.closed:
             return 0
+        count = 0
+
+        def rows() -> Iterator[tuple[object, ...]]:
+            nonlocal count
+            for f in itertools.chain((first,), it):
+                count += 1
+                yield (
+                    self.run_id,
+                    relative_name(f, self._root),
+                    f.size,
+                    f.mtime_ns,
+                    f.sop_instance_uid,
+                    batch,
+                    now,
+                )
+
         try:
-            self._insert(rows, now)
+            self._insert(rows(), now)
         except sqlite3.ProgrammingError:
             if self.journal.closed:  # closed meanwhile (Ctrl-C): dropped, sent again next run
                 return 0
             raise
-        return len(rows)
+        return count
 
-    def _insert(self, rows: Sequence[tuple[object, ...]], now: float) -> None:
+    def _insert(self, rows: Iterable[tuple[object, ...]], now: float) -> None:
         with self.journal._write() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO files "
