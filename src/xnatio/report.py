@@ -51,6 +51,8 @@ def account_for_skipped(result: UploadResult, manifest: Manifest) -> UploadResul
 
     Both transports are given the manifest and may already list them; a path is never listed twice.
     """
+    if not manifest.skipped and not manifest.duplicates:
+        return result  # the usual case: no set of every listed path (MBs at 50,000 files)
     listed = {f.path for f in result.files}
     extra: list[FileOutcome] = []
     for s in _skipped_of(manifest):

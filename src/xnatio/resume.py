@@ -332,18 +332,23 @@ def _merge(result: UploadResult, again: UploadResult) -> None:
 
 def apply_verification(result: UploadResult, report: VerifyReport) -> None:
     """VERIFIED for what read-back found; FAILED (with why) for what it did not."""
-    by_path = {o.path: o for o in report.outcomes()}
+    # (outcome, reason) per path, the pairs shared: no new FileOutcome per file at 50,000 files.
+    by_path: dict[str, tuple[Outcome, str]] = {}
+    shared: dict[tuple[Outcome, str], tuple[Outcome, str]] = {}
+    for path, outcome, reason in report.verdicts():
+        pair = (outcome, reason)
+        by_path[path] = shared.setdefault(pair, pair)
     for o in result.files:
         if o.outcome is not Outcome.UPLOADED:
             continue  # a failed file keeps the transport's reason; skipped stays skipped
         found = by_path.get(o.path)
         if found is None:
             continue
-        o.outcome = found.outcome
-        if found.outcome is Outcome.FAILED:
-            o.reason = found.reason
-        elif found.reason:  # verified by count only (the server rewrote it): say so, too
-            o.reason = "; ".join(r for r in (o.reason, found.reason) if r)
+        o.outcome, found_reason = found
+        if o.outcome is Outcome.FAILED:
+            o.reason = found_reason
+        elif found_reason:  # verified by count only (the server rewrote it): say so, too
+            o.reason = "; ".join(r for r in (o.reason, found_reason) if r)
         # VERIFIED keeps its reason ("sent by an earlier run (journal)", transport notes).
     result.verified = report.ok
     if report.warning and report.warning not in result.warnings:

@@ -191,6 +191,16 @@ class VerifyReport:
                 out.append((f, _different_reason(s, where)))
         return out
 
+    def verdicts(self) -> Iterator[tuple[str, Outcome, str]]:
+        """(outcome path, outcome, reason) per file, in ``outcomes()`` order, made one at a time
+        (no FileOutcome per file: callers that only settle existing outcomes need none)."""
+        for f in self.verified:
+            yield outcome_path(f), Outcome.VERIFIED, ""
+        for f in self.rewritten:
+            yield outcome_path(f), Outcome.VERIFIED, REWRITE_REASON
+        for f, why in self.problems:
+            yield outcome_path(f), Outcome.FAILED, why
+
     def outcomes(self) -> list[FileOutcome]:
         out = [_outcome(f, Outcome.VERIFIED, "") for f in self.verified]
         out.extend(_outcome(f, Outcome.VERIFIED, REWRITE_REASON) for f in self.rewritten)
