@@ -171,12 +171,15 @@ def test_transcode_decompresses_jpeg_when_a_decoder_is_installed() -> None:
     ("status", "stored", "text"),
     [
         (0x0000, True, ""),
+        (0x0001, True, "C-STORE status 0x0001 (warning)"),
         (0xB000, True, "C-STORE status 0xB000 (warning: coercion of data elements)"),
         (0xB123, True, "C-STORE status 0xB123 (warning)"),
-        (0xA701, False, "C-STORE status 0xA701 (failure: refused, out of resources)"),
-        (0xA900, False, "C-STORE status 0xA900 (failure: data set does not match SOP class)"),
+        (0xA701, False, "C-STORE status 0xA701 (failure: refused: out of resources)"),
+        (0xA900, False, "C-STORE status 0xA900 (failure: data set does not match sop class)"),
         (0xC005, False, "C-STORE status 0xC005 (failure: cannot understand): bad tag"),
-        (0x0122, False, "C-STORE status 0x0122 (failure: SOP class not supported)"),
+        (0x0122, False, "C-STORE status 0x0122 (failure: refused: sop class not supported)"),
+        (0xFE00, False, "C-STORE status 0xFE00 (cancel)"),
+        (0xD000, False, "C-STORE status 0xD000 (failure: unknown status)"),
     ],
 )
 def test_status_meanings(status: int, stored: bool, text: str) -> None:

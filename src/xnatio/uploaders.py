@@ -65,8 +65,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # The C-STORE transport is re-exported lazily: importing it pulls in pynetdicom (~0.2 s),
-    # which a REST upload does not need.
+    # The C-STORE transport is re-exported lazily: importing it pulls in pynetdicom's status
+    # tables and pydicom's encoders (~0.2 s), which a REST upload does not need.
     if name == "send_dicom_store":
         from xnatio.transports.dicom_store import send_dicom_store
 
