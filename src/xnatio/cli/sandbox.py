@@ -35,10 +35,22 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
 @click.option(
     "--password", default="admin", show_default=True, help="Password of --user (a test server)."
 )
-@click.option("--latency-ms", type=float, default=0.0, help="Delay added to every request.")
-@click.option("--per-file-ms", type=float, default=0.0, help="Processing time per DICOM file.")
 @click.option(
-    "--bandwidth-mbps", type=float, default=0.0, help="Upload bandwidth cap in Mbit/s (0: none)."
+    "--latency-ms", type=float, default=0.0, show_default=True, help="Delay added to every request."
+)
+@click.option(
+    "--per-file-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Processing time per DICOM file.",
+)
+@click.option(
+    "--bandwidth-mbps",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Upload bandwidth cap in Mbit/s (0: none).",
 )
 @click.option(
     "--session-timeout",

@@ -286,7 +286,7 @@ Examples:
     type=click.IntRange(min=1),
     default=42,
     show_default=True,
-    help="Batches sent at the same time.",
+    help="Batches sent at the same time (rest).",
 )
 @click.option(
     "--archive-workers",
@@ -307,14 +307,15 @@ Examples:
     type=click.FloatRange(min=1),
     default=10800.0,
     show_default=True,
-    help="Seconds to wait for one request's answer.",
+    help="Seconds to wait for one request's answer (rest).",
 )
 @click.option(
     "--overwrite",
     type=click.Choice(["none", "append", "delete"]),
     default="none",
     show_default=True,
-    help="If the session exists: refuse (none), add files (append), replace clashes (delete).",
+    help="If the session exists: refuse (none), add files (append), replace clashes (delete) "
+    "(rest).",
 )
 @click.option(
     "--direct-archive/--prearchive",
@@ -334,8 +335,9 @@ Examples:
     "--allow-multiple-studies",
     is_flag=True,
     help="Send PATH even if it holds several StudyInstanceUIDs. XNAT makes one session per "
-    "study: the largest is archived as SESSION, the others as SESSION_2, SESSION_3, ... "
-    "(by decreasing file count); all are committed, verified and listed in the report.",
+    "study; over rest the largest is archived as SESSION, the others as SESSION_2, "
+    "SESSION_3, ... (by decreasing file count), all committed, verified and listed in the "
+    "report; over dicom-store every study is routed to SESSION.",
 )
 @click.option(
     "--dry-run",
