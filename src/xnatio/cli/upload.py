@@ -36,9 +36,9 @@ from xnatio.report import (
     error_to_dict,
     exit_code_of,
     plan_to_dict,
-    result_to_json,
     summary_text,
     write_report,
+    write_result_json,
 )
 from xnatio.resume import ResumeOptions
 from xnatio.settings import Settings
@@ -237,7 +237,11 @@ def render_result(result: UploadResult, output: OutputArgs, report: Path | None)
         write_report(result, report)
     code = exit_code_of(result)
     if output.json:
-        click.echo(result_to_json(result))
+        # Streamed record by record: memory does not grow with the number of files.
+        stdout = click.get_text_stream("stdout")
+        write_result_json(result, stdout)
+        stdout.write("\n")
+        stdout.flush()
     elif not output.quiet:
         click.echo(summary_text(result))
     elif code:
