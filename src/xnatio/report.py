@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from xnatio import __version__
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError, XnatioError
+from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Batch, FileOutcome, Manifest, Outcome, SkippedFile, UploadResult
 
 RESULT_SCHEMA = "xnatio.upload-result/1"
@@ -247,7 +248,14 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     to_send = len(uploaded) + len(failed)
     dest = "/".join(x for x in (result.project, result.subject, result.session) if x) or "XNAT"
     sent = sum(f.size for f in uploaded)
-    speed = f"{sent / 1e6 / result.duration:.1f} MB/s" if result.duration > 0 else "-"
+    # The rate is this run's: files an earlier run sent (resume) took no time now.
+    sent_now = sum(f.size for f in uploaded if not f.reason.startswith(EARLIER_RUN_REASON))
+    if sent_now == 0:
+        speed = "nothing new to send"
+    elif result.duration > 0:
+        speed = f"{sent_now / 1e6 / result.duration:.1f} MB/s"
+    else:
+        speed = "-"
     status = status_of(result)
     if status == "success":
         head = (
