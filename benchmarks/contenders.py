@@ -451,6 +451,32 @@ def dcmtk_storescu() -> Contender:
     )
 
 
+def pynetdicom_parallel(associations: int) -> Contender:
+    script = Path(__file__).resolve().parent / "pynetdicom_parallel.py"
+
+    def build(ctx: RunContext) -> Invocation:
+        assert ctx.scp is not None
+        cmd = [
+            sys.executable,
+            str(script),
+            str(ctx.dataset.path),
+            "127.0.0.1",
+            str(ctx.scp.port),
+            ctx.scp.aet,
+            str(associations),
+        ]
+        return Invocation(cmd)
+
+    return Contender(
+        name="pynetdicom-parallel",
+        summary=f"benchmarks/pynetdicom_parallel.py: pynetdicom Association x {associations} "
+        "threads (what xio's own upper-layer client replaces)",
+        prepare=nothing,
+        build=build,
+        check=check_received,
+    )
+
+
 def pynetdicom_storescu() -> Contender:
     def build(ctx: RunContext) -> Invocation:
         assert ctx.scp is not None

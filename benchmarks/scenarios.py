@@ -153,6 +153,7 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                         c.xio_cstore(CSTORE_ASSOCIATIONS),
                         c.dcmtk_storescu(),
                         c.pynetdicom_storescu(),
+                        c.pynetdicom_parallel(CSTORE_ASSOCIATIONS),
                         c.xnatctl_cstore(CSTORE_ASSOCIATIONS),
                     ],
                     reps(name),
