@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 
-from xnatio.cli.demo import read_back
+from xnatio.cli.demo import DEMO_PROJECT, DEMO_SESSION, DEMO_SUBJECT, read_back
 from xnatio.cli.main import cli
 from xnatio.discover import discover
 from xnatio.sandbox import SandboxServer
-from xnatio.settings import Secret, Settings
 from xnatio.synth import generate_session
 
 
@@ -56,18 +58,43 @@ def test_demo_keep_keeps_the_data(own_tmp: Path) -> None:
     assert len(kept) == 1 and f"kept {kept[0]}" in r.stderr
     assert len(list((kept[0] / "session").rglob("*"))) == 5  # S001/ and 4 instances
     assert r.stdout.startswith("Uploaded 4 of 4 files")
-    assert "4 of 4 instances match" in r.stdout
+    assert "verified on the server" in r.stdout  # the upload's own REST read-back
+    assert "4 of 4 instances there with their size" in r.stdout  # the server's index
 
 
 @pytest.mark.integration
 def test_read_back_finds_what_is_missing(tmp_path: Path) -> None:
-    """The demo's check fails when the session is not on the server (nothing uploaded)."""
+    """The demo's check fails when the session is not on the server (nothing uploaded), and
+    names the instance that is missing when only part of it landed."""
     s = generate_session(tmp_path / "in", series=1, instances=2, image_size=(16, 16))
+    manifest = discover(s.root)
     with SandboxServer(tmp_path / "server", users={"u": "pw"}) as server:
-        settings = Settings(server=server.url, username="u", password=Secret("pw"))
-        check = read_back(settings, discover(s.root))
-    assert not check.ok and not check.found
-    assert "not on the server" in check.text()
+        check = read_back(server, manifest)
+        assert not check.ok and not check.found
+        assert "not on the server" in check.text()
+        # Upload one of the two instances only, straight into the demo's archive destination.
+        first = manifest.files[0]
+        body = io.BytesIO()
+        with tarfile.open(fileobj=body, mode="w") as tar:
+            tar.add(first.path, arcname="one.dcm")
+        r = requests.post(
+            f"{server.url}/data/services/import",
+            params={
+                "import-handler": "DICOM-zip",
+                "inbody": "true",
+                "dest": f"/archive/projects/{DEMO_PROJECT}/subjects/{DEMO_SUBJECT}"
+                f"/experiments/{DEMO_SESSION}",
+            },
+            data=body.getvalue(),
+            headers={"Content-Type": "application/x-tar"},
+            auth=("u", "pw"),
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        check = read_back(server, manifest)
+    assert check.found and not check.ok
+    assert (check.expected, check.verified, check.files_on_server) == (2, 1, 1)
+    assert check.problems == [f"{manifest.files[1].path}: not on the server"]
 
 
 @pytest.mark.integration
