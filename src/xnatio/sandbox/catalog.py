@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xnatio.sandbox.access import Access
 from xnatio.sandbox.pages import HttpError
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -144,6 +145,8 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # Projects, users and roles share the index (and its lock): they survive a restart.
+        self.access = Access(self._db, self._lock)
         # Archive destinations being written by an archiver (see store.Store.archive).
         self._dest_in_use: set[tuple[str, str]] = set()
 

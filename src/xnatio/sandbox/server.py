@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from xnatio.sandbox import routes
+from xnatio.sandbox.access import Access
 from xnatio.sandbox.auth import Authenticator, Principal
 from xnatio.sandbox.bodies import BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
@@ -265,6 +267,7 @@ class SandboxServer:
         host: str = "127.0.0.1",
         port: int = 0,
         users: dict[str, str] | None = None,
+        projects: Iterable[str] = (),
         knobs: Knobs | None = None,
         session_timeout: float = 900.0,
     ) -> None:
@@ -272,6 +275,7 @@ class SandboxServer:
         self.host = host
         self._port = port
         self.users = dict(users) if users is not None else {"admin": "admin"}
+        self.projects = list(projects)
         self.knob_box = KnobBox(knobs)
         self.auth = Authenticator(self.users, session_timeout)
         if knobs is not None and knobs.session_timeout is not None:
@@ -285,6 +289,7 @@ class SandboxServer:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> SandboxServer:
         self.store = Store(self.data_dir)
+        self._set_up_access(self.store.access)
         httpd = _HTTPServer((self.host, self._port), Handler)
         httpd.sandbox = self
         self._httpd = httpd
@@ -324,6 +329,24 @@ class SandboxServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _set_up_access(self, access: Access) -> None:
+        """The users and projects named at start (kept in the index, so they add to those of an
+        earlier run). The first user of ``users`` is a site admin, and so is a user named
+        ``admin``; the others are ordinary users with no access until given a project role."""
+        for i, (login, password) in enumerate(self.users.items()):
+            access.add_user(login, password, admin=i == 0 or login == "admin")
+        admin = self.username
+        for project in self.projects:
+            access.create_project(project, owner=admin)
+        for project in self.knob_box.get().auto_archive_projects:
+            access.create_project(project, owner=admin)
+            access.set_prearchive_code(project, 4)
+
+    @property
+    def access(self) -> Access:
+        """Projects, users and roles (``access.Access``); the sandbox must be started."""
+        return self._store().access
 
     @property
     def stopping(self) -> bool:
