@@ -80,4 +80,4 @@ def test_jsession_login_and_logout(xnat_server: SandboxServer) -> None:
 def test_wrong_password_gets_401_with_realm(xnat_server: SandboxServer) -> None:
     r = requests.get(xnat_server.url + "/data/projects", auth=("admin", "wrong"))
     assert r.status_code == 401
-    assert r.headers["WWW-Authenticate"] == 'Basic realm="XNAT Protected Area"'
+    assert r.headers["WWW-Authenticate"] == 'Basic realm="XNAT"'  # facts 2: the site ID

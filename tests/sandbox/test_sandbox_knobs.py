@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from sandbox_helpers import client, h3, import_zip, instance_files, session, zip_bytes
+from sandbox_helpers import (
+    TEST_PROJECTS,
+    client,
+    h3,
+    import_zip,
+    instance_files,
+    session,
+    zip_bytes,
+)
 
 from xnatio.sandbox import Knobs, SandboxServer
 
@@ -69,7 +77,9 @@ def test_disk_full_is_507(xnat_server: SandboxServer, tmp_path: Path) -> None:
 def test_latency_and_bandwidth_slow_requests_down(tmp_path: Path) -> None:
     # Observed through client timeouts rather than by timing requests.
     knobs = Knobs(latency_ms=3000)
-    with SandboxServer(tmp_path / "d", users={"u": "p"}, knobs=knobs) as server:
+    with SandboxServer(
+        tmp_path / "d", users={"u": "p"}, knobs=knobs, projects=TEST_PROJECTS
+    ) as server:
         http = client(server)
         with pytest.raises(requests.Timeout):
             http.get(server.url + "/data/projects", timeout=0.5)

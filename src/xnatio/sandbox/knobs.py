@@ -56,6 +56,15 @@ class Knobs:
     """Projects whose prearchive setting is auto-archive (commit answers 301 + archive URI)."""
     build_idle_seconds: float = 300.0
     """Idle time after which a RECEIVING prearchive session is built (XNAT's default 5 min)."""
+    redirect_status: int = 0
+    """A proxy in front of XNAT: every matching request (``fault_path``) is answered with this
+    3xx status (301, 302, 303, 307, 308) and ``Location: redirect_to`` + the request's path and
+    query (an http→https redirect); 0 = off."""
+    redirect_to: str = ""
+    """Base URL redirects point to (e.g. ``https://127.0.0.1:PORT``); empty = the login page
+    ``{context path}/app/template/Login.vm`` of this server (a redirect to a login page)."""
+    login_page: bool = False
+    """A single-sign-on proxy: every matching request is answered 200 with an HTML login page."""
     fault_path: str = ""
     """Counted fault knobs and ``disk_full`` apply only to paths starting with this prefix."""
 
@@ -67,7 +76,14 @@ class Knobs:
         return asdict(self)
 
 
-_INT_FIELDS = {"fail_next", "fail_status", "reset_next", "hang_next", "drop_response_next"}
+_INT_FIELDS = {
+    "fail_next",
+    "fail_status",
+    "reset_next",
+    "hang_next",
+    "drop_response_next",
+    "redirect_status",
+}
 _FLOAT_FIELDS = {
     "latency_ms",
     "per_file_ms",
@@ -89,7 +105,7 @@ def coerce_knobs(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = int(value)
         elif name in _FLOAT_FIELDS:
             out[name] = float(value)
-        elif name in {"disk_full", "expire_sessions", "site_anonymization"}:
+        elif name in {"disk_full", "expire_sessions", "site_anonymization", "login_page"}:
             out[name] = value if isinstance(value, bool) else str(value).lower() in {"1", "true"}
         elif name in {"retry_after", "session_timeout"}:
             out[name] = None if value is None else float(value)
