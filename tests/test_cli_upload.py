@@ -338,7 +338,10 @@ def test_dry_run_sends_nothing(
     r = cli_invoke("upload-dicom", "P", "S", "E", session.root, "--dry-run", env=env)
     assert "8" in r.stdout
     assert not any("import" in key for key in sandbox.stats())
-    assert sandbox.stats().get("requests", 0) == 0
+    # With credentials it asks the server read-only questions (the pre-flight) and sends nothing.
+    sent = [k for k in sandbox.stats() if k.split(" ")[0] in ("POST", "PUT")]
+    assert sent == ["POST /data/JSESSION"]
+    assert "pre-flight on" in r.stdout and "session E: new" in r.stdout
     assert sandbox.prearchive_sessions() == [] and sandbox.experiment_labels("P") == []
 
 

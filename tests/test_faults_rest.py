@@ -150,13 +150,17 @@ def test_disk_full_is_final_then_a_rerun_completes(
 def test_server_restarted_mid_upload(exam: Path, tmp_path: Path) -> None:
     """The server process is killed mid-upload and started again on the same data and port: the
     connections die, the JSESSION is gone, the prearchive survives (it is on disk)."""
-    server = SandboxProcess(tmp_path / "xnat", None, "--per-file-ms", "40").start()
+    server = SandboxProcess(
+        tmp_path / "xnat", None, "--per-file-ms", "40", "--project", "P"
+    ).start()
     restarted: list[SandboxProcess] = []
 
     def restart() -> None:
         server.stop()
         time.sleep(0.5)
-        again = SandboxProcess(tmp_path / "xnat", server.port, "--per-file-ms", "40")
+        again = SandboxProcess(
+            tmp_path / "xnat", server.port, "--per-file-ms", "40", "--project", "P"
+        )
         restarted.append(again.start())
 
     watcher = when(lambda: server.stats().get("files_imported", 0) >= 3, restart)

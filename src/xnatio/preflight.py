@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -389,3 +389,22 @@ def _field(row: Mapping[str, Any], name: str) -> str:
         if key.lower() == lowered:
             return str(value or "")
     return ""
+
+
+def before_sending(
+    client: XnatClient,
+    manifest: Manifest,
+    *,
+    project: str,
+    subject: str,
+    labels: Mapping[str, str],
+    notify: Callable[[str], None] | None = None,
+) -> Preflight:
+    """The library's one pre-flight call (both transports, before any DICOM byte): the checks
+    of :func:`check_manifest`, each note told through ``notify``. The caller then sends to
+    ``result.project`` / ``result.subject`` (an alias resolved, an existing subject's spelling)."""
+    found = check_manifest(client, manifest, project=project, subject=subject, labels=labels)
+    say = notify or (lambda line: log.info("%s", line))
+    for line in found.notes:
+        say(line)
+    return found

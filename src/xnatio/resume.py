@@ -377,10 +377,13 @@ def resumable_rest_upload(
     cancel: threading.Event | None = None,
     notify: Callable[[str], None] | None = None,
     plan: Callable[[Manifest], list[Batch]] | None = None,
+    preflight: bool = True,
 ) -> UploadResult:
     """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
 
     ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`).
+    ``preflight``: first check the destination (:func:`xnatio.preflight.before_sending`); a
+    refusal raises :class:`xnatio.preflight.PreflightError` before any DICOM byte is sent.
 
     When earlier runs already put files of this session on the server, the batches are sent with
     ``overwrite=append`` (unless the caller chose ``delete``): the archived session must merge,
@@ -394,6 +397,18 @@ def resumable_rest_upload(
         labels = session_labels(manifest.studies(), target.session)
         target = dataclasses.replace(target, study_labels=tuple(labels.items()))
     study_labels = dict(target.study_labels)
+    if preflight:
+        from xnatio.preflight import before_sending
+
+        found = before_sending(
+            client,
+            manifest,
+            project=target.project,
+            subject=target.subject,
+            labels=study_labels,
+            notify=notify,
+        )
+        target = dataclasses.replace(target, project=found.project, subject=found.subject)
 
     def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
         t = target
@@ -534,17 +549,29 @@ def resumable_dicom_store_upload(
     session: str,
     options: ResumeOptions = ResumeOptions(),
     notify: Callable[[str], None] | None = None,
+    client: XnatClient | None = None,
     **send_options: Any,
 ) -> UploadResult:
     """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
     confirmation, recorded as it arrives). ``send_options`` go to
     :func:`xnatio.transports.dicom_store.send_dicom_store` (calling AE title, batches, timeouts,
-    routing, retries, progress).
+    routing, retries, progress). With ``client`` (XNAT's REST API, credentials), the destination
+    is checked first (:func:`xnatio.preflight.before_sending`; every study is routed to
+    ``session``).
 
     No read-back here: XNAT's DICOM receiver builds the session only after an idle period
     (section 6), so the files cannot be checked right after sending; run ``xio verify`` later.
     """
     from xnatio.transports.dicom_store import send_dicom_store
+
+    if client is not None:
+        from xnatio.preflight import before_sending
+
+        labels = {s.study_uid: session for s in manifest.studies()}
+        found = before_sending(
+            client, manifest, project=project, subject=subject, labels=labels, notify=notify
+        )
+        project, subject = found.project, found.subject
 
     def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
         # No overwrite with C-STORE: XNAT files a re-sent instance over the same one.

@@ -131,6 +131,7 @@ def _run_demo(
     server = SandboxServer(
         workdir / "server",
         users={DEMO_USER: password},
+        projects=(DEMO_PROJECT,),  # projects are real: an unknown one would be refused
         knobs=Knobs(latency_ms=latency_ms, per_file_ms=per_file_ms),
     )
     try:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -43,6 +44,9 @@ from xnatio.report import (
 )
 from xnatio.resume import ResumeOptions
 from xnatio.settings import Settings
+
+if TYPE_CHECKING:
+    from xnatio.xnat.client import XnatClient
 
 # Defaults per transport: the REST figure comes from the seed's measurements (42 parallel
 # batches against a real server); C-STORE gets one association per batch, 45 of them.
@@ -196,27 +200,77 @@ def _send_dicom_store(
         raise ConfigError(
             "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
         )
-    return resumable_dicom_store_upload(
-        manifest,
-        settings.dicom_host,
-        settings.dicom_port,
-        settings.dicom_called_aet,
-        calling_aet=settings.dicom_calling_aet,
-        num_batches=opts.batches,
-        progress_callback=display,
-        project=opts.project,
-        subject=opts.subject,
-        session=opts.session,
-        options=opts.resume_options(),
-        notify=display.note,
-        routing=opts.routing,
-        max_pdu=opts.max_pdu,
-        acse_timeout=opts.acse_timeout,
-        dimse_timeout=opts.dimse_timeout,
-        network_timeout=opts.network_timeout,
-        retries=opts.retries,
-        allow_multiple_studies=opts.allow_multiple_studies,
+    # Pre-flight over REST where XNAT's address and credentials are known (facts 2, 3.5).
+    client = preflight_client(opts, settings)
+    with contextlib.ExitStack() as stack:
+        if client is not None:
+            stack.enter_context(client)
+        return resumable_dicom_store_upload(
+            manifest,
+            settings.dicom_host,
+            settings.dicom_port,
+            settings.dicom_called_aet,
+            calling_aet=settings.dicom_calling_aet,
+            num_batches=opts.batches,
+            progress_callback=display,
+            project=opts.project,
+            subject=opts.subject,
+            session=opts.session,
+            options=opts.resume_options(),
+            notify=display.note,
+            routing=opts.routing,
+            max_pdu=opts.max_pdu,
+            acse_timeout=opts.acse_timeout,
+            dimse_timeout=opts.dimse_timeout,
+            network_timeout=opts.network_timeout,
+            retries=opts.retries,
+            allow_multiple_studies=opts.allow_multiple_studies,
+            client=client,
+        )
+
+
+def preflight_client(opts: UploadOptions, settings: Settings) -> XnatClient | None:
+    """A REST client for the pre-flight checks when the server and credentials are known
+    (never prompts); None otherwise."""
+    from xnatio.xnat.client import XnatClient
+
+    if not (settings.server and settings.username and settings.password):
+        return None
+    return XnatClient(
+        settings.server,
+        username=settings.username,
+        password=settings.password,
+        verify=settings.verify,
+        timeout=opts.timeout,
+        pool_size=1,
     )
+
+
+def dry_run_preflight(
+    opts: UploadOptions, settings: Settings, manifest: Manifest
+) -> tuple[str, dict[str, object] | None]:
+    """``--dry-run``'s pre-flight: the labels always; the server too when credentials are known.
+
+    Raises :class:`xnatio.preflight.PreflightError` (exit 2) as a real upload would."""
+    from xnatio.preflight import check_labels, check_manifest
+    from xnatio.transports.rest import session_labels
+
+    if opts.transport == "rest":
+        labels = session_labels(manifest.studies(), opts.session)
+    else:  # C-STORE routes every study to SESSION
+        labels = {s.study_uid: opts.session for s in manifest.studies()}
+    check_labels(opts.subject, labels.values())
+    client = preflight_client(opts, settings)
+    if client is None:
+        return (
+            "pre-flight: labels checked; the server was not asked (no server or credentials)",
+            None,
+        )
+    with client:
+        found = check_manifest(
+            client, manifest, project=opts.project, subject=opts.subject, labels=labels
+        )
+    return found.describe(), found.to_dict()
 
 
 def check_ready(opts: UploadOptions, settings: Settings) -> None:
@@ -510,6 +564,8 @@ def _upload(
         manifest = discover_for_upload(opts, display)
         if opts.dry_run:
             text, data = describe_dry_run(opts, manifest, display)
+            checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
+            text = f"{text}\n{checked}"
         else:
             result = run_upload(opts, settings, manifest, display)
     if opts.dry_run:

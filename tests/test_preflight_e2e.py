@@ -1,0 +1,253 @@
+"""Pre-flight and HTTP edges end to end: ``xio upload-dicom`` against the local XNAT (real HTTP).
+
+Each refusal exits 2 (or 4 for TLS) with one line, and no DICOM byte reaches the server: the
+sandbox's statistics show no import request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from xnatio.cli.main import cli
+from xnatio.sandbox import SandboxServer
+from xnatio.synth import SyntheticSession, generate_session
+
+pytestmark = pytest.mark.integration
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
+    """Admin ``admin``; project P (bob: collaborator, reads only; carol: member); project
+    PROJ01 with alias ALIAS1."""
+    server = SandboxServer(
+        tmp_path_factory.mktemp("xnat"),
+        users={"admin": "admin-pw", "bob": "bob-pw", "carol": "carol-pw"},
+        projects=("P",),
+    ).start()
+    access = server.access
+    access.set_role("P", "bob", "collaborator")
+    access.set_role("P", "carol", "member")
+    access.create_project("PROJ01", aliases=("ALIAS1",), owner="admin")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> SyntheticSession:
+    return generate_session(tmp_path / "a", series=1, instances=3, image_size=(16, 16))
+
+
+@pytest.fixture
+def other_study(tmp_path: Path) -> SyntheticSession:
+    return generate_session(tmp_path / "b", series=1, instances=2, image_size=(16, 16), seed=7)
+
+
+def env_for(url: str, user: str = "admin") -> dict[str, str]:
+    return {"XNAT_SERVER": url, "XNAT_USERNAME": user, "XNAT_PASSWORD": f"{user}-pw"}
+
+
+@pytest.fixture
+def xio() -> Invoke:
+    runner = CliRunner()
+
+    def invoke(*args: object, exit_code: int = 0, env: dict[str, str]) -> Result:
+        result = runner.invoke(cli, [str(a) for a in args], env=env)
+        assert result.exit_code == exit_code, result.output
+        assert "Traceback" not in result.output
+        return result
+
+    return invoke
+
+
+def error_line(result: Result) -> str:
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def nothing_sent(server: SandboxServer) -> bool:
+    return not any("import" in key for key in server.stats())
+
+
+# -- labels, projects, rights ------------------------------------------------------------------
+
+
+def test_a_label_xnat_would_clean_is_refused(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    r = xio("upload-dicom", "P", "S", "MR.1", study.root, exit_code=2, env=env_for(sandbox.url))
+    assert "XNAT would archive session label 'MR.1' as 'MR_1'" in error_line(r)
+    assert nothing_sent(sandbox)
+
+
+def test_an_unknown_project_is_refused(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    r = xio("upload-dicom", "NOPE", "S", "E", study.root, exit_code=2, env=env_for(sandbox.url))
+    assert "project NOPE does not exist" in error_line(r)
+    assert nothing_sent(sandbox) and sandbox.prearchive_sessions() == []
+
+
+def test_a_project_the_user_may_only_read_is_refused(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    env = env_for(sandbox.url, "bob")
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=2, env=env)
+    assert "user bob may not create subjects (xnat:subjectData) in project P" in error_line(r)
+    assert nothing_sent(sandbox)
+
+
+def test_a_member_uploads_and_an_alias_lands_under_the_project_id(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    xio("upload-dicom", "P", "S", "E", study.root, env=env_for(sandbox.url, "carol"))
+    assert sandbox.experiment_labels("P") == ["E"]
+    r = xio("upload-dicom", "ALIAS1", "S", "E", study.root, "--json", env=env_for(sandbox.url))
+    assert "project ALIAS1 is an alias of PROJ01: using PROJ01" in r.stderr
+    assert json.loads(r.stdout)["status"] == "success"
+    assert sandbox.experiment_labels("PROJ01") == ["E"]
+
+
+def test_a_subject_under_another_case_keeps_its_spelling(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, other_study: SyntheticSession
+) -> None:
+    env = env_for(sandbox.url)
+    xio("upload-dicom", "P", "Sub01", "E1", study.root, env=env)
+    r = xio("upload-dicom", "P", "SUB01", "E2", other_study.root, env=env)
+    assert "subject SUB01 exists as Sub01" in r.stderr
+    assert [s["label"] for s in sandbox.store.subjects("P")] == ["Sub01"]  # type: ignore[union-attr]
+
+
+def test_another_study_under_an_existing_label_is_refused_before_sending(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, other_study: SyntheticSession
+) -> None:
+    env = env_for(sandbox.url)
+    xio("upload-dicom", "P", "S", "E", study.root, env=env)
+    before = sandbox.stats().get("POST /data/services/import", 0)
+    for extra in ((), ("--overwrite", "append")):
+        r = xio("upload-dicom", "P", "S", "E", other_study.root, *extra, exit_code=2, env=env)
+        line = error_line(r)
+        assert "session E in project P already holds another study" in line
+        assert "another session label" in line
+    assert sandbox.stats().get("POST /data/services/import", 0) == before
+
+
+def test_dry_run_checks_the_server_when_it_can(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    r = xio(
+        "upload-dicom", "P", "S", "E", study.root, "--dry-run", "--json", env=env_for(sandbox.url)
+    )
+    found = json.loads(r.stdout)["preflight"]
+    assert found["project"] == "P" and found["sessions"][0]["exists"] is False
+    r = xio(
+        "upload-dicom",
+        "NOPE",
+        "S",
+        "E",
+        study.root,
+        "--dry-run",
+        exit_code=2,
+        env=env_for(sandbox.url),
+    )
+    assert "project NOPE does not exist" in error_line(r)
+    # Without credentials: the labels only.
+    r = xio("upload-dicom", "P", "S", "E.1", study.root, "--dry-run", exit_code=2, env={})
+    assert "as 'E_1'" in error_line(r)
+    assert nothing_sent(sandbox)
+
+
+# -- HTTP in front of XNAT ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def under_xnat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
+    server = SandboxServer(
+        tmp_path_factory.mktemp("ctx"),
+        users={"admin": "admin-pw"},
+        projects=("P",),
+        context_path="/xnat",
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_context_path_works_for_every_request(
+    xio: Invoke, under_xnat: SandboxServer, study: SyntheticSession
+) -> None:
+    root = under_xnat.root_url.rstrip("/")
+    assert under_xnat.url == root + "/xnat"
+    r = xio("upload-dicom", "P", "S", "E", study.root, "--json", env=env_for(root + "/xnat"))
+    assert json.loads(r.stdout)["status"] == "success"
+    assert under_xnat.experiment_labels("P") == ["E"]
+    # Without it, the root is not XNAT: one line that says how to fix it.
+    r = xio("upload-dicom", "P", "S", "E2", study.root, exit_code=2, env=env_for(root))
+    line = error_line(r)
+    assert "is not an XNAT server" in line and "context path" in line
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_each_redirect_kind_at_login_is_an_error_naming_the_url(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, status: int
+) -> None:
+    sandbox.set_knobs(
+        redirect_status=status, redirect_to="https://proxy.example.org", fault_path="/data"
+    )
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=2, env=env_for(sandbox.url))
+    assert error_line(r) == (
+        f"error: POST {sandbox.url}/data/JSESSION was redirected (HTTP {status}) to "
+        "https://proxy.example.org/data/JSESSION; not followed: check --server (XNAT's own "
+        "address and context path)"
+    )
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirected_import_is_never_taken_as_success(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, status: int
+) -> None:
+    """Issue 11 item 9: a 3xx on import was taken as a URI list ("archived as </html>")."""
+    sandbox.set_knobs(
+        redirect_status=status,
+        redirect_to="https://proxy.example.org",
+        fault_path="/data/services/import",
+    )
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=1, env=env_for(sandbox.url))
+    assert (
+        f"batch 1: POST {sandbox.url}/data/services/import was redirected (HTTP {status}) to "
+        "https://proxy.example.org/data/services/import" in r.stdout
+    )
+    assert "archived as" not in r.output and "</html>" not in r.output
+    assert sandbox.experiment_labels("P") == []
+
+
+def test_a_login_page_answering_200_is_an_error(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    sandbox.set_knobs(login_page=True, fault_path="/data/services/import")
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=1, env=env_for(sandbox.url))
+    assert f"POST {sandbox.url}/data/services/import answered an HTML page" in r.stdout
+    # A single sign-on front that sends every request to its login page: caught at login.
+    sandbox.set_knobs(login_page=False, redirect_status=302, redirect_to="", fault_path="/data")
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=2, env=env_for(sandbox.url))
+    assert "a login page answered" in error_line(r)
+
+
+def test_https_to_the_http_port_says_the_server_answered_plain_http(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    url = sandbox.url.replace("http://", "https://")
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=4, env=env_for(url))
+    line = error_line(r)
+    assert "answered plain HTTP" in line and "use --server http://" in line
+    assert "--ca-bundle" not in line
