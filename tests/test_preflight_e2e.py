@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner, Result
 
 from xnatio.cli.main import cli
@@ -251,3 +252,48 @@ def test_https_to_the_http_port_says_the_server_answered_plain_http(
     line = error_line(r)
     assert "answered plain HTTP" in line and "use --server http://" in line
     assert "--ca-bundle" not in line
+
+
+# -- the session cap and the lockout (facts 2) -------------------------------------------------
+
+
+@pytest.fixture
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
+    """XNAT's limits, made small: 1 session per user, a lock after 2 failed logins."""
+    server = SandboxServer(
+        tmp_path_factory.mktemp("cap"),
+        users={"admin": "admin-pw"},
+        projects=("P",),
+        max_sessions=1,
+        max_failed_logins=2,
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_one_session_per_run_and_the_cap_says_what_to_do(
+    xio: Invoke, capped: SandboxServer, study: SyntheticSession
+) -> None:
+    # A whole upload (pre-flight, send, commit, read-back) fits in one XNAT session.
+    xio("upload-dicom", "P", "S", "E", study.root, env=env_for(capped.url))
+    # Another client holds the only session now: XNAT refuses new logins, keeps the old one.
+    held = requests.get(f"{capped.url}/data/projects", auth=("admin", "admin-pw"), timeout=10)
+    assert held.status_code == 200
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=3, env=env_for(capped.url))
+    line = error_line(r)
+    assert "reached XNAT's limit of open sessions" in line and "Wait" in line
+
+
+def test_a_locked_account_says_what_to_do(
+    xio: Invoke, capped: SandboxServer, study: SyntheticSession
+) -> None:
+    wrong = {**env_for(capped.url), "XNAT_PASSWORD": "wrong"}
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=3, env=wrong)
+    assert "refused the credentials of user 'admin'" in error_line(r)
+    xio("upload-dicom", "P", "S", "E", study.root, exit_code=3, env=wrong)  # the 2nd locks it
+    # Now even the right password is refused, and the line says why.
+    r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=3, env=env_for(capped.url))
+    assert "the account is locked" in error_line(r) and "an hour" in error_line(r)
+    assert nothing_sent(capped)
