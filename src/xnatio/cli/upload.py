@@ -402,7 +402,8 @@ Examples:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Discover and print the plan on stdout (also with -q); send nothing.",
+    help="Discover and print the plan on stdout (also with -q); check the labels and, when the "
+    "server and credentials are known, run the pre-flight checks (read-only); send nothing.",
 )
 @click.option(
     "--verify/--no-verify",
@@ -508,6 +509,13 @@ def upload_dicom(
     DICOM files are recognised by content, not by name; every other file is skipped and listed
     with the reason. The session is split into series-aligned batches that are sent in parallel
     to the prearchive and committed once at the end.
+
+    Before any DICOM byte is sent, the destination is checked (pre-flight, exit 2 with one line
+    when it is not ready): labels XNAT would change when archiving (it replaces spaces and most
+    punctuation with _), a server that is not XNAT, a missing or unreadable project (XNAT would
+    file the upload in Unassigned), missing rights to create subjects and sessions, and an
+    existing session label that holds another study (XNAT refuses to merge it). What XNAT does
+    and the source it rests on: docs/reliability.md, "Pre-flight".
 
     Progress goes to stderr (a live display on a terminal, plain lines otherwise); the summary,
     or the --json result, goes to stdout. Credentials come from --user/--password, XNAT_USERNAME
