@@ -288,11 +288,13 @@ def test_second_upload_needs_overwrite(xnat_server: SandboxServer, tmp_path: Pat
     assert upload(xnat_server, first.root).success
     # The same session label again with more files: XNAT refuses to archive over it ...
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root)
+    # (Another study: the pre-flight refuses it before sending, facts 1.5; the engine's own
+    # handling of the server's refusal is what this test is about.)
+    refused = upload(xnat_server, second.root, preflight=False)
     assert not refused.success
     assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
     # ... unless asked to merge (overwrite=append), which keeps both sets.
-    merged = upload(xnat_server, second.root, overwrite="append")
+    merged = upload(xnat_server, second.root, overwrite="append", preflight=False)
     assert merged.success, merged.errors
     assert sorted(xnat_server.archived_files(P, S, E)) == sorted(
         {**first.instances, **second.instances}
@@ -624,7 +626,7 @@ def test_subject_creation_failing_for_good_fails_every_file_with_the_reason(
 ) -> None:
     session = small_session(tmp_path)
     xnat_server.set_knobs(fault_path=f"/data/projects/{P}/subjects", fail_next=5, fail_status=503)
-    result = upload(xnat_server, session.root, retries=1)
+    result = upload(xnat_server, session.root, retries=1, preflight=False)  # the engine's PUT
     assert not result.success and result.session_uri == ""
     assert len(result.failed) == len(session.instances)
     reasons = {f.reason for f in result.failed}
@@ -665,7 +667,7 @@ def test_lost_answer_without_an_archived_session_stays_a_failure(
     assert upload(xnat_server, first.root).success
     # Same label again, no overwrite: XNAT refuses (409) and the prearchive entry stays.
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root)
+    refused = upload(xnat_server, second.root, preflight=False)  # (pre-flight would refuse)
     assert not refused.success
     assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
     assert len(xnat_server.prearchive_sessions(P)) == 1

@@ -155,6 +155,7 @@ def upload_dicom_parallel_rest(
     client: XnatClient | None = None,
     cancel: threading.Event | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+    preflight: bool = True,
 ) -> UploadResult:
     """Upload the DICOM session under ``source_dir`` (a folder or a .zip/.tar/.tar.gz) to XNAT.
 
@@ -179,7 +180,10 @@ def upload_dicom_parallel_rest(
     and per-batch failures are in the result, never raised. ``KeyboardInterrupt`` (or setting
     ``cancel``) cancels the in-flight requests, closes the session and is re-raised.
     ``on_confirmed`` receives, from worker threads, the outcomes of each batch as the server
-    confirms it (for the resume journal).
+    confirms it (for the resume journal). ``preflight``: check the destination first
+    (:func:`xnatio.preflight.before_sending`: labels XNAT would change, project, rights, an
+    existing session of another study); a refusal raises ``PreflightError`` before any DICOM
+    byte is sent.
     """
     target = RestTarget(
         project=project,
@@ -213,15 +217,25 @@ def upload_dicom_parallel_rest(
             pool_size=upload_workers,
             retry=retry,
         )
-    uploader = RestUploader(
-        client,
-        target,
-        retry=retry,
-        progress_callback=progress_callback,
-        cancel=cancel,
-        on_confirmed=on_confirmed,
-    )
     try:
+        if preflight:
+            from dataclasses import replace
+
+            from xnatio.preflight import before_sending
+
+            labels = session_labels(plan.manifest.studies(), session)
+            found = before_sending(
+                client, plan.manifest, project=project, subject=subject, labels=labels
+            )
+            target = replace(target, project=found.project, subject=found.subject)
+        uploader = RestUploader(
+            client,
+            target,
+            retry=retry,
+            progress_callback=progress_callback,
+            cancel=cancel,
+            on_confirmed=on_confirmed,
+        )
         return uploader.upload(plan.manifest, plan.batches)
     finally:
         if own_client:
