@@ -516,7 +516,18 @@ class SandboxServer:
     def set_knobs(self, **fields: Any) -> Knobs:
         """Change knobs now, from any thread (``expire_sessions=True`` fires once)."""
         expire = fields.pop("expire_sessions", False)
+        before = set(self.knob_box.get().auto_archive_projects)
         k = self.knob_box.set(**fields)
+        if "auto_archive_projects" in fields and self.store is not None:
+            # The knob is the project's prearchive code (facts 3.5): listed projects get 4
+            # (created if missing), projects taken off the list go back to 0.
+            access = self.store.access
+            for project in before - set(k.auto_archive_projects):
+                if access.canonical_project(project) is not None:
+                    access.set_prearchive_code(project, 0)
+            for project in k.auto_archive_projects:
+                access.create_project(project, owner=self.username)
+                access.set_prearchive_code(project, 4)
         if k.session_timeout is not None:
             self.auth.session_timeout = k.session_timeout
         if expire:
