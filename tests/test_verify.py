@@ -364,7 +364,7 @@ def test_verify_command(
     assert bad.exit_code == 1
     assert "1 file(s) missing or different" in bad.output
     assert f"{changed}: differs on the server (size/MD5" in bad.output
-    rows = list(csv.DictReader(report.open()))
+    rows = list(csv.DictReader(report.read_text().splitlines()))
     assert {r["outcome"] for r in rows if r["path"] == str(changed)} == {"failed"}
     assert sum(r["outcome"] == "verified" for r in rows) == len(files) - 1
 
@@ -440,11 +440,15 @@ def test_upload_reads_back_unless_no_verify(
     r = runner.invoke(cli, [*args, "--no-verify"])
     assert r.exit_code == 0, r.output
     assert reads() == 0  # nothing read back
-    assert {row["outcome"] for row in csv.DictReader(report.open())} == {"uploaded"}
+    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {
+        "uploaded"
+    }
     r = runner.invoke(cli, [*args, "--restart", "--overwrite", "append"])
     assert r.exit_code == 0, r.output
     assert reads() == 3  # one DICOM file listing per scan
-    assert {row["outcome"] for row in csv.DictReader(report.open())} == {"verified"}
+    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {
+        "verified"
+    }
 
 
 # -- a server that rewrites what it stores (the sandbox's site_anonymization knob) -----------------
@@ -475,7 +479,7 @@ def test_upload_to_a_server_that_rewrites_every_file_ends_verified(
         f"{len(files)} files verified by instance count per series, bytes not compared"
     )
     assert "verified on the server" in r.stdout and r.stdout.count(warning) == 1
-    rows = list(csv.DictReader(report.open()))
+    rows = list(csv.DictReader(report.read_text().splitlines()))
     assert {(row["outcome"], row["reason"]) for row in rows} == {("verified", REWRITE_REASON)}
     # Really rewritten: no stored file has the bytes that were sent.
     stored = sandbox.archived_files("P", "S", "E")
