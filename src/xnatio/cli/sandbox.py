@@ -61,6 +61,28 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
     help="JSESSION idle timeout in seconds.",
 )
 @click.option(
+    "--context-path",
+    default="",
+    metavar="PATH",
+    help="Serve XNAT under this path (e.g. /xnat, as Tomcat deployments do); anything outside "
+    "it answers 404.",
+)
+@click.option(
+    "--idle-seconds",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="XNAT's session idle interval: a prearchive session untouched this long is built (and "
+    "auto-archived); the builder runs every N/5 s, as XNAT's 60 s for 300 (facts 3.2).",
+)
+@click.option(
+    "--no-site-anon",
+    "no_site_anon",
+    is_flag=True,
+    help="Start with the site-wide anonymization script disabled (XNAT creates it enabled; "
+    "facts 1.7, 5).",
+)
+@click.option(
     "--project",
     "projects",
     multiple=True,
@@ -95,6 +117,9 @@ def sandbox(
     per_file_ms: float,
     bandwidth_mbps: float,
     session_timeout: float,
+    context_path: str,
+    idle_seconds: float,
+    no_site_anon: bool,
     projects: tuple[str, ...],
     add_users: tuple[str, ...],
     auto_archive: tuple[str, ...],
@@ -121,15 +146,21 @@ def sandbox(
         bandwidth_mbps=bandwidth_mbps,
         auto_archive_projects=list(auto_archive),
     )
-    server = SandboxServer(
-        data_dir,
-        host=host,
-        port=port,
-        users=users,
-        projects=projects,
-        knobs=knobs,
-        session_timeout=session_timeout,
-    )
+    try:
+        server = SandboxServer(
+            data_dir,
+            host=host,
+            port=port,
+            users=users,
+            projects=projects,
+            knobs=knobs,
+            session_timeout=session_timeout,
+            context_path=context_path,
+            site_anon=not no_site_anon,
+            idle_seconds=idle_seconds,
+        )
+    except ValueError as exc:  # an invalid context path
+        raise UsageError(str(exc)) from None
     try:
         server.start()
     except OSError as exc:

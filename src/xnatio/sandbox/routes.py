@@ -185,7 +185,12 @@ def jsession(req: Request, _: re.Match[str]) -> Response:
             req.server.auth.end_session(sid)
             sid = m.group(1)
     req.principal.new_session = None
-    return respond(200, sid, "text/plain", {"Set-Cookie": f"JSESSIONID={sid}; Path=/; HttpOnly"})
+    return respond(
+        200,
+        sid,
+        "text/plain",
+        {"Set-Cookie": f"JSESSIONID={sid}; Path={req.server.cookie_path}; HttpOnly"},
+    )
 
 
 @route("DELETE", r"/data/JSESSION")
@@ -206,7 +211,12 @@ def services_auth(req: Request, _: re.Match[str]) -> Response:
     if user is None:
         raise HttpError(401, "Login attempt failed. Please try again.")
     sid = req.server.auth.new_session(user)
-    return respond(200, sid, "text/plain", {"Set-Cookie": f"JSESSIONID={sid}; Path=/; HttpOnly"})
+    return respond(
+        200,
+        sid,
+        "text/plain",
+        {"Set-Cookie": f"JSESSIONID={sid}; Path={req.server.cookie_path}; HttpOnly"},
+    )
 
 
 @route("GET", r"")
@@ -247,6 +257,14 @@ def token_invalidate(req: Request, m: re.Match[str]) -> Response:
 
 
 # The API modules register their routes when imported (kept last: they import this module).
-from xnatio.sandbox import api_archive, api_projects, api_upload  # noqa: E402
+from xnatio.sandbox import api_archive, api_config, api_projects, api_upload  # noqa: E402
 
-__all__ = ["api_archive", "api_projects", "api_upload", "handle", "route", "route_name"]
+__all__ = [
+    "api_archive",
+    "api_config",
+    "api_projects",
+    "api_upload",
+    "handle",
+    "route",
+    "route_name",
+]

@@ -368,7 +368,8 @@ class SandboxServer:
         max_sessions: int = MAX_SESSIONS_PER_USER,
         max_failed_logins: int = MAX_FAILED_LOGINS,
         lockout_seconds: float = LOCKOUT_SECONDS,
-        site_anon: bool = True,
+        site_anon: bool | None = None,
+        idle_seconds: float | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -376,10 +377,12 @@ class SandboxServer:
         self.users = dict(users) if users is not None else {"admin": "admin"}
         self.projects = list(projects)
         self.context_path = normalize_context_path(context_path)
-        # The site-wide anonymization script (facts 1.7, 5): created enabled by XNAT. The
-        # importer applies it; the config endpoints report it.
-        self.site_anon = site_anon
         self.knob_box = KnobBox(knobs)
+        # The default site anonymization script (facts 1.7) and XNAT's idle interval (3.2).
+        if site_anon is not None:
+            self.knob_box.set(site_anonymization=site_anon)
+        if idle_seconds is not None:
+            self.knob_box.set(build_idle_seconds=idle_seconds)
         self.auth = Authenticator(
             self._check_password,
             session_timeout,
@@ -503,6 +506,16 @@ class SandboxServer:
             return path[len(self.context_path) :]
         return None
 
+    @property
+    def site_anon(self) -> bool:
+        """Whether the site-wide anonymization script is enabled (facts 1.7, 5): the
+        ``site_anonymization`` knob, which the importer applies and the config endpoints show."""
+        return self.knob_box.get().site_anonymization
+
+    @site_anon.setter
+    def site_anon(self, enabled: bool) -> None:
+        self.knob_box.set(site_anonymization=enabled)
+
     def _check_password(self, user: str, password: str) -> bool:
         store = self.store
         return store is not None and store.access.check_password(user, password)
@@ -516,7 +529,18 @@ class SandboxServer:
     def set_knobs(self, **fields: Any) -> Knobs:
         """Change knobs now, from any thread (``expire_sessions=True`` fires once)."""
         expire = fields.pop("expire_sessions", False)
+        before = set(self.knob_box.get().auto_archive_projects)
         k = self.knob_box.set(**fields)
+        if "auto_archive_projects" in fields and self.store is not None:
+            # The knob is the project's prearchive code (facts 3.5): listed projects get 4
+            # (created if missing), projects taken off the list go back to 0.
+            access = self.store.access
+            for project in before - set(k.auto_archive_projects):
+                if access.canonical_project(project) is not None:
+                    access.set_prearchive_code(project, 0)
+            for project in k.auto_archive_projects:
+                access.create_project(project, owner=self.username)
+                access.set_prearchive_code(project, 4)
         if k.session_timeout is not None:
             self.auth.session_timeout = k.session_timeout
         if expire:
@@ -576,21 +600,17 @@ class SandboxServer:
 
     # -- background ------------------------------------------------------------------------
     def _sweep(self) -> None:
-        """XNAT's idle timer: RECEIVING sessions idle for ``build_idle_seconds`` get built and,
-        in auto-archive projects, archived."""
-        while not self._stopping.wait(1.0):
+        """XNAT's idle builder (facts 3.2), run every N/5 s (XNAT: 60 s for N = 300):
+        ``Store.run_idle`` builds idle RECEIVING rows and archives them by the 3.2 rule."""
+        last = 0.0
+        while not self._stopping.wait(0.1):
             store = self.store
-            if store is None:
-                continue
             k = self.knob_box.get()
+            if store is None or time.monotonic() - last < k.build_idle_seconds / 5:
+                continue
+            last = time.monotonic()
             try:
-                for s in store.idle_receiving(k.build_idle_seconds):
-                    built = store.build(s)
-                    if s.project in k.auto_archive_projects:
-                        try:
-                            store.archive(built, wrapped=False)
-                        except HttpError as exc:
-                            log.info("auto-archive of %s failed: %s", s.url, exc.message)
-                store.finish_direct_sessions(k.build_idle_seconds)
+                store.run_idle(k.build_idle_seconds, k.auto_archive_projects)
             except Exception:  # never let the timer thread die
-                log.exception("sandbox sweeper failed")
+                if not self.stopping:
+                    log.exception("sandbox idle builder failed")
