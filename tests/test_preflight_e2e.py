@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from click.testing import CliRunner, Result
 
+from upload_helpers import PASSWORD as ADMIN_PASSWORD
+from upload_helpers import import_tar
 from xnatio.cli.main import cli
+from xnatio.discover import discover
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
 
@@ -29,7 +33,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]
     PROJ01 with alias ALIAS1."""
     server = SandboxServer(
         tmp_path_factory.mktemp("xnat"),
-        users={"admin": "admin-pw", "bob": "bob-pw", "carol": "carol-pw"},
+        users={"admin": ADMIN_PASSWORD, "bob": "bob-pw", "carol": "carol-pw"},
         projects=("P",),
     ).start()
     access = server.access
@@ -53,7 +57,18 @@ def other_study(tmp_path: Path) -> SyntheticSession:
 
 
 def env_for(url: str, user: str = "admin") -> dict[str, str]:
-    return {"XNAT_SERVER": url, "XNAT_USERNAME": user, "XNAT_PASSWORD": f"{user}-pw"}
+    password = ADMIN_PASSWORD if user == "admin" else f"{user}-pw"
+    return {"XNAT_SERVER": url, "XNAT_USERNAME": user, "XNAT_PASSWORD": password}
+
+
+def archived(url: str, study: SyntheticSession, subject: str = "S", session: str = "E") -> None:
+    """Put ``study`` in the archive as another client would (one DICOM-zip import into dest)."""
+    import_tar(url, discover(study.root).files, "P", subject, session)
+
+
+def preflight_of(r: Result) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(r.stdout)["preflight"]
+    return found
 
 
 @pytest.fixture
@@ -107,32 +122,42 @@ def test_a_project_the_user_may_only_read_is_refused(
     assert nothing_sent(sandbox)
 
 
-def test_a_member_uploads_and_an_alias_lands_under_the_project_id(
+def test_a_member_passes_and_an_alias_resolves_to_the_project_id(
     xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
 ) -> None:
-    xio("upload-dicom", "P", "S", "E", study.root, env=env_for(sandbox.url, "carol"))
-    assert sandbox.experiment_labels("P") == ["E"]
-    r = xio("upload-dicom", "ALIAS1", "S", "E", study.root, "--json", env=env_for(sandbox.url))
-    assert "project ALIAS1 is an alias of PROJ01: using PROJ01" in r.stderr
-    assert json.loads(r.stdout)["status"] == "success"
-    assert sandbox.experiment_labels("PROJ01") == ["E"]
+    dry = (study.root, "--dry-run", "--json")
+    r = xio("upload-dicom", "P", "S", "E", *dry, env=env_for(sandbox.url, "carol"))
+    assert preflight_of(r)["project"] == "P"
+    found = preflight_of(xio("upload-dicom", "ALIAS1", "S", "E", *dry, env=env_for(sandbox.url)))
+    assert found["project"] == "PROJ01"
+    assert found["notes"] == ["project ALIAS1 is an alias of PROJ01: using PROJ01"]
+    assert nothing_sent(sandbox)
 
 
 def test_a_subject_under_another_case_keeps_its_spelling(
     xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, other_study: SyntheticSession
 ) -> None:
-    env = env_for(sandbox.url)
-    xio("upload-dicom", "P", "Sub01", "E1", study.root, env=env)
-    r = xio("upload-dicom", "P", "SUB01", "E2", other_study.root, env=env)
-    assert "subject SUB01 exists as Sub01" in r.stderr
-    assert [s["label"] for s in sandbox.store.subjects("P")] == ["Sub01"]  # type: ignore[union-attr]
+    archived(sandbox.url, study, subject="Sub01", session="E1")
+    r = xio(
+        "upload-dicom",
+        "P",
+        "SUB01",
+        "E2",
+        other_study.root,
+        "--dry-run",
+        "--json",
+        env=env_for(sandbox.url),
+    )
+    found = preflight_of(r)
+    assert found["subject"] == "Sub01" and found["subject_exists"] is True
+    assert found["notes"][0].startswith("subject SUB01 exists as Sub01")
 
 
 def test_another_study_under_an_existing_label_is_refused_before_sending(
     xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, other_study: SyntheticSession
 ) -> None:
+    archived(sandbox.url, study)
     env = env_for(sandbox.url)
-    xio("upload-dicom", "P", "S", "E", study.root, env=env)
     before = sandbox.stats().get("POST /data/services/import", 0)
     for extra in ((), ("--overwrite", "append")):
         r = xio("upload-dicom", "P", "S", "E", other_study.root, *extra, exit_code=2, env=env)
@@ -140,6 +165,10 @@ def test_another_study_under_an_existing_label_is_refused_before_sending(
         assert "session E in project P already holds another study" in line
         assert "another session label" in line
     assert sandbox.stats().get("POST /data/services/import", 0) == before
+    # The same study goes on (the send converges on what the session holds).
+    r = xio("upload-dicom", "P", "S", "E", study.root, "--dry-run", "--json", env=env)
+    (session,) = preflight_of(r)["sessions"]
+    assert session["exists"] is True and session["same_study"] is True
 
 
 def test_dry_run_checks_the_server_when_it_can(
@@ -148,7 +177,7 @@ def test_dry_run_checks_the_server_when_it_can(
     r = xio(
         "upload-dicom", "P", "S", "E", study.root, "--dry-run", "--json", env=env_for(sandbox.url)
     )
-    found = json.loads(r.stdout)["preflight"]
+    found = preflight_of(r)
     assert found["project"] == "P" and found["sessions"][0]["exists"] is False
     r = xio(
         "upload-dicom",
@@ -174,7 +203,7 @@ def test_dry_run_checks_the_server_when_it_can(
 def under_xnat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
     server = SandboxServer(
         tmp_path_factory.mktemp("ctx"),
-        users={"admin": "admin-pw"},
+        users={"admin": ADMIN_PASSWORD},
         projects=("P",),
         context_path="/xnat",
     ).start()
@@ -189,9 +218,20 @@ def test_a_context_path_works_for_every_request(
 ) -> None:
     root = under_xnat.root_url.rstrip("/")
     assert under_xnat.url == root + "/xnat"
-    r = xio("upload-dicom", "P", "S", "E", study.root, "--json", env=env_for(root + "/xnat"))
-    assert json.loads(r.stdout)["status"] == "success"
-    assert under_xnat.experiment_labels("P") == ["E"]
+    r = xio(
+        "upload-dicom",
+        "P",
+        "S",
+        "E",
+        study.root,
+        "--dry-run",
+        "--json",
+        env=env_for(root + "/xnat"),
+    )
+    assert preflight_of(r)["server"] == root + "/xnat"
+    # Login, project, rights, subjects, session: every request went under /xnat.
+    asked = [k for k in under_xnat.stats() if k.startswith(("GET ", "POST ", "DELETE "))]
+    assert len(asked) >= 5
     # Without it, the root is not XNAT: one line that says how to fix it.
     r = xio("upload-dicom", "P", "S", "E2", study.root, exit_code=2, env=env_for(root))
     line = error_line(r)
@@ -262,7 +302,7 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
     """XNAT's limits, made small: 1 session per user, a lock after 2 failed logins."""
     server = SandboxServer(
         tmp_path_factory.mktemp("cap"),
-        users={"admin": "admin-pw"},
+        users={"admin": ADMIN_PASSWORD},
         projects=("P",),
         max_sessions=1,
         max_failed_logins=2,
@@ -276,10 +316,11 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
 def test_one_session_per_run_and_the_cap_says_what_to_do(
     xio: Invoke, capped: SandboxServer, study: SyntheticSession
 ) -> None:
-    # A whole upload (pre-flight, send, commit, read-back) fits in one XNAT session.
-    xio("upload-dicom", "P", "S", "E", study.root, env=env_for(capped.url))
+    # A run logs in once and ends its session (the pre-flight's dozen requests use one session).
+    xio("upload-dicom", "P", "S", "E", study.root, "--dry-run", env=env_for(capped.url))
+    xio("upload-dicom", "P", "S", "E", study.root, "--dry-run", env=env_for(capped.url))
     # Another client holds the only session now: XNAT refuses new logins, keeps the old one.
-    held = requests.get(f"{capped.url}/data/projects", auth=("admin", "admin-pw"), timeout=10)
+    held = requests.get(f"{capped.url}/data/projects", auth=("admin", ADMIN_PASSWORD), timeout=10)
     assert held.status_code == 200
     r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=3, env=env_for(capped.url))
     line = error_line(r)
@@ -297,3 +338,19 @@ def test_a_locked_account_says_what_to_do(
     r = xio("upload-dicom", "P", "S", "E", study.root, exit_code=3, env=env_for(capped.url))
     assert "the account is locked" in error_line(r) and "an hour" in error_line(r)
     assert nothing_sent(capped)
+
+
+def test_dicom_store_is_checked_too_before_any_association(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession
+) -> None:
+    """With XNAT's address and credentials known, C-STORE gets the same pre-flight: an unknown
+    project would route the files to Unassigned (facts 6)."""
+    args = ("--transport", "dicom-store", "--dicom-host", "127.0.0.1", "--dicom-port", "9")
+    r = xio(
+        "upload-dicom", "NOPE", "S", "E", study.root, *args, exit_code=2, env=env_for(sandbox.url)
+    )
+    assert "project NOPE does not exist" in error_line(r)
+    r = xio(
+        "upload-dicom", "P", "S", "E.1", study.root, *args, exit_code=2, env=env_for(sandbox.url)
+    )
+    assert "as 'E_1'" in error_line(r)
