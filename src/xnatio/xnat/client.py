@@ -297,7 +297,9 @@ class XnatClient:
         """Send one request with the shared session; return the answer if below 400.
 
         ``path`` is relative to the server (``/data/...``) or a full URL on it. Redirects are not
-        followed (XNAT's 301 from a commit carries the archive URI). With ``idempotent_retry``
+        followed, and only XNAT's own (a commit's 301, the archive service's 303, facts 3.3/3.4)
+        are returned; any other 3xx raises :class:`RedirectError`, a 2xx HTML page
+        :class:`NotXnatError`. With ``idempotent_retry``
         transient failures are retried under ``self.retry``; without it (streamed bodies that
         cannot be replayed here) they are raised at once as :class:`TransientError`.
         """
@@ -347,7 +349,7 @@ class XnatClient:
             self._raise_for(resp)
         if 300 <= resp.status_code < 400 and not _xnat_redirect(path, resp):
             raise self._redirect_error(method, resp.request.url or self.url_for(path), resp)
-        if resp.status_code < 300 and _is_html(resp):
+        if resp.status_code < 300 and _is_html(resp) and resp.content.strip():
             raise NotXnatError(
                 f"{method} {_display(resp.request.url or self.url_for(path))} answered an HTML "
                 "page (a login page or a proxy?) where XNAT answers data; check --server: "
