@@ -324,8 +324,8 @@ def _discover_without_privileges(root: Path) -> dict[str, object]:
     return result
 
 
-# A child process as another user: an OS-level test (integration), and one that needs an interpreter
-# the unprivileged user can load (pyenv builds under /root are not, for every version, on our machines).
+# A child process as another user: an OS-level test (integration), and one that needs an
+# interpreter the unprivileged user can load (pyenv's 3.10 under /root is not, on our machines).
 @pytest.mark.integration
 def test_unreadable_file_and_folder_are_listed() -> None:
     # A world-traversable folder, so that the unprivileged child can reach the tree at all.
