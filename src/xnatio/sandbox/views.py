@@ -270,6 +270,23 @@ def file_rows(
     return rows
 
 
+def select_columns(
+    rows: list[dict[str, str]], columns: str | None, aliases: dict[str, str] | None = None
+) -> tuple[list[dict[str, str]], list[str] | None]:
+    """``columns=a,b`` (QueryOrganizerResource.java:160-180): the rows with those columns only,
+    plus ``URI``, which XNAT always adds (pyxnat relies on it). ``aliases`` maps XNAT's
+    schema-path names (``xnat:subjectAssessorData/subject_id``) to the row's keys."""
+    names = {k.lower(): v for k, v in (aliases or {}).items()}
+    # A schema path comes back under the listing's own column name (…/subject_id → subject_ID).
+    wanted = [names.get(c.lower(), c) for c in (columns or "").split(",") if c]
+    if not wanted:
+        return rows, None
+    if "URI" not in wanted:
+        wanted.append("URI")
+    out = [{c: r.get(c, "") for c in wanted} for r in rows]
+    return out, wanted
+
+
 # -- listing formats (facts 4: format=json|xml|csv|html, SR:235-264, 507-553; XT:838-907) -------
 LISTING_FORMATS = {
     "json": "application/json",
