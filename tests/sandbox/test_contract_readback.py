@@ -129,13 +129,13 @@ def test_scan_listing_columns(site: Site) -> None:
 
 
 def test_scan_listing_columns_parameter(site: Site) -> None:
-    # facts 4, "columns= replaces them" (QueryOrganizerResource.java:160-180)
+    # facts 4, "columns= replaces them" (QueryOrganizerResource.java:160-180); XNAT adds URI
     rows = (
         site.http()
         .get(site.base + "/scans", params={"format": "json", "columns": "ID,series_description"})
         .json()["ResultSet"]["Result"]
     )
-    assert all(list(r) == ["ID", "series_description"] for r in rows)
+    assert all(list(r) == ["ID", "series_description", "URI"] for r in rows)  # URI always
 
 
 # -- files -------------------------------------------------------------------------------------
