@@ -218,6 +218,8 @@ def test_listing_formats_csv_xml_html(site: Site) -> None:
         params={"format": "csv"},
     )
     assert next(csv.reader(io.StringIO(files.text))) == FILE_COLUMNS
+    prearchive = http.get(site.server.url + "/data/prearchive/projects/P", params={"format": "csv"})
+    assert next(csv.reader(io.StringIO(prearchive.text)))[:2] == ["project", "timestamp"]
     for listing in ("/data/projects", "/data/projects/P/subjects", "/data/projects/P/experiments"):
         r = http.get(site.server.url + listing, params={"format": "csv"})
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/csv"), listing

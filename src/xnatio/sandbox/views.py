@@ -23,6 +23,30 @@ def result_set(rows: Iterable[dict[str, Any]], title: str | None = None) -> dict
     return {"ResultSet": out}
 
 
+# Facts 3.1 (DatabaseSession.java:27-228): the prearchive listing's columns, in order.
+PREARC_COLUMNS = [
+    "project",
+    "timestamp",
+    "lastmod",
+    "uploaded",
+    "scan_date",
+    "scan_time",
+    "subject",
+    "folderName",
+    "name",
+    "tag",
+    "status",
+    "url",
+    "autoarchive",
+    "prevent_anon",
+    "prevent_auto_commit",
+    "SOURCE",
+    "VISIT",
+    "PROTOCOL",
+    "TIMEZONE",
+]
+
+
 def prearc_row(s: PrearcSession, autoarchive_projects: list[str]) -> dict[str, str]:
     lastmod = dt.datetime.fromtimestamp(s.lastmod).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     return {
