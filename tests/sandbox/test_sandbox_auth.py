@@ -165,6 +165,9 @@ def test_csrf_token_of_the_session_lets_a_browser_write(xnat_server: SandboxServ
     assert http.put(url).status_code == 500  # the session's token is missing
     assert http.put(url, params={"XNAT_CSRF": "0" * 32}).status_code == 500  # a wrong one
     assert http.put(url, params={"XNAT_CSRF": token}).status_code == 201
+    # As a form field (request.getParameter reads the query string and the form body).
+    form = http.put(url + "_FORM", data={"XNAT_CSRF": token})
+    assert form.status_code == 201
 
 
 def test_browser_without_credentials_is_sent_to_the_login_page(

@@ -179,9 +179,9 @@ class Handler(BaseHTTPRequestHandler):
                     return
             public = admin or path.rstrip("/") == "/data/services/auth"
             principal = None if public else self._authenticate(sandbox)
+            request = Request(self, principal)  # form fields join the parameters here
             if principal is not None:
-                self._check_csrf(sandbox, principal)
-            request = Request(self, principal)
+                self._check_csrf(sandbox, principal, request.params)
             response = routes.handle(request)
             if principal is not None and principal.new_session:
                 response.headers.setdefault(
@@ -228,15 +228,17 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(302, "", {"Location": sandbox.login_page_url}) from None
             raise
 
-    def _check_csrf(self, sandbox: SandboxServer, principal: Principal) -> None:
+    def _check_csrf(
+        self, sandbox: SandboxServer, principal: Principal, params: dict[str, str]
+    ) -> None:
         """Facts 2: POST/PUT/DELETE from a browser-like agent need the session's XNAT_CSRF
         token, Basic auth or not; the refusal reaches the client as a 500 (see auth.py)."""
         if self.command not in ("POST", "PUT", "DELETE"):
             return
         if not is_browser(self.headers.get("User-Agent")):
             return
-        query = dict(parse_qsl(urlsplit(self.path).query, keep_blank_values=True))
-        given = query.get("XNAT_CSRF") or self.headers.get("XNAT_CSRF") or ""
+        # request.getParameter("XNAT_CSRF"): the query string or a form field.
+        given = params.get("XNAT_CSRF") or ""
         expected = sandbox.auth.csrf_token(principal.session)
         if expected is None or given.lower() != expected.lower():
             raise HttpError(500, "Internal Server Error")
