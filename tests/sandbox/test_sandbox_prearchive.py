@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import client, h3, import_zip, instance_files, session, zip_bytes
+from sandbox_helpers import (
+    TEST_PROJECTS,
+    client,
+    h3,
+    import_zip,
+    instance_files,
+    session,
+    zip_bytes,
+)
 
 from xnatio.sandbox import SandboxServer
 
@@ -148,12 +156,12 @@ def test_idle_timer_builds_receiving_sessions(xnat_server: SandboxServer, tmp_pa
 def test_state_survives_a_restart(tmp_path: Path) -> None:
     s = session(tmp_path, series=1, instances=2)
     data = tmp_path / "data"
-    with SandboxServer(data, users={"u": "p"}) as server:
+    with SandboxServer(data, users={"u": "p"}, projects=TEST_PROJECTS) as server:
         http = client(server)
         r = import_zip(http, server, zip_bytes(instance_files(s)), **DEST, dest="/archive")
         assert r.status_code == 200
         before = server.archived_files("P", "S", "E")
-    with SandboxServer(data, users={"u": "p"}) as server:
+    with SandboxServer(data, users={"u": "p"}, projects=TEST_PROJECTS) as server:
         assert server.archived_files("P", "S", "E") == before
         http = client(server)
         r = http.get(
