@@ -61,6 +61,15 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
     help="JSESSION idle timeout in seconds.",
 )
 @click.option(
+    "--idle-seconds",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="XNAT's session idle interval: a prearchive session untouched this long is built and, "
+    "in an auto-archive project, archived; Direct-Archive sessions are archived (facts 3.2, "
+    "1.6). The builder runs every N/5 s, as XNAT's 60 s for 300.",
+)
+@click.option(
     "--context-path",
     default="",
     metavar="PATH",
@@ -109,6 +118,7 @@ def sandbox(
     per_file_ms: float,
     bandwidth_mbps: float,
     session_timeout: float,
+    idle_seconds: float,
     context_path: str,
     no_site_anon: bool,
     projects: tuple[str, ...],
@@ -148,6 +158,7 @@ def sandbox(
             session_timeout=session_timeout,
             context_path=context_path,
             site_anon=not no_site_anon,
+            idle_seconds=idle_seconds,
         )
     except ValueError as exc:  # an invalid context path
         raise UsageError(str(exc)) from None
