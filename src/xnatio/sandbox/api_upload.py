@@ -417,5 +417,5 @@ def direct_archive_post(req: Request, m: re.Match[str]) -> Response:
     s = _direct(req, m)
     if not store.can_edit(_user(req), s.project):
         raise HttpError(403, "Forbidden")
-    store.archive_direct(s)
+    store.archive_direct(s, delay=_delay(req))
     return respond_json(_direct_row(s))
