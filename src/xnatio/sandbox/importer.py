@@ -440,7 +440,7 @@ class DicomImport:
         file_name = self._file_name(s, scan, name, h)
         folder = self.store.prearc_dir(s) / "SCANS" / scan / "DICOM"
         script = None
-        if (self.site_anon or self.knobs.get().site_anonymization) and not self.p.prevent_anon:
+        if self.site_anon and not self.p.prevent_anon:
             script = SiteScript(None if project == UNASSIGNED else project, subject, label)
         with self.store.file_lock(s.id, scan + "/" + file_name):
             size, md5 = self._write(folder / file_name, name, head, rest, script)

@@ -50,12 +50,13 @@ class Knobs:
     """One-shot: setting it to true invalidates every JSESSION now (then it reads false again)."""
     session_timeout: float | None = None
     """Idle timeout of JSESSIONs in seconds; None keeps the server's setting."""
-    site_anonymization: bool = False
-    """Forces XNAT's default site-wide anonymization script on even when the server's own
-    setting (``SandboxServer.site_anon``, on by default as in XNAT; ``xio sandbox
-    --no-site-anon``; ``PUT /data/config/anon/script?status=…``) is off. The script (facts 1.7):
+    site_anonymization: bool = True
+    """XNAT's default site-wide anonymization script, enabled by default (facts 1.7):
     ``(0008,1030) := project`` (unless Unassigned), ``(0010,0010) := subject``,
-    ``(0010,0020) := session``, on each file at receipt unless ``prevent_anon=true``."""
+    ``(0010,0020) := session``, run on each file at receipt unless ``prevent_anon=true``.
+    Also ``SandboxServer.site_anon``; ``xio sandbox --no-site-anon`` /
+    ``SandboxServer(site_anon=False)`` / ``PUT /data/config/anon/script?status=disabled`` turn
+    it off."""
     reencode: bool = True
     """Every stored file is re-encoded on receipt (regenerated file meta, header re-serialized,
     the rest verbatim), so the stored MD5 is not the uploaded file's (facts 1.7). Off only to

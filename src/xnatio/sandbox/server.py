@@ -368,7 +368,7 @@ class SandboxServer:
         max_sessions: int = MAX_SESSIONS_PER_USER,
         max_failed_logins: int = MAX_FAILED_LOGINS,
         lockout_seconds: float = LOCKOUT_SECONDS,
-        site_anon: bool = True,
+        site_anon: bool | None = None,
         idle_seconds: float | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -377,11 +377,10 @@ class SandboxServer:
         self.users = dict(users) if users is not None else {"admin": "admin"}
         self.projects = list(projects)
         self.context_path = normalize_context_path(context_path)
-        # The site-wide anonymization script (facts 1.7, 5): created enabled by XNAT. The
-        # importer applies it; the config endpoints report it.
-        self.site_anon = site_anon
         self.knob_box = KnobBox(knobs)
-        # XNAT's session idle interval (facts 3.2): the idle builder's clock.
+        # The default site anonymization script (facts 1.7) and XNAT's idle interval (3.2).
+        if site_anon is not None:
+            self.knob_box.set(site_anonymization=site_anon)
         if idle_seconds is not None:
             self.knob_box.set(build_idle_seconds=idle_seconds)
         self.auth = Authenticator(
@@ -506,6 +505,16 @@ class SandboxServer:
         if path.startswith(self.context_path + "/"):
             return path[len(self.context_path) :]
         return None
+
+    @property
+    def site_anon(self) -> bool:
+        """Whether the site-wide anonymization script is enabled (facts 1.7, 5): the
+        ``site_anonymization`` knob, which the importer applies and the config endpoints show."""
+        return self.knob_box.get().site_anonymization
+
+    @site_anon.setter
+    def site_anon(self, enabled: bool) -> None:
+        self.knob_box.set(site_anonymization=enabled)
 
     def _check_password(self, user: str, password: str) -> bool:
         store = self.store

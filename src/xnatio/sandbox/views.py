@@ -310,6 +310,8 @@ def render_listing(
     result = [{k: "" if v is None else v for k, v in r.items()} for r in rows]
     cols = listing_columns(result, columns)
     if fmt == "json":
+        if columns is not None:
+            result = [{c: r.get(c, "") for c in cols} for r in result]
         body = result_set(result, title)
         if extra:
             body["ResultSet"].update(extra)
