@@ -412,17 +412,22 @@ def test_labels_cleaned_at_archive_and_subjects_matched_case_insensitively(
 
 
 # -- issue 11 item 10 --------------------------------------------------------------------------
-def test_deflated_zip_sent_in_small_chunks_imports(xnat: SandboxServer, tmp_path: Path) -> None:
-    # The inflater's short reads must not be parsed as the whole header.
-    s = study(tmp_path, instances=3)
+def test_deflated_entry_whose_first_read_is_short_imports(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # The inflater's short first read of an entry must not be parsed as its whole header. The
+    # first entry (stored-block deflate, 65291 + 10 bytes) is sized so that the 64 KiB read
+    # that inflates it ends 200 bytes into the DICOM entry after it.
+    s = study(tmp_path, instances=1)
+    (path,) = s.instances.values()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for uid, path in s.instances.items():
-            zf.writestr(uid, path.read_bytes())
-    r = raw(xnat, chunks(buf.getvalue(), 97), "application/zip")
+        zf.writestr("pad.bin", b"\x01" * 65291, zipfile.ZIP_DEFLATED, compresslevel=0)
+        zf.writestr("b.dcm", path.read_bytes(), zipfile.ZIP_DEFLATED)
+    r = raw(xnat, buf.getvalue(), "application/zip", **{"Ignore-Unparsable": "true"})
     assert r.status_code == 200, r.text
     (row,) = xnat.prearchive_sessions("P")
-    assert set(xnat.prearchive_files(row)) == set(s.instances)
+    assert [f.name for f in xnat.prearchive_files(row).values()] == ["b.dcm"]
 
 
 def test_a_250_byte_file_name_is_kept(xnat: SandboxServer, tmp_path: Path) -> None:
