@@ -524,7 +524,7 @@ class Store(Catalog):
         except HttpError as exc:
             raise self._fail(current, exc.status, exc.message) from None
         except OSError as exc:
-            raise self._fail(current, 500, f"Unable to archive: {exc.strerror}") from None
+            raise self._fail(current, 500, str(exc.strerror or exc)) from None
         finally:
             with self._lock:
                 self._archiving.discard(s.id)
