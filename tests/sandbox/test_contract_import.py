@@ -151,6 +151,29 @@ def test_entries_must_be_dicom(xnat: SandboxServer, tmp_path: Path) -> None:
     assert (r.status_code, h3(r)) == (400, "unable to read DICOM object notes.txt")
 
 
+def test_dicom_zip_dest_overrides_the_upper_case_keys(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 1 "dest" row: DICOM-zip: /archive… also archives; dest overrides PROJECT_ID/SUBJECT_ID.
+    r = send_zip(xnat, files_of(study(tmp_path)), PROJECT_ID="Q", SUBJECT_ID="X", EXPT_LABEL="Y",
+                 dest="/archive/projects/P/subjects/S2/experiments/E2")  # fmt: skip
+    assert r.text == "/data/archive/projects/P/subjects/S2/experiments/E2\r\n"
+
+
+def test_gradual_dicom_takes_only_the_project_of_dest(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 1 "dest" row: gradual-DICOM uses only dest's project; no build, no archive.
+    s = study(tmp_path, instances=1)
+    (path,) = s.instances.values()
+    r = client(xnat).post(
+        xnat.url + IMPORT,
+        params={"import-handler": "gradual-DICOM", "EXPT_LABEL": "G",
+                "dest": "/archive/projects/P/subjects/S9/experiments/E9"},
+        data=path.read_bytes(),
+        headers={"Content-Type": "application/dicom"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.text.startswith("/data/prearchive/projects/P/") and r.text.endswith("/G\r\n")
+    assert [x.status for x in xnat.prearchive_sessions("P")] == ["RECEIVING"]
+
+
 # -- 1.2 where the files go --------------------------------------------------------------------
 def test_unknown_project_goes_to_unassigned_with_200(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 1.2 line 1: unknown project → Unassigned, still 200 with its prearchive URI.
