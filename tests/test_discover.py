@@ -324,6 +324,9 @@ def _discover_without_privileges(root: Path) -> dict[str, object]:
     return result
 
 
+# A child process as another user: an OS-level test (integration), and one that needs an
+# interpreter the unprivileged user can load (pyenv's 3.10 under /root is not, on our machines).
+@pytest.mark.integration
 def test_unreadable_file_and_folder_are_listed() -> None:
     # A world-traversable folder, so that the unprivileged child can reach the tree at all.
     base = Path(tempfile.mkdtemp(prefix="xnatio-perm-"))
