@@ -23,7 +23,7 @@ from xnatio.sandbox.importer import (
     truthy,
 )
 from xnatio.sandbox.pages import HttpError
-from xnatio.sandbox.routes import respond, respond_json, route, store_of
+from xnatio.sandbox.routes import listing, respond, respond_json, route, store_of
 from xnatio.sandbox.store import (
     AUTO_ARCHIVE,
     AUTO_ARCHIVE_OVERWRITE,
@@ -171,7 +171,9 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
 # -- prearchive --------------------------------------------------------------------------------
 def _rows(req: Request, sessions: list[PrearcSession]) -> Response:
     auto = req.server.knobs.auto_archive_projects
-    return respond_json(views.result_set(views.prearc_row(s, auto) for s in sessions))
+    # format=json|xml|csv|html, as every XNAT listing (facts 4; routes.listing)
+    rows = [views.prearc_row(s, auto) for s in sessions]
+    return listing(req, rows, columns=views.PREARC_COLUMNS)
 
 
 @route("GET", r"/data/prearchive(?:/projects)?")
