@@ -91,6 +91,9 @@ def test_session_cap_refuses_new_logins_and_keeps_old_sessions(tmp_path: Path) -
         assert "Maximum sessions of 3" in h3(refused)
         for sid in cookies:  # the old ones are kept
             assert requests.get(url, cookies={"JSESSIONID": sid}).status_code == 200
+        # A cookie-authenticated /data/JSESSION names its session and opens none.
+        jsession = requests.get(server.url + "/data/JSESSION", cookies={"JSESSIONID": cookies[1]})
+        assert jsession.status_code == 200 and jsession.text == cookies[1]
         # Basic with one of its live cookies reuses that session: no new login needed.
         again = requests.get(url, auth=("u", "p"), cookies={"JSESSIONID": cookies[0]})
         assert again.status_code == 200 and "Set-Cookie" not in again.headers
