@@ -348,9 +348,16 @@ class _HTTPServer(ThreadingHTTPServer):
 class SandboxServer:
     """A local XNAT-compatible server (see the package docstring for what it implements).
 
-    ``users`` maps user names to passwords (default ``{"admin": "admin"}``); ``session_timeout`` is
-    the JSESSION idle timeout in seconds. ``start()`` returns once the socket listens; ``url`` is
-    then ``http://HOST:PORT``. Usable as a context manager.
+    ``users`` maps user names to passwords (default ``{"admin": "admin"}``): the first one (and
+    any named ``admin``) is a site admin, the others ordinary users with no project access.
+    ``projects`` are created at start, owned by the first user (facts 1.2: an upload to a project
+    that does not exist goes to Unassigned). ``session_timeout`` is the JSESSION idle timeout in
+    seconds; ``max_sessions`` (XNAT: 1000), ``max_failed_logins`` (20) and ``lockout_seconds``
+    (3600) are facts 2's login limits, also settable later on ``server.auth``. ``context_path``
+    (e.g. ``/xnat``) serves everything under that prefix. ``site_anon`` and ``idle_seconds`` set
+    the ``site_anonymization`` and ``build_idle_seconds`` knobs. ``start()`` returns once the
+    socket listens; ``url`` is then ``http://HOST:PORT`` + the context path. Usable as a context
+    manager. ``access`` (once started) holds projects, users and roles (``access.Access``).
 
     Test helpers read the store directly (no HTTP): ``archived_files``, ``prearchive_sessions``,
     ``experiment_labels``.
