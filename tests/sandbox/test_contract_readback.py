@@ -297,7 +297,9 @@ from pyxnat import Interface
 url, user, password = sys.argv[1:4]
 x = Interface(server=url, user=user, password=password)
 project = x.select.project("P")
-out = {"project_exists": project.exists(), "experiments": {}}
+created = x.select.project("MADE_BY_PYXNAT")
+created.create()
+out = {"project_exists": project.exists(), "created": created.exists(), "experiments": {}}
 for e in project.subject("S").experiments():
     label = e.label()
     scans = {}
@@ -369,4 +371,4 @@ def test_pyxnat_lists_what_xio_uploaded(request: pytest.FixtureRequest, tmp_path
         assert done.returncode == 0, done.stderr
         found = json.loads(done.stdout.strip().splitlines()[-1])
     expected = {str(number): len(uids) for number, uids in synth.series.items()}
-    assert found == {"project_exists": True, "experiments": {"E": expected}}
+    assert found == {"project_exists": True, "created": True, "experiments": {"E": expected}}
