@@ -325,6 +325,9 @@ def test_redirect_to_login_page_and_login_page_knob(tmp_path: Path) -> None:
         srv.set_knobs(redirect_status=302, fault_path="/data/services")
         r = requests.post(srv.url + "/data/services/import", auth=("u", "p"), allow_redirects=False)
         assert r.status_code == 302 and r.headers["Location"].endswith("/app/template/Login.vm")
+        # A client that follows it lands on the login page (200 HTML), not in a loop.
+        followed = requests.post(srv.url + "/data/services/import", auth=("u", "p"))
+        assert followed.status_code == 200 and 'type="password"' in followed.text
         assert requests.get(srv.url + "/data/projects", auth=("u", "p")).status_code == 200
         srv.set_knobs(redirect_status=0, login_page=True, fault_path="")
         r = requests.get(srv.url + "/data/JSESSION", auth=("u", "p"))

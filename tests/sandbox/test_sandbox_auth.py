@@ -181,5 +181,7 @@ def test_browser_without_credentials_is_sent_to_the_login_page(
     )
     assert r.status_code == 302
     assert r.headers["Location"].endswith("/app/template/Login.vm")
+    page = requests.get(r.headers["Location"], headers={"User-Agent": BROWSER})
+    assert page.status_code == 200 and "<form" in page.text
     script = requests.get(xnat_server.url + "/data/projects")
     assert script.status_code == 401 and script.headers["WWW-Authenticate"] == 'Basic realm="XNAT"'

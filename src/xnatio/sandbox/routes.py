@@ -214,6 +214,14 @@ def services_auth(req: Request, _: re.Match[str]) -> Response:
     )
 
 
+@route("GET", r"/app/template/Login\.vm")
+def login_form(req: Request, _: re.Match[str]) -> Response:
+    """Where browsers without credentials are sent (no login needed to see it)."""
+    from xnatio.sandbox.pages import login_page
+
+    return respond(200, login_page(req.server.context_path), "text/html")
+
+
 @route("GET", r"")
 def root(req: Request, _: re.Match[str]) -> Response:
     return respond(200, "<html><body><h1>XNAT sandbox</h1></body></html>", "text/html")

@@ -34,12 +34,13 @@ from xnatio.sandbox.auth import (
 )
 from xnatio.sandbox.bodies import BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
-from xnatio.sandbox.pages import REASONS, HttpError, error_page
+from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
 from xnatio.sandbox.store import FileRecord, PrearcSession, Store
 
 log = logging.getLogger("xnatio.sandbox")
 
 SANDBOX_VERSION = "1.8.10"
+LOGIN_PATH = "/app/template/Login.vm"
 DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of an unread body we swallow before closing instead
 
 
@@ -177,7 +178,7 @@ class Handler(BaseHTTPRequestHandler):
                     knobs.count(f"status.{proxied.status}")
                     self._send(proxied)
                     return
-            public = admin or path.rstrip("/") == "/data/services/auth"
+            public = admin or path.rstrip("/") in ("/data/services/auth", LOGIN_PATH)
             principal = None if public else self._authenticate(sandbox)
             request = Request(self, principal)  # form fields join the parameters here
             if principal is not None:
@@ -315,23 +316,15 @@ def tomcat_404(path: str) -> bytes:
     ).encode()
 
 
-LOGIN_PAGE = (
-    "<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
-    '<form name="form1" method="post" action="{action}">'
-    '<input type="text" name="username"/><input type="password" name="password"/>'
-    '<input type="submit" value="Login"/></form></body></html>\n'
-)
-
-
 def proxy_answer(sandbox: SandboxServer, k: Knobs, raw: str) -> Response | None:
     """The redirect knobs (``redirect_status``/``redirect_to``, ``login_page``): what a proxy or
     single-sign-on front answers instead of XNAT, for requests under ``fault_path``."""
     inner = sandbox.inside_context(urlsplit(raw).path) or ""
     if not inner.startswith(k.fault_path):
         return None
-    if k.login_page:
-        action = f"{sandbox.context_path}/login"
-        return Response(200, LOGIN_PAGE.format(action=action), "text/html")
+    if k.login_page or (k.redirect_status and inner.startswith(LOGIN_PATH)):
+        # (The login page itself answers, so a client that follows the redirect stops there.)
+        return Response(200, login_page(sandbox.context_path), "text/html")
     if k.redirect_status:
         target = k.redirect_to.rstrip("/") + raw if k.redirect_to else sandbox.login_page_url
         return Response(k.redirect_status, b"", "text/html", {"Location": target})
@@ -502,7 +495,7 @@ class SandboxServer:
 
     @property
     def login_page_url(self) -> str:
-        return f"{self.url}/app/template/Login.vm"
+        return f"{self.url}{LOGIN_PATH}"
 
     def inside_context(self, path: str) -> str | None:
         """The path inside the context path (``/xnat/data/x`` → ``/data/x``), None if outside.
