@@ -104,6 +104,9 @@ def test_listing_shows_the_flags_of_the_request_that_created_the_row(
         "true",
     )
     assert row["SOURCE"] == "desktop"
+    csv = client(xnat).get(xnat.url + "/data/prearchive/projects/P", params={"format": "csv"})
+    header, line = csv.text.splitlines()
+    assert header.split(",")[:2] == ["project", "timestamp"] and line.startswith("P,")
 
 
 # -- 3.2 life cycle ----------------------------------------------------------------------------
