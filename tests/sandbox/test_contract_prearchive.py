@@ -83,6 +83,32 @@ def test_row_needs_edit_right_and_a_known_project(xnat: SandboxServer, tmp_path:
     )
 
 
+def test_listing_shows_the_flags_of_the_request_that_created_the_row(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 3.1 line 1 (columns) + 1 "prevent_auto_commit, SOURCE, prevent_anon" row: stored
+    # only by the request that creates the row; all values strings.
+    set_code(xnat, "P", 4)
+    s = study(tmp_path, instances=2)
+    uids = list(s.instances)
+    first = {"prevent_auto_commit": "true", "SOURCE": "desktop", "prevent_anon": "true"}
+    send_zip(xnat, files_of(s, uids[:1]), **DEST, **first)
+    send_zip(xnat, files_of(s, uids[1:]), **DEST, SOURCE="other")
+    (row,) = (
+        client(xnat).get(xnat.url + "/data/prearchive/projects/P").json()["ResultSet"]["Result"]
+    )
+    assert all(isinstance(v, str) for v in row.values())
+    assert (row["autoarchive"], row["prevent_anon"], row["prevent_auto_commit"]) == (
+        "AutoArchive",
+        "true",
+        "true",
+    )
+    assert row["SOURCE"] == "desktop"
+    csv = client(xnat).get(xnat.url + "/data/prearchive/projects/P", params={"format": "csv"})
+    header, line = csv.text.splitlines()
+    assert header.split(",")[:2] == ["project", "timestamp"] and line.startswith("P,")
+
+
 # -- 3.2 life cycle ----------------------------------------------------------------------------
 def test_idle_builder_builds_then_leaves_ready_in_a_manual_project(
     xnat: SandboxServer, tmp_path: Path

@@ -62,10 +62,12 @@ def prearc_row(s: PrearcSession, autoarchive_projects: list[str]) -> dict[str, s
         "tag": s.tag,
         "status": s.status,
         "url": s.url,
-        "autoarchive": "AutoArchive" if s.project in autoarchive_projects else "Manual",
-        "prevent_anon": "false",
+        # The row's own code and flags, stored by the request that created it (facts 1.2, 3.2).
+        "autoarchive": s.autoarchive
+        or ("AutoArchive" if s.project in autoarchive_projects else "Manual"),
+        "prevent_anon": "true" if s.prevent_anon else "false",
         "prevent_auto_commit": "true" if s.prevent_auto_commit else "false",
-        "SOURCE": "",
+        "SOURCE": s.source,
         "VISIT": "",
         "PROTOCOL": "",
         "TIMEZONE": "",
