@@ -101,6 +101,19 @@ def test_missing_experiment_404_with_message(site: Site) -> None:
     assert r.status_code == 404 and h3(r) == "Unable to find the specified experiment."
 
 
+def test_experiment_check_by_project_and_label(site: Site) -> None:
+    # facts 3.5, "check: GET /data/projects/P/experiments/{label}?format=json → 200 / 404
+    # 'Unable to find the specified experiment.'" (ExperimentResource.java:63-97)
+    url = site.server.url + "/data/projects/P/experiments/"
+    found = site.http().get(url + "E", params={"format": "json"})
+    assert found.status_code == 200
+    assert found.json()["items"][0]["data_fields"]["label"] == "E"
+    missing = site.http().get(url + "NOPE", params={"format": "json"})
+    assert missing.status_code == 404 and h3(missing) == "Unable to find the specified experiment."
+    archive = site.server.url + "/data/archive/projects/P/subjects/S/experiments/E"
+    assert site.http().get(archive, params={"format": "json"}).status_code == 200
+
+
 @pytest.mark.parametrize(("user", "project"), [("member", "NOPE"), ("outsider", "P")])
 def test_missing_or_unreadable_project_404_without_message(
     site: Site, user: str, project: str
@@ -129,13 +142,13 @@ def test_scan_listing_columns(site: Site) -> None:
 
 
 def test_scan_listing_columns_parameter(site: Site) -> None:
-    # facts 4, "columns= replaces them" (QueryOrganizerResource.java:160-180)
+    # facts 4, "columns= replaces them" (QueryOrganizerResource.java:160-180); XNAT adds URI
     rows = (
         site.http()
         .get(site.base + "/scans", params={"format": "json", "columns": "ID,series_description"})
         .json()["ResultSet"]["Result"]
     )
-    assert all(list(r) == ["ID", "series_description"] for r in rows)
+    assert all(list(r) == ["ID", "series_description", "URI"] for r in rows)  # URI always
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -218,6 +231,8 @@ def test_listing_formats_csv_xml_html(site: Site) -> None:
         params={"format": "csv"},
     )
     assert next(csv.reader(io.StringIO(files.text))) == FILE_COLUMNS
+    prearchive = http.get(site.server.url + "/data/prearchive/projects/P", params={"format": "csv"})
+    assert next(csv.reader(io.StringIO(prearchive.text)))[:2] == ["project", "timestamp"]
     for listing in ("/data/projects", "/data/projects/P/subjects", "/data/projects/P/experiments"):
         r = http.get(site.server.url + listing, params={"format": "csv"})
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/csv"), listing
@@ -260,3 +275,100 @@ def test_delete_file_scan_experiment_by_role(site: Site, tmp_path: Path) -> None
     assert site.http("member").delete(base).status_code == 403
     assert site.http("owner").delete(base).status_code == 200
     assert site.http().get(base, params={"format": "json"}).status_code == 404
+
+
+# -- an unmodified third-party client: pyxnat (PyPI), in its own virtual environment ------------
+PYXNAT_VERSION = "1.6.4"
+# pyxnat's derivatives modules import nibabel and pandas at start without declaring them.
+PYXNAT_PACKAGES = (f"pyxnat=={PYXNAT_VERSION}", "nibabel", "pandas")
+OFFLINE_HINTS = (
+    "No matching distribution",
+    "Could not find a version",
+    "Connection",
+    "Network is unreachable",
+    "Temporary failure in name resolution",
+    "Max retries exceeded",
+)
+
+PYXNAT_SCRIPT = """
+import json, sys
+from pyxnat import Interface
+
+url, user, password = sys.argv[1:4]
+x = Interface(server=url, user=user, password=password)
+project = x.select.project("P")
+created = x.select.project("MADE_BY_PYXNAT")
+created.create()
+out = {"project_exists": project.exists(), "created": created.exists(), "experiments": {}}
+for e in project.subject("S").experiments():
+    label = e.label()
+    scans = {}
+    for scan in e.scans():
+        scans[scan.id()] = len(scan.resource("DICOM").files().get())
+    out["experiments"][label] = scans
+print(json.dumps(out))
+"""
+
+
+def pyxnat_python(request: pytest.FixtureRequest) -> Path:
+    """pyxnat installed from PyPI into a venv cached in pytest's cache dir (once)."""
+    import subprocess
+    import sys
+
+    venv = Path(request.config.cache.mkdir(f"venv-pyxnat-{PYXNAT_VERSION}"))
+    python = venv / "bin" / "python"
+    marker = venv / "installed"
+    if marker.exists() and python.exists():
+        return python
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", *PYXNAT_PACKAGES],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode != 0:
+            output = done.stderr + done.stdout
+            if any(hint in output for hint in OFFLINE_HINTS):
+                pytest.skip(f"PyPI unreachable, cannot install pyxnat: {output.strip()[-300:]}")
+            raise AssertionError(f"installing pyxnat failed:\n{output}")
+    marker.touch()
+    return python
+
+
+@pytest.mark.slow
+def test_pyxnat_lists_what_xio_uploaded(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """issue 11: an unmodified pyxnat (it reads listings with format=csv) lists the experiments,
+    scans and files of a session that xio uploaded into the sandbox, with the right counts."""
+    import json
+    import subprocess
+    import time
+
+    from upload_helpers import PASSWORD, USER, run_xio, xio_env
+
+    python = pyxnat_python(request)
+    synth = session(tmp_path, series=2, instances=3)
+    with SandboxServer(
+        tmp_path / "server", users={USER: PASSWORD}, projects=["P"], idle_seconds=1
+    ) as server:
+        # Direct-Archive: the experiment appears once the session has been idle (facts 1.6).
+        run = run_xio(
+            ["upload-dicom", "P", "S", "E", str(synth.root), "--direct-archive", "--no-verify"],
+            xio_env(server.url, tmp_path / "home"),
+        )
+        deadline = time.monotonic() + 60
+        while "E" not in server.experiment_labels("P") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "E" in server.experiment_labels("P"), run.stdout + run.stderr
+        while len(server.archived_files("P", "S", "E")) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = subprocess.run(
+            [str(python), "-c", PYXNAT_SCRIPT, server.url, USER, PASSWORD],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
+        )
+        assert done.returncode == 0, done.stderr
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {str(number): len(uids) for number, uids in synth.series.items()}
+    assert found == {"project_exists": True, "created": True, "experiments": {"E": expected}}

@@ -108,7 +108,7 @@ def test_site_anonymization_changes_stored_files(
     import hashlib
 
     s = session(tmp_path, series=1, instances=2)
-    assert xnat_server.knobs.site_anonymization  # on by default, as XNAT's id.das (facts 1.7)
+    assert xnat_server.site_anon  # on by default, as XNAT's id.das (facts 1.7)
     http = client(xnat_server)
     r = import_zip(http, xnat_server, zip_bytes(instance_files(s)), **DEST, dest="/archive")
     assert r.status_code == 200

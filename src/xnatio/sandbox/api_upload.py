@@ -23,7 +23,7 @@ from xnatio.sandbox.importer import (
     truthy,
 )
 from xnatio.sandbox.pages import HttpError
-from xnatio.sandbox.routes import respond, respond_json, route, store_of
+from xnatio.sandbox.routes import listing, respond, respond_json, route, store_of
 from xnatio.sandbox.store import (
     AUTO_ARCHIVE,
     AUTO_ARCHIVE_OVERWRITE,
@@ -143,7 +143,9 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
         else:
             raise HttpError(400, MSG_NO_FORMAT)
         p = ImportParams.from_params(params, base)
-        job = DicomImport(store, req.server.knob_box, p, req.path, _user(req))
+        job = DicomImport(
+            store, req.server.knob_box, p, req.path, _user(req), site_anon=req.server.site_anon
+        )
         source: Path | FullReader = body_path if body_path else FullReader(req.body)
         if p.handler == "gradual-DICOM":
             # A raw body has no client file name: the file gets XNAT's template name.
@@ -169,7 +171,9 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
 # -- prearchive --------------------------------------------------------------------------------
 def _rows(req: Request, sessions: list[PrearcSession]) -> Response:
     auto = req.server.knobs.auto_archive_projects
-    return respond_json(views.result_set(views.prearc_row(s, auto) for s in sessions))
+    # format=json|xml|csv|html, as every XNAT listing (facts 4; routes.listing)
+    rows = [views.prearc_row(s, auto) for s in sessions]
+    return listing(req, rows, columns=views.PREARC_COLUMNS)
 
 
 @route("GET", r"/data/prearchive(?:/projects)?")
@@ -415,5 +419,5 @@ def direct_archive_post(req: Request, m: re.Match[str]) -> Response:
     s = _direct(req, m)
     if not store.can_edit(_user(req), s.project):
         raise HttpError(403, "Forbidden")
-    store.archive_direct(s)
+    store.archive_direct(s, delay=_delay(req))
     return respond_json(_direct_row(s))

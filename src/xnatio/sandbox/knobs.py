@@ -54,7 +54,9 @@ class Knobs:
     """XNAT's default site-wide anonymization script, enabled by default (facts 1.7):
     ``(0008,1030) := project`` (unless Unassigned), ``(0010,0010) := subject``,
     ``(0010,0020) := session``, run on each file at receipt unless ``prevent_anon=true``.
-    ``xio sandbox --no-site-anon`` / ``SandboxServer(site_anon=False)`` turn it off."""
+    Also ``SandboxServer.site_anon``; ``xio sandbox --no-site-anon`` /
+    ``SandboxServer(site_anon=False)`` / ``PUT /data/config/anon/script?status=disabled`` turn
+    it off."""
     reencode: bool = True
     """Every stored file is re-encoded on receipt (regenerated file meta, header re-serialized,
     the rest verbatim), so the stored MD5 is not the uploaded file's (facts 1.7). Off only to

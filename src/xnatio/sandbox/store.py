@@ -524,7 +524,7 @@ class Store(Catalog):
         except HttpError as exc:
             raise self._fail(current, exc.status, exc.message) from None
         except OSError as exc:
-            raise self._fail(current, 500, f"Unable to archive: {exc.strerror}") from None
+            raise self._fail(current, 500, str(exc.strerror or exc)) from None
         finally:
             with self._lock:
                 self._archiving.discard(s.id)
@@ -656,7 +656,9 @@ class Store(Catalog):
                 with contextlib.suppress(HttpError):
                     self.archive(built, merge=True, overwrite=code == AUTO_ARCHIVE_OVERWRITE)
 
-    def archive_direct(self, s: PrearcSession) -> Experiment | None:
+    def archive_direct(
+        self, s: PrearcSession, delay: Callable[[], None] = lambda: None
+    ) -> Experiment | None:
         """Build and archive a Direct-Archive row now; on failure it moves to the prearchive
         as ERROR (RECEIVING if it was never built) (DAS:150-160, 217-227, 411-470). An existing
         label fails so: Direct-Archive never merges (DAS:344-358 *(inferred)*)."""
@@ -667,7 +669,7 @@ class Store(Catalog):
             self._set_status(s.id, "BUILDING")
             self._set_status(s.id, "QUEUED_ARCHIVING")
         try:
-            return self.archive(s, merge=False, overwrite=False)
+            return self.archive(s, merge=False, overwrite=False, delay=delay)
         except HttpError:
             current = self.get_prearc_by_id(s.id)
             if current is not None and current.direct:
