@@ -178,8 +178,9 @@ def test_read_back_failure_is_not_done_and_a_rerun_verifies(
 ) -> None:
     journal = tmp_path / "j.sqlite"
     # Every read-back request fails (more than the retries): the upload itself succeeded.
+    # (The scan listing: the read before sending only finds that the experiment does not exist.)
     sandbox.set_knobs(
-        fail_next=100, fail_status=500, fault_path="/data/projects/P/subjects/S/experiments"
+        fail_next=100, fail_status=500, fault_path="/data/projects/P/subjects/S/experiments/E/scans"
     )
     first = upload(sandbox.url, exam, journal)
     assert exit_code_of(first) == 1

@@ -35,6 +35,7 @@ from upload_helpers import (
 from xnatio.discover import discover
 from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Outcome
+from xnatio.resume import ALREADY_REASON
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
 
@@ -132,7 +133,7 @@ def test_changed_file_is_sent_again_and_replaces_the_server_copy(
     assert_each_file_once(sandbox, discover(exam))
 
 
-def test_rerun_of_a_complete_upload_sends_nothing_and_restart_sends_all(
+def test_rerun_of_a_complete_upload_sends_nothing_even_with_restart(
     sandbox: SandboxServer, exam: Path, tmp_path: Path
 ) -> None:
     journal = tmp_path / "journal.sqlite"
@@ -144,14 +145,18 @@ def test_rerun_of_a_complete_upload_sends_nothing_and_restart_sends_all(
     assert imported(sandbox) == sent
     assert {o.reason for o in again.files} == {EARLIER_RUN_REASON}
 
-    # --restart forgets the journal: a first run again, into a session that now exists, so the
-    # server refuses to archive over it unless told to merge (XNAT's 409, section 1).
-    refused = upload(sandbox.url, exam, journal, restart=True)
-    assert not refused.success
-    assert any("Session already exists" in e for e in refused.errors), refused.errors
-    fresh = upload(sandbox.url, exam, journal, restart=True, overwrite="append")
-    assert fresh.success and fresh.verified
-    assert imported(sandbox) - sent == 2 * len(manifest.files)
+    # --restart forgets the journal: the session is read back before sending, and every
+    # instance it holds by name is not sent again (XNAT would refuse it with 409 and leave a
+    # CONFLICT entry, facts 1.5). Exit 0, "already on the server".
+    fresh = upload(sandbox.url, exam, journal, restart=True)
+    assert fresh.success and fresh.verified, fresh.errors
+    assert {o.reason for o in fresh.files} == {ALREADY_REASON}
+    assert imported(sandbox) == sent
+    assert_each_file_once(sandbox, manifest)
+    # --overwrite delete sends everything again and replaces the server's copies.
+    replaced = upload(sandbox.url, exam, journal, restart=True, overwrite="delete")
+    assert replaced.success and replaced.verified, replaced.errors
+    assert imported(sandbox) - sent == len(manifest.files)
     assert_each_file_once(sandbox, manifest)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from xnatio.archive import instance_file_name
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Manifest, UploadResult
 from xnatio.plan import plan_batches
@@ -40,8 +41,8 @@ def import_tar(
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for f in files:
-            # XNAT keeps the uploaded file name: the same one xnatio's archives use.
-            tf.add(f.path, arcname=f"{f.series_number}/{f.path.name}")
+            # XNAT keeps the uploaded file name (facts 1.2): the one xnatio's archives use.
+            tf.add(f.path, arcname=f"{f.series_number}/{instance_file_name(f.sop_instance_uid)}")
     resp = requests.post(
         url + "/data/services/import",
         params={
