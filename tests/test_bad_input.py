@@ -210,7 +210,7 @@ def test_permission_denied_files_and_folders(sandbox: SandboxServer, tmp_path: P
         paths[1].chmod(0o644)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
-    rows = {r["path"]: r for r in csv.DictReader(report.open())}
+    rows = {r["path"]: r for r in csv.DictReader(report.read_text().splitlines())}
     assert rows[str(locked_dir)]["outcome"] == "skipped"
     assert "permission denied" in rows[str(locked_dir)]["reason"]
     assert rows[str(paths[1])]["outcome"] == "skipped"

@@ -308,7 +308,7 @@ def test_human_summary_and_csv_report(
     r = cli_invoke("upload-dicom", "P", "S", "E", session.root, "--report", report, env=env)
     assert r.stdout.startswith("Uploaded 8 of 8 files")
     assert "session: /data/archive/projects/P/subjects/S/experiments/E" in r.stdout
-    rows = list(csv.DictReader(report.open(encoding="utf-8")))
+    rows = list(csv.DictReader(report.read_text(encoding="utf-8").splitlines()))
     assert sorted(row["sop_instance_uid"] for row in rows) == sorted(session.instances)
     assert {row["outcome"] for row in rows} == {"verified"}  # read back after the commit
     # stderr is no terminal here: plain progress lines, the read-back's like the upload's

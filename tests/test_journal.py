@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from proc_helpers import reap
 from xnatio.errors import ConfigError
 from xnatio.journal import (
     EARLIER_RUN_REASON,
@@ -300,9 +301,7 @@ def test_lock_of_a_killed_run_is_released(tmp_path: Path) -> None:
         lock.acquire()  # no stale lock after kill -9
         lock.release()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 _WRITER = textwrap.dedent(
@@ -340,6 +339,7 @@ def test_kill_9_mid_write_leaves_a_consistent_journal(tmp_path: Path) -> None:
     time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    reap(proc)
     db = sqlite3.connect(journal)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     n, batches = db.execute("SELECT count(*), count(DISTINCT batch) FROM files").fetchone()

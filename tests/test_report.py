@@ -120,7 +120,8 @@ def test_summary_of_success() -> None:
 def test_report_csv_has_one_row_per_file(tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     write_report(_result(uploaded=2, failed=1, skipped=1), out)
-    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    with out.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["outcome"] for r in rows] == ["uploaded", "uploaded", "failed", "skipped"]
     assert rows[2]["reason"] == "HTTP 500: disk full"
     assert rows[0]["sop_instance_uid"] == "1.2.0"

@@ -19,6 +19,7 @@ from typing import IO
 import pytest
 import requests
 
+from proc_helpers import reap
 from upload_helpers import (
     PASSWORD,
     USER,
@@ -202,8 +203,7 @@ def test_sigkill_mid_upload_then_rerun_sends_only_the_rest(
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
     confirmed = journal_rows(journal)
     assert 20 <= confirmed < len(manifest.files)
     assert sandbox.archived_files("P", "S", "E") == {}  # never committed
@@ -238,8 +238,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert "run the same command again" in last and "Traceback" not in err
@@ -289,8 +288,8 @@ def test_second_run_on_the_same_target_refuses_or_waits(
         assert waited.finish() == 0, waited.err()
     finally:
         for r in (first, waited):
-            if r is not None and r.proc.poll() is None:
-                r.proc.kill()
+            if r is not None:
+                reap(r.proc)
     # The waiting run started after the first one had finished: nothing left to send.
     assert json.loads(waited.out())["status"] == "success"
     assert "sending the other 0" in waited.err()

@@ -419,7 +419,7 @@ def test_verify_command(
     assert bad.exit_code == 1
     assert "1 file(s) missing or different" in bad.output
     assert f"{changed}: the server's copy differs (MD5; series" in bad.output
-    rows = list(csv.DictReader(report.open()))
+    rows = list(csv.DictReader(report.read_text().splitlines()))
     assert {r["outcome"] for r in rows if r["path"] == str(changed)} == {"failed"}
     assert sum(r["outcome"] == "verified" for r in rows) == len(files) - 1
 
@@ -495,12 +495,12 @@ def test_upload_reads_back_unless_no_verify(
     r = runner.invoke(cli, [*args, "--no-verify"])
     assert r.exit_code == 0, r.output
     assert reads() == 0  # nothing read back
-    assert {row["outcome"] for row in csv.DictReader(report.open())} == {"uploaded"}
+    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {"uploaded"}
     r = runner.invoke(cli, [*args, "--restart"])
     assert r.exit_code == 0, r.output
     # One DICOM file listing per scan before sending (all there: nothing sent), and to verify.
     assert reads() == 6
-    assert {row["outcome"] for row in csv.DictReader(report.open())} == {"verified"}
+    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {"verified"}
 
 
 # -- a server that rewrites what it stores (the sandbox's site_anonymization knob) -----------------

@@ -12,6 +12,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from proc_helpers import reap
 from xnatio.cli.main import cli
 
 pytestmark = pytest.mark.integration
@@ -47,9 +48,7 @@ def test_serves_until_ctrl_c(tmp_path: Path) -> None:
         assert "Traceback" not in rest
         assert "pw" not in first + rest  # the password is never printed
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_busy_port_is_a_usage_error(tmp_path: Path) -> None:

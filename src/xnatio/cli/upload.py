@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,8 @@ def render_result(result: UploadResult, output: OutputArgs, report: Path | None)
     code = exit_code_of(result)
     if output.json:
         # Streamed record by record: memory does not grow with the number of files.
-        stdout = click.get_text_stream("stdout")
+        # sys.stdout, not click.get_text_stream (deprecated as of Click 8.5); CliRunner swaps it.
+        stdout = sys.stdout
         write_result_json(result, stdout)
         stdout.write("\n")
         stdout.flush()
