@@ -15,6 +15,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from upload_helpers import TEST_PROJECTS
 from xnatio.cli.demo import DEMO_PROJECT, DEMO_SESSION, DEMO_SUBJECT, read_back
 from xnatio.cli.main import cli
 from xnatio.discover import discover
@@ -68,7 +69,7 @@ def test_read_back_finds_what_is_missing(tmp_path: Path) -> None:
     names the instance that is missing when only part of it landed."""
     s = generate_session(tmp_path / "in", series=1, instances=2, image_size=(16, 16))
     manifest = discover(s.root)
-    with SandboxServer(tmp_path / "server", users={"u": "pw"}) as server:
+    with SandboxServer(tmp_path / "server", users={"u": "pw"}, projects=TEST_PROJECTS) as server:
         check = read_back(server, manifest)
         assert not check.ok and not check.found
         assert "not on the server" in check.text()

@@ -16,6 +16,7 @@ import pytest
 
 from upload_helpers import (
     PASSWORD,
+    TEST_PROJECTS,
     USER,
     SandboxProcess,
     assert_each_file_once,
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
 
 

@@ -22,6 +22,7 @@ import requests
 from proc_helpers import reap
 from upload_helpers import (
     PASSWORD,
+    TEST_PROJECTS,
     USER,
     assert_each_file_once,
     big_session,
@@ -45,7 +46,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
 
 

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 from click.testing import CliRunner
 
-from upload_helpers import PASSWORD, USER, run_xio, xio_env
+from upload_helpers import PASSWORD, TEST_PROJECTS, USER, run_xio, xio_env
 from xnatio import redact
 from xnatio.archive import make_archive_stream
 from xnatio.cli.main import cli
@@ -118,7 +118,7 @@ def test_archive_member_names_are_relative_and_safe(tmp_path: Path, fmt: str) ->
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as s:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as s:
         # Remember every JSESSION id the server hands out: they are secrets too.
         issued: list[str] = []
         real = s.auth.new_session

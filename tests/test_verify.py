@@ -17,7 +17,7 @@ import requests
 import responses
 from click.testing import CliRunner
 
-from upload_helpers import PASSWORD, USER, import_tar, upload
+from upload_helpers import PASSWORD, TEST_PROJECTS, USER, import_tar, upload
 from xnatio.archive import instance_file_name
 from xnatio.cli import verify as cli_verify
 from xnatio.cli.main import cli
@@ -365,7 +365,7 @@ def test_labels_are_quoted(label: str) -> None:
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
 
 

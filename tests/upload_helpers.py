@@ -28,6 +28,10 @@ from xnatio.xnat.client import XnatClient
 
 USER, PASSWORD = "admin", "Adm1n-Sandbox-Secret-9c2e"
 
+# The projects the tests upload into: a project exists on XNAT (and on the sandbox) only once
+# created, and an upload to a missing one lands in Unassigned (facts 1.2).
+TEST_PROJECTS = ("P", "P1", "PRJ", "PROJ", "Q", "C", "BENCH", "DEMO")
+
 
 def import_tar(
     url: str,

@@ -131,6 +131,7 @@ def _run_demo(
     server = SandboxServer(
         workdir / "server",
         users={DEMO_USER: password},
+        projects=[DEMO_PROJECT],  # a project exists on XNAT only once created (facts 1.2)
         knobs=Knobs(latency_ms=latency_ms, per_file_ms=per_file_ms),
     )
     try:
