@@ -22,9 +22,11 @@ from xnatio.discover import discover
 from xnatio.errors import AuthError, UnreachableError
 from xnatio.models import Batch, DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.plan import plan_batches
+from xnatio.report import exit_code_of, result_to_dict, status_of, summary_text
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
-from xnatio.transports.rest import RestTarget, RestUploader
+from xnatio.transports import rest
+from xnatio.transports.rest import BAD_MEMBERS_IN_A_ROW, RestTarget, RestUploader
 from xnatio.uploaders import upload_dicom_parallel_rest
 from xnatio.xnat.client import XnatClient
 
@@ -73,12 +75,12 @@ def md5(path: Path) -> str:
 
 
 def assert_landed(srv: SandboxServer, expected: dict[str, Path]) -> None:
-    """Exactly ``expected`` (SOP Instance UID -> local file) is archived, byte for byte."""
+    """Exactly ``expected`` (SOP Instance UID -> local file) is archived, each under the name xio
+    sent it as (XNAT keeps it, facts 1.2; the bytes are XNAT's re-encoded copy, facts 1.7)."""
     got = srv.archived_files(P, S, E)
     assert sorted(got) == sorted(expected)
-    for uid, local in expected.items():
-        assert got[uid].size == local.stat().st_size, uid
-        assert got[uid].md5 == md5(local), uid
+    for uid in expected:
+        assert got[uid].name == instance_file_name(uid), uid
     # Nothing left behind in the prearchive (one commit took everything).
     assert srv.prearchive_sessions(P) == []
 
@@ -115,8 +117,8 @@ def test_batched_upload_lands_every_file_once(
             files = client.get_json(f"{base}/scans/{number}/resources/DICOM/files")
             rows = files["ResultSet"]["Result"]
             assert len(rows) == len(uids)
-            local = {md5(session_dir.instances[u]) for u in uids}
-            assert {r["digest"] for r in rows} == local
+            # XNAT keeps the names xio sent (facts 1.2); digests are of its own copies (1.7).
+            assert {r["Name"] for r in rows} == {instance_file_name(u) for u in uids}
 
 
 def test_public_api_sends_a_small_session_in_one_request(
@@ -291,29 +293,63 @@ def test_auto_archive_project_commits_with_301(xnat_server: SandboxServer, tmp_p
     assert_landed(xnat_server, session.instances)
 
 
-def test_second_upload_needs_overwrite(xnat_server: SandboxServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overwrite", ["none", "append"])
+def test_another_study_is_never_merged_into_an_existing_label(
+    xnat_server: SandboxServer, tmp_path: Path, overwrite: str
+) -> None:
+    """XNAT refuses another StudyInstanceUID under a label, whatever ``overwrite`` says (facts
+    1.5, "Invalid modification of session UID"); the uploader's own path (without the pre-flight
+    that refuses it earlier) ends with XNAT's final "FAILED" message, and merges nothing."""
     first = small_session(tmp_path / "a", series=1)
     assert upload(xnat_server, first.root).success
-    # The same session label again with more files: XNAT refuses to archive over it ...
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root)
+    refused = upload(xnat_server, second.root, overwrite=overwrite)
     assert not refused.success
-    assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
-    # ... unless asked to merge (overwrite=append), which keeps both sets.
-    merged = upload(xnat_server, second.root, overwrite="append")
-    assert merged.success, merged.errors
-    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(
-        {**first.instances, **second.instances}
-    )
+    assert any("Invalid modification of session UID" in e for e in refused.errors), refused.errors
+    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(first.instances)
 
 
-def test_direct_archive(xnat_server: SandboxServer, tmp_path: Path) -> None:
+def test_direct_archive_waits_for_the_idle_interval_and_verifies(
+    xnat_server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct-Archive's experiment appears only once the session has been idle for XNAT's
+    interval (facts 1.6): the upload polls /xapi/direct-archive/… until 404, then the
+    experiment, and ends with the archive URI."""
+    monkeypatch.setattr(rest, "DIRECT_ARCHIVE_POLL", 0.2)
+    xnat_server.set_knobs(build_idle_seconds=2)
     session = small_session(tmp_path)
-    result = upload(xnat_server, session.root, direct_archive=True)
+    events: list[ProgressEvent] = []
+    result = upload(
+        xnat_server,
+        session.root,
+        direct_archive=True,
+        archive_wait=60,
+        progress_callback=events.append,
+    )
     assert result.success, result.errors
-    assert "/direct-archive/" in result.session_uri or "/archive/" in result.session_uri
+    assert result.pending == []
+    assert result.session_uri == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    assert any("waiting for XNAT to archive" in e.message for e in events)
     got = xnat_server.archived_files(P, S, E)
     assert sorted(got) == sorted(session.instances)
+    assert any("/xapi/direct-archive/" in k for k in xnat_server.stats())  # it did poll
+
+
+def test_direct_archive_not_archived_within_the_bound_is_pending(
+    xnat_server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rest, "DIRECT_ARCHIVE_POLL", 0.1)
+    xnat_server.set_knobs(build_idle_seconds=600)
+    session = small_session(tmp_path)
+    result = upload(xnat_server, session.root, direct_archive=True, archive_wait=0.5)
+    assert not result.success and not result.failed
+    [pending] = result.pending
+    assert pending.startswith(f"/xapi/direct-archive/{P}/") and pending.endswith(f"/{E}")
+    assert status_of(result) == "pending" and exit_code_of(result) == 1
+    text = summary_text(result)
+    assert "not yet archived" in text and f"xio verify {P} {S} {E} PATH --wait-for" in text
+    assert result_to_dict(result)["pending"] == [pending]
+    assert xnat_server.archived_files(P, S, E) == {}
 
 
 def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
@@ -408,12 +444,16 @@ def test_a_server_that_stops_answering_is_timed_out_and_retried(
 
 
 def test_disk_full_is_final_and_reported(xnat_server: SandboxServer, tmp_path: Path) -> None:
-    session = small_session(tmp_path)
+    """XNAT reports a full disk as 400 "unable to read DICOM object NAME" (facts 1.4): after a
+    few such files in a row the batch stops, instead of one request per file."""
+    session = small_session(tmp_path, series=1, instances=12)
     xnat_server.set_knobs(fault_path="/data/services/import", disk_full=True)
     result = upload(xnat_server, session.root)
     assert not result.success
     assert len(result.failed) == len(session.instances)
-    assert {f.reason for f in result.failed} == {"No space left on device"}  # XNAT's message
+    assert all("unable to read DICOM object" in f.reason for f in result.failed)
+    assert any("files in a row" in f.reason for f in result.failed)
+    assert xnat_server.stats()["POST /data/services/import"] == BAD_MEMBERS_IN_A_ROW
     assert xnat_server.archived_files(P, S, E) == {}
 
 
@@ -672,11 +712,12 @@ def test_lost_answer_without_an_archived_session_stays_a_failure(
     """Read-back only turns an error into success when the session really is archived."""
     first = small_session(tmp_path / "a", series=1)
     assert upload(xnat_server, first.root).success
-    # Same label again, no overwrite: XNAT refuses (409) and the prearchive entry stays.
+    # Another study under the same label: XNAT refuses it ("FAILED: Invalid modification of
+    # session UID", facts 1.5) and the prearchive entry stays.
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
     refused = upload(xnat_server, second.root)
     assert not refused.success
-    assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
+    assert any("Invalid modification of session UID" in e for e in refused.errors)
     assert len(xnat_server.prearchive_sessions(P)) == 1
 
 

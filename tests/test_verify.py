@@ -495,12 +495,14 @@ def test_upload_reads_back_unless_no_verify(
     r = runner.invoke(cli, [*args, "--no-verify"])
     assert r.exit_code == 0, r.output
     assert reads() == 0  # nothing read back
-    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {"uploaded"}
+    rows = csv.DictReader(report.read_text().splitlines())
+    assert {row["outcome"] for row in rows} == {"uploaded"}
     r = runner.invoke(cli, [*args, "--restart"])
     assert r.exit_code == 0, r.output
     # One DICOM file listing per scan before sending (all there: nothing sent), and to verify.
     assert reads() == 6
-    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {"verified"}
+    rows = csv.DictReader(report.read_text().splitlines())
+    assert {row["outcome"] for row in rows} == {"verified"}
 
 
 # -- a server that rewrites what it stores (the sandbox's site_anonymization knob) -----------------

@@ -104,6 +104,10 @@ OVERWRITE_MODES = ("none", "append", "delete")
 # but application/zip (facts 1.1), and a gzip'd tar's length is known only once it is compressed.
 ARCHIVE_FORMATS = ("tar", "zip", "zip-deflated", "tgz")
 WIRE_FORMATS = {"tar": "tar", "zip": "zip", "zip-deflated": "zip-deflated", "tgz": "zip-deflated"}
+# XNAT answers a full disk or a failing anonymization script as 400 "unable to read DICOM object
+# NAME" (facts 1.4), like a file that is not DICOM. Files discovery read as DICOM refused this many
+# times in a row stop the batch: the cause is the server, and one request per file would follow.
+BAD_MEMBERS_IN_A_ROW = 3
 DIRECT_ARCHIVE_POLL = 5.0  # seconds between reads while Direct-Archive's experiment is awaited
 # Content types XNAT's DICOM-zip importer maps to a reader (section 1: raw bodies are named from
 # the Content-Type, and anything else is "Unsupported format").
@@ -487,6 +491,7 @@ class RestUploader:
         partial = len(remaining) < len(batch.files)
         label = self._label(run, batch.files)
         retry_number = 0
+        refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
             stream = make_archive_stream(
                 remaining,
@@ -512,6 +517,12 @@ class RestUploader:
                     gone = _key(culprit[0])
                     remaining = [f for f in remaining if _key(f) != gone]
                     partial = True
+                    refused = refused + 1 if isinstance(err, ServerError) else 0
+                    if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
+                        self._give_up(
+                            run, remaining, _in_a_row(err, refused), 0, batch.index, progress
+                        )
+                        return
                     continue
                 if self._wait_to_retry(err, retry_number, f"batch {batch.index + 1}"):
                     retry_number += 1
@@ -536,6 +547,7 @@ class RestUploader:
         remaining = list(batch.files)
         label = self._label(run, batch.files)
         retry_number = 0
+        refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
             payload = sum(f.size for f in remaining)
             try:
@@ -558,6 +570,12 @@ class RestUploader:
                     self._fail(run, [culprit[0]], culprit[1], batch.index)
                     gone = _key(culprit[0])
                     remaining = [f for f in remaining if _key(f) != gone]
+                    refused = refused + 1 if isinstance(err, ServerError) else 0
+                    if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
+                        self._give_up(
+                            run, remaining, _in_a_row(err, refused), 0, batch.index, progress
+                        )
+                        return
                     continue
                 if self._wait_to_retry(err, retry_number, archive.name):
                     retry_number += 1
@@ -966,6 +984,15 @@ def _find_member(name: str | None, members: Sequence[tuple[str, DicomFile]]) -> 
     # XNAT may report the entry under a prefix of its own (or we under a longer one).
     matches = [f for n, f in members if n.endswith("/" + name) or name.endswith("/" + n)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _in_a_row(err: BaseException, count: int) -> ServerError:
+    message = err.message if isinstance(err, ServerError) else str(err)
+    return ServerError(
+        f"{message} (XNAT refused {count} files in a row that read as DICOM here: its disk may "
+        "be full or its anonymization failing, facts 1.4; the rest of the batch was not sent)",
+        status=400,
+    )
 
 
 def _final_archive_failure(message: str) -> bool:
