@@ -165,7 +165,7 @@ class SandboxProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> SandboxProcess:
-        where = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
+        where = ["--data-dir", str(self.data_dir), "--port", str(self.port), "--project", "P"]
         cmd = xio_command(["sandbox", *where, "--user", USER, "--password", PASSWORD, *self.args])
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=xio_env("", Path("/"))
@@ -195,7 +195,7 @@ class SandboxProcess:
 
 
 def assert_server_holds_each_once(url: str, manifest: Manifest) -> None:
-    """Over REST only: the session holds every local file (same bytes), nothing twice."""
+    """Over REST only: the session holds every local instance (by name), nothing twice."""
     with XnatClient(url, username=USER, password=PASSWORD) as client:
         scans = read_session(client, "P", "S", "E")
         assert scans is not None
