@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import responses
 
 from xnatio.archive import instance_file_name
 from xnatio.discover import discover
-from xnatio.errors import AuthError, UnreachableError
+from xnatio.errors import AuthError, ServerError, UnreachableError
 from xnatio.models import Batch, DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.plan import plan_batches
 from xnatio.report import exit_code_of, result_to_dict, status_of, summary_text
+from xnatio.retry import RetryPolicy
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
 from xnatio.transports import rest
@@ -291,6 +294,148 @@ def test_auto_archive_project_commits_with_301(xnat_server: SandboxServer, tmp_p
     assert result.success, result.errors
     assert result.session_uri.startswith(f"/data/archive/projects/{P}/")
     assert_landed(xnat_server, session.instances)
+
+
+def test_auto_archive_project_with_overwrite_archives_through_the_service_303(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """--overwrite append: build, then the archive service with overwrite=append (the one path
+    on which XNAT overwrites clashing files, facts 1.5); on an auto-archive row it answers 303
+    to the archive URI (facts 3.4)."""
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(auto_archive_projects=[P])
+    result = upload(xnat_server, session.root, overwrite="append")
+    assert result.success, result.errors
+    assert result.session_uri == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    stats = xnat_server.stats()
+    assert stats["POST /data/services/archive"] == 1
+    assert_landed(xnat_server, session.instances)
+
+
+def test_unknown_project_landing_in_unassigned_is_an_error_naming_the_uri(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """XNAT files an upload to a project the user cannot read in Unassigned and answers 200
+    (facts 1.2). (Direct-Archive: no subject is created first, which would fail with 422.)"""
+    session = small_session(tmp_path)
+    result = upload_dicom_parallel_rest(
+        xnat_server.url,
+        USER,
+        PASSWORD,
+        source_dir=session.root,
+        project="NOPE",
+        subject=S,
+        session=E,
+        direct_archive=True,
+    )
+    assert not result.success and len(result.failed) == len(session.instances)
+    [reason] = {f.reason for f in result.failed}
+    assert "Unassigned prearchive" in reason and "nothing was archived" in reason
+    assert "Delete /data/prearchive/projects/Unassigned/" in reason
+
+
+class _FakeClient:
+    """XnatClient's ``request`` over ``responses`` (no retries, no login)."""
+
+    server = "https://xnat.test"
+    logged_in = True
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        from xnatio.xnat.client import XnatClient as Real
+
+        resp = self.session.request(
+            method,
+            self.server + path,
+            params=kw.get("params"),
+            allow_redirects=False,
+            timeout=5,
+        )
+        if resp.status_code >= 400:
+            Real._raise_for(self, resp)  # type: ignore[arg-type]
+        return resp
+
+    def get_json(self, path: str, params: Any = None) -> Any:
+        return self.request("GET", path).json()
+
+    def _redact(self, text: str) -> str:
+        return text
+
+
+PRE = "/data/prearchive/projects/P/20260101_000000000/E"
+
+
+def _uploader(overwrite: str = "none") -> RestUploader:
+    target = RestTarget(project=P, subject=S, session=E, overwrite=overwrite)
+    retry = RetryPolicy(retries=2, base=0.0, cap=0.0)
+    return RestUploader(_FakeClient(), target, retry=retry, sleep=lambda s: None)  # type: ignore[arg-type]
+
+
+@responses.activate
+def test_commit_301_text_plain_without_location_is_archived() -> None:
+    archived = f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    responses.post("https://xnat.test" + PRE, status=301, body=archived, content_type="text/plain")
+    assert _uploader().commit_session(PRE) == archived
+
+
+@responses.activate
+def test_commit_redirect_elsewhere_is_an_error_naming_the_url() -> None:
+    responses.post(
+        "https://xnat.test" + PRE,
+        status=302,
+        headers={"Location": "https://sso.example.org/login"},
+        body="<html>login</html>",
+    )
+    responses.get(f"https://xnat.test/data/projects/{P}/subjects/{S}/experiments/{E}", status=404)
+    with pytest.raises(ServerError, match=r"answered 302 to https://sso.example.org/login"):
+        _uploader().commit_session(PRE)
+
+
+@responses.activate
+def test_archive_failed_500_is_final_with_xnat_text() -> None:
+    responses.post("https://xnat.test" + PRE, status=200, body=PRE, content_type="text/uri-list")
+    page = "<html><body><h3>FAILED: Session already exists with matching files.</h3></body></html>"
+    archive = responses.post(
+        "https://xnat.test/data/services/archive", status=500, body=page, content_type="text/html"
+    )
+    responses.get(f"https://xnat.test/data/projects/{P}/subjects/{S}/experiments/{E}", status=404)
+    with pytest.raises(ServerError, match="FAILED: Session already exists with matching files"):
+        _uploader().commit_session(PRE)
+    assert archive.call_count == 1  # not retried
+    params = responses.calls[1].request.params
+    assert params == {"src": PRE[len("/data") :], "subject": S, "session": E}  # no dest
+
+
+@responses.activate
+def test_archive_service_303_and_overwrite_builds_first() -> None:
+    build = responses.post("https://xnat.test" + PRE, status=200, body=PRE)
+    responses.post(
+        "https://xnat.test/data/services/archive",
+        status=303,
+        headers={
+            "Location": f"https://site.example/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+        },
+    )
+    got = _uploader("delete").commit_session(PRE)
+    assert got == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    assert build.calls[0].request.params == {"action": "build"}
+    assert responses.calls[1].request.params["overwrite"] == "delete"
+
+
+@responses.activate
+def test_html_page_with_200_where_uris_are_expected_is_an_error() -> None:
+    responses.post("https://xnat.test" + PRE, status=200, body=PRE)
+    responses.post(
+        "https://xnat.test/data/services/archive",
+        status=200,
+        body="<html><head><title>Login</title></head></html>",
+        content_type="text/html",
+    )
+    responses.get(f"https://xnat.test/data/projects/{P}/subjects/{S}/experiments/{E}", status=404)
+    with pytest.raises(ServerError, match="not a list of XNAT URIs"):
+        _uploader().commit_session(PRE)
 
 
 @pytest.mark.parametrize("overwrite", ["none", "append"])

@@ -26,6 +26,7 @@ from upload_helpers import (
     USER,
     assert_each_file_once,
     big_session,
+    import_tar,
     imported,
     journal_rows,
     run_xio,
@@ -161,6 +162,58 @@ def test_rerun_of_a_complete_upload_sends_nothing_even_with_restart(
     assert replaced.success and replaced.verified, replaced.errors
     assert imported(sandbox) - sent == len(manifest.files)
     assert_each_file_once(sandbox, manifest)
+
+
+def _prearchive_statuses(url: str) -> list[str]:
+    rows = requests.get(
+        url + "/data/prearchive/projects/P",
+        params={"format": "json"},
+        auth=(USER, PASSWORD),
+        timeout=10,
+    ).json()["ResultSet"]["Result"]
+    return [str(r["status"]) for r in rows]
+
+
+def test_same_files_from_another_machine_converge_without_conflicts(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """The same files sent again with a fresh journal (another machine): `xio upload-dicom`
+    reads the session first, sends nothing, exits 0 "already on the server", and leaves no
+    CONFLICT or ERROR entry in the prearchive (XNAT's merge refuses any instance the session
+    holds already, facts 1.5)."""
+    manifest = discover(exam)
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["upload-dicom", "P", "S", "E", str(exam)]
+    first = run_xio([*args, "--journal", str(tmp_path / "a.sqlite")], xio_env(sandbox.url, home))
+    assert first.returncode == 0, first.stderr
+    sent = imported(sandbox)
+    again = run_xio([*args, "--journal", str(tmp_path / "b.sqlite")], xio_env(sandbox.url, home))
+    assert again.returncode == 0, again.stderr
+    assert f"All {len(manifest.files)} files already on the server at P/S/E: nothing sent" in (
+        again.stdout
+    )
+    assert "verified on the server" in again.stdout
+    assert imported(sandbox) == sent
+    assert_each_file_once(sandbox, manifest)
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
+
+
+def test_only_what_the_session_lacks_is_sent_and_merged(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """Half the session is on the server (sent by xio elsewhere): a fresh run sends the other
+    half only; XNAT merges it (facts 1.5); nothing twice, no CONFLICT/ERROR rows."""
+    manifest = discover(exam)
+    import_tar(sandbox.url, manifest.files[:5])
+    before = imported(sandbox)
+    result = upload(sandbox.url, exam, tmp_path / "j.sqlite")
+    assert result.success and result.verified, result.errors
+    assert imported(sandbox) - before == len(manifest.files) - 5
+    reasons = [o.reason for o in result.files]
+    assert reasons.count(ALREADY_REASON) == 5
+    assert_each_file_once(sandbox, manifest)
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
 
 
 # -- the real command, in a subprocess -------------------------------------------------------------

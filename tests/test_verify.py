@@ -625,6 +625,31 @@ def test_rewriting_server_missing_one_file_fails(
 
 
 @pytest.mark.integration
+def test_a_file_deleted_on_the_server_is_found_by_verify(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]], cli_env: CliRunner
+) -> None:
+    """Uploaded by xio (site script on: XNAT's own copies), then one file DELETEd on the server:
+    `xio verify` names that instance, and does not blame a rewrite."""
+    root, files = synthetic
+    r = cli_env.invoke(cli, ["upload-dicom", "P", "S", "E", str(root)])
+    assert r.exit_code == 0, r.output
+    victim = files[5]
+    record = sandbox.archived_files("P", "S", "E")[victim.sop_instance_uid]
+    url = (
+        f"{sandbox.url}/data/projects/P/subjects/S/experiments/E/scans/{record.scan_id}"
+        f"/resources/DICOM/files/{record.name}"
+    )
+    requests.delete(url, auth=(USER, PASSWORD), timeout=10).raise_for_status()
+    v = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
+    assert v.exit_code == 1
+    assert (
+        f"{victim.path}: instance {victim.sop_instance_uid} "
+        f"({instance_file_name(victim.sop_instance_uid)}) is not on the server" in v.output
+    )
+    assert "rewrote" not in v.output.replace(REWRITTEN_NOTE, "")
+
+
+@pytest.mark.integration
 def test_some_files_identical_and_some_rewritten_fails(
     sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]], cli_env: CliRunner
 ) -> None:
