@@ -284,6 +284,23 @@ def test_archive_service_errors(xnat: SandboxServer, tmp_path: Path) -> None:
     assert (r.status_code, h3(r)) == (403, "Invalid permissions for new project.")
 
 
+def test_archive_that_outlasts_the_timeout_is_500_and_completes(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 3.4 line 3 (and 3.3): > sessionArchiveTimeoutInterval → 500 "…did not complete
+    # within the configured timeout interval."; the archive itself goes on (QBIC:140-170).
+    uri, uids = held(xnat, tmp_path)
+    xnat.set_knobs(archive_timeout_seconds=0.2, archive_ms=1000)
+    r = archive(xnat, uri)
+    assert r.status_code == 500
+    assert h3(r) == (
+        f"The session {uri.removeprefix('/data')} did not complete within the configured"
+        " timeout interval."
+    )
+    eventually(lambda: xnat.archived_files("P", "S", "E"), "archived after all")
+    assert set(xnat.archived_files("P", "S", "E")) == set(uids)
+
+
 def test_archive_service_always_merges(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 1.5 "archive service, no overwrite" row: yes, it merges (Arch:123-124).
     s = study(tmp_path, instances=4)
