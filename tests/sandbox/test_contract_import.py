@@ -192,6 +192,22 @@ def test_unreadable_project_goes_to_unassigned(xnat: SandboxServer, tmp_path: Pa
     assert xnat.prearchive_sessions("P") == []
 
 
+def test_read_access_files_into_the_project_but_archiving_needs_edit(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 1.2 line 1: readable is enough for the files to go to the project; write access is
+    # checked only by later operations (inferred): the in-request archive then fails (1.4).
+    assert client(xnat).put(xnat.url + "/data/projects/P/users/Collaborators/alice").ok
+    alice = as_user(xnat, "alice", "alice-secret")
+    s = study(tmp_path)
+    r = send_zip(xnat, files_of(s), http=alice, **DEST)
+    assert r.status_code == 200 and r.text.startswith("/data/prearchive/projects/P/")
+    r = send_zip(xnat, files_of(s), http=alice, **DEST, dest="/archive")
+    assert (r.status_code, h3(r)) == (400, "unable to archive for the Prearchive session")
+    assert [x.status for x in xnat.prearchive_sessions("P")] == ["ERROR"]
+    assert xnat.archived_files("P", "S", "E") == {}
+
+
 def test_unassigned_cannot_be_archived(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 3.4: "Cannot archive sessions from the Unassigned folder."
     uri = send_zip(xnat, files_of(study(tmp_path)), PROJECT_ID="NOPE").text.strip()

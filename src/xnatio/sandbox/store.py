@@ -531,9 +531,13 @@ class Store(Catalog):
                 self._dest_in_use.discard(dest)
 
     def _fail(self, s: PrearcSession, status: int, message: str) -> ArchiveFailure:
+        self.mark_failed(s, status)
+        return ArchiveFailure(status, message)
+
+    def mark_failed(self, s: PrearcSession, status: int) -> None:
+        """A failed archive leaves the row CONFLICT (a 409 cause) or ERROR (PDB:1650-1662)."""
         if self.get_prearc_by_id(s.id) is not None:
             self._set_status(s.id, "CONFLICT" if status == 409 else "ERROR")
-        return ArchiveFailure(status, message)
 
     def _subject_label(self, project: str, wanted: str) -> str:
         """Cleaned, then matched case-insensitively to an existing subject label: the
