@@ -203,6 +203,14 @@ def test_commit_with_auto_archive_is_301_text_plain_without_location(
     assert set(xnat.archived_files("P", "S", "E")) == set(uids)
 
 
+def test_action_as_a_json_body(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 3.3: body parameters (form/JSON) also work (PSR:221-231).
+    uri, _ = held(xnat, tmp_path)
+    r = client(xnat).post(xnat.url + uri, json={"action": "build"})
+    assert (r.status_code, r.text) == (200, uri)
+    assert statuses(xnat) == ["READY"]
+
+
 def test_commit_with_aa_parameter_archives(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 3.2 line 3: else the AA/auto-archive parameter.
     uri, _ = held(xnat, tmp_path)

@@ -4,6 +4,7 @@ Direct-Archive's ``/xapi/direct-archive`` (facts 1, 3). Answers, codes and texts
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import threading
 import time
@@ -278,6 +279,7 @@ def prearchive_action(req: Request, m: re.Match[str]) -> Response:
     Location when it auto-archives (else 200 the prearchive URI), 500 "FAILED: …" when the
     archive fails; ``move`` → 301 (facts 3.3: PSR:332-435; QBIC:61-170)."""
     store = store_of(req)
+    _json_body_params(req)
     action = req.params.get("action", "")
     s = _prearc(req, m, missing=500 if action == "build" else 404)
     if store.is_locked(s.id):
@@ -339,6 +341,24 @@ def _archive_in_time(req: Request, s: PrearcSession, work: Callable[[], Experime
     if failed:
         raise failed[0]
     return done[0]
+
+
+def _json_body_params(req: Request) -> None:
+    """A JSON object body counts as parameters, like a form body (facts 3.3: PSR:221-231)."""
+    if not req.content_type.lower().startswith("application/json"):
+        return
+    raw = b""
+    while chunk := req.body.read():
+        raw += chunk
+        if len(raw) > 1 << 20:
+            raise HttpError(400, "Bad Request")
+    try:
+        values = json.loads(raw or b"{}")
+    except ValueError:
+        return  # XNAT logs an invalid JSON body and goes on (SecureResource.loadParams)
+    if isinstance(values, dict):
+        for key, value in values.items():
+            req.params.setdefault(str(key), "" if value is None else str(value))
 
 
 def _delay(req: Request) -> Callable[[], None]:
