@@ -142,6 +142,26 @@ def test_idle_builder_skips_prevent_auto_commit_and_source_uploader(
     assert statuses(xnat) == ["RECEIVING"]  # the builder has run, and skipped this row
 
 
+def test_files_arriving_while_building_interrupt_the_build(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 1.2 line 4 + 3.2 line 3: BUILDING → RECEIVING_INTERRUPT; the build then leaves the
+    # row RECEIVING without archiving it; the next idle pass builds and archives it all.
+    set_code(xnat, "P", 4)
+    xnat.set_knobs(build_ms=2500)
+    s = study(tmp_path, instances=3)
+    uids = list(s.instances)
+    send_zip(xnat, files_of(s, uids[:2]), **DEST)
+    eventually(lambda: statuses(xnat) == ["BUILDING"], "BUILDING")
+    send_zip(xnat, files_of(s, uids[2:]), **DEST)
+    assert statuses(xnat) == ["RECEIVING_INTERRUPT"]
+    eventually(lambda: statuses(xnat) == ["RECEIVING"], "RECEIVING again")
+    assert xnat.archived_files("P", "S", "E") == {}
+    xnat.set_knobs(build_ms=0)
+    eventually(lambda: xnat.archived_files("P", "S", "E"), "archived")
+    assert set(xnat.archived_files("P", "S", "E")) == set(uids)
+
+
 def test_idle_auto_archive_clash_leaves_conflict(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 1.5 last row + 3.2: the idle auto-archive merges; a clash → 409 → CONFLICT.
     s = study(tmp_path)

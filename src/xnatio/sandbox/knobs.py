@@ -28,6 +28,9 @@ class Knobs:
     """Processing time per DICOM file imported (XNAT parses and rewrites each one)."""
     archive_ms: float = 0.0
     """Extra time one archive operation takes; widens the window of the archive races."""
+    build_ms: float = 0.0
+    """Time the idle builder spends building a session (QUEUED_BUILDING → BUILDING → READY);
+    files arriving meanwhile make it RECEIVING_INTERRUPT, then RECEIVING (facts 3.2)."""
     archive_timeout_seconds: float = 600.0
     """XNAT's ``sessionArchiveTimeoutInterval``: an archive (commit, archive service) still
     running after this long answers 500 "…did not complete within the configured timeout
@@ -104,6 +107,7 @@ _FLOAT_FIELDS = {
     "per_file_ms",
     "archive_ms",
     "archive_timeout_seconds",
+    "build_ms",
     "bandwidth_mbps",
     "hang_seconds",
     "build_idle_seconds",

@@ -423,15 +423,17 @@ class Store(Catalog):
     def _set_status(self, sid: int, status: str) -> None:
         self._x("UPDATE prearc SET status=? WHERE id=?", (status, sid))
 
-    def build(self, s: PrearcSession) -> PrearcSession:
+    def build(self, s: PrearcSession, delay: Callable[[], None] = lambda: None) -> PrearcSession:
         """QUEUED_BUILDING → BUILDING → READY (facts 3.2, PRH:62-108); files that arrived
-        meanwhile (RECEIVING_INTERRUPT) leave it RECEIVING instead."""
+        meanwhile (RECEIVING_INTERRUPT) leave it RECEIVING instead. ``delay`` is the build's
+        own time (the ``build_ms`` knob), during which files may arrive."""
         with self._lock:
             current = self.get_prearc_by_id(s.id)
             if current is None or s.id in self._archiving:
                 return current or s
             self._set_status(s.id, "QUEUED_BUILDING")
             self._set_status(s.id, "BUILDING")
+        delay()
         with self._lock:
             current = self.get_prearc_by_id(s.id)
             if current is None:
@@ -644,7 +646,9 @@ class Store(Catalog):
         )
         return [self._prearc(r) for r in rows if not self.is_busy(r["id"])]
 
-    def run_idle(self, idle_seconds: float, auto_projects: list[str]) -> None:
+    def run_idle(
+        self, idle_seconds: float, auto_projects: list[str], build_ms: float = 0.0
+    ) -> None:
         """One pass of the idle builder: build idle rows, then archive them by the 3.2 rule
         (row code, else project code ≥ 4); Direct-Archive rows are built and archived, never
         merged, or moved to the prearchive on failure (facts 1.6, DAS:150-287)."""
@@ -652,9 +656,9 @@ class Store(Catalog):
             if s.direct:
                 self.archive_direct(s)
                 continue
-            built = self.build(s)
+            built = self.build(s, lambda: time.sleep(build_ms / 1000) if build_ms > 0 else None)
             if built.status != "READY":
-                continue
+                continue  # files arrived meanwhile: RECEIVING again, no auto-archive (PRH:95-101)
             code = s.code if s.auto_archives else self.project_code(s.project, auto_projects)
             if code >= AUTO_ARCHIVE:
                 with contextlib.suppress(HttpError):
