@@ -50,6 +50,7 @@ FOREIGN_OPTIONS = {
     "pip": {"--no-deps"},
     "xnatctl": {"--workers"},  # the contender in performance.md
     "mypy": {"--strict"},
+    "scripts/update-constraints": {"--upgrade"},  # passed on to uv pip compile
 }
 
 
