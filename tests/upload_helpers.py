@@ -165,7 +165,9 @@ class SandboxProcess:
 
     def start(self) -> SandboxProcess:
         where = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
-        cmd = xio_command(["sandbox", *where, "--user", USER, "--password", PASSWORD, *self.args])
+        projects = [arg for project in TEST_PROJECTS for arg in ("--project", project)]
+        login = ["--user", USER, "--password", PASSWORD]
+        cmd = xio_command(["sandbox", *where, *login, *projects, *self.args])
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=xio_env("", Path("/"))
         )

@@ -101,6 +101,19 @@ def test_missing_experiment_404_with_message(site: Site) -> None:
     assert r.status_code == 404 and h3(r) == "Unable to find the specified experiment."
 
 
+def test_experiment_check_by_project_and_label(site: Site) -> None:
+    # facts 3.5, "check: GET /data/projects/P/experiments/{label}?format=json → 200 / 404
+    # 'Unable to find the specified experiment.'" (ExperimentResource.java:63-97)
+    url = site.server.url + "/data/projects/P/experiments/"
+    found = site.http().get(url + "E", params={"format": "json"})
+    assert found.status_code == 200
+    assert found.json()["items"][0]["data_fields"]["label"] == "E"
+    missing = site.http().get(url + "NOPE", params={"format": "json"})
+    assert missing.status_code == 404 and h3(missing) == "Unable to find the specified experiment."
+    archive = site.server.url + "/data/archive/projects/P/subjects/S/experiments/E"
+    assert site.http().get(archive, params={"format": "json"}).status_code == 200
+
+
 @pytest.mark.parametrize(("user", "project"), [("member", "NOPE"), ("outsider", "P")])
 def test_missing_or_unreadable_project_404_without_message(
     site: Site, user: str, project: str
@@ -284,7 +297,9 @@ from pyxnat import Interface
 url, user, password = sys.argv[1:4]
 x = Interface(server=url, user=user, password=password)
 project = x.select.project("P")
-out = {"project_exists": project.exists(), "experiments": {}}
+created = x.select.project("MADE_BY_PYXNAT")
+created.create()
+out = {"project_exists": project.exists(), "created": created.exists(), "experiments": {}}
 for e in project.subject("S").experiments():
     label = e.label()
     scans = {}
@@ -356,4 +371,4 @@ def test_pyxnat_lists_what_xio_uploaded(request: pytest.FixtureRequest, tmp_path
         assert done.returncode == 0, done.stderr
         found = json.loads(done.stdout.strip().splitlines()[-1])
     expected = {str(number): len(uids) for number, uids in synth.series.items()}
-    assert found == {"project_exists": True, "experiments": {"E": expected}}
+    assert found == {"project_exists": True, "created": True, "experiments": {"E": expected}}

@@ -109,7 +109,12 @@ def project(req: Request, m: re.Match[str]) -> Response:
 @route("PUT", _P)
 def project_put(req: Request, m: re.Match[str]) -> Response:
     access, user = access_of(req), user_of(req)
-    params = req.params
+    # Fields may also come as schema paths (``xnat:projectData/secondary_ID=…``, as pyxnat's
+    # create() sends them with ``xsiType=xnat:projectData``).
+    prefix = "xnat:projectdata/"
+    params = {
+        (k[len(prefix) :] if k.lower().startswith(prefix) else k): v for k, v in req.params.items()
+    }
     existing = access.project(m["p"])
     try:
         if existing is not None:

@@ -90,6 +90,7 @@ def _resource_summary(files: list[sqlite3.Row]) -> dict[str, dict[str, int]]:
 def experiment_document(store: Store, e: Experiment) -> dict[str, Any]:
     scans = store.scans(e)
     files = store.files(e)
+    ids = store.resource_ids(e)
     by_scan: dict[str, list[sqlite3.Row]] = {}
     for f in files:
         by_scan.setdefault(f["scan_id"], []).append(f)
@@ -111,8 +112,11 @@ def experiment_document(store: Store, e: Experiment) -> dict[str, Any]:
                                     "content": "RAW" if label == "DICOM" else "",
                                     "file_count": info["count"],
                                     "file_size": info["size"],
+                                    "xnat_abstractresource_id": str(
+                                        ids.get((sc["scan_id"], label), "")
+                                    ),
                                     "URI": f"{experiment_uri(e)}/scans/{sc['scan_id']}"
-                                    f"/resources/{label}",
+                                    f"/resources/{ids.get((sc['scan_id'], label), label)}",
                                 },
                             }
                             for label, info in resources.items()
