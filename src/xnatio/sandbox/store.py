@@ -136,10 +136,11 @@ class Store(Catalog):
             if column not in have:
                 self._x(f"ALTER TABLE prearc ADD COLUMN {column} {decl}")
         # Rows that were mid-operation when the process died: XNAT leaves them as they were;
-        # here they go back to READY so they can be archived again.
+        # here they go back to READY so they can be archived again (Direct-Archive rows to
+        # RECEIVING, so the idle builder takes them again).
         self._x(
-            "UPDATE prearc SET status='READY' WHERE status IN"
-            " ('ARCHIVING','QUEUED_BUILDING','BUILDING','QUEUED_ARCHIVING')"
+            "UPDATE prearc SET status=CASE direct WHEN 1 THEN 'RECEIVING' ELSE 'READY' END"
+            " WHERE status IN ('ARCHIVING','QUEUED_BUILDING','BUILDING','QUEUED_ARCHIVING')"
         )
         self._file_locks: set[tuple[int, str]] = set()
         self._writers: dict[int, int] = {}
@@ -345,14 +346,6 @@ class Store(Catalog):
             (session_id, scan, name),
         )
         return rows[0]["sop_uid"] if rows else None
-
-    def prearc_name_of(self, session_id: int, scan: str, sop_uid: str) -> str | None:
-        """The name an instance already has in the row (a re-sent instance replaces itself)."""
-        rows = self._q(
-            "SELECT name FROM prearc_files WHERE session_id=? AND scan=? AND sop_uid=?",
-            (session_id, scan, sop_uid),
-        )
-        return rows[0]["name"] if rows else None
 
     def record_prearc_file(self, session_id: int, scan: str, name: str, **meta: Any) -> None:
         self._x(
