@@ -127,8 +127,13 @@ def test_application_dicom_selects_gradual_dicom(xnat: SandboxServer, tmp_path: 
         r = raw(xnat, path.read_bytes(), "application/dicom")
         assert r.status_code == 200, r.text
     (row,) = xnat.prearchive_sessions("P")
-    assert set(xnat.prearchive_files(row)) == set(s.instances)
+    stored = xnat.prearchive_files(row)
+    assert set(stored) == set(s.instances)
     assert row.status == "RECEIVING"  # gradual-DICOM never builds (facts 1, dest row)
+    # The raw body's name is upload.dcm (facts 1.1 line 5): kept by the first instance only.
+    first = next(iter(s.instances))
+    assert stored[first].name == "upload.dcm"
+    assert all(f.name.startswith(s.study_uid + "-") for u, f in stored.items() if u != first)
 
 
 def test_more_than_one_file_part_is_refused(xnat: SandboxServer) -> None:

@@ -151,8 +151,9 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
         )
         source: Path | FullReader = body_path if body_path else FullReader(req.body)
         if p.handler == "gradual-DICOM":
-            # A raw body has no client file name: the file gets XNAT's template name.
-            entry_name = name if body_path is not None else ""
+            # A raw body is named "upload" + the type's extension (upload.dcm), and that name
+            # is kept unless another instance holds it (facts 1.1 line 5, 1.2 "rename" row).
+            entry_name = name
 
             def single() -> Any:
                 if isinstance(source, Path):
