@@ -61,7 +61,8 @@ def test_demo_keep_keeps_the_data(own_tmp: Path) -> None:
     assert len(list((kept[0] / "session").rglob("*"))) == 5  # S001/ and 4 instances
     assert r.stdout.startswith("Uploaded 4 of 4 files")
     assert "verified on the server" in r.stdout  # the upload's own REST read-back
-    assert "4 of 4 instances there under the name xio sent" in r.stdout  # the server's index
+    # the server's index
+    assert "4 of 4 instances there in their series under the name xio sent" in r.stdout
 
 
 @pytest.mark.integration

@@ -165,8 +165,10 @@ class SandboxProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> SandboxProcess:
-        where = ["--data-dir", str(self.data_dir), "--port", str(self.port), "--project", "P"]
-        cmd = xio_command(["sandbox", *where, "--user", USER, "--password", PASSWORD, *self.args])
+        where = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
+        projects = [arg for project in TEST_PROJECTS for arg in ("--project", project)]
+        login = ["--user", USER, "--password", PASSWORD]
+        cmd = xio_command(["sandbox", *where, *login, *projects, *self.args])
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=xio_env("", Path("/"))
         )

@@ -213,6 +213,19 @@ def test_site_script_listing_and_contents(server: SandboxServer) -> None:
     assert http.get(server.url + "/xapi/anonymize/site/enabled").json() is True
 
 
+def test_site_script_off_at_start(tmp_path: Path) -> None:
+    # facts 5 with the site script disabled (xio sandbox --no-site-anon): status "disabled",
+    # ?contents=true → 404 (CfgR:87-285).
+    with SandboxServer(tmp_path / "d", users={"u": "p"}, site_anon=False) as srv:
+        url = srv.url + "/data/config/anon/script"
+        rows = requests.get(url, auth=("u", "p"), params={"format": "json"}).json()
+        assert rows["ResultSet"]["Result"][0]["status"] == "disabled"
+        assert requests.get(url, auth=("u", "p"), params={"contents": "true"}).status_code == 404
+        # A site admin switches it on (PUT …?status=enabled); the importer follows the knob.
+        assert requests.put(url, auth=("u", "p"), params={"status": "enabled"}).status_code == 200
+        assert srv.knobs.site_anonymization is True
+
+
 def test_project_script(server: SandboxServer) -> None:
     # facts 5, "Project: GET /data/projects/P/config/anon/projects/P?format=json; 404 'The
     # requested project P does not exist.'; 403 'User U can not access project P'" (CfgR:108-122)
@@ -312,6 +325,9 @@ def test_redirect_to_login_page_and_login_page_knob(tmp_path: Path) -> None:
         srv.set_knobs(redirect_status=302, fault_path="/data/services")
         r = requests.post(srv.url + "/data/services/import", auth=("u", "p"), allow_redirects=False)
         assert r.status_code == 302 and r.headers["Location"].endswith("/app/template/Login.vm")
+        # A client that follows it lands on the login page (200 HTML), not in a loop.
+        followed = requests.post(srv.url + "/data/services/import", auth=("u", "p"))
+        assert followed.status_code == 200 and 'type="password"' in followed.text
         assert requests.get(srv.url + "/data/projects", auth=("u", "p")).status_code == 200
         srv.set_knobs(redirect_status=0, login_page=True, fault_path="")
         r = requests.get(srv.url + "/data/JSESSION", auth=("u", "p"))

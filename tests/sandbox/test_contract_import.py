@@ -127,8 +127,13 @@ def test_application_dicom_selects_gradual_dicom(xnat: SandboxServer, tmp_path: 
         r = raw(xnat, path.read_bytes(), "application/dicom")
         assert r.status_code == 200, r.text
     (row,) = xnat.prearchive_sessions("P")
-    assert set(xnat.prearchive_files(row)) == set(s.instances)
+    stored = xnat.prearchive_files(row)
+    assert set(stored) == set(s.instances)
     assert row.status == "RECEIVING"  # gradual-DICOM never builds (facts 1, dest row)
+    # The raw body's name is upload.dcm (facts 1.1 line 5): kept by the first instance only.
+    first = next(iter(s.instances))
+    assert stored[first].name == "upload.dcm"
+    assert all(f.name.startswith(s.study_uid + "-") for u, f in stored.items() if u != first)
 
 
 def test_more_than_one_file_part_is_refused(xnat: SandboxServer) -> None:
@@ -151,6 +156,29 @@ def test_entries_must_be_dicom(xnat: SandboxServer, tmp_path: Path) -> None:
     assert (r.status_code, h3(r)) == (400, "unable to read DICOM object notes.txt")
 
 
+def test_dicom_zip_dest_overrides_the_upper_case_keys(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 1 "dest" row: DICOM-zip: /archive… also archives; dest overrides PROJECT_ID/SUBJECT_ID.
+    r = send_zip(xnat, files_of(study(tmp_path)), PROJECT_ID="Q", SUBJECT_ID="X", EXPT_LABEL="Y",
+                 dest="/archive/projects/P/subjects/S2/experiments/E2")  # fmt: skip
+    assert r.text == "/data/archive/projects/P/subjects/S2/experiments/E2\r\n"
+
+
+def test_gradual_dicom_takes_only_the_project_of_dest(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 1 "dest" row: gradual-DICOM uses only dest's project; no build, no archive.
+    s = study(tmp_path, instances=1)
+    (path,) = s.instances.values()
+    r = client(xnat).post(
+        xnat.url + IMPORT,
+        params={"import-handler": "gradual-DICOM", "EXPT_LABEL": "G",
+                "dest": "/archive/projects/P/subjects/S9/experiments/E9"},
+        data=path.read_bytes(),
+        headers={"Content-Type": "application/dicom"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.text.startswith("/data/prearchive/projects/P/") and r.text.endswith("/G\r\n")
+    assert [x.status for x in xnat.prearchive_sessions("P")] == ["RECEIVING"]
+
+
 # -- 1.2 where the files go --------------------------------------------------------------------
 def test_unknown_project_goes_to_unassigned_with_200(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 1.2 line 1: unknown project → Unassigned, still 200 with its prearchive URI.
@@ -167,6 +195,22 @@ def test_unreadable_project_goes_to_unassigned(xnat: SandboxServer, tmp_path: Pa
     assert r.status_code == 200, r.text
     assert r.text.startswith("/data/prearchive/projects/Unassigned/")
     assert xnat.prearchive_sessions("P") == []
+
+
+def test_read_access_files_into_the_project_but_archiving_needs_edit(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 1.2 line 1: readable is enough for the files to go to the project; write access is
+    # checked only by later operations (inferred): the in-request archive then fails (1.4).
+    assert client(xnat).put(xnat.url + "/data/projects/P/users/Collaborators/alice").ok
+    alice = as_user(xnat, "alice", "alice-secret")
+    s = study(tmp_path)
+    r = send_zip(xnat, files_of(s), http=alice, **DEST)
+    assert r.status_code == 200 and r.text.startswith("/data/prearchive/projects/P/")
+    r = send_zip(xnat, files_of(s), http=alice, **DEST, dest="/archive")
+    assert (r.status_code, h3(r)) == (400, "unable to archive for the Prearchive session")
+    assert [x.status for x in xnat.prearchive_sessions("P")] == ["ERROR"]
+    assert xnat.archived_files("P", "S", "E") == {}
 
 
 def test_unassigned_cannot_be_archived(xnat: SandboxServer, tmp_path: Path) -> None:
@@ -412,17 +456,22 @@ def test_labels_cleaned_at_archive_and_subjects_matched_case_insensitively(
 
 
 # -- issue 11 item 10 --------------------------------------------------------------------------
-def test_deflated_zip_sent_in_small_chunks_imports(xnat: SandboxServer, tmp_path: Path) -> None:
-    # The inflater's short reads must not be parsed as the whole header.
-    s = study(tmp_path, instances=3)
+def test_deflated_entry_whose_first_read_is_short_imports(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # The inflater's short first read of an entry must not be parsed as its whole header. The
+    # first entry (stored-block deflate, 65291 + 10 bytes) is sized so that the 64 KiB read
+    # that inflates it ends 200 bytes into the DICOM entry after it.
+    s = study(tmp_path, instances=1)
+    (path,) = s.instances.values()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for uid, path in s.instances.items():
-            zf.writestr(uid, path.read_bytes())
-    r = raw(xnat, chunks(buf.getvalue(), 97), "application/zip")
+        zf.writestr("pad.bin", b"\x01" * 65291, zipfile.ZIP_DEFLATED, compresslevel=0)
+        zf.writestr("b.dcm", path.read_bytes(), zipfile.ZIP_DEFLATED)
+    r = raw(xnat, buf.getvalue(), "application/zip", **{"Ignore-Unparsable": "true"})
     assert r.status_code == 200, r.text
     (row,) = xnat.prearchive_sessions("P")
-    assert set(xnat.prearchive_files(row)) == set(s.instances)
+    assert [f.name for f in xnat.prearchive_files(row).values()] == ["b.dcm"]
 
 
 def test_a_250_byte_file_name_is_kept(xnat: SandboxServer, tmp_path: Path) -> None:

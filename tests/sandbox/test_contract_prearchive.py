@@ -83,6 +83,32 @@ def test_row_needs_edit_right_and_a_known_project(xnat: SandboxServer, tmp_path:
     )
 
 
+def test_listing_shows_the_flags_of_the_request_that_created_the_row(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 3.1 line 1 (columns) + 1 "prevent_auto_commit, SOURCE, prevent_anon" row: stored
+    # only by the request that creates the row; all values strings.
+    set_code(xnat, "P", 4)
+    s = study(tmp_path, instances=2)
+    uids = list(s.instances)
+    first = {"prevent_auto_commit": "true", "SOURCE": "desktop", "prevent_anon": "true"}
+    send_zip(xnat, files_of(s, uids[:1]), **DEST, **first)
+    send_zip(xnat, files_of(s, uids[1:]), **DEST, SOURCE="other")
+    (row,) = (
+        client(xnat).get(xnat.url + "/data/prearchive/projects/P").json()["ResultSet"]["Result"]
+    )
+    assert all(isinstance(v, str) for v in row.values())
+    assert (row["autoarchive"], row["prevent_anon"], row["prevent_auto_commit"]) == (
+        "AutoArchive",
+        "true",
+        "true",
+    )
+    assert row["SOURCE"] == "desktop"
+    csv = client(xnat).get(xnat.url + "/data/prearchive/projects/P", params={"format": "csv"})
+    header, line = csv.text.splitlines()
+    assert header.split(",")[:2] == ["project", "timestamp"] and line.startswith("P,")
+
+
 # -- 3.2 life cycle ----------------------------------------------------------------------------
 def test_idle_builder_builds_then_leaves_ready_in_a_manual_project(
     xnat: SandboxServer, tmp_path: Path
@@ -114,6 +140,26 @@ def test_idle_builder_skips_prevent_auto_commit_and_source_uploader(
     send_zip(xnat, files_of(other), PROJECT_ID="P", SUBJECT_ID="S", EXPT_LABEL="MARK")
     eventually(lambda: xnat.archived_files("P", "S", "MARK"), "the marker archived")
     assert statuses(xnat) == ["RECEIVING"]  # the builder has run, and skipped this row
+
+
+def test_files_arriving_while_building_interrupt_the_build(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 1.2 line 4 + 3.2 line 3: BUILDING → RECEIVING_INTERRUPT; the build then leaves the
+    # row RECEIVING without archiving it; the next idle pass builds and archives it all.
+    set_code(xnat, "P", 4)
+    xnat.set_knobs(build_ms=2500)
+    s = study(tmp_path, instances=3)
+    uids = list(s.instances)
+    send_zip(xnat, files_of(s, uids[:2]), **DEST)
+    eventually(lambda: statuses(xnat) == ["BUILDING"], "BUILDING")
+    send_zip(xnat, files_of(s, uids[2:]), **DEST)
+    assert statuses(xnat) == ["RECEIVING_INTERRUPT"]
+    eventually(lambda: statuses(xnat) == ["RECEIVING"], "RECEIVING again")
+    assert xnat.archived_files("P", "S", "E") == {}
+    xnat.set_knobs(build_ms=0)
+    eventually(lambda: xnat.archived_files("P", "S", "E"), "archived")
+    assert set(xnat.archived_files("P", "S", "E")) == set(uids)
 
 
 def test_idle_auto_archive_clash_leaves_conflict(xnat: SandboxServer, tmp_path: Path) -> None:
@@ -175,6 +221,14 @@ def test_commit_with_auto_archive_is_301_text_plain_without_location(
     assert "Location" not in r.headers
     assert r.text == ARCHIVE_URI
     assert set(xnat.archived_files("P", "S", "E")) == set(uids)
+
+
+def test_action_as_a_json_body(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 3.3: body parameters (form/JSON) also work (PSR:221-231).
+    uri, _ = held(xnat, tmp_path)
+    r = client(xnat).post(xnat.url + uri, json={"action": "build"})
+    assert (r.status_code, r.text) == (200, uri)
+    assert statuses(xnat) == ["READY"]
 
 
 def test_commit_with_aa_parameter_archives(xnat: SandboxServer, tmp_path: Path) -> None:
@@ -256,6 +310,23 @@ def test_archive_service_errors(xnat: SandboxServer, tmp_path: Path) -> None:
     uri, _ = held(xnat, tmp_path)
     r = as_user(xnat, "alice", "alice-secret").post(xnat.url + ARCHIVE, params={"src": uri})
     assert (r.status_code, h3(r)) == (403, "Invalid permissions for new project.")
+
+
+def test_archive_that_outlasts_the_timeout_is_500_and_completes(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 3.4 line 3 (and 3.3): > sessionArchiveTimeoutInterval → 500 "…did not complete
+    # within the configured timeout interval."; the archive itself goes on (QBIC:140-170).
+    uri, uids = held(xnat, tmp_path)
+    xnat.set_knobs(archive_timeout_seconds=0.2, archive_ms=1000)
+    r = archive(xnat, uri)
+    assert r.status_code == 500
+    assert h3(r) == (
+        f"The session {uri.removeprefix('/data')} did not complete within the configured"
+        " timeout interval."
+    )
+    eventually(lambda: xnat.archived_files("P", "S", "E"), "archived after all")
+    assert set(xnat.archived_files("P", "S", "E")) == set(uids)
 
 
 def test_archive_service_always_merges(xnat: SandboxServer, tmp_path: Path) -> None:

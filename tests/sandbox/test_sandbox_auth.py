@@ -91,6 +91,9 @@ def test_session_cap_refuses_new_logins_and_keeps_old_sessions(tmp_path: Path) -
         assert "Maximum sessions of 3" in h3(refused)
         for sid in cookies:  # the old ones are kept
             assert requests.get(url, cookies={"JSESSIONID": sid}).status_code == 200
+        # A cookie-authenticated /data/JSESSION names its session and opens none.
+        jsession = requests.get(server.url + "/data/JSESSION", cookies={"JSESSIONID": cookies[1]})
+        assert jsession.status_code == 200 and jsession.text == cookies[1]
         # Basic with one of its live cookies reuses that session: no new login needed.
         again = requests.get(url, auth=("u", "p"), cookies={"JSESSIONID": cookies[0]})
         assert again.status_code == 200 and "Set-Cookie" not in again.headers
@@ -165,6 +168,9 @@ def test_csrf_token_of_the_session_lets_a_browser_write(xnat_server: SandboxServ
     assert http.put(url).status_code == 500  # the session's token is missing
     assert http.put(url, params={"XNAT_CSRF": "0" * 32}).status_code == 500  # a wrong one
     assert http.put(url, params={"XNAT_CSRF": token}).status_code == 201
+    # As a form field (request.getParameter reads the query string and the form body).
+    form = http.put(url + "_FORM", data={"XNAT_CSRF": token})
+    assert form.status_code == 201
 
 
 def test_browser_without_credentials_is_sent_to_the_login_page(
@@ -175,5 +181,7 @@ def test_browser_without_credentials_is_sent_to_the_login_page(
     )
     assert r.status_code == 302
     assert r.headers["Location"].endswith("/app/template/Login.vm")
+    page = requests.get(r.headers["Location"], headers={"User-Agent": BROWSER})
+    assert page.status_code == 200 and "<form" in page.text
     script = requests.get(xnat_server.url + "/data/projects")
     assert script.status_code == 401 and script.headers["WWW-Authenticate"] == 'Basic realm="XNAT"'

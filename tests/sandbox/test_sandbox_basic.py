@@ -49,9 +49,9 @@ def test_zip_import_to_archive_reads_back_with_md5(
             assert row["Size"] == str(len(data))
             assert row["digest"] == hashlib.md5(data).hexdigest()
             seen[row["Name"]] = row["digest"]
-    # facts 1.7: names kept, but the stored bytes (and so the digest) are not the uploaded ones.
-    sent = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in s.instances.values()}
-    assert set(seen) == set(sent) and all(seen[n] != sent[n] for n in sent)
+    # The digest is the MD5 of the stored file, which XNAT re-encodes and anonymizes on
+    # receipt, so it is not the uploaded file's (facts 1.7).
+    assert set(seen) == {p.name for p in s.instances.values()}
     assert set(xnat_server.archived_files("P1", "S1", "E1")) == set(s.instances)
 
 

@@ -61,20 +61,19 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
     help="JSESSION idle timeout in seconds.",
 )
 @click.option(
-    "--idle-seconds",
-    type=click.FloatRange(min=0),
-    default=300.0,
-    show_default=True,
-    help="XNAT's session idle interval: a prearchive session untouched this long is built and, "
-    "in an auto-archive project, archived; Direct-Archive sessions are archived (facts 3.2, "
-    "1.6). The builder runs every N/5 s, as XNAT's 60 s for 300.",
-)
-@click.option(
     "--context-path",
     default="",
     metavar="PATH",
     help="Serve XNAT under this path (e.g. /xnat, as Tomcat deployments do); anything outside "
     "it answers 404.",
+)
+@click.option(
+    "--idle-seconds",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="XNAT's session idle interval: a prearchive session untouched this long is built (and "
+    "auto-archived); the builder runs every N/5 s, as XNAT's 60 s for 300 (facts 3.2).",
 )
 @click.option(
     "--no-site-anon",
@@ -118,8 +117,8 @@ def sandbox(
     per_file_ms: float,
     bandwidth_mbps: float,
     session_timeout: float,
-    idle_seconds: float,
     context_path: str,
+    idle_seconds: float,
     no_site_anon: bool,
     projects: tuple[str, ...],
     add_users: tuple[str, ...],

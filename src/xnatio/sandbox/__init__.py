@@ -3,11 +3,18 @@
 It implements, over real HTTP (threaded HTTP/1.1, keep-alive, Content-Length and chunked
 bodies), what ``shared/xnat-api.md`` sections 1-5 describe:
 
-- ``POST /data/services/import`` (DICOM-zip, gradual-DICOM; raw and multipart bodies; nested
-  archives; Ignore-Unparsable and partial writes; dest, overwrite, Direct-Archive,
-  prevent_auto_commit; text/uri-list answers with CRLF) — ``importer.py``, ``api_upload.py``;
-- the prearchive (listing, build/commit/move/delete, an idle timer that builds RECEIVING
-  sessions) and ``POST /data/services/archive`` — ``store.py``;
+- ``POST /data/services/import`` (DICOM-zip, gradual-DICOM; XNAT's body rules of facts 1.1;
+  nested archives; Ignore-Unparsable and partial writes; dest, overwrite, Direct-Archive,
+  prevent_auto_commit; unknown or unreadable projects into Unassigned, facts 1.2; every data
+  error a 400, facts 1.4; every stored file re-encoded and run through the default site
+  anonymization script, facts 1.7) — ``importer.py``, ``api_upload.py``, ``dicom.py``;
+- the prearchive and its life cycle (rows keyed by project, StudyInstanceUID and label and
+  reused in any state; the idle builder every N/5 s, ``idle_seconds=``/``--idle-seconds``,
+  default 300; CONFLICT/ERROR after a failed archive, facts 3.2), build/commit/move/delete,
+  ``POST /data/services/archive`` with the merge/overwrite table of facts 1.5 and labels
+  cleaned and subjects matched case-insensitively (facts 3.5), Direct-Archive rows archived
+  only after the idle interval and ``/xapi/direct-archive/…`` (facts 1.6) — ``store.py``,
+  ``api_upload.py``;
 - read-back of projects, subjects, experiments, scans, resources and files in XNAT's JSON
   shapes with MD5 ``digest``s, file and zip downloads, resources with overwrite/extract,
   PUT/DELETE of subjects and experiments — ``catalog.py``, ``api_archive.py``;
@@ -27,10 +34,12 @@ bodies), what ``shared/xnat-api.md`` sections 1-5 describe:
   the knobs of a proxy in front of XNAT (redirects, a login page) — ``server.py``;
 - XNAT's HTML error pages (message in ``<h3>``) — ``pages.py``;
 - XNAT's races, reproduced rather than avoided: the same-file race (400 "Concurrent file
-  sends…"), and, when requests archive one session at once, "Unable to lock session for
-  archiving." / "Duplicate archive attempt…" / "…Concurrent modification is discouraged."
-  (400 from the import service), 403 "Operation already in progress…", 409 "session document
-  locked", 423 "…Destination session in use.", 409 "Session already exists…".
+  sends…"); an in-request build skipped while another request writes the row (200, empty
+  body); a file sent while its row is being archived accepted and then lost with the folder
+  (facts 1.2, the hardest reading); 403 "Operation already in progress…" and 409 "session
+  document locked" for a row being archived; archive races ("…Concurrent modification is
+  discouraged.", "Duplicate archive attempt…") as 400 "unable to archive for the Prearchive
+  session" from the import service and 500 "FAILED: …" from the archive service.
 
 Knobs (``Knobs``; ``SandboxServer.set_knobs``; ``GET``/``POST /_sandbox/knobs`` as JSON, no
 login; request counters at ``GET /_sandbox/stats``) add latency, per-file processing time,
@@ -42,11 +51,10 @@ Users: the first user of ``users=`` (and any user named ``admin``) is a site adm
 in the data dir's index and survive a restart.
 
 Where the sandbox knowingly differs from XNAT: projects are created by a bare ``PUT`` (no
-project XML); files are stored byte for byte as sent (unless ``site_anonymization`` is on), while
-XNAT re-serializes the header; files sent to a session that is being archived are refused with
-the "Concurrent modification" conflict instead of being silently lost; Direct-Archive sessions
-are visible in the archive at once; there is no XML, no ``/xapi/schemas`` (so xnatpy cannot build
-its data model) and no DICOM C-STORE receiver.
+project XML); re-encoding is pydicom's, not dcm4che2's (same idea: new file meta with dcm4che2's
+implementation UID, the header re-serialized, pixel data verbatim), and no project anonymization
+script runs at archive; the session XML is a stub; there is no ``/xapi/schemas`` (so xnatpy
+cannot build its data model) and no DICOM C-STORE receiver.
 
     from xnatio.sandbox import SandboxServer, Knobs
     with SandboxServer(

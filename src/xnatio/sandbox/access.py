@@ -8,8 +8,12 @@ What XNAT does and the sandbox follows (facts = ``shared/xnat-api.md``):
   auto-archive, ``5`` auto-archive + file overwrite). ``Unassigned`` is not a project.
 - A project is found by ID or alias; the canonical ID is used from then on (facts 3.5, UPC:246-281).
 - Project roles are the groups ``Owners``, ``Members`` and ``Collaborators``
-  (``ProjectUserResource``). Owners and members create and edit data; only owners delete;
-  collaborators read only. Site admins may do everything (facts 1.2, ``Permissions.java``).
+  (``ProjectMemberResource``). Owners and members create and edit data; only owners delete and
+  manage users; collaborators read only. Site admins may do everything (facts 1.2,
+  ``Permissions.java``; XNAT wiki "Understanding User Roles and Permissions", its CRUD table).
+- A public project's data is readable by every user. The wiki says public gives "Member
+  permissions" to all users, CNDA's guide says "Collaborator permissions"; the sandbox takes the
+  one hardest on a client: read only, so a client never assumes it may write there.
 - **Read** (facts 1.2): a member/owner/collaborator, a site admin, or any user for a non-private
   project. That is what the importer checks (unreadable → Unassigned) and what ``GET
   /data/projects/P`` answers 200 to (facts 2). The *data* of a protected project (subjects,

@@ -73,7 +73,8 @@ def subjects(req: Request, m: re.Match[str]) -> Response:
         }
         for r in store_of(req).subjects(pid)
     ]
-    return listing(req, rows, title="Subjects")
+    rows, columns = views.select_columns(rows, req.params.get("columns"))
+    return listing(req, rows, title="Subjects", columns=columns)
 
 
 @route("GET", r"/data/(?:archive/)?projects/(?P<p>[^/]+)/subjects/(?P<s>[^/]+)")
@@ -106,7 +107,30 @@ def subject_put(req: Request, m: re.Match[str]) -> Response:
 def experiments(req: Request, m: re.Match[str]) -> Response:
     pid = data_project(req, m["p"])
     rows = [views.experiment_row(e) for e in store_of(req).experiments(pid, m["s"])]
-    return listing(req, rows, title="Experiments")
+    return _experiment_listing(req, rows)
+
+
+_EXPERIMENT_ALIASES = {
+    "xnat:subjectAssessorData/subject_id": "subject_ID",
+    "xnat:experimentData/label": "label",
+    "xnat:experimentData/project": "project",
+}
+
+
+def _experiment_listing(req: Request, rows: list[dict[str, str]]) -> Response:
+    """Experiment listings: the ``ID``/``label``/``xsiType`` filters (an xsiType names the
+    type or a super-type: ``xnat:subjectAssessorData`` and ``xnat:imageSessionData`` take every
+    session) and ``columns=``."""
+    p = req.params
+    if p.get("ID"):
+        rows = [r for r in rows if r["ID"] in p["ID"].split(",")]
+    if p.get("label"):
+        rows = [r for r in rows if r["label"] in p["label"].split(",")]
+    xsi = p.get("xsiType", "")
+    if xsi and xsi not in ("xnat:subjectAssessorData", "xnat:imageSessionData"):
+        rows = [r for r in rows if r["xsiType"] == xsi]
+    rows, columns = views.select_columns(rows, p.get("columns"), _EXPERIMENT_ALIASES)
+    return listing(req, rows, title="Experiments", columns=columns)
 
 
 @route("GET", r"/data/experiments")
@@ -121,7 +145,7 @@ def all_experiments(req: Request, _: re.Match[str]) -> Response:
         for e in store_of(req).experiments(project)
         if access.can_read_data(user, e.project)
     ]
-    return listing(req, rows, title="Experiments")
+    return _experiment_listing(req, rows)
 
 
 # -- experiments, scans, resources, files ------------------------------------------------------
@@ -197,10 +221,9 @@ def scans(req: Request, m: re.Match[str]) -> Response:
     """Facts 4 (ScanList.java:280-335): xnat_imagescandata_id, ID, type, quality, xsiType, note,
     series_description, URI; ``columns=`` replaces them (QueryOrganizerResource.java:160-180)."""
     e = _experiment(req, m)
-    rows = views.scan_rows(e, store_of(req).scans(e))
-    columns = [c for c in req.params.get("columns", "").split(",") if c] or None
-    if columns is not None:
-        rows = [{c: r.get(c, "") for c in columns} for r in rows]
+    rows, columns = views.select_columns(
+        views.scan_rows(e, store_of(req).scans(e)), req.params.get("columns")
+    )
     return listing(req, rows, title="Scans", columns=columns or views.SCAN_COLUMNS)
 
 

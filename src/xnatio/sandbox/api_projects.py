@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from xnatio.sandbox import views
 from xnatio.sandbox.access import GROUPS, Access, Project
 from xnatio.sandbox.pages import HttpError
 from xnatio.sandbox.routes import listing, respond, respond_json, route
@@ -85,7 +86,8 @@ def projects(req: Request, _: re.Match[str]) -> Response:
         ]
         return listing(req, rows, title="Projects", columns=["id", "secondary_id"])
     rows = [project_fields(p) for p in access.projects() if access.can_read(user, p.id)]
-    return listing(req, rows, title="Projects", columns=list(project_fields_columns()))
+    rows, columns = views.select_columns(rows, req.params.get("columns"))
+    return listing(req, rows, title="Projects", columns=columns or list(project_fields_columns()))
 
 
 def project_fields_columns() -> tuple[str, ...]:
@@ -107,7 +109,12 @@ def project(req: Request, m: re.Match[str]) -> Response:
 @route("PUT", _P)
 def project_put(req: Request, m: re.Match[str]) -> Response:
     access, user = access_of(req), user_of(req)
-    params = req.params
+    # Fields may also come as schema paths (``xnat:projectData/secondary_ID=…``, as pyxnat's
+    # create() sends them with ``xsiType=xnat:projectData``).
+    prefix = "xnat:projectdata/"
+    params = {
+        (k[len(prefix) :] if k.lower().startswith(prefix) else k): v for k, v in req.params.items()
+    }
     existing = access.project(m["p"])
     try:
         if existing is not None:

@@ -133,17 +133,28 @@ class ImportParams:
             raise HttpError(404, f"Unknown importer implementation specified: {handler}")
         zipish = handler != "gradual-DICOM"
 
-        def pick(primary: str, alias: str) -> str | None:
-            value = p.get(primary) or (p.get(alias) if zipish else None)
-            return value or None
+        def first(*values: str | None) -> str | None:
+            return next((v for v in values if v), None)
 
         dest = parse_dest(p["dest"]) if p.get("dest") else None
-        project = pick("PROJECT_ID", "project") or (dest.project if dest else None)
+        d = dest or Dest("prearchive")
+        if zipish:
+            # DICOM-zip: dest values override; lower-case project/subject/session win over the
+            # upper-case keys (facts 1, DZI:92-107).
+            project = first(d.project, p.get("project"), p.get("PROJECT_ID"))
+            subject = first(d.subject, p.get("subject"), p.get("SUBJECT_ID"))
+            label = first(d.label, p.get("session"), p.get("EXPT_LABEL"))
+        else:
+            # gradual-DICOM: only the upper-case keys, and dest's project if there is no
+            # PROJECT_ID (GDI:155, 217-255; PU:569-576).
+            project = first(p.get("PROJECT_ID"), d.project)
+            subject = first(p.get("SUBJECT_ID"))
+            label = first(p.get("EXPT_LABEL"))
         return cls(
             handler=handler,
             project=project,
-            subject=pick("SUBJECT_ID", "subject") or (dest.subject if dest else None),
-            label=pick("EXPT_LABEL", "session") or (dest.label if dest else None),
+            subject=subject,
+            label=label,
             dest=dest,
             # Any value at all (even "none") turns merging on (facts 1.5, Imp:470-473).
             overwrite=p.get("overwrite"),
@@ -325,6 +336,10 @@ class DicomImport:
         else:  # append, none, anything else: merge, clashes refused (Imp:470-473)
             merge = True
             replace = self.p.overwrite_files or code == AUTO_ARCHIVE_OVERWRITE
+        if not self.store.can_edit(self.user, s.project):
+            # Read access put the files here; archiving needs edit (PU:236-252 *(inferred)*).
+            self.store.mark_failed(s, 403)
+            raise HttpError(400, MSG_ARCHIVE_FAILED)
         try:
             e = self.store.archive(
                 s,
@@ -408,6 +423,7 @@ class DicomImport:
             self.p.direct_archive
             and project != UNASSIGNED
             and self.store.experiment(project, clean_label(label)) is None
+            and not (self.store.root / "archive" / project / "arc001" / clean_label(label)).exists()
         ):
             s = self.store.session_for_file(
                 project=project,
@@ -440,7 +456,7 @@ class DicomImport:
         file_name = self._file_name(s, scan, name, h)
         folder = self.store.prearc_dir(s) / "SCANS" / scan / "DICOM"
         script = None
-        if (self.site_anon or self.knobs.get().site_anonymization) and not self.p.prevent_anon:
+        if self.site_anon and not self.p.prevent_anon:
             script = SiteScript(None if project == UNASSIGNED else project, subject, label)
         with self.store.file_lock(s.id, scan + "/" + file_name):
             size, md5 = self._write(folder / file_name, name, head, rest, script)

@@ -28,6 +28,13 @@ class Knobs:
     """Processing time per DICOM file imported (XNAT parses and rewrites each one)."""
     archive_ms: float = 0.0
     """Extra time one archive operation takes; widens the window of the archive races."""
+    build_ms: float = 0.0
+    """Time the idle builder spends building a session (QUEUED_BUILDING → BUILDING → READY);
+    files arriving meanwhile make it RECEIVING_INTERRUPT, then RECEIVING (facts 3.2)."""
+    archive_timeout_seconds: float = 600.0
+    """XNAT's ``sessionArchiveTimeoutInterval``: an archive (commit, archive service) still
+    running after this long answers 500 "…did not complete within the configured timeout
+    interval." while the archive goes on and completes (facts 3.3, 3.4; QBIC:140-170)."""
     bandwidth_mbps: float = 0.0
     """Cap, in megabits per second, on reading request bodies, shared by all requests; 0 = none."""
     fail_next: int = 0
@@ -50,12 +57,13 @@ class Knobs:
     """One-shot: setting it to true invalidates every JSESSION now (then it reads false again)."""
     session_timeout: float | None = None
     """Idle timeout of JSESSIONs in seconds; None keeps the server's setting."""
-    site_anonymization: bool = False
-    """Forces XNAT's default site-wide anonymization script on even when the server's own
-    setting (``SandboxServer.site_anon``, on by default as in XNAT; ``xio sandbox
-    --no-site-anon``; ``PUT /data/config/anon/script?status=…``) is off. The script (facts 1.7):
+    site_anonymization: bool = True
+    """XNAT's default site-wide anonymization script, enabled by default (facts 1.7):
     ``(0008,1030) := project`` (unless Unassigned), ``(0010,0010) := subject``,
-    ``(0010,0020) := session``, on each file at receipt unless ``prevent_anon=true``."""
+    ``(0010,0020) := session``, run on each file at receipt unless ``prevent_anon=true``.
+    Also ``SandboxServer.site_anon``; ``xio sandbox --no-site-anon`` /
+    ``SandboxServer(site_anon=False)`` / ``PUT /data/config/anon/script?status=disabled`` turn
+    it off."""
     reencode: bool = True
     """Every stored file is re-encoded on receipt (regenerated file meta, header re-serialized,
     the rest verbatim), so the stored MD5 is not the uploaded file's (facts 1.7). Off only to
@@ -98,6 +106,8 @@ _FLOAT_FIELDS = {
     "latency_ms",
     "per_file_ms",
     "archive_ms",
+    "archive_timeout_seconds",
+    "build_ms",
     "bandwidth_mbps",
     "hang_seconds",
     "build_idle_seconds",

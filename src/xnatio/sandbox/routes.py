@@ -175,15 +175,10 @@ def auth_status(req: Request, _: re.Match[str]) -> Response:
 
 @route("GET POST", r"/data/JSESSION")
 def jsession(req: Request, _: re.Match[str]) -> Response:
+    """The id of the request's session: the one this Basic request just opened, or the cookie's
+    (a cookie-authenticated request opens none, so the per-user cap never refuses it)."""
     assert req.principal is not None
-    sid = req.principal.new_session or req.server.auth.new_session(req.principal.user)
-    if req.principal.new_session is None:
-        # Cookie-authenticated: XNAT answers with the current session id.
-        cookie = req.headers.get("Cookie", "")
-        m = re.search(r"JSESSIONID=([0-9A-Fa-f]{32})", cookie)
-        if m and req.server.auth.touch(m.group(1)):
-            req.server.auth.end_session(sid)
-            sid = m.group(1)
+    sid = req.principal.session or req.server.auth.new_session(req.principal.user)
     req.principal.new_session = None
     return respond(
         200,
@@ -217,6 +212,14 @@ def services_auth(req: Request, _: re.Match[str]) -> Response:
         "text/plain",
         {"Set-Cookie": f"JSESSIONID={sid}; Path={req.server.cookie_path}; HttpOnly"},
     )
+
+
+@route("GET", r"/app/template/Login\.vm")
+def login_form(req: Request, _: re.Match[str]) -> Response:
+    """Where browsers without credentials are sent (no login needed to see it)."""
+    from xnatio.sandbox.pages import login_page
+
+    return respond(200, login_page(req.server.context_path), "text/html")
 
 
 @route("GET", r"")

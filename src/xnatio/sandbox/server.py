@@ -34,12 +34,13 @@ from xnatio.sandbox.auth import (
 )
 from xnatio.sandbox.bodies import BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
-from xnatio.sandbox.pages import REASONS, HttpError, error_page
+from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
 from xnatio.sandbox.store import FileRecord, PrearcSession, Store
 
 log = logging.getLogger("xnatio.sandbox")
 
 SANDBOX_VERSION = "1.8.10"
+LOGIN_PATH = "/app/template/Login.vm"
 DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of an unread body we swallow before closing instead
 
 
@@ -177,11 +178,11 @@ class Handler(BaseHTTPRequestHandler):
                     knobs.count(f"status.{proxied.status}")
                     self._send(proxied)
                     return
-            public = admin or path.rstrip("/") == "/data/services/auth"
+            public = admin or path.rstrip("/") in ("/data/services/auth", LOGIN_PATH)
             principal = None if public else self._authenticate(sandbox)
+            request = Request(self, principal)  # form fields join the parameters here
             if principal is not None:
-                self._check_csrf(sandbox, principal)
-            request = Request(self, principal)
+                self._check_csrf(sandbox, principal, request.params)
             response = routes.handle(request)
             if principal is not None and principal.new_session:
                 response.headers.setdefault(
@@ -228,15 +229,17 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(302, "", {"Location": sandbox.login_page_url}) from None
             raise
 
-    def _check_csrf(self, sandbox: SandboxServer, principal: Principal) -> None:
+    def _check_csrf(
+        self, sandbox: SandboxServer, principal: Principal, params: dict[str, str]
+    ) -> None:
         """Facts 2: POST/PUT/DELETE from a browser-like agent need the session's XNAT_CSRF
         token, Basic auth or not; the refusal reaches the client as a 500 (see auth.py)."""
         if self.command not in ("POST", "PUT", "DELETE"):
             return
         if not is_browser(self.headers.get("User-Agent")):
             return
-        query = dict(parse_qsl(urlsplit(self.path).query, keep_blank_values=True))
-        given = query.get("XNAT_CSRF") or self.headers.get("XNAT_CSRF") or ""
+        # request.getParameter("XNAT_CSRF"): the query string or a form field.
+        given = params.get("XNAT_CSRF") or ""
         expected = sandbox.auth.csrf_token(principal.session)
         if expected is None or given.lower() != expected.lower():
             raise HttpError(500, "Internal Server Error")
@@ -313,23 +316,15 @@ def tomcat_404(path: str) -> bytes:
     ).encode()
 
 
-LOGIN_PAGE = (
-    "<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
-    '<form name="form1" method="post" action="{action}">'
-    '<input type="text" name="username"/><input type="password" name="password"/>'
-    '<input type="submit" value="Login"/></form></body></html>\n'
-)
-
-
 def proxy_answer(sandbox: SandboxServer, k: Knobs, raw: str) -> Response | None:
     """The redirect knobs (``redirect_status``/``redirect_to``, ``login_page``): what a proxy or
     single-sign-on front answers instead of XNAT, for requests under ``fault_path``."""
     inner = sandbox.inside_context(urlsplit(raw).path) or ""
     if not inner.startswith(k.fault_path):
         return None
-    if k.login_page:
-        action = f"{sandbox.context_path}/login"
-        return Response(200, LOGIN_PAGE.format(action=action), "text/html")
+    if k.login_page or (k.redirect_status and inner.startswith(LOGIN_PATH)):
+        # (The login page itself answers, so a client that follows the redirect stops there.)
+        return Response(200, login_page(sandbox.context_path), "text/html")
     if k.redirect_status:
         target = k.redirect_to.rstrip("/") + raw if k.redirect_to else sandbox.login_page_url
         return Response(k.redirect_status, b"", "text/html", {"Location": target})
@@ -346,9 +341,16 @@ class _HTTPServer(ThreadingHTTPServer):
 class SandboxServer:
     """A local XNAT-compatible server (see the package docstring for what it implements).
 
-    ``users`` maps user names to passwords (default ``{"admin": "admin"}``); ``session_timeout`` is
-    the JSESSION idle timeout in seconds. ``start()`` returns once the socket listens; ``url`` is
-    then ``http://HOST:PORT``. Usable as a context manager.
+    ``users`` maps user names to passwords (default ``{"admin": "admin"}``): the first one (and
+    any named ``admin``) is a site admin, the others ordinary users with no project access.
+    ``projects`` are created at start, owned by the first user (facts 1.2: an upload to a project
+    that does not exist goes to Unassigned). ``session_timeout`` is the JSESSION idle timeout in
+    seconds; ``max_sessions`` (XNAT: 1000), ``max_failed_logins`` (20) and ``lockout_seconds``
+    (3600) are facts 2's login limits, also settable later on ``server.auth``. ``context_path``
+    (e.g. ``/xnat``) serves everything under that prefix. ``site_anon`` and ``idle_seconds`` set
+    the ``site_anonymization`` and ``build_idle_seconds`` knobs. ``start()`` returns once the
+    socket listens; ``url`` is then ``http://HOST:PORT`` + the context path. Usable as a context
+    manager. ``access`` (once started) holds projects, users and roles (``access.Access``).
 
     Test helpers read the store directly (no HTTP): ``archived_files``, ``prearchive_sessions``,
     ``experiment_labels``.
@@ -368,7 +370,7 @@ class SandboxServer:
         max_sessions: int = MAX_SESSIONS_PER_USER,
         max_failed_logins: int = MAX_FAILED_LOGINS,
         lockout_seconds: float = LOCKOUT_SECONDS,
-        site_anon: bool = True,
+        site_anon: bool | None = None,
         idle_seconds: float | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -377,11 +379,10 @@ class SandboxServer:
         self.users = dict(users) if users is not None else {"admin": "admin"}
         self.projects = list(projects)
         self.context_path = normalize_context_path(context_path)
-        # The site-wide anonymization script (facts 1.7, 5): created enabled by XNAT. The
-        # importer applies it; the config endpoints report it.
-        self.site_anon = site_anon
         self.knob_box = KnobBox(knobs)
-        # XNAT's session idle interval (facts 3.2): the idle builder's clock.
+        # The default site anonymization script (facts 1.7) and XNAT's idle interval (3.2).
+        if site_anon is not None:
+            self.knob_box.set(site_anonymization=site_anon)
         if idle_seconds is not None:
             self.knob_box.set(build_idle_seconds=idle_seconds)
         self.auth = Authenticator(
@@ -494,7 +495,7 @@ class SandboxServer:
 
     @property
     def login_page_url(self) -> str:
-        return f"{self.url}/app/template/Login.vm"
+        return f"{self.url}{LOGIN_PATH}"
 
     def inside_context(self, path: str) -> str | None:
         """The path inside the context path (``/xnat/data/x`` → ``/data/x``), None if outside.
@@ -506,6 +507,16 @@ class SandboxServer:
         if path.startswith(self.context_path + "/"):
             return path[len(self.context_path) :]
         return None
+
+    @property
+    def site_anon(self) -> bool:
+        """Whether the site-wide anonymization script is enabled (facts 1.7, 5): the
+        ``site_anonymization`` knob, which the importer applies and the config endpoints show."""
+        return self.knob_box.get().site_anonymization
+
+    @site_anon.setter
+    def site_anon(self, enabled: bool) -> None:
+        self.knob_box.set(site_anonymization=enabled)
 
     def _check_password(self, user: str, password: str) -> bool:
         store = self.store
@@ -601,7 +612,7 @@ class SandboxServer:
                 continue
             last = time.monotonic()
             try:
-                store.run_idle(k.build_idle_seconds, k.auto_archive_projects)
+                store.run_idle(k.build_idle_seconds, k.auto_archive_projects, k.build_ms)
             except Exception:  # never let the timer thread die
                 if not self.stopping:
                     log.exception("sandbox idle builder failed")

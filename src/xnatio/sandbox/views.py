@@ -23,6 +23,30 @@ def result_set(rows: Iterable[dict[str, Any]], title: str | None = None) -> dict
     return {"ResultSet": out}
 
 
+# Facts 3.1 (DatabaseSession.java:27-228): the prearchive listing's columns, in order.
+PREARC_COLUMNS = [
+    "project",
+    "timestamp",
+    "lastmod",
+    "uploaded",
+    "scan_date",
+    "scan_time",
+    "subject",
+    "folderName",
+    "name",
+    "tag",
+    "status",
+    "url",
+    "autoarchive",
+    "prevent_anon",
+    "prevent_auto_commit",
+    "SOURCE",
+    "VISIT",
+    "PROTOCOL",
+    "TIMEZONE",
+]
+
+
 def prearc_row(s: PrearcSession, autoarchive_projects: list[str]) -> dict[str, str]:
     lastmod = dt.datetime.fromtimestamp(s.lastmod).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     return {
@@ -38,10 +62,12 @@ def prearc_row(s: PrearcSession, autoarchive_projects: list[str]) -> dict[str, s
         "tag": s.tag,
         "status": s.status,
         "url": s.url,
-        "autoarchive": "AutoArchive" if s.project in autoarchive_projects else "Manual",
-        "prevent_anon": "false",
+        # The row's own code and flags, stored by the request that created it (facts 1.2, 3.2).
+        "autoarchive": s.autoarchive
+        or ("AutoArchive" if s.project in autoarchive_projects else "Manual"),
+        "prevent_anon": "true" if s.prevent_anon else "false",
         "prevent_auto_commit": "true" if s.prevent_auto_commit else "false",
-        "SOURCE": "",
+        "SOURCE": s.source,
         "VISIT": "",
         "PROTOCOL": "",
         "TIMEZONE": "",
@@ -64,6 +90,7 @@ def _resource_summary(files: list[sqlite3.Row]) -> dict[str, dict[str, int]]:
 def experiment_document(store: Store, e: Experiment) -> dict[str, Any]:
     scans = store.scans(e)
     files = store.files(e)
+    ids = store.resource_ids(e)
     by_scan: dict[str, list[sqlite3.Row]] = {}
     for f in files:
         by_scan.setdefault(f["scan_id"], []).append(f)
@@ -85,8 +112,11 @@ def experiment_document(store: Store, e: Experiment) -> dict[str, Any]:
                                     "content": "RAW" if label == "DICOM" else "",
                                     "file_count": info["count"],
                                     "file_size": info["size"],
+                                    "xnat_abstractresource_id": str(
+                                        ids.get((sc["scan_id"], label), "")
+                                    ),
                                     "URI": f"{experiment_uri(e)}/scans/{sc['scan_id']}"
-                                    f"/resources/{label}",
+                                    f"/resources/{ids.get((sc['scan_id'], label), label)}",
                                 },
                             }
                             for label, info in resources.items()
@@ -270,6 +300,23 @@ def file_rows(
     return rows
 
 
+def select_columns(
+    rows: list[dict[str, str]], columns: str | None, aliases: dict[str, str] | None = None
+) -> tuple[list[dict[str, str]], list[str] | None]:
+    """``columns=a,b`` (QueryOrganizerResource.java:160-180): the rows with those columns only,
+    plus ``URI``, which XNAT always adds (pyxnat relies on it). ``aliases`` maps XNAT's
+    schema-path names (``xnat:subjectAssessorData/subject_id``) to the row's keys."""
+    names = {k.lower(): v for k, v in (aliases or {}).items()}
+    # A schema path comes back under the listing's own column name (…/subject_id → subject_ID).
+    wanted = [names.get(c.lower(), c) for c in (columns or "").split(",") if c]
+    if not wanted:
+        return rows, None
+    if "URI" not in wanted:
+        wanted.append("URI")
+    out = [{c: r.get(c, "") for c in wanted} for r in rows]
+    return out, wanted
+
+
 # -- listing formats (facts 4: format=json|xml|csv|html, SR:235-264, 507-553; XT:838-907) -------
 LISTING_FORMATS = {
     "json": "application/json",
@@ -310,6 +357,8 @@ def render_listing(
     result = [{k: "" if v is None else v for k, v in r.items()} for r in rows]
     cols = listing_columns(result, columns)
     if fmt == "json":
+        if columns is not None:
+            result = [{c: r.get(c, "") for c in cols} for r in result]
         body = result_set(result, title)
         if extra:
             body["ResultSet"].update(extra)
