@@ -36,6 +36,7 @@ from upload_helpers import (
     xio_env,
 )
 from xnatio.discover import discover
+from xnatio.errors import UsageError
 from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Outcome
 from xnatio.resume import ALREADY_REASON
@@ -212,6 +213,57 @@ def test_only_what_the_session_lacks_is_sent_and_merged(
     assert imported(sandbox) - before == len(manifest.files) - 5
     reasons = [o.reason for o in result.files]
     assert reasons.count(ALREADY_REASON) == 5
+    assert_each_file_once(sandbox, manifest)
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
+
+
+def test_another_study_under_the_label_is_refused_before_sending(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """XNAT never merges another StudyInstanceUID into a session (facts 1.5): the read before
+    sending sees it and nothing is sent (exit 2), instead of a CONFLICT left on the server."""
+    assert upload(sandbox.url, exam, tmp_path / "a.sqlite").success
+    sent = imported(sandbox)
+    other = tmp_path / "other"
+    generate_session(other, series=1, instances=2, image_size=(32, 32), seed=99)
+    with pytest.raises(UsageError, match="holds another study") as err:
+        upload(sandbox.url, other, tmp_path / "b.sqlite")
+    assert err.value.exit_code == 2
+    assert imported(sandbox) == sent
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
+
+
+def test_direct_archive_into_an_existing_session_goes_through_the_prearchive(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """Direct-Archive never merges (facts 1.6): the files a session lacks are sent to the
+    prearchive and committed into it instead, and the run says so."""
+    from xnatio.resume import ResumeOptions, resumable_rest_upload
+    from xnatio.transports.rest import RestTarget
+    from xnatio.xnat.client import XnatClient
+
+    manifest = discover(exam)
+    import_tar(sandbox.url, manifest.files[:5])
+    target = RestTarget(
+        project="P",
+        subject="S",
+        session="E",
+        upload_workers=1,
+        archive_workers=1,
+        direct_archive=True,
+        archive_wait=5,
+    )
+    said: list[str] = []
+    with XnatClient(sandbox.url, username=USER, password=PASSWORD) as client:
+        result = resumable_rest_upload(
+            client,
+            manifest,
+            target,
+            options=ResumeOptions(journal=tmp_path / "j.sqlite"),
+            notify=said.append,
+        )
+    assert result.success and result.verified, result.errors
+    assert any("Direct-Archive never merges" in m for m in said)
     assert_each_file_once(sandbox, manifest)
     assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from xnatio.errors import EXIT_INTERRUPTED, ServerError, XnatioError
+from xnatio.errors import EXIT_INTERRUPTED, ServerError, UsageError, XnatioError
 from xnatio.journal import Journal, JournalRun, Target, outcome_path
 from xnatio.models import (
     Batch,
@@ -483,6 +483,16 @@ def resumable_rest_upload(
                 ) from None
             if server is None:
                 continue
+            studies = {f.study_uid for f in part}
+            if server.study_uid and server.study_uid not in studies:
+                # XNAT refuses to merge another study into a session (facts 1.5, "Invalid
+                # modification of session UID"); never send it there (the pre-flight says so
+                # first on the command line).
+                raise UsageError(
+                    f"session {label} in project {target.project} holds another study "
+                    f"(StudyInstanceUID {server.study_uid}); nothing was sent: choose another "
+                    "session label"
+                )
             existing.add(label)
             there.extend(already_on_server(server, part))
         return there
