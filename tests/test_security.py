@@ -77,7 +77,7 @@ def _dicom_file(path: Path) -> DicomFile:
     )
 
 
-@pytest.mark.parametrize("fmt", ["tar", "zip", "tgz"])
+@pytest.mark.parametrize("fmt", ["tar", "zip", "zip-deflated"])
 def test_archive_member_names_are_relative_and_safe(tmp_path: Path, fmt: str) -> None:
     root = tmp_path / "root"
     (root / "a" / "b").mkdir(parents=True)
@@ -95,7 +95,7 @@ def test_archive_member_names_are_relative_and_safe(tmp_path: Path, fmt: str) ->
         files.append(_dicom_file(p))
     stream = make_archive_stream(files, fmt, root=root)
     data = b"".join(stream)
-    if fmt == "zip":
+    if fmt.startswith("zip"):
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             names = zf.namelist()
     else:
@@ -107,7 +107,7 @@ def test_archive_member_names_are_relative_and_safe(tmp_path: Path, fmt: str) ->
         assert ".." not in PurePosixPath(name).parts
         assert not any(ord(c) < 32 for c in name)
     # Extracting with the strict filter of the standard library accepts every name.
-    if fmt != "zip":
+    if fmt == "tar":
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
             tf.extractall(tmp_path / "out", filter="data")
         assert sum(1 for p in (tmp_path / "out").rglob("*") if p.is_file()) == len(files)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from xnatio.archive import instance_file_name
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Manifest, UploadResult
 from xnatio.plan import plan_batches
@@ -44,8 +45,8 @@ def import_tar(
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for f in files:
-            # XNAT keeps the uploaded file name: the same one xnatio's archives use.
-            tf.add(f.path, arcname=f"{f.series_number}/{f.path.name}")
+            # XNAT keeps the uploaded file name (facts 1.2): the one xnatio's archives use.
+            tf.add(f.path, arcname=f"{f.series_number}/{instance_file_name(f.sop_instance_uid)}")
     resp = requests.post(
         url + "/data/services/import",
         params={
@@ -196,7 +197,7 @@ class SandboxProcess:
 
 
 def assert_server_holds_each_once(url: str, manifest: Manifest) -> None:
-    """Over REST only: the session holds every local file (same bytes), nothing twice."""
+    """Over REST only: the session holds every local instance (by name), nothing twice."""
     with XnatClient(url, username=USER, password=PASSWORD) as client:
         scans = read_session(client, "P", "S", "E")
         assert scans is not None

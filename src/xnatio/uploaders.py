@@ -148,6 +148,7 @@ def upload_dicom_parallel_rest(
     timeout: float = 10800.0,
     overwrite: str = "none",
     direct_archive: bool = False,
+    archive_wait: float = 900.0,
     retries: int = 5,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
@@ -160,12 +161,17 @@ def upload_dicom_parallel_rest(
     """Upload the DICOM session under ``source_dir`` (a folder or a .zip/.tar/.tar.gz) to XNAT.
 
     Discovers every DICOM file by content, plans up to ``num_batches`` series-aligned batches,
-    streams them as ``archive_format`` archives (tar, zip or tgz) to the prearchive with at most
-    ``upload_workers`` requests in flight while ``archive_workers`` threads prepare the next ones,
-    then commits and archives the session once as PROJECT/SUBJECT/SESSION. ``verify_tls`` is
-    True, False or a CA bundle path; ``timeout`` is per request (seconds); ``retries`` per batch
-    on transient failures; ``overwrite`` is none, append or delete; ``direct_archive`` uses
-    XNAT ≥ 1.8.3 Direct-Archive instead of prearchive + commit.
+    streams them as ``archive_format`` archives (tar, zip, or zip-deflated; tgz sends
+    zip-deflated) to the prearchive with at most ``upload_workers`` requests in flight while
+    ``archive_workers`` threads prepare the next ones, then commits and archives the session once
+    as PROJECT/SUBJECT/SESSION. ``verify_tls`` is True, False or a CA bundle path; ``timeout`` is
+    per request (seconds); ``retries`` per batch on transient failures; ``overwrite`` is none,
+    append or delete (what the archive step sends, see :class:`RestTarget`); ``direct_archive``
+    uses XNAT ≥ 1.8.3 Direct-Archive instead of prearchive + commit, and waits up to
+    ``archive_wait`` seconds for XNAT to archive it (facts 1.6; ``result.pending`` lists what was
+    not archived by then). This function sends everything it is given: reading an existing
+    session first and sending only what it lacks is :func:`xnatio.resume.resumable_rest_upload`
+    (``xio upload-dicom``).
 
     ``allow_multiple_studies``: send a PATH holding several StudyInstanceUIDs. XNAT makes one
     session per study, so each is archived under its own label: the largest study as
@@ -195,6 +201,7 @@ def upload_dicom_parallel_rest(
         archive_format=archive_format,
         overwrite=overwrite,
         direct_archive=direct_archive,
+        archive_wait=archive_wait,
     )
     plan = plan_rest_upload(
         source_dir,

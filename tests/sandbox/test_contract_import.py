@@ -127,8 +127,13 @@ def test_application_dicom_selects_gradual_dicom(xnat: SandboxServer, tmp_path: 
         r = raw(xnat, path.read_bytes(), "application/dicom")
         assert r.status_code == 200, r.text
     (row,) = xnat.prearchive_sessions("P")
-    assert set(xnat.prearchive_files(row)) == set(s.instances)
+    stored = xnat.prearchive_files(row)
+    assert set(stored) == set(s.instances)
     assert row.status == "RECEIVING"  # gradual-DICOM never builds (facts 1, dest row)
+    # The raw body's name is upload.dcm (facts 1.1 line 5): kept by the first instance only.
+    first = next(iter(s.instances))
+    assert stored[first].name == "upload.dcm"
+    assert all(f.name.startswith(s.study_uid + "-") for u, f in stored.items() if u != first)
 
 
 def test_more_than_one_file_part_is_refused(xnat: SandboxServer) -> None:
@@ -190,6 +195,22 @@ def test_unreadable_project_goes_to_unassigned(xnat: SandboxServer, tmp_path: Pa
     assert r.status_code == 200, r.text
     assert r.text.startswith("/data/prearchive/projects/Unassigned/")
     assert xnat.prearchive_sessions("P") == []
+
+
+def test_read_access_files_into_the_project_but_archiving_needs_edit(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 1.2 line 1: readable is enough for the files to go to the project; write access is
+    # checked only by later operations (inferred): the in-request archive then fails (1.4).
+    assert client(xnat).put(xnat.url + "/data/projects/P/users/Collaborators/alice").ok
+    alice = as_user(xnat, "alice", "alice-secret")
+    s = study(tmp_path)
+    r = send_zip(xnat, files_of(s), http=alice, **DEST)
+    assert r.status_code == 200 and r.text.startswith("/data/prearchive/projects/P/")
+    r = send_zip(xnat, files_of(s), http=alice, **DEST, dest="/archive")
+    assert (r.status_code, h3(r)) == (400, "unable to archive for the Prearchive session")
+    assert [x.status for x in xnat.prearchive_sessions("P")] == ["ERROR"]
+    assert xnat.archived_files("P", "S", "E") == {}
 
 
 def test_unassigned_cannot_be_archived(xnat: SandboxServer, tmp_path: Path) -> None:

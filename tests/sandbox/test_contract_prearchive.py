@@ -142,6 +142,26 @@ def test_idle_builder_skips_prevent_auto_commit_and_source_uploader(
     assert statuses(xnat) == ["RECEIVING"]  # the builder has run, and skipped this row
 
 
+def test_files_arriving_while_building_interrupt_the_build(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 1.2 line 4 + 3.2 line 3: BUILDING → RECEIVING_INTERRUPT; the build then leaves the
+    # row RECEIVING without archiving it; the next idle pass builds and archives it all.
+    set_code(xnat, "P", 4)
+    xnat.set_knobs(build_ms=2500)
+    s = study(tmp_path, instances=3)
+    uids = list(s.instances)
+    send_zip(xnat, files_of(s, uids[:2]), **DEST)
+    eventually(lambda: statuses(xnat) == ["BUILDING"], "BUILDING")
+    send_zip(xnat, files_of(s, uids[2:]), **DEST)
+    assert statuses(xnat) == ["RECEIVING_INTERRUPT"]
+    eventually(lambda: statuses(xnat) == ["RECEIVING"], "RECEIVING again")
+    assert xnat.archived_files("P", "S", "E") == {}
+    xnat.set_knobs(build_ms=0)
+    eventually(lambda: xnat.archived_files("P", "S", "E"), "archived")
+    assert set(xnat.archived_files("P", "S", "E")) == set(uids)
+
+
 def test_idle_auto_archive_clash_leaves_conflict(xnat: SandboxServer, tmp_path: Path) -> None:
     # facts 1.5 last row + 3.2: the idle auto-archive merges; a clash → 409 → CONFLICT.
     s = study(tmp_path)
@@ -201,6 +221,14 @@ def test_commit_with_auto_archive_is_301_text_plain_without_location(
     assert "Location" not in r.headers
     assert r.text == ARCHIVE_URI
     assert set(xnat.archived_files("P", "S", "E")) == set(uids)
+
+
+def test_action_as_a_json_body(xnat: SandboxServer, tmp_path: Path) -> None:
+    # facts 3.3: body parameters (form/JSON) also work (PSR:221-231).
+    uri, _ = held(xnat, tmp_path)
+    r = client(xnat).post(xnat.url + uri, json={"action": "build"})
+    assert (r.status_code, r.text) == (200, uri)
+    assert statuses(xnat) == ["READY"]
 
 
 def test_commit_with_aa_parameter_archives(xnat: SandboxServer, tmp_path: Path) -> None:
@@ -282,6 +310,23 @@ def test_archive_service_errors(xnat: SandboxServer, tmp_path: Path) -> None:
     uri, _ = held(xnat, tmp_path)
     r = as_user(xnat, "alice", "alice-secret").post(xnat.url + ARCHIVE, params={"src": uri})
     assert (r.status_code, h3(r)) == (403, "Invalid permissions for new project.")
+
+
+def test_archive_that_outlasts_the_timeout_is_500_and_completes(
+    xnat: SandboxServer, tmp_path: Path
+) -> None:
+    # facts 3.4 line 3 (and 3.3): > sessionArchiveTimeoutInterval → 500 "…did not complete
+    # within the configured timeout interval."; the archive itself goes on (QBIC:140-170).
+    uri, uids = held(xnat, tmp_path)
+    xnat.set_knobs(archive_timeout_seconds=0.2, archive_ms=1000)
+    r = archive(xnat, uri)
+    assert r.status_code == 500
+    assert h3(r) == (
+        f"The session {uri.removeprefix('/data')} did not complete within the configured"
+        " timeout interval."
+    )
+    eventually(lambda: xnat.archived_files("P", "S", "E"), "archived after all")
+    assert set(xnat.archived_files("P", "S", "E")) == set(uids)
 
 
 def test_archive_service_always_merges(xnat: SandboxServer, tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ class UploadOptions:
     timeout: float = 10800.0
     overwrite: str = "none"
     direct_archive: bool = False
+    archive_wait: float = 900.0
     retries: int = 5
     allow_multiple_studies: bool = False
     dry_run: bool = False
@@ -169,6 +170,7 @@ def _send_rest(
         archive_format=opts.archive_format,
         overwrite=opts.overwrite,
         direct_archive=opts.direct_archive,
+        archive_wait=opts.archive_wait,
     )
     retry = RetryPolicy(retries=max(0, opts.retries))
     with XnatClient(
@@ -357,10 +359,12 @@ Examples:
 )
 @click.option(
     "--archive-format",
-    type=click.Choice(["tar", "zip", "tgz"]),
+    type=click.Choice(["tar", "zip", "zip-deflated", "tgz"]),
     default="tar",
     show_default=True,
-    help="Archive sent per batch (rest); tar and zip stream with no temp files.",
+    help="Archive sent per batch (rest), streamed with no temp files: tar and zip (stored) with "
+    "an exact length; zip-deflated compressed and sent chunked, which XNAT accepts for zip only "
+    "(facts 1.1). tgz is kept for older scripts and sends zip-deflated.",
 )
 @click.option(
     "--timeout",
@@ -374,15 +378,31 @@ Examples:
     type=click.Choice(["none", "append", "delete"]),
     default="none",
     show_default=True,
-    help="If the session exists: refuse (none), add files (append), replace clashes (delete) "
-    "(rest).",
+    help="An existing session of this label is always read first, and only the instances it "
+    "lacks are sent, then merged into it (XNAT merges into an existing session, facts 1.5). "
+    "none: commit as XNAT does, which refuses (409) an instance the session holds already. "
+    "append: archive with overwrite=append, which overwrites such clashing files. delete: send "
+    "every file, also those on the server, and archive with overwrite=delete, replacing their "
+    "copies. No value merges another study into the label: XNAT refuses it (rest).",
 )
 @click.option(
     "--direct-archive/--prearchive",
     default=False,
     show_default=True,
-    help="Write straight into the archive (XNAT >= 1.8.3) instead of the prearchive, "
-    "committed once at the end.",
+    help="Direct-Archive (XNAT >= 1.8.3): files go straight to the archive, and XNAT creates "
+    "the experiment once the session has been idle for its interval (5 min, facts 1.6); xio "
+    "waits for it (--archive-wait). An existing session is added to through the prearchive "
+    "(Direct-Archive never merges). Default: prearchive, committed once at the end (rest).",
+)
+@click.option(
+    "--archive-wait",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --direct-archive: how long to wait for XNAT to archive the session. When it "
+    "has not by then, the run ends 'sent, not yet archived' (exit 1, --json status "
+    '"pending"); check later with `xio verify ... --wait-for N` (rest).',
 )
 @click.option(
     "--retries",
@@ -409,8 +429,10 @@ Examples:
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="After the commit, read the session back and compare it with PATH, series by series "
-    "(counts, sizes, MD5); a mismatch exits 1 (rest).",
+    help="After the commit, read the session back and find every instance by the name xio "
+    "sent it as (XNAT keeps it, facts 1.2), counted per series; MD5s are compared only where "
+    "XNAT stores our bytes (it re-encodes, and its site script anonymizes, facts 1.7). A missing "
+    "instance exits 1 (rest).",
 )
 @click.option(
     "--restart",
@@ -486,6 +508,7 @@ def upload_dicom(
     timeout: float,
     overwrite: str,
     direct_archive: bool,
+    archive_wait: float,
     retries: int,
     allow_multiple_studies: bool,
     dry_run: bool,
@@ -505,10 +528,12 @@ def upload_dicom(
 ) -> None:
     """Upload the DICOM session under PATH into XNAT as PROJECT / SUBJECT / SESSION.
 
-    PATH is a folder, searched recursively, or a .zip/.tar/.tar.gz archive (streamed as is).
-    DICOM files are recognised by content, not by name; every other file is skipped and listed
-    with the reason. The session is split into series-aligned batches that are sent in parallel
-    to the prearchive and committed once at the end.
+    PATH is a folder, searched recursively, or a .zip/.tar/.tar.gz archive (its DICOM members
+    re-packed while sent, never extracted). DICOM files are recognised by content, not by name;
+    every other file is skipped and listed with the reason. Each instance is sent as
+    {SOP Instance UID}.dcm, a name XNAT keeps. If the session exists, only the instances it
+    lacks are sent ("already on the server"). The session is split into series-aligned batches
+    that are sent in parallel to the prearchive and committed once at the end.
 
     Before any DICOM byte is sent, the destination is checked (pre-flight, exit 2 with one line
     when it is not ready): labels XNAT would change when archiving (it replaces spaces and most
@@ -535,6 +560,7 @@ def upload_dicom(
         timeout=timeout,
         overwrite=overwrite,
         direct_archive=direct_archive,
+        archive_wait=archive_wait,
         retries=retries,
         allow_multiple_studies=allow_multiple_studies,
         dry_run=dry_run,

@@ -4,7 +4,9 @@ Direct-Archive's ``/xapi/direct-archive`` (facts 1, 3). Answers, codes and texts
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ from xnatio.sandbox.store import (
     MSG_UNASSIGNED,
     UNASSIGNED,
     ArchiveFailure,
+    Experiment,
     PrearcSession,
     Store,
 )
@@ -148,8 +151,9 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
         )
         source: Path | FullReader = body_path if body_path else FullReader(req.body)
         if p.handler == "gradual-DICOM":
-            # A raw body has no client file name: the file gets XNAT's template name.
-            entry_name = name if body_path is not None else ""
+            # A raw body is named "upload" + the type's extension (upload.dcm), and that name
+            # is kept unless another instance holds it (facts 1.1 line 5, 1.2 "rename" row).
+            entry_name = name
 
             def single() -> Any:
                 if isinstance(source, Path):
@@ -276,6 +280,7 @@ def prearchive_action(req: Request, m: re.Match[str]) -> Response:
     Location when it auto-archives (else 200 the prearchive URI), 500 "FAILED: …" when the
     archive fails; ``move`` → 301 (facts 3.3: PSR:332-435; QBIC:61-170)."""
     store = store_of(req)
+    _json_body_params(req)
     action = req.params.get("action", "")
     s = _prearc(req, m, missing=500 if action == "build" else 404)
     if store.is_locked(s.id):
@@ -289,7 +294,13 @@ def prearchive_action(req: Request, m: re.Match[str]) -> Response:
         if code >= AUTO_ARCHIVE and built.status == "READY":
             overwrite = code == AUTO_ARCHIVE_OVERWRITE or truthy(req.params.get("overwrite_files"))
             try:
-                e = store.archive(built, merge=True, overwrite=overwrite, delay=_delay(req))
+                e = _archive_in_time(
+                    req,
+                    built,
+                    lambda: store.archive(
+                        built, merge=True, overwrite=overwrite, delay=_delay(req)
+                    ),
+                )
             except ArchiveFailure as exc:
                 raise HttpError(500, f"FAILED: {exc.message}") from None
             # No Location header (SR:1007-1018): the body is the archive URI.
@@ -305,6 +316,50 @@ def prearchive_action(req: Request, m: re.Match[str]) -> Response:
         moved = store.move_prearc(s, readable)
         return uri_answer(req, [moved.external_url], 301, crlf=False)
     raise HttpError(400, "Bad Request")
+
+
+def _archive_in_time(req: Request, s: PrearcSession, work: Callable[[], Experiment]) -> Experiment:
+    """Run an archive as XNAT's QueueBasedImageCommit does: the request waits at most
+    ``sessionArchiveTimeoutInterval`` (knob ``archive_timeout_seconds``), then answers 500 while
+    the archive goes on (facts 3.3, 3.4: QBIC:140-170; Arch:137-142)."""
+    done: list[Experiment] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(work())
+        except BaseException as exc:  # handed to the request thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True, name="sandbox-archive")
+    worker.start()
+    worker.join(req.server.knobs.archive_timeout_seconds)
+    if worker.is_alive():
+        raise HttpError(
+            500,
+            f"The session {s.url} did not complete within the configured timeout interval.",
+        )
+    if failed:
+        raise failed[0]
+    return done[0]
+
+
+def _json_body_params(req: Request) -> None:
+    """A JSON object body counts as parameters, like a form body (facts 3.3: PSR:221-231)."""
+    if not req.content_type.lower().startswith("application/json"):
+        return
+    raw = b""
+    while chunk := req.body.read():
+        raw += chunk
+        if len(raw) > 1 << 20:
+            raise HttpError(400, "Bad Request")
+    try:
+        values = json.loads(raw or b"{}")
+    except ValueError:
+        return  # XNAT logs an invalid JSON body and goes on (SecureResource.loadParams)
+    if isinstance(values, dict):
+        for key, value in values.items():
+            req.params.setdefault(str(key), "" if value is None else str(value))
 
 
 def _delay(req: Request) -> Callable[[], None]:
@@ -355,13 +410,17 @@ def archive_service(req: Request, _: re.Match[str]) -> Response:
         or code == AUTO_ARCHIVE_OVERWRITE
     )
     try:
-        e = store.archive(
+        e = _archive_in_time(
+            req,
             s,
-            merge=True,
-            overwrite=overwrite,
-            subject=req.params.get("subject") or None,
-            label=req.params.get("session") or None,
-            delay=_delay(req),
+            lambda: store.archive(
+                s,
+                merge=True,
+                overwrite=overwrite,
+                subject=req.params.get("subject") or None,
+                label=req.params.get("session") or None,
+                delay=_delay(req),
+            ),
         )
     except ArchiveFailure as exc:
         raise HttpError(500, f"FAILED: {exc.message}") from None

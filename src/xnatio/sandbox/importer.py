@@ -336,6 +336,10 @@ class DicomImport:
         else:  # append, none, anything else: merge, clashes refused (Imp:470-473)
             merge = True
             replace = self.p.overwrite_files or code == AUTO_ARCHIVE_OVERWRITE
+        if not self.store.can_edit(self.user, s.project):
+            # Read access put the files here; archiving needs edit (PU:236-252 *(inferred)*).
+            self.store.mark_failed(s, 403)
+            raise HttpError(400, MSG_ARCHIVE_FAILED)
         try:
             e = self.store.archive(
                 s,

@@ -28,6 +28,13 @@ class Knobs:
     """Processing time per DICOM file imported (XNAT parses and rewrites each one)."""
     archive_ms: float = 0.0
     """Extra time one archive operation takes; widens the window of the archive races."""
+    build_ms: float = 0.0
+    """Time the idle builder spends building a session (QUEUED_BUILDING → BUILDING → READY);
+    files arriving meanwhile make it RECEIVING_INTERRUPT, then RECEIVING (facts 3.2)."""
+    archive_timeout_seconds: float = 600.0
+    """XNAT's ``sessionArchiveTimeoutInterval``: an archive (commit, archive service) still
+    running after this long answers 500 "…did not complete within the configured timeout
+    interval." while the archive goes on and completes (facts 3.3, 3.4; QBIC:140-170)."""
     bandwidth_mbps: float = 0.0
     """Cap, in megabits per second, on reading request bodies, shared by all requests; 0 = none."""
     fail_next: int = 0
@@ -99,6 +106,8 @@ _FLOAT_FIELDS = {
     "latency_ms",
     "per_file_ms",
     "archive_ms",
+    "archive_timeout_seconds",
+    "build_ms",
     "bandwidth_mbps",
     "hang_seconds",
     "build_idle_seconds",

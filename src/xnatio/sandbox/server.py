@@ -612,7 +612,7 @@ class SandboxServer:
                 continue
             last = time.monotonic()
             try:
-                store.run_idle(k.build_idle_seconds, k.auto_archive_projects)
+                store.run_idle(k.build_idle_seconds, k.auto_archive_projects, k.build_ms)
             except Exception:  # never let the timer thread die
                 if not self.stopping:
                     log.exception("sandbox idle builder failed")

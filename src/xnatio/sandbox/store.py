@@ -136,10 +136,11 @@ class Store(Catalog):
             if column not in have:
                 self._x(f"ALTER TABLE prearc ADD COLUMN {column} {decl}")
         # Rows that were mid-operation when the process died: XNAT leaves them as they were;
-        # here they go back to READY so they can be archived again.
+        # here they go back to READY so they can be archived again (Direct-Archive rows to
+        # RECEIVING, so the idle builder takes them again).
         self._x(
-            "UPDATE prearc SET status='READY' WHERE status IN"
-            " ('ARCHIVING','QUEUED_BUILDING','BUILDING','QUEUED_ARCHIVING')"
+            "UPDATE prearc SET status=CASE direct WHEN 1 THEN 'RECEIVING' ELSE 'READY' END"
+            " WHERE status IN ('ARCHIVING','QUEUED_BUILDING','BUILDING','QUEUED_ARCHIVING')"
         )
         self._file_locks: set[tuple[int, str]] = set()
         self._writers: dict[int, int] = {}
@@ -346,14 +347,6 @@ class Store(Catalog):
         )
         return rows[0]["sop_uid"] if rows else None
 
-    def prearc_name_of(self, session_id: int, scan: str, sop_uid: str) -> str | None:
-        """The name an instance already has in the row (a re-sent instance replaces itself)."""
-        rows = self._q(
-            "SELECT name FROM prearc_files WHERE session_id=? AND scan=? AND sop_uid=?",
-            (session_id, scan, sop_uid),
-        )
-        return rows[0]["name"] if rows else None
-
     def record_prearc_file(self, session_id: int, scan: str, name: str, **meta: Any) -> None:
         self._x(
             "INSERT OR REPLACE INTO prearc_files (session_id, scan, name, sop_uid, sop_class,"
@@ -423,15 +416,17 @@ class Store(Catalog):
     def _set_status(self, sid: int, status: str) -> None:
         self._x("UPDATE prearc SET status=? WHERE id=?", (status, sid))
 
-    def build(self, s: PrearcSession) -> PrearcSession:
+    def build(self, s: PrearcSession, delay: Callable[[], None] = lambda: None) -> PrearcSession:
         """QUEUED_BUILDING → BUILDING → READY (facts 3.2, PRH:62-108); files that arrived
-        meanwhile (RECEIVING_INTERRUPT) leave it RECEIVING instead."""
+        meanwhile (RECEIVING_INTERRUPT) leave it RECEIVING instead. ``delay`` is the build's
+        own time (the ``build_ms`` knob), during which files may arrive."""
         with self._lock:
             current = self.get_prearc_by_id(s.id)
             if current is None or s.id in self._archiving:
                 return current or s
             self._set_status(s.id, "QUEUED_BUILDING")
             self._set_status(s.id, "BUILDING")
+        delay()
         with self._lock:
             current = self.get_prearc_by_id(s.id)
             if current is None:
@@ -531,9 +526,13 @@ class Store(Catalog):
                 self._dest_in_use.discard(dest)
 
     def _fail(self, s: PrearcSession, status: int, message: str) -> ArchiveFailure:
+        self.mark_failed(s, status)
+        return ArchiveFailure(status, message)
+
+    def mark_failed(self, s: PrearcSession, status: int) -> None:
+        """A failed archive leaves the row CONFLICT (a 409 cause) or ERROR (PDB:1650-1662)."""
         if self.get_prearc_by_id(s.id) is not None:
             self._set_status(s.id, "CONFLICT" if status == 409 else "ERROR")
-        return ArchiveFailure(status, message)
 
     def _subject_label(self, project: str, wanted: str) -> str:
         """Cleaned, then matched case-insensitively to an existing subject label: the
@@ -640,7 +639,9 @@ class Store(Catalog):
         )
         return [self._prearc(r) for r in rows if not self.is_busy(r["id"])]
 
-    def run_idle(self, idle_seconds: float, auto_projects: list[str]) -> None:
+    def run_idle(
+        self, idle_seconds: float, auto_projects: list[str], build_ms: float = 0.0
+    ) -> None:
         """One pass of the idle builder: build idle rows, then archive them by the 3.2 rule
         (row code, else project code ≥ 4); Direct-Archive rows are built and archived, never
         merged, or moved to the prearchive on failure (facts 1.6, DAS:150-287)."""
@@ -648,9 +649,9 @@ class Store(Catalog):
             if s.direct:
                 self.archive_direct(s)
                 continue
-            built = self.build(s)
+            built = self.build(s, lambda: time.sleep(build_ms / 1000) if build_ms > 0 else None)
             if built.status != "READY":
-                continue
+                continue  # files arrived meanwhile: RECEIVING again, no auto-archive (PRH:95-101)
             code = s.code if s.auto_archives else self.project_code(s.project, auto_projects)
             if code >= AUTO_ARCHIVE:
                 with contextlib.suppress(HttpError):
