@@ -354,3 +354,40 @@ def test_dicom_store_is_checked_too_before_any_association(
         "upload-dicom", "P", "S", "E.1", study.root, *args, exit_code=2, env=env_for(sandbox.url)
     )
     assert "as 'E_1'" in error_line(r)
+
+
+# -- whole uploads through what the pre-flight resolved -----------------------------------------
+
+
+def test_whole_upload_under_a_context_path(
+    xio: Invoke, under_xnat: SandboxServer, study: SyntheticSession
+) -> None:
+    """Issue 11 item 9: ``--server http://host:port/xnat`` failed with "/xnat/data/JSESSION was
+    not found". Send, commit and read-back all go under the context path."""
+    r = xio("upload-dicom", "P", "S", "E", study.root, "--json", env=env_for(under_xnat.url))
+    assert json.loads(r.stdout)["status"] == "success"
+    assert under_xnat.experiment_labels("P") == ["E"]
+
+
+def test_whole_upload_through_an_alias_and_another_case_of_the_subject(
+    xio: Invoke, sandbox: SandboxServer, study: SyntheticSession, other_study: SyntheticSession
+) -> None:
+    env = env_for(sandbox.url)
+    r = xio("upload-dicom", "ALIAS1", "Sub01", "E1", study.root, "--json", env=env)
+    assert "project ALIAS1 is an alias of PROJ01: using PROJ01" in r.stderr
+    assert json.loads(r.stdout)["status"] == "success"
+    r = xio("upload-dicom", "PROJ01", "SUB01", "E2", other_study.root, "--json", env=env)
+    assert "subject SUB01 exists as Sub01" in r.stderr
+    assert json.loads(r.stdout)["status"] == "success"
+    assert sorted(sandbox.experiment_labels("PROJ01")) == ["E1", "E2"]
+    store = sandbox.store
+    assert store is not None and [s["label"] for s in store.subjects("PROJ01")] == ["Sub01"]
+
+
+def test_a_whole_upload_uses_one_xnat_session(
+    xio: Invoke, capped: SandboxServer, study: SyntheticSession
+) -> None:
+    """facts 2: 1000 sessions per user; xio keeps ONE for the run (pre-flight, send, commit,
+    read-back), here under a cap of 1."""
+    r = xio("upload-dicom", "P", "S", "E", study.root, "--json", env=env_for(capped.url))
+    assert json.loads(r.stdout)["status"] == "success"
