@@ -1,10 +1,10 @@
 """Streamed request bodies and the upload counters behind progress events.
 
-A body wraps a re-iterable archive (``xnatio.archive``) or a file on disk. Requests sends it with
-an exact ``Content-Length`` when it has a ``len()`` (tar, zip, an archive PATH) and chunked when
-not (zip-deflated). Each iteration starts the archive again, so one body object serves a retry or
-a resend after a 401, and checks the upload's cancel event between chunks, so Ctrl-C stops a
-request in the middle of its body.
+A body wraps a re-iterable archive (``xnatio.archive``, or an archive PATH's members re-packed).
+Requests sends it with an exact ``Content-Length`` when it has a ``len()`` (tar, zip, an archive
+PATH) and chunked when not (zip-deflated). Each iteration starts the archive again, so one body
+object serves a retry or a resend after a 401, and checks the upload's cancel event between
+chunks, so Ctrl-C stops a request in the middle of its body.
 """
 
 from __future__ import annotations
@@ -173,18 +173,6 @@ class SizedBody(StreamBody):
 
     def __len__(self) -> int:
         return self._size
-
-
-class FileChunks:
-    """Re-iterable chunks of one file on disk (an archive PATH sent as is)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with self.path.open("rb") as fh:
-            while chunk := fh.read(1024 * 1024):
-                yield chunk
 
 
 class ArchiveMembers:

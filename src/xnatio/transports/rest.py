@@ -41,15 +41,16 @@ Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
 * ``upload_workers`` threads send batches: never more than that many import requests in flight,
   and the connection pool of the client is sized to it.
 * ``archive_workers`` threads prepare the next batches while others upload (stat every source
-  file against discovery, lay out the archive); packing itself (tar/zip headers, gzip for tgz)
-  happens inside the streaming request body, so nothing is built ahead in memory or on disk.
+  file against discovery, lay out the archive); packing itself (tar/zip headers, deflate for
+  zip-deflated) happens inside the streaming request body, so nothing is built ahead in memory or
+  on disk.
 * A semaphore of ``upload_workers + archive_workers`` slots is taken before a batch is handed to
   the preparers and released when its upload ends, so at most that many batches exist at once.
 
 Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
 in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB zlib for
-tgz]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No temporary
-copy of the dataset is ever written.
+zip-deflated]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No
+temporary copy of the dataset is ever written.
 """
 
 from __future__ import annotations
@@ -109,14 +110,6 @@ WIRE_FORMATS = {"tar": "tar", "zip": "zip", "zip-deflated": "zip-deflated", "tgz
 # times in a row stop the batch: the cause is the server, and one request per file would follow.
 BAD_MEMBERS_IN_A_ROW = 3
 DIRECT_ARCHIVE_POLL = 5.0  # seconds between reads while Direct-Archive's experiment is awaited
-# Content types XNAT's DICOM-zip importer maps to a reader (section 1: raw bodies are named from
-# the Content-Type, and anything else is "Unsupported format").
-ARCHIVE_CONTENT_TYPES = {
-    ".zip": "application/zip",
-    ".tar": "application/x-tar",
-    ".tgz": "application/x-gtar",
-    ".tar.gz": "application/x-gtar",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,14 +188,6 @@ def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
         for group in groups.values():
             out.append(Batch(index=len(out), files=tuple(group)))
     return out
-
-
-def archive_content_type(path: Path) -> str:
-    name = path.name.lower()
-    for ext in (".tar.gz", ".tgz", ".zip", ".tar"):
-        if name.endswith(ext):
-            return ARCHIVE_CONTENT_TYPES[ext]
-    raise UsageError(f"{path} is not a .zip, .tar, .tar.gz or .tgz archive")
 
 
 def display_path(f: DicomFile) -> str:
