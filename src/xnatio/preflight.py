@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xnatio.errors import EXIT_USAGE, ServerError, XnatioError
+from xnatio.errors import ServerError, UsageError
 from xnatio.models import Manifest
 from xnatio.xnat.client import XnatClient, quote
 from xnatio.xnat.labels import clean_label, same_subject
@@ -82,10 +82,9 @@ SESSION_PRIORITY = ("PT", "MR", "CT", "US", "DX", "CR")
 OTHER_SESSION_TYPE = "xnat:otherDicomSessionData"
 
 
-class PreflightError(XnatioError):
-    """The destination is not ready for this upload; nothing was sent. Exit 2."""
-
-    exit_code = EXIT_USAGE
+class PreflightError(UsageError):
+    """The destination is not ready for this upload; nothing was sent. Exit 2 (a usage error:
+    the user fixes the label, the project or the rights)."""
 
 
 @dataclass(frozen=True, kw_only=True)
