@@ -102,6 +102,7 @@ def test_a_label_xnat_would_clean_is_refused(
 ) -> None:
     r = xio("upload-dicom", "P", "S", "MR.1", study.root, exit_code=2, env=env_for(sandbox.url))
     assert "XNAT would archive session label 'MR.1' as 'MR_1'" in error_line(r)
+    assert "discover" not in r.stderr  # refused before the (possibly long) discovery
     assert nothing_sent(sandbox)
 
 

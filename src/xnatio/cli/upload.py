@@ -277,6 +277,11 @@ def dry_run_preflight(
 
 def check_ready(opts: UploadOptions, settings: Settings) -> None:
     """Fail on missing configuration before the (possibly long) discovery, not after it."""
+    from xnatio.preflight import check_labels
+
+    # Labels XNAT would clean (facts 3.5) need no server and no discovery (SESSION_2… of
+    # further studies are clean when SESSION is).
+    check_labels(opts.subject, [opts.session])
     if opts.dry_run:
         return
     if opts.transport == "rest":
