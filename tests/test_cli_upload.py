@@ -511,3 +511,32 @@ def test_allow_multiple_studies_gives_each_study_its_own_session(
     _assert_landed(sandbox, s, ("P", "S", "E"))
     second = s.extras["second-study"]
     assert set(sandbox.archived_files("P", "S", "E_2")) == {second.name}
+
+
+@pytest.mark.integration
+def test_direct_archive_not_yet_archived_is_pending_then_verify_waits(
+    cli_invoke: Invoke, tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """XNAT archives a Direct-Archive upload only after its idle interval (facts 1.6): with the
+    bound reached, the run says "sent, not yet archived" (exit 1, status "pending"); `xio verify
+    --wait-for` then sees it land."""
+    s = generate_session(tmp_path / "in", series=1, instances=3, image_size=(16, 16))
+    sandbox.set_knobs(build_idle_seconds=600)
+    args = ["upload-dicom", "P", "S", "E", s.root, "--direct-archive", "--archive-wait", "0.3"]
+    r = cli_invoke(*args, "--json", exit_code=1, env=env)
+    result = json.loads(r.stdout)
+    assert result["status"] == "pending" and result["exit_code"] == 1
+    assert result["totals"]["failed"] == 0 and len(result["pending"]) == 1
+    assert result["pending"][0].startswith("/xapi/direct-archive/P/")
+    # The same command again: nothing to send, it waits for the archive again (still pending).
+    again = cli_invoke(*args, exit_code=1, env=env)
+    assert "not yet archived" in again.stdout and "xio verify P S E PATH --wait-for" in again.stdout
+    assert "waiting for XNAT to archive them" in again.stderr
+    assert sandbox.stats()["POST /data/services/import"] == 1  # nothing sent twice
+    # Now let XNAT's idle interval pass: verify waits for the experiment ...
+    sandbox.set_knobs(build_idle_seconds=1)
+    v = cli_invoke("verify", "P", "S", "E", s.root, "--wait-for", "60", env=env)
+    assert "holds all 3 files" in v.stdout
+    # ... and the upload command, run again, finds it archived and verifies it.
+    done = cli_invoke(*args[:-2], "--archive-wait", "60", env=env)
+    assert "verified on the server" in done.stdout

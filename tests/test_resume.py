@@ -36,7 +36,7 @@ from upload_helpers import (
     xio_env,
 )
 from xnatio.discover import discover
-from xnatio.errors import UsageError
+from xnatio.errors import XnatioError
 from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Outcome
 from xnatio.resume import ALREADY_REASON
@@ -226,7 +226,8 @@ def test_another_study_under_the_label_is_refused_before_sending(
     sent = imported(sandbox)
     other = tmp_path / "other"
     generate_session(other, series=1, instances=2, image_size=(32, 32), seed=99)
-    with pytest.raises(UsageError, match="holds another study") as err:
+    # (UsageError from the read before sending; the pre-flight's own error once it runs first.)
+    with pytest.raises(XnatioError, match="holds another study") as err:
         upload(sandbox.url, other, tmp_path / "b.sqlite")
     assert err.value.exit_code == 2
     assert imported(sandbox) == sent

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
 
 from xnatio.errors import EXIT_INTERRUPTED, ServerError, UsageError, XnatioError
 from xnatio.journal import Journal, JournalRun, Target, outcome_path
@@ -87,6 +88,8 @@ earlier run (the server may already hold the session, which must merge, not answ
 ``"delete"`` when some of the files to send changed since an earlier run sent them (the server's
 copy must be replaced). A user's own ``--overwrite delete`` wins over ``append``.
 """
+
+DIRECT_ARCHIVE_PREFIX = "/xapi/direct-archive/"
 
 Commit = Callable[[str], str]
 """Commit what earlier runs sent when nothing is left to send (REST). Gets the session URI the
@@ -218,8 +221,12 @@ def _send_rest_of(
         todo, already = _not_on_server(run, manifest, todo, on_server, say)
     if not todo and already and not done:
         run.record_commit()  # the server holds every file: nothing of ours waits for a commit
+    pending = ""  # a Direct-Archive session still not archived (facts 1.6)
     if not todo and commit is not None and not run.committed:
-        say("every file was sent by an earlier run; committing the session")
+        if run.session_uri.startswith(DIRECT_ARCHIVE_PREFIX):
+            say("every file was sent by an earlier run; waiting for XNAT to archive them")
+        else:
+            say("every file was sent by an earlier run; committing the session")
         try:
             uri = commit(run.session_uri)
         except ServerError as exc:
@@ -231,7 +238,10 @@ def _send_rest_of(
             run.forget(done)
             done, todo = [], list(manifest.files)
         else:
-            run.record_commit(uri)
+            if uri.startswith(DIRECT_ARCHIVE_PREFIX):
+                pending = uri
+            else:
+                run.record_commit(uri)
     if todo:
         part = Manifest(
             root=manifest.root,
@@ -251,14 +261,18 @@ def _send_rest_of(
         # The hook may have seen them already; recording twice is harmless (same rows).
         run.record_outcomes(result.files)
         committed = _committed(result, needs_commit=commit is not None)
-        if committed:
+        if result.pending:
+            # Sent, not archived yet: the next run waits for it again (its commit step).
+            run.record_session_uri(result.pending[0])
+        elif committed:
             run.record_commit(result.session_uri)
     else:
         result = UploadResult(success=True, total_files=0, duration=0.0, total_size_mb=0.0)
-        if not run.committed:
+        if not run.committed and not pending:
             run.record_commit()  # nothing known to commit: read-back will tell
         committed = True
-        result.session_uri = run.session_uri
+        result.session_uri = pending or run.session_uri
+        result.pending = [pending] if pending else []
         result.duration = time.monotonic() - started
     result.files.extend(already)
     result.files.extend(run.earlier_outcomes(done))
@@ -544,7 +558,13 @@ def resumable_rest_upload(
             if target.overwrite != "none"
             else dataclasses.replace(target, overwrite="append")
         )
-        uploader = RestUploader(client, t, retry=retry)
+        uploader = RestUploader(
+            client, t, retry=retry, progress_callback=progress_callback, cancel=cancel
+        )
+        if remembered_uri.startswith(DIRECT_ARCHIVE_PREFIX):
+            # Sent by an earlier run that stopped waiting: wait again (facts 1.6).
+            label = unquote(remembered_uri.rstrip("/").rsplit("/", 1)[-1])
+            return uploader.await_direct_archive(remembered_uri, label)
         archived = ""
         # The server, not our memory, says what is waiting: every prearchive session of these
         # labels still receiving (section 3), committed with the transport's own final step.

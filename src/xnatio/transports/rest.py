@@ -766,6 +766,17 @@ class RestUploader:
                 run.session_uris[run.session_uris.index(uri)] = archived
                 run.uri_labels[archived] = label
 
+    def await_direct_archive(self, uri: str, label: str) -> str:
+        """Wait up to ``archive_wait`` for the experiment of a Direct-Archive ``uri`` an earlier
+        run sent (facts 1.6); its archive URI, or ``uri`` itself when still not archived."""
+        progress = UploadProgress(
+            self.progress_callback, files_total=0, bytes_total=0, batches_total=0, clock=self.clock
+        )
+        started = self.clock()
+        deadline = started + self.target.archive_wait
+        archived = self._wait_for_experiment(uri, label, started, deadline, progress)
+        return archived or uri
+
     def _wait_for_experiment(
         self, uri: str, label: str, started: float, deadline: float, progress: UploadProgress
     ) -> str | None:
