@@ -350,9 +350,13 @@ def test_an_unknown_ca_is_where_ca_bundle_is_the_fix(tls_server: str) -> None:
     assert "signed by a CA this machine does not trust" in line and "--ca-bundle" in line
 
 
-def test_a_hostname_mismatch_says_so(tls_server: str, certificate: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])  # IP and DNS-name wordings
+def test_a_hostname_mismatch_says_so(
+    tls_server: str, certificate: tuple[Path, Path], host: str
+) -> None:
+    port = tls_server.rsplit(":", 1)[1]
     with pytest.raises(UnreachableError) as info:
-        make_client(f"https://{tls_server}", verify=str(certificate[0])).login()
+        make_client(f"https://{host}:{port}", verify=str(certificate[0])).login()
     line = str(info.value)
     assert "hostname mismatch" in line and "--ca-bundle" not in line
 
