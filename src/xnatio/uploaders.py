@@ -110,7 +110,7 @@ def plan_rest_upload(
     if progress_callback is not None:
         progress_callback(ProgressEvent(phase=Phase.PLAN, current=0, total=1, message="planning"))
     if manifest.source_archive is not None:
-        # An archive PATH is sent as is, in one request.
+        # An archive PATH is sent in one request (its DICOM members re-packed).
         batches = [Batch(index=0, files=tuple(manifest.files))]
     else:
         batches = plan_batches(manifest, max(1, num_batches))

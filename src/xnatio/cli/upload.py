@@ -114,7 +114,7 @@ def describe_dry_run(
     from xnatio.uploaders import plan_rest_upload
 
     if opts.transport == "rest":
-        # The REST plan sends an archive PATH as is, in one request.
+        # The REST plan sends an archive PATH in one request (its members re-packed).
         batches = plan_rest_upload(
             opts.path,
             num_batches=opts.batches,
