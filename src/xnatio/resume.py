@@ -458,6 +458,7 @@ def resumable_rest_upload(
     notify: Callable[[str], None] | None = None,
     plan: Callable[[Manifest], list[Batch]] | None = None,
     preflight: bool = True,
+    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
 ) -> UploadResult:
     """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
 
@@ -548,7 +549,7 @@ def resumable_rest_upload(
             retry=retry,
             progress_callback=progress_callback,
             cancel=cancel,
-            on_confirmed=hook.on_confirmed,
+            on_confirmed=_both(hook.on_confirmed, on_confirmed),
         )
         return uploader.upload(part, batches)
 
@@ -608,6 +609,21 @@ def resumable_rest_upload(
     result.transport = "rest"
     result.project, result.subject, result.session = target.project, target.subject, target.session
     return result
+
+
+def _both(
+    journal: Callable[[Sequence[FileOutcome]], None],
+    caller: Callable[[Sequence[FileOutcome]], None] | None,
+) -> Callable[[Sequence[FileOutcome]], None]:
+    """The journal's hook, then the caller's own (the Python API's ``on_confirmed``)."""
+    if caller is None:
+        return journal
+
+    def both(outcomes: Sequence[FileOutcome]) -> None:
+        journal(outcomes)
+        caller(outcomes)
+
+    return both
 
 
 def _shifted(
@@ -679,6 +695,7 @@ def resumable_dicom_store_upload(
     options: ResumeOptions = ResumeOptions(),
     notify: Callable[[str], None] | None = None,
     client: XnatClient | None = None,
+    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
     **send_options: Any,
 ) -> UploadResult:
     """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
@@ -713,7 +730,7 @@ def resumable_dicom_store_upload(
             subject=subject,
             session=session,
             manifest=part,
-            on_confirmed=hook.on_confirmed,
+            on_confirmed=_both(hook.on_confirmed, on_confirmed),
             **send_options,
         )
 

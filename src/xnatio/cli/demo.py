@@ -20,9 +20,9 @@ import click
 
 from xnatio.archive import instance_file_name
 from xnatio.cli.options import OutputArgs, exit_codes_epilog, output_options, start_command
-from xnatio.cli.upload import UploadOptions, discover_for_upload, run_upload
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
 from xnatio.models import Manifest, UploadResult
+from xnatio.pipeline import UploadOptions, discover_for_upload, upload
 from xnatio.progress import Display, choose_display
 from xnatio.report import exit_code_of, result_to_dict, summary_text
 from xnatio.settings import Secret, Settings
@@ -159,7 +159,13 @@ def _run_demo(
             journal=workdir / "journal.sqlite",
         )
         manifest = discover_for_upload(opts, display)
-        result = run_upload(opts, settings, manifest, display)
+        result = upload(
+            settings=settings,
+            options=opts,
+            manifest=manifest,
+            progress=display,
+            notify=display.note,
+        )
         check = read_back(server, manifest)
     finally:
         server.stop()

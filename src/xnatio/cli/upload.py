@@ -1,7 +1,7 @@
-"""`xio upload-dicom`: options → Settings → discover once → send → summary / JSON / report.
+"""`xio upload-dicom`: options → Settings → one library call → summary / JSON / report.
 
-The command is a thin edge over :func:`run_upload`, which ``xio demo`` calls too, so the demo
-exercises exactly the code path users run.
+The command is a thin edge over :func:`xnatio.pipeline.upload`, which ``xio demo`` and the
+Python API (:mod:`xnatio.uploaders`) call too; every default comes from :mod:`xnatio.defaults`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
+from xnatio import defaults
 from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
@@ -29,268 +28,25 @@ from xnatio.cli.options import (
     server_options,
     start_command,
 )
-from xnatio.errors import ConfigError, UsageError, XnatioError
-from xnatio.models import Batch, Manifest, UploadResult
-from xnatio.progress import Display, choose_display
+from xnatio.errors import UsageError, XnatioError
+from xnatio.models import UploadResult
+from xnatio.pipeline import (
+    UploadOptions,
+    check_ready,
+    describe_dry_run,
+    discover_for_upload,
+    dry_run_preflight,
+    upload,
+)
+from xnatio.progress import choose_display
 from xnatio.report import (
-    account_for_skipped,
     check_report_path,
     error_to_dict,
     exit_code_of,
-    plan_to_dict,
     summary_text,
     write_report,
     write_result_json,
 )
-from xnatio.resume import ResumeOptions
-from xnatio.settings import Settings
-
-if TYPE_CHECKING:
-    from xnatio.xnat.client import XnatClient
-
-# Defaults per transport: the REST figure comes from the seed's measurements (42 parallel
-# batches against a real server); C-STORE gets one association per batch, 45 of them.
-DEFAULT_BATCHES = {"rest": 42, "dicom-store": 45}
-
-
-@dataclass(frozen=True, kw_only=True)
-class UploadOptions:
-    """What one upload needs besides Settings; transport-neutral, built by the CLI or the demo."""
-
-    project: str
-    subject: str
-    session: str
-    path: Path
-    transport: str = "rest"
-    num_batches: int | None = None  # None: DEFAULT_BATCHES[transport]
-    upload_workers: int = 42
-    archive_workers: int = 5
-    archive_format: str = "tar"
-    timeout: float = 10800.0
-    overwrite: str = "none"
-    direct_archive: bool = False
-    archive_wait: float = 900.0
-    retries: int = 5
-    allow_multiple_studies: bool = False
-    dry_run: bool = False
-    # C-STORE only
-    routing: bool = True
-    max_pdu: int = 0
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-    # Resume and read-back verification (xnatio.resume): verify after commit, ignore the
-    # journal and start over, journal location, wait for another run on the same target.
-    verify: bool = True
-    restart: bool = False
-    journal: Path | None = None
-    wait: bool = False
-
-    def resume_options(self) -> ResumeOptions:
-        return ResumeOptions(
-            journal=self.journal, restart=self.restart, wait=self.wait, verify=self.verify
-        )
-
-    @property
-    def batches(self) -> int:
-        return self.num_batches or DEFAULT_BATCHES[self.transport]
-
-
-def discover_for_upload(opts: UploadOptions, display: Display) -> Manifest:
-    """Discovery, once, with its own progress; refuses several studies unless allowed."""
-    from xnatio.discover import check_single_study, discover
-
-    manifest = discover(opts.path, progress=display)
-    check_single_study(manifest, allow_multiple=opts.allow_multiple_studies)
-    return manifest
-
-
-def describe_dry_run(
-    opts: UploadOptions, manifest: Manifest, display: Display
-) -> tuple[str, dict[str, object]]:
-    """The plan as text and as the ``--dry-run --json`` result; nothing is sent."""
-    from xnatio.plan import describe_plan
-    from xnatio.transports.dicom_store import plan_associations
-    from xnatio.uploaders import plan_rest_upload
-
-    if opts.transport == "rest":
-        # The REST plan sends an archive PATH in one request (its members re-packed).
-        batches = plan_rest_upload(
-            opts.path,
-            num_batches=opts.batches,
-            allow_multiple_studies=opts.allow_multiple_studies,
-            manifest=manifest,
-            progress_callback=display,
-        ).batches
-    else:
-        # C-STORE: one association per batch, at most 128 presentation contexts each.
-        groups = plan_associations(manifest.files, opts.batches)
-        batches = [Batch(index=i, files=tuple(g)) for i, g in enumerate(groups)]
-    data = plan_to_dict(manifest, batches)
-    data.update(transport=opts.transport, project=opts.project, subject=opts.subject)
-    data["session"] = opts.session
-    return describe_plan(manifest, batches), data
-
-
-def run_upload(
-    opts: UploadOptions, settings: Settings, manifest: Manifest, display: Display
-) -> UploadResult:
-    """Send ``manifest`` with the chosen transport; every file ends up accounted for."""
-    if opts.transport == "rest":
-        result = _send_rest(opts, settings, manifest, display)
-    elif opts.transport == "dicom-store":
-        result = _send_dicom_store(opts, settings, manifest, display)
-    else:  # pragma: no cover - Click's Choice prevents it
-        raise UsageError(f"unknown transport {opts.transport!r}")
-    result.project = result.project or opts.project
-    result.subject = result.subject or opts.subject
-    result.session = result.session or opts.session
-    return account_for_skipped(result, manifest)
-
-
-def _send_rest(
-    opts: UploadOptions, settings: Settings, manifest: Manifest, display: Display
-) -> UploadResult:
-    """Through the resume journal: only what the server has not confirmed is sent, then the
-    session is committed and read back (see :mod:`xnatio.resume`)."""
-    from xnatio.resume import resumable_rest_upload
-    from xnatio.retry import RetryPolicy
-    from xnatio.transports.rest import RestTarget
-    from xnatio.xnat.client import XnatClient
-
-    server = settings.require_server()
-    username, password = settings.require_credentials()
-    target = RestTarget(
-        project=opts.project,
-        subject=opts.subject,
-        session=opts.session,
-        num_batches=opts.batches,
-        upload_workers=opts.upload_workers,
-        archive_workers=opts.archive_workers,
-        archive_format=opts.archive_format,
-        overwrite=opts.overwrite,
-        direct_archive=opts.direct_archive,
-        archive_wait=opts.archive_wait,
-    )
-    retry = RetryPolicy(retries=max(0, opts.retries))
-    with XnatClient(
-        server,
-        username=username,
-        password=password,
-        verify=settings.verify,
-        timeout=opts.timeout,
-        pool_size=opts.upload_workers,
-        retry=retry,
-    ) as client:
-        return resumable_rest_upload(
-            client,
-            manifest,
-            target,
-            options=opts.resume_options(),
-            retry=retry,
-            progress_callback=display,
-            notify=display.note,
-        )
-
-
-def _send_dicom_store(
-    opts: UploadOptions, settings: Settings, manifest: Manifest, display: Display
-) -> UploadResult:
-    from xnatio.resume import resumable_dicom_store_upload
-
-    if not settings.dicom_host:
-        raise ConfigError(
-            "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
-        )
-    # Pre-flight over REST where XNAT's address and credentials are known (facts 2, 3.5).
-    client = preflight_client(opts, settings)
-    with contextlib.ExitStack() as stack:
-        if client is not None:
-            stack.enter_context(client)
-        return resumable_dicom_store_upload(
-            manifest,
-            settings.dicom_host,
-            settings.dicom_port,
-            settings.dicom_called_aet,
-            calling_aet=settings.dicom_calling_aet,
-            num_batches=opts.batches,
-            progress_callback=display,
-            project=opts.project,
-            subject=opts.subject,
-            session=opts.session,
-            options=opts.resume_options(),
-            notify=display.note,
-            routing=opts.routing,
-            max_pdu=opts.max_pdu,
-            acse_timeout=opts.acse_timeout,
-            dimse_timeout=opts.dimse_timeout,
-            network_timeout=opts.network_timeout,
-            retries=opts.retries,
-            allow_multiple_studies=opts.allow_multiple_studies,
-            client=client,
-        )
-
-
-def preflight_client(opts: UploadOptions, settings: Settings) -> XnatClient | None:
-    """A REST client for the pre-flight checks when the server and credentials are known
-    (never prompts); None otherwise."""
-    from xnatio.xnat.client import XnatClient
-
-    if not (settings.server and settings.username and settings.password):
-        return None
-    return XnatClient(
-        settings.server,
-        username=settings.username,
-        password=settings.password,
-        verify=settings.verify,
-        timeout=opts.timeout,
-        pool_size=1,
-    )
-
-
-def dry_run_preflight(
-    opts: UploadOptions, settings: Settings, manifest: Manifest
-) -> tuple[str, dict[str, object] | None]:
-    """``--dry-run``'s pre-flight: the labels always; the server too when credentials are known.
-
-    Raises :class:`xnatio.preflight.PreflightError` (exit 2) as a real upload would."""
-    from xnatio.preflight import check_labels, check_manifest
-    from xnatio.transports.rest import session_labels
-
-    if opts.transport == "rest":
-        labels = session_labels(manifest.studies(), opts.session)
-    else:  # C-STORE routes every study to SESSION
-        labels = {s.study_uid: opts.session for s in manifest.studies()}
-    check_labels(opts.subject, labels.values())
-    client = preflight_client(opts, settings)
-    if client is None:
-        return (
-            "pre-flight: labels checked; the server was not asked (no server or credentials)",
-            None,
-        )
-    with client:
-        found = check_manifest(
-            client, manifest, project=opts.project, subject=opts.subject, labels=labels
-        )
-    return found.describe(), found.to_dict()
-
-
-def check_ready(opts: UploadOptions, settings: Settings) -> None:
-    """Fail on missing configuration before the (possibly long) discovery, not after it."""
-    from xnatio.preflight import check_labels
-
-    # Labels XNAT would clean (facts 3.5) need no server and no discovery (SESSION_2… of
-    # further studies are clean when SESSION is).
-    check_labels(opts.subject, [opts.session])
-    if opts.dry_run:
-        return
-    if opts.transport == "rest":
-        settings.require_server()
-        settings.require_credentials()
-    elif not settings.dicom_host:
-        raise ConfigError(
-            "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
-        )
 
 
 def render_result(result: UploadResult, output: OutputArgs, report: Path | None) -> int:
@@ -346,26 +102,27 @@ Examples:
     "--num-batches",
     type=click.IntRange(min=1),
     default=None,
-    help="Batches to split the session into.  [default: 42 for rest, 45 for dicom-store]",
+    help="Batches to split the session into.  [default: "
+    f"{defaults.REST_BATCHES} for rest, {defaults.DICOM_STORE_BATCHES} for dicom-store]",
 )
 @click.option(
     "--upload-workers",
     type=click.IntRange(min=1),
-    default=42,
+    default=defaults.UPLOAD_WORKERS,
     show_default=True,
     help="Batches sent at the same time (rest).",
 )
 @click.option(
     "--archive-workers",
     type=click.IntRange(min=1),
-    default=5,
+    default=defaults.ARCHIVE_WORKERS,
     show_default=True,
     help="Batches packed ahead of sending (rest).",
 )
 @click.option(
     "--archive-format",
     type=click.Choice(["tar", "zip", "zip-deflated", "tgz"]),
-    default="tar",
+    default=defaults.ARCHIVE_FORMAT,
     show_default=True,
     help="Archive sent per batch (rest), streamed with no temp files: tar and zip (stored) with "
     "an exact length; zip-deflated compressed and sent chunked, which XNAT accepts for zip only "
@@ -374,14 +131,14 @@ Examples:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=1),
-    default=10800.0,
+    default=defaults.REQUEST_TIMEOUT,
     show_default=True,
     help="Seconds to wait for one request's answer (rest).",
 )
 @click.option(
     "--overwrite",
     type=click.Choice(["none", "append", "delete"]),
-    default="none",
+    default=defaults.OVERWRITE,
     show_default=True,
     help="An existing session of this label is always read first, and only the instances it "
     "lacks are sent, then merged into it (XNAT merges into an existing session, facts 1.5). "
@@ -402,7 +159,7 @@ Examples:
 @click.option(
     "--archive-wait",
     type=click.FloatRange(min=0),
-    default=900.0,
+    default=defaults.ARCHIVE_WAIT,
     show_default=True,
     metavar="SECONDS",
     help="With --direct-archive: how long to wait for XNAT to archive the session. When it "
@@ -412,7 +169,7 @@ Examples:
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
-    default=5,
+    default=defaults.RETRIES,
     show_default=True,
     help="Retries per batch on transient errors (backoff with jitter).",
 )
@@ -464,14 +221,14 @@ Examples:
 @click.option(
     "--max-pdu",
     type=click.IntRange(min=0),
-    default=0,
+    default=defaults.MAX_PDU,
     show_default=True,
     help="Largest PDU we accept, bytes; 0 = no limit (dicom-store).",
 )
 @click.option(
     "--acse-timeout",
     type=click.FloatRange(min=0),
-    default=30.0,
+    default=defaults.ACSE_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
     help="Association set-up and release timeout, 0 = none (dicom-store).",
@@ -479,7 +236,7 @@ Examples:
 @click.option(
     "--dimse-timeout",
     type=click.FloatRange(min=0),
-    default=60.0,
+    default=defaults.DIMSE_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
     help="Wait for each C-STORE response, 0 = none (dicom-store).",
@@ -487,7 +244,7 @@ Examples:
 @click.option(
     "--network-timeout",
     type=click.FloatRange(min=0),
-    default=60.0,
+    default=defaults.NETWORK_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
     help="Connect and other reads, 0 = none (dicom-store).",
@@ -606,7 +363,13 @@ def _upload(
             checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
             text = f"{text}\n{checked}"
         else:
-            result = run_upload(opts, settings, manifest, display)
+            result = upload(
+                settings=settings,
+                options=opts,
+                manifest=manifest,
+                progress=display,
+                notify=display.note,
+            )
     if opts.dry_run:
         # The plan is what a dry run is for, so it is printed even with -q (which silences only
         # progress and logs on stderr).

@@ -1,0 +1,26 @@
+"""Every default of an upload, in one place: the CLI options, the Python API, the pipeline's
+:class:`~xnatio.pipeline.UploadOptions` and the REST target all refer to these names.
+
+The REST figures come from the seed's measurements (42 parallel batches against a real server,
+docs/performance.md); C-STORE gets one association per batch, 45 of them.
+"""
+
+from __future__ import annotations
+
+REST_BATCHES = 42
+DICOM_STORE_BATCHES = 45
+BATCHES = {"rest": REST_BATCHES, "dicom-store": DICOM_STORE_BATCHES}
+UPLOAD_WORKERS = 42  # REST requests in flight
+ARCHIVE_WORKERS = 5  # REST batches packed ahead of sending
+ARCHIVE_FORMAT = "tar"
+REQUEST_TIMEOUT = 10800.0  # seconds per REST request (a large batch takes long to import)
+OVERWRITE = "none"
+ARCHIVE_WAIT = 900.0  # seconds to wait for Direct-Archive's experiment (facts 1.6)
+RETRIES = 5  # per batch (REST) or association (C-STORE), as `--retries`
+# send_dicom_store()'s own default, documented in docs/api-reference.md (the CLI passes RETRIES).
+DICOM_STORE_API_RETRIES = 3
+# C-STORE association knobs (seconds; 0 = none) and the largest PDU we accept (0 = no limit).
+MAX_PDU = 0
+ACSE_TIMEOUT = 30.0
+DIMSE_TIMEOUT = 60.0
+NETWORK_TIMEOUT = 60.0

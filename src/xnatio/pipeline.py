@@ -1,0 +1,339 @@
+"""One upload, whatever the transport, as one library call:
+
+    PATH -discover-> Manifest -pre-flight-> -plan-> Batches -send-> XNAT -commit-> verify -> Result
+                                  (journal and lock around send/commit/verify: xnatio.resume)
+
+:func:`upload` is the entry point. ``xio upload-dicom`` is options → :func:`upload` → render;
+``xio demo`` and the public Python API (:mod:`xnatio.uploaders`) call it too, so a Python user
+gets exactly what a shell user gets: the resume journal and its lock, the pre-flight, convergence
+on an existing session, the commit and the read-back.
+
+Every default lives in :mod:`xnatio.defaults`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xnatio import defaults
+from xnatio.errors import ConfigError, UsageError
+from xnatio.models import Batch, FileOutcome, Manifest, ProgressCallback, UploadResult
+from xnatio.report import account_for_skipped, plan_to_dict
+from xnatio.resume import ResumeOptions
+from xnatio.settings import Settings
+
+if TYPE_CHECKING:
+    from xnatio.xnat.client import XnatClient
+
+Notify = Callable[[str], None]
+OnConfirmed = Callable[[Sequence[FileOutcome]], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadOptions:
+    """What one upload needs besides Settings: the target, the source and the knobs.
+
+    Transport-neutral; built by the CLI, the demo or the Python API (defaults: xnatio.defaults).
+    """
+
+    project: str
+    subject: str
+    session: str
+    path: Path
+    transport: str = "rest"
+    num_batches: int | None = None  # None: defaults.BATCHES[transport]
+    upload_workers: int = defaults.UPLOAD_WORKERS
+    archive_workers: int = defaults.ARCHIVE_WORKERS
+    archive_format: str = defaults.ARCHIVE_FORMAT
+    timeout: float = defaults.REQUEST_TIMEOUT
+    overwrite: str = defaults.OVERWRITE
+    direct_archive: bool = False
+    archive_wait: float = defaults.ARCHIVE_WAIT
+    retries: int = defaults.RETRIES
+    allow_multiple_studies: bool = False
+    dry_run: bool = False
+    preflight: bool = True
+    # C-STORE only
+    routing: bool = True
+    max_pdu: int = defaults.MAX_PDU
+    acse_timeout: float = defaults.ACSE_TIMEOUT
+    dimse_timeout: float = defaults.DIMSE_TIMEOUT
+    network_timeout: float = defaults.NETWORK_TIMEOUT
+    # Resume and read-back verification (xnatio.resume): verify after commit, ignore the
+    # journal and start over, journal location, wait for another run on the same target;
+    # ``resume=False``: no journal and no lock (every file is sent, nothing remembered).
+    verify: bool = True
+    restart: bool = False
+    journal: Path | None = None
+    wait: bool = False
+    resume: bool = True
+
+    def resume_options(self) -> ResumeOptions:
+        return ResumeOptions(
+            journal=self.journal,
+            restart=self.restart,
+            wait=self.wait,
+            verify=self.verify,
+            use_journal=self.resume,
+        )
+
+    @property
+    def batches(self) -> int:
+        return self.num_batches or defaults.BATCHES[self.transport]
+
+
+def upload(
+    *,
+    settings: Settings,
+    options: UploadOptions,
+    manifest: Manifest | None = None,
+    progress: ProgressCallback | None = None,
+    notify: Notify | None = None,
+    client: XnatClient | None = None,
+    cancel: threading.Event | None = None,
+    on_confirmed: OnConfirmed | None = None,
+) -> UploadResult:
+    """Discover (unless ``manifest`` is given), then send ``options.path`` with the chosen
+    transport through the journal, commit and read back; every file ends up accounted for.
+
+    ``progress`` receives every :class:`~xnatio.models.ProgressEvent`; ``notify`` one-line
+    messages for people (resuming, already on the server, waiting for a lock). ``client``: an
+    open :class:`~xnatio.xnat.client.XnatClient` to use (and leave open) for REST instead of one
+    made from ``settings``. ``cancel``: setting it cancels in-flight REST requests.
+    ``on_confirmed``: called from worker threads with each batch's outcomes as the server
+    confirms them. Raises :class:`~xnatio.errors.XnatioError` subclasses for what stops the
+    whole run (bad input, pre-flight, credentials, unreachable); per-file failures are in the
+    result.
+    """
+    if manifest is None:
+        manifest = discover_for_upload(options, progress)
+    if options.transport == "rest":
+        result = _send_rest(
+            options, settings, manifest, progress, notify, client, cancel, on_confirmed
+        )
+    elif options.transport == "dicom-store":
+        result = _send_dicom_store(options, settings, manifest, progress, notify, on_confirmed)
+    else:
+        raise UsageError(f"unknown transport {options.transport!r}")
+    result.project = result.project or options.project
+    result.subject = result.subject or options.subject
+    result.session = result.session or options.session
+    return account_for_skipped(result, manifest)
+
+
+def discover_for_upload(opts: UploadOptions, progress: ProgressCallback | None) -> Manifest:
+    """Discovery, once, with its own progress; refuses several studies unless allowed."""
+    from xnatio.discover import check_single_study, discover
+
+    manifest = discover(opts.path, progress=progress)
+    check_single_study(manifest, allow_multiple=opts.allow_multiple_studies)
+    return manifest
+
+
+def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
+    """The REST client of an upload (asks for credentials when the settings allow it)."""
+    from xnatio.retry import RetryPolicy
+    from xnatio.xnat.client import XnatClient
+
+    server = settings.require_server()
+    username, password = settings.require_credentials()
+    return XnatClient(
+        server,
+        username=username,
+        password=password,
+        verify=settings.verify,
+        timeout=opts.timeout,
+        pool_size=opts.upload_workers,
+        retry=RetryPolicy(retries=max(0, opts.retries)),
+    )
+
+
+def _send_rest(
+    opts: UploadOptions,
+    settings: Settings,
+    manifest: Manifest,
+    progress: ProgressCallback | None,
+    notify: Notify | None,
+    client: XnatClient | None,
+    cancel: threading.Event | None,
+    on_confirmed: OnConfirmed | None,
+) -> UploadResult:
+    """Through the resume journal: only what the server has not confirmed is sent, then the
+    session is committed and read back (see :mod:`xnatio.resume`)."""
+    from xnatio.resume import resumable_rest_upload
+    from xnatio.retry import RetryPolicy
+    from xnatio.transports.rest import RestTarget
+
+    target = RestTarget(
+        project=opts.project,
+        subject=opts.subject,
+        session=opts.session,
+        num_batches=opts.batches,
+        upload_workers=opts.upload_workers,
+        archive_workers=opts.archive_workers,
+        archive_format=opts.archive_format,
+        overwrite=opts.overwrite,
+        direct_archive=opts.direct_archive,
+        archive_wait=opts.archive_wait,
+    )
+    retry = RetryPolicy(retries=max(0, opts.retries))
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(rest_client(opts, settings))
+        return resumable_rest_upload(
+            client,
+            manifest,
+            target,
+            options=opts.resume_options(),
+            retry=retry,
+            progress_callback=progress,
+            cancel=cancel,
+            notify=notify,
+            preflight=opts.preflight,
+            on_confirmed=on_confirmed,
+        )
+
+
+def _send_dicom_store(
+    opts: UploadOptions,
+    settings: Settings,
+    manifest: Manifest,
+    progress: ProgressCallback | None,
+    notify: Notify | None,
+    on_confirmed: OnConfirmed | None,
+) -> UploadResult:
+    from xnatio.resume import resumable_dicom_store_upload
+
+    if not settings.dicom_host:
+        raise ConfigError(
+            "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
+        )
+    # Pre-flight over REST where XNAT's address and credentials are known (facts 2, 3.5).
+    client = preflight_client(opts, settings) if opts.preflight else None
+    with contextlib.ExitStack() as stack:
+        if client is not None:
+            stack.enter_context(client)
+        return resumable_dicom_store_upload(
+            manifest,
+            settings.dicom_host,
+            settings.dicom_port,
+            settings.dicom_called_aet,
+            calling_aet=settings.dicom_calling_aet,
+            num_batches=opts.batches,
+            progress_callback=progress,
+            project=opts.project,
+            subject=opts.subject,
+            session=opts.session,
+            options=opts.resume_options(),
+            notify=notify,
+            routing=opts.routing,
+            max_pdu=opts.max_pdu,
+            acse_timeout=opts.acse_timeout,
+            dimse_timeout=opts.dimse_timeout,
+            network_timeout=opts.network_timeout,
+            retries=opts.retries,
+            allow_multiple_studies=opts.allow_multiple_studies,
+            client=client,
+            on_confirmed=on_confirmed,
+        )
+
+
+def preflight_client(opts: UploadOptions, settings: Settings) -> XnatClient | None:
+    """A REST client for the pre-flight checks when the server and credentials are known
+    (never prompts); None otherwise."""
+    from xnatio.xnat.client import XnatClient
+
+    if not (settings.server and settings.username and settings.password):
+        return None
+    return XnatClient(
+        settings.server,
+        username=settings.username,
+        password=settings.password,
+        verify=settings.verify,
+        timeout=opts.timeout,
+        pool_size=1,
+    )
+
+
+def plan_upload(
+    opts: UploadOptions, manifest: Manifest, progress: ProgressCallback | None = None
+) -> list[Batch]:
+    """The batches an upload of ``manifest`` would send; nothing is sent."""
+    from xnatio.transports.dicom_store import plan_associations
+    from xnatio.uploaders import plan_rest_upload
+
+    if opts.transport == "rest":
+        # The REST plan sends an archive PATH in one request (its members re-packed).
+        return plan_rest_upload(
+            opts.path,
+            num_batches=opts.batches,
+            allow_multiple_studies=opts.allow_multiple_studies,
+            manifest=manifest,
+            progress_callback=progress,
+        ).batches
+    # C-STORE: one association per batch, at most 128 presentation contexts each.
+    groups = plan_associations(manifest.files, opts.batches)
+    return [Batch(index=i, files=tuple(g)) for i, g in enumerate(groups)]
+
+
+def describe_dry_run(
+    opts: UploadOptions, manifest: Manifest, progress: ProgressCallback | None = None
+) -> tuple[str, dict[str, object]]:
+    """The plan as text and as the ``--dry-run --json`` result; nothing is sent."""
+    from xnatio.plan import describe_plan
+
+    batches = plan_upload(opts, manifest, progress)
+    data = plan_to_dict(manifest, batches)
+    data.update(transport=opts.transport, project=opts.project, subject=opts.subject)
+    data["session"] = opts.session
+    return describe_plan(manifest, batches), data
+
+
+def dry_run_preflight(
+    opts: UploadOptions, settings: Settings, manifest: Manifest
+) -> tuple[str, dict[str, object] | None]:
+    """``--dry-run``'s pre-flight: the labels always; the server too when credentials are known.
+
+    Raises :class:`xnatio.preflight.PreflightError` (exit 2) as a real upload would."""
+    from xnatio.preflight import check_labels, check_manifest
+    from xnatio.transports.rest import session_labels
+
+    if opts.transport == "rest":
+        labels = session_labels(manifest.studies(), opts.session)
+    else:  # C-STORE routes every study to SESSION
+        labels = {s.study_uid: opts.session for s in manifest.studies()}
+    check_labels(opts.subject, labels.values())
+    client = preflight_client(opts, settings)
+    if client is None:
+        return (
+            "pre-flight: labels checked; the server was not asked (no server or credentials)",
+            None,
+        )
+    with client:
+        found = check_manifest(
+            client, manifest, project=opts.project, subject=opts.subject, labels=labels
+        )
+    return found.describe(), found.to_dict()
+
+
+def check_ready(opts: UploadOptions, settings: Settings) -> None:
+    """Fail on missing configuration before the (possibly long) discovery, not after it."""
+    from xnatio.preflight import check_labels
+
+    # Labels XNAT would clean (facts 3.5) need no server and no discovery (SESSION_2… of
+    # further studies are clean when SESSION is).
+    check_labels(opts.subject, [opts.session])
+    if opts.dry_run:
+        return
+    if opts.transport == "rest":
+        settings.require_server()
+        settings.require_credentials()
+    elif not settings.dicom_host:
+        raise ConfigError(
+            "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
+        )
