@@ -140,7 +140,9 @@ def test_public_api_sends_a_small_session_in_one_request(
         Phase.UPLOAD,
         Phase.COMMIT,
         Phase.DONE,
+        Phase.VERIFY,  # the API reads the session back, as the CLI does
     ]
+    assert {f.outcome for f in result.files} == {Outcome.VERIFIED}
     assert_landed(xnat_server, session_dir.instances)
 
 
@@ -449,7 +451,7 @@ def test_another_study_is_never_merged_into_an_existing_label(
     first = small_session(tmp_path / "a", series=1)
     assert upload(xnat_server, first.root).success
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root, overwrite=overwrite, preflight=False)
+    refused = upload(xnat_server, second.root, overwrite=overwrite, preflight=False, resume=False)
     assert not refused.success
     assert any("Invalid modification of session UID" in e for e in refused.errors), refused.errors
     assert sorted(xnat_server.archived_files(P, S, E)) == sorted(first.instances)
@@ -819,7 +821,9 @@ def test_subject_creation_failing_for_good_fails_every_file_with_the_reason(
 ) -> None:
     session = small_session(tmp_path)
     xnat_server.set_knobs(fault_path=f"/data/projects/{P}/subjects", fail_next=5, fail_status=503)
-    result = upload(xnat_server, session.root, retries=1, preflight=False)  # the engine's PUT
+    result = upload(
+        xnat_server, session.root, retries=1, preflight=False, resume=False
+    )  # the engine's PUT
     assert not result.success and result.session_uri == ""
     assert len(result.failed) == len(session.instances)
     reasons = {f.reason for f in result.failed}
@@ -861,7 +865,7 @@ def test_lost_answer_without_an_archived_session_stays_a_failure(
     # Another study under the same label: XNAT refuses it ("FAILED: Invalid modification of
     # session UID", facts 1.5) and the prearchive entry stays.
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root, preflight=False)  # (pre-flight would refuse)
+    refused = upload(xnat_server, second.root, preflight=False, resume=False)  # (engine's own)
     assert not refused.success
     assert any("Invalid modification of session UID" in e for e in refused.errors)
     assert len(xnat_server.prearchive_sessions(P)) == 1

@@ -8,8 +8,10 @@
     result.success, result.total_files, result.duration, result.total_size_mb, result.errors
     [f for f in result.files if f.outcome is Outcome.FAILED]   # each with XNAT's reason
 
-The CLI (``xio upload-dicom``) is a thin layer over these functions; the engines live in
-``xnatio.transports``.
+Both functions go through :func:`xnatio.pipeline.upload`, the same call ``xio upload-dicom``
+makes: the resume journal and its lock, the pre-flight, convergence on an existing session, the
+commit and (REST) the read-back are on by default, as on the command line. The engines live in
+``xnatio.transports``; every default in :mod:`xnatio.defaults`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from xnatio import defaults
 from xnatio.discover import check_single_study, discover
 from xnatio.errors import UsageError
 from xnatio.models import (
@@ -32,9 +34,9 @@ from xnatio.models import (
     ProgressEvent,
     UploadResult,
 )
+from xnatio.pipeline import UploadOptions, upload
 from xnatio.plan import plan_batches
-from xnatio.retry import RetryPolicy
-from xnatio.settings import Secret
+from xnatio.settings import Secret, Settings
 from xnatio.transports.rest import (
     RestTarget,
     RestUploader,
@@ -60,19 +62,6 @@ __all__ = [
     "upload_dicom_parallel_rest",
 ]
 
-if TYPE_CHECKING:
-    from xnatio.transports.dicom_store import send_dicom_store
-
-
-def __getattr__(name: str) -> Any:
-    # The C-STORE transport is re-exported lazily: importing it pulls in pynetdicom's status
-    # tables and pydicom's encoders (~0.2 s), which a REST upload does not need.
-    if name == "send_dicom_store":
-        from xnatio.transports.dicom_store import send_dicom_store
-
-        return send_dicom_store
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True)
 class RestPlan:
@@ -85,7 +74,7 @@ class RestPlan:
 def plan_rest_upload(
     source_dir: str | Path,
     *,
-    num_batches: int = 42,
+    num_batches: int = defaults.REST_BATCHES,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
     progress_callback: ProgressCallback | None = None,
@@ -139,17 +128,17 @@ def upload_dicom_parallel_rest(
     project: str = "",
     subject: str = "",
     session: str = "",
-    num_batches: int = 42,
-    upload_workers: int = 42,
-    archive_workers: int = 5,
-    archive_format: str = "tar",
+    num_batches: int = defaults.REST_BATCHES,
+    upload_workers: int = defaults.UPLOAD_WORKERS,
+    archive_workers: int = defaults.ARCHIVE_WORKERS,
+    archive_format: str = defaults.ARCHIVE_FORMAT,
     progress_callback: ProgressCallback | None = None,
     *,
-    timeout: float = 10800.0,
-    overwrite: str = "none",
+    timeout: float = defaults.REQUEST_TIMEOUT,
+    overwrite: str = defaults.OVERWRITE,
     direct_archive: bool = False,
-    archive_wait: float = 900.0,
-    retries: int = 5,
+    archive_wait: float = defaults.ARCHIVE_WAIT,
+    retries: int = defaults.RETRIES,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
     dry_run: bool = False,
@@ -157,6 +146,11 @@ def upload_dicom_parallel_rest(
     cancel: threading.Event | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
     preflight: bool = True,
+    verify: bool = True,
+    resume: bool = True,
+    journal: str | Path | None = None,
+    restart: bool = False,
+    wait: bool = False,
 ) -> UploadResult:
     """Upload the DICOM session under ``source_dir`` (a folder or a .zip/.tar/.tar.gz) to XNAT.
 
@@ -169,9 +163,15 @@ def upload_dicom_parallel_rest(
     append or delete (what the archive step sends, see :class:`RestTarget`); ``direct_archive``
     uses XNAT ≥ 1.8.3 Direct-Archive instead of prearchive + commit, and waits up to
     ``archive_wait`` seconds for XNAT to archive it (facts 1.6; ``result.pending`` lists what was
-    not archived by then). This function sends everything it is given: reading an existing
-    session first and sending only what it lacks is :func:`xnatio.resume.resumable_rest_upload`
-    (``xio upload-dicom``).
+    not archived by then).
+
+    As ``xio upload-dicom`` does (both go through :func:`xnatio.pipeline.upload`): an existing
+    session is read first and only what it lacks is sent (facts 1.5); with ``resume`` (default)
+    the journal remembers what the server confirmed, so running the same call again sends only
+    the rest (``journal``: its file, default as the CLI's; ``restart``: forget it; ``wait``: wait
+    for another run on the same session instead of raising); with ``verify`` (default) the
+    committed session is read back and every file found is VERIFIED. ``resume=False`` and
+    ``verify=False`` send everything given, keep no journal and do not read back.
 
     ``allow_multiple_studies``: send a PATH holding several StudyInstanceUIDs. XNAT makes one
     session per study, so each is archived under its own label: the largest study as
@@ -212,41 +212,120 @@ def upload_dicom_parallel_rest(
     )
     if dry_run:
         return dry_run_result(plan, target)
-    retry = RetryPolicy(retries=max(0, retries))
-    own_client = client is None
-    if client is None:
-        client = XnatClient(
-            server,
-            username=username,
-            password=password,
-            verify=verify_tls,
+    return upload(
+        settings=_settings(server, username, password, verify_tls),
+        options=UploadOptions(
+            project=project,
+            subject=subject,
+            session=session,
+            path=Path(source_dir),
+            transport="rest",
+            num_batches=num_batches,
+            upload_workers=upload_workers,
+            archive_workers=archive_workers,
+            archive_format=archive_format,
             timeout=timeout,
-            pool_size=upload_workers,
-            retry=retry,
-        )
-    try:
-        if preflight:
-            from dataclasses import replace
+            overwrite=overwrite,
+            direct_archive=direct_archive,
+            archive_wait=archive_wait,
+            retries=retries,
+            allow_multiple_studies=allow_multiple_studies,
+            preflight=preflight,
+            verify=verify,
+            resume=resume,
+            journal=Path(journal) if journal is not None else None,
+            restart=restart,
+            wait=wait,
+        ),
+        manifest=plan.manifest,
+        progress=progress_callback,
+        client=client,
+        cancel=cancel,
+        on_confirmed=on_confirmed,
+    )
 
-            from xnatio.preflight import before_sending
 
-            labels = session_labels(plan.manifest.studies(), session)
-            found = before_sending(
-                client, plan.manifest, project=project, subject=subject, labels=labels
-            )
-            target = replace(target, project=found.project, subject=found.subject)
-        uploader = RestUploader(
-            client,
-            target,
-            retry=retry,
-            progress_callback=progress_callback,
-            cancel=cancel,
-            on_confirmed=on_confirmed,
-        )
-        return uploader.upload(plan.manifest, plan.batches)
-    finally:
-        if own_client:
-            client.close()
+def _settings(
+    server: str | None, username: str | None, password: str | Secret | None, verify_tls: bool | str
+) -> Settings:
+    """Settings from the API's arguments (never prompts: the CLI resolves its own)."""
+    if isinstance(password, str):
+        password = Secret(password)
+    return Settings(
+        server=server,
+        username=username,
+        password=password,
+        verify_tls=verify_tls is not False,
+        ca_bundle=verify_tls if isinstance(verify_tls, str) else None,
+    )
+
+
+def send_dicom_store(
+    source_dir: str | Path,
+    host: str,
+    port: int = 8104,
+    called_aet: str = "XNAT",
+    calling_aet: str = "XNATIO",
+    num_batches: int = defaults.DICOM_STORE_BATCHES,
+    progress_callback: ProgressCallback | None = None,
+    *,
+    project: str | None = None,
+    subject: str | None = None,
+    session: str | None = None,
+    routing: bool = True,
+    max_pdu: int = defaults.MAX_PDU,
+    acse_timeout: float = defaults.ACSE_TIMEOUT,
+    dimse_timeout: float = defaults.DIMSE_TIMEOUT,
+    network_timeout: float = defaults.NETWORK_TIMEOUT,
+    retries: int = defaults.DICOM_STORE_API_RETRIES,
+    allow_multiple_studies: bool = False,
+    manifest: Manifest | None = None,
+    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+    resume: bool = True,
+    journal: str | Path | None = None,
+    restart: bool = False,
+    wait: bool = False,
+) -> UploadResult:
+    """Send every DICOM file under ``source_dir`` to the SCP at ``host:port`` with C-STORE.
+
+    The engine is :func:`xnatio.transports.dicom_store.send_dicom_store` (its docstring has the
+    details); this function goes through :func:`xnatio.pipeline.upload`, as ``xio upload-dicom
+    --transport dicom-store`` does: with ``resume`` (default) the journal records each file the
+    peer stored, so running the same call again sends only the rest (``journal``, ``restart``,
+    ``wait`` as for :func:`upload_dicom_parallel_rest`). No read-back: XNAT's DICOM receiver
+    builds the session only after an idle period; check later with ``verify_session``.
+    """
+    return upload(
+        settings=Settings(
+            dicom_host=host,
+            dicom_port=port,
+            dicom_called_aet=called_aet,
+            dicom_calling_aet=calling_aet,
+        ),
+        options=UploadOptions(
+            project=project or "",
+            subject=subject or "",
+            session=session or "",
+            path=Path(source_dir),
+            transport="dicom-store",
+            num_batches=num_batches,
+            routing=routing,
+            max_pdu=max_pdu,
+            acse_timeout=acse_timeout,
+            dimse_timeout=dimse_timeout,
+            network_timeout=network_timeout,
+            retries=retries,
+            allow_multiple_studies=allow_multiple_studies,
+            verify=False,
+            resume=resume,
+            journal=Path(journal) if journal is not None else None,
+            restart=restart,
+            wait=wait,
+        ),
+        manifest=manifest,
+        progress=progress_callback,
+        on_confirmed=on_confirmed,
+    )
 
 
 def dry_run_result(plan: RestPlan, target: RestTarget) -> UploadResult:
