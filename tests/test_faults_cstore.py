@@ -201,3 +201,22 @@ def test_association_rejected_for_a_wrong_called_ae_title(
     assert "NOT-XNAT" in str(err.value)
     assert err.value.exit_code == 2
     assert not p.requests  # nothing was sent
+
+
+def test_public_send_dicom_store_resumes_through_the_journal(
+    peer: Callable[..., Peer], exam: Path, tmp_path: Path
+) -> None:
+    """``xnatio.uploaders.send_dicom_store`` goes through the pipeline: a second call with the
+    same journal sends nothing the peer already stored (issue 12: the API gains resume)."""
+    from xnatio.uploaders import send_dicom_store
+
+    p = peer(lambda uid, n, event: 0x0000)
+    journal = tmp_path / "journal.sqlite"
+    kwargs: dict[str, Any] = {"project": "P", "subject": "S", "session": "E", "journal": journal}
+    first = send_dicom_store(exam, "127.0.0.1", p.port, "XNAT", num_batches=2, **kwargs)
+    assert first.success, first.errors
+    assert set(p.stored) == all_uids(exam) and sum(p.requests.values()) == len(all_uids(exam))
+    again = send_dicom_store(exam, "127.0.0.1", p.port, "XNAT", num_batches=2, **kwargs)
+    assert again.success, again.errors
+    assert sum(p.requests.values()) == len(all_uids(exam))  # nothing sent the second time
+    assert {f.reason for f in again.uploaded} == {EARLIER_RUN_REASON}

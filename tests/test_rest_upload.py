@@ -894,3 +894,19 @@ def test_dry_run_of_several_studies_shows_one_study_per_batch_and_its_label(
     assert {by_uid[u] for u in small.instances} == {
         f"dry run: would be sent in batch 2 as session {E}_2"
     }
+
+
+def test_public_api_resumes_and_reads_back_like_the_cli(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """The API goes through the same pipeline as ``xio upload-dicom`` (issue 12): the second
+    call of the same upload sends nothing (journal), and both read the session back."""
+    session = small_session(tmp_path)
+    journal = tmp_path / "journal.sqlite"
+    first = upload(xnat_server, session.root, journal=journal)
+    assert first.success and first.verified is True, first.errors
+    assert xnat_server.stats()["POST /data/services/import"] == 1
+    again = upload(xnat_server, session.root, journal=journal)
+    assert again.success and again.verified is True, again.errors
+    assert xnat_server.stats()["POST /data/services/import"] == 1  # nothing sent twice
+    assert {f.outcome for f in again.files} == {Outcome.VERIFIED}
