@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from xnatio import defaults
+
 Sleep = Callable[[float], None]
 
 
@@ -31,7 +33,7 @@ class RetryPolicy:
     hour should not stall an upload for an hour).
     """
 
-    retries: int = 5
+    retries: int = defaults.RETRIES
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 300.0

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import requests
 
+from xnatio import defaults
 from xnatio.archive import (
     SourceChangedError,
     check_sources,
@@ -132,13 +133,13 @@ class RestTarget:
     project: str
     subject: str
     session: str
-    num_batches: int = 42
-    upload_workers: int = 42
-    archive_workers: int = 5
-    archive_format: str = "tar"
-    overwrite: str = "none"
+    num_batches: int = defaults.REST_BATCHES
+    upload_workers: int = defaults.UPLOAD_WORKERS
+    archive_workers: int = defaults.ARCHIVE_WORKERS
+    archive_format: str = defaults.ARCHIVE_FORMAT
+    overwrite: str = defaults.OVERWRITE
     direct_archive: bool = False
-    archive_wait: float = 900.0
+    archive_wait: float = defaults.ARCHIVE_WAIT
     study_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from xnatio import __version__
+from xnatio import __version__, defaults
 from xnatio import redact as scrubber
 from xnatio.errors import AuthError, ConfigError, ServerError, UnreachableError
 from xnatio.retry import RetryPolicy, Sleep, parse_retry_after
@@ -94,7 +94,7 @@ class XnatClient:
         username: str,
         password: str | Secret,
         verify: bool | str = True,
-        timeout: float = 10800.0,
+        timeout: float = defaults.REQUEST_TIMEOUT,
         pool_size: int = 10,
         retry: RetryPolicy | None = None,
         session: requests.Session | None = None,
