@@ -389,3 +389,24 @@ def test_old_verified_uploads_are_pruned(tmp_path: Path) -> None:
     with Journal(tmp_path / "j.sqlite", keep_days=0) as j:
         assert j.open_run(TARGET, m).split()[0] == []
         assert j.open_run(TARGET, other).split()[0] == other.files[:2]
+
+
+def test_a_file_renamed_since_it_was_sent_is_the_same_instance(tmp_path: Path) -> None:
+    """File identity is the SOP Instance UID within a source (issue 12), not its display path:
+    renaming a file locally between runs does not send it again; forgetting it (read-back did
+    not find it) forgets it under its new name too."""
+    import dataclasses
+
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.open_run(TARGET, m).record_confirmed(m.files)
+    old = m.files[0].path
+    new = old.with_name("renamed.dcm")
+    old.rename(new)
+    m2 = Manifest(root=m.root, files=[dataclasses.replace(m.files[0], path=new), *m.files[1:]])
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m2)
+        done, todo = run.split()
+        assert todo == [] and len(done) == len(m.files)
+        run.forget([m2.files[0]])
+        assert run.split()[1] == [m2.files[0]]

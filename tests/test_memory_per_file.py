@@ -46,7 +46,7 @@ from pathlib import Path
 from xnatio.discover import discover
 from xnatio.models import FileOutcome, Outcome
 from xnatio.plan import plan_batches
-from xnatio.transports.rest import display_path
+from xnatio.models import file_path
 
 discover(Path(sys.argv[1]) / "series0", workers=1)  # what it imports lazily, imported first
 tracemalloc.start()
@@ -54,7 +54,7 @@ manifest = discover(Path(sys.argv[1]), workers=1)
 batches = plan_batches(manifest, 42, single_max_files=1, single_max_bytes=1)
 outcomes = [
     FileOutcome(
-        display_path(f),
+        file_path(f),
         Outcome.UPLOADED,
         sop_instance_uid=f.sop_instance_uid,
         series_uid=f.series_uid,

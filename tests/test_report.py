@@ -185,12 +185,13 @@ def test_several_sessions_are_all_listed() -> None:
 def test_summary_rate_counts_only_what_this_run_sent() -> None:
     # A resumed run with nothing left to send takes a fraction of a second: its rate must not
     # divide the whole session's bytes by that (it once printed 193570.8 MB/s).
-    from xnatio.journal import EARLIER_RUN_REASON
+    # Who vouches for an outcome is a typed field (issue 12), not a reason's wording.
+    from xnatio.models import Origin
 
     earlier = _result(uploaded=3, duration=0.001)
     for f in earlier.files:
-        f.reason = EARLIER_RUN_REASON
+        f.origin = Origin.JOURNAL
     assert "nothing new to send" in summary_text(earlier).splitlines()[0]
     mixed = _result(uploaded=2, duration=0.0001)  # 1,000 bytes sent now in 0.1 ms
-    mixed.files[0].reason = EARLIER_RUN_REASON + "; instance landed"
+    mixed.files[0].origin = Origin.SERVER
     assert "(10.0 MB/s)" in summary_text(mixed).splitlines()[0]

@@ -46,7 +46,7 @@ from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
 from xnatio.errors import ConfigError, UsageError
-from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome
+from xnatio.models import DicomFile, FileOutcome, Manifest, Origin, Outcome, file_path
 
 JOURNAL_ENV = "XNATIO_JOURNAL"
 KEEP_DAYS = 90.0  # verified uploads are forgotten after this long without a new run
@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS files (
     confirmed_at REAL NOT NULL,
     PRIMARY KEY (run_id, relpath)
 );
+CREATE INDEX IF NOT EXISTS files_by_instance ON files (run_id, sop_uid);
 """
 
 
@@ -141,12 +142,6 @@ def relative_name(f: DicomFile, root: Path) -> str:
         return f.path.relative_to(root).as_posix()
     except ValueError:
         return f.path.as_posix()
-
-
-def outcome_path(f: DicomFile) -> str:
-    """How outcomes name a file: its path, or ``ARCHIVE/member`` for a member of an archive PATH
-    (the transports' convention, so journal, verification and report rows line up)."""
-    return str(f.path / f.member) if f.member is not None else str(f.path)
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
@@ -351,6 +346,11 @@ class _Txn:
             self._lock.release()
 
 
+def _by_instance(rows: Mapping[str, tuple[int, int, str]]) -> dict[str, int]:
+    """SOP Instance UID -> size of each file an earlier run sent."""
+    return {uid: size for size, _, uid in rows.values()}
+
+
 class JournalRun:
     """What the journal knows about one (target, source) pair; the transports report into it."""
 
@@ -367,7 +367,7 @@ class JournalRun:
             self._by_name[str(f.path)] = f
             if f.member is not None:
                 self._by_name[f.member] = f
-                self._by_name[outcome_path(f)] = f
+                self._by_name[file_path(f)] = f
 
     def _confirmed_rows(self) -> dict[str, tuple[int, int, str]]:
         with self.journal._lock:
@@ -380,20 +380,27 @@ class JournalRun:
     def split(
         self, files: Sequence[DicomFile] | None = None
     ) -> tuple[list[DicomFile], list[DicomFile]]:
-        """``(confirmed earlier, still to send)``; a changed file (size/mtime/UID) is to send."""
+        """``(confirmed earlier, still to send)``; a changed file (size/mtime/UID) is to send.
+
+        A file is the same file as one an earlier run sent when it has the same name under the
+        source, or, renamed or moved since within the same source, the same SOP Instance UID
+        and size (its identity; a rename does not send it twice)."""
         rows = self._confirmed_rows()
+        by_uid = _by_instance(rows)
         done: list[DicomFile] = []
         todo: list[DicomFile] = []
         for f in self.manifest.files if files is None else files:
             row = rows.get(relative_name(f, self._root))
             if row == (f.size, f.mtime_ns, f.sop_instance_uid):
                 done.append(f)
+            elif row is None and by_uid.get(f.sop_instance_uid) == f.size:
+                done.append(f)  # renamed or moved since the earlier run sent it
             else:
                 todo.append(f)
         return done, todo
 
     def changed_since_sent(self, files: Sequence[DicomFile]) -> list[DicomFile]:
-        """Files an earlier run sent whose size, mtime or SOP Instance UID differ now."""
+        """Files an earlier run sent (by name) whose size, mtime or SOP Instance UID differ now."""
         rows = self._confirmed_rows()
         out = []
         for f in files:
@@ -481,9 +488,13 @@ class JournalRun:
 
     def forget(self, files: Iterable[DicomFile]) -> None:
         """Read-back did not find these: the next run sends them again."""
-        names = [(self.run_id, relative_name(f, self._root)) for f in files]
+        gone = list(files)
+        names = [(self.run_id, relative_name(f, self._root)) for f in gone]
+        # By instance too: a file renamed since it was confirmed is known by its SOP UID.
+        uids = [(self.run_id, f.sop_instance_uid) for f in gone]
         with self.journal._write() as db:
             db.executemany("DELETE FROM files WHERE run_id = ? AND relpath = ?", names)
+            db.executemany("DELETE FROM files WHERE run_id = ? AND sop_uid = ?", uids)
             db.execute("UPDATE runs SET verified = 0 WHERE id = ?", (self.run_id,))
 
     def _flag(self, column: str) -> tuple[int, str]:
@@ -526,12 +537,13 @@ class JournalRun:
     def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
         return [
             FileOutcome(
-                path=outcome_path(f),
+                path=file_path(f),
                 outcome=Outcome.UPLOADED,
                 reason=EARLIER_RUN_REASON,
                 sop_instance_uid=f.sop_instance_uid,
                 series_uid=f.series_uid,
                 size=f.size,
+                origin=Origin.JOURNAL,
             )
             for f in files
         ]

@@ -11,6 +11,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,14 @@ class Outcome(str, enum.Enum):
     FAILED = "failed"  # should have been sent and was not, or did not land
 
 
+class Origin(str, enum.Enum):
+    """Who vouches for an outcome: this run, an earlier run (the journal), or the server."""
+
+    RUN = "run"  # this run sent it (or failed to), or read it back
+    JOURNAL = "journal"  # an earlier run sent it and the server confirmed it then
+    SERVER = "server"  # the server held it already when this run read the session first
+
+
 @dataclass(slots=True)
 class FileOutcome:
     path: str
@@ -109,6 +118,52 @@ class FileOutcome:
     series_uid: str = ""
     size: int = 0
     batch: int | None = None
+    origin: Origin = Origin.RUN
+
+    @property
+    def sent_now(self) -> bool:
+        """Bytes this run put on the wire (not an earlier run's, not the server's own)."""
+        return self.origin is Origin.RUN
+
+
+def file_path(f: DicomFile) -> str:
+    """How outcomes, the journal, verification and the report name a file: its path, or
+    ``ARCHIVE/member`` for a member of an archive PATH (the one copy of this rule)."""
+    return str(f.path / f.member) if f.member is not None else str(f.path)
+
+
+class SessionKind(str, enum.Enum):
+    """Where a session a transport reported lives on XNAT (facts 1.2, 1.6, 3)."""
+
+    PREARCHIVE = "prearchive"  # received, waiting for a commit
+    ARCHIVE = "archive"  # committed: an experiment
+    DIRECT_ARCHIVE = "direct-archive"  # sent with Direct-Archive, archived by XNAT when idle
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """A session a transport reported, typed once where its URI is read (XNAT answers with a
+    ``/data/prearchive/…``, ``/data/archive/…`` or ``/xapi/direct-archive/…`` URI, facts 1.3,
+    1.6); the stages above look at ``kind``, never at the URI's text."""
+
+    uri: str
+    kind: SessionKind
+
+    @classmethod
+    def parse(cls, uri: str) -> SessionRef | None:
+        """The reference of ``uri``; None for "" (nothing landed, or nothing remembered)."""
+        if not uri:
+            return None
+        if "/direct-archive/" in uri:
+            return cls(uri, SessionKind.DIRECT_ARCHIVE)
+        if "/prearchive/" in uri:
+            return cls(uri, SessionKind.PREARCHIVE)
+        return cls(uri, SessionKind.ARCHIVE)
+
+    @property
+    def label(self) -> str:
+        """The last path segment: the session's label (Direct-Archive and archive URIs)."""
+        return unquote(self.uri.rstrip("/").rsplit("/", 1)[-1])
 
 
 class Phase(str, enum.Enum):
@@ -174,6 +229,10 @@ class UploadResult:
     # Direct-Archive URIs whose experiment XNAT had not created yet when xio stopped waiting
     # (facts 1.6): the files were sent, not yet archived; ``xio verify --wait-for`` later.
     pending: list[str] = field(default_factory=list)
+    # REST: True when the session is committed (archived, or handed to Direct-Archive); False
+    # when it still waits in the prearchive (the next run only commits). None: the transport
+    # has no commit step (C-STORE: XNAT files the session itself, facts 6).
+    committed: bool | None = None
 
     @property
     def uploaded(self) -> list[FileOutcome]:

@@ -21,8 +21,15 @@ from typing import IO, Any
 
 from xnatio import __version__
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError, XnatioError
-from xnatio.journal import EARLIER_RUN_REASON
-from xnatio.models import Batch, FileOutcome, Manifest, Outcome, SkippedFile, UploadResult
+from xnatio.models import (
+    Batch,
+    FileOutcome,
+    Manifest,
+    Origin,
+    Outcome,
+    SkippedFile,
+    UploadResult,
+)
 
 RESULT_SCHEMA = "xnatio.upload-result/1"
 ALREADY_REASON = "already on the server"  # a file a re-run found on the server (xnatio.resume)
@@ -255,11 +262,7 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     dest = "/".join(x for x in (result.project, result.subject, result.session) if x) or "XNAT"
     sent = sum(f.size for f in uploaded)
     # The rate is this run's: files an earlier run sent (resume) took no time now.
-    sent_now = sum(
-        f.size
-        for f in uploaded
-        if not f.reason.startswith(EARLIER_RUN_REASON) and f.reason != ALREADY_REASON
-    )
+    sent_now = sum(f.size for f in uploaded if f.sent_now)
     if sent_now == 0:
         speed = "nothing new to send"
     elif result.duration > 0:
@@ -267,7 +270,7 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     else:
         speed = "-"
     status = status_of(result)
-    already = sum(1 for f in uploaded if f.reason == ALREADY_REASON)
+    already = sum(1 for f in uploaded if f.origin is Origin.SERVER)
     if status == "success" and already == len(uploaded) and uploaded:
         head = f"All {_files(already)} already on the server at {dest}: nothing sent"
     elif status == "pending":

@@ -39,19 +39,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote
 
 from xnatio.errors import EXIT_INTERRUPTED, ServerError, UsageError, XnatioError
-from xnatio.journal import Journal, JournalRun, Target, outcome_path
+from xnatio.journal import Journal, JournalRun, Target
 from xnatio.models import (
     Batch,
     DicomFile,
     FileOutcome,
     Manifest,
+    Origin,
     Outcome,
     ProgressCallback,
     ProgressEvent,
+    SessionKind,
+    SessionRef,
     UploadResult,
+    file_path,
 )
 from xnatio.report import ALREADY_REASON
 from xnatio.retry import RetryPolicy
@@ -88,8 +91,6 @@ earlier run (the server may already hold the session, which must merge, not answ
 ``"delete"`` when some of the files to send changed since an earlier run sent them (the server's
 copy must be replaced). A user's own ``--overwrite delete`` wins over ``append``.
 """
-
-DIRECT_ARCHIVE_PREFIX = "/xapi/direct-archive/"
 
 Commit = Callable[[str], str]
 """Commit what earlier runs sent when nothing is left to send (REST). Gets the session URI the
@@ -223,7 +224,7 @@ def _send_rest_of(
         run.record_commit()  # the server holds every file: nothing of ours waits for a commit
     pending = ""  # a Direct-Archive session still not archived (facts 1.6)
     if not todo and commit is not None and not run.committed:
-        if run.session_uri.startswith(DIRECT_ARCHIVE_PREFIX):
+        if _is_direct_archive(run.session_uri):
             say("every file was sent by an earlier run; waiting for XNAT to archive them")
         else:
             say("every file was sent by an earlier run; committing the session")
@@ -238,7 +239,7 @@ def _send_rest_of(
             run.forget(done)
             done, todo = [], list(manifest.files)
         else:
-            if uri.startswith(DIRECT_ARCHIVE_PREFIX):
+            if _is_direct_archive(uri):
                 pending = uri
             else:
                 run.record_commit(uri)
@@ -293,24 +294,25 @@ def _not_on_server(
     Files that changed since an earlier run sent them are sent anyway (they replace the server's
     copy). What the server holds is recorded in the journal as confirmed, like a sent file.
     """
-    changed = {outcome_path(f) for f in run.changed_since_sent(todo)}
-    there = on_server([f for f in todo if outcome_path(f) not in changed])
+    changed = {file_path(f) for f in run.changed_since_sent(todo)}
+    there = on_server([f for f in todo if file_path(f) not in changed])
     if not there:
         return todo, []
-    held = {outcome_path(f) for f in there}
+    held = {file_path(f) for f in there}
     outcomes = [
         FileOutcome(
-            path=outcome_path(f),
+            path=file_path(f),
             outcome=Outcome.UPLOADED,
             reason=ALREADY_REASON,
             sop_instance_uid=f.sop_instance_uid,
             series_uid=f.series_uid,
             size=f.size,
+            origin=Origin.SERVER,
         )
         for f in there
     ]
     run.on_confirmed(outcomes)
-    left = [f for f in todo if outcome_path(f) not in held]
+    left = [f for f in todo if file_path(f) not in held]
     say(
         f"{len(there)} of {len(manifest.files)} files are already on the server: "
         + (f"sending only the other {len(left)}" if left else "nothing to send")
@@ -319,14 +321,15 @@ def _not_on_server(
 
 
 def _committed(result: UploadResult, *, needs_commit: bool) -> bool:
-    """Did the transport's run end with the session committed (REST) or sent (C-STORE)?
-
-    The REST transport reports the archive URI after a successful commit and the prearchive URI
-    when the commit failed (section 1: every batch answers with the prearchive URI).
-    """
+    """Did the transport's run end with the session committed (REST) or sent (C-STORE)?"""
     if not needs_commit:
         return True
-    return bool(result.session_uri) and "/prearchive/" not in result.session_uri
+    return bool(result.committed)
+
+
+def _is_direct_archive(uri: str) -> bool:
+    ref = SessionRef.parse(uri)
+    return ref is not None and ref.kind is SessionKind.DIRECT_ARCHIVE
 
 
 def _finish(
@@ -373,10 +376,10 @@ def _finish(
             return result
         # Confirmed (by the server, now or by an earlier run) yet not found: lost on the way.
         uploaded = {o.path for o in sent}
-        lost = [f for f in report.missing if outcome_path(f) in uploaded]
+        lost = [f for f in report.missing if file_path(f) in uploaded]
         # Not for Direct-Archive: a re-send into an existing archive folder would fall back to
         # the prearchive (section 1), a second copy rather than a repair.
-        if heal is not None and lost and "/direct-archive/" not in result.session_uri:
+        if heal is not None and lost and not _is_direct_archive(result.session_uri):
             say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
             again, healed = heal(lost)
             _merge(result, again)
@@ -404,7 +407,7 @@ def _merge(result: UploadResult, again: UploadResult) -> None:
     result.batches_total += again.batches_total
     result.batches_failed += again.batches_failed
     result.duration += again.duration
-    if again.session_uri and "/prearchive/" not in again.session_uri:
+    if again.committed and again.session_uri:
         result.session_uri = again.session_uri
 
 
@@ -562,10 +565,10 @@ def resumable_rest_upload(
         uploader = RestUploader(
             client, t, retry=retry, progress_callback=progress_callback, cancel=cancel
         )
-        if remembered_uri.startswith(DIRECT_ARCHIVE_PREFIX):
+        remembered = SessionRef.parse(remembered_uri)
+        if remembered is not None and remembered.kind is SessionKind.DIRECT_ARCHIVE:
             # Sent by an earlier run that stopped waiting: wait again (facts 1.6).
-            label = unquote(remembered_uri.rstrip("/").rsplit("/", 1)[-1])
-            return uploader.await_direct_archive(remembered_uri, label)
+            return uploader.await_direct_archive(remembered.uri, remembered.label)
         archived = ""
         # The server, not our memory, says what is waiting: every prearchive session of these
         # labels still receiving (section 3), committed with the transport's own final step.

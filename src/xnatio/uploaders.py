@@ -33,6 +33,7 @@ from xnatio.models import (
     ProgressCallback,
     ProgressEvent,
     UploadResult,
+    file_path,
 )
 from xnatio.pipeline import UploadOptions, upload
 from xnatio.plan import plan_batches
@@ -40,7 +41,6 @@ from xnatio.settings import Secret, Settings
 from xnatio.transports.rest import (
     RestTarget,
     RestUploader,
-    display_path,
     session_labels,
     skipped_outcomes,
     split_by_study,
@@ -335,7 +335,7 @@ def dry_run_result(plan: RestPlan, target: RestTarget) -> UploadResult:
     many = len(labels) > 1
     files = [
         FileOutcome(
-            path=display_path(f),
+            path=file_path(f),
             outcome=Outcome.SKIPPED,
             reason=f"dry run: would be sent in batch {b.index + 1}"
             + (f" as session {labels[f.study_uid]}" if many else ""),

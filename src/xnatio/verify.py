@@ -53,8 +53,15 @@ from urllib.parse import quote
 
 from xnatio.archive import instance_file_name
 from xnatio.errors import ServerError
-from xnatio.journal import outcome_path
-from xnatio.models import DicomFile, FileOutcome, Outcome, Phase, ProgressCallback, ProgressEvent
+from xnatio.models import (
+    DicomFile,
+    FileOutcome,
+    Outcome,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    file_path,
+)
 
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
 MD5_THREADS = 4
@@ -242,13 +249,13 @@ class VerifyReport:
             reason = COUNT_REASON if s.counted else ""
             for f in s.verified:
                 if id(f) not in bad:
-                    yield outcome_path(f), Outcome.VERIFIED, reason
+                    yield file_path(f), Outcome.VERIFIED, reason
         for f, why in self.problems:
-            yield outcome_path(f), Outcome.FAILED, why
+            yield file_path(f), Outcome.FAILED, why
 
     def outcomes(self) -> list[FileOutcome]:
-        by_path = {outcome_path(f): f for s in self.series for f in _all_local(s)}
-        by_path.update((outcome_path(f), f) for f, _ in self.unreadable)
+        by_path = {file_path(f): f for s in self.series for f in _all_local(s)}
+        by_path.update((file_path(f), f) for f, _ in self.unreadable)
         return [_outcome(by_path[p], o, r) for p, o, r in self.verdicts()]
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,7 +323,7 @@ def _all_local(s: SeriesCheck) -> list[DicomFile]:
 
 def _outcome(f: DicomFile, outcome: Outcome, reason: str) -> FileOutcome:
     return FileOutcome(
-        path=outcome_path(f),
+        path=file_path(f),
         outcome=outcome,
         reason=reason,
         sop_instance_uid=f.sop_instance_uid,

@@ -83,8 +83,11 @@ from xnatio.models import (
     Outcome,
     Phase,
     ProgressCallback,
+    SessionKind,
+    SessionRef,
     StudySummary,
     UploadResult,
+    file_path,
 )
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.bodies import (
@@ -191,10 +194,6 @@ def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
     return out
 
 
-def display_path(f: DicomFile) -> str:
-    return str(f.path / f.member) if f.member is not None else str(f.path)
-
-
 def _uris(text: str) -> list[str]:
     """Lines of a ``text/uri-list`` answer (CRLF-separated; comments start with ``#``)."""
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -242,8 +241,8 @@ def _path_only(url: str) -> str:
 class _Run:
     """State of one upload shared by the workers (guarded by ``lock``)."""
 
-    # (path, archive member) of each DicomFile -> its outcome
-    outcomes: dict[str | tuple[Path, str], FileOutcome] = field(default_factory=dict)
+    # file_path() of each DicomFile -> its outcome
+    outcomes: dict[str, FileOutcome] = field(default_factory=dict)
     session_uris: list[str] = field(default_factory=list)
     # StudyInstanceUID -> label it is sent and archived under; session URI -> its label
     labels: dict[str, str] = field(default_factory=dict)
@@ -308,8 +307,8 @@ class RestUploader:
             clock=self.clock,
         )
         for f in manifest.files:
-            run.outcomes[_key(f)] = FileOutcome(
-                path=display_path(f),
+            run.outcomes[file_path(f)] = FileOutcome(
+                path=file_path(f),
                 outcome=Outcome.FAILED,
                 reason="not sent",
                 sop_instance_uid=f.sop_instance_uid,
@@ -357,7 +356,7 @@ class RestUploader:
                 reason += f" (HTTP {exc.status})"
             with run.lock:
                 for f in manifest.files:
-                    o = run.outcomes[_key(f)]
+                    o = run.outcomes[file_path(f)]
                     o.outcome, o.reason = Outcome.FAILED, reason
             self._error(run, reason)
             return False
@@ -458,7 +457,7 @@ class RestUploader:
         except Exception as exc:
             log.exception("batch %d: unexpected error", batch.index + 1)
             with run.lock:
-                left = [f for f in files if run.outcomes[_key(f)].reason == "not sent"]
+                left = [f for f in files if run.outcomes[file_path(f)].reason == "not sent"]
             self._give_up(
                 run, left, RuntimeError(f"internal error: {exc!r}"), 0, batch.index, progress
             )
@@ -500,8 +499,8 @@ class RestUploader:
                 culprit = _culprit(err, stream.members)
                 if culprit is not None:
                     self._fail(run, [culprit[0]], culprit[1], batch.index)
-                    gone = _key(culprit[0])
-                    remaining = [f for f in remaining if _key(f) != gone]
+                    gone = file_path(culprit[0])
+                    remaining = [f for f in remaining if file_path(f) != gone]
                     partial = True
                     refused = refused + 1 if isinstance(err, ServerError) else 0
                     if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
@@ -554,8 +553,8 @@ class RestUploader:
                 culprit = _culprit(err, members)
                 if culprit is not None:
                     self._fail(run, [culprit[0]], culprit[1], batch.index)
-                    gone = _key(culprit[0])
-                    remaining = [f for f in remaining if _key(f) != gone]
+                    gone = file_path(culprit[0])
+                    remaining = [f for f in remaining if file_path(f) != gone]
                     refused = refused + 1 if isinstance(err, ServerError) else 0
                     if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
                         self._give_up(
@@ -862,7 +861,7 @@ class RestUploader:
     def _fail(self, run: _Run, files: Iterable[DicomFile], reason: str, batch: int) -> None:
         with run.lock:
             for f in files:
-                o = run.outcomes[_key(f)]
+                o = run.outcomes[file_path(f)]
                 o.outcome, o.reason, o.batch = Outcome.FAILED, reason, batch
 
     def _error(self, run: _Run, message: str) -> None:
@@ -873,7 +872,7 @@ class RestUploader:
         self, run: _Run, files: list[DicomFile], uris: list[str], batch: int, label: str
     ) -> None:
         with run.lock:
-            confirmed = [run.outcomes[_key(f)] for f in files]
+            confirmed = [run.outcomes[file_path(f)] for f in files]
             for o in confirmed:
                 o.outcome, o.reason, o.batch = Outcome.UPLOADED, "", batch
             for uri in uris:
@@ -892,7 +891,7 @@ class RestUploader:
         started: float,
         committed: bool,
     ) -> UploadResult:
-        files = [run.outcomes[_key(f)] for f in manifest.files]
+        files = [run.outcomes[file_path(f)] for f in manifest.files]
         files += skipped_outcomes(manifest)
         failed_batches = {o.batch for o in files if o.outcome is Outcome.FAILED}
         duration = self.clock() - started
@@ -903,9 +902,10 @@ class RestUploader:
             run.session_uris,
             key=lambda u: order.index(run.uri_labels[u]) if run.uri_labels.get(u) in order else 0,
         )
-        waiting = [u for u in uris if "/prearchive/" in u]
-        # Not committed: a prearchive URI, which tells resume the commit is still to do.
+        waiting = [u for u in uris if _kind(u) is SessionKind.PREARCHIVE]
+        # Not committed: the prearchive session waiting for it is named first.
         session_uri = waiting[0] if waiting and not committed else (uris[0] if uris else "")
+        ref = SessionRef.parse(session_uri)
         result = UploadResult(
             success=committed
             and bool(run.session_uris)
@@ -927,15 +927,17 @@ class RestUploader:
             session_uri=session_uri,
             session_uris=[session_uri, *(u for u in uris if u != session_uri)] if uris else [],
             pending=list(run.pending),
+            # What resume reads instead of the URI's text: nothing landed, or it still waits
+            # in the prearchive, means the commit is still to do.
+            committed=ref is not None and ref.kind is not SessionKind.PREARCHIVE,
         )
         progress.phase(Phase.DONE, len(result.uploaded), result.total_files, "done")
         return result
 
 
-def _key(f: DicomFile) -> str | tuple[Path, str]:
-    # A folder's file is keyed by the path string its outcome carries anyway (the Path caches
-    # it): no key tuple and no cached Path hash per file, ~90 bytes each at 50,000 files.
-    return str(f.path) if f.member is None else (f.path, f.member)
+def _kind(uri: str) -> SessionKind | None:
+    ref = SessionRef.parse(uri)
+    return ref.kind if ref is not None else None
 
 
 def _reason(exc: BaseException) -> str:
