@@ -23,8 +23,8 @@ from xnatio.discover import discover
 from xnatio.errors import ConfigError
 from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Outcome, UploadResult
+from xnatio.pipeline import ResumeOptions, resumable_dicom_store_upload
 from xnatio.report import exit_code_of
-from xnatio.resume import ResumeOptions, resumable_dicom_store_upload
 from xnatio.synth import generate_session
 
 pytestmark = pytest.mark.integration

@@ -796,7 +796,7 @@ def test_each_study_is_committed_under_its_own_label(
 def test_several_studies_resume_and_verify_each_session(
     xnat_server: SandboxServer, tmp_path: Path
 ) -> None:
-    from xnatio.resume import ResumeOptions, resumable_rest_upload
+    from xnatio.pipeline import ResumeOptions, resumable_rest_upload
 
     big, small = two_studies(tmp_path)
     manifest = discover(tmp_path / "exam")

@@ -239,7 +239,7 @@ def test_direct_archive_into_an_existing_session_goes_through_the_prearchive(
 ) -> None:
     """Direct-Archive never merges (facts 1.6): the files a session lacks are sent to the
     prearchive and committed into it instead, and the run says so."""
-    from xnatio.resume import ResumeOptions, resumable_rest_upload
+    from xnatio.pipeline import ResumeOptions, resumable_rest_upload
     from xnatio.transports.rest import RestTarget
     from xnatio.xnat.client import XnatClient
 

@@ -679,7 +679,7 @@ def test_upload_read_back_emits_verify_progress(
     # A real resumable REST upload: the read-back after the commit reports files and bytes
     # hashed/compared, counted over every session of a multi-study upload, up to the whole.
     from xnatio.models import Phase, ProgressEvent
-    from xnatio.resume import ResumeOptions, resumable_rest_upload
+    from xnatio.pipeline import ResumeOptions, resumable_rest_upload
     from xnatio.transports.rest import RestTarget
 
     extras = ["second-study"] if studies == 2 else []

@@ -18,8 +18,8 @@ import requests
 from xnatio.archive import instance_file_name
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Manifest, UploadResult
+from xnatio.pipeline import ResumeOptions, resumable_rest_upload
 from xnatio.plan import plan_batches
-from xnatio.resume import ResumeOptions, resumable_rest_upload
 from xnatio.retry import RetryPolicy
 from xnatio.sandbox import SandboxServer
 from xnatio.transports.rest import RestTarget

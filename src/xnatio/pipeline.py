@@ -14,22 +14,37 @@ Every default lives in :mod:`xnatio.defaults`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xnatio import defaults
 from xnatio.errors import ConfigError, UsageError
-from xnatio.models import Batch, FileOutcome, Manifest, ProgressCallback, UploadResult
+from xnatio.journal import Target
+from xnatio.models import (
+    Batch,
+    DicomFile,
+    FileOutcome,
+    Manifest,
+    ProgressCallback,
+    SessionRef,
+    UploadResult,
+)
 from xnatio.report import account_for_skipped, plan_to_dict
-from xnatio.resume import ResumeOptions
+from xnatio.resume import ResumeOptions, resumable_upload
 from xnatio.settings import Settings
+from xnatio.transports.base import Confirmations
 
 if TYPE_CHECKING:
+    from xnatio.retry import RetryPolicy
+    from xnatio.transports.rest import RestTarget
+    from xnatio.verify import VerifyReport
     from xnatio.xnat.client import XnatClient
 
+DEFAULT_RESUME = ResumeOptions()  # the journal, verification on: as `xio upload-dicom`
 Notify = Callable[[str], None]
 OnConfirmed = Callable[[Sequence[FileOutcome]], None]
 
@@ -165,7 +180,6 @@ def _send_rest(
 ) -> UploadResult:
     """Through the resume journal: only what the server has not confirmed is sent, then the
     session is committed and read back (see :mod:`xnatio.resume`)."""
-    from xnatio.resume import resumable_rest_upload
     from xnatio.retry import RetryPolicy
     from xnatio.transports.rest import RestTarget
 
@@ -207,8 +221,6 @@ def _send_dicom_store(
     notify: Notify | None,
     on_confirmed: OnConfirmed | None,
 ) -> UploadResult:
-    from xnatio.resume import resumable_dicom_store_upload
-
     if not settings.dicom_host:
         raise ConfigError(
             "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
@@ -337,3 +349,189 @@ def check_ready(opts: UploadOptions, settings: Settings) -> None:
         raise ConfigError(
             "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
         )
+
+
+# -- the two transports, wired for resume ---------------------------------------------------------
+
+
+def resumable_rest_upload(
+    client: XnatClient,
+    manifest: Manifest,
+    target: RestTarget,
+    *,
+    options: ResumeOptions = DEFAULT_RESUME,
+    retry: RetryPolicy | None = None,
+    progress_callback: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    notify: Notify | None = None,
+    plan: Callable[[Manifest], list[Batch]] | None = None,
+    preflight: bool = True,
+    on_confirmed: OnConfirmed | None = None,
+) -> UploadResult:
+    """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
+
+    ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`).
+    ``preflight``: first check the destination (:func:`xnatio.preflight.before_sending`); a
+    refusal raises :class:`xnatio.preflight.PreflightError` before any DICOM byte is sent.
+
+    Before sending, each session label is read back: what it holds by instance name is not sent
+    again (:mod:`xnatio.resume`), unless ``target.overwrite`` is ``delete`` (everything is sent
+    and replaces the server's copies, facts 1.5). A Direct-Archive upload into a session that
+    exists goes through the prearchive instead: Direct-Archive never merges, it falls back to
+    the prearchive when the label's folder exists (facts 1.6), and only a commit merges.
+    """
+    from xnatio.transports.rest import session_labels
+    from xnatio.transports.rest_transport import RestTransport
+
+    if not target.study_labels:
+        # Labels from the whole manifest, so each study keeps its label whatever part is sent.
+        labels = session_labels(manifest.studies(), target.session)
+        target = dataclasses.replace(target, study_labels=tuple(labels.items()))
+    if preflight:
+        from xnatio.preflight import before_sending
+
+        found = before_sending(
+            client,
+            manifest,
+            project=target.project,
+            subject=target.subject,
+            labels=dict(target.study_labels),
+            notify=notify,
+        )
+        target = dataclasses.replace(target, project=found.project, subject=found.subject)
+    transport = RestTransport(
+        client,
+        target,
+        retry=retry,
+        progress_callback=progress_callback,
+        cancel=cancel,
+        notify=notify,
+        plan=plan,
+        on_confirmed=on_confirmed,
+    )
+    result = resumable_upload(
+        Target.rest(client.server, target.project, target.subject, target.session),
+        manifest,
+        transport,
+        options=options,
+        notify=notify,
+    )
+    result.transport = "rest"
+    result.project, result.subject, result.session = target.project, target.subject, target.session
+    return result
+
+
+class DicomStoreTransport:
+    """C-STORE as a :class:`~xnatio.transports.base.Transport`: a thin adapter over
+    :func:`xnatio.transports.dicom_store.send_dicom_store` (its engine is being reshaped into a
+    package on another branch; the adapter moves there once it lands).
+
+    Every C-STORE success response is a confirmation; there is no commit step (XNAT's receiver
+    builds the session itself) and no read-back right after the run (it does so only after an
+    idle period, facts 3.2, 6). No overwrite either: XNAT files a re-sent instance over the
+    same one.
+    """
+
+    name = "dicom-store"
+    needs_commit = False
+    can_read_back = False
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_aet: str,
+        *,
+        project: str,
+        subject: str,
+        session: str,
+        on_confirmed: OnConfirmed | None = None,
+        send_options: dict[str, Any],
+    ) -> None:
+        self.host, self.port, self.called_aet = host, port, called_aet
+        self.project, self.subject, self.session = project, subject, session
+        self.on_confirmed = on_confirmed
+        self.send_options = send_options
+
+    def send(
+        self, part: Manifest, confirmations: Confirmations, overwrite: str | None
+    ) -> UploadResult:
+        from xnatio.transports.dicom_store import send_dicom_store
+        from xnatio.transports.rest_transport import _both
+
+        return send_dicom_store(
+            part.root,
+            self.host,
+            self.port,
+            self.called_aet,
+            project=self.project,
+            subject=self.subject,
+            session=self.session,
+            manifest=part,
+            on_confirmed=_both(confirmations.on_confirmed, self.on_confirmed),
+            **self.send_options,
+        )
+
+    def commit(self, remembered: SessionRef | None) -> SessionRef | None:
+        return remembered  # nothing to commit: XNAT's receiver files the session itself
+
+    def on_server(self, files: Sequence[DicomFile]) -> list[DicomFile]:
+        return []  # not asked over DICOM; a re-sent instance replaces the same one
+
+    def read_back(self, files: Sequence[DicomFile]) -> VerifyReport:
+        raise NotImplementedError("C-STORE sessions are read back later with `xio verify`")
+
+
+def resumable_dicom_store_upload(
+    manifest: Manifest,
+    host: str,
+    port: int,
+    called_aet: str,
+    *,
+    project: str,
+    subject: str,
+    session: str,
+    options: ResumeOptions = DEFAULT_RESUME,
+    notify: Notify | None = None,
+    client: XnatClient | None = None,
+    on_confirmed: OnConfirmed | None = None,
+    **send_options: Any,
+) -> UploadResult:
+    """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
+    confirmation, recorded as it arrives). ``send_options`` go to
+    :func:`xnatio.transports.dicom_store.send_dicom_store` (calling AE title, batches, timeouts,
+    routing, retries, progress). With ``client`` (XNAT's REST API, credentials), the destination
+    is checked first (:func:`xnatio.preflight.before_sending`; every study is routed to
+    ``session``).
+
+    No read-back here: XNAT's DICOM receiver builds the session only after an idle period
+    (facts 3.2, 6), so the files cannot be checked right after sending; run ``xio verify`` later.
+    """
+    if client is not None:
+        from xnatio.preflight import before_sending
+
+        labels = {s.study_uid: session for s in manifest.studies()}
+        found = before_sending(
+            client, manifest, project=project, subject=subject, labels=labels, notify=notify
+        )
+        project, subject = found.project, found.subject
+    transport = DicomStoreTransport(
+        host,
+        port,
+        called_aet,
+        project=project,
+        subject=subject,
+        session=session,
+        on_confirmed=on_confirmed,
+        send_options=send_options,
+    )
+    target = Target.dicom(host, port, called_aet, project, subject, session)
+    result = resumable_upload(target, manifest, transport, options=options, notify=notify)
+    if result.success and notify is not None:
+        notify(
+            "not read back: XNAT files C-STORE sessions after an idle period; check with "
+            f"`xio verify {project} {subject} {session} PATH --wait-for 900`"
+        )
+    result.transport = "dicom-store"
+    result.project, result.subject, result.session = project, subject, session
+    return result

@@ -3,9 +3,10 @@
     lock target -> journal: what is still unconfirmed -> send only that (the transport reports each
     confirmed batch/file as it goes) -> commit if needed -> read back and compare -> journal update
 
-Both transports plug in through :data:`Send`; everything else (lock, journal, earlier-run
-outcomes, verification, the resume hint on Ctrl-C) lives here once. Callers: ``xio upload-dicom``
-(``xnatio.cli.upload``) and the Python API.
+Both transports plug in through :class:`xnatio.transports.base.Transport` (send and confirm;
+commit; read back), and this module knows nothing of REST or DICOM networking; everything else
+(lock, journal, earlier-run outcomes, verification, the resume hint on Ctrl-C) lives here once.
+Caller: :func:`xnatio.pipeline.upload` (``xio upload-dicom``, ``xio demo``, the Python API).
 
 Outcomes of a resumed run: files confirmed by an earlier run are ``UPLOADED`` with the reason
 ``"sent by an earlier run (journal)"``; read-back turns every file it finds into ``VERIFIED``.
@@ -30,7 +31,6 @@ one sends nothing and only verifies.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import signal
 import threading
@@ -38,69 +38,35 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
-from xnatio.errors import EXIT_INTERRUPTED, ServerError, UsageError, XnatioError
+from xnatio.errors import EXIT_INTERRUPTED, ServerError, XnatioError
 from xnatio.journal import Journal, JournalRun, Target
 from xnatio.models import (
-    Batch,
     DicomFile,
     FileOutcome,
     Manifest,
     Origin,
     Outcome,
-    ProgressCallback,
-    ProgressEvent,
     SessionKind,
     SessionRef,
     UploadResult,
     file_path,
 )
 from xnatio.report import ALREADY_REASON
-from xnatio.retry import RetryPolicy
-from xnatio.verify import VerifyReport, already_on_server, read_server_session, verify_session
-from xnatio.xnat.client import XnatClient, quote
+from xnatio.transports.base import Transport
 
 if TYPE_CHECKING:
-    from xnatio.transports.rest import RestTarget
+    from xnatio.verify import VerifyReport
+
+ReadBack = Callable[[Sequence[DicomFile]], "VerifyReport"]
 
 log = logging.getLogger(__name__)
 
 
-class Confirmations(Protocol):
-    """What a transport reports into, from its worker threads, as the server confirms files."""
-
-    def files_confirmed(self, files: Sequence[DicomFile], session_uri: str = "") -> None: ...
-
-    def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None: ...
-
-
 class _NoJournal:
-    def files_confirmed(self, files: Sequence[DicomFile], session_uri: str = "") -> None:
-        pass
-
     def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None:
         pass
-
-
-Send = Callable[[Manifest, Confirmations, "str | None"], UploadResult]
-"""``send(manifest_of_files_to_send, confirmations, overwrite)``: one transport run.
-
-``overwrite`` is None for a first run; ``"append"`` when files of this session were sent by an
-earlier run (the server may already hold the session, which must merge, not answer 409), and
-``"delete"`` when some of the files to send changed since an earlier run sent them (the server's
-copy must be replaced). A user's own ``--overwrite delete`` wins over ``append``.
-"""
-
-Commit = Callable[[str], str]
-"""Commit what earlier runs sent when nothing is left to send (REST). Gets the session URI the
-journal remembered ("" if none); the REST one asks the server which prearchive sessions of this
-label still wait (:func:`waiting_prearchive_sessions`). Returns the archived session's URI."""
-
-ReadBack = Callable[[Sequence[DicomFile]], VerifyReport]
-
-OnServer = Callable[[Sequence[DicomFile]], list[DicomFile]]
-"""The files (of those given) whose instances the server's session already holds (REST)."""
 
 
 class UploadInterrupted(XnatioError):
@@ -121,22 +87,18 @@ class ResumeOptions:
 def resumable_upload(
     target: Target,
     manifest: Manifest,
-    send: Send,
+    transport: Transport,
     *,
     options: ResumeOptions = ResumeOptions(),
-    commit: Commit | None = None,
-    read_back: ReadBack | None = None,
     notify: Callable[[str], None] | None = None,
-    on_server: OnServer | None = None,
 ) -> UploadResult:
-    """Send what the journal has not seen confirmed and the server does not hold (``on_server``),
-    commit, verify; see the module docstring."""
+    """Send what the journal has not seen confirmed and the server does not hold, commit,
+    verify, all through ``transport``; see the module docstring."""
     say = notify or (lambda msg: log.info("%s", msg))
-    if not options.verify:
-        read_back = None
+    read_back = transport.read_back if options.verify and transport.can_read_back else None
     if not options.use_journal:
-        result = send(manifest, _NoJournal(), None)
-        committed = _committed(result, needs_commit=commit is not None)
+        result = transport.send(manifest, _NoJournal(), None)
+        committed = _committed(result, transport)
         return _finish(result, manifest, None, read_back, say, committed=committed)
     journal = Journal(options.journal)
     lock = journal.lock(target)
@@ -151,9 +113,7 @@ def resumable_upload(
             )
         try:
             with _sigterm_as_interrupt():
-                result, committed = _send_rest_of(
-                    run, manifest, done, todo, send, commit, say, on_server
-                )
+                result, committed = _send_rest_of(run, manifest, done, todo, transport, say)
                 return _finish(
                     result,
                     manifest,
@@ -161,7 +121,7 @@ def resumable_upload(
                     read_back,
                     say,
                     committed=committed,
-                    heal=lambda lost: _heal(run, manifest, lost, send, commit),
+                    heal=lambda lost: _heal(run, manifest, lost, transport),
                 )
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
@@ -175,13 +135,13 @@ def resumable_upload(
 
 
 def _heal(
-    run: JournalRun, manifest: Manifest, lost: list[DicomFile], send: Send, commit: Commit | None
+    run: JournalRun, manifest: Manifest, lost: list[DicomFile], transport: Transport
 ) -> tuple[UploadResult, bool]:
     """Send ``lost`` again, once, into the (existing) session; also says if it committed."""
     part = Manifest(root=manifest.root, files=lost, source_archive=manifest.source_archive)
-    result = send(part, run, "append")
+    result = transport.send(part, run, "append")
     run.record_outcomes(result.files)
-    committed = _committed(result, needs_commit=commit is not None)
+    committed = _committed(result, transport)
     if committed:
         run.record_commit(result.session_uri)
     return result, committed
@@ -210,26 +170,24 @@ def _send_rest_of(
     manifest: Manifest,
     done: list[DicomFile],
     todo: list[DicomFile],
-    send: Send,
-    commit: Commit | None,
+    transport: Transport,
     say: Callable[[str], None],
-    on_server: OnServer | None = None,
 ) -> tuple[UploadResult, bool]:
     """Send ``todo`` (or only commit); returns the result and whether the session is committed."""
     started = time.monotonic()
     already: list[FileOutcome] = []
-    if todo and on_server is not None:
-        todo, already = _not_on_server(run, manifest, todo, on_server, say)
+    if todo:
+        todo, already = _not_on_server(run, manifest, todo, transport, say)
     if not todo and already and not done:
         run.record_commit()  # the server holds every file: nothing of ours waits for a commit
     pending = ""  # a Direct-Archive session still not archived (facts 1.6)
-    if not todo and commit is not None and not run.committed:
+    if not todo and transport.needs_commit and not run.committed:
         if _is_direct_archive(run.session_uri):
             say("every file was sent by an earlier run; waiting for XNAT to archive them")
         else:
             say("every file was sent by an earlier run; committing the session")
         try:
-            uri = commit(run.session_uri)
+            ref = transport.commit(SessionRef.parse(run.session_uri))
         except ServerError as exc:
             if exc.status != 404:
                 raise
@@ -239,10 +197,10 @@ def _send_rest_of(
             run.forget(done)
             done, todo = [], list(manifest.files)
         else:
-            if _is_direct_archive(uri):
-                pending = uri
+            if ref is not None and ref.kind is SessionKind.DIRECT_ARCHIVE:
+                pending = ref.uri
             else:
-                run.record_commit(uri)
+                run.record_commit(ref.uri if ref is not None else "")
     if todo:
         part = Manifest(
             root=manifest.root,
@@ -258,10 +216,10 @@ def _send_rest_of(
                 f"{len(changed)} file(s) changed since an earlier run sent them: sending them "
                 "again, replacing the server's copies (overwrite=delete)"
             )
-        result = send(part, run, overwrite)
+        result = transport.send(part, run, overwrite)
         # The hook may have seen them already; recording twice is harmless (same rows).
         run.record_outcomes(result.files)
-        committed = _committed(result, needs_commit=commit is not None)
+        committed = _committed(result, transport)
         if result.pending:
             # Sent, not archived yet: the next run waits for it again (its commit step).
             run.record_session_uri(result.pending[0])
@@ -286,7 +244,7 @@ def _not_on_server(
     run: JournalRun,
     manifest: Manifest,
     todo: list[DicomFile],
-    on_server: OnServer,
+    transport: Transport,
     say: Callable[[str], None],
 ) -> tuple[list[DicomFile], list[FileOutcome]]:
     """Split ``todo`` into what the server lacks and outcomes for what it holds already.
@@ -295,7 +253,7 @@ def _not_on_server(
     copy). What the server holds is recorded in the journal as confirmed, like a sent file.
     """
     changed = {file_path(f) for f in run.changed_since_sent(todo)}
-    there = on_server([f for f in todo if file_path(f) not in changed])
+    there = transport.on_server([f for f in todo if file_path(f) not in changed])
     if not there:
         return todo, []
     held = {file_path(f) for f in there}
@@ -320,11 +278,9 @@ def _not_on_server(
     return left, outcomes
 
 
-def _committed(result: UploadResult, *, needs_commit: bool) -> bool:
+def _committed(result: UploadResult, transport: Transport) -> bool:
     """Did the transport's run end with the session committed (REST) or sent (C-STORE)?"""
-    if not needs_commit:
-        return True
-    return bool(result.committed)
+    return bool(result.committed) if transport.needs_commit else True
 
 
 def _is_direct_archive(uri: str) -> bool:
@@ -444,306 +400,3 @@ def apply_verification(result: UploadResult, report: VerifyReport) -> None:
         if report.note:
             result.errors.append(f"verification: {report.note}")
         result.errors.extend(f"{f.path}: {why}" for f, why in problems[:20])
-
-
-# -- the two transports, wired for resume ---------------------------------------------------------
-
-
-def resumable_rest_upload(
-    client: XnatClient,
-    manifest: Manifest,
-    target: RestTarget,
-    *,
-    options: ResumeOptions = ResumeOptions(),
-    retry: RetryPolicy | None = None,
-    progress_callback: ProgressCallback | None = None,
-    cancel: threading.Event | None = None,
-    notify: Callable[[str], None] | None = None,
-    plan: Callable[[Manifest], list[Batch]] | None = None,
-    preflight: bool = True,
-    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
-) -> UploadResult:
-    """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
-
-    ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`).
-    ``preflight``: first check the destination (:func:`xnatio.preflight.before_sending`); a
-    refusal raises :class:`xnatio.preflight.PreflightError` before any DICOM byte is sent.
-
-    Before sending, each session label is read back: what it holds by instance name is not sent
-    again (module docstring), unless ``target.overwrite`` is ``delete`` (everything is sent and
-    replaces the server's copies, facts 1.5). A Direct-Archive upload into a session that exists
-    goes through the prearchive instead: Direct-Archive never merges, it falls back to the
-    prearchive when the label's folder exists (facts 1.6), and only a commit merges.
-    """
-    from xnatio.transports.rest import RestUploader, session_labels
-    from xnatio.uploaders import plan_rest_upload
-
-    if not target.study_labels:
-        # Labels from the whole manifest, so each study keeps its label whatever part is sent.
-        labels = session_labels(manifest.studies(), target.session)
-        target = dataclasses.replace(target, study_labels=tuple(labels.items()))
-    study_labels = dict(target.study_labels)
-    if preflight:
-        from xnatio.preflight import before_sending
-
-        found = before_sending(
-            client,
-            manifest,
-            project=target.project,
-            subject=target.subject,
-            labels=study_labels,
-            notify=notify,
-        )
-        target = dataclasses.replace(target, project=found.project, subject=found.subject)
-    existing: set[str] = set()  # labels whose session the server holds already
-    say = notify or (lambda msg: log.info("%s", msg))
-
-    def on_server(files: Sequence[DicomFile]) -> list[DicomFile]:
-        by_label: dict[str, list[DicomFile]] = {}
-        for f in files:
-            by_label.setdefault(study_labels.get(f.study_uid, target.session), []).append(f)
-        there: list[DicomFile] = []
-        for label, part in by_label.items():
-            try:
-                server = read_server_session(client, target.project, target.subject, label)
-            except ServerError as exc:
-                # Unknown, so not "absent": sending all could re-send what is there (a 409 and a
-                # CONFLICT entry on the server, facts 1.5). Nothing is sent.
-                raise ServerError(
-                    f"could not read session {label} back before sending ({exc.message}); "
-                    "nothing was sent; run the same command again",
-                    status=exc.status,
-                ) from None
-            if server is None:
-                continue
-            studies = {f.study_uid for f in part}
-            if server.study_uid and server.study_uid not in studies:
-                # XNAT refuses to merge another study into a session (facts 1.5, "Invalid
-                # modification of session UID"); never send it there (the pre-flight says so
-                # first on the command line).
-                raise UsageError(
-                    f"session {label} in project {target.project} holds another study "
-                    f"(StudyInstanceUID {server.study_uid}); nothing was sent: choose another "
-                    "session label"
-                )
-            existing.add(label)
-            there.extend(already_on_server(server, part))
-        return there
-
-    def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
-        t = target
-        if overwrite is not None and t.overwrite != "delete":
-            t = dataclasses.replace(t, overwrite=overwrite)
-        if t.direct_archive and existing:
-            say(
-                "the session exists already and Direct-Archive never merges (facts 1.6): "
-                "sending the missing files through the prearchive, committed into it"
-            )
-            t = dataclasses.replace(t, direct_archive=False)
-        if plan is not None and part.source_archive is None:
-            batches = plan(part)
-        else:
-            batches = plan_rest_upload(
-                part.root, num_batches=t.num_batches, manifest=part, allow_multiple_studies=True
-            ).batches
-        uploader = RestUploader(
-            client,
-            t,
-            retry=retry,
-            progress_callback=progress_callback,
-            cancel=cancel,
-            on_confirmed=_both(hook.on_confirmed, on_confirmed),
-        )
-        return uploader.upload(part, batches)
-
-    def commit(remembered_uri: str) -> str:
-        t = (
-            target
-            if target.overwrite != "none"
-            else dataclasses.replace(target, overwrite="append")
-        )
-        uploader = RestUploader(
-            client, t, retry=retry, progress_callback=progress_callback, cancel=cancel
-        )
-        remembered = SessionRef.parse(remembered_uri)
-        if remembered is not None and remembered.kind is SessionKind.DIRECT_ARCHIVE:
-            # Sent by an earlier run that stopped waiting: wait again (facts 1.6).
-            return uploader.await_direct_archive(remembered.uri, remembered.label)
-        archived = ""
-        # The server, not our memory, says what is waiting: every prearchive session of these
-        # labels still receiving (section 3), committed with the transport's own final step.
-        for label in dict.fromkeys([target.session, *study_labels.values()]):
-            for uri in waiting_prearchive_sessions(client, target.project, label):
-                done = uploader.commit_session(uri, label)
-                archived = archived or done
-        return archived
-
-    def read_back(files: Sequence[DicomFile]) -> VerifyReport:
-        # Several studies are archived under one label each (xnatio.transports.rest).
-        by_label: dict[str, list[DicomFile]] = {}
-        for f in files:
-            by_label.setdefault(study_labels.get(f.study_uid, target.session), []).append(f)
-        if not by_label:
-            return verify_session(client, target.project, target.subject, target.session, [])
-        # One VERIFY count over all sessions: each one's events are shifted by those before it.
-        totals = (len(files), sum(f.size for f in files))
-        done = (0, 0)
-        reports: list[VerifyReport] = []
-        for label, part in by_label.items():
-            progress = _shifted(progress_callback, done, totals)
-            reports.append(
-                verify_session(
-                    client, target.project, target.subject, label, part, progress=progress
-                )
-            )
-            done = (done[0] + len(part), done[1] + sum(f.size for f in part))
-        return merge_reports(reports) if len(reports) > 1 else reports[0]
-
-    result = resumable_upload(
-        Target.rest(client.server, target.project, target.subject, target.session),
-        manifest,
-        send,
-        options=options,
-        commit=commit,
-        read_back=read_back,
-        notify=notify,
-        on_server=None if target.overwrite == "delete" else on_server,
-    )
-    result.transport = "rest"
-    result.project, result.subject, result.session = target.project, target.subject, target.session
-    return result
-
-
-def _both(
-    journal: Callable[[Sequence[FileOutcome]], None],
-    caller: Callable[[Sequence[FileOutcome]], None] | None,
-) -> Callable[[Sequence[FileOutcome]], None]:
-    """The journal's hook, then the caller's own (the Python API's ``on_confirmed``)."""
-    if caller is None:
-        return journal
-
-    def both(outcomes: Sequence[FileOutcome]) -> None:
-        journal(outcomes)
-        caller(outcomes)
-
-    return both
-
-
-def _shifted(
-    callback: ProgressCallback | None, before: tuple[int, int], totals: tuple[int, int]
-) -> ProgressCallback | None:
-    """Phase.VERIFY events of one session of a multi-study upload, counted over all of them:
-    ``before`` and ``totals`` are (files, bytes)."""
-    if callback is None:
-        return None
-
-    def shifted(event: ProgressEvent) -> None:
-        callback(
-            dataclasses.replace(
-                event,
-                current=before[0] + event.current,
-                total=totals[0],
-                bytes_done=before[1] + event.bytes_done,
-                bytes_total=totals[1],
-            )
-        )
-
-    return shifted
-
-
-def merge_reports(reports: Sequence[VerifyReport]) -> VerifyReport:
-    """One report for the sessions of a multi-study upload (named after the first)."""
-    first = reports[0]
-    return VerifyReport(
-        first.project,
-        first.subject,
-        first.session,
-        found=all(r.found for r in reports),
-        series=[s for r in reports for s in r.series],
-        unmatched_scans=[x for r in reports for x in r.unmatched_scans],
-        unreadable=[x for r in reports for x in r.unreadable],
-    )
-
-
-# Prearchive states in which a session still waits for a commit (section 3).
-_WAITING = {"RECEIVING", "RECEIVING_INTERRUPT", "READY"}
-
-
-def waiting_prearchive_sessions(client: XnatClient, project: str, label: str) -> list[str]:
-    """``/data/prearchive/...`` URIs of the prearchive sessions named ``label`` awaiting commit."""
-    data = client.get_json(f"/data/prearchive/projects/{quote(project)}")
-    try:
-        rows = data["ResultSet"]["Result"]
-    except (KeyError, TypeError):
-        return []
-    out = []
-    for row in rows:
-        if not isinstance(row, dict) or row.get("name") != label:
-            continue
-        if str(row.get("status", "")) in _WAITING and row.get("url"):
-            url = str(row["url"])
-            out.append(url if url.startswith("/data/") else "/data" + url)
-    return out
-
-
-def resumable_dicom_store_upload(
-    manifest: Manifest,
-    host: str,
-    port: int,
-    called_aet: str,
-    *,
-    project: str,
-    subject: str,
-    session: str,
-    options: ResumeOptions = ResumeOptions(),
-    notify: Callable[[str], None] | None = None,
-    client: XnatClient | None = None,
-    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
-    **send_options: Any,
-) -> UploadResult:
-    """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
-    confirmation, recorded as it arrives). ``send_options`` go to
-    :func:`xnatio.transports.dicom_store.send_dicom_store` (calling AE title, batches, timeouts,
-    routing, retries, progress). With ``client`` (XNAT's REST API, credentials), the destination
-    is checked first (:func:`xnatio.preflight.before_sending`; every study is routed to
-    ``session``).
-
-    No read-back here: XNAT's DICOM receiver builds the session only after an idle period
-    (section 6), so the files cannot be checked right after sending; run ``xio verify`` later.
-    """
-    from xnatio.transports.dicom_store import send_dicom_store
-
-    if client is not None:
-        from xnatio.preflight import before_sending
-
-        labels = {s.study_uid: session for s in manifest.studies()}
-        found = before_sending(
-            client, manifest, project=project, subject=subject, labels=labels, notify=notify
-        )
-        project, subject = found.project, found.subject
-
-    def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
-        # No overwrite with C-STORE: XNAT files a re-sent instance over the same one.
-        return send_dicom_store(
-            part.root,
-            host,
-            port,
-            called_aet,
-            project=project,
-            subject=subject,
-            session=session,
-            manifest=part,
-            on_confirmed=_both(hook.on_confirmed, on_confirmed),
-            **send_options,
-        )
-
-    target = Target.dicom(host, port, called_aet, project, subject, session)
-    result = resumable_upload(target, manifest, send, options=options, notify=notify)
-    if result.success and notify is not None:
-        notify(
-            "not read back: XNAT files C-STORE sessions after an idle period; check with "
-            f"`xio verify {project} {subject} {session} PATH --wait-for 900`"
-        )
-    result.transport = "dicom-store"
-    result.project, result.subject, result.session = project, subject, session
-    return result
