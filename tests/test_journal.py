@@ -352,7 +352,8 @@ def test_transport_hooks_and_changed_files(tmp_path: Path) -> None:
     m = make_manifest(tmp_path / "src")
     with Journal(tmp_path / "j.sqlite") as j:
         run = j.open_run(TARGET, m)
-        run.files_confirmed(m.files[:2], "/data/prearchive/projects/P/20260101_000000000/E")
+        run.record_confirmed(m.files[:2])
+        run.record_session_uri("/data/prearchive/projects/P/20260101_000000000/E")
         assert run.session_uri == "/data/prearchive/projects/P/20260101_000000000/E"
         assert run.split()[0] == m.files[:2]
         first = m.files[0].path

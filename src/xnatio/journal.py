@@ -310,17 +310,6 @@ class Journal:
                 )
         return JournalRun(self, run_id, target, manifest)
 
-    def forget_target(self, target: Target) -> int:
-        """Drop every entry of ``target`` (all roots); returns how many runs were dropped."""
-        with self._write() as db:
-            ids = [
-                r[0] for r in db.execute("SELECT id FROM runs WHERE target = ?", (target.key(),))
-            ]
-            for run_id in ids:
-                db.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
-                db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
-        return len(ids)
-
 
 class _Txn:
     """``with`` block = one ``BEGIN IMMEDIATE`` ... ``COMMIT`` under the connection's lock."""
@@ -360,7 +349,6 @@ class JournalRun:
         self.target = target
         self.manifest = manifest
         self._root = manifest.root
-        self._last_uri = ""
         # Outcomes name files by str(path) (or the member name inside an archive).
         self._by_name: dict[str, DicomFile] = {}
         for f in manifest.files:
@@ -408,9 +396,6 @@ class JournalRun:
             if row is not None and row != (f.size, f.mtime_ns, f.sop_instance_uid):
                 out.append(f)
         return out
-
-    def file_for(self, name: str) -> DicomFile | None:
-        return self._by_name.get(name)
 
     def record_confirmed(self, files: Iterable[DicomFile], *, batch: int | None = None) -> int:
         """One transaction per call; marks the session uncommitted (new files need a commit).
@@ -476,15 +461,6 @@ class JournalRun:
     def on_confirmed(self, outcomes: Sequence[FileOutcome]) -> None:
         """A transport hook (called from worker threads) for outcomes the server confirmed."""
         self.record_outcomes(outcomes)
-
-    def files_confirmed(self, files: Sequence[DicomFile], session_uri: str = "") -> None:
-        """A transport hook for files the server confirmed, with the (prearchive) session URI
-        the answer named: the URI lets a later run commit without sending anything."""
-        batch_files = list(files)
-        self.record_confirmed(batch_files)
-        if session_uri and session_uri != self._last_uri:
-            self._last_uri = session_uri
-            self.record_session_uri(session_uri)
 
     def forget(self, files: Iterable[DicomFile]) -> None:
         """Read-back did not find these: the next run sends them again."""

@@ -164,10 +164,6 @@ class RestTarget:
         """The archive actually sent (``tgz`` sends a deflated zip, see ARCHIVE_FORMATS)."""
         return WIRE_FORMATS[self.archive_format]
 
-    @property
-    def archive_dest(self) -> str:
-        return self.archive_dest_for(self.session)
-
     def archive_dest_for(self, label: str) -> str:
         return (
             f"/archive/projects/{quote(self.project)}/subjects/{quote(self.subject)}"
