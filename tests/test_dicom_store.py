@@ -35,9 +35,9 @@ from pynetdicom.sop_class import MRImageStorage, Verification, register_uid
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, SkippedFile
 from xnatio.synth import generate_session
-from xnatio.transports import dicom_store_worker
 from xnatio.transports.dicom_store import send_dicom_store
-from xnatio.transports.dicom_store_encode import dataset_offset, decoder_missing
+from xnatio.transports.dicom_store import worker as dicom_store_worker
+from xnatio.transports.dicom_store.encode import dataset_offset, decoder_missing
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from xnatio.errors import UsageError
 from xnatio.models import DicomFile
-from xnatio.transports.dicom_store_encode import UNCOMPRESSED
-from xnatio.transports.dicom_store_ul import ProposedContext
+from xnatio.transports.dicom_store.encode import UNCOMPRESSED
+from xnatio.transports.dicom_store.ul import ProposedContext
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1..255
 # XNAT's routing values match [\w-]* (facts file, section 6).

@@ -27,7 +27,7 @@ from xnatio.models import (
     ProgressCallback,
     ProgressEvent,
 )
-from xnatio.transports.dicom_store_encode import (
+from xnatio.transports.dicom_store.encode import (
     DEFLATED_LE,
     EXPLICIT_LE,
     UNCOMPRESSED,
@@ -37,10 +37,10 @@ from xnatio.transports.dicom_store_encode import (
     transcode,
     ts_name,
 )
-from xnatio.transports.dicom_store_plan import proposed_contexts
-from xnatio.transports.dicom_store_source import SourceReader
-from xnatio.transports.dicom_store_status import meaning
-from xnatio.transports.dicom_store_ul import (
+from xnatio.transports.dicom_store.plan import proposed_contexts
+from xnatio.transports.dicom_store.source import SourceReader
+from xnatio.transports.dicom_store.status import meaning
+from xnatio.transports.dicom_store.ul import (
     CONTEXT_RESULTS,
     Association,
     AssociationLost,

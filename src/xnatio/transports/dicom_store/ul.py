@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from xnatio.transports.dicom_store_pdu import (
+from xnatio.transports.dicom_store.pdu import (
     VERIFICATION,
     AcceptedContext,
     ProposedContext,
