@@ -328,7 +328,8 @@ class AssociationWorker:
                     self.in_flight = self.suspect = None
                     # The peer answered: this file is settled and never sent again.
                     self._settle(self.pending.pop(0), outcome, reason, confirmed=True)
-                assoc.release()
+                if not job.coordinator.cancelled:
+                    assoc.release()  # else the finally below aborts it: no waiting for the peer
                 return None
             except _FileBroke as exc:
                 self.in_flight = None
