@@ -67,6 +67,9 @@ class Sandbox:
     knobs: dict[str, float] = field(default_factory=dict)
     user: str = "admin"
     password: str = "bench-password"
+    # The projects the scenarios upload into: created at start (an upload to a project that
+    # does not exist lands in Unassigned, facts 1.2).
+    projects: tuple[str, ...] = ("BENCH",)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     sampler: Sampler | None = None
@@ -101,6 +104,8 @@ class Sandbox:
             "--password",
             self.password,
         ]
+        for project in self.projects:
+            cmd += ["--project", project]
         for name, value in self.knobs.items():
             cmd += [f"--{name.replace('_', '-')}", str(value)]
         env = dict(os.environ, TMPDIR=str(self.tmp_dir))

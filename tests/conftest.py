@@ -37,13 +37,17 @@ def isolated_home(
 def xnat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
     """A started local XNAT (xnatio.sandbox) on an ephemeral port, with a fresh data dir.
 
-    Login: ``xnat_server.username`` / ``xnat_server.password`` ("admin" / "admin-secret");
+    Login: ``xnat_server.username`` / ``xnat_server.password`` ("admin" / "admin-secret", a site
+    admin); the projects of ``upload_helpers.TEST_PROJECTS`` exist;
     ``xnat_server.url``; ``xnat_server.set_knobs(...)`` for latency and faults.
     """
+    from upload_helpers import TEST_PROJECTS
     from xnatio.sandbox import SandboxServer
 
     server = SandboxServer(
-        tmp_path_factory.mktemp("xnat-data"), users={"admin": "admin-secret"}
+        tmp_path_factory.mktemp("xnat-data"),
+        users={"admin": "admin-secret"},
+        projects=TEST_PROJECTS,
     ).start()
     try:
         yield server

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom.data
 import pytest
 
-from upload_helpers import PASSWORD, USER, upload, xio_command, xio_env
+from upload_helpers import PASSWORD, TEST_PROJECTS, USER, upload, xio_command, xio_env
 from xnatio.discover import check_single_study, discover
 from xnatio.errors import UsageError
 from xnatio.models import Manifest, Outcome, UploadResult
@@ -28,7 +28,7 @@ from xnatio.synth import generate_session
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from upload_helpers import TEST_PROJECTS
 from xnatio.cli.main import cli
 
 SECRET = "hunter2-very-secret"
@@ -137,7 +138,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server_module = pytest.importorskip("xnatio.sandbox.server")
 
     with server_module.SandboxServer(
-        tmp_path_factory.mktemp("xnat"), users={"admin": "admin-secret"}
+        tmp_path_factory.mktemp("xnat"), users={"admin": "admin-secret"}, projects=TEST_PROJECTS
     ) as srv:
         yield srv
 

@@ -4,7 +4,6 @@ to the local XNAT-compatible server (CliRunner, plus one real subprocess)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from xnatio.archive import instance_file_name
 from xnatio.cli.main import cli
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
@@ -233,16 +233,13 @@ def env(sandbox: SandboxServer) -> dict[str, str]:
     }
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def _assert_landed(server: SandboxServer, s: SyntheticSession, where: tuple[str, str, str]) -> None:
-    """Every instance of ``s`` is archived under ``where``, byte for byte, and nothing else."""
+    """Every instance of ``s`` is archived under ``where``, under the name xio sent it as (XNAT
+    keeps it, facts 1.2; the bytes are XNAT's re-encoded copy, facts 1.7), and nothing else."""
     archived = server.archived_files(*where)
     assert set(archived) == set(s.instances)
     for sop_uid, path in s.instances.items():
-        assert archived[sop_uid].md5 == _md5(path), path
+        assert archived[sop_uid].name == instance_file_name(sop_uid), path
 
 
 def _odd_names(s: SyntheticSession) -> dict[str, Path]:
@@ -338,7 +335,10 @@ def test_dry_run_sends_nothing(
     r = cli_invoke("upload-dicom", "P", "S", "E", session.root, "--dry-run", env=env)
     assert "8" in r.stdout
     assert not any("import" in key for key in sandbox.stats())
-    assert sandbox.stats().get("requests", 0) == 0
+    # With credentials it asks the server read-only questions (the pre-flight) and sends nothing.
+    sent = [k for k in sandbox.stats() if k.split(" ")[0] in ("POST", "PUT")]
+    assert sent == ["POST /data/JSESSION"]
+    assert "pre-flight on" in r.stdout and "session E: new" in r.stdout
     assert sandbox.prearchive_sessions() == [] and sandbox.experiment_labels("P") == []
 
 
@@ -511,3 +511,32 @@ def test_allow_multiple_studies_gives_each_study_its_own_session(
     _assert_landed(sandbox, s, ("P", "S", "E"))
     second = s.extras["second-study"]
     assert set(sandbox.archived_files("P", "S", "E_2")) == {second.name}
+
+
+@pytest.mark.integration
+def test_direct_archive_not_yet_archived_is_pending_then_verify_waits(
+    cli_invoke: Invoke, tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """XNAT archives a Direct-Archive upload only after its idle interval (facts 1.6): with the
+    bound reached, the run says "sent, not yet archived" (exit 1, status "pending"); `xio verify
+    --wait-for` then sees it land."""
+    s = generate_session(tmp_path / "in", series=1, instances=3, image_size=(16, 16))
+    sandbox.set_knobs(build_idle_seconds=600)
+    args = ["upload-dicom", "P", "S", "E", s.root, "--direct-archive", "--archive-wait", "0.3"]
+    r = cli_invoke(*args, "--json", exit_code=1, env=env)
+    result = json.loads(r.stdout)
+    assert result["status"] == "pending" and result["exit_code"] == 1
+    assert result["totals"]["failed"] == 0 and len(result["pending"]) == 1
+    assert result["pending"][0].startswith("/xapi/direct-archive/P/")
+    # The same command again: nothing to send, it waits for the archive again (still pending).
+    again = cli_invoke(*args, exit_code=1, env=env)
+    assert "not yet archived" in again.stdout and "xio verify P S E PATH --wait-for" in again.stdout
+    assert "waiting for XNAT to archive them" in again.stderr
+    assert sandbox.stats()["POST /data/services/import"] == 1  # nothing sent twice
+    # Now let XNAT's idle interval pass: verify waits for the experiment ...
+    sandbox.set_knobs(build_idle_seconds=1)
+    v = cli_invoke("verify", "P", "S", "E", s.root, "--wait-for", "60", env=env)
+    assert "holds all 3 files" in v.stdout
+    # ... and the upload command, run again, finds it archived and verifies it.
+    done = cli_invoke(*args[:-2], "--archive-wait", "60", env=env)
+    assert "verified on the server" in done.stdout

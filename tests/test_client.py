@@ -167,7 +167,7 @@ def test_transient_400_is_retried_and_other_400_is_final(
         responses.POST,
         url,
         **page(  # type: ignore[arg-type]
-            400, "Duplicate archive attempt. Prearchive session already archiving."
+            423, "Duplicate archive attempt. Prearchive session already archiving."
         ),
     )
     mocked.add(responses.POST, url, **page(400, "Parameter dest format error"))  # type: ignore[arg-type]
@@ -300,23 +300,45 @@ def test_credentials_in_the_url_are_refused() -> None:
 @pytest.mark.parametrize(
     ("status", "message", "transient"),
     [
+        # Overload and gateways (a proxy's 504 while XNAT carries on, facts 7).
         (503, "anything", True),
         (429, "slow down", True),
+        (502, "", True),
         (504, "", True),
+        (500, "NullPointerException", True),
+        # facts 1.4: GDI 370-379.
         (400, "Concurrent file sends of the same data is not supported.", True),
+        # The archive races as PrearcSessionArchiver raises them (facts 1.4, 3.4).
         (
-            400,
-            "Session processing may already be in progress: x. Concurrent modification "
+            409,
+            "Session processing may already be in progress: Transfer.  Concurrent modification "
             "is discouraged.",
             True,
         ),
-        (409, "Session processing may already be in progress", True),
-        (423, "The destination session in use.", True),
-        (400, "Unable to lock session for archiving.", True),
+        (423, "Duplicate archive attempt. Prearchive session already archiving.", True),
+        (423, "Duplicate archive attempt.  Destination session in use.", True),
         (403, "Operation already in progress on this prearchive entry.", True),
+        (409, "session document locked", True),  # facts 3.3: a locked prearchive row
+        # facts 1.4: DZI's in-request archive failure, cause dropped (maybe a race).
+        (400, "unable to archive for the Prearchive session", True),
+        # facts 3.4: the archive timed out waiting; the archive itself goes on.
+        (500, "Session archive did not complete within the configured timeout interval.", True),
+        # The archive's verdict is final with its text, unless a race failed it.
+        (500, "FAILED: Invalid modification of session UID via archive process.", False),
+        (500, "FAILED: Session already exists, retry with overwrite enabled", False),
+        (500, "FAILED: Duplicate archive attempt. Prearchive session already archiving.", True),
+        # Data errors (disk full and anonymization failures arrive so too, facts 1.4).
         (400, "unable to read DICOM object a/b.dcm", False),
+        (400, "object DICOMDIR contains no SOP Class UID", False),
         (409, "Session already exists, retry with overwrite enabled", False),
-        (404, "Concurrent file sends", False),
+        (409, "Invalid modification of session UID via archive process.", False),
+        # A race text under a status XNAT does not send it with is not a race.
+        (404, "Concurrent file sends of the same data is not supported.", False),
+        (400, "Duplicate archive attempt. Prearchive session already archiving.", False),
+        (403, "Invalid permissions for new project.", False),
+        # Messages real XNAT never sends are no longer matched.
+        (400, "Unable to lock session for archiving.", False),
+        # No 507 reaches a client (facts 1.4): not transient.
         (507, "Insufficient storage", False),
     ],
 )

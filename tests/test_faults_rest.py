@@ -16,6 +16,7 @@ import pytest
 
 from upload_helpers import (
     PASSWORD,
+    TEST_PROJECTS,
     USER,
     SandboxProcess,
     assert_each_file_once,
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
 
 
@@ -141,7 +142,8 @@ def test_disk_full_is_final_then_a_rerun_completes(
     failed = upload(sandbox.url, exam, journal)
     assert exit_code_of(failed) == 1
     assert {o.outcome for o in failed.files} == {Outcome.FAILED}
-    assert {o.reason for o in failed.files} == {"No space left on device"}  # XNAT's message
+    # XNAT's message for a full disk (facts 1.4): the file's "unable to read DICOM object".
+    assert all("unable to read DICOM object" in o.reason for o in failed.files)
     sandbox.set_knobs(disk_full=False)
     assert_complete(upload(sandbox.url, exam, journal), sandbox, exam)
 
@@ -149,13 +151,17 @@ def test_disk_full_is_final_then_a_rerun_completes(
 def test_server_restarted_mid_upload(exam: Path, tmp_path: Path) -> None:
     """The server process is killed mid-upload and started again on the same data and port: the
     connections die, the JSESSION is gone, the prearchive survives (it is on disk)."""
-    server = SandboxProcess(tmp_path / "xnat", None, "--per-file-ms", "40").start()
+    server = SandboxProcess(
+        tmp_path / "xnat", None, "--per-file-ms", "40", "--project", "P"
+    ).start()
     restarted: list[SandboxProcess] = []
 
     def restart() -> None:
         server.stop()
         time.sleep(0.5)
-        again = SandboxProcess(tmp_path / "xnat", server.port, "--per-file-ms", "40")
+        again = SandboxProcess(
+            tmp_path / "xnat", server.port, "--per-file-ms", "40", "--project", "P"
+        )
         restarted.append(again.start())
 
     watcher = when(lambda: server.stats().get("files_imported", 0) >= 3, restart)
@@ -178,8 +184,9 @@ def test_read_back_failure_is_not_done_and_a_rerun_verifies(
 ) -> None:
     journal = tmp_path / "j.sqlite"
     # Every read-back request fails (more than the retries): the upload itself succeeded.
+    # (The scan listing: the read before sending only finds that the experiment does not exist.)
     sandbox.set_knobs(
-        fail_next=100, fail_status=500, fault_path="/data/projects/P/subjects/S/experiments"
+        fail_next=100, fail_status=500, fault_path="/data/projects/P/subjects/S/experiments/E/scans"
     )
     first = upload(sandbox.url, exam, journal)
     assert exit_code_of(first) == 1

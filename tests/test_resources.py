@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from upload_helpers import TEST_PROJECTS
 from xnatio.cli.main import cli
 from xnatio.errors import UsageError
 from xnatio.models import Outcome, ProgressEvent
@@ -169,7 +170,7 @@ def test_ant_tarinputstream_reads_long_and_unicode_names(tmp_path: Path) -> None
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server_module = pytest.importorskip("xnatio.sandbox.server")
     with server_module.SandboxServer(
-        tmp_path_factory.mktemp("xnat"), users={USER: PASSWORD}
+        tmp_path_factory.mktemp("xnat"), users={USER: PASSWORD}, projects=TEST_PROJECTS
     ) as srv:
         e = srv.store.create_experiment(
             project="P", subject="S", label="E", uid=None, modality="MR", date=None

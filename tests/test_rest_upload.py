@@ -16,14 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import responses
 
+from xnatio.archive import instance_file_name
 from xnatio.discover import discover
-from xnatio.errors import AuthError, UnreachableError
+from xnatio.errors import AuthError, ServerError, UnreachableError
 from xnatio.models import Batch, DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.plan import plan_batches
+from xnatio.report import exit_code_of, result_to_dict, status_of, summary_text
+from xnatio.retry import RetryPolicy
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
-from xnatio.transports.rest import RestTarget, RestUploader
+from xnatio.transports import rest
+from xnatio.transports.rest import BAD_MEMBERS_IN_A_ROW, RestTarget, RestUploader
 from xnatio.uploaders import upload_dicom_parallel_rest
 from xnatio.xnat.client import XnatClient
 
@@ -72,12 +78,12 @@ def md5(path: Path) -> str:
 
 
 def assert_landed(srv: SandboxServer, expected: dict[str, Path]) -> None:
-    """Exactly ``expected`` (SOP Instance UID -> local file) is archived, byte for byte."""
+    """Exactly ``expected`` (SOP Instance UID -> local file) is archived, each under the name xio
+    sent it as (XNAT keeps it, facts 1.2; the bytes are XNAT's re-encoded copy, facts 1.7)."""
     got = srv.archived_files(P, S, E)
     assert sorted(got) == sorted(expected)
-    for uid, local in expected.items():
-        assert got[uid].size == local.stat().st_size, uid
-        assert got[uid].md5 == md5(local), uid
+    for uid in expected:
+        assert got[uid].name == instance_file_name(uid), uid
     # Nothing left behind in the prearchive (one commit took everything).
     assert srv.prearchive_sessions(P) == []
 
@@ -114,8 +120,8 @@ def test_batched_upload_lands_every_file_once(
             files = client.get_json(f"{base}/scans/{number}/resources/DICOM/files")
             rows = files["ResultSet"]["Result"]
             assert len(rows) == len(uids)
-            local = {md5(session_dir.instances[u]) for u in uids}
-            assert {r["digest"] for r in rows} == local
+            # XNAT keeps the names xio sent (facts 1.2); digests are of its own copies (1.7).
+            assert {r["Name"] for r in rows} == {instance_file_name(u) for u in uids}
 
 
 def test_public_api_sends_a_small_session_in_one_request(
@@ -138,17 +144,22 @@ def test_public_api_sends_a_small_session_in_one_request(
     assert_landed(xnat_server, session_dir.instances)
 
 
-@pytest.mark.parametrize("fmt", ["zip", "tgz"])
-def test_zip_and_tgz_batches(
+@pytest.mark.parametrize("fmt", ["zip", "zip-deflated", "tgz"])
+def test_zip_and_deflated_zip_batches(
     xnat_server: SandboxServer, session_dir: SyntheticSession, fmt: str
 ) -> None:
+    """``tgz`` sends a deflated zip: chunked, ``application/zip``, the one type XNAT accepts
+    without a known length (facts 1.1)."""
     result = upload_batched(xnat_server, session_dir.root, 3, archive_format=fmt)
     assert result.success, result.errors
     assert_landed(xnat_server, session_dir.instances)
+    if fmt != "zip":
+        # Every import went chunked, as application/zip (the sandbox would 400 anything else).
+        assert xnat_server.stats()["POST /data/services/import"] == 3
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz"])
-def test_archive_path_is_sent_as_is_in_one_request(
+def test_archive_path_is_repacked_in_one_request(
     xnat_server: SandboxServer, session_dir: SyntheticSession, tmp_path: Path, suffix: str
 ) -> None:
     archive = tmp_path / f"session{suffix}"
@@ -221,7 +232,9 @@ def test_member_xnat_cannot_read_is_failed_with_its_reason_and_the_rest_lands(
     [failed] = result.failed
     assert failed.path == str(bad)
     assert "unable to read DICOM object" in failed.reason
-    assert "notes.txt" in failed.reason
+    # XNAT names the entry as sent: the instance name xio gave it (facts 1.2).
+    [bad_file] = [f for f in manifest.files if f.path == bad]
+    assert instance_file_name(bad_file.sop_instance_uid) in failed.reason
     assert len(result.uploaded) == len(session.instances)
     assert_landed(xnat_server, session.instances)
 
@@ -283,29 +296,206 @@ def test_auto_archive_project_commits_with_301(xnat_server: SandboxServer, tmp_p
     assert_landed(xnat_server, session.instances)
 
 
-def test_second_upload_needs_overwrite(xnat_server: SandboxServer, tmp_path: Path) -> None:
+def test_auto_archive_project_with_overwrite_archives_through_the_service_303(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """--overwrite append: build, then the archive service with overwrite=append (the one path
+    on which XNAT overwrites clashing files, facts 1.5); on an auto-archive row it answers 303
+    to the archive URI (facts 3.4)."""
+    session = small_session(tmp_path)
+    xnat_server.set_knobs(auto_archive_projects=[P])
+    result = upload(xnat_server, session.root, overwrite="append")
+    assert result.success, result.errors
+    assert result.session_uri == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    stats = xnat_server.stats()
+    assert stats["POST /data/services/archive"] == 1
+    assert_landed(xnat_server, session.instances)
+
+
+def test_unknown_project_landing_in_unassigned_is_an_error_naming_the_uri(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """XNAT files an upload to a project the user cannot read in Unassigned and answers 200
+    (facts 1.2). (Direct-Archive: no subject is created first, which would fail with 422.)"""
+    session = small_session(tmp_path)
+    result = upload_dicom_parallel_rest(
+        xnat_server.url,
+        USER,
+        PASSWORD,
+        source_dir=session.root,
+        project="NOPE",
+        subject=S,
+        session=E,
+        direct_archive=True,
+        preflight=False,  # the engine's own path (the pre-flight refuses NOPE before sending)
+    )
+    assert not result.success and len(result.failed) == len(session.instances)
+    [reason] = {f.reason for f in result.failed}
+    assert "Unassigned prearchive" in reason and "nothing was archived" in reason
+    assert "Delete /data/prearchive/projects/Unassigned/" in reason
+
+
+class _FakeClient:
+    """XnatClient's ``request`` over ``responses`` (no retries, no login)."""
+
+    server = "https://xnat.test"
+    logged_in = True
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        from xnatio.xnat.client import XnatClient as Real
+
+        resp = self.session.request(
+            method,
+            self.server + path,
+            params=kw.get("params"),
+            allow_redirects=False,
+            timeout=5,
+        )
+        if resp.status_code >= 400:
+            Real._raise_for(self, resp)  # type: ignore[arg-type]
+        return resp
+
+    def get_json(self, path: str, params: Any = None) -> Any:
+        return self.request("GET", path).json()
+
+    def _redact(self, text: str) -> str:
+        return text
+
+
+PRE = "/data/prearchive/projects/P/20260101_000000000/E"
+
+
+def _uploader(overwrite: str = "none") -> RestUploader:
+    target = RestTarget(project=P, subject=S, session=E, overwrite=overwrite)
+    retry = RetryPolicy(retries=2, base=0.0, cap=0.0)
+    return RestUploader(_FakeClient(), target, retry=retry, sleep=lambda s: None)  # type: ignore[arg-type]
+
+
+@responses.activate
+def test_commit_301_text_plain_without_location_is_archived() -> None:
+    archived = f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    responses.post("https://xnat.test" + PRE, status=301, body=archived, content_type="text/plain")
+    assert _uploader().commit_session(PRE) == archived
+
+
+@responses.activate
+def test_commit_redirect_elsewhere_is_an_error_naming_the_url() -> None:
+    responses.post(
+        "https://xnat.test" + PRE,
+        status=302,
+        headers={"Location": "https://sso.example.org/login"},
+        body="<html>login</html>",
+    )
+    responses.get(f"https://xnat.test/data/projects/{P}/subjects/{S}/experiments/{E}", status=404)
+    with pytest.raises(ServerError, match=r"answered 302 to https://sso.example.org/login"):
+        _uploader().commit_session(PRE)
+
+
+@responses.activate
+def test_archive_failed_500_is_final_with_xnat_text() -> None:
+    responses.post("https://xnat.test" + PRE, status=200, body=PRE, content_type="text/uri-list")
+    page = "<html><body><h3>FAILED: Session already exists with matching files.</h3></body></html>"
+    archive = responses.post(
+        "https://xnat.test/data/services/archive", status=500, body=page, content_type="text/html"
+    )
+    responses.get(f"https://xnat.test/data/projects/{P}/subjects/{S}/experiments/{E}", status=404)
+    with pytest.raises(ServerError, match="FAILED: Session already exists with matching files"):
+        _uploader().commit_session(PRE)
+    assert archive.call_count == 1  # not retried
+    params = responses.calls[1].request.params
+    assert params == {"src": PRE[len("/data") :], "subject": S, "session": E}  # no dest
+
+
+@responses.activate
+def test_archive_service_303_and_overwrite_builds_first() -> None:
+    build = responses.post("https://xnat.test" + PRE, status=200, body=PRE)
+    responses.post(
+        "https://xnat.test/data/services/archive",
+        status=303,
+        headers={
+            "Location": f"https://site.example/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+        },
+    )
+    got = _uploader("delete").commit_session(PRE)
+    assert got == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    assert build.calls[0].request.params == {"action": "build"}
+    assert responses.calls[1].request.params["overwrite"] == "delete"
+
+
+@responses.activate
+def test_html_page_with_200_where_uris_are_expected_is_an_error() -> None:
+    responses.post("https://xnat.test" + PRE, status=200, body=PRE)
+    responses.post(
+        "https://xnat.test/data/services/archive",
+        status=200,
+        body="<html><head><title>Login</title></head></html>",
+        content_type="text/html",
+    )
+    responses.get(f"https://xnat.test/data/projects/{P}/subjects/{S}/experiments/{E}", status=404)
+    with pytest.raises(ServerError, match="not a list of XNAT URIs"):
+        _uploader().commit_session(PRE)
+
+
+@pytest.mark.parametrize("overwrite", ["none", "append"])
+def test_another_study_is_never_merged_into_an_existing_label(
+    xnat_server: SandboxServer, tmp_path: Path, overwrite: str
+) -> None:
+    """XNAT refuses another StudyInstanceUID under a label, whatever ``overwrite`` says (facts
+    1.5, "Invalid modification of session UID"); the uploader's own path (without the pre-flight
+    that refuses it earlier) ends with XNAT's final "FAILED" message, and merges nothing."""
     first = small_session(tmp_path / "a", series=1)
     assert upload(xnat_server, first.root).success
-    # The same session label again with more files: XNAT refuses to archive over it ...
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root)
+    refused = upload(xnat_server, second.root, overwrite=overwrite, preflight=False)
     assert not refused.success
-    assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
-    # ... unless asked to merge (overwrite=append), which keeps both sets.
-    merged = upload(xnat_server, second.root, overwrite="append")
-    assert merged.success, merged.errors
-    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(
-        {**first.instances, **second.instances}
-    )
+    assert any("Invalid modification of session UID" in e for e in refused.errors), refused.errors
+    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(first.instances)
 
 
-def test_direct_archive(xnat_server: SandboxServer, tmp_path: Path) -> None:
+def test_direct_archive_waits_for_the_idle_interval_and_verifies(
+    xnat_server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct-Archive's experiment appears only once the session has been idle for XNAT's
+    interval (facts 1.6): the upload polls /xapi/direct-archive/… until 404, then the
+    experiment, and ends with the archive URI."""
+    monkeypatch.setattr(rest, "DIRECT_ARCHIVE_POLL", 0.2)
+    xnat_server.set_knobs(build_idle_seconds=2)
     session = small_session(tmp_path)
-    result = upload(xnat_server, session.root, direct_archive=True)
+    events: list[ProgressEvent] = []
+    result = upload(
+        xnat_server,
+        session.root,
+        direct_archive=True,
+        archive_wait=60,
+        progress_callback=events.append,
+    )
     assert result.success, result.errors
-    assert "/direct-archive/" in result.session_uri or "/archive/" in result.session_uri
+    assert result.pending == []
+    assert result.session_uri == f"/data/archive/projects/{P}/subjects/{S}/experiments/{E}"
+    assert any("waiting for XNAT to archive" in e.message for e in events)
     got = xnat_server.archived_files(P, S, E)
     assert sorted(got) == sorted(session.instances)
+    assert any("/xapi/direct-archive/" in k for k in xnat_server.stats())  # it did poll
+
+
+def test_direct_archive_not_archived_within_the_bound_is_pending(
+    xnat_server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rest, "DIRECT_ARCHIVE_POLL", 0.1)
+    xnat_server.set_knobs(build_idle_seconds=600)
+    session = small_session(tmp_path)
+    result = upload(xnat_server, session.root, direct_archive=True, archive_wait=0.5)
+    assert not result.success and not result.failed
+    [pending] = result.pending
+    assert pending.startswith(f"/xapi/direct-archive/{P}/") and pending.endswith(f"/{E}")
+    assert status_of(result) == "pending" and exit_code_of(result) == 1
+    text = summary_text(result)
+    assert "not yet archived" in text and f"xio verify {P} {S} {E} PATH --wait-for" in text
+    assert result_to_dict(result)["pending"] == [pending]
+    assert xnat_server.archived_files(P, S, E) == {}
 
 
 def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
@@ -400,12 +590,16 @@ def test_a_server_that_stops_answering_is_timed_out_and_retried(
 
 
 def test_disk_full_is_final_and_reported(xnat_server: SandboxServer, tmp_path: Path) -> None:
-    session = small_session(tmp_path)
+    """XNAT reports a full disk as 400 "unable to read DICOM object NAME" (facts 1.4): after a
+    few such files in a row the batch stops, instead of one request per file."""
+    session = small_session(tmp_path, series=1, instances=12)
     xnat_server.set_knobs(fault_path="/data/services/import", disk_full=True)
     result = upload(xnat_server, session.root)
     assert not result.success
     assert len(result.failed) == len(session.instances)
-    assert {f.reason for f in result.failed} == {"No space left on device"}  # XNAT's message
+    assert all("unable to read DICOM object" in f.reason for f in result.failed)
+    assert any("files in a row" in f.reason for f in result.failed)
+    assert xnat_server.stats()["POST /data/services/import"] == BAD_MEMBERS_IN_A_ROW
     assert xnat_server.archived_files(P, S, E) == {}
 
 
@@ -483,7 +677,8 @@ def test_archive_member_xnat_refuses_is_failed_and_the_rest_resent(
     result = upload(xnat_server, archive, manifest=manifest)
 
     [failed] = result.failed
-    assert failed.path.endswith("junk.dcm") and "junk.dcm" in failed.reason
+    assert failed.path.endswith("junk.dcm")
+    assert instance_file_name(fake.sop_instance_uid) in failed.reason
     assert len(result.uploaded) == len(session.instances)
     assert_landed(xnat_server, session.instances)
 
@@ -624,7 +819,7 @@ def test_subject_creation_failing_for_good_fails_every_file_with_the_reason(
 ) -> None:
     session = small_session(tmp_path)
     xnat_server.set_knobs(fault_path=f"/data/projects/{P}/subjects", fail_next=5, fail_status=503)
-    result = upload(xnat_server, session.root, retries=1)
+    result = upload(xnat_server, session.root, retries=1, preflight=False)  # the engine's PUT
     assert not result.success and result.session_uri == ""
     assert len(result.failed) == len(session.instances)
     reasons = {f.reason for f in result.failed}
@@ -663,11 +858,12 @@ def test_lost_answer_without_an_archived_session_stays_a_failure(
     """Read-back only turns an error into success when the session really is archived."""
     first = small_session(tmp_path / "a", series=1)
     assert upload(xnat_server, first.root).success
-    # Same label again, no overwrite: XNAT refuses (409) and the prearchive entry stays.
+    # Another study under the same label: XNAT refuses it ("FAILED: Invalid modification of
+    # session UID", facts 1.5) and the prearchive entry stays.
     second = small_session(tmp_path / "b", series=1, instances=3, seed=7)
-    refused = upload(xnat_server, second.root)
+    refused = upload(xnat_server, second.root, preflight=False)  # (pre-flight would refuse)
     assert not refused.success
-    assert any("overwrite" in e.lower() for e in refused.errors), refused.errors
+    assert any("Invalid modification of session UID" in e for e in refused.errors)
     assert len(xnat_server.prearchive_sessions(P)) == 1
 
 

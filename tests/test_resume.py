@@ -22,9 +22,11 @@ import requests
 from proc_helpers import reap
 from upload_helpers import (
     PASSWORD,
+    TEST_PROJECTS,
     USER,
     assert_each_file_once,
     big_session,
+    import_tar,
     imported,
     journal_rows,
     run_xio,
@@ -34,8 +36,10 @@ from upload_helpers import (
     xio_env,
 )
 from xnatio.discover import discover
+from xnatio.errors import XnatioError
 from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Outcome
+from xnatio.resume import ALREADY_REASON
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
 
@@ -44,7 +48,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
 
 
@@ -89,7 +93,8 @@ def test_disk_full_fails_clearly_then_completes(
     first = upload(sandbox.url, exam, journal)
     assert not first.success
     assert {o.outcome for o in first.files} == {Outcome.FAILED}
-    assert all("507" in o.reason or "space" in o.reason.lower() for o in first.files)
+    # XNAT reports a full disk as 400 "unable to read DICOM object NAME" (facts 1.4, no 507).
+    assert all("unable to read DICOM object" in o.reason for o in first.files)
     sandbox.set_knobs(disk_full=False)
     second = upload(sandbox.url, exam, journal)
     assert second.success and {o.outcome for o in second.files} == {Outcome.VERIFIED}
@@ -133,7 +138,7 @@ def test_changed_file_is_sent_again_and_replaces_the_server_copy(
     assert_each_file_once(sandbox, discover(exam))
 
 
-def test_rerun_of_a_complete_upload_sends_nothing_and_restart_sends_all(
+def test_rerun_of_a_complete_upload_sends_nothing_even_with_restart(
     sandbox: SandboxServer, exam: Path, tmp_path: Path
 ) -> None:
     journal = tmp_path / "journal.sqlite"
@@ -145,15 +150,123 @@ def test_rerun_of_a_complete_upload_sends_nothing_and_restart_sends_all(
     assert imported(sandbox) == sent
     assert {o.reason for o in again.files} == {EARLIER_RUN_REASON}
 
-    # --restart forgets the journal: a first run again, into a session that now exists, so the
-    # server refuses to archive over it unless told to merge (XNAT's 409, section 1).
-    refused = upload(sandbox.url, exam, journal, restart=True)
-    assert not refused.success
-    assert any("Session already exists" in e for e in refused.errors), refused.errors
-    fresh = upload(sandbox.url, exam, journal, restart=True, overwrite="append")
-    assert fresh.success and fresh.verified
-    assert imported(sandbox) - sent == 2 * len(manifest.files)
+    # --restart forgets the journal: the session is read back before sending, and every
+    # instance it holds by name is not sent again (XNAT would refuse it with 409 and leave a
+    # CONFLICT entry, facts 1.5). Exit 0, "already on the server".
+    fresh = upload(sandbox.url, exam, journal, restart=True)
+    assert fresh.success and fresh.verified, fresh.errors
+    assert {o.reason for o in fresh.files} == {ALREADY_REASON}
+    assert imported(sandbox) == sent
     assert_each_file_once(sandbox, manifest)
+    # --overwrite delete sends everything again and replaces the server's copies.
+    replaced = upload(sandbox.url, exam, journal, restart=True, overwrite="delete")
+    assert replaced.success and replaced.verified, replaced.errors
+    assert imported(sandbox) - sent == len(manifest.files)
+    assert_each_file_once(sandbox, manifest)
+
+
+def _prearchive_statuses(url: str) -> list[str]:
+    rows = requests.get(
+        url + "/data/prearchive/projects/P",
+        params={"format": "json"},
+        auth=(USER, PASSWORD),
+        timeout=10,
+    ).json()["ResultSet"]["Result"]
+    return [str(r["status"]) for r in rows]
+
+
+def test_same_files_from_another_machine_converge_without_conflicts(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """The same files sent again with a fresh journal (another machine): `xio upload-dicom`
+    reads the session first, sends nothing, exits 0 "already on the server", and leaves no
+    CONFLICT or ERROR entry in the prearchive (XNAT's merge refuses any instance the session
+    holds already, facts 1.5)."""
+    manifest = discover(exam)
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["upload-dicom", "P", "S", "E", str(exam)]
+    first = run_xio([*args, "--journal", str(tmp_path / "a.sqlite")], xio_env(sandbox.url, home))
+    assert first.returncode == 0, first.stderr
+    sent = imported(sandbox)
+    again = run_xio([*args, "--journal", str(tmp_path / "b.sqlite")], xio_env(sandbox.url, home))
+    assert again.returncode == 0, again.stderr
+    assert f"All {len(manifest.files)} files already on the server at P/S/E: nothing sent" in (
+        again.stdout
+    )
+    assert "verified on the server" in again.stdout
+    assert imported(sandbox) == sent
+    assert_each_file_once(sandbox, manifest)
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
+
+
+def test_only_what_the_session_lacks_is_sent_and_merged(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """Half the session is on the server (sent by xio elsewhere): a fresh run sends the other
+    half only; XNAT merges it (facts 1.5); nothing twice, no CONFLICT/ERROR rows."""
+    manifest = discover(exam)
+    import_tar(sandbox.url, manifest.files[:5])
+    before = imported(sandbox)
+    result = upload(sandbox.url, exam, tmp_path / "j.sqlite")
+    assert result.success and result.verified, result.errors
+    assert imported(sandbox) - before == len(manifest.files) - 5
+    reasons = [o.reason for o in result.files]
+    assert reasons.count(ALREADY_REASON) == 5
+    assert_each_file_once(sandbox, manifest)
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
+
+
+def test_another_study_under_the_label_is_refused_before_sending(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """XNAT never merges another StudyInstanceUID into a session (facts 1.5): the read before
+    sending sees it and nothing is sent (exit 2), instead of a CONFLICT left on the server."""
+    assert upload(sandbox.url, exam, tmp_path / "a.sqlite").success
+    sent = imported(sandbox)
+    other = tmp_path / "other"
+    generate_session(other, series=1, instances=2, image_size=(32, 32), seed=99)
+    # (UsageError from the read before sending; the pre-flight's own error once it runs first.)
+    with pytest.raises(XnatioError, match="holds another study") as err:
+        upload(sandbox.url, other, tmp_path / "b.sqlite")
+    assert err.value.exit_code == 2
+    assert imported(sandbox) == sent
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
+
+
+def test_direct_archive_into_an_existing_session_goes_through_the_prearchive(
+    sandbox: SandboxServer, exam: Path, tmp_path: Path
+) -> None:
+    """Direct-Archive never merges (facts 1.6): the files a session lacks are sent to the
+    prearchive and committed into it instead, and the run says so."""
+    from xnatio.resume import ResumeOptions, resumable_rest_upload
+    from xnatio.transports.rest import RestTarget
+    from xnatio.xnat.client import XnatClient
+
+    manifest = discover(exam)
+    import_tar(sandbox.url, manifest.files[:5])
+    target = RestTarget(
+        project="P",
+        subject="S",
+        session="E",
+        upload_workers=1,
+        archive_workers=1,
+        direct_archive=True,
+        archive_wait=5,
+    )
+    said: list[str] = []
+    with XnatClient(sandbox.url, username=USER, password=PASSWORD) as client:
+        result = resumable_rest_upload(
+            client,
+            manifest,
+            target,
+            options=ResumeOptions(journal=tmp_path / "j.sqlite"),
+            notify=said.append,
+        )
+    assert result.success and result.verified, result.errors
+    assert any("Direct-Archive never merges" in m for m in said)
+    assert_each_file_once(sandbox, manifest)
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(sandbox.url))
 
 
 # -- the real command, in a subprocess -------------------------------------------------------------
@@ -392,12 +505,12 @@ def test_file_that_keeps_getting_lost_fails_after_one_more_try(
         f"/resources/DICOM/files/{victim.name}"
     )
     requests.delete(url, auth=(USER, PASSWORD), timeout=10).raise_for_status()
-    # The extra pass's import fails for good (507), so the file stays missing.
+    # The extra pass's import fails for good (a full disk: 400, facts 1.4), so it stays missing.
     sandbox.set_knobs(disk_full=True, fault_path="/data/services/import")
     result = upload(sandbox.url, exam, journal)
     assert not result.success
     failed = [o for o in result.files if o.outcome is Outcome.FAILED]
     assert [o.sop_instance_uid for o in failed] == [uid]
-    assert "No space left on device" in failed[0].reason
+    assert "unable to read DICOM object" in failed[0].reason
     sandbox.set_knobs(disk_full=False)
     assert upload(sandbox.url, exam, journal).success

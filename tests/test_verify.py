@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import threading
@@ -16,7 +17,8 @@ import requests
 import responses
 from click.testing import CliRunner
 
-from upload_helpers import PASSWORD, USER, import_tar, upload
+from upload_helpers import PASSWORD, TEST_PROJECTS, USER, import_tar, upload
+from xnatio.archive import instance_file_name
 from xnatio.cli import verify as cli_verify
 from xnatio.cli.main import cli
 from xnatio.discover import discover
@@ -24,12 +26,11 @@ from xnatio.models import DicomFile, Outcome
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
 from xnatio.verify import (
-    HEADER_SLACK,
-    REWRITE_REASON,
+    COUNT_REASON,
+    REWRITTEN_NOTE,
     ServerFile,
     ServerScan,
     VerifyReport,
-    compare,
     md5_of,
     read_session,
     verify_session,
@@ -73,8 +74,14 @@ def md5(data: bytes) -> str:
 
 
 def as_server(
-    files: list[DicomFile], *, digests: bool = True, uids: bool = True
+    files: list[DicomFile],
+    *,
+    digests: bool = True,
+    uids: bool = True,
+    xnat_names: bool = False,
 ) -> list[ServerScan]:
+    """The session as XNAT would list it after an xio upload: one scan per series number, each
+    file under the name xio sent (facts 1.2), or XNAT's own names (another tool, C-STORE)."""
     scans: dict[int, ServerScan] = {}
     for n, f in enumerate(files):
         assert f.series_number is not None
@@ -82,62 +89,13 @@ def as_server(
             f.series_number, ServerScan(str(f.series_number), f.series_uid if uids else "")
         )
         data = f.path.read_bytes()
-        scan.files.append(ServerFile(f"renamed-{n}.dcm", len(data), md5(data) if digests else None))
+        name = f"1.2-{n}-xnat.dcm" if xnat_names else instance_file_name(f.sop_instance_uid)
+        scan.files.append(ServerFile(name, len(data), md5(data) if digests else None))
     return list(scans.values())
 
 
-def test_everything_landed(tmp_path: Path) -> None:
-    files = session(tmp_path)
-    checks, unmatched, unreadable = compare(files, as_server(files))
-    assert [c.scan_id for c in checks] == ["1", "2"]
-    assert all(c.ok and c.compared_md5 for c in checks)
-    assert sum(len(c.verified) for c in checks) == 6
-    assert unmatched == [] and unreadable == []
-
-
-def test_missing_and_different_files_are_found(tmp_path: Path) -> None:
-    files = session(tmp_path)
-    scans = as_server(files)
-    scans[0].files.pop()  # one file of series 1 never landed
-    scans[1].files[0].md5 = "0" * 32  # one file of series 2 landed damaged
-    checks, _, _ = compare(files, scans)
-    s1, s2 = checks
-    assert len(s1.missing) == 1 and not s1.different and len(s1.verified) == 2
-    assert len(s2.different) == 1 and not s2.missing and s2.different[0] is files[3]
-    assert not s1.ok and not s2.ok
-
-
-def test_size_only_when_the_server_gives_no_digest(tmp_path: Path) -> None:
-    files = session(tmp_path)
-    scans = as_server(files, digests=False)
-    checks, _, _ = compare(files, scans)
-    assert all(c.ok and not c.compared_md5 for c in checks)
-    scans[0].files[1].size += 1
-    checks, _, _ = compare(files, scans)
-    assert len(checks[0].different) == 1
-
-
-def test_series_matched_by_number_without_uids_and_missing_scan(tmp_path: Path) -> None:
-    files = session(tmp_path, series=3)
-    scans = as_server(files, uids=False)
-    scans = [s for s in scans if s.id != "3"]
-    scans.append(ServerScan("99", "", [ServerFile("x.dcm", 10, None)]))
-    checks, unmatched, _ = compare(files, scans)
-    assert [c.ok for c in checks] == [True, True, False]
-    assert checks[2].scan_id == "" and len(checks[2].missing) == 3
-    assert unmatched == ["99"]
-
-
-def test_extra_server_files_are_shown_but_not_a_failure(tmp_path: Path) -> None:
-    files = session(tmp_path, series=1)
-    scans = as_server(files)
-    scans[0].files.append(ServerFile("older.dcm", 5, md5(b"older")))
-    (check,), _, _ = compare(files, scans)
-    assert check.ok and check.extra == ["older.dcm"]
-
-
 def rewritten(scans: list[ServerScan], grow: int = 90) -> list[ServerScan]:
-    """What a site anonymization script leaves: every file a little larger, another MD5."""
+    """What XNAT leaves (facts 1.7): every file re-encoded and site-anonymized, another MD5."""
     for scan in scans:
         for sf in scan.files:
             sf.size += grow
@@ -146,83 +104,173 @@ def rewritten(scans: list[ServerScan], grow: int = 90) -> list[ServerScan]:
 
 
 def report_of(files: list[DicomFile], scans: list[ServerScan]) -> VerifyReport:
-    report = VerifyReport("P", "S", "E", found=True)
-    report.series, report.unmatched_scans, report.unreadable = compare(files, scans)
-    return report
+    return verify_session(_Listing(scans), "P", "S", "E", files)
 
 
-@pytest.mark.parametrize("digests", [True, False])
-def test_server_that_rewrites_every_file_verifies_by_count(tmp_path: Path, digests: bool) -> None:
+class _Listing:
+    """A server whose session P/S/E holds ``scans`` (its JSON as XNAT shapes it, facts 4)."""
+
+    def __init__(self, scans: list[ServerScan], study_uid: str = "") -> None:
+        self.scans = scans
+        self.study_uid = study_uid
+
+    def get_json(self, path: str, params: object = None) -> object:
+        base = "/data/projects/P/subjects/S/experiments/E"
+        if path == base:
+            children = [
+                {"field": "scans/scan", "items": [{"data_fields": {"ID": s.id, "UID": s.uid}}]}
+                for s in self.scans
+            ]
+            fields = {"label": "E", "UID": self.study_uid}
+            return {"items": [{"data_fields": fields, "children": children}]}
+        if path == base + "/scans":
+            return {"ResultSet": {"Result": [{"ID": s.id} for s in self.scans]}}
+        scan = next(s for s in self.scans if path == f"{base}/scans/{s.id}/resources/DICOM/files")
+        rows = [{"Name": f.name, "Size": str(f.size), "digest": f.md5 or ""} for f in scan.files]
+        return {"ResultSet": {"Result": rows}}
+
+
+def test_everything_landed_byte_identical(tmp_path: Path) -> None:
     files = session(tmp_path)
-    report = report_of(files, rewritten(as_server(files, digests=digests)))
+    report = report_of(files, as_server(files))
+    assert report.ok and report.byte_identical is True and report.rewritten_note == ""
+    assert [c.scan_id for c in report.series] == ["1", "2"]
+    assert [c.identical for c in report.series] == [3, 3]
+    assert len(report.verified) == 6 and report.unmatched_scans == [] and not report.unreadable
+    assert {(o.outcome, o.reason) for o in report.outcomes()} == {(Outcome.VERIFIED, "")}
+
+
+def test_server_that_rewrites_every_file_verifies_by_name(tmp_path: Path) -> None:
+    """XNAT re-encodes and site-anonymizes (facts 1.7): no MD5 matches, which is no failure."""
+    files = session(tmp_path)
+    report = report_of(files, rewritten(as_server(files)))
     assert report.ok and report.problems == []
-    assert report.verified == [] and len(report.rewritten) == len(files)
-    assert report.warning == (
-        "warning: the server rewrote every file it stored (a site anonymization script?): "
-        "6 files verified by instance count per series, bytes not compared"
-    )
-    assert {(o.outcome, o.reason) for o in report.outcomes()} == {
-        (Outcome.VERIFIED, REWRITE_REASON)
-    }
+    assert report.byte_identical is False and report.rewritten_note == REWRITTEN_NOTE
+    assert len(report.verified) == 6 and report.warning == ""
     data = report.to_dict()
-    assert data["ok"] and data["server_rewrote"] and data["warnings"] == [report.warning]
-    assert [(s["verified"], s["rewritten"]) for s in data["series"]] == [(3, 3), (3, 3)]
-    assert "rewritten" in report.table().splitlines()[0]
+    assert data["ok"] and data["byte_identical"] is False and data["notes"] == [REWRITTEN_NOTE]
+    assert [s["matched_by"] for s in data["series"]] == ["name", "name"]
 
 
-def test_identical_files_next_to_different_ones_are_not_a_server_rewrite(tmp_path: Path) -> None:
+def test_without_digests_bytes_are_not_compared(tmp_path: Path) -> None:
+    files = session(tmp_path)
+    report = report_of(files, as_server(files, digests=False))
+    assert report.ok and report.byte_identical is None and report.rewritten_note == ""
+
+
+@pytest.mark.parametrize("rewrites", [False, True])
+def test_a_file_deleted_on_the_server_is_that_missing_instance(
+    tmp_path: Path, rewrites: bool
+) -> None:
     files = session(tmp_path)
     scans = as_server(files)
-    rewritten([scans[1]])  # series 2 differs everywhere, series 1 is byte-identical
-    report = report_of(files, scans)
-    assert not report.ok and report.rewritten == [] and report.warning == ""
-    assert len(report.verified) == 3
-    assert [len(s.different) for s in report.series] == [0, 3]
-    assert all("differs on the server (size/MD5; series 2" in why for _, why in report.problems)
-    assert report.note.startswith("3 other file(s) are byte-identical on the server")
-    assert "rewritten" not in report.table()
-
-
-def test_rewriting_server_still_needs_every_instance(tmp_path: Path) -> None:
-    files = session(tmp_path)
-    scans = rewritten(as_server(files))
-    scans[1].files.pop()  # series 2: 2 of 3 on the server
+    if rewrites:
+        rewritten(scans)
+    gone = scans[1].files.pop(1)  # deleted on the server
+    assert gone.name == instance_file_name(files[4].sop_instance_uid)
     report = report_of(files, scans)
     assert not report.ok
-    s1, s2 = report.series
-    assert s1.ok and len(s1.rewritten) == 3  # a complete series is counted in
-    assert not s2.ok and len(s2.missing) == 1 and len(s2.different) == 2 and not s2.rewritten
-    reasons = [why for _, why in report.problems]
-    assert sum(why.startswith("not on the server after upload") for why in reasons) == 1
-    assert sum("holds 2 of the 3 sent" in why for why in reasons) == 2
-    assert "3 files verified by instance count" in report.warning
+    [(f, why)] = report.problems
+    assert f is files[4]
+    assert why == (
+        f"instance {files[4].sop_instance_uid} ({gone.name}) is not on the server "
+        "(series 2, scan 2)"
+    )
+    assert "rewrote" not in why
+    assert report.series[0].ok and len(report.series[1].verified) == 2
 
-    # One more file in a scan than was sent: which ones are ours cannot be told either.
-    scans = rewritten(as_server(files))
-    scans[0].files.append(ServerFile("older.dcm", files[0].size + 90, md5(b"older")))
+
+def test_damage_where_the_server_stores_our_bytes(tmp_path: Path) -> None:
+    files = session(tmp_path)
+    scans = as_server(files)
+    scans[1].files[2].md5 = "0" * 32  # landed damaged, while the other files are identical
     report = report_of(files, scans)
-    assert not report.ok and len(report.series[0].different) == 3
-    assert "holds 4 for the 3 sent" in report.problems[0][1]
+    assert not report.ok and report.byte_identical is True
+    [(f, why)] = report.problems
+    assert f is files[5] and why.startswith("the server's copy differs (MD5; series 2, scan 2)")
+    assert report.note.startswith("5 other file(s) are byte-identical on the server")
 
 
-def test_rewrite_that_changes_the_size_too_much_is_not_accepted(tmp_path: Path) -> None:
+def test_series_that_share_a_series_number_are_told_apart_by_name(tmp_path: Path) -> None:
+    """Two series numbered 1 (issue 13): XNAT gives them two scans; names say which is which."""
+    a = [local_file(tmp_path / "a" / f"{i}", f"A{i}".encode() * 9, 1, i) for i in range(2)]
+    b = [
+        dataclasses.replace(
+            local_file(tmp_path / "b" / f"{i}", f"B{i}".encode() * 7, 1, i),
+            series_uid="1.2.9",
+            sop_instance_uid=f"1.2.9.{i}",
+        )
+        for i in range(3)
+    ]
+    scan_a, scan_b = as_server(a, uids=False)[0], as_server(b, uids=False)[0]
+    scan_b.id = "1-2"
+    report = report_of(a + b, [scan_a, scan_b])
+    assert report.ok, report.problems
+    assert sorted((c.series_uid, c.scan_id, len(c.verified)) for c in report.series) == [
+        ("1.2.1", "1", 2),
+        ("1.2.9", "1-2", 3),
+    ]
+    # One of b deleted: reported in b's scan, a is untouched.
+    scan_b.files.pop()
+    report = report_of(a + b, [scan_a, scan_b])
+    assert [f for f, _ in report.problems] == [b[2]]
+
+
+def test_session_with_xnat_names_is_counted_per_series(tmp_path: Path) -> None:
+    """Sent by another tool or over C-STORE: no name matches, instances counted per series."""
+    files = session(tmp_path)
+    report = report_of(files, rewritten(as_server(files, xnat_names=True)))
+    assert report.ok and [c.counted for c in report.series] == [True, True]
+    assert report.warning.startswith("warning: 6 files verified by instance count per series")
+    assert {o.reason for o in report.outcomes()} == {COUNT_REASON}
+    # A scan with another number of files: which are there cannot be told.
+    scans = as_server(files, xnat_names=True)
+    scans[0].files.pop()
+    report = report_of(files, scans)
+    assert not report.ok and len(report.problems) == 3
+    assert "scan 1 holds 2 file(s) for the 3 of series 1" in report.problems[0][1]
+
+
+def test_count_pairing_needs_a_unique_series_number(tmp_path: Path) -> None:
     files = session(tmp_path, series=1)
-    report = report_of(files, rewritten(as_server(files), grow=HEADER_SLACK + 1))
-    assert not report.ok and len(report.series[0].different) == 3
-    assert f"by up to {HEADER_SLACK + 1} bytes, more than a header rewrite" in report.problems[0][1]
-    # A script that strips tags makes files smaller: that is a rewrite too.
-    report = report_of(files, rewritten(as_server(files), grow=-10))
-    assert report.ok and len(report.rewritten) == 3
+    twin = [
+        dataclasses.replace(f, series_uid="1.2.7", sop_instance_uid=f.sop_instance_uid + ".7")
+        for f in files
+    ]
+    scans = as_server(files, uids=False, xnat_names=True)
+    report = report_of(files + twin, scans)
+    # Both local series are numbered 1, the server says no UIDs: neither is paired by number.
+    assert not report.ok and len(report.missing) == 6 and report.unmatched_scans == ["1"]
+
+
+def test_extra_server_files_are_shown_but_not_a_failure(tmp_path: Path) -> None:
+    files = session(tmp_path, series=1)
+    scans = as_server(files)
+    scans[0].files.append(ServerFile("older.dcm", 5, md5(b"older")))
+    report = report_of(files, scans)
+    assert report.ok and report.series[0].extra == ["older.dcm"]
+
+
+def test_another_study_under_the_label_is_reported_as_such(tmp_path: Path) -> None:
+    files = session(tmp_path)
+    report = verify_session(_Listing(as_server(files), study_uid="9.9.9"), "P", "S", "E", files)
+    assert not report.ok and report.other_study == "9.9.9"
+    assert {why for _, why in report.problems} == {
+        "session E holds another study (StudyInstanceUID 9.9.9), not this one"
+    }
+    assert {o.outcome for o in report.outcomes()} == {Outcome.FAILED}
+    # The same study: fine.
+    assert verify_session(_Listing(as_server(files), study_uid="1.2"), "P", "S", "E", files).ok
 
 
 def test_unreadable_local_file_is_reported(tmp_path: Path) -> None:
     files = session(tmp_path, series=1)
     scans = as_server(files)
-    files[0].path.unlink()
-    (check,), _, unreadable = compare(files, scans)
-    assert len(check.verified) == len(files) - 1
-    assert [f for f, _ in unreadable] == [files[0]]
-    assert "cannot read it to verify" in unreadable[0][1]
+    files[1].path.unlink()
+    report = report_of(files, scans)
+    assert len(report.verified) == len(files) - 1
+    assert [f for f, _ in report.unreadable] == [files[1]]
+    assert "cannot read it to verify" in report.unreadable[0][1]
 
 
 def test_md5_streams_archive_members(tmp_path: Path) -> None:
@@ -269,8 +317,13 @@ def test_read_session_and_report(tmp_path: Path) -> None:
     )
     responses.get(BASE + "/scans", json={"ResultSet": {"Result": [{"ID": "1", "type": "T1"}]}})
     rows = [
-        {"Name": f"n{i}.dcm", "Size": str(f.size), "digest": md5(f.path.read_bytes()), "URI": "/x"}
-        for i, f in enumerate(files[:1])
+        {
+            "Name": instance_file_name(f.sop_instance_uid),
+            "Size": str(f.size),
+            "digest": md5(f.path.read_bytes()),
+            "URI": "/x",
+        }
+        for f in files[:1]
     ]
     responses.get(BASE + "/scans/1/resources/DICOM/files", json={"ResultSet": {"Result": rows}})
     report = verify_session(_Client(), "P", "S", "E", files)
@@ -281,7 +334,9 @@ def test_read_session_and_report(tmp_path: Path) -> None:
     assert "not on the server" in outcomes[str(files[1].path)].reason
     table = report.table()
     assert "missing" in table.splitlines()[0]
-    assert report.to_dict()["series"][0]["missing"] == [str(files[1].path)]
+    assert report.to_dict()["series"][0]["missing"] == [
+        {"path": str(files[1].path), "sop_instance_uid": files[1].sop_instance_uid}
+    ]
 
 
 @responses.activate
@@ -310,8 +365,15 @@ def test_labels_are_quoted(label: str) -> None:
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}) as server:
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as server:
         yield server
+
+
+def stores_our_bytes(server: SandboxServer, yes: bool = True) -> None:
+    """The default site script off and no re-encoding: the server keeps the bytes it was sent
+    (what ``prevent_anon`` on an XNAT that does not re-encode would give, facts 1.7)."""
+    server.site_anon = not yes
+    server.set_knobs(reencode=not yes)
 
 
 @pytest.fixture
@@ -326,12 +388,13 @@ def test_verify_against_the_server(
     sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]]
 ) -> None:
     _, files = synthetic
+    stores_our_bytes(sandbox)
     import_tar(sandbox.url, files[:8])
     with XnatClient(sandbox.url, username=USER, password=PASSWORD) as client:
         partial = verify_session(client, "P", "S", "E", files)
         assert not partial.ok
         assert sorted(len(s.missing) for s in partial.series) == [0, 0, 4]
-        assert all(s.compared_md5 for s in partial.series if s.scan_id)
+        assert partial.byte_identical is True  # this server stores the bytes sent
         import_tar(sandbox.url, files[8:])
         full = verify_session(client, "P", "S", "E", files)
     assert full.ok and len(full.verified) == len(files)
@@ -349,6 +412,7 @@ def test_verify_command(
     monkeypatch.setenv("XNAT_USERNAME", USER)
     monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
     runner = CliRunner()
+    stores_our_bytes(sandbox)  # else a local change after the upload cannot be seen (facts 1.7)
     import_tar(sandbox.url, files)
     ok = runner.invoke(cli, ["verify", "P", "S", "E", str(root)])
     assert ok.exit_code == 0, ok.output
@@ -363,7 +427,7 @@ def test_verify_command(
     bad = runner.invoke(cli, ["verify", "P", "S", "E", str(root), "--report", str(report)])
     assert bad.exit_code == 1
     assert "1 file(s) missing or different" in bad.output
-    assert f"{changed}: differs on the server (size/MD5" in bad.output
+    assert f"{changed}: the server's copy differs (MD5; series" in bad.output
     rows = list(csv.DictReader(report.read_text().splitlines()))
     assert {r["outcome"] for r in rows if r["path"] == str(changed)} == {"failed"}
     assert sum(r["outcome"] == "verified" for r in rows) == len(files) - 1
@@ -440,15 +504,14 @@ def test_upload_reads_back_unless_no_verify(
     r = runner.invoke(cli, [*args, "--no-verify"])
     assert r.exit_code == 0, r.output
     assert reads() == 0  # nothing read back
-    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {
-        "uploaded"
-    }
-    r = runner.invoke(cli, [*args, "--restart", "--overwrite", "append"])
+    rows = csv.DictReader(report.read_text().splitlines())
+    assert {row["outcome"] for row in rows} == {"uploaded"}
+    r = runner.invoke(cli, [*args, "--restart"])
     assert r.exit_code == 0, r.output
-    assert reads() == 3  # one DICOM file listing per scan
-    assert {row["outcome"] for row in csv.DictReader(report.read_text().splitlines())} == {
-        "verified"
-    }
+    # One DICOM file listing per scan before sending (all there: nothing sent), and to verify.
+    assert reads() == 6
+    rows = csv.DictReader(report.read_text().splitlines())
+    assert {row["outcome"] for row in rows} == {"verified"}
 
 
 # -- a server that rewrites what it stores (the sandbox's site_anonymization knob) -----------------
@@ -474,13 +537,11 @@ def test_upload_to_a_server_that_rewrites_every_file_ends_verified(
     report = tmp_path / "r.csv"
     r = cli_env.invoke(cli, ["upload-dicom", "P", "S", "E", str(root), "--report", str(report)])
     assert r.exit_code == 0, r.output
-    warning = (
-        "Warning: the server rewrote every file it stored (a site anonymization script?): "
-        f"{len(files)} files verified by instance count per series, bytes not compared"
-    )
-    assert "verified on the server" in r.stdout and r.stdout.count(warning) == 1
-    rows = list(csv.DictReader(report.read_text().splitlines()))
-    assert {(row["outcome"], row["reason"]) for row in rows} == {("verified", REWRITE_REASON)}
+    assert "verified on the server" in r.stdout and r.stdout.count(REWRITTEN_NOTE) == 1
+    assert "warning" not in r.stdout.lower()
+    with report.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(row["outcome"], row["reason"]) for row in rows} == {("verified", "")}
     # Really rewritten: no stored file has the bytes that were sent.
     stored = sandbox.archived_files("P", "S", "E")
     assert len(stored) == len(files)
@@ -491,10 +552,36 @@ def test_upload_to_a_server_that_rewrites_every_file_ends_verified(
     # The result; progress lines are on stderr.
     assert ok.stdout.splitlines() == [
         f"verify: P/S/E holds all {len(files)} files (3 series)",
-        warning[:1].lower() + warning[1:],
+        f"note: {REWRITTEN_NOTE}",
     ]
     as_json = json.loads(cli_env.invoke(cli, ["verify", "P", "S", "E", str(root), "--json"]).stdout)
-    assert as_json["ok"] and as_json["server_rewrote"] and len(as_json["warnings"]) == 1
+    assert as_json["ok"] and as_json["byte_identical"] is False
+    assert as_json["notes"] == [REWRITTEN_NOTE] and as_json["warnings"] == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("site_script", [True, False])
+def test_upload_with_the_site_script_on_and_off(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    cli_env: CliRunner,
+    site_script: bool,
+) -> None:
+    """The default site script on (XNAT's default, facts 1.7): verified by name, a note, no
+    failure. Off, and nothing re-encoded: the MD5s match and the upload says nothing more."""
+    root, files = synthetic
+    stores_our_bytes(sandbox, not site_script)
+    r = cli_env.invoke(cli, ["upload-dicom", "P", "S", "E", str(root), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["status"] == "success" and data["verified"] is True
+    assert data["notes"] == ([REWRITTEN_NOTE] if site_script else [])
+    v = json.loads(cli_env.invoke(cli, ["verify", "P", "S", "E", str(root), "--json"]).stdout)
+    assert v["ok"] and v["byte_identical"] is (not site_script)
+    identical = sum(s["byte_identical"] for s in v["series"])
+    assert identical == (0 if site_script else len(files))
+    stored = sandbox.archived_files("P", "S", "E")
+    assert (stored[files[0].sop_instance_uid].md5 == md5_of(files[0].path)) is (not site_script)
 
 
 @pytest.mark.integration
@@ -507,8 +594,7 @@ def test_library_upload_to_a_rewriting_server(
     assert result.success and result.verified, result.errors
     assert len(result.files) == len(files)
     assert {o.outcome for o in result.files} == {Outcome.VERIFIED}
-    assert len(result.warnings) == 1
-    assert f"{len(files)} files verified by instance count" in result.warnings[0]
+    assert result.warnings == [] and result.notes == [REWRITTEN_NOTE]
 
 
 @pytest.mark.integration
@@ -525,13 +611,42 @@ def test_rewriting_server_missing_one_file_fails(
     assert data["ok"] is False
     by_series = {s["series_number"]: s for s in data["series"]}
     broken = by_series[lost.series_number]
-    assert len(broken["missing"]) == 1 and broken["on_server"] == broken["local"] - 1
-    # The complete series are counted in (the server evidently rewrites every file).
+    assert broken["missing"] == [
+        {"path": str(lost.path), "sop_instance_uid": lost.sop_instance_uid}
+    ]
+    assert broken["on_server"] == broken["local"] - 1
+    # The complete series are verified by name (the server rewrote every file: no failure).
     complete = [s for n, s in by_series.items() if n != lost.series_number]
-    assert [s["rewritten"] for s in complete] == [s["local"] for s in complete] == [4, 4]
+    assert [s["verified"] for s in complete] == [s["local"] for s in complete] == [4, 4]
     text = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
     assert text.exit_code == 1
-    assert "file(s) missing or different" in text.output and "rewritten" in text.output
+    assert "1 file(s) missing or different" in text.output
+    assert f"instance {lost.sop_instance_uid} (" in text.output and "rewrote" not in text.output
+
+
+@pytest.mark.integration
+def test_a_file_deleted_on_the_server_is_found_by_verify(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]], cli_env: CliRunner
+) -> None:
+    """Uploaded by xio (site script on: XNAT's own copies), then one file DELETEd on the server:
+    `xio verify` names that instance, and does not blame a rewrite."""
+    root, files = synthetic
+    r = cli_env.invoke(cli, ["upload-dicom", "P", "S", "E", str(root)])
+    assert r.exit_code == 0, r.output
+    victim = files[5]
+    record = sandbox.archived_files("P", "S", "E")[victim.sop_instance_uid]
+    url = (
+        f"{sandbox.url}/data/projects/P/subjects/S/experiments/E/scans/{record.scan_id}"
+        f"/resources/DICOM/files/{record.name}"
+    )
+    requests.delete(url, auth=(USER, PASSWORD), timeout=10).raise_for_status()
+    v = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
+    assert v.exit_code == 1
+    assert (
+        f"{victim.path}: instance {victim.sop_instance_uid} "
+        f"({instance_file_name(victim.sop_instance_uid)}) is not on the server" in v.output
+    )
+    assert "rewrote" not in v.output.replace(REWRITTEN_NOTE, "")
 
 
 @pytest.mark.integration
@@ -541,15 +656,16 @@ def test_some_files_identical_and_some_rewritten_fails(
     """Half the session stored as sent, half rewritten: not what a site script does (it rewrites
     every file), so the differences fail."""
     root, files = synthetic
+    stores_our_bytes(sandbox)
     import_tar(sandbox.url, files[:6])
-    sandbox.set_knobs(site_anonymization=True)
+    stores_our_bytes(sandbox, False)
     import_tar(sandbox.url, files[6:])
     r = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root)])
     assert r.exit_code == 1
     assert f"{len(files) - 6} file(s) missing or different" in r.output
     assert "note: 6 other file(s) are byte-identical on the server" in r.output
-    assert "warning" not in r.output and "rewritten" not in r.output
-    assert sum(": differs on the server (size/MD5" in line for line in r.output.splitlines()) == 6
+    assert "warning" not in r.output and REWRITTEN_NOTE not in r.output
+    assert sum(": the server's copy differs (MD5" in line for line in r.output.splitlines()) == 6
 
 
 # -- progress of the read-back (Phase.VERIFY) -----------------------------------------------------
@@ -592,19 +708,19 @@ def test_upload_read_back_emits_verify_progress(
     assert [e.current for e in verify] == sorted(e.current for e in verify)
     assert [e.bytes_done for e in verify] == sorted(e.bytes_done for e in verify)
     assert (verify[-1].current, verify[-1].bytes_done) == (n, size)
-    # one "reading back" event per session, then (the sandbox keeps MD5 digests) one per file
+    # one "reading back" event per session, then one per series compared
     assert len([e for e in verify if "back" in e.message]) == studies
-    assert len([e for e in verify if not e.message]) == n
+    assert len([e for e in verify if not e.message]) == len(manifest.series())
 
 
 def test_verify_progress_counts_series_compared_by_size_or_not_found(tmp_path: Path) -> None:
     from xnatio.models import Phase, ProgressEvent
 
     files = session(tmp_path, series=2, per=3)
-    # series 1 on the server without digests (compared by size), series 2 not there at all
+    # series 1 on the server without digests (found by name), series 2 not there at all
     scans = as_server(files[:3], digests=False)
     events: list[ProgressEvent] = []
-    compare(files, scans, progress=events.append)
+    verify_session(_Listing(scans), "P", "S", "E", files, progress=events.append)
     size1, size = sum(f.size for f in files[:3]), sum(f.size for f in files)
     assert all(e.phase is Phase.VERIFY and (e.total, e.bytes_total) == (6, size) for e in events)
-    assert [(e.current, e.bytes_done) for e in events] == [(3, size1), (6, size)]
+    assert [(e.current, e.bytes_done) for e in events] == [(0, 0), (3, size1), (6, size)]

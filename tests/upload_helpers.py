@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from xnatio.archive import instance_file_name
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Manifest, UploadResult
 from xnatio.plan import plan_batches
@@ -26,6 +27,10 @@ from xnatio.verify import read_session, verify_session
 from xnatio.xnat.client import XnatClient
 
 USER, PASSWORD = "admin", "Adm1n-Sandbox-Secret-9c2e"
+
+# The projects the tests upload into: a project exists on XNAT (and on the sandbox) only once
+# created, and an upload to a missing one lands in Unassigned (facts 1.2).
+TEST_PROJECTS = ("P", "P1", "PRJ", "PROJ", "Q", "C", "BENCH", "DEMO")
 
 
 def import_tar(
@@ -40,8 +45,8 @@ def import_tar(
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for f in files:
-            # XNAT keeps the uploaded file name: the same one xnatio's archives use.
-            tf.add(f.path, arcname=f"{f.series_number}/{f.path.name}")
+            # XNAT keeps the uploaded file name (facts 1.2): the one xnatio's archives use.
+            tf.add(f.path, arcname=f"{f.series_number}/{instance_file_name(f.sop_instance_uid)}")
     resp = requests.post(
         url + "/data/services/import",
         params={
@@ -161,7 +166,9 @@ class SandboxProcess:
 
     def start(self) -> SandboxProcess:
         where = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
-        cmd = xio_command(["sandbox", *where, "--user", USER, "--password", PASSWORD, *self.args])
+        projects = [arg for project in TEST_PROJECTS for arg in ("--project", project)]
+        login = ["--user", USER, "--password", PASSWORD]
+        cmd = xio_command(["sandbox", *where, *login, *projects, *self.args])
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=xio_env("", Path("/"))
         )
@@ -190,7 +197,7 @@ class SandboxProcess:
 
 
 def assert_server_holds_each_once(url: str, manifest: Manifest) -> None:
-    """Over REST only: the session holds every local file (same bytes), nothing twice."""
+    """Over REST only: the session holds every local instance (by name), nothing twice."""
     with XnatClient(url, username=USER, password=PASSWORD) as client:
         scans = read_session(client, "P", "S", "E")
         assert scans is not None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import struct
 import tarfile
@@ -42,13 +43,57 @@ CHUNK = 256 * 1024
 _ZIP_SINGLE_READ = 1024 * 1024
 
 # Content-Type decides how XNAT reads a raw body (facts file, section 1, table).
-CONTENT_TYPES = {"tar": "application/x-tar", "zip": "application/zip", "tgz": "application/x-gtar"}
-FILENAMES = {"tar": "upload.tar", "zip": "upload.zip", "tgz": "upload.tar.gz"}
+# "zip-deflated" is a zip whose entries are compressed, streamed with data descriptors: its length
+# is known only once sent, so it goes chunked, which XNAT accepts for application/zip only (facts
+# 1.1: a chunked body of any other type is refused with 400). A gzip'd tar would need a known
+# length, i.e. compressing everything twice or a temporary copy; so there is no tgz writer.
+CONTENT_TYPES = {
+    "tar": "application/x-tar",
+    "zip": "application/zip",
+    "zip-deflated": "application/zip",
+}
+FILENAMES = {"tar": "upload.tar", "zip": "upload.zip", "zip-deflated": "upload.zip"}
 
 # The import service's DICOM-zip handler opens entries whose names end like archives as nested
 # archives (DicomZipImporter, facts section 1). A resource's extract=true does not: ZipUtils and
 # TarUtils write every entry out as a file, one level only (facts section 5).
 _ARCHIVE_LIKE = (".zip", ".tar", ".tgz", ".gz")
+
+
+def instance_file_name(sop_instance_uid: str) -> str:
+    """The file name an instance is sent under: its SOP Instance UID + ``.dcm``.
+
+    XNAT keeps an uploaded file's name unless another instance of the scan already holds it or
+    ``rename=true`` is sent (facts 1.2, ``rename`` row; xio never sends it), and it rewrites the
+    bytes it stores (facts 1.7). So this name is the identity of an instance that survives on the
+    server, and read-back (:mod:`xnatio.verify`) matches instances by it. A UID is digits and
+    dots; anything else (a non-conformant UID) becomes ``_``, as XNAT's own name cleaning would.
+    """
+    safe = re.sub(r"[^0-9A-Za-z._-]", "_", sop_instance_uid).strip(".")
+    return (safe or "instance") + ".dcm"
+
+
+class DicomSource(Protocol):
+    """A DICOM source file: what :func:`instance_member_names` needs of it."""
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def series_number(self) -> int | None: ...
+
+
+def instance_member_names(files: Sequence[DicomSource]) -> list[str]:
+    """``{series number}/{SOP Instance UID}.dcm`` per file (see :func:`instance_file_name`).
+
+    The folder only keeps an archive readable by people: XNAT files each instance by its own
+    header, not by its folder in the archive (facts 1.2).
+    """
+    return [
+        f"{f.series_number if f.series_number is not None else 'series'}/"
+        + instance_file_name(f.sop_instance_uid)
+        for f in files
+    ]
 
 
 class SourceFile(Protocol):
@@ -164,7 +209,7 @@ def _safe_name(rel: str) -> str:
 class ArchiveStream(Generic[F]):
     """A re-iterable archive of ``files``: iterate it for the bytes, once per attempt.
 
-    ``size`` is the exact byte length (None for tgz, which must be sent chunked). ``members``
+    ``size`` is the exact byte length (None for zip-deflated, sent chunked). ``members``
     pairs each entry name with its source. Hooks, all optional: ``on_bytes`` is called with the
     length of every chunk as it is handed out (for progress); ``on_member`` with the name and
     source of each entry once its last byte is produced. With ``with_md5``, ``md5`` maps each
@@ -174,6 +219,8 @@ class ArchiveStream(Generic[F]):
     ``rename_nested_archives`` (the default, for the import service) adds ``.dcm`` to names that
     end like archives, because the DICOM-zip importer opens those as nested archives. A resource
     upload turns it off: XNAT unpacks a resource archive one level only and must keep the names.
+    ``names``, when given, are the entry names to use (one per file, unique; e.g.
+    :func:`instance_member_names`) instead of the paths relative to ``root``.
 
     Iterating raises :class:`SourceChangedError` when a file is missing, unreadable or has
     another size than when it was listed, before any byte of that file's entry is produced.
@@ -190,6 +237,7 @@ class ArchiveStream(Generic[F]):
         on_member: Callable[[str, F], None] | None = None,
         with_md5: bool = False,
         rename_nested_archives: bool = True,
+        names: Sequence[str] | None = None,
     ) -> None:
         if fmt not in CONTENT_TYPES:
             raise ValueError(f"archive format must be one of {sorted(CONTENT_TYPES)}, not {fmt!r}")
@@ -205,7 +253,10 @@ class ArchiveStream(Generic[F]):
         self.on_member = on_member
         self.with_md5 = with_md5
         self.md5: dict[str, str] = {}
-        names = member_names(self.files, root, rename_nested_archives=rename_nested_archives)
+        if names is None:
+            names = member_names(self.files, root, rename_nested_archives=rename_nested_archives)
+        elif len(set(names)) != len(self.files):
+            raise ValueError("archive entry names must be unique, one per file")
         self.members: list[tuple[str, F]] = list(zip(names, self.files, strict=True))
         self.size: int | None
         if fmt == "tar":
@@ -217,7 +268,7 @@ class ArchiveStream(Generic[F]):
 
     def __len__(self) -> int:
         if self.size is None:
-            raise TypeError("a tgz stream has no length known in advance")
+            raise TypeError("a zip-deflated stream has no length known in advance")
         return self.size
 
     def __iter__(self) -> Iterator[bytes]:
@@ -225,10 +276,11 @@ class ArchiveStream(Generic[F]):
         tap = _Tap(self.md5 if self.with_md5 else None, self.on_member)
         if self.format == "zip":
             raw = _zip_chunks(self.members, tap)
+        elif self.format == "zip-deflated":
+            raw = _deflated_zip_chunks(self.members, tap, self.compresslevel)
         else:
             raw = _tar_chunks(self.members, tap)
-        chunks = _gzip(raw, self.compresslevel) if self.format == "tgz" else _coalesce(raw)
-        for chunk in chunks:
+        for chunk in _coalesce(raw):
             if self.on_bytes is not None:
                 self.on_bytes(len(chunk))
             yield chunk
@@ -243,10 +295,12 @@ def make_archive_stream(
     on_member: Callable[[str, F], None] | None = None,
     with_md5: bool = False,
     rename_nested_archives: bool = True,
+    names: Sequence[str] | None = None,
 ) -> ArchiveStream[F]:
-    """A streaming ``fmt`` ("tar", "zip" or "tgz") archive of ``files``, names relative to root.
+    """A streaming ``fmt`` ("tar", "zip" or "zip-deflated") archive of ``files``, names relative
+    to root (or ``names``).
 
-    See :class:`ArchiveStream` for the hooks and ``rename_nested_archives``.
+    See :class:`ArchiveStream` for the hooks, ``rename_nested_archives`` and ``names``.
     """
     return ArchiveStream(
         files,
@@ -256,6 +310,7 @@ def make_archive_stream(
         on_member=on_member,
         with_md5=with_md5,
         rename_nested_archives=rename_nested_archives,
+        names=names,
     )
 
 
@@ -318,23 +373,6 @@ def _coalesce(parts: Iterator[bytes]) -> Iterator[bytes]:
             pending, size = [], 0
     if pending:
         yield b"".join(pending)
-
-
-def _gzip(parts: Iterator[bytes], level: int) -> Iterator[bytes]:
-    # wbits=31: a gzip member (header and trailer), as ``.tar.gz`` readers expect.
-    z = zlib.compressobj(level, zlib.DEFLATED, 31)
-    out: list[bytes] = []
-    size = 0
-    for part in parts:
-        data = z.compress(part)
-        if data:
-            out.append(data)
-            size += len(data)
-            if size >= CHUNK:
-                yield b"".join(out)
-                out, size = [], 0
-    out.append(z.flush())
-    yield b"".join(out)
 
 
 class _Source:
@@ -612,6 +650,139 @@ def _central_directory(
     )
 
 
+# -- zip (DEFLATED, streamed) ---------------------------------------------------------------------
+
+_DESCRIPTOR = struct.Struct("<IIII")
+_DESCRIPTOR_FLAG = 0x0008
+
+
+def _deflated_zip_chunks(
+    members: Sequence[tuple[str, F]], tap: _Tap[F], level: int
+) -> Iterator[bytes]:
+    """A zip whose entries are DEFLATED, each followed by a data descriptor (CRC and sizes are
+    known only once its data is out): read once, no length known in advance.
+
+    ``java.util.zip.ZipInputStream`` (XNAT's DICOM-zip importer, facts 1.1) accepts descriptors on
+    DEFLATED entries. A file of 4 GiB or more would need zip64 sizes in its descriptor, which
+    that reader only takes after a zip64 local header; such a file goes STORED instead, its CRC
+    read first, as in :func:`_zip_chunks`.
+    """
+    entries: list[tuple[bytes, int, int, int, int, int, int]] = []  # name, method, flags, crc...
+    offset = 0
+    for name, f in members:
+        encoded = name.encode("utf-8")
+        source = _Source(f)
+        try:
+            if f.size >= _MAX32:
+                crc = 0
+                for piece in source.read_exactly(f.size):
+                    crc = zlib.crc32(piece, crc)
+                os.lseek(source.fd, 0, os.SEEK_SET)
+                header = _local_header(encoded, f, crc)
+                yield header
+                sent = 0
+                for piece in tap.sent(source.read_exactly(f.size)):
+                    sent = zlib.crc32(piece, sent)
+                    yield piece
+                if sent != crc:
+                    raise SourceChangedError(f, "file changed while it was being sent")
+                entries.append((encoded, 0, _flags(encoded), crc, f.size, f.size, offset))
+                offset += len(header) + f.size
+                tap.done(name, f)
+                continue
+            flags = _flags(encoded) | _DESCRIPTOR_FLAG
+            date, clock = _dos_time(f.mtime_ns)
+            header = (
+                _LOCAL.pack(0x04034B50, 20, flags, 8, clock, date, 0, 0, 0, len(encoded), 0)
+                + encoded
+            )
+            yield header
+            z = zlib.compressobj(level, zlib.DEFLATED, -15)
+            crc = 0
+            packed = 0
+            for piece in tap.sent(source.read_exactly(f.size)):
+                crc = zlib.crc32(piece, crc)
+                out = z.compress(piece)
+                if out:
+                    packed += len(out)
+                    yield out
+            out = z.flush()
+            packed += len(out)
+            yield out
+        finally:
+            source.close()
+        if packed >= _MAX32:  # incompressible data grown past 4 GiB: the descriptor cannot say it
+            raise SourceChangedError(f, "too large to send in a compressed zip (4 GiB)")
+        yield _DESCRIPTOR.pack(0x08074B50, crc, packed, f.size)
+        entries.append((encoded, 8, flags, crc, packed, f.size, offset))
+        offset += len(header) + packed + _DESCRIPTOR.size
+        tap.done(name, f)
+    yield from _central_records(members, entries, offset)
+
+
+def _central_records(
+    members: Sequence[tuple[str, SourceFile]],
+    entries: Sequence[tuple[bytes, int, int, int, int, int, int]],
+    central_offset: int,
+) -> Iterator[bytes]:
+    """Central directory and end records of a zip whose entries are already out."""
+    size = 0
+    for (_, f), (encoded, method, flags, crc, packed, plain, offset) in zip(
+        members, entries, strict=True
+    ):
+        date, clock = _dos_time(f.mtime_ns)
+        values: list[int] = []
+        big = plain >= _MAX32 or packed >= _MAX32
+        if big:
+            values += [plain, packed]
+        if offset >= _MAX32:
+            values.append(offset)
+        extra = struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+        version = 45 if values else 20
+        record = (
+            _CENTRAL.pack(
+                0x02014B50,
+                _UNIX | version,
+                version,
+                flags,
+                method,
+                clock,
+                date,
+                crc,
+                _MAX32 if big else packed,
+                _MAX32 if big else plain,
+                len(encoded),
+                len(extra),
+                0,
+                0,
+                0,
+                (stat.S_IFREG | 0o644) << 16,
+                min(offset, _MAX32),
+            )
+            + encoded
+            + extra
+        )
+        size += len(record)
+        yield record
+    count = len(entries)
+    if count >= _MAX16 or central_offset >= _MAX32 or size >= _MAX32:
+        end64_offset = central_offset + size
+        yield _END64.pack(
+            0x06064B50, _END64.size - 12, _UNIX | 45, 45, 0, 0, count, count, size, central_offset
+        )
+        yield _LOCATOR64.pack(0x07064B50, 0, end64_offset, 1)
+    yield _END.pack(
+        0x06054B50,
+        0,
+        0,
+        min(count, _MAX16),
+        min(count, _MAX16),
+        min(size, _MAX32),
+        min(central_offset, _MAX32),
+        0,
+    )
+
+
 __all__ = [
     "CONTENT_TYPES",
     "FILENAMES",
@@ -619,6 +790,8 @@ __all__ = [
     "SourceChangedError",
     "SourceFile",
     "check_sources",
+    "instance_file_name",
+    "instance_member_names",
     "make_archive_stream",
     "member_names",
     "read_source",

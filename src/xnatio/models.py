@@ -168,6 +168,12 @@ class UploadResult:
     # Things that did not fail the run but the user should know (one line each), e.g. that the
     # server rewrote every file so read-back compared instance counts, not bytes.
     warnings: list[str] = field(default_factory=list)
+    # Facts the user may want to know that are neither failures nor warnings (one line each),
+    # e.g. that XNAT stored its own copies of the files (facts 1.7), so bytes were not compared.
+    notes: list[str] = field(default_factory=list)
+    # Direct-Archive URIs whose experiment XNAT had not created yet when xio stopped waiting
+    # (facts 1.6): the files were sent, not yet archived; ``xio verify --wait-for`` later.
+    pending: list[str] = field(default_factory=list)
 
     @property
     def uploaded(self) -> list[FileOutcome]:

@@ -25,6 +25,7 @@ from xnatio.journal import EARLIER_RUN_REASON
 from xnatio.models import Batch, FileOutcome, Manifest, Outcome, SkippedFile, UploadResult
 
 RESULT_SCHEMA = "xnatio.upload-result/1"
+ALREADY_REASON = "already on the server"  # a file a re-run found on the server (xnatio.resume)
 PLAN_SCHEMA = "xnatio.upload-plan/1"
 REPORT_COLUMNS = ("path", "outcome", "reason", "sop_instance_uid", "series_uid", "size", "batch")
 
@@ -33,10 +34,13 @@ SUMMARY_LIST_CAP = 20
 
 
 def status_of(result: UploadResult) -> str:
-    """``success`` (everything landed), ``partial`` (some files failed) or ``failed``."""
+    """``success`` (everything landed), ``pending`` (sent, XNAT has not archived it yet:
+    Direct-Archive, facts 1.6), ``partial`` (some files failed) or ``failed``."""
     failed = result.failed
     if result.success and not failed and result.verified is not False:
         return "success"
+    if result.pending and not failed:
+        return "pending"
     if result.uploaded and failed:
         return "partial"
     return "failed"
@@ -123,6 +127,8 @@ def _result_head(result: UploadResult) -> dict[str, Any]:
         ],
         "errors": list(result.errors),
         "warnings": list(result.warnings),
+        "notes": list(result.notes),
+        "pending": list(result.pending),
     }
 
 
@@ -249,7 +255,11 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     dest = "/".join(x for x in (result.project, result.subject, result.session) if x) or "XNAT"
     sent = sum(f.size for f in uploaded)
     # The rate is this run's: files an earlier run sent (resume) took no time now.
-    sent_now = sum(f.size for f in uploaded if not f.reason.startswith(EARLIER_RUN_REASON))
+    sent_now = sum(
+        f.size
+        for f in uploaded
+        if not f.reason.startswith(EARLIER_RUN_REASON) and f.reason != ALREADY_REASON
+    )
     if sent_now == 0:
         speed = "nothing new to send"
     elif result.duration > 0:
@@ -257,7 +267,17 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     else:
         speed = "-"
     status = status_of(result)
-    if status == "success":
+    already = sum(1 for f in uploaded if f.reason == ALREADY_REASON)
+    if status == "success" and already == len(uploaded) and uploaded:
+        head = f"All {_files(already)} already on the server at {dest}: nothing sent"
+    elif status == "pending":
+        head = (
+            f"Sent {len(uploaded)} of {_files(to_send)} ({_mb(sent)}) to {dest}, not yet "
+            f"archived: XNAT archives a Direct-Archive upload once the session has been idle "
+            f"for its interval (facts 1.6); run `xio verify {result.project} {result.subject} "
+            f"{result.session} PATH --wait-for 900` later"
+        )
+    elif status == "success":
         head = (
             f"Uploaded {len(uploaded)} of {_files(to_send)} ({_mb(sent)}) to {dest} "
             f"in {result.duration:.1f} s ({speed}) over {result.transport}"
@@ -279,8 +299,12 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     if result.verified is not None:
         details.append("verified on the server" if result.verified else "VERIFICATION FAILED")
     lines.append("  " + ", ".join(details))
+    if already and already < len(uploaded):
+        lines.append(f"  {_files(already)} already on the server (not sent again)")
     # Not failures, but they change what "verified" means (e.g. counted, bytes not compared).
     lines.extend(f"  {w[:1].upper()}{w[1:]}" for w in result.warnings)
+    lines.extend(f"  Note: {n}" for n in result.notes)
+    lines.extend(f"  not yet archived: {u}" for u in result.pending)
     for s in result.studies:
         lines.append(f"  study {s.study_uid} (patient {s.patient_id}): {_files(s.file_count)}")
     uris = result.session_uris or ([result.session_uri] if result.session_uri else [])

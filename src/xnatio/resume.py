@@ -9,6 +9,14 @@ outcomes, verification, the resume hint on Ctrl-C) lives here once. Callers: ``x
 
 Outcomes of a resumed run: files confirmed by an earlier run are ``UPLOADED`` with the reason
 ``"sent by an earlier run (journal)"``; read-back turns every file it finds into ``VERIFIED``.
+
+Existing sessions converge (REST, facts 1.5): before sending, the session is read back
+(``on_server``) and every instance it already holds by name is not sent again (reason
+:data:`ALREADY_REASON`), whatever the journal knows (a fresh journal, ``--restart``, another
+machine). XNAT's merge refuses (409) an incoming SOP Instance UID the scan already holds, identical
+bytes included, and leaves a CONFLICT entry in the prearchive; so only what is missing is sent,
+and it merges. Exceptions, sent although there: files the journal saw change since an earlier run
+sent them, and everything with ``--overwrite delete`` (both archived with ``overwrite=delete``).
 A confirmed file that read-back cannot find (lost on the server) is sent again once, in the same
 run, and the session read back again; what is still missing or different then is ``FAILED``
 with the reason, and dropped from the journal so that the next run sends it again. A run exits 0
@@ -31,8 +39,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
 
-from xnatio.errors import EXIT_INTERRUPTED, ServerError, XnatioError
+from xnatio.errors import EXIT_INTERRUPTED, ServerError, UsageError, XnatioError
 from xnatio.journal import Journal, JournalRun, Target, outcome_path
 from xnatio.models import (
     Batch,
@@ -44,8 +53,9 @@ from xnatio.models import (
     ProgressEvent,
     UploadResult,
 )
+from xnatio.report import ALREADY_REASON
 from xnatio.retry import RetryPolicy
-from xnatio.verify import VerifyReport, verify_session
+from xnatio.verify import VerifyReport, already_on_server, read_server_session, verify_session
 from xnatio.xnat.client import XnatClient, quote
 
 if TYPE_CHECKING:
@@ -79,12 +89,17 @@ earlier run (the server may already hold the session, which must merge, not answ
 copy must be replaced). A user's own ``--overwrite delete`` wins over ``append``.
 """
 
+DIRECT_ARCHIVE_PREFIX = "/xapi/direct-archive/"
+
 Commit = Callable[[str], str]
 """Commit what earlier runs sent when nothing is left to send (REST). Gets the session URI the
 journal remembered ("" if none); the REST one asks the server which prearchive sessions of this
 label still wait (:func:`waiting_prearchive_sessions`). Returns the archived session's URI."""
 
 ReadBack = Callable[[Sequence[DicomFile]], VerifyReport]
+
+OnServer = Callable[[Sequence[DicomFile]], list[DicomFile]]
+"""The files (of those given) whose instances the server's session already holds (REST)."""
 
 
 class UploadInterrupted(XnatioError):
@@ -111,8 +126,10 @@ def resumable_upload(
     commit: Commit | None = None,
     read_back: ReadBack | None = None,
     notify: Callable[[str], None] | None = None,
+    on_server: OnServer | None = None,
 ) -> UploadResult:
-    """Send what the journal has not seen confirmed, commit, verify; see the module docstring."""
+    """Send what the journal has not seen confirmed and the server does not hold (``on_server``),
+    commit, verify; see the module docstring."""
     say = notify or (lambda msg: log.info("%s", msg))
     if not options.verify:
         read_back = None
@@ -133,7 +150,9 @@ def resumable_upload(
             )
         try:
             with _sigterm_as_interrupt():
-                result, committed = _send_rest_of(run, manifest, done, todo, send, commit, say)
+                result, committed = _send_rest_of(
+                    run, manifest, done, todo, send, commit, say, on_server
+                )
                 return _finish(
                     result,
                     manifest,
@@ -193,11 +212,21 @@ def _send_rest_of(
     send: Send,
     commit: Commit | None,
     say: Callable[[str], None],
+    on_server: OnServer | None = None,
 ) -> tuple[UploadResult, bool]:
     """Send ``todo`` (or only commit); returns the result and whether the session is committed."""
     started = time.monotonic()
+    already: list[FileOutcome] = []
+    if todo and on_server is not None:
+        todo, already = _not_on_server(run, manifest, todo, on_server, say)
+    if not todo and already and not done:
+        run.record_commit()  # the server holds every file: nothing of ours waits for a commit
+    pending = ""  # a Direct-Archive session still not archived (facts 1.6)
     if not todo and commit is not None and not run.committed:
-        say("every file was sent by an earlier run; committing the session")
+        if run.session_uri.startswith(DIRECT_ARCHIVE_PREFIX):
+            say("every file was sent by an earlier run; waiting for XNAT to archive them")
+        else:
+            say("every file was sent by an earlier run; committing the session")
         try:
             uri = commit(run.session_uri)
         except ServerError as exc:
@@ -209,7 +238,10 @@ def _send_rest_of(
             run.forget(done)
             done, todo = [], list(manifest.files)
         else:
-            run.record_commit(uri)
+            if uri.startswith(DIRECT_ARCHIVE_PREFIX):
+                pending = uri
+            else:
+                run.record_commit(uri)
     if todo:
         part = Manifest(
             root=manifest.root,
@@ -229,19 +261,61 @@ def _send_rest_of(
         # The hook may have seen them already; recording twice is harmless (same rows).
         run.record_outcomes(result.files)
         committed = _committed(result, needs_commit=commit is not None)
-        if committed:
+        if result.pending:
+            # Sent, not archived yet: the next run waits for it again (its commit step).
+            run.record_session_uri(result.pending[0])
+        elif committed:
             run.record_commit(result.session_uri)
     else:
         result = UploadResult(success=True, total_files=0, duration=0.0, total_size_mb=0.0)
-        if not run.committed:
+        if not run.committed and not pending:
             run.record_commit()  # nothing known to commit: read-back will tell
         committed = True
-        result.session_uri = run.session_uri
+        result.session_uri = pending or run.session_uri
+        result.pending = [pending] if pending else []
         result.duration = time.monotonic() - started
+    result.files.extend(already)
     result.files.extend(run.earlier_outcomes(done))
     result.total_files = len(manifest.files)
     result.total_size_mb = manifest.total_bytes / 1e6
     return result, committed
+
+
+def _not_on_server(
+    run: JournalRun,
+    manifest: Manifest,
+    todo: list[DicomFile],
+    on_server: OnServer,
+    say: Callable[[str], None],
+) -> tuple[list[DicomFile], list[FileOutcome]]:
+    """Split ``todo`` into what the server lacks and outcomes for what it holds already.
+
+    Files that changed since an earlier run sent them are sent anyway (they replace the server's
+    copy). What the server holds is recorded in the journal as confirmed, like a sent file.
+    """
+    changed = {outcome_path(f) for f in run.changed_since_sent(todo)}
+    there = on_server([f for f in todo if outcome_path(f) not in changed])
+    if not there:
+        return todo, []
+    held = {outcome_path(f) for f in there}
+    outcomes = [
+        FileOutcome(
+            path=outcome_path(f),
+            outcome=Outcome.UPLOADED,
+            reason=ALREADY_REASON,
+            sop_instance_uid=f.sop_instance_uid,
+            series_uid=f.series_uid,
+            size=f.size,
+        )
+        for f in there
+    ]
+    run.on_confirmed(outcomes)
+    left = [f for f in todo if outcome_path(f) not in held]
+    say(
+        f"{len(there)} of {len(manifest.files)} files are already on the server: "
+        + (f"sending only the other {len(left)}" if left else "nothing to send")
+    )
+    return left, outcomes
 
 
 def _committed(result: UploadResult, *, needs_commit: bool) -> bool:
@@ -279,6 +353,10 @@ def _finish(
             "the session was not committed, so its files are not archived yet; "
             "run the same command again to retry the commit"
         )
+    elif result.pending:
+        # Direct-Archive: XNAT archives after its idle interval (facts 1.6); nothing to read yet.
+        result.success = False
+        return result
     elif read_back is not None and sent:
         say(f"verifying {len(manifest.files)} files against the server")
         try:
@@ -353,6 +431,8 @@ def apply_verification(result: UploadResult, report: VerifyReport) -> None:
     result.verified = report.ok
     if report.warning and report.warning not in result.warnings:
         result.warnings.append(report.warning)
+    if report.rewritten_note and report.rewritten_note not in result.notes:
+        result.notes.append(report.rewritten_note)
     if not report.ok:
         problems = report.problems
         result.errors.append(
@@ -377,14 +457,19 @@ def resumable_rest_upload(
     cancel: threading.Event | None = None,
     notify: Callable[[str], None] | None = None,
     plan: Callable[[Manifest], list[Batch]] | None = None,
+    preflight: bool = True,
 ) -> UploadResult:
     """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
 
     ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`).
+    ``preflight``: first check the destination (:func:`xnatio.preflight.before_sending`); a
+    refusal raises :class:`xnatio.preflight.PreflightError` before any DICOM byte is sent.
 
-    When earlier runs already put files of this session on the server, the batches are sent with
-    ``overwrite=append`` (unless the caller chose ``delete``): the archived session must merge,
-    not answer 409 "Session already exists".
+    Before sending, each session label is read back: what it holds by instance name is not sent
+    again (module docstring), unless ``target.overwrite`` is ``delete`` (everything is sent and
+    replaces the server's copies, facts 1.5). A Direct-Archive upload into a session that exists
+    goes through the prearchive instead: Direct-Archive never merges, it falls back to the
+    prearchive when the label's folder exists (facts 1.6), and only a commit merges.
     """
     from xnatio.transports.rest import RestUploader, session_labels
     from xnatio.uploaders import plan_rest_upload
@@ -394,11 +479,63 @@ def resumable_rest_upload(
         labels = session_labels(manifest.studies(), target.session)
         target = dataclasses.replace(target, study_labels=tuple(labels.items()))
     study_labels = dict(target.study_labels)
+    if preflight:
+        from xnatio.preflight import before_sending
+
+        found = before_sending(
+            client,
+            manifest,
+            project=target.project,
+            subject=target.subject,
+            labels=study_labels,
+            notify=notify,
+        )
+        target = dataclasses.replace(target, project=found.project, subject=found.subject)
+    existing: set[str] = set()  # labels whose session the server holds already
+    say = notify or (lambda msg: log.info("%s", msg))
+
+    def on_server(files: Sequence[DicomFile]) -> list[DicomFile]:
+        by_label: dict[str, list[DicomFile]] = {}
+        for f in files:
+            by_label.setdefault(study_labels.get(f.study_uid, target.session), []).append(f)
+        there: list[DicomFile] = []
+        for label, part in by_label.items():
+            try:
+                server = read_server_session(client, target.project, target.subject, label)
+            except ServerError as exc:
+                # Unknown, so not "absent": sending all could re-send what is there (a 409 and a
+                # CONFLICT entry on the server, facts 1.5). Nothing is sent.
+                raise ServerError(
+                    f"could not read session {label} back before sending ({exc.message}); "
+                    "nothing was sent; run the same command again",
+                    status=exc.status,
+                ) from None
+            if server is None:
+                continue
+            studies = {f.study_uid for f in part}
+            if server.study_uid and server.study_uid not in studies:
+                # XNAT refuses to merge another study into a session (facts 1.5, "Invalid
+                # modification of session UID"); never send it there (the pre-flight says so
+                # first on the command line).
+                raise UsageError(
+                    f"session {label} in project {target.project} holds another study "
+                    f"(StudyInstanceUID {server.study_uid}); nothing was sent: choose another "
+                    "session label"
+                )
+            existing.add(label)
+            there.extend(already_on_server(server, part))
+        return there
 
     def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
         t = target
         if overwrite is not None and t.overwrite != "delete":
             t = dataclasses.replace(t, overwrite=overwrite)
+        if t.direct_archive and existing:
+            say(
+                "the session exists already and Direct-Archive never merges (facts 1.6): "
+                "sending the missing files through the prearchive, committed into it"
+            )
+            t = dataclasses.replace(t, direct_archive=False)
         if plan is not None and part.source_archive is None:
             batches = plan(part)
         else:
@@ -421,7 +558,13 @@ def resumable_rest_upload(
             if target.overwrite != "none"
             else dataclasses.replace(target, overwrite="append")
         )
-        uploader = RestUploader(client, t, retry=retry)
+        uploader = RestUploader(
+            client, t, retry=retry, progress_callback=progress_callback, cancel=cancel
+        )
+        if remembered_uri.startswith(DIRECT_ARCHIVE_PREFIX):
+            # Sent by an earlier run that stopped waiting: wait again (facts 1.6).
+            label = unquote(remembered_uri.rstrip("/").rsplit("/", 1)[-1])
+            return uploader.await_direct_archive(remembered_uri, label)
         archived = ""
         # The server, not our memory, says what is waiting: every prearchive session of these
         # labels still receiving (section 3), committed with the transport's own final step.
@@ -460,6 +603,7 @@ def resumable_rest_upload(
         commit=commit,
         read_back=read_back,
         notify=notify,
+        on_server=None if target.overwrite == "delete" else on_server,
     )
     result.transport = "rest"
     result.project, result.subject, result.session = target.project, target.subject, target.session
@@ -534,17 +678,29 @@ def resumable_dicom_store_upload(
     session: str,
     options: ResumeOptions = ResumeOptions(),
     notify: Callable[[str], None] | None = None,
+    client: XnatClient | None = None,
     **send_options: Any,
 ) -> UploadResult:
     """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
     confirmation, recorded as it arrives). ``send_options`` go to
     :func:`xnatio.transports.dicom_store.send_dicom_store` (calling AE title, batches, timeouts,
-    routing, retries, progress).
+    routing, retries, progress). With ``client`` (XNAT's REST API, credentials), the destination
+    is checked first (:func:`xnatio.preflight.before_sending`; every study is routed to
+    ``session``).
 
     No read-back here: XNAT's DICOM receiver builds the session only after an idle period
     (section 6), so the files cannot be checked right after sending; run ``xio verify`` later.
     """
     from xnatio.transports.dicom_store import send_dicom_store
+
+    if client is not None:
+        from xnatio.preflight import before_sending
+
+        labels = {s.study_uid: session for s in manifest.studies()}
+        found = before_sending(
+            client, manifest, project=project, subject=subject, labels=labels, notify=notify
+        )
+        project, subject = found.project, found.subject
 
     def send(part: Manifest, hook: Confirmations, overwrite: str | None) -> UploadResult:
         # No overwrite with C-STORE: XNAT files a re-sent instance over the same one.

@@ -110,7 +110,7 @@ def plan_rest_upload(
     if progress_callback is not None:
         progress_callback(ProgressEvent(phase=Phase.PLAN, current=0, total=1, message="planning"))
     if manifest.source_archive is not None:
-        # An archive PATH is sent as is, in one request.
+        # An archive PATH is sent in one request (its DICOM members re-packed).
         batches = [Batch(index=0, files=tuple(manifest.files))]
     else:
         batches = plan_batches(manifest, max(1, num_batches))
@@ -148,6 +148,7 @@ def upload_dicom_parallel_rest(
     timeout: float = 10800.0,
     overwrite: str = "none",
     direct_archive: bool = False,
+    archive_wait: float = 900.0,
     retries: int = 5,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
@@ -155,16 +156,22 @@ def upload_dicom_parallel_rest(
     client: XnatClient | None = None,
     cancel: threading.Event | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+    preflight: bool = True,
 ) -> UploadResult:
     """Upload the DICOM session under ``source_dir`` (a folder or a .zip/.tar/.tar.gz) to XNAT.
 
     Discovers every DICOM file by content, plans up to ``num_batches`` series-aligned batches,
-    streams them as ``archive_format`` archives (tar, zip or tgz) to the prearchive with at most
-    ``upload_workers`` requests in flight while ``archive_workers`` threads prepare the next ones,
-    then commits and archives the session once as PROJECT/SUBJECT/SESSION. ``verify_tls`` is
-    True, False or a CA bundle path; ``timeout`` is per request (seconds); ``retries`` per batch
-    on transient failures; ``overwrite`` is none, append or delete; ``direct_archive`` uses
-    XNAT ≥ 1.8.3 Direct-Archive instead of prearchive + commit.
+    streams them as ``archive_format`` archives (tar, zip, or zip-deflated; tgz sends
+    zip-deflated) to the prearchive with at most ``upload_workers`` requests in flight while
+    ``archive_workers`` threads prepare the next ones, then commits and archives the session once
+    as PROJECT/SUBJECT/SESSION. ``verify_tls`` is True, False or a CA bundle path; ``timeout`` is
+    per request (seconds); ``retries`` per batch on transient failures; ``overwrite`` is none,
+    append or delete (what the archive step sends, see :class:`RestTarget`); ``direct_archive``
+    uses XNAT ≥ 1.8.3 Direct-Archive instead of prearchive + commit, and waits up to
+    ``archive_wait`` seconds for XNAT to archive it (facts 1.6; ``result.pending`` lists what was
+    not archived by then). This function sends everything it is given: reading an existing
+    session first and sending only what it lacks is :func:`xnatio.resume.resumable_rest_upload`
+    (``xio upload-dicom``).
 
     ``allow_multiple_studies``: send a PATH holding several StudyInstanceUIDs. XNAT makes one
     session per study, so each is archived under its own label: the largest study as
@@ -179,7 +186,10 @@ def upload_dicom_parallel_rest(
     and per-batch failures are in the result, never raised. ``KeyboardInterrupt`` (or setting
     ``cancel``) cancels the in-flight requests, closes the session and is re-raised.
     ``on_confirmed`` receives, from worker threads, the outcomes of each batch as the server
-    confirms it (for the resume journal).
+    confirms it (for the resume journal). ``preflight``: check the destination first
+    (:func:`xnatio.preflight.before_sending`: labels XNAT would change, project, rights, an
+    existing session of another study); a refusal raises ``PreflightError`` before any DICOM
+    byte is sent.
     """
     target = RestTarget(
         project=project,
@@ -191,6 +201,7 @@ def upload_dicom_parallel_rest(
         archive_format=archive_format,
         overwrite=overwrite,
         direct_archive=direct_archive,
+        archive_wait=archive_wait,
     )
     plan = plan_rest_upload(
         source_dir,
@@ -213,15 +224,25 @@ def upload_dicom_parallel_rest(
             pool_size=upload_workers,
             retry=retry,
         )
-    uploader = RestUploader(
-        client,
-        target,
-        retry=retry,
-        progress_callback=progress_callback,
-        cancel=cancel,
-        on_confirmed=on_confirmed,
-    )
     try:
+        if preflight:
+            from dataclasses import replace
+
+            from xnatio.preflight import before_sending
+
+            labels = session_labels(plan.manifest.studies(), session)
+            found = before_sending(
+                client, plan.manifest, project=project, subject=subject, labels=labels
+            )
+            target = replace(target, project=found.project, subject=found.subject)
+        uploader = RestUploader(
+            client,
+            target,
+            retry=retry,
+            progress_callback=progress_callback,
+            cancel=cancel,
+            on_confirmed=on_confirmed,
+        )
         return uploader.upload(plan.manifest, plan.batches)
     finally:
         if own_client:

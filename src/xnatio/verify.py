@@ -1,46 +1,40 @@
-"""Read back what landed in XNAT and compare it with the local manifest, series by series.
+"""Read back what landed in XNAT and compare it with the local manifest, instance by instance.
 
-The server side comes from three reads (section 4 of ``shared/xnat-api.md``): the experiment
-(``…/experiments/E?format=json``: its ``scans/scan`` children carry each scan's ``ID`` and, where
-XNAT stored it, the Series Instance ``UID``), the scan list, and per scan
-``…/scans/{ID}/resources/DICOM/files?format=json`` (``Name``, ``Size``, and ``digest`` = MD5 when
-the catalog has one).
+The server side comes from three reads (facts 4): the experiment (``…/experiments/E?format=json``:
+its ``data_fields.UID`` is the StudyInstanceUID, and its ``scans/scan`` children carry each scan's
+``ID`` and, where XNAT stored it, the Series Instance ``UID``), the scan list, and per scan
+``…/scans/{ID}/resources/DICOM/files?format=json`` (``Name``, ``Size``, ``digest``).
 
-Matching rule. XNAT renames every file on import (its naming pattern, not ours), so names cannot
-be compared. Instead:
+What survives on the server. XNAT re-encodes every file it stores, and its site-wide
+anonymization script, enabled by default, rewrites Patient Name, Patient ID and Study Description
+unless ``prevent_anon=true`` (facts 1.7); the catalog ``digest`` is the MD5 of the *stored* file.
+So bytes, sizes and MD5s of the upload are in general not on the server. The file *name* is: xio
+sends each instance as ``{SOP Instance UID}.dcm`` (:func:`xnatio.archive.instance_file_name`) and
+XNAT keeps an uploaded name unless another instance holds it (facts 1.2, ``rename`` row). Hence:
 
-1. each local series (Series Instance UID) is paired with the scan whose ``UID`` equals it; when
-   the server gives no UIDs, with the scan whose ``ID`` is the series number (XNAT's default scan
-   ID). Local series that share a series number and cannot be told apart by UID are pooled.
-2. inside a pair, files are compared as multisets of ``(size, md5)``; the MD5 is computed locally
-   (streamed, a few threads) only for scans where the server gives digests, otherwise ``(size,)``.
-   Every local file whose key is matched by a server file is VERIFIED. Leftover local files are
-   paired with leftover server files as *different* (the server holds an instance, but not these
-   bytes: a site anonymization script, or a damaged transfer); local files left after that are
-   *missing*. Server files left over are *extra* (shown, not a failure: the session may have held
-   them before this upload).
-3. a server that rewrites every file it stores. XNAT runs the site-wide anonymization script on
-   each file as it writes it (commonly Patient Name/ID := subject/session label), so on such a
-   server no stored file has the size and MD5 that was sent. When, in one session, *no* local file
-   matches a server file byte for byte and at least one differs, the server is taken to rewrite
-   files, and in each series that holds exactly as many files as were sent, whose sizes differ
-   from ours by no more than a header rewrite could (:data:`HEADER_SLACK`), the differing files
-   are *rewritten*: VERIFIED by instance count, bytes not compared (the report carries one
-   warning line). Missing instances still fail; so does a series with more or fewer files than
-   sent (which of them are ours cannot be told without the bytes). Where some files match byte
-   for byte and others differ, the server evidently does not rewrite files, so the differences
-   are failures (damage, or files changed locally after the upload).
+1. **By name.** A local file is *landed* when a scan of the session holds its name. A local file
+   whose name is nowhere is *missing*: that instance, by SOP Instance UID, is not on the server
+   (a file deleted there is reported so). A local series is paired with the scan holding most of
+   its instances, so two series that share a Series Number (XNAT's scan ID, facts 4
+   *(unconfirmed)*) are still told apart.
+2. **Bytes, where they are ours.** A few landed files (the first of each series, at most
+   :data:`PROBES`) are hashed locally and compared with the server's digest. If one matches, the
+   server stores our bytes (``prevent_anon`` and no re-encoding): every landed file with a digest
+   is then hashed, and one that differs is a failure (damaged, or changed locally since the
+   upload). If none matches, the server rewrote its copies (facts 1.7): not a failure, the files
+   are verified by name and the report says so once (:attr:`VerifyReport.rewritten_note`).
+3. **By count, when no name matches.** A session filled by another tool, or over C-STORE, holds
+   XNAT's own file names. A local series none of whose names is on the server is paired with
+   the scan of the same Series Instance UID, else with the scan whose ID is its Series Number
+   when no other local series has that number; it is verified by count when that scan holds
+   exactly as many files not named after another local instance, else its files fail (which of
+   them are there cannot be told). Such files carry :data:`COUNT_REASON`.
+4. **Another study.** When the experiment's StudyInstanceUID is known and is not the local one,
+   every file fails with that reason: the label holds a different study.
 
-   Why "none identical" and not "most differ": the script runs on every file the server writes,
-   and the fields it rewrites are the same in every file of a session, so its effect is all or
-   nothing. Byte-identical files next to different ones mean something else changed them.
-
-A session that holds files with the same size and MD5 is the same content, so the multiset rule
-cannot mistake one file for another in a way that matters.
-
-Progress: with a ``progress`` callback, :func:`verify_session` emits ``Phase.VERIFY`` events
-counting local files (and their bytes) compared so far: one at the start, while the session is
-read back, then one per file hashed, and one per series compared by size only or not found.
+Server files that match nothing local are *extra*: shown, not a failure (the session may have
+held them before). Progress: with a ``progress`` callback, :func:`verify_session` emits
+``Phase.VERIFY`` events counting local files (and their bytes) compared so far.
 """
 
 from __future__ import annotations
@@ -57,23 +51,25 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import quote
 
+from xnatio.archive import instance_file_name
 from xnatio.errors import ServerError
 from xnatio.journal import outcome_path
 from xnatio.models import DicomFile, FileOutcome, Outcome, Phase, ProgressCallback, ProgressEvent
 
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
 MD5_THREADS = 4
-# The most a header rewrite may change a file's size by. Anonymization edits names, IDs and dates,
-# and may strip private tags, of which Siemens' CSA headers (~10-200 KB) are the largest common
-# ones; pixel data is untouched. Pixel data of a real image (a 256x256 MR slice is 128 KB, a CT
-# slice 512 KB) is mostly larger, so a truncated file or another image usually shows.
-HEADER_SLACK = 256 * 1024
+# Landed files hashed to find out whether the server stores our bytes (rule 2).
+PROBES = 8
 
-REWRITE_REASON = (
-    "instance landed; the server rewrote its header (site anonymization?), bytes not compared"
+COUNT_REASON = (
+    "verified by instance count in its series: the server holds the series under file names "
+    "xio did not give (sent by another tool or over C-STORE)"
 )
-
-Key = tuple[int, str | None]
+REWRITTEN_NOTE = (
+    "XNAT stored its own copy of each file (re-encoded, and rewritten by its site anonymization "
+    "script unless prevent_anon, facts 1.7): instances were matched by name and counted per "
+    "series, bytes not compared"
+)
 
 
 class JsonGetter(Protocol):
@@ -97,6 +93,17 @@ class ServerScan:
 
 
 @dataclass(slots=True)
+class ServerSession:
+    """A session as read back: its scans and, when XNAT lists it, its StudyInstanceUID."""
+
+    scans: list[ServerScan]
+    study_uid: str = ""
+
+    def names(self) -> set[str]:
+        return {f.name for s in self.scans for f in s.files}
+
+
+@dataclass(slots=True)
 class SeriesCheck:
     """One local series against the scan it landed in."""
 
@@ -105,21 +112,20 @@ class SeriesCheck:
     scan_id: str  # "" when no scan matched
     local: int
     on_server: int
+    # Landed: found by name (or, with ``counted``, by count). ``identical``: how many of them the
+    # server holds byte for byte (their MD5 matched).
     verified: list[DicomFile] = field(default_factory=list)
+    identical: int = 0
+    counted: bool = False
     missing: list[DicomFile] = field(default_factory=list)
     different: list[DicomFile] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
-    compared_md5: bool = False
-    # Landed, but the server rewrote the bytes (site anonymization): verified by count only.
-    rewritten: list[DicomFile] = field(default_factory=list)
-    # The session shows a server that rewrites every file (no file of it is byte-identical).
-    server_rewrites: bool = False
-    # The largest size change between this series' differing files and the server's leftovers.
-    size_change: int = 0
+    # Set when the series was paired by count and the scan holds another number of files.
+    uncounted: list[DicomFile] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.different
+        return not self.missing and not self.different and not self.uncounted
 
 
 @dataclass(slots=True)
@@ -131,42 +137,55 @@ class VerifyReport:
     series: list[SeriesCheck] = field(default_factory=list)
     unmatched_scans: list[str] = field(default_factory=list)
     unreadable: list[tuple[DicomFile, str]] = field(default_factory=list)
+    # True: the server holds our bytes (MD5s matched); False: it rewrote them; None: not known.
+    byte_identical: bool | None = None
+    # The experiment's StudyInstanceUID when it is not the local one (rule 4), else "".
+    other_study: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.found and not self.unreadable and all(s.ok for s in self.series)
-
-    @property
-    def verified(self) -> list[DicomFile]:
-        """Local files the server holds byte for byte."""
-        return [f for s in self.series for f in s.verified]
-
-    @property
-    def rewritten(self) -> list[DicomFile]:
-        """Local files that landed, but that the server rewrote (counted, bytes not compared)."""
-        return [f for s in self.series for f in s.rewritten]
-
-    @property
-    def warning(self) -> str:
-        """One line when files were verified by count only because the server rewrote them."""
-        n = len(self.rewritten)
-        if not n:
-            return ""
         return (
-            "warning: the server rewrote every file it stored (a site anonymization script?): "
-            f"{n} file{'' if n == 1 else 's'} verified by instance count per series, "
-            "bytes not compared"
+            self.found
+            and not self.other_study
+            and not self.unreadable
+            and all(s.ok for s in self.series)
         )
 
     @property
+    def verified(self) -> list[DicomFile]:
+        """Local files found on the server (by name, or counted per series)."""
+        return [f for s in self.series for f in s.verified]
+
+    @property
+    def counted(self) -> list[DicomFile]:
+        """Verified files whose series was matched by count only (rule 3)."""
+        return [f for s in self.series if s.counted for f in s.verified]
+
+    @property
+    def warning(self) -> str:
+        """One line when files were verified by count only, not by name."""
+        n = len(self.counted)
+        if not n:
+            return ""
+        return (
+            f"warning: {n} file{'' if n == 1 else 's'} verified by instance count per series "
+            "only: the server holds them under file names xio did not give"
+        )
+
+    @property
+    def rewritten_note(self) -> str:
+        """One line when the server's copies are not our bytes (facts 1.7): not a failure."""
+        return REWRITTEN_NOTE if self.byte_identical is False and self.verified else ""
+
+    @property
     def note(self) -> str:
-        """Why differing files were not taken for a server rewrite, when some files match."""
-        same = len(self.verified)
+        """Why differing files are failures: other files of the session are byte-identical."""
+        same = sum(s.identical for s in self.series)
         if not same or not any(s.different for s in self.series):
             return ""
         return (
-            f"{same} other file(s) are byte-identical on the server, so these differences "
-            "are not a server-wide rewrite (site anonymization)"
+            f"{same} other file(s) are byte-identical on the server, so the server stores our "
+            "bytes and these differences are damage or local changes since the upload"
         )
 
     @property
@@ -178,45 +197,72 @@ class VerifyReport:
     def problems(self) -> list[tuple[DicomFile, str]]:
         """Every local file that did not verify, with a one-line reason."""
         out: list[tuple[DicomFile, str]] = list(self.unreadable)
+        if self.other_study:
+            why = (
+                f"session {self.session} holds another study (StudyInstanceUID "
+                f"{self.other_study}), not this one"
+            )
+            out.extend((f, why) for s in self.series for f in [*s.verified, *s.missing])
+            out.extend((f, why) for s in self.series for f in [*s.different, *s.uncounted])
+            return out
         for s in self.series:
             where = f"series {s.series_number}" if s.series_number is not None else "series"
             for f in s.missing:
-                reason = (
-                    f"not on the server after upload ({where}: no matching scan)"
-                    if not s.scan_id
-                    else f"not on the server after upload ({where}, scan {s.scan_id})"
+                scan = f", scan {s.scan_id}" if s.scan_id else ": no scan holds any of it"
+                out.append(
+                    (
+                        f,
+                        f"instance {f.sop_instance_uid} ({instance_file_name(f.sop_instance_uid)})"
+                        f" is not on the server ({where}{scan})",
+                    )
                 )
-                out.append((f, reason))
             for f in s.different:
-                out.append((f, _different_reason(s, where)))
+                out.append(
+                    (
+                        f,
+                        f"the server's copy differs (MD5; {where}, scan {s.scan_id}) although "
+                        "it stores other files of this upload byte for byte",
+                    )
+                )
+            for f in s.uncounted:
+                out.append(
+                    (
+                        f,
+                        f"scan {s.scan_id} holds {s.on_server} file(s) for the {s.local} of "
+                        f"{where}, under names xio did not give: which are there cannot be told",
+                    )
+                )
         return out
 
     def verdicts(self) -> Iterator[tuple[str, Outcome, str]]:
         """(outcome path, outcome, reason) per file, in ``outcomes()`` order, made one at a time
         (no FileOutcome per file: callers that only settle existing outcomes need none)."""
-        for f in self.verified:
-            yield outcome_path(f), Outcome.VERIFIED, ""
-        for f in self.rewritten:
-            yield outcome_path(f), Outcome.VERIFIED, REWRITE_REASON
+        bad = {id(f) for f, _ in self.problems} if self.other_study else set()
+        for s in self.series:
+            reason = COUNT_REASON if s.counted else ""
+            for f in s.verified:
+                if id(f) not in bad:
+                    yield outcome_path(f), Outcome.VERIFIED, reason
         for f, why in self.problems:
             yield outcome_path(f), Outcome.FAILED, why
 
     def outcomes(self) -> list[FileOutcome]:
-        out = [_outcome(f, Outcome.VERIFIED, "") for f in self.verified]
-        out.extend(_outcome(f, Outcome.VERIFIED, REWRITE_REASON) for f in self.rewritten)
-        out.extend(_outcome(f, Outcome.FAILED, why) for f, why in self.problems)
-        return out
+        by_path = {outcome_path(f): f for s in self.series for f in _all_local(s)}
+        by_path.update((outcome_path(f), f) for f, _ in self.unreadable)
+        return [_outcome(by_path[p], o, r) for p, o, r in self.verdicts()]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": "xnatio.verify-result/1",
+            "schema": "xnatio.verify-result/2",
             "project": self.project,
             "subject": self.subject,
             "session": self.session,
             "ok": self.ok,
             "session_found": self.found,
-            "server_rewrote": bool(self.rewritten),
+            "other_study": self.other_study or None,
+            "byte_identical": self.byte_identical,
             "warnings": [self.warning] if self.warning else [],
+            "notes": [self.rewritten_note] if self.rewritten_note else [],
             "series": [
                 {
                     "series_uid": s.series_uid,
@@ -224,12 +270,16 @@ class VerifyReport:
                     "scan_id": s.scan_id,
                     "local": s.local,
                     "on_server": s.on_server,
-                    "verified": len(s.verified) + len(s.rewritten),
-                    "rewritten": len(s.rewritten),
-                    "missing": [str(f.path) for f in s.missing],
+                    "verified": len(s.verified),
+                    "byte_identical": s.identical,
+                    "matched_by": "count" if s.counted else "name",
+                    "missing": [
+                        {"path": str(f.path), "sop_instance_uid": f.sop_instance_uid}
+                        for f in s.missing
+                    ],
                     "different": [str(f.path) for f in s.different],
+                    "uncounted": [str(f.path) for f in s.uncounted],
                     "extra": s.extra,
-                    "compared_md5": s.compared_md5,
                 }
                 for s in self.series
             ],
@@ -239,11 +289,8 @@ class VerifyReport:
 
     def table(self) -> str:
         """A plain-text per-series table (what a mismatch prints)."""
-        # "rewritten" (a subset of "verified") only where the server rewrote files.
-        rewrites = bool(self.rewritten)
-        head: tuple[str, ...] = ("series", "scan", "local", "server", "verified")
-        head += ("rewritten",) * rewrites + ("missing", "different", "extra")
-        rows = [head]
+        head = ("series", "scan", "local", "server", "verified", "missing", "different", "extra")
+        rows: list[tuple[str, ...]] = [head]
         for s in self.series:
             rows.append(
                 (
@@ -251,10 +298,9 @@ class VerifyReport:
                     s.scan_id or "-",
                     str(s.local),
                     str(s.on_server),
-                    str(len(s.verified) + len(s.rewritten)),
-                    *((str(len(s.rewritten)),) * rewrites),
+                    str(len(s.verified)),
                     str(len(s.missing)),
-                    str(len(s.different)),
+                    str(len(s.different) + len(s.uncounted)),
                     str(len(s.extra)),
                 )
             )
@@ -264,20 +310,8 @@ class VerifyReport:
         )
 
 
-def _different_reason(s: SeriesCheck, where: str) -> str:
-    what = "size/MD5" if s.compared_md5 else "size"
-    if s.server_rewrites and (s.missing or s.extra):
-        how_many = "of the" if s.missing else "for the"
-        return (
-            f"the server rewrote the files of {where} (scan {s.scan_id}) and holds {s.on_server} "
-            f"{how_many} {s.local} sent: which are these cannot be told without the bytes"
-        )
-    if s.server_rewrites and s.size_change > HEADER_SLACK:
-        return (
-            f"differs on the server by up to {s.size_change} bytes, more than a header rewrite "
-            f"({what}; {where}, scan {s.scan_id})"
-        )
-    return f"differs on the server ({what}; {where}, scan {s.scan_id})"
+def _all_local(s: SeriesCheck) -> list[DicomFile]:
+    return [*s.verified, *s.missing, *s.different, *s.uncounted]
 
 
 def _outcome(f: DicomFile, outcome: Outcome, reason: str) -> FileOutcome:
@@ -291,7 +325,7 @@ def _outcome(f: DicomFile, outcome: Outcome, reason: str) -> FileOutcome:
     )
 
 
-def _experiment_path(project: str, subject: str, session: str) -> str:
+def experiment_path(project: str, subject: str, session: str) -> str:
     p, s, e = (quote(x, safe="") for x in (project, subject, session))
     return f"/data/projects/{p}/subjects/{s}/experiments/{e}"
 
@@ -304,11 +338,11 @@ def _rows(data: Any) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict)]
 
 
-def read_session(
+def read_server_session(
     client: JsonGetter, project: str, subject: str, session: str
-) -> list[ServerScan] | None:
-    """The scans and DICOM files of a session as XNAT lists them; None if it does not exist."""
-    base = _experiment_path(project, subject, session)
+) -> ServerSession | None:
+    """The scans, DICOM files and StudyInstanceUID of a session; None if it does not exist."""
+    base = experiment_path(project, subject, session)
     try:
         experiment = client.get_json(base)
     except ServerError as exc:
@@ -316,15 +350,18 @@ def read_session(
             return None
         raise
     uids: dict[str, str] = {}
+    study_uid = ""
     try:
-        for child in experiment["items"][0].get("children", []):
+        item = experiment["items"][0]
+        study_uid = str(item.get("data_fields", {}).get("UID", "") or "")
+        for child in item.get("children", []):
             if child.get("field") == "scans/scan":
-                for item in child.get("items", []):
-                    fields = item.get("data_fields", {})
+                for scan_item in child.get("items", []):
+                    fields = scan_item.get("data_fields", {})
                     if "ID" in fields:
                         uids[str(fields["ID"])] = str(fields.get("UID", ""))
     except (KeyError, IndexError, TypeError, AttributeError):
-        pass  # UIDs are a refinement; the scan list below is what counts
+        pass  # the shape is unconfirmed (facts 4): UIDs are a refinement, the listings count
     scans: list[ServerScan] = []
     for row in _rows(client.get_json(base + "/scans")):
         scan_id = str(row.get("ID", ""))
@@ -344,9 +381,19 @@ def read_session(
             except ValueError:
                 size = -1
             digest = str(f.get("digest", "") or "").strip().lower()
-            scan.files.append(ServerFile(str(f.get("Name", "")), size, digest or None))
+            # Name is the file's path in the resource; only its last part is the file name.
+            name = str(f.get("Name", "")).rsplit("/", 1)[-1]
+            scan.files.append(ServerFile(name, size, digest or None))
         scans.append(scan)
-    return scans
+    return ServerSession(scans, study_uid)
+
+
+def read_session(
+    client: JsonGetter, project: str, subject: str, session: str
+) -> list[ServerScan] | None:
+    """The scans and DICOM files of a session as XNAT lists them; None if it does not exist."""
+    found = read_server_session(client, project, subject, session)
+    return None if found is None else found.scans
 
 
 def md5_of(path: Path, *, member: str | None = None, chunk: int = MD5_CHUNK) -> str:
@@ -406,7 +453,7 @@ class _Progress:
 
 
 def _local_digests(
-    files: Sequence[DicomFile], threads: int, progress: _Progress
+    files: Sequence[DicomFile], threads: int
 ) -> tuple[dict[int, str], list[tuple[DicomFile, str]]]:
     """MD5 per file (by index into ``files``) and the files that could not be read."""
     digests: dict[int, str] = {}
@@ -422,12 +469,22 @@ def _local_digests(
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for i, digest, why in pool.map(one, range(len(files))):
-            progress.advance(files[i : i + 1])
             if digest is not None:
                 digests[i] = digest
             else:
                 unreadable.append((files[i], why))
     return digests, unreadable
+
+
+@dataclass(slots=True)
+class _Pairing:
+    """Where each local series landed, by name (rule 1)."""
+
+    check: SeriesCheck
+    local: list[DicomFile]
+    scan: ServerScan | None
+    # (local file, the server file of its name) for every landed file
+    landed: list[tuple[DicomFile, ServerFile]] = field(default_factory=list)
 
 
 def compare(
@@ -437,109 +494,143 @@ def compare(
     threads: int = MD5_THREADS,
     progress: ProgressCallback | None = None,
 ) -> tuple[list[SeriesCheck], list[str], list[tuple[DicomFile, str]]]:
-    """Pair local series with scans and compare files (see the module docstring)."""
+    """Pair local series with scans and instances with files; see the module docstring.
+
+    Returns the per-series checks, the IDs of scans no local series landed in, and the local
+    files that could not be read (rule 2's verdict is in :func:`verify_session`'s report).
+    """
+    checks, unmatched, unreadable, _ = _compare(files, scans, threads=threads, progress=progress)
+    return checks, unmatched, unreadable
+
+
+def _compare(
+    files: Sequence[DicomFile],
+    scans: Sequence[ServerScan],
+    *,
+    threads: int,
+    progress: ProgressCallback | None,
+) -> tuple[list[SeriesCheck], list[str], list[tuple[DicomFile, str]], bool | None]:
     tracker = _Progress(progress, files)
     by_series: dict[str, list[DicomFile]] = {}
     for f in files:
         by_series.setdefault(f.series_uid, []).append(f)
-    by_uid = {s.uid: s for s in scans if s.uid}
-    by_id = {s.id: s for s in scans}
+    # name -> (scan, file) for every server file; a name in two scans is taken once per scan.
+    where: dict[str, list[tuple[ServerScan, ServerFile]]] = {}
+    for server_scan in scans:
+        for sf in server_scan.files:
+            where.setdefault(sf.name, []).append((server_scan, sf))
+    local_names = {instance_file_name(f.sop_instance_uid) for f in files}
 
-    # Step 1: local series -> scan (UID first, then ID == series number), pooling clashes.
-    groups: dict[str, tuple[ServerScan | None, list[str]]] = {}
-    for uid, members in by_series.items():
-        scan = by_uid.get(uid)
-        if scan is None:
-            number = members[0].series_number
-            candidate = by_id.get(str(number)) if number is not None else None
-            if candidate is not None and (not candidate.uid or candidate.uid not in by_series):
-                scan = candidate
-        key = scan.id if scan is not None else f"?{uid}"
-        groups.setdefault(key, (scan, []))[1].append(uid)
-
-    checks: list[SeriesCheck] = []
-    unreadable: list[tuple[DicomFile, str]] = []
+    pairings: list[_Pairing] = []
     used: set[str] = set()
-    for scan, uids in groups.values():
-        local = [f for uid in uids for f in by_series[uid]]
-        first = by_series[uids[0]][0]
+    for uid, members in by_series.items():
+        hits = Counter(
+            holder.id
+            for f in members
+            for holder, _ in where.get(instance_file_name(f.sop_instance_uid), [])[:1]
+        )
+        scan: ServerScan | None = None
+        if hits:
+            scan_id = hits.most_common(1)[0][0]
+            scan = next(s for s in scans if s.id == scan_id)
         check = SeriesCheck(
-            series_uid=",".join(uids),
-            series_number=first.series_number,
+            series_uid=uid,
+            series_number=members[0].series_number,
             scan_id=scan.id if scan is not None else "",
-            local=len(local),
+            local=len(members),
             on_server=len(scan.files) if scan is not None else 0,
         )
-        checks.append(check)
+        pairing = _Pairing(check, members, scan)
+        pairings.append(pairing)
         if scan is None:
-            check.missing = local
-            tracker.advance(local)
             continue
         used.add(scan.id)
-        use_md5 = bool(scan.files) and all(sf.md5 for sf in scan.files)
-        check.compared_md5 = use_md5
-        local_keys: list[Key | None]
-        if use_md5:
-            digests, bad = _local_digests(local, threads, tracker)
-            unreadable.extend(bad)
-            bad_ids = {id(f) for f, _ in bad}
-            local_keys = [
-                None if id(f) in bad_ids else (f.size, digests.get(i)) for i, f in enumerate(local)
-            ]
-        else:
-            local_keys = [(f.size, None) for f in local]
-            tracker.advance(local)
-        pool: Counter[Key] = Counter((sf.size, sf.md5 if use_md5 else None) for sf in scan.files)
-        leftover_local: list[DicomFile] = []
-        for f, lkey in zip(local, local_keys, strict=True):
-            if lkey is None:
-                continue  # unreadable: reported once, above
-            if pool[lkey] > 0:
-                pool[lkey] -= 1
-                check.verified.append(f)
+        for f in members:
+            name = instance_file_name(f.sop_instance_uid)
+            found = next((sf for s, sf in where.get(name, []) if s.id == scan.id), None)
+            if found is None:  # landed in another scan of the session (split series): still there
+                found = next((sf for _, sf in where.get(name, [])), None)
+            if found is None:
+                check.missing.append(f)
             else:
-                leftover_local.append(f)
-        leftover_server = [
-            sf for sf in scan.files if _take(pool, (sf.size, sf.md5 if use_md5 else None))
-        ]
-        n_diff = min(len(leftover_local), len(leftover_server))
-        check.different = leftover_local[:n_diff]
-        check.missing = leftover_local[n_diff:]
-        check.extra = [sf.name for sf in leftover_server[n_diff:]]
-        check.size_change = _size_change(
-            [f.size for f in leftover_local], [sf.size for sf in leftover_server]
-        )
-    _accept_server_rewrite(checks)
+                pairing.landed.append((f, found))
+                check.verified.append(f)
+        mine = {instance_file_name(f.sop_instance_uid) for f in members}
+        check.extra = [sf.name for sf in scan.files if sf.name not in mine]
+
+    _pair_by_count(pairings, scans, used, local_names, by_series)
+    identity, unreadable = _compare_bytes(pairings, threads)
+    for p in pairings:
+        tracker.advance(p.local)
+    checks = [p.check for p in pairings]
     unmatched = [s.id for s in scans if s.id not in used]
     checks.sort(key=lambda c: (c.series_number is None, c.series_number or 0, c.series_uid))
-    return checks, unmatched, unreadable
+    return checks, unmatched, unreadable, identity
 
 
-def _size_change(local: list[int], server: list[int]) -> int:
-    """The largest size change between equally many local and server files, paired smallest to
-    smallest (of all pairings, that one has the smallest largest change); 0 if the counts differ
-    (then the series fails on its count anyway)."""
-    if not local or len(local) != len(server):
-        return 0
-    return max(abs(x - y) for x, y in zip(sorted(local), sorted(server), strict=True))
+def _pair_by_count(
+    pairings: list[_Pairing],
+    scans: Sequence[ServerScan],
+    used: set[str],
+    local_names: set[str],
+    by_series: dict[str, list[DicomFile]],
+) -> None:
+    """Rule 3: series none of whose names is on the server, paired by UID or unique number."""
+    numbers = Counter(members[0].series_number for members in by_series.values())
+    by_uid = {s.uid: s for s in scans if s.uid}
+    by_id = {s.id: s for s in scans}
+    for p in pairings:
+        c = p.check
+        if p.scan is not None:
+            continue
+        scan = by_uid.get(c.series_uid)
+        if scan is None and c.series_number is not None and numbers[c.series_number] == 1:
+            candidate = by_id.get(str(c.series_number))
+            # Not a scan another local series landed in, nor one of another series' UID.
+            if candidate is not None and (not candidate.uid or candidate.uid not in by_series):
+                scan = candidate
+        if scan is None or scan.id in used:
+            c.missing = list(p.local)
+            continue
+        used.add(scan.id)
+        p.scan = scan
+        others = [sf for sf in scan.files if sf.name not in local_names]
+        c.scan_id, c.on_server, c.counted = scan.id, len(others), True
+        if len(others) == len(p.local):
+            c.verified = list(p.local)
+        else:
+            c.uncounted = list(p.local)
 
 
-def _accept_server_rewrite(checks: list[SeriesCheck]) -> None:
-    """Rule 3 of the module docstring, over one session's series."""
-    if any(c.verified for c in checks) or not any(c.different for c in checks):
-        return
-    for c in checks:
-        c.server_rewrites = True
-        if c.different and not c.missing and not c.extra and c.size_change <= HEADER_SLACK:
-            c.rewritten, c.different = c.different, []
-
-
-def _take(pool: Counter[Key], key: Key) -> bool:
-    """Consume one unmatched server file of ``key`` (so leftovers are listed by name once)."""
-    if pool[key] > 0:
-        pool[key] -= 1
-        return True
-    return False
+def _compare_bytes(
+    pairings: list[_Pairing], threads: int
+) -> tuple[bool | None, list[tuple[DicomFile, str]]]:
+    """Rule 2: probe a few landed files; if the server holds our bytes, compare them all."""
+    with_digest = [[(f, sf) for f, sf in p.landed if sf.md5] for p in pairings]
+    probes = [pairs[0] for pairs in with_digest if pairs][:PROBES]
+    if not probes:
+        return None, []
+    digests, unreadable = _local_digests([f for f, _ in probes], threads)
+    if not any(digests.get(i) == sf.md5 for i, (_, sf) in enumerate(probes)):
+        # No probe matched: the server rewrote its copies (facts 1.7).
+        return (False if digests else None), unreadable
+    for p, pairs in zip(pairings, with_digest, strict=True):
+        if not pairs:
+            continue
+        local = [f for f, _ in pairs]
+        sums, bad = _local_digests(local, threads)
+        known = {id(f) for f, _ in unreadable}
+        unreadable.extend(x for x in bad if id(x[0]) not in known)
+        bad_ids = {id(f) for f, _ in bad}
+        for i, (f, sf) in enumerate(pairs):
+            if id(f) in bad_ids:
+                p.check.verified.remove(f)
+            elif sums.get(i) == sf.md5:
+                p.check.identical += 1
+            else:
+                p.check.verified.remove(f)
+                p.check.different.append(f)
+    return True, unreadable
 
 
 def verify_session(
@@ -557,11 +648,21 @@ def verify_session(
     local = list(files)
     _Progress(progress, local).emit(f"reading {project}/{subject}/{session} back")
     report = VerifyReport(project, subject, session, found=True)
-    scans = read_session(client, project, subject, session)
-    if scans is None:
+    server = read_server_session(client, project, subject, session)
+    if server is None:
         report.found = False
-        scans = []
-    report.series, report.unmatched_scans, report.unreadable = compare(
-        local, scans, threads=threads, progress=progress
+        server = ServerSession([])
+    studies = {f.study_uid for f in local}
+    if server.study_uid and local and server.study_uid not in studies:
+        report.other_study = server.study_uid
+    report.series, report.unmatched_scans, report.unreadable, report.byte_identical = _compare(
+        local, server.scans, threads=threads, progress=progress
     )
     return report
+
+
+def already_on_server(server: ServerSession, files: Sequence[DicomFile]) -> list[DicomFile]:
+    """The files whose instance the session already holds by name (what a re-run must not send:
+    XNAT refuses an incoming SOP Instance UID already in the scan, facts 1.5)."""
+    names = server.names()
+    return [f for f in files if instance_file_name(f.sop_instance_uid) in names]

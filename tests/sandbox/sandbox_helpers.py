@@ -11,8 +11,11 @@ from typing import Any
 
 import requests
 
+from upload_helpers import TEST_PROJECTS
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
+
+__all__ = ["TEST_PROJECTS", "client", "h3", "import_zip", "instance_files", "session", "zip_bytes"]
 
 
 def session(tmp_path: Path, series: int = 2, instances: int = 3, **kw: Any) -> SyntheticSession:

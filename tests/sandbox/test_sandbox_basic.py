@@ -49,8 +49,9 @@ def test_zip_import_to_archive_reads_back_with_md5(
             assert row["Size"] == str(len(data))
             assert row["digest"] == hashlib.md5(data).hexdigest()
             seen[row["Name"]] = row["digest"]
-    expected = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in s.instances.values()}
-    assert seen == expected
+    # The digest is the MD5 of the stored file, which XNAT re-encodes and anonymizes on
+    # receipt, so it is not the uploaded file's (facts 1.7).
+    assert set(seen) == {p.name for p in s.instances.values()}
     assert set(xnat_server.archived_files("P1", "S1", "E1")) == set(s.instances)
 
 
@@ -80,4 +81,4 @@ def test_jsession_login_and_logout(xnat_server: SandboxServer) -> None:
 def test_wrong_password_gets_401_with_realm(xnat_server: SandboxServer) -> None:
     r = requests.get(xnat_server.url + "/data/projects", auth=("admin", "wrong"))
     assert r.status_code == 401
-    assert r.headers["WWW-Authenticate"] == 'Basic realm="XNAT Protected Area"'
+    assert r.headers["WWW-Authenticate"] == 'Basic realm="XNAT"'  # facts 2: the site ID

@@ -116,9 +116,10 @@ def test_multipart_unknown_extension_and_case_sensitivity(xnat_server: SandboxSe
     assert "Unsupported format" in h3(r)
 
 
-def test_inbody_with_multipart_content_type_is_406(xnat_server: SandboxServer) -> None:
+def test_inbody_with_multipart_content_type_is_500(xnat_server: SandboxServer) -> None:
+    # facts 1.1: 406 is set, then the Importer meets a null file list → 500 (inferred).
     r = post(xnat_server, b"--b\r\n\r\n--b--\r\n", "multipart/form-data; boundary=b")
-    assert r.status_code == 406
+    assert r.status_code == 500
 
 
 def test_unknown_import_handler_is_404(xnat_server: SandboxServer) -> None:
@@ -240,30 +241,32 @@ def test_gradual_dicom_one_file_per_request_and_format_txt(
     assert len(answers) == 1
     (prearc,) = xnat_server.prearchive_sessions("P")
     got = xnat_server.prearchive_files(prearc)
-    assert {u: f.md5 for u, f in got.items()} == {
-        u: hashlib.md5(p.read_bytes()).hexdigest() for u, p in s.instances.items()
-    }
+    assert set(got) == set(s.instances)
+    # facts 1.7: the stored file is re-encoded (and site-anonymized); its MD5 is the stored one.
+    for uid, f in got.items():
+        assert f.md5 == hashlib.md5(f.path.read_bytes()).hexdigest()
+        assert f.md5 != hashlib.md5(s.instances[uid].read_bytes()).hexdigest()
 
 
-def test_direct_archive_and_its_fallback(xnat_server: SandboxServer, tmp_path: Path) -> None:
+def test_direct_archive_row_and_its_fallback(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    # facts 1.6: the answer is the xapi URI; the experiment appears only after the idle interval
+    # (tests/sandbox/test_contract_direct_archive.py follows it to the end).
     s = session(tmp_path, series=1, instances=2)
     uids = list(s.instances)
-    r = post(
-        xnat_server,
-        zip_bytes({uids[0]: s.instances[uids[0]]}),
-        "application/zip",
-        **{"Direct-Archive": "true"},
-    )
-    assert r.text == f"/xapi/direct-archive/P/{s.study_uid}/E\r\n"
-    r = post(
-        xnat_server,
-        zip_bytes({uids[1]: s.instances[uids[1]]}),
-        "application/zip",
-        **{"Direct-Archive": "true"},
-    )
-    assert r.text == f"/xapi/direct-archive/P/{s.study_uid}/E\r\n"  # same ongoing session
-    assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
+    for uid in uids:
+        r = post(
+            xnat_server,
+            zip_bytes({uid: s.instances[uid]}),
+            "application/zip",
+            **{"Direct-Archive": "true"},
+        )
+        assert r.text == f"/xapi/direct-archive/P/{s.study_uid}/E\r\n"  # same ongoing row
+    assert xnat_server.archived_files("P", "S", "E") == {}
     assert xnat_server.prearchive_sessions("P") == []
+    assert xnat_server.store is not None
+    row = xnat_server.store.get_direct("P", s.study_uid, "E")
+    assert row is not None
+    assert set(xnat_server.prearchive_files(row)) == set(uids)
 
     # A pre-created (empty) session, or an archive folder that already exists, makes
     # Direct-Archive fall back to the prearchive.
@@ -271,8 +274,7 @@ def test_direct_archive_and_its_fallback(xnat_server: SandboxServer, tmp_path: P
     url = xnat_server.url + "/data/projects/P/subjects/S/experiments/E2"
     assert http.put(url, params={"xsiType": "xnat:mrSessionData"}).status_code == 201
     assert http.put(url).status_code == 200
-    (xnat_server.data_dir / "archive" / "P" / "arc001" / "E3").mkdir(parents=True)
-    for label in ("E2", "E3"):
+    for label in ("E2",):
         other = session(tmp_path / label, series=1, instances=1, seed=7)
         r = post(
             xnat_server,
@@ -294,9 +296,10 @@ def test_delete_experiment(xnat_server: SandboxServer, tmp_path: Path) -> None:
     assert not (xnat_server.data_dir / "archive" / "P" / "arc001" / "E").exists()
 
 
-def test_sequential_archive_needs_overwrite_and_none_quirk_merges(
-    xnat_server: SandboxServer, tmp_path: Path
-) -> None:
+def test_in_request_archive_merge_and_overwrite(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    # facts 1.5: no overwrite merges only auto-archive-coded rows; "none" (any value) merges;
+    # append refuses a clash (identical bytes too); delete overwrites. facts 1.4: any in-request
+    # archive failure is 400 "unable to archive for the Prearchive session", row CONFLICT.
     s = session(tmp_path, series=1, instances=3)
     uids = list(s.instances)
     http = client(xnat_server)
@@ -305,15 +308,21 @@ def test_sequential_archive_needs_overwrite_and_none_quirk_merges(
     two = zip_bytes({uids[1]: s.instances[uids[1]]})
     r = import_zip(http, xnat_server, two, **DEST, dest="/archive")
     assert r.status_code == 400
-    assert h3(r) == "Session already exists, retry with overwrite enabled"
-    # The refused batch stays in the prearchive (CONFLICT).
+    assert h3(r) == "unable to archive for the Prearchive session"
     (left,) = xnat_server.prearchive_sessions("P")
     assert left.status == "CONFLICT"
     r = import_zip(http, xnat_server, two, **DEST, dest="/archive", overwrite="none")
-    assert r.status_code == 200, r.text  # quirk: any overwrite value turns merging on
+    assert r.status_code == 200, r.text
     three = zip_bytes({uids[2]: s.instances[uids[2]]})
     r = import_zip(http, xnat_server, three, **DEST, dest="/archive", overwrite="append")
     assert r.status_code == 200
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
+    r = import_zip(http, xnat_server, one, **DEST, dest="/archive", overwrite="append")
+    assert (r.status_code, h3(r)) == (400, "unable to archive for the Prearchive session")
+    assert [x.status for x in xnat_server.prearchive_sessions("P")] == ["CONFLICT"]
+    r = import_zip(http, xnat_server, one, **DEST, dest="/archive", overwrite="delete")
+    assert r.status_code == 200, r.text
+    assert xnat_server.prearchive_sessions("P") == []
     assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
 
 
@@ -341,8 +350,11 @@ def test_nameless_gradual_files_and_name_clashes_keep_every_instance(
             **{"Direct-Archive": direct},
         )
         assert r.status_code == 200, r.text
+    assert xnat_server.store is not None
     if direct == "true":
-        stored = xnat_server.archived_files("P", "S", "E")
+        row = xnat_server.store.get_direct("P", s.study_uid, "E")
+        assert row is not None
+        stored = xnat_server.prearchive_files(row)
     else:
         (prearc,) = xnat_server.prearchive_sessions("P")
         stored = xnat_server.prearchive_files(prearc)
@@ -351,17 +363,24 @@ def test_nameless_gradual_files_and_name_clashes_keep_every_instance(
 
 
 @pytest.mark.parametrize(
-    ("param", "value"), [("PROJECT_ID", ".."), ("EXPT_LABEL", "../../x"), ("SUBJECT_ID", "a/b")]
+    ("param", "value", "where"),
+    [
+        ("PROJECT_ID", "..", "/data/prearchive/projects/Unassigned/"),
+        ("EXPT_LABEL", "../../x", "/data/archive/projects/P/subjects/S/experiments/______x"),
+        ("SUBJECT_ID", "a/b", "/data/archive/projects/P/subjects/a_b/experiments/E"),
+    ],
 )
-def test_labels_that_could_escape_the_data_dir_are_refused(
-    xnat_server: SandboxServer, tmp_path: Path, param: str, value: str
+def test_labels_that_could_escape_the_data_dir_are_cleaned(
+    xnat_server: SandboxServer, tmp_path: Path, param: str, value: str, where: str
 ) -> None:
+    # facts 1.2: an unknown project → Unassigned, 200; facts 3.5: labels cleaned at archive.
     s = session(tmp_path, series=1, instances=1)
-    r = post(xnat_server, zip_bytes(instance_files(s)), "application/zip", dest="/archive",
-             **{param: value})  # fmt: skip
-    assert r.status_code == 400
-    assert "Invalid" in h3(r)
+    r = post(xnat_server, zip_bytes(instance_files(s)), "application/zip", **{param: value},
+             dest="/archive" if param != "PROJECT_ID" else "/prearchive")  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.text.startswith(where)
     assert not (xnat_server.data_dir.parent / "x").exists()
+    assert not (xnat_server.data_dir / "x").exists()
 
 
 class _Unseekable(io.RawIOBase):
@@ -408,5 +427,7 @@ def test_zip_entry_with_a_bad_crc_is_refused(xnat_server: SandboxServer, tmp_pat
     body = bytearray(zip_bytes({"a.dcm": path}))
     body[14] ^= 0xFF  # the CRC-32 field of the first local header
     r = post(xnat_server, bytes(body), "application/zip")
+    # ZipInputStream checks the CRC while the importer reads the entry: an I/O error on that
+    # object, 400 "unable to read DICOM object NAME" (facts 1.1, 1.4: GDI:431-435).
     assert r.status_code == 400
-    assert "invalid entry CRC" in h3(r)
+    assert h3(r) == "unable to read DICOM object a.dcm"

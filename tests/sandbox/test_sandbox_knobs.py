@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from sandbox_helpers import client, h3, import_zip, instance_files, session, zip_bytes
+from sandbox_helpers import (
+    TEST_PROJECTS,
+    client,
+    h3,
+    import_zip,
+    instance_files,
+    session,
+    zip_bytes,
+)
 
 from xnatio.sandbox import Knobs, SandboxServer
 
@@ -57,11 +65,14 @@ def test_hang_next_times_the_client_out(xnat_server: SandboxServer) -> None:
     assert client(xnat_server).get(xnat_server.url + "/data/projects").status_code == 200
 
 
-def test_disk_full_is_507(xnat_server: SandboxServer, tmp_path: Path) -> None:
-    body = zip_bytes(instance_files(session(tmp_path, series=1, instances=1)))
+def test_disk_full_is_a_400_as_on_xnat(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    # facts 1.4: I/O and disk-full failures are "unable to read DICOM object NAME", 400; no 507.
+    s = session(tmp_path, series=1, instances=1)
+    body = zip_bytes(instance_files(s))
     xnat_server.set_knobs(disk_full=True)
     r = import_zip(client(xnat_server), xnat_server, body, **DEST)
-    assert r.status_code == 507
+    assert r.status_code == 400
+    assert h3(r) == f"unable to read DICOM object {next(iter(s.instances.values())).name}"
     xnat_server.set_knobs(disk_full=False)
     assert import_zip(client(xnat_server), xnat_server, body, **DEST).status_code == 200
 
@@ -69,7 +80,9 @@ def test_disk_full_is_507(xnat_server: SandboxServer, tmp_path: Path) -> None:
 def test_latency_and_bandwidth_slow_requests_down(tmp_path: Path) -> None:
     # Observed through client timeouts rather than by timing requests.
     knobs = Knobs(latency_ms=3000)
-    with SandboxServer(tmp_path / "d", users={"u": "p"}, knobs=knobs) as server:
+    with SandboxServer(
+        tmp_path / "d", users={"u": "p"}, knobs=knobs, projects=TEST_PROJECTS
+    ) as server:
         http = client(server)
         with pytest.raises(requests.Timeout):
             http.get(server.url + "/data/projects", timeout=0.5)
@@ -95,7 +108,7 @@ def test_site_anonymization_changes_stored_files(
     import hashlib
 
     s = session(tmp_path, series=1, instances=2)
-    xnat_server.set_knobs(site_anonymization=True)
+    assert xnat_server.site_anon  # on by default, as XNAT's id.das (facts 1.7)
     http = client(xnat_server)
     r = import_zip(http, xnat_server, zip_bytes(instance_files(s)), **DEST, dest="/archive")
     assert r.status_code == 200

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import client, h3, import_zip, instance_files, session, zip_bytes
+from sandbox_helpers import (
+    TEST_PROJECTS,
+    client,
+    h3,
+    import_zip,
+    instance_files,
+    session,
+    zip_bytes,
+)
 
 from xnatio.sandbox import SandboxServer
 
@@ -80,10 +88,12 @@ def test_commit_in_auto_archive_project_answers_301(
     r = client(xnat_server).post(
         xnat_server.url + uri, params={"action": "commit"}, allow_redirects=False
     )
+    # facts 3.3: 301, text/plain body = the archive URI, no Location header (PSR:403-435).
     assert r.status_code == 301
     archive_uri = "/data/archive/projects/P/subjects/S/experiments/E"
-    assert r.headers["Location"] == archive_uri
-    assert r.text.strip() == archive_uri
+    assert "Location" not in r.headers
+    assert r.headers["Content-Type"].startswith("text/plain")
+    assert r.text == archive_uri
     assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
 
 
@@ -95,27 +105,34 @@ def test_archive_service_renames_and_refuses_existing(
     src = uri.removeprefix("/data")
     r = http.post(
         xnat_server.url + "/data/services/archive",
-        params={"src": src, "dest": "/archive/projects/P/subjects/S9/experiments/E9"},
+        params={"src": src, "subject": "S9", "session": "E9"},
     )
-    assert r.text.strip() == "/data/archive/projects/P/subjects/S9/experiments/E9"
-    # A second session with the same destination: 409 unless overwrite.
+    assert r.text == "/data/archive/projects/P/subjects/S9/experiments/E9\r\n"
+    # The same files again into that session: it merges (facts 1.5), but they clash — 500
+    # "FAILED: …" (facts 3.4), the row CONFLICT — unless overwrite=append|delete.
     uri2, _ = upload_batches(xnat_server, tmp_path / "again")
-    params = {"src": uri2.removeprefix("/data"), "session": "E9", "subject": "S9"}
+    params = {"src": uri2.removeprefix("/data"), "session": "E9", "subject": "s9"}
     r = http.post(xnat_server.url + "/data/services/archive", params=params)
-    assert r.status_code == 409
-    assert h3(r) == "Session already exists, retry with overwrite enabled"
+    assert r.status_code == 500
+    assert h3(r) == "FAILED: Session already exists with the same resources."
+    assert [s.status for s in xnat_server.prearchive_sessions("P")] == ["CONFLICT"]
     r = http.post(
         xnat_server.url + "/data/services/archive", params={**params, "overwrite": "delete"}
     )
     assert r.status_code == 200
+    # the subject matched case-insensitively: the URI shows the existing spelling (facts 3.5)
+    assert r.text == "/data/archive/projects/P/subjects/S9/experiments/E9\r\n"
 
 
 def test_move_and_delete(xnat_server: SandboxServer, tmp_path: Path) -> None:
     uri, _ = upload_batches(xnat_server, tmp_path)
     http = client(xnat_server)
-    r = http.post(xnat_server.url + uri, params={"action": "move", "newProject": "Q"})
-    assert r.status_code == 200
-    moved = r.text.strip()
+    r = http.post(
+        xnat_server.url + uri, params={"action": "move", "newProject": "Q"}, allow_redirects=False
+    )
+    assert r.status_code == 301  # facts 3.3: move → 301 text/uri-list, no Location
+    assert "Location" not in r.headers
+    moved = r.text
     assert moved.startswith("/data/prearchive/projects/Q/")
     assert http.delete(xnat_server.url + moved).status_code == 200
     assert xnat_server.prearchive_sessions() == []
@@ -139,12 +156,12 @@ def test_idle_timer_builds_receiving_sessions(xnat_server: SandboxServer, tmp_pa
 def test_state_survives_a_restart(tmp_path: Path) -> None:
     s = session(tmp_path, series=1, instances=2)
     data = tmp_path / "data"
-    with SandboxServer(data, users={"u": "p"}) as server:
+    with SandboxServer(data, users={"u": "p"}, projects=TEST_PROJECTS) as server:
         http = client(server)
         r = import_zip(http, server, zip_bytes(instance_files(s)), **DEST, dest="/archive")
         assert r.status_code == 200
         before = server.archived_files("P", "S", "E")
-    with SandboxServer(data, users={"u": "p"}) as server:
+    with SandboxServer(data, users={"u": "p"}, projects=TEST_PROJECTS) as server:
         assert server.archived_files("P", "S", "E") == before
         http = client(server)
         r = http.get(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from xnatio.archive import instance_file_name
 from xnatio.cli.options import OutputArgs, exit_codes_epilog, output_options, start_command
 from xnatio.cli.upload import UploadOptions, discover_for_upload, run_upload
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
@@ -58,7 +59,8 @@ class ReadBack:
             return "Server check: the session is not on the server."
         head = (
             f"Server check: {self.files_on_server} files in {self.scans} scans on the server; "
-            f"{self.verified} of {self.expected} instances there with their size "
+            f"{self.verified} of {self.expected} instances there in their series under the "
+            "name xio sent "
             "(by SOP Instance UID, from the server's own index)"
         )
         lines = [head + ("." if self.ok else " — MISMATCH:")]
@@ -80,7 +82,9 @@ class ReadBack:
 
 
 def read_back(server: SandboxServer, manifest: Manifest) -> ReadBack:
-    """Every SOP instance of ``manifest`` must be archived on ``server``, with its size."""
+    """Every SOP instance of ``manifest`` must be archived on ``server``, in its series, under
+    the name xio sent it as (XNAT keeps it, facts 1.2). Not by size or MD5: XNAT stores its own
+    re-encoded, site-anonymized copy (facts 1.7)."""
     stored = server.archived_files(DEMO_PROJECT, DEMO_SUBJECT, DEMO_SESSION)
     problems: list[str] = []
     verified = 0
@@ -88,8 +92,10 @@ def read_back(server: SandboxServer, manifest: Manifest) -> ReadBack:
         record = stored.get(f.sop_instance_uid)
         if record is None:
             problems.append(f"{f.path}: not on the server")
-        elif record.size != f.size:
-            problems.append(f"{f.path}: {record.size} bytes on the server, {f.size} here")
+        elif f.series_number is not None and record.series_number != str(f.series_number):
+            problems.append(f"{f.path}: in series {record.series_number or '?'} on the server")
+        elif record.name != instance_file_name(f.sop_instance_uid):
+            problems.append(f"{f.path}: on the server as {record.name}")
         else:
             verified += 1
     return ReadBack(
@@ -131,6 +137,7 @@ def _run_demo(
     server = SandboxServer(
         workdir / "server",
         users={DEMO_USER: password},
+        projects=[DEMO_PROJECT],  # a project exists on XNAT only once created (facts 1.2)
         knobs=Knobs(latency_ms=latency_ms, per_file_ms=per_file_ms),
     )
     try:
@@ -220,8 +227,8 @@ def demo(
     Synthesises an MR session in a temporary folder, starts the local server on a free port
     of 127.0.0.1, uploads the session exactly as `xio upload-dicom` does (same discovery,
     batching, parallel streaming, single commit, read-back verification and display), then
-    asks the server's own index that every instance is there with its size, and prints the
-    summary. Needs no network and
+    asks the server's own index that every instance is there in its series under its name, and
+    prints the    summary. Needs no network and
     no configuration; everything is removed afterwards unless --keep.
 
     The server adds a delay to each request and per imported file because on loopback every

@@ -85,7 +85,8 @@ _SERVER_OPTIONS = [
     click.option(
         "--server",
         metavar="URL",
-        help="XNAT base URL, e.g. https://xnat.example.org  [env: XNAT_SERVER]",
+        help="XNAT base URL with its context path if any, e.g. https://xnat.example.org or "
+        "https://host/xnat  [env: XNAT_SERVER]",
     ),
     click.option("--user", metavar="NAME", help="XNAT user name.  [env: XNAT_USERNAME]"),
     click.option(

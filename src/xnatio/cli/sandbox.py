@@ -14,7 +14,8 @@ from xnatio.synth import EXTRAS, generate_session
 @click.command(
     epilog="""\b
 Example:
-  xio sandbox --data-dir /tmp/xnat --port 8080 --user admin --password secret
+  xio sandbox --data-dir /tmp/xnat --port 8080 --user admin --password secret --project P
+  xio sandbox --data-dir /tmp/xnat --project P --add-user alice:pw  # alice: no access yet
   xio sandbox --data-dir /tmp/xnat --latency-ms 40 --bandwidth-mbps 200 --auto-archive DEMO
 
 \b
@@ -60,11 +61,50 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
     help="JSESSION idle timeout in seconds.",
 )
 @click.option(
+    "--context-path",
+    default="",
+    metavar="PATH",
+    help="Serve XNAT under this path (e.g. /xnat, as Tomcat deployments do); anything outside "
+    "it answers 404.",
+)
+@click.option(
+    "--idle-seconds",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="XNAT's session idle interval: a prearchive session untouched this long is built (and "
+    "auto-archived); the builder runs every N/5 s, as XNAT's 60 s for 300 (facts 3.2).",
+)
+@click.option(
+    "--no-site-anon",
+    "no_site_anon",
+    is_flag=True,
+    help="Start with the site-wide anonymization script disabled (XNAT creates it enabled; "
+    "facts 1.7, 5).",
+)
+@click.option(
+    "--project",
+    "projects",
+    multiple=True,
+    metavar="ID",
+    help="Create this project at start, owned by --user (repeatable). Projects are kept in "
+    "--data-dir; more can be created with PUT /data/projects/ID as a site admin.",
+)
+@click.option(
+    "--add-user",
+    "add_users",
+    multiple=True,
+    metavar="NAME:PASSWORD",
+    help="Add an ordinary user with no project access (repeatable); give a role with "
+    "PUT /data/projects/P/users/{Owners|Members|Collaborators}/NAME. --user is a site admin.",
+)
+@click.option(
     "--auto-archive",
     "auto_archive",
     multiple=True,
     metavar="PROJECT",
-    help="Project whose prearchive setting is auto-archive (repeatable).",
+    help="Create this project (if missing) with prearchive code 4, auto-archive (facts 3.5; "
+    "repeatable).",
 )
 def sandbox(
     *,
@@ -77,6 +117,11 @@ def sandbox(
     per_file_ms: float,
     bandwidth_mbps: float,
     session_timeout: float,
+    context_path: str,
+    idle_seconds: float,
+    no_site_anon: bool,
+    projects: tuple[str, ...],
+    add_users: tuple[str, ...],
     auto_archive: tuple[str, ...],
 ) -> None:
     """Run a local XNAT-compatible server (for tests, demos and benchmarks).
@@ -87,24 +132,42 @@ def sandbox(
     """
     from xnatio.sandbox import Knobs, SandboxServer
 
+    users = {user: password}
+    for entry in add_users:
+        name, sep, secret = entry.partition(":")
+        if not sep or not name or not secret:
+            raise UsageError(f"--add-user wants NAME:PASSWORD, got {name or entry!r}")
+        if name in users:
+            raise UsageError(f"--add-user {name}: that user is given twice")
+        users[name] = secret
     knobs = Knobs(
         latency_ms=latency_ms,
         per_file_ms=per_file_ms,
         bandwidth_mbps=bandwidth_mbps,
         auto_archive_projects=list(auto_archive),
     )
-    server = SandboxServer(
-        data_dir,
-        host=host,
-        port=port,
-        users={user: password},
-        knobs=knobs,
-        session_timeout=session_timeout,
-    )
+    try:
+        server = SandboxServer(
+            data_dir,
+            host=host,
+            port=port,
+            users=users,
+            projects=projects,
+            knobs=knobs,
+            session_timeout=session_timeout,
+            context_path=context_path,
+            site_anon=not no_site_anon,
+            idle_seconds=idle_seconds,
+        )
+    except ValueError as exc:  # an invalid context path
+        raise UsageError(str(exc)) from None
     try:
         server.start()
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an invalid project ID or user name
+        server.stop()
+        raise UsageError(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     click.echo(f"XNAT sandbox listening on {server.url}", err=True)
     click.echo(

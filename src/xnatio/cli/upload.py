@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -44,6 +45,9 @@ from xnatio.report import (
 from xnatio.resume import ResumeOptions
 from xnatio.settings import Settings
 
+if TYPE_CHECKING:
+    from xnatio.xnat.client import XnatClient
+
 # Defaults per transport: the REST figure comes from the seed's measurements (42 parallel
 # batches against a real server); C-STORE gets one association per batch, 45 of them.
 DEFAULT_BATCHES = {"rest": 42, "dicom-store": 45}
@@ -65,6 +69,7 @@ class UploadOptions:
     timeout: float = 10800.0
     overwrite: str = "none"
     direct_archive: bool = False
+    archive_wait: float = 900.0
     retries: int = 5
     allow_multiple_studies: bool = False
     dry_run: bool = False
@@ -109,7 +114,7 @@ def describe_dry_run(
     from xnatio.uploaders import plan_rest_upload
 
     if opts.transport == "rest":
-        # The REST plan sends an archive PATH as is, in one request.
+        # The REST plan sends an archive PATH in one request (its members re-packed).
         batches = plan_rest_upload(
             opts.path,
             num_batches=opts.batches,
@@ -165,6 +170,7 @@ def _send_rest(
         archive_format=opts.archive_format,
         overwrite=opts.overwrite,
         direct_archive=opts.direct_archive,
+        archive_wait=opts.archive_wait,
     )
     retry = RetryPolicy(retries=max(0, opts.retries))
     with XnatClient(
@@ -196,31 +202,86 @@ def _send_dicom_store(
         raise ConfigError(
             "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
         )
-    return resumable_dicom_store_upload(
-        manifest,
-        settings.dicom_host,
-        settings.dicom_port,
-        settings.dicom_called_aet,
-        calling_aet=settings.dicom_calling_aet,
-        num_batches=opts.batches,
-        progress_callback=display,
-        project=opts.project,
-        subject=opts.subject,
-        session=opts.session,
-        options=opts.resume_options(),
-        notify=display.note,
-        routing=opts.routing,
-        max_pdu=opts.max_pdu,
-        acse_timeout=opts.acse_timeout,
-        dimse_timeout=opts.dimse_timeout,
-        network_timeout=opts.network_timeout,
-        retries=opts.retries,
-        allow_multiple_studies=opts.allow_multiple_studies,
+    # Pre-flight over REST where XNAT's address and credentials are known (facts 2, 3.5).
+    client = preflight_client(opts, settings)
+    with contextlib.ExitStack() as stack:
+        if client is not None:
+            stack.enter_context(client)
+        return resumable_dicom_store_upload(
+            manifest,
+            settings.dicom_host,
+            settings.dicom_port,
+            settings.dicom_called_aet,
+            calling_aet=settings.dicom_calling_aet,
+            num_batches=opts.batches,
+            progress_callback=display,
+            project=opts.project,
+            subject=opts.subject,
+            session=opts.session,
+            options=opts.resume_options(),
+            notify=display.note,
+            routing=opts.routing,
+            max_pdu=opts.max_pdu,
+            acse_timeout=opts.acse_timeout,
+            dimse_timeout=opts.dimse_timeout,
+            network_timeout=opts.network_timeout,
+            retries=opts.retries,
+            allow_multiple_studies=opts.allow_multiple_studies,
+            client=client,
+        )
+
+
+def preflight_client(opts: UploadOptions, settings: Settings) -> XnatClient | None:
+    """A REST client for the pre-flight checks when the server and credentials are known
+    (never prompts); None otherwise."""
+    from xnatio.xnat.client import XnatClient
+
+    if not (settings.server and settings.username and settings.password):
+        return None
+    return XnatClient(
+        settings.server,
+        username=settings.username,
+        password=settings.password,
+        verify=settings.verify,
+        timeout=opts.timeout,
+        pool_size=1,
     )
+
+
+def dry_run_preflight(
+    opts: UploadOptions, settings: Settings, manifest: Manifest
+) -> tuple[str, dict[str, object] | None]:
+    """``--dry-run``'s pre-flight: the labels always; the server too when credentials are known.
+
+    Raises :class:`xnatio.preflight.PreflightError` (exit 2) as a real upload would."""
+    from xnatio.preflight import check_labels, check_manifest
+    from xnatio.transports.rest import session_labels
+
+    if opts.transport == "rest":
+        labels = session_labels(manifest.studies(), opts.session)
+    else:  # C-STORE routes every study to SESSION
+        labels = {s.study_uid: opts.session for s in manifest.studies()}
+    check_labels(opts.subject, labels.values())
+    client = preflight_client(opts, settings)
+    if client is None:
+        return (
+            "pre-flight: labels checked; the server was not asked (no server or credentials)",
+            None,
+        )
+    with client:
+        found = check_manifest(
+            client, manifest, project=opts.project, subject=opts.subject, labels=labels
+        )
+    return found.describe(), found.to_dict()
 
 
 def check_ready(opts: UploadOptions, settings: Settings) -> None:
     """Fail on missing configuration before the (possibly long) discovery, not after it."""
+    from xnatio.preflight import check_labels
+
+    # Labels XNAT would clean (facts 3.5) need no server and no discovery (SESSION_2… of
+    # further studies are clean when SESSION is).
+    check_labels(opts.subject, [opts.session])
     if opts.dry_run:
         return
     if opts.transport == "rest":
@@ -303,10 +364,12 @@ Examples:
 )
 @click.option(
     "--archive-format",
-    type=click.Choice(["tar", "zip", "tgz"]),
+    type=click.Choice(["tar", "zip", "zip-deflated", "tgz"]),
     default="tar",
     show_default=True,
-    help="Archive sent per batch (rest); tar and zip stream with no temp files.",
+    help="Archive sent per batch (rest), streamed with no temp files: tar and zip (stored) with "
+    "an exact length; zip-deflated compressed and sent chunked, which XNAT accepts for zip only "
+    "(facts 1.1). tgz is kept for older scripts and sends zip-deflated.",
 )
 @click.option(
     "--timeout",
@@ -320,15 +383,31 @@ Examples:
     type=click.Choice(["none", "append", "delete"]),
     default="none",
     show_default=True,
-    help="If the session exists: refuse (none), add files (append), replace clashes (delete) "
-    "(rest).",
+    help="An existing session of this label is always read first, and only the instances it "
+    "lacks are sent, then merged into it (XNAT merges into an existing session, facts 1.5). "
+    "none: commit as XNAT does, which refuses (409) an instance the session holds already. "
+    "append: archive with overwrite=append, which overwrites such clashing files. delete: send "
+    "every file, also those on the server, and archive with overwrite=delete, replacing their "
+    "copies. No value merges another study into the label: XNAT refuses it (rest).",
 )
 @click.option(
     "--direct-archive/--prearchive",
     default=False,
     show_default=True,
-    help="Write straight into the archive (XNAT >= 1.8.3) instead of the prearchive, "
-    "committed once at the end.",
+    help="Direct-Archive (XNAT >= 1.8.3): files go straight to the archive, and XNAT creates "
+    "the experiment once the session has been idle for its interval (5 min, facts 1.6); xio "
+    "waits for it (--archive-wait). An existing session is added to through the prearchive "
+    "(Direct-Archive never merges). Default: prearchive, committed once at the end (rest).",
+)
+@click.option(
+    "--archive-wait",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --direct-archive: how long to wait for XNAT to archive the session. When it "
+    "has not by then, the run ends 'sent, not yet archived' (exit 1, --json status "
+    '"pending"); check later with `xio verify ... --wait-for N` (rest).',
 )
 @click.option(
     "--retries",
@@ -348,14 +427,17 @@ Examples:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Discover and print the plan on stdout (also with -q); send nothing.",
+    help="Discover and print the plan on stdout (also with -q); check the labels and, when the "
+    "server and credentials are known, run the pre-flight checks (read-only); send nothing.",
 )
 @click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="After the commit, read the session back and compare it with PATH, series by series "
-    "(counts, sizes, MD5); a mismatch exits 1 (rest).",
+    help="After the commit, read the session back and find every instance by the name xio "
+    "sent it as (XNAT keeps it, facts 1.2), counted per series; MD5s are compared only where "
+    "XNAT stores our bytes (it re-encodes, and its site script anonymizes, facts 1.7). A missing "
+    "instance exits 1 (rest).",
 )
 @click.option(
     "--restart",
@@ -431,6 +513,7 @@ def upload_dicom(
     timeout: float,
     overwrite: str,
     direct_archive: bool,
+    archive_wait: float,
     retries: int,
     allow_multiple_studies: bool,
     dry_run: bool,
@@ -450,10 +533,19 @@ def upload_dicom(
 ) -> None:
     """Upload the DICOM session under PATH into XNAT as PROJECT / SUBJECT / SESSION.
 
-    PATH is a folder, searched recursively, or a .zip/.tar/.tar.gz archive (streamed as is).
-    DICOM files are recognised by content, not by name; every other file is skipped and listed
-    with the reason. The session is split into series-aligned batches that are sent in parallel
-    to the prearchive and committed once at the end.
+    PATH is a folder, searched recursively, or a .zip/.tar/.tar.gz archive (its DICOM members
+    re-packed while sent, never extracted). DICOM files are recognised by content, not by name;
+    every other file is skipped and listed with the reason. Each instance is sent as
+    {SOP Instance UID}.dcm, a name XNAT keeps. If the session exists, only the instances it
+    lacks are sent ("already on the server"). The session is split into series-aligned batches
+    that are sent in parallel to the prearchive and committed once at the end.
+
+    Before any DICOM byte is sent, the destination is checked (pre-flight, exit 2 with one line
+    when it is not ready): labels XNAT would change when archiving (it replaces spaces and most
+    punctuation with _), a server that is not XNAT, a missing or unreadable project (XNAT would
+    file the upload in Unassigned), missing rights to create subjects and sessions, and an
+    existing session label that holds another study (XNAT refuses to merge it). What XNAT does
+    and the source it rests on: docs/reliability.md, "Pre-flight".
 
     Progress goes to stderr (a live display on a terminal, plain lines otherwise); the summary,
     or the --json result, goes to stdout. Credentials come from --user/--password, XNAT_USERNAME
@@ -473,6 +565,7 @@ def upload_dicom(
         timeout=timeout,
         overwrite=overwrite,
         direct_archive=direct_archive,
+        archive_wait=archive_wait,
         retries=retries,
         allow_multiple_studies=allow_multiple_studies,
         dry_run=dry_run,
@@ -510,6 +603,8 @@ def _upload(
         manifest = discover_for_upload(opts, display)
         if opts.dry_run:
             text, data = describe_dry_run(opts, manifest, display)
+            checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
+            text = f"{text}\n{checked}"
         else:
             result = run_upload(opts, settings, manifest, display)
     if opts.dry_run:

@@ -1,9 +1,10 @@
 """`xio verify PROJECT SUBJECT SESSION DIR`: does XNAT hold every DICOM file under DIR?
 
 Reads the session back and compares it series by series with what discovery finds in DIR (the
-matching rule is in :mod:`xnatio.verify`). Exit 0 when every file is there, 1 with a per-series
-table of what is missing or different. On a server that rewrites every file (site
-anonymization), the files are counted, not compared byte for byte, and one warning line says so.
+matching rule is in :mod:`xnatio.verify`): each instance by the name xio uploads it under, which
+XNAT keeps (facts 1.2); bytes by MD5 only where XNAT stores ours (it re-encodes files and its site
+anonymization rewrites headers, facts 1.7). Exit 0 when every file is there, 1 with a per-series
+table of what is missing or different.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ EPILOG = "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n" + ex
     show_default=True,
     metavar="SECONDS",
     help="Keep reading the session back until every file is there or SECONDS have passed "
-    "(XNAT builds sessions received over C-STORE after an idle period).",
+    "(XNAT builds sessions received over C-STORE, and archives Direct-Archive uploads, only "
+    "after the session has been idle for 5 minutes, facts 1.6 and 3.2).",
 )
 @click.pass_context
 def verify(
@@ -70,10 +72,13 @@ def verify(
 ) -> None:
     """Check that session PROJECT/SUBJECT/SESSION in XNAT holds every DICOM file under DIR.
 
-    Compares per series: instance counts, sizes, and MD5 where XNAT keeps a digest. If the
-    server rewrote every file (a site anonymization script), the instances are counted per
-    series instead, with a warning. After a C-STORE upload, --wait-for gives XNAT time to build
-    the session.
+    Finds each instance by the file name xio uploads it under ({SOP Instance UID}.dcm, which
+    XNAT keeps) and compares counts per series. MD5s are compared only where the server stores
+    our bytes: XNAT re-encodes each file and, unless prevent_anon, its site anonymization script
+    rewrites Patient Name/ID and Study Description (facts 1.7), which is not a failure. A
+    session uploaded by another tool or over C-STORE is checked by instance count per series.
+    A session holding another study is reported as such. After a C-STORE or Direct-Archive
+    upload, --wait-for gives XNAT time to build and archive the session.
     """
     start_command(ctx, output)
     settings = resolve_cli_settings(server, output=output)
@@ -111,7 +116,12 @@ def render(result: VerifyReport) -> str:
     where = f"{result.project}/{result.subject}/{result.session}"
     if not result.found:
         return f"verify: session {where} not found on the server"
-    n = len(result.verified) + len(result.rewritten)
+    if result.other_study:
+        return (
+            f"verify: {where} holds another study (StudyInstanceUID {result.other_study}), "
+            "not the one under DIR"
+        )
+    n = len(result.verified)
     if result.ok:
         lines = [f"verify: {where} holds all {n} files ({len(result.series)} series)"]
     else:
@@ -119,6 +129,8 @@ def render(result: VerifyReport) -> str:
         lines = [f"verify: {where}: {len(problems)} file(s) missing or different", result.table()]
     if result.warning:
         lines.append(result.warning)
+    if result.rewritten_note:
+        lines.append(f"note: {result.rewritten_note}")
     if result.ok:
         return "\n".join(lines)
     if result.note:
@@ -144,4 +156,5 @@ def _as_upload_result(result: VerifyReport, duration: float) -> UploadResult:
         verified=result.ok,
         errors=[f"{f.path}: {f.reason}" for f in files if f.outcome is Outcome.FAILED][:20],
         warnings=[result.warning] if result.warning else [],
+        notes=[result.rewritten_note] if result.rewritten_note else [],
     )

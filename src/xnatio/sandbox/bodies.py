@@ -160,7 +160,8 @@ def parse_multipart(reader: BodyReader, boundary: bytes, tmp_dir: Path) -> Multi
         buf += chunk
 
     def malformed() -> HttpError:
-        return HttpError(400, "Malformed multipart request body")
+        # commons-fileupload's MalformedStreamException, a client error for XNAT.
+        return HttpError(400, "Stream ended unexpectedly")
 
     while (i := buf.find(delim)) < 0:
         if eof:

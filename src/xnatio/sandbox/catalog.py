@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xnatio.sandbox.access import Access
 from xnatio.sandbox.pages import HttpError
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -144,6 +145,8 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # Projects, users and roles share the index (and its lock): they survive a restart.
+        self.access = Access(self._db, self._lock)
         # Archive destinations being written by an archiver (see store.Store.archive).
         self._dest_in_use: set[tuple[str, str]] = set()
 
@@ -403,6 +406,40 @@ class Catalog:
             " (SELECT label FROM resources WHERE experiment_id=? AND scan_id=?)",
             (e.id, scan_id) * 3,
         )
+
+    def resource_ids(self, e: Experiment, scan_id: str | None = None) -> dict[tuple[str, str], int]:
+        """{(scan ID, label): numeric resource ID} (XNAT's xnat_abstractresource_id; here the
+        row's SQLite rowid, stable for the life of the index)."""
+        sql, args = "SELECT rowid, scan_id, label FROM resources WHERE experiment_id=?", [e.id]
+        if scan_id is not None:
+            sql += " AND scan_id=?"
+            args.append(scan_id)
+        return {(r["scan_id"], r["label"]): int(r["rowid"]) for r in self._q(sql, tuple(args))}
+
+    def resource_label(self, e: Experiment, scan_id: str, label_or_id: str) -> str:
+        """The label of a resource named by label or numeric ID (``…/resources/{label|id}``);
+        the argument itself when no resource has that numeric ID."""
+        if label_or_id.isdigit():
+            for (scan, label), rid in self.resource_ids(e, scan_id).items():
+                if rid == int(label_or_id) and scan == scan_id:
+                    return label
+        return label_or_id
+
+    def delete_scan(self, e: Experiment, scan_id: str) -> bool:
+        """Remove a scan, its resources' index rows and its folder."""
+        with self._lock:
+            if (e.project, e.label) in self._dest_in_use:
+                raise HttpError(409, MSG_IN_PROGRESS)
+            cur = self._db.execute(
+                "DELETE FROM scans WHERE experiment_id=? AND scan_id=?", (e.id, scan_id)
+            )
+            for table in ("files", "resources"):
+                self._db.execute(
+                    f"DELETE FROM {table} WHERE experiment_id=? AND scan_id=?", (e.id, scan_id)
+                )
+        if scan_id:
+            shutil.rmtree(self.experiment_dir(e) / "SCANS" / scan_id, ignore_errors=True)
+        return cur.rowcount > 0
 
     def resource_dir(self, e: Experiment, scan_id: str, resource: str) -> Path:
         check_label(resource, "resource")

@@ -1,10 +1,11 @@
 """``POST /data/services/import``: DICOM-zip and gradual-DICOM, as XNAT's Importer does them.
 
-The body (already spooled to disk by the server) is read entry by entry; nested archives are
-opened too, directory entries skipped. Each entry's header decides its prearchive session
-(project, StudyInstanceUID, label) and its scan folder (Series Number); its bytes are streamed
-to disk with the MD5 computed on the way. Entries written before a bad one stay (XNAT's partial
-write); ``Ignore-Unparsable`` skips bad entries instead.
+The body is read entry by entry as it arrives; nested archives are opened too, directory entries
+skipped. Each entry's header decides its row (project, StudyInstanceUID, label, facts 1.2) and
+its scan folder (Series Number). Every file is stored as XNAT stores it (facts 1.7): regenerated
+file meta, the header re-encoded after the default site anonymization script, the rest verbatim;
+the catalog MD5 is the stored file's. Entries written before a bad one stay (XNAT's partial
+write); ``Ignore-Unparsable`` skips bad entries instead. Every data error is a 400 (facts 1.4).
 """
 
 from __future__ import annotations
@@ -26,28 +27,44 @@ from typing import IO
 from xnatio.sandbox.dicom import (
     HEAD_BYTES,
     DicomHeader,
+    SiteScript,
     Unparsable,
-    clean_label,
     namer_file_name,
     read_header,
+    reencode,
     requested_file_name,
     scan_dir,
 )
 from xnatio.sandbox.knobs import KnobBox
 from xnatio.sandbox.pages import HttpError
-from xnatio.sandbox.store import UNASSIGNED, Experiment, PrearcSession, Store
+from xnatio.sandbox.store import (
+    AUTO_ARCHIVE,
+    AUTO_ARCHIVE_OVERWRITE,
+    MANUAL,
+    UNASSIGNED,
+    ArchiveFailure,
+    PrearcSession,
+    Store,
+)
 from xnatio.sandbox.zipstream import ZipStreamError, iter_zip_stream
+from xnatio.xnat.labels import clean_label
 
 IMPORT_PATH = "/data/services/import"
 HANDLERS = {"DICOM-zip", "gradual-DICOM", "SI"}
+# A body of these types selects gradual-DICOM when no handler is named (Imp:238-244).
+GRADUAL_TYPES = {"application/dicom", "application/x-mirc", "application/x-mirc-dicom"}
+MSG_ARCHIVE_FAILED = "unable to archive for the Prearchive session"  # DZI:257-259, facts 1.4
 
-# Raw bodies get a file name from their Content-Type; the archive reader is picked from it.
+# Raw bodies are named "upload" + the type's extension (facts 1.1: RU:70-81); DICOM-zip picks the
+# reader from that name. Types without a reader get a name no reader takes ("Unsupported format").
 RAW_NAMES = {
     "application/zip": "upload.zip",
     "application/x-tar": "upload.tar",
-    "application/x-gtar": "upload.tar.gz",
-    "application/x-gzip": "upload.gzip",
-    "application/octet-stream": "upload",
+    "application/xar": "upload.xar",
+    "application/x-gtar": "upload.tgz",
+    "application/x-gzip": "upload.gz",
+    "application/octet-stream": "upload.bin",
+    "application/dicom": "upload.dcm",
 }
 
 _DEST = re.compile(
@@ -58,10 +75,12 @@ _DEST = re.compile(
 
 
 def archive_kind(name: str) -> str | None:
-    """'zip', 'tar' or 'tgz' from a file name, case-sensitively as XNAT does; else None."""
-    if name.endswith(".zip"):
+    """'zip', 'tar' or 'tgz' from a file name, case-sensitively as XNAT does (``.zip``/``.zar``
+    ZIP, ``.tar``/``.xar`` TAR, ``.tgz``/``.tar.gz`` gzipped TAR; facts 1.1, Format.java:8-29);
+    else None."""
+    if name.endswith((".zip", ".zar")):
         return "zip"
-    if name.endswith(".tar"):
+    if name.endswith((".tar", ".xar")):
         return "tar"
     if name.endswith((".tar.gz", ".tgz")):
         return "tgz"
@@ -100,32 +119,55 @@ class ImportParams:
     ignore_unparsable: bool
     prevent_auto_commit: bool
     rename: bool
+    commit: bool = False
+    auto_archive: bool = False
+    overwrite_files: bool = False
+    prevent_anon: bool = False
+    source: str = ""
 
     @classmethod
-    def from_params(cls, p: dict[str, str]) -> ImportParams:
-        handler = p.get("import-handler", "SI")
+    def from_params(cls, p: dict[str, str], content_type: str = "") -> ImportParams:
+        default = "gradual-DICOM" if content_type in GRADUAL_TYPES else "DICOM-zip"
+        handler = p.get("import-handler") or default
         if handler not in HANDLERS:
             raise HttpError(404, f"Unknown importer implementation specified: {handler}")
         zipish = handler != "gradual-DICOM"
 
-        def pick(primary: str, alias: str) -> str | None:
-            value = p.get(primary) or (p.get(alias) if zipish else None)
-            return value or None
+        def first(*values: str | None) -> str | None:
+            return next((v for v in values if v), None)
 
         dest = parse_dest(p["dest"]) if p.get("dest") else None
-        project = pick("PROJECT_ID", "project") or (dest.project if dest else None)
+        d = dest or Dest("prearchive")
+        if zipish:
+            # DICOM-zip: dest values override; lower-case project/subject/session win over the
+            # upper-case keys (facts 1, DZI:92-107).
+            project = first(d.project, p.get("project"), p.get("PROJECT_ID"))
+            subject = first(d.subject, p.get("subject"), p.get("SUBJECT_ID"))
+            label = first(d.label, p.get("session"), p.get("EXPT_LABEL"))
+        else:
+            # gradual-DICOM: only the upper-case keys, and dest's project if there is no
+            # PROJECT_ID (GDI:155, 217-255; PU:569-576).
+            project = first(p.get("PROJECT_ID"), d.project)
+            subject = first(p.get("SUBJECT_ID"))
+            label = first(p.get("EXPT_LABEL"))
         return cls(
             handler=handler,
             project=project,
-            subject=pick("SUBJECT_ID", "subject") or (dest.subject if dest else None),
-            label=pick("EXPT_LABEL", "session") or (dest.label if dest else None),
+            subject=subject,
+            label=label,
             dest=dest,
-            # Quirk kept from XNAT: any value at all (even "none") turns merging on.
+            # Any value at all (even "none") turns merging on (facts 1.5, Imp:470-473).
             overwrite=p.get("overwrite"),
             direct_archive=truthy(p.get("Direct-Archive")),
-            ignore_unparsable=truthy(p.get("Ignore-Unparsable")),
+            # action=commit implies Ignore-Unparsable (facts 1.1, Imp:165-169).
+            ignore_unparsable=truthy(p.get("Ignore-Unparsable")) or p.get("action") == "commit",
             prevent_auto_commit=truthy(p.get("prevent_auto_commit")),
             rename=truthy(p.get("rename")),
+            commit=p.get("action") == "commit",
+            auto_archive=truthy(p.get("AA")) or truthy(p.get("auto-archive")),
+            overwrite_files=truthy(p.get("overwrite_files")),
+            prevent_anon=truthy(p.get("prevent_anon")),
+            source=p.get("SOURCE", ""),
         )
 
 
@@ -184,8 +226,8 @@ def iter_entries(
     except (ZipStreamError, tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        name = source.name if isinstance(source, Path) else "upload"
-        raise HttpError(400, f"unable to read archive {name}: {exc}") from None
+        # java.util.zip's own message, as a client error (facts 1.4: every data error is 400).
+        raise HttpError(400, str(exc) or "unable to read DICOM object upload") from None
 
 
 def _open_tar(source: Path | FullReader, kind: str) -> tarfile.TarFile:
@@ -205,17 +247,29 @@ def _maybe_nested(name: str, stream: IO[bytes], tmp_dir: Path) -> Iterator[tuple
 
 
 class DicomImport:
-    """One import request's work. ``run`` returns the URIs for the text/uri-list answer."""
+    """One import request's work. ``run`` returns the URIs for the text/uri-list answer
+    (possibly none: a 200 with an empty body, facts 1.3)."""
 
-    def __init__(self, store: Store, knobs: KnobBox, params: ImportParams, path: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        knobs: KnobBox,
+        params: ImportParams,
+        path: str,
+        user: str | None = None,
+        site_anon: bool = True,
+    ) -> None:
         self.store = store
+        self.site_anon = site_anon
         self.knobs = knobs
         self.p = params
         self.path = path
+        self.user = user
         self.writer_of: set[int] = set()
         self.sessions: dict[int, PrearcSession] = {}
-        self.direct: dict[str, tuple[Experiment, str]] = {}
         self.files_written = 0
+        # The destination project named by the request, if the user may read it (facts 1.2).
+        self.project = store.readable_project(user, params.project)
 
     # -- the request -----------------------------------------------------------------------
     def run(self, entries: Iterator[tuple[str, IO[bytes]]]) -> list[str]:
@@ -228,8 +282,8 @@ class DicomImport:
                     if not self.p.ignore_unparsable:
                         raise HttpError(400, str(err)) from None
                     last_error = err
-                except ZipStreamError as err:  # found while reading the entry's bytes
-                    raise HttpError(400, f"unable to read DICOM object {name}: {err}") from None
+                except ZipStreamError:  # found while reading the entry's bytes
+                    raise HttpError(400, f"unable to read DICOM object {name}") from None
             if self.files_written == 0 and last_error is not None:
                 raise HttpError(400, str(last_error))
             return self._finish()
@@ -237,36 +291,69 @@ class DicomImport:
             self.store.release_writers(self.writer_of)
 
     def _finish(self) -> list[str]:
+        """Build (any ``dest``, ``action=commit``) and archive (``dest=/archive…``, or
+        ``action=commit`` with ``AA``) in the request — DICOM-zip only (facts 1.1, DZI:92-136);
+        gradual-DICOM never builds (GDI:155). Direct-Archive rows answer their xapi URI."""
         uris: list[str] = []
-        k = self.knobs.get()
+        zipish = self.p.handler != "gradual-DICOM"
+        dest = self.p.dest
+        build = zipish and (dest is not None or self.p.commit)
+        archive = zipish and (
+            (dest is not None and dest.kind == "archive") or (self.p.commit and self.p.auto_archive)
+        )
         for sid, s in self.sessions.items():
-            auto = s.project in k.auto_archive_projects
-            to_archive = (self.p.dest is not None and self.p.dest.kind == "archive") or (
-                auto and self.p.dest is not None
-            )
-            if to_archive:
-                # This request is done writing; only *other* writers block the archiver.
-                self.store.release_writers({sid})
-                self.writer_of.discard(sid)
-                built = self.store.build(self.store.get_prearc_by_id(sid) or s)
-                e = self.store.archive(
-                    built,
-                    project=s.project,
-                    subject=self.p.subject,
-                    label=self.p.label,
-                    overwrite=self.p.overwrite,
-                    wrapped=True,
-                    delay=self._archive_delay,
-                )
-                uris.append(e.archive_uri)
-            else:
-                if self.p.dest is not None:
-                    current = self.store.get_prearc_by_id(sid) or s
-                    self.store.build(current)
+            if s.direct:
+                uris.append(s.direct_uri)
+                continue
+            if not build:
                 uris.append(s.external_url)
-        for e, tag in self.direct.values():
-            uris.append(f"/xapi/direct-archive/{e.project}/{tag}/{e.label}")
+                continue
+            # This request is done writing; the build is skipped — and nothing archived — if
+            # another request is writing to the row (DZI:231-255; PRH:68-71 *(inferred)*).
+            self.store.release_writers({sid})
+            self.writer_of.discard(sid)
+            if self.store.other_writers(sid, set()):
+                continue
+            built = self.store.build(self.store.get_prearc_by_id(sid) or s)
+            if built.status != "READY":
+                continue
+            if not archive:
+                uris.append(built.external_url)
+                continue
+            uris.append(self._archive(built))
         return list(dict.fromkeys(uris))
+
+    def _archive(self, s: PrearcSession) -> str:
+        """Archive in the request with the merge/overwrite rules of facts 1.5; any failure is
+        400 "unable to archive for the Prearchive session", cause dropped (DZI:257-259)."""
+        overwrite = self.p.overwrite
+        code = s.code
+        if overwrite is None:
+            merge = code != MANUAL  # DZI:264-268; GDI:687-702
+            replace = self.p.overwrite_files or code == AUTO_ARCHIVE_OVERWRITE  # PS:116-137
+        elif overwrite in ("delete", "override"):
+            merge, replace = True, True  # Imp:464-469; PSA:616-625
+        else:  # append, none, anything else: merge, clashes refused (Imp:470-473)
+            merge = True
+            replace = self.p.overwrite_files or code == AUTO_ARCHIVE_OVERWRITE
+        if not self.store.can_edit(self.user, s.project):
+            # Read access put the files here; archiving needs edit (PU:236-252 *(inferred)*).
+            self.store.mark_failed(s, 403)
+            raise HttpError(400, MSG_ARCHIVE_FAILED)
+        try:
+            e = self.store.archive(
+                s,
+                merge=merge,
+                overwrite=replace,
+                subject=self.p.subject,
+                label=self.p.label,
+                delay=self._archive_delay,
+            )
+        except ArchiveFailure:
+            raise HttpError(400, MSG_ARCHIVE_FAILED) from None
+        except HttpError:
+            raise HttpError(400, MSG_ARCHIVE_FAILED) from None
+        return e.archive_uri
 
     def _archive_delay(self) -> None:
         ms = self.knobs.get().archive_ms
@@ -275,7 +362,7 @@ class DicomImport:
 
     # -- one entry -------------------------------------------------------------------------
     def _one(self, name: str, stream: IO[bytes]) -> None:
-        head = stream.read(HEAD_BYTES)
+        head = _read_fully(stream, HEAD_BYTES)
         spooled: Path | None = None
         try:
             try:
@@ -299,47 +386,80 @@ class DicomImport:
                 spooled.unlink(missing_ok=True)
         self.files_written += 1
 
+    def _route_project(self, h: DicomHeader) -> str:
+        """The request's project if readable, else DICOM routing (``Project:`` in the comment
+        fields, then Study Description, then Accession Number, each only if readable), else
+        Unassigned (facts 1.2 and 6)."""
+        if self.project is not None:
+            return self.project
+        for candidate in (h.routing.get("project"), h.study_description, h.accession_number):
+            found = self.store.readable_project(self.user, candidate)
+            if found is not None:
+                return found
+        return UNASSIGNED
+
     def _identity(self, h: DicomHeader) -> tuple[str, str, str]:
-        """(project, subject, label) from the parameters, else from the DICOM routing rules."""
-        project = self.p.project or h.routing.get("project") or None
-        subject = self.p.subject or h.routing.get("subject") or clean_label(h.patient_name)
-        label = (
-            self.p.label or h.routing.get("session") or clean_label(h.patient_id) or "dicom_upload"
-        )
-        return project or UNASSIGNED, subject or label, label
+        """(project, subject, label): label = EXPT_LABEL, else ``Session:``/Patient ID, else
+        ``dicom_upload``; subject = SUBJECT_ID, else ``Subject:``/Patient Name (GDI:216-255).
+        Labels are kept as sent here; XNAT cleans them at archive time (facts 3.5)."""
+        project = self._route_project(h)
+        label = self.p.label or h.routing.get("session") or h.patient_id or "dicom_upload"
+        subject = self.p.subject or h.routing.get("subject") or h.patient_name or label
+        return project, subject, label
+
+    def _row_code(self, project: str, h: DicomHeader) -> int:
+        """A new row's auto-archive code: DICOM ``AA:`` or the project's code now (facts 3.2)."""
+        if h.routing.get("aa", "").lower() == "true" and project != UNASSIGNED:
+            return AUTO_ARCHIVE
+        return self.store.project_code(project, self.knobs.get().auto_archive_projects)
 
     def _place(self, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]) -> None:
         project, subject, label = self._identity(h)
         scan = scan_dir(h)
-        if self.p.direct_archive and project != UNASSIGNED:
-            e = self.store.direct_archive_target(
+        s: PrearcSession | None = None
+        # Direct-Archive: off without a project, and falls back to the prearchive when the
+        # label's archive folder exists or the DA row left RECEIVING (facts 1.6, GDI:269-278).
+        if (
+            self.p.direct_archive
+            and project != UNASSIGNED
+            and self.store.experiment(project, clean_label(label)) is None
+            and not (self.store.root / "archive" / project / "arc001" / clean_label(label)).exists()
+        ):
+            s = self.store.session_for_file(
                 project=project,
                 tag=h.study_uid,
-                label=label,
+                name=label,
                 subject=subject,
-                modality=h.modality,
-                date=h.study_date,
+                scan_date=h.study_date,
+                prevent_auto_commit=self.p.prevent_auto_commit,
+                prevent_anon=self.p.prevent_anon,
+                source=self.p.source,
+                code=self._row_code(project, h),
+                direct=True,
+                writer_of=self.writer_of,
             )
-            if e is not None:
-                self._write_direct(e, scan, name, h, head, rest)
-                return
-        s = self.store.session_for_file(
-            project=project,
-            tag=h.study_uid,
-            name=label,
-            subject=subject,
-            scan_date=h.study_date,
-            prevent_auto_commit=self.p.prevent_auto_commit,
-            autoarchive=None,
-            writer_of=self.writer_of,
-        )
+        if s is None:
+            s = self.store.session_for_file(
+                project=project,
+                tag=h.study_uid,
+                name=label,
+                subject=subject,
+                scan_date=h.study_date,
+                prevent_auto_commit=self.p.prevent_auto_commit,
+                prevent_anon=self.p.prevent_anon,
+                source=self.p.source,
+                code=self._row_code(project, h),
+                writer_of=self.writer_of,
+            )
+            assert s is not None
         self.sessions.setdefault(s.id, s)
-        wanted = self._wanted_name(name)
-        owner = self.store.prearc_file_owner(s.id, scan, wanted) if wanted else None
-        file_name = self._file_name(owner, wanted, h)
+        file_name = self._file_name(s, scan, name, h)
         folder = self.store.prearc_dir(s) / "SCANS" / scan / "DICOM"
+        script = None
+        if self.site_anon and not self.p.prevent_anon:
+            script = SiteScript(None if project == UNASSIGNED else project, subject, label)
         with self.store.file_lock(s.id, scan + "/" + file_name):
-            size, md5 = self._write(folder / file_name, head, rest)
+            size, md5 = self._write(folder / file_name, name, head, rest, script)
             self.store.record_prearc_file(
                 s.id,
                 scan,
@@ -355,89 +475,88 @@ class DicomImport:
                 md5=md5,
             )
 
-    def _file_name(self, owner: str | None, wanted: str | None, h: DicomHeader) -> str:
-        # XNAT keeps the uploaded name unless rename=true, the name is unusable, or another
-        # object already has it in this scan (GradualDicomImporter.getSafeFile).
-        if wanted is None or (owner is not None and owner != h.sop_uid):
+    def _file_name(self, s: PrearcSession, scan: str, name: str, h: DicomHeader) -> str:
+        """The uploaded name, unless ``rename=true`` or another SOP instance holds it in the
+        scan (then XNAT's template name) (facts 1.2, GDI:630-659)."""
+        wanted = None if self.p.rename else requested_file_name(name)
+        if wanted is None:
+            return namer_file_name(h)
+        owner = self.store.prearc_file_owner(s.id, scan, wanted)
+        if owner is not None and owner != h.sop_uid:
             return namer_file_name(h)
         return wanted
 
-    def _wanted_name(self, name: str) -> str | None:
-        return None if self.p.rename else requested_file_name(name)
-
-    def _write_direct(
-        self, e: Experiment, scan: str, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]
-    ) -> None:
-        wanted = self._wanted_name(name)
-        owner = self.store.archived_file_owner(e, scan, wanted) if wanted else None
-        file_name = self._file_name(owner, wanted, h)
-        self.direct.setdefault(e.id, (e, h.study_uid))
-        folder = self.store.resource_dir(e, scan, "DICOM")
-        with self.store.file_lock(0, f"{e.id}/{scan}/{file_name}"):
-            size, md5 = self._write(folder / file_name, head, rest)
-            self.store.upsert_scan(
-                e,
-                scan,
-                series_description=h.series_description,
-                modality=h.modality,
-                uid=h.series_uid,
-            )
-            self.store.record_file(
-                e,
-                scan_id=scan,
-                resource="DICOM",
-                path=file_name,
-                size=size,
-                md5=md5,
-                sop_uid=h.sop_uid,
-                series_number=h.series_number,
-                fmt="DICOM",
-                content="RAW",
-            )
-
-    def _write(self, target: Path, head: bytes, rest: IO[bytes]) -> tuple[int, str]:
-        """Stream head + rest to ``target`` (atomically replaced), returning (size, md5).
+    def _write(
+        self, target: Path, name: str, head: bytes, rest: IO[bytes], script: SiteScript | None
+    ) -> tuple[int, str]:
+        """Receive head + rest, then store it re-encoded (facts 1.7) at ``target``; returns
+        (size, md5) of the stored file.
 
         Runs under the file lock, like XNAT's write (+ anonymization): ``per_file_ms`` is spent
-        here, which is also what makes the same-file race observable.
+        here, which is also what makes the same-file race observable. I/O failures, a full disk
+        and anonymization failures are all 400 "unable to read DICOM object NAME" (facts 1.4:
+        GDI:385, 403-411, 431-435) — XNAT never answers 507.
         """
+        failed = Unparsable(f"unable to read DICOM object {name}")
         if self.knobs.disk_full_for(self.path):
-            raise HttpError(507, "No space left on device")
+            _drain(rest)
+            raise failed
         ms = self.knobs.get().per_file_ms
         if ms > 0:
             time.sleep(ms / 1000)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-        md5 = hashlib.md5()
-        size = 0
+        # Short temp names: the stored name may be up to 255 bytes itself.
+        tmp = self.store.tmp_dir()
+        received = tmp / f"in-{uuid.uuid4().hex}"
+        stored = tmp / f"st-{uuid.uuid4().hex}"
         try:
-            with part.open("wb") as out:
+            with received.open("wb") as out:
                 for block in _blocks(head, rest):
-                    md5.update(block)
                     out.write(block)
-                    size += len(block)
-            if self.knobs.get().site_anonymization:
-                size, digest = anonymize_in_place(part)
-                os.replace(part, target)
-                return size, digest
-            os.replace(part, target)
-        except OSError as exc:
-            part.unlink(missing_ok=True)
-            raise HttpError(507, f"Unable to write {target.name}: {exc.strerror}") from None
-        return size, md5.hexdigest()
+            if self.knobs.get().reencode or script is not None:
+                try:
+                    size, digest = reencode(str(received), str(stored), script)
+                except Exception:  # unreadable header, I/O: both a 400 (GDI:431-435)
+                    raise failed from None
+            else:
+                size, digest = _size_md5(received)
+                os.replace(received, stored)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stored, target)
+            return size, digest
+        except OSError:
+            raise failed from None
+        finally:
+            received.unlink(missing_ok=True)
+            stored.unlink(missing_ok=True)
 
 
-def anonymize_in_place(path: Path) -> tuple[int, str]:
-    """What a site-wide anonymization script does to a stored file: the header changes, so
-    the archived file's size and MD5 differ from what the client sent."""
-    from pydicom import dcmread
+def _read_fully(stream: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end: an inflating reader may return short reads,
+    which must not be taken for the whole header (issue 11 item 10)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        block = stream.read(n - got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
 
-    ds = dcmread(path, force=True)
-    ds.PatientComments = "anonymized by the XNAT sandbox's site-wide script"
-    ds.DeidentificationMethod = "XNAT sandbox site anonymization"
-    ds.save_as(path, enforce_file_format=False)
-    data = path.read_bytes()
-    return len(data), hashlib.md5(data).hexdigest()
+
+def _drain(stream: IO[bytes]) -> None:
+    while stream.read(1 << 20):
+        pass
+
+
+def _size_md5(path: Path) -> tuple[int, str]:
+    md5 = hashlib.md5()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            md5.update(block)
+            size += len(block)
+    return size, md5.hexdigest()
 
 
 def _blocks(head: bytes, rest: IO[bytes]) -> Iterator[bytes]:

@@ -28,6 +28,13 @@ class Knobs:
     """Processing time per DICOM file imported (XNAT parses and rewrites each one)."""
     archive_ms: float = 0.0
     """Extra time one archive operation takes; widens the window of the archive races."""
+    build_ms: float = 0.0
+    """Time the idle builder spends building a session (QUEUED_BUILDING → BUILDING → READY);
+    files arriving meanwhile make it RECEIVING_INTERRUPT, then RECEIVING (facts 3.2)."""
+    archive_timeout_seconds: float = 600.0
+    """XNAT's ``sessionArchiveTimeoutInterval``: an archive (commit, archive service) still
+    running after this long answers 500 "…did not complete within the configured timeout
+    interval." while the archive goes on and completes (facts 3.3, 3.4; QBIC:140-170)."""
     bandwidth_mbps: float = 0.0
     """Cap, in megabits per second, on reading request bodies, shared by all requests; 0 = none."""
     fail_next: int = 0
@@ -44,18 +51,38 @@ class Knobs:
     """The next N matching requests are handled in full (the server does the work), then their
     connection is reset instead of answered: a success the client never hears of."""
     disk_full: bool = False
-    """Writes fail with 507 Insufficient Storage, as XNAT does when its disk fills up."""
+    """Writes fail as on a full disk; XNAT answers that as every import data error, 400
+    "unable to read DICOM object NAME" (facts 1.4), never 507."""
     expire_sessions: bool = False
     """One-shot: setting it to true invalidates every JSESSION now (then it reads false again)."""
     session_timeout: float | None = None
     """Idle timeout of JSESSIONs in seconds; None keeps the server's setting."""
-    site_anonymization: bool = False
-    """Stored DICOM files are rewritten as by a site-wide anonymization script (XNAT applies it
-    while writing), so their size and MD5 no longer match what the client sent."""
+    site_anonymization: bool = True
+    """XNAT's default site-wide anonymization script, enabled by default (facts 1.7):
+    ``(0008,1030) := project`` (unless Unassigned), ``(0010,0010) := subject``,
+    ``(0010,0020) := session``, run on each file at receipt unless ``prevent_anon=true``.
+    Also ``SandboxServer.site_anon``; ``xio sandbox --no-site-anon`` /
+    ``SandboxServer(site_anon=False)`` / ``PUT /data/config/anon/script?status=disabled`` turn
+    it off."""
+    reencode: bool = True
+    """Every stored file is re-encoded on receipt (regenerated file meta, header re-serialized,
+    the rest verbatim), so the stored MD5 is not the uploaded file's (facts 1.7). Off only to
+    model a server whose bytes are the client's (with the site script off too)."""
     auto_archive_projects: list[str] = field(default_factory=list)
     """Projects whose prearchive setting is auto-archive (commit answers 301 + archive URI)."""
     build_idle_seconds: float = 300.0
-    """Idle time after which a RECEIVING prearchive session is built (XNAT's default 5 min)."""
+    """XNAT's session idle interval (default 300 s, facts 3.2): a RECEIVING row untouched this
+    long is built (and auto-archived by the 3.2 rule); the builder runs every N/5 s, as XNAT's
+    60 s for 300. ``xio sandbox --idle-seconds N``."""
+    redirect_status: int = 0
+    """A proxy in front of XNAT: every matching request (``fault_path``) is answered with this
+    3xx status (301, 302, 303, 307, 308) and ``Location: redirect_to`` + the request's path and
+    query (an http→https redirect); 0 = off."""
+    redirect_to: str = ""
+    """Base URL redirects point to (e.g. ``https://127.0.0.1:PORT``); empty = the login page
+    ``{context path}/app/template/Login.vm`` of this server (a redirect to a login page)."""
+    login_page: bool = False
+    """A single-sign-on proxy: every matching request is answered 200 with an HTML login page."""
     fault_path: str = ""
     """Counted fault knobs and ``disk_full`` apply only to paths starting with this prefix."""
 
@@ -67,11 +94,20 @@ class Knobs:
         return asdict(self)
 
 
-_INT_FIELDS = {"fail_next", "fail_status", "reset_next", "hang_next", "drop_response_next"}
+_INT_FIELDS = {
+    "fail_next",
+    "fail_status",
+    "reset_next",
+    "hang_next",
+    "drop_response_next",
+    "redirect_status",
+}
 _FLOAT_FIELDS = {
     "latency_ms",
     "per_file_ms",
     "archive_ms",
+    "archive_timeout_seconds",
+    "build_ms",
     "bandwidth_mbps",
     "hang_seconds",
     "build_idle_seconds",
@@ -89,7 +125,13 @@ def coerce_knobs(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = int(value)
         elif name in _FLOAT_FIELDS:
             out[name] = float(value)
-        elif name in {"disk_full", "expire_sessions", "site_anonymization"}:
+        elif name in {
+            "disk_full",
+            "expire_sessions",
+            "site_anonymization",
+            "reencode",
+            "login_page",
+        }:
             out[name] = value if isinstance(value, bool) else str(value).lower() in {"1", "true"}
         elif name in {"retry_after", "session_timeout"}:
             out[name] = None if value is None else float(value)

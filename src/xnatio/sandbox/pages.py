@@ -55,3 +55,16 @@ def error_page(status: int, message: str) -> bytes:
         'Please continue your visit at our <a href="/">home page</a>.\n'
         "</p>\n</body>\n</html>\n"
     ).encode()
+
+
+LOGIN_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
+    '<form name="form1" method="post" action="{action}">'
+    '<input type="text" name="username"/><input type="password" name="password"/>'
+    '<input type="submit" value="Login"/></form></body></html>\n'
+)
+
+
+def login_page(context_path: str) -> str:
+    """XNAT's login form (what browsers are sent to, and what an SSO proxy answers)."""
+    return LOGIN_PAGE.format(action=html.escape(f"{context_path}/login"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from xnatio.sandbox.pages import HttpError
@@ -76,6 +76,24 @@ def respond_json(data: Any, status: int = 200) -> Response:
     return json_response(data, status)
 
 
+def listing(
+    req: Request,
+    rows: Iterable[dict[str, Any]],
+    *,
+    title: str | None = None,
+    columns: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Response:
+    """A ResultSet in the requested ``format`` (json by default; xml, csv, html; facts 4)."""
+    from xnatio.sandbox import views
+
+    fmt = req.params.get("format", "json").lower()
+    if fmt not in views.LISTING_FORMATS:
+        fmt = "json"
+    body, ctype = views.render_listing(rows, fmt, title=title, columns=columns, extra=extra)
+    return respond(200, body, ctype)
+
+
 def uri_list(req: Request, uris: list[str], status: int = 200, **headers: str) -> Response:
     """text/uri-list with CRLF line ends (``format=txt``: text/plain)."""
     body = "".join(u + "\r\n" for u in uris)
@@ -138,30 +156,36 @@ def current_username(req: Request, _: re.Match[str]) -> Response:
 
 @route("GET", r"/xapi/users/(?P<u>[^/]+)")
 def user_details(req: Request, m: re.Match[str]) -> Response:
-    if m["u"] not in req.server.users:
+    access = req.server.access
+    if not access.user_exists(m["u"]):
         raise HttpError(404, f"User {m['u']} not found")
-    return respond_json({"username": m["u"], "enabled": True, "verified": True, "admin": True})
+    admin = access.is_admin(m["u"])
+    return respond_json({"username": m["u"], "enabled": True, "verified": True, "admin": admin})
 
 
 @route("GET", r"/data/auth")
 def auth_status(req: Request, _: re.Match[str]) -> Response:
+    """``csrf=true`` appends the session's CSRF token: "…; XNAT_CSRF=token" (UserAuthService)."""
     assert req.principal is not None
-    return respond(200, f"User '{req.principal.user}' is logged in", "text/plain")
+    text = f"User '{req.principal.user}' is logged in"
+    if req.params.get("csrf") == "true":
+        text += f"; XNAT_CSRF={req.server.auth.csrf_token(req.principal.session) or ''}"
+    return respond(200, text, "text/plain")
 
 
 @route("GET POST", r"/data/JSESSION")
 def jsession(req: Request, _: re.Match[str]) -> Response:
+    """The id of the request's session: the one this Basic request just opened, or the cookie's
+    (a cookie-authenticated request opens none, so the per-user cap never refuses it)."""
     assert req.principal is not None
-    sid = req.principal.new_session or req.server.auth.new_session(req.principal.user)
-    if req.principal.new_session is None:
-        # Cookie-authenticated: XNAT answers with the current session id.
-        cookie = req.headers.get("Cookie", "")
-        m = re.search(r"JSESSIONID=([0-9A-Fa-f]{32})", cookie)
-        if m and req.server.auth.touch(m.group(1)):
-            req.server.auth.end_session(sid)
-            sid = m.group(1)
+    sid = req.principal.session or req.server.auth.new_session(req.principal.user)
     req.principal.new_session = None
-    return respond(200, sid, "text/plain", {"Set-Cookie": f"JSESSIONID={sid}; Path=/; HttpOnly"})
+    return respond(
+        200,
+        sid,
+        "text/plain",
+        {"Set-Cookie": f"JSESSIONID={sid}; Path={req.server.cookie_path}; HttpOnly"},
+    )
 
 
 @route("DELETE", r"/data/JSESSION")
@@ -182,7 +206,20 @@ def services_auth(req: Request, _: re.Match[str]) -> Response:
     if user is None:
         raise HttpError(401, "Login attempt failed. Please try again.")
     sid = req.server.auth.new_session(user)
-    return respond(200, sid, "text/plain", {"Set-Cookie": f"JSESSIONID={sid}; Path=/; HttpOnly"})
+    return respond(
+        200,
+        sid,
+        "text/plain",
+        {"Set-Cookie": f"JSESSIONID={sid}; Path={req.server.cookie_path}; HttpOnly"},
+    )
+
+
+@route("GET", r"/app/template/Login\.vm")
+def login_form(req: Request, _: re.Match[str]) -> Response:
+    """Where browsers without credentials are sent (no login needed to see it)."""
+    from xnatio.sandbox.pages import login_page
+
+    return respond(200, login_page(req.server.context_path), "text/html")
 
 
 @route("GET", r"")
@@ -223,6 +260,14 @@ def token_invalidate(req: Request, m: re.Match[str]) -> Response:
 
 
 # The API modules register their routes when imported (kept last: they import this module).
-from xnatio.sandbox import api_archive, api_upload  # noqa: E402
+from xnatio.sandbox import api_archive, api_config, api_projects, api_upload  # noqa: E402
 
-__all__ = ["api_archive", "api_upload", "handle", "route", "route_name"]
+__all__ = [
+    "api_archive",
+    "api_config",
+    "api_projects",
+    "api_upload",
+    "handle",
+    "route",
+    "route_name",
+]

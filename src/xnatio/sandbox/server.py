@@ -7,6 +7,7 @@ XNAT's HTML status page (``pages.error_page``). Bodies are streamed to temporary
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import socket
@@ -14,6 +15,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,15 +23,24 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from xnatio.sandbox import routes
-from xnatio.sandbox.auth import Authenticator, Principal
+from xnatio.sandbox.access import Access
+from xnatio.sandbox.auth import (
+    LOCKOUT_SECONDS,
+    MAX_FAILED_LOGINS,
+    MAX_SESSIONS_PER_USER,
+    Authenticator,
+    Principal,
+    is_browser,
+)
 from xnatio.sandbox.bodies import BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
-from xnatio.sandbox.pages import REASONS, HttpError, error_page
+from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
 from xnatio.sandbox.store import FileRecord, PrearcSession, Store
 
 log = logging.getLogger("xnatio.sandbox")
 
 SANDBOX_VERSION = "1.8.10"
+LOGIN_PATH = "/app/template/Login.vm"
 DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of an unread body we swallow before closing instead
 
 
@@ -61,7 +72,7 @@ class Request:
     def __init__(self, handler: Handler, principal: Principal | None) -> None:
         split = urlsplit(handler.path)
         self.method = handler.command
-        self.path = unquote(split.path)
+        self.path = unquote(handler.xnat_path)
         self.params: dict[str, str] = dict(parse_qsl(split.query, keep_blank_values=True))
         self.headers = handler.headers
         self.body: BodyReader = handler.body
@@ -93,6 +104,7 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = 300  # idle keep-alive connections are closed after this
     body: BodyReader
+    xnat_path: str = ""  # the request's path inside the context path
 
     def version_string(self) -> str:
         return self.server_version
@@ -109,7 +121,9 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         sandbox: SandboxServer = self.server.sandbox  # type: ignore[attr-defined]
         knobs = sandbox.knob_box
-        path = urlsplit(self.path).path
+        raw_path = urlsplit(self.path).path
+        path = sandbox.inside_context(raw_path)
+        self.xnat_path = path if path is not None else raw_path
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -117,8 +131,8 @@ class Handler(BaseHTTPRequestHandler):
             length = 0
         chunked = "chunked" in te
         reset_at: int | None = None
-        admin = path.startswith("/_sandbox/")
-        if not admin and knobs.take("reset_next", path):
+        admin = self.xnat_path.startswith("/_sandbox/")
+        if not admin and knobs.take("reset_next", self.xnat_path):
             reset_at = max(1, length // 2) if length else (1 if not chunked else 1 << 16)
             if not length and not chunked:
                 self._reset()
@@ -132,16 +146,16 @@ class Handler(BaseHTTPRequestHandler):
             on_reset=self._reset,
         )
         knobs.count("requests")
-        knobs.count(f"{self.command} {routes.route_name(path)}")
+        knobs.count(f"{self.command} {routes.route_name(self.xnat_path)}")
         k = knobs.get()
         try:
             if k.latency_ms > 0 and not admin:
                 time.sleep(k.latency_ms / 1000)
-            if not admin and knobs.take("hang_next", path):
+            if not admin and knobs.take("hang_next", self.xnat_path):
                 time.sleep(k.hang_seconds)
                 self._reset()
                 return
-            if not admin and knobs.take("fail_next", path):
+            if not admin and knobs.take("fail_next", self.xnat_path):
                 self.body.drain()
                 headers = {}
                 if k.retry_after is not None and k.fail_status in (429, 503, 301, 302):
@@ -149,17 +163,31 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(
                     k.fail_status, f"Injected failure ({k.fail_status}) by the sandbox", headers
                 )
-            public = admin or path.rstrip("/") == "/data/services/auth"
-            principal = (
-                None
-                if public
-                else sandbox.auth.authenticate(self.headers.get("Authorization"), self._cookie())
-            )
-            request = Request(self, principal)
+            if path is None:
+                # Outside the context path: the servlet container's own 404 (no XNAT there).
+                self.body.drain()
+                response = Response(404, tomcat_404(raw_path), "text/html")
+                self._finish_body(response)
+                self._send(response)
+                return
+            if not admin:
+                proxied = proxy_answer(sandbox, k, self.path)
+                if proxied is not None:
+                    self.body.drain()
+                    self._finish_body(proxied)
+                    knobs.count(f"status.{proxied.status}")
+                    self._send(proxied)
+                    return
+            public = admin or path.rstrip("/") in ("/data/services/auth", LOGIN_PATH)
+            principal = None if public else self._authenticate(sandbox)
+            request = Request(self, principal)  # form fields join the parameters here
+            if principal is not None:
+                self._check_csrf(sandbox, principal, request.params)
             response = routes.handle(request)
             if principal is not None and principal.new_session:
                 response.headers.setdefault(
-                    "Set-Cookie", f"JSESSIONID={principal.new_session}; Path=/; HttpOnly"
+                    "Set-Cookie",
+                    f"JSESSIONID={principal.new_session}; Path={sandbox.cookie_path}; HttpOnly",
                 )
         except ConnectionAborted as exc:
             log.debug("connection dropped: %s", exc)
@@ -177,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             log.exception("sandbox handler failed")
             response = Response(500, error_page(500, f"Internal error: {exc}"), "text/html")
-        if not admin and knobs.take("drop_response_next", path):
+        if not admin and knobs.take("drop_response_next", self.xnat_path):
             # The work is done (archived, imported...) but the answer is lost on the way.
             self._reset()
             return
@@ -188,6 +216,33 @@ class Handler(BaseHTTPRequestHandler):
             self._send(response)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _authenticate(self, sandbox: SandboxServer) -> Principal:
+        authorization = self.headers.get("Authorization")
+        cookie = self._cookie()
+        try:
+            return sandbox.auth.authenticate(authorization, cookie)
+        except HttpError as exc:
+            if exc.status == 401 and not authorization and is_browser(self.headers["User-Agent"]):
+                # Browsers without credentials are sent to the login page, scripts get the
+                # Basic challenge (XnatAuthenticationEntryPoint.java:66-71).
+                raise HttpError(302, "", {"Location": sandbox.login_page_url}) from None
+            raise
+
+    def _check_csrf(
+        self, sandbox: SandboxServer, principal: Principal, params: dict[str, str]
+    ) -> None:
+        """Facts 2: POST/PUT/DELETE from a browser-like agent need the session's XNAT_CSRF
+        token, Basic auth or not; the refusal reaches the client as a 500 (see auth.py)."""
+        if self.command not in ("POST", "PUT", "DELETE"):
+            return
+        if not is_browser(self.headers.get("User-Agent")):
+            return
+        # request.getParameter("XNAT_CSRF"): the query string or a form field.
+        given = params.get("XNAT_CSRF") or ""
+        expected = sandbox.auth.csrf_token(principal.session)
+        if expected is None or given.lower() != expected.lower():
+            raise HttpError(500, "Internal Server Error")
 
     def _finish_body(self, response: Response) -> None:
         """Swallow what the handler did not read, so the connection can be kept alive."""
@@ -240,6 +295,42 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
 
+def normalize_context_path(value: str) -> str:
+    """``xnat``, ``/xnat/`` → ``/xnat``; ``""`` and ``/`` → ``""`` (the root)."""
+    value = value.strip().strip("/")
+    if not value:
+        return ""
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        raise ValueError(f"Invalid context path: {value!r}")
+    return "/" + value
+
+
+def tomcat_404(path: str) -> bytes:
+    """What a servlet container (or a proxy) answers for a path outside XNAT's context."""
+    return (
+        '<!doctype html><html lang="en"><head><title>HTTP Status 404 – Not Found</title>'
+        "</head><body><h1>HTTP Status 404 – Not Found</h1><p><b>Type</b> Status Report</p>"
+        f"<p><b>Message</b> {html.escape(path)}</p><p><b>Description</b> The origin server did "
+        "not find a current representation for the target resource or is not willing to "
+        "disclose that one exists.</p></body></html>"
+    ).encode()
+
+
+def proxy_answer(sandbox: SandboxServer, k: Knobs, raw: str) -> Response | None:
+    """The redirect knobs (``redirect_status``/``redirect_to``, ``login_page``): what a proxy or
+    single-sign-on front answers instead of XNAT, for requests under ``fault_path``."""
+    inner = sandbox.inside_context(urlsplit(raw).path) or ""
+    if not inner.startswith(k.fault_path):
+        return None
+    if k.login_page or (k.redirect_status and inner.startswith(LOGIN_PATH)):
+        # (The login page itself answers, so a client that follows the redirect stops there.)
+        return Response(200, login_page(sandbox.context_path), "text/html")
+    if k.redirect_status:
+        target = k.redirect_to.rstrip("/") + raw if k.redirect_to else sandbox.login_page_url
+        return Response(k.redirect_status, b"", "text/html", {"Location": target})
+    return None
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -250,9 +341,16 @@ class _HTTPServer(ThreadingHTTPServer):
 class SandboxServer:
     """A local XNAT-compatible server (see the package docstring for what it implements).
 
-    ``users`` maps user names to passwords (default ``{"admin": "admin"}``); ``session_timeout`` is
-    the JSESSION idle timeout in seconds. ``start()`` returns once the socket listens; ``url`` is
-    then ``http://HOST:PORT``. Usable as a context manager.
+    ``users`` maps user names to passwords (default ``{"admin": "admin"}``): the first one (and
+    any named ``admin``) is a site admin, the others ordinary users with no project access.
+    ``projects`` are created at start, owned by the first user (facts 1.2: an upload to a project
+    that does not exist goes to Unassigned). ``session_timeout`` is the JSESSION idle timeout in
+    seconds; ``max_sessions`` (XNAT: 1000), ``max_failed_logins`` (20) and ``lockout_seconds``
+    (3600) are facts 2's login limits, also settable later on ``server.auth``. ``context_path``
+    (e.g. ``/xnat``) serves everything under that prefix. ``site_anon`` and ``idle_seconds`` set
+    the ``site_anonymization`` and ``build_idle_seconds`` knobs. ``start()`` returns once the
+    socket listens; ``url`` is then ``http://HOST:PORT`` + the context path. Usable as a context
+    manager. ``access`` (once started) holds projects, users and roles (``access.Access``).
 
     Test helpers read the store directly (no HTTP): ``archived_files``, ``prearchive_sessions``,
     ``experiment_labels``.
@@ -265,15 +363,35 @@ class SandboxServer:
         host: str = "127.0.0.1",
         port: int = 0,
         users: dict[str, str] | None = None,
+        projects: Iterable[str] = (),
         knobs: Knobs | None = None,
         session_timeout: float = 900.0,
+        context_path: str = "",
+        max_sessions: int = MAX_SESSIONS_PER_USER,
+        max_failed_logins: int = MAX_FAILED_LOGINS,
+        lockout_seconds: float = LOCKOUT_SECONDS,
+        site_anon: bool | None = None,
+        idle_seconds: float | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self._port = port
         self.users = dict(users) if users is not None else {"admin": "admin"}
+        self.projects = list(projects)
+        self.context_path = normalize_context_path(context_path)
         self.knob_box = KnobBox(knobs)
-        self.auth = Authenticator(self.users, session_timeout)
+        # The default site anonymization script (facts 1.7) and XNAT's idle interval (3.2).
+        if site_anon is not None:
+            self.knob_box.set(site_anonymization=site_anon)
+        if idle_seconds is not None:
+            self.knob_box.set(build_idle_seconds=idle_seconds)
+        self.auth = Authenticator(
+            self._check_password,
+            session_timeout,
+            max_sessions=max_sessions,
+            max_failed_logins=max_failed_logins,
+            lockout_seconds=lockout_seconds,
+        )
         if knobs is not None and knobs.session_timeout is not None:
             self.auth.session_timeout = knobs.session_timeout
         self.store: Store | None = None
@@ -285,6 +403,7 @@ class SandboxServer:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> SandboxServer:
         self.store = Store(self.data_dir)
+        self._set_up_access(self.store.access)
         httpd = _HTTPServer((self.host, self._port), Handler)
         httpd.sandbox = self
         self._httpd = httpd
@@ -325,6 +444,24 @@ class SandboxServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _set_up_access(self, access: Access) -> None:
+        """The users and projects named at start (kept in the index, so they add to those of an
+        earlier run). The first user of ``users`` is a site admin, and so is a user named
+        ``admin``; the others are ordinary users with no access until given a project role."""
+        for i, (login, password) in enumerate(self.users.items()):
+            access.add_user(login, password, admin=i == 0 or login == "admin")
+        admin = self.username
+        for project in self.projects:
+            access.create_project(project, owner=admin)
+        for project in self.knob_box.get().auto_archive_projects:
+            access.create_project(project, owner=admin)
+            access.set_prearchive_code(project, 4)
+
+    @property
+    def access(self) -> Access:
+        """Projects, users and roles (``access.Access``); the sandbox must be started."""
+        return self._store().access
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -344,7 +481,46 @@ class SandboxServer:
 
     @property
     def url(self) -> str:
+        """The XNAT URL clients use: ``http://HOST:PORT`` + the context path."""
+        return f"http://{self.host}:{self._port}{self.context_path}"
+
+    @property
+    def root_url(self) -> str:
+        """``http://HOST:PORT`` (outside the context path, where a proxy would sit)."""
         return f"http://{self.host}:{self._port}"
+
+    @property
+    def cookie_path(self) -> str:
+        return self.context_path or "/"
+
+    @property
+    def login_page_url(self) -> str:
+        return f"{self.url}{LOGIN_PATH}"
+
+    def inside_context(self, path: str) -> str | None:
+        """The path inside the context path (``/xnat/data/x`` → ``/data/x``), None if outside.
+        Sandbox administration (``/_sandbox/``) answers at the root too."""
+        if not self.context_path or path.startswith("/_sandbox/"):
+            return path
+        if path == self.context_path:
+            return ""
+        if path.startswith(self.context_path + "/"):
+            return path[len(self.context_path) :]
+        return None
+
+    @property
+    def site_anon(self) -> bool:
+        """Whether the site-wide anonymization script is enabled (facts 1.7, 5): the
+        ``site_anonymization`` knob, which the importer applies and the config endpoints show."""
+        return self.knob_box.get().site_anonymization
+
+    @site_anon.setter
+    def site_anon(self, enabled: bool) -> None:
+        self.knob_box.set(site_anonymization=enabled)
+
+    def _check_password(self, user: str, password: str) -> bool:
+        store = self.store
+        return store is not None and store.access.check_password(user, password)
 
     # -- knobs -----------------------------------------------------------------------------
     @property
@@ -355,7 +531,18 @@ class SandboxServer:
     def set_knobs(self, **fields: Any) -> Knobs:
         """Change knobs now, from any thread (``expire_sessions=True`` fires once)."""
         expire = fields.pop("expire_sessions", False)
+        before = set(self.knob_box.get().auto_archive_projects)
         k = self.knob_box.set(**fields)
+        if "auto_archive_projects" in fields and self.store is not None:
+            # The knob is the project's prearchive code (facts 3.5): listed projects get 4
+            # (created if missing), projects taken off the list go back to 0.
+            access = self.store.access
+            for project in before - set(k.auto_archive_projects):
+                if access.canonical_project(project) is not None:
+                    access.set_prearchive_code(project, 0)
+            for project in k.auto_archive_projects:
+                access.create_project(project, owner=self.username)
+                access.set_prearchive_code(project, 4)
         if k.session_timeout is not None:
             self.auth.session_timeout = k.session_timeout
         if expire:
@@ -415,21 +602,17 @@ class SandboxServer:
 
     # -- background ------------------------------------------------------------------------
     def _sweep(self) -> None:
-        """XNAT's idle timer: RECEIVING sessions idle for ``build_idle_seconds`` get built and,
-        in auto-archive projects, archived."""
-        while not self._stopping.wait(1.0):
+        """XNAT's idle builder (facts 3.2), run every N/5 s (XNAT: 60 s for N = 300):
+        ``Store.run_idle`` builds idle RECEIVING rows and archives them by the 3.2 rule."""
+        last = 0.0
+        while not self._stopping.wait(0.1):
             store = self.store
-            if store is None:
-                continue
             k = self.knob_box.get()
+            if store is None or time.monotonic() - last < k.build_idle_seconds / 5:
+                continue
+            last = time.monotonic()
             try:
-                for s in store.idle_receiving(k.build_idle_seconds):
-                    built = store.build(s)
-                    if s.project in k.auto_archive_projects:
-                        try:
-                            store.archive(built, wrapped=False)
-                        except HttpError as exc:
-                            log.info("auto-archive of %s failed: %s", s.url, exc.message)
-                store.finish_direct_sessions(k.build_idle_seconds)
+                store.run_idle(k.build_idle_seconds, k.auto_archive_projects, k.build_ms)
             except Exception:  # never let the timer thread die
-                log.exception("sandbox sweeper failed")
+                if not self.stopping:
+                    log.exception("sandbox idle builder failed")

@@ -23,6 +23,30 @@ def result_set(rows: Iterable[dict[str, Any]], title: str | None = None) -> dict
     return {"ResultSet": out}
 
 
+# Facts 3.1 (DatabaseSession.java:27-228): the prearchive listing's columns, in order.
+PREARC_COLUMNS = [
+    "project",
+    "timestamp",
+    "lastmod",
+    "uploaded",
+    "scan_date",
+    "scan_time",
+    "subject",
+    "folderName",
+    "name",
+    "tag",
+    "status",
+    "url",
+    "autoarchive",
+    "prevent_anon",
+    "prevent_auto_commit",
+    "SOURCE",
+    "VISIT",
+    "PROTOCOL",
+    "TIMEZONE",
+]
+
+
 def prearc_row(s: PrearcSession, autoarchive_projects: list[str]) -> dict[str, str]:
     lastmod = dt.datetime.fromtimestamp(s.lastmod).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     return {
@@ -38,10 +62,12 @@ def prearc_row(s: PrearcSession, autoarchive_projects: list[str]) -> dict[str, s
         "tag": s.tag,
         "status": s.status,
         "url": s.url,
-        "autoarchive": "AutoArchive" if s.project in autoarchive_projects else "Manual",
-        "prevent_anon": "false",
+        # The row's own code and flags, stored by the request that created it (facts 1.2, 3.2).
+        "autoarchive": s.autoarchive
+        or ("AutoArchive" if s.project in autoarchive_projects else "Manual"),
+        "prevent_anon": "true" if s.prevent_anon else "false",
         "prevent_auto_commit": "true" if s.prevent_auto_commit else "false",
-        "SOURCE": "",
+        "SOURCE": s.source,
         "VISIT": "",
         "PROTOCOL": "",
         "TIMEZONE": "",
@@ -64,6 +90,7 @@ def _resource_summary(files: list[sqlite3.Row]) -> dict[str, dict[str, int]]:
 def experiment_document(store: Store, e: Experiment) -> dict[str, Any]:
     scans = store.scans(e)
     files = store.files(e)
+    ids = store.resource_ids(e)
     by_scan: dict[str, list[sqlite3.Row]] = {}
     for f in files:
         by_scan.setdefault(f["scan_id"], []).append(f)
@@ -85,8 +112,11 @@ def experiment_document(store: Store, e: Experiment) -> dict[str, Any]:
                                     "content": "RAW" if label == "DICOM" else "",
                                     "file_count": info["count"],
                                     "file_size": info["size"],
+                                    "xnat_abstractresource_id": str(
+                                        ids.get((sc["scan_id"], label), "")
+                                    ),
                                     "URI": f"{experiment_uri(e)}/scans/{sc['scan_id']}"
-                                    f"/resources/{label}",
+                                    f"/resources/{ids.get((sc['scan_id'], label), label)}",
                                 },
                             }
                             for label, info in resources.items()
@@ -149,6 +179,18 @@ def experiment_row(e: Experiment) -> dict[str, str]:
     }
 
 
+SCAN_COLUMNS = [
+    "xnat_imagescandata_id",
+    "ID",
+    "type",
+    "quality",
+    "xsiType",
+    "note",
+    "series_description",
+    "URI",
+]
+
+
 def scan_rows(e: Experiment, scans: list[sqlite3.Row]) -> list[dict[str, str]]:
     return [
         {
@@ -166,7 +208,11 @@ def scan_rows(e: Experiment, scans: list[sqlite3.Row]) -> list[dict[str, str]]:
 
 
 def resource_rows(
-    e: Experiment, scan_id: str, resources: list[sqlite3.Row], files: list[sqlite3.Row]
+    e: Experiment,
+    scan_id: str,
+    resources: list[sqlite3.Row],
+    files: list[sqlite3.Row],
+    ids: dict[tuple[str, str], int],
 ) -> list[dict[str, Any]]:
     rows = []
     summary = _resource_summary(files)
@@ -175,7 +221,8 @@ def resource_rows(
         info = summary.get(label, {"count": 0, "size": 0})
         rows.append(
             {
-                "xnat_abstractresource_id": f"{e.id}:{scan_id}:{label}",
+                # XNAT's numeric xnat_abstractresource_id (facts 4).
+                "xnat_abstractresource_id": str(ids.get((scan_id, label), "")),
                 "label": label,
                 "element_name": "xnat:resourceCatalog",
                 "category": "scans" if scan_id else "resources",
@@ -192,24 +239,165 @@ def resource_rows(
     return rows
 
 
-def file_uri(e: Experiment, scan_id: str, resource: str, path: str) -> str:
+# Facts 4 (CU:79): exactly these columns, all strings; the ResultSet also carries "Columns"
+# and "title": "Files" (FL:621-623, 1170-1176).
+FILE_COLUMNS = [
+    "Name",
+    "Size",
+    "URI",
+    "collection",
+    "file_tags",
+    "file_format",
+    "file_content",
+    "cat_ID",
+    "digest",
+]
+
+
+def file_listing_extra() -> dict[str, Any]:
+    return {"Columns": [{"key": c} for c in FILE_COLUMNS]}
+
+
+def experiment_base_uri(e: Experiment, via_project: bool) -> str:
+    """``/data/projects/P/subjects/{subject ID}/experiments/{expt ID}`` when the request named
+    the project, else ``/data/experiments/{expt ID}`` (FL:542; XNATCatalogTemplate.java:82-121)."""
+    if via_project:
+        return f"/data/projects/{e.project}/subjects/{e.subject_id}/experiments/{e.id}"
+    return experiment_uri(e)
+
+
+def file_uri(base: str, scan_id: str, resource_id: int | str, path: str) -> str:
+    from urllib.parse import quote
+
     scan = f"/scans/{scan_id}" if scan_id else ""
-    return f"{experiment_uri(e)}{scan}/resources/{resource}/files/{path}"
+    return f"{base}{scan}/resources/{resource_id}/files/{quote(path)}"
 
 
-def file_rows(e: Experiment, files: list[sqlite3.Row]) -> list[dict[str, str]]:
-    return [
-        {
-            "Name": f["path"].rsplit("/", 1)[-1],
-            "Size": str(f["size"]),
-            "URI": file_uri(e, f["scan_id"], f["resource"], f["path"]),
-            "collection": f["resource"],
-            "file_tags": f["tags"] or "",
-            "file_format": f["format"] or "",
-            "file_content": f["content"] or "",
-            "cat_ID": f"{e.id}:{f['scan_id']}:{f['resource']}",
-            "digest": f["md5"],
-            "path": f["path"],
-        }
-        for f in files
-    ]
+def file_rows(
+    e: Experiment,
+    files: list[sqlite3.Row],
+    ids: dict[tuple[str, str], int],
+    *,
+    via_project: bool,
+) -> list[dict[str, str]]:
+    base = experiment_base_uri(e, via_project)
+    rows = []
+    for f in files:
+        rid = ids.get((f["scan_id"], f["resource"]), f["resource"])
+        rows.append(
+            {
+                "Name": f["path"].rsplit("/", 1)[-1],
+                "Size": str(f["size"]),
+                "URI": file_uri(base, f["scan_id"], rid, f["path"]),
+                "collection": f["resource"],
+                "file_tags": f["tags"] or "",
+                "file_format": f["format"] or "",
+                "file_content": f["content"] or "",
+                "cat_ID": str(rid),
+                "digest": f["md5"] or "",
+            }
+        )
+    return rows
+
+
+def select_columns(
+    rows: list[dict[str, str]], columns: str | None, aliases: dict[str, str] | None = None
+) -> tuple[list[dict[str, str]], list[str] | None]:
+    """``columns=a,b`` (QueryOrganizerResource.java:160-180): the rows with those columns only,
+    plus ``URI``, which XNAT always adds (pyxnat relies on it). ``aliases`` maps XNAT's
+    schema-path names (``xnat:subjectAssessorData/subject_id``) to the row's keys."""
+    names = {k.lower(): v for k, v in (aliases or {}).items()}
+    # A schema path comes back under the listing's own column name (…/subject_id → subject_ID).
+    wanted = [names.get(c.lower(), c) for c in (columns or "").split(",") if c]
+    if not wanted:
+        return rows, None
+    if "URI" not in wanted:
+        wanted.append("URI")
+    out = [{c: r.get(c, "") for c in wanted} for r in rows]
+    return out, wanted
+
+
+# -- listing formats (facts 4: format=json|xml|csv|html, SR:235-264, 507-553; XT:838-907) -------
+LISTING_FORMATS = {
+    "json": "application/json",
+    "xml": "text/xml",
+    "csv": "text/csv",
+    "html": "text/html",
+}
+
+
+def listing_columns(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[str]:
+    """The table's columns: the given ones, else those of the first row (XFTTable keeps one
+    column list for every row)."""
+    if columns is not None:
+        return columns
+    return list(rows[0].keys()) if rows else []
+
+
+def render_listing(
+    rows: Iterable[dict[str, Any]],
+    fmt: str,
+    *,
+    title: str | None = None,
+    columns: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """(body, content type) of a ResultSet in one of XNAT's listing formats.
+
+    - json: ``{"ResultSet": {"Result": [...], "totalRecords": "N"[, "title"]…}}``;
+    - xml: ``<ResultSet><results><columns><column>…</columns><rows><row><cell>…``;
+    - csv: a header row, then one line per row, ``\\n`` line ends (XFTTable.toCSV);
+    - html: one ``<table>`` with a header row (XFTTable.toHTML).
+    """
+    import csv
+    import html
+    import io
+    import json
+
+    result = [{k: "" if v is None else v for k, v in r.items()} for r in rows]
+    cols = listing_columns(result, columns)
+    if fmt == "json":
+        if columns is not None:
+            result = [{c: r.get(c, "") for c in cols} for r in result]
+        body = result_set(result, title)
+        if extra:
+            body["ResultSet"].update(extra)
+        return json.dumps(body), LISTING_FORMATS["json"]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(cols)
+        for r in result:
+            writer.writerow([str(r.get(c, "")) for c in cols])
+        return out.getvalue(), LISTING_FORMATS["csv"]
+    if fmt == "xml":
+        esc = html.escape
+        parts = [
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<ResultSet xmlns="http://nrg.wustl.edu/xe" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            f'totalRecords="{len(result)}"' + (f' title="{esc(title)}"' if title else "") + ">",
+            "<results><columns>",
+            *(f"<column>{esc(c)}</column>" for c in cols),
+            "</columns><rows>",
+        ]
+        for r in result:
+            parts.append("<row>")
+            parts += [f"<cell>{esc(str(r.get(c, '')))}</cell>" for c in cols]
+            parts.append("</row>")
+        parts.append("</rows></results></ResultSet>\n")
+        return "".join(parts), LISTING_FORMATS["xml"]
+    if fmt == "html":
+        esc = html.escape
+        head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+        body_rows = "".join(
+            "<tr>" + "".join(f"<td>{esc(str(r.get(c, '')))}</td>" for c in cols) + "</tr>\n"
+            for r in result
+        )
+        page = (
+            "<html><body>"
+            + (f"<h3>{esc(title)}</h3>" if title else "")
+            + f'<table class="x_rs_t"><tr>{head}</tr>\n{body_rows}</table></body></html>\n'
+        )
+        return page, LISTING_FORMATS["html"]
+    raise ValueError(fmt)

@@ -1,10 +1,10 @@
 """Streamed request bodies and the upload counters behind progress events.
 
-A body wraps a re-iterable archive (``xnatio.archive``) or a file on disk. Requests sends it with
-an exact ``Content-Length`` when it has a ``len()`` (tar, zip, an archive PATH) and chunked when
-not (tgz). Each iteration starts the archive again, so one body object serves a retry or a resend
-after a 401, and checks the upload's cancel event between chunks, so Ctrl-C stops a request in
-the middle of its body.
+A body wraps a re-iterable archive (``xnatio.archive``, or an archive PATH's members re-packed).
+Requests sends it with an exact ``Content-Length`` when it has a ``len()`` (tar, zip, an archive
+PATH) and chunked when not (zip-deflated). Each iteration starts the archive again, so one body
+object serves a retry or a resend after a 401, and checks the upload's cancel event between
+chunks, so Ctrl-C stops a request in the middle of its body.
 """
 
 from __future__ import annotations
@@ -89,11 +89,11 @@ class StreamBody:
     """A streamed request body over a re-iterable archive: counts bytes, stops on cancel.
 
     Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts):
-    wire bytes scaled by ``payload / size`` for a sized archive; for tgz, whose compressed size
-    is unknown, the payload is reported when the stream ends. Each ``iter()`` starts the archive
-    again (a retry, or a resend after a 401) and takes back what the previous pass reported. An
-    exception raised by the archive (a source file vanished) is kept in ``error``, because
-    urllib3 may wrap it into a connection error on its way out.
+    wire bytes scaled by ``payload / size`` for a sized archive; for zip-deflated, whose compressed
+    size is unknown, the payload is reported when the stream ends. Each ``iter()`` starts the
+    archive again (a retry, or a resend after a 401) and takes back what the previous pass
+    reported. An exception raised by the archive (a source file vanished) is kept in ``error``,
+    because urllib3 may wrap it into a connection error on its way out.
     """
 
     def __init__(
@@ -175,37 +175,29 @@ class SizedBody(StreamBody):
         return self._size
 
 
-class FileChunks:
-    """Re-iterable chunks of one file on disk (an archive PATH sent as is)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with self.path.open("rb") as fh:
-            while chunk := fh.read(1024 * 1024):
-                yield chunk
-
-
 class ArchiveMembers:
     """The DICOM members of an archive PATH, re-packed into a plain tar while it is sent.
 
-    An archive PATH is normally sent as is. When it also holds entries discovery set aside (a
-    DICOMDIR, side files, empty entries), XNAT would stop at the first of them ("unable to read
-    DICOM object", "contains no SOP Class UID") and keep only what came before; so only the
-    DICOM members are sent, read from the archive one by one (never extracted to disk), with an
-    exact size: tar headers follow from the names and sizes alone.
+    Only the DICOM members are sent (XNAT would stop at the first DICOMDIR or side file, "unable
+    to read DICOM object", facts 1.1), read from the archive one by one (never extracted to
+    disk), with an exact size: tar headers follow from the names and sizes alone. Each goes under
+    ``names`` (default: the member's own path), which the REST transport sets to
+    ``{series}/{SOP Instance UID}.dcm`` so that read-back finds every instance by name.
     """
 
     content_type = "application/x-tar"
 
-    def __init__(self, archive: Path, files: Sequence[DicomFile]) -> None:
+    def __init__(
+        self, archive: Path, files: Sequence[DicomFile], names: Sequence[str] | None = None
+    ) -> None:
         self.archive = archive
         self.files = [f for f in files if f.member is not None]
-        self.members: list[tuple[str, DicomFile]] = [(f.member or "", f) for f in self.files]
-        self._headers = {f.member or "": _tar_header(f) for f in self.files}
+        sent = list(names) if names is not None else [f.member or "" for f in self.files]
+        # (name sent, file): what XNAT names in an error about one entry
+        self.members: list[tuple[str, DicomFile]] = list(zip(sent, self.files, strict=True))
+        self._headers = {f.member or "": _tar_header(f, name) for name, f in self.members}
         self.size: int = 2 * 512 + sum(
-            len(self._headers[name]) + f.size + (-f.size % 512) for name, f in self.members
+            len(self._headers[f.member or ""]) + f.size + (-f.size % 512) for _, f in self.members
         )
 
     def __iter__(self) -> Iterator[bytes]:
@@ -244,10 +236,10 @@ class ArchiveMembers:
             yield b"\0" * (512 - f.size % 512)
 
 
-def _tar_header(f: DicomFile) -> bytes:
+def _tar_header(f: DicomFile, name: str) -> bytes:
     # Relative, no "..": the name is only used inside XNAT's temporary extraction folder, but an
     # uploader never sends a path that could climb out of it.
-    parts = [p for p in (f.member or "").replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     info = tarfile.TarInfo("/".join(parts) or f.sop_instance_uid)
     info.size = f.size
     info.mode = 0o644

@@ -1,11 +1,23 @@
 """REST transport: stream series-aligned archives into XNAT's import service, then archive once.
 
-The shape of one upload (sections 1 and 3 of ``shared/xnat-api.md``)::
+The shape of one upload (sections 1 and 3 of ``shared/xnat-api.md``, "facts")::
 
     PUT subject ─▶ N × POST /data/services/import (prevent_auto_commit, no dest)
-                ─▶ the same prearchive URI from every batch
-                ─▶ POST {URI}?action=commit ─▶ 301 archive URI (auto-archive project)
-                                             └▶ 200 ─▶ POST /data/services/archive?src=…&dest=…
+                ─▶ the same prearchive URI from every batch (facts 1.2: one row per study+label)
+                ─▶ POST {URI}?action=commit ─▶ 301 text/plain archive URI (auto-archive project)
+                                             └▶ 200 ─▶ POST /data/services/archive?src=…
+                                                       &subject=…&session=… (200 or 303)
+    (--overwrite append|delete: POST {URI}?action=build, then the archive service with
+     overwrite=…, the one path on which XNAT overwrites clashing files, facts 1.5)
+
+Every instance is sent as ``{series}/{SOP Instance UID}.dcm``: XNAT keeps that name (facts 1.2)
+while it rewrites the bytes (facts 1.7), so read-back finds each instance by it
+(:mod:`xnatio.verify`), and a re-run finds what the session already holds (:mod:`xnatio.resume`).
+
+Direct-Archive (facts 1.6): the import answers ``/xapi/direct-archive/{P}/{UID}/{label}`` and the
+experiment appears only after XNAT's idle interval (5 min, checked every 60 s). The uploader polls
+that URI until it answers 404, then the experiment, for at most ``archive_wait`` seconds; when the
+bound is reached, the result lists the URI in ``pending`` (sent, not yet archived).
 
 Sending every batch to the prearchive without ``dest`` and committing once is what the XNAT Desktop
 Client does: with an ``/archive`` dest every request would build and archive the same session and
@@ -29,15 +41,16 @@ Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
 * ``upload_workers`` threads send batches: never more than that many import requests in flight,
   and the connection pool of the client is sized to it.
 * ``archive_workers`` threads prepare the next batches while others upload (stat every source
-  file against discovery, lay out the archive); packing itself (tar/zip headers, gzip for tgz)
-  happens inside the streaming request body, so nothing is built ahead in memory or on disk.
+  file against discovery, lay out the archive); packing itself (tar/zip headers, deflate for
+  zip-deflated) happens inside the streaming request body, so nothing is built ahead in memory or
+  on disk.
 * A semaphore of ``upload_workers + archive_workers`` slots is taken before a batch is handed to
   the preparers and released when its upload ends, so at most that many batches exist at once.
 
 Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
 in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB zlib for
-tgz]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No temporary
-copy of the dataset is ever written.
+zip-deflated]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No
+temporary copy of the dataset is ever written.
 """
 
 from __future__ import annotations
@@ -54,7 +67,12 @@ from pathlib import Path
 
 import requests
 
-from xnatio.archive import SourceChangedError, check_sources, make_archive_stream
+from xnatio.archive import (
+    SourceChangedError,
+    check_sources,
+    instance_member_names,
+    make_archive_stream,
+)
 from xnatio.errors import AuthError, ServerError, UnreachableError, UsageError, XnatioError
 from xnatio.models import (
     Batch,
@@ -70,7 +88,6 @@ from xnatio.models import (
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.bodies import (
     ArchiveMembers,
-    FileChunks,
     SizedBody,
     StreamBody,
     UploadCancelled,
@@ -84,24 +101,29 @@ log = logging.getLogger(__name__)
 IMPORT_PATH = "/data/services/import"
 ARCHIVE_PATH = "/data/services/archive"
 OVERWRITE_MODES = ("none", "append", "delete")
-ARCHIVE_FORMATS = ("tar", "zip", "tgz")
-# Content types XNAT's DICOM-zip importer maps to a reader (section 1: raw bodies are named from
-# the Content-Type, and anything else is "Unsupported format").
-ARCHIVE_CONTENT_TYPES = {
-    ".zip": "application/zip",
-    ".tar": "application/x-tar",
-    ".tgz": "application/x-gtar",
-    ".tar.gz": "application/x-gtar",
-}
+# "tgz" is kept for older scripts and sends "zip-deflated": XNAT refuses a chunked body of any type
+# but application/zip (facts 1.1), and a gzip'd tar's length is known only once it is compressed.
+ARCHIVE_FORMATS = ("tar", "zip", "zip-deflated", "tgz")
+WIRE_FORMATS = {"tar": "tar", "zip": "zip", "zip-deflated": "zip-deflated", "tgz": "zip-deflated"}
+# XNAT answers a full disk or a failing anonymization script as 400 "unable to read DICOM object
+# NAME" (facts 1.4), like a file that is not DICOM. Files discovery read as DICOM refused this many
+# times in a row stop the batch: the cause is the server, and one request per file would follow.
+BAD_MEMBERS_IN_A_ROW = 3
+DIRECT_ARCHIVE_POLL = 5.0  # seconds between reads while Direct-Archive's experiment is awaited
 
 
 @dataclass(frozen=True, kw_only=True)
 class RestTarget:
     """Where a session goes and how: the knobs of one REST upload.
 
-    ``overwrite``: ``none`` sends no ``overwrite`` parameter at all (XNAT turns merging on for any
-    value, ``none`` included); ``append`` merges into an existing session, ``delete`` also
-    replaces clashing files. ``direct_archive``: XNAT ≥ 1.8.3 Direct-Archive per batch.
+    ``overwrite`` is what the archive step sends (facts 1.5; the import's own ``overwrite`` only
+    matters when the import archives in the request, which xio never asks for, so it is never
+    sent): ``none`` commits with ``action=commit`` / the archive service without ``overwrite``,
+    which merge into an existing session and refuse (409) an instance it already holds;
+    ``append`` and ``delete`` build, then archive with ``overwrite=append|delete``, which merges
+    and overwrites clashing files. What is *sent* is decided above (:mod:`xnatio.resume`: only
+    instances the session lacks, all of them with ``delete``). ``direct_archive``: XNAT ≥ 1.8.3
+    Direct-Archive; ``archive_wait``: seconds to wait for its experiment (facts 1.6).
     ``study_labels``: (StudyInstanceUID, session label) pairs when the upload holds several
     studies; empty means :func:`session_labels` of the manifest being sent. A resumed run passes
     the labels of the whole manifest, so a study keeps its label whatever is left to send.
@@ -116,6 +138,7 @@ class RestTarget:
     archive_format: str = "tar"
     overwrite: str = "none"
     direct_archive: bool = False
+    archive_wait: float = 900.0
     study_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -129,6 +152,13 @@ class RestTarget:
         for name in ("num_batches", "upload_workers", "archive_workers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1")
+        if self.archive_wait < 0:
+            raise UsageError("--archive-wait must not be negative")
+
+    @property
+    def wire_format(self) -> str:
+        """The archive actually sent (``tgz`` sends a deflated zip, see ARCHIVE_FORMATS)."""
+        return WIRE_FORMATS[self.archive_format]
 
     @property
     def archive_dest(self) -> str:
@@ -160,14 +190,6 @@ def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
     return out
 
 
-def archive_content_type(path: Path) -> str:
-    name = path.name.lower()
-    for ext in (".tar.gz", ".tgz", ".zip", ".tar"):
-        if name.endswith(ext):
-            return ARCHIVE_CONTENT_TYPES[ext]
-    raise UsageError(f"{path} is not a .zip, .tar, .tar.gz or .tgz archive")
-
-
 def display_path(f: DicomFile) -> str:
     return str(f.path / f.member) if f.member is not None else str(f.path)
 
@@ -175,6 +197,41 @@ def display_path(f: DicomFile) -> str:
 def _uris(text: str) -> list[str]:
     """Lines of a ``text/uri-list`` answer (CRLF-separated; comments start with ``#``)."""
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+class UnassignedError(ServerError):
+    """XNAT filed the upload in its Unassigned prearchive (facts 1.2): not in the project."""
+
+
+def session_uris(resp: requests.Response, what: str) -> list[str]:
+    """The XNAT URIs of a 200 ``text/uri-list`` answer (facts 1.3), checked.
+
+    A line that is not an XNAT URI (an HTML login page a proxy answered with 200, facts-less
+    servers) is a one-line error naming the URL; an Unassigned prearchive URI raises
+    :class:`UnassignedError` (the project is unknown or not readable to the user, facts 1.2).
+    """
+    uris = _uris(resp.text)
+    bad = [u for u in uris if not u.startswith(("/data/", "/xapi/"))]
+    if bad:
+        raise ServerError(
+            f"{what}: {_path_only(resp.url)} answered {resp.status_code} with something that is "
+            f"not a list of XNAT URIs ({bad[0][:60]!r}…); is the server URL the XNAT itself?",
+            status=resp.status_code,
+        )
+    unassigned = [u for u in uris if u.startswith("/data/prearchive/projects/Unassigned/")]
+    if unassigned:
+        raise UnassignedError(
+            "XNAT put the files in its Unassigned prearchive, not in the project (the project "
+            "does not exist or you cannot read it, facts 1.2); nothing was archived. Delete "
+            f"{unassigned[0]} from the prearchive (XNAT's prearchive page, or "
+            f"DELETE {unassigned[0]}) and check the project",
+            status=resp.status_code,
+        )
+    return uris
+
+
+def _path_only(url: str) -> str:
+    return url.split("?", 1)[0]
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -191,6 +248,8 @@ class _Run:
     labels: dict[str, str] = field(default_factory=dict)
     uri_labels: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Direct-Archive URIs whose experiment did not appear within archive_wait (facts 1.6)
+    pending: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -272,6 +331,8 @@ class RestUploader:
                 self._pipeline(manifest, batches, run, progress)
             if run.session_uris and not self.cancel.is_set():
                 committed = self._commit(run, progress)
+            if committed and not self.cancel.is_set():
+                self._await_direct_archive(run, progress)
         except BaseException:
             self.cancel.set()
             raise
@@ -378,10 +439,10 @@ class RestUploader:
             "EXPT_LABEL": label or t.session,
             "inbody": "true",
         }
+        # No "overwrite" here: the import's overwrite only matters when it archives in the
+        # request (facts 1.5), and xio archives in a separate step (or Direct-Archive does).
         if t.direct_archive:
             params["Direct-Archive"] = "true"
-            if t.overwrite != "none":
-                params["overwrite"] = t.overwrite
         else:
             # No dest: the batch stays RECEIVING in the prearchive until our single commit.
             params["prevent_auto_commit"] = "true"
@@ -415,8 +476,14 @@ class RestUploader:
         partial = len(remaining) < len(batch.files)
         label = self._label(run, batch.files)
         retry_number = 0
+        refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
-            stream = make_archive_stream(remaining, self.target.archive_format, root=root)
+            stream = make_archive_stream(
+                remaining,
+                self.target.wire_format,
+                root=root,
+                names=instance_member_names(remaining),
+            )
             payload = sum(f.size for f in remaining)
             body = (
                 SizedBody(stream, payload, progress, self.cancel, stream.size)
@@ -435,6 +502,12 @@ class RestUploader:
                     gone = _key(culprit[0])
                     remaining = [f for f in remaining if _key(f) != gone]
                     partial = True
+                    refused = refused + 1 if isinstance(err, ServerError) else 0
+                    if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
+                        self._give_up(
+                            run, remaining, _in_a_row(err, refused), 0, batch.index, progress
+                        )
+                        return
                     continue
                 if self._wait_to_retry(err, retry_number, f"batch {batch.index + 1}"):
                     retry_number += 1
@@ -449,33 +522,27 @@ class RestUploader:
     def _send_archive_file(
         self, manifest: Manifest, batch: Batch, per_study: bool, run: _Run, progress: UploadProgress
     ) -> None:
-        """PATH is an archive: one request with the file as is, streamed from disk.
-
-        If it also holds entries discovery skipped, or XNAT refuses one of its members, or it
-        holds several studies (``per_study``: one request per study, ``batch`` being one), only
-        the batch's DICOM members are sent, re-packed into a tar on the fly
-        (:class:`ArchiveMembers`).
+        """PATH is an archive: its DICOM members (of one study, ``batch`` being one of the
+        ``per_study`` requests when it holds several) re-packed into a tar on the fly
+        (:class:`ArchiveMembers`), each under its instance name so that read-back finds it
+        (facts 1.2), never extracted to disk.
         """
         archive = manifest.source_archive
         assert archive is not None
         remaining = list(batch.files)
-        repack = bool(manifest.skipped) or per_study
         label = self._label(run, batch.files)
         retry_number = 0
+        refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
             payload = sum(f.size for f in remaining)
-            members = [(f.member or "", f) for f in remaining]
             try:
-                if repack:
-                    packed = ArchiveMembers(archive, remaining)
-                    chunks: Iterable[bytes] = packed
-                    size, content_type = packed.size, packed.content_type
-                else:
-                    chunks, size = FileChunks(archive), archive.stat().st_size
-                    content_type = archive_content_type(archive)
+                packed = ArchiveMembers(archive, remaining, instance_member_names(remaining))
             except OSError as exc:
                 self._give_up(run, remaining, exc, 0, batch.index, progress)
                 return
+            members = packed.members
+            chunks: Iterable[bytes] = packed
+            size, content_type = packed.size, packed.content_type
             body = SizedBody(chunks, payload, progress, self.cancel, size)
             try:
                 resp = self._post_import(body, content_type, label)
@@ -488,7 +555,12 @@ class RestUploader:
                     self._fail(run, [culprit[0]], culprit[1], batch.index)
                     gone = _key(culprit[0])
                     remaining = [f for f in remaining if _key(f) != gone]
-                    repack = True
+                    refused = refused + 1 if isinstance(err, ServerError) else 0
+                    if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
+                        self._give_up(
+                            run, remaining, _in_a_row(err, refused), 0, batch.index, progress
+                        )
+                        return
                     continue
                 if self._wait_to_retry(err, retry_number, archive.name):
                     retry_number += 1
@@ -546,10 +618,20 @@ class RestUploader:
         partial: bool,
         label: str,
     ) -> None:
-        uris = _uris(resp.text)
+        try:
+            uris = session_uris(resp, f"batch {batch + 1}")
+        except ServerError as exc:
+            self._fail(run, files, exc.message, batch)
+            self._error(run, f"batch {batch + 1}: {exc.message}")
+            progress.update(batch_done=True, failed=True)
+            return
         if not uris:
-            # 200 with an empty list: every entry was filtered out (section 1); nothing stored.
-            reason = "XNAT accepted the request but stored none of its files"
+            # 200 with an empty body: a series filter or the site script's "reject" dropped
+            # every file, or a skipped in-request build (facts 1.3); nothing stored.
+            reason = (
+                "XNAT answered 200 with no session URI: it stored none of these files (a series "
+                "filter or anonymization 'reject' on the server drops them, facts 1.3)"
+            )
             self._fail(run, files, reason, batch)
             self._error(run, f"batch {batch + 1}: {reason}")
             progress.update(batch_done=True, failed=True)
@@ -584,43 +666,168 @@ class RestUploader:
         """Build and archive one prearchive session as ``label`` (default: the target's session);
         return its archive URI.
 
-        ``POST {uri}?action=commit`` answers 301 with the archive URI when the project
-        auto-archives, else 200 and the session waits in the prearchive, so it is archived to the
-        requested labels with ``POST /data/services/archive`` (section 3). Transient archive races
-        are retried by the client. When either request still fails, the session is read back
-        (:meth:`archived_anyway`): a success whose answer was lost counts as a success. Also the
-        way to finish a resumed upload with nothing left to send.
+        ``--overwrite none``: ``POST {uri}?action=commit`` answers 301 ``text/plain`` with the
+        archive URI and no Location when the project auto-archives (facts 3.3; the Desktop
+        Client reads it so), else 200 and the session waits in the prearchive, so it is archived
+        with ``POST /data/services/archive?src=…&subject=…&session=…`` (facts 3.4: ``dest`` with
+        ``src`` is suspect, the label overrides are not). Both merge into an existing session
+        (facts 1.5). ``append``/``delete``: ``action=build`` (never archives, facts 1.3), then the
+        archive service with ``overwrite``, which is what makes XNAT overwrite clashing files;
+        ``action=commit`` would archive without it on an auto-archive project (facts 1.5).
+
+        The archive service answers 200 ``text/uri-list`` or 303 to ``{siteUrl}/data/archive/…``
+        (facts 3.4). A failure "FAILED: …" (500) is final, with XNAT's text; other transient
+        errors are retried. When a request still fails, the session is read back
+        (:meth:`archived_anyway`): a success whose answer was lost counts as a success. Any other
+        redirect (a proxy, a login page) is an error naming the URL. Also the way to finish a
+        resumed upload with nothing left to send.
         """
         if "/prearchive/" not in uri:
             return uri  # already in the archive (Direct-Archive, or a site routing rule)
         label = label or self.target.session
+        t = self.target
+        action = "commit" if t.overwrite == "none" else "build"
         try:
-            resp = self.client.request("POST", uri, params={"action": "commit"})
+            resp = self._archive_request(uri, {"action": action})
+            if action == "commit" and resp.status_code == 301:
+                archived = [u for u in _uris(resp.text) if u.startswith("/data/archive/")]
+                if archived:
+                    return archived[0]
+            if resp.status_code != 200:
+                raise _redirected(resp, f"{action} of {uri}")
+            params = {"src": _prearchive_path(uri), "subject": t.subject, "session": label}
+            if t.overwrite != "none":
+                params["overwrite"] = t.overwrite
+            resp = self._archive_request(ARCHIVE_PATH, params)
         except ServerError:
-            archived = self.archived_anyway(uri, label)
-            if archived is None:
+            archived_uri = self.archived_anyway(uri, label)
+            if archived_uri is None:
                 raise
-            return archived
-        if resp.status_code in (301, 302, 303):
-            # The project auto-archives: the answer points at the archived session.
-            location = resp.headers.get("Location") or (_uris(resp.text) or [""])[0]
-            return _strip_server(location, self.client.server) or uri
-        # 200: built and still in the prearchive; archive it to the requested labels.
-        src = _prearchive_path(uri)
-        params = {"src": src, "dest": self.target.archive_dest_for(label)}
-        if self.target.overwrite != "none":
-            params["overwrite"] = self.target.overwrite
-        try:
-            resp = self.client.request("POST", ARCHIVE_PATH, params=params)
-        except ServerError:
-            archived = self.archived_anyway(uri, label)
-            if archived is None:
-                raise
-            return archived
-        found = _uris(resp.text)
+            return archived_uri
+        if resp.status_code == 303:
+            location = resp.headers.get("Location", "")
+            if "/data/archive/" in location:
+                return location[location.index("/data/archive/") :].split("?", 1)[0]
+        if resp.status_code != 200:
+            raise _redirected(resp, f"archiving {uri}")
+        found = [u for u in session_uris(resp, f"archiving {uri}") if "/archive/" in u]
         if not found:
-            raise ServerError(f"archiving {src} returned no archive URI", status=resp.status_code)
+            raise ServerError(f"archiving {uri} returned no archive URI", status=resp.status_code)
         return found[0]
+
+    def _archive_request(self, path: str, params: dict[str, str]) -> requests.Response:
+        """One commit/build/archive POST, retried on transient errors except XNAT's final
+        archive failures: "FAILED: …" and the archive timeout (facts 3.3, 3.4)."""
+        retry_number = 0
+        while True:
+            try:
+                return self.client.request("POST", path, params=params, idempotent_retry=False)
+            except TransientError as err:
+                if _final_archive_failure(err.message):
+                    raise ServerError(err.message, status=err.status) from None
+                if not self._wait_to_retry(err, retry_number, f"POST {path}"):
+                    raise
+                retry_number += 1
+
+    # -- Direct-Archive ---------------------------------------------------------------------
+
+    def _await_direct_archive(self, run: _Run, progress: UploadProgress) -> None:
+        """Wait for the experiments of Direct-Archive URIs, up to ``archive_wait`` (facts 1.6).
+
+        XNAT archives a Direct-Archive session only once it has been idle for its interval (5
+        minutes, checked every 60 s): ``GET /xapi/direct-archive/…`` answers 200 while that is
+        pending and 404 once done, then the experiment exists. URIs still pending at the bound go
+        to ``run.pending`` (sent, not yet archived); a session XNAT could not archive (moved to
+        the prearchive) is an error.
+        """
+        waiting = [u for u in run.session_uris if u.startswith("/xapi/direct-archive/")]
+        if not waiting:
+            return
+        started = self.clock()
+        deadline = started + self.target.archive_wait
+        for uri in waiting:
+            label = run.uri_labels.get(uri, self.target.session)
+            try:
+                archived = self._wait_for_experiment(uri, label, started, deadline, progress)
+            except (AuthError, UnreachableError):
+                raise
+            except XnatioError as exc:
+                message = exc.message if isinstance(exc, ServerError) else str(exc)
+                reason = f"Direct-Archive of {label}: {message}"
+                self._error(run, reason)
+                with run.lock:  # sent, but not archived: not landed
+                    for o in run.outcomes.values():
+                        if o.outcome is Outcome.UPLOADED:
+                            o.outcome, o.reason = Outcome.FAILED, reason
+                continue
+            if archived is None:
+                run.pending.append(uri)
+            else:
+                run.session_uris[run.session_uris.index(uri)] = archived
+                run.uri_labels[archived] = label
+
+    def await_direct_archive(self, uri: str, label: str) -> str:
+        """Wait up to ``archive_wait`` for the experiment of a Direct-Archive ``uri`` an earlier
+        run sent (facts 1.6); its archive URI, or ``uri`` itself when still not archived."""
+        progress = UploadProgress(
+            self.progress_callback, files_total=0, bytes_total=0, batches_total=0, clock=self.clock
+        )
+        started = self.clock()
+        deadline = started + self.target.archive_wait
+        archived = self._wait_for_experiment(uri, label, started, deadline, progress)
+        return archived or uri
+
+    def _wait_for_experiment(
+        self, uri: str, label: str, started: float, deadline: float, progress: UploadProgress
+    ) -> str | None:
+        t = self.target
+        experiment = (
+            f"/data/projects/{quote(t.project)}/subjects/{quote(t.subject)}"
+            f"/experiments/{quote(label)}"
+        )
+        row_gone = False
+        while True:
+            waited = self.clock() - started
+            progress.phase(
+                Phase.COMMIT,
+                0,
+                1,
+                f"waiting for XNAT to archive {label} (Direct-Archive archives after the session "
+                f"has been idle, about 5-6 min; {waited:.0f} of {t.archive_wait:.0f} s)",
+            )
+            if not row_gone:
+                try:
+                    self.client.request("GET", uri)
+                except ServerError as exc:
+                    if exc.status != 404:
+                        raise
+                    row_gone = True
+            if row_gone:
+                try:
+                    self.client.get_json(experiment)
+                except ServerError as exc:
+                    if exc.status != 404:
+                        raise
+                    self._moved_to_prearchive(label)
+                else:
+                    return "/data" + t.archive_dest_for(label)
+            if self.clock() >= deadline or self.cancel.is_set():
+                return None
+            self.cancel.wait(min(DIRECT_ARCHIVE_POLL, max(0.0, deadline - self.clock())))
+
+    def _moved_to_prearchive(self, label: str) -> None:
+        """Raise when XNAT moved the Direct-Archive session to the prearchive (facts 1.6)."""
+        listing = self.client.get_json(f"/data/prearchive/projects/{quote(self.target.project)}")
+        try:
+            rows = listing["ResultSet"]["Result"]
+        except (KeyError, TypeError):
+            return
+        for row in rows:
+            if isinstance(row, dict) and row.get("name") == label:
+                raise ServerError(
+                    f"XNAT could not archive it and moved it to the prearchive "
+                    f"(status {row.get('status', '?')}): see {row.get('url', '')}"
+                )
 
     def archived_anyway(self, uri: str, label: str) -> str | None:
         """After a failed commit/archive of ``uri``: its archive URI if the server did it anyway.
@@ -701,6 +908,7 @@ class RestUploader:
         result = UploadResult(
             success=committed
             and bool(run.session_uris)
+            and not run.pending
             and not any(o.outcome is Outcome.FAILED for o in files),
             total_files=len(manifest.files),
             duration=duration,
@@ -717,6 +925,7 @@ class RestUploader:
             batches_failed=len(failed_batches - {None}),
             session_uri=session_uri,
             session_uris=[session_uri, *(u for u in uris if u != session_uri)] if uris else [],
+            pending=list(run.pending),
         )
         progress.phase(Phase.DONE, len(result.uploaded), result.total_files, "done")
         return result
@@ -771,6 +980,32 @@ def _find_member(name: str | None, members: Sequence[tuple[str, DicomFile]]) -> 
     # XNAT may report the entry under a prefix of its own (or we under a longer one).
     matches = [f for n, f in members if n.endswith("/" + name) or name.endswith("/" + n)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _in_a_row(err: BaseException, count: int) -> ServerError:
+    message = err.message if isinstance(err, ServerError) else str(err)
+    return ServerError(
+        f"{message} (XNAT refused {count} files in a row that read as DICOM here: its disk may "
+        "be full or its anonymization failing, facts 1.4; the rest of the batch was not sent)",
+        status=400,
+    )
+
+
+def _final_archive_failure(message: str) -> bool:
+    """XNAT's archive step failed for good: "FAILED: …" or its archive timeout (facts 3.3/3.4)."""
+    text = message.strip().lower()
+    return text.startswith("failed") or "did not complete within" in text
+
+
+def _redirected(resp: requests.Response, what: str) -> ServerError:
+    """A 3xx (or unexpected status) where XNAT answers 200/301: a proxy or a login page."""
+    location = resp.headers.get("Location", "")
+    where = f" to {location}" if location else ""
+    return ServerError(
+        f"{what}: {_path_only(resp.url)} answered {resp.status_code}{where} instead of XNAT's "
+        "answer; a proxy or login page is in the way (check --server)",
+        status=resp.status_code,
+    )
 
 
 def _prearchive_path(uri: str) -> str:

@@ -14,7 +14,19 @@ session per request, and past 1000 per account it evicts older ones (401s mid-up
   answered, afterwards a retryable :class:`~xnatio.xnat.errors.TransientError`;
 * 429/5xx and XNAT's transient race messages → retried with backoff (honouring ``Retry-After``)
   when the request may be repeated, else raised as ``TransientError`` for the caller to retry;
-* any other error → :class:`~xnatio.errors.ServerError` with XNAT's own message and status.
+* any other error → :class:`~xnatio.errors.ServerError` with XNAT's own message and status;
+* a 3xx XNAT does not send for that request (a proxy's http→https or login redirect) →
+  :class:`~xnatio.xnat.errors.RedirectError`, never followed; a 2xx HTML page where XNAT answers
+  data (a login page answering 200) → :class:`~xnatio.xnat.errors.NotXnatError` (both exit 2);
+* TLS failures say which one it is: plain HTTP on an https URL, a certificate for another host
+  name, an unknown CA (then ``--ca-bundle`` is the fix), a CA bundle that is missing or not PEM.
+
+``server`` may carry XNAT's context path (``https://host/xnat``): every path the client sends
+(``/data/...``, ``/xapi/...``) is joined under it, and an absolute URL must lie under it too (the
+session cookie is never sent anywhere else).
+
+Requests carry ``User-Agent: xnatio/<version>``: XNAT asks browser-like agents for a CSRF token
+even with Basic auth, never this one (facts 2).
 
 The password (and any alias-token secret) never appears in exceptions, logs or ``repr``.
 """
@@ -30,20 +42,29 @@ from http.cookiejar import DefaultCookiePolicy
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote as _quote
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
+from xnatio import __version__
 from xnatio import redact as scrubber
-from xnatio.errors import AuthError, ServerError, UnreachableError
+from xnatio.errors import AuthError, ConfigError, ServerError, UnreachableError
 from xnatio.retry import RetryPolicy, Sleep, parse_retry_after
 from xnatio.settings import Secret
-from xnatio.xnat.errors import TransientError, error_message, is_transient, redact
+from xnatio.xnat.errors import (
+    NotXnatError,
+    RedirectError,
+    TransientError,
+    error_message,
+    is_transient,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "xnatio"
+# Not browser-like, so XNAT never asks for a CSRF token (facts 2: XnatSecureGuard 92-106).
+USER_AGENT = f"xnatio/{__version__}"
 Params = Mapping[str, str | int | float | bool] | None
 
 
@@ -84,6 +105,9 @@ class XnatClient:
             # Credentials in the URL would end up in every error message; refuse them.
             raise AuthError("put credentials in --user/XNAT_PASSWORD, not in the server URL")
         self.server = f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
+        # scheme://host[:port] and XNAT's context path ("" or "/xnat"): see url_for().
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.context_path = parts.path.rstrip("/")
         self.username = username
         self._password = password if isinstance(password, Secret) else Secret(password)
         self.verify = verify
@@ -137,11 +161,35 @@ class XnatClient:
         return self._jsession is not None
 
     def login(self) -> None:
-        """Open the JSESSION all later requests use (``POST /data/JSESSION`` with Basic auth)."""
+        """Open the JSESSION all later requests use (``POST /data/JSESSION`` with Basic auth).
+
+        Retried like any request on 429/5xx and on connection failures once the server has
+        answered (facts 2: a login is also what a 1000-session cap or a locked account refuses).
+        """
         with self._lock:
             self._login_locked()
 
     def _login_locked(self) -> None:
+        retry_number = 0
+        while True:
+            try:
+                self._login_once()
+                return
+            except TransientError as exc:
+                if retry_number >= self.retry.retries:
+                    raise
+                log.info(
+                    "login to %s: %s; retrying (%d/%d)",
+                    self.server,
+                    exc.message,
+                    retry_number + 1,
+                    self.retry.retries,
+                )
+                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep)
+                retry_number += 1
+
+    def _login_once(self) -> None:
+        url = self.url_for("/data/JSESSION")
         resp = self._send(
             "POST",
             "/data/JSESSION",
@@ -149,24 +197,60 @@ class XnatClient:
             timeout=min(self.timeout, 120.0),
             use_cookie=False,
         )
-        if resp.status_code in (401, 403):
-            raise AuthError(
-                f"{self.server} refused the credentials of user {self.username!r} "
-                f"(HTTP {resp.status_code})"
+        status = resp.status_code
+        if status in (401, 403):
+            raise AuthError(self._refused_login(resp))
+        if 300 <= status < 400:
+            raise self._redirect_error("POST", url, resp)
+        if status in (404, 405, 501):
+            raise NotXnatError(
+                f"{self.server} is not an XNAT server: POST {url} answered "
+                f"HTTP {status} {resp.reason or ''}".rstrip()
+                + "; check --server: XNAT's address including its context path, e.g. "
+                "https://host/xnat"
             )
-        if resp.status_code >= 400:
+        if status >= 400:
             self._raise_for(resp)
         token = resp.text.strip()
+        if _is_html(resp):
+            raise NotXnatError(
+                f"POST {url} answered an HTML page (a login page or a proxy?), not an XNAT "
+                "session id; check --server: XNAT's own address including its context path"
+            )
         if not token or len(token) > 200 or any(c.isspace() for c in token):
-            raise ServerError(
-                f"{self.server}/data/JSESSION did not return a session id; is this an XNAT server?",
-                status=resp.status_code,
+            raise NotXnatError(
+                f"POST {url} did not return a session id; is {self.server} an XNAT server?"
             )
         self._secrets.append(token)
         scrubber.register(token)
         self._jsession = token
         self._generation += 1
         log.debug("logged in to %s as %s", self.server, self.username)
+
+    def _message_of(self, resp: requests.Response) -> str:
+        content_type = resp.headers.get("Content-Type", "")
+        text = error_message(resp.status_code, resp.text, content_type, resp.reason or "")
+        return self._redact(text)
+
+    def _refused_login(self, resp: requests.Response) -> str:
+        """What a refused login means, in one line (facts 2)."""
+        message = self._message_of(resp)
+        who = f"user {self.username!r}"
+        if _SESSION_CAP.search(message):
+            return (
+                f"{self.server} refused a new session for {who}: the account has reached "
+                "XNAT's limit of open sessions (1000 per user; old sessions are kept until "
+                "they have been idle 15 minutes, facts 2). Wait, or ask the XNAT administrator "
+                "to end them; scripts that log in with Basic auth on every request open one "
+                f"session each (XNAT: {message})"
+            )
+        if _LOCKED.search(message):
+            return (
+                f"{self.server} refused {who}: the account is locked, XNAT locks it for an hour "
+                "after 20 failed logins (facts 2). Wait an hour or ask the XNAT administrator "
+                f"to unlock it, and check the password xio is given (XNAT: {message})"
+            )
+        return f"{self.server} refused the credentials of {who} (HTTP {resp.status_code})"
 
     def _renew(self, seen_generation: int) -> None:
         with self._lock:
@@ -183,7 +267,7 @@ class XnatClient:
             return
         try:
             self.session.delete(
-                self.server + "/data/JSESSION",
+                self.url_for("/data/JSESSION"),
                 headers={"Cookie": f"JSESSIONID={token}"},
                 verify=self.verify,
                 timeout=(min(self.timeout, 30.0), min(self.timeout, 30.0)),
@@ -213,7 +297,9 @@ class XnatClient:
         """Send one request with the shared session; return the answer if below 400.
 
         ``path`` is relative to the server (``/data/...``) or a full URL on it. Redirects are not
-        followed (XNAT's 301 from a commit carries the archive URI). With ``idempotent_retry``
+        followed, and only XNAT's own (a commit's 301, the archive service's 303, facts 3.3/3.4)
+        are returned; any other 3xx raises :class:`RedirectError`, a 2xx HTML page
+        :class:`NotXnatError`. With ``idempotent_retry``
         transient failures are retried under ``self.retry``; without it (streamed bodies that
         cannot be replayed here) they are raised at once as :class:`TransientError`.
         """
@@ -261,7 +347,66 @@ class XnatClient:
             renewed = True
         if resp.status_code >= 400:
             self._raise_for(resp)
+        if 300 <= resp.status_code < 400 and not _xnat_redirect(path, resp):
+            raise self._redirect_error(method, resp.request.url or self.url_for(path), resp)
+        if resp.status_code < 300 and _is_html(resp) and resp.content.strip():
+            raise NotXnatError(
+                f"{method} {_display(resp.request.url or self.url_for(path))} answered an HTML "
+                "page (a login page or a proxy?) where XNAT answers data; check --server: "
+                "XNAT's own address including its context path"
+            )
         return resp
+
+    def url_for(self, path: str) -> str:
+        """The full URL of ``path`` on this server.
+
+        ``/data/...`` and ``/xapi/...`` are joined under the context path (``--server
+        https://host/xnat`` → ``https://host/xnat/data/...``); a path that already starts with
+        the context path, or a full URL under ``server``, is used as it is. A full URL anywhere
+        else is refused: the session cookie is for this server only.
+        """
+        if path.startswith(("http://", "https://")):
+            if path == self.server or path.startswith(self.server + "/"):
+                return path
+            raise ServerError(
+                f"refusing to send the XNAT session to {_display(path)}: it is not under "
+                f"{self.server}"
+            )
+        if not path.startswith("/"):
+            path = "/" + path
+        ctx = self.context_path
+        if ctx and (
+            path == ctx or path.startswith(ctx + "/data/") or path.startswith(ctx + "/xapi/")
+        ):
+            return self.origin + path
+        return self.server + path
+
+    def _redirect_error(self, method: str, url: str, resp: requests.Response) -> RedirectError:
+        location = resp.headers.get("Location", "")
+        target = urljoin(url, location) if location else ""
+        shown = _display(url)
+        where = f" to {_display(target)}" if target else " (no Location)"
+        sent, to = urlsplit(url), urlsplit(target)
+        rel = sent.path[len(self.context_path) :]  # the path below XNAT's root, /data/...
+        same_origin = (to.scheme, to.netloc) == (sent.scheme, sent.netloc)
+        if target and to.netloc == sent.netloc and (sent.scheme, to.scheme) == ("http", "https"):
+            fix = "the server wants https: use --server " + "https://" + self.server[7:]
+        elif target and _LOGIN.search(to.path + "?" + to.query):
+            fix = (
+                "a login page answered, not XNAT's REST API (a single sign-on proxy?): check "
+                "--server, or ask the site for the address scripts use"
+            )
+        elif same_origin and to.path.endswith(rel) and len(to.path) > len(sent.path):
+            ctx = to.path[: len(to.path) - len(rel)]
+            fix = f"XNAT seems to be under {ctx}: use --server {self.origin}{ctx}"
+        else:
+            fix = "not followed: check --server (XNAT's own address and context path)"
+        return RedirectError(
+            f"{method} {shown} was redirected (HTTP {resp.status_code}){where}; {fix}",
+            url=shown,
+            location=_display(target) if target else "",
+            status=resp.status_code,
+        )
 
     def _send(
         self,
@@ -275,7 +420,7 @@ class XnatClient:
         auth: tuple[str, str] | None = None,
         use_cookie: bool = True,
     ) -> requests.Response:
-        url = path if path.startswith(("http://", "https://")) else self.server + path
+        url = self.url_for(path)
         send_headers = dict(headers or {})
         token = self._jsession
         if use_cookie and token is not None:
@@ -294,10 +439,7 @@ class XnatClient:
                 allow_redirects=False,
             )
         except requests.exceptions.SSLError as exc:
-            raise UnreachableError(
-                f"TLS verification of {self.server} failed ({_short(exc)}); "
-                "pass --ca-bundle FILE for a private CA"
-            ) from None
+            raise UnreachableError(self._tls_problem(exc)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             what = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
             message = f"{method} {_path_of(url)}: {what} ({_short(exc)})"
@@ -308,8 +450,54 @@ class XnatClient:
             if not self._reached:
                 raise UnreachableError(f"cannot reach {self.server}: {_short(exc)}") from None
             raise TransientError(f"{method} {_path_of(url)}: {_short(exc)}") from None
+        except OSError as exc:
+            if "CA certificate bundle" not in str(exc):
+                raise
+            # requests raises a plain OSError for a --ca-bundle path that does not exist.
+            raise ConfigError(
+                f"the CA bundle {self.verify} does not exist; pass --ca-bundle the PEM file of "
+                "the CA that signed the server's certificate"
+            ) from None
         self._reached = True
         return resp
+
+    def _tls_problem(self, exc: BaseException) -> str:
+        """One line naming the TLS failure and its fix (--ca-bundle only where it is the fix)."""
+        text = str(exc)
+        parts = urlsplit(self.server)
+        host = parts.hostname or self.server
+        bundle = self.verify if isinstance(self.verify, str) else None
+        if _PLAIN_HTTP.search(text):
+            port = parts.port or 443
+            return (
+                f"{host}:{port} answered plain HTTP, not TLS: use --server "
+                f"http://{parts.netloc}{self.context_path} or the port XNAT serves https on"
+            )
+        if _HOSTNAME.search(text):
+            return (
+                f"the TLS certificate of {host} is for another host name (hostname mismatch); "
+                "use the name on the certificate in --server"
+            )
+        if "expired" in text:
+            return f"the TLS certificate of {host} has expired; ask the site to renew it"
+        if bundle is not None and _BAD_BUNDLE.search(text):
+            return (
+                f"the CA bundle {bundle} holds no usable PEM certificate; pass --ca-bundle the "
+                "PEM file of the CA that signed the server's certificate"
+            )
+        if "certificate verify failed" in text:
+            why = _VERIFY_REASON.search(text)
+            reason = why.group(1).strip() if why else "untrusted certificate"
+            if bundle is not None:
+                return (
+                    f"the TLS certificate of {host} is not signed by a CA in {bundle} ({reason}); "
+                    "pass --ca-bundle the CA that signed it"
+                )
+            return (
+                f"TLS verification of {host} failed ({reason}): its certificate is signed by a "
+                "CA this machine does not trust; pass --ca-bundle FILE with the site's CA"
+            )
+        return f"TLS handshake with {self.server} failed ({_short(exc)})"
 
     def _raise_for(self, resp: requests.Response) -> None:
         message = self._redact(
@@ -366,6 +554,63 @@ class XnatClient:
     def put_subject(self, project: str, subject: str) -> None:
         """Create the subject if missing (``PUT``: 201 created, 200 already there)."""
         self.request("PUT", f"/data/projects/{quote(project)}/subjects/{quote(subject)}")
+
+
+# https:// to a port that speaks plain HTTP (OpenSSL 1.1/3.0, 3.2+, LibreSSL wordings).
+_PLAIN_HTTP = re.compile(
+    r"wrong.version.number|record layer failure|packet length too long|unknown protocol|"
+    r"http request",
+    re.IGNORECASE,
+)
+_HOSTNAME = re.compile(r"hostname mismatch|doesn't match|IP address mismatch", re.IGNORECASE)
+_BAD_BUNDLE = re.compile(r"NO_CERTIFICATE_OR_CRL_FOUND|PEM lib|no certificate", re.IGNORECASE)
+_VERIFY_REASON = re.compile(r"certificate verify failed: ([^(')\]]+)")
+# Refused logins that are not a wrong password (facts 2). Spring Security's wordings for the
+# session cap ("Maximum sessions of 1000 for this principal exceeded") and a locked account
+# ("User account is locked"); XNAT's own pages may word them differently, so loosely.
+_SESSION_CAP = re.compile(r"maximum (?:number of )?sessions|sessions? .{0,40}exceeded", re.I)
+_LOCKED = re.compile(r"\blocked\b|account.{0,40}disabled", re.IGNORECASE)
+# A redirect to a login page (a single sign-on proxy, XNAT's own web login for browsers).
+_LOGIN = re.compile(r"login|signin|sign-in|sso|auth", re.IGNORECASE)
+_HTML_START = re.compile(r"^\s*(?:<!doctype html|<html)", re.IGNORECASE)
+
+
+def _is_html(resp: requests.Response) -> bool:
+    """An HTML page, which XNAT never answers with 2xx on the endpoints xnatio uses."""
+    if "html" in resp.headers.get("Content-Type", "").lower():
+        return True
+    return bool(_HTML_START.match(resp.text[:200]))
+
+
+def _xnat_redirect(path: str, resp: requests.Response) -> bool:
+    """Is this 3xx one XNAT itself sends (and means as success)?
+
+    ``action=commit`` on an auto-archive project and ``action=move`` answer 301 with the URI in
+    a ``text/plain`` body and **no** Location (facts 3.3); the archive service answers 303 to
+    ``{siteUrl}/data/archive/…`` when asked or for an auto-archive row (facts 3.4; ``siteUrl`` is
+    the site's setting, so its host may differ from ``--server``). A commit answer that also
+    carries a Location into the archive of the same server is taken as XNAT's too. Any other
+    3xx (a Location elsewhere, an HTML body) comes from something in front of XNAT.
+    """
+    if _is_html(resp):
+        return False
+    request_path = urlsplit(path).path
+    location = resp.headers.get("Location")
+    if not location:
+        return resp.status_code == 301 and "/prearchive/" in request_path
+    into_archive = "/data/archive/" in urlsplit(location).path
+    if request_path.endswith("/data/services/archive"):
+        return resp.status_code == 303 and into_archive
+    same_server = not urlsplit(location).netloc or (
+        urlsplit(location).netloc == urlsplit(resp.request.url or "").netloc
+    )
+    return "/prearchive/" in request_path and into_archive and same_server
+
+
+def _display(url: str) -> str:
+    """A URL as shown to users: without its query (tokens, parameters) and fragment."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else parts.path
 
 
 def quote(segment: str) -> str:
