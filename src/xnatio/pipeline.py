@@ -40,6 +40,7 @@ from xnatio.transports.base import Confirmations
 
 if TYPE_CHECKING:
     from xnatio.retry import RetryPolicy
+    from xnatio.transports.dicom_store.coordinator import ExecutorFactory
     from xnatio.transports.rest import RestTarget
     from xnatio.verify import VerifyReport
     from xnatio.xnat.client import XnatClient
@@ -70,6 +71,7 @@ class UploadOptions:
     direct_archive: bool = False
     archive_wait: float = defaults.ARCHIVE_WAIT
     retries: int = defaults.RETRIES
+    retry: RetryPolicy | None = None  # replaces ``retries`` when given (both transports)
     allow_multiple_studies: bool = False
     dry_run: bool = False
     preflight: bool = True
@@ -112,6 +114,7 @@ def upload(
     client: XnatClient | None = None,
     cancel: threading.Event | None = None,
     on_confirmed: OnConfirmed | None = None,
+    executor: ExecutorFactory | None = None,
 ) -> UploadResult:
     """Discover (unless ``manifest`` is given), then send ``options.path`` with the chosen
     transport through the journal, commit and read back; every file ends up accounted for.
@@ -121,7 +124,9 @@ def upload(
     open :class:`~xnatio.xnat.client.XnatClient` to use (and leave open) for REST instead of one
     made from ``settings``. ``cancel``: setting it cancels in-flight REST requests.
     ``on_confirmed``: called from worker threads with each batch's outcomes as the server
-    confirms them. Raises :class:`~xnatio.errors.XnatioError` subclasses for what stops the
+    confirms them. ``executor(workers)`` makes the pool C-STORE's associations run in (tests
+    pass ``xnatio.transports.dicom_store.coordinator.SerialExecutor``); REST keeps its own
+    bounded pools. Raises :class:`~xnatio.errors.XnatioError` subclasses for what stops the
     whole run (bad input, pre-flight, credentials, unreachable); per-file failures are in the
     result.
     """
@@ -132,7 +137,9 @@ def upload(
             options, settings, manifest, progress, notify, client, cancel, on_confirmed
         )
     elif options.transport == "dicom-store":
-        result = _send_dicom_store(options, settings, manifest, progress, notify, on_confirmed)
+        result = _send_dicom_store(
+            options, settings, manifest, progress, notify, on_confirmed, executor
+        )
     else:
         raise UsageError(f"unknown transport {options.transport!r}")
     result.project = result.project or options.project
@@ -164,7 +171,7 @@ def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
         verify=settings.verify,
         timeout=opts.timeout,
         pool_size=opts.upload_workers,
-        retry=RetryPolicy(retries=max(0, opts.retries)),
+        retry=opts.retry or RetryPolicy(retries=max(0, opts.retries)),
     )
 
 
@@ -195,7 +202,7 @@ def _send_rest(
         direct_archive=opts.direct_archive,
         archive_wait=opts.archive_wait,
     )
-    retry = RetryPolicy(retries=max(0, opts.retries))
+    retry = opts.retry or RetryPolicy(retries=max(0, opts.retries))
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(rest_client(opts, settings))
@@ -220,6 +227,7 @@ def _send_dicom_store(
     progress: ProgressCallback | None,
     notify: Notify | None,
     on_confirmed: OnConfirmed | None,
+    executor: ExecutorFactory | None,
 ) -> UploadResult:
     if not settings.dicom_host:
         raise ConfigError(
@@ -249,6 +257,8 @@ def _send_dicom_store(
             dimse_timeout=opts.dimse_timeout,
             network_timeout=opts.network_timeout,
             retries=opts.retries,
+            retry=opts.retry,
+            executor=executor,
             allow_multiple_studies=opts.allow_multiple_studies,
             client=client,
             on_confirmed=on_confirmed,

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xnatio import defaults
 from xnatio.discover import check_single_study, discover
@@ -37,6 +38,7 @@ from xnatio.models import (
 )
 from xnatio.pipeline import UploadOptions, upload
 from xnatio.plan import plan_batches
+from xnatio.retry import RetryPolicy
 from xnatio.settings import Secret, Settings
 from xnatio.transports.rest import (
     RestTarget,
@@ -46,6 +48,9 @@ from xnatio.transports.rest import (
     split_by_study,
 )
 from xnatio.xnat.client import XnatClient
+
+if TYPE_CHECKING:
+    from xnatio.transports.dicom_store.coordinator import ExecutorFactory
 
 __all__ = [
     "FileOutcome",
@@ -281,6 +286,8 @@ def send_dicom_store(
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+    retry: RetryPolicy | None = None,
+    executor: ExecutorFactory | None = None,
     resume: bool = True,
     journal: str | Path | None = None,
     restart: bool = False,
@@ -294,6 +301,8 @@ def send_dicom_store(
     peer stored, so running the same call again sends only the rest (``journal``, ``restart``,
     ``wait`` as for :func:`upload_dicom_parallel_rest`). No read-back: XNAT's DICOM receiver
     builds the session only after an idle period; check later with ``verify_session``.
+    ``retry`` (a :class:`~xnatio.retry.RetryPolicy`) replaces ``retries``; ``executor(workers)``
+    makes the pool the associations run in.
     """
     return upload(
         settings=Settings(
@@ -315,6 +324,7 @@ def send_dicom_store(
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             retries=retries,
+            retry=retry,
             allow_multiple_studies=allow_multiple_studies,
             verify=False,
             resume=resume,
@@ -325,6 +335,7 @@ def send_dicom_store(
         manifest=manifest,
         progress=progress_callback,
         on_confirmed=on_confirmed,
+        executor=executor,
     )
 
 
