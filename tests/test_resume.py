@@ -38,7 +38,8 @@ from upload_helpers import (
 from xnatio.discover import discover
 from xnatio.errors import XnatioError
 from xnatio.journal import EARLIER_RUN_REASON
-from xnatio.models import Outcome
+from xnatio.models import Origin, Outcome
+from xnatio.report import summary_text
 from xnatio.resume import ALREADY_REASON
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
@@ -149,6 +150,9 @@ def test_rerun_of_a_complete_upload_sends_nothing_even_with_restart(
     assert again.success and again.verified
     assert imported(sandbox) == sent
     assert {o.reason for o in again.files} == {EARLIER_RUN_REASON}
+    # Who vouches for each outcome is typed (issue 12): the journal, so nothing was sent now.
+    assert {o.origin for o in again.files} == {Origin.JOURNAL}
+    assert "nothing new to send" in summary_text(again).splitlines()[0]
 
     # --restart forgets the journal: the session is read back before sending, and every
     # instance it holds by name is not sent again (XNAT would refuse it with 409 and leave a
@@ -156,6 +160,7 @@ def test_rerun_of_a_complete_upload_sends_nothing_even_with_restart(
     fresh = upload(sandbox.url, exam, journal, restart=True)
     assert fresh.success and fresh.verified, fresh.errors
     assert {o.reason for o in fresh.files} == {ALREADY_REASON}
+    assert {o.origin for o in fresh.files} == {Origin.SERVER}
     assert imported(sandbox) == sent
     assert_each_file_once(sandbox, manifest)
     # --overwrite delete sends everything again and replaces the server's copies.
