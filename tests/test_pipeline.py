@@ -1,0 +1,71 @@
+"""The one entry point (issue 12): every default in one place, and the layers that call it."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import click
+
+from xnatio import defaults
+from xnatio.cli.upload import upload_dicom
+from xnatio.pipeline import UploadOptions
+from xnatio.retry import RetryPolicy
+from xnatio.transports.rest import RestTarget
+from xnatio.uploaders import send_dicom_store, upload_dicom_parallel_rest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "xnatio"
+
+
+def _option_default(name: str) -> object:
+    [param] = [p for p in upload_dicom.params if isinstance(p, click.Option) and p.name == name]
+    return param.default
+
+
+def test_every_layer_takes_its_defaults_from_one_place() -> None:
+    rest = inspect.signature(upload_dicom_parallel_rest).parameters
+    cstore = inspect.signature(send_dicom_store).parameters
+    target = {f.name: f.default for f in dataclasses.fields(RestTarget)}
+    options = {f.name: f.default for f in dataclasses.fields(UploadOptions)}
+    expected = {
+        "upload_workers": defaults.UPLOAD_WORKERS,
+        "archive_workers": defaults.ARCHIVE_WORKERS,
+        "archive_format": defaults.ARCHIVE_FORMAT,
+        "overwrite": defaults.OVERWRITE,
+        "archive_wait": defaults.ARCHIVE_WAIT,
+    }
+    for name, value in expected.items():
+        assert rest[name].default == value == target[name] == options[name], name
+        assert _option_default(name) == value, name
+    for name, value in (("timeout", defaults.REQUEST_TIMEOUT), ("retries", defaults.RETRIES)):
+        assert rest[name].default == value == options[name] == _option_default(name), name
+    assert rest["num_batches"].default == target["num_batches"] == defaults.REST_BATCHES
+    assert cstore["num_batches"].default == defaults.DICOM_STORE_BATCHES
+    assert cstore["retries"].default == defaults.DICOM_STORE_API_RETRIES
+    assert RetryPolicy().retries == defaults.RETRIES
+    for name in ("max_pdu", "acse_timeout", "dimse_timeout", "network_timeout"):
+        assert cstore[name].default == options[name] == _option_default(name), name
+
+
+def test_no_layer_spells_a_default_of_its_own() -> None:
+    """The numbers of xnatio.defaults appear as literals nowhere else in the layers that used to
+    repeat them (the CLI, the API, the pipeline, the REST target, the client, the retry policy)."""
+    owners = ["cli/upload.py", "uploaders.py", "pipeline.py", "transports/rest.py", "retry.py"]
+    owners.append("xnat/client.py")
+    spelled = {defaults.REQUEST_TIMEOUT, defaults.ARCHIVE_WAIT, float(defaults.UPLOAD_WORKERS)}
+    for rel in owners:
+        tree = ast.parse((SRC / rel).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+                assert node.value not in spelled, f"{rel}:{node.lineno} spells {node.value}"
+
+
+def test_the_cli_and_the_demo_call_the_library_not_each_other() -> None:
+    for rel in ("cli/demo.py", "cli/upload.py"):
+        text = (SRC / rel).read_text(encoding="utf-8")
+        assert "from xnatio.pipeline import" in text, rel
+    assert "xnatio.cli.upload" not in (SRC / "cli/demo.py").read_text(encoding="utf-8")
+    resume = (SRC / "resume.py").read_text(encoding="utf-8")
+    assert "transports.rest" not in resume and "prearchive/projects" not in resume
