@@ -5,6 +5,7 @@ Each test plants a distinctive secret and fails if it shows up anywhere it could
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import tarfile
@@ -20,14 +21,26 @@ from xnatio import redact
 from xnatio.archive import make_archive_stream
 from xnatio.cli.main import cli
 from xnatio.models import DicomFile
+from xnatio.progress import cli_logging
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
 
 SECRET = "Pa55-w0rd-do-not-leak-7431"
 
 
-def test_scrub_removes_registered_values_and_credential_shapes() -> None:
-    redact.register(SECRET)
+class _Owner:
+    """Something that holds secrets, as an ``XnatClient`` does (weak-referenceable)."""
+
+
+@pytest.fixture
+def owner() -> Iterator[_Owner]:
+    o = _Owner()
+    yield o
+    redact.forget(o)
+
+
+def test_scrub_removes_held_values_and_credential_shapes(owner: _Owner) -> None:
+    redact.hold(owner, SECRET)
     text = (
         f"login with {SECRET}; Authorization: Basic YWRtaW46c2VjcmV0; "
         "Cookie: JSESSIONID=ABCDEF0123;"
@@ -39,23 +52,83 @@ def test_scrub_removes_registered_values_and_credential_shapes() -> None:
     assert "https://alice:<hidden>@xnat.example.org/data" in out
 
 
-def test_short_values_are_not_registered() -> None:
-    redact.register("abc", "", None)
+def test_short_values_are_not_held(owner: _Owner) -> None:
+    redact.hold(owner, "abc", "", None)
     assert redact.scrub("abc abcdef") == "abc abcdef"
 
 
-def test_every_log_record_is_scrubbed(caplog: pytest.LogCaptureFixture) -> None:
-    redact.register(SECRET)
-    log = logging.getLogger("anything.at.all")
-    with caplog.at_level(logging.DEBUG):
+def test_secrets_are_held_per_owner_and_forgotten() -> None:
+    first, second = _Owner(), _Owner()
+    redact.hold(first, SECRET)
+    redact.hold(second, "another-secret-value")
+    redact.forget(first)
+    assert redact.scrub(f"{SECRET} another-secret-value") == f"{SECRET} <hidden>"
+    del second  # an owner collected without closing holds nothing either
+    gc.collect()
+    assert "another-secret-value" not in redact.held()
+
+
+def _log_through_cli_handler(caplog: pytest.LogCaptureFixture, threshold: int) -> str:
+    """Log a secret (message, argument, traceback) the way xnatio's modules do, with the CLI's
+    handler in place; everything the handler printed and the root logger's caplog received."""
+    stream = io.StringIO()
+    log = logging.getLogger("xnatio.some.module")
+    with caplog.at_level(logging.DEBUG), cli_logging(stream) as handler:
+        handler.threshold = threshold
         log.debug("sending %s to the server", SECRET)
         try:
             raise RuntimeError(f"server echoed {SECRET}")
         except RuntimeError:
             log.exception("request failed")
-    text = caplog.text + "".join(r.getMessage() for r in caplog.records)
+    return stream.getvalue() + caplog.text + "".join(r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("threshold", [logging.DEBUG, logging.WARNING])
+def test_every_xnatio_log_record_is_scrubbed_by_the_cli_handler(
+    owner: _Owner, caplog: pytest.LogCaptureFixture, threshold: int
+) -> None:
+    """Whether or not the CLI prints a record (its threshold), the record is scrubbed before it
+    propagates to the handlers of parent loggers (here pytest's caplog on the root logger)."""
+    redact.hold(owner, SECRET)
+    text = _log_through_cli_handler(caplog, threshold)
     assert SECRET not in text
     assert "<hidden>" in text and "RuntimeError" in text
+    assert "sending <hidden> to the server" in caplog.text
+
+
+def test_the_cli_handler_prints_only_from_its_threshold(
+    owner: _Owner, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = io.StringIO()
+    with caplog.at_level(logging.DEBUG), cli_logging(stream):
+        logging.getLogger("xnatio.x").info("an info line")
+        logging.getLogger("xnatio.x").warning("a warning line")
+    assert stream.getvalue() == "WARNING xnatio.x: a warning line\n"
+
+
+def test_the_library_leaves_other_loggers_alone(owner: _Owner) -> None:
+    """The filter is on xnatio's handler only: an application's records are its own (it may put
+    a ``SecretFilter`` on its handlers), and the handler is gone when the block ends."""
+    redact.hold(owner, SECRET)
+    app = logging.getLogger("some.application")
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    collector = Collect()
+    app.addHandler(collector)
+    try:
+        with cli_logging(io.StringIO()):
+            app.warning("app says %s", SECRET)
+        assert seen == [f"app says {SECRET}"]
+        collector.addFilter(redact.SecretFilter())
+        app.warning("app says %s", SECRET)
+        assert seen[-1] == "app says <hidden>"
+    finally:
+        app.removeHandler(collector)
+    assert logging.getLogger("xnatio").handlers == []
 
 
 # -- archive member names ------------------------------------------------------------------------

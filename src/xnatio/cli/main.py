@@ -18,18 +18,28 @@ import click
 from xnatio import __version__
 from xnatio.cli.options import exit_codes_epilog
 from xnatio.errors import EXIT_INTERRUPTED, XnatioError
+from xnatio.progress import CliLogHandler, cli_logging
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 DEBUG_KEY = "xnatio.debug"
+HANDLER_KEY = "xnatio.log_handler"
 
 
 def set_debug(ctx: click.Context, verbose: int) -> None:
-    """Commands call this with their ``-v`` count; ``-v`` shows tracebacks of errors."""
+    """Commands call this with their ``-v`` count; ``-v`` shows tracebacks of errors.
+
+    ``-v`` prints xnatio's INFO records, ``-vv`` its DEBUG records (only xnatio's: the level of
+    the ``xnatio`` logger and of the CLI's handler, both restored when the command ends).
+    """
     if verbose:
         ctx.meta[DEBUG_KEY] = True
-        logging.getLogger("xnatio").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+        level = logging.INFO if verbose == 1 else logging.DEBUG
+        logging.getLogger("xnatio").setLevel(level)
+        handler = ctx.meta.get(HANDLER_KEY)
+        if isinstance(handler, CliLogHandler):
+            handler.threshold = level
 
 
 class XioGroup(click.Group):
@@ -42,6 +52,13 @@ class XioGroup(click.Group):
         return list(self.commands)
 
     def invoke(self, ctx: click.Context) -> Any:
+        # xnatio's log records go to stderr through the CLI's scrubbing handler, for this command
+        # only (so ``CliRunner`` and an embedding program get their logging back untouched).
+        with cli_logging() as handler:
+            ctx.meta[HANDLER_KEY] = handler
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except XnatioError as exc:
@@ -93,10 +110,12 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    """Console-script entry point.
+
+    The root logger is left as it is: xnatio's records are printed by the handler ``XioGroup``
+    installs on the ``xnatio`` logger; other libraries' warnings reach stderr through Python's
+    last-resort handler.
+    """
     try:
         cli.main(args=argv, prog_name="xio")
     except KeyboardInterrupt:  # outside any command (e.g. while Click parses)
