@@ -8,16 +8,19 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import os
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import pydicom
 import pytest
 from click.testing import CliRunner
 
 from upload_helpers import PASSWORD, TEST_PROJECTS, USER, run_xio, xio_env
-from xnatio import redact
+from xnatio import dicomheader, redact
 from xnatio.archive import make_archive_stream
 from xnatio.cli.main import cli
 from xnatio.models import DicomFile
@@ -282,23 +285,87 @@ def test_no_secret_in_errors_or_tracebacks(
         assert leaks(text, server) == []
 
 
-@pytest.mark.integration
-def test_temporary_files_are_private_and_removed(server: SandboxServer, tmp_path: Path) -> None:
-    """Run the real command with an empty TMPDIR, on a compressed tar PATH (discovery spools
-    members it cannot seek), once successfully and once failing: nothing is left behind."""
+@pytest.fixture
+def spooling_exam(tmp_path: Path) -> Path:
+    """A compressed tar export whose one odd file makes discovery spool it to disk.
+
+    Members of a .tar.gz cannot seek back, so a file the fast header reader hands to pydicom is
+    spooled: in memory up to ``dicomheader.MAX_HEADER``, on disk beyond. This file has a private
+    element larger than that limit before its PatientID, so the fast reader gives up ("header
+    longer than the read limit") and the spool rolls over to a temporary file.
+    """
     root = tmp_path / "exam"
-    generate_session(root, series=1, instances=3, image_size=(32, 32))
+    session = generate_session(root, series=1, instances=3, image_size=(32, 32))
+    odd = next(iter(session.instances.values()))
+    ds = pydicom.dcmread(odd)
+    block = ds.private_block(0x0009, "XNATIO TEST", create=True)
+    block.add_new(0x01, "OB", bytes(dicomheader.MAX_HEADER + 2**20))
+    ds.save_as(odd)
     archive = tmp_path / "exam.tar.gz"
-    with tarfile.open(archive, "w:gz") as tf:
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tf:
         tf.add(root, arcname="exam")
+    return archive
+
+
+@pytest.fixture
+def spools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, int]]:
+    """Temporary files go to a private folder; every spool that rolls over to disk is recorded
+    as (the path of its file, its mode)."""
+    tmpdir = tmp_path / "private-tmp"
+    tmpdir.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    rolled: list[tuple[str, int]] = []
+
+    class RecordingSpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        def rollover(self) -> None:
+            super().rollover()
+            fd = self._file.fileno()
+            rolled.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_mode))
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", RecordingSpool)
+    return rolled
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name a spool file")
+def test_a_spooled_member_goes_to_a_private_temporary_file_that_is_removed(
+    server: SandboxServer,
+    spooling_exam: Path,
+    spools: list[tuple[str, int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XNAT_SERVER", server.url)
+    monkeypatch.setenv("XNAT_USERNAME", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", PASSWORD)
+    r = CliRunner().invoke(cli, ["upload-dicom", "P", "S", "E", str(spooling_exam), "-q"])
+    assert r.exit_code == 0, r.output
+    # The odd member took the spool path, once, into the private folder, readable by us only.
+    assert len(spools) == 1, spools
+    path, mode = spools[0]
+    assert path.startswith(str(tmp_path / "private-tmp") + "/")
+    assert mode & 0o077 == 0
+    assert list((tmp_path / "private-tmp").iterdir()) == []
+    # And it was uploaded and verified like the others (the command verifies by default).
+    assert len(list((tmp_path / "xnat").rglob("*.dcm"))) == 3
+
+
+@pytest.mark.integration
+def test_temporary_files_are_private_and_removed(
+    server: SandboxServer, spooling_exam: Path, tmp_path: Path
+) -> None:
+    """Run the real command with an empty TMPDIR, on a compressed tar PATH whose odd member is
+    spooled to disk (``spooling_exam``), once successfully and once failing: nothing is left
+    behind."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir(mode=0o700)
     env = xio_env(server.url, tmp_path / "home", {"TMPDIR": str(tmpdir)})
-    ok = run_xio(["upload-dicom", "P", "S", "E", str(archive)], env)
+    ok = run_xio(["upload-dicom", "P", "S", "E", str(spooling_exam)], env)
     assert ok.returncode == 0, ok.stderr
     assert list(tmpdir.iterdir()) == []
     server.stop()
-    failed = run_xio(["upload-dicom", "P", "S", "E2", str(archive)], env)
+    failed = run_xio(["upload-dicom", "P", "S", "E2", str(spooling_exam)], env)
     assert failed.returncode == 4, failed.stderr
     assert list(tmpdir.iterdir()) == []
     journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
