@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from xnatio.sandbox.catalog import Catalog
 
 
 @pytest.fixture
-def access(tmp_path: Path) -> Access:
+def access(tmp_path: Path) -> Iterator[Access]:
     catalog = Catalog(tmp_path / "data")
     a = catalog.access
     a.add_user("root", "pw-root", admin=True)
@@ -23,7 +24,8 @@ def access(tmp_path: Path) -> Access:
     a.set_role("P", "alice", "owner")
     a.set_role("P", "bob", "member")
     a.set_role("P", "carol", "collaborator")
-    return a
+    yield a
+    catalog.close()
 
 
 def test_canonical_project_by_id_or_alias(access: Access) -> None:
@@ -75,12 +77,16 @@ def test_prearchive_code(access: Access) -> None:
 
 
 def test_passwords_and_roles_survive_restart(tmp_path: Path, access: Access) -> None:
-    again = Catalog(tmp_path / "data").access
-    assert again.check_password("alice", "pw-a")
-    assert not again.check_password("alice", "pw-b")
-    assert not again.check_password("nobody", "")
-    assert again.role("alice", "P") == "owner"
-    assert again.canonical_project("P_ALIAS") == "P"
+    restarted = Catalog(tmp_path / "data")
+    try:
+        again = restarted.access
+        assert again.check_password("alice", "pw-a")
+        assert not again.check_password("alice", "pw-b")
+        assert not again.check_password("nobody", "")
+        assert again.role("alice", "P") == "owner"
+        assert again.canonical_project("P_ALIAS") == "P"
+    finally:
+        restarted.close()
 
 
 def test_create_project_refuses_bad_input(access: Access) -> None:
