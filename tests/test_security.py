@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import click
 import pydicom
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,8 @@ from click.testing import CliRunner
 from upload_helpers import PASSWORD, TEST_PROJECTS, USER, run_xio, xio_env
 from xnatio import dicomheader, redact
 from xnatio.archive import make_archive_stream
-from xnatio.cli.main import cli
+from xnatio.cli.main import XioGroup, cli, set_debug
+from xnatio.errors import ServerError
 from xnatio.models import DicomFile
 from xnatio.progress import cli_logging
 from xnatio.sandbox import SandboxServer
@@ -371,3 +373,29 @@ def test_temporary_files_are_private_and_removed(
     journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
     assert journal.stat().st_mode & 0o077 == 0  # the journal names local paths: private
     assert PASSWORD not in ok.stdout + ok.stderr + failed.stdout + failed.stderr
+
+
+def test_the_error_line_and_its_traceback_are_scrubbed(owner: _Owner) -> None:
+    """The CLI edge scrubs what it prints for an error, whoever worded it: the one line, and with
+    ``-v`` the traceback of chained foreign exceptions too."""
+    redact.hold(owner, SECRET)
+
+    @click.group(cls=XioGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    @click.option("-v", "verbose", count=True)
+    def fail(verbose: int) -> None:
+        set_debug(click.get_current_context(), verbose)
+        try:
+            raise OSError(f"proxy refused https://alice:{SECRET}@xnat.example.org/")
+        except OSError as exc:
+            raise ServerError(f"the server echoed {SECRET} and password=hunter22") from exc
+
+    for args in (["fail"], ["fail", "-v"]):
+        r = CliRunner().invoke(group, args)
+        assert r.exit_code == ServerError.exit_code
+        assert SECRET not in r.output and "hunter22" not in r.output
+        assert "error: the server echoed <hidden> and password=<hidden>" in r.output
+    assert "Traceback" in r.output and "alice:<hidden>@" in r.output

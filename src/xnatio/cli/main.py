@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from xnatio import __version__
+from xnatio import __version__, redact
 from xnatio.cli.options import exit_codes_epilog
 from xnatio.errors import EXIT_INTERRUPTED, XnatioError
 from xnatio.progress import CliLogHandler, cli_logging
@@ -62,9 +62,11 @@ class XioGroup(click.Group):
         try:
             return super().invoke(ctx)
         except XnatioError as exc:
+            # Messages are redacted where they are built; scrubbing the line (and the -v
+            # traceback, whose chained exceptions xnatio did not word) is the safety net.
             if ctx.meta.get(DEBUG_KEY) or os.environ.get("XNATIO_DEBUG"):
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+                click.echo(redact.scrub(traceback.format_exc()).rstrip("\n"), err=True)
+            click.echo(f"error: {redact.scrub(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
