@@ -34,14 +34,16 @@ from pynetdicom.sop_class import MRImageStorage, Verification, register_uid
 
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, SkippedFile
+from xnatio.retry import RetryPolicy
 from xnatio.synth import generate_session
-from xnatio.transports import dicom_store_worker
 from xnatio.transports.dicom_store import send_dicom_store
-from xnatio.transports.dicom_store_encode import dataset_offset, decoder_missing
+from xnatio.transports.dicom_store.encode import dataset_offset, decoder_missing
 
 pytestmark = pytest.mark.integration
 
 ROUTE = "Project:PRJ Subject:SUBJ-1 Session:SESS_1"
+# Short backoffs: the retries themselves are what these tests check, not their pace.
+FAST = RetryPolicy(retries=3, base=0.01, cap=0.05)
 STORESCP = "/usr/bin/storescp"
 # pydicom's bundled files, one per encoding the issue names.
 COMPRESSED = {
@@ -156,6 +158,8 @@ class Received:
     stored: list[str] = field(default_factory=list)  # SOP UIDs answered with success/warning
     associations: int = 0
     rejected: int = 0
+    open_now: set[Any] = field(default_factory=set)  # associations accepted and not yet closed
+    most_open: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -199,6 +203,12 @@ def scp() -> Iterator[Callable[..., tuple[int, Received]]]:
         def on_open(event: Any) -> None:
             with got.lock:
                 got.associations += 1
+                got.open_now.add(event.assoc)
+                got.most_open = max(got.most_open, len(got.open_now))
+
+        def on_close(event: Any) -> None:
+            with got.lock:
+                got.open_now.discard(event.assoc)
 
         def on_reject(event: Any) -> None:
             with got.lock:
@@ -211,6 +221,7 @@ def scp() -> Iterator[Callable[..., tuple[int, Received]]]:
                 (evt.EVT_C_STORE, on_store),
                 (evt.EVT_ACCEPTED, on_open),
                 (evt.EVT_REJECTED, on_reject),
+                (evt.EVT_CONN_CLOSE, on_close),
             ],
         )
         servers.append(server)
@@ -372,9 +383,9 @@ def test_closed_port_and_unknown_host_are_unreachable(session: Path) -> None:
 
 
 def test_abort_mid_association_resumes_without_resending_confirmed_files(
-    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
+    session: Path,
+    scp: Callable[..., tuple[int, Received]],
 ) -> None:
-    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.05)
     calls = {"n": 0}
 
     def abort_twice(ds: Dataset, event: Any) -> int:
@@ -385,7 +396,7 @@ def test_abort_mid_association_resumes_without_resending_confirmed_files(
         return 0x0000
 
     port, got = scp(status_for=abort_twice)
-    result = send(session, port, num_batches=1)
+    result = send(session, port, num_batches=1, retry=FAST)
 
     assert result.success, result.errors
     assert len(result.uploaded) == 12
@@ -396,16 +407,16 @@ def test_abort_mid_association_resumes_without_resending_confirmed_files(
 
 
 def test_peer_that_always_aborts_fails_files_after_retries(
-    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
+    session: Path,
+    scp: Callable[..., tuple[int, Received]],
 ) -> None:
-    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.01)
 
     def abort(ds: Dataset, event: Any) -> int:
         event.assoc.abort()
         return 0
 
     port, got = scp(status_for=abort)
-    result = send(session, port, num_batches=2, retries=2)
+    result = send(session, port, num_batches=2, retry=RetryPolicy(retries=2, base=0.01, cap=0.05))
     assert not result.success
     assert len(result.failed) == 12
     assert all("aborted the association" in o.reason for o in result.failed)
@@ -524,34 +535,84 @@ def test_discovers_when_no_manifest_is_given(
 
 
 def test_transiently_rejected_associations_are_retried(
-    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
+    session: Path,
+    scp: Callable[..., tuple[int, Received]],
 ) -> None:
-    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.05)
     port, got = scp(max_associations=1)  # the others are rejected: local limit exceeded
-    result = send(session, port, num_batches=4, retries=20)
+    result = send(session, port, num_batches=4, retry=RetryPolicy(retries=20, base=0.05, cap=0.2))
     assert result.success, result.errors
     assert got.rejected > 0 and got.associations == 1 + 4
     assert sorted(got.stored) == sorted(o.sop_instance_uid for o in result.files)
 
 
-def test_ctrl_c_stops_every_association(
-    session: Path, scp: Callable[..., tuple[int, Received]]
+# pynetdicom's SCP sometimes leaves its socket to the garbage collector when an A-ABORT arrives
+# while its C-STORE handler runs; every socket of ours is checked closed below.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_fatal_error_in_one_association_stops_the_others(
+    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stop = threading.Event()
+    """One cancel path: a callback that raises (here KeyboardInterrupt, once, in one association's
+    thread) interrupts the other association mid-way, instead of letting it send its files."""
+    from xnatio.transports.dicom_store import ul
+
+    release = threading.Event()
 
     def slow(ds: Dataset, event: Any) -> int:
-        stop.wait(0.2)
+        release.wait(0.2)
         return 0x0000
 
-    def interrupt(e: ProgressEvent) -> None:
-        if e.phase is Phase.UPLOAD and e.current >= 2:
+    raised: list[int] = []
+
+    def interrupt_once(e: ProgressEvent) -> None:
+        if e.phase is Phase.UPLOAD and e.current >= 2 and not raised:
+            raised.append(e.current)
             raise KeyboardInterrupt
 
+    ours: list[socket.socket] = []
+    connect = ul.connect
+
+    def connect_and_keep(host: str, port: int, timeout: float) -> socket.socket:
+        ours.append(connect(host, port, timeout))
+        return ours[-1]
+
+    monkeypatch.setattr(ul, "connect", connect_and_keep)
     port, got = scp(status_for=slow)
     with pytest.raises(KeyboardInterrupt):
-        send(session, port, num_batches=2, progress_callback=interrupt)
-    stop.set()
-    assert len(got.stored) < 12
+        send(session, port, num_batches=2, progress_callback=interrupt_once)
+    release.set()
+    # Two associations of six files: two answered, at most one more in flight in the other one
+    # when it was interrupted. Without the cancel the other association sends all its six.
+    assert raised and len(got.datasets) < 6
+    assert not [t for t in threading.enumerate() if t.name.startswith("c-store")]
+    assert len(ours) == 3 and all(s.fileno() == -1 for s in ours)  # C-ECHO and two, all closed
+
+
+def test_no_more_associations_at_once_than_num_batches(
+    tmp_path: Path, scp: Callable[..., tuple[int, Received]]
+) -> None:
+    """--num-batches bounds the associations open at once, even when the 128-context limit
+    splits the plan into more groups (docs/dicom-store-upload.md: "parallel associations")."""
+    root = tmp_path / "private"
+    root.mkdir()
+    classes = [f"1.3.12.2.1107.5.99.{i}" for i in range(1, 200)]
+    study = generate_uid()
+    for i, uid in enumerate(classes):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = uid, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.PatientID, ds.Modality = "P", "OT"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(root / f"f{i:03d}", enforce_file_format=True)
+        register_uid(uid, f"XnatioTestBoundStorage{i}", StorageServiceClass)
+    port, got = scp(sop_classes=classes, max_associations=20)
+    result = send(root, port, num_batches=2)
+    assert result.success, result.errors
+    assert result.batches_total == 4  # 199 classes x 2 contexts: 2 groups, each split in two
+    assert got.most_open == 2 and len(got.datasets) == len(classes)
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])
@@ -586,9 +647,9 @@ def test_gzipped_tar_path_is_refused_with_a_hint(
 
 
 def test_file_the_peer_never_answers_fails_alone(
-    session: Path, scp: Callable[..., tuple[int, Received]], monkeypatch: pytest.MonkeyPatch
+    session: Path,
+    scp: Callable[..., tuple[int, Received]],
 ) -> None:
-    monkeypatch.setattr(dicom_store_worker, "BACKOFF_BASE", 0.01)
     files = manifest_of(session).files
     stuck = files[4].sop_instance_uid
     release = threading.Event()
@@ -599,7 +660,7 @@ def test_file_the_peer_never_answers_fails_alone(
         return 0x0000
 
     port, got = scp(status_for=hang_on_one)
-    result = send(session, port, num_batches=1, dimse_timeout=0.3)
+    result = send(session, port, num_batches=1, dimse_timeout=0.3, retry=FAST)
     release.set()
 
     assert [o.sop_instance_uid for o in result.failed] == [stuck]
@@ -710,3 +771,15 @@ def test_a_port_that_does_not_speak_dicom_is_named(session: Path) -> None:
         f"DICOM peer XNAT@127.0.0.1:{port}: the peer does not speak DICOM (its answer starts "
         "'HTTP/1') during C-ECHO."
     )
+
+
+def test_associations_replay_serially_with_an_injected_executor(
+    session: Path, scp: Callable[..., tuple[int, Received]]
+) -> None:
+    from xnatio.transports.dicom_store.coordinator import SerialExecutor
+
+    port, got = scp()
+    result = send(session, port, num_batches=3, executor=lambda workers: SerialExecutor())
+    assert result.success, result.errors
+    assert result.batches_total == 3 and got.most_open == 1
+    assert [o.batch for o in result.files] == sorted(o.batch for o in result.files)

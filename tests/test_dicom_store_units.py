@@ -27,13 +27,13 @@ from xnatio.transports.dicom_store import (
     proposed_contexts,
     routing_comment,
 )
-from xnatio.transports.dicom_store_encode import (
+from xnatio.transports.dicom_store.encode import (
     DEFLATED_LE,
     EncodeError,
     read_as_is,
     transcode,
 )
-from xnatio.transports.dicom_store_status import meaning
+from xnatio.transports.dicom_store.status import meaning
 
 ROUTE = "Project:P Subject:S Session:E"
 
@@ -153,7 +153,7 @@ def test_transcode_without_decoder_says_what_to_install(monkeypatch: pytest.Monk
 
 def test_transcode_decompresses_jpeg_when_a_decoder_is_installed() -> None:
     path = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
-    from xnatio.transports.dicom_store_encode import decoder_missing
+    from xnatio.transports.dicom_store.encode import decoder_missing
 
     if decoder_missing("1.2.840.10008.1.2.4.50") is not None:
         pytest.skip("no JPEG decoder here: pip install 'xnatio[codecs]'")
@@ -222,7 +222,7 @@ def test_plan_balances_bytes_keeps_order_and_respects_128_contexts() -> None:
 def test_associate_rq_and_c_store_rq_decode_with_pynetdicom_and_pydicom() -> None:
     from pynetdicom.pdu import A_ASSOCIATE_RQ
 
-    from xnatio.transports.dicom_store_pdu import (
+    from xnatio.transports.dicom_store.pdu import (
         ProposedContext,
         build_associate_rq,
         c_store_rq,

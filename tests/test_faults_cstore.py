@@ -7,6 +7,9 @@ and no instance the peer confirmed is ever sent to it again.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -19,6 +22,7 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from proc_helpers import reap
 from xnatio.discover import discover
 from xnatio.errors import ConfigError
 from xnatio.journal import EARLIER_RUN_REASON
@@ -201,3 +205,88 @@ def test_association_rejected_for_a_wrong_called_ae_title(
     assert "NOT-XNAT" in str(err.value)
     assert err.value.exit_code == 2
     assert not p.requests  # nothing was sent
+
+
+def _upload_command(exam: Path, port: int, journal: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "xnatio",
+        "upload-dicom",
+        "P",
+        "S",
+        "E",
+        str(exam),
+        "--transport",
+        "dicom-store",
+        "--dicom-host",
+        "127.0.0.1",
+        "--dicom-port",
+        str(port),
+        "--dicom-called-aet",
+        "XNAT",
+        "--num-batches",
+        "2",
+        "--journal",
+        str(journal),
+        "--json",
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # pynetdicom's SCP, on the A-ABORTs
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_sigint_to_the_cli_aborts_the_associations_and_a_rerun_sends_the_rest(
+    peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    """A real SIGINT to `xio upload-dicom --transport dicom-store` while a slow peer receives:
+    exit 130 with the resume hint, the associations stop (the peer does not get every file), the
+    journal holds exactly what the peer confirmed, and the same command then sends only the rest."""
+    exam = tmp_path / "exam"
+    generate_session(exam, series=2, instances=20, image_size=(16, 16), seed=41)
+    uids = all_uids(exam)
+    answered = threading.Event()
+    slow = {"on": True}
+
+    def decide(uid: str, n: int, event: Any) -> int:
+        if n >= 6:
+            answered.set()
+        if slow["on"]:
+            time.sleep(0.1)
+        return 0x0000
+
+    p = peer(decide)
+    journal = tmp_path / "j.sqlite"
+    proc = subprocess.Popen(
+        _upload_command(exam, p.port, journal),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert answered.wait(60), "the upload never reached the peer"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 130, err
+    assert "run the same command again to send the rest" in err
+    assert "Traceback" not in err
+    first = Counter(p.requests)
+    # Without the cancel both associations would go on to the end (40 files, ~2 s at 0.1 s each).
+    assert len(first) < len(uids)
+    confirmed_line = next(line for line in err.splitlines() if "interrupted: " in line)
+    confirmed = int(confirmed_line.split("interrupted: ")[1].split(" of ")[0])
+    assert 1 <= confirmed <= len(p.stored)
+
+    slow["on"] = False
+    done = subprocess.run(
+        _upload_command(exam, p.port, journal), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    second = Counter(p.requests) - first
+    # Only the files the journal had not seen confirmed went again: the rest of the session,
+    # plus at most the one file per association that was in flight at the interrupt.
+    assert sum(second.values()) == len(uids) - confirmed
+    assert set(second) | set(first) == uids and max(second.values()) == 1
+    assert len(set(second) & set(first)) <= 2
+    assert f"{confirmed} of {len(uids)} files were confirmed by an earlier run" in done.stderr

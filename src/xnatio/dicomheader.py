@@ -67,6 +67,9 @@ _ALL_VRS = _LONG_VRS | _SHORT_VRS
 _u16x2 = struct.Struct("<HH")
 _u16 = struct.Struct("<H")
 _u32 = struct.Struct("<L")
+# (tag halves, 16-bit length, 32-bit length) readers by byte order.
+_LITTLE = (_u16x2, _u16, _u32)
+_BIG = (struct.Struct(">HH"), struct.Struct(">H"), struct.Struct(">L"))
 
 
 class HeaderFields(NamedTuple):
@@ -88,26 +91,40 @@ class NeedFallback(Exception):
     """The fast reader met something unusual; pydicom must read this file."""
 
 
-class _Truncated(Exception):
-    pass
+class Truncated(Exception):
+    """The data ends inside an element."""
 
 
-class _Buffer:
-    """The growing prefix of one file or stream, read on demand."""
+_Truncated = Truncated
 
-    __slots__ = ("buf", "eof", "read")
 
-    def __init__(self, first: bytes, read: Callable[[int], bytes]) -> None:
+def _no_more(n: int) -> bytes:
+    return b""
+
+
+class Buffer:
+    """The growing prefix of one file or stream, read on demand (``read(n)`` gives more bytes,
+    b"" at the end). Reading past ``limit`` bytes raises NeedFallback (None: no limit)."""
+
+    __slots__ = ("buf", "eof", "limit", "read")
+
+    def __init__(
+        self,
+        first: bytes,
+        read: Callable[[int], bytes] = _no_more,
+        limit: int | None = MAX_HEADER,
+    ) -> None:
         self.buf = first
         self.read = read
         self.eof = False
+        self.limit = limit
 
     def ensure(self, end: int) -> None:
-        """Make ``buf[:end]`` available or raise _Truncated at end of data."""
+        """Make ``buf[:end]`` available or raise Truncated at end of data."""
         while len(self.buf) < end:
             if self.eof:
                 raise _Truncated
-            if end > MAX_HEADER:
+            if self.limit is not None and end > self.limit:
                 raise NeedFallback("header longer than the read limit")
             chunk = self.read(max(end - len(self.buf), len(self.buf)))
             if not chunk:
@@ -129,8 +146,43 @@ class _Buffer:
         return True
 
 
+Found = dict[int, tuple[int, int]]
+"""Tag -> (offset of its value in the buffer, value length), for the wanted top-level tags."""
+
+
+def walk_elements(
+    b: Buffer,
+    pos: int,
+    *,
+    explicit: bool,
+    stop: int,
+    little: bool = True,
+    wanted: frozenset[int] = frozenset(),
+    found: Found | None = None,
+) -> int:
+    """The one DICOM element walker (discovery's header reader and the C-STORE encoder's
+    routing splice and meta stripping both use it): steps over the data set's top-level
+    elements from ``pos`` without decoding any value, undefined-length sequences included
+    (PS3.5 7.1 and 7.5), and returns the position of the first element whose tag is above
+    ``stop`` (tags ascend within a data set, PS3.5 7.1), or of the end of the data.
+
+    Where ``wanted`` tags are met their value's place is put in ``found`` (the value read into
+    the buffer). Anything it cannot step over for certain (an unknown VR, an undefined length on
+    a value, sequences nested deeper than 16) raises NeedFallback; data that ends inside an
+    element raises Truncated. The caller then lets pydicom read the file.
+    """
+    return _walk(b, pos, explicit, stop, {} if found is None else found, 0, wanted, little)
+
+
 def _walk(
-    b: _Buffer, pos: int, explicit: bool, stop: int, found: dict[int, bytes], depth: int
+    b: Buffer,
+    pos: int,
+    explicit: bool,
+    stop: int,
+    found: Found,
+    depth: int,
+    wanted: frozenset[int] = _WANTED,
+    little: bool = True,
 ) -> int:
     """Walk elements from ``pos``; return the position after the last one read.
 
@@ -139,6 +191,7 @@ def _walk(
     """
     if depth > _MAX_DEPTH:
         raise NeedFallback("sequences nested too deep")
+    _u16x2, _u16, _u32 = _LITTLE if little else _BIG
     while True:
         if depth == 0 and b.at_end(pos):
             return pos
@@ -167,21 +220,22 @@ def _walk(
             pos += 8
         if length == _UNDEFINED:
             if not explicit or vr == b"SQ":
-                pos = _skip_sequence(b, pos, explicit, depth + 1)
+                pos = _skip_sequence(b, pos, explicit, depth + 1, little)
             elif vr == b"UN":
                 # PS3.5 6.2.2: UN of undefined length holds a sequence in implicit VR LE.
-                pos = _skip_sequence(b, pos, False, depth + 1)
+                pos = _skip_sequence(b, pos, False, depth + 1, True)
             else:
                 raise NeedFallback("undefined length on a non-sequence element")
             continue
-        if tag in _WANTED and depth == 0:
+        if depth == 0 and tag in wanted:
             b.ensure(pos + length)
-            found[tag] = b.buf[pos : pos + length]
+            found[tag] = (pos, length)
         pos += length
 
 
-def _skip_sequence(b: _Buffer, pos: int, explicit: bool, depth: int) -> int:
+def _skip_sequence(b: Buffer, pos: int, explicit: bool, depth: int, little: bool) -> int:
     """Skip an undefined-length sequence's items up to and including its delimiter."""
+    _u16x2, _u16, _u32 = _LITTLE if little else _BIG
     while True:
         b.ensure(pos + 8)
         group, elem = _u16x2.unpack_from(b.buf, pos)
@@ -193,7 +247,7 @@ def _skip_sequence(b: _Buffer, pos: int, explicit: bool, depth: int) -> int:
         if tag != _ITEM:
             raise NeedFallback("unexpected tag inside a sequence")
         if length == _UNDEFINED:
-            pos = _walk(b, pos, explicit, 0xFFFFFFFF, {}, depth)
+            pos = _walk(b, pos, explicit, 0xFFFFFFFF, {}, depth, _WANTED, little)
         else:
             pos += length
 
@@ -234,13 +288,18 @@ def parse_int_string(raw: bytes | str | None) -> int | None:
         return int(value) if value.is_integer() else None
 
 
+def _value(b: Buffer, places: Found, tag: int) -> bytes | None:
+    place = places.get(tag)
+    return None if place is None else b.buf[place[0] : place[0] + place[1]]
+
+
 def parse_prefix(first: bytes, read: Callable[[int], bytes]) -> HeaderFields:
     """Read the header fields from ``first`` (the opening bytes) plus ``read`` for more.
 
     Raises NotDicom with a reason, or NeedFallback when pydicom must decide.
     """
-    b = _Buffer(first, read)
-    found: dict[int, bytes] = {}
+    b = Buffer(first, read)
+    places: Found = {}
     try:
         b.ensure(132)
         has_preamble = b.buf[128:132] == b"DICM"
@@ -263,8 +322,8 @@ def parse_prefix(first: bytes, read: Callable[[int], bytes]) -> HeaderFields:
         if has_meta:
             if b.buf[pos + 4 : pos + 6] not in _ALL_VRS:
                 raise NeedFallback("File Meta group not in explicit VR")
-            pos = _walk(b, pos, True, 0x0002FFFF, found, 0)
-            ts = _uid(found.get(_TS))
+            pos = _walk(b, pos, True, 0x0002FFFF, places, 0)
+            ts = _uid(_value(b, places, _TS))
         elif has_preamble:
             raise NeedFallback("no File Meta group")
         else:
@@ -283,11 +342,12 @@ def parse_prefix(first: bytes, read: Callable[[int], bytes]) -> HeaderFields:
             looks_explicit = b.buf[pos + 4 : pos + 6] in _ALL_VRS
             if looks_explicit != explicit:
                 raise NeedFallback("data set VR encoding differs from its transfer syntax")
-        _walk(b, pos, explicit, _SERIES_NUMBER, found, 0)
+        _walk(b, pos, explicit, _SERIES_NUMBER, places, 0)
     except _Truncated:
         if not has_preamble:
             raise NeedFallback("raw data set that does not parse") from None
         raise NotDicom("truncated DICOM file (it ends inside the header)") from None
+    found = {tag: _value(b, places, tag) for tag in places}
     if not has_preamble and not found.get(_SOP_INSTANCE):
         raise NeedFallback("raw data set without a SOP Instance UID")
     return HeaderFields(

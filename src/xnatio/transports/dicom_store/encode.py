@@ -2,8 +2,10 @@
 
 The fast path streams the file's own bytes after its File Meta Information (PS3.10 7.1), and for
 routing splices one Patient Comments (0010,4000) element into the top-level byte stream: the rest
-of the file, pixel data included, leaves byte for byte. pydicom is used only when the encoding must
-change (the peer refused the file's own transfer syntax) or the header cannot be walked.
+of the file, pixel data included, leaves byte for byte. Both steps walk the elements with
+discovery's walker (:func:`xnatio.dicomheader.walk_elements`). pydicom is used only when the
+encoding must change (the peer refused the file's own transfer syntax) or the header cannot be
+walked.
 """
 
 from __future__ import annotations
@@ -23,20 +25,20 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
+from xnatio.dicomheader import Buffer, NeedFallback, Truncated, walk_elements
+
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
-NATIVE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE})
 
 PATIENT_COMMENTS = 0x00104000
+_PATIENT_GROUP_LENGTH = 0x00100000
 # Bytes read from disk at a time. Each association thread holds about three of these at once
 # (the chunk, its PDU copies, the joined write): 45 threads stay near 35 MB whatever the file size.
 READ_CHUNK = 256 * 1024
 _HEAD = 64 * 1024
-# Explicit VR elements with a 4-byte length after two reserved bytes (PS3.5 7.1.2).
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 # Word size of the OB/OW-like VRs whose bytes pydicom keeps raw, for big -> little endian.
 _WORD = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}
 
@@ -45,77 +47,33 @@ class EncodeError(Exception):
     """This file cannot be sent in the agreed encoding; ``str()`` says why in one sentence."""
 
 
-class _NeedMore(Exception):
-    """The header walk ran past the bytes read so far."""
-
-
 def ts_name(uid: str) -> str:
     name = UID(uid).name
     return name if name and name != uid else uid
 
 
+def _dataset_start(b: Buffer) -> int:
+    """Where the data set starts: after the preamble and group 0002, if the file has them.
+
+    File Meta Information is always Explicit VR Little Endian (PS3.10 7.1).
+    """
+    try:
+        b.ensure(132)
+        pos = 132 if b.buf[128:132] == b"DICM" else 0
+    except Truncated:
+        pos = 0
+    try:
+        b.ensure(pos + 2)
+    except Truncated:
+        return pos
+    if b.buf[pos : pos + 2] != b"\x02\x00":
+        return pos
+    return walk_elements(b, pos, explicit=True, stop=0x0002FFFF)
+
+
 def dataset_offset(buf: bytes) -> int:
-    """Where the data set starts: after the preamble and group 0002, if the file has them."""
-    pos = 132 if buf[128:132] == b"DICM" else 0
-    while pos + 8 <= len(buf):
-        group = struct.unpack_from("<H", buf, pos)[0]
-        if group != 0x0002:
-            return pos
-        # File Meta Information is always Explicit VR Little Endian (PS3.10 7.1).
-        vr = buf[pos + 4 : pos + 6]
-        if vr in _LONG_VRS:
-            pos += 12 + struct.unpack_from("<I", buf, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
-    if pos > len(buf):
-        raise _NeedMore
-    return pos
-
-
-class _Walker:
-    """Steps over top-level elements of an encoded data set without decoding any value."""
-
-    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
-        self.buf, self.implicit = buf, implicit
-        self.e = "<" if little else ">"
-
-    def header(self, pos: int) -> tuple[int, int, int]:
-        """(tag, header length, value length) of the element or item at ``pos``."""
-        if pos + 8 > len(self.buf):
-            raise _NeedMore
-        group, elem = struct.unpack_from(self.e + "HH", self.buf, pos)
-        tag = group << 16 | elem
-        if self.implicit or group == 0xFFFE:  # items and delimiters never carry a VR
-            return tag, 8, struct.unpack_from(self.e + "I", self.buf, pos + 4)[0]
-        if self.buf[pos + 4 : pos + 6] in _LONG_VRS:
-            if pos + 12 > len(self.buf):
-                raise _NeedMore
-            return tag, 12, struct.unpack_from(self.e + "I", self.buf, pos + 8)[0]
-        return tag, 8, struct.unpack_from(self.e + "H", self.buf, pos + 6)[0]
-
-    def skip(self, pos: int) -> int:
-        """The position after the element at ``pos`` (sequences of undefined length included)."""
-        tag, head, length = self.header(pos)
-        unknown = head == 12 and self.buf[pos + 4 : pos + 6] == b"UN"
-        pos += head
-        if length != 0xFFFFFFFF:
-            return pos + length
-        # PS3.5 6.2.2: an UN element of undefined length holds a sequence in Implicit VR LE.
-        inner = _Walker(self.buf, implicit=True, little=True) if unknown else self
-        # Undefined length: items until the Sequence Delimitation Item (FFFE,E0DD).
-        while True:
-            tag, head, length = inner.header(pos)
-            pos += head
-            if tag == 0xFFFEE0DD:
-                return pos
-            if length != 0xFFFFFFFF:
-                pos += length
-                continue
-            while True:  # an item of undefined length: elements until (FFFE,E00D)
-                if inner.header(pos)[0] == 0xFFFEE00D:
-                    pos += 8
-                    break
-                pos = inner.skip(pos)
+    """Where the data set in ``buf`` (a whole DICOM file) starts."""
+    return _dataset_start(Buffer(buf, limit=None))
 
 
 def routing_element(route: str, implicit: bool, little: bool) -> bytes:
@@ -128,35 +86,39 @@ def routing_element(route: str, implicit: bool, little: bool) -> bytes:
     return struct.pack(e + "HH2sH", 0x0010, 0x4000, b"LT", len(value)) + value
 
 
-def splice_route(
-    buf: bytes, start: int, route: str, implicit: bool, little: bool, complete: bool = True
-) -> bytes:
-    """The data set in ``buf[start:]`` with Patient Comments set to ``route``.
+def splice_route(b: Buffer, start: int, route: str, implicit: bool, little: bool) -> bytes:
+    """The data set in ``b`` from ``start`` (as far as read) with Patient Comments set to
+    ``route``; reads on until the place of (0010,4000) is known.
 
-    ``complete`` says whether ``buf`` holds the rest of the file or only its beginning; in the
-    latter case _NeedMore is raised when it ends before the place of (0010,4000) is known. A retired
-    group length (0010,0000), if present, is corrected by the size change.
+    A retired group length (0010,0000), if present, is corrected by the size change. Raises
+    NeedFallback or Truncated when the header cannot be walked (see ``walk_elements``).
     """
-    walker = _Walker(buf, implicit, little)
-    pos, group_len_at = start, -1
-    while pos < len(buf):
-        tag = walker.header(pos)[0]
-        if tag >= PATIENT_COMMENTS:
-            break
-        if tag == 0x00100000:
-            group_len_at = pos + walker.header(pos)[1]
-        pos = walker.skip(pos)
-    if pos > len(buf) or (pos == len(buf) and not complete):
-        raise _NeedMore
+    found: dict[int, tuple[int, int]] = {}
+    wanted = frozenset({_PATIENT_GROUP_LENGTH})
+    explicit = not implicit
+    pos = walk_elements(
+        b,
+        start,
+        explicit=explicit,
+        little=little,
+        stop=PATIENT_COMMENTS - 1,
+        wanted=wanted,
+        found=found,
+    )
     end = pos
-    if pos < len(buf) and walker.header(pos)[0] == PATIENT_COMMENTS:
-        end = walker.skip(pos)
+    if not b.at_end(pos):
+        b.ensure(pos + 4)
+        group, elem = struct.unpack_from("<HH" if little else ">HH", b.buf, pos)
+        if group << 16 | elem == PATIENT_COMMENTS:
+            end = walk_elements(b, pos, explicit=explicit, little=little, stop=PATIENT_COMMENTS)
+    buf = b.buf
     element = routing_element(route, implicit, little)
     out = bytearray(buf[start:pos])
-    if group_len_at >= 0:
+    if _PATIENT_GROUP_LENGTH in found:
+        at = found[_PATIENT_GROUP_LENGTH][0]
         e = "<" if little else ">"
-        old = struct.unpack_from(e + "I", buf, group_len_at)[0]
-        struct.pack_into(e + "I", out, group_len_at - start, old + len(element) - (end - pos))
+        old = struct.unpack_from(e + "I", buf, at)[0]
+        struct.pack_into(e + "I", out, at - start, old + len(element) - (end - pos))
     out += element
     out += buf[end:]
     return bytes(out)
@@ -178,47 +140,36 @@ def read_as_is(source: Source, transfer_syntax: str, route: str | None) -> Itera
     read once, front to back (an archive member streams too).
     """
     with _opened(source) as fh:
-        head = fh.read(_HEAD)
-        complete = len(head) < _HEAD
+        b = Buffer(fh.read(_HEAD), fh.read, limit=None)
         try:
-            start = dataset_offset(head)
-        except _NeedMore:
-            head += fh.read()
-            complete = True
-            start = dataset_offset(head)
-        sent = len(head) - start
+            start = _dataset_start(b)
+        except (NeedFallback, Truncated):
+            # Not a File Meta group it can step over: pydicom reads and re-encodes the file.
+            b.buf += fh.read()
+            yield transcode(io.BytesIO(b.buf), transfer_syntax, transfer_syntax, route)
+            return
+        sent = len(b.buf) - start
         if transfer_syntax == DEFLATED_LE:
             if route is not None:
                 # One raw deflate stream (PS3.5 A.5): inflate, splice, deflate again.
-                body = zlib.decompress(head[start:] + fh.read(), -zlib.MAX_WBITS)
-                yield _deflate(splice_route(body, 0, route, implicit=False, little=True))
+                body = zlib.decompress(b.buf[start:] + fh.read(), -zlib.MAX_WBITS)
+                yield _deflate(splice_route(Buffer(body, limit=None), 0, route, False, True))
                 return
-            yield head[start:]
+            yield b.buf[start:]
         elif route is not None:
             implicit = transfer_syntax == IMPLICIT_LE
             little = transfer_syntax != EXPLICIT_BE
-            while True:
-                try:
-                    spliced = splice_route(head, start, route, implicit, little, complete)
-                    break
-                except _NeedMore:
-                    if complete:
-                        spliced = b""
-                        break
-                    head += fh.read()
-                    complete = True
-                except (struct.error, IndexError, RecursionError):
-                    spliced = b""
-                    break
-            if not spliced:
+            try:
+                spliced = splice_route(b, start, route, implicit, little)
+            except (NeedFallback, Truncated):
                 # The header could not be walked: let pydicom parse and re-encode the file in
                 # its own syntax (pixel data bytes still kept as they are).
-                whole = head + fh.read()
+                whole = b.buf + fh.read()
                 yield transcode(io.BytesIO(whole), transfer_syntax, transfer_syntax, route)
                 return
             yield spliced
         else:
-            yield head[start:]
+            yield b.buf[start:]
         while chunk := fh.read(READ_CHUNK):
             sent += len(chunk)
             yield chunk
@@ -232,7 +183,9 @@ def inflated(source: Source, route: str | None) -> bytes:
         buf = fh.read()
     start = dataset_offset(buf)
     body = zlib.decompress(buf[start:], -zlib.MAX_WBITS)
-    return splice_route(body, 0, route, False, True) if route is not None else body
+    if route is None:
+        return body
+    return splice_route(Buffer(body, limit=None), 0, route, False, True)
 
 
 def _swap_to_little(ds: Dataset) -> None:

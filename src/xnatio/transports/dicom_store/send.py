@@ -1,36 +1,14 @@
-"""Send a session to a DICOM SCP (XNAT's receiver, port 8104) over parallel C-STORE associations.
-
-    Manifest --plan--> associations (<= 128 contexts each) --C-STORE--> peer --status--> Result
-
-* C-ECHO first, so a wrong AE title or a closed port is one sentence before anything is sent.
-* Each association proposes only the (SOP class, transfer syntax) pairs its files need: each
-  file's own syntax and the two uncompressed ones, one syntax per context so that the peer's
-  answer tells which it accepts. Files then go as they are on disk; only when the peer refused a
-  file's own syntax is it re-encoded (decompressed when a pixel decoder is installed).
-* Routing: XNAT files a received instance by ``Project:/Subject:/Session:`` entries in Patient
-  Comments (0010,4000) (facts file, section 6), so that element is spliced into the sent bytes;
-  the files on disk are never touched and pixel data leaves byte for byte.
-* Every file ends with the status of its C-STORE-RSP. An association that is aborted, rejected or
-  broken is opened again with backoff and resumes after the last confirmed file.
-* One process, one thread per association: the sender spends ~0.1-0.2 ms of CPU per 130 KB file
-  (measured against dcmtk's storescp on loopback), so the peer, not this side, is the limit;
-  more processes would only add start-up and IPC. Only re-encoding (rare) is CPU-heavy.
-
-Modules: ``dicom_store_plan`` (groups, contexts, routing text), ``dicom_store_worker`` (one
-association's loop), ``dicom_store_ul`` / ``dicom_store_pdu`` (the DICOM upper layer),
-``dicom_store_encode`` (bytes to send), ``dicom_store_source`` (files or archive members),
-``dicom_store_status`` (what a status code means).
-"""
+"""The C-STORE entry point: C-ECHO, plan the associations, run them, assemble the result."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import (
+    DicomFile,
     FileOutcome,
     Manifest,
     Outcome,
@@ -39,30 +17,32 @@ from xnatio.models import (
     ProgressEvent,
     UploadResult,
 )
-from xnatio.transports.dicom_store_encode import IMPLICIT_LE
-from xnatio.transports.dicom_store_plan import (
-    plan_associations,
-    proposed_contexts,
-    routing_comment,
+from xnatio.retry import RetryPolicy
+from xnatio.transports.dicom_store.coordinator import (
+    BoundedExecutor,
+    Coordinator,
+    ExecutorFactory,
+    thread_pool,
 )
-from xnatio.transports.dicom_store_source import SourceReader
-from xnatio.transports.dicom_store_ul import (
+from xnatio.transports.dicom_store.encode import IMPLICIT_LE
+from xnatio.transports.dicom_store.plan import plan_associations, routing_comment
+from xnatio.transports.dicom_store.source import SourceReader
+from xnatio.transports.dicom_store.ul import (
     VERIFICATION,
     AssociationLost,
     AssociationRejected,
     PeerUnreachable,
     ProposedContext,
 )
-from xnatio.transports.dicom_store_worker import Peer, Tracker, display_path, run_association
+from xnatio.transports.dicom_store.worker import (
+    AssociationWorker,
+    Job,
+    Peer,
+    Progress,
+    display_path,
+)
 
-__all__ = [
-    "TRANSPORT",
-    "echo",
-    "plan_associations",
-    "proposed_contexts",
-    "routing_comment",
-    "send_dicom_store",
-]
+__all__ = ["TRANSPORT", "echo", "send_dicom_store"]
 
 TRANSPORT = "dicom-store"
 MAX_ERROR_LINES = 20
@@ -124,6 +104,8 @@ def send_dicom_store(
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+    retry: RetryPolicy | None = None,
+    executor: ExecutorFactory | None = None,
 ) -> UploadResult:
     """Send every DICOM file under ``source_dir`` to the SCP at ``host:port`` with C-STORE.
 
@@ -138,8 +120,17 @@ def send_dicom_store(
     ``acse_timeout`` for association set-up and release, ``dimse_timeout`` for each C-STORE
     response, ``network_timeout`` for connecting and any other read. An association that is
     lost is reopened up to ``retries`` times, with backoff, resuming after the last confirmed
-    file. ``manifest`` skips discovery when the caller has already run it. ``on_confirmed`` is
-    called from the association threads with each file the peer stored (the resume journal).
+    file; ``retry`` (the :class:`~xnatio.retry.RetryPolicy` REST takes too) replaces ``retries``
+    and the default backoff when given. ``manifest`` skips discovery when the caller has already
+    run it. ``on_confirmed`` is called from the association threads with each file the peer
+    stored (the resume journal).
+
+    At most ``num_batches`` associations are open at once (a plan split further by the limit of
+    128 presentation contexts runs its extra groups as slots free up). Ctrl-C (KeyboardInterrupt,
+    which the resume layer also makes of SIGTERM) or an exception from a callback interrupts
+    every open association (A-ABORT) and is re-raised once their threads have ended; a file not
+    confirmed by then was not told to ``on_confirmed``. ``executor(workers)`` makes the pool the
+    associations run in (default: a thread pool).
 
     Raises UsageError for bad arguments or several studies (unless ``allow_multiple_studies``),
     ConfigError when the peer rejects the AE titles, UnreachableError when the C-ECHO cannot get
@@ -180,31 +171,27 @@ def send_dicom_store(
     emit(ProgressEvent(Phase.CONNECT, 1, 1, message=f"{peer.where} answered C-ECHO"))
 
     groups = plan_associations(manifest.files, num_batches)
-    tracker = Tracker(progress_callback, len(manifest.files), manifest.total_bytes, len(groups))
-    tracker.on_confirmed = on_confirmed
-    tracker.report(msg=f"{len(groups)} association(s)")
+    progress = Progress(progress_callback, len(manifest.files), manifest.total_bytes, len(groups))
+    progress.report(msg=f"{len(groups)} association(s)")
+    job = Job(
+        peer=peer,
+        route=route,
+        retry=retry if retry is not None else RetryPolicy(retries=retries),
+        coordinator=Coordinator(),
+        progress=progress,
+        reader=reader,
+        on_confirmed=on_confirmed,
+    )
+    ran = _run_associations(groups, job, min(num_batches, len(groups)), executor)
     outcomes: dict[str, FileOutcome] = {}
+    gave_up: dict[int, str] = {}
     failed_batches = 0
-    with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="c-store") as pool:
-        futures = {
-            pool.submit(run_association, i, g, peer, route, retries, tracker, reader): i
-            for i, g in enumerate(groups)
-        }
-        gave_up: dict[int, str] = {}
-        try:
-            # As they finish, so that "batches done" moves when an association ends.
-            for fut in as_completed(futures):
-                got, why = fut.result()
-                for o in got:
-                    outcomes[o.path] = o
-                ok = why is None and all(o.outcome is Outcome.UPLOADED for o in got)
-                failed_batches += 0 if ok else 1
-                tracker.report(batch=ok)
-                if why:
-                    gave_up[futures[fut]] = why
-        except BaseException:
-            tracker.stop()  # Ctrl-C (or a callback that raised): every association stops now
-            raise
+    for i, (got, why) in enumerate(ran):
+        for o in got:
+            outcomes[o.path] = o
+        failed_batches += 0 if _batch_ok(got, why) else 1
+        if why:
+            gave_up[i] = why
     errors = [gave_up[i] for i in sorted(gave_up)]
 
     files = [outcomes[display_path(f)] for f in manifest.files]
@@ -234,3 +221,47 @@ def send_dicom_store(
         batches_total=len(groups),
         batches_failed=failed_batches,
     )
+
+
+def _batch_ok(got: Sequence[FileOutcome], why: str | None) -> bool:
+    return why is None and all(o.outcome is Outcome.UPLOADED for o in got)
+
+
+Ran = tuple[list[FileOutcome], str | None]
+
+
+def _run_associations(
+    groups: list[list[DicomFile]], job: Job, workers: int, executor: ExecutorFactory | None
+) -> list[Ran]:
+    """Run every group's association, at most ``workers`` at once; the results in plan order.
+
+    The one cancel path: KeyboardInterrupt here (Ctrl-C; SIGTERM via the resume layer) or any
+    exception in a worker cancels the coordinator, which interrupts every open association; the
+    pool is then waited for (promptly) and the exception re-raised.
+    """
+    coordinator = job.coordinator
+
+    def task(index: int, group: list[DicomFile]) -> Ran:
+        try:
+            got, why = AssociationWorker(index, group, job).run()
+            # As each ends, so that "batches done" moves when an association ends.
+            job.progress.report(batch=_batch_ok(got, why))
+            return got, why
+        except BaseException as exc:
+            coordinator.cancel(exc)
+            raise
+
+    with BoundedExecutor(max(1, workers), executor or thread_pool("c-store")) as pool:
+        try:
+            futures = []
+            for index, group in enumerate(groups):
+                if coordinator.cancelled:
+                    break
+                futures.append(pool.submit(task, index, group))  # blocks while all are busy
+            ran = [future.result() for future in futures]
+        except BaseException as exc:
+            coordinator.cancel(exc)
+            raise
+    if coordinator.exception is not None:
+        raise coordinator.exception
+    return ran

@@ -1,6 +1,6 @@
 """PDU and command-set encoding for a DICOM SCU (PS3.8 section 9, PS3.7 section 9 and annex E).
 
-Plain functions from values to bytes and back; :mod:`dicom_store_ul` moves them over a socket.
+Plain functions from values to bytes and back; :mod:`.ul` moves them over a socket.
 """
 
 from __future__ import annotations

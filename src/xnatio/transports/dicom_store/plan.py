@@ -8,12 +8,14 @@ from collections.abc import Sequence
 
 from xnatio.errors import UsageError
 from xnatio.models import DicomFile
-from xnatio.transports.dicom_store_encode import UNCOMPRESSED
-from xnatio.transports.dicom_store_ul import ProposedContext
+from xnatio.transports.dicom_store.encode import UNCOMPRESSED
+from xnatio.transports.dicom_store.ul import ProposedContext
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1..255
-# XNAT's routing values match [\w-]* (facts file, section 6).
-_ROUTE_VALUE = re.compile(r"^[\w-]+$")
+# XNAT's routing values match [\w-]* (facts file, section 6), a Java pattern whose \w is ASCII
+# (java.util.regex.Pattern without UNICODE_CHARACTER_CLASS); the element is sent in ASCII too, so
+# a non-ASCII letter is refused here instead of failing every file at send time.
+_ROUTE_VALUE = re.compile(r"^[\w-]+$", re.ASCII)
 
 
 def routing_comment(project: str | None, subject: str | None, session: str | None) -> str | None:

@@ -1,16 +1,18 @@
-"""One planned association's work, run in a thread: open, send file by file, reopen after a loss.
+"""One planned association's work, run in a worker thread: open, send file by file, reopen after
+a loss.
 
 Every file ends with the status of its C-STORE-RSP. A lost association (A-ABORT, rejection,
-broken connection, DIMSE timeout) is reopened with exponential backoff and resumes after the last
-confirmed file, so nothing the peer confirmed is sent twice; a file that was in flight at two
-losses in a row is given up alone, so one poison instance cannot sink its association.
+broken connection, DIMSE timeout) is reopened after the shared :class:`~xnatio.retry.RetryPolicy`
+backoff and resumes after the last confirmed file, so nothing the peer confirmed is sent twice; a
+file that was in flight at two losses in a row is given up alone, so one poison instance cannot
+sink its association. A cancel (:class:`.coordinator.Coordinator`) interrupts the open
+association, which then ends with A-ABORT; the files not confirmed end "interrupted".
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +29,9 @@ from xnatio.models import (
     ProgressCallback,
     ProgressEvent,
 )
-from xnatio.transports.dicom_store_encode import (
+from xnatio.retry import RetryPolicy
+from xnatio.transports.dicom_store.coordinator import Coordinator
+from xnatio.transports.dicom_store.encode import (
     DEFLATED_LE,
     EXPLICIT_LE,
     UNCOMPRESSED,
@@ -37,10 +41,10 @@ from xnatio.transports.dicom_store_encode import (
     transcode,
     ts_name,
 )
-from xnatio.transports.dicom_store_plan import proposed_contexts
-from xnatio.transports.dicom_store_source import SourceReader
-from xnatio.transports.dicom_store_status import meaning
-from xnatio.transports.dicom_store_ul import (
+from xnatio.transports.dicom_store.plan import proposed_contexts
+from xnatio.transports.dicom_store.source import SourceReader
+from xnatio.transports.dicom_store.status import meaning
+from xnatio.transports.dicom_store.ul import (
     CONTEXT_RESULTS,
     Association,
     AssociationLost,
@@ -51,9 +55,6 @@ from xnatio.transports.dicom_store_ul import (
 )
 
 log = logging.getLogger(__name__)
-
-BACKOFF_BASE = 0.5  # seconds; doubled on each retry of an association, capped at BACKOFF_MAX
-BACKOFF_MAX = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,11 @@ class Peer:
     dimse_timeout: float
     network_timeout: float
 
-    def open(self, contexts: list[ProposedContext]) -> Association:
+    def open(
+        self,
+        contexts: list[ProposedContext],
+        on_connect: Callable[[Association], None] | None = None,
+    ) -> Association:
         return open_association(
             self.host,
             self.port,
@@ -78,6 +83,7 @@ class Peer:
             acse_timeout=self.acse_timeout,
             dimse_timeout=self.dimse_timeout,
             network_timeout=self.network_timeout,
+            on_connect=on_connect,
         )
 
     @property
@@ -85,38 +91,14 @@ class Peer:
         return f"{self.called_aet}@{self.host}:{self.port}"
 
 
-class Tracker:
-    """Outcomes and progress shared by the association threads."""
+class Progress:
+    """Files, bytes and associations done, told to the progress callback; shared by the workers."""
 
     def __init__(self, callback: ProgressCallback | None, files: int, size: int, batches: int):
         self.callback = callback
         self.lock = threading.Lock()
         self.total, self.bytes_total, self.batches_total = files, size, batches
         self.done = self.bytes_done = self.batches_done = self.batches_failed = 0
-        self.cancel = threading.Event()
-        self.open: set[Association] = set()
-        # The resume journal's hook: told of every file the peer confirmed, as it happens.
-        self.on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
-
-    def opened(self, assoc: Association | None, closed: Association | None = None) -> None:
-        with self.lock:
-            if assoc is not None:
-                self.open.add(assoc)
-            if closed is not None:
-                self.open.discard(closed)
-        if assoc is not None and self.cancel.is_set():
-            assoc.interrupt()
-
-    def stop(self) -> None:
-        """Ctrl-C or a fatal error: every association stops now, mid-file if need be."""
-        self.cancel.set()
-        with self.lock:
-            for assoc in self.open:
-                assoc.interrupt()
-
-    def confirmed(self, outcome: FileOutcome) -> None:
-        if self.on_confirmed is not None and outcome.outcome is Outcome.UPLOADED:
-            self.on_confirmed([outcome])
 
     def report(
         self, *, files: int = 0, size: int = 0, batch: bool | None = None, msg: str = ""
@@ -243,97 +225,127 @@ def _send_one(
     return Outcome.FAILED, result.reason
 
 
-def run_association(
-    index: int,
-    files: list[DicomFile],
-    peer: Peer,
-    route: str | None,
-    retries: int,
-    tracker: Tracker,
-    reader: SourceReader,
-) -> tuple[list[FileOutcome], str | None]:
-    """Send one planned association's files; reopen it after a loss, resuming after the last
-    confirmed file. Returns the outcomes and, if it gave up, the one-line reason."""
-    contexts = proposed_contexts(files)
-    outcomes: list[FileOutcome] = []
-    pending = list(files)
-    failures = 0
-    error = ""
-    suspect: DicomFile | None = None  # in flight when the last association was lost
-    while pending and not tracker.cancel.is_set():
-        lost: UpperLayerError
-        in_flight: DicomFile | None = None
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What every association of one upload shares."""
+
+    peer: Peer
+    route: str | None
+    retry: RetryPolicy
+    coordinator: Coordinator
+    progress: Progress
+    reader: SourceReader
+    # The resume journal's hook: told of every file the peer confirmed, as it happens.
+    on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
+
+
+class AssociationWorker:
+    """The files of one planned association, sent in order over as many associations as it takes
+    (one at a time)."""
+
+    def __init__(self, index: int, files: list[DicomFile], job: Job) -> None:
+        self.index, self.job = index, job
+        self.contexts = proposed_contexts(files)
+        self.pending = list(files)
+        self.outcomes: list[FileOutcome] = []
+        self.in_flight: DicomFile | None = None
+        self.suspect: DicomFile | None = None  # in flight when the last association was lost
+        self.failures = 0  # associations lost in a row without an answered file between
+
+    def run(self) -> tuple[list[FileOutcome], str | None]:
+        """Returns the outcomes and, if it gave up, the one-line reason."""
+        job, cancel = self.job, self.job.coordinator
+        error = ""
+        while self.pending and not cancel.cancelled:
+            lost = self._attempt()
+            if lost is None:
+                continue  # done, or a fresh association after a file that broke
+            if cancel.cancelled:
+                break
+            error = str(lost)
+            self.failures += 1
+            if self.in_flight is not None and self.in_flight is self.suspect:
+                # Lost twice in a row on the same file: the file is the likely cause; give it up
+                # alone so that the rest of the association can go on.
+                why = f"not sent: {error} twice while this file was being sent"
+                self._settle(self.pending.pop(0), Outcome.FAILED, why)
+                self.in_flight = None
+            self.suspect = self.in_flight
+            if isinstance(lost, AssociationRejected) and lost.bad_ae_title:
+                break  # a wrong AE title will not fix itself
+            if self.failures >= job.retry.attempts:
+                break
+            log.debug(
+                "association %d: %s; retry %d of %d, %d file(s) left",
+                self.index,
+                error,
+                self.failures,
+                job.retry.retries,
+                len(self.pending),
+            )
+            if not job.retry.wait(self.failures - 1, cancel=cancel.event):
+                break
+        gave_up = None
+        if self.pending:
+            what = "interrupted" if cancel.cancelled else f"not sent: {error}"
+            gave_up = f"association {self.index}: {len(self.pending)} file(s) {what}"
+            for f in self.pending:
+                self.outcomes.append(_outcome(f, self.index, Outcome.FAILED, what))
+            job.progress.report(files=len(self.pending))
+        return self.outcomes, gave_up
+
+    def _attempt(self) -> UpperLayerError | None:
+        """One association: open it, send the pending files until done, cancelled or lost.
+
+        Returns why it was lost, or None. ``in_flight`` is the file whose request was out when it
+        was lost (None if between files).
+        """
+        job = self.job
+        self.in_flight = None
+        opened: list[Association] = []
+
+        def connected(assoc: Association) -> None:
+            opened.append(assoc)
+            job.coordinator.add_stopper(assoc.interrupt)
+
         try:
-            assoc = peer.open(contexts)
-        except UpperLayerError as exc:
-            lost = exc
-        else:
-            tracker.opened(assoc)
+            try:
+                assoc = job.peer.open(self.contexts, on_connect=connected)
+            except UpperLayerError as exc:
+                return exc
             log.debug(
                 "association %d: %d of %d contexts accepted, peer max PDU %d, %d file(s) to send",
-                index,
+                self.index,
                 len(assoc.accepted),
-                len(contexts),
+                len(self.contexts),
                 assoc.peer_max_pdu,
-                len(pending),
+                len(self.pending),
             )
             try:
-                while pending and not tracker.cancel.is_set():
-                    f = in_flight = pending[0]
-                    outcome, reason = _send_one(assoc, f, route, reader)
-                    in_flight = suspect = None
+                while self.pending and not job.coordinator.cancelled:
+                    f = self.in_flight = self.pending[0]
+                    outcome, reason = _send_one(assoc, f, job.route, job.reader)
+                    self.in_flight = self.suspect = None
                     # The peer answered: this file is settled and never sent again.
-                    pending.pop(0)
-                    outcomes.append(_outcome(f, index, outcome, reason))
-                    tracker.confirmed(outcomes[-1])
-                    tracker.report(files=1, size=f.size)
-                    failures = 0
-                assoc.release()
-                continue
+                    self._settle(self.pending.pop(0), outcome, reason, confirmed=True)
+                if not job.coordinator.cancelled:
+                    assoc.release()  # else the finally below aborts it: no waiting for the peer
+                return None
             except _FileBroke as exc:
-                f = pending.pop(0)
-                outcomes.append(_outcome(f, index, Outcome.FAILED, str(exc)))
-                tracker.report(files=1)
-                continue  # a fresh association for the rest; not a failure of the peer
+                self.in_flight = None
+                self._settle(self.pending.pop(0), Outcome.FAILED, str(exc))
+                return None  # a fresh association for the rest; not a failure of the peer
             except AssociationLost as exc:
-                lost = exc
-            finally:
-                assoc.abort()
-                tracker.opened(None, closed=assoc)
-        if tracker.cancel.is_set():
-            break
-        error = str(lost)
-        failures += 1
-        if in_flight is not None and in_flight is suspect:
-            # Lost twice in a row on the same file: the file is the likely cause; give it up
-            # alone so that the rest of the association can go on.
-            pending.pop(0)
-            why = f"not sent: {error} twice while this file was being sent"
-            outcomes.append(_outcome(in_flight, index, Outcome.FAILED, why))
-            tracker.report(files=1)
-            in_flight = None
-        suspect = in_flight
-        if isinstance(lost, AssociationRejected) and lost.bad_ae_title:
-            break  # a wrong AE title will not fix itself
-        if failures > retries:
-            break
-        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
-        log.debug(
-            "association %d: %s; retry %d of %d in %.1f s, %d file(s) left",
-            index,
-            error,
-            failures,
-            retries,
-            delay,
-            len(pending),
-        )
-        if tracker.cancel.wait(delay * random.uniform(0.8, 1.2)):
-            break
-    gave_up = None
-    if pending:
-        what = "interrupted" if tracker.cancel.is_set() else f"not sent: {error}"
-        gave_up = f"association {index}: {len(pending)} file(s) {what}"
-        for f in pending:
-            outcomes.append(_outcome(f, index, Outcome.FAILED, what))
-        tracker.report(files=len(pending))
-    return outcomes, gave_up
+                return exc
+        finally:
+            for assoc in opened:  # also one interrupted while it was being negotiated
+                job.coordinator.remove_stopper(assoc.interrupt)
+                assoc.abort()  # A-ABORT unless released or closed; closes the socket
+
+    def _settle(self, f: DicomFile, outcome: Outcome, reason: str, confirmed: bool = False) -> None:
+        self.outcomes.append(_outcome(f, self.index, outcome, reason))
+        if confirmed:
+            self.failures = 0
+            if outcome is Outcome.UPLOADED and self.job.on_confirmed is not None:
+                self.job.on_confirmed([self.outcomes[-1]])
+        self.job.progress.report(files=1, size=f.size if confirmed else 0)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from xnatio.transports.dicom_store_pdu import (
+from xnatio.transports.dicom_store.pdu import (
     VERIFICATION,
     AcceptedContext,
     ProposedContext,
@@ -123,14 +123,19 @@ class Association:
     acse_timeout: float
     _message_id: int = 0
     _closed: bool = field(default=False)
+    _sending: bool = field(default=False)
+    _interrupted: bool = field(default=False)
 
     # -- framing ---------------------------------------------------------------------------
     def _send(self, data: bytes | bytearray | memoryview) -> None:
+        self._sending = True
         try:
             self.sock.sendall(data)
         except OSError as exc:
             self._drop()
             raise AssociationLost(f"the connection broke while sending ({_why(exc)})") from exc
+        finally:
+            self._sending = False
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -145,10 +150,10 @@ class Association:
                 self._drop()
                 raise AssociationLost("the peer did not answer in time") from exc
             except OSError as exc:
-                self._drop()
+                self._lost_while_reading()
                 raise AssociationLost(f"the connection broke ({_why(exc)})") from exc
             if k == 0:
-                self._drop()
+                self._lost_while_reading()
                 raise AssociationLost("the peer closed the connection")
             got += k
         return bytes(buf)
@@ -292,9 +297,22 @@ class Association:
         self._drop()
 
     def interrupt(self) -> None:
-        """From another thread: wake a blocked read or write at once (Ctrl-C)."""
+        """From another thread (a cancel): wake the thread using this association at once.
+
+        A blocked read returns end of data, so that thread gives up the association and sends
+        A-ABORT itself (the write side stays open; two threads writing at once would interleave
+        bytes). If that thread is sending, the write side is shut too: A-ABORT cannot follow half
+        a PDU, the peer then sees the connection close.
+        """
+        self._interrupted = True
+        how = socket.SHUT_RDWR if self._sending else socket.SHUT_RD
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(how)
+
+    def _lost_while_reading(self) -> None:
+        # After interrupt() the socket stays open for the A-ABORT that abort() then sends.
+        if not self._interrupted:
+            self._drop()
 
     def _drop(self) -> None:
         self._closed = True
@@ -345,12 +363,19 @@ def open_association(
     acse_timeout: float = 30.0,
     dimse_timeout: float = 60.0,
     network_timeout: float = 60.0,
+    on_connect: Callable[[Association], None] | None = None,
 ) -> Association:
-    """Connect and negotiate; raises PeerUnreachable, AssociationRejected or AssociationLost."""
+    """Connect and negotiate; raises PeerUnreachable, AssociationRejected or AssociationLost.
+
+    ``on_connect`` gets the association as soon as the TCP connection stands, before the
+    negotiation, so that a cancel can interrupt a peer slow to answer the request.
+    """
     if not 0 < len(contexts) <= 128:
         raise ValueError(f"an association carries 1-128 presentation contexts, not {len(contexts)}")
     sock = connect(host, port, network_timeout)
     assoc = Association(sock, {}, {}, 0, dimse_timeout, network_timeout, acse_timeout)
+    if on_connect is not None:
+        on_connect(assoc)
     assoc._send(build_associate_rq(called_aet, calling_aet, contexts, max_pdu))
     pdu_type, body = assoc._recv_pdu(acse_timeout)
     if pdu_type == 0x03 and len(body) >= 4:
