@@ -399,3 +399,23 @@ def test_the_error_line_and_its_traceback_are_scrubbed(owner: _Owner) -> None:
         assert SECRET not in r.output and "hunter22" not in r.output
         assert "error: the server echoed <hidden> and password=<hidden>" in r.output
     assert "Traceback" in r.output and "alice:<hidden>@" in r.output
+
+
+def test_the_console_scripts_handler_scrubs_every_library_and_prints_once(
+    owner: _Owner,
+) -> None:
+    """``main()`` owns its process: its handler on the root logger scrubs other libraries'
+    records too, and the command's own ``cli_logging`` reuses it instead of printing twice."""
+    redact.hold(owner, SECRET)
+    stream = io.StringIO()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    with cli_logging(stream, logger_name="") as outer, cli_logging() as inner:
+        assert inner is outer and outer in root.handlers
+        logging.getLogger("urllib3.connectionpool").warning("retrying %s", SECRET)
+        logging.getLogger("xnatio.transports").warning("batch failed for %s", SECRET)
+    assert root.handlers == before
+    assert stream.getvalue().splitlines() == [
+        "WARNING urllib3.connectionpool: retrying <hidden>",
+        "WARNING xnatio.transports: batch failed for <hidden>",
+    ]

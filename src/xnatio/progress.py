@@ -110,30 +110,46 @@ class CliLogHandler(logging.StreamHandler[IO[str]]):
         self.addFilter(lambda record: record.levelno >= self.threshold)
 
 
+def _cli_handlers() -> list[CliLogHandler]:
+    """The CLI's handlers on the ``xnatio`` logger and its ancestors (where its records go)."""
+    found: list[CliLogHandler] = []
+    logger: logging.Logger | None = logging.getLogger("xnatio")
+    while logger is not None:
+        found += [h for h in logger.handlers if isinstance(h, CliLogHandler)]
+        logger = logger.parent if logger.propagate else None
+    return found
+
+
 @contextmanager
 def cli_logging(
     stream: IO[str] | None = None, *, logger_name: str = "xnatio"
 ) -> Iterator[CliLogHandler]:
     """Print xnatio's warnings on ``stream`` (stderr), scrubbed, until the block ends.
 
-    The ``xnatio`` logger gets one :class:`CliLogHandler` and its level back at the end; the root
-    logger, other libraries' loggers and ``logging.getLogRecordFactory()`` are never touched.
-    Nested use reuses the handler already in place.
+    A command (``XioGroup``) puts one :class:`CliLogHandler` on the ``xnatio`` logger, and gives
+    the logger its level back at the end. Only the console script, which owns its process, passes
+    ``logger_name=""`` to put it on the root logger, so other libraries' warnings are printed in
+    the same form and scrubbed too. When a CLI handler already receives xnatio's records, it is
+    reused. The library itself never calls this: it leaves logging to the application.
     """
-    logger = logging.getLogger(logger_name)
-    for existing in logger.handlers:
-        if isinstance(existing, CliLogHandler):
-            yield existing
-            return
+    own = logging.getLogger("xnatio")
+    level = own.level
+    existing = _cli_handlers()
+    if existing:
+        try:
+            yield existing[0]
+        finally:
+            own.setLevel(level)
+        return
+    logger = logging.getLogger(logger_name or None)
     handler = CliLogHandler(stream if stream is not None else sys.stderr)
-    level = logger.level
     logger.addHandler(handler)
     try:
         yield handler
     finally:
         handler.flush()
         logger.removeHandler(handler)
-        logger.setLevel(level)
+        own.setLevel(level)
 
 
 class Display:
@@ -382,13 +398,13 @@ class RichDisplay(Display):
 
         Rich redirects ``sys.stderr`` while live, but logging handlers keep the stream they were
         created with (:func:`cli_logging`), so the CLI's handler is pointed at a proxy of the
-        console until the display closes. Only xnatio's own handler: the root logger and the
-        handlers of an embedding application are theirs.
+        console until the display closes. Only the CLI's own handler: the handlers of an
+        embedding application are theirs.
         """
         self._rerouted: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
         console_file = self.console.file
-        for h in logging.getLogger("xnatio").handlers:
-            if isinstance(h, CliLogHandler) and h.stream in (console_file, sys.stderr):
+        for h in _cli_handlers():
+            if h.stream in (console_file, sys.stderr):
                 old = h.setStream(cast(IO[str], FileProxy(self.console, h.stream)))
                 if old is not None:
                     self._rerouted.append((h, old))

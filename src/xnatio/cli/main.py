@@ -114,15 +114,17 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
-    The root logger is left as it is: xnatio's records are printed by the handler ``XioGroup``
-    installs on the ``xnatio`` logger; other libraries' warnings reach stderr through Python's
-    last-resort handler.
+    The console script owns its process, so its scrubbing handler goes on the root logger: other
+    libraries' warnings are printed like xnatio's and scrubbed too. ``XioGroup`` reuses it; run
+    any other way (``CliRunner``, an embedding program) a command puts it on the ``xnatio``
+    logger only.
     """
-    try:
-        cli.main(args=argv, prog_name="xio")
-    except KeyboardInterrupt:  # outside any command (e.g. while Click parses)
-        click.echo("Interrupted.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    with cli_logging(logger_name=""):
+        try:
+            cli.main(args=argv, prog_name="xio")
+        except KeyboardInterrupt:  # outside any command (e.g. while Click parses)
+            click.echo("Interrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
