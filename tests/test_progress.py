@@ -14,6 +14,7 @@ from xnatio.progress import (
     RichDisplay,
     SilentDisplay,
     choose_display,
+    cli_logging,
     format_event,
     tqdm_progress,
 )
@@ -136,21 +137,14 @@ def test_tqdm_progress_counts_bytes_in_upload_and_files_elsewhere() -> None:
 def test_rich_display_prints_log_records_above_the_live_lines() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120, no_color=True)
-    handler = logging.StreamHandler(out)
-    log = logging.getLogger("xnatio")
-    level = log.level  # `-q` in an earlier CLI test may have raised it
-    log.setLevel(logging.WARNING)
-    log.addHandler(handler)
-    try:
+    log = logging.getLogger("xnatio.transports")
+    with cli_logging(out) as handler:  # the CLI's handler on the xnatio logger
         with RichDisplay(console) as d:
             d(_upload(10))
             assert handler.stream is not out  # routed through the console while live
             log.warning("batch 3: retrying after HTTP 503")
             d(_upload(20))
         assert handler.stream is out  # and given back afterwards
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
     assert "batch 3: retrying after HTTP 503" in out.getvalue()
 
 

@@ -150,7 +150,9 @@ def _toml_value(value: str | bool | int) -> str:
     if isinstance(value, int):
         return str(value)
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = "".join(c if c >= " " else f"\\u{ord(c):04x}" for c in escaped)
+    # TOML forbids control characters in basic strings, DEL (U+007F) included: a password
+    # holding one could not be saved (found by tests/test_properties.py).
+    escaped = "".join(c if c >= " " and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped)
     return f'"{escaped}"'
 
 
@@ -174,9 +176,13 @@ def update_profile(path: Path, name: str, updates: Mapping[str, str | bool | int
     if unknown:
         raise ConfigError(f"unknown profile key {unknown[0]!r}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" only: splitlines() would also cut a TOML string holding \x85,
+        # \x1c-\x1e or U+2028 (found by tests/test_properties.py).
+        lines = path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         lines = []
+    if lines and lines[-1] == "":
+        lines.pop()
     start = end = None
     for i, line in enumerate(lines):
         m = _HEADER.match(line)

@@ -137,7 +137,8 @@ def _series_in_order(files: Sequence[DicomFile]) -> list[list[DicomFile]]:
 def _split(series_files: list[DicomFile], limit: int) -> list[tuple[DicomFile, ...]]:
     """A series as is, or cut into consecutive, nearly equal pieces of at most ``limit`` bytes."""
     size = sum(f.size for f in series_files)
-    pieces = min(len(series_files), math.ceil(size / limit))
+    # A series of empty files has a limit of 0 (found by tests/test_properties.py): one piece.
+    pieces = min(len(series_files), math.ceil(size / limit)) if limit > 0 else 1
     if pieces <= 1:
         return [tuple(series_files)]
     target = size / pieces

@@ -11,6 +11,9 @@ the subscriber:
 - :class:`SilentDisplay` — ``-q``: nothing (errors are printed by the CLI edge).
 - :func:`tqdm_progress` — for Python API users and notebooks, built on ``tqdm.auto``.
 
+:func:`cli_logging` is the CLI's log set-up: one handler on the ``xnatio`` logger (never the root
+logger), with a :class:`xnatio.redact.SecretFilter`, for the duration of one command.
+
 Progress may go backwards after a retry (a batch's bytes are counted again); every subscriber
 shows the latest numbers rather than accumulating deltas.
 """
@@ -23,9 +26,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from rich.console import Console
 from rich.file_proxy import FileProxy
@@ -41,6 +45,7 @@ from rich.table import Column
 from rich.text import Text
 
 from xnatio.models import Phase, ProgressEvent
+from xnatio.redact import SecretFilter
 
 __all__ = [
     "Display",
@@ -49,6 +54,7 @@ __all__ = [
     "SilentDisplay",
     "TqdmProgress",
     "choose_display",
+    "cli_logging",
     "format_event",
     "tqdm_progress",
 ]
@@ -83,6 +89,67 @@ def _fmt_duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class CliLogHandler(logging.StreamHandler[IO[str]]):
+    """The CLI's handler on the ``xnatio`` logger: scrubs every record, prints ``threshold`` and up.
+
+    The threshold is a filter after the :class:`SecretFilter`, not the handler's level: a
+    handler's level skips its filters too, and records it lets through unscrubbed would reach
+    the handlers of parent loggers (an embedding application's, pytest's ``caplog``).
+    """
+
+    def __init__(self, stream: IO[str], threshold: int = logging.WARNING) -> None:
+        super().__init__(stream)
+        self.threshold = threshold
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.addFilter(SecretFilter())
+        self.addFilter(lambda record: record.levelno >= self.threshold)
+
+
+def _cli_handlers() -> list[CliLogHandler]:
+    """The CLI's handlers on the ``xnatio`` logger and its ancestors (where its records go)."""
+    found: list[CliLogHandler] = []
+    logger: logging.Logger | None = logging.getLogger("xnatio")
+    while logger is not None:
+        found += [h for h in logger.handlers if isinstance(h, CliLogHandler)]
+        logger = logger.parent if logger.propagate else None
+    return found
+
+
+@contextmanager
+def cli_logging(
+    stream: IO[str] | None = None, *, logger_name: str = "xnatio"
+) -> Iterator[CliLogHandler]:
+    """Print xnatio's warnings on ``stream`` (stderr), scrubbed, until the block ends.
+
+    A command (``XioGroup``) puts one :class:`CliLogHandler` on the ``xnatio`` logger, and gives
+    the logger its level back at the end. Only the console script, which owns its process, passes
+    ``logger_name=""`` to put it on the root logger, so other libraries' warnings are printed in
+    the same form and scrubbed too. When a CLI handler already receives xnatio's records, it is
+    reused. The library itself never calls this: it leaves logging to the application.
+    """
+    own = logging.getLogger("xnatio")
+    level = own.level
+    existing = _cli_handlers()
+    if existing:
+        try:
+            yield existing[0]
+        finally:
+            own.setLevel(level)
+        return
+    logger = logging.getLogger(logger_name or None)
+    handler = CliLogHandler(stream if stream is not None else sys.stderr)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        handler.flush()
+        logger.removeHandler(handler)
+        own.setLevel(level)
 
 
 class Display:
@@ -330,17 +397,17 @@ class RichDisplay(Display):
         """Log records written to the terminal go above the live display, not through it.
 
         Rich redirects ``sys.stderr`` while live, but logging handlers keep the stream they were
-        created with (``logging.basicConfig`` in ``xnatio.cli.main``), so they are pointed at a
-        proxy of the console until the display closes.
+        created with (:func:`cli_logging`), so the CLI's handler is pointed at a proxy of the
+        console until the display closes. Only the CLI's own handler: the handlers of an
+        embedding application are theirs.
         """
         self._rerouted: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
         console_file = self.console.file
-        for logger in (logging.getLogger(), logging.getLogger("xnatio")):
-            for h in logger.handlers:
-                if type(h) is logging.StreamHandler and h.stream in (console_file, sys.stderr):
-                    old = h.setStream(FileProxy(self.console, h.stream))
-                    if old is not None:
-                        self._rerouted.append((h, old))
+        for h in _cli_handlers():
+            if h.stream in (console_file, sys.stderr):
+                old = h.setStream(cast(IO[str], FileProxy(self.console, h.stream)))
+                if old is not None:
+                    self._rerouted.append((h, old))
 
     def _restore_logging(self) -> None:
         for handler, stream in getattr(self, "_rerouted", []):

@@ -2,11 +2,17 @@
 
 Secrets are redacted at their source first (``Settings.password`` is a ``Secret``; the HTTP client
 redacts its password and session id from every message it builds). This module is the safety net
-behind that: every secret xnatio learns (password, alias-token secret, JSESSIONID) is
-:func:`register`-ed, and :func:`install` puts a log-record factory in place that scrubs every log
-record of the process, whichever logger or handler it goes to, including formatted tracebacks.
+behind that, and it behaves as a guest in the process that imports xnatio:
 
-Besides registered values it removes the shapes secrets travel in: ``Authorization`` headers,
+- Secrets are held per owner: an ``XnatClient`` :func:`hold`-s its password, alias-token secret
+  and JSESSIONID while it is open and :func:`forget`-s them when it closes (or is collected).
+  Nothing is kept for the life of the process.
+- :class:`SecretFilter` is a ``logging.Filter`` that the CLI puts on its own handler (see
+  :func:`xnatio.progress.cli_logging`). The library never installs a log-record factory, never
+  adds a handler or filter to the root logger: an application embedding xnatio decides how its
+  logs are handled, and may add a ``SecretFilter`` to its own handlers.
+
+Besides held values it removes the shapes secrets travel in: ``Authorization`` headers,
 ``JSESSIONID=…`` cookies, ``user:password@`` in URLs and ``password=…`` / ``secret=…`` pairs.
 """
 
@@ -16,14 +22,14 @@ import logging
 import re
 import threading
 import traceback
-from typing import Any
+import weakref
 
 HIDDEN = "<hidden>"
 MIN_SECRET = 4  # shorter values would scrub ordinary words
 
 _lock = threading.Lock()
-_secrets: set[str] = set()
-_installed = False
+# owner -> the secrets it holds; an owner that is collected without closing drops out too.
+_held: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 _PATTERNS = (
     (re.compile(r"(?i)(authorization:\s*(?:basic|bearer)\s+)[A-Za-z0-9+/=._-]+"), r"\1" + HIDDEN),
@@ -36,24 +42,35 @@ _PATTERNS = (
 )
 
 
-def register(*secrets: str | None) -> None:
-    """Remember secret values so :func:`scrub` removes them wherever they appear.
+def hold(owner: object, *secrets: str | None) -> None:
+    """Scrub ``secrets`` wherever they appear until ``owner`` :func:`forget`-s them.
 
-    The first call also :func:`install`-s the log scrubber: a process that holds a secret has
-    every log record scrubbed, without any setup by the caller.
+    ``owner`` must be weak-referenceable (an ``XnatClient``); values shorter than
+    :data:`MIN_SECRET` are ignored (they would scrub ordinary words).
     """
+    values = {s for s in secrets if s and len(s) >= MIN_SECRET}
+    if not values:
+        return
     with _lock:
-        for s in secrets:
-            if s and len(s) >= MIN_SECRET:
-                _secrets.add(s)
-    install()
+        _held.setdefault(owner, set()).update(values)
+
+
+def forget(owner: object) -> None:
+    """Drop every secret ``owner`` holds (idempotent)."""
+    with _lock:
+        _held.pop(owner, None)
+
+
+def held() -> list[str]:
+    """Every secret currently held by any owner, longest first (so a longer one wins)."""
+    with _lock:
+        values = set().union(*_held.values()) if _held else set()
+    return sorted(values, key=len, reverse=True)
 
 
 def scrub(text: str) -> str:
-    """``text`` without any registered secret or credential-shaped substring."""
-    with _lock:
-        known = sorted(_secrets, key=len, reverse=True)
-    for s in known:
+    """``text`` without any held secret or credential-shaped substring."""
+    for s in held():
         if s in text:
             text = text.replace(s, HIDDEN)
     for pattern, repl in _PATTERNS:
@@ -61,12 +78,8 @@ def scrub(text: str) -> str:
     return text
 
 
-def scrub_exception(exc: BaseException) -> str:
-    """A one-line, scrubbed description of ``exc`` (for messages built from foreign errors)."""
-    return scrub(f"{type(exc).__name__}: {exc}")
-
-
-def _scrub_record(record: logging.LogRecord) -> logging.LogRecord:
+def scrub_record(record: logging.LogRecord) -> None:
+    """Scrub ``record`` in place: its message, its formatted exception and its stack."""
     try:
         message = record.getMessage()
     except Exception:  # a broken format string: keep what logging itself would show
@@ -80,19 +93,16 @@ def _scrub_record(record: logging.LogRecord) -> logging.LogRecord:
         record.exc_text = scrub(record.exc_text)
     if record.stack_info:
         record.stack_info = scrub(record.stack_info)
-    return record
 
 
-def install() -> None:
-    """Scrub every log record of this process from now on (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-    previous = logging.getLogRecordFactory()
+class SecretFilter(logging.Filter):
+    """A handler filter that scrubs every record it sees (and lets it through).
 
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        return _scrub_record(previous(*args, **kwargs))
+    On a handler it sees records of every logger that propagates to that handler's logger. It
+    changes the record in place, so handlers of parent loggers that run afterwards (pytest's
+    ``caplog`` on the root logger, an application's own) get the scrubbed text too.
+    """
 
-    logging.setLogRecordFactory(factory)
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrub_record(record)
+        return True

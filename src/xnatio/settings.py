@@ -217,7 +217,9 @@ def parse_env_file(path: Path) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None
     out: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only, as for the shell: str.splitlines() would also cut at \x1c-\x1e,
+    # \x85, U+2028 ... inside a quoted value (found by tests/test_properties.py).
+    for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -225,7 +227,7 @@ def parse_env_file(path: Path) -> dict[str, str]:
             line = line[len("export ") :].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not key.replace("_", "").isalnum():
+        if not sep or not key.replace("_", "a").isalnum():  # "_" alone is a name too
             raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
         try:
             parts = shlex.split(value, comments=True, posix=True)

@@ -15,21 +15,31 @@ from typing import Any
 
 import click
 
-from xnatio import __version__
+from xnatio import __version__, redact
 from xnatio.cli.options import exit_codes_epilog
 from xnatio.errors import EXIT_INTERRUPTED, XnatioError
+from xnatio.progress import CliLogHandler, cli_logging
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 DEBUG_KEY = "xnatio.debug"
+HANDLER_KEY = "xnatio.log_handler"
 
 
 def set_debug(ctx: click.Context, verbose: int) -> None:
-    """Commands call this with their ``-v`` count; ``-v`` shows tracebacks of errors."""
+    """Commands call this with their ``-v`` count; ``-v`` shows tracebacks of errors.
+
+    ``-v`` prints xnatio's INFO records, ``-vv`` its DEBUG records (only xnatio's: the level of
+    the ``xnatio`` logger and of the CLI's handler, both restored when the command ends).
+    """
     if verbose:
         ctx.meta[DEBUG_KEY] = True
-        logging.getLogger("xnatio").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+        level = logging.INFO if verbose == 1 else logging.DEBUG
+        logging.getLogger("xnatio").setLevel(level)
+        handler = ctx.meta.get(HANDLER_KEY)
+        if isinstance(handler, CliLogHandler):
+            handler.threshold = level
 
 
 class XioGroup(click.Group):
@@ -42,12 +52,21 @@ class XioGroup(click.Group):
         return list(self.commands)
 
     def invoke(self, ctx: click.Context) -> Any:
+        # xnatio's log records go to stderr through the CLI's scrubbing handler, for this command
+        # only (so ``CliRunner`` and an embedding program get their logging back untouched).
+        with cli_logging() as handler:
+            ctx.meta[HANDLER_KEY] = handler
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except XnatioError as exc:
+            # Messages are redacted where they are built; scrubbing the line (and the -v
+            # traceback, whose chained exceptions xnatio did not word) is the safety net.
             if ctx.meta.get(DEBUG_KEY) or os.environ.get("XNATIO_DEBUG"):
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+                click.echo(redact.scrub(traceback.format_exc()).rstrip("\n"), err=True)
+            click.echo(f"error: {redact.scrub(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -93,15 +112,19 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    try:
-        cli.main(args=argv, prog_name="xio")
-    except KeyboardInterrupt:  # outside any command (e.g. while Click parses)
-        click.echo("Interrupted.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    """Console-script entry point.
+
+    The console script owns its process, so its scrubbing handler goes on the root logger: other
+    libraries' warnings are printed like xnatio's and scrubbed too. ``XioGroup`` reuses it; run
+    any other way (``CliRunner``, an embedding program) a command puts it on the ``xnatio``
+    logger only.
+    """
+    with cli_logging(logger_name=""):
+        try:
+            cli.main(args=argv, prog_name="xio")
+        except KeyboardInterrupt:  # outside any command (e.g. while Click parses)
+            click.echo("Interrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ write); ``Ignore-Unparsable`` skips bad entries instead. Every data error is a 4
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -416,6 +417,19 @@ class DicomImport:
     def _place(self, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]) -> None:
         project, subject, label = self._identity(h)
         scan = scan_dir(h)
+        open_row = functools.partial(
+            self.store.session_for_file,
+            project=project,
+            tag=h.study_uid,
+            name=label,
+            subject=subject,
+            scan_date=h.study_date,
+            prevent_auto_commit=self.p.prevent_auto_commit,
+            prevent_anon=self.p.prevent_anon,
+            source=self.p.source,
+            code=self._row_code(project, h),
+            writer_of=self.writer_of,
+        )
         s: PrearcSession | None = None
         # Direct-Archive: off without a project, and falls back to the prearchive when the
         # label's archive folder exists or the DA row left RECEIVING (facts 1.6, GDI:269-278).
@@ -425,32 +439,9 @@ class DicomImport:
             and self.store.experiment(project, clean_label(label)) is None
             and not (self.store.root / "archive" / project / "arc001" / clean_label(label)).exists()
         ):
-            s = self.store.session_for_file(
-                project=project,
-                tag=h.study_uid,
-                name=label,
-                subject=subject,
-                scan_date=h.study_date,
-                prevent_auto_commit=self.p.prevent_auto_commit,
-                prevent_anon=self.p.prevent_anon,
-                source=self.p.source,
-                code=self._row_code(project, h),
-                direct=True,
-                writer_of=self.writer_of,
-            )
+            s = open_row(direct=True)
         if s is None:
-            s = self.store.session_for_file(
-                project=project,
-                tag=h.study_uid,
-                name=label,
-                subject=subject,
-                scan_date=h.study_date,
-                prevent_auto_commit=self.p.prevent_auto_commit,
-                prevent_anon=self.p.prevent_anon,
-                source=self.p.source,
-                code=self._row_code(project, h),
-                writer_of=self.writer_of,
-            )
+            s = open_row()
             assert s is not None
         self.sessions.setdefault(s.id, s)
         file_name = self._file_name(s, scan, name, h)

@@ -115,7 +115,8 @@ class XnatClient:
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
         self._secrets: list[str] = [self._password.reveal()]
-        scrubber.register(self._password.reveal())  # the process-wide log safety net
+        # Held for the CLI's log filter while this client is open; forgotten in close().
+        scrubber.hold(self, *self._secrets)
         self._lock = threading.Lock()
         self._jsession: str | None = None
         self._generation = 0  # bumped at each (re)login so concurrent 401s renew only once
@@ -222,7 +223,7 @@ class XnatClient:
                 f"POST {url} did not return a session id; is {self.server} an XNAT server?"
             )
         self._secrets.append(token)
-        scrubber.register(token)
+        scrubber.hold(self, *self._secrets)  # all of them: a client may log in again after close
         self._jsession = token
         self._generation += 1
         log.debug("logged in to %s as %s", self.server, self.username)
@@ -277,9 +278,12 @@ class XnatClient:
             log.debug("logout failed: %s", type(exc).__name__)
 
     def close(self) -> None:
-        """Log out and close every pooled connection."""
-        self.logout()
-        self.session.close()
+        """Log out, close every pooled connection and stop holding this client's secrets."""
+        try:
+            self.logout()
+            self.session.close()
+        finally:
+            scrubber.forget(self)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -548,7 +552,7 @@ class XnatClient:
         except (KeyError, TypeError):
             raise ServerError("the token service answered without alias/secret") from None
         self._secrets.append(secret)
-        scrubber.register(secret)
+        scrubber.hold(self, secret)
         return alias, Secret(secret)
 
     def put_subject(self, project: str, subject: str) -> None:
