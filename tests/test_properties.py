@@ -41,8 +41,8 @@ from xnatio.archive import (
     member_names,
 )
 from xnatio.config_file import load_profile, update_profile
-from xnatio.journal import outcome_path
 from xnatio.models import DicomFile, Manifest, Outcome
+from xnatio.models import file_path as outcome_path
 from xnatio.plan import plan_batches
 from xnatio.settings import parse_env_file
 from xnatio.verify import ServerFile, ServerScan, VerifyReport, compare
