@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from xnatio import defaults
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import (
     DicomFile,
@@ -45,7 +46,7 @@ from xnatio.transports.dicom_store.worker import (
 __all__ = ["TRANSPORT", "echo", "send_dicom_store"]
 
 TRANSPORT = "dicom-store"
-MAX_ERROR_LINES = 20
+MAX_ERROR_LINES = defaults.MAX_ERROR_LINES
 
 
 def echo(peer: Peer) -> None:
@@ -86,21 +87,21 @@ def echo(peer: Peer) -> None:
 def send_dicom_store(
     source_dir: str | Path,
     host: str,
-    port: int = 8104,
-    called_aet: str = "XNAT",
-    calling_aet: str = "XNATIO",
-    num_batches: int = 45,
+    port: int = defaults.DICOM_PORT,
+    called_aet: str = defaults.CALLED_AET,
+    calling_aet: str = defaults.CALLING_AET,
+    num_batches: int = defaults.DICOM_STORE_BATCHES,
     progress_callback: ProgressCallback | None = None,
     *,
     project: str | None = None,
     subject: str | None = None,
     session: str | None = None,
     routing: bool = True,
-    max_pdu: int = 0,
-    acse_timeout: float = 30.0,
-    dimse_timeout: float = 60.0,
-    network_timeout: float = 60.0,
-    retries: int = 3,
+    max_pdu: int = defaults.MAX_PDU,
+    acse_timeout: float = defaults.ACSE_TIMEOUT,
+    dimse_timeout: float = defaults.DIMSE_TIMEOUT,
+    network_timeout: float = defaults.NETWORK_TIMEOUT,
+    retries: int = defaults.DICOM_STORE_API_RETRIES,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
