@@ -123,3 +123,21 @@ def test_the_cli_and_the_demo_call_the_library_not_each_other() -> None:
     assert "xnatio.cli.upload" not in (SRC / "cli/demo.py").read_text(encoding="utf-8")
     resume = (SRC / "resume.py").read_text(encoding="utf-8")
     assert "transports.rest" not in resume and "prearchive/projects" not in resume
+
+
+def test_one_of_each_helper() -> None:
+    """One tar-header builder, one loopback test, one rule naming a file (issue 12)."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name.lstrip("_"), []).append(str(path.relative_to(SRC)))
+    assert defined["is_loopback"] == ["settings.py"]
+    assert defined["file_path"] == ["models.py"]
+    assert "display_path" not in defined
+    builders = [name for name in defined if "tar" in name and "header" in name]
+    assert {b: defined[b] for b in builders if b != "tar_header_size"} == {
+        "tar_header": ["archive.py", "transports/bodies.py"]
+    }
+    bodies = (SRC / "transports/bodies.py").read_text(encoding="utf-8")
+    assert "TarInfo" not in bodies and "tobuf" not in bodies

@@ -195,6 +195,8 @@ def normalise_server(url: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name, an IPv4 or a bracketed/bare IPv6 address) is this machine:
+    plain http to it exposes no credentials. The one test of it (settings and XnatClient)."""
     if host.lower() in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
         return True
     try:

@@ -17,6 +17,7 @@ from xnatio.models import (
     ProgressCallback,
     ProgressEvent,
     UploadResult,
+    file_path,
 )
 from xnatio.retry import RetryPolicy
 from xnatio.transports.dicom_store.coordinator import (
@@ -40,7 +41,6 @@ from xnatio.transports.dicom_store.worker import (
     Job,
     Peer,
     Progress,
-    display_path,
 )
 
 __all__ = ["TRANSPORT", "echo", "send_dicom_store"]
@@ -195,7 +195,7 @@ def send_dicom_store(
             gave_up[i] = why
     errors = [gave_up[i] for i in sorted(gave_up)]
 
-    files = [outcomes[display_path(f)] for f in manifest.files]
+    files = [outcomes[file_path(f)] for f in manifest.files]
     failed = [o for o in files if o.outcome is Outcome.FAILED]
     # One line per failed file, up to a screenful; every file's reason is in ``files``.
     errors += [f"{o.path}: {o.reason}" for o in failed[:MAX_ERROR_LINES]]
