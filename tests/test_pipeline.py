@@ -13,6 +13,8 @@ from xnatio import defaults
 from xnatio.cli.upload import upload_dicom
 from xnatio.pipeline import UploadOptions
 from xnatio.retry import RetryPolicy
+from xnatio.settings import Settings
+from xnatio.transports.dicom_store.send import send_dicom_store as transport_send_dicom_store
 from xnatio.transports.rest import RestTarget
 from xnatio.uploaders import send_dicom_store, upload_dicom_parallel_rest
 
@@ -27,6 +29,7 @@ def _option_default(name: str) -> object:
 def test_every_layer_takes_its_defaults_from_one_place() -> None:
     rest = inspect.signature(upload_dicom_parallel_rest).parameters
     cstore = inspect.signature(send_dicom_store).parameters
+    store_api = inspect.signature(transport_send_dicom_store).parameters
     target = {f.name: f.default for f in dataclasses.fields(RestTarget)}
     options = {f.name: f.default for f in dataclasses.fields(UploadOptions)}
     expected = {
@@ -47,6 +50,16 @@ def test_every_layer_takes_its_defaults_from_one_place() -> None:
     assert RetryPolicy().retries == defaults.RETRIES
     for name in ("max_pdu", "acse_timeout", "dimse_timeout", "network_timeout"):
         assert cstore[name].default == options[name] == _option_default(name), name
+    for name, value in (
+        ("port", defaults.DICOM_PORT),
+        ("called_aet", defaults.CALLED_AET),
+        ("calling_aet", defaults.CALLING_AET),
+    ):
+        assert cstore[name].default == value == store_api[name].default, name
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    assert fields["dicom_port"] == defaults.DICOM_PORT
+    assert fields["dicom_called_aet"] == defaults.CALLED_AET
+    assert fields["dicom_calling_aet"] == defaults.CALLING_AET
 
 
 def test_no_layer_spells_a_default_of_its_own() -> None:
@@ -62,6 +75,47 @@ def test_no_layer_spells_a_default_of_its_own() -> None:
                 assert node.value not in spelled, f"{rel}:{node.lineno} spells {node.value}"
 
 
+def _defaults_spelled_in(tree: ast.AST) -> list[ast.expr]:
+    """The expressions that give a default: function parameter defaults, class field values
+    (dataclass fields) and the fall-backs of ``x or <default>``."""
+    found: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arguments):
+            found += [d for d in node.defaults + node.kw_defaults if d is not None]
+        elif isinstance(node, ast.ClassDef):
+            found += [s.value for s in node.body if isinstance(s, ast.AnnAssign) and s.value]
+        elif isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+            # `self.server or "XNAT"` names the server in a message; it is no AE title.
+            if "server" not in ast.unparse(node.values[0]):
+                found += node.values[1:]
+        elif isinstance(node, ast.IfExp):
+            found.append(node.orelse)
+    return found
+
+
+def test_the_dicom_layers_spell_no_default_of_their_own() -> None:
+    """C-STORE's port, AE titles, association count, timeouts and error-line limit come from
+    xnatio.defaults in the C-STORE sender, the settings resolver and the public API."""
+    numbers = {
+        defaults.DICOM_PORT,
+        defaults.DICOM_STORE_BATCHES,
+        defaults.ACSE_TIMEOUT,
+        defaults.DIMSE_TIMEOUT,
+        defaults.NETWORK_TIMEOUT,
+        defaults.MAX_ERROR_LINES,
+    }
+    titles = {defaults.CALLED_AET, defaults.CALLING_AET}
+    for rel in ("transports/dicom_store/send.py", "settings.py", "uploaders.py"):
+        tree = ast.parse((SRC / rel).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+                assert node.value not in numbers, f"{rel}:{node.lineno} spells {node.value}"
+        for expr in _defaults_spelled_in(tree):
+            for node in ast.walk(expr):
+                if isinstance(node, ast.Constant) and node.value in titles:
+                    raise AssertionError(f"{rel}:{node.lineno} spells the AE title {node.value!r}")
+
+
 def test_the_cli_and_the_demo_call_the_library_not_each_other() -> None:
     for rel in ("cli/demo.py", "cli/upload.py"):
         text = (SRC / rel).read_text(encoding="utf-8")
@@ -69,3 +123,21 @@ def test_the_cli_and_the_demo_call_the_library_not_each_other() -> None:
     assert "xnatio.cli.upload" not in (SRC / "cli/demo.py").read_text(encoding="utf-8")
     resume = (SRC / "resume.py").read_text(encoding="utf-8")
     assert "transports.rest" not in resume and "prearchive/projects" not in resume
+
+
+def test_one_of_each_helper() -> None:
+    """One tar-header builder, one loopback test, one rule naming a file (issue 12)."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name.lstrip("_"), []).append(str(path.relative_to(SRC)))
+    assert defined["is_loopback"] == ["settings.py"]
+    assert defined["file_path"] == ["models.py"]
+    assert "display_path" not in defined
+    builders = [name for name in defined if "tar" in name and "header" in name]
+    assert {b: defined[b] for b in builders if b != "tar_header_size"} == {
+        "tar_header": ["archive.py", "transports/bodies.py"]
+    }
+    bodies = (SRC / "transports/bodies.py").read_text(encoding="utf-8")
+    assert "TarInfo" not in bodies and "tobuf" not in bodies

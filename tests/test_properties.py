@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 from xnatio.archive import (
     _central_directory,
     _local_header,
-    _tar_header,
     _tar_size,
     _ZipLayout,
     instance_file_name,
     instance_member_names,
     make_archive_stream,
     member_names,
+    tar_header,
 )
 from xnatio.config_file import load_profile, update_profile
 from xnatio.models import DicomFile, Manifest, Outcome
@@ -166,7 +166,7 @@ def test_tar_size_prediction_holds_for_huge_sizes_and_long_names(
     fakes = [(n, _Fake(Path(n), size)) for n, size in members]
     pieces, offset = [], 0
     for name, f in fakes:
-        header = _tar_header(name, f)
+        header = tar_header(name, f)
         pieces.append((offset, header))
         offset += len(header) + f.size + (-f.size % 512)
     total = _tar_size(fakes)

@@ -424,7 +424,27 @@ _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar's default record: the archive is padded to a whole record
 
 
-def _tar_info(name: str, f: SourceFile) -> tarfile.TarInfo:
+class TarStat(Protocol):
+    """What a tar header says of a member besides its name."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def mtime_ns(self) -> int: ...
+
+
+def tar_header(name: str, f: TarStat) -> bytes:
+    """The header block(s) of one regular-file member ``name``: mode 0644, owner 0:0 with no
+    names, the file's size and whole-second mtime. The one tar-header builder of xnatio: the
+    batch archives here and the archive-member bodies of ``transports.bodies`` both use it.
+
+    PAX headers carry long and non-ASCII names exactly, as UTF-8 (POSIX.1-2001): read by
+    commons-compress (import service), Ant's TarInputStream since 1.9 (resource extraction,
+    TarUtils) and GNU tar, whatever the reader's default charset. A name that is not valid
+    UTF-8 (surrogate-escaped bytes from the file system) goes out as its raw bytes with
+    ``hdrcharset=BINARY``: tarfile's PAX writer does that whatever ``errors`` says.
+    """
     info = tarfile.TarInfo(name)
     info.size = f.size
     info.mode = 0o644
@@ -432,20 +452,13 @@ def _tar_info(name: str, f: SourceFile) -> tarfile.TarInfo:
     info.type = tarfile.REGTYPE
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    return info
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _tar_header(name: str, f: SourceFile) -> bytes:
-    # PAX headers carry long and non-ASCII names exactly, as UTF-8 (POSIX.1-2001): read by
-    # commons-compress (import service), Ant's TarInputStream since 1.9 (resource extraction,
-    # TarUtils) and GNU tar, whatever the reader's default charset.
-    return _tar_info(name, f).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
-
-
-def _tar_header_size(name: str, f: SourceFile) -> int:
+def _tar_header_size(name: str, f: TarStat) -> int:
     if len(name) < 100 and name.isascii() and f.size < 8**11:
         return _BLOCK  # fits the ustar fields: no PAX header (the common case, computed fast)
-    return len(_tar_header(name, f))
+    return len(tar_header(name, f))
 
 
 def _padding(size: int) -> int:
@@ -463,7 +476,7 @@ def _tar_chunks(members: Sequence[tuple[str, F]], tap: _Tap[F]) -> Iterator[byte
     for name, f in members:
         source = _Source(f)  # opened and checked before its header goes out
         try:
-            header = _tar_header(name, f)
+            header = tar_header(name, f)
             yield header
             yield from tap.sent(source.read_exactly(f.size))
         finally:

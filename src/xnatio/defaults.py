@@ -24,3 +24,10 @@ MAX_PDU = 0
 ACSE_TIMEOUT = 30.0
 DIMSE_TIMEOUT = 60.0
 NETWORK_TIMEOUT = 60.0
+# C-STORE peer: XNAT's DICOM receiver listens on 8104 with AE title "XNAT" in a stock install;
+# "XNATIO" is the title we call from.
+DICOM_PORT = 8104
+CALLED_AET = "XNAT"
+CALLING_AET = "XNATIO"
+# How many per-file C-STORE errors a failed run lists before summarising the rest.
+MAX_ERROR_LINES = 20

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from xnatio import config_file, credentials
+from xnatio import config_file, credentials, defaults
 from xnatio.errors import AuthError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,9 @@ class Settings:
     verify_tls: bool = True
     ca_bundle: str | None = None
     dicom_host: str | None = None
-    dicom_port: int = 8104
-    dicom_called_aet: str = "XNAT"
-    dicom_calling_aet: str = "XNATIO"
+    dicom_port: int = defaults.DICOM_PORT
+    dicom_called_aet: str = defaults.CALLED_AET
+    dicom_calling_aet: str = defaults.CALLING_AET
     # field name -> where its value came from ("--server", "env XNAT_SERVER", "default", ...)
     sources: Mapping[str, str] = field(default_factory=dict)
     # every source consulted for credentials, in order, for the "no credentials" message
@@ -195,6 +195,8 @@ def normalise_server(url: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name, an IPv4 or a bracketed/bare IPv6 address) is this machine:
+    plain http to it exposes no credentials. The one test of it (settings and XnatClient)."""
     if host.lower() in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
         return True
     try:
@@ -452,7 +454,7 @@ def resolve_settings(
         sources["dicom_host"] = f"host of {sources['server']}"
     dport_v = pick("dicom_port")
     try:
-        dport = int(dport_v) if dport_v is not None else 8104
+        dport = int(dport_v) if dport_v is not None else defaults.DICOM_PORT
     except ValueError:
         raise ConfigError(f"DICOM port must be a number, not {dport_v!r}") from None
     called = pick("dicom_called_aet")
@@ -476,8 +478,8 @@ def resolve_settings(
         ca_bundle=bundle,
         dicom_host=str(dhost) if dhost else None,
         dicom_port=dport,
-        dicom_called_aet=str(called or "XNAT"),
-        dicom_calling_aet=str(calling or "XNATIO"),
+        dicom_called_aet=str(called or defaults.CALLED_AET),
+        dicom_calling_aet=str(calling or defaults.CALLING_AET),
         sources=sources,
         tried=tuple(tried),
         profile=prof.name if prof else requested,

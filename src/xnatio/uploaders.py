@@ -268,9 +268,9 @@ def _settings(
 def send_dicom_store(
     source_dir: str | Path,
     host: str,
-    port: int = 8104,
-    called_aet: str = "XNAT",
-    calling_aet: str = "XNATIO",
+    port: int = defaults.DICOM_PORT,
+    called_aet: str = defaults.CALLED_AET,
+    calling_aet: str = defaults.CALLING_AET,
     num_batches: int = defaults.DICOM_STORE_BATCHES,
     progress_callback: ProgressCallback | None = None,
     *,

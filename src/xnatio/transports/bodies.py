@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from xnatio.archive import SourceChangedError
+from xnatio.archive import SourceChangedError, tar_header
 from xnatio.errors import XnatioError
 from xnatio.models import DicomFile, Phase, ProgressCallback, ProgressEvent
 
@@ -240,8 +240,4 @@ def _tar_header(f: DicomFile, name: str) -> bytes:
     # Relative, no "..": the name is only used inside XNAT's temporary extraction folder, but an
     # uploader never sends a path that could climb out of it.
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    info = tarfile.TarInfo("/".join(parts) or f.sop_instance_uid)
-    info.size = f.size
-    info.mode = 0o644
-    info.mtime = f.mtime_ns // 1_000_000_000
-    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
+    return tar_header("/".join(parts) or f.sop_instance_uid, f)

@@ -33,7 +33,6 @@ The password (and any alias-token secret) never appears in exceptions, logs or `
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import threading
@@ -51,7 +50,7 @@ from xnatio import __version__, defaults
 from xnatio import redact as scrubber
 from xnatio.errors import AuthError, ConfigError, ServerError, UnreachableError
 from xnatio.retry import RetryPolicy, Sleep, parse_retry_after
-from xnatio.settings import Secret
+from xnatio.settings import Secret, is_loopback
 from xnatio.xnat.errors import (
     NotXnatError,
     RedirectError,
@@ -66,15 +65,6 @@ log = logging.getLogger(__name__)
 # Not browser-like, so XNAT never asks for a CSRF token (facts 2: XnatSecureGuard 92-106).
 USER_AGENT = f"xnatio/{__version__}"
 Params = Mapping[str, str | int | float | bool] | None
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class XnatClient:
@@ -133,7 +123,7 @@ class XnatClient:
         self.session.trust_env = True
         self.session.headers["User-Agent"] = USER_AGENT
         host = parts.hostname or ""
-        if parts.scheme == "http" and not _is_loopback(host):
+        if parts.scheme == "http" and not is_loopback(host):
             log.warning(
                 "sending credentials to %s over plain http: anyone on the network can read them; "
                 "use https",

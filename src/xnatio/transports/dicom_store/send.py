@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from xnatio import defaults
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import (
     DicomFile,
@@ -16,6 +17,7 @@ from xnatio.models import (
     ProgressCallback,
     ProgressEvent,
     UploadResult,
+    file_path,
 )
 from xnatio.retry import RetryPolicy
 from xnatio.transports.dicom_store.coordinator import (
@@ -39,13 +41,12 @@ from xnatio.transports.dicom_store.worker import (
     Job,
     Peer,
     Progress,
-    display_path,
 )
 
 __all__ = ["TRANSPORT", "echo", "send_dicom_store"]
 
 TRANSPORT = "dicom-store"
-MAX_ERROR_LINES = 20
+MAX_ERROR_LINES = defaults.MAX_ERROR_LINES
 
 
 def echo(peer: Peer) -> None:
@@ -86,21 +87,21 @@ def echo(peer: Peer) -> None:
 def send_dicom_store(
     source_dir: str | Path,
     host: str,
-    port: int = 8104,
-    called_aet: str = "XNAT",
-    calling_aet: str = "XNATIO",
-    num_batches: int = 45,
+    port: int = defaults.DICOM_PORT,
+    called_aet: str = defaults.CALLED_AET,
+    calling_aet: str = defaults.CALLING_AET,
+    num_batches: int = defaults.DICOM_STORE_BATCHES,
     progress_callback: ProgressCallback | None = None,
     *,
     project: str | None = None,
     subject: str | None = None,
     session: str | None = None,
     routing: bool = True,
-    max_pdu: int = 0,
-    acse_timeout: float = 30.0,
-    dimse_timeout: float = 60.0,
-    network_timeout: float = 60.0,
-    retries: int = 3,
+    max_pdu: int = defaults.MAX_PDU,
+    acse_timeout: float = defaults.ACSE_TIMEOUT,
+    dimse_timeout: float = defaults.DIMSE_TIMEOUT,
+    network_timeout: float = defaults.NETWORK_TIMEOUT,
+    retries: int = defaults.DICOM_STORE_API_RETRIES,
     allow_multiple_studies: bool = False,
     manifest: Manifest | None = None,
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
@@ -194,7 +195,7 @@ def send_dicom_store(
             gave_up[i] = why
     errors = [gave_up[i] for i in sorted(gave_up)]
 
-    files = [outcomes[display_path(f)] for f in manifest.files]
+    files = [outcomes[file_path(f)] for f in manifest.files]
     failed = [o for o in files if o.outcome is Outcome.FAILED]
     # One line per failed file, up to a screenful; every file's reason is in ``files``.
     errors += [f"{o.path}: {o.reason}" for o in failed[:MAX_ERROR_LINES]]

@@ -28,6 +28,7 @@ from xnatio.models import (
     Phase,
     ProgressCallback,
     ProgressEvent,
+    file_path,
 )
 from xnatio.retry import RetryPolicy
 from xnatio.transports.dicom_store.coordinator import Coordinator
@@ -125,14 +126,9 @@ class Progress:
                 )
 
 
-def display_path(f: DicomFile) -> str:
-    """The file's path, or ``archive/member`` for a member of an archive PATH (as REST does)."""
-    return str(f.path / f.member) if f.member is not None else str(f.path)
-
-
 def _outcome(f: DicomFile, batch: int, outcome: Outcome, reason: str = "") -> FileOutcome:
     return FileOutcome(
-        display_path(f), outcome, reason, f.sop_instance_uid, f.series_uid, f.size, batch
+        file_path(f), outcome, reason, f.sop_instance_uid, f.series_uid, f.size, batch
     )
 
 
