@@ -39,8 +39,8 @@ from xnatio.settings import Settings
 from xnatio.transports.base import Confirmations
 
 if TYPE_CHECKING:
+    from xnatio.coordinator import ExecutorFactory
     from xnatio.retry import RetryPolicy
-    from xnatio.transports.dicom_store.coordinator import ExecutorFactory
     from xnatio.transports.rest import RestTarget
     from xnatio.verify import VerifyReport
     from xnatio.xnat.client import XnatClient
@@ -125,7 +125,7 @@ def upload(
     made from ``settings``. ``cancel``: setting it cancels in-flight REST requests.
     ``on_confirmed``: called from worker threads with each batch's outcomes as the server
     confirms them. ``executor(workers)`` makes the pool C-STORE's associations run in (tests
-    pass ``xnatio.transports.dicom_store.coordinator.SerialExecutor``); REST keeps its own
+    pass ``xnatio.coordinator.SerialExecutor``); REST keeps its own
     bounded pools. Raises :class:`~xnatio.errors.XnatioError` subclasses for what stops the
     whole run (bad input, pre-flight, credentials, unreachable); per-file failures are in the
     result.

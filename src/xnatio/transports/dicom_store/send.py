@@ -6,6 +6,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from xnatio.coordinator import (
+    BoundedExecutor,
+    Coordinator,
+    ExecutorFactory,
+    thread_pool,
+)
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import (
     DicomFile,
@@ -18,12 +24,6 @@ from xnatio.models import (
     UploadResult,
 )
 from xnatio.retry import RetryPolicy
-from xnatio.transports.dicom_store.coordinator import (
-    BoundedExecutor,
-    Coordinator,
-    ExecutorFactory,
-    thread_pool,
-)
 from xnatio.transports.dicom_store.encode import IMPLICIT_LE
 from xnatio.transports.dicom_store.plan import plan_associations, routing_comment
 from xnatio.transports.dicom_store.source import SourceReader
