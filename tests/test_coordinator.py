@@ -5,6 +5,7 @@ REST tests run against the sandbox over real HTTP: the executor is injected, not
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -62,7 +63,6 @@ def test_a_rest_upload_replays_serially_with_an_injected_executor(
     def serial(workers: int) -> Executor:
         return RecordingSerial(workers, log)
 
-    threads_before = {t.ident for t in threading.enumerate()}
     target = RestTarget(
         project=P, subject=S, session=E, num_batches=BATCHES, upload_workers=3, archive_workers=2
     )
@@ -84,7 +84,6 @@ def test_a_rest_upload_replays_serially_with_an_injected_executor(
     # The pool was the injected one, as wide as configured, and every batch ran in this thread.
     assert log[0] == ("workers", 5)
     assert log[1:] == [("task", threading.get_ident())] * BATCHES
-    assert {t.ident for t in threading.enumerate()} <= threads_before
 
 
 @pytest.mark.integration
@@ -150,3 +149,48 @@ def test_a_coordinator_shares_the_callers_cancel_event() -> None:
     late: list[str] = []
     coordinator.add_stopper(lambda: late.append("stopped at once"))
     assert late == ["stopped at once"]
+
+
+@pytest.mark.integration
+def test_the_library_leaves_the_sigterm_handler_as_it_found_it(
+    xnat_server: SandboxServer, session_dir: SyntheticSession, tmp_path: Path
+) -> None:
+    """SIGTERM -> interrupt is the CLI's choice (xnatio.cli.upload.sigterm_as_interrupt); the
+    library never swaps a process-wide handler, not even while it sends."""
+
+    def ours(signum: int, frame: object) -> None:  # never called: identity is what is checked
+        raise AssertionError("not expected to run")
+
+    seen: set[object] = set()
+
+    def watch(event: ProgressEvent) -> None:
+        seen.add(signal.getsignal(signal.SIGTERM))
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        target = RestTarget(project=P, subject=S, session=E, num_batches=BATCHES)
+        with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+            result = resumable_rest_upload(
+                client,
+                discover(session_dir.root),
+                target,
+                options=ResumeOptions(journal=tmp_path / "journal"),
+                plan=four_batches,
+                progress_callback=watch,
+                executor=lambda _workers: SerialExecutor(),
+            )
+        assert result.success, result.errors
+        assert seen == {ours}  # while sending, too
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_cli_turns_sigterm_into_an_interrupt_and_puts_the_handler_back() -> None:
+    from xnatio.cli.upload import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

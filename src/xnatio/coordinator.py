@@ -2,7 +2,7 @@
 ``TransferCoordinator`` and ``BoundedExecutor``).
 
 * :class:`Coordinator` holds the one cancel path. Ctrl-C, SIGTERM (turned into KeyboardInterrupt by
-  the resume layer), a worker's unexpected exception (a progress or journal callback that raised)
+  the CLI), a worker's unexpected exception (a progress or journal callback that raised)
   all end in :meth:`Coordinator.cancel`: the event workers check before each step is set, and every
   registered stopper runs, so a worker blocked on its socket wakes at once. Backoffs wait on the
   same event, so a cancel never waits one out.

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -336,9 +338,31 @@ def upload_dicom(
         dimse_timeout=dimse_timeout,
         network_timeout=network_timeout,
     )
-    with json_errors(output):
+    with json_errors(output), sigterm_as_interrupt():
         code = _upload(opts, server, dicom, output, report)
     ctx.exit(code)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager stopping us, a cron timeout) stops like Ctrl-C: in-flight
+    requests cancelled, the journal consistent, the resume hint printed, exit 130.
+
+    A process-wide handler, so the CLI installs it, never the library; the previous handler is
+    put back on the way out. Main thread only (``signal.signal`` refuses any other).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _upload(
