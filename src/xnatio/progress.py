@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.file_proxy import FileProxy
@@ -94,7 +94,13 @@ def _fmt_duration(seconds: float) -> str:
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-class CliLogHandler(logging.StreamHandler[IO[str]]):
+if TYPE_CHECKING:
+    _TextStreamHandler = logging.StreamHandler[IO[str]]
+else:  # logging.StreamHandler is subscriptable at run time only from Python 3.11
+    _TextStreamHandler = logging.StreamHandler
+
+
+class CliLogHandler(_TextStreamHandler):
     """The CLI's handler on the ``xnatio`` logger: scrubs every record, prints ``threshold`` and up.
 
     The threshold is a filter after the :class:`SecretFilter`, not the handler's level: a

@@ -311,11 +311,16 @@ print(json.dumps(out))
 
 
 def pyxnat_python(request: pytest.FixtureRequest) -> Path:
-    """pyxnat installed from PyPI into a venv cached in pytest's cache dir (once)."""
+    """pyxnat installed from PyPI into a venv cached in pytest's cache dir (once; a temporary
+    folder when the cache is off, ``-p no:cacheprovider``)."""
     import subprocess
     import sys
 
-    venv = Path(request.config.cache.mkdir(f"venv-pyxnat-{PYXNAT_VERSION}"))
+    name = f"venv-pyxnat-{PYXNAT_VERSION}"
+    cache = getattr(request.config, "cache", None)
+    venv = Path(
+        cache.mkdir(name) if cache is not None else request.getfixturevalue("tmp_path") / name
+    )
     python = venv / "bin" / "python"
     marker = venv / "installed"
     if marker.exists() and python.exists():
