@@ -776,7 +776,7 @@ def test_a_port_that_does_not_speak_dicom_is_named(session: Path) -> None:
 def test_associations_replay_serially_with_an_injected_executor(
     session: Path, scp: Callable[..., tuple[int, Received]]
 ) -> None:
-    from xnatio.transports.dicom_store.coordinator import SerialExecutor
+    from xnatio.coordinator import SerialExecutor
 
     port, got = scp()
     result = send(session, port, num_batches=3, executor=lambda workers: SerialExecutor())

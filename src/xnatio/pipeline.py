@@ -39,8 +39,8 @@ from xnatio.settings import Settings
 from xnatio.transports.base import Confirmations
 
 if TYPE_CHECKING:
+    from xnatio.coordinator import ExecutorFactory
     from xnatio.retry import RetryPolicy
-    from xnatio.transports.dicom_store.coordinator import ExecutorFactory
     from xnatio.transports.rest import RestTarget
     from xnatio.verify import VerifyReport
     from xnatio.xnat.client import XnatClient
@@ -124,9 +124,9 @@ def upload(
     open :class:`~xnatio.xnat.client.XnatClient` to use (and leave open) for REST instead of one
     made from ``settings``. ``cancel``: setting it cancels in-flight REST requests.
     ``on_confirmed``: called from worker threads with each batch's outcomes as the server
-    confirms them. ``executor(workers)`` makes the pool C-STORE's associations run in (tests
-    pass ``xnatio.transports.dicom_store.coordinator.SerialExecutor``); REST keeps its own
-    bounded pools. Raises :class:`~xnatio.errors.XnatioError` subclasses for what stops the
+    confirms them. ``executor(workers)`` makes the pool REST's batches and C-STORE's
+    associations run in (tests pass ``xnatio.coordinator.SerialExecutor`` to replay either
+    transport serially). Raises :class:`~xnatio.errors.XnatioError` subclasses for what stops the
     whole run (bad input, pre-flight, credentials, unreachable); per-file failures are in the
     result.
     """
@@ -134,7 +134,7 @@ def upload(
         manifest = discover_for_upload(options, progress)
     if options.transport == "rest":
         result = _send_rest(
-            options, settings, manifest, progress, notify, client, cancel, on_confirmed
+            options, settings, manifest, progress, notify, client, cancel, on_confirmed, executor
         )
     elif options.transport == "dicom-store":
         result = _send_dicom_store(
@@ -184,6 +184,7 @@ def _send_rest(
     client: XnatClient | None,
     cancel: threading.Event | None,
     on_confirmed: OnConfirmed | None,
+    executor: ExecutorFactory | None,
 ) -> UploadResult:
     """Through the resume journal: only what the server has not confirmed is sent, then the
     session is committed and read back (see :mod:`xnatio.resume`)."""
@@ -217,6 +218,7 @@ def _send_rest(
             notify=notify,
             preflight=opts.preflight,
             on_confirmed=on_confirmed,
+            executor=executor,
         )
 
 
@@ -377,10 +379,12 @@ def resumable_rest_upload(
     plan: Callable[[Manifest], list[Batch]] | None = None,
     preflight: bool = True,
     on_confirmed: OnConfirmed | None = None,
+    executor: ExecutorFactory | None = None,
 ) -> UploadResult:
     """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
 
-    ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`).
+    ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`);
+    ``executor(workers)`` makes the pool the batches run in (default: threads).
     ``preflight``: first check the destination (:func:`xnatio.preflight.before_sending`); a
     refusal raises :class:`xnatio.preflight.PreflightError` before any DICOM byte is sent.
 
@@ -418,6 +422,7 @@ def resumable_rest_upload(
         notify=notify,
         plan=plan,
         on_confirmed=on_confirmed,
+        executor=executor,
     )
     result = resumable_upload(
         Target.rest(client.server, target.project, target.subject, target.session),

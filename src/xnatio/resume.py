@@ -30,12 +30,9 @@ one sends nothing and only verifies.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,17 +109,18 @@ def resumable_upload(
                 f"earlier run; sending the other {len(todo)}"
             )
         try:
-            with _sigterm_as_interrupt():
-                result, committed = _send_rest_of(run, manifest, done, todo, transport, say)
-                return _finish(
-                    result,
-                    manifest,
-                    run,
-                    read_back,
-                    say,
-                    committed=committed,
-                    heal=lambda lost: _heal(run, manifest, lost, transport),
-                )
+            # SIGTERM becomes KeyboardInterrupt only where the CLI installs that (a process-wide
+            # change a library must not make): xnatio.cli.options.sigterm_as_interrupt.
+            result, committed = _send_rest_of(run, manifest, done, todo, transport, say)
+            return _finish(
+                result,
+                manifest,
+                run,
+                read_back,
+                say,
+                committed=committed,
+                heal=lambda lost: _heal(run, manifest, lost, transport),
+            )
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
             raise UploadInterrupted(
@@ -145,24 +143,6 @@ def _heal(
     if committed:
         run.record_commit(result.session_uri)
     return result, committed
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a service manager stopping us, a cron timeout) stops like Ctrl-C: in-flight
-    requests cancelled, the journal consistent, the resume hint printed. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _send_rest_of(

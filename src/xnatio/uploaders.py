@@ -50,7 +50,7 @@ from xnatio.transports.rest import (
 from xnatio.xnat.client import XnatClient
 
 if TYPE_CHECKING:
-    from xnatio.transports.dicom_store.coordinator import ExecutorFactory
+    from xnatio.coordinator import ExecutorFactory
 
 __all__ = [
     "FileOutcome",

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from xnatio.archive import instance_file_name
-from xnatio.cli.options import OutputArgs, exit_codes_epilog, output_options, start_command
+from xnatio.cli.options import (
+    OutputArgs,
+    exit_codes_epilog,
+    output_options,
+    sigterm_as_interrupt,
+    start_command,
+)
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
 from xnatio.models import Manifest, UploadResult
 from xnatio.pipeline import UploadOptions, discover_for_upload, upload
@@ -251,7 +257,7 @@ def demo(
             f"{exc.strerror or exc}; set TMPDIR to a writable folder"
         ) from None
     try:
-        with choose_display(quiet=output.quiet) as display:
+        with sigterm_as_interrupt(), choose_display(quiet=output.quiet) as display:
             result, check = _run_demo(
                 workdir=workdir,
                 series=series,

@@ -19,10 +19,13 @@ source (a token, ...) is one edit here: a new option in :data:`_SERVER_OPTIONS`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -300,3 +303,25 @@ def resolve_cli_settings(
         need_credentials=need_credentials,
         profile_may_be_missing=profile_may_be_missing,
     )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager stopping us, a cron timeout) stops like Ctrl-C: in-flight
+    requests cancelled, the journal consistent, the resume hint printed, exit 130.
+
+    A process-wide handler, so the CLI installs it, never the library; the previous handler is
+    put back on the way out. Main thread only (``signal.signal`` refuses any other).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

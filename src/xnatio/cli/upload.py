@@ -26,6 +26,7 @@ from xnatio.cli.options import (
     report_option,
     resolve_cli_settings,
     server_options,
+    sigterm_as_interrupt,
     start_command,
 )
 from xnatio.errors import UsageError, XnatioError
@@ -336,7 +337,7 @@ def upload_dicom(
         dimse_timeout=dimse_timeout,
         network_timeout=network_timeout,
     )
-    with json_errors(output):
+    with json_errors(output), sigterm_as_interrupt():
         code = _upload(opts, server, dicom, output, report)
     ctx.exit(code)
 

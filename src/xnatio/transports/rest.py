@@ -38,14 +38,18 @@ the server did the work and the commit counts as done.
 
 Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
 
-* ``upload_workers`` threads send batches: never more than that many import requests in flight,
-  and the connection pool of the client is sized to it.
-* ``archive_workers`` threads prepare the next batches while others upload (stat every source
-  file against discovery, lay out the archive); packing itself (tar/zip headers, deflate for
-  zip-deflated) happens inside the streaming request body, so nothing is built ahead in memory or
-  on disk.
-* A semaphore of ``upload_workers + archive_workers`` slots is taken before a batch is handed to
-  the preparers and released when its upload ends, so at most that many batches exist at once.
+* Each batch is one task (prepare, then send) in an :class:`xnatio.coordinator.BoundedExecutor`
+  of ``upload_workers + archive_workers`` slots: a slot is taken before the batch is submitted
+  (the submitter blocks while all are taken) and given back when its upload ends, so at most that
+  many batches exist at once.
+* A gate of ``upload_workers`` lets only that many tasks send: never more import requests in
+  flight, and the connection pool of the client is sized to it. The other tasks prepare the next
+  batches meanwhile (stat every source file against discovery, lay out the archive); packing
+  itself (tar/zip headers, deflate for zip-deflated) happens inside the streaming request body, so
+  nothing is built ahead in memory or on disk.
+* One :class:`xnatio.coordinator.Coordinator` per upload is the one cancel path (Ctrl-C, SIGTERM
+  turned into KeyboardInterrupt by the CLI, ``cancel`` set from outside, an unhandled error in a
+  task): bodies check its event mid-read and backoffs wait on it.
 
 Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
 in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB zlib for
@@ -55,13 +59,11 @@ temporary copy of the dataset is ever written.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,7 @@ from xnatio.archive import (
     instance_member_names,
     make_archive_stream,
 )
+from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
 from xnatio.errors import AuthError, ServerError, UnreachableError, UsageError, XnatioError
 from xnatio.models import (
     Batch,
@@ -256,6 +259,8 @@ class RestUploader:
     (durations, progress throttling), ``sleep`` (retry backoff), ``cancel`` (set it from another
     thread to stop the upload; Ctrl-C in the calling thread sets it too). ``on_confirmed`` is called
     from worker threads with the outcomes of each batch the server confirmed (the resume journal).
+    ``executor(workers)`` makes the pool batches run in (default: threads; a test passes
+    :class:`xnatio.coordinator.SerialExecutor` to replay the upload serially).
     """
 
     def __init__(
@@ -269,6 +274,7 @@ class RestUploader:
         sleep: Sleep | None = None,
         cancel: threading.Event | None = None,
         on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
+        executor: ExecutorFactory | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -277,6 +283,9 @@ class RestUploader:
         self.clock = clock
         self.sleep = sleep
         self.cancel = cancel if cancel is not None else threading.Event()
+        # The one cancel path of this upload: its event is ``cancel``, so either way is the same.
+        self.coordinator = Coordinator(self.cancel)
+        self.executor = executor
         self.on_confirmed = on_confirmed
 
     # -- public ---------------------------------------------------------------------------
@@ -363,57 +372,51 @@ class RestUploader:
     def _pipeline(
         self, manifest: Manifest, batches: list[Batch], run: _Run, progress: UploadProgress
     ) -> None:
-        t = self.target
-        slots = threading.BoundedSemaphore(t.upload_workers + t.archive_workers)
-        prepare_pool = ThreadPoolExecutor(t.archive_workers, thread_name_prefix="xnatio-prep")
-        send_pool = ThreadPoolExecutor(t.upload_workers, thread_name_prefix="xnatio-send")
-        done = threading.Semaphore(0)
+        """Prepare and send every batch under the coordinator; return once all have ended.
 
-        def prepared(batch: Batch, fut: Future[list[DicomFile]]) -> None:
+        One task per batch (prepare, then send) in a :class:`BoundedExecutor` of
+        ``upload_workers + archive_workers`` slots: submitting blocks while that many batches are
+        in the pipeline (no polling), and a gate of ``upload_workers`` lets only that many send at
+        once while the others are prepared ahead. The one cancel path: Ctrl-C or SIGTERM here
+        (KeyboardInterrupt), ``cancel`` set from outside, or an exception a task did not handle
+        cancels the coordinator; streaming bodies and backoffs see its event and stop mid-read, the
+        pool is waited for (promptly), and the exception re-raised. Outcomes are read only after
+        the pool has ended.
+        """
+        t = self.target
+        coordinator = self.coordinator
+        sending = threading.BoundedSemaphore(t.upload_workers)
+
+        def task(batch: Batch) -> None:
             try:
-                if self.cancel.is_set():
-                    raise UploadCancelled("upload cancelled")
-                files = fut.result()
-                sent = send_pool.submit(
-                    self._send_guarded, batch, files, manifest.root, run, progress
-                )
-            except Exception as exc:  # the batch is reported, others go on
-                if not self.cancel.is_set():
+                if coordinator.cancelled:
+                    return
+                try:
+                    files = self._prepare(batch, run)
+                except Exception as exc:  # the batch is reported, others go on
                     self._fail(run, batch.files, f"could not prepare the batch: {exc}", batch.index)
                     progress.update(batch_done=True, failed=True)
-                slots.release()
-                done.release()
-                return
-            sent.add_done_callback(finished)
-
-        def finished(_: Future[None]) -> None:
-            slots.release()
-            done.release()
-
-        submitted = 0
-        try:
-            for batch in batches:
-                # Blocks while upload_workers + archive_workers batches are in the pipeline.
-                while not slots.acquire(timeout=0.5):
-                    if self.cancel.is_set():
-                        break
-                if self.cancel.is_set():
-                    break
-                fut = prepare_pool.submit(self._prepare, batch, run)
-                fut.add_done_callback(functools.partial(prepared, batch))
-                submitted += 1
-            for _ in range(submitted):
-                while not done.acquire(timeout=0.5):
-                    if self.cancel.is_set():
+                    return
+                with sending:
+                    if coordinator.cancelled:
                         return
-        except BaseException:
-            # Ctrl-C in this (main) thread: streaming bodies see the event and stop mid-read.
-            self.cancel.set()
-            raise
-        finally:
-            stop = self.cancel.is_set()
-            prepare_pool.shutdown(wait=not stop, cancel_futures=True)
-            send_pool.shutdown(wait=not stop, cancel_futures=True)
+                    self._send_guarded(batch, files, manifest.root, run, progress)
+            except BaseException as exc:
+                coordinator.cancel(exc)
+                raise
+
+        workers = t.upload_workers + t.archive_workers
+        with BoundedExecutor(workers, self.executor or thread_pool("xnatio-rest")) as pool:
+            try:
+                for batch in batches:
+                    if coordinator.cancelled:
+                        break
+                    pool.submit(task, batch)  # blocks while `workers` batches are in flight
+            except BaseException as exc:
+                coordinator.cancel(exc)
+                raise
+        if coordinator.exception is not None:
+            raise coordinator.exception
 
     def _prepare(self, batch: Batch, run: _Run) -> list[DicomFile]:
         """Check the batch's files against discovery; return those still fit to send."""

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from xnatio.coordinator import ExecutorFactory
 from xnatio.errors import ServerError, UsageError
 from xnatio.models import (
     Batch,
@@ -58,8 +59,10 @@ class RestTransport:
         notify: Callable[[str], None] | None = None,
         plan: Callable[[Manifest], list[Batch]] | None = None,
         on_confirmed: OnConfirmed | None = None,
+        executor: ExecutorFactory | None = None,
     ) -> None:
         self.client = client
+        self.executor = executor
         self.target = target
         self.retry = retry
         self.progress_callback = progress_callback
@@ -138,6 +141,7 @@ class RestTransport:
             progress_callback=self.progress_callback,
             cancel=self.cancel,
             on_confirmed=_both(confirmations.on_confirmed, self.on_confirmed),
+            executor=self.executor,
         )
         return uploader.upload(part, batches)
 

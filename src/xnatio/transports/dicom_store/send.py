@@ -7,6 +7,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from xnatio import defaults
+from xnatio.coordinator import (
+    BoundedExecutor,
+    Coordinator,
+    ExecutorFactory,
+    thread_pool,
+)
 from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import (
     DicomFile,
@@ -20,12 +26,6 @@ from xnatio.models import (
     file_path,
 )
 from xnatio.retry import RetryPolicy
-from xnatio.transports.dicom_store.coordinator import (
-    BoundedExecutor,
-    Coordinator,
-    ExecutorFactory,
-    thread_pool,
-)
 from xnatio.transports.dicom_store.encode import IMPLICIT_LE
 from xnatio.transports.dicom_store.plan import plan_associations, routing_comment
 from xnatio.transports.dicom_store.source import SourceReader
@@ -128,7 +128,7 @@ def send_dicom_store(
 
     At most ``num_batches`` associations are open at once (a plan split further by the limit of
     128 presentation contexts runs its extra groups as slots free up). Ctrl-C (KeyboardInterrupt,
-    which the resume layer also makes of SIGTERM) or an exception from a callback interrupts
+    which xio's CLI also makes of SIGTERM) or an exception from a callback interrupts
     every open association (A-ABORT) and is re-raised once their threads have ended; a file not
     confirmed by then was not told to ``on_confirmed``. ``executor(workers)`` makes the pool the
     associations run in (default: a thread pool).
@@ -236,7 +236,7 @@ def _run_associations(
 ) -> list[Ran]:
     """Run every group's association, at most ``workers`` at once; the results in plan order.
 
-    The one cancel path: KeyboardInterrupt here (Ctrl-C; SIGTERM via the resume layer) or any
+    The one cancel path: KeyboardInterrupt here (Ctrl-C; SIGTERM via the CLI) or any
     exception in a worker cancels the coordinator, which interrupts every open association; the
     pool is then waited for (promptly) and the exception re-raised.
     """

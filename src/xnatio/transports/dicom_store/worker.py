@@ -5,7 +5,7 @@ Every file ends with the status of its C-STORE-RSP. A lost association (A-ABORT,
 broken connection, DIMSE timeout) is reopened after the shared :class:`~xnatio.retry.RetryPolicy`
 backoff and resumes after the last confirmed file, so nothing the peer confirmed is sent twice; a
 file that was in flight at two losses in a row is given up alone, so one poison instance cannot
-sink its association. A cancel (:class:`.coordinator.Coordinator`) interrupts the open
+sink its association. A cancel (:class:`xnatio.coordinator.Coordinator`) interrupts the open
 association, which then ends with A-ABORT; the files not confirmed end "interrupted".
 """
 
@@ -21,6 +21,7 @@ from typing import IO
 
 from pydicom.uid import UID
 
+from xnatio.coordinator import Coordinator
 from xnatio.models import (
     DicomFile,
     FileOutcome,
@@ -31,7 +32,6 @@ from xnatio.models import (
     file_path,
 )
 from xnatio.retry import RetryPolicy
-from xnatio.transports.dicom_store.coordinator import Coordinator
 from xnatio.transports.dicom_store.encode import (
     DEFLATED_LE,
     EXPLICIT_LE,

@@ -2,7 +2,7 @@
 ``TransferCoordinator`` and ``BoundedExecutor``).
 
 * :class:`Coordinator` holds the one cancel path. Ctrl-C, SIGTERM (turned into KeyboardInterrupt by
-  the resume layer), a worker's unexpected exception (a progress or journal callback that raised)
+  the CLI), a worker's unexpected exception (a progress or journal callback that raised)
   all end in :meth:`Coordinator.cancel`: the event workers check before each step is set, and every
   registered stopper runs, so a worker blocked on its socket wakes at once. Backoffs wait on the
   same event, so a cancel never waits one out.
@@ -11,7 +11,7 @@
   limit, and at most ``max_workers`` tasks exist at once. The executor is a constructor argument,
   so a test can run the tasks serially in the calling thread.
 
-Nothing here knows of DICOM; the C-STORE sender is its first user.
+Nothing here knows of DICOM or HTTP; the C-STORE sender and the REST engine both use it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ Stopper = Callable[[], None]
 class Coordinator:
     """Cancel state of one transfer, shared by its workers; safe to use from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: threading.Event | None = None) -> None:
+        # ``event``: a caller's own cancel flag (REST's ``cancel=``), so setting it from outside
+        # is the same cancel as :meth:`cancel` for every check of :attr:`cancelled`.
         self._lock = threading.Lock()
-        self._event = threading.Event()
+        self._event = event if event is not None else threading.Event()
         self._stoppers: set[Stopper] = set()
         self._exception: BaseException | None = None
 

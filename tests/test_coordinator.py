@@ -1,0 +1,196 @@
+"""The one coordinator of concurrency (xnatio.coordinator), as the REST engine uses it.
+
+REST tests run against the sandbox over real HTTP: the executor is injected, nothing is patched.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from xnatio.coordinator import BoundedExecutor, Coordinator, SerialExecutor
+from xnatio.discover import discover
+from xnatio.models import Manifest, Outcome, Phase, ProgressEvent
+from xnatio.pipeline import resumable_rest_upload
+from xnatio.plan import plan_batches
+from xnatio.resume import ResumeOptions
+from xnatio.sandbox.server import SandboxServer
+from xnatio.synth import SyntheticSession, generate_session
+from xnatio.transports.rest import RestTarget, RestUploader
+from xnatio.xnat.client import XnatClient
+
+T = TypeVar("T")
+USER, PASSWORD = "admin", "admin-secret"
+P, S, E = "PROJ", "SUBJ01", "SUBJ01_MR1"
+BATCHES = 4
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSession:
+    return generate_session(
+        tmp_path_factory.mktemp("session") / "MR1", series=2, instances=12, image_size=(16, 16)
+    )
+
+
+def four_batches(manifest: Manifest) -> Any:
+    return plan_batches(manifest, BATCHES, single_max_files=4, single_max_bytes=0)
+
+
+class RecordingSerial(SerialExecutor):
+    """A serial executor that notes which thread ran each task and how wide the pool was."""
+
+    def __init__(self, workers: int, log: list[tuple[str, int]]) -> None:
+        log.append(("workers", workers))
+        self.log = log
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        self.log.append(("task", threading.get_ident()))
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.integration
+def test_a_rest_upload_replays_serially_with_an_injected_executor(
+    xnat_server: SandboxServer, session_dir: SyntheticSession, tmp_path: Path
+) -> None:
+    log: list[tuple[str, int]] = []
+
+    def serial(workers: int) -> Executor:
+        return RecordingSerial(workers, log)
+
+    target = RestTarget(
+        project=P, subject=S, session=E, num_batches=BATCHES, upload_workers=3, archive_workers=2
+    )
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+        result = resumable_rest_upload(
+            client,
+            discover(session_dir.root),
+            target,
+            options=ResumeOptions(journal=tmp_path / "journal"),
+            plan=four_batches,
+            executor=serial,
+        )
+    assert result.success, result.errors
+    assert {o.outcome for o in result.files} == {Outcome.VERIFIED}
+    # Server-side evidence: one import per planned batch, every file archived once, one commit.
+    assert xnat_server.stats()["POST /data/services/import"] == BATCHES
+    assert sorted(xnat_server.archived_files(P, S, E)) == sorted(session_dir.instances)
+    assert xnat_server.prearchive_sessions(P) == []
+    # The pool was the injected one, as wide as configured, and every batch ran in this thread.
+    assert log[0] == ("workers", 5)
+    assert log[1:] == [("task", threading.get_ident())] * BATCHES
+
+
+@pytest.mark.integration
+def test_a_cancel_from_outside_ends_every_worker_before_the_upload_returns(
+    xnat_server: SandboxServer, session_dir: SyntheticSession
+) -> None:
+    xnat_server.set_knobs(bandwidth_mbps=1)  # slow enough to cancel in the middle
+    cancel = threading.Event()
+
+    def cancel_on_first_bytes(event: ProgressEvent) -> None:
+        if event.phase is Phase.UPLOAD and event.bytes_done > 0:
+            cancel.set()
+
+    manifest = discover(session_dir.root)
+    target = RestTarget(
+        project=P, subject=S, session=E, num_batches=BATCHES, upload_workers=2, archive_workers=1
+    )
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD, pool_size=2) as client:
+        uploader = RestUploader(
+            client, target, progress_callback=cancel_on_first_bytes, cancel=cancel
+        )
+        result = uploader.upload(manifest, four_batches(manifest))
+        # Outcomes are collected under the coordinator: no worker outlives the call.
+        assert [t.name for t in threading.enumerate() if t.name.startswith("xnatio-rest")] == []
+    assert uploader.coordinator.cancelled
+    assert not result.success
+    assert len(result.files) == len(manifest.files)  # every file accounted for
+    assert xnat_server.archived_files(P, S, E) == {}  # nothing committed
+
+
+def test_a_fatal_error_in_a_task_cancels_the_others_and_is_raised() -> None:
+    coordinator = Coordinator()
+    stopped: list[str] = []
+    coordinator.add_stopper(lambda: stopped.append("body"))
+    ran: list[int] = []
+
+    def task(n: int) -> None:
+        try:
+            if coordinator.cancelled:
+                return
+            ran.append(n)
+            if n == 1:
+                raise KeyboardInterrupt  # a BaseException no task handles
+        except BaseException as exc:
+            coordinator.cancel(exc)
+            raise
+
+    with BoundedExecutor(2, lambda _workers: SerialExecutor()) as pool:
+        for n in range(4):
+            if coordinator.cancelled:
+                break
+            pool.submit(task, n)
+    assert ran == [0, 1]
+    assert stopped == ["body"]
+    assert isinstance(coordinator.exception, KeyboardInterrupt)
+
+
+def test_a_coordinator_shares_the_callers_cancel_event() -> None:
+    event = threading.Event()
+    coordinator = Coordinator(event)
+    event.set()
+    assert coordinator.cancelled
+    late: list[str] = []
+    coordinator.add_stopper(lambda: late.append("stopped at once"))
+    assert late == ["stopped at once"]
+
+
+@pytest.mark.integration
+def test_the_library_leaves_the_sigterm_handler_as_it_found_it(
+    xnat_server: SandboxServer, session_dir: SyntheticSession, tmp_path: Path
+) -> None:
+    """SIGTERM -> interrupt is the CLI's choice (xnatio.cli.options.sigterm_as_interrupt); the
+    library never swaps a process-wide handler, not even while it sends."""
+
+    def ours(signum: int, frame: object) -> None:  # never called: identity is what is checked
+        raise AssertionError("not expected to run")
+
+    seen: set[object] = set()
+
+    def watch(event: ProgressEvent) -> None:
+        seen.add(signal.getsignal(signal.SIGTERM))
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        target = RestTarget(project=P, subject=S, session=E, num_batches=BATCHES)
+        with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:
+            result = resumable_rest_upload(
+                client,
+                discover(session_dir.root),
+                target,
+                options=ResumeOptions(journal=tmp_path / "journal"),
+                plan=four_batches,
+                progress_callback=watch,
+                executor=lambda _workers: SerialExecutor(),
+            )
+        assert result.success, result.errors
+        assert seen == {ours}  # while sending, too
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_cli_turns_sigterm_into_an_interrupt_and_puts_the_handler_back() -> None:
+    from xnatio.cli.options import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
