@@ -23,6 +23,7 @@ from xnatio.journal import (
     RunLock,
     Target,
     default_journal_path,
+    default_lock_dir,
     manifest_fingerprint,
     strip_credentials,
 )
@@ -226,36 +227,77 @@ def test_journal_file_is_private(tmp_path: Path) -> None:
 # -- the lock ------------------------------------------------------------------------------------
 
 
-def test_second_run_on_same_target_refuses(tmp_path: Path) -> None:
-    journal = tmp_path / "j.sqlite"
-    first = RunLock(journal, TARGET)
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("http://localhost:8080", "http://127.0.0.1:8080/"),
+        ("http://127.0.0.1:8080", "http://[::1]:8080"),
+        ("https://XNAT.example.org/xnat/", "https://user:pw@xnat.example.org:443/xnat"),
+        ("http://h.example.org:80", "http://h.example.org"),
+    ],
+)
+def test_the_lock_is_keyed_on_the_server_not_the_url_spelling(a: str, b: str) -> None:
+    assert Target.rest(a, "P", "S", "E").lock_key() == Target.rest(b, "P", "s", "E").lock_key()
+    # Another server (port, context path), project or session is another lock.
+    key = Target.rest(a, "P", "S", "E").lock_key()
+    assert Target.rest(a, "P", "S", "E2").lock_key() != key
+    assert Target.rest(a.rstrip("/") + "/other", "P", "S", "E").lock_key() != key
+    assert "pw" not in Target.rest(b, "P", "S", "E").lock_key()
+
+
+def test_two_journal_folders_and_two_spellings_share_one_lock(tmp_path: Path) -> None:
+    """Issue 13 item 15: `localhost` vs `127.0.0.1`, each run with its own --journal, used to
+    upload the same session at once; the locks now live in one folder per user."""
+    with Journal(tmp_path / "a" / "j.sqlite") as a, Journal(tmp_path / "b" / "j.sqlite") as b:
+        first = a.lock(Target.rest("http://localhost:8080", "P", "S", "E"))
+        first.acquire()
+        try:
+            with pytest.raises(LockedError):
+                b.lock(Target.rest("http://127.0.0.1:8080/", "P", "S", "E")).acquire()
+        finally:
+            first.release()
+    assert first.path.parent == default_lock_dir()
+
+
+def test_lock_folder_that_cannot_be_made_is_one_configuration_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XNATIO_LOCK_DIR", str(blocker / "locks"))
+    with pytest.raises(ConfigError, match=r"cannot create the run lock .*XNATIO_LOCK_DIR") as err:
+        RunLock(TARGET).acquire()
+    assert err.value.exit_code == 2
+
+
+def test_second_run_on_same_target_refuses() -> None:
+    first = RunLock(TARGET)
     first.acquire()
     try:
         with pytest.raises(LockedError) as err:
-            RunLock(journal, TARGET).acquire()
+            RunLock(TARGET).acquire()
         msg = str(err.value)
         assert f"pid {os.getpid()}" in msg and "--wait" in msg and "P/S/E" in msg
         assert err.value.exit_code == 2
         # Another target is not blocked.
-        other = RunLock(journal, Target.rest("https://xnat.example.org", "P", "S", "E2"))
+        other = RunLock(Target.rest("https://xnat.example.org", "P", "S", "E2"))
         other.acquire()
         other.release()
     finally:
         first.release()
-    again = RunLock(journal, TARGET)
+    again = RunLock(TARGET)
     again.acquire()
     again.release()
 
 
-def test_wait_blocks_until_the_holder_finishes(tmp_path: Path) -> None:
-    journal = tmp_path / "j.sqlite"
-    first = RunLock(journal, TARGET)
+def test_wait_blocks_until_the_holder_finishes() -> None:
+    first = RunLock(TARGET)
     first.acquire()
     order: list[str] = []
     waited = threading.Event()
 
     def second() -> None:
-        lock = RunLock(journal, TARGET)
+        lock = RunLock(TARGET)
         lock.acquire(wait=True, on_wait=lambda _msg: waited.set())
         order.append("second acquired")
         lock.release()
@@ -276,7 +318,7 @@ _HOLDER = textwrap.dedent(
     from xnatio.journal import RunLock, Target, Journal
     from xnatio.models import Manifest
     t = Target.rest("https://xnat.example.org", "P", "S", "E")
-    lock = RunLock(Path(sys.argv[1]), t)
+    lock = RunLock(t)
     lock.acquire()
     j = Journal(Path(sys.argv[1]))
     print("locked", flush=True)
@@ -294,10 +336,10 @@ def test_lock_of_a_killed_run_is_released(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         with pytest.raises(LockedError):
-            RunLock(journal, TARGET).acquire()
+            RunLock(TARGET).acquire()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        lock = RunLock(journal, TARGET)
+        lock = RunLock(TARGET)
         lock.acquire()  # no stale lock after kill -9
         lock.release()
     finally:
@@ -411,3 +453,23 @@ def test_a_file_renamed_since_it_was_sent_is_the_same_instance(tmp_path: Path) -
         assert todo == [] and len(done) == len(m.files)
         run.forget([m2.files[0]])
         assert run.split()[1] == [m2.files[0]]
+
+
+def test_a_file_whose_server_copy_differs_is_remembered_until_verified(tmp_path: Path) -> None:
+    """Issue 13 item 2: a file the read-back found different on the server is not forgotten
+    (else the next run finds it "on the server" by name and never replaces it): it is to send
+    again, as changed (replacing the server's copy), until a read-back verifies the session."""
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.record_confirmed(m.files)
+        run.mark_different([m.files[2]])
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        done, todo = run.split()
+        assert todo == [m.files[2]] and len(done) == len(m.files) - 1
+        assert run.changed_since_sent(m.files) == [m.files[2]]
+        run.record_confirmed([m.files[2]])  # sent again: still to check until verified
+        assert run.changed_since_sent(m.files) == [m.files[2]]
+        run.record_verified()
+        assert run.split()[1] == [] and run.changed_since_sent(m.files) == []

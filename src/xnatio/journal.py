@@ -24,8 +24,19 @@ Housekeeping: uploads that were verified and not touched for 90 days are dropped
 is opened. A journal that cannot be opened (unwritable folder, not a database) is a one-line
 configuration error (exit 2), never a traceback.
 
-The lock: ``fcntl.flock`` on ``locks/<target hash>.lock`` next to the journal. The kernel drops it
-when the holder dies (even by ``kill -9``), so a stale lock cannot block the next cron run.
+The lock: ``fcntl.flock`` on ``<state dir>/xnatio/locks/<hash>.lock``, one folder per user
+whatever ``--journal`` says (``$XNATIO_LOCK_DIR`` moves it), keyed on what names the session on
+the server (:meth:`Target.lock_key`): the canonical server (scheme, host resolved, so
+``localhost``/``127.0.0.1``/``::1`` are one; the port, default ports filled in; the context path),
+project, subject and session, the labels case-folded (XNAT matches subject labels
+case-insensitively, facts 3.5). Two runs of one session therefore exclude each other whatever URL
+spelling or journal file they use. The kernel drops the lock when the holder dies (even by
+``kill -9``), so a stale lock cannot block the next cron run.
+
+A file whose copy on the server was found to differ from it (the server stores our bytes, and this
+one differs: changed in place, or damaged there) is remembered in ``replace``: the next run sends
+it again replacing the server's copy (``overwrite=delete``, facts 1.5) instead of finding it "on
+the server" by name and never sending it. It is forgotten once a read-back verifies the session.
 """
 
 from __future__ import annotations
@@ -33,9 +44,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import itertools
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -76,7 +89,14 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (run_id, relpath)
 );
 CREATE INDEX IF NOT EXISTS files_by_instance ON files (run_id, sop_uid);
+CREATE TABLE IF NOT EXISTS replace (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    sop_uid TEXT NOT NULL,
+    PRIMARY KEY (run_id, sop_uid)
+);
 """
+LOCK_DIR_ENV = "XNATIO_LOCK_DIR"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class LockedError(UsageError):
@@ -91,10 +111,59 @@ def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(state) / "xnatio" / "journal.sqlite"
 
 
+def default_lock_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XNATIO_LOCK_DIR``, else ``locks`` in the per-user state folder (not next to the
+    journal: two runs with different ``--journal`` files must still see each other's lock)."""
+    env = os.environ if environ is None else environ
+    if env.get(LOCK_DIR_ENV):
+        return Path(env[LOCK_DIR_ENV]).expanduser()
+    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/state")
+    return Path(state) / "xnatio" / "locks"
+
+
+def canonical_host(host: str) -> str:
+    """One name per machine: loopback names and addresses -> ``loopback``; a name -> the lowest
+    address it resolves to (so a DNS name and its address are one host); else the name."""
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "loopback"
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return "loopback"
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return host  # not resolvable now: the name itself is the best key there is
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if not addresses:
+        return host
+    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return "loopback"
+    return addresses[0]
+
+
+def canonical_server(url: str) -> str:
+    """``https://user:pw@XNAT.example.org/xnat/`` -> ``https://<address>:443/xnat``: the server
+    a URL reaches, whatever its spelling (see :func:`canonical_host`); never holds a secret."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    except ValueError:
+        port = 0
+    path = "/".join(p for p in parts.path.split("/") if p)
+    return f"{scheme}://{canonical_host(parts.hostname or '')}:{port}/{path}".rstrip("/")
+
+
 def strip_credentials(url: str) -> str:
     """``https://user:pw@Host:443/xnat/?q`` -> ``https://host:443/xnat``: a key, never a secret."""
     parts = urlsplit(url.strip())
     host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address keeps its brackets, or the port would merge into it
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
@@ -133,6 +202,20 @@ class Target:
     def describe(self) -> str:
         return f"{self.project}/{self.subject}/{self.session} on {self.server}"
 
+    def lock_key(self) -> str:
+        """What names this session on the server, for the run lock: the canonical server (REST:
+        :func:`canonical_server`; C-STORE: the receiver's canonical host, port and called AE
+        title) and the labels, case-folded (XNAT matches subject labels case-insensitively,
+        facts 3.5; over-locking two spellings is harmless, uploading one session twice at once
+        is not)."""
+        if self.transport == "rest":
+            server = canonical_server(self.server)
+        else:
+            parts = urlsplit(self.server)
+            server = f"dicom://{canonical_host(parts.hostname or '')}:{parts.port}{parts.path}"
+        labels = [x.casefold() for x in (self.project, self.subject, self.session)]
+        return json.dumps([server, *labels], separators=(",", ":"))
+
 
 def relative_name(f: DicomFile, root: Path) -> str:
     """The file's stable name under the source root (the member name inside an archive)."""
@@ -152,16 +235,26 @@ def manifest_fingerprint(manifest: Manifest) -> str:
 
 
 class RunLock:
-    """Exclusive per-target lock: a second run refuses (``LockedError``) or waits (``wait``)."""
+    """Exclusive per-session lock: a second run refuses (``LockedError``) or waits (``wait``).
 
-    def __init__(self, journal_path: Path, target: Target) -> None:
-        self.path = journal_path.parent / "locks" / f"{target.digest()}.lock"
+    Keyed on :meth:`Target.lock_key` in one folder per user (:func:`default_lock_dir`, or
+    ``directory``), whatever journal file each run uses."""
+
+    def __init__(self, target: Target, directory: Path | None = None) -> None:
+        key = hashlib.sha256(target.lock_key().encode()).hexdigest()[:24]
+        self.path = (directory or default_lock_dir()) / f"{key}.lock"
         self.target = target
         self._fd: int | None = None
 
     def acquire(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run lock {self.path} ({exc.strerror or exc}); make its "
+                f"folder writable or choose another with {LOCK_DIR_ENV}"
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -254,6 +347,7 @@ class Journal:
             ]
             for run_id in old:
                 db.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM replace WHERE run_id = ?", (run_id,))
                 db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def _write(self) -> _Txn:
@@ -280,7 +374,7 @@ class Journal:
         self.close()
 
     def lock(self, target: Target) -> RunLock:
-        return RunLock(self.path, target)
+        return RunLock(target)
 
     def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
         """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""
@@ -294,6 +388,7 @@ class Journal:
             ).fetchone()
             if row is not None and restart:
                 db.execute("DELETE FROM files WHERE run_id = ?", (row[0],))
+                db.execute("DELETE FROM replace WHERE run_id = ?", (row[0],))
                 db.execute("DELETE FROM runs WHERE id = ?", (row[0],))
                 row = None
             if row is None:
@@ -375,11 +470,14 @@ class JournalRun:
         and size (its identity; a rename does not send it twice)."""
         rows = self._confirmed_rows()
         by_uid = _by_instance(rows)
+        stale = self._to_replace()
         done: list[DicomFile] = []
         todo: list[DicomFile] = []
         for f in self.manifest.files if files is None else files:
             row = rows.get(relative_name(f, self._root))
-            if row == (f.size, f.mtime_ns, f.sop_instance_uid):
+            if f.sop_instance_uid in stale:
+                todo.append(f)  # the server's copy differs: sent again, replacing it
+            elif row == (f.size, f.mtime_ns, f.sop_instance_uid):
                 done.append(f)
             elif row is None and by_uid.get(f.sop_instance_uid) == f.size:
                 done.append(f)  # renamed or moved since the earlier run sent it
@@ -388,14 +486,35 @@ class JournalRun:
         return done, todo
 
     def changed_since_sent(self, files: Sequence[DicomFile]) -> list[DicomFile]:
-        """Files an earlier run sent (by name) whose size, mtime or SOP Instance UID differ now."""
+        """Files an earlier run sent (by name) whose size, mtime or SOP Instance UID differ now,
+        and files whose copy on the server was found to differ (:meth:`mark_different`)."""
         rows = self._confirmed_rows()
+        stale = self._to_replace()
         out = []
         for f in files:
             row = rows.get(relative_name(f, self._root))
-            if row is not None and row != (f.size, f.mtime_ns, f.sop_instance_uid):
+            if f.sop_instance_uid in stale or (
+                row is not None and row != (f.size, f.mtime_ns, f.sop_instance_uid)
+            ):
                 out.append(f)
         return out
+
+    def _to_replace(self) -> set[str]:
+        with self.journal._lock:
+            if self.journal.closed:
+                return set()
+            rows = self.journal._db.execute(
+                "SELECT sop_uid FROM replace WHERE run_id = ?", (self.run_id,)
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def mark_different(self, files: Iterable[DicomFile]) -> None:
+        """The server's copy of these differs from the local file: the next run sends them
+        again replacing it, rather than finding them on the server by name (and the journal
+        does not forget that they changed)."""
+        uids = [(self.run_id, f.sop_instance_uid) for f in files]
+        with self.journal._write() as db:
+            db.executemany("INSERT OR IGNORE INTO replace (run_id, sop_uid) VALUES (?, ?)", uids)
 
     def record_confirmed(self, files: Iterable[DicomFile], *, batch: int | None = None) -> int:
         """One transaction per call; marks the session uncommitted (new files need a commit).
@@ -505,10 +624,12 @@ class JournalRun:
             )
 
     def record_verified(self) -> None:
+        """The read-back found every file, the same: nothing is left to replace either."""
         with self.journal._write() as db:
             db.execute(
                 "UPDATE runs SET verified = 1, updated = ? WHERE id = ?", (time.time(), self.run_id)
             )
+            db.execute("DELETE FROM replace WHERE run_id = ?", (self.run_id,))
 
     def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
         return [

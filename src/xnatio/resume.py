@@ -119,7 +119,7 @@ def resumable_upload(
                 read_back,
                 say,
                 committed=committed,
-                heal=lambda lost: _heal(run, manifest, lost, transport),
+                heal=lambda lost, overwrite: _heal(run, manifest, lost, transport, overwrite),
             )
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
@@ -133,11 +133,17 @@ def resumable_upload(
 
 
 def _heal(
-    run: JournalRun, manifest: Manifest, lost: list[DicomFile], transport: Transport
+    run: JournalRun,
+    manifest: Manifest,
+    lost: list[DicomFile],
+    transport: Transport,
+    overwrite: str = "append",
 ) -> tuple[UploadResult, bool]:
-    """Send ``lost`` again, once, into the (existing) session; also says if it committed."""
+    """Send ``lost`` again, once, into the (existing) session; also says if it committed.
+    ``overwrite="delete"`` where the server holds another copy that must be replaced (facts
+    1.5: the archive step then overwrites clashing files instead of refusing them)."""
     part = Manifest(root=manifest.root, files=lost, source_archive=manifest.source_archive)
-    result = transport.send(part, run, "append")
+    result = transport.send(part, run, overwrite)
     run.record_outcomes(result.files)
     committed = _committed(result, transport)
     if committed:
@@ -170,7 +176,9 @@ def _send_rest_of(
             ref = transport.commit(SessionRef.parse(run.session_uri))
         except ServerError as exc:
             if exc.status != 404:
-                raise
+                # Not a traceback nor a bare message: the files stay sent-not-committed, the
+                # run fails with one line saying what to do (exit 1, a --report is written).
+                return _commit_failed(run, manifest, done, already, exc, started), False
             # The prearchive session the earlier run filled is gone (deleted by someone, or
             # archived elsewhere): what the journal remembers is stale, so send it all again.
             say("the earlier run's prearchive session is gone; sending every file again")
@@ -218,6 +226,42 @@ def _send_rest_of(
     result.total_files = len(manifest.files)
     result.total_size_mb = manifest.total_bytes / 1e6
     return result, committed
+
+
+def commit_failure_line(exc: ServerError) -> str:
+    """One line for a commit the server refused, naming what to change where a rerun alone
+    cannot help: XNAT refuses a merge with a 409 whatever the number of tries (facts 1.5)."""
+    why = exc.message.strip().rstrip(".") or f"HTTP {exc.status}"
+    if exc.status == 409:
+        return (
+            f"the commit was refused: {why} (XNAT refuses to merge these files into the existing "
+            "session, facts 1.5); run the same command with --overwrite delete to replace the "
+            "server's copies, or upload under another session label"
+        )
+    return f"the commit failed: {why}"
+
+
+def _commit_failed(
+    run: JournalRun,
+    manifest: Manifest,
+    done: list[DicomFile],
+    already: list[FileOutcome],
+    exc: ServerError,
+    started: float,
+) -> UploadResult:
+    """The result of a commit-only run whose commit failed: every file sent, none archived."""
+    result = UploadResult(
+        success=False,
+        total_files=len(manifest.files),
+        duration=0.0,
+        total_size_mb=manifest.total_bytes / 1e6,
+    )
+    result.session_uri = run.session_uri
+    result.files.extend(already)
+    result.files.extend(run.earlier_outcomes(done))
+    result.errors.append(commit_failure_line(exc))
+    result.duration = time.monotonic() - started
+    return result
 
 
 def _not_on_server(
@@ -276,22 +320,28 @@ def _finish(
     say: Callable[[str], None],
     *,
     committed: bool,
-    heal: Callable[[list[DicomFile]], tuple[UploadResult, bool]] | None = None,
+    heal: Callable[[list[DicomFile], str], tuple[UploadResult, bool]] | None = None,
 ) -> UploadResult:
     """Read back (if asked and the session was committed) and settle every file's outcome.
 
-    ``heal``, when given, is tried once with the files read-back did not find at all: it sends
-    them again and returns the outcomes of that pass and whether it committed; then the session
-    is read back again (if it did not commit, that pass's failures stand). Files on the server
-    with different bytes are not re-sent (an anonymization script on the server would make
-    that loop); they are reported.
+    ``heal``, when given, is tried once with the files read-back did not find at all (sent
+    again with ``append``) and with those whose copy on the server differs although the server
+    stores our bytes (sent again with ``delete``, replacing the copy, facts 1.5): it returns
+    the outcomes of that pass and whether it committed; then the session is read back again (if
+    it did not commit, that pass's failures stand). Files are re-sent at most once per run: a
+    difference that stays is reported, with what to check, and remembered in the journal (the
+    next run replaces it again rather than finding it "on the server" by name). Where the
+    server rewrote every file (facts 1.7) bytes are not compared, so nothing loops.
     """
     sent = [o for o in result.files if o.outcome is Outcome.UPLOADED]
     if not committed and sent:
-        result.errors.append(
-            "the session was not committed, so its files are not archived yet; "
-            "run the same command again to retry the commit"
-        )
+        if not any(
+            e.startswith(("the commit failed", "the commit was refused")) for e in result.errors
+        ):
+            result.errors.append(
+                "the session was not committed, so its files are not archived yet; "
+                "run the same command again to retry the commit"
+            )
     elif result.pending:
         # Direct-Archive: XNAT archives after its idle interval (facts 1.6); nothing to read yet.
         result.success = False
@@ -315,19 +365,42 @@ def _finish(
         lost = [f for f in report.missing if file_path(f) in uploaded]
         # Not for Direct-Archive: a re-send into an existing archive folder would fall back to
         # the prearchive (section 1), a second copy rather than a repair.
-        if heal is not None and lost and not _is_direct_archive(result.session_uri):
-            say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
-            again, healed = heal(lost)
-            _merge(result, again)
+        differ = [f for s in report.series for f in s.different if file_path(f) in uploaded]
+        if heal is not None and (lost or differ) and not _is_direct_archive(result.session_uri):
+            healed = False
+            if lost:
+                say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
+                again, healed = heal(lost, "append")
+                _merge(result, again)
+            if differ:
+                if run is not None:
+                    run.mark_different(differ)  # remembered even if this run is killed now
+                say(
+                    f"the server's copy of {len(differ)} file(s) differs from the local file "
+                    "(changed since it was sent?); sending them again, replacing it "
+                    "(overwrite=delete)"
+                )
+                again, replaced = heal(differ, "delete")
+                _merge(result, again)
+                healed = healed or replaced
             if healed:
                 return _finish(result, manifest, run, read_back, say, committed=True)
         apply_verification(result, report)
         if run is not None:
-            missing = [f for f, _ in report.problems]
-            if missing:
-                run.forget(missing)
+            different = [f for s in report.series for f in s.different]
+            others = [f for f, _ in report.problems if f not in set(different)]
+            if different:
+                run.mark_different(different)
                 result.errors.append(
-                    f"the next run of the same command sends these {len(missing)} file(s) again"
+                    f"the server's copy of {len(different)} file(s) still differs from the local "
+                    "file after they were sent again: check the server's copies (a project "
+                    "anonymization script or a storage fault there); a rerun sends them again "
+                    "with --overwrite delete semantics"
+                )
+            if others:
+                run.forget(others)
+                result.errors.append(
+                    f"the next run of the same command sends these {len(others)} file(s) again"
                 )
             if report.ok and not result.failed:
                 run.record_verified()
@@ -370,8 +443,9 @@ def apply_verification(result: UploadResult, report: VerifyReport) -> None:
     result.verified = report.ok
     if report.warning and report.warning not in result.warnings:
         result.warnings.append(report.warning)
-    if report.rewritten_note and report.rewritten_note not in result.notes:
-        result.notes.append(report.rewritten_note)
+    for note in (report.extra_note, report.rewritten_note):
+        if note and note not in result.notes:
+            result.notes.append(note)
     if not report.ok:
         problems = report.problems
         result.errors.append(

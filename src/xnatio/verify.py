@@ -148,6 +148,8 @@ class VerifyReport:
     byte_identical: bool | None = None
     # The experiment's StudyInstanceUID when it is not the local one (rule 4), else "".
     other_study: str = ""
+    # Files in scans no local series landed in (all of them match no local file).
+    unmatched_files: int = 0
 
     @property
     def ok(self) -> bool:
@@ -177,6 +179,30 @@ class VerifyReport:
         return (
             f"warning: {n} file{'' if n == 1 else 's'} verified by instance count per series "
             "only: the server holds them under file names xio did not give"
+        )
+
+    @property
+    def extra(self) -> int:
+        """Server files of the session that match no local file (extras in the scans local
+        series landed in, and every file of the other scans)."""
+        return sum(len(s.extra) for s in self.series) + self.unmatched_files
+
+    @property
+    def extra_note(self) -> str:
+        """One line when the session holds files that match no local file: not a failure (the
+        session may hold other data), but never hidden behind "holds all" (issue 13: a second
+        copy of instances sent under other names shows here)."""
+        n = self.extra
+        if not n or not self.found or self.other_study:
+            return ""
+        scans = sorted(
+            {s.scan_id for s in self.series if s.extra} | set(self.unmatched_scans),
+            key=lambda x: (len(x), x),
+        )
+        return (
+            f"the session also holds {n} file{'' if n == 1 else 's'} that match no local file "
+            f"(scan{'' if len(scans) == 1 else 's'} {', '.join(scans)}): sent by another tool or "
+            "under other names; xio never deletes them"
         )
 
     @property
@@ -269,7 +295,7 @@ class VerifyReport:
             "other_study": self.other_study or None,
             "byte_identical": self.byte_identical,
             "warnings": [self.warning] if self.warning else [],
-            "notes": [self.rewritten_note] if self.rewritten_note else [],
+            "notes": [n for n in (self.extra_note, self.rewritten_note) if n],
             "series": [
                 {
                     "series_uid": s.series_uid,
@@ -291,6 +317,7 @@ class VerifyReport:
                 for s in self.series
             ],
             "unmatched_scans": self.unmatched_scans,
+            "extra": self.extra,
             "unreadable": [{"path": str(f.path), "reason": r} for f, r in self.unreadable],
         }
 
@@ -665,6 +692,8 @@ def verify_session(
     report.series, report.unmatched_scans, report.unreadable, report.byte_identical = _compare(
         local, server.scans, threads=threads, progress=progress
     )
+    unmatched = set(report.unmatched_scans)
+    report.unmatched_files = sum(len(s.files) for s in server.scans if s.id in unmatched)
     return report
 
 
