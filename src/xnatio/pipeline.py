@@ -395,7 +395,7 @@ def resumable_rest_upload(
     the prearchive when the label's folder exists (facts 1.6), and only a commit merges.
     """
     from xnatio.transports.rest import session_labels
-    from xnatio.transports.rest_transport import RestTransport
+    from xnatio.transports.rest.transport import RestTransport
 
     if not target.study_labels:
         # Labels from the whole manifest, so each study keeps its label whatever part is sent.
@@ -472,7 +472,7 @@ class DicomStoreTransport:
         self, part: Manifest, confirmations: Confirmations, overwrite: str | None
     ) -> UploadResult:
         from xnatio.transports.dicom_store import send_dicom_store
-        from xnatio.transports.rest_transport import _both
+        from xnatio.transports.rest.transport import _both
 
         return send_dicom_store(
             part.root,

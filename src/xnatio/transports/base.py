@@ -2,7 +2,7 @@
 
 Resume (the journal and the lock, :mod:`xnatio.resume`), verification and reporting call only
 this protocol; they know nothing of REST, the prearchive or DICOM networking. REST implements it
-in :class:`xnatio.transports.rest.RestTransport`; C-STORE through a thin adapter in
+in :class:`xnatio.transports.rest.transport.RestTransport`; C-STORE through a thin adapter in
 :mod:`xnatio.pipeline` (its engine is being reshaped on another branch).
 """
 

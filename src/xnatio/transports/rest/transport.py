@@ -1,6 +1,6 @@
 """REST as a :class:`~xnatio.transports.base.Transport`: what resume needs, and nothing more.
 
-The engine is :class:`xnatio.transports.rest.RestUploader` (one request per batch, commit);
+The engine is :class:`xnatio.transports.rest.uploader.RestUploader` (one request per batch, commit);
 this adds what a resumed run needs of the server: what the session already holds (facts 1.5),
 which prearchive sessions still wait for a commit (facts 3.1), and the read-back (facts 4).
 It was the REST half of ``xnatio.resume``; resume now calls only the protocol.
@@ -28,7 +28,8 @@ from xnatio.models import (
 )
 from xnatio.retry import RetryPolicy
 from xnatio.transports.base import Confirmations
-from xnatio.transports.rest import RestTarget, RestUploader
+from xnatio.transports.rest.target import RestTarget
+from xnatio.transports.rest.uploader import RestUploader
 from xnatio.verify import VerifyReport, already_on_server, read_server_session, verify_session
 from xnatio.xnat.client import XnatClient, quote
 
