@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sqlite3
+import tarfile
 import time
 import warnings
 import zipfile
@@ -377,18 +378,102 @@ def test_verify_names_extra_files_instead_of_holds_all(world: World) -> None:
     assert as_json["extra"] == extra
 
 
-@pytest.mark.xfail(strict=True, reason="duplicate member names: fixed in the next commit")
-def test_a_zip_with_two_entries_of_one_name(world: World) -> None:
-    """Item 4: a zip holding two entries of the same name (different instances)."""
+def _pack(kind: str, dest: Path, entries: list[tuple[str, Path]]) -> Path:
+    """An archive PATH written as a careless tool would: names taken as given."""
+    if kind == "zip":
+        with warnings.catch_warnings(), zipfile.ZipFile(dest, "w") as zf:
+            warnings.simplefilter("ignore")  # zipfile warns of a duplicate name it writes
+            for name, src in entries:
+                zf.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), src.read_bytes())
+    else:
+        with tarfile.open(dest, "w") as tf:
+            for name, src in entries:
+                info = tarfile.TarInfo(name)
+                info.size = src.stat().st_size
+                with src.open("rb") as fh:
+                    tf.addfile(info, fh)
+    return dest
+
+
+ARCHIVE_NAMES = {
+    # Item 4: two entries of one name (different instances).
+    "two entries of one name": lambda i, p: "same.dcm" if i < 2 else f"x/{p.name}",
+    # Item 13: names that climb out of an extraction folder, or are absolute.
+    "unsafe names": lambda i, p: f"../../{p.name}" if i % 2 else f"/abs/{p.name}",
+}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+@pytest.mark.parametrize("names", list(ARCHIVE_NAMES))
+def test_an_archive_path_with_odd_member_names(world: World, kind: str, names: str) -> None:
+    """Items 4 and 13: every instance stored once, verified, and the rerun sends nothing;
+    members are sent re-packed under their instance names (never the names given)."""
     manifest = discover(world.source)
-    archive = world.tmp / "exam.zip"
-    with warnings.catch_warnings(), zipfile.ZipFile(archive, "w") as zf:
-        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
-        for i, f in enumerate(manifest.files):
-            name = "same.dcm" if i < 2 else f"x/{f.path.name}"
-            zf.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), f.path.read_bytes())
+    rename = ARCHIVE_NAMES[names]
+    entries = [(rename(i, f.path), f.path) for i, f in enumerate(manifest.files)]
+    archive = _pack(kind, world.tmp / f"exam.{kind}", entries)
     first = world.upload(source=archive)
+    assert first.code == 0 and first.sent == len(manifest.files), first.text
     second = world.upload(source=archive)
     assert second.code == 0 and second.sent == 0, second.text
-    assert first.code == 0, first.text
-    _each_instance_once(world.server, discover(world.source))
+    _each_instance_once(world.server, manifest)
+    stored = {r.name for r in world.server.archived_files("P", "S", "E").values()}
+    assert not any(".." in n or n.startswith("/") for n in stored)
+
+
+def test_a_resumed_archive_path_sends_only_the_missing_members(world: World) -> None:
+    """Item 13: members an earlier run sent (the journal) or the server holds are not sent
+    again: here the first run saw the archive with 6 of its 10 members (cut short), and 2 more
+    are on the server already (sent by another tool)."""
+    manifest = discover(world.source)
+    entries = [(f"{f.series_number}/{f.path.name}", f.path) for f in manifest.files]
+    archive = world.tmp / "exam.zip"
+    _pack("zip", archive, entries[:6])
+    assert world.upload(source=archive).code == 0
+    import_tar(world.server.url, manifest.files[6:8])
+    _pack("zip", archive, entries)
+    again = world.upload(source=archive)
+    assert again.code == 0 and again.sent == 2, again.text
+    assert "6 of 10 files were confirmed by an earlier run" in again.text
+    _each_instance_once(world.server, manifest)
+
+
+def test_commit_only_rerun_whose_commit_fails_reports(world: World) -> None:
+    """Item 6: one line, a --report written, --json "failed" with exit 1 (not "error")."""
+    commit_fails_twice(world)
+    report = world.tmp / "report.csv"
+    again = world.upload("--json", "--report", str(report))
+    assert again.code == 1, again.text
+    doc = json.loads(again.out)
+    assert doc["status"] == "failed" and doc["exit_code"] == 1
+    assert any(e.startswith("the commit failed") for e in doc["errors"]), doc["errors"]
+    assert report.exists()  # (its mode, 0600, is item 14: engineer errs)
+    assert len(report.read_text().splitlines()) == 1 + len(discover(world.source).files)
+    assert world.upload().code == 0
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_archive_members_go_out_under_safe_unique_names(tmp_path: Path, kind: str) -> None:
+    """Item 13 at the wire: the body xio streams for an archive PATH names each member
+    ``{series}/{SOP Instance UID}.dcm`` (relative, no ``..``, unique), whatever names the
+    archive gave (the local server stores by its own rule, so this is checked on the body)."""
+    import io
+
+    from xnatio.archive import instance_member_names
+    from xnatio.transports.rest.bodies import ArchiveMembers
+
+    exam = tmp_path / "exam"
+    generate_session(exam, series=1, instances=4, image_size=(16, 16), seed=5)
+    files = discover(exam).files
+    names = ["../../a.dcm", "/abs/b.dcm", "same.dcm", "same.dcm"]
+    archive = _pack(
+        kind, tmp_path / f"x.{kind}", list(zip(names, [f.path for f in files], strict=True))
+    )
+    m = discover(archive)
+    assert len(m.files) == 4
+    body = b"".join(ArchiveMembers(archive, m.files, instance_member_names(m.files)))
+    with tarfile.open(fileobj=io.BytesIO(body)) as tf:
+        sent = {i.name: tf.extractfile(i).read() for i in tf}  # type: ignore[union-attr]
+    assert set(sent) == {f"1/{f.sop_instance_uid}.dcm" for f in files}
+    by_uid = {f.sop_instance_uid: f.path.read_bytes() for f in files}
+    assert all(sent[f"1/{uid}.dcm"] == data for uid, data in by_uid.items())  # own bytes each

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import quote
 
-from xnatio.archive import instance_file_name
+from xnatio.archive import EntryNames, instance_file_name, zip_entries
 from xnatio.errors import ServerError
 from xnatio.models import (
     DicomFile,
@@ -445,11 +445,15 @@ def _open_local(path: Path, member: str | None) -> Iterator[IO[bytes]]:
         with open(path, "rb") as fh:
             yield fh
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf, zf.open(member) as fh:
+        with zipfile.ZipFile(path) as zf, zf.open(zip_entries(zf)[member]) as fh:
             yield fh
     else:
         with tarfile.open(path) as tf:
-            extracted = tf.extractfile(member)
+            entry_name = EntryNames()  # the entry of this unique name, not the last of its name
+            info = next((i for i in tf if entry_name(i.name) == member), None)
+            if info is None:
+                raise KeyError(member)
+            extracted = tf.extractfile(info)
             if extracted is None:
                 raise OSError(f"{member} is not a regular file in {path.name}")
             with extracted:
