@@ -251,6 +251,28 @@ def commit_fails_twice(w: World) -> None:
     w.server.set_knobs(fail_next=1, fail_status=400, fault_path="/data/prearchive")
 
 
+def fresh(w: World) -> None:
+    """Nothing sent yet: the fault is on the server during the run (row.knobs)."""
+
+
+def readback_failed_first(w: World) -> None:
+    """Fault: sent and committed, but the read-back failed; the rerun only verifies."""
+    w.server.set_knobs(
+        fail_next=100, fail_status=400, fault_path="/data/projects/P/subjects/S/experiments/E/scans"
+    )
+    first = w.upload()
+    assert first.code == 1 and "could not read the session back" in first.text, first.text
+    w.server.set_knobs(fail_next=0)
+
+
+def another_study(w: World) -> None:
+    """The label holds another study: XNAT never merges it (facts 1.5); refused before sending."""
+    _first_upload(w)
+    other = w.tmp / "other"
+    generate_session(other, series=1, instances=3, image_size=(32, 32), seed=99)
+    w.source = other
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -260,6 +282,7 @@ class Row:
     sent: int | None = 0  # files imported by the rerun (None: not checked)
     says: str = ""  # a line the rerun prints (stdout or stderr)
     then_code: int | None = None  # a third run, the cause gone: must end so
+    knobs: tuple[tuple[str, object], ...] = ()  # server faults during the rerun
 
 
 ROWS = [
@@ -284,6 +307,32 @@ ROWS = [
     Row("disk full", disk_full_first, sent=10, then_code=0),
     Row("commit failed", commit_failed_first, says="committing the session"),
     Row(
+        "HTTP 500 on imports",
+        fresh,
+        sent=10,
+        knobs=(("fail_next", 2), ("fail_status", 500), ("fault_path", "/data/services/import")),
+    ),
+    Row(
+        "HTTP 503 with Retry-After",
+        fresh,
+        sent=10,
+        knobs=(("fail_next", 1), ("fail_status", 503), ("retry_after", 0.1)),
+    ),
+    Row(
+        "connection reset mid-body",
+        fresh,
+        sent=10,
+        knobs=(("reset_next", 1), ("fault_path", "/data/services/import")),
+    ),
+    Row("read-back failed", readback_failed_first, says="verifying 10 files"),
+    Row(
+        "another study under the label",
+        another_study,
+        code=2,
+        says="holds another study",
+        then_code=2,
+    ),
+    Row(
         "commit-only rerun whose commit fails",
         commit_fails_twice,
         code=1,
@@ -304,6 +353,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_state_then_rerun_converges(world: World, row: Row) -> None:
     row.state(world)
+    if row.knobs:
+        world.server.set_knobs(**dict(row.knobs))
     again = world.upload(*row.rerun)
     assert again.code == row.code, again.text
     if row.sent is not None:
@@ -311,6 +362,8 @@ def test_state_then_rerun_converges(world: World, row: Row) -> None:
     assert row.says in again.text
     if row.code == 0:
         _each_instance_once(world.server, discover(world.source))
+    if row.knobs:
+        world.server.set_knobs(fail_next=0, reset_next=0)
     third = world.upload()
     if row.then_code is not None:
         assert third.code == row.then_code, third.text
@@ -477,3 +530,21 @@ def test_archive_members_go_out_under_safe_unique_names(tmp_path: Path, kind: st
     assert set(sent) == {f"1/{f.sop_instance_uid}.dcm" for f in files}
     by_uid = {f.sop_instance_uid: f.path.read_bytes() for f in files}
     assert all(sent[f"1/{uid}.dcm"] == data for uid, data in by_uid.items())  # own bytes each
+
+
+def test_one_session_is_locked_whatever_url_spelling_and_journal(world: World) -> None:
+    """Item 15: a run holding P/S/E on ``localhost`` with its own journal keeps out a run on
+    ``127.0.0.1`` with another journal (exit 2, one line), which then completes once it ends."""
+    from xnatio.journal import Journal, Target
+
+    port = world.server.url.rsplit(":", 1)[1]
+    with Journal(world.tmp / "elsewhere" / "j.sqlite") as j:
+        held = j.lock(Target.rest(f"http://localhost:{port}/", "P", "s", "E"))
+        held.acquire()
+        try:
+            blocked = world.upload()
+        finally:
+            held.release()
+    assert blocked.code == 2 and blocked.sent == 0
+    assert "another xio run" in blocked.err and "--wait" in blocked.err
+    assert world.upload().code == 0
