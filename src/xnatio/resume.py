@@ -17,11 +17,17 @@ Existing sessions converge (REST, facts 1.5): before sending, the session is rea
 machine). XNAT's merge refuses (409) an incoming SOP Instance UID the scan already holds, identical
 bytes included, and leaves a CONFLICT entry in the prearchive; so only what is missing is sent,
 and it merges. Exceptions, sent although there: files the journal saw change since an earlier run
-sent them, and everything with ``--overwrite delete`` (both archived with ``overwrite=delete``).
+sent them, files whose server copy a read-back found different (remembered in the journal until
+verified), and everything with ``--overwrite delete`` (all archived with ``overwrite=delete``).
 A confirmed file that read-back cannot find (lost on the server) is sent again once, in the same
-run, and the session read back again; what is still missing or different then is ``FAILED``
-with the reason, and dropped from the journal so that the next run sends it again. A run exits 0
-only when every DICOM file was confirmed and, unless ``--no-verify``, found on the server.
+run, and so is one whose copy differs where the server stores our bytes (replacing it); then the
+session is read back again. What is still missing then is ``FAILED`` and dropped from the journal
+so that the next run sends it again; what still differs is ``FAILED`` with one line naming what to
+check, and stays marked for replacement. A run exits 0 only when every DICOM file was confirmed
+and, unless ``--no-verify``, found on the server.
+
+A commit-only run whose commit fails is a result like any other (one line, exit 1, the report),
+never a bare exception; a 409 names ``--overwrite delete`` (facts 1.5).
 
 Where the session is not committed (REST commit failed) the run fails without reading back; the
 next run sends nothing and only commits. Where read-back itself fails, the run fails; the next
