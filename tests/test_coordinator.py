@@ -194,3 +194,47 @@ def test_the_cli_turns_sigterm_into_an_interrupt_and_puts_the_handler_back() -> 
         assert signal.getsignal(signal.SIGTERM) is not before
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.integration
+def test_ctrl_c_cuts_a_request_whose_body_is_sent_and_whose_answer_is_awaited(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Once the last byte of a batch is out, its worker waits for XNAT's answer; a Ctrl-C then
+    shuts that connection down (xnatio.xnat.inflight) instead of waiting for the answer or the
+    60 s read timeout. Evidence from the server: it had not answered (no file imported yet)
+    when the upload had already raised, and no worker outlived the call."""
+    from xnatio.resume import UploadInterrupted
+
+    files = 4
+    session = generate_session(tmp_path / "MR", series=1, instances=files, image_size=(16, 16))
+    xnat_server.set_knobs(per_file_ms=2500)  # the answer comes ~10 s after the body
+    main = threading.get_ident()
+    interrupted = threading.Event()
+
+    def ctrl_c_once_the_body_is_sent(event: ProgressEvent) -> None:
+        sent = event.phase is Phase.UPLOAD and 0 < event.bytes_total == event.bytes_done
+        if sent and not interrupted.is_set():
+            interrupted.set()
+            threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT)).start()
+
+    target = RestTarget(
+        project=P, subject=S, session=E, num_batches=1, upload_workers=1, archive_workers=1
+    )
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD, timeout=60) as client:
+        with pytest.raises(UploadInterrupted):
+            resumable_rest_upload(
+                client,
+                discover(session.root),
+                target,
+                options=ResumeOptions(journal=tmp_path / "journal"),
+                progress_callback=ctrl_c_once_the_body_is_sent,
+            )
+        assert interrupted.is_set()
+        assert xnat_server.stats().get("files_imported", 0) == 0  # XNAT had not answered yet
+        workers = [t for t in threading.enumerate() if t.name.startswith("xnatio-rest")]
+        for t in workers:  # its task is over; the thread itself may take a moment to exit
+            t.join(timeout=5)
+        assert not any(t.is_alive() for t in workers)
+    xnat_server.set_knobs(per_file_ms=0)  # let the server finish the cut request quickly
+    assert xnat_server.archived_files(P, S, E) == {}

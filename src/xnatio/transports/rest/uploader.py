@@ -126,8 +126,8 @@ class RestUploader:
                 committed = self._commit(run, progress)
             if committed and not self.cancel.is_set():
                 self._await_direct_archive(run, progress)
-        except BaseException:
-            self.cancel.set()
+        except BaseException as exc:
+            self.coordinator.cancel(exc)
             raise
         return self._result(manifest, batches, run, progress, started, committed)
 
