@@ -18,7 +18,7 @@ from xnatio.coordinator import BoundedExecutor, Coordinator, SerialExecutor
 from xnatio.discover import discover
 from xnatio.models import Manifest, Outcome, Phase, ProgressEvent
 from xnatio.pipeline import resumable_rest_upload
-from xnatio.plan import plan_batches
+from xnatio.plan import RestPlanner, plan_batches
 from xnatio.resume import ResumeOptions
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
@@ -40,6 +40,10 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSession:
 
 def four_batches(manifest: Manifest) -> Any:
     return plan_batches(manifest, BATCHES, single_max_files=4, single_max_bytes=0)
+
+
+# The same four batches through the planner interface (targets carry num_batches=BATCHES).
+FOUR_BATCHES = RestPlanner(single_max_files=4, single_max_bytes=0)
 
 
 class RecordingSerial(SerialExecutor):
@@ -72,7 +76,7 @@ def test_a_rest_upload_replays_serially_with_an_injected_executor(
             discover(session_dir.root),
             target,
             options=ResumeOptions(journal=tmp_path / "journal"),
-            plan=four_batches,
+            planner=FOUR_BATCHES,
             executor=serial,
         )
     assert result.success, result.errors
@@ -175,7 +179,7 @@ def test_the_library_leaves_the_sigterm_handler_as_it_found_it(
                 discover(session_dir.root),
                 target,
                 options=ResumeOptions(journal=tmp_path / "journal"),
-                plan=four_batches,
+                planner=FOUR_BATCHES,
                 progress_callback=watch,
                 executor=lambda _workers: SerialExecutor(),
             )

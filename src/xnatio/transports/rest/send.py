@@ -37,6 +37,7 @@ import requests
 from xnatio.archive import check_sources, instance_member_names, make_archive_stream
 from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
 from xnatio.errors import ServerError
+from xnatio.events import ProgressCounter
 from xnatio.models import Batch, DicomFile, Manifest, file_path
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.rest.answers import (
@@ -51,7 +52,6 @@ from xnatio.transports.rest.bodies import (
     SizedBody,
     StreamBody,
     UploadCancelled,
-    UploadProgress,
 )
 from xnatio.transports.rest.state import OnConfirmed, UploadRun
 from xnatio.transports.rest.target import IMPORT_PATH, RestTarget
@@ -74,7 +74,7 @@ class BatchSender:
         client: XnatClient,
         target: RestTarget,
         run: UploadRun,
-        progress: UploadProgress,
+        progress: ProgressCounter,
         *,
         coordinator: Coordinator,
         retry: RetryPolicy,
