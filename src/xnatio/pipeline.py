@@ -8,6 +8,19 @@
 gets exactly what a shell user gets: the resume journal and its lock, the pre-flight, convergence
 on an existing session, the commit and the read-back.
 
+Where each stage lives (one place each, shared by both transports):
+
+* discover — :mod:`xnatio.discover` (PATH → :class:`~xnatio.models.Manifest`);
+* pre-flight — :mod:`xnatio.preflight`;
+* plan — :mod:`xnatio.plan` (:class:`~xnatio.plan.Planner`; the transport picks the planner,
+  :func:`planner_for`);
+* send and commit — a :class:`~xnatio.transports.base.Transport`: :mod:`xnatio.transports.rest`
+  or :mod:`xnatio.transports.dicom_store`, on the one :mod:`xnatio.coordinator` (bounded pool,
+  one cancel path), counting into the one :class:`~xnatio.events.ProgressCounter`, ending in the
+  one :func:`~xnatio.result.assemble_result`;
+* journal, lock, verify — :mod:`xnatio.resume` around the transport, :mod:`xnatio.journal`,
+  :mod:`xnatio.verify`; rendering — :mod:`xnatio.report`, :mod:`xnatio.progress`.
+
 Every default lives in :mod:`xnatio.defaults`.
 """
 

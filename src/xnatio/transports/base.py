@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from xnatio.models import DicomFile, FileOutcome, Manifest, SessionRef, UploadResult
 
 if TYPE_CHECKING:
+    from xnatio.plan import Planner
     from xnatio.verify import VerifyReport
 
 
@@ -45,11 +46,14 @@ class Transport(Protocol):
     result of :meth:`send` says in ``committed`` whether that commit happened.
     ``can_read_back``: the session can be read back right after the run (REST; not C-STORE,
     whose session XNAT builds only after an idle period, facts 3.2, 6).
+    ``planner``: how :meth:`send` cuts a part into batches (REST requests, C-STORE
+    associations), through the one interface of :mod:`xnatio.plan`.
     """
 
     name: str
     needs_commit: bool
     can_read_back: bool
+    planner: Planner
 
     def send(
         self, part: Manifest, confirmations: Confirmations, overwrite: str | None
