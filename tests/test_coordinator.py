@@ -6,6 +6,7 @@ REST tests run against the sandbox over real HTTP: the executor is injected, not
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -242,3 +243,34 @@ def test_ctrl_c_cuts_a_request_whose_body_is_sent_and_whose_answer_is_awaited(
         assert not any(t.is_alive() for t in workers)
     xnat_server.set_knobs(per_file_ms=0)  # let the server finish the cut request quickly
     assert xnat_server.archived_files(P, S, E) == {}
+
+
+def test_a_cut_wakes_a_reader_and_cuts_a_request_that_starts_after_the_cancel() -> None:
+    """xnatio.xnat.inflight without HTTP: the cut shuts the tracked connection's socket down, so
+    a thread blocked reading it wakes at once; a connection tracked after the cut is cut too."""
+    from urllib3.connection import HTTPConnection
+
+    from xnatio.xnat.inflight import InFlight
+
+    coordinator = Coordinator()
+    ours, theirs = socket.socketpair()
+    late_ours, late_theirs = socket.socketpair()
+    try:
+        conn = HTTPConnection("localhost")
+        conn.sock = ours
+        inflight = InFlight()
+        inflight.track(conn)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ours.recv(1)))
+        coordinator.add_stopper(inflight.cut)
+        reader.start()
+        coordinator.cancel()
+        reader.join(timeout=10)
+        assert not reader.is_alive() and got == [b""]  # woken by the shutdown: end of stream
+        late = HTTPConnection("localhost")
+        late.sock = late_ours
+        inflight.track(late)  # after the cut: cut at once
+        assert late_ours.recv(1) == b""
+    finally:
+        for s in (ours, theirs, late_ours, late_theirs):
+            s.close()
