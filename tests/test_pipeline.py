@@ -14,7 +14,7 @@ from xnatio.cli.upload import upload_dicom
 from xnatio.pipeline import UploadOptions
 from xnatio.retry import RetryPolicy
 from xnatio.settings import Settings
-from xnatio.transports.dicom_store.send import send_dicom_store as transport_send_dicom_store
+from xnatio.transports.dicom_store.send import send_associations
 from xnatio.transports.rest import RestTarget
 from xnatio.uploaders import send_dicom_store, upload_dicom_parallel_rest
 
@@ -29,7 +29,7 @@ def _option_default(name: str) -> object:
 def test_every_layer_takes_its_defaults_from_one_place() -> None:
     rest = inspect.signature(upload_dicom_parallel_rest).parameters
     cstore = inspect.signature(send_dicom_store).parameters
-    store_api = inspect.signature(transport_send_dicom_store).parameters
+    store_api = inspect.signature(send_associations).parameters
     target = {f.name: f.default for f in dataclasses.fields(RestTarget)}
     options = {f.name: f.default for f in dataclasses.fields(UploadOptions)}
     expected = {
@@ -141,3 +141,35 @@ def test_one_of_each_helper() -> None:
     }
     bodies = (SRC / "transports/rest/bodies.py").read_text(encoding="utf-8")
     assert "TarInfo" not in bodies and "tobuf" not in bodies
+
+
+def test_one_planner_one_progress_counter_one_result_assembler() -> None:
+    """Issue 12's "one of each": both transports plan through xnatio.plan.Planner, count through
+    xnatio.events.ProgressCounter and build their result with xnatio.result.assemble_result."""
+    calls: dict[str, set[str]] = {}
+    counted: set[str] = set()
+    planners: set[str] = set()
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                calls.setdefault(node.func.id, set()).add(rel)
+                if node.func.id == "ProgressEvent" and any(
+                    k.arg == "batches_done" for k in node.keywords
+                ):
+                    counted.add(rel)
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(f, ast.FunctionDef) and f.name == "plan" for f in node.body
+            ):
+                planners.add(f"{rel}:{node.name}")
+    assert planners == {
+        "plan.py:Planner",  # the protocol
+        "plan.py:RestPlanner",
+        "transports/dicom_store/plan.py:AssociationPlanner",
+    }
+    assert calls["plan_batches"] == {"plan.py"}  # only behind the planner interface
+    assert calls["plan_associations"] == {"transports/dicom_store/plan.py"}
+    assert counted == {"events.py"}  # the only place that counts batches into events
+    # Built by the assembler alone; resume's "nothing sent" and `xio verify` report aside.
+    assert calls["UploadResult"] == {"result.py", "resume.py", "cli/verify.py"}
+    assert not [rel for rel in calls["UploadResult"] if rel.startswith("transports/")]

@@ -500,6 +500,31 @@ def test_direct_archive_not_archived_within_the_bound_is_pending(
     assert xnat_server.archived_files(P, S, E) == {}
 
 
+def test_the_public_api_takes_an_executor(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    """upload_dicom_parallel_rest(executor=) reaches the batch pool: a serial executor runs every
+    batch in the calling thread."""
+    from concurrent.futures import Executor, Future
+
+    from xnatio.coordinator import SerialExecutor
+
+    ran: list[tuple[str, int]] = []
+
+    class Recording(SerialExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            ran.append(("task", threading.get_ident()))
+            return super().submit(fn, *args, **kwargs)
+
+    def serial(workers: int) -> Executor:
+        ran.append(("workers", workers))
+        return Recording()
+
+    session = small_session(tmp_path)
+    result = upload(xnat_server, session.root, executor=serial, journal=tmp_path / "journal")
+    assert result.success, result.errors
+    assert ran == [("workers", 5), ("task", threading.get_ident())]  # 3 + 2 workers, one batch
+    assert_landed(xnat_server, session.instances)
+
+
 def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
     # No server at all: an HTTP request would fail as unreachable.
     result = upload_dicom_parallel_rest(

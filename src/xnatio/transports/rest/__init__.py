@@ -56,9 +56,8 @@ from xnatio.transports.rest.target import (
     OVERWRITE_MODES,
     RestTarget,
     session_labels,
-    split_by_study,
 )
-from xnatio.transports.rest.uploader import RestUploader, skipped_outcomes
+from xnatio.transports.rest.uploader import RestUploader
 
 __all__ = [
     "ARCHIVE_FORMATS",
@@ -73,6 +72,4 @@ __all__ = [
     "UnassignedError",
     "session_labels",
     "session_uris",
-    "skipped_outcomes",
-    "split_by_study",
 ]

@@ -37,6 +37,7 @@ import requests
 from xnatio.archive import check_sources, instance_member_names, make_archive_stream
 from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
 from xnatio.errors import ServerError
+from xnatio.events import ProgressCounter
 from xnatio.models import Batch, DicomFile, Manifest, file_path
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.rest.answers import (
@@ -51,7 +52,6 @@ from xnatio.transports.rest.bodies import (
     SizedBody,
     StreamBody,
     UploadCancelled,
-    UploadProgress,
 )
 from xnatio.transports.rest.state import OnConfirmed, UploadRun
 from xnatio.transports.rest.target import IMPORT_PATH, RestTarget
@@ -74,7 +74,7 @@ class BatchSender:
         client: XnatClient,
         target: RestTarget,
         run: UploadRun,
-        progress: UploadProgress,
+        progress: ProgressCounter,
         *,
         coordinator: Coordinator,
         retry: RetryPolicy,
@@ -135,15 +135,19 @@ class BatchSender:
                 raise
 
         workers = t.upload_workers + t.archive_workers
-        with BoundedExecutor(workers, self.executor or thread_pool("xnatio-rest")) as pool:
-            try:
-                for batch in batches:
-                    if coordinator.cancelled:
-                        break
-                    pool.submit(task, batch)  # blocks while `workers` batches are in flight
-            except BaseException as exc:
-                coordinator.cancel(exc)
-                raise
+        pool = BoundedExecutor(workers, self.executor or thread_pool("xnatio-rest"))
+        try:
+            for batch in batches:
+                if coordinator.cancelled:
+                    break
+                pool.submit(task, batch)  # blocks while `workers` batches are in flight
+            pool.shutdown()  # waits for the last batches (Ctrl-C here cancels them too)
+        except BaseException as exc:
+            # Cuts every request in flight, even one whose answer is awaited (its connection is
+            # shut down), so the pool ends promptly; then the exception goes on.
+            coordinator.cancel(exc)
+            pool.shutdown(cancel_futures=True)
+            raise
         if coordinator.exception is not None:
             raise coordinator.exception
 
@@ -285,6 +289,8 @@ class BatchSender:
     def _post_import(self, body: StreamBody, content_type: str, label: str) -> requests.Response:
         # Not retried inside the client: a streamed body is rebuilt (and its files re-checked)
         # by the caller for every attempt.
+        # A cancel cuts it at any point: mid-body (the body checks the event) and while XNAT's
+        # answer is awaited (the coordinator shuts the connection down).
         return self.client.request(
             "POST",
             IMPORT_PATH,
@@ -292,6 +298,7 @@ class BatchSender:
             data=body,
             headers={"Content-Type": content_type},
             idempotent_retry=False,
+            cancel=self.coordinator,
         )
 
     def _wait_to_retry(self, err: BaseException, retry_number: int, what: str) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome, file_path
+from xnatio.result import not_sent
 
 OnConfirmed = Callable[[Sequence[FileOutcome]], None]
 
@@ -34,14 +35,7 @@ class UploadRun:
     def of(cls, manifest: Manifest, labels: dict[str, str]) -> UploadRun:
         run = cls(labels=labels)
         for f in manifest.files:
-            run.outcomes[file_path(f)] = FileOutcome(
-                path=file_path(f),
-                outcome=Outcome.FAILED,
-                reason="not sent",
-                sop_instance_uid=f.sop_instance_uid,
-                series_uid=f.series_uid,
-                size=f.size,
-            )
+            run.outcomes[file_path(f)] = not_sent(f)
         return run
 
     def fail(self, files: Iterable[DicomFile], reason: str, batch: int | None = None) -> None:

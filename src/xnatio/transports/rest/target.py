@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from xnatio import defaults
 from xnatio.errors import UsageError
-from xnatio.models import Batch, DicomFile, StudySummary
+from xnatio.models import StudySummary
 from xnatio.xnat.client import quote
 
 IMPORT_PATH = "/data/services/import"
@@ -85,16 +85,3 @@ def session_labels(studies: Sequence[StudySummary], session: str) -> dict[str, s
     """StudyInstanceUID -> archive label: the first study (``Manifest.studies()`` puts the largest
     first, ties in the order found) keeps ``session``, the others get ``session_2``, ``_3``…"""
     return {s.study_uid: session if i == 0 else f"{session}_{i + 1}" for i, s in enumerate(studies)}
-
-
-def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
-    """The batches cut so that each holds one study (renumbered, order kept): XNAT files each
-    StudyInstanceUID into its own prearchive session, and each must go under its own label."""
-    out: list[Batch] = []
-    for batch in batches:
-        groups: dict[str, list[DicomFile]] = {}
-        for f in batch.files:
-            groups.setdefault(f.study_uid, []).append(f)
-        for group in groups.values():
-            out.append(Batch(index=len(out), files=tuple(group)))
-    return out

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from xnatio.coordinator import Coordinator, ExecutorFactory
 from xnatio.errors import AuthError, ServerError, UnreachableError, XnatioError
+from xnatio.events import ProgressCounter
 from xnatio.models import (
     Batch,
     FileOutcome,
@@ -25,15 +26,15 @@ from xnatio.models import (
     SessionKind,
     SessionRef,
     UploadResult,
-    file_path,
 )
+from xnatio.plan import split_by_study
+from xnatio.result import assemble_result
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.rest.answers import reason
-from xnatio.transports.rest.bodies import UploadProgress
 from xnatio.transports.rest.commit import Committer
 from xnatio.transports.rest.send import BatchSender
 from xnatio.transports.rest.state import UploadRun
-from xnatio.transports.rest.target import RestTarget, session_labels, split_by_study
+from xnatio.transports.rest.target import RestTarget, session_labels
 from xnatio.xnat.client import XnatClient
 
 
@@ -94,7 +95,7 @@ class RestUploader:
         run = UploadRun.of(manifest, labels)
         if len(set(labels.values())) > 1:
             batches = split_by_study(batches)
-        progress = UploadProgress(
+        progress = ProgressCounter(
             self.progress_callback,
             files_total=len(manifest.files),
             bytes_total=manifest.total_bytes,
@@ -126,8 +127,8 @@ class RestUploader:
                 committed = self._commit(run, progress)
             if committed and not self.cancel.is_set():
                 self._await_direct_archive(run, progress)
-        except BaseException:
-            self.cancel.set()
+        except BaseException as exc:
+            self.coordinator.cancel(exc)
             raise
         return self._result(manifest, batches, run, progress, started, committed)
 
@@ -161,12 +162,12 @@ class RestUploader:
     def await_direct_archive(self, uri: str, label: str) -> str:
         """Wait up to ``archive_wait`` for the experiment of a Direct-Archive ``uri`` an earlier
         run sent (facts 1.6); its archive URI, or ``uri`` itself when still not archived."""
-        progress = UploadProgress(
+        progress = ProgressCounter(
             self.progress_callback, files_total=0, bytes_total=0, batches_total=0, clock=self.clock
         )
         return self.committer.await_direct_archive(uri, label, progress.phase)
 
-    def _commit(self, run: UploadRun, progress: UploadProgress) -> bool:
+    def _commit(self, run: UploadRun, progress: ProgressCounter) -> bool:
         """Build and archive each session the batches landed in; True when all did."""
         ok = True
         uris = list(dict.fromkeys(run.session_uris))
@@ -186,7 +187,7 @@ class RestUploader:
         run.session_uris[:] = list(dict.fromkeys(run.session_uris))
         return ok
 
-    def _await_direct_archive(self, run: UploadRun, progress: UploadProgress) -> None:
+    def _await_direct_archive(self, run: UploadRun, progress: ProgressCounter) -> None:
         """Wait for the experiments of Direct-Archive URIs, up to ``archive_wait`` (facts 1.6).
 
         URIs still pending at the bound go to ``run.pending`` (sent, not yet archived); a session
@@ -227,14 +228,10 @@ class RestUploader:
         manifest: Manifest,
         batches: list[Batch],
         run: UploadRun,
-        progress: UploadProgress,
+        progress: ProgressCounter,
         started: float,
         committed: bool,
     ) -> UploadResult:
-        files = [run.outcomes[file_path(f)] for f in manifest.files]
-        files += skipped_outcomes(manifest)
-        failed_batches = {o.batch for o in files if o.outcome is Outcome.FAILED}
-        duration = self.clock() - started
         t = self.target
         # The target's own label first, then the suffixed ones in order (SESSION, SESSION_2, …).
         order = list(dict.fromkeys([t.session, *run.labels.values()]))
@@ -246,43 +243,28 @@ class RestUploader:
         # Not committed: the prearchive session waiting for it is named first.
         session_uri = waiting[0] if waiting and not committed else (uris[0] if uris else "")
         ref = SessionRef.parse(session_uri)
-        result = UploadResult(
-            success=committed
-            and bool(run.session_uris)
-            and not run.pending
-            and not any(o.outcome is Outcome.FAILED for o in files),
-            total_files=len(manifest.files),
-            duration=duration,
-            total_size_mb=manifest.total_bytes / 1e6,
-            errors=list(run.errors),
-            files=files,
+        return assemble_result(
+            manifest,
+            run.outcomes,
             transport="rest",
-            upload_id=uuid.uuid4().hex,
+            duration=self.clock() - started,
+            batches_total=len(batches),
+            errors=run.errors,
             project=t.project,
             subject=t.subject,
             session=t.session,
-            studies=manifest.studies(),
-            batches_total=len(batches),
-            batches_failed=len(failed_batches - {None}),
+            landed=committed and bool(run.session_uris),
+            upload_id=uuid.uuid4().hex,
             session_uri=session_uri,
             session_uris=[session_uri, *(u for u in uris if u != session_uri)] if uris else [],
-            pending=list(run.pending),
+            pending=run.pending,
             # What resume reads instead of the URI's text: nothing landed, or it still waits
             # in the prearchive, means the commit is still to do.
             committed=ref is not None and ref.kind is not SessionKind.PREARCHIVE,
+            progress=progress,
         )
-        progress.phase(Phase.DONE, len(result.uploaded), result.total_files, "done")
-        return result
 
 
 def _kind(uri: str) -> SessionKind | None:
     ref = SessionRef.parse(uri)
     return ref.kind if ref is not None else None
-
-
-def skipped_outcomes(manifest: Manifest) -> list[FileOutcome]:
-    """SKIPPED outcomes for what discovery set aside (not DICOM, DICOMDIR, duplicates)."""
-    return [
-        FileOutcome(path=str(s.path), outcome=Outcome.SKIPPED, reason=s.reason, size=s.size)
-        for s in [*manifest.skipped, *manifest.duplicates]
-    ]
