@@ -373,8 +373,10 @@ class Journal:
     ) -> None:
         self.close()
 
-    def lock(self, target: Target) -> RunLock:
-        return RunLock(target)
+    def lock(self, target: Target, directory: Path | None = None) -> RunLock:
+        """The run lock of ``target``: in ``directory``, else the per-user lock folder (never
+        next to this journal: see :class:`RunLock`)."""
+        return RunLock(target, directory)
 
     def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
         """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""

@@ -81,6 +81,8 @@ class UploadInterrupted(XnatioError):
 @dataclass(frozen=True, kw_only=True)
 class ResumeOptions:
     journal: Path | None = None  # None: the default journal (see xnatio.journal)
+    # None: the per-user lock folder (xnatio.journal.default_lock_dir), whatever the journal
+    lock_dir: Path | None = None
     restart: bool = False  # forget what the journal remembers for this target and source
     wait: bool = False  # wait for another run on the same target instead of refusing
     verify: bool = True
@@ -104,7 +106,7 @@ def resumable_upload(
         committed = _committed(result, transport)
         return _finish(result, manifest, None, read_back, say, committed=committed)
     journal = Journal(options.journal)
-    lock = journal.lock(target)
+    lock = journal.lock(target, options.lock_dir)
     try:
         lock.acquire(wait=options.wait, on_wait=say)
         run = journal.open_run(target, manifest, restart=options.restart)
