@@ -265,6 +265,21 @@ def readback_failed_first(w: World) -> None:
     w.server.set_knobs(fail_next=0)
 
 
+READ_REFUSED = (
+    ("fail_next", 1000),
+    ("fail_status", 403),
+    ("fault_path", "/data/projects/P/subjects/S/experiments/E/scans"),
+)
+
+
+def readback_refused(w: World) -> None:
+    """The account may not read the session back (403): sent, committed, not verified."""
+    w.server.set_knobs(**dict(READ_REFUSED))
+    first = w.upload()
+    assert first.code == 1 and "ask for read access" in first.text, first.text
+    assert AGAIN not in first.text
+
+
 def another_study(w: World) -> None:
     """The label holds another study: XNAT never merges it (facts 1.5); refused before sending."""
     _first_upload(w)
@@ -325,6 +340,14 @@ ROWS = [
         knobs=(("reset_next", 1), ("fault_path", "/data/services/import")),
     ),
     Row("read-back failed", readback_failed_first, says="verifying 10 files"),
+    Row(
+        "read-back refused (403), until access is given",
+        readback_refused,
+        code=1,
+        says="ask for read access to the project, or pass --no-verify",
+        then_code=0,
+        knobs=READ_REFUSED,
+    ),
     Row(
         "another study under the label",
         another_study,

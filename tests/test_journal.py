@@ -473,3 +473,12 @@ def test_a_file_whose_server_copy_differs_is_remembered_until_verified(tmp_path:
         assert run.changed_since_sent(m.files) == [m.files[2]]
         run.record_verified()
         assert run.split()[1] == [] and run.changed_since_sent(m.files) == []
+
+
+def test_lock_folder_follows_the_state_folder_not_the_journal(tmp_path: Path) -> None:
+    assert default_lock_dir({"XNATIO_LOCK_DIR": str(tmp_path / "l")}) == tmp_path / "l"
+    assert default_lock_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "xnatio/locks"
+    assert default_lock_dir({"HOME": str(tmp_path)}) == tmp_path / ".local/state/xnatio/locks"
+    # The journal's own variable does not move the locks: two journals, one lock folder.
+    env = {"HOME": str(tmp_path), "XNATIO_JOURNAL": str(tmp_path / "j" / "x.sqlite")}
+    assert default_lock_dir(env) == tmp_path / ".local/state/xnatio/locks"

@@ -117,7 +117,16 @@ def default_lock_dir(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get(LOCK_DIR_ENV):
         return Path(env[LOCK_DIR_ENV]).expanduser()
-    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/state")
+    state = env.get("XDG_STATE_HOME")
+    if not state:
+        try:
+            home = env.get("HOME") or str(Path.home())
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry for this user
+            raise ConfigError(
+                f"no folder for the run locks: HOME is not set and user {os.getuid()} has no "
+                f"home directory; set {LOCK_DIR_ENV}, XDG_STATE_HOME or HOME"
+            ) from None
+        state = str(Path(home) / ".local/state")
     return Path(state) / "xnatio" / "locks"
 
 

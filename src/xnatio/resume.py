@@ -362,9 +362,15 @@ def _finish(
             # The files are confirmed and committed, but nobody has seen them land: not "done".
             # The journal keeps them; the next run sends nothing and verifies again.
             result.verified = False
+            refused = isinstance(exc, ServerError) and exc.status in (401, 403)
             result.errors.append(
                 f"could not read the session back to verify it ({exc}); "
-                "run the same command again to verify"
+                + (  # a refusal stays: name what to change, not "again" (issue 13)
+                    "this account may not read it: ask for read access to the project, or "
+                    "pass --no-verify"
+                    if refused
+                    else "run the same command again to verify"
+                )
             )
             result.success = False
             return result
