@@ -313,6 +313,14 @@ ROWS = [
         says="sending them again, replacing it (overwrite=delete)",
         then_code=0,
     ),
+    Row(
+        "changed in place, same size+mtime, --restart (no journal)",
+        changed_in_place,
+        ("--restart",),
+        sent=1,
+        says="sending them again, replacing it (overwrite=delete)",
+        then_code=0,
+    ),
     Row("changed in place, server rewrites files", changed_in_place_rewriting_server),
     Row("two series share a SeriesNumber", shared_series_number),
     Row("a file without SeriesInstanceUID", no_series_uid),
@@ -492,6 +500,8 @@ def test_an_archive_path_with_odd_member_names(world: World, kind: str, names: s
     assert first.code == 0 and first.sent == len(manifest.files), first.text
     second = world.upload(source=archive)
     assert second.code == 0 and second.sent == 0, second.text
+    fresh = world.upload("--restart", source=archive)  # no journal: the server is asked
+    assert fresh.code == 0 and fresh.sent == 0, fresh.text
     _each_instance_once(world.server, manifest)
     stored = {r.name for r in world.server.archived_files("P", "S", "E").values()}
     assert not any(".." in n or n.startswith("/") for n in stored)
