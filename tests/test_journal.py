@@ -265,7 +265,10 @@ def test_lock_folder_that_cannot_be_made_is_one_configuration_line(
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("XNATIO_LOCK_DIR", str(blocker / "locks"))
-    with pytest.raises(ConfigError, match=r"cannot create the run lock .*XNATIO_LOCK_DIR") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot create the run lock .* or choose another lock folder with XNATIO_LOCK_DIR",
+    ) as err:
         RunLock(TARGET).acquire()
     assert err.value.exit_code == 2
 

@@ -261,8 +261,8 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise ConfigError(
-                f"cannot create the run lock {self.path} ({exc.strerror or exc}); make its "
-                f"folder writable or choose another with {LOCK_DIR_ENV}"
+                f"cannot create the run lock {self.path} ({exc.strerror or exc}); make "
+                f"{self.path.parent} writable, or choose another lock folder with {LOCK_DIR_ENV}"
             ) from None
         try:
             try:
