@@ -347,6 +347,13 @@ ROWS = [
         sent=10,
         knobs=(("reset_next", 1), ("fault_path", "/data/services/import")),
     ),
+    Row(
+        "a server that stops answering one import",
+        fresh,
+        ("--timeout", "1"),
+        sent=10,
+        knobs=(("hang_next", 1), ("hang_seconds", 3.0), ("fault_path", "/data/services/import")),
+    ),
     Row("read-back failed", readback_failed_first, says="verifying 10 files"),
     Row(
         "read-back refused (403), until access is given",
@@ -394,7 +401,7 @@ def test_state_then_rerun_converges(world: World, row: Row) -> None:
     if row.code == 0:
         _each_instance_once(world.server, discover(world.source))
     if row.knobs:
-        world.server.set_knobs(fail_next=0, reset_next=0)
+        world.server.set_knobs(fail_next=0, reset_next=0, hang_next=0)
     third = world.upload()
     if row.then_code is not None:
         assert third.code == row.then_code, third.text
