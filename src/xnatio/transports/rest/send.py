@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import requests
 
@@ -59,6 +60,23 @@ from xnatio.xnat.client import XnatClient
 from xnatio.xnat.errors import TransientError
 
 log = logging.getLogger(__name__)
+
+
+class Packed(Protocol):
+    """A batch's files as an archive, re-iterable once per attempt: a streamed archive of files
+    (:class:`xnatio.archive.ArchiveStream`) or the members of an archive PATH
+    (:class:`ArchiveMembers`)."""
+
+    content_type: str
+
+    @property
+    def size(self) -> int | None: ...  # None: sent chunked (zip-deflated)
+
+    @property
+    def members(self) -> Sequence[tuple[str, DicomFile]]: ...  # (entry name, file)
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
 
 # XNAT answers a full disk or a failing anonymization script as 400 "unable to read DICOM object
 # NAME" (facts 1.4), like a file that is not DICOM. Files discovery read as DICOM refused this many
@@ -168,12 +186,40 @@ class BatchSender:
             self._give_up(left, RuntimeError(f"internal error: {exc!r}"), 0, batch.index)
 
     def send_batch(self, batch: Batch, files: list[DicomFile], root: Path) -> None:
-        """Send one batch until it lands, fails for good, or the upload is cancelled.
+        """Send one batch of files under ``root``, each packed as it is read into a
+        ``wire_format`` archive (:func:`xnatio.archive.make_archive_stream`)."""
+
+        def pack(left: list[DicomFile]) -> Packed:
+            names = instance_member_names(left)
+            return make_archive_stream(left, self.target.wire_format, root=root, names=names)
+
+        self._send_until_done(batch, files, pack, f"batch {batch.index + 1}")
+
+    def send_archive_file(self, archive: Path, batch: Batch) -> None:
+        """PATH is an archive: its DICOM members (of one study, ``batch`` being one of the
+        requests when it holds several) re-packed into a tar on the fly (:class:`ArchiveMembers`),
+        each under its instance name so that read-back finds it (facts 1.2), never extracted to
+        disk.
+        """
+
+        def pack(left: list[DicomFile]) -> Packed:
+            return ArchiveMembers(archive, left, instance_member_names(left))
+
+        self._send_until_done(batch, list(batch.files), pack, archive.name)
+
+    def _send_until_done(
+        self,
+        batch: Batch,
+        files: list[DicomFile],
+        pack: Callable[[list[DicomFile]], Packed],
+        what: str,
+    ) -> None:
+        """Send ``files`` of ``batch`` until they land, fail for good, or the upload is cancelled.
 
         Files XNAT cannot read as DICOM, and files that vanish or change while streaming, are
-        failed one by one with their reason and the rest of the batch is sent again (no
+        failed one by one with their reason and the rest is packed and sent again (no
         ``Ignore-Unparsable``: every file must be accounted for). Transient failures are retried
-        with backoff; anything else fails the batch with XNAT's message.
+        with backoff; anything else fails the rest with XNAT's message.
         """
         remaining = list(files)
         partial = len(remaining) < len(batch.files)
@@ -181,25 +227,24 @@ class BatchSender:
         retry_number = 0
         refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
-            stream = make_archive_stream(
-                remaining,
-                self.target.wire_format,
-                root=root,
-                names=instance_member_names(remaining),
-            )
+            try:
+                packed = pack(remaining)
+            except OSError as exc:  # an archive PATH that can no longer be read
+                self._give_up(remaining, exc, 0, batch.index)
+                return
             payload = sum(f.size for f in remaining)
             body = (
-                SizedBody(stream, payload, self.progress, self.cancel, stream.size)
-                if stream.size is not None
-                else StreamBody(stream, payload, self.progress, self.cancel)
+                SizedBody(packed, payload, self.progress, self.cancel, packed.size)
+                if packed.size is not None
+                else StreamBody(packed, payload, self.progress, self.cancel)
             )
             try:
-                resp = self._post_import(body, stream.content_type, label)
-            except Exception as exc:  # classified below; the batch is always accounted for
+                resp = self._post_import(body, packed.content_type, label)
+            except Exception as exc:  # classified below; the files are always accounted for
                 err = body.failure(exc)
                 if isinstance(err, UploadCancelled) or self.cancel.is_set():
                     return
-                one = culprit(err, stream.members)
+                one = culprit(err, packed.members)
                 if one is not None:
                     self.run.fail([one[0]], one[1], batch.index)
                     gone = file_path(one[0])
@@ -210,62 +255,14 @@ class BatchSender:
                         self._give_up(remaining, refused_in_a_row(err, refused), 0, batch.index)
                         return
                     continue
-                if self._wait_to_retry(err, retry_number, f"batch {batch.index + 1}"):
+                if self._wait_to_retry(err, retry_number, what):
                     retry_number += 1
                     continue
                 self._give_up(remaining, err, retry_number, batch.index)
                 return
             self._landed(remaining, resp, batch.index, partial, label)
             return
-        if not self.cancel.is_set():  # every file of the batch failed on its own
-            self.progress.update(batch_done=True, failed=True)
-
-    def send_archive_file(self, archive: Path, batch: Batch) -> None:
-        """PATH is an archive: its DICOM members (of one study, ``batch`` being one of the
-        requests when it holds several) re-packed into a tar on the fly (:class:`ArchiveMembers`),
-        each under its instance name so that read-back finds it (facts 1.2), never extracted to
-        disk.
-        """
-        remaining = list(batch.files)
-        label = self.run.label_of(batch.files, self.target.session)
-        retry_number = 0
-        refused = 0  # files XNAT could not read, in a row
-        while remaining and not self.cancel.is_set():
-            payload = sum(f.size for f in remaining)
-            try:
-                packed = ArchiveMembers(archive, remaining, instance_member_names(remaining))
-            except OSError as exc:
-                self._give_up(remaining, exc, 0, batch.index)
-                return
-            members = packed.members
-            chunks: Iterable[bytes] = packed
-            size, content_type = packed.size, packed.content_type
-            body = SizedBody(chunks, payload, self.progress, self.cancel, size)
-            try:
-                resp = self._post_import(body, content_type, label)
-            except Exception as exc:  # classified below; the files are always accounted for
-                err = body.failure(exc)
-                if isinstance(err, UploadCancelled) or self.cancel.is_set():
-                    return
-                one = culprit(err, members)
-                if one is not None:
-                    self.run.fail([one[0]], one[1], batch.index)
-                    gone = file_path(one[0])
-                    remaining = [f for f in remaining if file_path(f) != gone]
-                    refused = refused + 1 if isinstance(err, ServerError) else 0
-                    if refused >= BAD_MEMBERS_IN_A_ROW and remaining:
-                        self._give_up(remaining, refused_in_a_row(err, refused), 0, batch.index)
-                        return
-                    continue
-                if self._wait_to_retry(err, retry_number, archive.name):
-                    retry_number += 1
-                    continue
-                self._give_up(remaining, err, retry_number, batch.index)
-                return
-            partial = len(remaining) < len(batch.files)
-            self._landed(remaining, resp, batch.index, partial, label)
-            return
-        if not self.cancel.is_set():  # every member failed on its own
+        if not self.cancel.is_set():  # every file failed on its own
             self.progress.update(batch_done=True, failed=True)
 
     def _params(self, label: str) -> dict[str, str]:
