@@ -467,6 +467,11 @@ def test_verify_names_extra_files_instead_of_holds_all(world: World) -> None:
     assert f"the session also holds {extra} files that match no local file" in v.out
     as_json = json.loads(world.verify("--json").out)
     assert as_json["extra"] == extra
+    # The upload's own read-back says so too (a note: not a failure, exit 0).
+    again = world.upload("--json")
+    assert again.code == 0
+    notes = json.loads(again.out)["notes"]
+    assert any(f"the session also holds {extra} files that match no local file" in n for n in notes)
 
 
 def _pack(kind: str, dest: Path, entries: list[tuple[str, Path]]) -> Path:
