@@ -265,6 +265,15 @@ def readback_failed_first(w: World) -> None:
     w.server.set_knobs(fail_next=0)
 
 
+def series_filter(w: World) -> None:
+    """A series import filter on the server drops series 2 (facts 1.3): XNAT answers 200 and
+    keeps nothing of it. The first run says so; the rerun must not promise "the next run sends
+    them again" a second time."""
+    w.server.set_knobs(reject_series=["2"])
+    first = w.upload()
+    assert first.code == 1, first.text
+
+
 READ_REFUSED = (
     ("fail_next", 1000),
     ("fail_status", 403),
@@ -364,6 +373,15 @@ ROWS = [
         knobs=READ_REFUSED,
     ),
     Row(
+        "a series filter drops a series, until it is lifted",
+        series_filter,
+        code=1,
+        sent=None,
+        says="sending again will not help",
+        then_code=0,
+        knobs=(("reject_series", ["2"]),),
+    ),
+    Row(
         "another study under the label",
         another_study,
         code=2,
@@ -401,7 +419,7 @@ def test_state_then_rerun_converges(world: World, row: Row) -> None:
     if row.code == 0:
         _each_instance_once(world.server, discover(world.source))
     if row.knobs:
-        world.server.set_knobs(fail_next=0, reset_next=0, hang_next=0)
+        world.server.set_knobs(fail_next=0, reset_next=0, hang_next=0, reject_series=[])
     third = world.upload()
     if row.then_code is not None:
         assert third.code == row.then_code, third.text

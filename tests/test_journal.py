@@ -485,3 +485,16 @@ def test_lock_folder_follows_the_state_folder_not_the_journal(tmp_path: Path) ->
     # The journal's own variable does not move the locks: two journals, one lock folder.
     env = {"HOME": str(tmp_path), "XNATIO_JOURNAL": str(tmp_path / "j" / "x.sqlite")}
     assert default_lock_dir(env) == tmp_path / ".local/state/xnatio/locks"
+
+
+def test_runs_in_which_a_file_was_lost_are_counted_until_verified(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        assert run.record_lost([m.files[0]]) == {m.files[0].sop_instance_uid: 1}
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        counts = run.record_lost(m.files[:2])
+        assert counts == {m.files[0].sop_instance_uid: 2, m.files[1].sop_instance_uid: 1}
+        run.record_verified()
+        assert run.record_lost([m.files[0]]) == {m.files[0].sop_instance_uid: 1}

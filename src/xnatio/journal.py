@@ -37,6 +37,9 @@ A file whose copy on the server was found to differ from it (the server stores o
 one differs: changed in place, or damaged there) is remembered in ``replace``: the next run sends
 it again replacing the server's copy (``overwrite=delete``, facts 1.5) instead of finding it "on
 the server" by name and never sending it. It is forgotten once a read-back verifies the session.
+Likewise ``lost`` counts the runs in which a file was not found on the server after sending: the
+second such run says that sending again will not help (the server drops it) instead of "the next
+run sends it again" once more.
 """
 
 from __future__ import annotations
@@ -92,6 +95,12 @@ CREATE INDEX IF NOT EXISTS files_by_instance ON files (run_id, sop_uid);
 CREATE TABLE IF NOT EXISTS replace (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     sop_uid TEXT NOT NULL,
+    PRIMARY KEY (run_id, sop_uid)
+);
+CREATE TABLE IF NOT EXISTS lost (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    sop_uid TEXT NOT NULL,
+    runs INTEGER NOT NULL,
     PRIMARY KEY (run_id, sop_uid)
 );
 """
@@ -357,6 +366,7 @@ class Journal:
             for run_id in old:
                 db.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
                 db.execute("DELETE FROM replace WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM lost WHERE run_id = ?", (run_id,))
                 db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def _write(self) -> _Txn:
@@ -400,6 +410,7 @@ class Journal:
             if row is not None and restart:
                 db.execute("DELETE FROM files WHERE run_id = ?", (row[0],))
                 db.execute("DELETE FROM replace WHERE run_id = ?", (row[0],))
+                db.execute("DELETE FROM lost WHERE run_id = ?", (row[0],))
                 db.execute("DELETE FROM runs WHERE id = ?", (row[0],))
                 row = None
             if row is None:
@@ -641,6 +652,25 @@ class JournalRun:
                 "UPDATE runs SET verified = 1, updated = ? WHERE id = ?", (time.time(), self.run_id)
             )
             db.execute("DELETE FROM replace WHERE run_id = ?", (self.run_id,))
+            db.execute("DELETE FROM lost WHERE run_id = ?", (self.run_id,))
+
+    def record_lost(self, files: Sequence[DicomFile]) -> dict[str, int]:
+        """Count one more run in which these were sent and not found on the server; returns,
+        per SOP Instance UID, in how many runs that happened (cleared once verified)."""
+        uids = [(self.run_id, f.sop_instance_uid) for f in files]
+        with self.journal._write() as db:
+            db.executemany(
+                "INSERT INTO lost (run_id, sop_uid, runs) VALUES (?, ?, 1) "
+                "ON CONFLICT (run_id, sop_uid) DO UPDATE SET runs = runs + 1",
+                uids,
+            )
+        with self.journal._lock:
+            if self.journal.closed:
+                return {}
+            rows = self.journal._db.execute(
+                "SELECT sop_uid, runs FROM lost WHERE run_id = ?", (self.run_id,)
+            ).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
         return [

@@ -216,6 +216,12 @@ def _send_rest_of(
         # The hook may have seen them already; recording twice is harmless (same rows).
         run.record_outcomes(result.files)
         committed = _committed(result, transport)
+        if not committed and not any(o.outcome is Outcome.UPLOADED for o in result.files):
+            # Nothing of this pass awaits a commit (every file of it failed): what earlier runs
+            # sent is committed if the journal says so, and what the server held is archived.
+            # Else "run again to retry the commit" would repeat with nothing to commit.
+            committed = run.committed or not done
+            result.session_uri = result.session_uri or run.session_uri
         if result.pending:
             # Sent, not archived yet: the next run waits for it again (its commit step).
             run.record_session_uri(result.pending[0])
@@ -329,6 +335,7 @@ def _finish(
     *,
     committed: bool,
     heal: Callable[[list[DicomFile], str], tuple[UploadResult, bool]] | None = None,
+    resent: frozenset[str] = frozenset(),
 ) -> UploadResult:
     """Read back (if asked and the session was committed) and settle every file's outcome.
 
@@ -398,28 +405,65 @@ def _finish(
                 _merge(result, again)
                 healed = healed or replaced
             if healed:
-                return _finish(result, manifest, run, read_back, say, committed=True)
+                # What the server confirmed in this pass: if read-back still misses it, the
+                # server drops it (below), not the network.
+                again_sent = frozenset(
+                    o.path for o in result.files if o.outcome is Outcome.UPLOADED
+                ) & {file_path(f) for f in [*lost, *differ]}
+                return _finish(
+                    result, manifest, run, read_back, say, committed=True, resent=again_sent
+                )
         apply_verification(result, report)
         if run is not None:
-            different = [f for s in report.series for f in s.different]
-            others = [f for f, _ in report.problems if f not in set(different)]
-            if different:
-                run.mark_different(different)
-                result.errors.append(
-                    f"the server's copy of {len(different)} file(s) still differs from the local "
-                    "file after they were sent again: check the server's copies (a project "
-                    "anonymization script or a storage fault there); a rerun sends them again "
-                    "with --overwrite delete semantics"
-                )
-            if others:
-                run.forget(others)
-                result.errors.append(
-                    f"the next run of the same command sends these {len(others)} file(s) again"
-                )
+            _remember_problems(result, report, run, resent)
             if report.ok and not result.failed:
                 run.record_verified()
     result.success = committed and not result.failed and bool(result.uploaded or not manifest.files)
     return result
+
+
+def _remember_problems(
+    result: UploadResult, report: VerifyReport, run: JournalRun, resent: frozenset[str]
+) -> None:
+    """What the journal keeps of files that did not verify, and one line per cause: "the next
+    run sends them again" only where that can help (never twice for one cause, issue 13)."""
+    different = [f for s in report.series for f in s.different]
+    ids = {id(f) for f in different}
+    others = [f for f, _ in report.problems if id(f) not in ids]
+    if different:
+        run.mark_different(different)  # replaced by the next run, not found "there" by name
+        again = [f for f in different if file_path(f) in resent]
+        if again:
+            result.errors.append(
+                f"the server's copy of {len(again)} file(s) still differs from the local file "
+                "after they were sent again replacing it: the server changes them on receipt "
+                "(a project anonymization script) or stores them damaged; check its copies"
+            )
+        if len(again) < len(different):
+            result.errors.append(
+                f"the next run of the same command replaces the server's copy of "
+                f"{len(different) - len(again)} file(s) (overwrite=delete, facts 1.5)"
+            )
+    if others:
+        run.forget(others)
+        runs = run.record_lost(others)
+        # Sent and confirmed twice in this run, or lost in an earlier run too: the server drops
+        # them; saying "the next run sends them again" once more would promise what cannot be.
+        dropped = [
+            f for f in others if file_path(f) in resent or runs.get(f.sop_instance_uid, 0) >= 2
+        ]
+        if dropped:
+            result.errors.append(
+                f"{len(dropped)} file(s) were sent again and are still not on the server: XNAT "
+                "drops them (a series import filter, or an anonymization script's 'reject', "
+                "facts 1.3) or something removes them; check the project's DICOM settings, "
+                "sending again will not help"
+            )
+        if len(dropped) < len(others):
+            result.errors.append(
+                f"the next run of the same command sends these {len(others) - len(dropped)} "
+                "file(s) again"
+            )
 
 
 def _merge(result: UploadResult, again: UploadResult) -> None:

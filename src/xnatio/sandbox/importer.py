@@ -415,6 +415,11 @@ class DicomImport:
         return self.store.project_code(project, self.knobs.get().auto_archive_projects)
 
     def _place(self, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]) -> None:
+        if h.series_number in self.knobs.get().reject_series:
+            # A series filter / "reject" drops the file at receipt: read, not stored (facts 1.3).
+            while rest.read(1 << 16):
+                pass
+            return
         project, subject, label = self._identity(h)
         scan = scan_dir(h)
         open_row = functools.partial(
