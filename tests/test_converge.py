@@ -611,3 +611,58 @@ def test_one_session_is_locked_whatever_url_spelling_and_journal(world: World) -
     assert blocked.code == 2 and blocked.sent == 0
     assert "another xio run" in blocked.err and "--wait" in blocked.err
     assert world.upload().code == 0
+
+
+# -- SIGKILL at the moments that matter, then the same command again ------------------------------
+
+KILL_AT = {
+    # (marker on the CLI's stderr after which it is killed, knobs that widen that moment)
+    "while sending": ("upload: ", {"per_file_ms": 60}),
+    "while committing": ("commit: committing", {"archive_ms": 1500}),
+    "while reading back": ("verifying ", {"latency_ms": 400}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(KILL_AT))
+def test_sigkill_then_the_same_command_converges(world: World, moment: str) -> None:
+    """The issue's adversarial run, as a table: ``kill -9`` at each moment, then the same
+    command: exit 0, every instance once, no CONFLICT/ERROR entry, nothing sent twice."""
+    import signal
+    import subprocess
+
+    from proc_helpers import reap
+    from upload_helpers import xio_command, xio_env
+
+    marker, knobs = KILL_AT[moment]
+    if moment == "while sending":
+        world.server.set_knobs(**knobs)
+    args = ["upload-dicom", "P", "S", "E", str(world.source), "--journal", str(world.journal)]
+    proc = subprocess.Popen(
+        xio_command([*args, "--num-batches", "4", "--upload-workers", "2"]),
+        env=xio_env(world.server.url, world.tmp / "home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if moment == "while committing" and line.startswith("upload: "):
+                world.server.set_knobs(**knobs)
+            if moment == "while reading back" and line.startswith("commit: archived"):
+                world.server.set_knobs(**knobs)
+            if line.startswith(marker):
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(30)
+    finally:
+        reap(proc)
+    assert proc.returncode == -signal.SIGKILL, f"ended before the moment ({proc.returncode})"
+    world.server.set_knobs(per_file_ms=0, archive_ms=0, latency_ms=0)
+    time.sleep(2.0)  # what was in flight when the client died ends on the server
+    again = world.upload()
+    assert again.code == 0, again.text
+    _each_instance_once(world.server, discover(world.source))
+    assert world.upload().sent == 0
