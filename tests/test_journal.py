@@ -498,3 +498,48 @@ def test_runs_in_which_a_file_was_lost_are_counted_until_verified(tmp_path: Path
         assert counts == {m.files[0].sop_instance_uid: 2, m.files[1].sop_instance_uid: 1}
         run.record_verified()
         assert run.record_lost([m.files[0]]) == {m.files[0].sop_instance_uid: 1}
+
+
+def test_a_write_that_puts_the_mtime_back_is_still_a_change(tmp_path: Path) -> None:
+    """Issue 13 item 2: same size, same mtime, new bytes: the inode change time differs."""
+    import dataclasses
+
+    m = make_manifest(tmp_path / "src")
+    f = m.files[1]
+    st = f.path.stat()
+    m = Manifest(
+        root=m.root,
+        files=[dataclasses.replace(g, ctime_ns=st.st_ctime_ns) if g is f else g for g in m.files],
+    )
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.open_run(TARGET, m).record_confirmed(m.files)
+    time.sleep(0.01)
+    f.path.write_bytes(b"y" * f.size)  # other bytes, same size
+    os.utime(f.path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+    now = f.path.stat()
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    changed = dataclasses.replace(m.files[1], ctime_ns=now.st_ctime_ns)
+    m2 = Manifest(root=m.root, files=[m.files[0], changed, *m.files[2:]])
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m2)
+        assert run.split()[1] == [changed]
+        assert run.changed_since_sent(m2.files) == [changed]
+    # A journal row without a ctime (written before it was kept) is not a change by itself.
+    unknown = dataclasses.replace(changed, ctime_ns=0)
+    with Journal(tmp_path / "j.sqlite") as j:
+        assert j.open_run(TARGET, m2).changed_since_sent([unknown]) == []
+
+
+def test_a_journal_from_before_ctime_gains_the_column(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "j.sqlite")
+    db.executescript(
+        "CREATE TABLE files (run_id INTEGER NOT NULL, relpath TEXT NOT NULL, size INTEGER NOT "
+        "NULL, mtime_ns INTEGER NOT NULL, sop_uid TEXT NOT NULL, batch INTEGER, confirmed_at "
+        "REAL NOT NULL, PRIMARY KEY (run_id, relpath));"
+    )
+    db.close()
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.record_confirmed(m.files)
+        assert run.split()[1] == []

@@ -47,6 +47,7 @@ class _Found(NamedTuple):
     size: int
     mtime_ns: int
     fields: HeaderFields
+    ctime_ns: int = 0  # the inode change time (0 inside an archive): see DicomFile.ctime_ns
 
 
 class _Skip(NamedTuple):
@@ -224,7 +225,7 @@ def _examine(path: str) -> _Result:
         reason = _unsendable(fields)
         if reason:
             return _Skip(reason, st.st_size)
-        return _Found(st.st_size, st.st_mtime_ns, fields)
+        return _Found(st.st_size, st.st_mtime_ns, fields, st.st_ctime_ns)
     finally:
         os.close(fd)
 
@@ -423,7 +424,7 @@ def _collect(
             shown = path / member if member is not None else path
             manifest.skipped.append(SkippedFile(shown, result.reason, result.size))
             continue
-        size, mtime_ns, h = result
+        size, mtime_ns, h, ctime_ns = result
         first = first_seen.get(h.sop_instance_uid)
         if first is not None:
             shown = path / member if member is not None else path
@@ -437,6 +438,7 @@ def _collect(
                 path=path,
                 size=size,
                 mtime_ns=mtime_ns,
+                ctime_ns=ctime_ns,
                 # Interned: a session shares a few study/series/class values across all files.
                 study_uid=intern(h.study_uid),
                 series_uid=intern(h.series_uid),

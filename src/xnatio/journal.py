@@ -8,7 +8,7 @@ session, transport) and *source root* (the PATH given, resolved): every file the
 confirmed, identified by its fingerprint (path relative to the root, size, mtime in ns, SOP
 Instance UID), plus whether the session was committed and under which URI. Only confirmations are
 stored; a file is *pending* when no confirmed row has its exact fingerprint, so a file that changed
-since it was sent (size or mtime differ) is pending again and is sent again.
+since it was sent (size, mtime or inode change time differ) is pending again and is sent again.
 
 Files confirmed by an earlier run are reported as ``UPLOADED`` with the reason
 ``"sent by an earlier run (journal)"`` (and become ``VERIFIED`` when read-back finds them): they
@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS files (
     relpath TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL DEFAULT 0,
     sop_uid TEXT NOT NULL,
     batch INTEGER,
     confirmed_at REAL NOT NULL,
@@ -341,6 +342,11 @@ class Journal:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+                if "ctime_ns" not in columns:  # a journal written before it was kept
+                    self._db.execute(
+                        "ALTER TABLE files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0"
+                    )
             self._prune(keep_days)
         except sqlite3.Error as exc:
             self._db.close()
@@ -452,9 +458,24 @@ class _Txn:
             self._lock.release()
 
 
-def _by_instance(rows: Mapping[str, tuple[int, int, str]]) -> dict[str, int]:
+# What the journal holds of a confirmed file: size, mtime (ns), SOP Instance UID, ctime (ns).
+_Row = tuple[int, int, str, int]
+
+
+def _by_instance(rows: Mapping[str, _Row]) -> dict[str, int]:
     """SOP Instance UID -> size of each file an earlier run sent."""
-    return {uid: size for size, _, uid in rows.values()}
+    return {uid: size for size, _, uid, _ in rows.values()}
+
+
+def _unchanged(row: _Row | None, f: DicomFile) -> bool:
+    """The file is as it was when confirmed: same size, modification time and SOP Instance UID,
+    and the same inode change time where both are known. Any write changes the ctime, also one
+    that puts the modification time back (issue 13 item 2: such a change is invisible to size,
+    time and, where XNAT rewrites every file, MD5). A rename keeps the file's name row apart
+    (matched by SOP Instance UID instead, see :meth:`JournalRun.split`)."""
+    if row is None or row[:3] != (f.size, f.mtime_ns, f.sop_instance_uid):
+        return False
+    return not (row[3] and f.ctime_ns and row[3] != f.ctime_ns)
 
 
 class JournalRun:
@@ -474,13 +495,13 @@ class JournalRun:
                 self._by_name[f.member] = f
                 self._by_name[file_path(f)] = f
 
-    def _confirmed_rows(self) -> dict[str, tuple[int, int, str]]:
+    def _confirmed_rows(self) -> dict[str, _Row]:
         with self.journal._lock:
             rows = self.journal._db.execute(
-                "SELECT relpath, size, mtime_ns, sop_uid FROM files WHERE run_id = ?",
+                "SELECT relpath, size, mtime_ns, sop_uid, ctime_ns FROM files WHERE run_id = ?",
                 (self.run_id,),
             ).fetchall()
-        return {r[0]: (int(r[1]), int(r[2]), str(r[3])) for r in rows}
+        return {r[0]: (int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows}
 
     def split(
         self, files: Sequence[DicomFile] | None = None
@@ -499,7 +520,7 @@ class JournalRun:
             row = rows.get(relative_name(f, self._root))
             if f.sop_instance_uid in stale:
                 todo.append(f)  # the server's copy differs: sent again, replacing it
-            elif row == (f.size, f.mtime_ns, f.sop_instance_uid):
+            elif _unchanged(row, f):
                 done.append(f)
             elif row is None and by_uid.get(f.sop_instance_uid) == f.size:
                 done.append(f)  # renamed or moved since the earlier run sent it
@@ -515,9 +536,7 @@ class JournalRun:
         out = []
         for f in files:
             row = rows.get(relative_name(f, self._root))
-            if f.sop_instance_uid in stale or (
-                row is not None and row != (f.size, f.mtime_ns, f.sop_instance_uid)
-            ):
+            if f.sop_instance_uid in stale or (row is not None and not _unchanged(row, f)):
                 out.append(f)
         return out
 
@@ -563,6 +582,7 @@ class JournalRun:
                     f.sop_instance_uid,
                     batch,
                     now,
+                    f.ctime_ns,
                 )
 
         try:
@@ -577,8 +597,8 @@ class JournalRun:
         with self.journal._write() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO files "
-                "(run_id, relpath, size, mtime_ns, sop_uid, batch, confirmed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "(run_id, relpath, size, mtime_ns, sop_uid, batch, confirmed_at, ctime_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             db.execute(
