@@ -543,3 +543,33 @@ def test_a_journal_from_before_ctime_gains_the_column(tmp_path: Path) -> None:
         run = j.open_run(TARGET, m)
         run.record_confirmed(m.files)
         assert run.split()[1] == []
+
+
+def test_a_difference_that_outlives_its_replacement_is_named_not_promised_again(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: "the next run replaces it" is said once; a file found different again after a
+    run replaced it gets the line that says what to check instead."""
+    from xnatio.models import UploadResult
+    from xnatio.resume import _remember_problems
+    from xnatio.verify import SeriesCheck, VerifyReport
+
+    m = make_manifest(tmp_path / "src")
+    bad = m.files[0]
+
+    def report() -> VerifyReport:
+        check = SeriesCheck(bad.series_uid, 1, "1", 3, 3, different=[bad])
+        return VerifyReport("P", "S", "E", found=True, series=[check])
+
+    lines: list[list[str]] = []
+    for _ in range(2):
+        with Journal(tmp_path / "j.sqlite") as j:
+            run = j.open_run(TARGET, m)
+            result = UploadResult(success=False, total_files=6, duration=0, total_size_mb=0)
+            _remember_problems(result, report(), run, frozenset())
+            lines.append(result.errors)
+    assert lines[0] == [
+        "the next run of the same command replaces the server's copy of 1 file(s) "
+        "(overwrite=delete, facts 1.5)"
+    ]
+    assert len(lines[1]) == 1 and "still differs" in lines[1][0] and "check" in lines[1][0]

@@ -494,6 +494,9 @@ class JournalRun:
             if f.member is not None:
                 self._by_name[f.member] = f
                 self._by_name[file_path(f)] = f
+        # Files an earlier run found different on the server (:meth:`mark_different`): if this
+        # run's read-back finds them different again, replacing them did not help.
+        self.different_before = self._to_replace()
 
     def _confirmed_rows(self) -> dict[str, _Row]:
         with self.journal._lock:

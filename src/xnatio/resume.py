@@ -431,8 +431,11 @@ def _remember_problems(
     ids = {id(f) for f in different}
     others = [f for f, _ in report.problems if id(f) not in ids]
     if different:
+        # Replaced in this run already, or marked by an earlier run (so this run replaced it):
+        # sending it once more would not help.
+        before = run.different_before
         run.mark_different(different)  # replaced by the next run, not found "there" by name
-        again = [f for f in different if file_path(f) in resent]
+        again = [f for f in different if file_path(f) in resent or f.sop_instance_uid in before]
         if again:
             result.errors.append(
                 f"the server's copy of {len(again)} file(s) still differs from the local file "
