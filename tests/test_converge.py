@@ -275,6 +275,38 @@ def series_filter(w: World) -> None:
     assert first.code == 1, first.text
 
 
+def _sent_by_another_tool(w: World, count: int) -> None:
+    """The first ``count`` instances put in the session by another tool (or C-STORE): XNAT's
+    own names, not ``{SOP Instance UID}.dcm``."""
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i, f in enumerate(discover(w.source).files[:count]):
+            tf.add(f.path, arcname=f"{f.series_number}/IM{i:04d}")
+    requests.post(
+        w.server.url + "/data/services/import",
+        params={
+            "import-handler": "DICOM-zip",
+            "PROJECT_ID": "P",
+            "SUBJECT_ID": "S",
+            "EXPT_LABEL": "E",
+            "dest": "/archive/projects/P/subjects/S/experiments/E",
+            "inbody": "true",
+        },
+        data=buf.getvalue(),
+        headers={"Content-Type": "application/x-tar"},
+        auth=(USER, PASSWORD),
+        timeout=60,
+    ).raise_for_status()
+
+
+def whole_session_by_another_tool(w: World) -> None:
+    """Item 5's kin: the session holds every instance under names xio did not give. Sending
+    them would be refused (409) and leave a CONFLICT copy (facts 1.5)."""
+    _sent_by_another_tool(w, 10)
+
+
 READ_REFUSED = (
     ("fail_next", 1000),
     ("fail_status", 403),
@@ -378,6 +410,11 @@ ROWS = [
         says="ask for read access to the project, or pass --no-verify",
         then_code=0,
         knobs=READ_REFUSED,
+    ),
+    Row(
+        "the whole session sent over C-STORE/another tool (XNAT's names)",
+        whole_session_by_another_tool,
+        says="already on the server",
     ),
     Row(
         "a series filter drops a series, until it is lifted",
@@ -559,6 +596,21 @@ def test_a_resumed_archive_path_sends_only_the_missing_members(world: World) -> 
     assert again.code == 0 and again.sent == 2, again.text
     assert "6 of 10 files were confirmed by an earlier run" in again.text
     _each_instance_once(world.server, manifest)
+
+
+def test_part_of_a_series_sent_by_another_tool_is_refused_before_sending(world: World) -> None:
+    """Which instances of a series held under foreign names are missing cannot be told: the run
+    refuses before sending (exit 2, one line naming --overwrite delete), leaving no CONFLICT
+    copy; with --overwrite delete the session's copies are replaced and the run converges."""
+    _sent_by_another_tool(world, 7)  # series 1 whole, 2 of series 2's 5
+    refused = world.upload()
+    assert refused.code == 2 and refused.sent == 0, refused.text
+    assert "--overwrite delete" in refused.err.strip().splitlines()[-1]
+    assert not {"CONFLICT", "ERROR"} & set(_prearchive_statuses(world.server.url))
+    replaced = world.upload("--overwrite", "delete")
+    assert replaced.code == 0, replaced.text
+    _each_instance_once(world.server, discover(world.source))
+    assert world.upload().sent == 0
 
 
 def test_commit_only_rerun_whose_commit_fails_reports(world: World) -> None:
