@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from xnatio.errors import ConfigError, UsageError
 from xnatio.models import DicomFile, FileOutcome, Manifest, Origin, Outcome, file_path
+from xnatio.redact import printable
 
 JOURNAL_ENV = "XNATIO_JOURNAL"
 KEEP_DAYS = 90.0  # verified uploads are forgotten after this long without a new run
@@ -135,13 +136,17 @@ class Target:
 
 
 def relative_name(f: DicomFile, root: Path) -> str:
-    """The file's stable name under the source root (the member name inside an archive)."""
+    """The file's stable name under the source root (the member name inside an archive).
+
+    A name holding bytes that are not UTF-8 is kept with those bytes as ``\\xNN`` escapes
+    (:func:`xnatio.redact.printable`): SQLite and the fingerprint take UTF-8 text only.
+    """
     if f.member is not None:
-        return f.member
+        return printable(f.member)
     try:
-        return f.path.relative_to(root).as_posix()
+        return printable(f.path.relative_to(root).as_posix())
     except ValueError:
-        return f.path.as_posix()
+        return printable(f.path.as_posix())
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
@@ -285,7 +290,7 @@ class Journal:
     def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
         """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""
         # Resolved: the same source given as a relative path from another folder is the same.
-        root = str(Path(manifest.source_archive or manifest.root).resolve())
+        root = printable(str(Path(manifest.source_archive or manifest.root).resolve()))
         now = time.time()
         fp = manifest_fingerprint(manifest)
         with self._write() as db:

@@ -30,6 +30,7 @@ from xnatio.models import (
     SkippedFile,
     UploadResult,
 )
+from xnatio.redact import printable
 
 RESULT_SCHEMA = "xnatio.upload-result/1"
 ALREADY_REASON = "already on the server"  # a file a re-run found on the server (xnatio.resume)
@@ -132,9 +133,9 @@ def _result_head(result: UploadResult) -> dict[str, Any]:
             }
             for s in result.studies
         ],
-        "errors": list(result.errors),
-        "warnings": list(result.warnings),
-        "notes": list(result.notes),
+        "errors": [printable(e) for e in result.errors],
+        "warnings": [printable(w) for w in result.warnings],
+        "notes": [printable(n) for n in result.notes],
         "pending": list(result.pending),
     }
 
@@ -147,7 +148,7 @@ def _result_files(result: UploadResult, *, full: bool) -> list[tuple[str, Iterat
     uploaded: Iterator[object] = (
         (_file_dict(f) for f in files if f.outcome in done)
         if full
-        else (f.path for f in files if f.outcome in done)
+        else (printable(f.path) for f in files if f.outcome in done)
     )
     return [
         ("failed", (_file_dict(f) for f in files if f.outcome is Outcome.FAILED)),
@@ -180,9 +181,9 @@ def write_result_json(result: UploadResult, out: IO[str], *, full: bool = False)
 
 def _file_dict(f: FileOutcome) -> dict[str, Any]:
     return {
-        "path": f.path,
+        "path": printable(f.path),
         "outcome": f.outcome.value,
-        "reason": f.reason,
+        "reason": printable(f.reason),
         "sop_instance_uid": f.sop_instance_uid,
         "series_uid": f.series_uid,
         "size": f.size,
@@ -197,7 +198,7 @@ def error_to_dict(exc: XnatioError) -> dict[str, Any]:
         "xnatio_version": __version__,
         "status": "error",
         "exit_code": exc.exit_code,
-        "error": str(exc),
+        "error": printable(str(exc)),
     }
 
 
@@ -329,7 +330,8 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
             lines.append(f"  … and {len(errors) - cap} more — use --json")
     lines += _listing("Failed files", failed, cap)
     lines += _listing("Skipped files", skipped, cap)
-    return "\n".join(lines)
+    # Local paths may hold bytes that are not UTF-8: shown as \xNN, never an encoding error.
+    return printable("\n".join(lines))
 
 
 def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]:
@@ -337,7 +339,7 @@ def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]
     return {
         "schema": PLAN_SCHEMA,
         "status": "dry-run",
-        "root": str(manifest.root),
+        "root": printable(str(manifest.root)),
         "totals": {
             "files": len(manifest.files),
             "bytes": manifest.total_bytes,
@@ -364,5 +366,8 @@ def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]
             }
             for b in batches
         ],
-        "skipped": [{"path": str(s.path), "reason": s.reason} for s in _skipped_of(manifest)],
+        "skipped": [
+            {"path": printable(str(s.path)), "reason": printable(s.reason)}
+            for s in _skipped_of(manifest)
+        ],
     }

@@ -66,7 +66,7 @@ class XioGroup(click.Group):
             # traceback, whose chained exceptions xnatio did not word) is the safety net.
             if ctx.meta.get(DEBUG_KEY) or os.environ.get("XNATIO_DEBUG"):
                 click.echo(redact.scrub(traceback.format_exc()).rstrip("\n"), err=True)
-            click.echo(f"error: {redact.scrub(str(exc))}", err=True)
+            click.echo(f"error: {redact.printable(redact.scrub(str(exc)))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)

@@ -40,6 +40,7 @@ from xnatio.pipeline import (
     upload,
 )
 from xnatio.progress import choose_display
+from xnatio.redact import printable
 from xnatio.report import (
     check_report_path,
     error_to_dict,
@@ -377,7 +378,7 @@ def _upload(
         if output.json:
             click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         else:
-            click.echo(text)
+            click.echo(printable(text))
         return 0
     return render_result(result, output, report)
 
