@@ -11,13 +11,31 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from upload_helpers import PASSWORD, TEST_PROJECTS, USER, run_xio, xio_env
+from upload_helpers import (
+    PASSWORD,
+    TEST_PROJECTS,
+    USER,
+    big_session,
+    journal_rows,
+    run_xio,
+    wait_for,
+    xio_command,
+    xio_env,
+)
 from xnatio.archive import instance_file_name
+from xnatio.cli.options import ABORT_LINE
+from xnatio.discover import discover
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
 
@@ -80,3 +98,155 @@ def test_a_file_name_that_is_not_utf8_is_uploaded_and_reported_with_escapes(
     assert "resuming: 6 of 6 files were confirmed by an earlier run" in again.stderr
     assert "scan\\xff\\xfe.dcm" not in again.stdout  # nothing failed, nothing listed
     assert "notes\\xe9.txt" in again.stdout  # the skipped file, listed with its escapes
+
+
+# --- item 10: stdout closed, full, or a reader that went away ----------------------------------
+
+
+def _xio_with_stdout(
+    args: list[str], env: dict[str, str], stdout: int | IO[bytes] | None, close_fd1: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.Popen(
+        xio_command(args),
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        preexec_fn=(lambda: os.close(1)) if close_fd1 else None,
+    )
+    if stdout == subprocess.PIPE:
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader goes away before a byte is written (`| head -c0`)
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, b"", err)
+
+
+@pytest.mark.integration
+def test_stdout_that_cannot_be_written_is_a_quiet_exit_or_one_line(
+    xnat_server: SandboxServer, session: SyntheticSession, tmp_path: Path
+) -> None:
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    args = ["upload-dicom", "P", "S", "E", str(session.root), "--json"]
+
+    # A reader that went away (EPIPE): quiet, exit 141 as a tool stopped by SIGPIPE.
+    piped = _xio_with_stdout(args, env, subprocess.PIPE)
+    err = piped.stderr.decode()
+    assert piped.returncode == 141, err
+    _no_traceback(err)
+    assert "error" not in err and "BrokenPipe" not in err
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(session.instances)
+
+    # A full device, with and without --json: one line, exit 2.
+    for variant in (args, args[:-1]):
+        with open("/dev/full", "wb") as full:
+            done = _xio_with_stdout(variant, env, full)
+        err = done.stderr.decode()
+        assert done.returncode == 2, err
+        _no_traceback(err)
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith("error: cannot write to standard output (No space left on device)")
+        )
+
+    # stdout closed (`>&-`) with --json: one line, exit 2 (was: AttributeError traceback).
+    closed = _xio_with_stdout(args, env, None, close_fd1=True)
+    err = closed.stderr.decode()
+    assert closed.returncode == 2, err
+    _no_traceback(err)
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: cannot write to standard output (it is closed)")
+    )
+
+
+# --- item 11: Ctrl-C pressed again ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ctrl_c_says_stopping_at_once_and_more_presses_exit_cleanly(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    exam = big_session(tmp_path / "big")
+    journal = tmp_path / "home" / ".local/state/xnatio/journal.sqlite"
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    xnat_server.set_knobs(per_file_ms=40)
+    args = ["upload-dicom", "P", "S", "E", str(exam), "--num-batches", "12"]
+    proc = subprocess.Popen(
+        xio_command([*args, "--upload-workers", "3"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: journal_rows(journal) >= 10)
+        for _ in range(3):  # three presses, as an impatient user does
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # 130 from the CLI, or death by SIGINT itself once the interpreter is past its handlers
+    # (a shell shows both as 130).
+    assert proc.returncode in (130, -signal.SIGINT), err
+    _no_traceback(err)
+    stopping = [ln for ln in err.splitlines() if ln.startswith("stopping: ")]
+    assert len(stopping) == 1, err
+    assert re.fullmatch(
+        r"stopping: finishing (\d+ requests?|the \w+ request) in flight… "
+        r"\(Ctrl-C again to abort now\)",
+        stopping[0],
+    ), stopping
+
+    xnat_server.set_knobs(per_file_ms=0)
+    done = run_xio(args, env)
+    assert done.returncode == 0, done.stderr
+    assert set(xnat_server.archived_files("P", "S", "E")) == {
+        f.sop_instance_uid for f in discover(exam).files
+    }
+
+
+SLOW_STOP = """
+import sys, time
+from xnatio.cli.options import stop_in_two_steps
+with stop_in_two_steps(lambda: "finishing 3 requests in flight"):
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("stopping slowly", flush=True)
+        time.sleep(60)  # in-flight requests that take their time to end
+"""
+
+
+def test_a_second_ctrl_c_while_stopping_aborts_at_once(tmp_path: Path) -> None:
+    """The CLI's two-step handler in a real process: the first SIGINT prints its line and
+    raises KeyboardInterrupt; the second, while the first is still being handled, ends the
+    process at once with one line and exit 130, never "Exception ignored"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_STOP],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline() == "stopping slowly\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    _no_traceback(err)
+    assert err.strip().splitlines() == [
+        "stopping: finishing 3 requests in flight… (Ctrl-C again to abort now)",
+        ABORT_LINE.strip(),
+    ]

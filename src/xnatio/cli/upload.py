@@ -26,11 +26,11 @@ from xnatio.cli.options import (
     report_option,
     resolve_cli_settings,
     server_options,
-    sigterm_as_interrupt,
     start_command,
+    stop_in_two_steps,
 )
-from xnatio.errors import UsageError, XnatioError
-from xnatio.models import UploadResult
+from xnatio.errors import OutputError, UsageError, XnatioError
+from xnatio.models import Phase, ProgressCallback, ProgressEvent, UploadResult
 from xnatio.pipeline import (
     UploadOptions,
     check_ready,
@@ -338,9 +338,35 @@ def upload_dicom(
         dimse_timeout=dimse_timeout,
         network_timeout=network_timeout,
     )
-    with json_errors(output), sigterm_as_interrupt():
-        code = _upload(opts, server, dicom, output, report)
+    in_flight = InFlight(opts.upload_workers if transport == "rest" else 1)
+    with json_errors(output), stop_in_two_steps(in_flight.describe):
+        code = _upload(opts, server, dicom, output, report, in_flight)
     ctx.exit(code)
+
+
+class InFlight:
+    """Watches the progress events so that the first Ctrl-C can say at once what it waits for:
+    the batches being sent (at most ``workers`` at a time), or the one request of a commit or
+    read-back."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.last: ProgressEvent | None = None
+        self.display: ProgressCallback | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.last = event
+        if self.display is not None:
+            self.display(event)
+
+    def describe(self) -> str:
+        event = self.last
+        if event is None or event.phase in (Phase.DISCOVER, Phase.PLAN, Phase.DONE):
+            return ""
+        if event.phase is Phase.UPLOAD and event.batches_total:
+            n = min(self.workers, max(0, event.batches_total - event.batches_done))
+            return f"finishing {n} request{'s' if n != 1 else ''} in flight"
+        return f"finishing the {event.phase.value} request in flight"
 
 
 def _upload(
@@ -349,6 +375,7 @@ def _upload(
     dicom: DicomArgs,
     output: OutputArgs,
     report: Path | None,
+    in_flight: InFlight | None = None,
 ) -> int:
     # Cheap checks first: a typo in PATH or a missing password should not wait for discovery.
     if not os.path.lexists(opts.path):
@@ -365,11 +392,14 @@ def _upload(
             checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
             text = f"{text}\n{checked}"
         else:
+            progress: ProgressCallback = display
+            if in_flight is not None:
+                in_flight.display, progress = display, in_flight
             result = upload(
                 settings=settings,
                 options=opts,
                 manifest=manifest,
-                progress=display,
+                progress=progress,
                 notify=display.note,
             )
     if opts.dry_run:
@@ -392,6 +422,6 @@ def json_errors(output: OutputArgs) -> Iterator[None]:
     try:
         yield
     except XnatioError as exc:
-        if output.json:
+        if output.json and not isinstance(exc, OutputError):
             click.echo(json.dumps(error_to_dict(exc), indent=2, ensure_ascii=False))
         raise
