@@ -12,9 +12,11 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +252,92 @@ def test_a_second_ctrl_c_while_stopping_aborts_at_once(tmp_path: Path) -> None:
         "stopping: finishing 3 requests in flight… (Ctrl-C again to abort now)",
         ABORT_LINE.strip(),
     ]
+
+
+# --- item 9: a journal that cannot be used ----------------------------------------------------
+
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+needs_setpriv = pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None,
+    reason="running as root without setpriv to drop the DAC bypass",
+)
+
+
+def _unprivileged(command: list[str], *, uid: int | None = None) -> list[str]:
+    """``command`` in a process that cannot read or write past file modes (root's DAC bypass
+    dropped), optionally as ``uid``, a user with no passwd entry."""
+    if os.geteuid() != 0:
+        return command
+    ids = ["--reuid", str(uid), "--regid", str(uid), "--clear-groups"] if uid is not None else []
+    return [DROP_DAC[0], *ids, DROP_DAC[1], *command]
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder any user can reach and read (pytest's own tmp folders are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="xnatio-open-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_setpriv
+@pytest.mark.integration
+@pytest.mark.parametrize("broken", ["read-only journal", "locks not writable", "no HOME, no user"])
+def test_a_journal_that_cannot_be_used_is_one_line_and_exit_2(
+    xnat_server: SandboxServer,
+    session: SyntheticSession,
+    tmp_path: Path,
+    open_dir: Path,
+    broken: str,
+) -> None:
+    journal = tmp_path / "state" / "journal.sqlite"
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    args = ["upload-dicom", "P", "S", "E", str(session.root), "--json"]
+    first = run_xio([*args, "--journal", str(journal)], env)  # creates journal and locks/
+    assert first.returncode == 0, first.stderr
+    uid: int | None = None
+    if broken == "read-only journal":
+        journal.chmod(0o400)
+        args += ["--journal", str(journal)]
+        expected = f"error: cannot use the resume journal {journal} (attempt to write a readonly"
+        fix = "make it writable, or choose another file with --journal FILE"
+    elif broken == "locks not writable":
+        (journal.parent / "locks").chmod(0o500)
+        args = [*args[:3], "E2", *args[4:], "--journal", str(journal)]  # a new lock file
+        expected = "error: cannot create the run lock " + str(journal.parent / "locks")
+        fix = f"make {journal.parent / 'locks'} writable, or use another journal folder"
+    else:
+        del env["HOME"]
+        uid = 12345  # no passwd entry: no home directory either
+        shutil.copytree(session.root, open_dir / "in")
+        args[4] = str(open_dir / "in")
+        expected = "error: no folder for the resume journal: HOME is not set and user 12345"
+        fix = "pass --journal FILE, or set XNATIO_JOURNAL or XDG_STATE_HOME"
+    proc = subprocess.run(
+        _unprivileged(xio_command(args), uid=uid),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
+    assert proc.returncode == 2, proc.stderr
+    _no_traceback(proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(expected) and fix in last, last
+    assert json.loads(proc.stdout)["exit_code"] == 2  # --json still gives scripts a document
+
+    if uid is not None:  # the fix the line names works for that user
+        env["XDG_STATE_HOME"] = str(open_dir / "state")
+        done = subprocess.run(
+            _unprivileged(xio_command(args), uid=uid),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+        )
+        assert done.returncode == 0, done.stderr

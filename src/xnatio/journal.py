@@ -45,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
+from xnatio.config_file import user_home
 from xnatio.errors import ConfigError, UsageError
 from xnatio.models import DicomFile, FileOutcome, Manifest, Origin, Outcome, file_path
 from xnatio.redact import printable
@@ -88,7 +89,15 @@ def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get(JOURNAL_ENV):
         return Path(env[JOURNAL_ENV]).expanduser()
-    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/state")
+    state = env.get("XDG_STATE_HOME")
+    if not state:
+        home = user_home(env)
+        if home is None:
+            raise ConfigError(
+                f"no folder for the resume journal: HOME is not set and user {os.getuid()} has "
+                f"no home directory; pass --journal FILE, or set {JOURNAL_ENV} or XDG_STATE_HOME"
+            )
+        state = str(home / ".local/state")
     return Path(state) / "xnatio" / "journal.sqlite"
 
 
@@ -165,8 +174,15 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run lock {self.path} ({exc.strerror or exc}); make "
+                f"{self.path.parent} writable, or use another journal folder with "
+                f"--journal FILE or {JOURNAL_ENV}"
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,8 +258,9 @@ class Journal:
 
     def _unusable(self, exc: BaseException) -> ConfigError:
         why = getattr(exc, "strerror", None) or str(exc)
+        fix = "make it writable" if "readonly" in why else "move it away"
         return ConfigError(
-            f"cannot use the resume journal {self.path} ({why}); move it away, or choose "
+            f"cannot use the resume journal {self.path} ({why}); {fix}, or choose "
             f"another file with --journal FILE or {JOURNAL_ENV}"
         )
 
@@ -293,6 +310,14 @@ class Journal:
         root = printable(str(Path(manifest.source_archive or manifest.root).resolve()))
         now = time.time()
         fp = manifest_fingerprint(manifest)
+        try:
+            return self._open_run(target, manifest, root, fp, now, restart=restart)
+        except sqlite3.Error as exc:  # e.g. a read-only journal file: exit 2, one line
+            raise self._unusable(exc) from None
+
+    def _open_run(
+        self, target: Target, manifest: Manifest, root: str, fp: str, now: float, *, restart: bool
+    ) -> JournalRun:
         with self._write() as db:
             row = db.execute(
                 "SELECT id FROM runs WHERE target = ? AND root = ?", (target.key(), root)
