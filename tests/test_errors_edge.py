@@ -8,6 +8,7 @@ against the local XNAT-compatible server, and asserts the one line a user sees a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -341,3 +342,115 @@ def test_a_journal_that_cannot_be_used_is_one_line_and_exit_2(
             cwd="/",
         )
         assert done.returncode == 0, done.stderr
+
+
+# --- item 12: FIFOs, devices and links to them; a report that cannot be written ----------------
+
+
+@pytest.mark.integration
+def test_fifos_and_devices_are_skipped_with_their_kind_and_never_opened(
+    xnat_server: SandboxServer, session: SyntheticSession, tmp_path: Path
+) -> None:
+    os.mkfifo(session.root / "pipe")  # opening it would block discovery forever
+    os.symlink("/dev/zero", session.root / "zero")  # reading it would never end
+    os.symlink("/dev/null", session.root / "null")
+    os.symlink(session.root / "pipe", session.root / "to pipe")
+    os.symlink("nowhere", session.root / "dangling")
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    done = run_xio(["upload-dicom", "P", "S", "E", str(session.root), "--json"], env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    reasons = {
+        Path(f["path"]).name: f["reason"] for f in json.loads(done.stdout)["files"]["skipped"]
+    }
+    assert reasons == {
+        "pipe": "not a regular file: FIFO (named pipe)",
+        "zero": "symbolic link to /dev/zero: not a regular file: character device",
+        "null": "symbolic link to /dev/null: not a regular file: character device",
+        "to pipe": f"symbolic link to {session.root / 'pipe'}: not a regular file: FIFO "
+        "(named pipe)",
+        "dangling": "broken symbolic link",
+    }
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(session.instances)
+
+
+# --- item 14: report files hold patient data ---------------------------------------------------
+
+
+@pytest.mark.integration
+def test_reports_are_private_atomic_and_never_written_through_a_link(
+    xnat_server: SandboxServer, session: SyntheticSession, tmp_path: Path
+) -> None:
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    out = tmp_path / "out"
+    out.mkdir()
+    report = out / "report.json"
+    report.write_text("an older report\n")
+    report.chmod(0o644)
+    old = os.umask(0o022)
+    try:
+        done = run_xio(["upload-dicom", "P", "S", "E", session.root, "--report", report], env)
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr
+    assert report.stat().st_mode & 0o777 == 0o600
+    assert json.loads(report.read_text())["studies"][0]["patient_id"]  # the new one, whole
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # no temp file left
+
+    # A link planted where the report goes: refused before anything is sent.
+    victim = tmp_path / "someone-elses-file"
+    victim.write_text("precious\n")
+    link = out / "linked.csv"
+    link.symlink_to(victim)
+    refused = run_xio(["upload-dicom", "P", "S", "E2", session.root, "--report", link], env)
+    assert refused.returncode == 2, refused.stderr
+    _no_traceback(refused.stderr)
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: refusing to write {link}: it is a symbolic link (to {victim})")
+    )
+    assert victim.read_text() == "precious\n" and link.is_symlink()
+    assert xnat_server.archived_files("P", "S", "E2") == {}
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tiny tmpfs, filled to the last byte (root only; skipped where mounting is refused)."""
+    where = tmp_path / "full"
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(where)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Write into ``folder`` until its file system is full."""
+    with open(folder / "filler", "ab", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 512)
+
+
+@pytest.mark.integration
+def test_a_report_that_cannot_be_written_after_the_upload_shows_the_summary_first(
+    xnat_server: SandboxServer, session: SyntheticSession, tmp_path: Path, full_disk: Path
+) -> None:
+    fill(full_disk)
+    report = full_disk / "report.csv"
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    done = run_xio(["upload-dicom", "P", "S", "E", session.root, "--report", report], env)
+    assert done.returncode == 2, done.stderr
+    _no_traceback(done.stderr)
+    assert done.stdout.startswith("Uploaded 6 of 6 files")  # what was done, shown first
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write report {report} (No space left on device)")
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no half report
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(session.instances)

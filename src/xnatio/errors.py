@@ -68,7 +68,7 @@ class ServerError(XnatioError):
         self.message = message
 
 
-class OutputError(XnatioError):
+class OutputError(UsageError):
     """Standard output, or a result file, could not be written (closed, full device, ...).
 
     The work itself may have been done: the message says what could not be written.

@@ -52,9 +52,11 @@ from xnatio.report import (
 
 
 def render_result(result: UploadResult, output: OutputArgs, report: Path | None) -> int:
-    """Print the summary (or JSON) on stdout, write the report; return the exit code."""
-    if report is not None:
-        write_report(result, report)
+    """Print the summary (or JSON) on stdout, then write the report; return the exit code.
+
+    The summary comes first: a report that cannot be written (a full disk, a folder removed
+    meanwhile) is one more line and exit 2, after the user has seen what the upload did.
+    """
     code = exit_code_of(result)
     if output.json:
         # Streamed record by record: memory does not grow with the number of files.
@@ -68,6 +70,8 @@ def render_result(result: UploadResult, output: OutputArgs, report: Path | None)
     elif code:
         # -q: nothing on success, but a failure still says what failed (on stderr).
         click.echo(summary_text(result), err=True)
+    if report is not None:
+        write_report(result, report)  # OutputError (exit 2) if it cannot be written
     return code
 
 
