@@ -415,13 +415,14 @@ def test_reports_are_private_atomic_and_never_written_through_a_link(
 
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tiny tmpfs, filled to the last byte (root only; skipped where mounting is refused)."""
-    where = tmp_path / "full"
+    """A small tmpfs (1 MiB) that tests fill with :func:`fill` (root only; skipped where
+    mounting is refused)."""
+    where = tmp_path / "small"
     where.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a tmpfs")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(where)],
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(where)],
         capture_output=True,
     )
     if mounted.returncode != 0:
@@ -454,3 +455,64 @@ def test_a_report_that_cannot_be_written_after_the_upload_shows_the_summary_firs
     assert last.startswith(f"error: cannot write report {report} (No space left on device)")
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no half report
     assert set(xnat_server.archived_files("P", "S", "E")) == set(session.instances)
+
+
+# --- item 8: the journal's disk fills mid-run -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_journal_whose_disk_fills_mid_run_degrades_and_the_upload_completes(
+    xnat_server: SandboxServer, tmp_path: Path, full_disk: Path
+) -> None:
+    exam = big_session(tmp_path / "big")
+    journal = full_disk / "journal.sqlite"
+    env = xio_env(xnat_server.url, tmp_path / "home", {"XNATIO_JOURNAL": str(journal)})
+    args = ["upload-dicom", "P", "S", "E", str(exam), "--num-batches", "12"]
+    xnat_server.set_knobs(per_file_ms=30)
+    proc = subprocess.Popen(
+        xio_command([*args, "--upload-workers", "2"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: journal_rows(journal) >= 10)
+        fill(full_disk)  # the next confirmations find no room
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    _no_traceback(err)
+    warnings = [ln for ln in err.splitlines() if "cannot be written" in ln]
+    assert warnings == [
+        f"WARNING xnatio.journal: the resume journal {journal} cannot be written "
+        "(database or disk is full): going on without it; the server's read-back says what "
+        "landed, and the next run asks the server what it holds before sending"
+    ], err
+    assert "internal error" not in out + err
+    assert out.startswith("Uploaded 120 of 120 files") and "verified on the server" in out
+    manifest = discover(exam)
+    assert set(xnat_server.archived_files("P", "S", "E")) == {
+        f.sop_instance_uid for f in manifest.files
+    }
+
+    # A run that starts on the still full disk says what to do, exit 2; once there is room,
+    # the next one asks the server, finds everything there, and sends nothing.
+    xnat_server.set_knobs(per_file_ms=0)
+    before = xnat_server.stats().get("files_imported", 0)
+    full = run_xio(args, env)
+    assert full.returncode == 2, full.stderr
+    _no_traceback(full.stderr)
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"error: cannot use the resume journal {journal} (database or disk is full); free some "
+        "space on its disk, or choose another file with --journal FILE or XNATIO_JOURNAL"
+    )
+    (full_disk / "filler").unlink()
+    again = run_xio(args, env)
+    assert again.returncode == 0, again.stderr
+    _no_traceback(again.stderr)
+    assert xnat_server.stats().get("files_imported", 0) == before
