@@ -29,6 +29,8 @@ from upload_helpers import (
     PASSWORD,
     TEST_PROJECTS,
     USER,
+    SandboxProcess,
+    assert_server_holds_each_once,
     big_session,
     journal_rows,
     run_xio,
@@ -516,3 +518,51 @@ def test_a_journal_whose_disk_fills_mid_run_degrades_and_the_upload_completes(
     assert again.returncode == 0, again.stderr
     _no_traceback(again.stderr)
     assert xnat_server.stats().get("files_imported", 0) == before
+
+
+# --- item 16: retrying outlasts a server restart ----------------------------------------------
+
+OUTAGE_S = 20.0  # longer than the old budget's every backoff together (5 retries: 15.5 s)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_upload_outlasts_a_server_restart_of_twenty_seconds(tmp_path: Path) -> None:
+    """The server process is killed mid-upload and started again on the same port and data
+    OUTAGE_S seconds later (a Tomcat restart takes a minute or more; this is a short one): the CLI,
+    with its default --retries and --retry-budget, waits it out and completes, every instance
+    once on the server."""
+    exam = big_session(tmp_path / "big")
+    server = SandboxProcess(tmp_path / "xnat", None, "--per-file-ms", "30").start()
+    restarted: list[SandboxProcess] = []
+    env = xio_env(server.url, tmp_path / "home")
+    args = ["upload-dicom", "P", "S", "E", str(exam), "--num-batches", "12"]
+    proc = subprocess.Popen(
+        xio_command([*args, "--upload-workers", "3", "--json"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        landed = wait_for(lambda: server.stats().get("files_imported", 0) >= 10)
+        assert landed and proc.poll() is None, proc.communicate()[1]
+        server.stop()
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < OUTAGE_S and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]  # still waiting for the server
+        restarted.append(SandboxProcess(tmp_path / "xnat", server.port).start())
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        _no_traceback(err)
+        result = json.loads(out)
+        assert result["status"] == "success" and result["totals"]["verified"] == 120
+        assert_server_holds_each_once(server.url, discover(exam))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+        for s in restarted:
+            s.stop()

@@ -230,7 +230,8 @@ def report_option(f: F) -> F:
         "--report",
         type=click.Path(dir_okay=False, writable=True, path_type=Path),
         metavar="FILE",
-        help="Write every file's outcome to FILE (.csv, or JSON for any other name).",
+        help="Write every file's outcome to FILE (.csv, or JSON for any other name): mode "
+        "0600, atomically (a temporary file, then renamed), never through a symbolic link.",
     )(f)
 
 

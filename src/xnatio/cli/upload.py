@@ -177,7 +177,18 @@ Examples:
     type=click.IntRange(min=0),
     default=defaults.RETRIES,
     show_default=True,
-    help="Retries per batch on transient errors (backoff with jitter).",
+    help="Most retries per batch, request or lost association on transient errors (a cap; "
+    "--retry-budget usually ends retrying first). Backoff with jitter, up to 30 s apart.",
+)
+@click.option(
+    "--retry-budget",
+    type=click.FloatRange(min=0),
+    default=defaults.RETRY_BUDGET,
+    show_default=True,
+    metavar="SECONDS",
+    help="Keep retrying a failed request for this long after its first failure: longer than "
+    "an XNAT (Tomcat) restart, which takes a minute or more, so a restart mid-upload costs a "
+    "wait, not a failed run.",
 )
 @click.option(
     "--allow-multiple-studies",
@@ -278,6 +289,7 @@ def upload_dicom(
     direct_archive: bool,
     archive_wait: float,
     retries: int,
+    retry_budget: float,
     allow_multiple_studies: bool,
     dry_run: bool,
     verify: bool,
@@ -330,6 +342,7 @@ def upload_dicom(
         direct_archive=direct_archive,
         archive_wait=archive_wait,
         retries=retries,
+        retry_budget=retry_budget,
         allow_multiple_studies=allow_multiple_studies,
         dry_run=dry_run,
         verify=verify,

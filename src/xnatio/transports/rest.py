@@ -475,6 +475,7 @@ class RestUploader:
         partial = len(remaining) < len(batch.files)
         label = self._label(run, batch.files)
         retry_number = 0
+        since: float | None = None  # when this batch first failed (the retry budget's start)
         refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
             stream = make_archive_stream(
@@ -508,7 +509,8 @@ class RestUploader:
                         )
                         return
                     continue
-                if self._wait_to_retry(err, retry_number, f"batch {batch.index + 1}"):
+                since = self.retry.clock() if since is None else since
+                if self._wait_to_retry(err, retry_number, f"batch {batch.index + 1}", since):
                     retry_number += 1
                     continue
                 self._give_up(run, remaining, err, retry_number, batch.index, progress)
@@ -531,6 +533,7 @@ class RestUploader:
         remaining = list(batch.files)
         label = self._label(run, batch.files)
         retry_number = 0
+        since: float | None = None  # when this batch first failed (the retry budget's start)
         refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
             payload = sum(f.size for f in remaining)
@@ -561,7 +564,8 @@ class RestUploader:
                         )
                         return
                     continue
-                if self._wait_to_retry(err, retry_number, archive.name):
+                since = self.retry.clock() if since is None else since
+                if self._wait_to_retry(err, retry_number, archive.name, since):
                     retry_number += 1
                     continue
                 self._give_up(run, remaining, err, retry_number, batch.index, progress)
@@ -584,12 +588,18 @@ class RestUploader:
             idempotent_retry=False,
         )
 
-    def _wait_to_retry(self, err: BaseException, retry_number: int, what: str) -> bool:
-        """Back off before another attempt when ``err`` is transient and retries are left."""
+    def _wait_to_retry(
+        self, err: BaseException, retry_number: int, what: str, since: float | None = None
+    ) -> bool:
+        """Back off before another attempt when ``err`` is transient and retries are left:
+        fewer than ``--retries`` so far, within ``--retry-budget`` of ``since`` (the first
+        failure of this request; xnatio.retry)."""
         if not isinstance(err, TransientError) or retry_number >= self.retry.retries:
             return False
         log.info("%s: %s; retrying (%d/%d)", what, err, retry_number + 1, self.retry.retries)
-        return self.retry.wait(retry_number, err.retry_after, cancel=self.cancel, sleep=self.sleep)
+        return self.retry.wait(
+            retry_number, err.retry_after, cancel=self.cancel, sleep=self.sleep, since=since
+        )
 
     def _give_up(
         self,
@@ -718,13 +728,15 @@ class RestUploader:
         """One commit/build/archive POST, retried on transient errors except XNAT's final
         archive failures: "FAILED: …" and the archive timeout (facts 3.3, 3.4)."""
         retry_number = 0
+        since: float | None = None
         while True:
             try:
                 return self.client.request("POST", path, params=params, idempotent_retry=False)
             except TransientError as err:
                 if _final_archive_failure(err.message):
                     raise ServerError(err.message, status=err.status) from None
-                if not self._wait_to_retry(err, retry_number, f"POST {path}"):
+                since = self.retry.clock() if since is None else since
+                if not self._wait_to_retry(err, retry_number, f"POST {path}", since):
                     raise
                 retry_number += 1
 
