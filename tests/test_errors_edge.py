@@ -566,3 +566,23 @@ def test_an_upload_outlasts_a_server_restart_of_twenty_seconds(tmp_path: Path) -
         server.stop()
         for s in restarted:
             s.stop()
+
+
+def test_the_stopping_line_counts_what_is_in_flight() -> None:
+    from xnatio.cli.upload import InFlight
+    from xnatio.models import Phase, ProgressEvent
+
+    seen: list[ProgressEvent] = []
+    rest = InFlight(42)
+    rest.display = seen.append
+    assert rest.describe() == ""  # nothing sent yet: plain "stopping…"
+    rest(ProgressEvent(Phase.UPLOAD, 0, 0, batches_total=12, batches_done=9))
+    assert rest.describe() == "finishing 3 requests in flight"
+    rest(ProgressEvent(Phase.UPLOAD, 0, 0, batches_total=12, batches_done=11))
+    assert rest.describe() == "finishing 1 request in flight"
+    rest(ProgressEvent(Phase.COMMIT, 0, 1))
+    assert rest.describe() == "finishing the commit request in flight"
+    assert len(seen) == 3  # the display still gets every event
+    cstore = InFlight(4, "association")
+    cstore(ProgressEvent(Phase.UPLOAD, 0, 0, batches_total=45, batches_done=0))
+    assert cstore.describe() == "finishing 4 associations in flight"

@@ -355,7 +355,11 @@ def upload_dicom(
         dimse_timeout=dimse_timeout,
         network_timeout=network_timeout,
     )
-    in_flight = InFlight(opts.upload_workers if transport == "rest" else 1)
+    # At most this many batches are out at once: REST's requests, C-STORE's associations.
+    rest = transport == "rest"
+    in_flight = InFlight(
+        opts.upload_workers if rest else opts.batches, "request" if rest else "association"
+    )
     with json_errors(output), stop_in_two_steps(in_flight.describe):
         code = _upload(opts, server, dicom, output, report, in_flight)
     ctx.exit(code)
@@ -366,8 +370,8 @@ class InFlight:
     the batches being sent (at most ``workers`` at a time), or the one request of a commit or
     read-back."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self, workers: int, unit: str = "request") -> None:
+        self.workers, self.unit = workers, unit
         self.last: ProgressEvent | None = None
         self.display: ProgressCallback | None = None
 
@@ -382,7 +386,7 @@ class InFlight:
             return ""
         if event.phase is Phase.UPLOAD and event.batches_total:
             n = min(self.workers, max(0, event.batches_total - event.batches_done))
-            return f"finishing {n} request{'s' if n != 1 else ''} in flight"
+            return f"finishing {n} {self.unit}{'s' if n != 1 else ''} in flight"
         return f"finishing the {event.phase.value} request in flight"
 
 
