@@ -586,3 +586,18 @@ def test_the_stopping_line_counts_what_is_in_flight() -> None:
     cstore = InFlight(4, "association")
     cstore(ProgressEvent(Phase.UPLOAD, 0, 0, batches_total=45, batches_done=0))
     assert cstore.describe() == "finishing 4 associations in flight"
+
+
+def test_stdout_escapes_bytes_that_are_not_utf8_instead_of_raising() -> None:
+    """The edge's safety net: any command's text holding a non-UTF-8 file name is written with
+    ``\\xNN`` escapes, on a strict UTF-8 stream that would raise UnicodeEncodeError."""
+    import io
+
+    from xnatio.cli.main import GuardedStdout
+
+    raw = io.BytesIO()
+    strict = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    out = GuardedStdout(strict)
+    out.write("missing: /data/scan" + os.fsdecode(b"\xff") + ".dcm\n")
+    out.flush()
+    assert raw.getvalue() == b"missing: /data/scan\\xff.dcm\n"

@@ -53,7 +53,12 @@ def set_debug(ctx: click.Context, verbose: int) -> None:
 class GuardedStdout:
     """``sys.stdout`` while a command runs: writes go to the real stream; a write that fails
     raises :class:`BrokenPipe` (EPIPE) or :class:`OutputError` (anything else, or no stdout at
-    all) instead of an ``OSError`` (or ``AttributeError`` on ``None``) from deep in a command."""
+    all) instead of an ``OSError`` (or ``AttributeError`` on ``None``) from deep in a command.
+
+    Text holding a local file name's bytes that are not UTF-8 (lone surrogates) is written with
+    those bytes as ``\\xNN`` (:func:`xnatio.redact.printable`) rather than raising
+    ``UnicodeEncodeError``: the safety net behind the reports, which escape such names where
+    they build them (JSON stays valid there)."""
 
     def __init__(self, stream: IO[str] | None) -> None:
         self._stream = stream
@@ -83,7 +88,7 @@ class GuardedStdout:
         if self._stream is None:
             raise self._fail(None)
         try:
-            return self._stream.write(text)
+            return self._stream.write(redact.printable(text) if isinstance(text, str) else text)
         except OSError as exc:
             raise self._fail(exc) from None
 
