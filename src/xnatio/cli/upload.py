@@ -368,19 +368,26 @@ def upload_dicom(
 class InFlight:
     """Watches the progress events so that the first Ctrl-C can say at once what it waits for:
     the batches being sent (at most ``workers`` at a time), or the one request of a commit or
-    read-back."""
+    read-back.
+
+    Once stopping, later events are not shown: workers winding down after the cancel would
+    otherwise print progress ("120/120 files … done") after the resume hint.
+    """
 
     def __init__(self, workers: int, unit: str = "request") -> None:
         self.workers, self.unit = workers, unit
         self.last: ProgressEvent | None = None
         self.display: ProgressCallback | None = None
+        self.stopping = False
 
     def __call__(self, event: ProgressEvent) -> None:
         self.last = event
-        if self.display is not None:
+        if self.display is not None and not self.stopping:
             self.display(event)
 
     def describe(self) -> str:
+        """What the first Ctrl-C finishes (called by the CLI's signal handler, once)."""
+        self.stopping = True
         event = self.last
         if event is None or event.phase in (Phase.DISCOVER, Phase.PLAN, Phase.DONE):
             return ""
