@@ -296,29 +296,30 @@ def test_a_journal_that_cannot_be_used_is_one_line_and_exit_2(
     open_dir: Path,
     broken: str,
 ) -> None:
-    journal = tmp_path / "state" / "journal.sqlite"
-    env = xio_env(xnat_server.url, tmp_path / "home")
+    # The journal and the run locks both live under XDG_STATE_HOME/xnatio.
+    state = tmp_path / "state"
+    journal, locks = state / "xnatio" / "journal.sqlite", state / "xnatio" / "locks"
+    env = xio_env(xnat_server.url, tmp_path / "home", {"XDG_STATE_HOME": str(state)})
     args = ["upload-dicom", "P", "S", "E", str(session.root), "--json"]
-    first = run_xio([*args, "--journal", str(journal)], env)  # creates journal and locks/
+    first = run_xio(args, env)  # creates the journal and the locks folder
     assert first.returncode == 0, first.stderr
     uid: int | None = None
     if broken == "read-only journal":
         journal.chmod(0o400)
-        args += ["--journal", str(journal)]
         expected = f"error: cannot use the resume journal {journal} (attempt to write a readonly"
         fix = "make it writable, or choose another file with --journal FILE"
     elif broken == "locks not writable":
-        (journal.parent / "locks").chmod(0o500)
-        args = [*args[:3], "E2", *args[4:], "--journal", str(journal)]  # a new lock file
-        expected = "error: cannot create the run lock " + str(journal.parent / "locks")
-        fix = f"make {journal.parent / 'locks'} writable, or use another journal folder"
+        locks.chmod(0o500)
+        args[3] = "E2"  # a lock file that does not exist yet
+        expected = f"error: cannot create the run lock {locks}/"
+        fix = f"make {locks} writable"
     else:
-        del env["HOME"]
+        del env["HOME"], env["XDG_STATE_HOME"]
         uid = 12345  # no passwd entry: no home directory either
         shutil.copytree(session.root, open_dir / "in")
         args[4] = str(open_dir / "in")
-        expected = "error: no folder for the resume journal: HOME is not set and user 12345"
-        fix = "pass --journal FILE, or set XNATIO_JOURNAL or XDG_STATE_HOME"
+        expected = "error: no folder for the "  # the journal's (or the run locks')
+        fix = "HOME is not set and user 12345"
     proc = subprocess.run(
         _unprivileged(xio_command(args), uid=uid),
         env=env,
@@ -331,6 +332,7 @@ def test_a_journal_that_cannot_be_used_is_one_line_and_exit_2(
     _no_traceback(proc.stderr)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(expected) and fix in last, last
+    assert uid is None or "XDG_STATE_HOME" in last  # the fix
     assert json.loads(proc.stdout)["exit_code"] == 2  # --json still gives scripts a document
 
     if uid is not None:  # the fix the line names works for that user
