@@ -16,7 +16,12 @@ ARCHIVE_FORMAT = "tar"
 REQUEST_TIMEOUT = 10800.0  # seconds per REST request (a large batch takes long to import)
 OVERWRITE = "none"
 ARCHIVE_WAIT = 900.0  # seconds to wait for Direct-Archive's experiment (facts 1.6)
-RETRIES = 5  # per batch (REST) or association (C-STORE), as `--retries`
+# Retrying a request stops at whichever comes first: RETRIES further attempts (`--retries`, a
+# cap per batch, request or association) or RETRY_BUDGET seconds since its first failure
+# (`--retry-budget`): longer than a Tomcat restart (a minute or more), so an XNAT restarted
+# mid-upload costs a wait, not a failed run.
+RETRIES = 30
+RETRY_BUDGET = 180.0
 # send_dicom_store()'s own default, documented in docs/api-reference.md (the CLI passes RETRIES).
 DICOM_STORE_API_RETRIES = 3
 # C-STORE association knobs (seconds; 0 = none) and the largest PDU we accept (0 = no limit).

@@ -80,8 +80,9 @@ class UploadOptions:
     overwrite: str = defaults.OVERWRITE
     direct_archive: bool = False
     archive_wait: float = defaults.ARCHIVE_WAIT
-    retries: int = defaults.RETRIES
-    retry: RetryPolicy | None = None  # replaces ``retries`` when given (both transports)
+    retries: int = defaults.RETRIES  # a cap on further attempts per request
+    retry_budget: float = defaults.RETRY_BUDGET  # seconds after a request's first failure
+    retry: RetryPolicy | None = None  # replaces ``retries``/``retry_budget`` when given
     allow_multiple_studies: bool = False
     dry_run: bool = False
     preflight: bool = True
@@ -171,7 +172,6 @@ def discover_for_upload(opts: UploadOptions, progress: ProgressCallback | None) 
 
 def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
     """The REST client of an upload (asks for credentials when the settings allow it)."""
-    from xnatio.retry import RetryPolicy
     from xnatio.xnat.client import XnatClient
 
     server = settings.require_server()
@@ -183,7 +183,7 @@ def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
         verify=settings.verify,
         timeout=opts.timeout,
         pool_size=opts.upload_workers,
-        retry=opts.retry or RetryPolicy(retries=max(0, opts.retries)),
+        retry=opts.retry or _retry_policy(opts),
     )
 
 
@@ -200,7 +200,6 @@ def _send_rest(
 ) -> UploadResult:
     """Through the resume journal: only what the server has not confirmed is sent, then the
     session is committed and read back (see :mod:`xnatio.resume`)."""
-    from xnatio.retry import RetryPolicy
     from xnatio.transports.rest import RestTarget
 
     target = RestTarget(
@@ -215,7 +214,7 @@ def _send_rest(
         direct_archive=opts.direct_archive,
         archive_wait=opts.archive_wait,
     )
-    retry = opts.retry or RetryPolicy(retries=max(0, opts.retries))
+    retry = opts.retry or _retry_policy(opts)
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(rest_client(opts, settings))
@@ -315,6 +314,12 @@ def plan_upload(
     return make_plan(
         manifest, parts=opts.batches, planner=planner_for(opts.transport), progress=progress
     )
+
+
+def _retry_policy(opts: UploadOptions) -> RetryPolicy:
+    from xnatio.retry import RetryPolicy
+
+    return RetryPolicy(retries=max(0, opts.retries), budget=max(0.0, opts.retry_budget))
 
 
 def describe_dry_run(

@@ -163,12 +163,14 @@ class XnatClient:
 
     def _login_locked(self) -> None:
         retry_number = 0
+        since: float | None = None  # the first failure: retried within the retry budget
         while True:
             try:
                 self._login_once()
                 return
             except TransientError as exc:
-                if retry_number >= self.retry.retries:
+                since = self.retry.clock() if since is None else since
+                if retry_number >= self.retry.retries or self.retry.left(since) <= 0:
                     raise
                 log.info(
                     "login to %s: %s; retrying (%d/%d)",
@@ -177,7 +179,7 @@ class XnatClient:
                     retry_number + 1,
                     self.retry.retries,
                 )
-                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep)
+                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep, since=since)
                 retry_number += 1
 
     def _login_once(self) -> None:
@@ -307,12 +309,18 @@ class XnatClient:
         if self._jsession is None:
             self.login()
         retry_number = 0
+        since: float | None = None  # the first failure: retried within the retry budget
         while True:
             try:
                 with cuttable(cancel):
                     return self._request_once(method, path, params, data, headers, timeout)
             except TransientError as exc:
-                if not idempotent_retry or retry_number >= self.retry.retries:
+                since = self.retry.clock() if since is None else since
+                if (
+                    not idempotent_retry
+                    or retry_number >= self.retry.retries
+                    or self.retry.left(since) <= 0
+                ):
                     raise
                 log.info(
                     "%s %s: %s; retrying (%d/%d)",
@@ -322,7 +330,7 @@ class XnatClient:
                     retry_number + 1,
                     self.retry.retries,
                 )
-                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep)
+                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep, since=since)
                 retry_number += 1
 
     def _request_once(

@@ -210,6 +210,7 @@ class AssociationWorker:
         self.in_flight: DicomFile | None = None
         self.suspect: DicomFile | None = None  # in flight when the last association was lost
         self.failures = 0  # associations lost in a row without an answered file between
+        self.since: float | None = None  # when the first of them was lost (the retry budget)
 
     def run(self) -> tuple[list[FileOutcome], str | None]:
         """Returns the outcomes and, if it gave up, the one-line reason."""
@@ -223,6 +224,8 @@ class AssociationWorker:
                 break
             error = str(lost)
             self.failures += 1
+            if self.failures == 1:
+                self.since = job.retry.clock()
             if self.in_flight is not None and self.in_flight is self.suspect:
                 # Lost twice in a row on the same file: the file is the likely cause; give it up
                 # alone so that the rest of the association can go on.
@@ -242,7 +245,7 @@ class AssociationWorker:
                 job.retry.retries,
                 len(self.pending),
             )
-            if not job.retry.wait(self.failures - 1, cancel=cancel.event):
+            if not job.retry.wait(self.failures - 1, cancel=cancel.event, since=self.since):
                 break
         gave_up = None
         if self.pending:

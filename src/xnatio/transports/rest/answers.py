@@ -137,10 +137,12 @@ def wait_to_retry(
     retry: RetryPolicy,
     cancel: threading.Event,
     sleep: Sleep | None,
+    since: float | None = None,
 ) -> bool:
-    """Back off before another attempt when ``err`` is transient and retries are left; False
-    when not (or when cancelled while waiting)."""
+    """Back off before another attempt when ``err`` is transient and retries are left: fewer
+    than ``--retries`` so far, within ``--retry-budget`` of ``since`` (the first failure of this
+    request; xnatio.retry). False when not (or when cancelled while waiting)."""
     if not isinstance(err, TransientError) or retry_number >= retry.retries:
         return False
     log.info("%s: %s; retrying (%d/%d)", what, err, retry_number + 1, retry.retries)
-    return retry.wait(retry_number, err.retry_after, cancel=cancel, sleep=sleep)
+    return retry.wait(retry_number, err.retry_after, cancel=cancel, sleep=sleep, since=since)

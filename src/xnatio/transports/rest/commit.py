@@ -128,12 +128,14 @@ class Committer:
         """One commit/build/archive POST, retried on transient errors except XNAT's final
         archive failures: "FAILED: …" and the archive timeout (facts 3.3, 3.4)."""
         retry_number = 0
+        since: float | None = None  # the first failure: retried within the retry budget
         while True:
             try:
                 return self.client.request("POST", path, params=params, idempotent_retry=False)
             except TransientError as err:
                 if final_archive_failure(err.message):
                     raise ServerError(err.message, status=err.status) from None
+                since = self.retry.clock() if since is None else since
                 if not wait_to_retry(
                     err,
                     retry_number,
@@ -141,6 +143,7 @@ class Committer:
                     retry=self.retry,
                     cancel=self.cancel,
                     sleep=self.sleep,
+                    since=since,
                 ):
                     raise
                 retry_number += 1

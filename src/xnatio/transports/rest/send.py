@@ -225,6 +225,7 @@ class BatchSender:
         partial = len(remaining) < len(batch.files)
         label = self.run.label_of(batch.files, self.target.session)
         retry_number = 0
+        since: float | None = None  # when this batch first failed (the retry budget's start)
         refused = 0  # files XNAT could not read, in a row
         while remaining and not self.cancel.is_set():
             try:
@@ -255,7 +256,8 @@ class BatchSender:
                         self._give_up(remaining, refused_in_a_row(err, refused), 0, batch.index)
                         return
                     continue
-                if self._wait_to_retry(err, retry_number, what):
+                since = self.retry.clock() if since is None else since
+                if self._wait_to_retry(err, retry_number, what, since):
                     retry_number += 1
                     continue
                 self._give_up(remaining, err, retry_number, batch.index)
@@ -298,9 +300,17 @@ class BatchSender:
             cancel=self.coordinator,
         )
 
-    def _wait_to_retry(self, err: BaseException, retry_number: int, what: str) -> bool:
+    def _wait_to_retry(
+        self, err: BaseException, retry_number: int, what: str, since: float | None = None
+    ) -> bool:
         return wait_to_retry(
-            err, retry_number, what, retry=self.retry, cancel=self.cancel, sleep=self.sleep
+            err,
+            retry_number,
+            what,
+            retry=self.retry,
+            cancel=self.cancel,
+            sleep=self.sleep,
+            since=since,
         )
 
     def _give_up(
