@@ -145,7 +145,7 @@ def test_a_study_keeps_its_folders_per_root() -> None:
         ({"a": "MR", "b": "MR", "c": "PT"}, {}, "MR"),
         ({"a": "CT", "b": "PR", "c": "PR", "d": "SR"}, {}, "CT"),  # reports never name it
         ({"a": "SR"}, {}, "SR"),  # unless there is nothing else
-        ({"a": "PT", "b": "CT"}, {"a": 10, "b": 300}, "CT"),  # a tie: more files
+        ({"a": "PT", "b": "CT"}, {"a": 300, "b": 10}, "PT"),  # a tie: more files
         ({"a": "PT", "b": "CT"}, {"a": 5, "b": 5}, "CT"),  # then alphabetical
         ({"a": ""}, {}, ""),
     ],
@@ -545,9 +545,13 @@ def test_an_empty_outbox_is_no_study_and_a_missing_one_is_a_usage_error(tmp_path
 
 def test_a_file_copied_with_its_old_mtime_still_settles(outbox: Path) -> None:
     """cp -p and rsync -a keep the source's mtime: the copy's ctime says it is new."""
+    now = time.time()
+    for p in (outbox / "outbox").rglob("*"):
+        os.utime(p, (now - 3600, now - 3600))  # an hour old by mtime, written just now
     found = find_studies([outbox / "outbox"])
-    (row, *_) = build_plan(found, project="PROJ", settle=600.0, now=time.time()).rows
-    assert row.status is Status.SETTLING
+    rows = build_plan(found, project="PROJ", settle=600.0, now=now).rows
+    assert rows and all(r.status is Status.SETTLING for r in rows)
+    assert all("ago, less than the settle time (10m)" in r.reason for r in rows)
 
 
 # -- against the local XNAT ----------------------------------------------------------------
