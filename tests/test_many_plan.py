@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import tarfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -516,15 +517,29 @@ def test_a_plan_row_whose_files_are_gone_is_an_error(outbox: Path, tmp_path: Pat
     assert rows["P02"].status is Status.READY
 
 
-def test_a_study_over_a_folder_and_an_archive_is_one_study(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_a_study_over_a_folder_and_an_archive_is_one_study(tmp_path: Path, suffix: str) -> None:
     s = generate_session(
-        tmp_path / "x", series=2, instances=2, patient_id="P01", seed=1, image_size=SMALL
+        tmp_path / "x",
+        series=2,
+        instances=2,
+        patient_id="P01",
+        seed=1,
+        image_size=SMALL,
+        header={"StudyDescription": "from the archive"},
     )
-    archive = tmp_path / "second.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for sop in s.series[2]:
-            zf.write(s.instances[sop], f"series2/{sop}")
-            s.instances[sop].unlink()
+    archive = tmp_path / f"second{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for sop in s.series[2]:
+                zf.write(s.instances[sop], f"series2/{sop}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(s.instances[s.series[2][0]], "a/first")
+            for sop in s.series[2][1:]:
+                tf.add(s.instances[sop], f"series2/{sop}")
+    for sop in s.series[2]:
+        s.instances[sop].unlink()
     (tmp_path / "x" / "S002").rmdir()
     found = find_studies([tmp_path / "x", archive])
     (only,) = found.studies
@@ -533,6 +548,14 @@ def test_a_study_over_a_folder_and_an_archive_is_one_study(tmp_path: Path) -> No
     parts = only.manifests()
     assert [m.source_archive for m in parts] == [None, archive]
     assert only.modality == "MR" and only.attributes["PatientID"] == "P01"
+    # The first instance is in the folder; take it out and the archive's first one is read.
+    for f in (tmp_path / "x").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    (from_archive,) = find_studies([archive]).studies
+    assert from_archive.first_instance.startswith(str(archive))
+    assert from_archive.attributes["StudyDescription"] == "from the archive"
+    assert not from_archive.attributes_error
 
 
 def test_an_empty_outbox_is_no_study_and_a_missing_one_is_a_usage_error(tmp_path: Path) -> None:
