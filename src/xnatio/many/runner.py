@@ -54,7 +54,7 @@ from xnatio.errors import (
 from xnatio.journal import LockedError
 from xnatio.many import ledger as states
 from xnatio.many.ledger import Ledger, StudyRecord, study_key
-from xnatio.models import Manifest, Outcome, Phase, ProgressEvent, UploadResult
+from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.pipeline import UploadOptions, rest_client, upload
 from xnatio.settings import Settings
 
@@ -86,18 +86,26 @@ class StudyJob:
     session: str
     status: str = READY  # ready | settling | error (xnatio.many.plan)
     reason: str = ""
-    manifest: Manifest = field(repr=False)
+    # Usually one; a study spread over a folder and archives has one per source, all sent
+    # under the same labels, which XNAT merges into one session (facts 1.5).
+    manifests: tuple[Manifest, ...] = field(repr=False)
     patient_id: str = ""
     study_date: str = ""
     folders: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    settles_at: float = 0.0  # settling: when its newest file will be old enough (epoch seconds)
 
     @property
     def files(self) -> int:
-        return len(self.manifest.files)
+        return sum(len(m.files) for m in self.manifests)
 
     @property
     def bytes(self) -> int:
-        return self.manifest.total_bytes
+        return sum(m.total_bytes for m in self.manifests)
+
+    @property
+    def all_files(self) -> list[DicomFile]:
+        return [f for m in self.manifests for f in m.files]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,12 +151,14 @@ class ManyOptions:
         if self.parallel_studies < 1 or self.max_requests < 1 or self.max_attempts < 1:
             raise UsageError("--parallel-studies, --max-requests and --max-attempts must be >= 1")
 
-    def upload_options(self, job: StudyJob, subject: str, session: str) -> UploadOptions:
+    def upload_options(
+        self, job: StudyJob, manifest: Manifest, subject: str, session: str
+    ) -> UploadOptions:
         return UploadOptions(
             project=job.project,
             subject=subject,
             session=session,
-            path=job.manifest.source_archive or job.manifest.root,
+            path=manifest.source_archive or manifest.root,
             transport=self.transport,
             num_batches=self.num_batches,
             upload_workers=min(self.upload_workers, self.max_requests),
@@ -260,10 +270,10 @@ def my_studies(jobs: Sequence[StudyJob], options: ManyOptions) -> list[StudyJob]
     return list(jobs)
 
 
-def files_fingerprint(manifest: Manifest) -> str:
+def files_fingerprint(files: Sequence[DicomFile]) -> str:
     """Changes when a file is added, removed or rewritten (its size or mtime change)."""
     h = hashlib.sha256()
-    for f in sorted(manifest.files, key=lambda f: f.sop_instance_uid):
+    for f in sorted(files, key=lambda f: f.sop_instance_uid):
         h.update(f"{f.sop_instance_uid}\0{f.size}\0{f.mtime_ns}\n".encode())
     return h.hexdigest()[:32]
 
@@ -280,7 +290,7 @@ def decide(job: StudyJob, record: StudyRecord, options: ManyOptions, now: float)
     if job.status != READY:
         return Decision(False, states.WAITING, job.reason or job.status)
     if record.state == states.VERIFIED:
-        if record.fingerprint == files_fingerprint(job.manifest):
+        if record.fingerprint == files_fingerprint(job.all_files):
             return Decision(False, states.VERIFIED, "already verified; nothing new")
         return Decision(True, states.PLANNED, "new or changed files since it was verified")
     if record.state == states.QUARANTINED:
@@ -494,18 +504,20 @@ class ManyRun:
         self.ledger.put(record)
         self._emit(STARTED, record, note, files_total=job.files, bytes_total=job.bytes)
         outcome.ran = True
-        opts = self.options.upload_options(job, subject, session)
         try:
-            res = upload(
-                settings=self.settings,
-                options=opts,
-                manifest=job.manifest,
-                progress=self._progress_of(record, job),
-                notify=lambda msg: log.info("%s: %s", session, msg),
-                client=client,
-                cancel=self.cancel,
-                executor=self.executor,
-            )
+            results = [
+                upload(
+                    settings=self.settings,
+                    options=self.options.upload_options(job, manifest, subject, session),
+                    manifest=manifest,
+                    progress=self._progress_of(record, job),
+                    notify=lambda msg: log.info("%s: %s", session, msg),
+                    client=client,
+                    cancel=self.cancel,
+                    executor=self.executor,
+                )
+                for manifest in job.manifests
+            ]
         except (AuthError, UnreachableError, ConfigError) as exc:
             # Not this study's fault: stop the run, count nothing against the study.
             self._put_back(record, f"not sent: {exc}")
@@ -524,8 +536,10 @@ class ManyRun:
         except KeyboardInterrupt:
             self._put_back(record, "interrupted")
             raise
-        outcome.sent_files = sum(1 for o in res.files if o.sent_now and o.outcome in SENT)
-        self._settle(job, record, res)
+        outcome.sent_files = sum(
+            1 for res in results for o in res.files if o.sent_now and o.outcome in SENT
+        )
+        self._settle(job, record, results)
 
     def _put_back(self, record: StudyRecord, why: str) -> None:
         record.state = states.FAILED if record.attempts else states.PLANNED
@@ -553,20 +567,22 @@ class ManyRun:
             self.ledger.put(record)
             self._emit(FAILED, record, why)
 
-    def _settle(self, job: StudyJob, record: StudyRecord, res: UploadResult) -> None:
-        if res.session_uri:
-            record.session_uri = res.session_uri
-        if self.cancel.is_set() and not res.success:
+    def _settle(self, job: StudyJob, record: StudyRecord, results: list[UploadResult]) -> None:
+        for res in results:
+            record.session_uri = res.session_uri or record.session_uri
+        failed = [res for res in results if not res.success]
+        if self.cancel.is_set() and failed:
             self._put_back(record, "interrupted")
             return
-        if not res.success:
+        if failed:
+            res = failed[0]
             why = "; ".join(res.errors[:3]) or f"{len(res.failed)} file(s) failed"
             self._failed(record, why)
             return
         record.state = states.VERIFIED
         record.attempts, record.next_attempt, record.last_error = 0, 0.0, ""
         record.finished = record.verified_at = self.clock()
-        record.fingerprint = files_fingerprint(job.manifest)
+        record.fingerprint = files_fingerprint(job.all_files)
         record.reason = "verified" if self.options.verify else "sent and committed (not verified)"
         try:
             record.reason += after_verified(job, self.options, record)
@@ -601,8 +617,15 @@ def after_verified(job: StudyJob, options: ManyOptions, record: StudyRecord) -> 
     DIR/PROJECT/SUBJECT/SESSION/ (their path below the study's root kept). Returns a note."""
     if options.after == "keep":
         return ""
-    files = [f for f in job.manifest.files if f.member is None]
-    root = job.manifest.root
+    for manifest in job.manifests:
+        if manifest.source_archive is None:
+            _after_files(manifest, options, record)
+    verb = "deleted" if options.after == "delete" else f"moved to {options.after_dir}"
+    return f"; source files {verb}"
+
+
+def _after_files(manifest: Manifest, options: ManyOptions, record: StudyRecord) -> None:
+    files, root = manifest.files, manifest.root
     for f in files:
         if options.after == "delete":
             with contextlib.suppress(FileNotFoundError):
@@ -614,8 +637,6 @@ def after_verified(job: StudyJob, options: ManyOptions, record: StudyRecord) -> 
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(f.path), dest)
     _prune_empty_dirs({f.path.parent for f in files}, root)
-    verb = "deleted" if options.after == "delete" else f"moved to {options.after_dir}"
-    return f"; source files {verb}"
 
 
 def _relative(path: Path, root: Path) -> Path:
@@ -675,8 +696,9 @@ def upload_many(
         return run.run(jobs)
 
 
-def jobs_of(plan: Any) -> list[StudyJob]:
-    """The runner's view of a plan (:class:`xnatio.many.plan.Plan` rows, or StudyJobs)."""
+def jobs_of(plan: Any, *, settle: float = 0.0) -> list[StudyJob]:
+    """The runner's view of a plan (:class:`xnatio.many.plan.Plan` rows, or StudyJobs);
+    ``settle``: the plan's settle time, to say when a settling study will be ready."""
     rows = getattr(plan, "studies", None)
     if rows is None:
         rows = getattr(plan, "rows", plan)
@@ -685,14 +707,14 @@ def jobs_of(plan: Any) -> list[StudyJob]:
         if isinstance(row, StudyJob):
             out.append(row)
         else:
-            out.append(_job_of_row(row))
+            out.append(_job_of_row(row, settle))
     return out
 
 
-def _job_of_row(row: Any) -> StudyJob:
-    manifest = row.manifest if hasattr(row, "manifest") else None
-    if manifest is None:
-        raise UsageError(f"plan row for study {row.study_uid} carries no files")
+def _job_of_row(row: Any, settle: float) -> StudyJob:
+    manifests = tuple(getattr(row, "manifests", None) or ())
+    if not manifests and getattr(row, "status", READY) == READY:
+        raise UsageError(f"the plan row of study {row.study_uid} carries no files")
     return StudyJob(
         study_uid=row.study_uid,
         project=row.project,
@@ -700,10 +722,14 @@ def _job_of_row(row: Any) -> StudyJob:
         session=row.session,
         status=row.status,
         reason=row.reason or "",
-        manifest=manifest,
+        manifests=manifests,
         patient_id=getattr(row, "patient_id", "") or "",
         study_date=getattr(row, "study_date", "") or "",
         folders=tuple(str(f) for f in getattr(row, "folders", ()) or ()),
+        warnings=tuple(getattr(row, "warnings", ()) or ()),
+        settles_at=(float(getattr(row, "newest_mtime", 0.0) or 0.0) + settle)
+        if row.status == SETTLING
+        else 0.0,
     )
 
 
