@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import stat
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ def jobs_of_tree(root: Path, project: str = "P") -> list[StudyJob]:
                 project=project,
                 subject=patient,
                 session=f"{patient}_MR",
-                manifest=Manifest(root=root, files=files),
+                manifests=(Manifest(root=root, files=files),),
                 patient_id=patient,
                 folders=tuple(sorted({str(f.path.parent) for f in files})),
             )
@@ -324,3 +326,156 @@ def test_after_move_only_after_verification(
     assert {f.path.relative_to(done).parts[:3] for f in moved} == {
         ("P", f"PAT{i}", f"PAT{i}_MR") for i in range(3)
     }
+
+
+# -- the command, as cron and systemd run it ------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
+    from upload_helpers import PASSWORD, TEST_PROJECTS, USER
+
+    with SandboxServer(tmp_path / "xnat", users={USER: PASSWORD}, projects=TEST_PROJECTS) as s:
+        yield s
+
+
+def future(root: Path, seconds: float = 3600.0) -> None:
+    """Date every file under ``root`` in the future: the study settles only then (a plan
+    never sends a study whose newest change is not at least --settle old)."""
+    then = time.time() + seconds
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, (then, then))
+
+
+def interleaved_tree(root: Path, studies: int, files: int = 4) -> Path:
+    """``studies`` studies whose files are mixed in the same two folders, plus side files."""
+    for i in range(studies):
+        s = generate_session(
+            root / f".gen{i}",
+            series=2,
+            instances=files // 2,
+            patient_id=f"PAT{i}",
+            seed=100 + i,
+            image_size=(8, 8),
+        )
+        for n, path in enumerate(sorted(s.instances.values())):
+            dest = root / ("a" if n % 2 else "b") / f"{i}_{n}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(dest)
+        shutil.rmtree(root / f".gen{i}")
+    (root / "a" / "README.txt").write_text("not DICOM")
+    time.sleep(1.1)  # older than a --settle of 1s (the plan also looks at the change time)
+    return root
+
+
+def test_cli_plan_then_run_then_rerun(sandbox: SandboxServer, tmp_path: Path) -> None:
+    from upload_helpers import run_xio, xio_env
+
+    root = interleaved_tree(tmp_path / "outbox", 3)
+    generate_session(root / "fresh", series=1, instances=2, patient_id="NEW", seed=5)
+    future(root / "fresh")  # still being written, as far as the plan can tell
+    env = xio_env(sandbox.url, tmp_path / "home")
+    state = str(tmp_path / "state")
+    args = ["upload-many", str(root), "--project", "P", "--state-dir", state, "--settle", "1s"]
+
+    dry = run_xio([*args, "--dry-run", "--plan-out", str(tmp_path / "plan.csv")], env)
+    assert dry.returncode == 0, dry.stderr
+    assert "4 studies, 3 ready to send" in dry.stdout
+    assert "settling" in dry.stdout and "new session" in dry.stdout
+    assert stat.S_IMODE((tmp_path / "plan.csv").stat().st_mode) == 0o600
+    assert sandbox.stats().get("files_imported", 0) == 0
+
+    first = run_xio([*args, "--json", "--num-batches", "2"], env)
+    assert first.returncode == 0, first.stderr  # 3 verified, the fresh one deliberately waiting
+    events = [json.loads(line) for line in first.stdout.splitlines()]
+    kinds = Counter(e["event"] for e in events)
+    assert kinds["verified"] == 3 and kinds["waiting"] == 1 and kinds["summary"] == 1
+    summary = events[-1]
+    assert summary["totals"]["verified"] == 3 and summary["exit_code"] == 0
+    assert len(sandbox.experiment_labels("P")) == 3
+
+    again = run_xio(args, env)
+    assert again.returncode == 0, again.stderr
+    assert "0 sent this run" in again.stdout
+    status = run_xio(["status", "--state-dir", state], env)
+    assert status.returncode == 0 and status.stdout.startswith("4 studies: 3 verified, 1 waiting")
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_several_studies_then_rerun(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    """kill -9 while studies are in flight; the rerun ends with every instance on the server
+    exactly once and each study in exactly one session."""
+    import signal
+    import subprocess
+
+    from proc_helpers import reap
+    from upload_helpers import run_xio, wait_for, xio_command, xio_env
+
+    root = interleaved_tree(tmp_path / "outbox", 6, files=12)
+    env = xio_env(sandbox.url, tmp_path / "home")
+    state = tmp_path / "state"
+    args = ["upload-many", str(root), "--project", "P", "--state-dir", str(state)]
+    args += ["--parallel-studies", "2", "--num-batches", "6", "--upload-workers", "2"]
+    args += ["--settle", "1s"]
+    sandbox.set_knobs(latency_ms=60)
+    proc = subprocess.Popen(
+        xio_command(args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        assert wait_for(lambda: sandbox.stats().get("files_imported", 0) >= 20, timeout=120)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        reap(proc)
+    states_now = Counter(r.state for r in Ledger(state).records())
+    assert states_now[states.SENDING] >= 1  # killed in the middle of a study
+    sandbox.set_knobs(latency_ms=0)
+    rerun = run_xio(args, env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {r.state for r in Ledger(state).records()} == {states.VERIFIED}
+    assert_each_once(sandbox, root)
+    assert len(sandbox.experiment_labels("P")) == 6
+
+
+@pytest.mark.slow
+def test_watch_picks_up_a_study_copied_in_and_stops_cleanly_on_sigterm(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+
+    from proc_helpers import reap
+    from upload_helpers import wait_for, xio_command, xio_env
+
+    root = interleaved_tree(tmp_path / "outbox", 1)
+    env = xio_env(sandbox.url, tmp_path / "home")
+    state = tmp_path / "state"
+    args = ["upload-many", str(root), "--project", "P", "--state-dir", str(state)]
+    args += ["--watch", "--interval", "2", "--settle", "1s"]
+    proc = subprocess.Popen(
+        xio_command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+    def verified() -> int:
+        return sum(1 for r in Ledger(state).records() if r.state == states.VERIFIED)
+
+    try:
+        assert wait_for(lambda: verified() == 1, timeout=60)
+        # A new study is copied in while it watches.
+        new = generate_session(
+            tmp_path / "incoming", series=1, instances=3, patient_id="LATE", seed=42
+        )
+        shutil.copytree(new.root, root / "late")
+        assert wait_for(lambda: verified() == 2, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    assert "watching:" in err  # the heartbeat
+    assert "2 verified" in out
+    assert_each_once(sandbox, root)
+    assert not list((state / "locks").iterdir())

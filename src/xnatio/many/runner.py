@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from xnatio import defaults
 from xnatio.coordinator import BoundedExecutor, ExecutorFactory
@@ -54,11 +54,13 @@ from xnatio.errors import (
 from xnatio.journal import LockedError
 from xnatio.many import ledger as states
 from xnatio.many.ledger import Ledger, StudyRecord, study_key
+from xnatio.many.plan import Plan, StudyPlan
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.pipeline import UploadOptions, rest_client, upload
 from xnatio.settings import Settings
 
 if TYPE_CHECKING:
+    from xnatio.many.group import Study
     from xnatio.xnat.client import XnatClient
 
 log = logging.getLogger(__name__)
@@ -660,7 +662,7 @@ def _prune_empty_dirs(dirs: set[Path], root: Path) -> None:
 def upload_many(
     *,
     settings: Settings,
-    plan: Any,
+    plan: Plan | Sequence[StudyJob],
     options: ManyOptions | None = None,
     state_dir: Path | None = None,
     events: Events | None = None,
@@ -696,40 +698,34 @@ def upload_many(
         return run.run(jobs)
 
 
-def jobs_of(plan: Any, *, settle: float = 0.0) -> list[StudyJob]:
-    """The runner's view of a plan (:class:`xnatio.many.plan.Plan` rows, or StudyJobs);
-    ``settle``: the plan's settle time, to say when a settling study will be ready."""
-    rows = getattr(plan, "studies", None)
-    if rows is None:
-        rows = getattr(plan, "rows", plan)
-    out: list[StudyJob] = []
-    for row in rows:
-        if isinstance(row, StudyJob):
-            out.append(row)
-        else:
-            out.append(_job_of_row(row, settle))
-    return out
+def jobs_of(plan: Plan | Sequence[StudyJob], *, settle: float = 0.0) -> list[StudyJob]:
+    """The runner's view of a plan: :class:`xnatio.many.plan.Plan` rows with their studies'
+    files (``Study.manifests()``), or StudyJobs as they are. ``settle``: the plan's settle time,
+    to say when a settling study will be ready."""
+    if not isinstance(plan, Plan):
+        return list(plan)
+    return [_job_of_row(row, plan.study(row), settle) for row in plan.rows]
 
 
-def _job_of_row(row: Any, settle: float) -> StudyJob:
-    manifests = tuple(getattr(row, "manifests", None) or ())
-    if not manifests and getattr(row, "status", READY) == READY:
-        raise UsageError(f"the plan row of study {row.study_uid} carries no files")
+def _job_of_row(row: StudyPlan, study: Study | None, settle: float) -> StudyJob:
+    status = row.status.value
+    manifests = tuple(study.manifests()) if study is not None else ()
+    reason = row.reason
+    if status == READY and not manifests:
+        status, reason = ERROR, reason or "no files of this study were found"
     return StudyJob(
         study_uid=row.study_uid,
         project=row.project,
         subject=row.subject,
         session=row.session,
-        status=row.status,
-        reason=row.reason or "",
+        status=status,
+        reason=reason,
         manifests=manifests,
-        patient_id=getattr(row, "patient_id", "") or "",
-        study_date=getattr(row, "study_date", "") or "",
-        folders=tuple(str(f) for f in getattr(row, "folders", ()) or ()),
-        warnings=tuple(getattr(row, "warnings", ()) or ()),
-        settles_at=(float(getattr(row, "newest_mtime", 0.0) or 0.0) + settle)
-        if row.status == SETTLING
-        else 0.0,
+        patient_id=row.patient_id,
+        study_date=row.study_date,
+        folders=tuple(str(f) for f in row.folders),
+        warnings=tuple(row.warnings),
+        settles_at=row.newest_mtime + settle if status == SETTLING else 0.0,
     )
 
 
