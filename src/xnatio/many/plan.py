@@ -20,7 +20,6 @@ import csv
 import enum
 import io
 import json
-import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -97,25 +96,25 @@ class Plan:
 
 # -- durations ---------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)?", re.IGNORECASE)
-_UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])\s*", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``text``: ``90s``, ``10m``, ``1h``, ``2d``, ``1h30m``, or a plain number of
+    """Seconds in ``text``: ``90s``, ``10m``, ``1h``, ``2d``, ``1h 30m``, or a plain number of
     seconds. UsageError (one line) for anything else."""
-    s = text.strip().replace(" ", "")
+    s = text.strip()
+    if _NUMBER.fullmatch(s):
+        return float(s)
     total, pos = 0.0, 0
-    while pos < len(s):
-        m = _DURATION.match(s, pos)
-        if m is None or m.end() == pos:
+    while s and pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
             break
-        unit = m.group(2).lower() if m.group(2) else None
-        if unit is None and m.end() != len(s):
-            break  # a bare number must stand alone
-        total += float(m.group(1)) * _UNIT[unit]
+        total += float(m.group(1)) * _UNIT[m.group(2).lower()]
         pos = m.end()
-    if not s or pos != len(s) or not math.isfinite(total):
+    if not s or pos != len(s):
         raise UsageError(
             f"{text!r} is not a duration: write a number with s, m, h or d (e.g. 90s, 10m, 1h)"
         )
