@@ -81,3 +81,33 @@ def test_records_are_written_0600_atomically_and_a_damaged_one_is_skipped(tmp_pa
     assert not list(path.parent.glob(".*.tmp"))
     (path.parent / "broken.json").write_text("{not json")
     assert [x.study_uid for x in ledger.records()] == ["1"]
+
+
+def test_live_display_shows_studies_in_flight_and_totals() -> None:
+    """The terminal display: a line per study in flight and a totals line, redrawn; a line per
+    finished study above it; then the summary table."""
+    import io
+
+    from rich.console import Console
+
+    from xnatio.cli.options import OutputArgs
+    from xnatio.cli.upload_many import LiveDisplay, summary_table
+    from xnatio.many.runner import ManyEvent, ManyResult, StudyOutcome
+
+    out = io.StringIO()
+    display = LiveDisplay(OutputArgs(), Console(file=out, force_terminal=True, width=120))
+    r = record("1", states.PLANNED)
+    r.bytes = 2_000_000
+    with display:
+        display(ManyEvent(kind="planned", record=r))
+        display(ManyEvent(kind="started", record=r))
+        display(ManyEvent(kind="progress", record=r, files_done=5, bytes_done=1_000_000))
+        assert "P/S1/S1_MR: 5/10 files, 1.0/2.0 MB" in str(display._render())
+        assert "0/1 studies, 1.0/2.0 MB" in str(display._render())
+        r.state = states.VERIFIED
+        display(ManyEvent(kind="verified", record=r))
+        assert "1/1 studies, 2.0/2.0 MB" in str(display._render())
+    assert "verified P/S1/S1_MR (10 files, 2.0 MB)" in out.getvalue()
+    table = summary_table(ManyResult(studies=[StudyOutcome(record=r, ran=True, sent_files=10)]))
+    assert table.splitlines()[0].startswith("1 studies: 1 verified, 0 failed")
+    assert table.splitlines()[2].split()[:4] == ["verified", "P/S1/S1_MR", "10", "10"]
