@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from xnatio.cli.upload import json_errors, upload_dicom
 from xnatio.errors import UsageError
 from xnatio.many import ledger as states
 from xnatio.many.ledger import default_state_dir
-from xnatio.many.plan import Plan
+from xnatio.many.plan import Plan, format_duration
 from xnatio.many.runner import (
     PROGRESS,
     ManyEvent,
@@ -47,6 +48,7 @@ from xnatio.many.runner import (
     StudyJob,
     jobs_of,
 )
+from xnatio.many.templates import TEMPLATE_HELP
 from xnatio.models import ProgressCallback
 from xnatio.settings import Settings
 
@@ -80,6 +82,10 @@ def _attach(f: Any, param: click.Parameter) -> Any:
     return f
 
 
+def _wrapped(text: str, width: int = 96) -> str:
+    return "\n".join(textwrap.wrap(text, width)) + "\n"
+
+
 def _after(value: str) -> tuple[str, Path | None]:
     if value in ("keep", "delete"):
         return value, None
@@ -102,7 +108,7 @@ Examples:
 
 @click.command(
     "upload-many",
-    epilog=EXAMPLES + exit_codes_epilog(),
+    epilog=EXAMPLES + "\n\b\n" + _wrapped(TEMPLATE_HELP) + exit_codes_epilog(),
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -115,14 +121,17 @@ Examples:
 @click.option(
     "--subject",
     metavar="TEMPLATE",
-    default=None,
-    help="Subject label template.  [default: the plan's, see below]",
+    default=defaults.MANY_SUBJECT_TEMPLATE,
+    show_default=True,
+    help="Subject label template (see Label templates below).",
 )
 @click.option(
     "--session",
     metavar="TEMPLATE",
-    default=None,
-    help="Session label template.  [default: the plan's, see below]",
+    default=defaults.MANY_SESSION_TEMPLATE,
+    show_default=True,
+    help="Session label template: patient, date and modality, so follow-ups and a same-day "
+    "PET and MR get distinct sessions.",
 )
 @click.option(
     "--dry-run",
@@ -141,10 +150,10 @@ Examples:
 @click.option(
     "--settle",
     metavar="DURATION",
-    default=None,
-    help="Leave a study whose files changed less than DURATION ago (10m, 90s, 1h) for the "
-    "next run, so an export still being written is never sent half.  [default: "
-    "the plan's, see below]",
+    default=format_duration(defaults.MANY_SETTLE),
+    show_default=True,
+    help="Leave a study whose files changed less than DURATION ago (90s, 10m, 1h) for the "
+    "next run, so an export still being written is never sent half.",
 )
 @state_dir_option
 @click.option(
@@ -212,11 +221,11 @@ def upload_many_command(
     *,
     roots: tuple[Path, ...],
     project: str | None,
-    subject: str | None,
-    session: str | None,
+    subject: str,
+    session: str,
     dry_run: bool,
     plan_out: Path | None,
-    settle: str | None,
+    settle: str,
     state_dir: Path | None,
     parallel_studies: int,
     max_requests: int,
@@ -415,11 +424,22 @@ def _dry_run(plan: Plan, settings: Settings, output: OutputArgs, settle: float) 
     jobs = jobs_of(plan, settle=settle)
     held = server_sessions(settings, {j.project for j in jobs})
     rows = [dry_run_row(j, held) for j in jobs]
+    skipped = [f"{f.path}: {f.reason}" for f in plan.skipped]
     if output.json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))
+        doc = {"plan": {"studies": len(rows), "notes": list(plan.notes), "not_sent": skipped}}
+        click.echo(json.dumps(doc, ensure_ascii=False))
     else:
         click.echo(plan_table(rows))
+        for note in plan.notes:
+            click.echo(f"note: {note}")
+        if skipped:
+            click.echo(f"{len(skipped)} file(s) in no study, not sent:")
+            for line in skipped[:20]:
+                click.echo(f"  {line}")
+            if len(skipped) > 20:
+                click.echo(f"  ... and {len(skipped) - 20} more")
         if held is None:
             click.echo("(the server was not asked: no server or credentials)")
     return 0
@@ -642,12 +662,12 @@ class LiveDisplay(ManyDisplay):
     """A terminal: one line per study in flight (files, bytes) and a totals line (studies,
     files, bytes, rate, ETA), redrawn by rich; finished studies print one line above it."""
 
-    def __init__(self, output: OutputArgs) -> None:
+    def __init__(self, output: OutputArgs, console: Any = None) -> None:
         super().__init__(output)
         from rich.console import Console
         from rich.live import Live
 
-        self.console = Console(stderr=True)
+        self.console = console or Console(stderr=True)
         self.live = Live(console=self.console, refresh_per_second=4, transient=True)
         self.in_flight: dict[str, ManyEvent] = {}
         self.total_files = 0
