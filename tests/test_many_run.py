@@ -479,3 +479,15 @@ def test_watch_picks_up_a_study_copied_in_and_stops_cleanly_on_sigterm(
     assert "2 verified" in out
     assert_each_once(sandbox, root)
     assert not list((state / "locks").iterdir())
+
+
+def test_options_refuse_after_without_verification_and_share_the_cap_over_cstore() -> None:
+    from xnatio.errors import UsageError
+
+    with pytest.raises(UsageError, match="--after delete/move"):
+        ManyOptions(after="delete", verify=False).check()
+    with pytest.raises(UsageError, match="move:DIR"):
+        ManyOptions(after="move").check()
+    cstore = ManyOptions(transport="dicom-store", max_requests=12, parallel_studies=4)
+    assert cstore._batches() == 3  # 4 studies x 3 associations: never more than 12
+    assert ManyOptions(num_batches=7, max_requests=2)._batches() == 7  # REST: the pool caps

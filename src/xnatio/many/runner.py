@@ -153,6 +153,13 @@ class ManyOptions:
         if self.parallel_studies < 1 or self.max_requests < 1 or self.max_attempts < 1:
             raise UsageError("--parallel-studies, --max-requests and --max-attempts must be >= 1")
 
+    def _batches(self) -> int | None:
+        if self.transport == "rest":
+            return self.num_batches  # requests wait for the shared pool: the cap holds anyway
+        # C-STORE opens one association per batch, outside the REST pool: share the cap out.
+        share = max(1, self.max_requests // self.parallel_studies)
+        return min(self.num_batches or defaults.BATCHES[self.transport], share)
+
     def upload_options(
         self, job: StudyJob, manifest: Manifest, subject: str, session: str
     ) -> UploadOptions:
@@ -162,7 +169,7 @@ class ManyOptions:
             session=session,
             path=manifest.source_archive or manifest.root,
             transport=self.transport,
-            num_batches=self.num_batches,
+            num_batches=self._batches(),
             upload_workers=min(self.upload_workers, self.max_requests),
             archive_workers=self.archive_workers,
             archive_format=self.archive_format,
