@@ -491,3 +491,23 @@ def test_options_refuse_after_without_verification_and_share_the_cap_over_cstore
     cstore = ManyOptions(transport="dicom-store", max_requests=12, parallel_studies=4)
     assert cstore._batches() == 3  # 4 studies x 3 associations: never more than 12
     assert ManyOptions(num_batches=7, max_requests=2)._batches() == 7  # REST: the pool caps
+
+
+def test_upload_many_layers_spell_no_default_of_their_own() -> None:
+    """The many-study defaults live in xnatio.defaults only (as the upload defaults do)."""
+    import ast
+
+    from xnatio import defaults
+
+    src = Path(__file__).resolve().parent.parent / "src" / "xnatio"
+    spelled = {
+        defaults.MANY_PARALLEL_STUDIES,
+        defaults.MANY_MAX_REQUESTS,
+        defaults.MANY_RETRY_BACKOFF,
+        defaults.MANY_WATCH_INTERVAL,
+        defaults.MANY_SETTLE,
+    }
+    for rel in ("many/runner.py", "many/watch.py", "cli/upload_many.py"):
+        for node in ast.walk(ast.parse((src / rel).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+                assert node.value not in spelled, f"{rel}:{node.lineno} spells {node.value}"

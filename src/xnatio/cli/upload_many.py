@@ -668,7 +668,7 @@ class LiveDisplay(ManyDisplay):
         from rich.live import Live
 
         self.console = console or Console(stderr=True)
-        self.live = Live(console=self.console, refresh_per_second=4, transient=True)
+        self.live = Live(console=self.console, refresh_per_second=5, transient=True)
         self.in_flight: dict[str, ManyEvent] = {}
         self.total_files = 0
         self.total_bytes = 0
