@@ -620,3 +620,27 @@ def test_each_plan_row_sends_its_own_study_from_a_shared_folder(
             study_files = p.study(row)
             assert study_files is not None
             assert set(held) == {f.sop_instance_uid for f in study_files.files}
+
+
+def test_a_root_inside_another_is_walked_once(outbox: Path) -> None:
+    out = outbox / "outbox"
+    found = find_studies([out / "S001", out, out])
+    assert found.roots == (out,)
+    assert len(found.notes) == 2 and all("walked once" in n for n in found.notes)
+    assert found.file_count == 12 and not any(s.duplicates for s in found.studies)
+
+
+def test_a_plan_saved_by_a_spreadsheet_reads(outbox: Path, tmp_path: Path) -> None:
+    """Excel writes a byte-order mark and CRLF line ends, and a person may keep only the columns
+    that matter, in another order."""
+    found = find_studies([outbox / "outbox"])
+    p = build_plan(found, project="PROJ", settle=600.0, now=NOW)
+    lines = ["session,study_uid,folders,project,subject"]
+    lines += [f"{r.session},{r.study_uid},{r.folders[0]},{r.project},{r.subject}" for r in p.rows]
+    path = tmp_path / "edited.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    again = read_plan(path, settle=600.0, now=NOW)
+    assert [(r.study_uid, r.session, r.status) for r in again.rows] == [
+        (r.study_uid, r.session, r.status) for r in p.rows
+    ]
+    assert all(again.study(r) is not None for r in again.rows)
