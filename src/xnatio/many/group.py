@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import tarfile
-import threading
 import time
 import warnings
 import zipfile
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+# pydicom's warnings and log level are process-wide: one lock for every reader that quiets them.
+from xnatio.dicomheader import _PYDICOM_LOCK as PYDICOM_LOCK
 from xnatio.discover import archive_format, discover
 from xnatio.models import DicomFile, Manifest, ProgressCallback, SkippedFile, file_path
 
@@ -39,7 +40,6 @@ NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC"})
 # Attribute values kept for templates: text, numbers, dates, UIDs; never bulk or binary data.
 _SKIPPED_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
-_PYDICOM_LOCK = threading.Lock()
 _MODALITY = ("Modality",)
 
 
@@ -429,7 +429,7 @@ def header_attributes(fp: IO[bytes], keywords: Sequence[str] | None = None) -> d
     from pydicom.multival import MultiValue
 
     try:
-        with _PYDICOM_LOCK, warnings.catch_warnings():
+        with PYDICOM_LOCK, warnings.catch_warnings():
             # pydicom warns about every oddity it tolerates; catch_warnings is process-wide.
             warnings.simplefilter("ignore")
             log = logging.getLogger("pydicom")
