@@ -469,7 +469,20 @@ def test_a_reviewed_plan_runs_with_its_edited_labels(outbox: Path, tmp_path: Pat
     assert [r.status for r in p.rows] == [Status.READY, Status.ERROR, Status.ERROR, Status.READY]
     path = tmp_path / "plan.csv"
     write_plan(p, path)
-    assert read_plan(path, settle=600.0, now=NOW) == p  # read back unedited: the same plan
+    back = read_plan(path, settle=600.0, now=NOW)
+    assert back == p and back.notes == ()  # read back unedited: the same plan
+    # A row deleted by the reviewer: that study is left out, and the run says so.
+    kept = [
+        t
+        for t in path.read_text().splitlines(keepends=True)
+        if not t.startswith(p.rows[3].study_uid)
+    ]
+    (tmp_path / "fewer.csv").write_text("".join(kept))
+    fewer = read_plan(tmp_path / "fewer.csv", settle=600.0, now=NOW)
+    assert len(fewer.rows) == 3 and p.rows[3].study_uid not in fewer.studies
+    assert fewer.notes == (
+        "1 other study is under the plan's folders but not in the plan: left out",
+    )
 
     text = path.read_text()
     uid_mr, uid_ct = p.rows[1].study_uid, p.rows[2].study_uid
@@ -568,11 +581,11 @@ def test_an_empty_outbox_is_no_study_and_a_missing_one_is_a_usage_error(tmp_path
 
 def test_a_file_copied_with_its_old_mtime_still_settles(outbox: Path) -> None:
     """cp -p and rsync -a keep the source's mtime: the copy's ctime says it is new."""
-    now = time.time()
+    old = time.time() - 3600
     for p in (outbox / "outbox").rglob("*"):
-        os.utime(p, (now - 3600, now - 3600))  # an hour old by mtime, written just now
+        os.utime(p, (old, old))  # an hour old by mtime, written (ctime) just now
     found = find_studies([outbox / "outbox"])
-    rows = build_plan(found, project="PROJ", settle=600.0, now=now).rows
+    rows = build_plan(found, project="PROJ", settle=600.0, now=time.time()).rows
     assert rows and all(r.status is Status.SETTLING for r in rows)
     assert all("ago, less than the settle time (10m)" in r.reason for r in rows)
 

@@ -594,12 +594,14 @@ def read_plan(
         for line, r in written
     ]
     planned = {r.study_uid for _, r in written}
-    notes = list(found.notes)
+    # (found.notes only say that nested folders of several rows were walked once.)
+    notes: list[str] = []
     left_out = [s for s in found.studies if s.study_uid not in planned]
     if left_out:
+        n = len(left_out)
         notes.append(
-            f"{len(left_out)} other stud{'y' if len(left_out) == 1 else 'ies'} under the plan's "
-            "folders are not in the plan and are left out"
+            f"{n} other {'study is' if n == 1 else 'studies are'} under the plan's folders but "
+            "not in the plan: left out"
         )
     return Plan(
         tuple(cross_check(rows)),
