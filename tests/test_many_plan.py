@@ -127,6 +127,16 @@ def test_grouping_partitions_the_files_whatever_order_they_are_found_in(
     assert _shape(again) == _shape(studies)
 
 
+def test_a_copy_under_another_study_uid_makes_no_empty_study() -> None:
+    """The same SOP Instance UID under two StudyInstanceUIDs (a broken export): the first is
+    sent, the copy is accounted for, and no study without files appears."""
+    files = [[dicom_file("/r0/a", "A", "1")], [dicom_file("/r1/b", "B", "1")]]
+    studies, leftovers = group_manifests(_manifests(files))
+    assert [s.study_uid for s in studies] == ["A"]
+    assert [str(d.path) for d in leftovers] == ["/r1/b"]
+    assert "duplicate of /r0/a" in leftovers[0].reason
+
+
 def test_a_study_keeps_its_folders_per_root() -> None:
     files = [
         [dicom_file("/r0/p1/s1/a", "A", "1"), dicom_file("/r0/p1/s2/b", "A", "2")],

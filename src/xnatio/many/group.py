@@ -247,9 +247,15 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
         for uid, parents in here.items():
             where = Path(os.path.commonpath(parents)) if parents else m.source_archive or m.root
             folders.setdefault(uid, []).append(where)
+    out: list[Study] = []
     for uid, study in studies.items():
+        if not study.files:
+            # Only copies of instances already found under another study UID: nothing to send.
+            leftovers.extend(study.duplicates)
+            continue
         study.folders = tuple(dict.fromkeys(folders.get(uid, [])))
-    return list(studies.values()), leftovers
+        out.append(study)
+    return out, leftovers
 
 
 def _duplicate_study(d: SkippedFile, names: Mapping[str, str]) -> str | None:
