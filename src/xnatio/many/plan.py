@@ -633,7 +633,7 @@ def _edited_row(
     if not written.project and not (written.status is Status.ERROR and written.reason):
         errors.append(f"the project on {origin} is empty")
     if (not written.project or not all(labels.values())) and not errors:
-        errors.append(_own_reason(written.reason))
+        errors.append(_own_reason(written.reason) or f"a label on {origin} is empty")
     if study is None:
         missing = [str(f) for f in written.folders if not f.exists()]
         where = ", ".join(str(f) for f in written.folders) or "(no folders in the row)"
