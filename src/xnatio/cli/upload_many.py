@@ -178,7 +178,7 @@ Examples:
     show_default=True,
     help="Failed runs after which a study is quarantined (left out until --retry-quarantined "
     "or its labels are edited in the plan). A failed study is retried by later runs after "
-    f"a backoff ({int(defaults.MANY_RETRY_BACKOFF // 60)} min, doubling).",
+    f"a backoff ({format_duration(defaults.MANY_RETRY_BACKOFF)}, doubling per failed run).",
 )
 @click.option(
     "--retry-quarantined",
