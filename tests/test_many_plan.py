@@ -33,7 +33,7 @@ from xnatio.many import (
 )
 from xnatio.many.group import group_manifests, study_modality
 from xnatio.many.plan import SAME_SESSION, SHARED_SUBJECT, parse_plan, plan_text
-from xnatio.models import DicomFile, Manifest
+from xnatio.models import DicomFile, Manifest, Phase, ProgressEvent
 from xnatio.synth import generate_session
 
 # Later than any file's ctime (which no test can set): only mtimes decide in the tests below
@@ -423,7 +423,12 @@ def outbox(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_find_studies_groups_an_interleaved_export(outbox: Path) -> None:
-    found = find_studies([outbox / "outbox", outbox / "late"])
+    events: list[ProgressEvent] = []
+    found = find_studies([outbox / "outbox", outbox / "late"], progress=events.append)
+    reads = [e for e in events if "header attributes of 4 studies" in e.message]
+    # One read per series: a study's first instance is its first series' first file.
+    assert reads and reads[-1].current == reads[-1].total == 6
+    assert all(e.phase is Phase.DISCOVER for e in events)
     assert [(s.patient_id, s.modality, s.file_count, s.series_count) for s in found.studies] == [
         ("P 03.x", "MR", 2, 1),
         ("P01", "MR", 6, 2),
