@@ -266,8 +266,9 @@ def test_an_error_wins_over_settling() -> None:
 
 # -- plan files ----------------------------------------------------------------------------
 
-line_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12
+line_text = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12),
+    st.text(alphabet="=+-@'a ", max_size=4),  # what spreadsheets take for formulas
 ).map(str.strip)
 rows_strategy = st.builds(
     StudyPlan,
@@ -302,6 +303,15 @@ def test_a_plan_written_and_read_back_is_the_same_plan(rows: list[StudyPlan], js
         return
     back = [row for _, row in parse_plan(text, name="plan", jsonl=jsonl)]
     assert back == rows
+
+
+def test_a_csv_plan_never_hands_a_spreadsheet_a_formula() -> None:
+    """A Patient Name from a hostile export stays text in a spreadsheet, and reads back as is."""
+    row = StudyPlan("1.2", "P", "S", "E", patient_name='=HYPERLINK("http://x","y")')
+    text = plan_text([row], jsonl=False)
+    assert ",\"'=HYPERLINK" in text
+    assert ",=" not in text and ',"=' not in text
+    assert parse_plan(text, name="p.csv", jsonl=False)[0][1] == row
 
 
 @pytest.mark.parametrize(

@@ -377,8 +377,27 @@ def plan_text(rows: Iterable[StudyPlan], *, jsonl: bool) -> str:
     writer.writerow(COLUMNS)
     for r in rows:
         d = _row_dict(r, lists=False)
-        writer.writerow([d[c] for c in COLUMNS])
+        writer.writerow([_defuse(d[c]) for c in COLUMNS])
     return out.getvalue()
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula ("CSV injection"): a
+# Patient Name from another site's export is not to be trusted. Such cells are written with a
+# leading apostrophe, which spreadsheets take as "text", and read back without it (a value that
+# already starts with apostrophes before such a character gets one more, so reading is exact).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _formula_like(value: str) -> bool:
+    return value.lstrip("'").startswith(_FORMULA_START)
+
+
+def _defuse(value: object) -> object:
+    return "'" + value if isinstance(value, str) and _formula_like(value) else value
+
+
+def _restore(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") and _formula_like(cell) else cell
 
 
 def _row_dict(r: StudyPlan, *, lists: bool) -> dict[str, Any]:
@@ -471,7 +490,7 @@ def _csv_records(text: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise UsageError(
                     f"{name} line {line}: {len(cells)} cells where the header has {len(header)}"
                 )
-            record: dict[str, Any] = dict(zip(header, cells, strict=True))
+            record: dict[str, Any] = dict(zip(header, map(_restore, cells), strict=True))
             for c in _LISTS:
                 if c in record:
                     record[c] = [v for v in record[c].split("\n") if v.strip()]
