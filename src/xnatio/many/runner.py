@@ -363,9 +363,7 @@ class ManyRun:
         self.executor = executor
         self.clock = clock
         self._client = client
-        self._own_client = False
         self._stack = contextlib.ExitStack()
-        self._records_lock = threading.Lock()
 
     def __enter__(self) -> ManyRun:
         self.ledger.ensure()
