@@ -16,10 +16,10 @@ one small ``dict`` of strings is kept per study, never a pydicom Dataset.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tarfile
-import threading
 import time
 import warnings
 import zipfile
@@ -29,8 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+# pydicom's warnings and log level are process-wide: one lock for every reader that quiets them.
+from xnatio.dicomheader import _PYDICOM_LOCK as PYDICOM_LOCK
 from xnatio.discover import archive_format, discover
-from xnatio.models import DicomFile, Manifest, ProgressCallback, SkippedFile, file_path
+from xnatio.models import (
+    DicomFile,
+    Manifest,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    SkippedFile,
+    file_path,
+)
 
 # Modalities of objects that accompany images (presentation states, reports, key-object
 # selections, encapsulated documents): they name a study only when it holds nothing else.
@@ -38,7 +48,8 @@ NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC"})
 # Attribute values kept for templates: text, numbers, dates, UIDs; never bulk or binary data.
 _SKIPPED_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
-_PYDICOM_LOCK = threading.Lock()
+_MODALITY = ("Modality",)
+_PROGRESS_EVERY = 0.1  # seconds between progress events
 
 
 @dataclass(slots=True)
@@ -158,7 +169,7 @@ def find_studies(
         found.skipped.extend(m.skipped)
     found.studies, leftovers = group_manifests(manifests)
     found.skipped.extend(leftovers)
-    read_attributes(found.studies)
+    read_attributes(found.studies, progress)
     for study in found.studies:
         study.newest_change_ns = newest_change(study.files)
     found.studies.sort(key=_study_order)
@@ -245,9 +256,15 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
         for uid, parents in here.items():
             where = Path(os.path.commonpath(parents)) if parents else m.source_archive or m.root
             folders.setdefault(uid, []).append(where)
+    out: list[Study] = []
     for uid, study in studies.items():
+        if not study.files:
+            # Only copies of instances already found under another study UID: nothing to send.
+            leftovers.extend(study.duplicates)
+            continue
         study.folders = tuple(dict.fromkeys(folders.get(uid, [])))
-    return list(studies.values()), leftovers
+        out.append(study)
+    return out, leftovers
 
 
 def _duplicate_study(d: SkippedFile, names: Mapping[str, str]) -> str | None:
@@ -312,15 +329,16 @@ def study_modality(
     return min(series, key=lambda m: (-series[m], -files[m], m))
 
 
-def read_attributes(studies: Sequence[Study]) -> None:
+def read_attributes(studies: Sequence[Study], progress: ProgressCallback | None = None) -> None:
     """Fill each study's ``attributes`` (first instance, all keywords) and its ``Modality``.
 
     One full header read per study and one per series (for its Modality); archive members are
-    read in one pass over each archive.
+    read in one pass over each archive. ``progress`` gets DISCOVER events counting the reads.
     """
     firsts: dict[str, DicomFile] = {}
     series_firsts: dict[str, dict[str, DicomFile]] = {}
-    wanted: set[DicomFile] = set()
+    # File -> read every attribute (a first instance) or only Modality (a series' first).
+    wanted: dict[DicomFile, bool] = {}
     for study in studies:
         if not study.files:
             continue
@@ -330,9 +348,21 @@ def read_attributes(studies: Sequence[Study]) -> None:
         for f in study.files:
             by_series.setdefault(f.series_uid, []).append(f)
         reps = series_firsts[study.study_uid] = {s: _first(fs) for s, fs in by_series.items()}
-        wanted.add(first)
-        wanted.update(reps.values())
-    headers = dict(_read_headers(wanted))
+        for rep in reps.values():
+            wanted.setdefault(rep, False)
+        wanted[first] = True
+    what = (
+        f"reading the header attributes of {len(firsts)} stud{'y' if len(firsts) == 1 else 'ies'}"
+    )
+    headers: dict[DicomFile, dict[str, str] | str] = {}
+    last = 0.0
+    for f, result in _read_headers(wanted):
+        headers[f] = result
+        if progress is not None and time.monotonic() - last >= _PROGRESS_EVERY:
+            last = time.monotonic()
+            progress(ProgressEvent(Phase.DISCOVER, len(headers), len(wanted), what))
+    if progress is not None and wanted:
+        progress(ProgressEvent(Phase.DISCOVER, len(headers), len(wanted), what))
     for study in studies:
         if not study.files:
             continue
@@ -343,10 +373,10 @@ def read_attributes(studies: Sequence[Study]) -> None:
         else:
             attributes = dict(result)
         modalities: dict[str, str] = {}
-        for series_uid, f in series_firsts[study.study_uid].items():
-            rep = headers.get(f)
-            if isinstance(rep, dict):
-                modalities[series_uid] = rep.get("Modality", "")
+        for series_uid, rep in series_firsts[study.study_uid].items():
+            header = headers.get(rep)
+            if isinstance(header, dict):
+                modalities[series_uid] = header.get("Modality", "")
         counts = Counter(f.series_uid for f in study.files)
         modality = study_modality(modalities, counts)
         if modality:
@@ -357,25 +387,25 @@ def read_attributes(studies: Sequence[Study]) -> None:
 
 
 def _read_headers(
-    wanted: Iterable[DicomFile],
+    wanted: Mapping[DicomFile, bool],
 ) -> Iterator[tuple[DicomFile, dict[str, str] | str]]:
     """(file, attributes or the reason they could not be read) for each file of ``wanted``."""
     by_archive: dict[Path, list[DicomFile]] = {}
-    for f in wanted:
+    for f, full in wanted.items():
         if f.member is None:
             try:
                 with open(f.path, "rb") as fp:
-                    yield f, header_attributes(fp)
+                    yield f, header_attributes(fp, None if full else _MODALITY)
             except OSError as exc:
                 yield f, f"{f.path} could not be read ({exc.strerror or exc})"
         else:
             by_archive.setdefault(f.path, []).append(f)
     for archive, members in by_archive.items():
-        yield from _read_members(archive, members)
+        yield from _read_members(archive, members, wanted)
 
 
 def _read_members(
-    archive: Path, files: list[DicomFile]
+    archive: Path, files: list[DicomFile], wanted: Mapping[DicomFile, bool]
 ) -> Iterator[tuple[DicomFile, dict[str, str] | str]]:
     by_name = {f.member or "": f for f in files}
     done: set[str] = set()
@@ -385,21 +415,23 @@ def _read_members(
             with zipfile.ZipFile(archive) as zf:
                 for name, f in by_name.items():
                     with zf.open(name) as member:
-                        yield f, header_attributes(member)
+                        yield f, header_attributes(member, None if wanted[f] else _MODALITY)
                     done.add(name)
         else:
             # A compressed tar is read front to back once, as discovery read it.
             opened = tarfile.open(archive, "r|gz") if fmt == "tgz" else tarfile.open(archive, "r:")  # noqa: SIM115
             with opened as tf:
                 for info in tf:
-                    wanted = by_name.get(info.name)
-                    if wanted is None or info.name in done:
+                    found = by_name.get(info.name)
+                    if found is None or info.name in done:
                         continue
                     data = tf.extractfile(info)
                     if data is None:
                         continue
                     with data:
-                        yield wanted, header_attributes(data)
+                        # A member of a streamed tar cannot seek, which pydicom needs.
+                        member = io.BytesIO(data.read())
+                    yield found, header_attributes(member, None if wanted[found] else _MODALITY)
                     done.add(info.name)
                     if len(done) == len(by_name):
                         break
@@ -414,22 +446,28 @@ def _read_members(
             yield f, f"{archive}/{name} is no longer in the archive"
 
 
-def header_attributes(fp: IO[bytes]) -> dict[str, str] | str:
+def header_attributes(fp: IO[bytes], keywords: Sequence[str] | None = None) -> dict[str, str] | str:
     """Keyword -> text of every top-level attribute of the DICOM object in ``fp`` (pixel data and
-    other bulk or binary values left out), or the one-sentence reason it could not be read."""
+    other bulk or binary values left out), or only of ``keywords``; or the one-sentence reason
+    it could not be read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.multival import MultiValue
 
     try:
-        with _PYDICOM_LOCK, warnings.catch_warnings():
+        with PYDICOM_LOCK, warnings.catch_warnings():
             # pydicom warns about every oddity it tolerates; catch_warnings is process-wide.
             warnings.simplefilter("ignore")
             log = logging.getLogger("pydicom")
             level = log.level
             log.setLevel(logging.ERROR)
             try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                ds = pydicom.dcmread(
+                    fp,
+                    stop_before_pixels=True,
+                    force=True,
+                    specific_tags=None if keywords is None else list(keywords),
+                )
                 out: dict[str, str] = {}
                 for elem in ds:
                     if elem.VR in _SKIPPED_VRS or not elem.keyword:
