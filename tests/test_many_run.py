@@ -398,6 +398,9 @@ def test_cli_plan_then_run_then_rerun(sandbox: SandboxServer, tmp_path: Path) ->
     again = run_xio(args, env)
     assert again.returncode == 0, again.stderr
     assert "0 sent this run" in again.stdout
+    # A cron log stays short: verified and unchanged studies are counted, not listed.
+    assert "3 verified by earlier runs, unchanged" in again.stdout
+    assert "skipped" not in again.stderr and "PAT0" not in again.stdout
     status = run_xio(["status", "--state-dir", state], env)
     assert status.returncode == 0 and status.stdout.startswith("4 studies: 3 verified, 1 waiting")
 
