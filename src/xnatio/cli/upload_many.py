@@ -64,6 +64,7 @@ REUSED = (
     "direct_archive",
     "archive_wait",
     "retries",
+    "retry_budget",
     "verify",
     "journal_path",
 )
@@ -271,6 +272,7 @@ def upload_many_command(
         direct_archive=knobs["direct_archive"],
         archive_wait=knobs["archive_wait"],
         retries=knobs["retries"],
+        retry_budget=knobs["retry_budget"],
         verify=knobs["verify"],
         journal=knobs["journal_path"],
         parallel_studies=parallel_studies,
