@@ -398,6 +398,9 @@ def test_cli_plan_then_run_then_rerun(sandbox: SandboxServer, tmp_path: Path) ->
     again = run_xio(args, env)
     assert again.returncode == 0, again.stderr
     assert "0 sent this run" in again.stdout
+    # A cron log stays short: verified and unchanged studies are counted, not listed.
+    assert "3 verified by earlier runs, unchanged" in again.stdout
+    assert "skipped" not in again.stderr and "PAT0" not in again.stdout
     status = run_xio(["status", "--state-dir", state], env)
     assert status.returncode == 0 and status.stdout.startswith("4 studies: 3 verified, 1 waiting")
 
@@ -511,3 +514,57 @@ def test_upload_many_layers_spell_no_default_of_their_own() -> None:
         for node in ast.walk(ast.parse((src / rel).read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and type(node.value) in (int, float):
                 assert node.value not in spelled, f"{rel}:{node.lineno} spells {node.value}"
+
+
+def test_cli_runs_a_reviewed_plan_whose_edited_labels_win(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    import csv
+
+    from upload_helpers import run_xio, xio_env
+
+    root = interleaved_tree(tmp_path / "outbox", 2)
+    env = xio_env(sandbox.url, tmp_path / "home")
+    plan = tmp_path / "plan.csv"
+    args = ["upload-many", str(root), "--project", "P", "--settle", "1s", "--dry-run"]
+    made = run_xio([*args, "--plan-out", str(plan)], env)
+    assert made.returncode == 0, made.stderr
+    with plan.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["subject"] for r in rows] == ["PAT0", "PAT1"]
+    rows[0]["session"] = "Baseline visit"  # XNAT would clean it to Baseline_visit (facts 3.5)
+    with plan.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    state = str(tmp_path / "state")
+    ran = run_xio(["upload-many", str(plan), "--state-dir", state, "--settle", "1s"], env)
+    assert ran.returncode == 0, ran.stderr
+    assert sorted(sandbox.experiment_labels("P")) == ["Baseline_visit", rows[1]["session"]]
+    assert_each_once(sandbox, root)
+
+
+def test_a_study_in_a_folder_and_an_archive_is_one_session(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Half of a study loose in a folder, half inside a .zip: two manifests, sent under the same
+    labels one after the other; XNAT merges the second into the first's session (facts 1.5)."""
+    import zipfile
+
+    from xnatio.many import build_plan, find_studies
+
+    root = tmp_path / "outbox"
+    s = generate_session(root / "exam", series=2, instances=3, patient_id="PZ", seed=3)
+    files = sorted(s.instances.values())
+    with zipfile.ZipFile(tmp_path / "rest.zip", "w") as zf:
+        for path in files[3:]:
+            zf.write(path, arcname=path.name)
+            path.unlink()
+    roots = [root, tmp_path / "rest.zip"]  # ROOT... may name archives
+    plan = build_plan(find_studies(roots), project="P", session="{PatientID}_MR", settle=0)
+    [row] = plan.rows
+    assert len(plan.studies[row.study_uid].manifests()) == 2
+    result = upload_many(settings=settings_of(xnat_server), plan=plan, state_dir=tmp_path / "state")
+    assert result.exit_code == 0, [o.record.last_error for o in result.studies]
+    assert xnat_server.experiment_labels("P") == ["PZ_MR"]
+    assert set(xnat_server.archived_files("P", "PZ", "PZ_MR")) == set(s.instances)
