@@ -40,8 +40,10 @@ def test_answer_is_the_xapi_uri_and_the_experiment_comes_after_the_idle_interval
     # Archiving goes on in the background (files appear one by one, the row goes last): wait
     # for the whole end state, not its first sign.
     eventually(
-        lambda: set(xnat.archived_files("P", "S", "E")) == set(s.instances)
-        and http.get(xnat.url + uri).status_code == 404,
+        lambda: (
+            set(xnat.archived_files("P", "S", "E")) == set(s.instances)
+            and http.get(xnat.url + uri).status_code == 404
+        ),
         "the whole experiment archived and the row gone",
         tries=1200,
     )
