@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from xnatio.progress import TimestampedStream, local_timestamp
 from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -290,7 +293,7 @@ def resolve_cli_settings(
     if server.password is not None and not (output and output.quiet):
         click.echo(PASSWORD_FLAG_WARNING, err=True)
     d = dicom or DicomArgs()
-    return resolve_settings(
+    settings = resolve_settings(
         server=server.server,
         username=server.user,
         password=server.password,
@@ -305,6 +308,29 @@ def resolve_cli_settings(
         need_credentials=need_credentials,
         profile_may_be_missing=profile_may_be_missing,
     )
+    if not settings.verify_tls:
+        _one_tls_warning(settings.sources.get("verify_tls", "--no-verify-tls"), output)
+    return settings
+
+
+def _one_tls_warning(source: str, output: OutputArgs | None) -> None:
+    """``--no-verify-tls``: one line for the command, not urllib3's InsecureRequestWarning for
+    every connection (urllib3 sets it to "always"). The filter is put back when the command
+    ends (commands also run in-process: tests, scripts)."""
+    from urllib3.exceptions import InsecureRequestWarning
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.meta.get("xnatio.tls_warned"):
+        return
+    ctx.meta["xnatio.tls_warned"] = True
+    ctx.with_resource(warnings.catch_warnings())
+    warnings.simplefilter("ignore", InsecureRequestWarning)
+    if not (output and output.quiet):
+        click.echo(
+            f"warning: TLS certificate checking is off ({source}): the server's identity is "
+            "not checked",
+            err=True,
+        )
 
 
 @contextlib.contextmanager
@@ -361,8 +387,12 @@ def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterato
     # On a terminal the live progress line has no newline yet: start ours on a line of its own.
     lead = "\n" if _isatty(2) else ""
 
+    def stamp() -> str:
+        # stderr is a log (the CLI timestamps its lines): this line, written past it, too.
+        return local_timestamp() + " " if isinstance(sys.stderr, TimestampedStream) else ""
+
     def abort(signum: int, frame: object) -> None:
-        os.write(2, (lead + ABORT_LINE).encode())
+        os.write(2, (lead + stamp() + ABORT_LINE).encode())
         os._exit(EXIT_INTERRUPTED)
 
     def stop(signum: int, frame: object) -> None:
@@ -377,7 +407,9 @@ def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterato
                 what = describe_stop()
             except Exception:  # a progress detail must never stand in the way of stopping
                 what = ""
-        line = f"{lead}stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)\n"
+        line = (
+            f"{lead}{stamp()}stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)\n"
+        )
         os.write(2, line.encode("utf-8", "backslashreplace"))
         raise KeyboardInterrupt
 

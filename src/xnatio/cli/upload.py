@@ -233,6 +233,15 @@ Examples:
 )
 @report_option
 @output_options
+@click.option(
+    "--log-interval",
+    type=click.FloatRange(min=0.1),
+    default=defaults.LOG_INTERVAL,
+    show_default=True,
+    metavar="SECONDS",
+    help="When stderr is not a terminal (cron, pipes, CI): seconds between progress lines, "
+    "besides one at each phase change. Every such line starts with the local time.",
+)
 @server_options
 @dicom_options
 @click.option(
@@ -298,6 +307,7 @@ def upload_dicom(
     wait: bool,
     report: Path | None,
     output: OutputArgs,
+    log_interval: float,
     server: ServerArgs,
     dicom: DicomArgs,
     max_pdu: int,
@@ -361,7 +371,7 @@ def upload_dicom(
         opts.upload_workers if rest else opts.batches, "request" if rest else "association"
     )
     with json_errors(output), stop_in_two_steps(in_flight.describe):
-        code = _upload(opts, server, dicom, output, report, in_flight)
+        code = _upload(opts, server, dicom, output, report, in_flight, log_interval)
     ctx.exit(code)
 
 
@@ -404,6 +414,7 @@ def _upload(
     output: OutputArgs,
     report: Path | None,
     in_flight: InFlight | None = None,
+    log_interval: float = defaults.LOG_INTERVAL,
 ) -> int:
     # Cheap checks first: a typo in PATH or a missing password should not wait for discovery.
     if not os.path.lexists(opts.path):
@@ -413,7 +424,7 @@ def _upload(
     settings = resolve_cli_settings(server, dicom, output=output)
     check_ready(opts, settings)
 
-    with choose_display(quiet=output.quiet) as display:
+    with choose_display(quiet=output.quiet, log_interval=log_interval) as display:
         manifest = discover_for_upload(opts, display)
         if opts.dry_run:
             text, data = describe_dry_run(opts, manifest, display)

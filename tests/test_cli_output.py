@@ -1,0 +1,179 @@
+"""What a person sees: the real CLI's output, as a log (stderr a pipe), in help, in messages.
+
+The log tests run ``python -m xnatio`` in a subprocess against the local XNAT-compatible server,
+with stderr a pipe, as cron and CI run it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xnatio.progress import CliLogHandler, TimestampedStream
+from xnatio.sandbox import SandboxServer
+from xnatio.synth import SyntheticSession, generate_session
+
+# Local ISO 8601 to the second, with the UTC offset: 2026-11-30T05:01:02+01:00
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ")
+PHASES = ("discover", "plan", "connect", "upload", "commit", "verify")
+
+
+def _xio(
+    *args: str, env: dict[str, str], home: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
+    child_env.update(env, HOME=str(home))
+    child_env.pop("XNATIO_LOG_TIMESTAMPS", None)  # conftest turns them off for other tests
+    return subprocess.run(
+        [sys.executable, "-m", "xnatio", *args],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=timeout,
+    )
+
+
+def _env(server: SandboxServer, url: str | None = None) -> dict[str, str]:
+    return {
+        "XNAT_SERVER": url or server.url,
+        "XNAT_USERNAME": server.username,
+        "XNAT_PASSWORD": server.password,
+    }
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> SyntheticSession:
+    return generate_session(tmp_path / "in", series=3, instances=10, image_size=(16, 16))
+
+
+@pytest.mark.integration
+def test_log_lines_are_timestamped_and_follow_the_interval_not_the_size(
+    tmp_path: Path, session: SyntheticSession, xnat_server: SandboxServer
+) -> None:
+    # Slowed server: each file takes 60 ms, one batch at a time, so the upload lasts a few
+    # seconds and the periodic lines have time to come.
+    xnat_server.set_knobs(per_file_ms=60.0)
+    interval = 0.5
+    started = time.monotonic()
+    proc = _xio(
+        "upload-dicom",
+        *("P", "S", "E", str(session.root)),
+        *("--num-batches", "3", "--upload-workers", "1", "--log-interval", str(interval)),
+        env=_env(xnat_server),
+        home=tmp_path,
+    )
+    duration = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines, "a log shows progress"
+    for line in lines:
+        assert STAMP.match(line), line
+    assert "\x1b[" not in proc.stderr
+    text = [STAMP.sub("", ln) for ln in lines]
+    seen = {ln.split(":", 1)[0] for ln in text}
+    assert {"discover", "upload", "verify"} <= seen, text
+    # One line at each phase change, one when a phase completes, the rest one per interval.
+    bound = duration / interval + 2 * len(PHASES) + 1
+    assert len(lines) <= bound, (len(lines), bound, text)
+    # The summary is on stdout, not timestamped.
+    assert proc.stdout.startswith("Uploaded 30 of 30 files"), proc.stdout
+
+
+@pytest.mark.integration
+def test_a_log_of_a_big_session_does_not_grow_with_its_size(
+    tmp_path: Path, xnat_server: SandboxServer
+) -> None:
+    # 200 files in well under the default interval: a handful of lines, not ten per phase.
+    big = generate_session(tmp_path / "big", series=4, instances=50, image_size=(8, 8))
+    proc = _xio(
+        "upload-dicom", *("P", "S", "BIG", str(big.root)), env=_env(xnat_server), home=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert all(STAMP.match(ln) for ln in lines), lines
+    assert len(lines) <= 2 * len(PHASES) + 1, lines
+
+
+def test_log_records_read_warning_not_the_logger_name() -> None:
+    out = io.StringIO()
+    handler = CliLogHandler(out)
+    logger = logging.getLogger("xnatio.test_cli_output")
+    logger.addHandler(handler)
+    try:
+        logger.warning("batch 3: retrying after HTTP 503")
+        logger.error("batch 4 failed")
+        handler.threshold = logging.INFO  # -v: who said it
+        logger.warning("batch 5: retrying")
+    finally:
+        logger.removeHandler(handler)
+    assert out.getvalue().splitlines() == [
+        "warning: batch 3: retrying after HTTP 503",
+        "error: batch 4 failed",
+        "WARNING xnatio.test_cli_output: batch 5: retrying",
+    ]
+
+
+def test_timestamped_stream_stamps_each_line_once() -> None:
+    out = io.StringIO()
+    stream = TimestampedStream(out)
+    stream.write("upload: 1/3 ")
+    stream.write("files\nverify: ")
+    stream.write("done\n\n")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert all(STAMP.match(ln) for ln in lines), lines
+    assert [STAMP.sub("", ln) for ln in lines] == ["upload: 1/3 files", "verify: done", ""]
+
+
+@pytest.fixture
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    try:
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+                *("-subj", "/CN=other.example.org", "-keyout", str(key), "-out", str(cert)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    except FileNotFoundError:
+        pytest.skip("openssl is not installed")
+    return cert, key
+
+
+@pytest.mark.integration
+def test_no_verify_tls_is_one_warning_not_one_per_connection(
+    tmp_path: Path,
+    session: SyntheticSession,
+    xnat_server: SandboxServer,
+    certificate: tuple[Path, Path],
+) -> None:
+    # The sandbox behind TLS with a certificate for another host: only --no-verify-tls works.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate[0]), str(certificate[1]))
+    httpd = xnat_server._httpd
+    assert httpd is not None
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    url = xnat_server.url.replace("http://", "https://", 1)
+    proc = _xio(
+        "upload-dicom",
+        *("P", "S", "E", str(session.root), "--no-verify-tls", "--num-batches", "6"),
+        env=_env(xnat_server, url),
+        home=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "InsecureRequestWarning" not in proc.stderr
+    tls = [ln for ln in proc.stderr.splitlines() if "TLS certificate checking is off" in ln]
+    assert len(tls) == 1, proc.stderr
+    assert STAMP.sub("", tls[0]).startswith("warning: TLS certificate checking is off")
