@@ -177,3 +177,58 @@ def test_no_verify_tls_is_one_warning_not_one_per_connection(
     tls = [ln for ln in proc.stderr.splitlines() if "TLS certificate checking is off" in ln]
     assert len(tls) == 1, proc.stderr
     assert STAMP.sub("", tls[0]).startswith("warning: TLS certificate checking is off")
+
+
+UPLOAD_SECTIONS = (
+    "Target and source:",
+    "Batching:",
+    "Verification and resume:",
+    "Server and credentials:",
+    "DICOM C-STORE (--transport dicom-store):",
+    "Output:",
+)
+
+
+def test_upload_help_lists_every_option_once_under_its_section() -> None:
+    from click.testing import CliRunner
+
+    from xnatio.cli.main import cli
+    from xnatio.cli.upload import upload_dicom
+
+    text = CliRunner().invoke(cli, ["upload-dicom", "--help"], terminal_width=100).output
+    heads = [text.index(f"\n{title}\n") for title in UPLOAD_SECTIONS]
+    assert heads == sorted(heads), "sections in their order"
+    assert "Other options:" not in text, "every option has a section"
+    assert "\nOptions:\n" not in text
+    for param in upload_dicom.params:
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("-"):
+                assert opt in text, opt
+    # Each option under the right heading: a sample from each.
+    for title, option in zip(
+        UPLOAD_SECTIONS,
+        ("--transport", "--num-batches", "--journal", "--ca-bundle", "--dicom-host", "--json"),
+        strict=True,
+    ):
+        start = text.index(f"\n{title}\n")
+        nxt = [h for h in heads if h > start]
+        assert option in text[start : (nxt[0] if nxt else len(text))], (title, option)
+    assert "[env: XNAT_CA_BUNDLE]" in " ".join(text.split())
+
+
+def test_each_command_lists_its_own_exit_codes() -> None:
+    from click.testing import CliRunner
+
+    from xnatio.cli.main import cli
+
+    def epilog(*args: str) -> str:
+        text = CliRunner().invoke(cli, [*args, "--help"], terminal_width=100).output
+        return text[text.index("Exit codes") :]
+
+    assert "resume" in epilog("upload-dicom")
+    for command in (["login"], ["config", "show"], ["verify"], ["upload-resource"]):
+        codes = epilog(*command)
+        assert "resume" not in codes, command
+        assert "130  interrupted (Ctrl-C)" in codes, command
+    assert "  3  " not in epilog("config", "show")  # it never contacts the server
+    assert "session was not found" in epilog("verify")

@@ -35,7 +35,16 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from xnatio.errors import (
+    EXIT_AUTH,
+    EXIT_BROKEN_PIPE,
+    EXIT_CODES,
+    EXIT_FILES_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 from xnatio.progress import TimestampedStream, local_timestamp
 from xnatio.settings import Settings, resolve_settings
 
@@ -112,7 +121,8 @@ _SERVER_OPTIONS = [
         "--ca-bundle",
         metavar="FILE",
         type=click.Path(dir_okay=False),
-        help="CA certificates (PEM) to trust for the server, e.g. a site's own CA.",
+        help="CA certificates (PEM) to trust for the server, e.g. a site's own CA.  "
+        "[env: XNAT_CA_BUNDLE]",
     ),
     click.option(
         "--profile",
@@ -238,11 +248,79 @@ def report_option(f: F) -> F:
     )(f)
 
 
-def exit_codes_epilog(title: str = "Exit codes") -> str:
-    """The exit codes as a help epilog block (the group's and every command's, see
-    :data:`xnatio.errors.EXIT_CODES`)."""
-    lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+# What every command that is not an upload means by its codes: no "resume" for them.
+COMMAND_EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_USAGE: EXIT_CODES[EXIT_USAGE],
+    EXIT_AUTH: EXIT_CODES[EXIT_AUTH],
+    EXIT_UNREACHABLE: EXIT_CODES[EXIT_UNREACHABLE],
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: EXIT_CODES[EXIT_BROKEN_PIPE],
+}
+
+
+def exit_codes_epilog(title: str = "Exit codes", codes: dict[int, str] | None = None) -> str:
+    """The exit codes as a help epilog block: ``codes`` (what one command means by each), by
+    default the upload's (:data:`xnatio.errors.EXIT_CODES`, which the group shows too)."""
+    table = EXIT_CODES if codes is None else codes
+    lines = "\n".join(f"  {code:>3}  {text}" for code, text in sorted(table.items()))
     return f"\n\b\n{title}:\n{lines}\n"
+
+
+def command_exit_codes(**meanings: str) -> dict[int, str]:
+    """:data:`COMMAND_EXIT_CODES` with a command's own words: ``ok=``, ``failed=`` (exit 1,
+    left out when not given), ``usage=``, ``auth=``, ``unreachable=``; an empty text leaves
+    that code out (a command that never contacts a server has no exit 3 or 4)."""
+    keys = {
+        "ok": EXIT_OK,
+        "failed": EXIT_FILES_FAILED,
+        "usage": EXIT_USAGE,
+        "auth": EXIT_AUTH,
+        "unreachable": EXIT_UNREACHABLE,
+    }
+    codes = dict(COMMAND_EXIT_CODES)
+    for key, text in meanings.items():
+        if text:
+            codes[keys[key]] = text
+        else:
+            codes.pop(keys[key], None)
+    return codes
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options under headings.
+
+    ``sections`` is ``((title, (param name, ...)), ...)``; names that the command does not have
+    are passed over (so a section may name an option another branch adds), and options no
+    section names are listed last, under "Other options", so none is ever left out.
+    """
+
+    def __init__(
+        self, *args: Any, sections: tuple[tuple[str, tuple[str, ...]], ...] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records: dict[str, tuple[str, str]] = {}
+        help_option = self.get_help_option(ctx)
+        for param in self.get_params(ctx):
+            if not isinstance(param, click.Option):
+                continue  # arguments are in the usage line and the text
+            record = param.get_help_record(ctx)
+            if record is not None and param.name is not None:
+                records["help" if param is help_option else param.name] = record
+        placed: set[str] = set()
+        for title, names in self.sections:
+            rows = [records[n] for n in names if n in records and n not in placed]
+            placed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [record for name, record in records.items() if name not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
 
 
 def finish_command(

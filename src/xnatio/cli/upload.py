@@ -19,6 +19,7 @@ from xnatio import defaults
 from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
+    SectionedCommand,
     ServerArgs,
     dicom_options,
     exit_codes_epilog,
@@ -88,8 +89,53 @@ Examples:
 """
 
 
+# --help lists the options under these headings (an option no section names, e.g. one added
+# later, is listed under "Other options": add its name here).
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "Target and source",
+        ("transport", "overwrite", "direct_archive", "archive_wait", "allow_multiple_studies"),
+    ),
+    (
+        "Batching",
+        (
+            "num_batches",
+            "upload_workers",
+            "archive_workers",
+            "archive_format",
+            "compress",
+            "timeout",
+            "retries",
+            "retry_budget",
+        ),
+    ),
+    ("Verification and resume", ("verify", "restart", "journal_path", "wait", "dry_run")),
+    (
+        "Server and credentials",
+        ("server", "user", "password", "verify_tls", "ca_bundle", "profile", "env_file"),
+    ),
+    (
+        "DICOM C-STORE (--transport dicom-store)",
+        (
+            "dicom_host",
+            "dicom_port",
+            "dicom_called_aet",
+            "dicom_calling_aet",
+            "max_pdu",
+            "acse_timeout",
+            "dimse_timeout",
+            "network_timeout",
+            "no_routing",
+        ),
+    ),
+    ("Output", ("json_output", "report", "quiet", "verbose", "log_interval", "help")),
+)
+
+
 @click.command(
     "upload-dicom",
+    cls=SectionedCommand,
+    sections=SECTIONS,
     epilog=EXAMPLES + exit_codes_epilog(),
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
