@@ -6,6 +6,7 @@ import email.utils
 import math
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
@@ -19,6 +20,9 @@ from xnatio.adaptive import (
     signal_of_exception,
     signal_of_status,
 )
+
+if TYPE_CHECKING:
+    from xnatio.sandbox import SandboxServer
 
 
 class FakeClock:
@@ -267,3 +271,66 @@ def test_acquire_gives_up_when_cancelled() -> None:
     held = lim.acquire()
     assert held is not None
     assert lim.acquire(cancelled=lambda: True, poll=0.01) is None
+
+
+# -- against the sandbox over real HTTP --------------------------------------------------------
+def _hammer(url: str, workers: int, requests_each: int, limit: AdaptiveLimit | None) -> list[int]:
+    """``workers`` threads, each sending GETs; through ``limit`` when given. Returns statuses."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one(session: requests.Session) -> None:
+        if limit is None:
+            status = session.get(url, timeout=30).status_code
+        else:
+            with limit.slot("GET") as slot:
+                resp = session.get(url, timeout=30)
+                status = resp.status_code
+                slot.answered(status, resp.headers.get("Retry-After"))
+        with lock:
+            statuses.append(status)
+
+    def worker() -> None:
+        with requests.Session() as session:
+            for _ in range(requests_each):
+                one(session)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+@pytest.mark.integration
+def test_sandbox_counts_its_peak_concurrency(xnat_server: SandboxServer) -> None:
+    url = xnat_server.url + "/xapi/siteConfig/buildInfo"
+    xnat_server.set_knobs(latency_ms=40)
+    _hammer(url, workers=6, requests_each=3, limit=None)
+    stats = requests.get(xnat_server.url + "/_sandbox/stats", timeout=10).json()
+    assert stats["inflight"] == 0
+    assert 3 <= stats["inflight_peak"] <= 6  # six threads at once (not all need overlap)
+    # A POST starts a new measurement; a capped client never shows more than its cap.
+    reset = requests.post(xnat_server.url + "/_sandbox/stats", timeout=10).json()
+    assert reset["inflight_peak"] == 0
+    _hammer(url, workers=6, requests_each=3, limit=AdaptiveLimit(cap=2, initial=2))
+    assert xnat_server.stats()["inflight_peak"] <= 2
+
+
+@pytest.mark.integration
+def test_sandbox_overload_knob_and_the_limit_backing_off(xnat_server: SandboxServer) -> None:
+    """A server that holds 3 requests answers 503 beyond them; an adaptive client that started at
+    a cap of 8 comes down, and the server then sees few 503s."""
+    url = xnat_server.url + "/xapi/siteConfig/buildInfo"
+    xnat_server.set_knobs(latency_ms=30, overload_inflight=3)
+    blind = _hammer(url, workers=8, requests_each=4, limit=None)
+    assert blind.count(503) > 0
+    requests.post(xnat_server.url + "/_sandbox/stats", timeout=10)
+    limit = AdaptiveLimit(cap=8, initial=8)
+    statuses = _hammer(url, workers=8, requests_each=6, limit=limit)
+    stats = limit.stats()
+    assert stats.decreases >= 1
+    assert stats.lowest_limit <= 4
+    assert statuses.count(503) < blind.count(503)
+    assert xnat_server.stats()["inflight_peak"] <= 8
