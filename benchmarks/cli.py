@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 
 from benchmarks.data import cache_root
+from benchmarks.link import link_unavailable, remove_stale
 from benchmarks.report import case_table, goals, goals_table, machine_info, scale_table
 from benchmarks.scenarios import SCENARIOS, TINY, CaseResult, Runner, Sizes, build_cases
 
@@ -29,6 +32,10 @@ def _counts(text: str) -> tuple[int, ...]:
     return values
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/run.py",
@@ -43,14 +50,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--repeat", type=int, help="runs per contender (default: per scenario)")
     p.add_argument(
-        "--files", type=int, help="session size for rest-limit, rest-wan, rest-latency and cstore"
+        "--files",
+        type=int,
+        help="session size for rest-limit, rest-wan, rest-slow, rest-latency and cstore",
     )
     p.add_argument("--discover-files", type=_counts, help="e.g. 15000,50000")
     p.add_argument("--scale-files", type=_counts, help="e.g. 2000,15000,50000")
     p.add_argument(
         "--tiny",
         action="store_true",
-        help="tiny sessions and one run each: checks the harness in seconds, measures nothing",
+        help="tiny sessions and one run each: checks that every contender runs and lands its "
+        "files (a minute or two); the figures mean nothing",
     )
     p.add_argument(
         "--prepare-only",
@@ -80,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.scenarios or list(SCENARIOS)
     sizes = TINY if args.tiny else Sizes()
     if args.files:
-        sizes = replace(sizes, rest_files=args.files, cstore_files=args.files)
+        sizes = replace(
+            sizes, rest_files=args.files, slow_files=args.files, cstore_files=args.files
+        )
     if args.discover_files:
         sizes = replace(sizes, discover_files=args.discover_files)
     if args.scale_files:
@@ -94,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             series, per = case.data.layout
             print(f"{case.name}: {series} x {per} files, receiver {case.receiver}", end="")
             print(f", knobs {case.knobs}" if case.knobs else "", end="")
+            print(f", link {case.link_mbit:g} Mbit/s" if case.link_mbit else "", end="")
             print(f", repeat {case.repeat}")
             for x in case.contenders:
                 print(f"  {x.name}: {x.summary}")
@@ -113,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepared in {time.perf_counter() - started:.0f} s")
         return 0
     results: list[CaseResult] = []
+    # SIGTERM stops the harness as Ctrl-C does, so receivers and shaped links are cleaned up.
+    signal.signal(signal.SIGTERM, _terminate)
+    stale = [] if link_unavailable() else remove_stale()
+    if stale:
+        print(f"removed {len(stale)} namespace(s) left by a killed harness: {', '.join(stale)}")
     try:
         for case in cases:
             results.append(runner.run_case(case))

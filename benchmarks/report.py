@@ -206,6 +206,22 @@ def goals(results: list[CaseResult]) -> list[Goal]:
         lambda a, b: f"xnatctl {b:.2f} s / xio --no-verify {a:.2f} s = {b / a:.2f}×",
     )
     ratio_goal(
+        "rest-wan",
+        "xio",
+        "xnatctl",
+        "(issue 16) ≥ 2× faster than xnatctl under rest-wan (400 Mbit/s link)",
+        lambda a, b: b / a >= 2.0,
+        lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    ratio_goal(
+        "rest-slow",
+        "xio",
+        "xnatctl",
+        "(issue 16) ≥ 2.5× faster than xnatctl at 100 Mbit/s (rest-slow)",
+        lambda a, b: b / a >= 2.5,
+        lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    ratio_goal(
         "rest-latency",
         "xio --no-verify",
         "xnatctl",

@@ -24,11 +24,16 @@ from benchmarks.data import (
     ensure_tar,
     warm_cache,
 )
+from benchmarks.link import Link, link_unavailable
 from benchmarks.measure import MB, median, run_measured
 from benchmarks.servers import Sandbox, StoreSCP
 
-# rest-wan's server costs; docs/performance.md says why these values.
-WAN_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0, "bandwidth_mbps": 400.0}
+# rest-wan's and rest-slow's server costs; docs/performance.md says why these values. Their link
+# rate is not a server knob: the kernel shapes a real link (benchmarks/link.py), so every
+# contender meets the same TCP bottleneck.
+WAN_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0}
+WAN_LINK_MBIT = 400.0
+SLOW_LINK_MBIT = 100.0
 # rest-latency: the same distant, busy server on a link fast enough not to be the limit, which is
 # how issue 3 states its goal against xnatctl ("added latency per request and per file").
 LATENCY_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0}
@@ -51,6 +56,7 @@ class Case:
     repeat: int
     baseline: str | None = None
     knobs: dict[str, float] = field(default_factory=dict)
+    link_mbit: float = 0.0  # > 0: the receiver sits behind a shaped link of this rate
     needs_tar: bool = False
     moves_bytes: bool = True  # False for discovery: it reads headers only, MB/s means nothing
     auth_sandbox: bool = False
@@ -60,6 +66,8 @@ class Case:
 @dataclass
 class Sizes:
     rest_files: int = 15_000
+    # 100 Mbit/s moves 12 MB/s: a third of the REST session keeps each run near a minute.
+    slow_files: int = 5_000
     cstore_files: int = 2_000
     discover_files: tuple[int, ...] = (15_000, 50_000)
     scale_files: tuple[int, ...] = (2_000, 15_000, 50_000)
@@ -69,6 +77,7 @@ class Sizes:
 
 TINY = Sizes(
     rest_files=60,
+    slow_files=60,
     cstore_files=10,
     discover_files=(300,),
     scale_files=(60, 180),
@@ -76,13 +85,22 @@ TINY = Sizes(
     scale_image=SMALL_IMAGE,
 )
 
-SCENARIOS = ("rest-limit", "rest-wan", "rest-latency", "cstore", "discover", "scale")
+SCENARIOS = (
+    "rest-limit",
+    "rest-wan",
+    "rest-slow",
+    "rest-latency",
+    "cstore",
+    "discover",
+    "scale",
+)
 # Sized so that a full run stays under 15 minutes on 2 cores (measured: about 13): rest-wan moves
 # 2.5 GB at 400 Mbit/s four times (a minute or two each), cstore's single-association references
 # take about 2 minutes each. --repeat N runs every contender N times, alternating.
 DEFAULT_REPEAT = {
     "rest-limit": 2,
     "rest-wan": 1,
+    "rest-slow": 1,
     "rest-latency": 1,
     "cstore": 1,
     "discover": 3,
@@ -126,6 +144,26 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                     reps(name),
                     baseline="xnatctl",
                     knobs=dict(WAN_KNOBS),
+                    link_mbit=WAN_LINK_MBIT,
+                )
+            )
+        elif name == "rest-slow":
+            slow = DataSpec(sizes.slow_files, *sizes.image)
+            cases.append(
+                Case(
+                    "rest-slow",
+                    f"rest-slow {slow.files} files",
+                    slow,
+                    "sandbox",
+                    [
+                        c.xio_rest(REST_WORKERS),
+                        c.xio_rest_no_verify(REST_WORKERS),
+                        c.xnatctl_rest(REST_WORKERS),
+                    ],
+                    reps(name),
+                    baseline="xnatctl",
+                    knobs=dict(WAN_KNOBS),
+                    link_mbit=SLOW_LINK_MBIT,
                 )
             )
         elif name == "rest-latency":
@@ -365,9 +403,15 @@ class Runner:
         ctx.tmp.mkdir(parents=True)
         ctx.home.mkdir(parents=True)
         server_peaks: dict[str, float] = {}
+        link: Link | None = None
         try:
             try:
-                self._start_receivers(case, ctx)
+                if case.link_mbit > 0:
+                    why = link_unavailable()
+                    if why:
+                        raise c.Unavailable(why)
+                    link = Link(case.link_mbit).__enter__()
+                self._start_receivers(case, ctx, link)
                 inv = x.build(ctx)
             except (c.Unavailable, RuntimeError) as exc:
                 return _failed(rep, str(exc))
@@ -389,6 +433,8 @@ class Runner:
                 ctx.auth_sandbox.stop()
             if ctx.scp is not None:
                 server_peaks = ctx.scp.stop()
+            if link is not None:
+                link.close()
             if not self.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
         metric = checked.inner_s if checked.inner_s is not None else measured.wall_s
@@ -415,9 +461,9 @@ class Runner:
             },
         )
 
-    def _start_receivers(self, case: Case, ctx: c.RunContext) -> None:
+    def _start_receivers(self, case: Case, ctx: c.RunContext, link: Link | None) -> None:
         if case.receiver == "sandbox":
-            ctx.sandbox = Sandbox(ctx.workdir / "server", knobs=dict(case.knobs))
+            ctx.sandbox = Sandbox(ctx.workdir / "server", knobs=dict(case.knobs), link=link)
             ctx.sandbox.start()
         elif case.receiver == "storescp":
             ctx.scp = StoreSCP(ctx.workdir / "scp")

@@ -139,3 +139,89 @@ def test_run_py_tiny_uploads_for_real_and_writes_a_complete_record(tmp_path: Pat
     assert "REST within 1.25× of the curl limit (rest-limit 60 files)" in goals
     assert "C-STORE ≥ 5× dcmtk storescu (files/s) (cstore 10 files)" in goals
     assert "### rest-limit 60 files" in done.stdout
+
+
+# --- the shaped link of rest-wan and rest-slow (benchmarks/link.py) ---------------------------
+
+from benchmarks import link as shaped  # noqa: E402
+
+needs_link = pytest.mark.skipif(
+    bool(shaped.link_unavailable()), reason=shaped.link_unavailable() or "link available"
+)
+
+
+@needs_link
+def test_a_link_puts_the_receiver_behind_a_kernel_shaped_veth_and_goes_away(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    with shaped.Link(100) as link:
+        assert link.name in shaped.namespaces()
+        qdisc = subprocess.run(
+            ["tc", "qdisc", "show", "dev", link._host_if], capture_output=True, text=True
+        ).stdout
+        assert "tbf" in qdisc and "100Mbit" in qdisc
+        # A listener inside the namespace is reached at the server address, not on loopback.
+        server = subprocess.Popen(
+            [
+                *link.exec_prefix(),
+                sys.executable,
+                "-c",
+                "import socket; s = socket.socket(); "
+                f"s.bind(({link.server_ip!r}, 0)); s.listen(1); "
+                "print(s.getsockname()[1], flush=True); c, _ = s.accept(); "
+                "c.sendall(c.recv(5)); c.close()",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            with socket.create_connection((link.server_ip, port), timeout=10) as conn:
+                conn.sendall(b"hello")
+                assert conn.recv(5) == b"hello"
+        finally:
+            server.wait(timeout=10)
+            server.stdout.close()  # type: ignore[union-attr]
+    assert link.name not in shaped.namespaces()
+    gone = subprocess.run(["ip", "link", "show", link._host_if], capture_output=True)
+    assert gone.returncode != 0
+
+
+@needs_link
+def test_namespaces_of_a_killed_harness_are_removed_and_sigterm_cleans_up() -> None:
+    import signal
+    import subprocess
+
+    # A harness process that made a link and was then stopped with SIGTERM cleans up itself
+    # (the harness turns SIGTERM into KeyboardInterrupt, as benchmarks/cli.py does).
+    code = (
+        f"import signal, sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from benchmarks.cli import _terminate\n"
+        "from benchmarks.link import Link\n"
+        "signal.signal(signal.SIGTERM, _terminate)\n"
+        "with Link(50) as link:\n"
+        "    print(link.name, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    name = proc.stdout.readline().strip()
+    assert name in shaped.namespaces()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert name not in shaped.namespaces()
+
+    # One left behind by a harness killed with SIGKILL: removed by the next harness.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"{shaped.PREFIX}{dead.pid}-0"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        assert stale in shaped.remove_stale()
+        assert stale not in shaped.namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True)
