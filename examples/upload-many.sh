@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Upload many session folders, one after another, into one project.
+# Upload many session folders, one after another, into one project: a shell loop over
+# `xio upload-dicom`, kept as the baseline that `xio upload-many` is measured against
+# (docs/performance.md). For real work use `xio upload-many ROOT --project P`, which groups files
+# by study wherever they lie, names sessions from the DICOM headers, sends several studies at once
+# under one cap on requests, and remembers what it sent (docs/upload-many.md).
 #
 #   examples/upload-many.sh MYPROJECT /data/exports/*/
 #

@@ -17,6 +17,17 @@ REQUEST_TIMEOUT = 10800.0  # seconds per REST request (a large batch takes long 
 OVERWRITE = "none"
 ARCHIVE_WAIT = 900.0  # seconds to wait for Direct-Archive's experiment (facts 1.6)
 RETRIES = 5  # per batch (REST) or association (C-STORE), as `--retries`
+# xio upload-many (xnatio.many): studies sent at once, the one cap on REST requests in flight to
+# the server whatever the number of studies, failed runs before a study is quarantined, the
+# backoff before a failed study is tried again (doubling per failed run, capped), the --watch
+# rescan interval (seconds) and what happens to a verified study's source files.
+MANY_PARALLEL_STUDIES = 4
+MANY_MAX_REQUESTS = UPLOAD_WORKERS
+MANY_MAX_ATTEMPTS = 3
+MANY_RETRY_BACKOFF = 300.0
+MANY_RETRY_BACKOFF_MAX = 6 * 3600.0
+MANY_WATCH_INTERVAL = 60.0
+MANY_AFTER = "keep"
 # send_dicom_store()'s own default, documented in docs/api-reference.md (the CLI passes RETRIES).
 DICOM_STORE_API_RETRIES = 3
 # C-STORE association knobs (seconds; 0 = none) and the largest PDU we accept (0 = no limit).
@@ -31,3 +42,14 @@ CALLED_AET = "XNAT"
 CALLING_AET = "XNATIO"
 # How many per-file C-STORE errors a failed run lists before summarising the rest.
 MAX_ERROR_LINES = 20
+
+# upload-many (xnatio.many). Subject: the PatientID, as DAX and xnat-ingest name subjects (the
+# Patient Name XNAT itself falls back to, facts 1.2, is identifying and often "Last^First").
+# Session: PatientID, StudyDate and Modality, so a patient's follow-ups and a same-day PET and
+# MR get distinct sessions; two studies that still share a label wait in the plan as errors.
+MANY_SUBJECT_TEMPLATE = "{PatientID}"
+MANY_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{Modality}"
+# Seconds a study's newest file must be left alone before it is sent: scanner and PACS exports
+# pause between series for minutes; XNAT's own receiver waits 5 minutes of quiet before it builds
+# a session (facts 3.2). Ten minutes leaves a margin over that for a cron job.
+MANY_SETTLE = 600.0

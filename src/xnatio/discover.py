@@ -62,11 +62,13 @@ def discover(
     *,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    require_dicom: bool = True,
 ) -> Manifest:
     """Walk PATH (directory or .zip/.tar/.tar.gz/.tgz archive) and describe every file in it.
 
     Raises UsageError when PATH is missing, not a directory or supported archive, empty, or
-    holds no DICOM at all.
+    holds no DICOM at all (the last two only with ``require_dicom``: a watched outbox may be
+    empty between exports).
     """
     root = Path(path)
     try:
@@ -83,7 +85,7 @@ def discover(
         raise UsageError(
             f"{root} is neither a directory nor a .zip, .tar, .tar.gz or .tgz archive."
         )
-    if not manifest.files and not manifest.duplicates:
+    if require_dicom and not manifest.files and not manifest.duplicates:
         examined = len(manifest.skipped)
         if examined == 0:
             raise UsageError(f"{root} is empty: there are no files to upload.")

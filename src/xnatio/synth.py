@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,10 +139,13 @@ def generate_session(
     extras: Iterable[str] = (),
     seed: int = 0,
     image_size: tuple[int, int] | None = None,
+    header: Mapping[str, str | None] | None = None,
 ) -> SyntheticSession:
     """Write a session of ``series`` x ``instances`` files under ``out_dir`` and describe it.
 
     ``image_size`` (rows, cols) overrides the modality's usual size, for small fast tests.
+    ``header`` sets attributes of every instance by keyword (None removes one), e.g. another
+    StudyDate or StudyDescription for ``upload-many``'s label templates.
     """
     modality = modality.upper()
     if modality not in _SIZES:
@@ -186,6 +189,11 @@ def generate_session(
                 rows=rows,
                 cols=cols,
             )
+            for keyword, value in (header or {}).items():
+                if value is None:
+                    delattr(ds, keyword)
+                else:
+                    setattr(ds, keyword, value)
             path = series_dir / sop_uid
             ds.save_as(path, enforce_file_format=True)
             session.instances[sop_uid] = path

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from xnatio import defaults
 from xnatio.discover import check_single_study, discover
 from xnatio.errors import UsageError
+from xnatio.many.runner import ManyOptions, upload_many
 from xnatio.models import (
     Batch,
     FileOutcome,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FileOutcome",
+    "ManyOptions",
     "Outcome",
     "ProgressCallback",
     "ProgressEvent",
@@ -65,6 +67,7 @@ __all__ = [
     "plan_rest_upload",
     "send_dicom_store",
     "upload_dicom_parallel_rest",
+    "upload_many",
 ]
 
 

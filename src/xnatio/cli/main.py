@@ -92,6 +92,10 @@ def _register() -> None:
     from xnatio.cli import demo, sandbox, upload
 
     cli.add_command(upload.upload_dicom)
+    from xnatio.cli import status, upload_many
+
+    cli.add_command(upload_many.upload_many_command)
+    cli.add_command(status.status)
     cli.add_command(demo.demo)
     cli.add_command(sandbox.sandbox)
     cli.add_command(sandbox.synth)

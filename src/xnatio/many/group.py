@@ -1,0 +1,449 @@
+"""Every DICOM file under several roots, grouped into studies by StudyInstanceUID.
+
+    ROOT... -discover-> Manifests -group-> StudySet (one Study per StudyInstanceUID)
+
+Each root (a folder or a .zip/.tar/.tgz archive) is walked by :func:`xnatio.discover.discover`,
+so a file is recognised as DICOM exactly as ``xio upload-dicom`` recognises it, and every other
+file is kept with its reason. A study spread over several folders or roots is one study; one
+folder holding several studies gives several. XNAT keys sessions by StudyInstanceUID (facts 1.2),
+which is why the study, not the folder, is the unit of an upload.
+
+Besides its files, a study carries the header attributes label templates need
+(:mod:`xnatio.many.templates`): every top-level attribute of its first instance, read by keyword
+with pydicom (``stop_before_pixels``), and ``Modality``, the most frequent over its series. Only
+one small ``dict`` of strings is kept per study, never a pydicom Dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import threading
+import time
+import warnings
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from xnatio.discover import archive_format, discover
+from xnatio.models import DicomFile, Manifest, ProgressCallback, SkippedFile, file_path
+
+# Modalities of objects that accompany images (presentation states, reports, key-object
+# selections, encapsulated documents): they name a study only when it holds nothing else.
+NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC"})
+# Attribute values kept for templates: text, numbers, dates, UIDs; never bulk or binary data.
+_SKIPPED_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+_PYDICOM_LOCK = threading.Lock()
+
+
+@dataclass(slots=True)
+class Study:
+    """One StudyInstanceUID: its files wherever they were found, and its header attributes."""
+
+    study_uid: str
+    files: list[DicomFile] = field(default_factory=list)
+    # Second and later copies of this study's instances (same SOP Instance UID): not sent.
+    duplicates: list[SkippedFile] = field(default_factory=list)
+    # Per root, the deepest folder holding all of the study's files there (an archive: itself).
+    folders: tuple[Path, ...] = ()
+    # Keyword -> value (text) of every top-level attribute of the first instance; "Modality"
+    # is the study's (most frequent over its series, see :func:`study_modality`).
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    # Why the first instance's attributes could not be read ("" when they were).
+    attributes_error: str = ""
+    # The first instance (lowest series number, then path): the one the attributes are from.
+    first_instance: str = ""
+    # Newest status change (ctime) of its files or archives, in ns: a file copied with its old
+    # mtime kept (cp -p, rsync -a) is still new by this; 0 when not looked at.
+    newest_change_ns: int = 0
+
+    @property
+    def patient_id(self) -> str:
+        return self.attributes.get("PatientID", self.files[0].patient_id if self.files else "")
+
+    @property
+    def modality(self) -> str:
+        return self.attributes.get("Modality", "")
+
+    @property
+    def file_count(self) -> int:
+        return len(self.files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def series_count(self) -> int:
+        return len({f.series_uid for f in self.files})
+
+    @property
+    def newest_mtime(self) -> float:
+        """When a file of the study last changed (seconds since the epoch): the newest
+        modification time, or status change time when that is newer (see ``newest_change_ns``)."""
+        newest = max((f.mtime_ns for f in self.files), default=0)
+        return max(newest, self.newest_change_ns) / 1e9
+
+    def manifests(self) -> list[Manifest]:
+        """The study's files as manifests :func:`xnatio.pipeline.upload` sends as they are.
+
+        Usually one. Files inside archives need a manifest per archive (the transports read
+        members from ``Manifest.source_archive``), so a study spread over an archive and a
+        folder, or over two archives, gives one per source; each is sent under the same labels,
+        and XNAT merges them into one session (facts 1.5). Folder files share one manifest whose
+        root is their common folder. Duplicates go with the first manifest.
+        """
+        loose = [f for f in self.files if f.member is None]
+        by_archive: dict[Path, list[DicomFile]] = {}
+        for f in self.files:
+            if f.member is not None:
+                by_archive.setdefault(f.path, []).append(f)
+        out: list[Manifest] = []
+        if loose:
+            root = Path(os.path.commonpath([str(f.path.parent) for f in loose]))
+            out.append(Manifest(root=root, files=loose))
+        for archive, files in by_archive.items():
+            out.append(Manifest(root=archive.parent, files=files, source_archive=archive))
+        if out:
+            out[0].duplicates = list(self.duplicates)
+        return out
+
+
+@dataclass(slots=True)
+class StudySet:
+    """What :func:`find_studies` found: the studies, and every file that is not in one."""
+
+    roots: tuple[Path, ...]
+    studies: list[Study] = field(default_factory=list)
+    # Files that are not DICOM (or not sendable), each with its reason.
+    skipped: list[SkippedFile] = field(default_factory=list)
+    # Roots left out because another root holds them (walked once, as part of that root).
+    notes: list[str] = field(default_factory=list)
+
+    def by_uid(self) -> dict[str, Study]:
+        return {s.study_uid: s for s in self.studies}
+
+    @property
+    def file_count(self) -> int:
+        return sum(s.file_count for s in self.studies)
+
+
+def find_studies(
+    roots: Sequence[Path | str],
+    *,
+    progress: ProgressCallback | None = None,
+    discover_manifest: Callable[[Path], Manifest] | None = None,
+) -> StudySet:
+    """Every DICOM file under ``roots``, grouped by StudyInstanceUID, with each study's attributes.
+
+    A root that does not exist, or is neither a folder nor an archive, raises UsageError (as for
+    ``xio upload-dicom``); an empty root, or one holding no DICOM, gives no study (a watched
+    outbox is often empty). A root inside another root is walked once, as part of the outer one.
+    ``discover_manifest`` replaces the walk of one root (tests).
+    """
+    paths = _distinct_roots([Path(r) for r in roots])
+    found = StudySet(roots=tuple(paths.kept))
+    found.notes.extend(paths.notes)
+
+    def walk(root: Path) -> Manifest:
+        return discover(root, progress=progress, require_dicom=False)
+
+    manifests = [(discover_manifest or walk)(root) for root in paths.kept]
+    for m in manifests:
+        found.skipped.extend(m.skipped)
+    found.studies, leftovers = group_manifests(manifests)
+    found.skipped.extend(leftovers)
+    read_attributes(found.studies)
+    for study in found.studies:
+        study.newest_change_ns = newest_change(study.files)
+    found.studies.sort(key=_study_order)
+    return found
+
+
+@dataclass
+class _Roots:
+    kept: list[Path]
+    notes: list[str]
+
+
+def _distinct_roots(roots: Sequence[Path]) -> _Roots:
+    """Drop repeated roots and roots inside another root (their files would be found twice)."""
+    out = _Roots([], [])
+    resolved: list[tuple[Path, Path]] = []
+    for root in roots:
+        try:
+            real = root.resolve()
+        except OSError:
+            real = root.absolute()
+        for other, other_real in resolved:
+            if real == other_real or (other_real.is_dir() and real.is_relative_to(other_real)):
+                out.notes.append(f"{root} is inside {other}, walked once as part of it")
+                break
+        else:
+            # A root given before the folder that holds it: the outer one wins.
+            inner = [(o, r) for o, r in resolved if r != real and r.is_relative_to(real)]
+            if inner and root.is_dir():
+                for o, r in inner:
+                    resolved.remove((o, r))
+                    out.kept.remove(o)
+                    out.notes.append(f"{o} is inside {root}, walked once as part of it")
+            resolved.append((root, real))
+            out.kept.append(root)
+    return out
+
+
+def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[SkippedFile]]:
+    """Group the files of ``manifests`` by StudyInstanceUID (no attributes read yet).
+
+    Each file ends up in exactly one place: its study's files, or (a SOP Instance UID already
+    seen, in this or an earlier manifest) its study's duplicates; a duplicate whose study cannot
+    be told is returned in the second list. The study's folders are, per manifest, the deepest
+    folder holding its files there, or the archive.
+    """
+    studies: dict[str, Study] = {}
+    leftovers: list[SkippedFile] = []
+    seen: dict[str, str] = {}
+    folders: dict[str, list[Path]] = {}
+    for m in manifests:
+        here: dict[str, list[str]] = {}
+        for f in m.files:
+            study = studies.get(f.study_uid)
+            if study is None:
+                study = studies[f.study_uid] = Study(f.study_uid)
+            first = seen.get(f.sop_instance_uid)
+            if first is not None:
+                study.duplicates.append(
+                    SkippedFile(
+                        Path(file_path(f)), f"duplicate of {first} (same SOP Instance UID)", f.size
+                    )
+                )
+                continue
+            seen[f.sop_instance_uid] = file_path(f)
+            study.files.append(f)
+            if m.source_archive is None:
+                here.setdefault(f.study_uid, []).append(str(f.path.parent))
+            else:
+                here.setdefault(f.study_uid, [])
+        if m.duplicates:
+            # discover() kept the first copy within one root; a duplicate goes with its study.
+            names: dict[str, str] = {}
+            for f in m.files:
+                names[file_path(f)] = f.study_uid
+                if f.member is not None:
+                    names[f.member] = f.study_uid
+            for d in m.duplicates:
+                uid = _duplicate_study(d, names)
+                if uid is None:
+                    leftovers.append(d)
+                else:
+                    studies[uid].duplicates.append(d)
+        for uid, parents in here.items():
+            where = Path(os.path.commonpath(parents)) if parents else m.source_archive or m.root
+            folders.setdefault(uid, []).append(where)
+    for uid, study in studies.items():
+        study.folders = tuple(dict.fromkeys(folders.get(uid, [])))
+    return list(studies.values()), leftovers
+
+
+def _duplicate_study(d: SkippedFile, names: Mapping[str, str]) -> str | None:
+    """The study of a duplicate discover() reported: that of the copy it duplicates."""
+    prefix = "duplicate of "
+    if not d.reason.startswith(prefix):
+        return None
+    name = d.reason[len(prefix) :].rsplit(" (same SOP Instance UID)", 1)[0]
+    return names.get(name) or names.get(str(Path(name)))
+
+
+def newest_change(files: Iterable[DicomFile]) -> int:
+    """The newest ctime (or mtime) of ``files``' paths, in ns; an archive counts once.
+
+    The mtime a file carries can be old while it is being copied (``cp -p``, ``rsync -a`` set it
+    at the end or keep the source's), but the copy's status change time is when it was written;
+    a file that vanished since discovery counts as changed now (its study is not complete).
+    """
+    newest = 0
+    for path in {f.path for f in files}:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return time.time_ns()
+        newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+    return newest
+
+
+def _study_order(s: Study) -> tuple[str, str, str, str]:
+    a = s.attributes
+    return (a.get("PatientID", ""), a.get("StudyDate", ""), a.get("StudyTime", ""), s.study_uid)
+
+
+# -- attributes --------------------------------------------------------------------------------
+
+
+def _first(files: Iterable[DicomFile]) -> DicomFile:
+    return min(
+        files,
+        key=lambda f: (f.series_number is None, f.series_number or 0, file_path(f)),
+    )
+
+
+def study_modality(
+    series_modalities: Mapping[str, str], files_per_series: Mapping[str, int]
+) -> str:
+    """The study's modality: the most frequent over its series.
+
+    Presentation states, reports, key objects and documents (PR, SR, KO, DOC) count only when
+    the study holds nothing else; a tie goes to the modality with more files, then the first
+    alphabetically, so the answer never depends on the order files were found in.
+    """
+    present = {s: m for s, m in series_modalities.items() if m}
+    images = {s: m for s, m in present.items() if m not in NON_IMAGE_MODALITIES}
+    chosen = images or present
+    if not chosen:
+        return ""
+    series = Counter(chosen.values())
+    files: Counter[str] = Counter()
+    for s, m in chosen.items():
+        files[m] += files_per_series.get(s, 0)
+    return min(series, key=lambda m: (-series[m], -files[m], m))
+
+
+def read_attributes(studies: Sequence[Study]) -> None:
+    """Fill each study's ``attributes`` (first instance, all keywords) and its ``Modality``.
+
+    One full header read per study and one per series (for its Modality); archive members are
+    read in one pass over each archive.
+    """
+    firsts: dict[str, DicomFile] = {}
+    series_firsts: dict[str, dict[str, DicomFile]] = {}
+    wanted: set[DicomFile] = set()
+    for study in studies:
+        if not study.files:
+            continue
+        first = firsts[study.study_uid] = _first(study.files)
+        study.first_instance = file_path(first)
+        by_series: dict[str, list[DicomFile]] = {}
+        for f in study.files:
+            by_series.setdefault(f.series_uid, []).append(f)
+        reps = series_firsts[study.study_uid] = {s: _first(fs) for s, fs in by_series.items()}
+        wanted.add(first)
+        wanted.update(reps.values())
+    headers = dict(_read_headers(wanted))
+    for study in studies:
+        if not study.files:
+            continue
+        result = headers.get(firsts[study.study_uid], "it was not read")
+        attributes: dict[str, str] = {}
+        if isinstance(result, str):
+            study.attributes_error = f"{study.first_instance}: {result}"
+        else:
+            attributes = dict(result)
+        modalities: dict[str, str] = {}
+        for series_uid, f in series_firsts[study.study_uid].items():
+            rep = headers.get(f)
+            if isinstance(rep, dict):
+                modalities[series_uid] = rep.get("Modality", "")
+        counts = Counter(f.series_uid for f in study.files)
+        modality = study_modality(modalities, counts)
+        if modality:
+            attributes["Modality"] = modality
+        else:
+            attributes.pop("Modality", None)
+        study.attributes = attributes
+
+
+def _read_headers(
+    wanted: Iterable[DicomFile],
+) -> Iterator[tuple[DicomFile, dict[str, str] | str]]:
+    """(file, attributes or the reason they could not be read) for each file of ``wanted``."""
+    by_archive: dict[Path, list[DicomFile]] = {}
+    for f in wanted:
+        if f.member is None:
+            try:
+                with open(f.path, "rb") as fp:
+                    yield f, header_attributes(fp)
+            except OSError as exc:
+                yield f, f"{f.path} could not be read ({exc.strerror or exc})"
+        else:
+            by_archive.setdefault(f.path, []).append(f)
+    for archive, members in by_archive.items():
+        yield from _read_members(archive, members)
+
+
+def _read_members(
+    archive: Path, files: list[DicomFile]
+) -> Iterator[tuple[DicomFile, dict[str, str] | str]]:
+    by_name = {f.member or "": f for f in files}
+    done: set[str] = set()
+    fmt = archive_format(archive)
+    try:
+        if fmt == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                for name, f in by_name.items():
+                    with zf.open(name) as member:
+                        yield f, header_attributes(member)
+                    done.add(name)
+        else:
+            # A compressed tar is read front to back once, as discovery read it.
+            opened = tarfile.open(archive, "r|gz") if fmt == "tgz" else tarfile.open(archive, "r:")  # noqa: SIM115
+            with opened as tf:
+                for info in tf:
+                    wanted = by_name.get(info.name)
+                    if wanted is None or info.name in done:
+                        continue
+                    data = tf.extractfile(info)
+                    if data is None:
+                        continue
+                    with data:
+                        yield wanted, header_attributes(data)
+                    done.add(info.name)
+                    if len(done) == len(by_name):
+                        break
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, KeyError) as exc:
+        reason = f"{archive} could not be read again ({exc})"
+        for name, f in by_name.items():
+            if name not in done:
+                yield f, reason
+        return
+    for name, f in by_name.items():
+        if name not in done:
+            yield f, f"{archive}/{name} is no longer in the archive"
+
+
+def header_attributes(fp: IO[bytes]) -> dict[str, str] | str:
+    """Keyword -> text of every top-level attribute of the DICOM object in ``fp`` (pixel data and
+    other bulk or binary values left out), or the one-sentence reason it could not be read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.multival import MultiValue
+
+    try:
+        with _PYDICOM_LOCK, warnings.catch_warnings():
+            # pydicom warns about every oddity it tolerates; catch_warnings is process-wide.
+            warnings.simplefilter("ignore")
+            log = logging.getLogger("pydicom")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                out: dict[str, str] = {}
+                for elem in ds:
+                    if elem.VR in _SKIPPED_VRS or not elem.keyword:
+                        continue
+                    value = elem.value
+                    if value is None or isinstance(value, bytes | bytearray):
+                        text = ""
+                    elif isinstance(value, MultiValue | list | tuple):
+                        text = "\\".join(str(v) for v in value)
+                    else:
+                        text = str(value)
+                    out[elem.keyword] = text.strip(" \x00")
+            finally:
+                log.setLevel(level)
+    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, AttributeError) as exc:
+        return f"its header could not be read by pydicom ({exc})"
+    return out
