@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import tarfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -145,7 +146,7 @@ def test_a_study_keeps_its_folders_per_root() -> None:
         ({"a": "MR", "b": "MR", "c": "PT"}, {}, "MR"),
         ({"a": "CT", "b": "PR", "c": "PR", "d": "SR"}, {}, "CT"),  # reports never name it
         ({"a": "SR"}, {}, "SR"),  # unless there is nothing else
-        ({"a": "PT", "b": "CT"}, {"a": 10, "b": 300}, "CT"),  # a tie: more files
+        ({"a": "PT", "b": "CT"}, {"a": 300, "b": 10}, "PT"),  # a tie: more files
         ({"a": "PT", "b": "CT"}, {"a": 5, "b": 5}, "CT"),  # then alphabetical
         ({"a": ""}, {}, ""),
     ],
@@ -516,15 +517,29 @@ def test_a_plan_row_whose_files_are_gone_is_an_error(outbox: Path, tmp_path: Pat
     assert rows["P02"].status is Status.READY
 
 
-def test_a_study_over_a_folder_and_an_archive_is_one_study(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_a_study_over_a_folder_and_an_archive_is_one_study(tmp_path: Path, suffix: str) -> None:
     s = generate_session(
-        tmp_path / "x", series=2, instances=2, patient_id="P01", seed=1, image_size=SMALL
+        tmp_path / "x",
+        series=2,
+        instances=2,
+        patient_id="P01",
+        seed=1,
+        image_size=SMALL,
+        header={"StudyDescription": "from the archive"},
     )
-    archive = tmp_path / "second.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for sop in s.series[2]:
-            zf.write(s.instances[sop], f"series2/{sop}")
-            s.instances[sop].unlink()
+    archive = tmp_path / f"second{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for sop in s.series[2]:
+                zf.write(s.instances[sop], f"series2/{sop}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(s.instances[s.series[2][0]], "a/first")
+            for sop in s.series[2][1:]:
+                tf.add(s.instances[sop], f"series2/{sop}")
+    for sop in s.series[2]:
+        s.instances[sop].unlink()
     (tmp_path / "x" / "S002").rmdir()
     found = find_studies([tmp_path / "x", archive])
     (only,) = found.studies
@@ -533,6 +548,14 @@ def test_a_study_over_a_folder_and_an_archive_is_one_study(tmp_path: Path) -> No
     parts = only.manifests()
     assert [m.source_archive for m in parts] == [None, archive]
     assert only.modality == "MR" and only.attributes["PatientID"] == "P01"
+    # The first instance is in the folder; take it out and the archive's first one is read.
+    for f in (tmp_path / "x").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    (from_archive,) = find_studies([archive]).studies
+    assert from_archive.first_instance.startswith(str(archive))
+    assert from_archive.attributes["StudyDescription"] == "from the archive"
+    assert not from_archive.attributes_error
 
 
 def test_an_empty_outbox_is_no_study_and_a_missing_one_is_a_usage_error(tmp_path: Path) -> None:
@@ -545,9 +568,13 @@ def test_an_empty_outbox_is_no_study_and_a_missing_one_is_a_usage_error(tmp_path
 
 def test_a_file_copied_with_its_old_mtime_still_settles(outbox: Path) -> None:
     """cp -p and rsync -a keep the source's mtime: the copy's ctime says it is new."""
+    now = time.time()
+    for p in (outbox / "outbox").rglob("*"):
+        os.utime(p, (now - 3600, now - 3600))  # an hour old by mtime, written just now
     found = find_studies([outbox / "outbox"])
-    (row, *_) = build_plan(found, project="PROJ", settle=600.0, now=time.time()).rows
-    assert row.status is Status.SETTLING
+    rows = build_plan(found, project="PROJ", settle=600.0, now=now).rows
+    assert rows and all(r.status is Status.SETTLING for r in rows)
+    assert all("ago, less than the settle time (10m)" in r.reason for r in rows)
 
 
 # -- against the local XNAT ----------------------------------------------------------------
@@ -593,3 +620,27 @@ def test_each_plan_row_sends_its_own_study_from_a_shared_folder(
             study_files = p.study(row)
             assert study_files is not None
             assert set(held) == {f.sop_instance_uid for f in study_files.files}
+
+
+def test_a_root_inside_another_is_walked_once(outbox: Path) -> None:
+    out = outbox / "outbox"
+    found = find_studies([out / "S001", out, out])
+    assert found.roots == (out,)
+    assert len(found.notes) == 2 and all("walked once" in n for n in found.notes)
+    assert found.file_count == 12 and not any(s.duplicates for s in found.studies)
+
+
+def test_a_plan_saved_by_a_spreadsheet_reads(outbox: Path, tmp_path: Path) -> None:
+    """Excel writes a byte-order mark and CRLF line ends, and a person may keep only the columns
+    that matter, in another order."""
+    found = find_studies([outbox / "outbox"])
+    p = build_plan(found, project="PROJ", settle=600.0, now=NOW)
+    lines = ["session,study_uid,folders,project,subject"]
+    lines += [f"{r.session},{r.study_uid},{r.folders[0]},{r.project},{r.subject}" for r in p.rows]
+    path = tmp_path / "edited.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    again = read_plan(path, settle=600.0, now=NOW)
+    assert [(r.study_uid, r.session, r.status) for r in again.rows] == [
+        (r.study_uid, r.session, r.status) for r in p.rows
+    ]
+    assert all(again.study(r) is not None for r in again.rows)

@@ -74,6 +74,7 @@ def test_fields_render(template: str, expected: str) -> None:
         ("{StudyDescription~(}", "regular expression is not valid"),
         ("{StudyDescription~}", "needs a regular expression"),
         ("{PatientID[]}", "takes a position or a slice"),
+        ("{PatientID[-]}", "unexpected '[-]'"),
         ("{PatientID x}", "unexpected ' x'"),
         ("", "the template is empty"),
     ],
@@ -169,8 +170,20 @@ def test_rendering_never_gives_an_empty_label_or_one_xnat_would_change(
     assert not set(label.value) & REPLACED
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=30))
+template_like = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet="{}[]:~%^()-_.\\ 0123456789PatientIDStudyate", max_size=30),
+    st.lists(
+        st.sampled_from(
+            ["{", "}", "PatientID", "StudyDate", "[", "]", ":", "~", "-", "8", "%", "Y", "(", "x"]
+        ),
+        max_size=8,
+    ).map("".join),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(template_like)
 def test_any_text_parses_or_is_one_usage_line(text: str) -> None:
     try:
         parse_template(text)

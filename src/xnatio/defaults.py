@@ -43,10 +43,11 @@ CALLING_AET = "XNATIO"
 # How many per-file C-STORE errors a failed run lists before summarising the rest.
 MAX_ERROR_LINES = 20
 
-# upload-many (xnatio.many). Subject: the PatientID, as DAX and xnat-ingest name subjects (the
-# Patient Name XNAT itself falls back to, facts 1.2, is identifying and often "Last^First").
-# Session: PatientID, StudyDate and Modality, so a patient's follow-ups and a same-day PET and
-# MR get distinct sessions; two studies that still share a label wait in the plan as errors.
+# upload-many (xnatio.many). Subject: the PatientID, the field research sites put their subject
+# ID in (the Patient Name XNAT itself falls back to, facts 1.2, identifies the patient and is
+# often "Last^First"). Session: xnat-ingest's {PatientID}_{StudyDate} naming plus the Modality,
+# so a patient's follow-ups and a same-day PET and MR get distinct sessions; two studies that
+# still share a label wait in the plan as errors.
 MANY_SUBJECT_TEMPLATE = "{PatientID}"
 MANY_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{Modality}"
 # Seconds a study's newest file must be left alone before it is sent: scanner and PACS exports

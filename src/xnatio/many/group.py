@@ -16,10 +16,10 @@ one small ``dict`` of strings is kept per study, never a pydicom Dataset.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tarfile
-import threading
 import time
 import warnings
 import zipfile
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+# pydicom's warnings and log level are process-wide: one lock for every reader that quiets them.
+from xnatio.dicomheader import _PYDICOM_LOCK as PYDICOM_LOCK
 from xnatio.discover import archive_format, discover
 from xnatio.models import DicomFile, Manifest, ProgressCallback, SkippedFile, file_path
 
@@ -38,7 +40,7 @@ NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC"})
 # Attribute values kept for templates: text, numbers, dates, UIDs; never bulk or binary data.
 _SKIPPED_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
-_PYDICOM_LOCK = threading.Lock()
+_MODALITY = ("Modality",)
 
 
 @dataclass(slots=True)
@@ -320,7 +322,8 @@ def read_attributes(studies: Sequence[Study]) -> None:
     """
     firsts: dict[str, DicomFile] = {}
     series_firsts: dict[str, dict[str, DicomFile]] = {}
-    wanted: set[DicomFile] = set()
+    # File -> read every attribute (a first instance) or only Modality (a series' first).
+    wanted: dict[DicomFile, bool] = {}
     for study in studies:
         if not study.files:
             continue
@@ -330,8 +333,9 @@ def read_attributes(studies: Sequence[Study]) -> None:
         for f in study.files:
             by_series.setdefault(f.series_uid, []).append(f)
         reps = series_firsts[study.study_uid] = {s: _first(fs) for s, fs in by_series.items()}
-        wanted.add(first)
-        wanted.update(reps.values())
+        for rep in reps.values():
+            wanted.setdefault(rep, False)
+        wanted[first] = True
     headers = dict(_read_headers(wanted))
     for study in studies:
         if not study.files:
@@ -343,10 +347,10 @@ def read_attributes(studies: Sequence[Study]) -> None:
         else:
             attributes = dict(result)
         modalities: dict[str, str] = {}
-        for series_uid, f in series_firsts[study.study_uid].items():
-            rep = headers.get(f)
-            if isinstance(rep, dict):
-                modalities[series_uid] = rep.get("Modality", "")
+        for series_uid, rep in series_firsts[study.study_uid].items():
+            header = headers.get(rep)
+            if isinstance(header, dict):
+                modalities[series_uid] = header.get("Modality", "")
         counts = Counter(f.series_uid for f in study.files)
         modality = study_modality(modalities, counts)
         if modality:
@@ -357,25 +361,25 @@ def read_attributes(studies: Sequence[Study]) -> None:
 
 
 def _read_headers(
-    wanted: Iterable[DicomFile],
+    wanted: Mapping[DicomFile, bool],
 ) -> Iterator[tuple[DicomFile, dict[str, str] | str]]:
     """(file, attributes or the reason they could not be read) for each file of ``wanted``."""
     by_archive: dict[Path, list[DicomFile]] = {}
-    for f in wanted:
+    for f, full in wanted.items():
         if f.member is None:
             try:
                 with open(f.path, "rb") as fp:
-                    yield f, header_attributes(fp)
+                    yield f, header_attributes(fp, None if full else _MODALITY)
             except OSError as exc:
                 yield f, f"{f.path} could not be read ({exc.strerror or exc})"
         else:
             by_archive.setdefault(f.path, []).append(f)
     for archive, members in by_archive.items():
-        yield from _read_members(archive, members)
+        yield from _read_members(archive, members, wanted)
 
 
 def _read_members(
-    archive: Path, files: list[DicomFile]
+    archive: Path, files: list[DicomFile], wanted: Mapping[DicomFile, bool]
 ) -> Iterator[tuple[DicomFile, dict[str, str] | str]]:
     by_name = {f.member or "": f for f in files}
     done: set[str] = set()
@@ -385,21 +389,23 @@ def _read_members(
             with zipfile.ZipFile(archive) as zf:
                 for name, f in by_name.items():
                     with zf.open(name) as member:
-                        yield f, header_attributes(member)
+                        yield f, header_attributes(member, None if wanted[f] else _MODALITY)
                     done.add(name)
         else:
             # A compressed tar is read front to back once, as discovery read it.
             opened = tarfile.open(archive, "r|gz") if fmt == "tgz" else tarfile.open(archive, "r:")  # noqa: SIM115
             with opened as tf:
                 for info in tf:
-                    wanted = by_name.get(info.name)
-                    if wanted is None or info.name in done:
+                    found = by_name.get(info.name)
+                    if found is None or info.name in done:
                         continue
                     data = tf.extractfile(info)
                     if data is None:
                         continue
                     with data:
-                        yield wanted, header_attributes(data)
+                        # A member of a streamed tar cannot seek, which pydicom needs.
+                        member = io.BytesIO(data.read())
+                    yield found, header_attributes(member, None if wanted[found] else _MODALITY)
                     done.add(info.name)
                     if len(done) == len(by_name):
                         break
@@ -414,22 +420,28 @@ def _read_members(
             yield f, f"{archive}/{name} is no longer in the archive"
 
 
-def header_attributes(fp: IO[bytes]) -> dict[str, str] | str:
+def header_attributes(fp: IO[bytes], keywords: Sequence[str] | None = None) -> dict[str, str] | str:
     """Keyword -> text of every top-level attribute of the DICOM object in ``fp`` (pixel data and
-    other bulk or binary values left out), or the one-sentence reason it could not be read."""
+    other bulk or binary values left out), or only of ``keywords``; or the one-sentence reason
+    it could not be read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.multival import MultiValue
 
     try:
-        with _PYDICOM_LOCK, warnings.catch_warnings():
+        with PYDICOM_LOCK, warnings.catch_warnings():
             # pydicom warns about every oddity it tolerates; catch_warnings is process-wide.
             warnings.simplefilter("ignore")
             log = logging.getLogger("pydicom")
             level = log.level
             log.setLevel(logging.ERROR)
             try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                ds = pydicom.dcmread(
+                    fp,
+                    stop_before_pixels=True,
+                    force=True,
+                    specific_tags=None if keywords is None else list(keywords),
+                )
                 out: dict[str, str] = {}
                 for elem in ds:
                     if elem.VR in _SKIPPED_VRS or not elem.keyword:

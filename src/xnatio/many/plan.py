@@ -275,6 +275,8 @@ def cross_check(rows: Sequence[StudyPlan]) -> list[StudyPlan]:
     sessions: dict[tuple[str, str], list[int]] = {}
     patients: dict[tuple[str, str], set[str]] = {}
     for i, r in enumerate(rows):
+        # Case folded: XNAT matches subject labels ignoring case; for session labels that is
+        # unconfirmed (facts 3.5), so two labels differing only in case are taken as one.
         if r.project and r.session:
             sessions.setdefault((r.project.casefold(), r.session.casefold()), []).append(i)
         if r.project and r.subject:

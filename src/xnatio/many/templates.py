@@ -40,7 +40,7 @@ TEMPLATE_HELP = (
 )
 
 _KEYWORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
-_SLICE = re.compile(r"\[(-?\d*)(?::(-?\d*))?\]")
+_SLICE = re.compile(r"\[(-?\d+)?(?:(:)(-?\d+)?)?\]")
 _DATE_VRS = frozenset({"DA", "TM", "DT"})
 
 
@@ -195,15 +195,15 @@ def _parse_field(field: str, fail: Callable[[str], UsageError]) -> Field:
     kwargs: dict[str, object] = {}
     s = _SLICE.match(rest)
     if s is not None:
-        a, b = s.group(1), s.group(2)
-        if b is None and ":" not in s.group(0):
-            if not a:
+        a, colon, b = s.group(1), s.group(2), s.group(3)
+        if colon is None:
+            if a is None:
                 raise fail(f"field {field}: [] takes a position or a slice such as [-8:]")
             kwargs["index"] = int(a)
         else:
             kwargs["sliced"] = True
-            kwargs["start"] = int(a) if a else None
-            kwargs["stop"] = int(b) if b else None
+            kwargs["start"] = int(a) if a is not None else None
+            kwargs["stop"] = int(b) if b is not None else None
         rest = rest[s.end() :]
     if rest.startswith(":"):
         fmt = rest[1:]
@@ -214,6 +214,10 @@ def _parse_field(field: str, fail: Callable[[str], UsageError]) -> Field:
             )
         if "%" not in fmt:
             raise fail(f"field {field}: the format {fmt!r} has no %-directive such as %Y")
+        try:
+            datetime(2000, 1, 2, 3, 4, 5).strftime(fmt)
+        except ValueError as exc:
+            raise fail(f"field {field}: the format {fmt!r} is not valid ({exc})") from None
         kwargs["date_format"] = fmt
     elif rest.startswith("~"):
         pattern = rest[1:]
