@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -195,3 +199,43 @@ def test_every_slurm_array_task_gets_a_distinct_shard(count: int, data: st.DataO
         assert shard.count == count
         seen.add(shard.index)
     assert seen == set(range(count))
+
+
+def test_cli_bad_shard_exits_2_with_one_line(tmp_path: Path) -> None:
+    """`--shard auto` outside any scheduler: exit 2, one line naming what is missing, before the
+    tree is scanned or the server asked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JOB_COMPLETION"))}
+    env["HOME"] = str(tmp_path)
+    xio = [sys.executable, "-m", "xnatio", "upload-many", str(tmp_path), "--project", "P"]
+    for spec, says in (("auto", "SLURM_ARRAY_TASK_ID"), ("5/4", "0 to count-1")):
+        out = subprocess.run(
+            [*xio, "--shard", spec, "--server", "http://127.0.0.1:9", "--user", "u"],
+            env={**env, "XNAT_PASSWORD": "pw"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == EXIT_USAGE, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_runner_filters_by_shard_and_keeps_lock_names() -> None:
+    """ManyOptions.shard: "I/N" filters the plan (the runner's one filter); "all" or any other
+    name (one study per task: shard=study_uid) only names the run lock and filters nothing."""
+    from xnatio.many.runner import ManyOptions, StudyJob, my_studies
+    from xnatio.many.shard import is_shard_spec
+
+    jobs = [
+        StudyJob(study_uid=f"1.2.3.{i}", project="P", subject="S", session=f"E{i}", manifests=())
+        for i in range(40)
+    ]
+    parts = [my_studies(jobs, ManyOptions(shard=f"{i}/4")) for i in range(4)]
+    assert sorted(j.study_uid for p in parts for j in p) == sorted(j.study_uid for j in jobs)
+    assert all(parts)
+    for name in ("all", "1.2.840.99", "nightly"):
+        assert not is_shard_spec(name)
+        assert my_studies(jobs, ManyOptions(shard=name)) == jobs
+    assert is_shard_spec("auto") and is_shard_spec("auto/3") and is_shard_spec("2/8")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -48,6 +49,7 @@ from xnatio.many.runner import (
     StudyJob,
     jobs_of,
 )
+from xnatio.many.shard import parse_shard
 from xnatio.many.templates import TEMPLATE_HELP
 from xnatio.models import ProgressCallback
 from xnatio.settings import Settings
@@ -172,6 +174,15 @@ Examples:
     "connection pool that blocks when full).",
 )
 @click.option(
+    "--shard",
+    metavar="I/N|auto|auto/N",
+    help="Send only the I-th of N disjoint parts of the plan (0-based), decided by "
+    "StudyInstanceUID alone: the same on every node, and new studies never move old ones. "
+    "auto: the index of a Slurm job array (SLURM_ARRAY_TASK_ID and its count), or of a "
+    "Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N from auto/N). See "
+    "docs/scale-out.md.",
+)
+@click.option(
     "--max-attempts",
     type=click.IntRange(min=1),
     default=defaults.MANY_MAX_ATTEMPTS,
@@ -229,6 +240,7 @@ def upload_many_command(
     state_dir: Path | None,
     parallel_studies: int,
     max_requests: int,
+    shard: str | None,
     max_attempts: int,
     retry_quarantined: bool,
     after: str,
@@ -275,6 +287,8 @@ def upload_many_command(
         journal=knobs["journal_path"],
         parallel_studies=parallel_studies,
         max_requests=max_requests,
+        # --shard auto is resolved here, before the tree is scanned: a bad one fails at once.
+        shard=str(parse_shard(shard, os.environ)) if shard else "all",
         max_attempts=max_attempts,
         retry_quarantined=retry_quarantined,
         after=after_action,

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -55,6 +56,7 @@ from xnatio.journal import LockedError
 from xnatio.many import ledger as states
 from xnatio.many.ledger import Ledger, StudyRecord, study_key
 from xnatio.many.plan import Plan, StudyPlan
+from xnatio.many.shard import is_shard_spec, parse_shard, select
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.pipeline import UploadOptions, rest_client, upload
 from xnatio.settings import Settings
@@ -138,7 +140,9 @@ class ManyOptions:
     retry_backoff: float = defaults.MANY_RETRY_BACKOFF
     after: str = defaults.MANY_AFTER  # keep | delete | move
     after_dir: Path | None = None  # the DIR of move:DIR
-    shard: str = "all"  # names the run lock; sharding (issue 15) filters in my_studies()
+    # "I/N", "auto", "auto/N": this run's shard (xnatio.many.shard, my_studies()); any other
+    # text only names the run lock (one study per task: shard=study_uid).
+    shard: str = "all"
 
     def check(self) -> None:
         if self.after not in ("keep", "delete", "move"):
@@ -274,9 +278,13 @@ class ManyResult:
 def my_studies(jobs: Sequence[StudyJob], options: ManyOptions) -> list[StudyJob]:
     """The studies this run is responsible for: every one of the plan (sharding filters here).
 
-    One writer per ledger file rests on this: a study belongs to exactly one run.
+    One writer per ledger file rests on this: a study belongs to exactly one run. With
+    ``--shard I/N`` (resolved by :class:`ManyRun` from ``auto``), the shard's studies: decided by
+    StudyInstanceUID alone (:mod:`xnatio.many.shard`), so every node agrees (issue 15).
     """
-    return list(jobs)
+    if not is_shard_spec(options.shard):  # "all", or a run's own lock name
+        return list(jobs)
+    return select(jobs, parse_shard(options.shard, {}))
 
 
 def files_fingerprint(files: Sequence[DicomFile]) -> str:
@@ -354,6 +362,10 @@ class ManyRun:
         client: XnatClient | None = None,
     ) -> None:
         options.check()
+        if is_shard_spec(options.shard):  # `auto` reads the scheduler's index once; names the lock
+            options = dataclasses.replace(
+                options, shard=str(parse_shard(options.shard, os.environ))
+            )
         self.settings = settings
         self.options = options
         self.ledger = Ledger(state_dir, clock=clock)

@@ -127,6 +127,13 @@ _FIXED = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _AUTO = re.compile(r"^\s*auto\s*(?:/\s*(\d+)\s*)?$", re.IGNORECASE)
 
 
+def is_shard_spec(spec: str) -> bool:
+    """Whether ``spec`` asks for a shard (``I/N``, ``auto``, ``auto/N``; :func:`parse_shard` may
+    still refuse it). ``ManyOptions.shard`` also takes any other name, which then only names the
+    run lock (one study per task: ``shard=study_uid``) and filters nothing."""
+    return bool(_FIXED.match(spec) or _AUTO.match(spec))
+
+
 def parse_shard(spec: str, environ: Mapping[str, str]) -> Shard:
     """``I/N`` (0-based), or ``auto``/``auto/N`` from the scheduler's variables in ``environ``.
 
@@ -237,6 +244,7 @@ __all__ = [
     "Shard",
     "ShardItem",
     "imbalance",
+    "is_shard_spec",
     "jump_hash",
     "parse_shard",
     "select",
