@@ -6,6 +6,7 @@ import email.utils
 import math
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -334,3 +335,87 @@ def test_sandbox_overload_knob_and_the_limit_backing_off(xnat_server: SandboxSer
     assert stats.lowest_limit <= 4
     assert statuses.count(503) < blind.count(503)
     assert xnat_server.stats()["inflight_peak"] <= 8
+
+
+# -- wired into the HTTP client and upload-many ---------------------------------------------------
+@pytest.mark.integration
+def test_client_requests_go_through_the_limit(xnat_server: SandboxServer) -> None:
+    """XnatClient(limiter=...): a server full beyond 2 requests answers 503; the client's
+    limit comes down from 6, every request still succeeds (retried), and the server never
+    sees more than the cap."""
+    from xnatio.retry import RetryPolicy
+    from xnatio.xnat.client import XnatClient
+
+    limit = AdaptiveLimit(cap=6, initial=6)
+    client = XnatClient(
+        xnat_server.url,
+        username=xnat_server.username,
+        password=xnat_server.password,
+        pool_size=6,
+        retry=RetryPolicy(retries=8, base=0.01, cap=0.05),
+        limiter=limit,
+    )
+    with client:
+        client.login()
+        xnat_server.set_knobs(latency_ms=30, overload_inflight=2)
+        requests.post(xnat_server.url + "/_sandbox/stats", timeout=10)
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                for _ in range(5):
+                    client.get_json("/data/projects", {"format": "json"})
+            except BaseException as exc:  # collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    stats = limit.stats()
+    assert stats.decreases >= 1 and stats.lowest_limit <= 3
+    assert stats.in_flight == 0
+    assert xnat_server.stats()["inflight_peak"] <= 6
+    assert xnat_server.stats().get("status.503", 0) >= 1
+
+
+def test_upload_many_adapts_only_when_max_requests_is_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from xnatio.cli import upload_many as command
+    from xnatio.cli.main import cli
+
+    seen = []
+    monkeypatch.setattr(command, "_upload_many", lambda req, opts, *a: seen.append(opts) or 0)
+    base = ["upload-many", str(tmp_path), "--project", "P"]
+    for extra, adaptive, cap in (([], False, 42), (["--max-requests", "8"], True, 8)):
+        result = CliRunner().invoke(cli, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        assert seen[-1].adaptive is adaptive and seen[-1].max_requests == cap
+
+
+@pytest.mark.integration
+def test_upload_many_run_puts_the_limit_on_its_shared_client(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    from xnatio.many.runner import ManyOptions, ManyRun
+    from xnatio.settings import Secret, Settings
+
+    settings = Settings(
+        server=xnat_server.url,
+        username=xnat_server.username,
+        password=Secret(xnat_server.password),
+    )
+    for adaptive in (True, False):
+        options = ManyOptions(max_requests=5, adaptive=adaptive)
+        with ManyRun(settings=settings, options=options, state_dir=tmp_path / "state") as run:
+            client = run.client()
+            assert client is not None
+            if adaptive:
+                assert isinstance(client.limiter, AdaptiveLimit) and client.limiter.cap == 5
+            else:
+                assert client.limiter is None

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xnatio import defaults
+from xnatio.adaptive import AdaptiveLimit
 from xnatio.coordinator import BoundedExecutor, ExecutorFactory
 from xnatio.errors import (
     EXIT_FILES_FAILED,
@@ -143,6 +144,9 @@ class ManyOptions:
     # "I/N", "auto", "auto/N": this run's shard (xnatio.many.shard, my_studies()); any other
     # text only names the run lock (one study per task: shard=study_uid).
     shard: str = "all"
+    # Adapt the requests in flight to the server below max_requests (xnatio.adaptive: additive
+    # increase while answers are fast and clean, halved on 429/503/timeouts/rising latency).
+    adaptive: bool = False
 
     def check(self) -> None:
         if self.after not in ("keep", "delete", "move"):
@@ -403,6 +407,8 @@ class ManyRun:
                 retries=self.options.retries,
             )
             self._client = self._stack.enter_context(rest_client(base, self.settings))
+            if self.options.adaptive:  # AIMD below the pool's cap (xnatio.adaptive, issue 15)
+                self._client.limiter = AdaptiveLimit(cap=self.options.max_requests)
         return self._client
 
     # -- one pass over a plan ---------------------------------------------------------------
