@@ -161,7 +161,11 @@ def test_rising_latency_decreases_and_steady_latency_grows() -> None:
     assert grown > 8
     for _ in range(3):  # the server slows down tenfold
         round_trip(lim, clock, 0.5, Signal.OK)
-    assert lim.limit < grown / 2
+    assert lim.stats().decreases == 1  # once for the rise, not at every slow answer
+    assert lim.stats().lowest_limit <= lim.stats().highest_limit / 2
+    for _ in range(2):  # ten times slower again: one more cut
+        round_trip(lim, clock, 5, Signal.OK)
+    assert lim.stats().decreases == 2
     # A different kind of request has its own baseline: a slow upload is not congestion.
     slow = limiter(clock, cap=32, initial=8)
     for _ in range(6):
@@ -179,8 +183,8 @@ def test_a_slower_server_is_learnt_again() -> None:
     lim = limiter(clock, cap=16, initial=8)
     for _ in range(5):
         round_trip(lim, clock, 0.05, Signal.OK)
-    lows = [round_trip(lim, clock, 0.5, Signal.OK) for _ in range(60)]
-    assert min(lows) <= lows[0] / 2  # it fell...
+    lows = [round_trip(lim, clock, 0.5, Signal.OK) for _ in range(20)]
+    assert min(lows) <= lows[0] / 2 + 1  # it fell...
     assert lim.limit == 16  # ...and grew back to the cap once 0.5 s was the new normal
 
 

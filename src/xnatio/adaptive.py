@@ -11,8 +11,10 @@ either too timid for an idle server or too much for a busy one. :class:`Adaptive
   ``cap``;
 * **multiplicative decrease**: a 429, 502, 503 or 504 answer, a timeout or a dropped connection,
   or a latency that rose to ``latency_factor`` times the kind's baseline, multiplies the limit by
-  ``decrease`` (not below ``minimum``). One congestion event lowers it once: answers to requests
-  sent before the last decrease (they were already in flight) do not lower it again;
+  ``decrease`` (not below ``minimum``). One congestion event lowers it once: answers to
+  requests sent before the last decrease (they were already in flight) do not lower it again,
+  and a latency that was answered becomes the kind's new baseline (a server that stays slower
+  is not cut again and again; only a further rise is);
 * **Retry-After** on a 429/503 (delta-seconds or an HTTP-date, :func:`xnatio.retry.
   parse_retry_after`) holds every new request of the run until then (capped at
   ``max_retry_after``).
@@ -172,8 +174,11 @@ class AdaptiveLimit:
                 if signal is Signal.OVERLOAD:
                     self._hold(retry_after, now)
             elif signal is Signal.OK:
-                if self._slow(ticket.kind, now - ticket.started):
-                    self._decrease(ticket)
+                if self._slow(ticket.kind, now - ticket.started) and self._decrease(ticket):
+                    # Answered once: this latency is the new reference, so that a server that
+                    # stays this slow is not cut again and again; only a further rise is.
+                    lat = self._latency[ticket.kind]
+                    lat.baseline = lat.recent
                 elif busy:
                     self._grow()
             self._cond.notify_all()
@@ -187,13 +192,14 @@ class AdaptiveLimit:
             self._hold_until = until
             self._stats.retry_after_waits += 1
 
-    def _decrease(self, ticket: Ticket) -> None:
+    def _decrease(self, ticket: Ticket) -> bool:
         if ticket.epoch != self._epoch:
-            return  # sent before the last decrease: that congestion was already answered
+            return False  # sent before the last decrease: that congestion was already answered
         self._limit = max(float(self.minimum), self._limit * self.decrease)
         self._epoch += 1
         self._stats.decreases += 1
         self._stats.lowest_limit = min(self._stats.lowest_limit, self._limit)
+        return True
 
     def _grow(self) -> None:
         if self._limit >= self.cap:
