@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -239,3 +240,35 @@ def test_runner_filters_by_shard_and_keeps_lock_names() -> None:
         assert not is_shard_spec(name)
         assert my_studies(jobs, ManyOptions(shard=name)) == jobs
     assert is_shard_spec("auto") and is_shard_spec("auto/3") and is_shard_spec("2/8")
+
+
+XIO_MANY = (sys.executable, "-m", "xnatio", "upload-many")
+
+
+def test_dry_run_with_a_shard_lists_only_its_studies(tmp_path: Path) -> None:
+    from xnatio.synth import generate_session
+
+    root = tmp_path / "outbox"
+    for i in range(8):
+        generate_session(
+            root / f"s{i}", series=1, instances=1, patient_id=f"P{i}", seed=i, image_size=(8, 8)
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XNAT_", "SLURM_"))}
+    env["HOME"] = str(tmp_path)
+    seen: list[set[str]] = []
+    for spec in ("0/3", "1/3", "2/3"):
+        out = subprocess.run(
+            [*XIO_MANY, str(root), "--project", "P", "--dry-run", "--json", "--shard", spec],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        uids = {r["study_uid"] for r in rows if "study_uid" in r}
+        shard = parse_shard(spec, {})
+        assert all(shard.owns(u) for u in uids)
+        seen.append(uids)
+    assert sum(len(s) for s in seen) == 8 and len(set().union(*seen)) == 8

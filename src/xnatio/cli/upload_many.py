@@ -9,6 +9,7 @@ summary table. The upload knobs are ``xio upload-dicom``'s own options, reused (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -50,7 +51,7 @@ from xnatio.many.runner import (
     StudyJob,
     jobs_of,
 )
-from xnatio.many.shard import parse_shard
+from xnatio.many.shard import is_shard_spec, parse_shard, select
 from xnatio.many.templates import TEMPLATE_HELP
 from xnatio.models import ProgressCallback
 from xnatio.settings import Settings
@@ -387,6 +388,9 @@ def _upload_many(
         if not output.quiet:
             click.echo(f"plan written to {plan_out}", err=True)
     if dry_run:
+        if is_shard_spec(opts.shard):  # this shard's rows only (--plan-out keeps them all)
+            shard = parse_shard(opts.shard, {})
+            plan = dataclasses.replace(plan, rows=tuple(select(plan.rows, shard)))
         return _dry_run(plan, settings, output, request.settle)
     display = ManyDisplay.choose(output)
     state = state_dir or default_state_dir()
