@@ -6,6 +6,7 @@ REST tests run against the sandbox over real HTTP: the executor is injected, not
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -18,7 +19,7 @@ from xnatio.coordinator import BoundedExecutor, Coordinator, SerialExecutor
 from xnatio.discover import discover
 from xnatio.models import Manifest, Outcome, Phase, ProgressEvent
 from xnatio.pipeline import resumable_rest_upload
-from xnatio.plan import plan_batches
+from xnatio.plan import RestPlanner, plan_batches
 from xnatio.resume import ResumeOptions
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
@@ -40,6 +41,10 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSession:
 
 def four_batches(manifest: Manifest) -> Any:
     return plan_batches(manifest, BATCHES, single_max_files=4, single_max_bytes=0)
+
+
+# The same four batches through the planner interface (targets carry num_batches=BATCHES).
+FOUR_BATCHES = RestPlanner(single_max_files=4, single_max_bytes=0)
 
 
 class RecordingSerial(SerialExecutor):
@@ -72,7 +77,7 @@ def test_a_rest_upload_replays_serially_with_an_injected_executor(
             discover(session_dir.root),
             target,
             options=ResumeOptions(journal=tmp_path / "journal"),
-            plan=four_batches,
+            planner=FOUR_BATCHES,
             executor=serial,
         )
     assert result.success, result.errors
@@ -175,7 +180,7 @@ def test_the_library_leaves_the_sigterm_handler_as_it_found_it(
                 discover(session_dir.root),
                 target,
                 options=ResumeOptions(journal=tmp_path / "journal"),
-                plan=four_batches,
+                planner=FOUR_BATCHES,
                 progress_callback=watch,
                 executor=lambda _workers: SerialExecutor(),
             )
@@ -194,3 +199,78 @@ def test_the_cli_turns_sigterm_into_an_interrupt_and_puts_the_handler_back() -> 
         assert signal.getsignal(signal.SIGTERM) is not before
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.integration
+def test_ctrl_c_cuts_a_request_whose_body_is_sent_and_whose_answer_is_awaited(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Once the last byte of a batch is out, its worker waits for XNAT's answer; a Ctrl-C then
+    shuts that connection down (xnatio.xnat.inflight) instead of waiting for the answer or the
+    60 s read timeout. Evidence from the server: it had not answered (no file imported yet)
+    when the upload had already raised, and no worker outlived the call."""
+    from xnatio.resume import UploadInterrupted
+
+    files = 4
+    session = generate_session(tmp_path / "MR", series=1, instances=files, image_size=(16, 16))
+    xnat_server.set_knobs(per_file_ms=2500)  # the answer comes ~10 s after the body
+    main = threading.get_ident()
+    interrupted = threading.Event()
+
+    def ctrl_c_once_the_body_is_sent(event: ProgressEvent) -> None:
+        sent = event.phase is Phase.UPLOAD and 0 < event.bytes_total == event.bytes_done
+        if sent and not interrupted.is_set():
+            interrupted.set()
+            threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT)).start()
+
+    target = RestTarget(
+        project=P, subject=S, session=E, num_batches=1, upload_workers=1, archive_workers=1
+    )
+    with XnatClient(xnat_server.url, username=USER, password=PASSWORD, timeout=60) as client:
+        with pytest.raises(UploadInterrupted):
+            resumable_rest_upload(
+                client,
+                discover(session.root),
+                target,
+                options=ResumeOptions(journal=tmp_path / "journal"),
+                progress_callback=ctrl_c_once_the_body_is_sent,
+            )
+        assert interrupted.is_set()
+        assert xnat_server.stats().get("files_imported", 0) == 0  # XNAT had not answered yet
+        workers = [t for t in threading.enumerate() if t.name.startswith("xnatio-rest")]
+        for t in workers:  # its task is over; the thread itself may take a moment to exit
+            t.join(timeout=5)
+        assert not any(t.is_alive() for t in workers)
+    xnat_server.set_knobs(per_file_ms=0)  # let the server finish the cut request quickly
+    assert xnat_server.archived_files(P, S, E) == {}
+
+
+def test_a_cut_wakes_a_reader_and_cuts_a_request_that_starts_after_the_cancel() -> None:
+    """xnatio.xnat.inflight without HTTP: the cut shuts the tracked connection's socket down, so
+    a thread blocked reading it wakes at once; a connection tracked after the cut is cut too."""
+    from urllib3.connection import HTTPConnection
+
+    from xnatio.xnat.inflight import InFlight
+
+    coordinator = Coordinator()
+    ours, theirs = socket.socketpair()
+    late_ours, late_theirs = socket.socketpair()
+    try:
+        conn = HTTPConnection("localhost")
+        conn.sock = ours
+        inflight = InFlight()
+        inflight.track(conn)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ours.recv(1)))
+        coordinator.add_stopper(inflight.cut)
+        reader.start()
+        coordinator.cancel()
+        reader.join(timeout=10)
+        assert not reader.is_alive() and got == [b""]  # woken by the shutdown: end of stream
+        late = HTTPConnection("localhost")
+        late.sock = late_ours
+        inflight.track(late)  # after the cut: cut at once
+        assert late_ours.recv(1) == b""
+    finally:
+        for s in (ours, theirs, late_ours, late_theirs):
+            s.close()

@@ -36,7 +36,7 @@ from xnatio.errors import ConfigError, UnreachableError, UsageError
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, SkippedFile
 from xnatio.retry import RetryPolicy
 from xnatio.synth import generate_session
-from xnatio.transports.dicom_store import send_dicom_store
+from xnatio.transports.dicom_store import send_associations
 from xnatio.transports.dicom_store.encode import dataset_offset, decoder_missing
 
 pytestmark = pytest.mark.integration
@@ -239,7 +239,7 @@ def send(root: Path, port: int, **kw: Any) -> Any:
     kw.setdefault("subject", "SUBJ-1")
     kw.setdefault("session", "SESS_1")
     kw.setdefault("allow_multiple_studies", True)
-    return send_dicom_store(root, "127.0.0.1", port, **kw)
+    return send_associations(root, "127.0.0.1", port, **kw)
 
 
 # -- dcmtk storescp --------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_closed_port_and_unknown_host_are_unreachable(session: Path) -> None:
     with pytest.raises(UnreachableError, match=r"port \d+ is closed on 127.0.0.1"):
         send(session, port)
     with pytest.raises(UnreachableError, match=r"no such host 'no-such-host\.invalid'"):
-        send_dicom_store(session, "no-such-host.invalid", 8104, manifest=manifest_of(session))
+        send_associations(session, "no-such-host.invalid", 8104, manifest=manifest_of(session))
 
 
 def test_abort_mid_association_resumes_without_resending_confirmed_files(
@@ -528,7 +528,7 @@ def test_discovers_when_no_manifest_is_given(
     session: Path, scp: Callable[..., tuple[int, Received]]
 ) -> None:
     port, got = scp()
-    result = send_dicom_store(session, "127.0.0.1", port, num_batches=2, project="PRJ")
+    result = send_associations(session, "127.0.0.1", port, num_batches=2, project="PRJ")
     assert result.success
     assert len(got.datasets) == result.total_files == 12
     assert all(d.PatientComments == "Project:PRJ" for d in got.datasets)
@@ -623,7 +623,7 @@ def test_members_of_a_zip_or_tar_path_are_sent(
 
     archive = Path(shutil.make_archive(str(tmp_path / "upload"), kind, session))
     port, got = scp()
-    result = send_dicom_store(archive, "127.0.0.1", port, num_batches=3, project="PRJ")
+    result = send_associations(archive, "127.0.0.1", port, num_batches=3, project="PRJ")
 
     assert result.success, result.errors
     on_disk = {dcmread(p).SOPInstanceUID: dcmread(p) for p in session.rglob("*") if p.is_file()}
@@ -642,7 +642,7 @@ def test_gzipped_tar_path_is_refused_with_a_hint(
     archive = shutil.make_archive(str(tmp_path / "upload"), "gztar", session)
     port, got = scp()
     with pytest.raises(UsageError, match=r"compressed tar.*--transport rest"):
-        send_dicom_store(archive, "127.0.0.1", port)
+        send_associations(archive, "127.0.0.1", port)
     assert got.associations == 0
 
 
@@ -744,7 +744,7 @@ def test_member_unreadable_halfway_fails_alone(
     archive.write_bytes(bytes(data))
 
     port, got = scp()
-    result = send_dicom_store(archive, "127.0.0.1", port, num_batches=1, project="PRJ")
+    result = send_associations(archive, "127.0.0.1", port, num_batches=1, project="PRJ")
 
     assert [o.path for o in result.failed] == [f"{archive}/{names[1]}"]
     assert result.failed[0].reason.startswith("reading the file failed while sending it: Bad CRC")

@@ -289,7 +289,7 @@ def test_names_do_not_matter_and_odd_entries_do_not_stop_the_walk(tmp_path: Path
     assert {f.sop_instance_uid for f in m.files} == set(s.instances)
     reasons = {r.path.name: r.reason for r in m.skipped}
     assert reasons["empty"] == "empty file (0 bytes)"
-    assert reasons["fifo"] == "not a regular file"
+    assert reasons["fifo"] == "not a regular file: FIFO (named pipe)"
     assert reasons["dangling"] == "broken symbolic link"
     assert "self" in reasons
     assert "already walked" in reasons["up"]

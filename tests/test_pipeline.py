@@ -14,7 +14,7 @@ from xnatio.cli.upload import upload_dicom
 from xnatio.pipeline import UploadOptions
 from xnatio.retry import RetryPolicy
 from xnatio.settings import Settings
-from xnatio.transports.dicom_store.send import send_dicom_store as transport_send_dicom_store
+from xnatio.transports.dicom_store.send import send_associations
 from xnatio.transports.rest import RestTarget
 from xnatio.uploaders import send_dicom_store, upload_dicom_parallel_rest
 
@@ -29,7 +29,7 @@ def _option_default(name: str) -> object:
 def test_every_layer_takes_its_defaults_from_one_place() -> None:
     rest = inspect.signature(upload_dicom_parallel_rest).parameters
     cstore = inspect.signature(send_dicom_store).parameters
-    store_api = inspect.signature(transport_send_dicom_store).parameters
+    store_api = inspect.signature(send_associations).parameters
     target = {f.name: f.default for f in dataclasses.fields(RestTarget)}
     options = {f.name: f.default for f in dataclasses.fields(UploadOptions)}
     expected = {
@@ -65,8 +65,8 @@ def test_every_layer_takes_its_defaults_from_one_place() -> None:
 def test_no_layer_spells_a_default_of_its_own() -> None:
     """The numbers of xnatio.defaults appear as literals nowhere else in the layers that used to
     repeat them (the CLI, the API, the pipeline, the REST target, the client, the retry policy)."""
-    owners = ["cli/upload.py", "uploaders.py", "pipeline.py", "transports/rest.py", "retry.py"]
-    owners.append("xnat/client.py")
+    owners = ["cli/upload.py", "uploaders.py", "pipeline.py", "retry.py", "xnat/client.py"]
+    owners += sorted(str(p.relative_to(SRC)) for p in (SRC / "transports/rest").glob("*.py"))
     spelled = {defaults.REQUEST_TIMEOUT, defaults.ARCHIVE_WAIT, float(defaults.UPLOAD_WORKERS)}
     for rel in owners:
         tree = ast.parse((SRC / rel).read_text(encoding="utf-8"))
@@ -137,7 +137,42 @@ def test_one_of_each_helper() -> None:
     assert "display_path" not in defined
     builders = [name for name in defined if "tar" in name and "header" in name]
     assert {b: defined[b] for b in builders if b != "tar_header_size"} == {
-        "tar_header": ["archive.py", "transports/bodies.py"]
+        "tar_header": ["archive.py", "transports/rest/bodies.py"]
     }
-    bodies = (SRC / "transports/bodies.py").read_text(encoding="utf-8")
+    bodies = (SRC / "transports/rest/bodies.py").read_text(encoding="utf-8")
     assert "TarInfo" not in bodies and "tobuf" not in bodies
+
+
+def test_one_planner_one_progress_counter_one_result_assembler() -> None:
+    """Issue 12's "one of each": both transports plan through xnatio.plan.Planner, count through
+    xnatio.events.ProgressCounter and build their result with xnatio.result.assemble_result."""
+    calls: dict[str, set[str]] = {}
+    counted: set[str] = set()
+    planners: set[str] = set()
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                calls.setdefault(node.func.id, set()).add(rel)
+                if node.func.id == "ProgressEvent" and any(
+                    k.arg == "batches_done" for k in node.keywords
+                ):
+                    counted.add(rel)
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(f, ast.FunctionDef) and f.name == "plan" for f in node.body
+            ):
+                planners.add(f"{rel}:{node.name}")
+    assert planners == {
+        "plan.py:Planner",  # the protocol
+        "plan.py:RestPlanner",
+        "transports/dicom_store/plan.py:AssociationPlanner",
+    }
+    # Only behind the planner interface.
+    assert not [r for r in calls["plan_batches"] if r != "plan.py"]
+    assert not [r for r in calls["plan_associations"] if r != "transports/dicom_store/plan.py"]
+    assert "events.py" in counted  # the transports count through the one counter
+    assert not [r for r in counted if r.startswith("transports/")]
+    # The transports and the API build their results with the assembler, never by hand.
+    builders = calls["UploadResult"]
+    assert "result.py" in builders
+    assert not [r for r in builders if r.startswith("transports/") or r == "uploaders.py"]

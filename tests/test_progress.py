@@ -190,3 +190,36 @@ def test_tqdm_progress_counts_bytes_while_verifying() -> None:
         cb(_verify(4, total=4, size=2_000_000))
     text = out.getvalue()
     assert "verify" in text and "2.00M/2.00M" in text
+
+
+# -- the one counter both transports feed (xnatio.events) ------------------------------------------
+
+
+def test_the_counter_throttles_bytes_but_tells_every_file_batch_and_message() -> None:
+    from xnatio.events import ProgressCounter
+
+    clock = FakeClock()
+    events: list[ProgressEvent] = []
+    counter = ProgressCounter(
+        events.append, files_total=3, bytes_total=300, batches_total=2, clock=clock
+    )
+    counter.update(nbytes=100)  # told: the first in a while
+    counter.update(nbytes=50)  # not told: bytes only, within 0.1 s
+    clock.now += 0.2
+    counter.update(nbytes=-50)  # told: a retried body took its bytes back
+    counter.update(files=1, nbytes=0)  # files are always told
+    counter.update(batch_done=True, failed=True)
+    counter.update(message="2 association(s)")
+    counter.phase(Phase.DONE, 1, 3, "done")
+    assert [
+        (e.phase, e.current, e.bytes_done, e.batches_done, e.batches_failed) for e in events
+    ] == [
+        (Phase.UPLOAD, 0, 100, 0, 0),
+        (Phase.UPLOAD, 0, 100, 0, 0),
+        (Phase.UPLOAD, 1, 100, 0, 0),
+        (Phase.UPLOAD, 1, 100, 1, 1),
+        (Phase.UPLOAD, 1, 100, 1, 1),
+        (Phase.DONE, 1, 100, 1, 1),
+    ]
+    assert events[4].message == "2 association(s)"
+    assert {(e.total, e.bytes_total, e.batches_total) for e in events[:-1]} == {(3, 300, 2)}

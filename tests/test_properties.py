@@ -43,7 +43,8 @@ from xnatio.archive import (
 from xnatio.config_file import load_profile, update_profile
 from xnatio.models import DicomFile, Manifest, Outcome
 from xnatio.models import file_path as outcome_path
-from xnatio.plan import plan_batches
+from xnatio.pipeline import planner_for
+from xnatio.plan import make_plan, plan_batches
 from xnatio.settings import parse_env_file
 from xnatio.verify import ServerFile, ServerScan, VerifyReport, compare
 
@@ -343,6 +344,27 @@ def test_planning_partitions_the_files(
         single_max_files=single_max_files,
         single_max_bytes=single_max_bytes,
     )
+    assert [[id(f) for f in b.files] for b in again] == [[id(f) for f in b.files] for b in batches]
+
+
+@FAST
+@given(
+    files=manifests.filter(bool),
+    parts=st.integers(0, 50),
+    transport=st.sampled_from(["rest", "dicom-store"]),
+)
+def test_both_transports_plans_partition_the_files_through_one_interface(
+    files: list[DicomFile], parts: int, transport: str
+) -> None:
+    """REST requests and C-STORE associations come from the same call (xnatio.plan.Planner):
+    every file in exactly one non-empty batch, numbered in order, the same plan every time."""
+    manifest = Manifest(root=Path("/exam"), files=files)
+    batches = make_plan(manifest, parts=parts, planner=planner_for(transport))
+    planned = [f for b in batches for f in b.files]
+    assert sorted(map(id, planned)) == sorted(map(id, files))  # each exactly once
+    assert all(b.files for b in batches)
+    assert [b.index for b in batches] == list(range(len(batches)))
+    again = make_plan(manifest, parts=parts, planner=planner_for(transport))
     assert [[id(f) for f in b.files] for b in again] == [[id(f) for f in b.files] for b in batches]
 
 

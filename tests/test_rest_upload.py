@@ -28,8 +28,8 @@ from xnatio.report import exit_code_of, result_to_dict, status_of, summary_text
 from xnatio.retry import RetryPolicy
 from xnatio.sandbox.server import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
-from xnatio.transports import rest
-from xnatio.transports.rest import BAD_MEMBERS_IN_A_ROW, RestTarget, RestUploader
+from xnatio.transports.rest import BAD_MEMBERS_IN_A_ROW, BatchSender, RestTarget, RestUploader
+from xnatio.transports.rest import commit as rest_commit
 from xnatio.uploaders import upload_dicom_parallel_rest
 from xnatio.xnat.client import XnatClient
 
@@ -463,7 +463,7 @@ def test_direct_archive_waits_for_the_idle_interval_and_verifies(
     """Direct-Archive's experiment appears only once the session has been idle for XNAT's
     interval (facts 1.6): the upload polls /xapi/direct-archive/… until 404, then the
     experiment, and ends with the archive URI."""
-    monkeypatch.setattr(rest, "DIRECT_ARCHIVE_POLL", 0.2)
+    monkeypatch.setattr(rest_commit, "DIRECT_ARCHIVE_POLL", 0.2)
     xnat_server.set_knobs(build_idle_seconds=2)
     session = small_session(tmp_path)
     events: list[ProgressEvent] = []
@@ -486,7 +486,7 @@ def test_direct_archive_waits_for_the_idle_interval_and_verifies(
 def test_direct_archive_not_archived_within_the_bound_is_pending(
     xnat_server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rest, "DIRECT_ARCHIVE_POLL", 0.1)
+    monkeypatch.setattr(rest_commit, "DIRECT_ARCHIVE_POLL", 0.1)
     xnat_server.set_knobs(build_idle_seconds=600)
     session = small_session(tmp_path)
     result = upload(xnat_server, session.root, direct_archive=True, archive_wait=0.5)
@@ -498,6 +498,31 @@ def test_direct_archive_not_archived_within_the_bound_is_pending(
     assert "not yet archived" in text and f"xio verify {P} {S} {E} PATH --wait-for" in text
     assert result_to_dict(result)["pending"] == [pending]
     assert xnat_server.archived_files(P, S, E) == {}
+
+
+def test_the_public_api_takes_an_executor(xnat_server: SandboxServer, tmp_path: Path) -> None:
+    """upload_dicom_parallel_rest(executor=) reaches the batch pool: a serial executor runs every
+    batch in the calling thread."""
+    from concurrent.futures import Executor, Future
+
+    from xnatio.coordinator import SerialExecutor
+
+    ran: list[tuple[str, int]] = []
+
+    class Recording(SerialExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            ran.append(("task", threading.get_ident()))
+            return super().submit(fn, *args, **kwargs)
+
+    def serial(workers: int) -> Executor:
+        ran.append(("workers", workers))
+        return Recording()
+
+    session = small_session(tmp_path)
+    result = upload(xnat_server, session.root, executor=serial, journal=tmp_path / "journal")
+    assert result.success, result.errors
+    assert ran == [("workers", 5), ("task", threading.get_ident())]  # 3 + 2 workers, one batch
+    assert_landed(xnat_server, session.instances)
 
 
 def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
@@ -536,20 +561,23 @@ def test_in_flight_requests_and_prepared_batches_are_bounded(
                 with lock:
                     state["now"] -= 1
 
-    class CountingUploader(RestUploader):
+    class CountingSender(BatchSender):
         # A batch exists from the start of its preparation to the end of its upload.
-        def _prepare(self, batch: Batch, run: Any) -> list[DicomFile]:
+        def prepare(self, batch: Batch) -> list[DicomFile]:
             with lock:
                 state["batches"] += 1
                 state["batches_peak"] = max(state["batches_peak"], state["batches"])
-            return super()._prepare(batch, run)
+            return super().prepare(batch)
 
-        def _send_guarded(self, *args: Any) -> None:
+        def send_guarded(self, *args: Any) -> None:
             try:
-                super()._send_guarded(*args)
+                super().send_guarded(*args)
             finally:
                 with lock:
                     state["batches"] -= 1
+
+    class CountingUploader(RestUploader):
+        sender_class = CountingSender
 
     state.update(batches=0, batches_peak=0)
     manifest = discover(session_dir.root)
@@ -612,11 +640,14 @@ def test_file_vanishing_while_its_batch_streams_is_failed_and_the_rest_resent(
     manifest = discover(session.root)
     victim = manifest.files[5]  # inside the batch: the body is already being generated
 
-    class NoPrecheck(RestUploader):
+    class NoPrecheckSender(BatchSender):
         # Skip the check made when a batch is prepared, so the stream itself meets the gap.
-        def _prepare(self, batch: Batch, run: Any) -> list[DicomFile]:
+        def prepare(self, batch: Batch) -> list[DicomFile]:
             victim.path.unlink()
             return list(batch.files)
+
+    class NoPrecheck(RestUploader):
+        sender_class = NoPrecheckSender
 
     target = RestTarget(project=P, subject=S, session=E, upload_workers=1, archive_workers=1)
     with XnatClient(xnat_server.url, username=USER, password=PASSWORD) as client:

@@ -71,3 +71,53 @@ def test_wait_is_cut_short_by_cancel() -> None:
     cancel.set()
     # Without an injected sleep the wait is on the event itself: returns at once, False.
     assert RetryPolicy(base=1000.0, rng=lambda: 1.0).wait(0, cancel=cancel) is False
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the policy sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_retrying_stops_once_the_budget_since_the_first_failure_is_spent() -> None:
+    """Time-based: a server down for longer than the budget is given up on after about the
+    budget, whatever the cap on attempts; the last wait ends with the budget."""
+    clock = FakeClock()
+    policy = RetryPolicy(
+        retries=1000, budget=180.0, base=0.5, cap=30.0, rng=lambda: 1.0, clock=clock
+    )
+    since = clock()
+    n = 0
+    while policy.wait(n, since=since, sleep=clock.sleep):
+        n += 1
+    assert sum(clock.slept) == pytest.approx(180.0)
+    assert clock.slept[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0] and max(clock.slept) == 30.0
+    assert clock.slept[-1] < 30.0  # cut to end with the budget: one more attempt at its end
+    assert policy.left(since) <= 0
+
+
+def test_the_default_budget_outlasts_a_server_restart() -> None:
+    """A Tomcat restart takes a minute or more: the defaults keep retrying for three minutes,
+    and the attempt cap does not end it sooner on average (full jitter draws half the
+    ceiling on average)."""
+    policy = RetryPolicy()
+    assert policy.budget >= 120.0
+    ceilings = sum(RetryPolicy(rng=lambda: 1.0).backoff(n) for n in range(policy.retries))
+    assert ceilings / 2 >= policy.budget
+
+
+def test_the_attempt_cap_still_binds_when_reached_first() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(retries=3, budget=1e9, rng=lambda: 0.0, clock=clock)
+    since = clock()
+    allowed = [n for n in range(10) if n < policy.retries and policy.wait(n, since=since)]
+    assert allowed == [0, 1, 2]

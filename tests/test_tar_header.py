@@ -1,5 +1,5 @@
 """One tar-header builder (issue 12): ``archive.tar_header`` replaced the two that batch archives
-(archive.py) and archive-member bodies (transports/bodies.py) each had; it writes byte for byte
+(archive.py) and archive-member bodies (transports/rest/bodies.py) each had; it writes byte for byte
 what either of them wrote."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from xnatio.archive import instance_file_name
 from xnatio.discover import discover
 from xnatio.models import DicomFile, Manifest, UploadResult
 from xnatio.pipeline import ResumeOptions, resumable_rest_upload
-from xnatio.plan import plan_batches
+from xnatio.plan import RestPlanner
 from xnatio.retry import RetryPolicy
 from xnatio.sandbox import SandboxServer
 from xnatio.transports.rest import RestTarget
@@ -127,7 +127,7 @@ def upload(
             options=ResumeOptions(journal=journal, restart=restart),
             retry=retry,
             # N batches even for a small session (the planner sends small ones whole).
-            plan=lambda m: plan_batches(m, batches, single_max_files=0, single_max_bytes=0),
+            planner=RestPlanner(single_max_files=0, single_max_bytes=0),
         )
 
 

@@ -437,7 +437,7 @@ class TarStat(Protocol):
 def tar_header(name: str, f: TarStat) -> bytes:
     """The header block(s) of one regular-file member ``name``: mode 0644, owner 0:0 with no
     names, the file's size and whole-second mtime. The one tar-header builder of xnatio: the
-    batch archives here and the archive-member bodies of ``transports.bodies`` both use it.
+    batch archives here and the archive-member bodies of ``transports.rest.bodies`` both use it.
 
     PAX headers carry long and non-ASCII names exactly, as UTF-8 (POSIX.1-2001): read by
     commons-compress (import service), Ant's TarInputStream since 1.9 (resource extraction,

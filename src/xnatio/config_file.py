@@ -58,12 +58,27 @@ SECRET_KEYS = ("password", "token")
 DEFAULT_PROFILE = "default"
 
 
+NO_HOME = Path("/nonexistent")  # the home of a user who has none (Debian's convention)
+
+
+def user_home(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``$HOME``, else the passwd entry's home; None for a user with neither (a cron job or a
+    container running as a uid that has no passwd entry, with HOME unset)."""
+    env = os.environ if environ is None else environ
+    if env.get("HOME"):
+        return Path(env["HOME"])
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError, OSError):
+        return None
+
+
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where the config file is (whether or not it exists)."""
+    """Where the config file is (whether or not it exists); a user without a home has none."""
     env = os.environ if environ is None else environ
     if env.get("XNATIO_CONFIG"):
         return Path(env["XNATIO_CONFIG"]).expanduser()
-    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    base = env.get("XDG_CONFIG_HOME") or str((user_home(env) or NO_HOME) / ".config")
     return Path(base).expanduser() / "xnatio" / "config.toml"
 
 

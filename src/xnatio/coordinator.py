@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -103,6 +103,8 @@ class BoundedExecutor:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
         self._slots = threading.BoundedSemaphore(max_workers)
         self._executor = (executor or thread_pool("worker"))(max_workers)
+        self._lock = threading.Lock()
+        self._pending: set[Future[Any]] = set()
 
     def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
         self._slots.acquire()
@@ -111,12 +113,28 @@ class BoundedExecutor:
         except BaseException:
             self._slots.release()
             raise
-        future.add_done_callback(lambda _: self._slots.release())
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
         return future
 
+    def _done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+        self._slots.release()
+
     def shutdown(self, *, cancel_futures: bool = False) -> None:
-        """Wait for the running tasks to end (after a cancel, they end promptly)."""
-        self._executor.shutdown(wait=True, cancel_futures=cancel_futures)
+        """Wait for the running tasks to end (after a cancel, they end promptly).
+
+        The tasks are waited for through their futures before the threads are joined: a Ctrl-C
+        that interrupts ``Thread.join`` can leave that thread marked as ended while it still runs
+        (seen on CPython 3.11), so a second shutdown after a cancel would not wait for it.
+        """
+        self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
+        with self._lock:
+            pending = list(self._pending)
+        wait(pending)
+        self._executor.shutdown(wait=True)
 
     def __enter__(self) -> BoundedExecutor:
         return self

@@ -40,7 +40,7 @@ def netrc_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get("NETRC"):
         return Path(env["NETRC"]).expanduser()
-    return Path(env.get("HOME") or Path.home()) / ".netrc"
+    return (config_file.user_home(env) or config_file.NO_HOME) / ".netrc"
 
 
 def netrc_lookup(server: str, path: Path) -> NetrcEntry | None:

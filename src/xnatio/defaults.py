@@ -16,7 +16,12 @@ ARCHIVE_FORMAT = "tar"
 REQUEST_TIMEOUT = 10800.0  # seconds per REST request (a large batch takes long to import)
 OVERWRITE = "none"
 ARCHIVE_WAIT = 900.0  # seconds to wait for Direct-Archive's experiment (facts 1.6)
-RETRIES = 5  # per batch (REST) or association (C-STORE), as `--retries`
+# Retrying a request stops at whichever comes first: RETRIES further attempts (`--retries`, a
+# cap per batch, request or association) or RETRY_BUDGET seconds since its first failure
+# (`--retry-budget`): longer than a Tomcat restart (a minute or more), so an XNAT restarted
+# mid-upload costs a wait, not a failed run.
+RETRIES = 30
+RETRY_BUDGET = 180.0
 # xio upload-many (xnatio.many): studies sent at once, the one cap on REST requests in flight to
 # the server whatever the number of studies, failed runs before a study is quarantined, the
 # backoff before a failed study is tried again (doubling per failed run, capped), the --watch

@@ -190,14 +190,39 @@ def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
                 enter(entry.path)
             elif entry.is_file():
                 files.append(entry.path)
-            elif entry.is_symlink():
-                skipped.append(SkippedFile(Path(entry.path), "broken symbolic link"))
             else:
-                skipped.append(SkippedFile(Path(entry.path), "not a regular file"))
+                # Never opened: a FIFO would block discovery, /dev/zero would never end.
+                skipped.append(SkippedFile(Path(entry.path), _not_regular(entry)))
         except OSError as exc:
             # A symlink loop (ELOOP) or an entry removed while walking.
             skipped.append(SkippedFile(Path(entry.path), f"cannot be examined ({exc.strerror})"))
     return files, skipped
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def not_regular_reason(mode: int) -> str:
+    """Why a file of ``mode`` (not a regular file, not a folder) is skipped."""
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
+    return f"not a regular file: {kind}"
+
+
+def _not_regular(entry: os.DirEntry[str]) -> str:
+    """The skip reason of a walked entry that is neither a folder nor a regular file."""
+    if not entry.is_symlink():
+        return not_regular_reason(entry.stat(follow_symlinks=False).st_mode)
+    try:
+        mode = os.stat(entry.path).st_mode
+    except FileNotFoundError:
+        return "broken symbolic link"
+    target = os.readlink(entry.path)
+    return f"symbolic link to {target}: {not_regular_reason(mode)}"
 
 
 def _examine(path: str) -> _Result:
@@ -212,8 +237,8 @@ def _examine(path: str) -> _Result:
         return _Skip(f"not readable ({exc.strerror})", 0)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return _Skip("not a regular file", 0)
+        if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO or device since the walk
+            return _Skip(not_regular_reason(st.st_mode), 0)
         if st.st_size == 0:
             return _Skip("empty file (0 bytes)", 0)
         try:

@@ -11,14 +11,16 @@ EXIT_USAGE = 2
 EXIT_AUTH = 3
 EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by `| head`
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "everything uploaded (and verified)",
     EXIT_FILES_FAILED: "some files failed or verification found a mismatch",
-    EXIT_USAGE: "usage or configuration error",
+    EXIT_USAGE: "usage or configuration error (also: the result could not be written)",
     EXIT_AUTH: "authentication failed or no credentials available",
     EXIT_UNREACHABLE: "server unreachable",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume",
+    EXIT_BROKEN_PIPE: "standard output was closed by its reader (e.g. `| head`); nothing printed",
 }
 
 
@@ -64,3 +66,19 @@ class ServerError(XnatioError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class OutputError(UsageError):
+    """Standard output, or a result file, could not be written (closed, full device, ...).
+
+    The work itself may have been done: the message says what could not be written.
+    """
+
+    exit_code = EXIT_USAGE
+
+
+class BrokenPipe(OutputError):
+    """The reader of standard output went away (``xio ... | head``): exit quietly, as Unix
+    tools do, with the code a shell gives a process stopped by SIGPIPE."""
+
+    exit_code = EXIT_BROKEN_PIPE

@@ -20,6 +20,11 @@ simply sent again (XNAT merges a re-sent instance into the same file; ``overwrit
 ``synchronous=NORMAL`` survives a killed process; a power cut can lose the last confirmations,
 which again only means re-sending.
 
+A journal that stops taking writes mid-run (its disk fills, it turns read-only, its file system
+errs) degrades instead of failing the upload: one warning line, later writes are dropped, and the
+upload goes on. Nothing is lost by that: the journal only ever saves work, the server's read-back
+decides what landed, and the next run asks the server what it holds before sending anything.
+
 Housekeeping: uploads that were verified and not touched for 90 days are dropped when the journal
 is opened. A journal that cannot be opened (unwritable folder, not a database) is a one-line
 configuration error (exit 2), never a traceback.
@@ -31,10 +36,12 @@ when the holder dies (even by ``kill -9``), so a stale lock cannot block the nex
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -43,10 +50,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
+from xnatio.config_file import user_home
 from xnatio.errors import ConfigError, UsageError
 from xnatio.models import DicomFile, FileOutcome, Manifest, Origin, Outcome, file_path
+from xnatio.redact import printable
+
+log = logging.getLogger(__name__)
 
 JOURNAL_ENV = "XNATIO_JOURNAL"
 KEEP_DAYS = 90.0  # verified uploads are forgotten after this long without a new run
@@ -87,7 +99,15 @@ def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get(JOURNAL_ENV):
         return Path(env[JOURNAL_ENV]).expanduser()
-    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/state")
+    state = env.get("XDG_STATE_HOME")
+    if not state:
+        home = user_home(env)
+        if home is None:
+            raise ConfigError(
+                f"no folder for the resume journal: HOME is not set and user {os.getuid()} has "
+                f"no home directory; pass --journal FILE, or set {JOURNAL_ENV} or XDG_STATE_HOME"
+            )
+        state = str(home / ".local/state")
     return Path(state) / "xnatio" / "journal.sqlite"
 
 
@@ -135,13 +155,17 @@ class Target:
 
 
 def relative_name(f: DicomFile, root: Path) -> str:
-    """The file's stable name under the source root (the member name inside an archive)."""
+    """The file's stable name under the source root (the member name inside an archive).
+
+    A name holding bytes that are not UTF-8 is kept with those bytes as ``\\xNN`` escapes
+    (:func:`xnatio.redact.printable`): SQLite and the fingerprint take UTF-8 text only.
+    """
     if f.member is not None:
-        return f.member
+        return printable(f.member)
     try:
-        return f.path.relative_to(root).as_posix()
+        return printable(f.path.relative_to(root).as_posix())
     except ValueError:
-        return f.path.as_posix()
+        return printable(f.path.as_posix())
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
@@ -160,8 +184,15 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run lock {self.path} ({exc.strerror or exc}); make "
+                f"{self.path.parent} writable, or use another journal folder with "
+                f"--journal FILE or {JOURNAL_ENV}"
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -175,8 +206,9 @@ class RunLock:
                 if on_wait is not None:
                     on_wait(f"waiting for another xio run{holder} on {self.target.describe()}")
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+            with contextlib.suppress(OSError):  # who holds it: a courtesy (a full disk, say)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         except BaseException:
             os.close(fd)
             raise
@@ -213,6 +245,10 @@ class Journal:
         self.path = path if path is not None else default_journal_path()
         self._lock = threading.Lock()
         self._closed = False
+        # Set by open_run: from then on a write that fails degrades the journal (see below)
+        # instead of raising; before, a journal that cannot be used is a ConfigError (exit 2).
+        self._in_run = False
+        self.degraded = ""  # why writes are being dropped, once they are
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # isolation_level=None: autocommit; every write is its own explicit transaction.
@@ -237,8 +273,15 @@ class Journal:
 
     def _unusable(self, exc: BaseException) -> ConfigError:
         why = getattr(exc, "strerror", None) or str(exc)
+        fix = (
+            "make it writable"
+            if "readonly" in why
+            else "free some space on its disk"
+            if "full" in why or getattr(exc, "errno", None) == errno.ENOSPC
+            else "move it away"
+        )
         return ConfigError(
-            f"cannot use the resume journal {self.path} ({why}); move it away, or choose "
+            f"cannot use the resume journal {self.path} ({why}); {fix}, or choose "
             f"another file with --journal FILE or {JOURNAL_ENV}"
         )
 
@@ -257,7 +300,22 @@ class Journal:
                 db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def _write(self) -> _Txn:
-        return _Txn(self._db, self._lock)
+        return _Txn(self)
+
+    def _degrade(self, exc: BaseException) -> bool:
+        """A write failed: during a run, drop this and every later write (True); else False."""
+        if not self._in_run:
+            return False
+        if not self.degraded:
+            self.degraded = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            log.warning(
+                "the resume journal %s cannot be written (%s): going on without it; the "
+                "server's read-back says what landed, and the next run asks the server what it "
+                "holds before sending",
+                self.path,
+                self.degraded,
+            )
+        return True
 
     @property
     def closed(self) -> bool:
@@ -269,7 +327,8 @@ class Journal:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._db.close()
+                with contextlib.suppress(sqlite3.Error):  # a last checkpoint on a full disk
+                    self._db.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -285,9 +344,19 @@ class Journal:
     def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
         """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""
         # Resolved: the same source given as a relative path from another folder is the same.
-        root = str(Path(manifest.source_archive or manifest.root).resolve())
+        root = printable(str(Path(manifest.source_archive or manifest.root).resolve()))
         now = time.time()
         fp = manifest_fingerprint(manifest)
+        try:
+            run = self._open_run(target, manifest, root, fp, now, restart=restart)
+        except sqlite3.Error as exc:  # e.g. a read-only journal file: exit 2, one line
+            raise self._unusable(exc) from None
+        self._in_run = True
+        return run
+
+    def _open_run(
+        self, target: Target, manifest: Manifest, root: str, fp: str, now: float, *, restart: bool
+    ) -> JournalRun:
         with self._write() as db:
             row = db.execute(
                 "SELECT id FROM runs WHERE target = ? AND root = ?", (target.key(), root)
@@ -311,28 +380,74 @@ class Journal:
         return JournalRun(self, run_id, target, manifest)
 
 
-class _Txn:
-    """``with`` block = one ``BEGIN IMMEDIATE`` ... ``COMMIT`` under the connection's lock."""
+def _write_failure(exc: BaseException | None) -> bool:
+    """A failure of the journal's storage (disk full, read-only, I/O error, locked for too
+    long), as opposed to a closed journal (``ProgrammingError``) or a bug."""
+    if isinstance(exc, sqlite3.ProgrammingError):
+        return False
+    return isinstance(exc, sqlite3.DatabaseError | OSError)
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self._db, self._lock = db, lock
+
+class _DroppedWrites:
+    """The connection a degraded journal's writes get: they go nowhere."""
+
+    def execute(self, *args: object) -> _DroppedWrites:
+        return self
+
+    def executemany(self, *args: object) -> _DroppedWrites:
+        return self
+
+
+class _Txn:
+    """``with`` block = one ``BEGIN IMMEDIATE`` ... ``COMMIT`` under the connection's lock.
+
+    During a run, a storage failure (at BEGIN, in the block, or at COMMIT) is rolled back,
+    degrades the journal (one warning) and is not raised; the block's writes, and all later
+    ones, are dropped.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._db = journal._db
+        self._dropped = False
 
     def __enter__(self) -> sqlite3.Connection:
-        self._lock.acquire()
+        journal = self._journal
+        journal._lock.acquire()
+        if journal.degraded:
+            self._dropped = True
+            return cast(sqlite3.Connection, _DroppedWrites())
         try:
             self._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._lock.release()
+        except BaseException as exc:
+            if _write_failure(exc) and journal._degrade(exc):
+                self._dropped = True
+                return cast(sqlite3.Connection, _DroppedWrites())
+            journal._lock.release()
             raise
         return self._db
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> bool:
+        journal = self._journal
         try:
-            self._db.execute("ROLLBACK" if et is not None else "COMMIT")
+            if self._dropped:
+                return _write_failure(e) and bool(journal.degraded)
+            if et is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                return _write_failure(e) and journal._degrade(cast(BaseException, e))
+            try:
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                if not (_write_failure(exc) and journal._degrade(exc)):
+                    raise
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            return False
         finally:
-            self._lock.release()
+            journal._lock.release()
 
 
 def _by_instance(rows: Mapping[str, tuple[int, int, str]]) -> dict[str, int]:
@@ -358,11 +473,16 @@ class JournalRun:
                 self._by_name[file_path(f)] = f
 
     def _confirmed_rows(self) -> dict[str, tuple[int, int, str]]:
-        with self.journal._lock:
-            rows = self.journal._db.execute(
-                "SELECT relpath, size, mtime_ns, sop_uid FROM files WHERE run_id = ?",
-                (self.run_id,),
-            ).fetchall()
+        try:
+            with self.journal._lock:
+                rows = self.journal._db.execute(
+                    "SELECT relpath, size, mtime_ns, sop_uid FROM files WHERE run_id = ?",
+                    (self.run_id,),
+                ).fetchall()
+        except sqlite3.Error as exc:  # its storage failed: knows nothing, the server decides
+            if not (_write_failure(exc) and self.journal._degrade(exc)):
+                raise
+            return {}
         return {r[0]: (int(r[1]), int(r[2]), str(r[3])) for r in rows}
 
     def split(
@@ -474,10 +594,15 @@ class JournalRun:
             db.execute("UPDATE runs SET verified = 0 WHERE id = ?", (self.run_id,))
 
     def _flag(self, column: str) -> tuple[int, str]:
-        with self.journal._lock:
-            row = self.journal._db.execute(
-                f"SELECT {column}, session_uri FROM runs WHERE id = ?", (self.run_id,)
-            ).fetchone()
+        try:
+            with self.journal._lock:
+                row = self.journal._db.execute(
+                    f"SELECT {column}, session_uri FROM runs WHERE id = ?", (self.run_id,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            if not (_write_failure(exc) and self.journal._degrade(exc)):
+                raise
+            return (0, "")
         return (int(row[0]), str(row[1])) if row else (0, "")
 
     @property

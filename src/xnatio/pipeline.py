@@ -8,6 +8,19 @@
 gets exactly what a shell user gets: the resume journal and its lock, the pre-flight, convergence
 on an existing session, the commit and the read-back.
 
+Where each stage lives (one place each, shared by both transports):
+
+* discover — :mod:`xnatio.discover` (PATH → :class:`~xnatio.models.Manifest`);
+* pre-flight — :mod:`xnatio.preflight`;
+* plan — :mod:`xnatio.plan` (:class:`~xnatio.plan.Planner`; the transport picks the planner,
+  :func:`planner_for`);
+* send and commit — a :class:`~xnatio.transports.base.Transport`: :mod:`xnatio.transports.rest`
+  or :mod:`xnatio.transports.dicom_store`, on the one :mod:`xnatio.coordinator` (bounded pool,
+  one cancel path), counting into the one :class:`~xnatio.events.ProgressCounter`, ending in the
+  one :func:`~xnatio.result.assemble_result`;
+* journal, lock, verify — :mod:`xnatio.resume` around the transport, :mod:`xnatio.journal`,
+  :mod:`xnatio.verify`; rendering — :mod:`xnatio.report`, :mod:`xnatio.progress`.
+
 Every default lives in :mod:`xnatio.defaults`.
 """
 
@@ -26,23 +39,20 @@ from xnatio.errors import ConfigError, UsageError
 from xnatio.journal import Target
 from xnatio.models import (
     Batch,
-    DicomFile,
     FileOutcome,
     Manifest,
     ProgressCallback,
-    SessionRef,
     UploadResult,
 )
+from xnatio.plan import Planner, RestPlanner, make_plan
 from xnatio.report import account_for_skipped, plan_to_dict
 from xnatio.resume import ResumeOptions, resumable_upload
 from xnatio.settings import Settings
-from xnatio.transports.base import Confirmations
 
 if TYPE_CHECKING:
     from xnatio.coordinator import ExecutorFactory
     from xnatio.retry import RetryPolicy
     from xnatio.transports.rest import RestTarget
-    from xnatio.verify import VerifyReport
     from xnatio.xnat.client import XnatClient
 
 DEFAULT_RESUME = ResumeOptions()  # the journal, verification on: as `xio upload-dicom`
@@ -70,8 +80,9 @@ class UploadOptions:
     overwrite: str = defaults.OVERWRITE
     direct_archive: bool = False
     archive_wait: float = defaults.ARCHIVE_WAIT
-    retries: int = defaults.RETRIES
-    retry: RetryPolicy | None = None  # replaces ``retries`` when given (both transports)
+    retries: int = defaults.RETRIES  # a cap on further attempts per request
+    retry_budget: float = defaults.RETRY_BUDGET  # seconds after a request's first failure
+    retry: RetryPolicy | None = None  # replaces ``retries``/``retry_budget`` when given
     allow_multiple_studies: bool = False
     dry_run: bool = False
     preflight: bool = True
@@ -159,7 +170,6 @@ def discover_for_upload(opts: UploadOptions, progress: ProgressCallback | None) 
 
 def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
     """The REST client of an upload (asks for credentials when the settings allow it)."""
-    from xnatio.retry import RetryPolicy
     from xnatio.xnat.client import XnatClient
 
     server = settings.require_server()
@@ -171,7 +181,7 @@ def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
         verify=settings.verify,
         timeout=opts.timeout,
         pool_size=opts.upload_workers,
-        retry=opts.retry or RetryPolicy(retries=max(0, opts.retries)),
+        retry=opts.retry or _retry_policy(opts),
     )
 
 
@@ -188,7 +198,6 @@ def _send_rest(
 ) -> UploadResult:
     """Through the resume journal: only what the server has not confirmed is sent, then the
     session is committed and read back (see :mod:`xnatio.resume`)."""
-    from xnatio.retry import RetryPolicy
     from xnatio.transports.rest import RestTarget
 
     target = RestTarget(
@@ -203,7 +212,7 @@ def _send_rest(
         direct_archive=opts.direct_archive,
         archive_wait=opts.archive_wait,
     )
-    retry = opts.retry or RetryPolicy(retries=max(0, opts.retries))
+    retry = opts.retry or _retry_policy(opts)
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(rest_client(opts, settings))
@@ -284,25 +293,31 @@ def preflight_client(opts: UploadOptions, settings: Settings) -> XnatClient | No
     )
 
 
+def planner_for(transport: str) -> Planner:
+    """The transport's planner: REST import requests, or C-STORE associations (at most 128
+    presentation contexts each)."""
+    if transport == "rest":
+        return RestPlanner()
+    if transport == "dicom-store":
+        from xnatio.transports.dicom_store.plan import AssociationPlanner
+
+        return AssociationPlanner()
+    raise UsageError(f"unknown transport {transport!r}")
+
+
 def plan_upload(
     opts: UploadOptions, manifest: Manifest, progress: ProgressCallback | None = None
 ) -> list[Batch]:
     """The batches an upload of ``manifest`` would send; nothing is sent."""
-    from xnatio.transports.dicom_store import plan_associations
-    from xnatio.uploaders import plan_rest_upload
+    return make_plan(
+        manifest, parts=opts.batches, planner=planner_for(opts.transport), progress=progress
+    )
 
-    if opts.transport == "rest":
-        # The REST plan sends an archive PATH in one request (its members re-packed).
-        return plan_rest_upload(
-            opts.path,
-            num_batches=opts.batches,
-            allow_multiple_studies=opts.allow_multiple_studies,
-            manifest=manifest,
-            progress_callback=progress,
-        ).batches
-    # C-STORE: one association per batch, at most 128 presentation contexts each.
-    groups = plan_associations(manifest.files, opts.batches)
-    return [Batch(index=i, files=tuple(g)) for i, g in enumerate(groups)]
+
+def _retry_policy(opts: UploadOptions) -> RetryPolicy:
+    from xnatio.retry import RetryPolicy
+
+    return RetryPolicy(retries=max(0, opts.retries), budget=max(0.0, opts.retry_budget))
 
 
 def describe_dry_run(
@@ -376,14 +391,14 @@ def resumable_rest_upload(
     progress_callback: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     notify: Notify | None = None,
-    plan: Callable[[Manifest], list[Batch]] | None = None,
+    planner: Planner | None = None,
     preflight: bool = True,
     on_confirmed: OnConfirmed | None = None,
     executor: ExecutorFactory | None = None,
 ) -> UploadResult:
     """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
 
-    ``plan`` replaces the batch planner (default: :func:`xnatio.uploaders.plan_rest_upload`);
+    ``planner`` cuts what is sent into import requests (default: :class:`xnatio.plan.RestPlanner`);
     ``executor(workers)`` makes the pool the batches run in (default: threads).
     ``preflight``: first check the destination (:func:`xnatio.preflight.before_sending`); a
     refusal raises :class:`xnatio.preflight.PreflightError` before any DICOM byte is sent.
@@ -395,7 +410,7 @@ def resumable_rest_upload(
     the prearchive when the label's folder exists (facts 1.6), and only a commit merges.
     """
     from xnatio.transports.rest import session_labels
-    from xnatio.transports.rest_transport import RestTransport
+    from xnatio.transports.rest.transport import RestTransport
 
     if not target.study_labels:
         # Labels from the whole manifest, so each study keeps its label whatever part is sent.
@@ -420,7 +435,7 @@ def resumable_rest_upload(
         progress_callback=progress_callback,
         cancel=cancel,
         notify=notify,
-        plan=plan,
+        planner=planner,
         on_confirmed=on_confirmed,
         executor=executor,
     )
@@ -434,67 +449,6 @@ def resumable_rest_upload(
     result.transport = "rest"
     result.project, result.subject, result.session = target.project, target.subject, target.session
     return result
-
-
-class DicomStoreTransport:
-    """C-STORE as a :class:`~xnatio.transports.base.Transport`: a thin adapter over
-    :func:`xnatio.transports.dicom_store.send_dicom_store` (its engine is being reshaped into a
-    package on another branch; the adapter moves there once it lands).
-
-    Every C-STORE success response is a confirmation; there is no commit step (XNAT's receiver
-    builds the session itself) and no read-back right after the run (it does so only after an
-    idle period, facts 3.2, 6). No overwrite either: XNAT files a re-sent instance over the
-    same one.
-    """
-
-    name = "dicom-store"
-    needs_commit = False
-    can_read_back = False
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        called_aet: str,
-        *,
-        project: str,
-        subject: str,
-        session: str,
-        on_confirmed: OnConfirmed | None = None,
-        send_options: dict[str, Any],
-    ) -> None:
-        self.host, self.port, self.called_aet = host, port, called_aet
-        self.project, self.subject, self.session = project, subject, session
-        self.on_confirmed = on_confirmed
-        self.send_options = send_options
-
-    def send(
-        self, part: Manifest, confirmations: Confirmations, overwrite: str | None
-    ) -> UploadResult:
-        from xnatio.transports.dicom_store import send_dicom_store
-        from xnatio.transports.rest_transport import _both
-
-        return send_dicom_store(
-            part.root,
-            self.host,
-            self.port,
-            self.called_aet,
-            project=self.project,
-            subject=self.subject,
-            session=self.session,
-            manifest=part,
-            on_confirmed=_both(confirmations.on_confirmed, self.on_confirmed),
-            **self.send_options,
-        )
-
-    def commit(self, remembered: SessionRef | None) -> SessionRef | None:
-        return remembered  # nothing to commit: XNAT's receiver files the session itself
-
-    def on_server(self, files: Sequence[DicomFile]) -> list[DicomFile]:
-        return []  # not asked over DICOM; a re-sent instance replaces the same one
-
-    def read_back(self, files: Sequence[DicomFile]) -> VerifyReport:
-        raise NotImplementedError("C-STORE sessions are read back later with `xio verify`")
 
 
 def resumable_dicom_store_upload(
@@ -514,7 +468,7 @@ def resumable_dicom_store_upload(
 ) -> UploadResult:
     """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
     confirmation, recorded as it arrives). ``send_options`` go to
-    :func:`xnatio.transports.dicom_store.send_dicom_store` (calling AE title, batches, timeouts,
+    :func:`xnatio.transports.dicom_store.send_associations` (calling AE title, batches, timeouts,
     routing, retries, progress). With ``client`` (XNAT's REST API, credentials), the destination
     is checked first (:func:`xnatio.preflight.before_sending`; every study is routed to
     ``session``).
@@ -530,6 +484,8 @@ def resumable_dicom_store_upload(
             client, manifest, project=project, subject=subject, labels=labels, notify=notify
         )
         project, subject = found.project, found.subject
+    from xnatio.transports.dicom_store.transport import DicomStoreTransport
+
     transport = DicomStoreTransport(
         host,
         port,

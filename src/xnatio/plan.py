@@ -1,8 +1,14 @@
-"""Manifest -> Batches: how the files of one upload are grouped into requests.
+"""Manifest -> Batches: how the files of one upload are grouped, for either transport.
 
-A small upload goes as one archive in one request: fewer requests, and XNAT builds the session
-once. A larger one is cut into up to ``num_batches`` batches so that many requests run at once
-(one 2.5 GB request is slow and may time out: field reports, facts file 7). Batches keep a
+One interface, :class:`Planner`: ``planner.plan(manifest, parts) -> list[Batch]``, every file in
+exactly one batch, the same batches for the same input. The transport chooses the planner
+(:func:`planner_for`): :class:`RestPlanner` here (a batch is one import request), and
+:class:`xnatio.transports.dicom_store.plan.AssociationPlanner` (a batch is one association).
+:func:`make_plan` is what the pipeline asks: it announces the PLAN phase and calls the planner.
+
+REST: a small upload goes as one archive in one request: fewer requests, and XNAT builds the
+session once. A larger one is cut into up to ``num_batches`` batches so that many requests run at
+once (one 2.5 GB request is slow and may time out: field reports, facts file 7). Batches keep a
 series together where they can, so a failed batch maps to whole series for the user, split only
 the series larger than a fair share, and balance bytes so every worker finishes at about the same
 time (greedy longest-processing-time: each chunk, largest first, goes to the lightest batch,
@@ -15,11 +21,91 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
-from xnatio.models import Batch, DicomFile, Manifest
+from xnatio.errors import UsageError
+from xnatio.models import Batch, DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent
 
 SINGLE_MAX_FILES = 100
 SINGLE_MAX_BYTES = 100 * 2**20
+
+
+class Planner(Protocol):
+    """How a transport groups the files of a manifest into at most about ``parts`` batches.
+
+    Every file of ``manifest.files`` is in exactly one batch; batches are numbered 0, 1, … in
+    order; the same manifest and ``parts`` always give the same batches (resume relies on it).
+    """
+
+    def plan(self, manifest: Manifest, parts: int) -> list[Batch]: ...
+
+
+@dataclass(frozen=True)
+class RestPlanner:
+    """REST: one batch per import request (:func:`plan_batches`: series-aligned, byte-balanced;
+    a small upload whole). An archive PATH is one request (its members re-packed as they are
+    read); several studies are cut so that each batch holds one (:func:`split_by_study`)."""
+
+    single_max_files: int = SINGLE_MAX_FILES
+    single_max_bytes: int = SINGLE_MAX_BYTES
+
+    def plan(self, manifest: Manifest, parts: int) -> list[Batch]:
+        if manifest.source_archive is not None:
+            batches = [Batch(index=0, files=tuple(manifest.files))] if manifest.files else []
+        else:
+            batches = plan_batches(
+                manifest,
+                max(1, parts),
+                single_max_files=self.single_max_files,
+                single_max_bytes=self.single_max_bytes,
+            )
+        return split_by_study(batches) if len(manifest.studies()) > 1 else batches
+
+
+def make_plan(
+    manifest: Manifest,
+    *,
+    parts: int,
+    planner: Planner,
+    progress: ProgressCallback | None = None,
+) -> list[Batch]:
+    """The batches ``planner`` makes of ``manifest``, with the PLAN phase told to ``progress``.
+
+    Raises :class:`~xnatio.errors.UsageError` when the manifest holds no DICOM file."""
+    if not manifest.files:
+        where = manifest.source_archive or manifest.root
+        raise UsageError(
+            f"no DICOM files found in {where} ({len(manifest.skipped)} other files skipped)"
+        )
+    if progress is not None:
+        progress(ProgressEvent(phase=Phase.PLAN, current=0, total=1, message="planning"))
+    batches = planner.plan(manifest, parts)
+    if progress is not None:
+        progress(
+            ProgressEvent(
+                phase=Phase.PLAN,
+                current=1,
+                total=1,
+                message=f"{len(batches)} batch{'es' if len(batches) != 1 else ''}",
+                bytes_total=manifest.total_bytes,
+                batches_total=len(batches),
+            )
+        )
+    return batches
+
+
+def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
+    """The batches cut so that each holds one study (renumbered, order kept): XNAT files each
+    StudyInstanceUID into its own prearchive session, and each must go under its own label."""
+    out: list[Batch] = []
+    for batch in batches:
+        groups: dict[str, list[DicomFile]] = {}
+        for f in batch.files:
+            groups.setdefault(f.study_uid, []).append(f)
+        for group in groups.values():
+            out.append(Batch(index=len(out), files=tuple(group)))
+    return out
 
 
 def plan_batches(

@@ -106,3 +106,19 @@ class SecretFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         scrub_record(record)
         return True
+
+
+def printable(text: str) -> str:
+    """``text`` with what no UTF-8 output can carry made visible: a file name holding bytes that
+    are not UTF-8 (Python gives them to us as lone surrogates, ``os.fsdecode``'s
+    ``surrogateescape``) shows those bytes as ``\\xNN`` escapes, as ``repr`` would.
+
+    Every path or reason that reaches a terminal, a JSON document, a CSV report or the journal
+    goes through here: writing a lone surrogate to any of them raises ``UnicodeEncodeError``.
+    Text that is valid (the usual case) is returned as is, without a copy.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text

@@ -12,15 +12,18 @@ file with all its fields.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from xnatio import __version__
-from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError, XnatioError
+from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, OutputError, UsageError, XnatioError
 from xnatio.models import (
     Batch,
     FileOutcome,
@@ -30,6 +33,7 @@ from xnatio.models import (
     SkippedFile,
     UploadResult,
 )
+from xnatio.redact import printable
 
 RESULT_SCHEMA = "xnatio.upload-result/1"
 ALREADY_REASON = "already on the server"  # a file a re-run found on the server (xnatio.resume)
@@ -132,9 +136,9 @@ def _result_head(result: UploadResult) -> dict[str, Any]:
             }
             for s in result.studies
         ],
-        "errors": list(result.errors),
-        "warnings": list(result.warnings),
-        "notes": list(result.notes),
+        "errors": [printable(e) for e in result.errors],
+        "warnings": [printable(w) for w in result.warnings],
+        "notes": [printable(n) for n in result.notes],
         "pending": list(result.pending),
     }
 
@@ -147,7 +151,7 @@ def _result_files(result: UploadResult, *, full: bool) -> list[tuple[str, Iterat
     uploaded: Iterator[object] = (
         (_file_dict(f) for f in files if f.outcome in done)
         if full
-        else (f.path for f in files if f.outcome in done)
+        else (printable(f.path) for f in files if f.outcome in done)
     )
     return [
         ("failed", (_file_dict(f) for f in files if f.outcome is Outcome.FAILED)),
@@ -180,9 +184,9 @@ def write_result_json(result: UploadResult, out: IO[str], *, full: bool = False)
 
 def _file_dict(f: FileOutcome) -> dict[str, Any]:
     return {
-        "path": f.path,
+        "path": printable(f.path),
         "outcome": f.outcome.value,
-        "reason": f.reason,
+        "reason": printable(f.reason),
         "sop_instance_uid": f.sop_instance_uid,
         "series_uid": f.series_uid,
         "size": f.size,
@@ -197,7 +201,7 @@ def error_to_dict(exc: XnatioError) -> dict[str, Any]:
         "xnatio_version": __version__,
         "status": "error",
         "exit_code": exc.exit_code,
-        "error": str(exc),
+        "error": printable(str(exc)),
     }
 
 
@@ -211,29 +215,79 @@ def write_report(result: UploadResult, path: Path) -> None:
     """Write one row per file to ``path``: ``.csv`` as a table, anything else as JSON.
 
     The JSON form is the ``--json`` result with full per-file records for uploaded files too.
+    The file names patients' files (and the JSON form their Patient IDs): it is written as
+    :func:`write_private_file` writes, and a failure is :class:`OutputError` (exit 2).
     """
     path = Path(path)
+
+    def csv_rows(fh: IO[str]) -> None:
+        writer = csv.writer(fh)
+        writer.writerow(REPORT_COLUMNS)
+        for f in result.files:
+            row = _file_dict(f)
+            writer.writerow(["" if row[c] is None else row[c] for c in REPORT_COLUMNS])
+
+    def json_doc(fh: IO[str]) -> None:
+        write_result_json(result, fh, full=True)
+        fh.write("\n")
+
+    is_csv = path.suffix.lower() == ".csv"
     try:
-        if path.suffix.lower() == ".csv":
-            with path.open("w", newline="", encoding="utf-8") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(REPORT_COLUMNS)
-                for f in result.files:
-                    row = _file_dict(f)
-                    writer.writerow(["" if row[c] is None else row[c] for c in REPORT_COLUMNS])
-        else:
-            with path.open("w", encoding="utf-8") as fh:
-                write_result_json(result, fh, full=True)
-                fh.write("\n")
+        write_private_file(path, csv_rows if is_csv else json_doc, newline="" if is_csv else None)
     except OSError as exc:
-        raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from None
+        raise OutputError(
+            f"cannot write report {path} ({exc.strerror or exc}); the summary above is what "
+            "was done: run the same command again with another --report FILE to write it "
+            "(nothing is sent twice)"
+        ) from None
+
+
+def write_private_file(
+    path: Path, write: Callable[[IO[str]], None], *, newline: str | None = None
+) -> None:
+    """Write a file that holds patient data (reports, plans, ledgers): mode 0600, atomically
+    (a temporary file in the same folder, then ``os.replace``), never through a symbolic link.
+
+    A reader never sees half a report, a failure leaves what was there before, and a link
+    planted at ``path`` (pointing at another user's file, or at a world-readable place) is
+    refused rather than followed: ``os.replace`` would replace the link itself, but a link
+    there is a sign something is wrong, so it is an error (:class:`UsageError`, exit 2).
+    """
+    path = Path(path)
+    _refuse_link(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise UsageError(
+            f"refusing to write {path}: it is a symbolic link (to {os.readlink(path)}); "
+            "reports name patients' files, so xio writes them only as regular files: "
+            "remove the link or give another path"
+        )
 
 
 def check_report_path(path: Path) -> None:
     """Fail before any upload starts if the report could not be written at the end."""
-    parent = Path(path).resolve().parent
+    path = Path(path)
+    _refuse_link(path)
+    parent = path.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"cannot write report {path}: folder {parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"cannot write report {path}: it is a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write report {path}: folder {parent} is not writable")
 
 
 def _files(n: int) -> str:
@@ -329,7 +383,8 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
             lines.append(f"  … and {len(errors) - cap} more — use --json")
     lines += _listing("Failed files", failed, cap)
     lines += _listing("Skipped files", skipped, cap)
-    return "\n".join(lines)
+    # Local paths may hold bytes that are not UTF-8: shown as \xNN, never an encoding error.
+    return printable("\n".join(lines))
 
 
 def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]:
@@ -337,7 +392,7 @@ def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]
     return {
         "schema": PLAN_SCHEMA,
         "status": "dry-run",
-        "root": str(manifest.root),
+        "root": printable(str(manifest.root)),
         "totals": {
             "files": len(manifest.files),
             "bytes": manifest.total_bytes,
@@ -364,5 +419,8 @@ def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]
             }
             for b in batches
         ],
-        "skipped": [{"path": str(s.path), "reason": s.reason} for s in _skipped_of(manifest)],
+        "skipped": [
+            {"path": printable(str(s.path)), "reason": printable(s.reason)}
+            for s in _skipped_of(manifest)
+        ],
     }

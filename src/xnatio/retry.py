@@ -1,5 +1,12 @@
 """When to try again, and how long to wait first: one backoff policy for every transport.
 
+Retrying one request (a batch, a commit, a login, an association) is bounded in time: it stops
+``budget`` seconds after the request first failed (180 s by default, longer than a Tomcat
+restart), or after ``retries`` further attempts, whichever comes first. A caller notes when the
+first failure happened (``since = policy.clock()``) and passes it to :meth:`RetryPolicy.wait`,
+which returns False once the budget is spent; the last wait is cut to end with the budget, so
+one more attempt is made at its end.
+
 Exponential backoff with *full jitter* (the delay before retry ``n`` is uniform in
 ``[0, min(cap, base * 2**n)]``), which spreads many workers that failed together (a 503 from an
 overloaded XNAT hits all 42 batches at once) instead of having them come back in lock-step. A
@@ -28,16 +35,26 @@ Sleep = Callable[[float], None]
 class RetryPolicy:
     """``retries`` further attempts after the first, with jittered exponential backoff.
 
-    ``base``: first backoff ceiling in seconds; ``cap``: largest backoff ceiling;
-    ``max_retry_after``: longest ``Retry-After`` honoured (a misconfigured proxy asking for an
-    hour should not stall an upload for an hour).
+    ``budget``: seconds after a request's first failure during which it is retried (see the
+    module docstring); ``base``: first backoff ceiling in seconds; ``cap``: largest backoff
+    ceiling; ``max_retry_after``: longest ``Retry-After`` honoured (a misconfigured proxy asking
+    for an hour should not stall an upload for an hour); ``clock``: monotonic seconds (tests
+    pass their own).
     """
 
     retries: int = defaults.RETRIES
+    budget: float = defaults.RETRY_BUDGET
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 300.0
     rng: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+
+    def left(self, since: float | None) -> float:
+        """Seconds of the budget left for a request that first failed at ``since``."""
+        if since is None:
+            return self.budget
+        return self.budget - (self.clock() - since)
 
     @property
     def attempts(self) -> int:
@@ -58,9 +75,14 @@ class RetryPolicy:
         *,
         cancel: threading.Event | None = None,
         sleep: Sleep | None = None,
+        since: float | None = None,
     ) -> bool:
-        """Sleep before a retry; False when ``cancel`` was set meanwhile (do not retry then)."""
-        delay = self.backoff(retry_number, retry_after)
+        """Sleep before a retry; False (do not retry) when the budget of a request that first
+        failed at ``since`` is spent, or when ``cancel`` was set meanwhile."""
+        left = self.left(since)
+        if left <= 0:
+            return False
+        delay = min(self.backoff(retry_number, retry_after), left)
         if sleep is not None:
             sleep(delay)
             return not (cancel is not None and cancel.is_set())

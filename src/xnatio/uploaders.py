@@ -31,23 +31,17 @@ from xnatio.models import (
     FileOutcome,
     Manifest,
     Outcome,
-    Phase,
     ProgressCallback,
     ProgressEvent,
     UploadResult,
     file_path,
 )
 from xnatio.pipeline import UploadOptions, upload
-from xnatio.plan import plan_batches
+from xnatio.plan import RestPlanner, make_plan
+from xnatio.result import assemble_result
 from xnatio.retry import RetryPolicy
 from xnatio.settings import Secret, Settings
-from xnatio.transports.rest import (
-    RestTarget,
-    RestUploader,
-    session_labels,
-    skipped_outcomes,
-    split_by_study,
-)
+from xnatio.transports.rest import RestTarget, RestUploader, session_labels
 from xnatio.xnat.client import XnatClient
 
 if TYPE_CHECKING:
@@ -98,32 +92,11 @@ def plan_rest_upload(
         if not path.exists():
             raise UsageError(f"{path} does not exist")
         manifest = discover(path, progress=progress_callback)
-    if not manifest.files:
-        where = manifest.source_archive or manifest.root
-        raise UsageError(
-            f"no DICOM files found in {where} ({len(manifest.skipped)} other files skipped)"
-        )
-    check_single_study(manifest, allow_multiple=allow_multiple_studies)
-    if progress_callback is not None:
-        progress_callback(ProgressEvent(phase=Phase.PLAN, current=0, total=1, message="planning"))
-    if manifest.source_archive is not None:
-        # An archive PATH is sent in one request (its DICOM members re-packed).
-        batches = [Batch(index=0, files=tuple(manifest.files))]
-    else:
-        batches = plan_batches(manifest, max(1, num_batches))
-    if len(manifest.studies()) > 1:
-        batches = split_by_study(batches)
-    if progress_callback is not None:
-        progress_callback(
-            ProgressEvent(
-                phase=Phase.PLAN,
-                current=1,
-                total=1,
-                message=f"{len(batches)} batch{'es' if len(batches) != 1 else ''}",
-                bytes_total=manifest.total_bytes,
-                batches_total=len(batches),
-            )
-        )
+    if manifest.files:
+        check_single_study(manifest, allow_multiple=allow_multiple_studies)
+    batches = make_plan(
+        manifest, parts=num_batches, planner=RestPlanner(), progress=progress_callback
+    )
     return RestPlan(manifest, batches)
 
 
@@ -159,6 +132,7 @@ def upload_dicom_parallel_rest(
     journal: str | Path | None = None,
     restart: bool = False,
     wait: bool = False,
+    executor: ExecutorFactory | None = None,
 ) -> UploadResult:
     """Upload the DICOM session under ``source_dir`` (a folder or a .zip/.tar/.tar.gz) to XNAT.
 
@@ -191,13 +165,16 @@ def upload_dicom_parallel_rest(
     file as SKIPPED with the batch it would go in (``batches_total`` set, ``success`` True).
     Raises :class:`~xnatio.errors.UsageError` (bad input, several studies),
     :class:`~xnatio.errors.AuthError` and :class:`~xnatio.errors.UnreachableError`; per-file
-    and per-batch failures are in the result, never raised. ``KeyboardInterrupt`` (or setting
-    ``cancel``) cancels the in-flight requests, closes the session and is re-raised.
+    and per-batch failures are in the result, never raised. ``KeyboardInterrupt`` cancels every
+    request in flight, also one whose body is sent and whose answer is awaited (its connection
+    is shut down), and is re-raised (``UploadInterrupted`` with ``resume``); setting ``cancel``
+    stops the upload too (bodies stop mid-read, no batch starts; every file is in the result).
     ``on_confirmed`` receives, from worker threads, the outcomes of each batch as the server
     confirms it (for the resume journal). ``preflight``: check the destination first
     (:func:`xnatio.preflight.before_sending`: labels XNAT would change, project, rights, an
     existing session of another study); a refusal raises ``PreflightError`` before any DICOM
-    byte is sent.
+    byte is sent. ``executor(workers)`` makes the pool the batches run in (default: threads;
+    ``xnatio.coordinator.SerialExecutor`` runs them one by one in the calling thread).
     """
     target = RestTarget(
         project=project,
@@ -250,6 +227,7 @@ def upload_dicom_parallel_rest(
         client=client,
         cancel=cancel,
         on_confirmed=on_confirmed,
+        executor=executor,
     )
 
 
@@ -298,8 +276,8 @@ def send_dicom_store(
 ) -> UploadResult:
     """Send every DICOM file under ``source_dir`` to the SCP at ``host:port`` with C-STORE.
 
-    The engine is :func:`xnatio.transports.dicom_store.send_dicom_store` (its docstring has the
-    details); this function goes through :func:`xnatio.pipeline.upload`, as ``xio upload-dicom
+    The engine is :func:`xnatio.transports.dicom_store.send_associations` (its docstring has
+    the details); this function goes through :func:`xnatio.pipeline.upload`, as ``xio upload-dicom
     --transport dicom-store`` does: with ``resume`` (default) the journal records each file the
     peer stored, so running the same call again sends only the rest (``journal``, ``restart``,
     ``wait`` as for :func:`upload_dicom_parallel_rest`). No read-back: XNAT's DICOM receiver
@@ -347,8 +325,8 @@ def dry_run_result(plan: RestPlan, target: RestTarget) -> UploadResult:
     with several studies, the session label it would be archived under)."""
     labels = session_labels(plan.manifest.studies(), target.session)
     many = len(labels) > 1
-    files = [
-        FileOutcome(
+    outcomes = {
+        file_path(f): FileOutcome(
             path=file_path(f),
             outcome=Outcome.SKIPPED,
             reason=f"dry run: would be sent in batch {b.index + 1}"
@@ -360,18 +338,14 @@ def dry_run_result(plan: RestPlan, target: RestTarget) -> UploadResult:
         )
         for b in plan.batches
         for f in b.files
-    ]
-    files += skipped_outcomes(plan.manifest)
-    return UploadResult(
-        success=True,
-        total_files=len(plan.manifest.files),
-        duration=0.0,
-        total_size_mb=plan.manifest.total_bytes / 1e6,
-        files=files,
+    }
+    return assemble_result(
+        plan.manifest,
+        outcomes,
         transport="rest",
+        duration=0.0,
+        batches_total=len(plan.batches),
         project=target.project,
         subject=target.subject,
         session=target.session,
-        studies=plan.manifest.studies(),
-        batches_total=len(plan.batches),
     )

@@ -3,21 +3,29 @@
 Every command raises :class:`xnatio.errors.XnatioError` subclasses for expected failures; this
 module prints them as one line on stderr and exits with the error's code. A traceback is shown only
 with ``-v`` (or ``XNATIO_DEBUG=1``).
+
+Standard output is the other edge: while a command runs, ``sys.stdout`` is a :class:`GuardedStdout`
+that turns a failed write into an error of its own. A reader that went away (``xio … | head``,
+EPIPE) ends the command quietly with exit 141, as a Unix tool stopped by SIGPIPE; a closed stdout
+(``>&-``) or a full device (``>/dev/full``) is one line and exit 2. Either way file descriptor 1
+is then pointed at ``/dev/null``, so the interpreter's last flush at exit cannot print
+"Exception ignored … BrokenPipeError" either.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 import traceback
-from typing import Any
+from typing import IO, Any
 
 import click
 
 from xnatio import __version__, redact
 from xnatio.cli.options import exit_codes_epilog
-from xnatio.errors import EXIT_INTERRUPTED, XnatioError
+from xnatio.errors import EXIT_INTERRUPTED, BrokenPipe, OutputError, XnatioError
 from xnatio.progress import CliLogHandler, cli_logging
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -42,6 +50,84 @@ def set_debug(ctx: click.Context, verbose: int) -> None:
             handler.threshold = level
 
 
+class GuardedStdout:
+    """``sys.stdout`` while a command runs: writes go to the real stream; a write that fails
+    raises :class:`BrokenPipe` (EPIPE) or :class:`OutputError` (anything else, or no stdout at
+    all) instead of an ``OSError`` (or ``AttributeError`` on ``None``) from deep in a command.
+
+    Text holding a local file name's bytes that are not UTF-8 (lone surrogates) is written with
+    those bytes as ``\\xNN`` (:func:`xnatio.redact.printable`) rather than raising
+    ``UnicodeEncodeError``: the safety net behind the reports, which escape such names where
+    they build them (JSON stays valid there)."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self._stream = stream
+        # Sticky: once stdout failed, every later write fails the same way (Click probes a
+        # stream with empty writes and swallows what they raise).
+        self._error: OutputError | None = None
+
+    def _fail(self, exc: OSError | None) -> OutputError:
+        if self._error is None:
+            _silence_stdout(self._stream)
+            if exc is not None and exc.errno == errno.EPIPE:
+                self._error = BrokenPipe("standard output was closed by its reader")
+            else:
+                why = "it is closed" if exc is None else (exc.strerror or str(exc))
+                self._error = OutputError(
+                    f"cannot write to standard output ({why}); the command's work is done but "
+                    "its result was not shown: run it again with stdout open, or pass "
+                    "--report FILE"
+                )
+        return self._error
+
+    def write(self, text: str) -> int:
+        if self._error is not None:
+            raise self._error
+        if isinstance(text, str) and not text:
+            return 0  # nothing to write: no system call that could fail
+        if self._stream is None:
+            raise self._fail(None)
+        try:
+            return self._stream.write(redact.printable(text) if isinstance(text, str) else text)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def flush(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, buffer, ...
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _silence_stdout(stream: IO[str] | None) -> None:
+    """Point fd 1 at /dev/null (real streams only; ``CliRunner``'s has no descriptor)."""
+    try:
+        fd = stream.fileno() if stream is not None else -1
+    except (OSError, ValueError, AttributeError):
+        return
+    if fd < 0:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(null, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
+
+
 class XioGroup(click.Group):
     """Lists commands in the order added; turns expected errors into one line and an exit code.
 
@@ -59,14 +145,25 @@ class XioGroup(click.Group):
             return self._invoke(ctx)
 
     def _invoke(self, ctx: click.Context) -> Any:
+        real_stdout = sys.stdout
+        sys.stdout = GuardedStdout(real_stdout)
+        try:
+            return self._run(ctx)
+        finally:
+            if isinstance(sys.stdout, GuardedStdout):
+                sys.stdout = real_stdout
+
+    def _run(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipe as exc:
+            ctx.exit(exc.exit_code)  # quiet, as `head` expects of a Unix tool
         except XnatioError as exc:
             # Messages are redacted where they are built; scrubbing the line (and the -v
             # traceback, whose chained exceptions xnatio did not word) is the safety net.
             if ctx.meta.get(DEBUG_KEY) or os.environ.get("XNATIO_DEBUG"):
                 click.echo(redact.scrub(traceback.format_exc()).rstrip("\n"), err=True)
-            click.echo(f"error: {redact.scrub(str(exc))}", err=True)
+            click.echo(f"error: {redact.printable(redact.scrub(str(exc)))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_OK
+from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -229,7 +230,8 @@ def report_option(f: F) -> F:
         "--report",
         type=click.Path(dir_okay=False, writable=True, path_type=Path),
         metavar="FILE",
-        help="Write every file's outcome to FILE (.csv, or JSON for any other name).",
+        help="Write every file's outcome to FILE (.csv, or JSON for any other name): mode "
+        "0600, atomically (a temporary file, then renamed), never through a symbolic link.",
     )(f)
 
 
@@ -325,3 +327,72 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+ABORT_LINE = (
+    "error: aborted at once; what was confirmed is in the journal: run the same command again "
+    "to send the rest\n"
+)
+
+
+@contextlib.contextmanager
+def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterator[None]:
+    """Ctrl-C (and SIGTERM) during an upload, the way a user expects it:
+
+    1. the first one prints one line at once on stderr, ``stopping: finishing N requests in
+       flight… (Ctrl-C again to abort now)`` (``describe_stop()`` says what is being finished),
+       and raises ``KeyboardInterrupt`` in the main thread: the pipeline cancels, the journal
+       stays consistent, and the CLI edge prints the resume hint, exit 130;
+    2. a second one aborts now: one line and ``os._exit(130)``. Nothing is lost by that: every
+       journal write is one SQLite transaction (a killed process leaves the last one out, and
+       those files are sent again) and the kernel drops the run lock with the process.
+
+    Once interrupted, the abort handler stays in place until the process ends, so a Ctrl-C while
+    the interpreter waits for worker threads at exit is an abort too, never the interpreter's
+    "Exception ignored … KeyboardInterrupt". Without an interrupt both handlers are put back.
+    Main thread only (``signal.signal`` refuses any other); a process-wide change, so the CLI
+    makes it, never the library.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = False
+
+    # On a terminal the live progress line has no newline yet: start ours on a line of its own.
+    lead = "\n" if _isatty(2) else ""
+
+    def abort(signum: int, frame: object) -> None:
+        os.write(2, (lead + ABORT_LINE).encode())
+        os._exit(EXIT_INTERRUPTED)
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        if interrupted:
+            abort(signum, frame)
+        interrupted = True
+        signal.signal(signal.SIGINT, abort)
+        what = ""
+        if describe_stop is not None:
+            try:
+                what = describe_stop()
+            except Exception:  # a progress detail must never stand in the way of stopping
+                what = ""
+        line = f"{lead}stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)\n"
+        os.write(2, line.encode("utf-8", "backslashreplace"))
+        raise KeyboardInterrupt
+
+    previous_int = signal.signal(signal.SIGINT, stop)
+    previous_term = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False

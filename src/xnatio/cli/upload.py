@@ -26,11 +26,11 @@ from xnatio.cli.options import (
     report_option,
     resolve_cli_settings,
     server_options,
-    sigterm_as_interrupt,
     start_command,
+    stop_in_two_steps,
 )
-from xnatio.errors import UsageError, XnatioError
-from xnatio.models import UploadResult
+from xnatio.errors import OutputError, UsageError, XnatioError
+from xnatio.models import Phase, ProgressCallback, ProgressEvent, UploadResult
 from xnatio.pipeline import (
     UploadOptions,
     check_ready,
@@ -40,6 +40,7 @@ from xnatio.pipeline import (
     upload,
 )
 from xnatio.progress import choose_display
+from xnatio.redact import printable
 from xnatio.report import (
     check_report_path,
     error_to_dict,
@@ -51,9 +52,11 @@ from xnatio.report import (
 
 
 def render_result(result: UploadResult, output: OutputArgs, report: Path | None) -> int:
-    """Print the summary (or JSON) on stdout, write the report; return the exit code."""
-    if report is not None:
-        write_report(result, report)
+    """Print the summary (or JSON) on stdout, then write the report; return the exit code.
+
+    The summary comes first: a report that cannot be written (a full disk, a folder removed
+    meanwhile) is one more line and exit 2, after the user has seen what the upload did.
+    """
     code = exit_code_of(result)
     if output.json:
         # Streamed record by record: memory does not grow with the number of files.
@@ -67,6 +70,8 @@ def render_result(result: UploadResult, output: OutputArgs, report: Path | None)
     elif code:
         # -q: nothing on success, but a failure still says what failed (on stderr).
         click.echo(summary_text(result), err=True)
+    if report is not None:
+        write_report(result, report)  # OutputError (exit 2) if it cannot be written
     return code
 
 
@@ -172,7 +177,18 @@ Examples:
     type=click.IntRange(min=0),
     default=defaults.RETRIES,
     show_default=True,
-    help="Retries per batch on transient errors (backoff with jitter).",
+    help="Most retries per batch, request or lost association on transient errors (a cap; "
+    "--retry-budget usually ends retrying first). Backoff with jitter, up to 30 s apart.",
+)
+@click.option(
+    "--retry-budget",
+    type=click.FloatRange(min=0),
+    default=defaults.RETRY_BUDGET,
+    show_default=True,
+    metavar="SECONDS",
+    help="Keep retrying a failed request for this long after its first failure: longer than "
+    "an XNAT (Tomcat) restart, which takes a minute or more, so a restart mid-upload costs a "
+    "wait, not a failed run.",
 )
 @click.option(
     "--allow-multiple-studies",
@@ -273,6 +289,7 @@ def upload_dicom(
     direct_archive: bool,
     archive_wait: float,
     retries: int,
+    retry_budget: float,
     allow_multiple_studies: bool,
     dry_run: bool,
     verify: bool,
@@ -325,6 +342,7 @@ def upload_dicom(
         direct_archive=direct_archive,
         archive_wait=archive_wait,
         retries=retries,
+        retry_budget=retry_budget,
         allow_multiple_studies=allow_multiple_studies,
         dry_run=dry_run,
         verify=verify,
@@ -337,9 +355,46 @@ def upload_dicom(
         dimse_timeout=dimse_timeout,
         network_timeout=network_timeout,
     )
-    with json_errors(output), sigterm_as_interrupt():
-        code = _upload(opts, server, dicom, output, report)
+    # At most this many batches are out at once: REST's requests, C-STORE's associations.
+    rest = transport == "rest"
+    in_flight = InFlight(
+        opts.upload_workers if rest else opts.batches, "request" if rest else "association"
+    )
+    with json_errors(output), stop_in_two_steps(in_flight.describe):
+        code = _upload(opts, server, dicom, output, report, in_flight)
     ctx.exit(code)
+
+
+class InFlight:
+    """Watches the progress events so that the first Ctrl-C can say at once what it waits for:
+    the batches being sent (at most ``workers`` at a time), or the one request of a commit or
+    read-back.
+
+    Once stopping, later events are not shown: workers winding down after the cancel would
+    otherwise print progress ("120/120 files … done") after the resume hint.
+    """
+
+    def __init__(self, workers: int, unit: str = "request") -> None:
+        self.workers, self.unit = workers, unit
+        self.last: ProgressEvent | None = None
+        self.display: ProgressCallback | None = None
+        self.stopping = False
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.last = event
+        if self.display is not None and not self.stopping:
+            self.display(event)
+
+    def describe(self) -> str:
+        """What the first Ctrl-C finishes (called by the CLI's signal handler, once)."""
+        self.stopping = True
+        event = self.last
+        if event is None or event.phase in (Phase.DISCOVER, Phase.PLAN, Phase.DONE):
+            return ""
+        if event.phase is Phase.UPLOAD and event.batches_total:
+            n = min(self.workers, max(0, event.batches_total - event.batches_done))
+            return f"finishing {n} {self.unit}{'s' if n != 1 else ''} in flight"
+        return f"finishing the {event.phase.value} request in flight"
 
 
 def _upload(
@@ -348,6 +403,7 @@ def _upload(
     dicom: DicomArgs,
     output: OutputArgs,
     report: Path | None,
+    in_flight: InFlight | None = None,
 ) -> int:
     # Cheap checks first: a typo in PATH or a missing password should not wait for discovery.
     if not os.path.lexists(opts.path):
@@ -364,11 +420,14 @@ def _upload(
             checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
             text = f"{text}\n{checked}"
         else:
+            progress: ProgressCallback = display
+            if in_flight is not None:
+                in_flight.display, progress = display, in_flight
             result = upload(
                 settings=settings,
                 options=opts,
                 manifest=manifest,
-                progress=display,
+                progress=progress,
                 notify=display.note,
             )
     if opts.dry_run:
@@ -377,7 +436,7 @@ def _upload(
         if output.json:
             click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         else:
-            click.echo(text)
+            click.echo(printable(text))
         return 0
     return render_result(result, output, report)
 
@@ -391,6 +450,6 @@ def json_errors(output: OutputArgs) -> Iterator[None]:
     try:
         yield
     except XnatioError as exc:
-        if output.json:
+        if output.json and not isinstance(exc, OutputError):
             click.echo(json.dumps(error_to_dict(exc), indent=2, ensure_ascii=False))
         raise

@@ -2,19 +2,35 @@
 
 Resume (the journal and the lock, :mod:`xnatio.resume`), verification and reporting call only
 this protocol; they know nothing of REST, the prearchive or DICOM networking. REST implements it
-in :class:`xnatio.transports.rest.RestTransport`; C-STORE through a thin adapter in
-:mod:`xnatio.pipeline` (its engine is being reshaped on another branch).
+in :class:`xnatio.transports.rest.transport.RestTransport`, C-STORE in
+:class:`xnatio.transports.dicom_store.transport.DicomStoreTransport`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from xnatio.models import DicomFile, FileOutcome, Manifest, SessionRef, UploadResult
 
 if TYPE_CHECKING:
+    from xnatio.plan import Planner
     from xnatio.verify import VerifyReport
+
+
+OnConfirmed = Callable[[Sequence[FileOutcome]], None]
+
+
+def both_hooks(journal: OnConfirmed, caller: OnConfirmed | None) -> OnConfirmed:
+    """The journal's hook, then the caller's own (the Python API's ``on_confirmed``)."""
+    if caller is None:
+        return journal
+
+    def both(outcomes: Sequence[FileOutcome]) -> None:
+        journal(outcomes)
+        caller(outcomes)
+
+    return both
 
 
 class Confirmations(Protocol):
@@ -30,11 +46,14 @@ class Transport(Protocol):
     result of :meth:`send` says in ``committed`` whether that commit happened.
     ``can_read_back``: the session can be read back right after the run (REST; not C-STORE,
     whose session XNAT builds only after an idle period, facts 3.2, 6).
+    ``planner``: how :meth:`send` cuts a part into batches (REST requests, C-STORE
+    associations), through the one interface of :mod:`xnatio.plan`.
     """
 
     name: str
     needs_commit: bool
     can_read_back: bool
+    planner: Planner
 
     def send(
         self, part: Manifest, confirmations: Confirmations, overwrite: str | None

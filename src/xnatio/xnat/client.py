@@ -45,7 +45,6 @@ from urllib.parse import quote as _quote
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from xnatio import __version__, defaults
 from xnatio import redact as scrubber
@@ -61,6 +60,7 @@ from xnatio.xnat.errors import (
     is_transient,
     redact,
 )
+from xnatio.xnat.inflight import CancelScope, CuttableAdapter, cuttable
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class XnatClient:
         self._generation = 0  # bumped at each (re)login so concurrent 401s renew only once
         self._reached = False  # the server answered at least once
         self.session = session if session is not None else requests.Session()
-        adapter = HTTPAdapter(
+        # Its connections let a cancel cut the request waiting on them (xnatio.xnat.inflight).
+        adapter = CuttableAdapter(
             pool_connections=1, pool_maxsize=max(1, pool_size), pool_block=True, max_retries=0
         )
         self.session.mount("http://", adapter)
@@ -168,12 +169,14 @@ class XnatClient:
 
     def _login_locked(self) -> None:
         retry_number = 0
+        since: float | None = None  # the first failure: retried within the retry budget
         while True:
             try:
                 self._login_once()
                 return
             except TransientError as exc:
-                if retry_number >= self.retry.retries:
+                since = self.retry.clock() if since is None else since
+                if retry_number >= self.retry.retries or self.retry.left(since) <= 0:
                     raise
                 log.info(
                     "login to %s: %s; retrying (%d/%d)",
@@ -182,7 +185,7 @@ class XnatClient:
                     retry_number + 1,
                     self.retry.retries,
                 )
-                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep)
+                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep, since=since)
                 retry_number += 1
 
     def _login_once(self) -> None:
@@ -293,6 +296,7 @@ class XnatClient:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         idempotent_retry: bool = True,
+        cancel: CancelScope | None = None,
     ) -> requests.Response:
         """Send one request with the shared session; return the answer if below 400.
 
@@ -302,15 +306,27 @@ class XnatClient:
         :class:`NotXnatError`. With ``idempotent_retry``
         transient failures are retried under ``self.retry``; without it (streamed bodies that
         cannot be replayed here) they are raised at once as :class:`TransientError`.
+
+        ``cancel`` (an :class:`xnatio.coordinator.Coordinator`): a cancel while the request is
+        in flight shuts its connection down, also after the body has gone out and the answer is
+        awaited, so the call ends at once with a connection error (the caller, which cancelled,
+        knows why) instead of at the read timeout.
         """
         if self._jsession is None:
             self.login()
         retry_number = 0
+        since: float | None = None  # the first failure: retried within the retry budget
         while True:
             try:
-                return self._request_once(method, path, params, data, headers, timeout)
+                with cuttable(cancel):
+                    return self._request_once(method, path, params, data, headers, timeout)
             except TransientError as exc:
-                if not idempotent_retry or retry_number >= self.retry.retries:
+                since = self.retry.clock() if since is None else since
+                if (
+                    not idempotent_retry
+                    or retry_number >= self.retry.retries
+                    or self.retry.left(since) <= 0
+                ):
                     raise
                 log.info(
                     "%s %s: %s; retrying (%d/%d)",
@@ -320,7 +336,7 @@ class XnatClient:
                     retry_number + 1,
                     self.retry.retries,
                 )
-                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep)
+                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep, since=since)
                 retry_number += 1
 
     def _request_once(

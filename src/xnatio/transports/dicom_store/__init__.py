@@ -16,24 +16,27 @@
   (measured against dcmtk's storescp on loopback), so the peer, not this side, is the limit;
   more processes would only add start-up and IPC. Only re-encoding (rare) is CPU-heavy.
 
-Modules: ``send`` (the entry point: C-ECHO, plan, run the associations, the result), ``plan``
-(groups, contexts, routing text), ``worker`` (one association's loop), ``ul`` / ``pdu`` (the DICOM
-upper layer), ``encode`` (bytes to send), ``source`` (files or archive members), ``status`` (what
-a status code means).
+Modules: ``send`` (the engine, :func:`send_associations`: C-ECHO, plan, run the associations,
+the result; the public API is :func:`xnatio.uploaders.send_dicom_store`), ``plan``
+(:class:`AssociationPlanner`: groups, contexts, routing text), ``worker`` (one association's
+loop), ``ul`` / ``pdu`` (the DICOM upper layer), ``encode`` (bytes to send), ``source`` (files or
+archive members), ``status`` (what a status code means).
 """
 
 from xnatio.transports.dicom_store.plan import (
+    AssociationPlanner,
     plan_associations,
     proposed_contexts,
     routing_comment,
 )
-from xnatio.transports.dicom_store.send import TRANSPORT, echo, send_dicom_store
+from xnatio.transports.dicom_store.send import TRANSPORT, echo, send_associations
 
 __all__ = [
     "TRANSPORT",
+    "AssociationPlanner",
     "echo",
     "plan_associations",
     "proposed_contexts",
     "routing_comment",
-    "send_dicom_store",
+    "send_associations",
 ]

@@ -1,5 +1,6 @@
-"""The C-STORE plan: which files share an association, what each association proposes, and the
-routing comment XNAT reads (facts file, section 6)."""
+"""The C-STORE plan: which files share an association (:class:`AssociationPlanner`, the C-STORE
+side of :class:`xnatio.plan.Planner`), what each association proposes, and the routing comment
+XNAT reads (facts file, section 6)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from xnatio.errors import UsageError
-from xnatio.models import DicomFile
+from xnatio.models import Batch, DicomFile, Manifest
 from xnatio.transports.dicom_store.encode import UNCOMPRESSED
 from xnatio.transports.dicom_store.ul import ProposedContext
 
@@ -31,6 +32,15 @@ def routing_comment(project: str | None, subject: str | None, session: str | Non
             )
         parts.append(f"{key}:{value}")
     return " ".join(parts) if parts else None
+
+
+class AssociationPlanner:
+    """C-STORE: one batch per association (:func:`plan_associations`: in discovery order, so
+    series stay together, byte-balanced, at most 128 presentation contexts each)."""
+
+    def plan(self, manifest: Manifest, parts: int) -> list[Batch]:
+        groups = plan_associations(manifest.files, parts)
+        return [Batch(index=i, files=tuple(group)) for i, group in enumerate(groups)]
 
 
 def plan_associations(files: Sequence[DicomFile], count: int) -> list[list[DicomFile]]:

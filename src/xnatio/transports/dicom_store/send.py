@@ -1,4 +1,8 @@
-"""The C-STORE entry point: C-ECHO, plan the associations, run them, assemble the result."""
+"""The C-STORE engine: C-ECHO, plan the associations, run them, assemble the result.
+
+:func:`send_associations` is what :class:`xnatio.pipeline.DicomStoreTransport` calls for each
+part the journal leaves to send; the public API is :func:`xnatio.uploaders.send_dicom_store`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from xnatio.coordinator import (
     thread_pool,
 )
 from xnatio.errors import ConfigError, UnreachableError, UsageError
+from xnatio.events import ProgressCounter
 from xnatio.models import (
     DicomFile,
     FileOutcome,
@@ -25,9 +30,11 @@ from xnatio.models import (
     UploadResult,
     file_path,
 )
+from xnatio.plan import Planner
+from xnatio.result import assemble_result, failed_file_lines
 from xnatio.retry import RetryPolicy
 from xnatio.transports.dicom_store.encode import IMPLICIT_LE
-from xnatio.transports.dicom_store.plan import plan_associations, routing_comment
+from xnatio.transports.dicom_store.plan import AssociationPlanner, routing_comment
 from xnatio.transports.dicom_store.source import SourceReader
 from xnatio.transports.dicom_store.ul import (
     VERIFICATION,
@@ -40,13 +47,11 @@ from xnatio.transports.dicom_store.worker import (
     AssociationWorker,
     Job,
     Peer,
-    Progress,
 )
 
-__all__ = ["TRANSPORT", "echo", "send_dicom_store"]
+__all__ = ["TRANSPORT", "echo", "send_associations"]
 
 TRANSPORT = "dicom-store"
-MAX_ERROR_LINES = defaults.MAX_ERROR_LINES
 
 
 def echo(peer: Peer) -> None:
@@ -84,7 +89,7 @@ def echo(peer: Peer) -> None:
         assoc.abort()
 
 
-def send_dicom_store(
+def send_associations(
     source_dir: str | Path,
     host: str,
     port: int = defaults.DICOM_PORT,
@@ -107,6 +112,7 @@ def send_dicom_store(
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
     retry: RetryPolicy | None = None,
     executor: ExecutorFactory | None = None,
+    planner: Planner | None = None,
 ) -> UploadResult:
     """Send every DICOM file under ``source_dir`` to the SCP at ``host:port`` with C-STORE.
 
@@ -131,7 +137,8 @@ def send_dicom_store(
     which xio's CLI also makes of SIGTERM) or an exception from a callback interrupts
     every open association (A-ABORT) and is re-raised once their threads have ended; a file not
     confirmed by then was not told to ``on_confirmed``. ``executor(workers)`` makes the pool the
-    associations run in (default: a thread pool).
+    associations run in (default: a thread pool). ``planner`` groups the files into associations
+    (default: :class:`~xnatio.transports.dicom_store.plan.AssociationPlanner`).
 
     Raises UsageError for bad arguments or several studies (unless ``allow_multiple_studies``),
     ConfigError when the peer rejects the AE titles, UnreachableError when the C-ECHO cannot get
@@ -171,9 +178,15 @@ def send_dicom_store(
     echo(peer)
     emit(ProgressEvent(Phase.CONNECT, 1, 1, message=f"{peer.where} answered C-ECHO"))
 
-    groups = plan_associations(manifest.files, num_batches)
-    progress = Progress(progress_callback, len(manifest.files), manifest.total_bytes, len(groups))
-    progress.report(msg=f"{len(groups)} association(s)")
+    planned = (planner or AssociationPlanner()).plan(manifest, num_batches)
+    groups = [list(batch.files) for batch in planned]
+    progress = ProgressCounter(
+        progress_callback,
+        files_total=len(manifest.files),
+        bytes_total=manifest.total_bytes,
+        batches_total=len(groups),
+    )
+    progress.update(message=f"{len(groups)} association(s)")
     job = Job(
         peer=peer,
         route=route,
@@ -194,33 +207,19 @@ def send_dicom_store(
         if why:
             gave_up[i] = why
     errors = [gave_up[i] for i in sorted(gave_up)]
-
-    files = [outcomes[file_path(f)] for f in manifest.files]
-    failed = [o for o in files if o.outcome is Outcome.FAILED]
-    # One line per failed file, up to a screenful; every file's reason is in ``files``.
-    errors += [f"{o.path}: {o.reason}" for o in failed[:MAX_ERROR_LINES]]
-    if len(failed) > MAX_ERROR_LINES:
-        errors.append(f"... and {len(failed) - MAX_ERROR_LINES} more failed file(s)")
-    files += [
-        FileOutcome(str(s.path), Outcome.SKIPPED, s.reason, size=s.size)
-        for s in (*manifest.skipped, *manifest.duplicates)
-    ]
-    duration = time.monotonic() - started
-    emit(ProgressEvent(Phase.DONE, len(manifest.files), len(manifest.files)))
-    return UploadResult(
-        success=all(o.outcome is not Outcome.FAILED for o in files),
-        total_files=len(manifest.files),
-        duration=duration,
-        total_size_mb=manifest.total_bytes / 1e6,
-        errors=errors,
-        files=files,
+    errors += failed_file_lines([outcomes[file_path(f)] for f in manifest.files])
+    return assemble_result(
+        manifest,
+        outcomes,
         transport=TRANSPORT,
+        duration=time.monotonic() - started,
+        batches_total=len(groups),
+        batches_failed=failed_batches,
+        errors=errors,
         project=project or "",
         subject=subject or "",
         session=session or "",
-        studies=manifest.studies(),
-        batches_total=len(groups),
-        batches_failed=failed_batches,
+        progress=progress,
     )
 
 
@@ -246,7 +245,7 @@ def _run_associations(
         try:
             got, why = AssociationWorker(index, group, job).run()
             # As each ends, so that "batches done" moves when an association ends.
-            job.progress.report(batch=_batch_ok(got, why))
+            job.progress.update(batch_done=True, failed=not _batch_ok(got, why))
             return got, why
         except BaseException as exc:
             coordinator.cancel(exc)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,11 @@ from typing import IO
 from pydicom.uid import UID
 
 from xnatio.coordinator import Coordinator
+from xnatio.events import ProgressCounter
 from xnatio.models import (
     DicomFile,
     FileOutcome,
     Outcome,
-    Phase,
-    ProgressCallback,
-    ProgressEvent,
     file_path,
 )
 from xnatio.retry import RetryPolicy
@@ -90,40 +87,6 @@ class Peer:
     @property
     def where(self) -> str:
         return f"{self.called_aet}@{self.host}:{self.port}"
-
-
-class Progress:
-    """Files, bytes and associations done, told to the progress callback; shared by the workers."""
-
-    def __init__(self, callback: ProgressCallback | None, files: int, size: int, batches: int):
-        self.callback = callback
-        self.lock = threading.Lock()
-        self.total, self.bytes_total, self.batches_total = files, size, batches
-        self.done = self.bytes_done = self.batches_done = self.batches_failed = 0
-
-    def report(
-        self, *, files: int = 0, size: int = 0, batch: bool | None = None, msg: str = ""
-    ) -> None:
-        with self.lock:
-            self.done += files
-            self.bytes_done += size
-            if batch is not None:
-                self.batches_done += 1
-                self.batches_failed += 0 if batch else 1
-            if self.callback is not None:
-                self.callback(
-                    ProgressEvent(
-                        Phase.UPLOAD,
-                        self.done,
-                        self.total,
-                        message=msg,
-                        bytes_done=self.bytes_done,
-                        bytes_total=self.bytes_total,
-                        batches_done=self.batches_done,
-                        batches_failed=self.batches_failed,
-                        batches_total=self.batches_total,
-                    )
-                )
 
 
 def _outcome(f: DicomFile, batch: int, outcome: Outcome, reason: str = "") -> FileOutcome:
@@ -229,7 +192,7 @@ class Job:
     route: str | None
     retry: RetryPolicy
     coordinator: Coordinator
-    progress: Progress
+    progress: ProgressCounter
     reader: SourceReader
     # The resume journal's hook: told of every file the peer confirmed, as it happens.
     on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None
@@ -247,6 +210,7 @@ class AssociationWorker:
         self.in_flight: DicomFile | None = None
         self.suspect: DicomFile | None = None  # in flight when the last association was lost
         self.failures = 0  # associations lost in a row without an answered file between
+        self.since: float | None = None  # when the first of them was lost (the retry budget)
 
     def run(self) -> tuple[list[FileOutcome], str | None]:
         """Returns the outcomes and, if it gave up, the one-line reason."""
@@ -260,6 +224,8 @@ class AssociationWorker:
                 break
             error = str(lost)
             self.failures += 1
+            if self.failures == 1:
+                self.since = job.retry.clock()
             if self.in_flight is not None and self.in_flight is self.suspect:
                 # Lost twice in a row on the same file: the file is the likely cause; give it up
                 # alone so that the rest of the association can go on.
@@ -279,7 +245,7 @@ class AssociationWorker:
                 job.retry.retries,
                 len(self.pending),
             )
-            if not job.retry.wait(self.failures - 1, cancel=cancel.event):
+            if not job.retry.wait(self.failures - 1, cancel=cancel.event, since=self.since):
                 break
         gave_up = None
         if self.pending:
@@ -287,7 +253,7 @@ class AssociationWorker:
             gave_up = f"association {self.index}: {len(self.pending)} file(s) {what}"
             for f in self.pending:
                 self.outcomes.append(_outcome(f, self.index, Outcome.FAILED, what))
-            job.progress.report(files=len(self.pending))
+            job.progress.update(files=len(self.pending))
         return self.outcomes, gave_up
 
     def _attempt(self) -> UpperLayerError | None:
@@ -344,4 +310,4 @@ class AssociationWorker:
             self.failures = 0
             if outcome is Outcome.UPLOADED and self.job.on_confirmed is not None:
                 self.job.on_confirmed([self.outcomes[-1]])
-        self.job.progress.report(files=1, size=f.size if confirmed else 0)
+        self.job.progress.update(files=1, nbytes=f.size if confirmed else 0)

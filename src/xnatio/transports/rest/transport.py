@@ -1,6 +1,6 @@
 """REST as a :class:`~xnatio.transports.base.Transport`: what resume needs, and nothing more.
 
-The engine is :class:`xnatio.transports.rest.RestUploader` (one request per batch, commit);
+The engine is :class:`xnatio.transports.rest.uploader.RestUploader` (one request per batch, commit);
 this adds what a resumed run needs of the server: what the session already holds (facts 1.5),
 which prearchive sessions still wait for a commit (facts 3.1), and the read-back (facts 4).
 It was the REST half of ``xnatio.resume``; resume now calls only the protocol.
@@ -16,9 +16,7 @@ from collections.abc import Callable, Sequence
 from xnatio.coordinator import ExecutorFactory
 from xnatio.errors import ServerError, UsageError
 from xnatio.models import (
-    Batch,
     DicomFile,
-    FileOutcome,
     Manifest,
     ProgressCallback,
     ProgressEvent,
@@ -26,19 +24,22 @@ from xnatio.models import (
     SessionRef,
     UploadResult,
 )
+from xnatio.plan import Planner, RestPlanner
 from xnatio.retry import RetryPolicy
-from xnatio.transports.base import Confirmations
-from xnatio.transports.rest import RestTarget, RestUploader
+from xnatio.transports.base import Confirmations, OnConfirmed, both_hooks
+from xnatio.transports.rest.target import RestTarget
+from xnatio.transports.rest.uploader import RestUploader
 from xnatio.verify import VerifyReport, already_on_server, read_server_session, verify_session
 from xnatio.xnat.client import XnatClient, quote
 
 log = logging.getLogger(__name__)
 
-OnConfirmed = Callable[[Sequence[FileOutcome]], None]
-
 
 class RestTransport:
     """One REST upload's server side, for :func:`xnatio.resume.resumable_upload`.
+
+    ``planner`` cuts each part the journal leaves to send into import requests (default:
+    :class:`xnatio.plan.RestPlanner`).
 
     ``target.study_labels`` must hold the labels of the whole manifest (a resumed run sends a
     part of it, and each study keeps its label whatever is left to send).
@@ -57,7 +58,7 @@ class RestTransport:
         progress_callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         notify: Callable[[str], None] | None = None,
-        plan: Callable[[Manifest], list[Batch]] | None = None,
+        planner: Planner | None = None,
         on_confirmed: OnConfirmed | None = None,
         executor: ExecutorFactory | None = None,
     ) -> None:
@@ -68,7 +69,7 @@ class RestTransport:
         self.progress_callback = progress_callback
         self.cancel = cancel
         self.say = notify or (lambda msg: log.info("%s", msg))
-        self.plan = plan
+        self.planner = planner if planner is not None else RestPlanner()
         self.on_confirmed = on_confirmed
         self.study_labels = dict(target.study_labels)
         self.existing: set[str] = set()  # labels whose session the server holds already
@@ -126,21 +127,14 @@ class RestTransport:
                 "sending the missing files through the prearchive, committed into it"
             )
             t = dataclasses.replace(t, direct_archive=False)
-        if self.plan is not None and part.source_archive is None:
-            batches = self.plan(part)
-        else:
-            from xnatio.uploaders import plan_rest_upload
-
-            batches = plan_rest_upload(
-                part.root, num_batches=t.num_batches, manifest=part, allow_multiple_studies=True
-            ).batches
+        batches = self.planner.plan(part, t.num_batches)
         uploader = RestUploader(
             self.client,
             t,
             retry=self.retry,
             progress_callback=self.progress_callback,
             cancel=self.cancel,
-            on_confirmed=_both(confirmations.on_confirmed, self.on_confirmed),
+            on_confirmed=both_hooks(confirmations.on_confirmed, self.on_confirmed),
             executor=self.executor,
         )
         return uploader.upload(part, batches)
@@ -185,18 +179,6 @@ class RestTransport:
             )
             done = (done[0] + len(part), done[1] + sum(f.size for f in part))
         return merge_reports(reports) if len(reports) > 1 else reports[0]
-
-
-def _both(journal: OnConfirmed, caller: OnConfirmed | None) -> OnConfirmed:
-    """The journal's hook, then the caller's own (the Python API's ``on_confirmed``)."""
-    if caller is None:
-        return journal
-
-    def both(outcomes: Sequence[FileOutcome]) -> None:
-        journal(outcomes)
-        caller(outcomes)
-
-    return both
 
 
 def _shifted(

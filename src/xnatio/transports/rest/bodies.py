@@ -1,4 +1,4 @@
-"""Streamed request bodies and the upload counters behind progress events.
+"""Streamed request bodies: counted into the progress counter, stopped by a cancel.
 
 A body wraps a re-iterable archive (``xnatio.archive``, or an archive PATH's members re-packed).
 Requests sends it with an exact ``Content-Length`` when it has a ``len()`` (tar, zip, an archive
@@ -12,77 +12,20 @@ from __future__ import annotations
 import tarfile
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from xnatio.archive import SourceChangedError, tar_header
 from xnatio.errors import XnatioError
-from xnatio.models import DicomFile, Phase, ProgressCallback, ProgressEvent
+from xnatio.events import ProgressCounter
+from xnatio.models import DicomFile
 
 CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
 
 
 class UploadCancelled(XnatioError):
     """The upload was cancelled (Ctrl-C or a fatal error elsewhere) while a body was streaming."""
-
-
-class UploadProgress:
-    """Thread-safe counters behind the UPLOAD events; byte updates are throttled to ~10/s."""
-
-    def __init__(
-        self,
-        callback: ProgressCallback | None,
-        *,
-        files_total: int,
-        bytes_total: int,
-        batches_total: int,
-        clock: Callable[[], float],
-    ) -> None:
-        self._callback = callback
-        self._lock = threading.Lock()
-        self._clock = clock
-        self._last = 0.0
-        self.files_total, self.bytes_total, self.batches_total = (
-            files_total,
-            bytes_total,
-            batches_total,
-        )
-        self.files_done = self.bytes_done = self.batches_done = self.batches_failed = 0
-
-    def phase(self, phase: Phase, current: int, total: int, message: str = "") -> None:
-        if self._callback is not None:
-            self._callback(self._event(phase, current, total, message))
-
-    def _event(self, phase: Phase, current: int, total: int, message: str) -> ProgressEvent:
-        return ProgressEvent(
-            phase=phase,
-            current=current,
-            total=total,
-            message=message,
-            bytes_done=self.bytes_done,
-            bytes_total=self.bytes_total,
-            batches_done=self.batches_done,
-            batches_failed=self.batches_failed,
-            batches_total=self.batches_total,
-        )
-
-    def update(
-        self, *, nbytes: int = 0, files: int = 0, batch_done: bool = False, failed: bool = False
-    ) -> None:
-        with self._lock:
-            self.bytes_done += nbytes
-            self.files_done += files
-            if batch_done:
-                self.batches_done += 1
-                self.batches_failed += int(failed)
-            now = self._clock()
-            if not batch_done and not files and now - self._last < 0.1:
-                return
-            self._last = now
-            if self._callback is not None:
-                # Under the lock: subscribers see events in order, one at a time.
-                self._callback(self._event(Phase.UPLOAD, self.files_done, self.files_total, ""))
 
 
 class StreamBody:
@@ -100,7 +43,7 @@ class StreamBody:
         self,
         chunks: Iterable[bytes],
         payload: int,
-        progress: UploadProgress,
+        progress: ProgressCounter,
         cancel: threading.Event,
         size: int | None = None,
     ) -> None:
@@ -164,7 +107,7 @@ class SizedBody(StreamBody):
         self,
         chunks: Iterable[bytes],
         payload: int,
-        progress: UploadProgress,
+        progress: ProgressCounter,
         cancel: threading.Event,
         size: int | None = None,
     ) -> None:
