@@ -166,7 +166,8 @@ def test_server_restarted_mid_upload(exam: Path, tmp_path: Path) -> None:
 
     watcher = when(lambda: server.stats().get("files_imported", 0) >= 3, restart)
     try:
-        retry = RetryPolicy(retries=8, base=0.3, cap=1.0)
+        # Short backoffs, but enough attempts to outlast a restart on a loaded machine.
+        retry = RetryPolicy(retries=100, base=0.3, cap=1.0)
         result = upload(server.url, exam, tmp_path / "j.sqlite", retry=retry)
         watcher.join(10)
         assert restarted  # the restart did happen

@@ -23,6 +23,7 @@ from xnatio.journal import (
     RunLock,
     Target,
     default_journal_path,
+    default_lock_dir,
     manifest_fingerprint,
     strip_credentials,
 )
@@ -226,36 +227,80 @@ def test_journal_file_is_private(tmp_path: Path) -> None:
 # -- the lock ------------------------------------------------------------------------------------
 
 
-def test_second_run_on_same_target_refuses(tmp_path: Path) -> None:
-    journal = tmp_path / "j.sqlite"
-    first = RunLock(journal, TARGET)
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("http://localhost:8080", "http://127.0.0.1:8080/"),
+        ("http://127.0.0.1:8080", "http://[::1]:8080"),
+        ("https://XNAT.example.org/xnat/", "https://user:pw@xnat.example.org:443/xnat"),
+        ("http://h.example.org:80", "http://h.example.org"),
+    ],
+)
+def test_the_lock_is_keyed_on_the_server_not_the_url_spelling(a: str, b: str) -> None:
+    assert Target.rest(a, "P", "S", "E").lock_key() == Target.rest(b, "P", "s", "E").lock_key()
+    # Another server (port, context path), project or session is another lock.
+    key = Target.rest(a, "P", "S", "E").lock_key()
+    assert Target.rest(a, "P", "S", "E2").lock_key() != key
+    assert Target.rest(a.rstrip("/") + "/other", "P", "S", "E").lock_key() != key
+    assert "pw" not in Target.rest(b, "P", "S", "E").lock_key()
+
+
+def test_two_journal_folders_and_two_spellings_share_one_lock(tmp_path: Path) -> None:
+    """Issue 13 item 15: `localhost` vs `127.0.0.1`, each run with its own --journal, used to
+    upload the same session at once; the locks now live in one folder per user."""
+    with Journal(tmp_path / "a" / "j.sqlite") as a, Journal(tmp_path / "b" / "j.sqlite") as b:
+        first = a.lock(Target.rest("http://localhost:8080", "P", "S", "E"))
+        first.acquire()
+        try:
+            with pytest.raises(LockedError):
+                b.lock(Target.rest("http://127.0.0.1:8080/", "P", "S", "E")).acquire()
+        finally:
+            first.release()
+    assert first.path.parent == default_lock_dir()
+
+
+def test_lock_folder_that_cannot_be_made_is_one_configuration_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XNATIO_LOCK_DIR", str(blocker / "locks"))
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot create the run lock .* or choose another lock folder with XNATIO_LOCK_DIR",
+    ) as err:
+        RunLock(TARGET).acquire()
+    assert err.value.exit_code == 2
+
+
+def test_second_run_on_same_target_refuses() -> None:
+    first = RunLock(TARGET)
     first.acquire()
     try:
         with pytest.raises(LockedError) as err:
-            RunLock(journal, TARGET).acquire()
+            RunLock(TARGET).acquire()
         msg = str(err.value)
         assert f"pid {os.getpid()}" in msg and "--wait" in msg and "P/S/E" in msg
         assert err.value.exit_code == 2
         # Another target is not blocked.
-        other = RunLock(journal, Target.rest("https://xnat.example.org", "P", "S", "E2"))
+        other = RunLock(Target.rest("https://xnat.example.org", "P", "S", "E2"))
         other.acquire()
         other.release()
     finally:
         first.release()
-    again = RunLock(journal, TARGET)
+    again = RunLock(TARGET)
     again.acquire()
     again.release()
 
 
-def test_wait_blocks_until_the_holder_finishes(tmp_path: Path) -> None:
-    journal = tmp_path / "j.sqlite"
-    first = RunLock(journal, TARGET)
+def test_wait_blocks_until_the_holder_finishes() -> None:
+    first = RunLock(TARGET)
     first.acquire()
     order: list[str] = []
     waited = threading.Event()
 
     def second() -> None:
-        lock = RunLock(journal, TARGET)
+        lock = RunLock(TARGET)
         lock.acquire(wait=True, on_wait=lambda _msg: waited.set())
         order.append("second acquired")
         lock.release()
@@ -276,7 +321,7 @@ _HOLDER = textwrap.dedent(
     from xnatio.journal import RunLock, Target, Journal
     from xnatio.models import Manifest
     t = Target.rest("https://xnat.example.org", "P", "S", "E")
-    lock = RunLock(Path(sys.argv[1]), t)
+    lock = RunLock(t)
     lock.acquire()
     j = Journal(Path(sys.argv[1]))
     print("locked", flush=True)
@@ -294,10 +339,10 @@ def test_lock_of_a_killed_run_is_released(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         with pytest.raises(LockedError):
-            RunLock(journal, TARGET).acquire()
+            RunLock(TARGET).acquire()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        lock = RunLock(journal, TARGET)
+        lock = RunLock(TARGET)
         lock.acquire()  # no stale lock after kill -9
         lock.release()
     finally:
@@ -411,3 +456,120 @@ def test_a_file_renamed_since_it_was_sent_is_the_same_instance(tmp_path: Path) -
         assert todo == [] and len(done) == len(m.files)
         run.forget([m2.files[0]])
         assert run.split()[1] == [m2.files[0]]
+
+
+def test_a_file_whose_server_copy_differs_is_remembered_until_verified(tmp_path: Path) -> None:
+    """Issue 13 item 2: a file the read-back found different on the server is not forgotten
+    (else the next run finds it "on the server" by name and never replaces it): it is to send
+    again, as changed (replacing the server's copy), until a read-back verifies the session."""
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.record_confirmed(m.files)
+        run.mark_different([m.files[2]])
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        done, todo = run.split()
+        assert todo == [m.files[2]] and len(done) == len(m.files) - 1
+        assert run.changed_since_sent(m.files) == [m.files[2]]
+        run.record_confirmed([m.files[2]])  # sent again: still to check until verified
+        assert run.changed_since_sent(m.files) == [m.files[2]]
+        run.record_verified()
+        assert run.split()[1] == [] and run.changed_since_sent(m.files) == []
+
+
+def test_lock_folder_follows_the_state_folder_not_the_journal(tmp_path: Path) -> None:
+    assert default_lock_dir({"XNATIO_LOCK_DIR": str(tmp_path / "l")}) == tmp_path / "l"
+    assert default_lock_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "xnatio/locks"
+    assert default_lock_dir({"HOME": str(tmp_path)}) == tmp_path / ".local/state/xnatio/locks"
+    # The journal's own variable does not move the locks: two journals, one lock folder.
+    env = {"HOME": str(tmp_path), "XNATIO_JOURNAL": str(tmp_path / "j" / "x.sqlite")}
+    assert default_lock_dir(env) == tmp_path / ".local/state/xnatio/locks"
+
+
+def test_runs_in_which_a_file_was_lost_are_counted_until_verified(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        assert run.record_lost([m.files[0]]) == {m.files[0].sop_instance_uid: 1}
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        counts = run.record_lost(m.files[:2])
+        assert counts == {m.files[0].sop_instance_uid: 2, m.files[1].sop_instance_uid: 1}
+        run.record_verified()
+        assert run.record_lost([m.files[0]]) == {m.files[0].sop_instance_uid: 1}
+
+
+def test_a_write_that_puts_the_mtime_back_is_still_a_change(tmp_path: Path) -> None:
+    """Issue 13 item 2: same size, same mtime, new bytes: the inode change time differs."""
+    import dataclasses
+
+    m = make_manifest(tmp_path / "src")
+    f = m.files[1]
+    st = f.path.stat()
+    m = Manifest(
+        root=m.root,
+        files=[dataclasses.replace(g, ctime_ns=st.st_ctime_ns) if g is f else g for g in m.files],
+    )
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.open_run(TARGET, m).record_confirmed(m.files)
+    time.sleep(0.01)
+    f.path.write_bytes(b"y" * f.size)  # other bytes, same size
+    os.utime(f.path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+    now = f.path.stat()
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    changed = dataclasses.replace(m.files[1], ctime_ns=now.st_ctime_ns)
+    m2 = Manifest(root=m.root, files=[m.files[0], changed, *m.files[2:]])
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m2)
+        assert run.split()[1] == [changed]
+        assert run.changed_since_sent(m2.files) == [changed]
+    # A journal row without a ctime (written before it was kept) is not a change by itself.
+    unknown = dataclasses.replace(changed, ctime_ns=0)
+    with Journal(tmp_path / "j.sqlite") as j:
+        assert j.open_run(TARGET, m2).changed_since_sent([unknown]) == []
+
+
+def test_a_journal_from_before_ctime_gains_the_column(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "j.sqlite")
+    db.executescript(
+        "CREATE TABLE files (run_id INTEGER NOT NULL, relpath TEXT NOT NULL, size INTEGER NOT "
+        "NULL, mtime_ns INTEGER NOT NULL, sop_uid TEXT NOT NULL, batch INTEGER, confirmed_at "
+        "REAL NOT NULL, PRIMARY KEY (run_id, relpath));"
+    )
+    db.close()
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        run.record_confirmed(m.files)
+        assert run.split()[1] == []
+
+
+def test_a_difference_that_outlives_its_replacement_is_named_not_promised_again(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: "the next run replaces it" is said once; a file found different again after a
+    run replaced it gets the line that says what to check instead."""
+    from xnatio.models import UploadResult
+    from xnatio.resume import _remember_problems
+    from xnatio.verify import SeriesCheck, VerifyReport
+
+    m = make_manifest(tmp_path / "src")
+    bad = m.files[0]
+
+    def report() -> VerifyReport:
+        check = SeriesCheck(bad.series_uid, 1, "1", 3, 3, different=[bad])
+        return VerifyReport("P", "S", "E", found=True, series=[check])
+
+    lines: list[list[str]] = []
+    for _ in range(2):
+        with Journal(tmp_path / "j.sqlite") as j:
+            run = j.open_run(TARGET, m)
+            result = UploadResult(success=False, total_files=6, duration=0, total_size_mb=0)
+            _remember_problems(result, report(), run, frozenset())
+            lines.append(result.errors)
+    assert lines[0] == [
+        "the next run of the same command replaces the server's copy of 1 file(s) "
+        "(overwrite=delete, facts 1.5)"
+    ]
+    assert len(lines[1]) == 1 and "still differs" in lines[1][0] and "check" in lines[1][0]

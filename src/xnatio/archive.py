@@ -30,6 +30,7 @@ import stat
 import struct
 import tarfile
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -71,6 +72,29 @@ def instance_file_name(sop_instance_uid: str) -> str:
     """
     safe = re.sub(r"[^0-9A-Za-z._-]", "_", sop_instance_uid).strip(".")
     return (safe or "instance") + ".dcm"
+
+
+class EntryNames:
+    """The one rule naming the entries of an archive PATH uniquely, in archive order.
+
+    A zip or tar may hold several entries of one name (different instances, issue 13 item 4):
+    the first keeps its name, the n-th is ``NAME#n``. Discovery, the transports and read-back
+    name entries with the same rule, so each entry is one file everywhere (outcomes, journal,
+    verification) and is read from its own entry, not the last one of its name.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def __call__(self, name: str) -> str:
+        n = self._seen[name] = self._seen.get(name, 0) + 1
+        return name if n == 1 else f"{name}#{n}"
+
+
+def zip_entries(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """Every entry of ``zf`` by its unique name (:class:`EntryNames`), in archive order."""
+    name = EntryNames()
+    return {name(info.filename): info for info in zf.infolist()}
 
 
 class DicomSource(Protocol):

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from xnatio.archive import EntryNames, zip_entries
 from xnatio.dicomheader import (
     MEDIA_STORAGE_DIRECTORY,
     HeaderFields,
@@ -46,6 +47,7 @@ class _Found(NamedTuple):
     size: int
     mtime_ns: int
     fields: HeaderFields
+    ctime_ns: int = 0  # the inode change time (0 inside an archive): see DicomFile.ctime_ns
 
 
 class _Skip(NamedTuple):
@@ -250,7 +252,7 @@ def _examine(path: str) -> _Result:
         reason = _unsendable(fields)
         if reason:
             return _Skip(reason, st.st_size)
-        return _Found(st.st_size, st.st_mtime_ns, fields)
+        return _Found(st.st_size, st.st_mtime_ns, fields, st.st_ctime_ns)
     finally:
         os.close(fd)
 
@@ -367,24 +369,25 @@ def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manif
 
 def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[tuple[str, _Result]]:
     with zipfile.ZipFile(archive) as zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
+        # Unique names: two entries of one name are two files (archive.EntryNames).
+        infos = [(name, i) for name, i in zip_entries(zf).items() if not i.is_dir()]
         report = _Progress(callback, len(infos), f"reading DICOM headers in {archive.name}")
         report(0, force=True)
-        for n, info in enumerate(infos, 1):
+        for n, (name, info) in enumerate(infos, 1):
             report(n - 1)
             try:
                 mtime = int(datetime(*info.date_time).timestamp() * 1e9)
             except (ValueError, OverflowError):
                 mtime = 0  # a zip date that is not a date (month 0): keep the entry anyway
             if info.file_size == 0:
-                yield info.filename, _Skip("empty file (0 bytes)", 0)
+                yield name, _Skip("empty file (0 bytes)", 0)
                 continue
             try:
                 with zf.open(info) as fp:
-                    yield info.filename, _examine_stream(fp, info.file_size, mtime)
+                    yield name, _examine_stream(fp, info.file_size, mtime)
             except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
                 # Encrypted members, unsupported compression, CRC errors.
-                yield info.filename, _Skip(f"archive member cannot be read ({exc})", 0)
+                yield name, _Skip(f"archive member cannot be read ({exc})", 0)
         report(len(infos), force=True)
 
 
@@ -396,24 +399,26 @@ def _tar_members(
     report(0, force=True)
     opened = tarfile.open(archive, "r|gz") if gzipped else tarfile.open(archive, "r:")  # noqa: SIM115
     n = 0
+    entry_name = EntryNames()  # two entries of one name are two files
     with opened as tf:
         for info in tf:
+            name = entry_name(info.name)
             if info.isdir():
                 continue
             report(n)
             n += 1
             if not info.isfile():
-                yield info.name, _Skip("not a regular file (link or device entry)", 0)
+                yield name, _Skip("not a regular file (link or device entry)", 0)
                 continue
             if info.size == 0:
-                yield info.name, _Skip("empty file (0 bytes)", 0)
+                yield name, _Skip("empty file (0 bytes)", 0)
                 continue
             fp = tf.extractfile(info)
             if fp is None:
-                yield info.name, _Skip("archive member cannot be read", 0)
+                yield name, _Skip("archive member cannot be read", 0)
                 continue
             with fp:
-                yield info.name, _examine_stream(fp, info.size, int(info.mtime * 1e9))
+                yield name, _examine_stream(fp, info.size, int(info.mtime * 1e9))
     report.total = n  # known only now: a streamed tar has no index
     report(n, force=True)
 
@@ -446,7 +451,7 @@ def _collect(
             shown = path / member if member is not None else path
             manifest.skipped.append(SkippedFile(shown, result.reason, result.size))
             continue
-        size, mtime_ns, h = result
+        size, mtime_ns, h, ctime_ns = result
         first = first_seen.get(h.sop_instance_uid)
         if first is not None:
             shown = path / member if member is not None else path
@@ -460,6 +465,7 @@ def _collect(
                 path=path,
                 size=size,
                 mtime_ns=mtime_ns,
+                ctime_ns=ctime_ns,
                 # Interned: a session shares a few study/series/class values across all files.
                 study_uid=intern(h.study_uid),
                 series_uid=intern(h.series_uid),

@@ -8,7 +8,7 @@ session, transport) and *source root* (the PATH given, resolved): every file the
 confirmed, identified by its fingerprint (path relative to the root, size, mtime in ns, SOP
 Instance UID), plus whether the session was committed and under which URI. Only confirmations are
 stored; a file is *pending* when no confirmed row has its exact fingerprint, so a file that changed
-since it was sent (size or mtime differ) is pending again and is sent again.
+since it was sent (size, mtime or inode change time differ) is pending again and is sent again.
 
 Files confirmed by an earlier run are reported as ``UPLOADED`` with the reason
 ``"sent by an earlier run (journal)"`` (and become ``VERIFIED`` when read-back finds them): they
@@ -29,8 +29,22 @@ Housekeeping: uploads that were verified and not touched for 90 days are dropped
 is opened. A journal that cannot be opened (unwritable folder, not a database) is a one-line
 configuration error (exit 2), never a traceback.
 
-The lock: ``fcntl.flock`` on ``locks/<target hash>.lock`` next to the journal. The kernel drops it
-when the holder dies (even by ``kill -9``), so a stale lock cannot block the next cron run.
+The lock: ``fcntl.flock`` on ``<state dir>/xnatio/locks/<hash>.lock``, one folder per user
+whatever ``--journal`` says (``$XNATIO_LOCK_DIR`` moves it), keyed on what names the session on
+the server (:meth:`Target.lock_key`): the canonical server (scheme, host resolved, so
+``localhost``/``127.0.0.1``/``::1`` are one; the port, default ports filled in; the context path),
+project, subject and session, the labels case-folded (XNAT matches subject labels
+case-insensitively, facts 3.5). Two runs of one session therefore exclude each other whatever URL
+spelling or journal file they use. The kernel drops the lock when the holder dies (even by
+``kill -9``), so a stale lock cannot block the next cron run.
+
+A file whose copy on the server was found to differ from it (the server stores our bytes, and this
+one differs: changed in place, or damaged there) is remembered in ``replace``: the next run sends
+it again replacing the server's copy (``overwrite=delete``, facts 1.5) instead of finding it "on
+the server" by name and never sending it. It is forgotten once a read-back verifies the session.
+Likewise ``lost`` counts the runs in which a file was not found on the server after sending: the
+second such run says that sending again will not help (the server drops it) instead of "the next
+run sends it again" once more.
 """
 
 from __future__ import annotations
@@ -39,10 +53,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import itertools
 import json
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -50,7 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from xnatio.config_file import user_home
@@ -82,13 +98,27 @@ CREATE TABLE IF NOT EXISTS files (
     relpath TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL DEFAULT 0,
     sop_uid TEXT NOT NULL,
     batch INTEGER,
     confirmed_at REAL NOT NULL,
     PRIMARY KEY (run_id, relpath)
 );
 CREATE INDEX IF NOT EXISTS files_by_instance ON files (run_id, sop_uid);
+CREATE TABLE IF NOT EXISTS replace (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    sop_uid TEXT NOT NULL,
+    PRIMARY KEY (run_id, sop_uid)
+);
+CREATE TABLE IF NOT EXISTS lost (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    sop_uid TEXT NOT NULL,
+    runs INTEGER NOT NULL,
+    PRIMARY KEY (run_id, sop_uid)
+);
 """
+LOCK_DIR_ENV = "XNATIO_LOCK_DIR"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class LockedError(UsageError):
@@ -111,10 +141,67 @@ def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(state) / "xnatio" / "journal.sqlite"
 
 
+def default_lock_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XNATIO_LOCK_DIR``, else ``locks`` in the per-user state folder (not next to the
+    journal: two runs with different ``--journal`` files must still see each other's lock)."""
+    env = os.environ if environ is None else environ
+    if env.get(LOCK_DIR_ENV):
+        return Path(env[LOCK_DIR_ENV]).expanduser()
+    state = env.get("XDG_STATE_HOME")
+    if not state:
+        home = user_home(env)
+        if home is None:  # no HOME and no passwd entry for this user
+            raise ConfigError(
+                f"no folder for the run locks: HOME is not set and user {os.getuid()} has no "
+                f"home directory; set {LOCK_DIR_ENV}, XDG_STATE_HOME or HOME"
+            )
+        state = str(home / ".local/state")
+    return Path(state) / "xnatio" / "locks"
+
+
+def canonical_host(host: str) -> str:
+    """One name per machine: loopback names and addresses -> ``loopback``; a name -> the lowest
+    address it resolves to (so a DNS name and its address are one host); else the name."""
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "loopback"
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return "loopback"
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return host  # not resolvable now: the name itself is the best key there is
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if not addresses:
+        return host
+    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return "loopback"
+    return addresses[0]
+
+
+def canonical_server(url: str) -> str:
+    """``https://user:pw@XNAT.example.org/xnat/`` -> ``https://<address>:443/xnat``: the server
+    a URL reaches, whatever its spelling (see :func:`canonical_host`); never holds a secret."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    except ValueError:
+        port = 0
+    path = "/".join(p for p in parts.path.split("/") if p)
+    return f"{scheme}://{canonical_host(parts.hostname or '')}:{port}/{path}".rstrip("/")
+
+
 def strip_credentials(url: str) -> str:
     """``https://user:pw@Host:443/xnat/?q`` -> ``https://host:443/xnat``: a key, never a secret."""
     parts = urlsplit(url.strip())
     host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address keeps its brackets, or the port would merge into it
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
@@ -153,6 +240,20 @@ class Target:
     def describe(self) -> str:
         return f"{self.project}/{self.subject}/{self.session} on {self.server}"
 
+    def lock_key(self) -> str:
+        """What names this session on the server, for the run lock: the canonical server (REST:
+        :func:`canonical_server`; C-STORE: the receiver's canonical host, port and called AE
+        title) and the labels, case-folded (XNAT matches subject labels case-insensitively,
+        facts 3.5; over-locking two spellings is harmless, uploading one session twice at once
+        is not)."""
+        if self.transport == "rest":
+            server = canonical_server(self.server)
+        else:
+            parts = urlsplit(self.server)
+            server = f"dicom://{canonical_host(parts.hostname or '')}:{parts.port}{parts.path}"
+        labels = [x.casefold() for x in (self.project, self.subject, self.session)]
+        return json.dumps([server, *labels], separators=(",", ":"))
+
 
 def relative_name(f: DicomFile, root: Path) -> str:
     """The file's stable name under the source root (the member name inside an archive).
@@ -176,10 +277,14 @@ def manifest_fingerprint(manifest: Manifest) -> str:
 
 
 class RunLock:
-    """Exclusive per-target lock: a second run refuses (``LockedError``) or waits (``wait``)."""
+    """Exclusive per-session lock: a second run refuses (``LockedError``) or waits (``wait``).
 
-    def __init__(self, journal_path: Path, target: Target) -> None:
-        self.path = journal_path.parent / "locks" / f"{target.digest()}.lock"
+    Keyed on :meth:`Target.lock_key` in one folder per user (:func:`default_lock_dir`, or
+    ``directory``), whatever journal file each run uses."""
+
+    def __init__(self, target: Target, directory: Path | None = None) -> None:
+        key = hashlib.sha256(target.lock_key().encode()).hexdigest()[:24]
+        self.path = (directory or default_lock_dir()) / f"{key}.lock"
         self.target = target
         self._fd: int | None = None
 
@@ -190,8 +295,7 @@ class RunLock:
         except OSError as exc:
             raise ConfigError(
                 f"cannot create the run lock {self.path} ({exc.strerror or exc}); make "
-                f"{self.path.parent} writable, or use another journal folder with "
-                f"--journal FILE or {JOURNAL_ENV}"
+                f"{self.path.parent} writable, or choose another lock folder with {LOCK_DIR_ENV}"
             ) from None
         try:
             try:
@@ -266,6 +370,11 @@ class Journal:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+                if "ctime_ns" not in columns:  # a journal written before it was kept
+                    self._db.execute(
+                        "ALTER TABLE files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0"
+                    )
             self._prune(keep_days)
         except sqlite3.Error as exc:
             self._db.close()
@@ -297,6 +406,8 @@ class Journal:
             ]
             for run_id in old:
                 db.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM replace WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM lost WHERE run_id = ?", (run_id,))
                 db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def _write(self) -> _Txn:
@@ -338,8 +449,10 @@ class Journal:
     ) -> None:
         self.close()
 
-    def lock(self, target: Target) -> RunLock:
-        return RunLock(self.path, target)
+    def lock(self, target: Target, directory: Path | None = None) -> RunLock:
+        """The run lock of ``target``: in ``directory``, else the per-user lock folder (never
+        next to this journal: see :class:`RunLock`)."""
+        return RunLock(target, directory)
 
     def open_run(self, target: Target, manifest: Manifest, *, restart: bool = False) -> JournalRun:
         """The journal entry of (target, manifest root); ``restart`` forgets what it remembered."""
@@ -363,6 +476,8 @@ class Journal:
             ).fetchone()
             if row is not None and restart:
                 db.execute("DELETE FROM files WHERE run_id = ?", (row[0],))
+                db.execute("DELETE FROM replace WHERE run_id = ?", (row[0],))
+                db.execute("DELETE FROM lost WHERE run_id = ?", (row[0],))
                 db.execute("DELETE FROM runs WHERE id = ?", (row[0],))
                 row = None
             if row is None:
@@ -450,9 +565,24 @@ class _Txn:
             journal._lock.release()
 
 
-def _by_instance(rows: Mapping[str, tuple[int, int, str]]) -> dict[str, int]:
+# What the journal holds of a confirmed file: size, mtime (ns), SOP Instance UID, ctime (ns).
+_Row = tuple[int, int, str, int]
+
+
+def _by_instance(rows: Mapping[str, _Row]) -> dict[str, int]:
     """SOP Instance UID -> size of each file an earlier run sent."""
-    return {uid: size for size, _, uid in rows.values()}
+    return {uid: size for size, _, uid, _ in rows.values()}
+
+
+def _unchanged(row: _Row | None, f: DicomFile) -> bool:
+    """The file is as it was when confirmed: same size, modification time and SOP Instance UID,
+    and the same inode change time where both are known. Any write changes the ctime, also one
+    that puts the modification time back (issue 13 item 2: such a change is invisible to size,
+    time and, where XNAT rewrites every file, MD5). A rename keeps the file's name row apart
+    (matched by SOP Instance UID instead, see :meth:`JournalRun.split`)."""
+    if row is None or row[:3] != (f.size, f.mtime_ns, f.sop_instance_uid):
+        return False
+    return not (row[3] and f.ctime_ns and row[3] != f.ctime_ns)
 
 
 class JournalRun:
@@ -471,19 +601,22 @@ class JournalRun:
             if f.member is not None:
                 self._by_name[f.member] = f
                 self._by_name[file_path(f)] = f
+        # Files an earlier run found different on the server (:meth:`mark_different`): if this
+        # run's read-back finds them different again, replacing them did not help.
+        self.different_before = self._to_replace()
 
-    def _confirmed_rows(self) -> dict[str, tuple[int, int, str]]:
+    def _confirmed_rows(self) -> dict[str, _Row]:
         try:
             with self.journal._lock:
                 rows = self.journal._db.execute(
-                    "SELECT relpath, size, mtime_ns, sop_uid FROM files WHERE run_id = ?",
+                    "SELECT relpath, size, mtime_ns, sop_uid, ctime_ns FROM files WHERE run_id = ?",
                     (self.run_id,),
                 ).fetchall()
         except sqlite3.Error as exc:  # its storage failed: knows nothing, the server decides
             if not (_write_failure(exc) and self.journal._degrade(exc)):
                 raise
             return {}
-        return {r[0]: (int(r[1]), int(r[2]), str(r[3])) for r in rows}
+        return {r[0]: (int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows}
 
     def split(
         self, files: Sequence[DicomFile] | None = None
@@ -495,11 +628,14 @@ class JournalRun:
         and size (its identity; a rename does not send it twice)."""
         rows = self._confirmed_rows()
         by_uid = _by_instance(rows)
+        stale = self._to_replace()
         done: list[DicomFile] = []
         todo: list[DicomFile] = []
         for f in self.manifest.files if files is None else files:
             row = rows.get(relative_name(f, self._root))
-            if row == (f.size, f.mtime_ns, f.sop_instance_uid):
+            if f.sop_instance_uid in stale:
+                todo.append(f)  # the server's copy differs: sent again, replacing it
+            elif _unchanged(row, f):
                 done.append(f)
             elif row is None and by_uid.get(f.sop_instance_uid) == f.size:
                 done.append(f)  # renamed or moved since the earlier run sent it
@@ -508,14 +644,40 @@ class JournalRun:
         return done, todo
 
     def changed_since_sent(self, files: Sequence[DicomFile]) -> list[DicomFile]:
-        """Files an earlier run sent (by name) whose size, mtime or SOP Instance UID differ now."""
+        """Files an earlier run sent (by name) whose size, mtime or SOP Instance UID differ now,
+        and files whose copy on the server was found to differ (:meth:`mark_different`)."""
         rows = self._confirmed_rows()
+        stale = self._to_replace()
         out = []
         for f in files:
             row = rows.get(relative_name(f, self._root))
-            if row is not None and row != (f.size, f.mtime_ns, f.sop_instance_uid):
+            if f.sop_instance_uid in stale or (row is not None and not _unchanged(row, f)):
                 out.append(f)
         return out
+
+    def _read(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` (one ``?``: this run's id); none when the journal is closed or its
+        storage failed (degraded, as :meth:`_confirmed_rows`: the server decides)."""
+        try:
+            with self.journal._lock:
+                if self.journal.closed:
+                    return []
+                return list(self.journal._db.execute(sql, (self.run_id,)).fetchall())
+        except sqlite3.Error as exc:
+            if not (_write_failure(exc) and self.journal._degrade(exc)):
+                raise
+            return []
+
+    def _to_replace(self) -> set[str]:
+        return {str(r[0]) for r in self._read("SELECT sop_uid FROM replace WHERE run_id = ?")}
+
+    def mark_different(self, files: Iterable[DicomFile]) -> None:
+        """The server's copy of these differs from the local file: the next run sends them
+        again replacing it, rather than finding them on the server by name (and the journal
+        does not forget that they changed)."""
+        uids = [(self.run_id, f.sop_instance_uid) for f in files]
+        with self.journal._write() as db:
+            db.executemany("INSERT OR IGNORE INTO replace (run_id, sop_uid) VALUES (?, ?)", uids)
 
     def record_confirmed(self, files: Iterable[DicomFile], *, batch: int | None = None) -> int:
         """One transaction per call; marks the session uncommitted (new files need a commit).
@@ -542,6 +704,7 @@ class JournalRun:
                     f.sop_instance_uid,
                     batch,
                     now,
+                    f.ctime_ns,
                 )
 
         try:
@@ -556,8 +719,8 @@ class JournalRun:
         with self.journal._write() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO files "
-                "(run_id, relpath, size, mtime_ns, sop_uid, batch, confirmed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "(run_id, relpath, size, mtime_ns, sop_uid, batch, confirmed_at, ctime_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             db.execute(
@@ -630,10 +793,26 @@ class JournalRun:
             )
 
     def record_verified(self) -> None:
+        """The read-back found every file, the same: nothing is left to replace either."""
         with self.journal._write() as db:
             db.execute(
                 "UPDATE runs SET verified = 1, updated = ? WHERE id = ?", (time.time(), self.run_id)
             )
+            db.execute("DELETE FROM replace WHERE run_id = ?", (self.run_id,))
+            db.execute("DELETE FROM lost WHERE run_id = ?", (self.run_id,))
+
+    def record_lost(self, files: Sequence[DicomFile]) -> dict[str, int]:
+        """Count one more run in which these were sent and not found on the server; returns,
+        per SOP Instance UID, in how many runs that happened (cleared once verified)."""
+        uids = [(self.run_id, f.sop_instance_uid) for f in files]
+        with self.journal._write() as db:
+            db.executemany(
+                "INSERT INTO lost (run_id, sop_uid, runs) VALUES (?, ?, 1) "
+                "ON CONFLICT (run_id, sop_uid) DO UPDATE SET runs = runs + 1",
+                uids,
+            )
+        rows = self._read("SELECT sop_uid, runs FROM lost WHERE run_id = ?")
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def earlier_outcomes(self, files: Iterable[DicomFile]) -> list[FileOutcome]:
         return [

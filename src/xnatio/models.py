@@ -30,6 +30,9 @@ class DicomFile:
     patient_id: str
     # Member name inside an archive when PATH is an archive, else None.
     member: str | None = None
+    # The inode change time (ns; 0 when unknown, e.g. inside an archive): any write changes it,
+    # even one that puts the modification time back (the journal's change check, issue 13).
+    ctime_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,10 +100,12 @@ class UploadOptions:
     journal: Path | None = None
     wait: bool = False
     resume: bool = True
+    lock_dir: Path | None = None  # None: the per-user lock folder (xnatio.journal)
 
     def resume_options(self) -> ResumeOptions:
         return ResumeOptions(
             journal=self.journal,
+            lock_dir=self.lock_dir,
             restart=self.restart,
             wait=self.wait,
             verify=self.verify,

@@ -17,11 +17,17 @@ Existing sessions converge (REST, facts 1.5): before sending, the session is rea
 machine). XNAT's merge refuses (409) an incoming SOP Instance UID the scan already holds, identical
 bytes included, and leaves a CONFLICT entry in the prearchive; so only what is missing is sent,
 and it merges. Exceptions, sent although there: files the journal saw change since an earlier run
-sent them, and everything with ``--overwrite delete`` (both archived with ``overwrite=delete``).
+sent them, files whose server copy a read-back found different (remembered in the journal until
+verified), and everything with ``--overwrite delete`` (all archived with ``overwrite=delete``).
 A confirmed file that read-back cannot find (lost on the server) is sent again once, in the same
-run, and the session read back again; what is still missing or different then is ``FAILED``
-with the reason, and dropped from the journal so that the next run sends it again. A run exits 0
-only when every DICOM file was confirmed and, unless ``--no-verify``, found on the server.
+run, and so is one whose copy differs where the server stores our bytes (replacing it); then the
+session is read back again. What is still missing then is ``FAILED`` and dropped from the journal
+so that the next run sends it again; what still differs is ``FAILED`` with one line naming what to
+check, and stays marked for replacement. A run exits 0 only when every DICOM file was confirmed
+and, unless ``--no-verify``, found on the server.
+
+A commit-only run whose commit fails is a result like any other (one line, exit 1, the report),
+never a bare exception; a 409 names ``--overwrite delete`` (facts 1.5).
 
 Where the session is not committed (REST commit failed) the run fails without reading back; the
 next run sends nothing and only commits. Where read-back itself fails, the run fails; the next
@@ -75,6 +81,8 @@ class UploadInterrupted(XnatioError):
 @dataclass(frozen=True, kw_only=True)
 class ResumeOptions:
     journal: Path | None = None  # None: the default journal (see xnatio.journal)
+    # None: the per-user lock folder (xnatio.journal.default_lock_dir), whatever the journal
+    lock_dir: Path | None = None
     restart: bool = False  # forget what the journal remembers for this target and source
     wait: bool = False  # wait for another run on the same target instead of refusing
     verify: bool = True
@@ -98,7 +106,7 @@ def resumable_upload(
         committed = _committed(result, transport)
         return _finish(result, manifest, None, read_back, say, committed=committed)
     journal = Journal(options.journal)
-    lock = journal.lock(target)
+    lock = journal.lock(target, options.lock_dir)
     try:
         lock.acquire(wait=options.wait, on_wait=say)
         run = journal.open_run(target, manifest, restart=options.restart)
@@ -119,7 +127,7 @@ def resumable_upload(
                 read_back,
                 say,
                 committed=committed,
-                heal=lambda lost: _heal(run, manifest, lost, transport),
+                heal=lambda lost, overwrite: _heal(run, manifest, lost, transport, overwrite),
             )
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
@@ -133,11 +141,17 @@ def resumable_upload(
 
 
 def _heal(
-    run: JournalRun, manifest: Manifest, lost: list[DicomFile], transport: Transport
+    run: JournalRun,
+    manifest: Manifest,
+    lost: list[DicomFile],
+    transport: Transport,
+    overwrite: str = "append",
 ) -> tuple[UploadResult, bool]:
-    """Send ``lost`` again, once, into the (existing) session; also says if it committed."""
+    """Send ``lost`` again, once, into the (existing) session; also says if it committed.
+    ``overwrite="delete"`` where the server holds another copy that must be replaced (facts
+    1.5: the archive step then overwrites clashing files instead of refusing them)."""
     part = Manifest(root=manifest.root, files=lost, source_archive=manifest.source_archive)
-    result = transport.send(part, run, "append")
+    result = transport.send(part, run, overwrite)
     run.record_outcomes(result.files)
     committed = _committed(result, transport)
     if committed:
@@ -170,7 +184,9 @@ def _send_rest_of(
             ref = transport.commit(SessionRef.parse(run.session_uri))
         except ServerError as exc:
             if exc.status != 404:
-                raise
+                # Not a traceback nor a bare message: the files stay sent-not-committed, the
+                # run fails with one line saying what to do (exit 1, a --report is written).
+                return _commit_failed(run, manifest, done, already, exc, started), False
             # The prearchive session the earlier run filled is gone (deleted by someone, or
             # archived elsewhere): what the journal remembers is stale, so send it all again.
             say("the earlier run's prearchive session is gone; sending every file again")
@@ -200,6 +216,12 @@ def _send_rest_of(
         # The hook may have seen them already; recording twice is harmless (same rows).
         run.record_outcomes(result.files)
         committed = _committed(result, transport)
+        if not committed and not any(o.outcome is Outcome.UPLOADED for o in result.files):
+            # Nothing of this pass awaits a commit (every file of it failed): what earlier runs
+            # sent is committed if the journal says so, and what the server held is archived.
+            # Else "run again to retry the commit" would repeat with nothing to commit.
+            committed = run.committed or not done
+            result.session_uri = result.session_uri or run.session_uri
         if result.pending:
             # Sent, not archived yet: the next run waits for it again (its commit step).
             run.record_session_uri(result.pending[0])
@@ -218,6 +240,42 @@ def _send_rest_of(
     result.total_files = len(manifest.files)
     result.total_size_mb = manifest.total_bytes / 1e6
     return result, committed
+
+
+def commit_failure_line(exc: ServerError) -> str:
+    """One line for a commit the server refused, naming what to change where a rerun alone
+    cannot help: XNAT refuses a merge with a 409 whatever the number of tries (facts 1.5)."""
+    why = exc.message.strip().rstrip(".") or f"HTTP {exc.status}"
+    if exc.status == 409:
+        return (
+            f"the commit was refused: {why} (XNAT refuses to merge these files into the existing "
+            "session, facts 1.5); run the same command with --overwrite delete to replace the "
+            "server's copies, or upload under another session label"
+        )
+    return f"the commit failed: {why}"
+
+
+def _commit_failed(
+    run: JournalRun,
+    manifest: Manifest,
+    done: list[DicomFile],
+    already: list[FileOutcome],
+    exc: ServerError,
+    started: float,
+) -> UploadResult:
+    """The result of a commit-only run whose commit failed: every file sent, none archived."""
+    result = UploadResult(
+        success=False,
+        total_files=len(manifest.files),
+        duration=0.0,
+        total_size_mb=manifest.total_bytes / 1e6,
+    )
+    result.session_uri = run.session_uri
+    result.files.extend(already)
+    result.files.extend(run.earlier_outcomes(done))
+    result.errors.append(commit_failure_line(exc))
+    result.duration = time.monotonic() - started
+    return result
 
 
 def _not_on_server(
@@ -276,22 +334,29 @@ def _finish(
     say: Callable[[str], None],
     *,
     committed: bool,
-    heal: Callable[[list[DicomFile]], tuple[UploadResult, bool]] | None = None,
+    heal: Callable[[list[DicomFile], str], tuple[UploadResult, bool]] | None = None,
+    resent: frozenset[str] = frozenset(),
 ) -> UploadResult:
     """Read back (if asked and the session was committed) and settle every file's outcome.
 
-    ``heal``, when given, is tried once with the files read-back did not find at all: it sends
-    them again and returns the outcomes of that pass and whether it committed; then the session
-    is read back again (if it did not commit, that pass's failures stand). Files on the server
-    with different bytes are not re-sent (an anonymization script on the server would make
-    that loop); they are reported.
+    ``heal``, when given, is tried once with the files read-back did not find at all (sent
+    again with ``append``) and with those whose copy on the server differs although the server
+    stores our bytes (sent again with ``delete``, replacing the copy, facts 1.5): it returns
+    the outcomes of that pass and whether it committed; then the session is read back again (if
+    it did not commit, that pass's failures stand). Files are re-sent at most once per run: a
+    difference that stays is reported, with what to check, and remembered in the journal (the
+    next run replaces it again rather than finding it "on the server" by name). Where the
+    server rewrote every file (facts 1.7) bytes are not compared, so nothing loops.
     """
     sent = [o for o in result.files if o.outcome is Outcome.UPLOADED]
     if not committed and sent:
-        result.errors.append(
-            "the session was not committed, so its files are not archived yet; "
-            "run the same command again to retry the commit"
-        )
+        if not any(
+            e.startswith(("the commit failed", "the commit was refused")) for e in result.errors
+        ):
+            result.errors.append(
+                "the session was not committed, so its files are not archived yet; "
+                "run the same command again to retry the commit"
+            )
     elif result.pending:
         # Direct-Archive: XNAT archives after its idle interval (facts 1.6); nothing to read yet.
         result.success = False
@@ -304,9 +369,15 @@ def _finish(
             # The files are confirmed and committed, but nobody has seen them land: not "done".
             # The journal keeps them; the next run sends nothing and verifies again.
             result.verified = False
+            refused = isinstance(exc, ServerError) and exc.status in (401, 403)
             result.errors.append(
                 f"could not read the session back to verify it ({exc}); "
-                "run the same command again to verify"
+                + (  # a refusal stays: name what to change, not "again" (issue 13)
+                    "this account may not read it: ask for read access to the project, or "
+                    "pass --no-verify"
+                    if refused
+                    else "run the same command again to verify"
+                )
             )
             result.success = False
             return result
@@ -315,24 +386,87 @@ def _finish(
         lost = [f for f in report.missing if file_path(f) in uploaded]
         # Not for Direct-Archive: a re-send into an existing archive folder would fall back to
         # the prearchive (section 1), a second copy rather than a repair.
-        if heal is not None and lost and not _is_direct_archive(result.session_uri):
-            say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
-            again, healed = heal(lost)
-            _merge(result, again)
+        differ = [f for s in report.series for f in s.different if file_path(f) in uploaded]
+        if heal is not None and (lost or differ) and not _is_direct_archive(result.session_uri):
+            healed = False
+            if lost:
+                say(f"{len(lost)} confirmed file(s) are not on the server; sending them again")
+                again, healed = heal(lost, "append")
+                _merge(result, again)
+            if differ:
+                if run is not None:
+                    run.mark_different(differ)  # remembered even if this run is killed now
+                say(
+                    f"the server's copy of {len(differ)} file(s) differs from the local file "
+                    "(changed since it was sent?); sending them again, replacing it "
+                    "(overwrite=delete)"
+                )
+                again, replaced = heal(differ, "delete")
+                _merge(result, again)
+                healed = healed or replaced
             if healed:
-                return _finish(result, manifest, run, read_back, say, committed=True)
+                # What the server confirmed in this pass: if read-back still misses it, the
+                # server drops it (below), not the network.
+                again_sent = frozenset(
+                    o.path for o in result.files if o.outcome is Outcome.UPLOADED
+                ) & {file_path(f) for f in [*lost, *differ]}
+                return _finish(
+                    result, manifest, run, read_back, say, committed=True, resent=again_sent
+                )
         apply_verification(result, report)
         if run is not None:
-            missing = [f for f, _ in report.problems]
-            if missing:
-                run.forget(missing)
-                result.errors.append(
-                    f"the next run of the same command sends these {len(missing)} file(s) again"
-                )
+            _remember_problems(result, report, run, resent)
             if report.ok and not result.failed:
                 run.record_verified()
     result.success = committed and not result.failed and bool(result.uploaded or not manifest.files)
     return result
+
+
+def _remember_problems(
+    result: UploadResult, report: VerifyReport, run: JournalRun, resent: frozenset[str]
+) -> None:
+    """What the journal keeps of files that did not verify, and one line per cause: "the next
+    run sends them again" only where that can help (never twice for one cause, issue 13)."""
+    different = [f for s in report.series for f in s.different]
+    ids = {id(f) for f in different}
+    others = [f for f, _ in report.problems if id(f) not in ids]
+    if different:
+        # Replaced in this run already, or marked by an earlier run (so this run replaced it):
+        # sending it once more would not help.
+        before = run.different_before
+        run.mark_different(different)  # replaced by the next run, not found "there" by name
+        again = [f for f in different if file_path(f) in resent or f.sop_instance_uid in before]
+        if again:
+            result.errors.append(
+                f"the server's copy of {len(again)} file(s) still differs from the local file "
+                "after they were sent again replacing it: the server changes them on receipt "
+                "(a project anonymization script) or stores them damaged; check its copies"
+            )
+        if len(again) < len(different):
+            result.errors.append(
+                f"the next run of the same command replaces the server's copy of "
+                f"{len(different) - len(again)} file(s) (overwrite=delete, facts 1.5)"
+            )
+    if others:
+        run.forget(others)
+        runs = run.record_lost(others)
+        # Sent and confirmed twice in this run, or lost in an earlier run too: the server drops
+        # them; saying "the next run sends them again" once more would promise what cannot be.
+        dropped = [
+            f for f in others if file_path(f) in resent or runs.get(f.sop_instance_uid, 0) >= 2
+        ]
+        if dropped:
+            result.errors.append(
+                f"{len(dropped)} file(s) were sent again and are still not on the server: XNAT "
+                "drops them (a series import filter, or an anonymization script's 'reject', "
+                "facts 1.3) or something removes them; check the project's DICOM settings, "
+                "sending again will not help"
+            )
+        if len(dropped) < len(others):
+            result.errors.append(
+                f"the next run of the same command sends these {len(others) - len(dropped)} "
+                "file(s) again"
+            )
 
 
 def _merge(result: UploadResult, again: UploadResult) -> None:
@@ -370,8 +504,9 @@ def apply_verification(result: UploadResult, report: VerifyReport) -> None:
     result.verified = report.ok
     if report.warning and report.warning not in result.warnings:
         result.warnings.append(report.warning)
-    if report.rewritten_note and report.rewritten_note not in result.notes:
-        result.notes.append(report.rewritten_note)
+    for note in (report.extra_note, report.rewritten_note):
+        if note and note not in result.notes:
+            result.notes.append(note)
     if not report.ok:
         problems = report.problems
         result.errors.append(

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import tarfile
 import zipfile
 from collections import Counter
@@ -51,8 +52,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import quote
 
-from xnatio.archive import instance_file_name
-from xnatio.errors import ServerError
+from xnatio.archive import EntryNames, instance_file_name, zip_entries
+from xnatio.errors import ServerError, UsageError
 from xnatio.models import (
     DicomFile,
     FileOutcome,
@@ -63,6 +64,8 @@ from xnatio.models import (
     file_path,
 )
 
+# A name xio gives an instance (archive.instance_file_name of a conformant UID): digits and dots.
+_INSTANCE_NAME = re.compile(r"[0-9]+(\.[0-9]+)*\.dcm")
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
 MD5_THREADS = 4
 # Landed files hashed to find out whether the server stores our bytes (rule 2).
@@ -148,6 +151,8 @@ class VerifyReport:
     byte_identical: bool | None = None
     # The experiment's StudyInstanceUID when it is not the local one (rule 4), else "".
     other_study: str = ""
+    # Files in scans no local series landed in (all of them match no local file).
+    unmatched_files: int = 0
 
     @property
     def ok(self) -> bool:
@@ -177,6 +182,30 @@ class VerifyReport:
         return (
             f"warning: {n} file{'' if n == 1 else 's'} verified by instance count per series "
             "only: the server holds them under file names xio did not give"
+        )
+
+    @property
+    def extra(self) -> int:
+        """Server files of the session that match no local file (extras in the scans local
+        series landed in, and every file of the other scans)."""
+        return sum(len(s.extra) for s in self.series) + self.unmatched_files
+
+    @property
+    def extra_note(self) -> str:
+        """One line when the session holds files that match no local file: not a failure (the
+        session may hold other data), but never hidden behind "holds all" (issue 13: a second
+        copy of instances sent under other names shows here)."""
+        n = self.extra
+        if not n or not self.found or self.other_study:
+            return ""
+        scans = sorted(
+            {s.scan_id for s in self.series if s.extra} | set(self.unmatched_scans),
+            key=lambda x: (len(x), x),
+        )
+        return (
+            f"the session also holds {n} file{'' if n == 1 else 's'} that match no local file "
+            f"(scan{'' if len(scans) == 1 else 's'} {', '.join(scans)}): sent by another tool or "
+            "under other names; xio never deletes them"
         )
 
     @property
@@ -269,7 +298,7 @@ class VerifyReport:
             "other_study": self.other_study or None,
             "byte_identical": self.byte_identical,
             "warnings": [self.warning] if self.warning else [],
-            "notes": [self.rewritten_note] if self.rewritten_note else [],
+            "notes": [n for n in (self.extra_note, self.rewritten_note) if n],
             "series": [
                 {
                     "series_uid": s.series_uid,
@@ -291,6 +320,7 @@ class VerifyReport:
                 for s in self.series
             ],
             "unmatched_scans": self.unmatched_scans,
+            "extra": self.extra,
             "unreadable": [{"path": str(f.path), "reason": r} for f, r in self.unreadable],
         }
 
@@ -418,11 +448,15 @@ def _open_local(path: Path, member: str | None) -> Iterator[IO[bytes]]:
         with open(path, "rb") as fh:
             yield fh
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf, zf.open(member) as fh:
+        with zipfile.ZipFile(path) as zf, zf.open(zip_entries(zf)[member]) as fh:
             yield fh
     else:
         with tarfile.open(path) as tf:
-            extracted = tf.extractfile(member)
+            entry_name = EntryNames()  # the entry of this unique name, not the last of its name
+            info = next((i for i in tf if entry_name(i.name) == member), None)
+            if info is None:
+                raise KeyError(member)
+            extracted = tf.extractfile(info)
             if extracted is None:
                 raise OSError(f"{member} is not a regular file in {path.name}")
             with extracted:
@@ -665,11 +699,62 @@ def verify_session(
     report.series, report.unmatched_scans, report.unreadable, report.byte_identical = _compare(
         local, server.scans, threads=threads, progress=progress
     )
+    unmatched = set(report.unmatched_scans)
+    report.unmatched_files = sum(len(s.files) for s in server.scans if s.id in unmatched)
     return report
 
 
 def already_on_server(server: ServerSession, files: Sequence[DicomFile]) -> list[DicomFile]:
-    """The files whose instance the session already holds by name (what a re-run must not send:
-    XNAT refuses an incoming SOP Instance UID already in the scan, facts 1.5)."""
+    """The files whose instance the session already holds (what a re-run must not send: XNAT
+    refuses an incoming SOP Instance UID already in the scan, identical bytes included, and
+    leaves a CONFLICT copy in the prearchive, facts 1.5).
+
+    By name first (rule 1). A series none of whose names is there but whose scan (rule 3: same
+    Series Instance UID, else its unique Series Number) holds files under other names (sent over
+    C-STORE, or by another tool) is there whole when that scan holds exactly as many such files;
+    when it holds some other number, which instances are missing cannot be told and sending any
+    would be refused: :class:`UsageError` with what to do instead (``--overwrite delete``, which
+    replaces the session's copies, or another session label)."""
     names = server.names()
-    return [f for f in files if instance_file_name(f.sop_instance_uid) in names]
+    there = [f for f in files if instance_file_name(f.sop_instance_uid) in names]
+    rest = [f for f in files if instance_file_name(f.sop_instance_uid) not in names]
+    if not rest:
+        return there
+    local_names = {instance_file_name(f.sop_instance_uid) for f in files}
+    by_series: dict[str, list[DicomFile]] = {}
+    for f in files:
+        by_series.setdefault(f.series_uid, []).append(f)
+    numbers = Counter(members[0].series_number for members in by_series.values())
+    by_uid = {s.uid: s for s in server.scans if s.uid}
+    by_id = {s.id: s for s in server.scans}
+    rest_ids = {id(f) for f in rest}
+    for uid, members in by_series.items():
+        if not all(id(f) in rest_ids for f in members):
+            continue  # some of its names are there: that series is xio's, matched by name
+        number = members[0].series_number
+        scan = by_uid.get(uid)
+        if scan is None and number is not None and numbers[number] == 1:
+            candidate = by_id.get(str(number))
+            if candidate is not None and (not candidate.uid or candidate.uid not in by_series):
+                scan = candidate
+        if scan is None:
+            continue  # not on the server: sent
+        # Named as xio names instances ({UID}.dcm): other instances xio sent (``files`` may be
+        # only the part a resumed run has left to send), not another tool's.
+        foreign = sum(
+            1
+            for sf in scan.files
+            if sf.name not in local_names and not _INSTANCE_NAME.fullmatch(sf.name)
+        )
+        if foreign == len(members):
+            there.extend(members)  # the whole series, under names xio did not give
+        elif foreign:
+            raise UsageError(
+                f"scan {scan.id} of the session already holds {foreign} file(s) of series "
+                f"{number if number is not None else uid} under names xio did not give (sent "
+                f"over C-STORE or by another tool), for the {len(members)} here: which are "
+                "missing cannot be told, and XNAT refuses to merge an instance it holds (facts "
+                "1.5); pass --overwrite delete to replace the session's copies, or upload under "
+                "another session label"
+            )
+    return there

@@ -163,6 +163,7 @@ def _run_demo(
             session=DEMO_SESSION,
             path=data,
             journal=workdir / "journal.sqlite",
+            lock_dir=workdir / "locks",  # its own server: no lock in the user's state folder
         )
         manifest = discover_for_upload(opts, display)
         result = upload(

@@ -124,11 +124,15 @@ def render(result: VerifyReport) -> str:
     n = len(result.verified)
     if result.ok:
         lines = [f"verify: {where} holds all {n} files ({len(result.series)} series)"]
+        if result.extra:
+            lines[0] += f", and {result.extra} more that match no local file"
     else:
         problems = result.problems
         lines = [f"verify: {where}: {len(problems)} file(s) missing or different", result.table()]
     if result.warning:
         lines.append(result.warning)
+    if result.extra_note:
+        lines.append(f"note: {result.extra_note}")
     if result.rewritten_note:
         lines.append(f"note: {result.rewritten_note}")
     if result.ok:
@@ -156,5 +160,5 @@ def _as_upload_result(result: VerifyReport, duration: float) -> UploadResult:
         verified=result.ok,
         errors=[f"{f.path}: {f.reason}" for f in files if f.outcome is Outcome.FAILED][:20],
         warnings=[result.warning] if result.warning else [],
-        notes=[result.rewritten_note] if result.rewritten_note else [],
+        notes=[n for n in (result.extra_note, result.rewritten_note) if n],
     )

@@ -269,6 +269,8 @@ class DicomImport:
         self.writer_of: set[int] = set()
         self.sessions: dict[int, PrearcSession] = {}
         self.files_written = 0
+        # Series a series import filter drops (knob reject_series, facts 1.3), per request.
+        self.rejected_series = set(knobs.get().reject_series)
         # The destination project named by the request, if the user may read it (facts 1.2).
         self.project = store.readable_project(user, params.project)
 
@@ -415,6 +417,11 @@ class DicomImport:
         return self.store.project_code(project, self.knobs.get().auto_archive_projects)
 
     def _place(self, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]) -> None:
+        if h.series_number in self.rejected_series:
+            # A series filter / "reject" drops the file at receipt: read, not stored (facts 1.3).
+            while rest.read(1 << 16):
+                pass
+            return
         project, subject, label = self._identity(h)
         scan = scan_dir(h)
         open_row = functools.partial(

@@ -70,6 +70,10 @@ class Knobs:
     model a server whose bytes are the client's (with the site script off too)."""
     auto_archive_projects: list[str] = field(default_factory=list)
     """Projects whose prearchive setting is auto-archive (commit answers 301 + archive URI)."""
+    reject_series: list[str] = field(default_factory=list)
+    """Series Numbers a series import filter (or a site script's ``reject``) drops at receipt:
+    their files are read and not stored, the request still answers 200, with no URI when every
+    file was dropped (facts 1.3: GDI:193-200, 397-400)."""
     build_idle_seconds: float = 300.0
     """XNAT's session idle interval (default 300 s, facts 3.2): a RECEIVING row untouched this
     long is built (and auto-archived by the 3.2 rule); the builder runs every N/5 s, as XNAT's
@@ -139,7 +143,7 @@ def coerce_knobs(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = value if isinstance(value, bool) else str(value).lower() in {"1", "true"}
         elif name in {"retry_after", "session_timeout"}:
             out[name] = None if value is None else float(value)
-        elif name == "auto_archive_projects":
+        elif name in ("auto_archive_projects", "reject_series"):
             out[name] = [str(v) for v in value]
         else:
             out[name] = str(value)
@@ -160,7 +164,9 @@ class KnobBox:
     def get(self) -> Knobs:
         with self._lock:
             return replace(
-                self._knobs, auto_archive_projects=list(self._knobs.auto_archive_projects)
+                self._knobs,
+                auto_archive_projects=list(self._knobs.auto_archive_projects),
+                reject_series=list(self._knobs.reject_series),
             )
 
     def set(self, **values: Any) -> Knobs:

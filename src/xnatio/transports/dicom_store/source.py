@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import IO
 
+from xnatio.archive import EntryNames, zip_entries
 from xnatio.errors import UsageError
 from xnatio.models import DicomFile
 
@@ -39,7 +40,8 @@ class SourceReader:
             )
         if self.kind == "tar":
             with tarfile.open(archive, "r:") as tf:
-                self._tar = {i.name: (i.offset_data, i.size) for i in tf if i.isfile()}
+                entry_name = EntryNames()  # two entries of one name are two files
+                self._tar = {entry_name(i.name): (i.offset_data, i.size) for i in tf if i.isfile()}
 
     def open(self, f: DicomFile) -> Path | IO[bytes]:
         """A path (opened by the reader) or an open stream (closed by the caller)."""
@@ -49,7 +51,8 @@ class SourceReader:
             zf = getattr(self._local, "zip", None)
             if zf is None:
                 zf = self._local.zip = zipfile.ZipFile(self.archive)
-            return zf.open(f.member)
+                self._local.entries = zip_entries(zf)
+            return zf.open(self._local.entries[f.member])
         offset, size = self._tar[f.member]
         with open(self.archive, "rb") as fh:
             fh.seek(offset)

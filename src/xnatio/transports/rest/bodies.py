@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from xnatio.archive import SourceChangedError, tar_header
+from xnatio.archive import EntryNames, SourceChangedError, tar_header, zip_entries
 from xnatio.errors import XnatioError
 from xnatio.events import ProgressCounter
 from xnatio.models import DicomFile
@@ -146,14 +146,16 @@ class ArchiveMembers:
     def __iter__(self) -> Iterator[bytes]:
         if zipfile.is_zipfile(self.archive):
             with zipfile.ZipFile(self.archive) as zf:
+                entries = zip_entries(zf)  # by unique name: each entry its own bytes
                 for f in self.files:
-                    with zf.open(f.member or "") as src:
+                    with zf.open(entries[f.member or ""]) as src:
                         yield from self._entry(f, src)
         else:
             wanted: dict[str, DicomFile] = {f.member or "": f for f in self.files}
+            entry_name = EntryNames()
             with tarfile.open(self.archive, "r|*") as tf:
                 for info in tf:
-                    found: DicomFile | None = wanted.pop(info.name, None)
+                    found: DicomFile | None = wanted.pop(entry_name(info.name), None)
                     if found is None:
                         continue  # a skipped entry, or a second copy of a duplicate
                     data = tf.extractfile(info)

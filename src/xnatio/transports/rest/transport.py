@@ -94,9 +94,14 @@ class RestTransport:
             except ServerError as exc:
                 # Unknown, so not "absent": sending all could re-send what is there (a 409 and a
                 # CONFLICT entry on the server, facts 1.5). Nothing is sent.
+                then = (  # a refusal stays: name what to change, not "again" (issue 13)
+                    f"this account may not read it: ask for read access to project {t.project}"
+                    if exc.status in (401, 403)
+                    else "run the same command again"
+                )
                 raise ServerError(
                     f"could not read session {label} back before sending ({exc.message}); "
-                    "nothing was sent; run the same command again",
+                    f"nothing was sent; {then}",
                     status=exc.status,
                 ) from None
             if server is None:
