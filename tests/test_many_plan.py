@@ -33,7 +33,7 @@ from xnatio.many import (
 )
 from xnatio.many.group import group_manifests, study_modality
 from xnatio.many.plan import SAME_SESSION, SHARED_SUBJECT, parse_plan, plan_text
-from xnatio.models import DicomFile, Manifest
+from xnatio.models import DicomFile, Manifest, Phase, ProgressEvent
 from xnatio.synth import generate_session
 
 # Later than any file's ctime (which no test can set): only mtimes decide in the tests below
@@ -125,6 +125,16 @@ def test_grouping_partitions_the_files_whatever_order_they_are_found_in(
     rng.shuffle(shuffled)
     again, _ = group_manifests(_manifests(shuffled))
     assert _shape(again) == _shape(studies)
+
+
+def test_a_copy_under_another_study_uid_makes_no_empty_study() -> None:
+    """The same SOP Instance UID under two StudyInstanceUIDs (a broken export): the first is
+    sent, the copy is accounted for, and no study without files appears."""
+    files = [[dicom_file("/r0/a", "A", "1")], [dicom_file("/r1/b", "B", "1")]]
+    studies, leftovers = group_manifests(_manifests(files))
+    assert [s.study_uid for s in studies] == ["A"]
+    assert [str(d.path) for d in leftovers] == ["/r1/b"]
+    assert "duplicate of /r0/a" in leftovers[0].reason
 
 
 def test_a_study_keeps_its_folders_per_root() -> None:
@@ -256,8 +266,9 @@ def test_an_error_wins_over_settling() -> None:
 
 # -- plan files ----------------------------------------------------------------------------
 
-line_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12
+line_text = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12),
+    st.text(alphabet="=+-@'a ", max_size=4),  # what spreadsheets take for formulas
 ).map(str.strip)
 rows_strategy = st.builds(
     StudyPlan,
@@ -292,6 +303,15 @@ def test_a_plan_written_and_read_back_is_the_same_plan(rows: list[StudyPlan], js
         return
     back = [row for _, row in parse_plan(text, name="plan", jsonl=jsonl)]
     assert back == rows
+
+
+def test_a_csv_plan_never_hands_a_spreadsheet_a_formula() -> None:
+    """A Patient Name from a hostile export stays text in a spreadsheet, and reads back as is."""
+    row = StudyPlan("1.2", "P", "S", "E", patient_name='=HYPERLINK("http://x","y")')
+    text = plan_text([row], jsonl=False)
+    assert ",\"'=HYPERLINK" in text
+    assert ",=" not in text and ',"=' not in text
+    assert parse_plan(text, name="p.csv", jsonl=False)[0][1] == row
 
 
 @pytest.mark.parametrize(
@@ -413,7 +433,12 @@ def outbox(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_find_studies_groups_an_interleaved_export(outbox: Path) -> None:
-    found = find_studies([outbox / "outbox", outbox / "late"])
+    events: list[ProgressEvent] = []
+    found = find_studies([outbox / "outbox", outbox / "late"], progress=events.append)
+    reads = [e for e in events if "header attributes of 4 studies" in e.message]
+    # One read per series: a study's first instance is its first series' first file.
+    assert reads and reads[-1].current == reads[-1].total == 6
+    assert all(e.phase is Phase.DISCOVER for e in events)
     assert [(s.patient_id, s.modality, s.file_count, s.series_count) for s in found.studies] == [
         ("P 03.x", "MR", 2, 1),
         ("P01", "MR", 6, 2),
@@ -469,7 +494,20 @@ def test_a_reviewed_plan_runs_with_its_edited_labels(outbox: Path, tmp_path: Pat
     assert [r.status for r in p.rows] == [Status.READY, Status.ERROR, Status.ERROR, Status.READY]
     path = tmp_path / "plan.csv"
     write_plan(p, path)
-    assert read_plan(path, settle=600.0, now=NOW) == p  # read back unedited: the same plan
+    back = read_plan(path, settle=600.0, now=NOW)
+    assert back == p and back.notes == ()  # read back unedited: the same plan
+    # A row deleted by the reviewer: that study is left out, and the run says so.
+    kept = [
+        t
+        for t in path.read_text().splitlines(keepends=True)
+        if not t.startswith(p.rows[3].study_uid)
+    ]
+    (tmp_path / "fewer.csv").write_text("".join(kept))
+    fewer = read_plan(tmp_path / "fewer.csv", settle=600.0, now=NOW)
+    assert len(fewer.rows) == 3 and p.rows[3].study_uid not in fewer.studies
+    assert fewer.notes == (
+        "1 other study is under the plan's folders but not in the plan: left out",
+    )
 
     text = path.read_text()
     uid_mr, uid_ct = p.rows[1].study_uid, p.rows[2].study_uid
@@ -568,11 +606,11 @@ def test_an_empty_outbox_is_no_study_and_a_missing_one_is_a_usage_error(tmp_path
 
 def test_a_file_copied_with_its_old_mtime_still_settles(outbox: Path) -> None:
     """cp -p and rsync -a keep the source's mtime: the copy's ctime says it is new."""
-    now = time.time()
+    old = time.time() - 3600
     for p in (outbox / "outbox").rglob("*"):
-        os.utime(p, (now - 3600, now - 3600))  # an hour old by mtime, written just now
+        os.utime(p, (old, old))  # an hour old by mtime, written (ctime) just now
     found = find_studies([outbox / "outbox"])
-    rows = build_plan(found, project="PROJ", settle=600.0, now=now).rows
+    rows = build_plan(found, project="PROJ", settle=600.0, now=time.time()).rows
     assert rows and all(r.status is Status.SETTLING for r in rows)
     assert all("ago, less than the settle time (10m)" in r.reason for r in rows)
 

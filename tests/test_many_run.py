@@ -398,6 +398,9 @@ def test_cli_plan_then_run_then_rerun(sandbox: SandboxServer, tmp_path: Path) ->
     again = run_xio(args, env)
     assert again.returncode == 0, again.stderr
     assert "0 sent this run" in again.stdout
+    # A cron log stays short: verified and unchanged studies are counted, not listed.
+    assert "3 verified by earlier runs, unchanged" in again.stdout
+    assert "skipped" not in again.stderr and "PAT0" not in again.stdout
     status = run_xio(["status", "--state-dir", state], env)
     assert status.returncode == 0 and status.stdout.startswith("4 studies: 3 verified, 1 waiting")
 
@@ -511,3 +514,31 @@ def test_upload_many_layers_spell_no_default_of_their_own() -> None:
         for node in ast.walk(ast.parse((src / rel).read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and type(node.value) in (int, float):
                 assert node.value not in spelled, f"{rel}:{node.lineno} spells {node.value}"
+
+
+def test_cli_runs_a_reviewed_plan_whose_edited_labels_win(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    import csv
+
+    from upload_helpers import run_xio, xio_env
+
+    root = interleaved_tree(tmp_path / "outbox", 2)
+    env = xio_env(sandbox.url, tmp_path / "home")
+    plan = tmp_path / "plan.csv"
+    args = ["upload-many", str(root), "--project", "P", "--settle", "1s", "--dry-run"]
+    made = run_xio([*args, "--plan-out", str(plan)], env)
+    assert made.returncode == 0, made.stderr
+    with plan.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["subject"] for r in rows] == ["PAT0", "PAT1"]
+    rows[0]["session"] = "Baseline visit"  # XNAT would clean it to Baseline_visit (facts 3.5)
+    with plan.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    state = str(tmp_path / "state")
+    ran = run_xio(["upload-many", str(plan), "--state-dir", state, "--settle", "1s"], env)
+    assert ran.returncode == 0, ran.stderr
+    assert sorted(sandbox.experiment_labels("P")) == ["Baseline_visit", rows[1]["session"]]
+    assert_each_once(sandbox, root)

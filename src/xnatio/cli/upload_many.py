@@ -68,6 +68,7 @@ REUSED = (
     "direct_archive",
     "archive_wait",
     "retries",
+    "retry_budget",
     "verify",
     "journal_path",
 )
@@ -287,6 +288,7 @@ def upload_many_command(
         direct_archive=knobs["direct_archive"],
         archive_wait=knobs["archive_wait"],
         retries=knobs["retries"],
+        retry_budget=knobs["retry_budget"],
         verify=knobs["verify"],
         journal=knobs["journal_path"],
         parallel_studies=parallel_studies,
@@ -592,7 +594,7 @@ class ManyDisplay:
             self.show(event)
 
     def show(self, event: ManyEvent) -> None:
-        if event.kind == PROGRESS or self.output.quiet:
+        if event.kind == PROGRESS or self.output.quiet or quiet_skip(event):
             return
         self.line(describe(event))
 
@@ -745,7 +747,14 @@ class LiveDisplay(ManyDisplay):
         return Text("\n".join(lines))
 
 
+def quiet_skip(event: ManyEvent) -> bool:
+    """A study verified by an earlier run and unchanged: no line (a cron log stays short)."""
+    return event.kind == "skipped" and event.record.state == states.VERIFIED
+
+
 def summary_table(result: ManyResult) -> str:
+    """The totals, then a row per study this run sent or that is not verified; studies
+    verified earlier and unchanged are only counted (`xio status` lists every study)."""
     t = result.totals()
     head = (
         f"{t['studies']} studies: {t['verified']} verified, {t['failed']} failed, "
@@ -753,10 +762,14 @@ def summary_table(result: ManyResult) -> str:
         + (f", {t['planned']} not started" if t["planned"] else "")
         + f"; {t['ran']} sent this run ({t['files_sent']} files) in {result.duration:.1f}s"
     )
-    if not result.studies:
+    listed = [s for s in result.studies if s.ran or s.state != states.VERIFIED]
+    earlier = len(result.studies) - len(listed)
+    if earlier:
+        head += f"\n{earlier} verified by earlier runs, unchanged (not listed; see `xio status`)"
+    if not listed:
         return head
     rows = [("STATE", "PROJECT/SUBJECT/SESSION", "FILES", "SENT", "WHEN", "REASON")]
-    for s in result.studies:
+    for s in listed:
         r = s.record
         rows.append(
             (

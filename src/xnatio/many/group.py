@@ -32,7 +32,15 @@ from typing import IO
 # pydicom's warnings and log level are process-wide: one lock for every reader that quiets them.
 from xnatio.dicomheader import _PYDICOM_LOCK as PYDICOM_LOCK
 from xnatio.discover import archive_format, discover
-from xnatio.models import DicomFile, Manifest, ProgressCallback, SkippedFile, file_path
+from xnatio.models import (
+    DicomFile,
+    Manifest,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    SkippedFile,
+    file_path,
+)
 
 # Modalities of objects that accompany images (presentation states, reports, key-object
 # selections, encapsulated documents): they name a study only when it holds nothing else.
@@ -41,6 +49,7 @@ NON_IMAGE_MODALITIES = frozenset({"PR", "SR", "KO", "DOC"})
 _SKIPPED_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 _MODALITY = ("Modality",)
+_PROGRESS_EVERY = 0.1  # seconds between progress events
 
 
 @dataclass(slots=True)
@@ -160,7 +169,7 @@ def find_studies(
         found.skipped.extend(m.skipped)
     found.studies, leftovers = group_manifests(manifests)
     found.skipped.extend(leftovers)
-    read_attributes(found.studies)
+    read_attributes(found.studies, progress)
     for study in found.studies:
         study.newest_change_ns = newest_change(study.files)
     found.studies.sort(key=_study_order)
@@ -247,9 +256,15 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
         for uid, parents in here.items():
             where = Path(os.path.commonpath(parents)) if parents else m.source_archive or m.root
             folders.setdefault(uid, []).append(where)
+    out: list[Study] = []
     for uid, study in studies.items():
+        if not study.files:
+            # Only copies of instances already found under another study UID: nothing to send.
+            leftovers.extend(study.duplicates)
+            continue
         study.folders = tuple(dict.fromkeys(folders.get(uid, [])))
-    return list(studies.values()), leftovers
+        out.append(study)
+    return out, leftovers
 
 
 def _duplicate_study(d: SkippedFile, names: Mapping[str, str]) -> str | None:
@@ -314,11 +329,11 @@ def study_modality(
     return min(series, key=lambda m: (-series[m], -files[m], m))
 
 
-def read_attributes(studies: Sequence[Study]) -> None:
+def read_attributes(studies: Sequence[Study], progress: ProgressCallback | None = None) -> None:
     """Fill each study's ``attributes`` (first instance, all keywords) and its ``Modality``.
 
     One full header read per study and one per series (for its Modality); archive members are
-    read in one pass over each archive.
+    read in one pass over each archive. ``progress`` gets DISCOVER events counting the reads.
     """
     firsts: dict[str, DicomFile] = {}
     series_firsts: dict[str, dict[str, DicomFile]] = {}
@@ -336,7 +351,18 @@ def read_attributes(studies: Sequence[Study]) -> None:
         for rep in reps.values():
             wanted.setdefault(rep, False)
         wanted[first] = True
-    headers = dict(_read_headers(wanted))
+    what = (
+        f"reading the header attributes of {len(firsts)} stud{'y' if len(firsts) == 1 else 'ies'}"
+    )
+    headers: dict[DicomFile, dict[str, str] | str] = {}
+    last = 0.0
+    for f, result in _read_headers(wanted):
+        headers[f] = result
+        if progress is not None and time.monotonic() - last >= _PROGRESS_EVERY:
+            last = time.monotonic()
+            progress(ProgressEvent(Phase.DISCOVER, len(headers), len(wanted), what))
+    if progress is not None and wanted:
+        progress(ProgressEvent(Phase.DISCOVER, len(headers), len(wanted), what))
     for study in studies:
         if not study.files:
             continue

@@ -377,8 +377,27 @@ def plan_text(rows: Iterable[StudyPlan], *, jsonl: bool) -> str:
     writer.writerow(COLUMNS)
     for r in rows:
         d = _row_dict(r, lists=False)
-        writer.writerow([d[c] for c in COLUMNS])
+        writer.writerow([_defuse(d[c]) for c in COLUMNS])
     return out.getvalue()
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula ("CSV injection"): a
+# Patient Name from another site's export is not to be trusted. Such cells are written with a
+# leading apostrophe, which spreadsheets take as "text", and read back without it (a value that
+# already starts with apostrophes before such a character gets one more, so reading is exact).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _formula_like(value: str) -> bool:
+    return value.lstrip("'").startswith(_FORMULA_START)
+
+
+def _defuse(value: object) -> object:
+    return "'" + value if isinstance(value, str) and _formula_like(value) else value
+
+
+def _restore(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") and _formula_like(cell) else cell
 
 
 def _row_dict(r: StudyPlan, *, lists: bool) -> dict[str, Any]:
@@ -471,7 +490,7 @@ def _csv_records(text: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise UsageError(
                     f"{name} line {line}: {len(cells)} cells where the header has {len(header)}"
                 )
-            record: dict[str, Any] = dict(zip(header, cells, strict=True))
+            record: dict[str, Any] = dict(zip(header, map(_restore, cells), strict=True))
             for c in _LISTS:
                 if c in record:
                     record[c] = [v for v in record[c].split("\n") if v.strip()]
@@ -594,12 +613,14 @@ def read_plan(
         for line, r in written
     ]
     planned = {r.study_uid for _, r in written}
-    notes = list(found.notes)
+    # (found.notes only say that nested folders of several rows were walked once.)
+    notes: list[str] = []
     left_out = [s for s in found.studies if s.study_uid not in planned]
     if left_out:
+        n = len(left_out)
         notes.append(
-            f"{len(left_out)} other stud{'y' if len(left_out) == 1 else 'ies'} under the plan's "
-            "folders are not in the plan and are left out"
+            f"{n} other {'study is' if n == 1 else 'studies are'} under the plan's folders but "
+            "not in the plan: left out"
         )
     return Plan(
         tuple(cross_check(rows)),
@@ -631,7 +652,7 @@ def _edited_row(
     if not written.project and not (written.status is Status.ERROR and written.reason):
         errors.append(f"the project on {origin} is empty")
     if (not written.project or not all(labels.values())) and not errors:
-        errors.append(_own_reason(written.reason))
+        errors.append(_own_reason(written.reason) or f"a label on {origin} is empty")
     if study is None:
         missing = [str(f) for f in written.folders if not f.exists()]
         where = ", ".join(str(f) for f in written.folders) or "(no folders in the row)"

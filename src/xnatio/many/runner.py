@@ -132,6 +132,7 @@ class ManyOptions:
     direct_archive: bool = False
     archive_wait: float = defaults.ARCHIVE_WAIT
     retries: int = defaults.RETRIES
+    retry_budget: float = defaults.RETRY_BUDGET
     verify: bool = True
     journal: Path | None = None
     parallel_studies: int = defaults.MANY_PARALLEL_STUDIES
@@ -186,6 +187,7 @@ class ManyOptions:
             direct_archive=self.direct_archive,
             archive_wait=self.archive_wait,
             retries=self.retries,
+            retry_budget=self.retry_budget,
             verify=self.verify,
             journal=self.journal,
         )
@@ -379,9 +381,7 @@ class ManyRun:
         self.executor = executor
         self.clock = clock
         self._client = client
-        self._own_client = False
         self._stack = contextlib.ExitStack()
-        self._records_lock = threading.Lock()
 
     def __enter__(self) -> ManyRun:
         self.ledger.ensure()
@@ -405,6 +405,7 @@ class ManyRun:
                 timeout=self.options.timeout,
                 upload_workers=self.options.max_requests,
                 retries=self.options.retries,
+                retry_budget=self.options.retry_budget,
             )
             self._client = self._stack.enter_context(rest_client(base, self.settings))
             if self.options.adaptive:  # AIMD below the pool's cap (xnatio.adaptive, issue 15)
