@@ -129,7 +129,9 @@ def test_files_that_vanish_or_grow_during_the_upload(
     manifest = discover(root)
     last = [f.path for f in manifest.files if f.series_number == 3]
     vanished, grown = last[0], last[1]
-    sandbox.set_knobs(per_file_ms=60)
+    # Slow enough that the meddling (after the first import) surely lands before the last
+    # series is read, even on a loaded machine: batches go one at a time (workers=1).
+    sandbox.set_knobs(per_file_ms=250)
 
     def meddle() -> None:
         # Once the first batch is in, change two files of the last series before they go.

@@ -542,3 +542,29 @@ def test_cli_runs_a_reviewed_plan_whose_edited_labels_win(
     assert ran.returncode == 0, ran.stderr
     assert sorted(sandbox.experiment_labels("P")) == ["Baseline_visit", rows[1]["session"]]
     assert_each_once(sandbox, root)
+
+
+def test_a_study_in_a_folder_and_an_archive_is_one_session(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Half of a study loose in a folder, half inside a .zip: two manifests, sent under the same
+    labels one after the other; XNAT merges the second into the first's session (facts 1.5)."""
+    import zipfile
+
+    from xnatio.many import build_plan, find_studies
+
+    root = tmp_path / "outbox"
+    s = generate_session(root / "exam", series=2, instances=3, patient_id="PZ", seed=3)
+    files = sorted(s.instances.values())
+    with zipfile.ZipFile(tmp_path / "rest.zip", "w") as zf:
+        for path in files[3:]:
+            zf.write(path, arcname=path.name)
+            path.unlink()
+    roots = [root, tmp_path / "rest.zip"]  # ROOT... may name archives
+    plan = build_plan(find_studies(roots), project="P", session="{PatientID}_MR", settle=0)
+    [row] = plan.rows
+    assert len(plan.studies[row.study_uid].manifests()) == 2
+    result = upload_many(settings=settings_of(xnat_server), plan=plan, state_dir=tmp_path / "state")
+    assert result.exit_code == 0, [o.record.last_error for o in result.studies]
+    assert xnat_server.experiment_labels("P") == ["PZ_MR"]
+    assert set(xnat_server.archived_files("P", "PZ", "PZ_MR")) == set(s.instances)
