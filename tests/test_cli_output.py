@@ -232,3 +232,91 @@ def test_each_command_lists_its_own_exit_codes() -> None:
         assert "130  interrupted (Ctrl-C)" in codes, command
     assert "  3  " not in epilog("config", "show")  # it never contacts the server
     assert "session was not found" in epilog("verify")
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+def test_synth_counts_every_file_it_wrote(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from xnatio.cli.main import cli
+
+    out = tmp_path / "synth"
+    extras = ("dicomdir", "txt", "duplicate", "truncated")
+    r = CliRunner().invoke(
+        cli,
+        ["synth", str(out), "--series", "2", "--instances", "10"]
+        + [arg for e in extras for arg in ("--extra", e)],
+    )
+    assert r.exit_code == 0, r.output
+    on_disk = sum(1 for p in out.rglob("*") if p.is_file())
+    assert on_disk == 24
+    assert r.stdout.startswith(f"wrote {on_disk} files to {out}: 20 DICOM instances"), r.stdout
+    assert "4 extra (dicomdir, duplicate, truncated, txt)" in r.stdout
+
+
+@pytest.mark.integration
+def test_a_skipped_duplicate_names_its_instance_in_json(
+    tmp_path: Path, xnat_server: SandboxServer
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from xnatio.cli.main import cli
+
+    s = generate_session(tmp_path / "dup", series=1, instances=3, extras=("duplicate",))
+    r = CliRunner().invoke(
+        cli, ["upload-dicom", "P", "S", "DUP", str(s.root), "--json"], env=_env(xnat_server)
+    )
+    assert r.exit_code == 0, r.output
+    skipped = json.loads(r.stdout)["files"]["skipped"]
+    dup = [f for f in skipped if f["path"] == str(s.extras["duplicate"])]
+    assert len(dup) == 1 and "duplicate of" in dup[0]["reason"]
+    first_uid = next(iter(s.instances))  # the duplicate is a copy of the first instance
+    assert dup[0]["sop_instance_uid"] == first_uid
+
+
+@pytest.mark.integration
+def test_verify_of_a_missing_session_says_so_without_a_finished_read_back_first(
+    tmp_path: Path, session: SyntheticSession, xnat_server: SandboxServer
+) -> None:
+    from click.testing import CliRunner
+
+    from xnatio.cli.main import cli
+
+    r = CliRunner().invoke(
+        cli, ["verify", "P", "S", "NOPE", str(session.root)], env=_env(xnat_server)
+    )
+    assert r.exit_code == 1
+    assert "30/30 files" not in r.stderr and "MB/s" not in r.stderr, r.stderr
+    # The summary is on stdout, as a successful one is.
+    assert r.stdout.strip() == "verify: session P/S/NOPE not found on the server"
+
+
+@pytest.mark.integration
+def test_the_c_store_hint_names_the_real_path(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    from xnatio.cli.main import cli
+
+    s = generate_session(tmp_path / "my exam", series=1, instances=2, image_size=(8, 8))
+    ae = AE(ae_title="XNAT")
+    ae.supported_contexts = StoragePresentationContexts
+    scp = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)]
+    )
+    try:
+        r = CliRunner().invoke(
+            cli,
+            [
+                *("upload-dicom", "P", "S", "E", str(s.root), "--transport", "dicom-store"),
+                *("--dicom-host", "127.0.0.1", "--dicom-port", str(scp.server_address[1])),
+            ],
+        )
+    finally:
+        scp.shutdown()
+    assert r.exit_code == 0, r.output
+    assert f"`xio verify P S E '{s.root}' --wait-for 900`" in r.stderr, r.stderr

@@ -331,12 +331,15 @@ def finish_command(
     doc: Callable[[], Any],
     text: Callable[[], str],
 ) -> None:
-    """Print a check's result and exit 0 (ok) or 1: ``doc()`` as JSON with --json, else
-    ``text()`` — on stdout when ok (nothing with -q), on stderr when not (even with -q)."""
+    """Print a command's result and exit 0 (ok) or 1: ``doc()`` as JSON with --json, else
+    ``text()`` on stdout, success or failure, like the upload's summary; with -q nothing when
+    ok, and a failure still says what failed, on stderr (as ``upload-dicom -q`` does)."""
     if output.json:
         click.echo(json.dumps(doc(), indent=2))
-    elif not output.quiet or not ok:
-        click.echo(text(), err=not ok)
+    elif not output.quiet:
+        click.echo(text())
+    elif not ok:
+        click.echo(text(), err=True)
     ctx.exit(EXIT_OK if ok else EXIT_FILES_FAILED)
 
 
