@@ -320,3 +320,19 @@ def test_the_c_store_hint_names_the_real_path(tmp_path: Path) -> None:
         scp.shutdown()
     assert r.exit_code == 0, r.output
     assert f"`xio verify P S E '{s.root}' --wait-for 900`" in r.stderr, r.stderr
+
+
+@pytest.mark.integration
+def test_a_wrong_password_is_reported_before_discovery(
+    session: SyntheticSession, xnat_server: SandboxServer
+) -> None:
+    from click.testing import CliRunner
+
+    from xnatio.cli.main import cli
+
+    env = {**_env(xnat_server), "XNAT_PASSWORD": "not-the-password"}
+    r = CliRunner().invoke(cli, ["upload-dicom", "P", "S", "E", str(session.root)], env=env)
+    assert r.exit_code == 3, r.output
+    assert "discover:" not in r.stderr, r.stderr  # no header was read
+    assert r.stderr.splitlines()[-1].startswith("error: "), r.stderr
+    assert "not-the-password" not in r.output

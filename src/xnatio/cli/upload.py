@@ -38,6 +38,7 @@ from xnatio.pipeline import (
     describe_dry_run,
     discover_for_upload,
     dry_run_preflight,
+    rest_client,
     upload,
 )
 from xnatio.progress import choose_display
@@ -470,7 +471,16 @@ def _upload(
     settings = resolve_cli_settings(server, dicom, output=output)
     check_ready(opts, settings)
 
-    with choose_display(quiet=output.quiet, log_interval=log_interval) as display:
+    with contextlib.ExitStack() as stack:
+        display = stack.enter_context(choose_display(quiet=output.quiet, log_interval=log_interval))
+        client = None
+        if opts.transport == "rest" and not opts.dry_run:
+            # The server and the credentials answer before a discovery that may read 50,000
+            # headers: a wrong password or a server that is down is reported at once (facts 2:
+            # a login is POST /data/JSESSION with Basic auth). The upload then uses this client
+            # (the JSESSION is renewed if it expired meanwhile, xnatio.xnat.client).
+            display(ProgressEvent(Phase.CONNECT, 0, 1, f"logging in to {settings.server}"))
+            client = stack.enter_context(rest_client(opts, settings))  # logs in
         manifest = discover_for_upload(opts, display)
         if opts.dry_run:
             text, data = describe_dry_run(opts, manifest, display)
@@ -486,6 +496,7 @@ def _upload(
                 manifest=manifest,
                 progress=progress,
                 notify=display.note,
+                client=client,
             )
     if opts.dry_run:
         # The plan is what a dry run is for, so it is printed even with -q (which silences only
