@@ -336,3 +336,23 @@ def test_a_wrong_password_is_reported_before_discovery(
     assert "discover:" not in r.stderr, r.stderr  # no header was read
     assert r.stderr.splitlines()[-1].startswith("error: "), r.stderr
     assert "not-the-password" not in r.output
+
+
+def test_a_stalled_phase_still_shows_at_the_interval() -> None:
+    # No events while the server imports: the heartbeat writes the latest numbers again once
+    # an interval has passed without a line (and stops with the display).
+    from xnatio.models import Phase, ProgressEvent
+    from xnatio.progress import LogDisplay
+
+    out = io.StringIO()
+    display = LogDisplay(out, interval=0.05, heartbeat=True)
+    display(ProgressEvent(Phase.COMMIT, 0, 0, "committing"))
+    deadline = time.monotonic() + 30
+    while out.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    display.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and set(lines) == {"commit: committing"}, lines
+    after = len(lines)
+    time.sleep(0.2)
+    assert len(out.getvalue().splitlines()) == after, "nothing after close"

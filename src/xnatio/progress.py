@@ -360,7 +360,9 @@ class LogDisplay(Display):
     last line (and something changed), and once when a phase completes: a log's length follows
     the run's duration (about duration / interval + 2 per phase), never the session's size.
     ``step`` (a fraction of the phase's total, off by default) adds a line at each such step.
-    Never any ANSI codes.
+    With ``heartbeat`` (the CLI's), a timer writes the latest numbers once an interval has passed
+    with no line, so a stalled phase (a server still importing, a wait) still shows in the log
+    at the steady interval. Never any ANSI codes.
     """
 
     def __init__(
@@ -370,6 +372,7 @@ class LogDisplay(Display):
         interval: float = defaults.LOG_INTERVAL,
         step: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat: bool = False,
     ) -> None:
         self._stream = stream
         self._interval = interval
@@ -382,6 +385,27 @@ class LogDisplay(Display):
         self._last_line = ""
         self._completed: Phase | None = None
         self._rate = _Rate(clock)
+        self._latest: ProgressEvent | None = None
+        self._heartbeat = heartbeat and interval > 0
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        """The heartbeat thread: the latest event's line, when an interval passed without one."""
+        while not self._stop.wait(self._interval / 4):
+            with self._lock:
+                event = self._latest
+                if event is None or self._clock() - self._last_time < self._interval:
+                    continue
+                line = format_event(event, rate=self._rate.per_second(event.bytes_done))
+                self._last_time, self._last_line = self._clock(), line
+                self._write(line)
+
+    def close(self) -> None:
+        self._stop.set()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
 
     def _write(self, line: str) -> None:
         stream = self._stream if self._stream is not None else sys.stderr
@@ -389,8 +413,16 @@ class LogDisplay(Display):
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.phase is Phase.DONE:
-            return  # the summary follows
+            with self._lock:
+                self._latest = None  # the summary follows: no heartbeat after it
+            return
         with self._lock:
+            self._latest = event
+            if self._heartbeat and self._timer is None and not self._stop.is_set():
+                self._timer = threading.Thread(
+                    target=self._beat, daemon=True, name="xnatio-log-heartbeat"
+                )
+                self._timer.start()
             now = self._clock()
             fraction = event.current / event.total if event.total else 0.0
             if event.bytes_total:
@@ -598,7 +630,7 @@ def choose_display(
     is_tty = bool(getattr(stream, "isatty", lambda: False)())
     if is_tty and os.environ.get("TERM") != "dumb":
         return RichDisplay(Console(file=stream))
-    return LogDisplay(stream, interval=log_interval)
+    return LogDisplay(stream, interval=log_interval, heartbeat=True)
 
 
 class TqdmProgress:
