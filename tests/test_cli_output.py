@@ -356,3 +356,39 @@ def test_a_stalled_phase_still_shows_at_the_interval() -> None:
     after = len(lines)
     time.sleep(0.2)
     assert len(out.getvalue().splitlines()) == after, "nothing after close"
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_live_bar_keeps_its_width_and_place_at_80_and_120_columns(width: int) -> None:
+    from rich.console import Console
+
+    from xnatio.models import Phase, ProgressEvent
+    from xnatio.progress import RichDisplay
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=width, no_color=True)
+    with RichDisplay(console) as d:
+        for i, failed in ((0, 0), (3, 0), (300, 1), (1199, 12), (1200, 12)):
+            d(
+                ProgressEvent(
+                    Phase.UPLOAD,
+                    i,
+                    1200,
+                    "uploading",
+                    bytes_done=i * 132_000,
+                    bytes_total=1200 * 132_000,
+                    batches_total=42,
+                    batches_done=i * 42 // 1200,
+                    batches_failed=failed,
+                )
+            )
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    frames = [f for f in re.split(r"[\r\n]", plain) if f.startswith("upload ") and "files" in f]
+    assert frames
+    bar = max(10, min(30, width - 70))
+    for frame in frames:
+        assert len(frame.rstrip()) <= width, frame
+        # description (8) and a space, then the bar, always this wide, then the figures
+        assert frame[9 : 9 + bar].strip(" ━╸╺") == "", frame
+        assert "━" in frame[9 : 9 + bar] or "╺" in frame[9 : 9 + bar], frame
+        assert frame[9 + bar] == " " and frame[10 + bar].isdigit(), frame
