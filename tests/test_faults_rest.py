@@ -126,7 +126,8 @@ def test_archive_race_with_a_concurrent_archiver(
         s.status == "ARCHIVING" for s in sandbox.prearchive_sessions("P")
     ):
         time.sleep(0.01)
-    retry = RetryPolicy(retries=10, base=0.2, cap=0.5)
+    # Short backoffs, enough attempts to outlast the rogue archive on a loaded machine.
+    retry = RetryPolicy(retries=100, base=0.2, cap=0.5)
     result = upload(sandbox.url, exam, tmp_path / "j.sqlite", overwrite="append", retry=retry)
     rogue.join(10)
     raced = sum(sandbox.stats().get(f"status.{s}", 0) for s in (400, 403, 409, 423))
