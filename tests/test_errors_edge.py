@@ -461,6 +461,25 @@ def test_a_report_that_cannot_be_written_after_the_upload_shows_the_summary_firs
     assert set(xnat_server.archived_files("P", "S", "E")) == set(session.instances)
 
 
+def test_a_report_that_cannot_be_written_is_in_the_json_record_too(
+    xnat_server: SandboxServer, session: SyntheticSession, tmp_path: Path, full_disk: Path
+) -> None:
+    # --json is the run's record: it must not say exit_code 0 while the process exits 2.
+    fill(full_disk)
+    report = full_disk / "report.csv"
+    env = xio_env(xnat_server.url, tmp_path / "home")
+    args = ["upload-dicom", "P", "S", "E", session.root, "--report", report, "--json"]
+    done = run_xio(args, env)
+    assert done.returncode == 2, done.stderr
+    _no_traceback(done.stderr)
+    record = json.loads(done.stdout)
+    assert (record["status"], record["exit_code"]) == ("error", 2)
+    assert any("cannot write report" in e for e in record["errors"])
+    assert record["totals"]["verified"] == 6  # the upload itself is there
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot write report {report}")
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
 # --- item 8: the journal's disk fills mid-run -----------------------------------------------
 
 

@@ -239,6 +239,9 @@ class UploadResult:
     # when it still waits in the prearchive (the next run only commits). None: the transport
     # has no commit step (C-STORE: XNAT files the session itself, facts 6).
     committed: bool | None = None
+    # The run's own output could not be written (its --report): the upload may have succeeded,
+    # the run still ends "error" with exit 2 (xnatio.errors.OutputError) and says so here.
+    output_error: str = ""
 
     @property
     def uploaded(self) -> list[FileOutcome]:

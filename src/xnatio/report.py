@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from xnatio import __version__
-from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, OutputError, UsageError, XnatioError
+from xnatio.errors import (
+    EXIT_FILES_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OutputError,
+    UsageError,
+    XnatioError,
+)
 from xnatio.models import (
     Batch,
     FileOutcome,
@@ -46,7 +53,10 @@ SUMMARY_LIST_CAP = 20
 
 def status_of(result: UploadResult) -> str:
     """``success`` (everything landed), ``pending`` (sent, XNAT has not archived it yet:
-    Direct-Archive, facts 1.6), ``partial`` (some files failed) or ``failed``."""
+    Direct-Archive, facts 1.6), ``partial`` (some files failed) or ``failed``; ``error`` when
+    the run's report could not be written (``output_error``), whatever the upload did."""
+    if result.output_error:
+        return "error"
     failed = result.failed
     if result.success and not failed and result.verified is not False:
         return "success"
@@ -58,7 +68,10 @@ def status_of(result: UploadResult) -> str:
 
 
 def exit_code_of(result: UploadResult) -> int:
-    """0 when every file that should have been sent landed, else 1 (see ``xnatio.errors``)."""
+    """0 when every file that should have been sent landed, 2 when the report could not be
+    written, else 1 (see ``xnatio.errors``)."""
+    if result.output_error:
+        return EXIT_USAGE
     return EXIT_OK if status_of(result) == "success" else EXIT_FILES_FAILED
 
 

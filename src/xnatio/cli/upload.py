@@ -59,6 +59,17 @@ def render_result(result: UploadResult, output: OutputArgs, report: Path | None)
     The summary comes first: a report that cannot be written (a full disk, a folder removed
     meanwhile) is one more line and exit 2, after the user has seen what the upload did.
     """
+    report_error: OutputError | None = None
+    if output.json and report is not None:
+        # The JSON document is the run's record: write the report first, so that a report that
+        # cannot be written is in it (status "error", exit code 2), not only on stderr.
+        try:
+            write_report(result, report)
+        except OutputError as exc:
+            report_error = exc
+            result.output_error = str(exc)
+            result.errors.append(str(exc))
+        report = None
     code = exit_code_of(result)
     if output.json:
         # Streamed record by record: memory does not grow with the number of files.
@@ -72,6 +83,8 @@ def render_result(result: UploadResult, output: OutputArgs, report: Path | None)
     elif code:
         # -q: nothing on success, but a failure still says what failed (on stderr).
         click.echo(summary_text(result), err=True)
+    if report_error is not None:
+        raise report_error
     if report is not None:
         write_report(result, report)  # OutputError (exit 2) if it cannot be written
     return code
