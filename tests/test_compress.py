@@ -42,11 +42,15 @@ def decision(mode: str = "auto") -> tuple[Compression, FakeClock, FakeClock]:
     return Compression(mode, clock=wall, cpu_clock=cpu), wall, cpu
 
 
-def feed_link(c: Compression, wall: FakeClock, rate: float, seconds: float) -> None:
-    """The sockets took ``rate`` bytes/s for ``seconds`` (in 0.1 s steps)."""
+def feed_link(
+    c: Compression, wall: FakeClock, rate: float, seconds: float, ratio: float = 1.0
+) -> None:
+    """The sockets took ``rate`` wire bytes/s for ``seconds`` (in 0.1 s steps), carrying
+    ``ratio`` times as many uncompressed bytes."""
     for _ in range(round(seconds * 10)):
         wall.now += 0.1
-        c.sent(int(rate / 10))
+        c.sent(int(rate / 10), int(rate * ratio / 10))
+    wall.now += 0.01  # past the boundary whatever the float sums give
 
 
 def after_sample(c: Compression) -> bool:
@@ -58,8 +62,12 @@ def after_sample(c: Compression) -> bool:
 def test_slow_link_compresses() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s per CPU second, ratio 3.3
-    feed_link(c, wall, 12.5 * MB, 3)  # 100 Mbit/s
+    feed_link(c, wall, 12.5 * MB, 3.2)  # 100 Mbit/s, stored
     assert c.wire_rate() == pytest.approx(12.5 * MB, rel=0.15)
+    assert after_sample(c) is True  # the link is slower than the compressor: a trial
+    feed_link(c, wall, 12.5 * MB, 3, ratio=3.3)  # the link carries 3.3× the payload deflated
+    assert after_sample(c) is True  # kept: the payload rate went up
+    feed_link(c, wall, 12.5 * MB, 3, ratio=3.3)
     assert after_sample(c) is True
 
 
@@ -67,6 +75,8 @@ def test_fast_link_does_not_compress() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s
     feed_link(c, wall, 300 * MB, 3)  # loopback
+    assert after_sample(c) is False
+    feed_link(c, wall, 300 * MB, 30)
     assert after_sample(c) is False
 
 
@@ -78,15 +88,30 @@ def test_link_near_the_compressor_stays_uncompressed() -> None:
     assert after_sample(c) is False
 
 
+def test_a_trial_that_makes_the_run_slower_is_abandoned() -> None:
+    """A slow link, but deflating costs CPU the receiver needed: the payload rate fell, so the
+    upload goes back to stored entries, and tries again only after ``retry`` seconds."""
+    c, wall, _ = decision()
+    c.deflated(10 * MB, 3 * MB, 0.1)
+    feed_link(c, wall, 30 * MB, 3.2)
+    assert after_sample(c) is True  # trial
+    feed_link(c, wall, 6 * MB, 3, ratio=3.0)  # 18 MB/s of payload < 30 stored
+    assert after_sample(c) is False
+    feed_link(c, wall, 30 * MB, defaults.COMPRESS_RETRY - 4)
+    assert after_sample(c) is False  # not before the retry delay
+    feed_link(c, wall, 30 * MB, 4)
+    assert after_sample(c) is True  # tried again: the load may have changed
+
+
 def test_mixed_link_follows_the_measured_rate() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)
-    feed_link(c, wall, 300 * MB, 2)
+    feed_link(c, wall, 300 * MB, 3)
     assert after_sample(c) is False
-    feed_link(c, wall, 10 * MB, 2)  # the link slows down: the last window is what counts
+    feed_link(c, wall, 10 * MB, 3)  # the link slows down: the last window is what counts
     assert after_sample(c) is True
-    feed_link(c, wall, 400 * MB, 2)  # and speeds up again
-    assert after_sample(c) is False
+    feed_link(c, wall, 10 * MB, 3, ratio=3.0)
+    assert after_sample(c) is True
 
 
 def test_nothing_measured_yet_stores_except_the_sample() -> None:

@@ -333,11 +333,13 @@ class ArchiveStream(Generic[F]):
             )
         else:
             raw = _tar_chunks(self.members, tap)
+        counted = 0  # raw bytes already told to compression
         for chunk in _coalesce(raw):
             if self.on_bytes is not None:
                 self.on_bytes(len(chunk))
             if compression is not None:
-                compression.sent(len(chunk))
+                compression.sent(len(chunk), self.raw_sent - counted)
+                counted = self.raw_sent
             yield chunk
 
 

@@ -23,9 +23,16 @@ Sending N bytes stored costs N / link; deflated it costs max(N / compressor, N /
 deflating pays when the compressor is faster than the link and the data shrink. The rule is
 conservative (``margin``): deflate when ``wire rate × margin < compressor rate (one core)`` and
 ``ratio ≥ min_ratio``; a link fast enough to be near what one core deflates (loopback) stays
-uncompressed, so ``auto`` never makes a fast link slower. The decision is re-taken for every
-entry, so a run whose link slows down (or speeds up) follows it; all batches of an upload share
-one object (thread-safe).
+uncompressed.
+
+That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
+a loaded machine: measured in docs/performance.md, "Compression"), so it only opens a **trial**:
+the upload deflates for ``trial`` seconds and compares the uncompressed bytes per second it
+achieves (the payload rate, what the user waits for) with the rate of the ``trial`` seconds
+stored before. Deflating goes on only while it is faster; if it is not, entries go stored again
+and the next trial waits ``retry`` seconds. So ``auto`` never stays on a path that made the run
+slower. Entries follow the decision as it changes (one decision for all batches of an upload,
+thread-safe), so a run whose link slows down (or speeds up) follows it.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Compression:
         window: float = defaults.COMPRESS_WINDOW,
         sample_interval: float = defaults.COMPRESS_SAMPLE_INTERVAL,
         min_ratio: float = defaults.COMPRESS_MIN_RATIO,
+        trial: float = defaults.COMPRESS_TRIAL,
+        retry: float = defaults.COMPRESS_RETRY,
     ) -> None:
         if mode not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, not {mode!r}")
@@ -64,9 +73,16 @@ class Compression:
         self.window = window
         self.sample_interval = sample_interval
         self.min_ratio = min_ratio
+        self.trial = trial
+        self.retry = retry
         self._lock = threading.Lock()
-        self._sent: deque[tuple[float, int]] = deque()  # (when, wire bytes) within the window
+        self._sent: deque[tuple[float, int, int]] = deque()  # (when, wire, raw) within the window
         self._in_window = 0
+        self._raw_in_window = 0
+        self._deflating = False  # auto: the current choice
+        self._since: float | None = None  # when it was taken (None: nothing sent yet)
+        self._payload_rate: dict[bool, float] = {}  # payload bytes/s of the last period of each
+        self._not_before = 0.0  # the next trial of deflating, after one that lost
         self._first_sent: float | None = None
         self._raw = 0  # uncompressed bytes deflated
         self._packed = 0  # their deflated size
@@ -76,14 +92,17 @@ class Compression:
 
     # -- what the run measures ---------------------------------------------------------------
 
-    def sent(self, nbytes: int) -> None:
-        """``nbytes`` of some body were handed to its socket (wire bytes, compressed or not)."""
+    def sent(self, nbytes: int, raw: int | None = None) -> None:
+        """``nbytes`` of some body were handed to its socket (wire bytes, compressed or not),
+        carrying ``raw`` uncompressed bytes of the files (default: ``nbytes``)."""
         now = self.clock()
+        raw = nbytes if raw is None else raw
         with self._lock:
             if self._first_sent is None:
-                self._first_sent = now
-            self._sent.append((now, nbytes))
+                self._first_sent = self._since = now
+            self._sent.append((now, nbytes, raw))
             self._in_window += nbytes
+            self._raw_in_window += raw
             self._trim(now)
 
     def deflated(self, raw: int, packed: int, cpu_seconds: float) -> None:
@@ -95,7 +114,9 @@ class Compression:
 
     def _trim(self, now: float) -> None:
         while self._sent and self._sent[0][0] < now - self.window:
-            self._in_window -= self._sent.popleft()[1]
+            _, wire, raw = self._sent.popleft()
+            self._in_window -= wire
+            self._raw_in_window -= raw
 
     def wire_rate(self) -> float | None:
         """Bytes per second handed to the sockets over the last window; None before one window."""
@@ -105,6 +126,15 @@ class Compression:
                 return None
             self._trim(now)
             return self._in_window / self.window
+
+    def payload_rate(self) -> float | None:
+        """Uncompressed bytes per second sent over the last window; None before one window."""
+        now = self.clock()
+        with self._lock:
+            if self._first_sent is None or now - self._first_sent < self.window:
+                return None
+            self._trim(now)
+            return self._raw_in_window / self.window
 
     def deflate_rate(self) -> float | None:
         """Uncompressed bytes deflated per CPU second (one core); None before a measurement."""
@@ -137,7 +167,38 @@ class Compression:
                 self._last_sample = now
         if due:
             return True
+        self._review(now)
+        return self._deflating
+
+    def _review(self, now: float) -> None:
+        """Every ``trial`` seconds: keep or change the choice, from the payload rate it gave."""
+        with self._lock:
+            since = self._since
+        if since is None or now - since < self.trial:
+            return
+        payload = self.payload_rate()
+        if payload is None:
+            return
+        with self._lock:
+            deflating = self._deflating
+            self._payload_rate[deflating] = payload
+            other = self._payload_rate.get(not deflating)
+            self._since = now
+        if deflating:
+            if other is not None and payload < other:  # stored was faster: back to it
+                self._switch(False, now, not_before=now + self.retry)
+            return
+        if now < self._not_before:
+            return
         wire, deflate, ratio = self.wire_rate(), self.deflate_rate(), self.ratio()
         if wire is None or deflate is None or ratio is None:
-            return False
-        return ratio >= self.min_ratio and wire * self.margin < deflate
+            return
+        if ratio >= self.min_ratio and wire * self.margin < deflate:
+            self._switch(True, now)  # a trial: kept only if the payload rate goes up
+
+    def _switch(self, deflating: bool, now: float, not_before: float | None = None) -> None:
+        with self._lock:
+            self._deflating = deflating
+            self._since = now
+            if not_before is not None:
+                self._not_before = not_before

@@ -70,3 +70,7 @@ COMPRESS_MARGIN = 1.5
 COMPRESS_WINDOW = 1.0
 COMPRESS_SAMPLE_INTERVAL = 2.0
 COMPRESS_MIN_RATIO = 1.2
+# auto's trials: seconds a choice (deflate or store) runs before its payload rate is compared
+# with the other's, and seconds before deflating is tried again after a trial that lost.
+COMPRESS_TRIAL = 3.0
+COMPRESS_RETRY = 20.0
