@@ -62,19 +62,19 @@ def after_sample(c: Compression) -> bool:
 def test_slow_link_compresses() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s per CPU second, ratio 3.3
-    feed_link(c, wall, 12.5 * MB, 3.2)  # 100 Mbit/s, stored
+    feed_link(c, wall, 12.5 * MB, 4.2)  # 100 Mbit/s, stored
     assert c.wire_rate() == pytest.approx(12.5 * MB, rel=0.15)
     assert after_sample(c) is True  # the link is slower than the compressor: a trial
-    feed_link(c, wall, 12.5 * MB, 3, ratio=3.3)  # the link carries 3.3× the payload deflated
+    feed_link(c, wall, 12.5 * MB, 4, ratio=3.3)  # the link carries 3.3× the payload deflated
     assert after_sample(c) is True  # kept: the payload rate went up
-    feed_link(c, wall, 12.5 * MB, 3, ratio=3.3)
+    feed_link(c, wall, 12.5 * MB, 4, ratio=3.3)
     assert after_sample(c) is True
 
 
 def test_fast_link_does_not_compress() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s
-    feed_link(c, wall, 300 * MB, 3)  # loopback
+    feed_link(c, wall, 300 * MB, 4)  # loopback
     assert after_sample(c) is False
     feed_link(c, wall, 300 * MB, 30)
     assert after_sample(c) is False
@@ -84,7 +84,7 @@ def test_link_near_the_compressor_stays_uncompressed() -> None:
     """Within the margin (link × 1.5 ≥ compressor): compressing could slow it, so not."""
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s
-    feed_link(c, wall, 80 * MB, 3)
+    feed_link(c, wall, 80 * MB, 4)
     assert after_sample(c) is False
 
 
@@ -93,9 +93,9 @@ def test_a_trial_that_makes_the_run_slower_is_abandoned() -> None:
     upload goes back to stored entries, and tries again only after ``retry`` seconds."""
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)
-    feed_link(c, wall, 30 * MB, 3.2)
+    feed_link(c, wall, 30 * MB, 4.2)
     assert after_sample(c) is True  # trial
-    feed_link(c, wall, 6 * MB, 3, ratio=3.0)  # 18 MB/s of payload < 30 stored
+    feed_link(c, wall, 6 * MB, 4, ratio=3.0)  # 18 MB/s of payload < 30 stored
     assert after_sample(c) is False
     feed_link(c, wall, 30 * MB, defaults.COMPRESS_RETRY - 4)
     assert after_sample(c) is False  # not before the retry delay
@@ -103,14 +103,23 @@ def test_a_trial_that_makes_the_run_slower_is_abandoned() -> None:
     assert after_sample(c) is True  # tried again: the load may have changed
 
 
+def test_a_trial_within_the_noise_is_not_kept() -> None:
+    c, wall, _ = decision()
+    c.deflated(10 * MB, 3 * MB, 0.1)
+    feed_link(c, wall, 30 * MB, 4.2)
+    assert after_sample(c) is True
+    feed_link(c, wall, 11 * MB, 4, ratio=3.0)  # 33 MB/s: 1.1× the stored rate, below the gain
+    assert after_sample(c) is False
+
+
 def test_mixed_link_follows_the_measured_rate() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 3 * MB, 0.1)
-    feed_link(c, wall, 300 * MB, 3)
+    feed_link(c, wall, 300 * MB, 4)
     assert after_sample(c) is False
-    feed_link(c, wall, 10 * MB, 3)  # the link slows down: the last window is what counts
+    feed_link(c, wall, 10 * MB, 4)  # the link slows down: the last window is what counts
     assert after_sample(c) is True
-    feed_link(c, wall, 10 * MB, 3, ratio=3.0)
+    feed_link(c, wall, 10 * MB, 4, ratio=3.0)
     assert after_sample(c) is True
 
 
@@ -129,7 +138,7 @@ def test_nothing_measured_yet_stores_except_the_sample() -> None:
 def test_incompressible_data_are_stored() -> None:
     c, wall, _ = decision()
     c.deflated(10 * MB, 9 * MB, 0.1)  # ratio 1.1 < COMPRESS_MIN_RATIO
-    feed_link(c, wall, 1 * MB, 3)
+    feed_link(c, wall, 1 * MB, 4)
     assert after_sample(c) is False
 
 

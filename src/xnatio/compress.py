@@ -28,11 +28,12 @@ uncompressed.
 That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
 a loaded machine: measured in docs/performance.md, "Compression"), so it only opens a **trial**:
 the upload deflates for ``trial`` seconds and compares the uncompressed bytes per second it
-achieves (the payload rate, what the user waits for) with the rate of the ``trial`` seconds
-stored before. Deflating goes on only while it is faster; if it is not, entries go stored again
-and the next trial waits ``retry`` seconds. So ``auto`` never stays on a path that made the run
-slower. Entries follow the decision as it changes (one decision for all batches of an upload,
-thread-safe), so a run whose link slows down (or speeds up) follows it.
+achieves (the payload rate, what the user waits for, over the last ``window`` seconds of the
+trial) with the rate of the ``trial`` seconds stored before. Deflating goes on only while it is
+``gain`` times faster (a margin over the noise of a shared machine); if it is not, entries go
+stored again and the next trial waits ``retry`` seconds. So ``auto`` never stays on a path
+that made the run slower. Entries follow the decision as it changes (one decision for all
+batches of an upload, thread-safe), so a run whose link slows down (or speeds up) follows it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Compression:
         min_ratio: float = defaults.COMPRESS_MIN_RATIO,
         trial: float = defaults.COMPRESS_TRIAL,
         retry: float = defaults.COMPRESS_RETRY,
+        gain: float = defaults.COMPRESS_GAIN,
     ) -> None:
         if mode not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, not {mode!r}")
@@ -75,6 +77,7 @@ class Compression:
         self.min_ratio = min_ratio
         self.trial = trial
         self.retry = retry
+        self.gain = gain
         self._lock = threading.Lock()
         self._sent: deque[tuple[float, int, int]] = deque()  # (when, wire, raw) within the window
         self._in_window = 0
@@ -185,7 +188,7 @@ class Compression:
             other = self._payload_rate.get(not deflating)
             self._since = now
         if deflating:
-            if other is not None and payload < other:  # stored was faster: back to it
+            if other is not None and payload < other * self.gain:  # not clearly faster: store
                 self._switch(False, now, not_before=now + self.retry)
             return
         if now < self._not_before:

@@ -67,10 +67,12 @@ MANY_SETTLE = 600.0
 COMPRESS = "auto"
 COMPRESS_LEVEL = 1
 COMPRESS_MARGIN = 1.5
-COMPRESS_WINDOW = 1.0
+COMPRESS_WINDOW = 2.0
 COMPRESS_SAMPLE_INTERVAL = 2.0
 COMPRESS_MIN_RATIO = 1.2
-# auto's trials: seconds a choice (deflate or store) runs before its payload rate is compared
-# with the other's, and seconds before deflating is tried again after a trial that lost.
-COMPRESS_TRIAL = 3.0
+# auto's trials: seconds a choice (deflate or store) runs before its payload rate (over the last
+# COMPRESS_WINDOW) is compared with the other's, how much faster deflating must be to be kept,
+# and seconds before deflating is tried again after a trial that lost.
+COMPRESS_TRIAL = 4.0
 COMPRESS_RETRY = 20.0
+COMPRESS_GAIN = 1.15
