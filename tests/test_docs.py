@@ -51,6 +51,7 @@ FOREIGN_OPTIONS = {
     "xnatctl": {"--workers"},  # the contender in performance.md
     "mypy": {"--strict"},
     "scripts/update-constraints": {"--upgrade"},  # passed on to uv pip compile
+    "sbatch": {"--array", "--requeue"},  # Slurm, in scale-out.md
 }
 
 

@@ -9,7 +9,9 @@ summary table. The upload knobs are ``xio upload-dicom``'s own options, reused (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+from click.core import ParameterSource
 
 from xnatio import defaults
 from xnatio.cli.options import (
@@ -48,6 +51,7 @@ from xnatio.many.runner import (
     StudyJob,
     jobs_of,
 )
+from xnatio.many.shard import is_shard_spec, parse_shard, select
 from xnatio.many.templates import TEMPLATE_HELP
 from xnatio.models import ProgressCallback
 from xnatio.settings import Settings
@@ -171,7 +175,18 @@ Examples:
     default=defaults.MANY_MAX_REQUESTS,
     show_default=True,
     help="The most REST requests in flight to the server at once, over all studies (one "
-    "connection pool that blocks when full).",
+    "connection pool that blocks when full). Given explicitly, the run also adapts below N: "
+    "one more request in flight while answers are fast and clean, half as many on 429, 503, "
+    "timeouts or a rising latency, none before a Retry-After has passed.",
+)
+@click.option(
+    "--shard",
+    metavar="I/N|auto|auto/N",
+    help="Send only the I-th of N disjoint parts of the plan (0-based), decided by "
+    "StudyInstanceUID alone: the same on every node, and new studies never move old ones. "
+    "auto: the index of a Slurm job array (SLURM_ARRAY_TASK_ID and its count), or of a "
+    "Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N from auto/N). See "
+    "docs/scale-out.md.",
 )
 @click.option(
     "--max-attempts",
@@ -231,6 +246,7 @@ def upload_many_command(
     state_dir: Path | None,
     parallel_studies: int,
     max_requests: int,
+    shard: str | None,
     max_attempts: int,
     retry_quarantined: bool,
     after: str,
@@ -279,6 +295,9 @@ def upload_many_command(
         journal=knobs["journal_path"],
         parallel_studies=parallel_studies,
         max_requests=max_requests,
+        adaptive=ctx.get_parameter_source("max_requests") is not ParameterSource.DEFAULT,
+        # --shard auto is resolved here, before the tree is scanned: a bad one fails at once.
+        shard=str(parse_shard(shard, os.environ)) if shard else "all",
         max_attempts=max_attempts,
         retry_quarantined=retry_quarantined,
         after=after_action,
@@ -373,6 +392,9 @@ def _upload_many(
         if not output.quiet:
             click.echo(f"plan written to {plan_out}", err=True)
     if dry_run:
+        if is_shard_spec(opts.shard):  # this shard's rows only (--plan-out keeps them all)
+            shard = parse_shard(opts.shard, {})
+            plan = dataclasses.replace(plan, rows=tuple(select(plan.rows, shard)))
         return _dry_run(plan, settings, output, request.settle)
     display = ManyDisplay.choose(output)
     state = state_dir or default_state_dir()

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xnatio import defaults
+from xnatio.adaptive import AdaptiveLimit
 from xnatio.coordinator import BoundedExecutor, ExecutorFactory
 from xnatio.errors import (
     EXIT_FILES_FAILED,
@@ -55,6 +57,7 @@ from xnatio.journal import LockedError
 from xnatio.many import ledger as states
 from xnatio.many.ledger import Ledger, StudyRecord, study_key
 from xnatio.many.plan import Plan, StudyPlan
+from xnatio.many.shard import is_shard_spec, parse_shard, select
 from xnatio.models import DicomFile, Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.pipeline import UploadOptions, rest_client, upload
 from xnatio.settings import Settings
@@ -140,7 +143,12 @@ class ManyOptions:
     retry_backoff: float = defaults.MANY_RETRY_BACKOFF
     after: str = defaults.MANY_AFTER  # keep | delete | move
     after_dir: Path | None = None  # the DIR of move:DIR
-    shard: str = "all"  # names the run lock; sharding (issue 15) filters in my_studies()
+    # "I/N", "auto", "auto/N": this run's shard (xnatio.many.shard, my_studies()); any other
+    # text only names the run lock (one study per task: shard=study_uid).
+    shard: str = "all"
+    # Adapt the requests in flight to the server below max_requests (xnatio.adaptive: additive
+    # increase while answers are fast and clean, halved on 429/503/timeouts/rising latency).
+    adaptive: bool = False
 
     def check(self) -> None:
         if self.after not in ("keep", "delete", "move"):
@@ -278,9 +286,13 @@ class ManyResult:
 def my_studies(jobs: Sequence[StudyJob], options: ManyOptions) -> list[StudyJob]:
     """The studies this run is responsible for: every one of the plan (sharding filters here).
 
-    One writer per ledger file rests on this: a study belongs to exactly one run.
+    One writer per ledger file rests on this: a study belongs to exactly one run. With
+    ``--shard I/N`` (resolved by :class:`ManyRun` from ``auto``), the shard's studies: decided by
+    StudyInstanceUID alone (:mod:`xnatio.many.shard`), so every node agrees (issue 15).
     """
-    return list(jobs)
+    if not is_shard_spec(options.shard):  # "all", or a run's own lock name
+        return list(jobs)
+    return select(jobs, parse_shard(options.shard, {}))
 
 
 def files_fingerprint(files: Sequence[DicomFile]) -> str:
@@ -358,6 +370,10 @@ class ManyRun:
         client: XnatClient | None = None,
     ) -> None:
         options.check()
+        if is_shard_spec(options.shard):  # `auto` reads the scheduler's index once; names the lock
+            options = dataclasses.replace(
+                options, shard=str(parse_shard(options.shard, os.environ))
+            )
         self.settings = settings
         self.options = options
         self.ledger = Ledger(state_dir, clock=clock)
@@ -394,6 +410,8 @@ class ManyRun:
                 retry_budget=self.options.retry_budget,
             )
             self._client = self._stack.enter_context(rest_client(base, self.settings))
+            if self.options.adaptive:  # AIMD below the pool's cap (xnatio.adaptive, issue 15)
+                self._client.limiter = AdaptiveLimit(cap=self.options.max_requests)
         return self._client
 
     # -- one pass over a plan ---------------------------------------------------------------

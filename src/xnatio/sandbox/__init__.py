@@ -42,9 +42,11 @@ bodies), what ``shared/xnat-api.md`` sections 1-5 describe:
   session" from the import service and 500 "FAILED: …" from the archive service.
 
 Knobs (``Knobs``; ``SandboxServer.set_knobs``; ``GET``/``POST /_sandbox/knobs`` as JSON, no
-login; request counters at ``GET /_sandbox/stats``) add latency, per-file processing time,
-archive time and a bandwidth cap, and inject failures (fail/reset/hang the next N requests,
-optionally only under one path prefix; disk full; expired sessions; site anonymization).
+login; request counters, and the requests in flight now and at their peak, ``inflight`` and
+``inflight_peak``, at ``GET /_sandbox/stats``, whose POST resets the peak) add latency,
+per-file processing time, archive time and a bandwidth cap, and inject failures (fail/reset/hang
+the next N requests, optionally only under one path prefix; disk full; expired sessions; site
+anonymization; 503 beyond ``overload_inflight`` requests in flight).
 
 Users: the first user of ``users=`` (and any user named ``admin``) is a site admin who owns the
 ``projects=``; the others are ordinary users with no access. Projects, users and roles are kept

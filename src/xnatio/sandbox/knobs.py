@@ -89,6 +89,9 @@ class Knobs:
     """A single-sign-on proxy: every matching request is answered 200 with an HTML login page."""
     fault_path: str = ""
     """Counted fault knobs and ``disk_full`` apply only to paths starting with this prefix."""
+    overload_inflight: int = 0
+    """A server that is full: a request arriving while this many are already in flight is
+    answered 503 at once (with ``Retry-After`` if ``retry_after`` is set); 0 = never."""
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -105,6 +108,7 @@ _INT_FIELDS = {
     "hang_next",
     "drop_response_next",
     "redirect_status",
+    "overload_inflight",
 }
 _FLOAT_FIELDS = {
     "latency_ms",
@@ -154,6 +158,8 @@ class KnobBox:
         self._knobs = replace(knobs) if knobs is not None else Knobs()
         self._bw_next = 0.0  # when the bandwidth "pipe" is free again (monotonic seconds)
         self.stats: Counter[str] = Counter()
+        self._inflight = 0  # requests being handled now (sandbox administration excluded)
+        self._inflight_peak = 0
 
     def get(self) -> Knobs:
         with self._lock:
@@ -202,6 +208,26 @@ class KnobBox:
         with self._lock:
             self.stats[key] += n
 
-    def stats_json(self) -> dict[str, int]:
+    def enter(self) -> int:
+        """A request starts being handled; returns how many are in flight with it."""
         with self._lock:
-            return dict(sorted(self.stats.items()))
+            self._inflight += 1
+            self._inflight_peak = max(self._inflight_peak, self._inflight)
+            return self._inflight
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def reset_peak(self) -> None:
+        """Start a new measurement: the peak becomes what is in flight now."""
+        with self._lock:
+            self._inflight_peak = self._inflight
+
+    def stats_json(self) -> dict[str, int]:
+        """Request counters, plus ``inflight`` (requests being handled now) and
+        ``inflight_peak`` (the most handled at once since start or the last reset)."""
+        with self._lock:
+            out = dict(sorted(self.stats.items()))
+            out["inflight"], out["inflight_peak"] = self._inflight, self._inflight_peak
+            return out

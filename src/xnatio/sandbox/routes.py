@@ -118,8 +118,13 @@ def knobs_endpoint(req: Request, _: re.Match[str]) -> Response:
     return respond_json(req.server.knobs.to_json())
 
 
-@route("GET", r"/_sandbox/stats", "/_sandbox/stats")
+@route("GET POST", r"/_sandbox/stats", "/_sandbox/stats")
 def stats_endpoint(req: Request, _: re.Match[str]) -> Response:
+    """Request counters, ``inflight`` and ``inflight_peak``; a POST first resets the peak to what
+    is in flight now (the start of a measurement)."""
+    if req.method == "POST":
+        req.body.drain()
+        req.server.knob_box.reset_peak()
     return respond_json(req.server.stats())
 
 

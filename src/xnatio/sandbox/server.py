@@ -105,6 +105,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 300  # idle keep-alive connections are closed after this
     body: BodyReader
     xnat_path: str = ""  # the request's path inside the context path
+    _inflight: int = 0  # requests in flight when this one arrived, itself included
 
     def version_string(self) -> str:
         return self.server_version
@@ -113,7 +114,17 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def do_GET(self) -> None:
-        self._dispatch()
+        # Requests in flight (for the peak-concurrency statistic and the load knobs): from the
+        # parsed request line to the answer sent; sandbox administration is not counted.
+        box: KnobBox = self.server.sandbox.knob_box  # type: ignore[attr-defined]
+        if "/_sandbox/" in urlsplit(self.path).path:
+            self._dispatch()
+            return
+        self._inflight = box.enter()
+        try:
+            self._dispatch()
+        finally:
+            box.leave()
 
     do_POST = do_PUT = do_DELETE = do_HEAD = do_GET
 
@@ -151,6 +162,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if k.latency_ms > 0 and not admin:
                 time.sleep(k.latency_ms / 1000)
+            if not admin and 0 < k.overload_inflight < self._inflight:
+                self.body.drain()
+                headers = {"Retry-After": str(int(k.retry_after))} if k.retry_after else {}
+                raise HttpError(
+                    503, "The server is overloaded (sandbox overload_inflight)", headers
+                )
             if not admin and knobs.take("hang_next", self.xnat_path):
                 time.sleep(k.hang_seconds)
                 self._reset()

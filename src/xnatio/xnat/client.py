@@ -33,10 +33,11 @@ The password (and any alias-token secret) never appears in exceptions, logs or `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from http.cookiejar import DefaultCookiePolicy
 from types import TracebackType
 from typing import Any
@@ -47,6 +48,7 @@ import requests
 
 from xnatio import __version__, defaults
 from xnatio import redact as scrubber
+from xnatio.adaptive import AdaptiveLimit, Slot
 from xnatio.errors import AuthError, ConfigError, ServerError, UnreachableError
 from xnatio.retry import RetryPolicy, Sleep, parse_retry_after
 from xnatio.settings import Secret, is_loopback
@@ -89,6 +91,7 @@ class XnatClient:
         retry: RetryPolicy | None = None,
         session: requests.Session | None = None,
         sleep: Sleep | None = None,
+        limiter: AdaptiveLimit | None = None,
     ) -> None:
         parts = urlsplit(server if "://" in server else "https://" + server)
         if parts.username or parts.password:
@@ -104,6 +107,9 @@ class XnatClient:
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
+        # An adaptive limit on this client's requests in flight (xnatio.adaptive), under the
+        # pool's fixed cap; None: the pool alone limits them. Settable after construction.
+        self.limiter = limiter
         self._secrets: list[str] = [self._password.reveal()]
         # Held for the CLI's log filter while this client is open; forgotten in close().
         scrubber.hold(self, *self._secrets)
@@ -436,18 +442,21 @@ class XnatClient:
         if use_cookie and token is not None:
             send_headers["Cookie"] = f"JSESSIONID={token}"
         read_timeout = self.timeout if timeout is None else timeout
+        limiter = self.limiter
         try:
-            resp = self.session.request(
-                method,
-                url,
-                params=params,
-                data=data,
-                headers=send_headers,
-                auth=auth,
-                verify=self.verify,
-                timeout=(min(read_timeout, 30.0), read_timeout),
-                allow_redirects=False,
-            )
+            with limiter.slot(_kind(method, url)) if limiter else _no_limit() as slot:
+                resp = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=data,
+                    headers=send_headers,
+                    auth=auth,
+                    verify=self.verify,
+                    timeout=(min(read_timeout, 30.0), read_timeout),
+                    allow_redirects=False,
+                )
+                slot.answered(resp.status_code, resp.headers.get("Retry-After"))
         except requests.exceptions.SSLError as exc:
             raise UnreachableError(self._tls_problem(exc)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -583,6 +592,17 @@ _LOCKED = re.compile(r"\blocked\b|account.{0,40}disabled", re.IGNORECASE)
 # A redirect to a login page (a single sign-on proxy, XNAT's own web login for browsers).
 _LOGIN = re.compile(r"login|signin|sign-in|sso|auth", re.IGNORECASE)
 _HTML_START = re.compile(r"^\s*(?:<!doctype html|<html)", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _no_limit() -> Iterator[Slot]:
+    yield Slot()
+
+
+def _kind(method: str, url: str) -> str:
+    """Requests whose latencies compare, for the adaptive limit: ``POST /data/services/import``,
+    ``GET /data/archive/projects``... (method and the first three segments of the path)."""
+    return f"{method} /" + "/".join(_path_of(url).lstrip("/").split("/")[:3])
 
 
 def _is_html(resp: requests.Response) -> bool:
