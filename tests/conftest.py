@@ -30,6 +30,9 @@ def isolated_home(
             monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("NETRC", raising=False)  # else a developer's netrc file is read
     monkeypatch.setenv("NO_COLOR", "1")
+    # Subprocess tests compare stderr lines as written; tests/test_cli_output.py turns the
+    # timestamps of a log (stderr a pipe) back on.
+    monkeypatch.setenv("XNATIO_LOG_TIMESTAMPS", "0")
     yield home
 
 

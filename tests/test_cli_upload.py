@@ -96,29 +96,29 @@ def test_missing_path_is_one_line_exit_2(cli_invoke: Invoke, tmp_path: Path) -> 
     assert _one_error_line(r) == f"error: {tmp_path / 'nope'} does not exist."
 
 
-def test_empty_directory(cli_invoke: Invoke, tmp_path: Path, nowhere_env: dict[str, str]) -> None:
+def test_empty_directory(cli_invoke: Invoke, tmp_path: Path, env: dict[str, str]) -> None:
     (tmp_path / "empty").mkdir()
-    r = cli_invoke("upload-dicom", "P", "S", "E", tmp_path / "empty", exit_code=2, env=nowhere_env)
+    r = cli_invoke("upload-dicom", "P", "S", "E", tmp_path / "empty", exit_code=2, env=env)
     assert "is empty" in _one_error_line(r)
 
 
-def test_no_dicom_at_all(cli_invoke: Invoke, tmp_path: Path, nowhere_env: dict[str, str]) -> None:
+def test_no_dicom_at_all(cli_invoke: Invoke, tmp_path: Path, env: dict[str, str]) -> None:
     d = tmp_path / "docs"
     d.mkdir()
     (d / "notes.txt").write_text("hello")
     (d / "empty.dcm").write_bytes(b"")
-    r = cli_invoke("upload-dicom", "P", "S", "E", d, "-q", exit_code=2, env=nowhere_env)
+    r = cli_invoke("upload-dicom", "P", "S", "E", d, "-q", exit_code=2, env=env)
     line = _one_error_line(r)
     assert line.startswith(f"error: No DICOM files found in {d}: looked at 2 files")
 
 
 def test_mixed_studies_are_refused_with_names_and_counts(
-    cli_invoke: Invoke, tmp_path: Path, nowhere_env: dict[str, str]
+    cli_invoke: Invoke, tmp_path: Path, env: dict[str, str]
 ) -> None:
     s = generate_session(
         tmp_path / "in", series=1, instances=3, image_size=(16, 16), extras=["second-study"]
     )
-    r = cli_invoke("upload-dicom", "P", "S", "E", s.root, "-q", exit_code=2, env=nowhere_env)
+    r = cli_invoke("upload-dicom", "P", "S", "E", s.root, "-q", exit_code=2, env=env)
     line = _one_error_line(r)
     assert "holds 2 studies" in line
     assert f"{s.study_uid} (patient SYNTH001, 3 files)" in line

@@ -493,7 +493,7 @@ def test_a_journal_whose_disk_fills_mid_run_degrades_and_the_upload_completes(
     _no_traceback(err)
     warnings = [ln for ln in err.splitlines() if "cannot be written" in ln]
     assert warnings == [
-        f"WARNING xnatio.journal: the resume journal {journal} cannot be written "
+        f"warning: the resume journal {journal} cannot be written "
         "(database or disk is full): going on without it; the server's read-back says what "
         "landed, and the next run asks the server what it holds before sending"
     ], err

@@ -73,7 +73,7 @@ def test_log_display_writes_on_phase_change_every_step_and_interval() -> None:
 
 def test_log_display_progress_may_go_backwards() -> None:
     out, clock = io.StringIO(), FakeClock()
-    d = LogDisplay(out, clock=clock)
+    d = LogDisplay(out, interval=5.0, clock=clock)
     d(_upload(50))
     clock.now += 10
     d(_upload(30))  # a batch failed and is resent

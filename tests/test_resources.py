@@ -213,21 +213,21 @@ def test_directory_is_extracted_then_clash_then_overwrite(sandbox: Any, tmp_path
     assert sum(n for k, n in sandbox.stats().items() if k.startswith("PUT ")) == 1
 
     # Again without --overwrite, one file changed: exit 1 naming it, nothing replaced; the
-    # four identical files already there are fine.
+    # four identical files already there are fine. The summary is on stdout, as on success.
     (src / "notes.txt").write_bytes(b"changed\n")
     res = xio(sandbox, "upload-resource", "P", "S", "E", "PHYSIO", str(src))
     assert res.exit_code == 1
-    assert "4 of them were already there with the same content." in res.stderr
+    assert "4 of them were already there with the same content." in res.stdout
     assert (
-        "error: 1 file(s) already exist in P/S/E resource PHYSIO with other content" in res.stderr
+        "error: 1 file(s) already exist in P/S/E resource PHYSIO with other content" in res.stdout
     )
-    assert res.stderr.endswith("\n  notes.txt\n")
+    assert res.stdout.endswith("\n  notes.txt\n")
     assert stored(sandbox, "PHYSIO")["notes.txt"] == hashlib.md5(b"hello\n").hexdigest()
     # Without the read-back nothing can be compared: every clash is a conflict.
     res = xio(sandbox, "upload-resource", "P", "S", "E", "PHYSIO", str(src), "--no-verify")
     assert res.exit_code == 1
     for name in content:
-        assert f"  {name}\n" in res.stderr
+        assert f"  {name}\n" in res.stdout
 
     res = xio(sandbox, "upload-resource", "P", "S", "E", "PHYSIO", str(src), "--overwrite")
     assert res.exit_code == 0, res.output
@@ -249,7 +249,7 @@ def test_single_file_and_scan_resource(sandbox: Any, tmp_path: Path) -> None:
     assert res.exit_code == 0 and "already there with the same content" in res.stdout
     report.write_bytes(b"other")
     res = xio(sandbox, "upload-resource", "P", "S", "E", "NOTES", str(report), "--scan", "3")
-    assert res.exit_code == 1 and res.stderr.endswith("\n  report.pdf\n")
+    assert res.exit_code == 1 and res.stdout.endswith("\n  report.pdf\n")
 
     res = xio(sandbox, "upload-resource", "P", "S", "NOPE", "NOTES", str(report))
     assert res.exit_code == 1 and "Unable to find the specified experiment" in res.stderr

@@ -108,7 +108,7 @@ def test_the_cli_handler_prints_only_from_its_threshold(
     with caplog.at_level(logging.DEBUG), cli_logging(stream):
         logging.getLogger("xnatio.x").info("an info line")
         logging.getLogger("xnatio.x").warning("a warning line")
-    assert stream.getvalue() == "WARNING xnatio.x: a warning line\n"
+    assert stream.getvalue() == "warning: a warning line\n"
 
 
 def test_the_library_leaves_other_loggers_alone(owner: _Owner) -> None:
@@ -416,6 +416,6 @@ def test_the_console_scripts_handler_scrubs_every_library_and_prints_once(
         logging.getLogger("xnatio.transports").warning("batch failed for %s", SECRET)
     assert root.handlers == before
     assert stream.getvalue().splitlines() == [
-        "WARNING urllib3.connectionpool: retrying <hidden>",
-        "WARNING xnatio.transports: batch failed for <hidden>",
+        "warning: retrying <hidden>",
+        "warning: batch failed for <hidden>",
     ]

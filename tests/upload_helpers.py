@@ -76,6 +76,7 @@ def xio_env(server_url: str, home: Path, extra: Mapping[str, str] | None = None)
         XNAT_PASSWORD=PASSWORD,
         NO_COLOR="1",
         PYTHONUNBUFFERED="1",
+        XNATIO_LOG_TIMESTAMPS="0",  # stderr lines compared as written (see test_cli_output)
     )
     env.update(extra or {})
     return env

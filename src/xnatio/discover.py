@@ -456,7 +456,13 @@ def _collect(
         if first is not None:
             shown = path / member if member is not None else path
             manifest.duplicates.append(
-                SkippedFile(shown, f"duplicate of {first} (same SOP Instance UID)", size)
+                SkippedFile(
+                    shown,
+                    f"duplicate of {first} (same SOP Instance UID)",
+                    size,
+                    sop_instance_uid=h.sop_instance_uid,
+                    series_uid=h.series_uid,
+                )
             )
             continue
         first_seen[h.sop_instance_uid] = name

@@ -42,6 +42,9 @@ class SkippedFile:
     path: Path
     reason: str
     size: int = 0
+    # A duplicate's instance (the one its first copy is sent as); empty for non-DICOM files.
+    sop_instance_uid: str = ""
+    series_uid: str = ""
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shlex
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -505,7 +506,8 @@ def resumable_dicom_store_upload(
     if result.success and notify is not None:
         notify(
             "not read back: XNAT files C-STORE sessions after an idle period; check with "
-            f"`xio verify {project} {subject} {session} PATH --wait-for 900`"
+            f"`xio verify {shlex.quote(project)} {shlex.quote(subject)} {shlex.quote(session)} "
+            f"{shlex.quote(str(manifest.source_archive or manifest.root))} --wait-for 900`"
         )
     result.transport = "dicom-store"
     result.project, result.subject, result.session = project, subject, session

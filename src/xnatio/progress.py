@@ -6,8 +6,11 @@ the subscriber:
 - :class:`RichDisplay` — a live display on a terminal (stderr): phase, files done/total, bytes,
   MB/s, ETA, batches done/failed. The verify phase (reading back and hashing) shows files, bytes,
   MB/s and ETA like the upload phase.
-- :class:`LogDisplay` — plain lines for cron and pipes: one per phase change, then one every
-  ``interval`` seconds or every ``step`` of the way, whichever comes first. No ANSI codes.
+- :class:`LogDisplay` — plain lines for cron and pipes: one per phase change, one when a phase
+  completes, and one every ``interval`` seconds in between (default 30 s, ``--log-interval``),
+  so a log grows with the run's duration, never with its size. No ANSI codes.
+- :class:`TimestampedStream` — what the CLI puts in front of stderr when it is a file or a pipe:
+  every line starts with the local time, ISO 8601 with its offset.
 - :class:`SilentDisplay` — ``-q``: nothing (errors are printed by the CLI edge).
 - :func:`tqdm_progress` — for Python API users and notebooks, built on ``tqdm.auto``.
 
@@ -28,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -44,6 +48,7 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from xnatio import defaults
 from xnatio.models import Phase, ProgressEvent
 from xnatio.redact import SecretFilter
 
@@ -52,6 +57,7 @@ __all__ = [
     "LogDisplay",
     "RichDisplay",
     "SilentDisplay",
+    "TimestampedStream",
     "TqdmProgress",
     "choose_display",
     "cli_logging",
@@ -91,7 +97,100 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# With -v: which logger said it. Without: ``warning: …`` / ``error: …``, the CLI's one format.
+VERBOSE_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class CliFormatter(logging.Formatter):
+    """``warning: …`` / ``error: …`` like every other line the CLI prints; with ``-v`` (the
+    handler's threshold below WARNING) the level and logger name, for who said it."""
+
+    def __init__(self, handler: CliLogHandler) -> None:
+        super().__init__(VERBOSE_LOG_FORMAT)
+        self._handler = handler
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._handler.threshold < logging.WARNING:
+            return super().format(record)
+        # No traceback without -v: one line that says what happened.
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def local_timestamp(clock: Callable[[], datetime] | None = None) -> str:
+    """Local time, ISO 8601 with its UTC offset, to the second: ``2026-11-30T05:01:02+01:00``."""
+    now = clock() if clock is not None else datetime.now()
+    return now.astimezone().isoformat(timespec="seconds")
+
+
+class TimestampedStream:
+    """A text stream that starts every line written through it with :func:`local_timestamp`.
+
+    The CLI puts it in front of stderr when stderr is a file or a pipe (cron, CI, ``2>log``), so
+    every line of a log says when it was written: progress, warnings, errors, the summary of
+    ``-q``. Thread-safe: a line is stamped once, however it is split across writes.
+    """
+
+    def __init__(self, stream: IO[str], clock: Callable[[], datetime] | None = None) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._at_line_start = True
+
+    def write(self, text: str) -> int:
+        # Text only: Click probes a stream with ``write(b"")`` and, were bytes accepted, would
+        # wrap it as a binary stream.
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        with self._lock:
+            out: list[str] = []
+            for piece in text.splitlines(keepends=True):
+                if self._at_line_start:
+                    out.append(local_timestamp(self._clock) + " ")
+                out.append(piece)
+                self._at_line_start = piece.endswith(("\n", "\r"))
+            self._stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    # No ``buffer``: a writer that found it would go around the timestamps.
+    @property
+    def encoding(self) -> str:
+        return str(getattr(self._stream, "encoding", None) or "utf-8")
+
+    @property
+    def errors(self) -> str | None:
+        return cast("str | None", getattr(self._stream, "errors", None))
+
+    def writable(self) -> bool:
+        return True
+
+
+def stderr_is_a_log(stream: IO[str] | None) -> bool:
+    """True when ``stream`` is a real file or pipe (has a descriptor) that is not a terminal,
+    and ``XNATIO_LOG_TIMESTAMPS`` is not ``0`` (for a log collector that stamps lines itself,
+    such as the systemd journal)."""
+    if os.environ.get("XNATIO_LOG_TIMESTAMPS", "").strip().lower() in ("0", "no", "false", "off"):
+        return False
+    if stream is None or isinstance(stream, TimestampedStream):
+        return False
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False  # an in-memory stream (CliRunner, an embedding program's buffer)
+    try:
+        return not os.isatty(fd)
+    except OSError:
+        return False
 
 
 if TYPE_CHECKING:
@@ -111,7 +210,7 @@ class CliLogHandler(_TextStreamHandler):
     def __init__(self, stream: IO[str], threshold: int = logging.WARNING) -> None:
         super().__init__(stream)
         self.threshold = threshold
-        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.setFormatter(CliFormatter(self))
         self.addFilter(SecretFilter())
         self.addFilter(lambda record: record.levelno >= self.threshold)
 
@@ -257,18 +356,23 @@ def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
 class LogDisplay(Display):
     """Plain periodic lines on a stream, for when stderr is not a terminal (cron, pipes, CI).
 
-    A line is written on every phase change, then when ``interval`` seconds have passed or the
-    phase has advanced by ``step`` (a fraction of its total) since the last line, and for the
-    final event of a phase. Never any ANSI codes.
+    A line is written on every phase change, when ``interval`` seconds have passed since the
+    last line (and something changed), and once when a phase completes: a log's length follows
+    the run's duration (about duration / interval + 2 per phase), never the session's size.
+    ``step`` (a fraction of the phase's total, off by default) adds a line at each such step.
+    With ``heartbeat`` (the CLI's), a timer writes the latest numbers once an interval has passed
+    with no line, so a stalled phase (a server still importing, a wait) still shows in the log
+    at the steady interval. Never any ANSI codes.
     """
 
     def __init__(
         self,
         stream: IO[str] | None = None,
         *,
-        interval: float = 5.0,
-        step: float = 0.10,
+        interval: float = defaults.LOG_INTERVAL,
+        step: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat: bool = False,
     ) -> None:
         self._stream = stream
         self._interval = interval
@@ -279,7 +383,29 @@ class LogDisplay(Display):
         self._last_time = 0.0
         self._last_fraction = 0.0
         self._last_line = ""
+        self._completed: Phase | None = None
         self._rate = _Rate(clock)
+        self._latest: ProgressEvent | None = None
+        self._heartbeat = heartbeat and interval > 0
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        """The heartbeat thread: the latest event's line, when an interval passed without one."""
+        while not self._stop.wait(self._interval / 4):
+            with self._lock:
+                event = self._latest
+                if event is None or self._clock() - self._last_time < self._interval:
+                    continue
+                line = format_event(event, rate=self._rate.per_second(event.bytes_done))
+                self._last_time, self._last_line = self._clock(), line
+                self._write(line)
+
+    def close(self) -> None:
+        self._stop.set()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
 
     def _write(self, line: str) -> None:
         stream = self._stream if self._stream is not None else sys.stderr
@@ -287,12 +413,21 @@ class LogDisplay(Display):
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.phase is Phase.DONE:
-            return  # the summary follows
+            with self._lock:
+                self._latest = None  # the summary follows: no heartbeat after it
+            return
         with self._lock:
+            self._latest = event
+            if self._heartbeat and self._timer is None and not self._stop.is_set():
+                self._timer = threading.Thread(
+                    target=self._beat, daemon=True, name="xnatio-log-heartbeat"
+                )
+                self._timer.start()
             now = self._clock()
             fraction = event.current / event.total if event.total else 0.0
             if event.bytes_total:
                 fraction = event.bytes_done / event.bytes_total
+            complete = event.total > 0 and event.current >= event.total
             if event.phase is not self._phase:
                 self._phase = event.phase
                 self._rate.restart()
@@ -300,9 +435,14 @@ class LogDisplay(Display):
             else:
                 due = (
                     now - self._last_time >= self._interval
-                    or fraction - self._last_fraction >= self._step - 1e-9
-                    or (event.total > 0 and event.current >= event.total)
+                    or (
+                        self._step is not None
+                        and fraction - self._last_fraction >= self._step - 1e-9
+                    )
+                    or (complete and self._completed is not event.phase)
                 )
+            if complete:
+                self._completed = event.phase
             if not due:
                 return
             line = format_event(event, rate=self._rate.per_second(event.bytes_done))
@@ -477,7 +617,9 @@ class RichDisplay(Display):
                 self._progress.stop()
 
 
-def choose_display(*, quiet: bool, stream: IO[str] | None = None) -> Display:
+def choose_display(
+    *, quiet: bool, stream: IO[str] | None = None, log_interval: float = defaults.LOG_INTERVAL
+) -> Display:
     """``-q`` → silent; a terminal on stderr → rich; otherwise plain log lines.
 
     ``TERM=dumb`` also gets plain lines: a live display would print escape codes it cannot draw.
@@ -488,7 +630,7 @@ def choose_display(*, quiet: bool, stream: IO[str] | None = None) -> Display:
     is_tty = bool(getattr(stream, "isatty", lambda: False)())
     if is_tty and os.environ.get("TERM") != "dumb":
         return RichDisplay(Console(file=stream))
-    return LogDisplay(stream)
+    return LogDisplay(stream, interval=log_interval, heartbeat=True)
 
 
 class TqdmProgress:

@@ -75,7 +75,16 @@ def account_for_skipped(result: UploadResult, manifest: Manifest) -> UploadResul
         path = str(s.path)
         if path not in listed:
             listed.add(path)
-            extra.append(FileOutcome(path, Outcome.SKIPPED, reason=s.reason, size=s.size))
+            extra.append(
+                FileOutcome(
+                    path,
+                    Outcome.SKIPPED,
+                    reason=s.reason,
+                    size=s.size,
+                    sop_instance_uid=s.sop_instance_uid,
+                    series_uid=s.series_uid,
+                )
+            )
     result.files.extend(extra)
     return result
 

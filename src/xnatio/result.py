@@ -96,7 +96,14 @@ def not_sent(f: DicomFile, reason: str = "not sent") -> FileOutcome:
 def skipped_outcomes(manifest: Manifest) -> list[FileOutcome]:
     """SKIPPED outcomes for what discovery set aside (not DICOM, DICOMDIR, duplicates)."""
     return [
-        FileOutcome(path=str(s.path), outcome=Outcome.SKIPPED, reason=s.reason, size=s.size)
+        FileOutcome(
+            path=str(s.path),
+            outcome=Outcome.SKIPPED,
+            reason=s.reason,
+            size=s.size,
+            sop_instance_uid=s.sop_instance_uid,  # a duplicate's instance; "" for other files
+            series_uid=s.series_uid,
+        )
         for s in [*manifest.skipped, *manifest.duplicates]
     ]
 

@@ -693,6 +693,8 @@ def verify_session(
     if server is None:
         report.found = False
         server = ServerSession([])
+        # Nothing to read back or hash: no "200/200 files, 13103.8 MB/s" before "not found".
+        progress = None
     studies = {f.study_uid for f in local}
     if server.study_uid and local and server.study_uid not in studies:
         report.other_study = server.study_uid

@@ -13,6 +13,7 @@ from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
     ServerArgs,
+    command_exit_codes,
     dicom_options,
     exit_codes_epilog,
     output_options,
@@ -34,7 +35,7 @@ LOGIN_EPILOG = (
     "\b\nA saved token goes to the system keyring when the 'keyring' package has a working\n"
     "backend, else into the profile of the config file (mode 0600). XNAT expires alias tokens\n"
     "after 48 hours by default: run `xio login --save-token` again to renew.\n"
-) + exit_codes_epilog()
+) + exit_codes_epilog(codes=command_exit_codes(ok="logged in (and, with --save-token, saved)"))
 
 
 def _version_of(info: dict[str, Any]) -> str:
@@ -117,7 +118,7 @@ SHOW_EPILOG = (
     "  xio config show\n"
     "  xio config show --profile scanner --json\n"
     "\b\nSecrets are never printed: a password or token shows as <hidden>, with its source.\n"
-) + exit_codes_epilog()
+) + exit_codes_epilog(codes=command_exit_codes(ok="configuration shown", auth="", unreachable=""))
 
 
 def settings_document(settings: Settings) -> dict[str, Any]:

@@ -19,14 +19,14 @@ import logging
 import os
 import sys
 import traceback
-from typing import IO, Any
+from typing import IO, Any, TextIO, cast
 
 import click
 
 from xnatio import __version__, redact
 from xnatio.cli.options import exit_codes_epilog
 from xnatio.errors import EXIT_INTERRUPTED, BrokenPipe, OutputError, XnatioError
-from xnatio.progress import CliLogHandler, cli_logging
+from xnatio.progress import CliLogHandler, TimestampedStream, cli_logging, stderr_is_a_log
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -142,7 +142,23 @@ class XioGroup(click.Group):
         # only (so ``CliRunner`` and an embedding program get their logging back untouched).
         with cli_logging() as handler:
             ctx.meta[HANDLER_KEY] = handler
-            return self._invoke(ctx)
+            real_stderr = sys.stderr
+            if not stderr_is_a_log(real_stderr):
+                return self._invoke(ctx)
+            # stderr is a file or a pipe (cron, CI, `2>log`): every line it gets is timestamped,
+            # whoever writes it (progress, log records, warnings, the error line).
+            stamped = cast(TextIO, TimestampedStream(real_stderr))
+            sys.stderr = stamped
+            rerouted = handler.stream is real_stderr
+            if rerouted:
+                handler.setStream(stamped)
+            try:
+                return self._invoke(ctx)
+            finally:
+                sys.stderr.flush()
+                if rerouted:
+                    handler.setStream(real_stderr)
+                sys.stderr = real_stderr
 
     def _invoke(self, ctx: click.Context) -> Any:
         real_stdout = sys.stdout

@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,17 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from xnatio.errors import EXIT_CODES, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from xnatio.errors import (
+    EXIT_AUTH,
+    EXIT_BROKEN_PIPE,
+    EXIT_CODES,
+    EXIT_FILES_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+from xnatio.progress import TimestampedStream, local_timestamp
 from xnatio.settings import Settings, resolve_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,7 +121,8 @@ _SERVER_OPTIONS = [
         "--ca-bundle",
         metavar="FILE",
         type=click.Path(dir_okay=False),
-        help="CA certificates (PEM) to trust for the server, e.g. a site's own CA.",
+        help="CA certificates (PEM) to trust for the server, e.g. a site's own CA.  "
+        "[env: XNAT_CA_BUNDLE]",
     ),
     click.option(
         "--profile",
@@ -235,11 +248,79 @@ def report_option(f: F) -> F:
     )(f)
 
 
-def exit_codes_epilog(title: str = "Exit codes") -> str:
-    """The exit codes as a help epilog block (the group's and every command's, see
-    :data:`xnatio.errors.EXIT_CODES`)."""
-    lines = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+# What every command that is not an upload means by its codes: no "resume" for them.
+COMMAND_EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_USAGE: EXIT_CODES[EXIT_USAGE],
+    EXIT_AUTH: EXIT_CODES[EXIT_AUTH],
+    EXIT_UNREACHABLE: EXIT_CODES[EXIT_UNREACHABLE],
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: EXIT_CODES[EXIT_BROKEN_PIPE],
+}
+
+
+def exit_codes_epilog(title: str = "Exit codes", codes: dict[int, str] | None = None) -> str:
+    """The exit codes as a help epilog block: ``codes`` (what one command means by each), by
+    default the upload's (:data:`xnatio.errors.EXIT_CODES`, which the group shows too)."""
+    table = EXIT_CODES if codes is None else codes
+    lines = "\n".join(f"  {code:>3}  {text}" for code, text in sorted(table.items()))
     return f"\n\b\n{title}:\n{lines}\n"
+
+
+def command_exit_codes(**meanings: str) -> dict[int, str]:
+    """:data:`COMMAND_EXIT_CODES` with a command's own words: ``ok=``, ``failed=`` (exit 1,
+    left out when not given), ``usage=``, ``auth=``, ``unreachable=``; an empty text leaves
+    that code out (a command that never contacts a server has no exit 3 or 4)."""
+    keys = {
+        "ok": EXIT_OK,
+        "failed": EXIT_FILES_FAILED,
+        "usage": EXIT_USAGE,
+        "auth": EXIT_AUTH,
+        "unreachable": EXIT_UNREACHABLE,
+    }
+    codes = dict(COMMAND_EXIT_CODES)
+    for key, text in meanings.items():
+        if text:
+            codes[keys[key]] = text
+        else:
+            codes.pop(keys[key], None)
+    return codes
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options under headings.
+
+    ``sections`` is ``((title, (param name, ...)), ...)``; names that the command does not have
+    are passed over (so a section may name an option another branch adds), and options no
+    section names are listed last, under "Other options", so none is ever left out.
+    """
+
+    def __init__(
+        self, *args: Any, sections: tuple[tuple[str, tuple[str, ...]], ...] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records: dict[str, tuple[str, str]] = {}
+        help_option = self.get_help_option(ctx)
+        for param in self.get_params(ctx):
+            if not isinstance(param, click.Option):
+                continue  # arguments are in the usage line and the text
+            record = param.get_help_record(ctx)
+            if record is not None and param.name is not None:
+                records["help" if param is help_option else param.name] = record
+        placed: set[str] = set()
+        for title, names in self.sections:
+            rows = [records[n] for n in names if n in records and n not in placed]
+            placed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [record for name, record in records.items() if name not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
 
 
 def finish_command(
@@ -250,12 +331,15 @@ def finish_command(
     doc: Callable[[], Any],
     text: Callable[[], str],
 ) -> None:
-    """Print a check's result and exit 0 (ok) or 1: ``doc()`` as JSON with --json, else
-    ``text()`` — on stdout when ok (nothing with -q), on stderr when not (even with -q)."""
+    """Print a command's result and exit 0 (ok) or 1: ``doc()`` as JSON with --json, else
+    ``text()`` on stdout, success or failure, like the upload's summary; with -q nothing when
+    ok, and a failure still says what failed, on stderr (as ``upload-dicom -q`` does)."""
     if output.json:
         click.echo(json.dumps(doc(), indent=2))
-    elif not output.quiet or not ok:
-        click.echo(text(), err=not ok)
+    elif not output.quiet:
+        click.echo(text())
+    elif not ok:
+        click.echo(text(), err=True)
     ctx.exit(EXIT_OK if ok else EXIT_FILES_FAILED)
 
 
@@ -290,7 +374,7 @@ def resolve_cli_settings(
     if server.password is not None and not (output and output.quiet):
         click.echo(PASSWORD_FLAG_WARNING, err=True)
     d = dicom or DicomArgs()
-    return resolve_settings(
+    settings = resolve_settings(
         server=server.server,
         username=server.user,
         password=server.password,
@@ -305,6 +389,29 @@ def resolve_cli_settings(
         need_credentials=need_credentials,
         profile_may_be_missing=profile_may_be_missing,
     )
+    if not settings.verify_tls:
+        _one_tls_warning(settings.sources.get("verify_tls", "--no-verify-tls"), output)
+    return settings
+
+
+def _one_tls_warning(source: str, output: OutputArgs | None) -> None:
+    """``--no-verify-tls``: one line for the command, not urllib3's InsecureRequestWarning for
+    every connection (urllib3 sets it to "always"). The filter is put back when the command
+    ends (commands also run in-process: tests, scripts)."""
+    from urllib3.exceptions import InsecureRequestWarning
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.meta.get("xnatio.tls_warned"):
+        return
+    ctx.meta["xnatio.tls_warned"] = True
+    ctx.with_resource(warnings.catch_warnings())
+    warnings.simplefilter("ignore", InsecureRequestWarning)
+    if not (output and output.quiet):
+        click.echo(
+            f"warning: TLS certificate checking is off ({source}): the server's identity is "
+            "not checked",
+            err=True,
+        )
 
 
 @contextlib.contextmanager
@@ -361,8 +468,12 @@ def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterato
     # On a terminal the live progress line has no newline yet: start ours on a line of its own.
     lead = "\n" if _isatty(2) else ""
 
+    def stamp() -> str:
+        # stderr is a log (the CLI timestamps its lines): this line, written past it, too.
+        return local_timestamp() + " " if isinstance(sys.stderr, TimestampedStream) else ""
+
     def abort(signum: int, frame: object) -> None:
-        os.write(2, (lead + ABORT_LINE).encode())
+        os.write(2, (lead + stamp() + ABORT_LINE).encode())
         os._exit(EXIT_INTERRUPTED)
 
     def stop(signum: int, frame: object) -> None:
@@ -377,7 +488,9 @@ def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterato
                 what = describe_stop()
             except Exception:  # a progress detail must never stand in the way of stopping
                 what = ""
-        line = f"{lead}stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)\n"
+        line = (
+            f"{lead}{stamp()}stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)\n"
+        )
         os.write(2, line.encode("utf-8", "backslashreplace"))
         raise KeyboardInterrupt
 

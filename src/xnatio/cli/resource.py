@@ -14,6 +14,7 @@ import click
 from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
+    command_exit_codes,
     exit_codes_epilog,
     finish_command,
     output_options,
@@ -34,7 +35,9 @@ EPILOG = (
     "  xio upload-resource MYPROJ SUBJ01 SESS01 NIFTI ./nifti/ --scan 3 --json\n"
     "\b\nA directory is sent as ONE tar archive built while it is sent (no temporary copy)\n"
     "and unpacked by XNAT (extract=true); its sub-folders are kept inside the resource.\n"
-) + exit_codes_epilog()
+) + exit_codes_epilog(
+    codes=command_exit_codes(ok="every file uploaded", failed="some files failed")
+)
 
 
 @click.command("upload-resource", epilog=EPILOG)

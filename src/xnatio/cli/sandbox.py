@@ -217,7 +217,12 @@ def synth(
         seed=seed,
         extras=extras,
     )
-    click.echo(
-        f"wrote {s.file_count} files ({s.total_bytes / 1e6:.1f} MB) of study {s.study_uid} "
-        f"in {len(s.series)} series to {s.root}"
+    # Every file written: the session's instances and each extra (one file apiece).
+    written = s.file_count + len(s.extras)
+    text = (
+        f"wrote {written} files to {s.root}: {s.file_count} DICOM instances "
+        f"({s.total_bytes / 1e6:.1f} MB) of study {s.study_uid} in {len(s.series)} series"
     )
+    if s.extras:
+        text += f", and {len(s.extras)} extra ({', '.join(sorted(s.extras))})"
+    click.echo(text)

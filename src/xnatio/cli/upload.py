@@ -19,6 +19,7 @@ from xnatio import defaults
 from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
+    SectionedCommand,
     ServerArgs,
     dicom_options,
     exit_codes_epilog,
@@ -37,6 +38,7 @@ from xnatio.pipeline import (
     describe_dry_run,
     discover_for_upload,
     dry_run_preflight,
+    rest_client,
     upload,
 )
 from xnatio.progress import choose_display
@@ -88,8 +90,53 @@ Examples:
 """
 
 
+# --help lists the options under these headings (an option no section names, e.g. one added
+# later, is listed under "Other options": add its name here).
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "Target and source",
+        ("transport", "overwrite", "direct_archive", "archive_wait", "allow_multiple_studies"),
+    ),
+    (
+        "Batching",
+        (
+            "num_batches",
+            "upload_workers",
+            "archive_workers",
+            "archive_format",
+            "compress",
+            "timeout",
+            "retries",
+            "retry_budget",
+        ),
+    ),
+    ("Verification and resume", ("verify", "restart", "journal_path", "wait", "dry_run")),
+    (
+        "Server and credentials",
+        ("server", "user", "password", "verify_tls", "ca_bundle", "profile", "env_file"),
+    ),
+    (
+        "DICOM C-STORE (--transport dicom-store)",
+        (
+            "dicom_host",
+            "dicom_port",
+            "dicom_called_aet",
+            "dicom_calling_aet",
+            "max_pdu",
+            "acse_timeout",
+            "dimse_timeout",
+            "network_timeout",
+            "no_routing",
+        ),
+    ),
+    ("Output", ("json_output", "report", "quiet", "verbose", "log_interval", "help")),
+)
+
+
 @click.command(
     "upload-dicom",
+    cls=SectionedCommand,
+    sections=SECTIONS,
     epilog=EXAMPLES + exit_codes_epilog(),
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -243,6 +290,15 @@ Examples:
 )
 @report_option
 @output_options
+@click.option(
+    "--log-interval",
+    type=click.FloatRange(min=0.1),
+    default=defaults.LOG_INTERVAL,
+    show_default=True,
+    metavar="SECONDS",
+    help="When stderr is not a terminal (cron, pipes, CI): seconds between progress lines, "
+    "besides one at each phase change. Every such line starts with the local time.",
+)
 @server_options
 @dicom_options
 @click.option(
@@ -309,6 +365,7 @@ def upload_dicom(
     wait: bool,
     report: Path | None,
     output: OutputArgs,
+    log_interval: float,
     server: ServerArgs,
     dicom: DicomArgs,
     max_pdu: int,
@@ -373,7 +430,7 @@ def upload_dicom(
         opts.upload_workers if rest else opts.batches, "request" if rest else "association"
     )
     with json_errors(output), stop_in_two_steps(in_flight.describe):
-        code = _upload(opts, server, dicom, output, report, in_flight)
+        code = _upload(opts, server, dicom, output, report, in_flight, log_interval)
     ctx.exit(code)
 
 
@@ -416,6 +473,7 @@ def _upload(
     output: OutputArgs,
     report: Path | None,
     in_flight: InFlight | None = None,
+    log_interval: float = defaults.LOG_INTERVAL,
 ) -> int:
     # Cheap checks first: a typo in PATH or a missing password should not wait for discovery.
     if not os.path.lexists(opts.path):
@@ -425,7 +483,16 @@ def _upload(
     settings = resolve_cli_settings(server, dicom, output=output)
     check_ready(opts, settings)
 
-    with choose_display(quiet=output.quiet) as display:
+    with contextlib.ExitStack() as stack:
+        display = stack.enter_context(choose_display(quiet=output.quiet, log_interval=log_interval))
+        client = None
+        if opts.transport == "rest" and not opts.dry_run:
+            # The server and the credentials answer before a discovery that may read 50,000
+            # headers: a wrong password or a server that is down is reported at once (facts 2:
+            # a login is POST /data/JSESSION with Basic auth). The upload then uses this client
+            # (the JSESSION is renewed if it expired meanwhile, xnatio.xnat.client).
+            display(ProgressEvent(Phase.CONNECT, 0, 1, f"logging in to {settings.server}"))
+            client = stack.enter_context(rest_client(opts, settings))  # logs in
         manifest = discover_for_upload(opts, display)
         if opts.dry_run:
             text, data = describe_dry_run(opts, manifest, display)
@@ -441,6 +508,7 @@ def _upload(
                 manifest=manifest,
                 progress=progress,
                 notify=display.note,
+                client=client,
             )
     if opts.dry_run:
         # The plan is what a dry run is for, so it is printed even with -q (which silences only

@@ -17,6 +17,7 @@ import click
 from xnatio.cli.options import (
     OutputArgs,
     ServerArgs,
+    command_exit_codes,
     exit_codes_epilog,
     finish_command,
     output_options,
@@ -32,7 +33,12 @@ from xnatio.verify import VerifyReport, verify_session
 
 PROBLEMS_SHOWN = 20
 POLL_SECONDS = 5.0  # between read-backs with --wait-for
-EPILOG = "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n" + exit_codes_epilog()
+EPILOG = "\n\b\nExample:\n  xio verify MYPROJ SUBJ01 SESS01 /data/SESS01\n" + exit_codes_epilog(
+    codes=command_exit_codes(
+        ok="every file is in the session (and matches where compared)",
+        failed="some files are missing or differ, or the session was not found",
+    )
+)
 
 
 @click.command(
