@@ -356,3 +356,95 @@ def test_a_stalled_phase_still_shows_at_the_interval() -> None:
     after = len(lines)
     time.sleep(0.2)
     assert len(out.getvalue().splitlines()) == after, "nothing after close"
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_live_bar_keeps_its_width_and_place_at_80_and_120_columns(width: int) -> None:
+    from rich.console import Console
+
+    from xnatio.models import Phase, ProgressEvent
+    from xnatio.progress import RichDisplay
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=width, no_color=True)
+    with RichDisplay(console) as d:
+        for i, failed in ((0, 0), (3, 0), (300, 1), (1199, 12), (1200, 12)):
+            d(
+                ProgressEvent(
+                    Phase.UPLOAD,
+                    i,
+                    1200,
+                    "uploading",
+                    bytes_done=i * 132_000,
+                    bytes_total=1200 * 132_000,
+                    batches_total=42,
+                    batches_done=i * 42 // 1200,
+                    batches_failed=failed,
+                )
+            )
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    frames = [f for f in re.split(r"[\r\n]", plain) if f.startswith("upload ") and "files" in f]
+    assert frames
+    bar = max(10, min(30, width - 70))
+    for frame in frames:
+        assert len(frame.rstrip()) <= width, frame
+        # description (8) and a space, then the bar, always this wide, then the figures
+        assert frame[9 : 9 + bar].strip(" ━╸╺") == "", frame
+        assert "━" in frame[9 : 9 + bar] or "╺" in frame[9 : 9 + bar], frame
+        assert frame[9 + bar] == " " and frame[10 + bar].isdigit(), frame
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_real_cli_in_a_terminal_shows_bars_at_80_and_120_columns(
+    tmp_path: Path, session: SyntheticSession, xnat_server: SandboxServer, columns: int
+) -> None:
+    """`xio upload-dicom` with stderr a pseudo-terminal of COLUMNS x 24, a capped server."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    xnat_server.set_knobs(per_file_ms=30.0)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
+    child_env.update(_env(xnat_server), HOME=str(tmp_path), TERM="xterm-256color")
+    child_env.pop("COLUMNS", None)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "xnatio", "upload-dicom", "P", "S", "E", str(session.root)),
+            *("--num-batches", "3", "--upload-workers", "1"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=child_env,
+    )
+    os.close(follower)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, screen.decode(errors="replace")
+    assert stdout.decode().startswith("Uploaded 30 of 30 files")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", errors="replace"))
+    frames = [f for f in re.split(r"[\r\n]", text) if f.startswith("upload ")]
+    assert frames, text
+    bar = max(10, min(30, columns - 70))
+    for frame in frames:
+        assert len(frame.rstrip()) <= columns, frame
+        assert frame[9 : 9 + bar].strip(" ━╸╺") == "", frame
+    assert any("━" in f[9 : 9 + bar] for f in frames), frames
+    print("\n".join(frames[-3:]))  # shown with -s: what the terminal showed last

@@ -456,6 +456,10 @@ class LogDisplay(Display):
             self._write(text)
 
 
+# "1200/1200 files 158.4/158.4 MB" fits; longer (50,000 files) is cut with an ellipsis.
+AMOUNT_WIDTH = 30
+
+
 class _AmountColumn(ProgressColumn):
     """``120/300 files · 6.1/15.7 MB`` (files only outside the upload phase)."""
 
@@ -507,20 +511,27 @@ class RichDisplay(Display):
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        # One line per phase, whatever the terminal's width: fixed columns never wrap, the bar
-        # gets what is left beyond 90 columns (none at 80), and the last column (batches, or
-        # the phase's message) is cut with an ellipsis.
+        # One line per phase, in fixed columns whatever the numbers beside it say: the bar keeps
+        # its width (10 characters at 80 columns, up to 30 on wider terminals) and its place,
+        # the figures have their own widths, and the last column (batches, or the phase's
+        # message) gets what is left, cut with an ellipsis: text is truncated, never the bar.
         width = self.console.width
-        bar = [BarColumn(bar_width=min(30, width - 90))] if width >= 100 else []
+        bar_width = max(10, min(30, width - 70))
+
+        def fixed(n: int) -> Column:
+            return Column(no_wrap=True, min_width=n, max_width=n, overflow="ellipsis")
+
         self._progress = Progress(
-            TextColumn("{task.description:<8}", table_column=Column(no_wrap=True)),
-            *bar,
-            _AmountColumn(table_column=Column(no_wrap=True)),
-            _SpeedColumn(table_column=Column(no_wrap=True)),
-            _EtaColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.description:<8}", table_column=fixed(8)),
+            BarColumn(bar_width=bar_width, table_column=fixed(bar_width)),
+            _AmountColumn(table_column=fixed(AMOUNT_WIDTH)),
+            _SpeedColumn(table_column=fixed(8)),
+            _EtaColumn(table_column=fixed(11)),
             _BatchColumn(
                 table_column=Column(
-                    no_wrap=True, overflow="ellipsis", max_width=max(12, width - 62)
+                    no_wrap=True,
+                    overflow="ellipsis",
+                    max_width=max(8, width - (8 + bar_width + AMOUNT_WIDTH + 8 + 11 + 5)),
                 )
             ),
             console=self.console,
