@@ -279,3 +279,27 @@ def test_compressed_upload_lands_every_instance(
 def _files(tmp_path: Path, n: int) -> list[Any]:
     session = generate_session(tmp_path / "src", series=1, instances=n, image_size=(64, 64))
     return list(discover(session.root).files)
+
+
+def test_progress_of_a_compressed_body_counts_uncompressed_bytes(tmp_path: Path) -> None:
+    """A chunked (deflated) body reports the files' bytes as their entries are produced, not
+    only at its end, and never the (smaller) wire bytes."""
+    import threading
+
+    from xnatio.events import ProgressCounter
+    from xnatio.transports.rest.bodies import StreamBody
+    from xnatio.transports.rest.send import _raw_sent
+
+    session = generate_session(tmp_path / "big", series=1, instances=16, image_size=(256, 256))
+    files = list(discover(session.root).files)
+    payload = sum(f.size for f in files)
+    stream = make_archive_stream(files, "zip-deflated", root=tmp_path, compression=Compression())
+    progress = ProgressCounter(None, files_total=len(files), bytes_total=payload, batches_total=1)
+    body = StreamBody(stream, payload, progress, threading.Event(), raw_sent=_raw_sent(stream))
+    seen = []
+    wire = 0
+    for chunk in body:
+        wire += len(chunk)
+        seen.append(progress.bytes_done)
+    assert progress.bytes_done == payload > wire  # uncompressed, all of it
+    assert 0 < seen[0] < payload  # counted while streaming, not only at the end
