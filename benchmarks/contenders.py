@@ -230,6 +230,20 @@ def xio_rest_no_verify(workers: int) -> Contender:
     )
 
 
+def xio_rest_uncompressed(workers: int) -> Contender:
+    """xio as installed but ``--compress never`` (the tar): the side-by-side of issue 16."""
+    args = ["--num-batches", str(workers), "--upload-workers", str(workers), "--compress", "never"]
+    return Contender(
+        name="xio --compress never",
+        summary="xio upload-dicom P S E DIR --server URL --user admin --json -q "
+        f"--num-batches {workers} --upload-workers {workers} --compress never (the tar, as "
+        "before issue 16)",
+        prepare=nothing,
+        build=_xio_rest(args, "xio upload-dicom ... " + " ".join(args)),
+        check=_with_xio_report(check_archived),
+    )
+
+
 def xio_sequential() -> Contender:
     args = ["--num-batches", "1", "--upload-workers", "1", "--no-verify"]
     return Contender(

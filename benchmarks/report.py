@@ -222,6 +222,30 @@ def goals(results: list[CaseResult]) -> list[Goal]:
         lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
     )
     ratio_goal(
+        "rest-wan",
+        "xio",
+        "xio --compress never",
+        "(issue 16) ≥ 1.8× faster than xio --compress never under rest-wan",
+        lambda a, b: b / a >= 1.8,
+        lambda a, b: f"never {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    ratio_goal(
+        "rest-slow",
+        "xio",
+        "xio --compress never",
+        "(issue 16, for reference) faster than xio --compress never at 100 Mbit/s",
+        lambda a, b: b / a > 1.0,
+        lambda a, b: f"never {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
+    )
+    ratio_goal(
+        "rest-limit",
+        "xio",
+        "xio --compress never",
+        "(issue 16) on loopback --compress auto within 5 % of never",
+        lambda a, b: a / b <= 1.05,
+        lambda a, b: f"auto {a:.2f} s / never {b:.2f} s = {a / b:.2f}×",
+    )
+    ratio_goal(
         "rest-latency",
         "xio --no-verify",
         "xnatctl",

@@ -122,7 +122,11 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                     f"rest-limit {rest.files} files",
                     rest,
                     "sandbox",
-                    [c.xio_rest(REST_WORKERS), c.curl_single_tar()],
+                    [
+                        c.xio_rest(REST_WORKERS),
+                        c.xio_rest_uncompressed(REST_WORKERS),
+                        c.curl_single_tar(),
+                    ],
                     reps(name),
                     baseline="curl",
                     needs_tar=True,
@@ -137,6 +141,7 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                     "sandbox",
                     [
                         c.xio_rest(REST_WORKERS),
+                        c.xio_rest_uncompressed(REST_WORKERS),
                         c.xio_rest_no_verify(REST_WORKERS),
                         c.xnatctl_rest(REST_WORKERS),
                         c.xio_sequential(),
@@ -157,6 +162,7 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                     "sandbox",
                     [
                         c.xio_rest(REST_WORKERS),
+                        c.xio_rest_uncompressed(REST_WORKERS),
                         c.xio_rest_no_verify(REST_WORKERS),
                         c.xnatctl_rest(REST_WORKERS),
                     ],

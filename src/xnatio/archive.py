@@ -34,9 +34,13 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from xnatio import defaults
 from xnatio.errors import XnatioError
+
+if TYPE_CHECKING:
+    from xnatio.compress import Compression
 
 CHUNK = 256 * 1024
 # Files up to this size are read once into memory for their zip CRC; larger ones are read twice.
@@ -48,12 +52,20 @@ _ZIP_SINGLE_READ = 1024 * 1024
 # is known only once sent, so it goes chunked, which XNAT accepts for application/zip only (facts
 # 1.1: a chunked body of any other type is refused with 400). A gzip'd tar would need a known
 # length, i.e. compressing everything twice or a temporary copy; so there is no tgz writer.
+# "zip-auto" is the same stream with each entry DEFLATED or STORED as a
+# :class:`xnatio.compress.Compression` decides (``--compress auto``); a zip may mix both.
 CONTENT_TYPES = {
     "tar": "application/x-tar",
     "zip": "application/zip",
     "zip-deflated": "application/zip",
+    "zip-auto": "application/zip",
 }
-FILENAMES = {"tar": "upload.tar", "zip": "upload.zip", "zip-deflated": "upload.zip"}
+FILENAMES = {
+    "tar": "upload.tar",
+    "zip": "upload.zip",
+    "zip-deflated": "upload.zip",
+    "zip-auto": "upload.zip",
+}
 
 # The import service's DICOM-zip handler opens entries whose names end like archives as nested
 # archives (DicomZipImporter, facts section 1). A resource's extract=true does not: ZipUtils and
@@ -246,6 +258,12 @@ class ArchiveStream(Generic[F]):
     ``names``, when given, are the entry names to use (one per file, unique; e.g.
     :func:`instance_member_names`) instead of the paths relative to ``root``.
 
+    ``compression`` (:class:`xnatio.compress.Compression`) decides entry by entry whether a
+    ``zip-auto`` stream deflates (``zip-deflated`` deflates all), and is told every chunk handed
+    out (the wire rate) and every entry deflated (the compressor's rate); ``raw_sent`` counts the
+    uncompressed bytes of the entries produced so far in this iteration (progress of a
+    compressed stream counts these, not wire bytes).
+
     Iterating raises :class:`SourceChangedError` when a file is missing, unreadable or has
     another size than when it was listed, before any byte of that file's entry is produced.
     """
@@ -256,12 +274,13 @@ class ArchiveStream(Generic[F]):
         fmt: str,
         *,
         root: Path,
-        compresslevel: int = 1,
+        compresslevel: int = defaults.COMPRESS_LEVEL,
         on_bytes: Callable[[int], None] | None = None,
         on_member: Callable[[str, F], None] | None = None,
         with_md5: bool = False,
         rename_nested_archives: bool = True,
         names: Sequence[str] | None = None,
+        compression: Compression | None = None,
     ) -> None:
         if fmt not in CONTENT_TYPES:
             raise ValueError(f"archive format must be one of {sorted(CONTENT_TYPES)}, not {fmt!r}")
@@ -273,6 +292,8 @@ class ArchiveStream(Generic[F]):
         self.content_type = CONTENT_TYPES[fmt]
         self.filename = FILENAMES[fmt]
         self.compresslevel = compresslevel
+        self.compression = compression
+        self.raw_sent = 0
         self.on_bytes = on_bytes
         self.on_member = on_member
         self.with_md5 = with_md5
@@ -297,16 +318,28 @@ class ArchiveStream(Generic[F]):
 
     def __iter__(self) -> Iterator[bytes]:
         self.md5.clear()
-        tap = _Tap(self.md5 if self.with_md5 else None, self.on_member)
+        self.raw_sent = 0
+        tap = _Tap(self.md5 if self.with_md5 else None, self.on_member, self)
+        compression = self.compression
         if self.format == "zip":
             raw = _zip_chunks(self.members, tap)
-        elif self.format == "zip-deflated":
-            raw = _deflated_zip_chunks(self.members, tap, self.compresslevel)
+        elif self.format in ("zip-deflated", "zip-auto"):
+            if self.format == "zip-deflated":
+                deflate: Callable[[], bool] = _always
+            else:
+                deflate = compression.should_deflate if compression is not None else _never
+            raw = _deflated_zip_chunks(
+                self.members, tap, self.compresslevel, deflate=deflate, compression=compression
+            )
         else:
             raw = _tar_chunks(self.members, tap)
+        counted = 0  # raw bytes already told to compression
         for chunk in _coalesce(raw):
             if self.on_bytes is not None:
                 self.on_bytes(len(chunk))
+            if compression is not None:
+                compression.sent(len(chunk), self.raw_sent - counted)
+                counted = self.raw_sent
             yield chunk
 
 
@@ -320,9 +353,10 @@ def make_archive_stream(
     with_md5: bool = False,
     rename_nested_archives: bool = True,
     names: Sequence[str] | None = None,
+    compression: Compression | None = None,
 ) -> ArchiveStream[F]:
-    """A streaming ``fmt`` ("tar", "zip" or "zip-deflated") archive of ``files``, names relative
-    to root (or ``names``).
+    """A streaming ``fmt`` ("tar", "zip", "zip-deflated" or "zip-auto") archive of ``files``,
+    names relative to root (or ``names``).
 
     See :class:`ArchiveStream` for the hooks, ``rename_nested_archives`` and ``names``.
     """
@@ -335,7 +369,16 @@ def make_archive_stream(
         with_md5=with_md5,
         rename_nested_archives=rename_nested_archives,
         names=names,
+        compression=compression,
     )
+
+
+def _always() -> bool:
+    return True
+
+
+def _never() -> bool:
+    return False
 
 
 def read_source(f: F) -> Iterator[bytes]:
@@ -355,20 +398,25 @@ class _Tap(Generic[F]):
     they go out (not of a CRC pre-read), and the ``on_member`` hook once an entry is complete."""
 
     def __init__(
-        self, md5: dict[str, str] | None, on_member: Callable[[str, F], None] | None
+        self,
+        md5: dict[str, str] | None,
+        on_member: Callable[[str, F], None] | None,
+        stream: ArchiveStream[F] | None = None,
     ) -> None:
         self.md5 = md5
         self.on_member = on_member
+        self.stream = stream
         self.digest: hashlib._Hash | None = None
 
     def sent(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
-        if self.md5 is None:
-            yield from pieces
-            return
-        if self.digest is None:
+        if self.md5 is not None and self.digest is None:
             self.digest = hashlib.md5(usedforsecurity=False)
+        digest, stream = self.digest, self.stream
         for piece in pieces:
-            self.digest.update(piece)
+            if digest is not None:
+                digest.update(piece)
+            if stream is not None:
+                stream.raw_sent += len(piece)
             yield piece
 
     def done(self, name: str, f: F) -> None:
@@ -694,7 +742,12 @@ _DESCRIPTOR_FLAG = 0x0008
 
 
 def _deflated_zip_chunks(
-    members: Sequence[tuple[str, F]], tap: _Tap[F], level: int
+    members: Sequence[tuple[str, F]],
+    tap: _Tap[F],
+    level: int,
+    *,
+    deflate: Callable[[], bool] = _always,
+    compression: Compression | None = None,
 ) -> Iterator[bytes]:
     """A zip whose entries are DEFLATED, each followed by a data descriptor (CRC and sizes are
     known only once its data is out): read once, no length known in advance.
@@ -702,27 +755,38 @@ def _deflated_zip_chunks(
     ``java.util.zip.ZipInputStream`` (XNAT's DICOM-zip importer, facts 1.1) accepts descriptors on
     DEFLATED entries. A file of 4 GiB or more would need zip64 sizes in its descriptor, which
     that reader only takes after a zip64 local header; such a file goes STORED instead, its CRC
-    read first, as in :func:`_zip_chunks`.
+    read first, as in :func:`_zip_chunks`. So does every entry for which ``deflate()`` answers
+    False (``zip-auto``): a STORED entry carries its CRC and sizes in its local header, without
+    a descriptor, which ``ZipInputStream`` requires of STORED entries. ``compression`` is told the
+    CPU time each deflated entry took (:class:`xnatio.compress.Compression`).
     """
+    cpu = compression.cpu_clock if compression is not None else None
     entries: list[tuple[bytes, int, int, int, int, int, int]] = []  # name, method, flags, crc...
     offset = 0
     for name, f in members:
         encoded = name.encode("utf-8")
         source = _Source(f)
         try:
-            if f.size >= _MAX32:
-                crc = 0
-                for piece in source.read_exactly(f.size):
-                    crc = zlib.crc32(piece, crc)
-                os.lseek(source.fd, 0, os.SEEK_SET)
-                header = _local_header(encoded, f, crc)
-                yield header
-                sent = 0
-                for piece in tap.sent(source.read_exactly(f.size)):
-                    sent = zlib.crc32(piece, sent)
-                    yield piece
-                if sent != crc:
-                    raise SourceChangedError(f, "file changed while it was being sent")
+            if f.size >= _MAX32 or not deflate():
+                if f.size <= _ZIP_SINGLE_READ:  # read once, as in _zip_chunks
+                    data = b"".join(source.read_exactly(f.size))
+                    crc = zlib.crc32(data)
+                    header = _local_header(encoded, f, crc)
+                    yield header
+                    yield from tap.sent([data])
+                else:
+                    crc = 0
+                    for piece in source.read_exactly(f.size):
+                        crc = zlib.crc32(piece, crc)
+                    os.lseek(source.fd, 0, os.SEEK_SET)
+                    header = _local_header(encoded, f, crc)
+                    yield header
+                    sent = 0
+                    for piece in tap.sent(source.read_exactly(f.size)):
+                        sent = zlib.crc32(piece, sent)
+                        yield piece
+                    if sent != crc:
+                        raise SourceChangedError(f, "file changed while it was being sent")
                 entries.append((encoded, 0, _flags(encoded), crc, f.size, f.size, offset))
                 offset += len(header) + f.size
                 tap.done(name, f)
@@ -737,15 +801,24 @@ def _deflated_zip_chunks(
             z = zlib.compressobj(level, zlib.DEFLATED, -15)
             crc = 0
             packed = 0
+            spent = 0.0  # CPU seconds in zlib (it releases the GIL: batches deflate in parallel)
             for piece in tap.sent(source.read_exactly(f.size)):
                 crc = zlib.crc32(piece, crc)
+                start = cpu() if cpu is not None else 0.0
                 out = z.compress(piece)
+                if cpu is not None:
+                    spent += cpu() - start
                 if out:
                     packed += len(out)
                     yield out
+            start = cpu() if cpu is not None else 0.0
             out = z.flush()
+            if cpu is not None:
+                spent += cpu() - start
             packed += len(out)
             yield out
+            if compression is not None:
+                compression.deflated(f.size, packed, spent)
         finally:
             source.close()
         if packed >= _MAX32:  # incompressible data grown past 4 GiB: the descriptor cannot say it

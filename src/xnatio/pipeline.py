@@ -77,6 +77,7 @@ class UploadOptions:
     upload_workers: int = defaults.UPLOAD_WORKERS
     archive_workers: int = defaults.ARCHIVE_WORKERS
     archive_format: str = defaults.ARCHIVE_FORMAT
+    compress: str = defaults.COMPRESS  # auto|always|never (xnatio.compress)
     timeout: float = defaults.REQUEST_TIMEOUT
     overwrite: str = defaults.OVERWRITE
     direct_archive: bool = False
@@ -211,6 +212,7 @@ def _send_rest(
         upload_workers=opts.upload_workers,
         archive_workers=opts.archive_workers,
         archive_format=opts.archive_format,
+        compress=opts.compress,
         overwrite=opts.overwrite,
         direct_archive=opts.direct_archive,
         archive_wait=opts.archive_wait,

@@ -195,6 +195,16 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     "(facts 1.1). tgz is kept for older scripts and sends zip-deflated.",
 )
 @click.option(
+    "--compress",
+    type=click.Choice(["auto", "always", "never"]),
+    default=defaults.COMPRESS,
+    show_default=True,
+    help="Deflate what is sent (rest, with the default tar format): always = a streamed zip of "
+    "deflated entries, the one compressed upload XNAT takes (facts 1.1); never = the tar; auto = "
+    "a streamed zip whose entries are deflated while the link measured in this run is slower "
+    "than this machine deflates, so a fast link is never slowed.",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(min=1),
     default=defaults.REQUEST_TIMEOUT,
@@ -353,6 +363,7 @@ def upload_dicom(
     upload_workers: int,
     archive_workers: int,
     archive_format: str,
+    compress: str,
     timeout: float,
     overwrite: str,
     direct_archive: bool,
@@ -407,6 +418,7 @@ def upload_dicom(
         upload_workers=upload_workers,
         archive_workers=archive_workers,
         archive_format=archive_format,
+        compress=compress,
         timeout=timeout,
         overwrite=overwrite,
         direct_archive=direct_archive,

@@ -127,6 +127,7 @@ class ManyOptions:
     upload_workers: int = defaults.UPLOAD_WORKERS
     archive_workers: int = defaults.ARCHIVE_WORKERS
     archive_format: str = defaults.ARCHIVE_FORMAT
+    compress: str = defaults.COMPRESS
     timeout: float = defaults.REQUEST_TIMEOUT
     overwrite: str = defaults.OVERWRITE
     direct_archive: bool = False
@@ -182,6 +183,7 @@ class ManyOptions:
             upload_workers=min(self.upload_workers, self.max_requests),
             archive_workers=self.archive_workers,
             archive_format=self.archive_format,
+            compress=self.compress,
             timeout=self.timeout,
             overwrite=self.overwrite,
             direct_archive=self.direct_archive,

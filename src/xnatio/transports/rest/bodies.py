@@ -12,7 +12,7 @@ from __future__ import annotations
 import tarfile
 import threading
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -32,8 +32,9 @@ class StreamBody:
     """A streamed request body over a re-iterable archive: counts bytes, stops on cancel.
 
     Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts):
-    wire bytes scaled by ``payload / size`` for a sized archive; for zip-deflated, whose compressed
-    size is unknown, the payload is reported when the stream ends. Each ``iter()`` starts the
+    wire bytes scaled by ``payload / size`` for a sized archive; for a compressed zip, whose size
+    is unknown, the uncompressed bytes of the entries produced so far (``raw_sent``), or the
+    payload when the stream ends. Each ``iter()`` starts the
     archive again (a retry, or a resend after a 401) and takes back what the previous pass
     reported. An exception raised by the archive (a source file vanished) is kept in ``error``,
     because urllib3 may wrap it into a connection error on its way out.
@@ -46,8 +47,10 @@ class StreamBody:
         progress: ProgressCounter,
         cancel: threading.Event,
         size: int | None = None,
+        raw_sent: Callable[[], int] | None = None,
     ) -> None:
         self._chunks = chunks
+        self._raw_sent = raw_sent
         self._payload = payload
         self._scale = payload / size if size else 0.0
         self._progress = progress
@@ -82,6 +85,8 @@ class StreamBody:
         self._sent += size
         if self._scale:
             self._report(min(self._payload, int(self._sent * self._scale)))
+        elif self._raw_sent is not None:
+            self._report(min(self._payload, self._raw_sent()))
         return data
 
     def _report(self, reported: int) -> None:

@@ -35,7 +35,8 @@ from typing import Protocol
 
 import requests
 
-from xnatio.archive import check_sources, instance_member_names, make_archive_stream
+from xnatio.archive import ArchiveStream, check_sources, instance_member_names, make_archive_stream
+from xnatio.compress import Compression
 from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
 from xnatio.errors import ServerError
 from xnatio.events import ProgressCounter
@@ -99,6 +100,7 @@ class BatchSender:
         sleep: Sleep | None = None,
         executor: ExecutorFactory | None = None,
         on_confirmed: OnConfirmed | None = None,
+        compression: Compression | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -110,6 +112,8 @@ class BatchSender:
         self.sleep = sleep
         self.executor = executor
         self.on_confirmed = on_confirmed
+        # One decision for every batch of the upload: the wire rate is that of all its bodies.
+        self.compression = compression or Compression(target.compress)
 
     def send_all(self, manifest: Manifest, batches: list[Batch]) -> None:
         if manifest.source_archive is not None:
@@ -191,7 +195,13 @@ class BatchSender:
 
         def pack(left: list[DicomFile]) -> Packed:
             names = instance_member_names(left)
-            return make_archive_stream(left, self.target.wire_format, root=root, names=names)
+            return make_archive_stream(
+                left,
+                self.target.wire_format,
+                root=root,
+                names=names,
+                compression=self.compression,
+            )
 
         self._send_until_done(batch, files, pack, f"batch {batch.index + 1}")
 
@@ -237,7 +247,13 @@ class BatchSender:
             body = (
                 SizedBody(packed, payload, self.progress, self.cancel, packed.size)
                 if packed.size is not None
-                else StreamBody(packed, payload, self.progress, self.cancel)
+                else StreamBody(
+                    packed,
+                    payload,
+                    self.progress,
+                    self.cancel,
+                    raw_sent=_raw_sent(packed),
+                )
             )
             try:
                 resp = self._post_import(body, packed.content_type, label)
@@ -354,3 +370,11 @@ class BatchSender:
         if self.on_confirmed is not None:
             self.on_confirmed(confirmed)
         self.progress.update(files=len(files), batch_done=True, failed=partial)
+
+
+def _raw_sent(packed: Packed) -> Callable[[], int] | None:
+    """How many uncompressed bytes a chunked (compressed) stream has produced so far."""
+    if isinstance(packed, ArchiveStream):
+        stream: ArchiveStream[DicomFile] = packed
+        return lambda: stream.raw_sent
+    return None

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xnatio import defaults
+from xnatio.compress import COMPRESS_MODES
 from xnatio.errors import UsageError
 from xnatio.models import StudySummary
 from xnatio.xnat.client import quote
@@ -43,6 +44,7 @@ class RestTarget:
     upload_workers: int = defaults.UPLOAD_WORKERS
     archive_workers: int = defaults.ARCHIVE_WORKERS
     archive_format: str = defaults.ARCHIVE_FORMAT
+    compress: str = defaults.COMPRESS
     overwrite: str = defaults.OVERWRITE
     direct_archive: bool = False
     archive_wait: float = defaults.ARCHIVE_WAIT
@@ -54,6 +56,8 @@ class RestTarget:
                 raise UsageError(f"the XNAT {name} label must not be empty")
         if self.archive_format not in ARCHIVE_FORMATS:
             raise UsageError(f"archive format must be one of {', '.join(ARCHIVE_FORMATS)}")
+        if self.compress not in COMPRESS_MODES:
+            raise UsageError(f"--compress must be one of {', '.join(COMPRESS_MODES)}")
         if self.overwrite not in OVERWRITE_MODES:
             raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}")
         for name in ("num_batches", "upload_workers", "archive_workers"):
@@ -64,7 +68,15 @@ class RestTarget:
 
     @property
     def wire_format(self) -> str:
-        """The archive actually sent (``tgz`` sends a deflated zip, see ARCHIVE_FORMATS)."""
+        """The archive actually sent (``tgz`` sends a deflated zip, see ARCHIVE_FORMATS).
+
+        ``compress`` applies to the default tar: ``always`` sends a deflated zip, ``auto`` a zip
+        whose entries are deflated while the link is slower than the compressor
+        (:mod:`xnatio.compress`; a chunked body must be ``application/zip``, facts 1.1),
+        ``never`` the tar. A zip format asked for by name is sent as named.
+        """
+        if self.archive_format == "tar" and self.compress != "never":
+            return "zip-deflated" if self.compress == "always" else "zip-auto"
         return WIRE_FORMATS[self.archive_format]
 
     def archive_dest_for(self, label: str) -> str:
