@@ -24,7 +24,7 @@ from benchmarks.link import Link
 from benchmarks.measure import Sampler, cpu_seconds
 
 STORESCP = "/usr/bin/storescp"
-ARCHIVE_IDLE_S = 2.0  # the sandbox's --idle-seconds in the harness (XNAT's default: 300)
+ARCHIVE_IDLE_S = 30.0  # the sandbox's --idle-seconds in the harness (XNAT's default: 300)
 STORESCU = "/usr/bin/storescu"
 
 
@@ -120,8 +120,10 @@ class Sandbox:
         ]
         for project in self.projects:
             cmd += ["--project", project]
-        # Direct-Archive uploads are archived after the idle interval (facts 1.6): short here, so
-        # the check does not wait XNAT's 5 minutes (benchmarks/contenders.py: ARCHIVE_IDLE_S).
+        # Direct-Archive uploads are archived after the idle interval (facts 1.6): shorter here,
+        # so the check does not wait XNAT's 5 minutes, but longer than any pause between a
+        # peer's requests: a session archived between two of them sends the rest to the
+        # prearchive (facts 1.6), which is what a 2 s interval did to xnatctl under load.
         knobs = {"idle_seconds": ARCHIVE_IDLE_S, **self.knobs}
         for name, value in knobs.items():
             cmd += [f"--{name.replace('_', '-')}", str(value)]
