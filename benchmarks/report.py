@@ -166,101 +166,140 @@ def _t(r: ContenderResult) -> float | None:
     return r.med("metric_s") if r.ok else None
 
 
-def goals(results: list[CaseResult]) -> list[Goal]:
-    out: list[Goal] = []
+@dataclass(frozen=True)
+class RatioGoal:
+    """A goal on the median times of two contenders of one scenario, ``a`` (xio) and ``b``.
 
-    def ratio_goal(scenario: str, a: str, b: str, text: str, test: Any, fmt: Any) -> None:
-        for cr in results:
-            if cr.case.scenario != scenario or a not in cr.results or b not in cr.results:
-                continue
-            ra, rb = cr.results[a], cr.results[b]
-            ta, tb = _t(ra), _t(rb)
-            if ta is None or tb is None:
-                failed = ", ".join(x.name for x in (ra, rb) if not x.ok)
-                out.append(Goal(f"{text} ({cr.case.name})", f"not measured: {failed} failed", None))
-            else:
-                out.append(Goal(f"{text} ({cr.case.name})", fmt(ta, tb), bool(test(ta, tb))))
+    ``faster``: ``b / a`` must reach ``ratio`` (``strict``: exceed it); otherwise ``a`` must be
+    within ``ratio`` of ``b`` (``a / b <= ratio``). ``names``: how the measured line calls them.
+    """
 
-    ratio_goal(
-        "rest-limit",
-        "xio",
-        "curl",
-        "REST within 1.25× of the curl limit",
-        lambda a, b: a / b <= 1.25,
-        lambda a, b: f"xio {a:.2f} s / curl {b:.2f} s = {a / b:.2f}×",
-    )
-    ratio_goal(
-        "rest-wan",
-        "xio",
-        "xnatctl",
-        "≥ 1.5× faster than xnatctl under rest-wan",
-        lambda a, b: b / a >= 1.5,
-        lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+    scenario: str
+    a: str
+    b: str
+    text: str
+    ratio: float
+    faster: bool = True
+    strict: bool = False
+    names: tuple[str, str] = ("", "")
+
+    def measure(self, ta: float, tb: float) -> tuple[str, bool]:
+        name_a, name_b = self.names[0] or self.a, self.names[1] or self.b
+        if self.faster:
+            r = tb / ta
+            met = r > self.ratio if self.strict else r >= self.ratio
+            return f"{name_b} {tb:.2f} s / {name_a} {ta:.2f} s = {r:.2f}×", met
+        r = ta / tb
+        return f"{name_a} {ta:.2f} s / {name_b} {tb:.2f} s = {r:.2f}×", r <= self.ratio
+
+
+NEVER = "xio --compress never"
+RATIO_GOALS = (
+    RatioGoal("rest-limit", "xio", "curl", "REST within 1.25× of the curl limit", 1.25, False),
+    RatioGoal("rest-wan", "xio", "xnatctl", "≥ 1.5× faster than xnatctl under rest-wan", 1.5),
+    RatioGoal(
         "rest-wan",
         "xio --no-verify",
         "xnatctl",
         "≥ 1.5× faster than xnatctl under rest-wan, neither reading back",
-        lambda a, b: b / a >= 1.5,
-        lambda a, b: f"xnatctl {b:.2f} s / xio --no-verify {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+        1.5,
+    ),
+    RatioGoal(
         "rest-wan",
         "xio",
         "xnatctl",
         "(issue 16) ≥ 2× faster than xnatctl under rest-wan (400 Mbit/s link)",
-        lambda a, b: b / a >= 2.0,
-        lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+        2.0,
+    ),
+    RatioGoal(
         "rest-slow",
         "xio",
         "xnatctl",
         "(issue 16) ≥ 2.5× faster than xnatctl at 100 Mbit/s (rest-slow)",
-        lambda a, b: b / a >= 2.5,
-        lambda a, b: f"xnatctl {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+        2.5,
+    ),
+    RatioGoal(
         "rest-wan",
         "xio",
-        "xio --compress never",
+        NEVER,
         "(issue 16) ≥ 1.8× faster than xio --compress never under rest-wan",
-        lambda a, b: b / a >= 1.8,
-        lambda a, b: f"never {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+        1.8,
+        names=("xio", "never"),
+    ),
+    RatioGoal(
         "rest-slow",
         "xio",
-        "xio --compress never",
+        NEVER,
         "(issue 16, for reference) faster than xio --compress never at 100 Mbit/s",
-        lambda a, b: b / a > 1.0,
-        lambda a, b: f"never {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+        1.0,
+        strict=True,
+        names=("xio", "never"),
+    ),
+    RatioGoal(
         "rest-limit",
         "xio",
-        "xio --compress never",
+        NEVER,
         "(issue 16) on loopback --compress auto within 5 % of never",
-        lambda a, b: a / b <= 1.05,
-        lambda a, b: f"auto {a:.2f} s / never {b:.2f} s = {a / b:.2f}×",
-    )
-    ratio_goal(
+        1.05,
+        False,
+        names=("auto", "never"),
+    ),
+    RatioGoal(
         "rest-latency",
         "xio --no-verify",
         "xnatctl",
         "≥ 1.5× faster than xnatctl with added latency per request and per file",
-        lambda a, b: b / a >= 1.5,
-        lambda a, b: f"xnatctl {b:.2f} s / xio --no-verify {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
+        1.5,
+    ),
+    RatioGoal(
         "rest-wan",
         "xio --no-verify",
         "sequential",
         "(for reference) faster than sequential upload under rest-wan, neither reading back",
-        lambda a, b: b / a > 1.0,
-        lambda a, b: f"sequential {b:.2f} s / xio --no-verify {a:.2f} s = {b / a:.2f}×",
-    )
+        1.0,
+        strict=True,
+    ),
+    RatioGoal(
+        "cstore",
+        "xio",
+        "dcmtk-storescu",
+        "C-STORE ≥ 5× dcmtk storescu (files/s)",
+        5.0,
+        names=("xio", "storescu"),
+    ),
+    RatioGoal(
+        "cstore",
+        "xio",
+        "pynetdicom-storescu",
+        "C-STORE ahead of pynetdicom's storescu",
+        1.0,
+        strict=True,
+        names=("xio", "pynetdicom"),
+    ),
+)
+
+
+def _ratio_goals(results: list[CaseResult], goal: RatioGoal) -> list[Goal]:
+    out: list[Goal] = []
+    for cr in results:
+        if cr.case.scenario != goal.scenario or goal.a not in cr.results:
+            continue
+        if goal.b not in cr.results:
+            continue
+        ra, rb = cr.results[goal.a], cr.results[goal.b]
+        ta, tb = _t(ra), _t(rb)
+        text = f"{goal.text} ({cr.case.name})"
+        if ta is None or tb is None:
+            failed = ", ".join(x.name for x in (ra, rb) if not x.ok)
+            out.append(Goal(text, f"not measured: {failed} failed", None))
+        else:
+            measured, met = goal.measure(ta, tb)
+            out.append(Goal(text, measured, met))
+    return out
+
+
+def goals(results: list[CaseResult]) -> list[Goal]:
+    out = [g for goal in RATIO_GOALS for g in _ratio_goals(results, goal)]
     for cr, r in _find(results, "rest-limit", "xio"):
         rss, tmp = r.med("peak_rss_mb"), r.med("peak_tmp_mb")
         where = f"xio, {cr.dataset.files:,} files ({cr.case.name})"
@@ -276,22 +315,6 @@ def goals(results: list[CaseResult]) -> list[Goal]:
             out.append(Goal(text, "failed", None))
         else:
             out.append(Goal(text, f"{fps:,.0f} files/s", fps >= 5000))
-    ratio_goal(
-        "cstore",
-        "xio",
-        "dcmtk-storescu",
-        "C-STORE ≥ 5× dcmtk storescu (files/s)",
-        lambda a, b: b / a >= 5,
-        lambda a, b: f"storescu {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
-    ratio_goal(
-        "cstore",
-        "xio",
-        "pynetdicom-storescu",
-        "C-STORE ahead of pynetdicom's storescu",
-        lambda a, b: b / a > 1,
-        lambda a, b: f"pynetdicom {b:.2f} s / xio {a:.2f} s = {b / a:.2f}×",
-    )
     return out
 
 
