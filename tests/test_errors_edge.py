@@ -268,10 +268,20 @@ needs_setpriv = pytest.mark.skipif(
 
 def _unprivileged(command: list[str], *, uid: int | None = None) -> list[str]:
     """``command`` in a process that cannot read or write past file modes (root's DAC bypass
-    dropped), optionally as ``uid``, a user with no passwd entry."""
+    dropped), optionally as ``uid``, a user with no passwd entry.
+
+    As ``uid``, the process runs in a user namespace that maps ``uid`` onto ours (util-linux
+    ``unshare --map-user``): it is ``uid`` to itself (no passwd entry, so no home) yet still
+    reads the checkout and the venv, which may sit in a folder private to root (a CI clone in
+    a 0700 ``mktemp -d`` folder); a real ``setpriv --reuid`` is the fallback without unshare.
+    """
     if os.geteuid() != 0:
         return command
-    ids = ["--reuid", str(uid), "--regid", str(uid), "--clear-groups"] if uid is not None else []
+    if uid is None:
+        return [*DROP_DAC, *command]
+    if shutil.which("unshare") is not None:
+        return ["unshare", "--user", f"--map-user={uid}", f"--map-group={uid}", *command]
+    ids = ["--reuid", str(uid), "--regid", str(uid), "--clear-groups"]
     return [DROP_DAC[0], *ids, DROP_DAC[1], *command]
 
 
