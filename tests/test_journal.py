@@ -219,6 +219,31 @@ def test_concurrent_writers_from_threads(tmp_path: Path) -> None:
         assert len(run.split()[0]) == 64
 
 
+def _open_and_close(path: str) -> str:
+    try:
+        Journal(Path(path)).close()
+    except ConfigError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_processes_opening_a_new_journal_together_all_get_it(tmp_path: Path) -> None:
+    """A job array's tasks (or upload-many's studies) start together on one journal.
+
+    SQLite refuses the switch to WAL with "database is locked" at once, busy timeout or not,
+    while another process is creating the same file: before the retry, about one round in
+    four failed a process with "cannot use the resume journal".
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(8) as pool:
+        for i in range(20):
+            path = str(tmp_path / f"j{i}.sqlite")
+            answers = pool.map(_open_and_close, [path] * 8)
+            assert answers == ["ok"] * 8, next(a for a in answers if a != "ok")
+
+
 def test_journal_file_is_private(tmp_path: Path) -> None:
     with Journal(tmp_path / "state" / "j.sqlite") as j:
         assert (j.path.stat().st_mode & 0o777) == 0o600

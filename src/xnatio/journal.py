@@ -342,6 +342,33 @@ def _read_holder(fd: int) -> str:
     return f" (pid {text[0]}, started {text[1]})" if len(text) >= 2 else ""
 
 
+# How long a journal write waits for another process's (upload-many's parallel studies,
+# a job array's tasks sharing one journal) before the run goes on without the journal.
+_BUSY_TIMEOUT_S = 30.0
+
+
+def _enter_wal(db: sqlite3.Connection, within_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the file.
+
+    SQLite answers this pragma "database is locked" at once, without its busy handler,
+    when another process is opening (or creating) the same journal at that moment; several
+    processes starting together (a job array, parallel studies) met it.
+    """
+    deadline = time.monotonic() + within_s
+    pause = 0.01
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
 class Journal:
     """One SQLite file shared by every target; thread-safe (one connection, one write lock)."""
 
@@ -357,14 +384,14 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # isolation_level=None: autocommit; every write is its own explicit transaction.
             self._db = sqlite3.connect(
-                self.path, timeout=30.0, check_same_thread=False, isolation_level=None
+                self.path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
             )
         except (OSError, sqlite3.Error) as exc:
             raise self._unusable(exc) from None
         try:
             with contextlib.suppress(OSError):  # the journal names local paths: keep it private
                 os.chmod(self.path, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(self._db, _BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA synchronous=NORMAL")
             with self._write():
                 for stmt in _SCHEMA.split(";"):
