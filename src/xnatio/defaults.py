@@ -48,6 +48,8 @@ CALLING_AET = "XNATIO"
 # How many per-file C-STORE errors a failed run lists before summarising the rest.
 MAX_ERROR_LINES = 20
 LOG_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal
+# The rate (MB/s) and ETA of the progress display: bytes over the last RATE_WINDOW seconds.
+RATE_WINDOW = 10.0
 
 # upload-many (xnatio.many). Subject: the PatientID, the field research sites put their subject
 # ID in (the Patient Name XNAT itself falls back to, facts 1.2, identifies the patient and is

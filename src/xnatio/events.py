@@ -1,6 +1,8 @@
 """The one progress counter both transports feed: files, bytes and batches done, as events.
 
-REST counts a batch's payload bytes as its body streams and its files when XNAT confirms them;
+REST counts a batch's payload bytes as the server receives them (acknowledged by its TCP,
+:mod:`xnatio.transports.rest.wire`), with the wire bytes (compressed, when the body is) beside
+them, its files as in flight while its request is out and as done when XNAT confirms them;
 C-STORE counts each file (and its bytes) as its C-STORE response arrives; both count a batch (a
 request, an association) when it ends, failed or not. Subscribers (:mod:`xnatio.progress`) only
 ever see :class:`~xnatio.models.ProgressEvent` s, whichever transport sent them.
@@ -43,6 +45,7 @@ class ProgressCounter:
         self.bytes_total = bytes_total
         self.batches_total = batches_total
         self.files_done = self.bytes_done = self.batches_done = self.batches_failed = 0
+        self.wire_done = self.files_in_flight = 0
 
     def phase(self, phase: Phase, current: int, total: int, message: str = "") -> None:
         """Tell another phase's step (connect, commit, done) with the counts so far."""
@@ -53,21 +56,32 @@ class ProgressCounter:
         self,
         *,
         nbytes: int = 0,
+        wire: int = 0,
         files: int = 0,
+        in_flight: int = 0,
         batch_done: bool = False,
         failed: bool = False,
         message: str = "",
+        force: bool = False,
     ) -> None:
-        """Count ``nbytes`` more payload bytes (negative: taken back), ``files`` more files, and
-        a batch that ended (``failed`` or not); tell the UPLOAD event."""
+        """Count ``nbytes`` more payload bytes and ``wire`` more bytes on the wire (negative:
+        taken back), ``files`` more files confirmed, ``in_flight`` more (or, negative, fewer)
+        files whose request is out, and a batch that ended (``failed`` or not); tell the UPLOAD
+        event (``force``: even within the throttle, e.g. a body's last count, which no other
+        update may follow until the server answers)."""
         with self._lock:
             self.bytes_done += nbytes
+            self.wire_done += wire
             self.files_done += files
+            self.files_in_flight += in_flight
             if batch_done:
                 self.batches_done += 1
                 self.batches_failed += int(failed)
             now = self._clock()
-            if not (batch_done or files or message) and now - self._last < THROTTLE:
+            if (
+                not (batch_done or files or in_flight or message or force)
+                and now - self._last < THROTTLE
+            ):
                 return
             self._last = now
             if self._callback is not None:
@@ -86,4 +100,6 @@ class ProgressCounter:
             batches_done=self.batches_done,
             batches_failed=self.batches_failed,
             batches_total=self.batches_total,
+            files_in_flight=self.files_in_flight,
+            wire_bytes=self.wire_done,
         )

@@ -173,6 +173,7 @@ class SessionRef:
 
 
 class Phase(str, enum.Enum):
+    SYNTH = "synth"  # xio demo writing its synthetic session
     DISCOVER = "discover"
     PLAN = "plan"
     CONNECT = "connect"
@@ -188,6 +189,9 @@ class ProgressEvent:
 
     ``current``/``total`` count files in the UPLOAD phase (and steps elsewhere);
     ``bytes_done``/``bytes_total`` count payload bytes. Progress may go backwards after a retry.
+    While uploading, ``current`` counts the files XNAT confirmed, ``files_in_flight`` those
+    whose request is out, and ``wire_bytes`` the bytes on the wire (fewer than ``bytes_done``
+    when compressed).
     """
 
     phase: Phase
@@ -199,6 +203,8 @@ class ProgressEvent:
     batches_done: int = 0
     batches_failed: int = 0
     batches_total: int = 0
+    files_in_flight: int = 0
+    wire_bytes: int = 0
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

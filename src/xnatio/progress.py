@@ -4,7 +4,8 @@ The pipeline only ever calls ``callback(event)``, from any thread; what the user
 the subscriber:
 
 - :class:`RichDisplay` — a live display on a terminal (stderr): phase, files done/total, bytes,
-  MB/s, ETA, batches done/failed. The verify phase (reading back and hashing) shows files, bytes,
+  MB/s, ETA, batches done/failed, and while uploading a line of the files XNAT confirmed, those
+  in flight and the wire rate. The verify phase (reading back and hashing) shows files, bytes,
   MB/s and ETA like the upload phase.
 - :class:`LogDisplay` — plain lines for cron and pipes: one per phase change, one when a phase
   completes, and one every ``interval`` seconds in between (default 30 s, ``--log-interval``),
@@ -19,6 +20,11 @@ logger), with a :class:`xnatio.redact.SecretFilter`, for the duration of one com
 
 Progress may go backwards after a retry (a batch's bytes are counted again); every subscriber
 shows the latest numbers rather than accumulating deltas.
+
+Bytes are what the server has received (:mod:`xnatio.transports.rest.wire`): uncompressed
+payload bytes, with the wire rate beside them when the body is compressed. The rate shown while
+a phase runs, and the ETA, are those of the last :data:`xnatio.defaults.RATE_WINDOW` seconds
+(:class:`SlidingRate`); a finished phase shows its average, the rate of the summary.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.file_proxy import FileProxy
 from rich.progress import (
     BarColumn,
@@ -68,7 +75,7 @@ __all__ = [
 
 # Phases whose events count bytes (upload: sent; verify: hashed and compared) and files.
 BYTE_PHASES = (Phase.UPLOAD, Phase.VERIFY)
-FILE_PHASES = (Phase.DISCOVER, *BYTE_PHASES)
+FILE_PHASES = (Phase.SYNTH, Phase.DISCOVER, *BYTE_PHASES)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -272,6 +279,9 @@ class Display:
     def close(self) -> None:
         """Stop any live output; idempotent."""
 
+    def stopping(self) -> None:
+        """Ctrl-C was pressed (called from a signal handler: must not block)."""
+
     def __enter__(self) -> Display:
         return self
 
@@ -294,30 +304,85 @@ class SilentDisplay(Display):
         return None
 
 
-class _Rate:
-    """Bytes per second over the current phase, for the plain log display and ETA."""
+class SlidingRate:
+    """Bytes per second over the last ``window`` seconds (payload, and wire beside it).
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    ``add`` takes the latest totals; the rate is read at any time (a display's refresh), so a
+    stall shows as a falling rate, not the last one frozen. Totals that go back (a retried body
+    took back its bytes) start the window again. ``average`` is over the whole phase.
+    """
+
+    def __init__(
+        self, window: float = defaults.RATE_WINDOW, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._window = window
         self._clock = clock
+        self._lock = threading.Lock()
+        self._samples: deque[tuple[float, int, int]] = deque()
         self._start = clock()
 
     def restart(self) -> None:
-        self._start = self._clock()
+        with self._lock:
+            self._samples.clear()
+            self._start = self._clock()
 
     def elapsed(self) -> float:
         return max(0.0, self._clock() - self._start)
 
-    def per_second(self, done: int) -> float:
+    def add(self, done: int, wire: int = 0) -> None:
+        now = self._clock()
+        with self._lock:
+            samples = self._samples
+            if samples and (done < samples[-1][1] or wire < samples[-1][2]):
+                samples.clear()  # taken back: the old samples would understate the rate
+            samples.append((now, done, wire))
+            # Keep one sample at or before the window's start, to measure over all of it.
+            while len(samples) > 2 and samples[1][0] <= now - self._window:
+                samples.popleft()
+
+    def _rates(self) -> tuple[float, float]:
+        now = self._clock()
+        with self._lock:
+            if not self._samples:
+                return 0.0, 0.0
+            t0, d0, w0 = self._samples[0]
+            _, d1, w1 = self._samples[-1]
+        span = now - t0
+        if span < min(1.0, self._window):
+            return 0.0, 0.0  # too soon to say
+        return max(0, d1 - d0) / span, max(0, w1 - w0) / span
+
+    def per_second(self) -> float:
+        """Payload bytes per second, recently."""
+        return self._rates()[0]
+
+    def wire_per_second(self) -> float:
+        """Wire bytes per second, recently."""
+        return self._rates()[1]
+
+    def average(self, done: int) -> float:
+        """Payload bytes per second since the phase started."""
         el = self.elapsed()
         return done / el if el > 0 else 0.0
 
 
-def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
+def _fmt_rate(rate: float) -> str:
+    mb = rate / 1e6
+    return f"{mb:.0f} MB/s" if mb >= 10 else f"{mb:.1f} MB/s"
+
+
+def _wire_shown(event: ProgressEvent) -> bool:
+    """The wire rate is worth a place when compression shrinks what goes on the wire."""
+    return 0 < event.wire_bytes < 0.9 * event.bytes_done
+
+
+def format_event(event: ProgressEvent, *, rate: float = 0.0, wire_rate: float = 0.0) -> str:
     """One plain line for an event, e.g. ``upload: 120/300 files (40%), 6.1/15.7 MB, …``.
 
-    Files are shown for discovery, upload and verify; bytes, speed and ETA for upload and verify;
-    batches for upload; the short phases in between (plan, connect, commit, done) are described
-    by their message.
+    Files are shown for discovery, upload and verify (with those in flight while uploading);
+    bytes, speed and ETA for upload and verify, and the wire rate when it is not the payload's
+    (compressed); batches for upload; the short phases in between (plan, connect, commit, done)
+    are described by their message.
     """
     parts: list[str] = []
     by_bytes = event.phase in BYTE_PHASES and event.bytes_total > 0
@@ -330,6 +395,8 @@ def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
             parts.append(f"{event.current}/{event.total} files ({pct:.0f}%)")
         elif event.total:
             parts.append(f"{event.current}/{event.total} files")
+            if event.files_in_flight:
+                parts[-1] += f" ({event.files_in_flight} in flight)"
         elif event.current:
             parts.append(f"{event.current} files")
     if event.phase in BYTE_PHASES:
@@ -340,6 +407,8 @@ def format_event(event: ProgressEvent, *, rate: float = 0.0) -> str:
             )
             if rate > 0:
                 parts.append(f"{rate / 1e6:.1f} MB/s")
+                if wire_rate > 0 and _wire_shown(event):
+                    parts[-1] += f" (wire {wire_rate / 1e6:.1f} MB/s)"
                 left = event.bytes_total - event.bytes_done
                 if left > 0:
                     parts.append(f"ETA {_fmt_duration(left / rate)}")
@@ -384,7 +453,7 @@ class LogDisplay(Display):
         self._last_fraction = 0.0
         self._last_line = ""
         self._completed: Phase | None = None
-        self._rate = _Rate(clock)
+        self._rate = SlidingRate(clock=clock)
         self._latest: ProgressEvent | None = None
         self._heartbeat = heartbeat and interval > 0
         self._stop = threading.Event()
@@ -397,9 +466,17 @@ class LogDisplay(Display):
                 event = self._latest
                 if event is None or self._clock() - self._last_time < self._interval:
                     continue
-                line = format_event(event, rate=self._rate.per_second(event.bytes_done))
+                line = self._line(event)
                 self._last_time, self._last_line = self._clock(), line
                 self._write(line)
+
+    def _line(self, event: ProgressEvent, *, complete: bool = False) -> str:
+        """The event's line: the recent rate while the phase runs, its average once complete
+        (the summary's)."""
+        if complete or (event.bytes_total and event.bytes_done >= event.bytes_total):
+            return format_event(event, rate=self._rate.average(event.bytes_done))
+        rate = self._rate
+        return format_event(event, rate=rate.per_second(), wire_rate=rate.wire_per_second())
 
     def close(self) -> None:
         self._stop.set()
@@ -441,11 +518,12 @@ class LogDisplay(Display):
                     )
                     or (complete and self._completed is not event.phase)
                 )
+            self._rate.add(event.bytes_done, event.wire_bytes)
             if complete:
                 self._completed = event.phase
             if not due:
                 return
-            line = format_event(event, rate=self._rate.per_second(event.bytes_done))
+            line = self._line(event, complete=complete)
             if line == self._last_line:
                 return
             self._last_time, self._last_fraction, self._last_line = now, fraction, line
@@ -473,21 +551,45 @@ class _AmountColumn(ProgressColumn):
         return Text(text)
 
 
+def _task_rate(task: Task) -> float:
+    """The task's payload rate: recent while it runs, its phase's average once it is done."""
+    rate: SlidingRate | None = task.fields.get("rate")
+    if rate is None:
+        return 0.0
+    if task.finished or task.fields.get("ended"):
+        return rate.average(int(task.completed))
+    return rate.per_second()
+
+
 class _SpeedColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = _task_rate(task)
         if not task.fields.get("bytes_mode") or not speed:
             return Text("")
-        mb = speed / 1e6
-        return Text(f"{mb:.0f} MB/s" if mb >= 10 else f"{mb:.1f} MB/s")
+        return Text(_fmt_rate(speed))
 
 
 class _EtaColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        left = task.time_remaining
-        if not task.fields.get("bytes_mode") or left is None or task.finished:
+        speed = _task_rate(task)
+        if not task.fields.get("bytes_mode") or not speed or task.finished:
             return Text("")
+        left = max(0.0, (task.total or 0) - task.completed) / speed
         return Text(f"ETA {_fmt_duration(left)}", style="cyan")
+
+
+class _Progress(Progress):
+    """rich's Progress with a status line under the phases: while uploading, the files XNAT
+    confirmed and those in flight, and the wire rate when compressed; once Ctrl-C was pressed,
+    what stopping waits for."""
+
+    status: Callable[[], str] = staticmethod(lambda: "")
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        line = self.status()
+        if line:
+            yield Text(line, no_wrap=True, overflow="ellipsis", end="")
 
 
 class _BatchColumn(ProgressColumn):
@@ -521,7 +623,7 @@ class RichDisplay(Display):
         def fixed(n: int) -> Column:
             return Column(no_wrap=True, min_width=n, max_width=n, overflow="ellipsis")
 
-        self._progress = Progress(
+        self._progress = _Progress(
             TextColumn("{task.description:<8}", table_column=fixed(8)),
             BarColumn(bar_width=bar_width, table_column=fixed(bar_width)),
             _AmountColumn(table_column=fixed(AMOUNT_WIDTH)),
@@ -538,11 +640,42 @@ class RichDisplay(Display):
             transient=False,
             refresh_per_second=8,
         )
+        self._progress.status = self._status_line
         self._lock = threading.Lock()
         self._task: TaskID | None = None
         self._phase: Phase | None = None
+        self._rate = SlidingRate()
+        self._upload: ProgressEvent | None = None  # the latest upload event, for the status line
+        self._stopping = False
         self._started = False
         self._closed = False
+
+    def _status_line(self) -> str:
+        """Under the phases (read by the refresh thread): the upload's files, confirmed and in
+        flight, and the wire rate when compressed; what stopping waits for after Ctrl-C."""
+        event = self._upload
+        if event is None:
+            return "stopping…" if self._stopping else ""
+        counts = f"{event.current} of {event.total} files confirmed"
+        if self._stopping:
+            cut = event.files_in_flight
+            line = f"stopping… {counts}"
+            if cut:
+                line += f"; {cut} in flight, cut (the next run sends them)"
+            return line
+        if self._phase is not Phase.UPLOAD:
+            return ""
+        line = " " * 9 + f"{counts}, {event.files_in_flight} in flight"
+        wire = self._rate.wire_per_second()
+        if wire and _wire_shown(event):
+            line += f", {_fmt_rate(wire)} on the wire"
+        return line
+
+    def stopping(self) -> None:
+        """Ctrl-C was pressed: the status line says what is confirmed and what is cut, and the
+        display shows no later progress. Called from a signal handler, so it takes no lock:
+        the refresh thread draws it at its next refresh (1/8 s)."""
+        self._stopping = True
 
     def _ensure_started(self) -> None:
         if not self._started:
@@ -576,7 +709,7 @@ class RichDisplay(Display):
         if event.phase is Phase.DONE:
             return  # the summary follows
         with self._lock:
-            if self._closed:
+            if self._closed or self._stopping:
                 return
             self._ensure_started()
             bytes_mode = event.phase in BYTE_PHASES and event.bytes_total > 0
@@ -584,11 +717,17 @@ class RichDisplay(Display):
                 if self._task is not None:
                     self._finish_current()
                 self._phase = event.phase
+                self._rate = SlidingRate()
                 self._task = self._progress.add_task(event.phase.value, total=None)
+            if event.phase is Phase.UPLOAD:
+                self._upload = event
             total: float | None = event.bytes_total if bytes_mode else (event.total or None)
             completed = event.bytes_done if bytes_mode else event.current
+            if bytes_mode:
+                self._rate.add(event.bytes_done, event.wire_bytes)
             self._progress.update(
                 self._task,
+                rate=self._rate,
                 total=total,
                 completed=completed,
                 files=event.current,
@@ -610,6 +749,7 @@ class RichDisplay(Display):
             # A phase with no known total (discovery, commit) ends complete, not pulsing.
             done = max(task.completed, 1)
             self._progress.update(task_id, total=done, completed=done)
+        self._progress.update(task_id, ended=True)  # its rate: the phase's average
         self._progress.stop_task(task_id)
 
     def note(self, text: str) -> None:

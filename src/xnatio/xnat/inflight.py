@@ -93,16 +93,34 @@ def _track(conn: HTTPConnection) -> None:
         inflight.track(conn)
 
 
+def sending_socket() -> socket.socket | None:
+    """The socket this thread's request is being sent on, while its body streams (None
+    elsewhere): what :mod:`xnatio.transports.rest.wire` asks how much the peer acknowledged."""
+    conn: HTTPConnection | None = getattr(_current, "sending", None)
+    sock = conn.sock if conn is not None else None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+@contextmanager
+def _sending(conn: HTTPConnection) -> Iterator[None]:
+    _track(conn)
+    _current.sending = conn  # the body is iterated inside request(), in this thread
+    try:
+        yield
+    finally:
+        _current.sending = None
+
+
 class _TrackedHTTPConnection(HTTPConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _track(self)
-        super().request(*args, **kwargs)
+        with _sending(self):
+            super().request(*args, **kwargs)
 
 
 class _TrackedHTTPSConnection(HTTPSConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _track(self)
-        super().request(*args, **kwargs)
+        with _sending(self):
+            super().request(*args, **kwargs)
 
 
 class _TrackedHTTPPool(HTTPConnectionPool):

@@ -20,6 +20,7 @@ from xnatio.archive import EntryNames, SourceChangedError, tar_header, zip_entri
 from xnatio.errors import XnatioError
 from xnatio.events import ProgressCounter
 from xnatio.models import DicomFile
+from xnatio.transports.rest.wire import AckedBytes
 
 CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
 
@@ -31,13 +32,17 @@ class UploadCancelled(XnatioError):
 class StreamBody:
     """A streamed request body over a re-iterable archive: counts bytes, stops on cancel.
 
-    Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts):
-    wire bytes scaled by ``payload / size`` for a sized archive; for a compressed zip, whose size
-    is unknown, the uncompressed bytes of the entries produced so far (``raw_sent``), or the
-    payload when the stream ends. Each ``iter()`` starts the
-    archive again (a retry, or a resend after a 401) and takes back what the previous pass
-    reported. An exception raised by the archive (a source file vanished) is kept in ``error``,
-    because urllib3 may wrap it into a connection error on its way out.
+    Progress is reported in payload bytes (the files' own sizes, what ``bytes_total`` counts)
+    that the server has received: a chunk counts once the peer's TCP acknowledged it
+    (:class:`xnatio.transports.rest.wire.AckedBytes`), not when it is handed to the socket, which
+    takes megabytes ahead of a slow link. Wire bytes map to payload bytes by ``payload / size``
+    for a sized archive; for a compressed zip, whose size is unknown, by the uncompressed bytes
+    of the entries produced with each chunk (``raw_sent``). After its last chunk a body waits
+    while the rest is acknowledged, so the count reaches 100 % as the server reads; the
+    acknowledged wire bytes are counted too (the wire rate beside the payload rate). Each
+    ``iter()`` starts the archive again (a retry, or a resend after a 401) and takes back what
+    the previous pass reported. An exception raised by the archive (a source file vanished) is
+    kept in ``error``, because urllib3 may wrap it into a connection error on its way out.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class StreamBody:
         cancel: threading.Event,
         size: int | None = None,
         raw_sent: Callable[[], int] | None = None,
+        acked: Callable[[], AckedBytes] = AckedBytes,
     ) -> None:
         self._chunks = chunks
         self._raw_sent = raw_sent
@@ -55,13 +61,17 @@ class StreamBody:
         self._scale = payload / size if size else 0.0
         self._progress = progress
         self._cancel = cancel
+        self._new_pass = acked
+        self._acked = acked()
         self._sent = 0
         self._reported = 0
+        self._reported_wire = 0
         self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         self.take_back()
         self.error = None
+        self._acked = acked = self._new_pass()
         pending: list[bytes] = []
         size = 0
         try:
@@ -71,11 +81,22 @@ class StreamBody:
                 pending.append(chunk)
                 size += len(chunk)
                 if size >= CHUNK:
-                    yield self._flush(pending, size)
+                    data = self._flush(pending, size)
+                    yield data
+                    # Resumed: the socket took the chunk (sendall returned).
+                    acked.was_handed(len(data))
+                    self._count()
                     pending, size = [], 0
             if pending:
-                yield self._flush(pending, size)
-            self._report(self._payload)
+                data = self._flush(pending, size)
+                acked.end(self._payload)
+                yield data
+                acked.was_handed(len(data))
+            acked.end(self._payload)
+            acked.drain(self._count, self._cancel)
+            if self._cancel.is_set():
+                raise UploadCancelled("upload cancelled")
+            self._count(force=True)  # shown now: nothing else is until the server answers
         except Exception as exc:
             self.error = exc
             raise
@@ -84,15 +105,29 @@ class StreamBody:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         self._sent += size
         if self._scale:
-            self._report(min(self._payload, int(self._sent * self._scale)))
+            payload_end = min(self._payload, int(self._sent * self._scale))
         elif self._raw_sent is not None:
-            self._report(min(self._payload, self._raw_sent()))
+            payload_end = min(self._payload, self._raw_sent())
+        else:
+            payload_end = 0  # counted when the server has it all
+        self._acked.produced(len(data), payload_end)
         return data
 
-    def _report(self, reported: int) -> None:
-        if reported != self._reported:
-            self._progress.update(nbytes=reported - self._reported)
-            self._reported = reported
+    def _count(self, force: bool = False) -> None:
+        """Report what the peer has acknowledged so far."""
+        wire = self._acked.acknowledged()
+        self._report(self._acked.payload_at(wire), wire, force)
+
+    def received(self) -> None:
+        """The server answered the request: it has read the whole body."""
+        self._report(self._payload, self._acked.handed, force=True)
+
+    def _report(self, reported: int, wire: int, force: bool = False) -> None:
+        if reported != self._reported or wire != self._reported_wire:
+            self._progress.update(
+                nbytes=reported - self._reported, wire=wire - self._reported_wire, force=force
+            )
+            self._reported, self._reported_wire = reported, wire
 
     def failure(self, exc: BaseException) -> BaseException:
         """After a failed send: forget this pass's bytes and return the real cause."""
@@ -102,7 +137,7 @@ class StreamBody:
     def take_back(self) -> None:
         """Forget the bytes of a failed pass (progress may go backwards after a retry)."""
         self._sent = 0
-        self._report(0)
+        self._report(0, 0)
 
 
 class SizedBody(StreamBody):

@@ -255,9 +255,12 @@ class BatchSender:
                     raw_sent=_raw_sent(packed),
                 )
             )
+            # The display shows these files as in flight until the request ends.
+            self.progress.update(in_flight=len(remaining))
             try:
                 resp = self._post_import(body, packed.content_type, label)
             except Exception as exc:  # classified below; the files are always accounted for
+                self.progress.update(in_flight=-len(remaining))
                 err = body.failure(exc)
                 if isinstance(err, UploadCancelled) or self.cancel.is_set():
                     return
@@ -278,6 +281,8 @@ class BatchSender:
                     continue
                 self._give_up(remaining, err, retry_number, batch.index)
                 return
+            body.received()  # XNAT answered: it read the whole body
+            self.progress.update(in_flight=-len(remaining))
             self._landed(remaining, resp, batch.index, partial, label)
             return
         if not self.cancel.is_set():  # every file failed on its own
