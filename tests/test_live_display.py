@@ -102,6 +102,7 @@ class Run:
     stdout: str = ""
     returncode: int | None = None
     interrupted_at: float | None = None
+    ended_at: float = 0.0  # when the terminal's last writer closed it
 
     def last_screen(self) -> str:
         return "\n".join(line.rstrip() for line in self.frames[-1].lines).rstrip()
@@ -157,6 +158,7 @@ def run_in_terminal(
             ):
                 proc.send_signal(signal.SIGINT)
                 run.interrupted_at = time.monotonic()
+        run.ended_at = time.monotonic()
         out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         run.stdout, run.returncode = out.decode(), proc.returncode
     finally:
@@ -251,3 +253,63 @@ def test_the_screen_counts_what_the_server_received(
 
 
 RATE = re.compile(r"(\d+(?:\.\d)?) MB/s")
+
+
+@pytest.fixture
+def two_studies(tmp_path: Path) -> Path:
+    """Two studies in one folder (two requests with --allow-multiple-studies): a small one
+    that lands at once, and one that takes seconds through the cap."""
+    root = tmp_path / "two"
+    generate_session(root / "a", series=1, instances=6, image_size=(64, 64), seed=1)
+    generate_session(root / "b", series=2, instances=12, image_size=(512, 512), seed=2)
+    return root
+
+
+CONFIRMED = re.compile(r"(\d+) of (\d+) files confirmed, (\d+) in flight")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_shows_stopping_at_once_with_the_confirmed_count_of_the_final_message(
+    tmp_path: Path, two_studies: Path, xnat_server: SandboxServer
+) -> None:
+    xnat_server.set_knobs(bandwidth_mbps=CAP_MBPS)
+
+    def some_confirmed_some_in_flight(lines: list[str]) -> bool:
+        m = next((m for ln in lines if (m := CONFIRMED.search(ln))), None)
+        return m is not None and int(m.group(1)) > 0 and int(m.group(3)) > 0
+
+    run = run_in_terminal(
+        [
+            *("upload-dicom", "P", "S", "E", str(two_studies), "--allow-multiple-studies"),
+            *("--upload-workers", "1", "--compress", "never"),
+        ],
+        columns=80,
+        env=_env(xnat_server, tmp_path / "home"),
+        server=lambda: (0, 0),
+        interrupt_when=some_confirmed_some_in_flight,
+    )
+    screen = run.last_screen()
+    _save("ctrl-c-80x24.txt", screen)
+    assert run.interrupted_at is not None, screen
+    assert run.returncode == 130, screen
+    # The stopping line is on the screen within 0.5 s of the signal, and stays there (drawn by
+    # the display in its place, not written through it and drawn over).
+    shown = [f for f in run.frames if any(ln.startswith("stopping") for ln in f.lines)]
+    assert shown, screen
+    delay = shown[0].at - run.interrupted_at
+    assert delay <= 0.5, f"'stopping' took {delay:.2f} s to show"
+    assert [ln for ln in screen.splitlines() if ln.startswith("stopping")] == [
+        "stopping: finishing 1 request in flight… (Ctrl-C again to abort now)"
+    ], screen
+    assert sum(ln.startswith("discover") for ln in screen.splitlines()) == 1, screen  # no ghost
+    # What the display said was confirmed is what the final message says.
+    confirmed = re.search(r"^ +(\d+) of (\d+) files confirmed; (\d+) in flight", screen, re.M)
+    final = re.search(r"^error: interrupted: (\d+) of (\d+) files are confirmed", screen, re.M)
+    assert confirmed and final, screen
+    assert confirmed.group(1, 2) == final.group(1, 2), screen
+    assert int(confirmed.group(1)) > 0 and int(confirmed.group(3)) > 0, screen
+    print(
+        f"'stopping' shown {delay:.3f} s after SIGINT, "
+        f"exited {run.ended_at - run.interrupted_at:.2f} s after it"
+    )

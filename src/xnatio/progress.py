@@ -279,8 +279,11 @@ class Display:
     def close(self) -> None:
         """Stop any live output; idempotent."""
 
-    def stopping(self) -> None:
-        """Ctrl-C was pressed (called from a signal handler: must not block)."""
+    def stopping(self, what: str = "") -> bool:
+        """Ctrl-C was pressed: ``what`` is being finished. True when the display shows the
+        stopping line itself (a live display, which a line written past it would garble).
+        Called from a signal handler: must not block."""
+        return False
 
     def __enter__(self) -> Display:
         return self
@@ -646,36 +649,41 @@ class RichDisplay(Display):
         self._phase: Phase | None = None
         self._rate = SlidingRate()
         self._upload: ProgressEvent | None = None  # the latest upload event, for the status line
-        self._stopping = False
+        self._stopping: str | None = None  # after Ctrl-C: what is being finished
         self._started = False
         self._closed = False
 
     def _status_line(self) -> str:
         """Under the phases (read by the refresh thread): the upload's files, confirmed and in
-        flight, and the wire rate when compressed; what stopping waits for after Ctrl-C."""
+        flight, and the wire rate when compressed; after Ctrl-C, the stopping line and the
+        files confirmed (the count the final message repeats) and cut."""
         event = self._upload
-        if event is None:
-            return "stopping…" if self._stopping else ""
-        counts = f"{event.current} of {event.total} files confirmed"
-        if self._stopping:
-            cut = event.files_in_flight
-            line = f"stopping… {counts}"
-            if cut:
-                line += f"; {cut} in flight, cut (the next run sends them)"
+        if self._stopping is not None:
+            what = self._stopping
+            line = f"stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)"
+            if event is not None:
+                line += "\n" + " " * 9 + f"{event.current} of {event.total} files confirmed"
+                if event.files_in_flight:
+                    line += f"; {event.files_in_flight} in flight, not confirmed"
             return line
-        if self._phase is not Phase.UPLOAD:
+        if event is None or self._phase is not Phase.UPLOAD:
             return ""
-        line = " " * 9 + f"{counts}, {event.files_in_flight} in flight"
+        line = " " * 9 + f"{event.current} of {event.total} files confirmed, "
+        line += f"{event.files_in_flight} in flight"
         wire = self._rate.wire_per_second()
         if wire and _wire_shown(event):
             line += f", {_fmt_rate(wire)} on the wire"
         return line
 
-    def stopping(self) -> None:
-        """Ctrl-C was pressed: the status line says what is confirmed and what is cut, and the
-        display shows no later progress. Called from a signal handler, so it takes no lock:
-        the refresh thread draws it at its next refresh (1/8 s)."""
-        self._stopping = True
+    def stopping(self, what: str = "") -> bool:
+        """Ctrl-C was pressed: the status line says so, with what is confirmed and what is cut,
+        and the display shows no later progress. Called from a signal handler, so it takes no
+        lock: the refresh thread draws it at its next refresh (1/8 s). False (the caller writes
+        the line) when the display is not live."""
+        if not self._started or self._closed:
+            return False
+        self._stopping = what
+        return True
 
     def _ensure_started(self) -> None:
         if not self._started:
@@ -709,7 +717,7 @@ class RichDisplay(Display):
         if event.phase is Phase.DONE:
             return  # the summary follows
         with self._lock:
-            if self._closed or self._stopping:
+            if self._closed or self._stopping is not None:
                 return
             self._ensure_started()
             bytes_mode = event.phase in BYTE_PHASES and event.bytes_total > 0

@@ -443,11 +443,12 @@ ABORT_LINE = (
 
 
 @contextlib.contextmanager
-def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterator[None]:
+def stop_in_two_steps(describe_stop: Callable[[], str | None] | None = None) -> Iterator[None]:
     """Ctrl-C (and SIGTERM) during an upload, the way a user expects it:
 
     1. the first one prints one line at once on stderr, ``stopping: finishing N requests in
-       flight… (Ctrl-C again to abort now)`` (``describe_stop()`` says what is being finished),
+       flight… (Ctrl-C again to abort now)`` (``describe_stop()`` says what is being finished,
+       or returns None when a live display has shown that line in its own place),
        and raises ``KeyboardInterrupt`` in the main thread: the pipeline cancels, the journal
        stays consistent, and the CLI edge prints the resume hint, exit 130;
     2. a second one aborts now: one line and ``os._exit(130)``. Nothing is lost by that: every
@@ -482,12 +483,14 @@ def stop_in_two_steps(describe_stop: Callable[[], str] | None = None) -> Iterato
             abort(signum, frame)
         interrupted = True
         signal.signal(signal.SIGINT, abort)
-        what = ""
+        what: str | None = ""
         if describe_stop is not None:
             try:
                 what = describe_stop()
             except Exception:  # a progress detail must never stand in the way of stopping
                 what = ""
+        if what is None:  # a live display shows the line itself (written here, it is drawn over)
+            raise KeyboardInterrupt
         line = (
             f"{lead}{stamp()}stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)\n"
         )

@@ -467,9 +467,15 @@ class InFlight:
         if self.display is not None and not self.stopping:
             self.display(event)
 
-    def describe(self) -> str:
-        """What the first Ctrl-C finishes (called by the CLI's signal handler, once)."""
+    def describe(self) -> str | None:
+        """What the first Ctrl-C finishes (called by the CLI's signal handler, once); None when
+        the live display shows it, with the files confirmed and in flight (xnatio.progress)."""
         self.stopping = True
+        what = self._what()
+        stopping = getattr(self.display, "stopping", None)
+        return None if stopping is not None and stopping(what) else what
+
+    def _what(self) -> str:
         event = self.last
         if event is None or event.phase in (Phase.DISCOVER, Phase.PLAN, Phase.DONE):
             return ""
