@@ -313,3 +313,20 @@ def test_ctrl_c_shows_stopping_at_once_with_the_confirmed_count_of_the_final_mes
         f"'stopping' shown {delay:.3f} s after SIGINT, "
         f"exited {run.ended_at - run.interrupted_at:.2f} s after it"
     )
+
+
+@pytest.mark.integration
+def test_demo_shows_its_synthesis_at_once_not_a_blank_screen(tmp_path: Path) -> None:
+    run = run_in_terminal(
+        ["demo", "--files", "40", "--series", "2", "--latency-ms", "0", "--per-file-ms", "0"],
+        columns=80,
+        env={"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)},
+        server=lambda: (0, 0),
+    )
+    screen = run.last_screen()
+    _save("demo-80x24.txt", screen)
+    assert run.returncode == 0, screen
+    # The first thing drawn is the synthesis line, counting files, before any other phase.
+    first = next(f for f in run.frames if any(ln.strip() for ln in f.lines))
+    assert [ln.split()[0] for ln in first.lines if ln.strip()] == ["synth"], first.lines
+    assert re.search(r"^synth +\S+ 40/40 files", screen, re.M), screen

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,12 +140,15 @@ def generate_session(
     seed: int = 0,
     image_size: tuple[int, int] | None = None,
     header: Mapping[str, str | None] | None = None,
+    on_file: Callable[[int, int, int], None] | None = None,
 ) -> SyntheticSession:
     """Write a session of ``series`` x ``instances`` files under ``out_dir`` and describe it.
 
     ``image_size`` (rows, cols) overrides the modality's usual size, for small fast tests.
     ``header`` sets attributes of every instance by keyword (None removes one), e.g. another
     StudyDate or StudyDescription for ``upload-many``'s label templates.
+    ``on_file(done, total, nbytes)`` is called after each instance is written (a progress
+    display: ``xio demo``).
     """
     modality = modality.upper()
     if modality not in _SIZES:
@@ -199,6 +202,8 @@ def generate_session(
             session.instances[sop_uid] = path
             session.series.setdefault(s, []).append(sop_uid)
             session.total_bytes += path.stat().st_size
+            if on_file is not None:
+                on_file(len(session.instances), series * instances, session.total_bytes)
 
     if "dicomdir" in extras:
         session.extras["dicomdir"] = _write_dicomdir(root / "DICOMDIR")

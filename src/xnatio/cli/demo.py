@@ -27,7 +27,7 @@ from xnatio.cli.options import (
     start_command,
 )
 from xnatio.errors import EXIT_FILES_FAILED, EXIT_OK, UsageError
-from xnatio.models import Manifest, UploadResult
+from xnatio.models import Manifest, Phase, ProgressEvent, UploadResult
 from xnatio.pipeline import UploadOptions, discover_for_upload, upload
 from xnatio.progress import Display, choose_display
 from xnatio.report import exit_code_of, result_to_dict, summary_text
@@ -128,8 +128,17 @@ def _run_demo(
 
     data = workdir / "session"
     t0 = time.monotonic()
+    # Never a blank screen while the files are written (seconds for the default 600).
+    what = "writing synthetic MR instances"
+    display(ProgressEvent(Phase.SYNTH, 0, series * per_series, what))
+
+    def written(done: int, total: int, nbytes: int) -> None:
+        display(ProgressEvent(Phase.SYNTH, done, total, what))
+
     try:
-        synth = generate_session(data, series=series, instances=per_series, modality="MR")
+        synth = generate_session(
+            data, series=series, instances=per_series, modality="MR", on_file=written
+        )
     except OSError as exc:  # typically a full temporary disk
         raise UsageError(
             f"cannot write the demo session under {workdir}: {exc.strerror or exc}; "
