@@ -8,8 +8,8 @@ shown is never ahead of what the server has read by more than the in-flight wind
 Ctrl-C a "stopping" line is on the screen at once, with the confirmed count that the final
 message repeats.
 
-What the server has read is counted in the test's own process (the sandbox runs in it): every
-request body read goes through the bandwidth throttle, which the test wraps.
+What the server has received is what its kernel says of its TCP connections (``ss``). Below,
+the count itself is tested on a bare loopback connection.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -330,3 +332,149 @@ def test_demo_shows_its_synthesis_at_once_not_a_blank_screen(tmp_path: Path) -> 
     first = next(f for f in run.frames if any(ln.strip() for ln in f.lines))
     assert [ln.split()[0] for ln in first.lines if ln.strip()] == ["synth"], first.lines
     assert re.search(r"^synth +\S+ 40/40 files", screen, re.M), screen
+
+
+@pytest.mark.integration
+def test_verify_of_a_missing_session_draws_no_finished_read_back(
+    tmp_path: Path, xnat_server: SandboxServer
+) -> None:
+    session = generate_session(tmp_path / "in", series=2, instances=5, image_size=(32, 32))
+    run = run_in_terminal(
+        ["verify", "P", "S", "NOPE", str(session.root)],
+        columns=80,
+        env=_env(xnat_server, tmp_path / "home"),
+        server=lambda: (0, 0),
+    )
+    screen = run.last_screen()
+    _save("verify-missing-80x24.txt", screen + "\n(stdout) " + run.stdout)
+    assert run.returncode == 1, screen
+    assert run.stdout.strip() == "verify: session P/S/NOPE not found on the server"
+    for f in run.frames:  # at no time a read-back line with files, bytes or a rate
+        assert not any(ln.startswith("verify ") and "MB/s" in ln for ln in f.lines), f.lines
+        assert not any(re.search(r"\b10/10 files\b", ln) for ln in f.lines if "verify" in ln)
+
+
+# --- the count itself: bytes the peer's TCP acknowledged (xnatio.transports.rest.wire) --------
+
+
+def _pair(rcvbuf: int = 64 * 1024) -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection whose receiver holds little: the sender's queue fills."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # inherited on accept
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sender = socket.create_connection(listener.getsockname())
+    receiver, _ = listener.accept()
+    listener.close()
+    return sender, receiver
+
+
+def _unread(sock: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+def _settle(read: Callable[[], int]) -> int:
+    """The value once it stops moving (ACKs on loopback take microseconds, not zero)."""
+    last = -1
+    for _ in range(100):
+        now = read()
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.01)
+    return last
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIOCOUTQ is Linux's")
+def test_acknowledged_bytes_are_what_the_peer_received_not_what_the_socket_took() -> None:
+    from xnatio.transports.rest.wire import AckedBytes
+
+    sender, receiver = _pair()
+    try:
+        acked = AckedBytes(socket_of=lambda: sender)
+        sender.setblocking(False)
+        chunk = b"x" * 65536
+        for _ in range(200):  # hand out what the socket takes (far more than the peer holds)
+            try:
+                acked.was_handed(sender.send(chunk))
+            except BlockingIOError:
+                break
+        held = _settle(lambda: _unread(receiver))
+        assert acked.handed > held + 65536  # the socket took more than the peer has
+        # Counted: at most what the peer has (its ACKs may lag a little), never what is queued.
+        first = _settle(acked.acknowledged)
+        assert 0 < first <= held
+        read = 0
+        while read < acked.handed - 65536:  # the peer reads: the count follows
+            read += len(receiver.recv(1 << 20))
+            assert acked.acknowledged() <= read + _unread(receiver)
+        assert _settle(acked.acknowledged) > first + 65536
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIOCOUTQ is Linux's")
+def test_drain_waits_while_the_peer_reads_and_stops_when_it_answers() -> None:
+    from xnatio.transports.rest.wire import AckedBytes
+
+    sender, receiver = _pair()
+    try:
+        acked = AckedBytes(socket_of=lambda: sender)
+        sender.setblocking(False)
+        for _ in range(40):
+            try:
+                acked.was_handed(sender.send(b"x" * 65536))
+            except BlockingIOError:
+                break
+        sender.setblocking(True)
+        reports: list[int] = []
+
+        def reader() -> None:
+            while receiver.recv(1 << 16):
+                time.sleep(0.005)  # a slow server
+
+        threading.Thread(target=reader, daemon=True).start()
+        acked.drain(lambda: reports.append(acked.acknowledged()), threading.Event())
+        assert acked.acknowledged() == acked.handed  # all of it reached the peer
+        assert len(reports) >= 2 and reports == sorted(reports)  # counted while it drained
+    finally:
+        sender.close()
+        receiver.close()
+
+    sender, receiver = _pair()
+    try:
+        acked = AckedBytes(socket_of=lambda: sender)
+        sender.setblocking(False)
+        for _ in range(40):
+            try:
+                acked.was_handed(sender.send(b"x" * 65536))
+            except BlockingIOError:
+                break
+        receiver.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\n\r\n")  # answers early
+        started = time.monotonic()
+        acked.drain(lambda: None, threading.Event())
+        assert time.monotonic() - started < 4  # not the 5 s wait for a queue standing still
+        assert acked.acknowledged() < acked.handed
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_payload_marks_map_wire_bytes_to_the_files_bytes() -> None:
+    from xnatio.transports.rest.wire import AckedBytes
+
+    acked = AckedBytes(socket_of=lambda: None)
+    acked.produced(100, 300)  # a deflated chunk: 100 wire bytes carry 300 of the files
+    acked.produced(100, 600)
+    acked.produced(50, 600)  # the zip's central directory
+    acked.end(650)
+    assert [acked.payload_at(w) for w in (0, 50, 100, 150, 200, 225, 250)] == [
+        0,
+        150,
+        300,
+        450,
+        600,
+        625,
+        650,
+    ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import re
+from typing import Any
 
+import pytest
 from rich.console import Console
 
 from xnatio.models import Phase, ProgressEvent
@@ -223,3 +225,116 @@ def test_the_counter_throttles_bytes_but_tells_every_file_batch_and_message() ->
     ]
     assert events[4].message == "2 association(s)"
     assert {(e.total, e.bytes_total, e.batches_total) for e in events[:-1]} == {(3, 300, 2)}
+
+
+# --- issue 17: honest rates, files confirmed and in flight, the stopping line -----------------
+
+
+def test_sliding_rate_is_the_recent_rate_and_average_the_phase() -> None:
+    from xnatio.progress import SlidingRate
+
+    clock = FakeClock()
+    rate = SlidingRate(window=10.0, clock=clock)
+    rate.add(0)
+    clock.now += 0.5
+    rate.add(1_000_000)
+    assert rate.per_second() == 0.0  # under a second: too soon to say
+    for _ in range(20):  # 1 MB/s for 20 s ...
+        clock.now += 1
+        rate.add(rate_done(rate) + 1_000_000, 0)
+    for _ in range(10):  # ... then 4 MB/s (wire 1 MB/s) for 10 s
+        clock.now += 1
+        rate.add(rate_done(rate) + 4_000_000, rate_wire(rate) + 1_000_000)
+    assert rate.per_second() == pytest.approx(4e6, rel=0.05)  # the last 10 s only
+    assert rate.wire_per_second() == pytest.approx(1e6, rel=0.05)
+    assert rate.average(rate_done(rate)) == pytest.approx(61e6 / 30.5, rel=0.01)
+    clock.now += 10  # a stall shows as a falling rate, not the last one frozen
+    assert rate.per_second() < 2.1e6
+    rate.add(0)  # a retry took its bytes back: the window starts again
+    assert rate.per_second() == 0.0
+
+
+def rate_done(rate: Any) -> int:
+    return int(rate._samples[-1][1])
+
+
+def rate_wire(rate: Any) -> int:
+    return int(rate._samples[-1][2])
+
+
+def test_format_event_shows_files_in_flight_and_the_wire_rate_when_compressed() -> None:
+    event = ProgressEvent(
+        Phase.UPLOAD,
+        58,
+        1200,
+        bytes_done=50_000_000,
+        bytes_total=150_000_000,
+        files_in_flight=120,
+        wire_bytes=17_000_000,
+    )
+    line = format_event(event, rate=12e6, wire_rate=4.1e6)
+    assert line.startswith("upload: 58/1200 files (120 in flight), 50.0 MB/150.0 MB (33%)")
+    assert "12.0 MB/s (wire 4.1 MB/s), ETA 0:08" in line
+    uncompressed = ProgressEvent(
+        Phase.UPLOAD, 1, 2, bytes_done=100, bytes_total=200, wire_bytes=101
+    )
+    assert "wire" not in format_event(uncompressed, rate=12e6, wire_rate=12e6)
+
+
+def _rich(width: int = 100) -> tuple[io.StringIO, Console]:
+    out = io.StringIO()
+    return out, Console(file=out, force_terminal=True, width=width, no_color=True)
+
+
+def _plain(out: io.StringIO) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+
+
+def test_rich_display_shows_confirmed_and_in_flight_and_its_rate_is_recent() -> None:
+    out, console = _rich()
+    clock = FakeClock()
+    d = RichDisplay(console, clock=clock)
+    total = 150_000_000
+    for second in range(31):  # 1 MB/s for 20 s, then 5 MB/s for 10 s
+        clock.now = 100.0 + second
+        done = second * 1_000_000 if second <= 20 else 20_000_000 + (second - 20) * 5_000_000
+        d(
+            ProgressEvent(
+                Phase.UPLOAD,
+                58,
+                1200,
+                bytes_done=done,
+                bytes_total=total,
+                files_in_flight=120,
+                wire_bytes=done // 3,
+                batches_total=42,
+                batches_done=2,
+            )
+        )
+    d._progress.refresh()
+    live = _plain(out)
+    d.close()
+    text = _plain(out)
+    assert "58 of 1200 files confirmed, 120 in flight" in text
+    upload = [ln for ln in re.split(r"[\r\n]", live) if ln.startswith("upload ")][-1]
+    assert " 5.0 MB/s ETA 0:16 " in upload, upload  # the last 10 s: 50 MB / 10 s
+    final = [ln for ln in re.split(r"[\r\n]", text) if ln.startswith("upload ")][-1]
+    assert " 2.3 MB/s " in final, final  # once finished: the phase's average, 70 MB / 30 s
+    assert "1.7 MB/s on the wire" in live
+
+
+def test_rich_display_draws_the_stopping_line_itself_and_then_shows_no_progress() -> None:
+    out, console = _rich()
+    d = RichDisplay(console)
+    assert d.stopping("") is False  # not live yet: the caller writes the line
+    event = ProgressEvent(Phase.UPLOAD, 58, 1200, bytes_done=5, bytes_total=10, files_in_flight=120)
+    d(event)
+    assert d.stopping("finishing 3 requests in flight") is True
+    d(ProgressEvent(Phase.UPLOAD, 1200, 1200, bytes_done=10, bytes_total=10))  # winding down
+    d._progress.refresh()
+    d.close()
+    text = _plain(out)
+    assert "stopping: finishing 3 requests in flight… (Ctrl-C again to abort now)" in text
+    assert "58 of 1200 files confirmed; 120 in flight, not confirmed" in text
+    assert "1200/1200" not in text
+    assert LogDisplay(io.StringIO()).stopping("x") is False  # a log: the CLI writes the line

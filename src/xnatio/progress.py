@@ -614,8 +614,11 @@ class RichDisplay(Display):
     used when the console is a terminal (see :func:`choose_display`).
     """
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(
+        self, console: Console | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console = console or Console(stderr=True)
+        self._clock = clock
         # One line per phase, in fixed columns whatever the numbers beside it say: the bar keeps
         # its width (10 characters at 80 columns, up to 30 on wider terminals) and its place,
         # the figures have their own widths, and the last column (batches, or the phase's
@@ -647,7 +650,7 @@ class RichDisplay(Display):
         self._lock = threading.Lock()
         self._task: TaskID | None = None
         self._phase: Phase | None = None
-        self._rate = SlidingRate()
+        self._rate = SlidingRate(clock=clock)
         self._upload: ProgressEvent | None = None  # the latest upload event, for the status line
         self._stopping: str | None = None  # after Ctrl-C: what is being finished
         self._started = False
@@ -725,7 +728,7 @@ class RichDisplay(Display):
                 if self._task is not None:
                     self._finish_current()
                 self._phase = event.phase
-                self._rate = SlidingRate()
+                self._rate = SlidingRate(clock=self._clock)
                 self._task = self._progress.add_task(event.phase.value, total=None)
             if event.phase is Phase.UPLOAD:
                 self._upload = event
