@@ -316,6 +316,7 @@ def test_rich_display_shows_confirmed_and_in_flight_and_its_rate_is_recent() -> 
     d.close()
     text = _plain(out)
     assert "58 of 1200 files confirmed, 120 in flight" in text
+    assert "; batches 2/42" in live  # its column is cut at this width
     upload = [ln for ln in re.split(r"[\r\n]", live) if ln.startswith("upload ")][-1]
     assert " 5.0 MB/s ETA 0:16 " in upload, upload  # the last 10 s: 50 MB / 10 s
     final = [ln for ln in re.split(r"[\r\n]", text) if ln.startswith("upload ")][-1]
@@ -338,3 +339,12 @@ def test_rich_display_draws_the_stopping_line_itself_and_then_shows_no_progress(
     assert "58 of 1200 files confirmed; 120 in flight, not confirmed" in text
     assert "1200/1200" not in text
     assert LogDisplay(io.StringIO()).stopping("x") is False  # a log: the CLI writes the line
+
+
+def test_at_80_columns_a_phase_with_nothing_to_count_shows_its_message_in_full() -> None:
+    out, console = _rich(80)
+    with RichDisplay(console) as d:
+        d(ProgressEvent(Phase.CONNECT, 0, 1, "logging in to https://xnat.example.org"))
+    connect = [ln for ln in re.split(r"[\r\n]", _plain(out)) if ln.startswith("connect ")][-1]
+    assert "logging in to https://xnat.ex" in connect, connect
+    assert len(connect.rstrip()) <= 80

@@ -542,11 +542,16 @@ AMOUNT_WIDTH = 30
 
 
 class _AmountColumn(ProgressColumn):
-    """``120/300 files · 6.1/15.7 MB`` (files only outside the upload phase)."""
+    """``120/300 files · 6.1/15.7 MB``; for a phase with nothing to count (connect, commit),
+    its message when the last column is narrower than this one (80 columns)."""
+
+    def __init__(self, *, messages: bool, table_column: Column) -> None:
+        super().__init__(table_column=table_column)
+        self.messages = messages
 
     def render(self, task: Task) -> Text:
         if not task.fields.get("show_files"):
-            return Text("")
+            return Text(task.fields.get("message", "") if self.messages else "")
         files, files_total = task.fields.get("files", 0), task.fields.get("files_total", 0)
         text = f"{files}/{files_total} files" if files_total else f"{files} files"
         if task.fields.get("bytes_mode"):
@@ -596,9 +601,15 @@ class _Progress(Progress):
 
 
 class _BatchColumn(ProgressColumn):
+    def __init__(self, *, messages: bool, table_column: Column) -> None:
+        super().__init__(table_column=table_column)
+        self.messages = messages  # False: a phase with nothing to count has it in the amount's
+
     def render(self, task: Task) -> Text:
         total = task.fields.get("batches_total", 0)
         if not total:
+            if not self.messages and not task.fields.get("show_files"):
+                return Text("")
             return Text(task.fields.get("message", ""))
         failed = task.fields.get("batches_failed", 0)
         text = Text(f"{task.fields.get('batches_done', 0)}/{total} batches")
@@ -626,26 +637,27 @@ class RichDisplay(Display):
         width = self.console.width
         bar_width = max(10, min(30, width - 70))
 
+        last = max(8, width - (8 + bar_width + AMOUNT_WIDTH + 8 + 11 + 5))
+        narrow = last < AMOUNT_WIDTH  # a message ("logging in to …") reads better in 30
+
         def fixed(n: int) -> Column:
             return Column(no_wrap=True, min_width=n, max_width=n, overflow="ellipsis")
 
         self._progress = _Progress(
             TextColumn("{task.description:<8}", table_column=fixed(8)),
             BarColumn(bar_width=bar_width, table_column=fixed(bar_width)),
-            _AmountColumn(table_column=fixed(AMOUNT_WIDTH)),
+            _AmountColumn(messages=narrow, table_column=fixed(AMOUNT_WIDTH)),
             _SpeedColumn(table_column=fixed(8)),
             _EtaColumn(table_column=fixed(11)),
             _BatchColumn(
-                table_column=Column(
-                    no_wrap=True,
-                    overflow="ellipsis",
-                    max_width=max(8, width - (8 + bar_width + AMOUNT_WIDTH + 8 + 11 + 5)),
-                )
+                messages=not narrow,
+                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=last),
             ),
             console=self.console,
             transient=False,
             refresh_per_second=8,
         )
+        self._narrow = narrow
         self._progress.status = self._status_line
         self._lock = threading.Lock()
         self._task: TaskID | None = None
@@ -676,6 +688,10 @@ class RichDisplay(Display):
         wire = self._rate.wire_per_second()
         if wire and _wire_shown(event):
             line += f", {_fmt_rate(wire)} on the wire"
+        if self._narrow and event.batches_total:  # the batches column is cut at 80 columns
+            line += f"; batches {event.batches_done}/{event.batches_total}"
+            if event.batches_failed:
+                line += f", {event.batches_failed} failed"
         return line
 
     def stopping(self, what: str = "") -> bool:
