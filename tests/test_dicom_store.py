@@ -270,6 +270,9 @@ def test_storescp_receives_every_instance_with_route_and_identical_pixels(
     last = [e for e in events if e.phase is Phase.UPLOAD][-1]
     assert (last.current, last.total, last.batches_total) == (12, 12, result.batches_total)
     assert last.bytes_done == last.bytes_total == sum(f.size for f in result.files)
+    # Each association's file is in flight until its C-STORE response (issue 17's display).
+    in_flight = [e.files_in_flight for e in events if e.phase is Phase.UPLOAD]
+    assert 0 < max(in_flight) <= result.batches_total and last.files_in_flight == 0
 
 
 def test_storescp_compressed_files_go_in_their_own_syntax(

@@ -286,7 +286,11 @@ class AssociationWorker:
             try:
                 while self.pending and not job.coordinator.cancelled:
                     f = self.in_flight = self.pending[0]
-                    outcome, reason = _send_one(assoc, f, job.route, job.reader)
+                    job.progress.update(in_flight=1)  # the display's "K in flight"
+                    try:
+                        outcome, reason = _send_one(assoc, f, job.route, job.reader)
+                    finally:
+                        job.progress.update(in_flight=-1)
                     self.in_flight = self.suspect = None
                     # The peer answered: this file is settled and never sent again.
                     self._settle(self.pending.pop(0), outcome, reason, confirmed=True)
