@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -46,8 +47,9 @@ except ImportError:  # pragma: no cover - Windows
 
 # After its last byte is handed out, a body waits (polling this often) while the peer
 # acknowledges the rest, so the count reaches 100 % as the server reads, not when its answer
-# comes. It stops waiting once the server answers (an error before it read everything), or the
-# queue has not moved for DRAIN_IDLE seconds (urllib3's read timeout takes over from there).
+# comes. It stops waiting once the server answers (an error before it read everything; plain
+# HTTP only), or the queue has not moved for DRAIN_IDLE seconds (urllib3's read timeout takes
+# over from there): a wait that only shapes the display, never an error of its own.
 DRAIN_POLL = 0.05
 DRAIN_IDLE = 5.0
 
@@ -115,10 +117,14 @@ class AckedBytes:
         queue stood still for :data:`DRAIN_IDLE` seconds, or ``cancel`` is set.
         """
         sock = self._socket_of()
+        # Over TLS 1.3 the server sends session tickets after the handshake: a readable socket
+        # is no answer there, and only the queue standing still (or the connection closing)
+        # ends the wait.
+        answer_shows = not isinstance(sock, ssl.SSLSocket)
         last, since = -1, self._clock()
         while not cancel.is_set():
             outq = unacknowledged(sock)
-            if not outq:  # 0: all acknowledged; None: unknown
+            if not outq:  # 0: all acknowledged; None: unknown (or closed)
                 return
             report()
             now = self._clock()
@@ -128,7 +134,7 @@ class AckedBytes:
                 return
             assert sock is not None  # unacknowledged() answered
             try:
-                readable, _, _ = select.select([sock], [], [], DRAIN_POLL)
+                readable, _, _ = select.select([sock] if answer_shows else [], [], [], DRAIN_POLL)
             except (OSError, ValueError):
                 return
             if readable:
