@@ -331,13 +331,17 @@ def test_rich_display_draws_the_stopping_line_itself_and_then_shows_no_progress(
     event = ProgressEvent(Phase.UPLOAD, 58, 1200, bytes_done=5, bytes_total=10, files_in_flight=120)
     d(event)
     assert d.stopping("finishing 3 requests in flight") is True
-    d(ProgressEvent(Phase.UPLOAD, 1200, 1200, bytes_done=10, bytes_total=10))  # winding down
+    d._progress.refresh()
+    # Winding down: a batch of 42 confirmed before its request was cut, the others cut.
+    d(ProgressEvent(Phase.UPLOAD, 100, 1200, bytes_done=10, bytes_total=10, files_in_flight=0))
     d._progress.refresh()
     d.close()
     text = _plain(out)
     assert "stopping: finishing 3 requests in flight… (Ctrl-C again to abort now)" in text
     assert "58 of 1200 files confirmed; 120 in flight, not confirmed" in text
-    assert "1200/1200" not in text
+    # the final message's count, and what was in flight and is not confirmed
+    assert text.rstrip().endswith("100 of 1200 files confirmed; 78 in flight, not confirmed")
+    assert "100/1200" not in text  # no other progress drawn
     assert LogDisplay(io.StringIO()).stopping("x") is False  # a log: the CLI writes the line
 
 

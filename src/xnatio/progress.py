@@ -665,6 +665,7 @@ class RichDisplay(Display):
         self._rate = SlidingRate(clock=clock)
         self._upload: ProgressEvent | None = None  # the latest upload event, for the status line
         self._stopping: str | None = None  # after Ctrl-C: what is being finished
+        self._cut = (0, 0)  # (files in flight, files confirmed) at Ctrl-C
         self._started = False
         self._closed = False
 
@@ -678,8 +679,10 @@ class RichDisplay(Display):
             line = f"stopping{': ' + what if what else ''}… (Ctrl-C again to abort now)"
             if event is not None:
                 line += "\n" + " " * 9 + f"{event.current} of {event.total} files confirmed"
-                if event.files_in_flight:
-                    line += f"; {event.files_in_flight} in flight, not confirmed"
+                # In flight at Ctrl-C, less those confirmed since (their answer came first).
+                cut = max(0, self._cut[0] - (event.current - self._cut[1]))
+                if cut:
+                    line += f"; {cut} in flight, not confirmed"
             return line
         if event is None or self._phase is not Phase.UPLOAD:
             return ""
@@ -695,12 +698,15 @@ class RichDisplay(Display):
         return line
 
     def stopping(self, what: str = "") -> bool:
-        """Ctrl-C was pressed: the status line says so, with what is confirmed and what is cut,
-        and the display shows no later progress. Called from a signal handler, so it takes no
-        lock: the refresh thread draws it at its next refresh (1/8 s). False (the caller writes
-        the line) when the display is not live."""
+        """Ctrl-C was pressed: the status line says so, with what is confirmed and what is cut
+        (kept up to date while stopping), and the display shows no other progress. Called from
+        a signal handler, so it takes no lock: the refresh thread draws it at its next refresh
+        (1/8 s). False (the caller writes the line) when the display is not live."""
         if not self._started or self._closed:
             return False
+        event = self._upload
+        if event is not None:  # (in flight, confirmed) now: the requests are cut right after
+            self._cut = (event.files_in_flight, event.current)
         self._stopping = what
         return True
 
@@ -736,7 +742,11 @@ class RichDisplay(Display):
         if event.phase is Phase.DONE:
             return  # the summary follows
         with self._lock:
-            if self._closed or self._stopping is not None:
+            if self._closed:
+                return
+            if self._stopping is not None:
+                if event.phase is Phase.UPLOAD:  # the stopping line's counts, nothing else
+                    self._upload = event
                 return
             self._ensure_started()
             bytes_mode = event.phase in BYTE_PHASES and event.bytes_total > 0

@@ -131,9 +131,11 @@ def resumable_upload(
             )
         except KeyboardInterrupt:
             confirmed = len(run.split()[0])
+            # The live display counted this run's files: say both when earlier runs sent some.
+            earlier = f" ({confirmed - len(done)} in this run)" if done else ""
             raise UploadInterrupted(
-                f"interrupted: {confirmed} of {len(manifest.files)} files are confirmed; "
-                "run the same command again to send the rest"
+                f"interrupted: {confirmed} of {len(manifest.files)} files are confirmed"
+                f"{earlier}; run the same command again to send the rest"
             ) from None
     finally:
         lock.release()

@@ -461,10 +461,13 @@ class InFlight:
         self.last: ProgressEvent | None = None
         self.display: ProgressCallback | None = None
         self.stopping = False
+        self.live_stop = False  # the display drew the stopping line itself
 
     def __call__(self, event: ProgressEvent) -> None:
         self.last = event
-        if self.display is not None and not self.stopping:
+        # A live display that showed the stopping line still counts the files confirmed while
+        # stopping (the final message's count); it draws no other progress.
+        if self.display is not None and (not self.stopping or self.live_stop):
             self.display(event)
 
     def describe(self) -> str | None:
@@ -473,7 +476,8 @@ class InFlight:
         self.stopping = True
         what = self._what()
         stopping = getattr(self.display, "stopping", None)
-        return None if stopping is not None and stopping(what) else what
+        self.live_stop = bool(stopping is not None and stopping(what))
+        return None if self.live_stop else what
 
     def _what(self) -> str:
         event = self.last
