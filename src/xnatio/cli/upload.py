@@ -38,7 +38,6 @@ from xnatio.pipeline import (
     describe_dry_run,
     discover_for_upload,
     dry_run_preflight,
-    rest_client,
     upload,
 )
 from xnatio.progress import choose_display
@@ -498,16 +497,8 @@ def _upload(
 
     with contextlib.ExitStack() as stack:
         display = stack.enter_context(choose_display(quiet=output.quiet, log_interval=log_interval))
-        client = None
-        if opts.transport == "rest" and not opts.dry_run:
-            # The server and the credentials answer before a discovery that may read 50,000
-            # headers: a wrong password or a server that is down is reported at once (facts 2:
-            # a login is POST /data/JSESSION with Basic auth). The upload then uses this client
-            # (the JSESSION is renewed if it expired meanwhile, xnatio.xnat.client).
-            display(ProgressEvent(Phase.CONNECT, 0, 1, f"logging in to {settings.server}"))
-            client = stack.enter_context(rest_client(opts, settings))  # logs in
-        manifest = discover_for_upload(opts, display)
         if opts.dry_run:
+            manifest = discover_for_upload(opts, display)
             text, data = describe_dry_run(opts, manifest, display)
             checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
             text = f"{text}\n{checked}"
@@ -515,14 +506,10 @@ def _upload(
             progress: ProgressCallback = display
             if in_flight is not None:
                 in_flight.display, progress = display, in_flight
-            result = upload(
-                settings=settings,
-                options=opts,
-                manifest=manifest,
-                progress=progress,
-                notify=display.note,
-                client=client,
-            )
+            # The library logs in and takes the run lock before discovering (which may read
+            # 50,000 headers): a wrong password, a server that is down or another run on the
+            # same session is reported at once (xnatio.pipeline.upload).
+            result = upload(settings=settings, options=opts, progress=progress, notify=display.note)
     if opts.dry_run:
         # The plan is what a dry run is for, so it is printed even with -q (which silences only
         # progress and logs on stderr).
