@@ -53,7 +53,8 @@ from xnatio.many.runner import (
 )
 from xnatio.many.shard import is_shard_spec, parse_shard, select
 from xnatio.many.templates import TEMPLATE_HELP
-from xnatio.models import ProgressCallback
+from xnatio.models import Phase, ProgressCallback, ProgressEvent
+from xnatio.progress import LogDisplay
 from xnatio.settings import Settings
 
 # `xio upload-dicom`'s options that mean the same for each study of upload-many.
@@ -72,6 +73,7 @@ REUSED = (
     "retry_budget",
     "verify",
     "journal_path",
+    "log_interval",
 )
 
 
@@ -308,7 +310,17 @@ def upload_many_command(
     )
     with json_errors(output):
         code = _upload_many(
-            request, opts, server, dicom, output, state_dir, dry_run, plan_out, watch, interval
+            request,
+            opts,
+            server,
+            dicom,
+            output,
+            state_dir,
+            dry_run,
+            plan_out,
+            watch,
+            interval,
+            knobs["log_interval"],
         )
     ctx.exit(code)
 
@@ -378,6 +390,7 @@ def _upload_many(
     plan_out: Path | None,
     watch: bool,
     interval: float,
+    log_interval: float = defaults.LOG_INTERVAL,
 ) -> int:
     opts.check()
     settings = resolve_cli_settings(server, dicom, output=output)
@@ -396,7 +409,7 @@ def _upload_many(
             shard = parse_shard(opts.shard, {})
             plan = dataclasses.replace(plan, rows=tuple(select(plan.rows, shard)))
         return _dry_run(plan, settings, output, request.settle)
-    display = ManyDisplay.choose(output)
+    display = ManyDisplay.choose(output, log_interval=log_interval)
     state = state_dir or default_state_dir()
     with display, drain_on_sigterm() as drain:
         run = ManyRun(settings=settings, options=opts, state_dir=state, events=display)
@@ -558,12 +571,24 @@ def plan_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 class ManyDisplay:
-    """Subscriber of the runner's events: JSON lines, timestamped lines, or a live display.
+    """Subscriber of the runner's events: JSON lines, plain log lines, or a live display.
 
-    Called from worker threads: one lock around everything it prints.
+    This base class is the log (stderr not a terminal: cron, pipes, CI): one line per study
+    event (started, verified, failed, ...), and the progress of the whole run as upload-dicom
+    logs its own, through the same :class:`xnatio.progress.LogDisplay`: a line every
+    ``log_interval`` seconds (``--log-interval``) while files move, a heartbeat line at that
+    interval while nothing does (a server still importing), one when everything is sent. Lines
+    are timestamped by the CLI's stderr (:class:`xnatio.progress.TimestampedStream`), as every
+    command's are. Called from worker threads: one lock around everything it prints.
     """
 
-    def __init__(self, output: OutputArgs, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        output: OutputArgs,
+        stream: IO[str] | None = None,
+        *,
+        log_interval: float = defaults.LOG_INTERVAL,
+    ) -> None:
         self.output = output
         self.stream = stream or sys.stderr
         self.lock = threading.Lock()
@@ -571,20 +596,28 @@ class ManyDisplay:
         self.done_files = 0
         self.done_bytes = 0
         self.counts: dict[str, int] = {}
+        self.log = LogDisplay(self.stream, interval=log_interval, heartbeat=True)
+        self.planned_files = 0
+        self.planned_bytes = 0
+        # Per study in flight: (files, bytes) confirmed so far.
+        self.moving: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def choose(cls, output: OutputArgs) -> ManyDisplay:
+    def choose(
+        cls, output: OutputArgs, *, log_interval: float = defaults.LOG_INTERVAL
+    ) -> ManyDisplay:
         if output.json:
             return JsonDisplay(output, sys.stdout)
-        if not output.quiet and sys.stderr.isatty():
+        # As upload-dicom decides (xnatio.progress.choose_display): TERM=dumb gets plain lines.
+        if not output.quiet and sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
             return LiveDisplay(output)
-        return cls(output)
+        return cls(output, log_interval=log_interval)
 
     def __enter__(self) -> ManyDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        self.log.close()
 
     def __call__(self, event: ManyEvent) -> None:
         with self.lock:
@@ -596,15 +629,47 @@ class ManyDisplay:
             self.show(event)
 
     def show(self, event: ManyEvent) -> None:
-        if event.kind == PROGRESS or self.output.quiet or quiet_skip(event):
+        if self.output.quiet:
             return
-        self.line(describe(event))
+        if event.kind != PROGRESS and not quiet_skip(event):
+            self.line(describe(event))
+        self._progress(event)
+
+    def _progress(self, event: ManyEvent) -> None:
+        """The run's totals as one upload's progress: files and bytes of the studies this run
+        sends (each study's own lines say when it is verified)."""
+        key = event.record.key
+        if event.kind == "planned":
+            self.planned_files += event.record.files
+            self.planned_bytes += event.record.bytes
+            return
+        if event.kind in ("started", PROGRESS):
+            self.moving[key] = (event.files_done, event.bytes_done)
+        elif key in self.moving:
+            del self.moving[key]
+        else:
+            return  # a study this run does not send (skipped, waiting): no progress to show
+        files = self.done_files + sum(f for f, _ in self.moving.values())
+        sent = self.done_bytes + sum(b for _, b in self.moving.values())
+        self.log(
+            ProgressEvent(
+                Phase.UPLOAD,
+                files,
+                max(self.planned_files, files),
+                bytes_done=sent,
+                bytes_total=max(self.planned_bytes, sent),
+            )
+        )
+        if not self.moving:
+            # Nothing in flight (the pass is over, or a watch waits): no heartbeat until the
+            # next study starts.
+            self.log(ProgressEvent(Phase.DONE, 0, 0))
 
     def line(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(f"{stamp} {text}", file=self.stream, flush=True)
+        self.log.note(text)
 
     def finish(self, result: ManyResult) -> None:
+        self.log.close()
         if self.output.quiet and result.ok:
             return
         text = summary_table(result)
@@ -624,8 +689,12 @@ def describe(event: ManyEvent) -> str:
         "waiting": f"waiting  {label}: {event.message}",
         "skipped": f"skipped  {label}: {event.message}",
     }.get(event.kind, f"{event.kind} {label} {event.message}")
-    if event.kind in ("planned", "started", "verified") and event.message:
-        text += f": {event.message}"
+    # A verified study's reason starts with "verified" (then what --after did): not twice.
+    message = event.message
+    if event.kind == "verified":
+        message = message.removeprefix("verified").lstrip("; ")
+    if event.kind in ("planned", "started", "verified") and message:
+        text += f": {message}"
     return text
 
 
