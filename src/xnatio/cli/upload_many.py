@@ -28,6 +28,7 @@ from xnatio import defaults
 from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
+    SectionedCommand,
     ServerArgs,
     dicom_options,
     exit_codes_epilog,
@@ -113,11 +114,77 @@ Examples:
   xio status
 """
 
+BRIEF_EXAMPLES = """
+\b
+Examples (the label templates: --help-all):
+  xio upload-many /data/outbox --project MYPROJ --dry-run
+  xio upload-many /data/outbox --project MYPROJ --settle 15m --after move:/data/sent
+  xio status
+"""
+
+# --help-all lists the options under these headings; --help only the COMMON ones.
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "Studies and labels",
+        ("project", "subject", "session", "settle", "dry_run", "plan_out"),
+    ),
+    (
+        "State, retries and scheduling",
+        (
+            "state_dir",
+            "max_attempts",
+            "retry_quarantined",
+            "after",
+            "watch",
+            "interval",
+            "shard",
+        ),
+    ),
+    ("Load on the server", ("parallel_studies", "max_requests")),
+    ("Each study's upload (as xio upload-dicom)", REUSED[:-1]),
+    (
+        "Server and credentials",
+        ("server", "user", "password", "verify_tls", "ca_bundle", "profile", "env_file"),
+    ),
+    (
+        "DICOM C-STORE (--transport dicom-store)",
+        ("dicom_host", "dicom_port", "dicom_called_aet", "dicom_calling_aet"),
+    ),
+    ("Output", ("json_output", "quiet", "verbose", "log_interval", "help", "help_all")),
+)
+COMMON = frozenset(
+    {
+        "project",
+        "subject",
+        "session",
+        "settle",
+        "dry_run",
+        "state_dir",
+        "after",
+        "watch",
+        "parallel_studies",
+        "server",
+        "user",
+        "password",
+        "profile",
+        "json_output",
+        "quiet",
+        "verbose",
+        "help",
+        "help_all",
+    }
+)
+
 
 @click.command(
     "upload-many",
+    cls=SectionedCommand,
+    sections=SECTIONS,
+    common=COMMON,
+    brief_paragraphs=1,
+    brief_epilog=BRIEF_EXAMPLES + exit_codes_epilog(),
     epilog=EXAMPLES + "\n\b\n" + _wrapped(TEMPLATE_HELP) + exit_codes_epilog(),
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 @click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -131,7 +198,7 @@ Examples:
     metavar="TEMPLATE",
     default=defaults.MANY_SUBJECT_TEMPLATE,
     show_default=True,
-    help="Subject label template (see Label templates below).",
+    help="Subject label template (see Label templates at the end of --help-all).",
 )
 @click.option(
     "--session",
@@ -144,9 +211,9 @@ Examples:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the plan (one row per study: labels, patient, date, series, files, bytes, "
-    "folders, warnings, and whether the server holds the session already: one listing per "
-    "project); send nothing.",
+    help="Print the plan and send nothing. One row per study: labels, patient, date, series, "
+    "files, bytes, folders, warnings, and whether the server holds the session already (one "
+    "listing per project).",
 )
 @click.option(
     "--plan-out",
@@ -216,8 +283,8 @@ Examples:
 @click.option(
     "--watch",
     is_flag=True,
-    help="Keep running: rescan the roots every --interval seconds (sooner when the file "
-    "system reports a change) and send each study once it has settled; a heartbeat line "
+    help="Keep running, and send each study once it has settled. The roots are rescanned "
+    "every --interval seconds (sooner when the file system reports a change); a heartbeat line "
     "every interval. SIGTERM lets the studies in flight finish, then exits 0.",
 )
 @click.option(
