@@ -133,3 +133,34 @@ def test_cli_reports_a_locked_session_before_discovery(
     assert "another xio run" in res.stderr
     assert "reading DICOM headers" not in res.stderr
     assert "logging in to" in res.stderr
+
+
+@pytest.mark.integration
+def test_python_api_logs_in_before_discovery(
+    xnat_server: SandboxServer, session: Path, tmp_path: Path
+) -> None:
+    from xnatio.uploaders import upload_dicom_parallel_rest
+
+    events: list[ProgressEvent] = []
+    with pytest.raises(AuthError):
+        upload_dicom_parallel_rest(
+            xnat_server.url,
+            "admin",
+            "wrong",
+            source_dir=session,
+            project=PROJECT,
+            subject=SUBJECT,
+            session=SESSION,
+            progress_callback=events.append,
+            journal=tmp_path / "journal.sqlite",
+        )
+    assert Phase.DISCOVER not in _phases(events)
+
+
+def test_a_missing_path_is_reported_before_anything_else(tmp_path: Path) -> None:
+    """No server, no credentials: the path is the first thing checked."""
+    from xnatio.errors import UsageError
+
+    opts = _options(tmp_path / "nope", tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        upload(settings=Settings(), options=opts)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shlex
 import threading
 from collections.abc import Callable, Sequence
@@ -149,6 +150,8 @@ def upload(
     """
     if options.transport not in ("rest", "dicom-store"):
         raise UsageError(f"unknown transport {options.transport!r}")
+    if manifest is None and not os.path.lexists(options.path):  # the cheapest check of all
+        raise UsageError(f"{options.path} does not exist.")
     with contextlib.ExitStack() as stack:
         # Cheap checks before the expensive walk (issue 17): the server and the credentials
         # (a login, facts 2), then the run lock of this session, and only then discovery, which
@@ -196,6 +199,10 @@ def upload(
         locks.hold(early)
         if manifest is None:
             manifest = discover_for_upload(options, progress)
+        else:  # a caller's manifest is held to the same rule as a discovered one
+            from xnatio.discover import check_single_study
+
+            check_single_study(manifest, allow_multiple=options.allow_multiple_studies)
         result = send(manifest, locks)
     result.project = result.project or options.project
     result.subject = result.subject or options.subject
