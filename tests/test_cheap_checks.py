@@ -8,6 +8,7 @@ never began. Every test here is fast: one small session, no upload completes.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -164,3 +165,28 @@ def test_a_missing_path_is_reported_before_anything_else(tmp_path: Path) -> None
     opts = _options(tmp_path / "nope", tmp_path)
     with pytest.raises(UsageError, match="does not exist"):
         upload(settings=Settings(), options=opts)
+
+
+@pytest.mark.integration
+def test_a_project_alias_is_locked_under_its_id_too(
+    xnat_server: SandboxServer, session: Path, tmp_path: Path
+) -> None:
+    """Locked before discovery under the alias given; after the pre-flight resolved it (facts
+    2), under the project's ID too: a run given the ID and one given the alias exclude each
+    other."""
+    xnat_server.access.create_project("PROJ01", aliases=("ALIAS1",), owner="admin")
+    opts = dataclasses.replace(_options(session, tmp_path), project="ALIAS1")
+    settings = Settings(
+        server=xnat_server.url,
+        username=xnat_server.username,
+        password=Secret(xnat_server.password),
+    )
+    other = RunLock(Target.rest(xnat_server.url, "PROJ01", SUBJECT, SESSION), opts.lock_dir)
+    other.acquire()
+    try:
+        with pytest.raises(LockedError, match="PROJ01"):
+            upload(settings=settings, options=opts)
+    finally:
+        other.release()
+    result = upload(settings=settings, options=opts)
+    assert result.success and result.project == "PROJ01"
