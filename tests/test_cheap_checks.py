@@ -190,3 +190,30 @@ def test_a_project_alias_is_locked_under_its_id_too(
         other.release()
     result = upload(settings=settings, options=opts)
     assert result.success and result.project == "PROJ01"
+
+
+@pytest.mark.integration
+def test_upload_many_logs_in_and_locks_before_the_walk(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """The walk (here: reading a plan file that is not UTF-8, which fails at once) comes after
+    the run lock and the login: they are what the user hears about."""
+    from xnatio.many.ledger import Ledger
+
+    plan = tmp_path / "plan.csv"
+    plan.write_bytes(b"\xff\xfe not a plan")
+    state = tmp_path / "state"
+    args = ["upload-many", str(plan), "--state-dir", str(state)]
+    env = {"XNAT_SERVER": xnat_server.url, "XNAT_USERNAME": "admin", "XNAT_PASSWORD": "wrong"}
+    res = CliRunner().invoke(cli, args, env=env)
+    assert res.exit_code == 3, res.output  # the login, not "plan ... is not UTF-8" (exit 2)
+    assert "not UTF-8" not in res.output
+
+    env["XNAT_PASSWORD"] = xnat_server.password
+    ledger = Ledger(state)
+    ledger.ensure()
+    with ledger.run_lock().held():
+        res = CliRunner().invoke(cli, args, env=env)
+    assert res.exit_code == 2 and "not UTF-8" not in res.output, res.output
+    res = CliRunner().invoke(cli, args, env=env)  # free: now the plan file is read
+    assert res.exit_code == 2 and "not UTF-8" in res.output, res.output

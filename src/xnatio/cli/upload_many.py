@@ -464,14 +464,8 @@ def _upload_many(
     if not dry_run and opts.transport == "rest":
         settings.require_server()
         settings.require_credentials()
-    plan = request.make()
-    if plan_out is not None:
-        from xnatio.many.plan import write_plan
-
-        write_plan(plan, plan_out)
-        if not output.quiet:
-            click.echo(f"plan written to {plan_out}", err=True)
     if dry_run:
+        plan = _make_plan(request, plan_out, output)
         if is_shard_spec(opts.shard):  # this shard's rows only (--plan-out keeps them all)
             shard = parse_shard(opts.shard, {})
             plan = dataclasses.replace(plan, rows=tuple(select(plan.rows, shard)))
@@ -481,7 +475,13 @@ def _upload_many(
     with display, drain_on_sigterm() as drain:
         run = ManyRun(settings=settings, options=opts, state_dir=state, events=display)
         run.drain = drain
-        with run:
+        with run:  # the run lock of the state folder: another run is refused before the walk
+            if not watch:
+                # The server and the credentials too, before reading every header under the
+                # roots (a login, facts 2). A watch logs in on its first pass instead: a server
+                # that is down then does not end it (docs/upload-many.md, Watching).
+                run.client()
+            plan = _make_plan(request, plan_out, output)
             if watch:
                 from xnatio.many.watch import watch as watch_loop
 
@@ -498,6 +498,18 @@ def _upload_many(
     if watch and result.interrupted:
         return 0  # SIGTERM ends a watch: a normal stop
     return result.exit_code
+
+
+def _make_plan(request: PlanRequest, plan_out: Path | None, output: OutputArgs) -> Plan:
+    """The walk (or the reviewed plan file), written to ``--plan-out`` if asked."""
+    plan = request.make()
+    if plan_out is not None:
+        from xnatio.many.plan import write_plan
+
+        write_plan(plan, plan_out)
+        if not output.quiet:
+            click.echo(f"plan written to {plan_out}", err=True)
+    return plan
 
 
 @contextlib.contextmanager
