@@ -1,7 +1,10 @@
 """One upload, whatever the transport, as one library call:
 
-    PATH -discover-> Manifest -pre-flight-> -plan-> Batches -send-> XNAT -commit-> verify -> Result
-                                  (journal and lock around send/commit/verify: xnatio.resume)
+    login, lock -> PATH -discover-> Manifest -pre-flight-> -plan-> Batches -send-> XNAT -commit->
+        verify -> Result      (journal and lock around send/commit/verify: xnatio.resume)
+
+Cheap checks first: PATH exists, the login (REST; C-STORE's REST pre-flight) and the run lock of
+the session come before discovery, which may read 50,000 headers.
 
 :func:`upload` is the entry point. ``xio upload-dicom`` is options → :func:`upload` → render;
 ``xio demo`` and the public Python API (:mod:`xnatio.uploaders`) call it too, so a Python user
