@@ -6,10 +6,13 @@ on a freshly started receiver, so slow drifts of a shared machine fall on all of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,16 +436,19 @@ class Runner:
             )
             checked = x.check(ctx, measured)
         finally:
-            if ctx.sandbox is not None:
-                server_peaks = ctx.sandbox.stop()
-            if ctx.auth_sandbox is not None:
-                ctx.auth_sandbox.stop()
-            if ctx.scp is not None:
-                server_peaks = ctx.scp.stop()
-            if link is not None:
-                link.close()
-            if not self.keep:
-                shutil.rmtree(workdir, ignore_errors=True)
+            # Ctrl-C or SIGTERM during the clean-up waits until it is done (then interrupts), so
+            # an interrupted run leaves no receiver, link or work directory behind.
+            with _signals_held():
+                if ctx.sandbox is not None:
+                    server_peaks = ctx.sandbox.stop()
+                if ctx.auth_sandbox is not None:
+                    ctx.auth_sandbox.stop()
+                if ctx.scp is not None:
+                    server_peaks = ctx.scp.stop()
+                if link is not None:
+                    link.close()
+                if not self.keep:
+                    shutil.rmtree(workdir, ignore_errors=True)
         metric = checked.inner_s if checked.inner_s is not None else measured.wall_s
         ok = checked.ok
         return RunRecord(
@@ -477,6 +483,20 @@ class Runner:
             if case.auth_sandbox:
                 ctx.auth_sandbox = Sandbox(ctx.workdir / "auth-server")
                 ctx.auth_sandbox.start()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM are held (delivered when the block ends) in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _client_env(ctx: c.RunContext, extra: dict[str, str]) -> dict[str, str]:

@@ -225,3 +225,63 @@ def test_namespaces_of_a_killed_harness_are_removed_and_sigterm_cleans_up() -> N
         assert stale not in shaped.namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", stale], capture_output=True)
+
+
+# --- an interrupted harness leaves nothing behind ------------------------------------------------
+
+
+def _alive_pid(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+def test_sigterm_during_a_run_stops_client_and_receiver_and_removes_the_work_directory(
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    from benchmarks.measure import _tree
+
+    marker = tmp_path / "client-started"
+    # A harness whose one contender never finishes: the client writes a marker, then sleeps.
+    client = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(120)"
+    code = (
+        f"import signal, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from benchmarks import contenders as c\n"
+        "from benchmarks.cli import _terminate\n"
+        "from benchmarks.data import DataSpec\n"
+        "from benchmarks.scenarios import Case, Runner\n"
+        "signal.signal(signal.SIGTERM, _terminate)\n"
+        f"client = {client!r}\n"
+        "build = lambda ctx: c.Invocation([sys.executable, '-c', client])\n"
+        "hang = c.Contender('hang', 'sleeps', c.nothing, build, c.check_received)\n"
+        "case = Case('cstore', 'cstore tiny', DataSpec(6, 16, 16), 'storescp', [hang], 1)\n"
+        "try:\n"
+        "    Runner(log=lambda s: None).run_case(case)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    env = dict(os.environ, XNATIO_BENCH_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        for _ in range(600):  # the client has started (at most a minute under load)
+            if marker.exists() or proc.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert marker.exists(), proc.communicate(timeout=30)
+        started = [pid for pid in _tree(proc.pid) if pid != proc.pid]
+        assert len(started) >= 2  # storescp and the client at least
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"interrupted" in out, err.decode()[-2000:]
+    assert [pid for pid in started if _alive_pid(pid)] == []
+    assert list((tmp_path / "cache" / "work").iterdir()) == []
