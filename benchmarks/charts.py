@@ -64,7 +64,7 @@ class TimeChart:
 
     @property
     def filename(self) -> str:
-        return f"bench-time-{_slug(self.scenario)}.svg"
+        return f"{time_chart_stem(self.scenario)}.svg"
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,14 @@ class ScaleSeries:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
+
+
+def time_chart_stem(scenario: str) -> str:
+    """The file name (without .svg) of a scenario's time chart."""
+    return f"bench-time-{_slug(scenario)}"
+
+
+SCALE_CHART_STEM = "bench-scale"
 
 
 def _ok_runs(contender: dict[str, Any], key: str) -> tuple[float, ...]:
@@ -403,7 +411,7 @@ def render(record: dict[str, Any], out_dir: Path) -> list[Path]:
             written.append(path)
         series = scale_series(record)
         if series:
-            path = out_dir / "bench-scale.svg"
+            path = out_dir / f"{SCALE_CHART_STEM}.svg"
             _draw_scale(series, note, path)
             written.append(path)
     return written

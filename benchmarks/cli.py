@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks.charts import charts_unavailable, render
+from benchmarks.charts import SCALE_CHART_STEM, charts_unavailable, render, time_chart_stem
 from benchmarks.data import cache_root
 from benchmarks.link import link_unavailable, remove_stale
 from benchmarks.report import (
@@ -27,6 +27,11 @@ from benchmarks.report import (
 from benchmarks.scenarios import SCENARIOS, TINY, CaseResult, Runner, Sizes, build_cases
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+# --docs: the tables go between these marks of docs/performance.md, the charts into docs/img.
+DOCS_PAGE = DOCS / "performance.md"
+DOCS_CHARTS = DOCS / "img"
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 # What --tiny is for, printed at its start: it checks that the harness works, not speed.
 TINY_CHECKS = (
     "--tiny: checks that every contender runs and that the receiver holds every file it sent "
@@ -93,10 +98,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--charts",
         type=Path,
-        default=RESULTS_DIR,
         metavar="DIR",
-        help="draw the charts (SVG) into DIR, e.g. docs/img (default: benchmarks/results); "
-        "needs matplotlib: pip install -e '.[bench]'",
+        help="draw the charts (SVG) into DIR (default: benchmarks/results, or docs/img with "
+        "--docs); needs matplotlib: pip install -e '.[bench]'",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="when every case has run: put the tables into docs/performance.md (between its "
+        "results marks) and the charts into docs/img",
     )
     p.add_argument("--keep", action="store_true", help="keep each run's work directory")
     args = p.parse_args(argv)
@@ -105,6 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     if args.repeat is not None and args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.docs and args.tiny:
+        p.error("--docs takes a measured run; --tiny's figures mean nothing")
+    if args.charts is None:
+        args.charts = DOCS_CHARTS if args.docs else RESULTS_DIR
     return args
 
 
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepared in {time.perf_counter() - started:.0f} s")
         return 0
     results: list[CaseResult] = []
+    interrupted = False
     # SIGTERM stops the harness as Ctrl-C does, so receivers and shaped links are cleaned up.
     signal.signal(signal.SIGTERM, _terminate)
     stale = [] if link_unavailable() else remove_stale()
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             results.append(runner.run_case(case))
     except KeyboardInterrupt:
+        interrupted = True
         print("interrupted: reporting the cases that finished", file=sys.stderr)
     total = time.perf_counter() - started
 
@@ -201,10 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"results written to {', '.join(str(p) for p in outputs)}")
     drawn = _charts(record, args.charts) if results else []
+    judged = not args.tiny
     if args.markdown:
         # The file shows the charts beside the tables, by paths relative to where it is.
         rel = {p.stem: os.path.relpath(p, args.markdown.resolve().parent) for p in drawn}
-        args.markdown.write_text(_markdown(results, gs, footer, judged=not args.tiny, charts=rel))
+        args.markdown.write_text(_markdown(results, gs, footer, judged=judged, charts=rel))
+    if args.docs and (interrupted or not results):
+        print(f"{DOCS_PAGE} not updated: the run did not finish")
+    elif args.docs:
+        rel = {p.stem: os.path.relpath(p, DOCS_PAGE.parent) for p in drawn}
+        why = _into_docs(_markdown(results, gs, footer, judged=judged, charts=rel, level=4))
+        print(why or f"tables written into {DOCS_PAGE} (between {RESULTS_START} and {RESULTS_END})")
     # Benchmarks are not tests: a missed goal is reported, not an error. A contender that failed
     # to run is still worth a non-zero exit, so scripts notice a broken harness.
     failed = [r.name for cr in results for r in cr.results.values() if not r.ok]
@@ -227,6 +250,20 @@ def _charts(record: dict[str, Any], out_dir: Path) -> list[Path]:
     return drawn
 
 
+def _into_docs(markdown: str, page: Path = DOCS_PAGE) -> str:
+    """Replace what is between the results marks of ``page``; why not ("" when done)."""
+    try:
+        text = page.read_text()
+    except OSError as exc:
+        return f"{page} not updated: {exc.strerror or exc}"
+    start, end = text.find(RESULTS_START), text.find(RESULTS_END)
+    if start < 0 or end < start:
+        return f"{page} not updated: it has no {RESULTS_START} ... {RESULTS_END} marks"
+    head = text[: start + len(RESULTS_START)]
+    page.write_text(f"{head}\n{markdown.strip()}\n{text[end:]}")
+    return ""
+
+
 def _markdown(
     results: list[CaseResult],
     gs: list[Goal],
@@ -234,22 +271,24 @@ def _markdown(
     *,
     judged: bool,
     charts: dict[str, str] | None = None,
+    level: int = 3,
 ) -> str:
-    """The tables of the run; with ``charts`` (chart name -> path), each scenario's chart
-    follows its last table and the scale chart the scale table."""
+    """The tables of the run, under headings of ``level``; with ``charts`` (chart name -> path),
+    each scenario's chart follows its last table and the scale chart the scale table."""
     charts = charts or {}
     parts: list[str] = []
     for i, cr in enumerate(results):
         parts.append(case_table(cr))
         scenario = cr.case.scenario
         last = i + 1 == len(results) or results[i + 1].case.scenario != scenario
-        chart = charts.get(f"bench-time-{scenario}")
+        chart = charts.get(time_chart_stem(scenario))
         if last and chart:
             parts.append(f"![{scenario}: time of each contender]({chart})\n")
     scale = scale_table(results)
     if scale:
         parts.append(scale)
-        if "bench-scale" in charts:
-            parts.append(f"![scale: peak RSS against file count]({charts['bench-scale']})\n")
+        if SCALE_CHART_STEM in charts:
+            parts.append(f"![scale: peak RSS against file count]({charts[SCALE_CHART_STEM]})\n")
     parts.append("### goals\n\n" + goals_table(gs, judged=judged))
-    return "\n".join(parts) + "\n" + footer
+    text = "\n".join(parts) + "\n" + footer
+    return ("\n" + text).replace("\n### ", "\n" + "#" * level + " ")[1:]

@@ -495,3 +495,49 @@ def test_charts_are_drawn_as_reproducible_svg(tmp_path: Path) -> None:
     svg = first[0].read_text()
     assert "xio" in svg and "failed: run 2: exit code 1: boom" in svg
     assert "peak RSS" in first[1].read_text()
+
+
+def test_docs_get_the_tables_between_their_marks_and_the_charts_beside_them(tmp_path: Path) -> None:
+    from benchmarks import cli
+
+    results = [
+        _case("rest-limit", {"xio": [12.0], "curl": [10.0]}, baseline="curl"),
+        _case("scale", {"xio": [1.0]}, files=2000),
+    ]
+    charts = {"bench-time-rest-limit": "img/bench-time-rest-limit.svg", "bench-scale": "img/s.svg"}
+    text = cli._markdown(
+        results, goals(results), "Command: x\n", judged=True, charts=charts, level=4
+    )
+    assert text.startswith("#### rest-limit 1000 files\n")
+    assert "\n### " not in text and "\n#### goals\n" in text
+    # Each scenario's chart follows its tables.
+    assert text.index("| curl |") < text.index("(img/bench-time-rest-limit.svg)")
+    assert text.index("(img/bench-time-rest-limit.svg)") < text.index("#### scale 2000 files")
+    assert text.index("#### scale: growth") < text.index("(img/s.svg)")
+
+    page = tmp_path / "performance.md"
+    page.write_text(f"# P\n\nprose\n\n{cli.RESULTS_START}\nold tables\n{cli.RESULTS_END}\n\nmore\n")
+    assert cli._into_docs(text, page) == ""
+    new = page.read_text()
+    assert (
+        "old tables" not in new and "prose" in new and new.endswith(f"{cli.RESULTS_END}\n\nmore\n")
+    )
+    assert new.count("#### rest-limit 1000 files") == 1
+    unmarked = tmp_path / "other.md"
+    unmarked.write_text("# no marks\n")
+    assert "has no <!-- results:start -->" in cli._into_docs(text, unmarked)
+    assert unmarked.read_text() == "# no marks\n"
+
+
+def test_without_matplotlib_the_harness_says_in_one_line_how_to_get_charts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    record = {"cases": [_case("rest-limit", {"xio": [1.0]}).to_json()]}
+    assert cli._charts(record, tmp_path) == []
+    out = capsys.readouterr().out
+    assert out.startswith("charts skipped: matplotlib is not installed;") and out.count("\n") == 1
+    assert "pip install -e '.[bench]'" in out
+    assert list(tmp_path.iterdir()) == []
