@@ -541,3 +541,17 @@ def test_without_matplotlib_the_harness_says_in_one_line_how_to_get_charts(
     assert out.startswith("charts skipped: matplotlib is not installed;") and out.count("\n") == 1
     assert "pip install -e '.[bench]'" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_run_is_the_proof_run_every_rest_scenario_twice() -> None:
+    from benchmarks.scenarios import SCENARIOS, Sizes, build_cases
+
+    cases = build_cases(list(SCENARIOS), Sizes(), None)
+    rest = [case for case in cases if case.receiver == "sandbox" and case.scenario != "scale"]
+    assert {case.scenario for case in rest} == {
+        "rest-limit",
+        "rest-wan",
+        "rest-slow",
+        "rest-latency",
+    }
+    assert {case.repeat for case in rest} == {2}
