@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from benchmarks import contenders as c
@@ -488,16 +489,29 @@ class Runner:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM are held (delivered when the block ends) in the main thread."""
+    """SIGINT and SIGTERM that arrive during the block take effect when it ends.
+
+    Python runs signal handlers in the main thread whichever thread the kernel delivered the
+    signal to, so handlers that only take note hold the signal in any case (a signal mask would
+    only hold it for the thread that set it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, hold) for signum in signums}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to restore
+                signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])  # now as it would have been: usually KeyboardInterrupt
 
 
 def _client_env(ctx: c.RunContext, extra: dict[str, str]) -> dict[str, str]:

@@ -555,3 +555,29 @@ def test_a_plain_run_is_the_proof_run_every_rest_scenario_twice() -> None:
         "rest-latency",
     }
     assert {case.repeat for case in rest} == {2}
+
+
+def test_a_signal_during_a_runs_clean_up_takes_effect_only_when_it_is_done() -> None:
+    import signal
+    import threading
+
+    from benchmarks.cli import _terminate
+    from benchmarks.scenarios import _signals_held
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Another thread alive, as the receivers' samplers are: the kernel may pick it.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt), _signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes: give it many
+                steps.append(1)
+            steps.append("done")
+        assert steps[-1] == "done"  # the whole block ran, then the interrupt came
+        assert signal.getsignal(signal.SIGTERM) is _terminate  # restored
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)
