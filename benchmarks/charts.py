@@ -179,6 +179,8 @@ def caption(record: dict[str, Any]) -> str:
     revision = machine.get("xnatio", {}).get("revision")
     if revision:
         parts.append(f"xnatio at {revision}")
+    if record.get("tiny"):
+        parts.append("--tiny: these times are start-up and mean nothing")
     return ", ".join(parts)
 
 

@@ -480,6 +480,7 @@ def test_chart_data_read_back_from_the_markdown_tables_a_run_prints() -> None:
     (series,) = ch.scale_series(record)
     assert [(p.files, p.median_rss_mb) for p in series.points] == [(2000, 52.0)]
     assert ch.caption(record) == "xnatio at 17817e1"
+    assert ch.caption({"tiny": True}) == "--tiny: these times are start-up and mean nothing"
 
 
 def test_charts_are_drawn_as_reproducible_svg(tmp_path: Path) -> None:
