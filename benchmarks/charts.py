@@ -329,6 +329,7 @@ def _draw_time(chart: TimeChart, note: str, path: Path) -> None:
             right = max(bar.runs_s or (bar.median_s,))
             ax.text(right + top * 0.015, y, label, va="center")
         ax.set_yticks(ys, names)
+        ax.set_ylim(-0.6, len(names) - 0.4)
         ax.set_xlim(0, top * 1.45)
         runs = any(b.runs_s for b in panel.bars)
         ax.set_xlabel("seconds (bar: median; dots: each run)" if runs else "seconds (median)")

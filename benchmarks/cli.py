@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "load_average_end": load_end,
         "total_s": round(total, 1),
+        "tiny": args.tiny,
         "cases": [cr.to_json() for cr in results],
         # --tiny judges no goal: its times are start-up (see TINY_CHECKS).
         "goals_judged": not args.tiny,
