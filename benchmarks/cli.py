@@ -105,8 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--docs",
         action="store_true",
-        help="when every case has run: put the tables into docs/performance.md (between its "
-        "results marks) and the charts into docs/img",
+        help="when the run was not interrupted: its tables replace those between the results "
+        "marks of docs/performance.md, and its charts go into docs/img",
     )
     p.add_argument("--keep", action="store_true", help="keep each run's work directory")
     args = p.parse_args(argv)
