@@ -38,8 +38,8 @@ CLI_MD = DOCS.get("cli.md", "")
 # README's set-up commands, exactly as CI (.ci/run) and users run them.
 SETUP_COMMANDS = (
     "python3 -m pip install -c constraints.txt -e . && xio demo",
-    "apt-get update && apt-get install -y dcmtk curl && python3 -m pip install -c constraints.txt "
-    "-e '.[dev]' && python3 -m pytest",
+    "apt-get update && apt-get install -y dcmtk curl iproute2 && "
+    "python3 -m pip install -c constraints.txt -e '.[dev]' && python3 -m pytest",
 )
 TEST_COMMAND_SENTENCE = "The test command is `python3 -m pytest`"
 
