@@ -435,11 +435,8 @@ def read_session(
 
 def md5_of(path: Path, *, member: str | None = None, chunk: int = MD5_CHUNK) -> str:
     """MD5 of a file, or of ``member`` inside a zip/tar archive, read ``chunk`` bytes at a time."""
-    h = hashlib.md5(usedforsecurity=False)
     with _open_local(path, member) as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return _md5_stream(fh, chunk)
 
 
 @contextlib.contextmanager
@@ -496,25 +493,88 @@ class _Progress:
 def _local_digests(
     files: Sequence[DicomFile], threads: int
 ) -> tuple[dict[int, str], list[tuple[DicomFile, str]]]:
-    """MD5 per file (by index into ``files``) and the files that could not be read."""
+    """MD5 per file (by index into ``files``) and the files that could not be read.
+
+    Plain files are hashed ``threads`` at a time. Members of an archive PATH are hashed in one
+    pass over each archive (:func:`_archive_digests`): opening a compressed tar and scanning it
+    for every member made verifying 400 members of a .tar.gz take 31 s (issue 16 item 6).
+    """
     digests: dict[int, str] = {}
     unreadable: list[tuple[DicomFile, str]] = []
+    plain: list[int] = []
+    by_archive: dict[Path, list[int]] = {}
+    for i, f in enumerate(files):
+        if f.member is None:
+            plain.append(i)
+        else:
+            by_archive.setdefault(f.path, []).append(i)
 
     def one(i: int) -> tuple[int, str | None, str]:
-        f = files[i]
         try:
-            return i, md5_of(f.path, member=f.member), ""
-        except (OSError, zipfile.BadZipFile, tarfile.TarError, KeyError) as exc:
-            why = getattr(exc, "strerror", None) or type(exc).__name__
-            return i, None, f"cannot read it to verify ({why})"
+            return i, md5_of(files[i].path), ""
+        except OSError as exc:
+            return i, None, _unreadable(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for i, digest, why in pool.map(one, range(len(files))):
+        for i, digest, why in pool.map(one, plain):
             if digest is not None:
                 digests[i] = digest
             else:
                 unreadable.append((files[i], why))
+    for archive, indexes in by_archive.items():
+        found, bad = _archive_digests(archive, {files[i].member or "": i for i in indexes})
+        digests.update(found)
+        unreadable.extend((files[i], why) for i, why in bad)
     return digests, unreadable
+
+
+def _unreadable(exc: BaseException) -> str:
+    why = getattr(exc, "strerror", None) or type(exc).__name__
+    return f"cannot read it to verify ({why})"
+
+
+def _archive_digests(
+    archive: Path, wanted: dict[str, int]
+) -> tuple[dict[int, str], list[tuple[int, str]]]:
+    """MD5 of the members ``wanted`` (unique entry name -> caller's index) of one archive PATH,
+    in one pass: a zip opened once, a tar (compressed or not) read once as a stream, each
+    member hashed as it goes by. Returns the digests and (index, reason) for those not read."""
+    digests: dict[int, str] = {}
+    bad: list[tuple[int, str]] = []
+    left = dict(wanted)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for name, info in zip_entries(zf).items():
+                    i = left.pop(name, None)
+                    if i is not None:
+                        with zf.open(info) as fh:
+                            digests[i] = _md5_stream(fh)
+        else:
+            entry_name = EntryNames()  # each entry by its unique name, in archive order
+            with tarfile.open(archive, "r|*") as tf:
+                for entry in tf:
+                    i = left.pop(entry_name(entry.name), None)
+                    extracted = tf.extractfile(entry) if i is not None else None
+                    if i is not None and extracted is None:
+                        bad.append((i, "cannot read it to verify (not a regular file)"))
+                    elif i is not None and extracted is not None:
+                        with extracted:
+                            digests[i] = _md5_stream(extracted)
+                    if not left:
+                        break  # the rest of the archive is not read
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        why = _unreadable(exc)
+        return digests, [*bad, *((i, why) for i in left.values())]
+    gone = "cannot read it to verify (no longer in the archive)"
+    return digests, [*bad, *((i, gone) for i in left.values())]
+
+
+def _md5_stream(fh: IO[bytes], chunk: int = MD5_CHUNK) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    while block := fh.read(chunk):
+        h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(slots=True)
@@ -655,22 +715,22 @@ def _compare_bytes(
     if not any(digests.get(i) == sf.md5 for i, (_, sf) in enumerate(probes)):
         # No probe matched: the server rewrote its copies (facts 1.7).
         return (False if digests else None), unreadable
-    for p, pairs in zip(pairings, with_digest, strict=True):
-        if not pairs:
-            continue
-        local = [f for f, _ in pairs]
-        sums, bad = _local_digests(local, threads)
-        known = {id(f) for f, _ in unreadable}
-        unreadable.extend(x for x in bad if id(x[0]) not in known)
-        bad_ids = {id(f) for f, _ in bad}
-        for i, (f, sf) in enumerate(pairs):
-            if id(f) in bad_ids:
-                p.check.verified.remove(f)
-            elif sums.get(i) == sf.md5:
-                p.check.identical += 1
-            else:
-                p.check.verified.remove(f)
-                p.check.different.append(f)
+    # Every landed file at once: an archive PATH is then read in one pass for all its members.
+    everything = [
+        (p, f, sf) for p, pairs in zip(pairings, with_digest, strict=True) for f, sf in pairs
+    ]
+    sums, bad = _local_digests([f for _, f, _ in everything], threads)
+    known = {id(f) for f, _ in unreadable}
+    unreadable.extend(x for x in bad if id(x[0]) not in known)
+    bad_ids = {id(f) for f, _ in bad}
+    for i, (p, f, sf) in enumerate(everything):
+        if id(f) in bad_ids:
+            p.check.verified.remove(f)
+        elif sums.get(i) == sf.md5:
+            p.check.identical += 1
+        else:
+            p.check.verified.remove(f)
+            p.check.different.append(f)
     return True, unreadable
 
 
