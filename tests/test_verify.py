@@ -22,6 +22,7 @@ import responses
 from click.testing import CliRunner
 
 from upload_helpers import PASSWORD, TEST_PROJECTS, USER, import_tar, upload
+from xnatio import verify as verify_module
 from xnatio.archive import EntryNames, instance_file_name, zip_entries
 from xnatio.cli import verify as cli_verify
 from xnatio.cli.main import cli
@@ -32,6 +33,7 @@ from xnatio.synth import generate_session
 from xnatio.verify import (
     COUNT_REASON,
     REWRITTEN_NOTE,
+    SentDigests,
     ServerFile,
     ServerScan,
     VerifyReport,
@@ -680,6 +682,86 @@ def test_upload_with_the_site_script_on_and_off(
     assert identical == (0 if site_script else len(files))
     stored = sandbox.archived_files("P", "S", "E")
     assert (stored[files[0].sop_instance_uid].md5 == md5_of(files[0].path)) is (not site_script)
+
+
+class _Reads:
+    """Counts what verification reads of the local files, and the digests sent."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.read: list[DicomFile] = []
+        self.recorded = 0
+        real_read, real_record = verify_module._local_digests, SentDigests.record
+
+        def read(files: Any, threads: int) -> Any:
+            self.read.extend(files)
+            return real_read(files, threads)
+
+        def record(digests: SentDigests, f: DicomFile, digest: bytes) -> None:
+            self.recorded += 1
+            real_record(digests, f, digest)
+
+        monkeypatch.setattr(verify_module, "_local_digests", read)
+        monkeypatch.setattr(SentDigests, "record", record)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("archive_path", [False, True])
+def test_upload_compares_the_digests_of_what_it_sent(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    archive_path: bool,
+) -> None:
+    """Issue 16 item 6: a server that keeps our bytes is compared with the MD5 of each file as
+    it was sent, not by reading every file a second time; a damaged copy still fails."""
+    root, files = synthetic
+    if archive_path:
+        tgz = tmp_path / "exam.tar.gz"
+        with tarfile.open(tgz, "w:gz") as tf:
+            tf.add(root, arcname="exam")
+        root = tgz
+    stores_our_bytes(sandbox)
+    reads = _Reads(monkeypatch)
+    result = upload(sandbox.url, root, tmp_path / "journal.sqlite")
+    assert result.success and result.verified, result.errors
+    assert {o.outcome for o in result.files} == {Outcome.VERIFIED} and result.notes == []
+    assert reads.recorded == len(files) and reads.read == []
+
+
+@pytest.mark.integration
+def test_upload_to_a_rewriting_server_computes_no_digest(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """XNAT's default site script rewrites every file (facts 1.7): no MD5 is computed while
+    sending (none could match), instances are compared by name, and only the probes are read."""
+    root, _ = synthetic
+    sandbox.site_anon = True
+    reads = _Reads(monkeypatch)
+    result = upload(sandbox.url, root, tmp_path / "journal.sqlite")
+    assert result.success and result.verified and result.notes == [REWRITTEN_NOTE]
+    assert reads.recorded == 0 and len(reads.read) == 3  # the first file of each series
+
+
+def test_sent_digests_find_a_damaged_copy_without_reading_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = session(tmp_path, series=2, per=4)
+    scans = as_server(files)
+    sent = SentDigests()
+    for f in files:
+        sent.record(f, hashlib.md5(f.path.read_bytes()).digest())
+    victim = files[5]
+    sent.record(victim, hashlib.md5(b"what was sent").digest())
+    for f in files:
+        f.path.unlink()  # nothing is read: every digest is the one sent
+    report = verify_session(_Listing(scans), "P", "S", "E", files, sent=sent)
+    assert report.byte_identical is True and not report.unreadable
+    assert [f for f, _ in report.problems] == [victim]
+    assert sum(s.identical for s in report.series) == 7
 
 
 @pytest.mark.integration

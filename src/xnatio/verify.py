@@ -53,7 +53,7 @@ from typing import IO, Any, Protocol
 from urllib.parse import quote
 
 from xnatio.archive import EntryNames, instance_file_name, zip_entries
-from xnatio.errors import ServerError, UsageError
+from xnatio.errors import ServerError, UsageError, XnatioError
 from xnatio.models import (
     DicomFile,
     FileOutcome,
@@ -86,6 +86,49 @@ class JsonGetter(Protocol):
     """What verification needs from :class:`xnatio.xnat.client.XnatClient`."""
 
     def get_json(self, path: str, params: Any = None) -> Any: ...
+
+
+class SentDigests:
+    """The MD5 of each instance's bytes as they were sent, computed while the request body
+    streams them (the body reads every byte once anyway), so read-back compares them with the
+    server's ``digest`` without reading a file again (issue 16 item 6).
+
+    Keyed by SOP Instance UID (a string the manifest holds already), 16 raw bytes per file, not a
+    hex string. Written from the sending threads (one dict store each, atomic in CPython).
+    """
+
+    __slots__ = ("_by_uid",)
+
+    def __init__(self) -> None:
+        self._by_uid: dict[str, bytes] = {}
+
+    def record(self, f: DicomFile, digest: bytes) -> None:
+        self._by_uid[f.sop_instance_uid] = digest
+
+    def get(self, f: DicomFile) -> str | None:
+        """The hex MD5 of what was sent as ``f``, or None if it was not sent by this process."""
+        digest = self._by_uid.get(f.sop_instance_uid)
+        return None if digest is None else digest.hex()
+
+    def __len__(self) -> int:
+        return len(self._by_uid)
+
+
+SITE_SCRIPT_PATH = "/data/config/anon/script"
+
+
+def server_rewrites(client: JsonGetter) -> bool | None:
+    """True when XNAT will rewrite every file xio sends, so no MD5 of ours can match its catalog:
+    the site-wide anonymization script is enabled (XNAT creates it enabled) and runs on each file
+    at receipt, as xio never sends ``prevent_anon`` (facts 1.7; status read as facts 5 says).
+    None when that cannot be told (disabled or no script: XNAT still re-encodes each header,
+    facts 1.7, but whether the bytes then differ is not known; unreadable). Read once before
+    sending, so that digests are computed while sending only when they may be compared."""
+    try:
+        rows = _rows(client.get_json(SITE_SCRIPT_PATH))
+    except XnatioError:
+        return None  # 404: no site script (facts 5); any other failure: not known
+    return True if rows and str(rows[0].get("status", "")).lower() == "enabled" else None
 
 
 @dataclass(slots=True)
@@ -610,6 +653,7 @@ def _compare(
     *,
     threads: int,
     progress: ProgressCallback | None,
+    sent: SentDigests | None = None,
 ) -> tuple[list[SeriesCheck], list[str], list[tuple[DicomFile, str]], bool | None]:
     tracker = _Progress(progress, files)
     by_series: dict[str, list[DicomFile]] = {}
@@ -660,7 +704,7 @@ def _compare(
         check.extra = [sf.name for sf in scan.files if sf.name not in mine]
 
     _pair_by_count(pairings, scans, used, local_names, by_series)
-    identity, unreadable = _compare_bytes(pairings, threads)
+    identity, unreadable = _compare_bytes(pairings, threads, sent)
     for p in pairings:
         tracker.advance(p.local)
     checks = [p.check for p in pairings]
@@ -703,15 +747,36 @@ def _pair_by_count(
             c.uncounted = list(p.local)
 
 
+def _digests(
+    files: Sequence[DicomFile], threads: int, sent: SentDigests | None
+) -> tuple[dict[int, str], list[tuple[DicomFile, str]]]:
+    """:func:`_local_digests`, taking the digest of each file sent by this process from
+    ``sent`` instead of reading it again."""
+    known: dict[int, str] = {}
+    read: list[int] = []
+    for i, f in enumerate(files):
+        digest = sent.get(f) if sent is not None else None
+        if digest is None:
+            read.append(i)
+        else:
+            known[i] = digest
+    if read:
+        sums, unreadable = _local_digests([files[i] for i in read], threads)
+        known.update((read[j], digest) for j, digest in sums.items())
+        return known, unreadable
+    return known, []
+
+
 def _compare_bytes(
-    pairings: list[_Pairing], threads: int
+    pairings: list[_Pairing], threads: int, sent: SentDigests | None = None
 ) -> tuple[bool | None, list[tuple[DicomFile, str]]]:
-    """Rule 2: probe a few landed files; if the server holds our bytes, compare them all."""
+    """Rule 2: probe a few landed files; if the server holds our bytes, compare them all (by
+    the digests computed while sending, ``sent``, where there are some)."""
     with_digest = [[(f, sf) for f, sf in p.landed if sf.md5] for p in pairings]
     probes = [pairs[0] for pairs in with_digest if pairs][:PROBES]
     if not probes:
         return None, []
-    digests, unreadable = _local_digests([f for f, _ in probes], threads)
+    digests, unreadable = _digests([f for f, _ in probes], threads, sent)
     if not any(digests.get(i) == sf.md5 for i, (_, sf) in enumerate(probes)):
         # No probe matched: the server rewrote its copies (facts 1.7).
         return (False if digests else None), unreadable
@@ -719,7 +784,7 @@ def _compare_bytes(
     everything = [
         (p, f, sf) for p, pairs in zip(pairings, with_digest, strict=True) for f, sf in pairs
     ]
-    sums, bad = _local_digests([f for _, f, _ in everything], threads)
+    sums, bad = _digests([f for _, f, _ in everything], threads, sent)
     known = {id(f) for f, _ in unreadable}
     unreadable.extend(x for x in bad if id(x[0]) not in known)
     bad_ids = {id(f) for f, _ in bad}
@@ -743,9 +808,12 @@ def verify_session(
     *,
     threads: int = MD5_THREADS,
     progress: ProgressCallback | None = None,
+    sent: SentDigests | None = None,
 ) -> VerifyReport:
     """Read the session back and compare it with ``files`` (the manifest's DICOM files);
-    ``progress`` receives Phase.VERIFY events (see the module docstring)."""
+    ``progress`` receives Phase.VERIFY events (see the module docstring); ``sent``: the digests
+    computed while this process sent them (a file without one is read again if its bytes are
+    compared)."""
     local = list(files)
     _Progress(progress, local).emit(f"reading {project}/{subject}/{session} back")
     report = VerifyReport(project, subject, session, found=True)
@@ -759,7 +827,7 @@ def verify_session(
     if server.study_uid and local and server.study_uid not in studies:
         report.other_study = server.study_uid
     report.series, report.unmatched_scans, report.unreadable, report.byte_identical = _compare(
-        local, server.scans, threads=threads, progress=progress
+        local, server.scans, threads=threads, progress=progress, sent=sent
     )
     unmatched = set(report.unmatched_scans)
     report.unmatched_files = sum(len(s.files) for s in server.scans if s.id in unmatched)
