@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import tarfile
 import threading
 import time
 import warnings
+import weakref
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,6 +384,34 @@ def test_an_archive_member_that_is_gone_is_unreadable_not_lost(tmp_path: Path) -
     report = report_of([*files, ghost], list(scans.values()))
     assert report.unreadable == [(ghost, "cannot read it to verify (no longer in the archive)")]
     assert sum(s.identical for s in report.series) == 4
+
+
+class _Rows(list):  # type: ignore[type-arg]
+    """A listing's rows that can be watched with a weak reference."""
+
+
+def test_scan_listings_are_read_and_dropped_one_at_a_time(tmp_path: Path) -> None:
+    """Issue 16 item 6: verification reads the server's listing scan by scan and keeps only
+    arrays of what it needs: when a scan's files are requested, no earlier listing is alive."""
+    files = session(tmp_path, series=4, per=5)
+    scans = as_server(files)
+    listed: list[weakref.ref[_Rows]] = []
+    alive_when_asked: list[int] = []
+
+    class Streaming(_Listing):
+        def get_json(self, path: str, params: object = None) -> object:
+            data = super().get_json(path, params)
+            if path.endswith("/resources/DICOM/files"):
+                gc.collect()
+                alive_when_asked.append(sum(ref() is not None for ref in listed))
+                rows = _Rows(data["ResultSet"]["Result"])  # type: ignore[index]
+                listed.append(weakref.ref(rows))
+                return {"ResultSet": {"Result": rows}}
+            return data
+
+    report = verify_session(Streaming(scans), "P", "S", "E", files)
+    assert report.ok and len(report.verified) == 20 and report.byte_identical is True
+    assert alive_when_asked == [0, 0, 0, 0]
 
 
 class _Client:
