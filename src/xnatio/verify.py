@@ -18,11 +18,18 @@ XNAT keeps an uploaded name unless another instance holds it (facts 1.2, ``renam
    its instances, so two series that share a Series Number (XNAT's scan ID, facts 4
    *(unconfirmed)*) are still told apart.
 2. **Bytes, where they are ours.** A few landed files (the first of each series, at most
-   :data:`PROBES`) are hashed locally and compared with the server's digest. If one matches, the
-   server stores our bytes (``prevent_anon`` and no re-encoding): every landed file with a digest
-   is then hashed, and one that differs is a failure (damaged, or changed locally since the
-   upload). If none matches, the server rewrote its copies (facts 1.7): not a failure, the files
-   are verified by name and the report says so once (:attr:`VerifyReport.rewritten_note`).
+   :data:`PROBES`) are compared with the server's digest. If one matches, the server stores our
+   bytes (``prevent_anon`` and no re-encoding): every landed file with a digest is then compared,
+   and one that differs is a failure (damaged, or changed locally since the upload). If none
+   matches, the server rewrote its copies (facts 1.7): not a failure, the files are verified by
+   name and the report says so once (:attr:`VerifyReport.rewritten_note`). The local MD5 of a
+   file is the one computed while an upload sent it (:class:`SentDigests`: no file is read
+   twice); only files this process did not send are read and hashed (the members of an archive
+   PATH in one pass over it). An upload computes none when XNAT's site script will rewrite every
+   file anyway (:func:`server_rewrites`).
+
+The server's listing is read one scan at a time and reduced to arrays before the next is read
+(:class:`_Holders`): memory grows with the local files, not with the listing.
 3. **By count, when no name matches.** A session filled by another tool, or over C-STORE, holds
    XNAT's own file names. A local series none of whose names is on the server is paired with
    the scan of the same Series Instance UID, else with the scan whose ID is its Series Number
