@@ -77,6 +77,7 @@ from xnatio.models import (
 _INSTANCE_NAME = re.compile(r"[0-9]+(\.[0-9]+)*\.dcm")
 MD5_CHUNK = 1 << 20  # bytes read at a time: memory stays bounded whatever the file size
 MD5_THREADS = 4
+_HASH_WINDOW = 256  # files hashed per round of the thread pool
 # Landed files hashed to find out whether the server stores our bytes (rule 2).
 PROBES = 8
 
@@ -582,11 +583,13 @@ def _local_digests(
             return i, None, _unreadable(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for i, digest, why in pool.map(one, plain):
-            if digest is not None:
-                digests[i] = digest
-            else:
-                unreadable.append((files[i], why))
+        # A window of files at a time: map() submits a future per item at once (~2 KB each).
+        for start in range(0, len(plain), _HASH_WINDOW):
+            for i, digest, why in pool.map(one, plain[start : start + _HASH_WINDOW]):
+                if digest is not None:
+                    digests[i] = digest
+                else:
+                    unreadable.append((files[i], why))
     for archive, indexes in by_archive.items():
         found, bad = _archive_digests(archive, {files[i].member or "": i for i in indexes})
         digests.update(found)
