@@ -75,6 +75,7 @@ class RestTransport:
         # unless XNAT will rewrite every file anyway (then it compares instances, facts 1.7).
         self.verify = verify
         self.digests: SentDigests | None = None
+        self._asked_site_script = False
         self.executor = executor
         self.target = target
         self.retry = retry
@@ -145,8 +146,9 @@ class RestTransport:
             )
             t = dataclasses.replace(t, direct_archive=False)
         batches = self.planner.plan(part, t.num_batches)
-        if self.verify and self.digests is None and not server_rewrites(self.client):
-            self.digests = SentDigests()
+        if self.verify and not self._asked_site_script:
+            self._asked_site_script = True  # once per upload, not per resend
+            self.digests = None if server_rewrites(self.client) else SentDigests()
         uploader = RestUploader(
             self.client,
             t,
