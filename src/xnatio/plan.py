@@ -8,16 +8,16 @@ exactly one batch, the same batches for the same input. The transport chooses th
 
 REST: an upload of at most :data:`SINGLE_MAX_FILES` files (and :data:`SINGLE_MAX_BYTES`) goes as
 one archive in one request: fewer requests, and XNAT builds the session once. Anything larger is
-cut into up to ``num_batches`` batches so that many requests run at once: XNAT handles the files
-of one request one after the other (parse, re-encode, anonymize, write: facts 1.7), so a
-per-file cost is paid in series by one request and in parallel by many, and one 2.5 GB request is
-slow and may time out (field reports, facts file 7). The rule counts files, not bytes: 1,200
-files at 20 ms each took 7.3 s as one request (issue 16); the measurements that chose it
-are in ``docs/parallel-upload-strategies.md``. Batches keep a
-series together where they can, so a failed batch maps to whole series for the user, split only
-the series larger than a fair share, and balance bytes so every worker finishes at about the same
-time (greedy longest-processing-time: each chunk, largest first, goes to the lightest batch,
-which is never worse than 4/3 of the best possible balance).
+cut into up to ``num_batches`` batches so that many requests run at once: XNAT reads the entries
+of one request one after the other (facts 1.1) and parses, re-encodes, anonymizes and writes each
+(facts 1.7), so a per-file cost is paid in series by one request and in parallel by many; and one
+2.5 GB request is slow and may time out (field reports, facts file 7). The rule counts files, not
+only bytes: 1,200 files at 20 ms each took 7.3 s as one request (issue 16); the measurements are
+in ``docs/parallel-upload-strategies.md``. Batches keep a series together where they can, so a
+failed batch maps to whole series for the user, split only the series larger than a fair share,
+and balance bytes so every worker finishes at about the same time (greedy
+longest-processing-time: each chunk, largest first, goes to the lightest batch, which is never
+worse than 4/3 of the best possible balance).
 """
 
 from __future__ import annotations
