@@ -540,7 +540,7 @@ def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
         num_batches=4,
         dry_run=True,
     )
-    assert result.success and result.batches_total == 1  # 120 small files: one request
+    assert result.success and result.batches_total == 4  # 120 files: batches (issue 16 item 5)
     assert {f.outcome for f in result.files} == {Outcome.SKIPPED}
     assert len(result.files) == 120
 
