@@ -45,12 +45,29 @@ def _check_partition(m: Manifest, batches: list, num: int) -> None:
 
 
 def test_small_uploads_are_one_batch() -> None:
-    few = _manifest([[MB] * 60, [MB] * 40])  # 100 files
+    few = _manifest([[MB // 2] * 60, [MB // 2] * 40])  # 100 files, 50 MB
     assert len(plan_batches(few, 42)) == 1
-    small = _manifest([[1000] * 500])  # 500 files but only 0.5 MB
-    assert len(plan_batches(small, 42)) == 1
     assert plan_batches(Manifest(root=Path("/x")), 42) == []
     assert len(plan_batches(_manifest([[MB] * 300]), 1)) == 1
+
+
+def test_the_single_request_rule_counts_files_not_bytes() -> None:
+    """Issue 16 item 5: 500 files of 1 KB went as one request because they were under 100 MiB,
+    paying the server's per-file time in series (1,200 files at 20 ms each: 7.3 s). Above 100
+    files the upload is cut into batches whatever its bytes; 100 files of 2 MB too."""
+    small_files = _manifest([[1000] * 250, [1000] * 250])  # 500 files, 0.5 MB
+    batches = plan_batches(small_files, 42)
+    _check_partition(small_files, batches, 42)
+    assert len(batches) == 42
+    assert len(plan_batches(_manifest([[1000] * 101]), 42)) == 42
+    assert len(plan_batches(_manifest([[1000] * 100]), 42)) == 1
+    big_files = _manifest([[2 * MB] * 100])  # 100 files but 200 MB
+    assert len(plan_batches(big_files, 42)) == 42
+    # Deterministic (resume re-plans what is left and must find the same batches).
+    again = plan_batches(small_files, 42)
+    assert [[f.path for f in b.files] for b in again] == [
+        [f.path for f in b.files] for b in batches
+    ]
 
 
 def test_series_kept_together_and_large_ones_split() -> None:

@@ -332,7 +332,8 @@ def test_planning_partitions_the_files(
     assert len(batches) <= max(1, num_batches) if files else batches == []
     assert [b.index for b in batches] == list(range(len(batches)))
     total = sum(f.size for f in files)
-    if files and (num_batches <= 1 or len(files) <= single_max_files or total <= single_max_bytes):
+    small = len(files) <= single_max_files and total <= single_max_bytes
+    if files and (num_batches <= 1 or small):
         assert len(batches) == 1  # a small upload is one request
     elif files:
         # Balanced: no batch heavier than an even share plus one file (the cut-in-order bound).

@@ -125,12 +125,14 @@ def test_batched_upload_lands_every_file_once(
 
 
 def test_public_api_sends_a_small_session_in_one_request(
-    xnat_server: SandboxServer, session_dir: SyntheticSession
+    xnat_server: SandboxServer, tmp_path: Path
 ) -> None:
+    # Up to 100 files go as one request (issue 16 item 5: more files go as batches).
+    session_dir = generate_session(tmp_path / "MR1", series=3, instances=30, image_size=(32, 32))
     events: list[ProgressEvent] = []
     result = upload(xnat_server, session_dir.root, progress_callback=events.append)
     assert result.success, result.errors
-    assert result.batches_total == 1 and len(result.uploaded) == 120
+    assert result.batches_total == 1 and len(result.uploaded) == 90
     assert result.duration > 0 and result.total_size_mb == session_dir.total_bytes / 1e6
     phases = list(dict.fromkeys(e.phase for e in events))
     assert phases == [
@@ -537,7 +539,7 @@ def test_dry_run_sends_nothing(session_dir: SyntheticSession) -> None:
         num_batches=4,
         dry_run=True,
     )
-    assert result.success and result.batches_total == 1  # 120 small files: one request
+    assert result.success and result.batches_total == 4  # 120 files: batches (issue 16 item 5)
     assert {f.outcome for f in result.files} == {Outcome.SKIPPED}
     assert len(result.files) == 120
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import hashlib
+import io
 import json
+import tarfile
 import threading
 import time
+import warnings
+import weakref
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -18,7 +24,8 @@ import responses
 from click.testing import CliRunner
 
 from upload_helpers import PASSWORD, TEST_PROJECTS, USER, import_tar, upload
-from xnatio.archive import instance_file_name
+from xnatio import verify as verify_module
+from xnatio.archive import EntryNames, instance_file_name, zip_entries
 from xnatio.cli import verify as cli_verify
 from xnatio.cli.main import cli
 from xnatio.discover import discover
@@ -28,6 +35,7 @@ from xnatio.synth import generate_session
 from xnatio.verify import (
     COUNT_REASON,
     REWRITTEN_NOTE,
+    SentDigests,
     ServerFile,
     ServerScan,
     VerifyReport,
@@ -282,6 +290,128 @@ def test_md5_streams_archive_members(tmp_path: Path) -> None:
     plain = tmp_path / "p"
     plain.write_bytes(data)
     assert md5_of(plain, chunk=3) == md5(data)
+
+
+def _archive_session(archive: Path, kind: str, series: int, per: int) -> list[DicomFile]:
+    """``series`` x ``per`` small members in a .tar.gz or .zip (two of one name, as an archive
+    may hold, issue 13 item 4), and the local files discovery would list for them."""
+    files: list[DicomFile] = []
+    entries: list[tuple[str, bytes]] = []
+    for s in range(1, series + 1):
+        for i in range(per):
+            name = "same.dcm" if (s, i) in ((1, 0), (1, 1)) else f"s{s}/f{i}.dcm"
+            data = f"series {s} member {i} ".encode() * (i % 7 + 1)
+            entries.append((name, data))
+            unique = "same.dcm#2" if (s, i) == (1, 1) else name
+            files.append(local_file(archive, data, s, i, member=unique))
+    if kind == "zip":
+        with warnings.catch_warnings(), zipfile.ZipFile(archive, "w") as zf:
+            warnings.simplefilter("ignore")  # "Duplicate name": on purpose
+            for name, data in entries:
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return files
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_archive_members_are_hashed_in_one_pass(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 item 6: every member of an archive PATH is hashed in one pass over the archive
+    (it was opened and scanned again for each member: 31 s for 400 members of a .tar.gz)."""
+    archive = tmp_path / f"session.{kind}"
+    files = _archive_session(archive, kind, series=4, per=100)
+    by_member = {f.member: f for f in files}
+    scans = as_server([])  # filled below from the archive's own bytes
+    opened: list[str] = []
+    real_tar, real_zip = tarfile.open, zipfile.ZipFile
+
+    def counting_tar(*args: Any, **kwargs: Any) -> tarfile.TarFile:
+        opened.append("tar")
+        return real_tar(*args, **kwargs)
+
+    class CountingZip(real_zip):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            opened.append("zip")
+            super().__init__(*args, **kwargs)
+
+    if kind == "zip":
+        with real_zip(archive) as zf:
+            stored = {name: zf.read(info) for name, info in zip_entries(zf).items()}
+    else:
+        names = EntryNames()
+        with real_tar(archive) as tf:
+            stored = {
+                names(i.name): tf.extractfile(i).read()  # type: ignore[union-attr]
+                for i in tf.getmembers()
+            }
+    assert set(stored) == set(by_member) and len(stored) == 400
+    scans = {}
+    for member, data in stored.items():
+        f = by_member[member]
+        scan = scans.setdefault(f.series_number, ServerScan(str(f.series_number), f.series_uid))
+        scan.files.append(ServerFile(instance_file_name(f.sop_instance_uid), len(data), md5(data)))
+    stored_damaged = next(iter(scans.values())).files[5]
+    stored_damaged.md5 = md5(b"damaged")
+    monkeypatch.setattr("xnatio.verify.tarfile.open", counting_tar)
+    monkeypatch.setattr("xnatio.verify.zipfile.ZipFile", CountingZip)
+    report = report_of(files, list(scans.values()))
+    # One pass for the probes (the first member of each series), one for every member.
+    assert len(opened) <= 2, opened
+    assert report.byte_identical is True
+    assert sum(s.identical for s in report.series) == 399
+    assert [f.member for f, _ in report.problems] == [files[5].member]
+    assert not report.unreadable
+
+
+def test_an_archive_member_that_is_gone_is_unreadable_not_lost(tmp_path: Path) -> None:
+    archive = tmp_path / "session.tar.gz"
+    files = _archive_session(archive, "tar.gz", series=1, per=4)
+    scans = {}
+    for f in files:
+        scan = scans.setdefault(f.series_number, ServerScan(str(f.series_number), f.series_uid))
+        data = md5_of(archive, member=f.member)
+        scan.files.append(ServerFile(instance_file_name(f.sop_instance_uid), f.size, data))
+    ghost = dataclasses.replace(files[3], member="s1/ghost.dcm", sop_instance_uid="1.2.1.99")
+    next(iter(scans.values())).files.append(
+        ServerFile(instance_file_name(ghost.sop_instance_uid), 1, md5(b"x"))
+    )
+    report = report_of([*files, ghost], list(scans.values()))
+    assert report.unreadable == [(ghost, "cannot read it to verify (no longer in the archive)")]
+    assert sum(s.identical for s in report.series) == 4
+
+
+class _Rows(list):  # type: ignore[type-arg]
+    """A listing's rows that can be watched with a weak reference."""
+
+
+def test_scan_listings_are_read_and_dropped_one_at_a_time(tmp_path: Path) -> None:
+    """Issue 16 item 6: verification reads the server's listing scan by scan and keeps only
+    arrays of what it needs: when a scan's files are requested, no earlier listing is alive."""
+    files = session(tmp_path, series=4, per=5)
+    scans = as_server(files)
+    listed: list[weakref.ref[_Rows]] = []
+    alive_when_asked: list[int] = []
+
+    class Streaming(_Listing):
+        def get_json(self, path: str, params: object = None) -> object:
+            data = super().get_json(path, params)
+            if path.endswith("/resources/DICOM/files"):
+                gc.collect()
+                alive_when_asked.append(sum(ref() is not None for ref in listed))
+                rows = _Rows(data["ResultSet"]["Result"])  # type: ignore[index]
+                listed.append(weakref.ref(rows))
+                return {"ResultSet": {"Result": rows}}
+            return data
+
+    report = verify_session(Streaming(scans), "P", "S", "E", files)
+    assert report.ok and len(report.verified) == 20 and report.byte_identical is True
+    assert alive_when_asked == [0, 0, 0, 0]
 
 
 class _Client:
@@ -582,6 +712,86 @@ def test_upload_with_the_site_script_on_and_off(
     assert identical == (0 if site_script else len(files))
     stored = sandbox.archived_files("P", "S", "E")
     assert (stored[files[0].sop_instance_uid].md5 == md5_of(files[0].path)) is (not site_script)
+
+
+class _Reads:
+    """Counts what verification reads of the local files, and the digests sent."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.read: list[DicomFile] = []
+        self.recorded = 0
+        real_read, real_record = verify_module._local_digests, SentDigests.record
+
+        def read(files: Any, threads: int) -> Any:
+            self.read.extend(files)
+            return real_read(files, threads)
+
+        def record(digests: SentDigests, f: DicomFile, digest: bytes) -> None:
+            self.recorded += 1
+            real_record(digests, f, digest)
+
+        monkeypatch.setattr(verify_module, "_local_digests", read)
+        monkeypatch.setattr(SentDigests, "record", record)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("archive_path", [False, True])
+def test_upload_compares_the_digests_of_what_it_sent(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    archive_path: bool,
+) -> None:
+    """Issue 16 item 6: a server that keeps our bytes is compared with the MD5 of each file as
+    it was sent, not by reading every file a second time; a damaged copy still fails."""
+    root, files = synthetic
+    if archive_path:
+        tgz = tmp_path / "exam.tar.gz"
+        with tarfile.open(tgz, "w:gz") as tf:
+            tf.add(root, arcname="exam")
+        root = tgz
+    stores_our_bytes(sandbox)
+    reads = _Reads(monkeypatch)
+    result = upload(sandbox.url, root, tmp_path / "journal.sqlite")
+    assert result.success and result.verified, result.errors
+    assert {o.outcome for o in result.files} == {Outcome.VERIFIED} and result.notes == []
+    assert reads.recorded == len(files) and reads.read == []
+
+
+@pytest.mark.integration
+def test_upload_to_a_rewriting_server_computes_no_digest(
+    sandbox: SandboxServer,
+    synthetic: tuple[Path, list[DicomFile]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """XNAT's default site script rewrites every file (facts 1.7): no MD5 is computed while
+    sending (none could match), instances are compared by name, and only the probes are read."""
+    root, _ = synthetic
+    sandbox.site_anon = True
+    reads = _Reads(monkeypatch)
+    result = upload(sandbox.url, root, tmp_path / "journal.sqlite")
+    assert result.success and result.verified and result.notes == [REWRITTEN_NOTE]
+    assert reads.recorded == 0 and len(reads.read) == 3  # the first file of each series
+
+
+def test_sent_digests_find_a_damaged_copy_without_reading_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = session(tmp_path, series=2, per=4)
+    scans = as_server(files)
+    sent = SentDigests()
+    for f in files:
+        sent.record(f, hashlib.md5(f.path.read_bytes()).digest())
+    victim = files[5]
+    sent.record(victim, hashlib.md5(b"what was sent").digest())
+    for f in files:
+        f.path.unlink()  # nothing is read: every digest is the one sent
+    report = verify_session(_Listing(scans), "P", "S", "E", files, sent=sent)
+    assert report.byte_identical is True and not report.unreadable
+    assert [f for f, _ in report.problems] == [victim]
+    assert sum(s.identical for s in report.series) == 7
 
 
 @pytest.mark.integration

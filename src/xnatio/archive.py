@@ -250,7 +250,9 @@ class ArchiveStream(Generic[F]):
     length of every chunk as it is handed out (for progress); ``on_member`` with the name and
     source of each entry once its last byte is produced. With ``with_md5``, ``md5`` maps each
     entry name to the MD5 of the bytes sent for it in the current (or last) iteration, to compare
-    with the digest XNAT's catalog keeps (facts section 4).
+    with the digest XNAT's catalog keeps (facts section 4); ``on_digest`` is called with each
+    source and the raw 16-byte MD5 of its bytes as sent (read-back compares them, so that no
+    file is read twice: :class:`xnatio.verify.SentDigests`).
 
     ``rename_nested_archives`` (the default, for the import service) adds ``.dcm`` to names that
     end like archives, because the DICOM-zip importer opens those as nested archives. A resource
@@ -281,6 +283,7 @@ class ArchiveStream(Generic[F]):
         rename_nested_archives: bool = True,
         names: Sequence[str] | None = None,
         compression: Compression | None = None,
+        on_digest: Callable[[F, bytes], None] | None = None,
     ) -> None:
         if fmt not in CONTENT_TYPES:
             raise ValueError(f"archive format must be one of {sorted(CONTENT_TYPES)}, not {fmt!r}")
@@ -297,6 +300,7 @@ class ArchiveStream(Generic[F]):
         self.on_bytes = on_bytes
         self.on_member = on_member
         self.with_md5 = with_md5
+        self.on_digest = on_digest
         self.md5: dict[str, str] = {}
         if names is None:
             names = member_names(self.files, root, rename_nested_archives=rename_nested_archives)
@@ -319,7 +323,7 @@ class ArchiveStream(Generic[F]):
     def __iter__(self) -> Iterator[bytes]:
         self.md5.clear()
         self.raw_sent = 0
-        tap = _Tap(self.md5 if self.with_md5 else None, self.on_member, self)
+        tap = _Tap(self.md5 if self.with_md5 else None, self.on_member, self, self.on_digest)
         compression = self.compression
         if self.format == "zip":
             raw = _zip_chunks(self.members, tap)
@@ -354,6 +358,7 @@ def make_archive_stream(
     rename_nested_archives: bool = True,
     names: Sequence[str] | None = None,
     compression: Compression | None = None,
+    on_digest: Callable[[F, bytes], None] | None = None,
 ) -> ArchiveStream[F]:
     """A streaming ``fmt`` ("tar", "zip", "zip-deflated" or "zip-auto") archive of ``files``,
     names relative to root (or ``names``).
@@ -370,6 +375,7 @@ def make_archive_stream(
         rename_nested_archives=rename_nested_archives,
         names=names,
         compression=compression,
+        on_digest=on_digest,
     )
 
 
@@ -402,14 +408,17 @@ class _Tap(Generic[F]):
         md5: dict[str, str] | None,
         on_member: Callable[[str, F], None] | None,
         stream: ArchiveStream[F] | None = None,
+        on_digest: Callable[[F, bytes], None] | None = None,
     ) -> None:
         self.md5 = md5
         self.on_member = on_member
         self.stream = stream
+        self.on_digest = on_digest
+        self.hashing = md5 is not None or on_digest is not None
         self.digest: hashlib._Hash | None = None
 
     def sent(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
-        if self.md5 is not None and self.digest is None:
+        if self.hashing and self.digest is None:
             self.digest = hashlib.md5(usedforsecurity=False)
         digest, stream = self.digest, self.stream
         for piece in pieces:
@@ -420,9 +429,12 @@ class _Tap(Generic[F]):
             yield piece
 
     def done(self, name: str, f: F) -> None:
-        if self.md5 is not None:
+        if self.hashing:
             digest = self.digest or hashlib.md5(usedforsecurity=False)  # an empty file
-            self.md5[name] = digest.hexdigest()
+            if self.md5 is not None:
+                self.md5[name] = digest.hexdigest()
+            if self.on_digest is not None:
+                self.on_digest(f, digest.digest())
             self.digest = None
         if self.on_member is not None:
             self.on_member(name, f)

@@ -492,6 +492,7 @@ def resumable_rest_upload(
         planner=planner,
         on_confirmed=on_confirmed,
         executor=executor,
+        verify=options.verify,
     )
     result = resumable_upload(
         Target.rest(client.server, target.project, target.subject, target.session),

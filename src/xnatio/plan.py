@@ -6,13 +6,18 @@ exactly one batch, the same batches for the same input. The transport chooses th
 :class:`xnatio.transports.dicom_store.plan.AssociationPlanner` (a batch is one association).
 :func:`make_plan` is what the pipeline asks: it announces the PLAN phase and calls the planner.
 
-REST: a small upload goes as one archive in one request: fewer requests, and XNAT builds the
-session once. A larger one is cut into up to ``num_batches`` batches so that many requests run at
-once (one 2.5 GB request is slow and may time out: field reports, facts file 7). Batches keep a
-series together where they can, so a failed batch maps to whole series for the user, split only
-the series larger than a fair share, and balance bytes so every worker finishes at about the same
-time (greedy longest-processing-time: each chunk, largest first, goes to the lightest batch,
-which is never worse than 4/3 of the best possible balance).
+REST: an upload of at most :data:`SINGLE_MAX_FILES` files (and :data:`SINGLE_MAX_BYTES`) goes as
+one archive in one request: fewer requests, and XNAT builds the session once. Anything larger is
+cut into up to ``num_batches`` batches so that many requests run at once: XNAT reads the entries
+of one request one after the other (facts 1.1) and parses, re-encodes, anonymizes and writes each
+(facts 1.7), so a per-file cost is paid in series by one request and in parallel by many; and one
+2.5 GB request is slow and may time out (field reports, facts file 7). The rule counts files, not
+only bytes: 1,200 files at 20 ms each took 7.3 s as one request (issue 16); the measurements are
+in ``docs/parallel-upload-strategies.md``. Batches keep a series together where they can, so a
+failed batch maps to whole series for the user, split only the series larger than a fair share,
+and balance bytes so every worker finishes at about the same time (greedy
+longest-processing-time: each chunk, largest first, goes to the lightest batch, which is never
+worse than 4/3 of the best possible balance).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from typing import Protocol
 from xnatio.errors import UsageError
 from xnatio.models import Batch, DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent
 
+# One request for an upload of at most this many files and bytes; batches above either
+# (docs/parallel-upload-strategies.md, "One request or batches"). The most a single request
+# can lose to batches is then 100 x the server's per-file time (2 s at 20 ms per file).
 SINGLE_MAX_FILES = 100
 SINGLE_MAX_BYTES = 100 * 2**20
 
@@ -117,6 +125,10 @@ def plan_batches(
 ) -> list[Batch]:
     """Group ``manifest.files`` into batches; every file is in exactly one batch.
 
+    One batch when ``num_batches`` is 1 or the upload holds at most ``single_max_files`` files
+    and ``single_max_bytes`` bytes; otherwise up to ``num_batches``, whatever the bytes (a
+    session of many small files pays the server's per-file cost in parallel).
+
     Deterministic: the same manifest and arguments always give the same batches, in the same
     order, which resume relies on.
     """
@@ -124,7 +136,7 @@ def plan_batches(
     if not files:
         return []
     total = sum(f.size for f in files)
-    if num_batches <= 1 or len(files) <= single_max_files or total <= single_max_bytes:
+    if num_batches <= 1 or (len(files) <= single_max_files and total <= single_max_bytes):
         return [Batch(index=0, files=tuple(files))]
     num_batches = min(num_batches, len(files))
     fair_share = max(1, math.ceil(total / num_batches))

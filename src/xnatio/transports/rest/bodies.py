@@ -9,6 +9,7 @@ chunks, so Ctrl-C stops a request in the middle of its body.
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 import threading
 import zipfile
@@ -166,14 +167,20 @@ class ArchiveMembers:
     disk), with an exact size: tar headers follow from the names and sizes alone. Each goes under
     ``names`` (default: the member's own path), which the REST transport sets to
     ``{series}/{SOP Instance UID}.dcm`` so that read-back finds every instance by name.
+    ``on_digest`` is told each member's MD5 as sent (:class:`xnatio.verify.SentDigests`).
     """
 
     content_type = "application/x-tar"
 
     def __init__(
-        self, archive: Path, files: Sequence[DicomFile], names: Sequence[str] | None = None
+        self,
+        archive: Path,
+        files: Sequence[DicomFile],
+        names: Sequence[str] | None = None,
+        on_digest: Callable[[DicomFile, bytes], None] | None = None,
     ) -> None:
         self.archive = archive
+        self.on_digest = on_digest
         self.files = [f for f in files if f.member is not None]
         sent = list(names) if names is not None else [f.member or "" for f in self.files]
         # (name sent, file): what XNAT names in an error about one entry
@@ -208,15 +215,20 @@ class ArchiveMembers:
 
     def _entry(self, f: DicomFile, src: IO[bytes]) -> Iterator[bytes]:
         yield self._headers[f.member or ""]
+        digest = hashlib.md5(usedforsecurity=False) if self.on_digest is not None else None
         left = f.size
         while left > 0:
             data = src.read(min(CHUNK, left))
             if not data:
                 raise SourceChangedError(f, "archive member shrank since discovery")
             left -= len(data)
+            if digest is not None:
+                digest.update(data)
             yield data
         if src.read(1):
             raise SourceChangedError(f, "archive member grew since discovery")
+        if digest is not None and self.on_digest is not None:
+            self.on_digest(f, digest.digest())
         if f.size % 512:
             yield b"\0" * (512 - f.size % 512)
 

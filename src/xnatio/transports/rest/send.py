@@ -57,6 +57,7 @@ from xnatio.transports.rest.bodies import (
 )
 from xnatio.transports.rest.state import OnConfirmed, UploadRun
 from xnatio.transports.rest.target import IMPORT_PATH, RestTarget
+from xnatio.verify import SentDigests
 from xnatio.xnat.client import XnatClient
 from xnatio.xnat.errors import TransientError
 
@@ -101,8 +102,11 @@ class BatchSender:
         executor: ExecutorFactory | None = None,
         on_confirmed: OnConfirmed | None = None,
         compression: Compression | None = None,
+        digests: SentDigests | None = None,
     ) -> None:
         self.client = client
+        # MD5 of each file's bytes as sent, for read-back (xnatio.verify); None: not computed.
+        self.digests = digests
         self.target = target
         self.run = run
         self.progress = progress
@@ -201,6 +205,7 @@ class BatchSender:
                 root=root,
                 names=names,
                 compression=self.compression,
+                on_digest=self.digests.record if self.digests is not None else None,
             )
 
         self._send_until_done(batch, files, pack, f"batch {batch.index + 1}")
@@ -213,7 +218,8 @@ class BatchSender:
         """
 
         def pack(left: list[DicomFile]) -> Packed:
-            return ArchiveMembers(archive, left, instance_member_names(left))
+            on_digest = self.digests.record if self.digests is not None else None
+            return ArchiveMembers(archive, left, instance_member_names(left), on_digest)
 
         self._send_until_done(batch, list(batch.files), pack, archive.name)
 

@@ -29,7 +29,14 @@ from xnatio.retry import RetryPolicy
 from xnatio.transports.base import Confirmations, OnConfirmed, both_hooks
 from xnatio.transports.rest.target import RestTarget
 from xnatio.transports.rest.uploader import RestUploader
-from xnatio.verify import VerifyReport, already_on_server, read_server_session, verify_session
+from xnatio.verify import (
+    SentDigests,
+    VerifyReport,
+    already_on_server,
+    read_server_session,
+    server_rewrites,
+    verify_session,
+)
 from xnatio.xnat.client import XnatClient, quote
 
 log = logging.getLogger(__name__)
@@ -61,8 +68,14 @@ class RestTransport:
         planner: Planner | None = None,
         on_confirmed: OnConfirmed | None = None,
         executor: ExecutorFactory | None = None,
+        verify: bool = True,
     ) -> None:
         self.client = client
+        # Read back after the upload: the MD5s of what is sent are kept for it (xnatio.verify)
+        # unless XNAT will rewrite every file anyway (then it compares instances, facts 1.7).
+        self.verify = verify
+        self.digests: SentDigests | None = None
+        self._asked_site_script = False
         self.executor = executor
         self.target = target
         self.retry = retry
@@ -133,6 +146,9 @@ class RestTransport:
             )
             t = dataclasses.replace(t, direct_archive=False)
         batches = self.planner.plan(part, t.num_batches)
+        if self.verify and not self._asked_site_script:
+            self._asked_site_script = True  # once per upload, not per resend
+            self.digests = None if server_rewrites(self.client) else SentDigests()
         uploader = RestUploader(
             self.client,
             t,
@@ -141,6 +157,7 @@ class RestTransport:
             cancel=self.cancel,
             on_confirmed=both_hooks(confirmations.on_confirmed, self.on_confirmed),
             executor=self.executor,
+            digests=self.digests,
         )
         return uploader.upload(part, batches)
 
@@ -180,7 +197,15 @@ class RestTransport:
         for label, part in by_label.items():
             progress = _shifted(self.progress_callback, done, totals)
             reports.append(
-                verify_session(self.client, t.project, t.subject, label, part, progress=progress)
+                verify_session(
+                    self.client,
+                    t.project,
+                    t.subject,
+                    label,
+                    part,
+                    progress=progress,
+                    sent=self.digests,
+                )
             )
             done = (done[0] + len(part), done[1] + sum(f.size for f in part))
         return merge_reports(reports) if len(reports) > 1 else reports[0]

@@ -35,6 +35,7 @@ from xnatio.transports.rest.commit import Committer
 from xnatio.transports.rest.send import BatchSender
 from xnatio.transports.rest.state import UploadRun
 from xnatio.transports.rest.target import RestTarget, session_labels
+from xnatio.verify import SentDigests
 from xnatio.xnat.client import XnatClient
 
 
@@ -64,9 +65,11 @@ class RestUploader:
         cancel: threading.Event | None = None,
         on_confirmed: Callable[[Sequence[FileOutcome]], None] | None = None,
         executor: ExecutorFactory | None = None,
+        digests: SentDigests | None = None,
     ) -> None:
         self.client = client
         self.target = target
+        self.digests = digests  # filled while sending, for read-back (xnatio.verify)
         self.retry = retry if retry is not None else RetryPolicy()
         self.progress_callback = progress_callback
         self.clock = clock
@@ -121,6 +124,7 @@ class RestUploader:
                 sleep=self.sleep,
                 executor=self.executor,
                 on_confirmed=self.on_confirmed,
+                digests=self.digests,
             )
             sender.send_all(manifest, batches)
             if run.session_uris and not self.cancel.is_set():
