@@ -281,3 +281,85 @@ class StoreSCP:
 
     def count_received(self) -> int:
         return sum(1 for p in self.out_dir.rglob("*") if p.is_file())
+
+
+# -- what the local server costs -----------------------------------------------------------------
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, its live descendants and the children each reaped."""
+    total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(tree_cpu_seconds(int(child)) for child in children)
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def server_cost(session: Path, knobs: dict[str, float], workdir: Path, extra: list[str]) -> dict:
+    """Upload ``session`` with ``xio upload-dicom`` (its defaults) to a fresh sandbox and return
+    the sandbox's CPU seconds (process tree, from /proc) over the upload, per file and per GB."""
+    from benchmarks.contenders import _xio
+
+    files = [p for p in session.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    server = Sandbox(workdir, knobs=dict(knobs))
+    server.start()
+    try:
+        assert server.proc is not None
+        load = _load()
+        before = tree_cpu_seconds(server.proc.pid)
+        started = time.monotonic()
+        cmd = [*_xio(), "upload-dicom", "BENCH", "S1", "E1", str(session), "--server"]
+        cmd += [server.url, "--user", server.user, "--no-verify", "-q", *extra]
+        env = dict(os.environ, XNAT_PASSWORD=server.password)
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)
+        wall = time.monotonic() - started
+        cpu = tree_cpu_seconds(server.proc.pid) - before
+        landed, note = server.count_archived("BENCH", "S1", "E1")
+    finally:
+        server.stop()
+    return {
+        "files": len(files),
+        "bytes": size,
+        "client_exit": done.returncode,
+        "landed": landed,
+        "note": note,
+        "wall_s": round(wall, 2),
+        "server_cpu_s": round(cpu, 2),
+        "server_cpu_share_of_wall": round(cpu / wall, 3),
+        "server_cpu_ms_per_file": round(1000 * cpu / max(1, len(files)), 3),
+        "server_cpu_s_per_gb": round(cpu / (size / 1e9), 2),
+        "load_before": load,
+        "load_after": _load(),
+        "knobs": knobs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.servers SESSION_DIR [--knob NAME=VALUE]… [-- XIO_ARGS]``: what
+    the sandbox costs (CPU per file and per GB) receiving one xio upload of SESSION_DIR."""
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.servers")
+    parser.add_argument("session", type=Path)
+    parser.add_argument("--knob", action="append", default=[], help="NAME=VALUE (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("xio_args", nargs="*", help="extra xio upload-dicom arguments (after --)")
+    args = parser.parse_args(argv)
+    knobs = {k: float(v) for k, v in (item.split("=", 1) for item in args.knob)}
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="xnatio-server-cost-") as work:
+            print(json.dumps(server_cost(args.session, knobs, Path(work), args.xio_args)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
