@@ -24,10 +24,10 @@ test_sandbox_fastdicom.py compares the two on pydicom's test files and synthetic
 
 from __future__ import annotations
 
+import functools
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings
@@ -224,21 +224,29 @@ _PLAIN_VRS = frozenset({b"UI", b"CS", b"SH", b"LO"})
 _PRINTABLE = bytes(range(0x20, 0x7F)).replace(b"\\", b"")
 
 
-def _value(head: bytes, element: tuple[int, bytes, int, int], encodings: list[str]) -> Any:
-    """The value pydicom's ``Dataset.get`` would give for the element (its own converters,
-    except for the plain case above, which they would answer the same)."""
+def _value(head: bytes, element: tuple[int, bytes, int, int], encodings: tuple[str, ...]) -> str:
+    """``str(value or "")`` of the value pydicom's ``Dataset.get`` would give for the element,
+    as ``read_header`` uses every value."""
     tag, vr, start, end = element
     value_at = start + (12 if vr in _LONG else 8)
+    return _text_of(tag, vr, head[value_at:end], encodings)
+
+
+@functools.lru_cache(maxsize=8192)
+def _text_of(tag: int, vr: bytes, value: bytes, encodings: tuple[str, ...]) -> str:
+    # Cached: most values repeat in every file of a session (dates, names, series).
     if vr in _PLAIN_VRS or (vr == b"DA" and not pydicom_config.datetime_conversion):
-        stripped = head[value_at:end].rstrip(b" \0")
+        stripped = value.rstrip(b" \0")
         if not stripped.translate(None, _PRINTABLE):
             return stripped.decode("ascii")
-    raw = RawDataElement(
-        Tag(tag), vr.decode(), end - value_at, head[value_at:end], value_at, False, True
-    )
+    if vr == b"IS":
+        stripped = value.rstrip(b" \0")
+        if stripped.isdigit():  # ASCII digits only (bytes): IS(n) is falsy for 0
+            return "" if int(stripped) == 0 else stripped.decode("ascii")
+    raw = RawDataElement(Tag(tag), vr.decode(), len(value), value, 0, False, True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert_raw_data_element(raw, encoding=encodings).value
+        return str(convert_raw_data_element(raw, encoding=list(encodings)).value or "")
 
 
 def parse(head: bytes, whole: bool) -> FastFile | None:
@@ -267,18 +275,25 @@ def _parse(head: bytes, whole: bool) -> FastFile:
         raise _Decline  # no pixel data within the head: the header may go on
     by_tag = {e[0]: e for e in elements}
     charset_raw = b""
-    encodings = ["iso8859"]
+    encodings: tuple[str, ...] = ("iso8859",)
     if _CHARSET in by_tag:
-        value = _value(head, by_tag[_CHARSET], encodings)
+        tag, vr, start, end = by_tag[_CHARSET]
+        value_at = start + (12 if vr in _LONG else 8)
+        raw = RawDataElement(
+            Tag(tag), vr.decode(), end - value_at, head[value_at:end], value_at, False, True
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = convert_raw_data_element(raw, encoding=list(encodings)).value
         if value:
-            encodings = convert_encodings(value)
+            encodings = tuple(convert_encodings(value))
         _, _, start, end = by_tag[_CHARSET]
         charset_raw = head[start + 8 : end].rstrip(b"\0 ")
     for tag in (_SOP_CLASS, _SOP_UID):
         if tag in by_tag and by_tag[tag][1] != b"UI":
             raise _Decline
 
-    def get(keyword: str) -> Any:
+    def get(keyword: str) -> str:
         element = by_tag.get(_KEYWORDS[keyword])
         return "" if element is None else _value(head, element, encodings)
 

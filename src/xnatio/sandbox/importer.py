@@ -462,7 +462,8 @@ class DicomImport:
             prevent_auto_commit=self.p.prevent_auto_commit,
             prevent_anon=self.p.prevent_anon,
             source=self.p.source,
-            code=self._row_code(project, h),
+            # Looked up only when the file creates the row (its code is the project's then).
+            code=lambda: self._row_code(project, h),
             writer_of=self.writer_of,
         )
         s: PrearcSession | None = None
@@ -533,10 +534,10 @@ class DicomImport:
         if self.knobs.disk_full_for(self.path):
             _drain(rest)
             raise failed
-        ms = self.knobs.get().per_file_ms
-        if ms > 0:
-            time.sleep(ms / 1000)
-        reencoding = self.knobs.get().reencode or script is not None
+        knobs = self.knobs.get()
+        if knobs.per_file_ms > 0:
+            time.sleep(knobs.per_file_ms / 1000)
+        reencoding = knobs.reencode or script is not None
         if fast is not None:
             # The stored bytes built from the header walk (fastdicom), written and hashed in one
             # pass; None when it cannot say what pydicom would write: the path below decides.
