@@ -584,8 +584,11 @@ class DicomImport:
                     out.write(block)
                     md5.update(block)  # (hashlib lets go of the GIL for large blocks)
                     size += len(block)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stored, target)
+            try:
+                os.replace(stored, target)
+            except FileNotFoundError:  # the scan's first file (or its folder was removed)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stored, target)
             return size, md5.hexdigest()
         except OSError:
             raise Unparsable(f"unable to read DICOM object {name}") from None

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -142,7 +143,10 @@ class Store(Catalog):
             "UPDATE prearc SET status=CASE direct WHEN 1 THEN 'RECEIVING' ELSE 'READY' END"
             " WHERE status IN ('ARCHIVING','QUEUED_BUILDING','BUILDING','QUEUED_ARCHIVING')"
         )
+        # Files being written (PrearcFileLock), behind a lock of their own: taken twice per
+        # file by every import thread, it would otherwise queue them behind the catalog.
         self._file_locks: set[tuple[int, str]] = set()
+        self._file_locks_lock = threading.Lock()
         self._writers: dict[int, int] = {}
         self._archiving: set[int] = set()
         self._last_ts = ""
@@ -336,14 +340,14 @@ class Store(Catalog):
     @contextmanager
     def file_lock(self, session_id: int, key: str) -> Iterator[None]:
         """XNAT's PrearcFileLock: a second concurrent write of the same file fails with 400."""
-        with self._lock:
+        with self._file_locks_lock:
             if (session_id, key) in self._file_locks:
                 raise HttpError(400, MSG_CONCURRENT_FILE)
             self._file_locks.add((session_id, key))
         try:
             yield
         finally:
-            with self._lock:
+            with self._file_locks_lock:
                 self._file_locks.discard((session_id, key))
 
     def prearc_file_owner(self, session_id: int, scan: str, name: str) -> str | None:
@@ -407,12 +411,10 @@ class Store(Catalog):
         return self._q("SELECT * FROM prearc_files WHERE session_id=? ORDER BY scan, name", (sid,))
 
     def is_busy(self, sid: int) -> bool:
+        with self._file_locks_lock:
+            writing = any(lock[0] == sid for lock in self._file_locks)
         with self._lock:
-            return (
-                sid in self._archiving
-                or self._writers.get(sid, 0) > 0
-                or any(lock[0] == sid for lock in self._file_locks)
-            )
+            return sid in self._archiving or self._writers.get(sid, 0) > 0 or writing
 
     def is_locked(self, sid: int) -> bool:
         """The row is ``_``-locked by an operation in progress (here: archiving) (facts 3.1)."""
