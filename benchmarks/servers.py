@@ -289,14 +289,23 @@ class StoreSCP:
 
 
 # -- what the local server costs -----------------------------------------------------------------
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, its live descendants and the children each reaped."""
-    total = cpu_seconds(pid)
+def tree_cpu_seconds(pid: int, system_only: bool = False) -> float:
+    """User + system CPU (or system CPU alone) of a process, its live descendants and the
+    children each reaped, from /proc."""
+    if system_only:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total = (int(fields[12]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            total = 0.0
+    else:
+        total = cpu_seconds(pid)
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return total
-    return total + sum(tree_cpu_seconds(int(child)) for child in children)
+    return total + sum(tree_cpu_seconds(int(child), system_only) for child in children)
 
 
 class _CoreSampler(threading.Thread):
@@ -349,6 +358,7 @@ def server_cost(
         assert server.proc is not None
         load = _load()
         before = tree_cpu_seconds(server.proc.pid)
+        sys_before = tree_cpu_seconds(server.proc.pid, system_only=True)
         started = time.monotonic()
         cores = _CoreSampler(server.proc.pid)
         cores.start()
@@ -358,6 +368,7 @@ def server_cost(
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)
         wall = time.monotonic() - started
         cpu = tree_cpu_seconds(server.proc.pid) - before
+        system = tree_cpu_seconds(server.proc.pid, system_only=True) - sys_before
         cores.stop()
         landed, note = server.count_archived("BENCH", "S1", "E1")
     finally:
@@ -370,6 +381,7 @@ def server_cost(
         "note": note,
         "wall_s": round(wall, 2),
         "server_cpu_s": round(cpu, 2),
+        "server_system_cpu_s": round(system, 2),
         "server_cpu_share_of_wall": round(cpu / wall, 3),
         "server_cpu_ms_per_file": round(1000 * cpu / max(1, len(files)), 3),
         "server_cpu_s_per_gb": round(cpu / (size / 1e9), 2),
