@@ -4,8 +4,10 @@ The body is read entry by entry as it arrives; nested archives are opened too, d
 skipped. Each entry's header decides its row (project, StudyInstanceUID, label, facts 1.2) and
 its scan folder (Series Number). Every file is stored as XNAT stores it (facts 1.7): regenerated
 file meta, the header re-encoded after the default site anonymization script, the rest verbatim;
-the catalog MD5 is the stored file's. Entries written before a bad one stay (XNAT's partial
-write); ``Ignore-Unparsable`` skips bad entries instead. Every data error is a 400 (facts 1.4).
+the catalog MD5 is the stored file's, computed as the file is written (``fastdicom`` builds the
+stored bytes of ordinary files; pydicom does the rest). Entries written before a bad one stay
+(XNAT's partial write); ``Ignore-Unparsable`` skips bad entries instead. Every data error is a
+400 (facts 1.4).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -53,6 +56,10 @@ from xnatio.xnat.labels import clean_label
 
 IMPORT_PATH = "/data/services/import"
 TAR_BLOCK = 1 << 16
+# Temp names of stored files: unique in the process, and across processes by the pid (cheaper
+# than a uuid4 per file; the temp folder is emptied at start, catalog.Catalog).
+_PID = os.getpid()
+_TMP_NAMES = itertools.count()
 HANDLERS = {"DICOM-zip", "gradual-DICOM", "SI"}
 # A body of these types selects gradual-DICOM when no handler is named (Imp:238-244).
 GRADUAL_TYPES = {"application/dicom", "application/x-mirc", "application/x-mirc-dicom"}
@@ -534,7 +541,7 @@ class DicomImport:
         if self.knobs.disk_full_for(self.path):
             _drain(rest)
             raise failed
-        knobs = self.knobs.get()
+        knobs = self.knobs.live
         if knobs.per_file_ms > 0:
             time.sleep(knobs.per_file_ms / 1000)
         reencoding = knobs.reencode or script is not None
@@ -570,15 +577,16 @@ class DicomImport:
             stored.unlink(missing_ok=True)
 
     def _write_direct(
-        self, target: Path, name: str, prefix: bytes, tail: bytes, rest: IO[bytes]
+        self, target: Path | str, name: str, prefix: bytes, tail: bytes, rest: IO[bytes]
     ) -> tuple[int, str]:
         """Store ``prefix`` + ``tail`` + the rest of the entry at ``target`` (through a temp
         file, renamed into place), hashing as it writes; returns (size, md5)."""
-        stored = self.store.tmp_dir() / f"st-{uuid.uuid4().hex}"
+        stored = os.path.join(self.store.tmp_path, f"st-{_PID}-{next(_TMP_NAMES)}")
         md5 = hashlib.md5(prefix)
         size = len(prefix)
+        moved = False
         try:
-            with stored.open("wb") as out:
+            with open(stored, "wb") as out:
                 out.write(prefix)
                 for block in _blocks(tail, rest):
                     out.write(block)
@@ -587,13 +595,16 @@ class DicomImport:
             try:
                 os.replace(stored, target)
             except FileNotFoundError:  # the scan's first file (or its folder was removed)
-                target.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.replace(stored, target)
+            moved = True
             return size, md5.hexdigest()
         except OSError:
             raise Unparsable(f"unable to read DICOM object {name}") from None
         finally:
-            stored.unlink(missing_ok=True)
+            if not moved:  # (an unlink that finds nothing costs a system call per file)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stored)
 
 
 def _read_fully(stream: IO[bytes], n: int) -> bytes:

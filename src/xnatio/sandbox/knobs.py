@@ -169,6 +169,12 @@ class KnobBox:
                 reject_series=list(self._knobs.reject_series),
             )
 
+    @property
+    def live(self) -> Knobs:
+        """The live knobs themselves, without a copy, for a quick look (never to be changed:
+        ``set`` swaps the whole object, so a look sees one consistent set)."""
+        return self._knobs
+
     def set(self, **values: Any) -> Knobs:
         clean = coerce_knobs(values)
         with self._lock:
