@@ -619,9 +619,9 @@ class Store(Catalog):
                     fmt="DICOM",
                     content="RAW",
                 )
-        # Success deletes the row and its folder, files that arrived meanwhile included
-        # (PDB:996-1002; PSA:652-664).
-        with self._lock:
+            # Success deletes the row and its folder, files that arrived meanwhile included
+            # (PDB:996-1002; PSA:652-664); the row goes in the same transaction, so no reader
+            # sees the session both archived and still in the prearchive.
             self._db.execute("DELETE FROM prearc_files WHERE session_id=?", (s.id,))
             self._db.execute("DELETE FROM prearc WHERE id=?", (s.id,))
         self._remove_prearc_dir(s)
