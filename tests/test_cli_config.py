@@ -187,19 +187,24 @@ def test_saved_token_0600_and_reused(sandbox: Any, isolated_home: Path, tmp_path
     assert f'server = "{sandbox.url}"' in text and "token = " in text
     assert "admin-secret" not in text
 
-    # A later run with only the profile logs in with the stored token.
+    # A later run with only the profile logs in with the stored token, and says whose it is
+    # (GET /xapi/users/username), not the alias UUID it logged in with.
+    token = text.split('token = "')[1].split('"')[0]
+    alias = token.split(":")[0]
     res = run("login", "--profile", "lab", cwd=tmp_path)
     assert res.exit_code == 0, res.output
+    assert f"Logged in to {sandbox.url} as admin (an alias token from " in res.stdout
     assert "[profiles.lab] token)" in res.stdout
+    assert alias not in res.output
+    res = run("login", "--profile", "lab", "--json", cwd=tmp_path)
+    assert json.loads(res.stdout)["username"] == "admin" and alias not in res.output
     res = run("config", "show", "--profile", "lab", "--json", cwd=tmp_path)
     doc = json.loads(res.stdout)
     assert doc["settings"]["password"]["value"] == "<hidden>"
     assert doc["settings"]["password"]["source"].endswith("[profiles.lab] token")
-    token = text.split('token = "')[1].split('"')[0]
     assert token.split(":")[1] not in res.output
 
     # A revoked/expired token: exit 3 with a hint to log in again.
-    alias = token.split(":")[0]
     assert sandbox.auth.invalidate_token(alias)
     res = run("login", "--profile", "lab", cwd=tmp_path)
     assert res.exit_code == 3

@@ -195,7 +195,7 @@ def test_upload_help_lists_every_option_once_under_its_section() -> None:
     from xnatio.cli.main import cli
     from xnatio.cli.upload import upload_dicom
 
-    text = CliRunner().invoke(cli, ["upload-dicom", "--help"], terminal_width=100).output
+    text = CliRunner().invoke(cli, ["upload-dicom", "--help-all"], terminal_width=100).output
     heads = [text.index(f"\n{title}\n") for title in UPLOAD_SECTIONS]
     assert heads == sorted(heads), "sections in their order"
     assert "Other options:" not in text, "every option has a section"

@@ -84,10 +84,13 @@ def _one_error_line(result: Result) -> str:
 
 
 def test_help_has_examples_and_exit_codes(cli_invoke: Invoke) -> None:
-    out = cli_invoke("upload-dicom", "--help").stdout
-    assert "Examples:" in out and "xio upload-dicom MYPROJ SUBJ01 SUBJ01_MR1" in out
-    assert "Exit codes:" in out and "4  server unreachable" in out
-    for option in ("--transport", "--num-batches", "--dry-run", "--json", "--dicom-port"):
+    for flag in ("--help", "--help-all"):
+        out = cli_invoke("upload-dicom", flag).stdout
+        assert "Examples:" in out and "xio upload-dicom MYPROJ SUBJ01 SUBJ01_MR1" in out
+        assert "Exit codes:" in out and "4  server unreachable" in out
+        for option in ("--transport", "--dry-run", "--json", "--help-all"):
+            assert option in out
+    for option in ("--num-batches", "--dicom-port"):  # the rarely used: --help-all only
         assert option in out
 
 

@@ -1,7 +1,10 @@
 """One upload, whatever the transport, as one library call:
 
-    PATH -discover-> Manifest -pre-flight-> -plan-> Batches -send-> XNAT -commit-> verify -> Result
-                                  (journal and lock around send/commit/verify: xnatio.resume)
+    login, lock -> PATH -discover-> Manifest -pre-flight-> -plan-> Batches -send-> XNAT -commit->
+        verify -> Result      (journal and lock around send/commit/verify: xnatio.resume)
+
+Cheap checks first: PATH exists, the login (REST; C-STORE's REST pre-flight) and the run lock of
+the session come before discovery, which may read 50,000 headers.
 
 :func:`upload` is the entry point. ``xio upload-dicom`` is options → :func:`upload` → render;
 ``xio demo`` and the public Python API (:mod:`xnatio.uploaders`) call it too, so a Python user
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shlex
 import threading
 from collections.abc import Callable, Sequence
@@ -42,12 +46,14 @@ from xnatio.models import (
     Batch,
     FileOutcome,
     Manifest,
+    Phase,
     ProgressCallback,
+    ProgressEvent,
     UploadResult,
 )
 from xnatio.plan import Planner, RestPlanner, make_plan
 from xnatio.report import account_for_skipped, plan_to_dict
-from xnatio.resume import ResumeOptions, resumable_upload
+from xnatio.resume import ResumeOptions, RunLocks, resumable_upload
 from xnatio.settings import Settings
 
 if TYPE_CHECKING:
@@ -145,18 +151,62 @@ def upload(
     whole run (bad input, pre-flight, credentials, unreachable); per-file failures are in the
     result.
     """
-    if manifest is None:
-        manifest = discover_for_upload(options, progress)
-    if options.transport == "rest":
-        result = _send_rest(
-            options, settings, manifest, progress, notify, client, cancel, on_confirmed, executor
-        )
-    elif options.transport == "dicom-store":
-        result = _send_dicom_store(
-            options, settings, manifest, progress, notify, on_confirmed, executor
-        )
-    else:
+    if options.transport not in ("rest", "dicom-store"):
         raise UsageError(f"unknown transport {options.transport!r}")
+    if manifest is None and not os.path.lexists(options.path):  # the cheapest check of all
+        raise UsageError(f"{options.path} does not exist.")
+    with contextlib.ExitStack() as stack:
+        # Cheap checks before the expensive walk (issue 17): the server and the credentials
+        # (a login, facts 2), then the run lock of this session, and only then discovery, which
+        # may read 50,000 headers. A wrong password, a server that is down, or another run on
+        # the same session is reported at once.
+        send: Callable[[Manifest, RunLocks], UploadResult]
+        if options.transport == "rest":
+            if client is None and progress is not None:
+                server = settings.require_server()
+                progress(ProgressEvent(Phase.CONNECT, 0, 1, f"logging in to {server}"))
+            rest = (  # logs in
+                client
+                if client is not None
+                else stack.enter_context(rest_client(options, settings))
+            )
+            early = Target.rest(rest.server, options.project, options.subject, options.session)
+
+            def send(m: Manifest, locks: RunLocks) -> UploadResult:
+                return _send_rest(
+                    options, m, progress, notify, rest, cancel, on_confirmed, executor, locks
+                )
+
+        else:
+            host = dicom_host(settings)
+            # Pre-flight over REST where XNAT's address and credentials are known (facts 2,
+            # 3.5): logged in now, before discovery, like a REST upload.
+            pre = preflight_client(options, settings) if options.preflight else None
+            if pre is not None:
+                stack.enter_context(pre)  # logs in
+            early = Target.dicom(
+                host,
+                settings.dicom_port,
+                settings.dicom_called_aet,
+                options.project,
+                options.subject,
+                options.session,
+            )
+
+            def send(m: Manifest, locks: RunLocks) -> UploadResult:
+                return _send_dicom_store(
+                    options, settings, m, progress, notify, on_confirmed, executor, locks, pre
+                )
+
+        locks = stack.enter_context(RunLocks(options.resume_options(), notify))
+        locks.hold(early)
+        if manifest is None:
+            manifest = discover_for_upload(options, progress)
+        else:  # a caller's manifest is held to the same rule as a discovered one
+            from xnatio.discover import check_single_study
+
+            check_single_study(manifest, allow_multiple=options.allow_multiple_studies)
+        result = send(manifest, locks)
     result.project = result.project or options.project
     result.subject = result.subject or options.subject
     result.session = result.session or options.session
@@ -191,14 +241,14 @@ def rest_client(opts: UploadOptions, settings: Settings) -> XnatClient:
 
 def _send_rest(
     opts: UploadOptions,
-    settings: Settings,
     manifest: Manifest,
     progress: ProgressCallback | None,
     notify: Notify | None,
-    client: XnatClient | None,
+    client: XnatClient,
     cancel: threading.Event | None,
     on_confirmed: OnConfirmed | None,
     executor: ExecutorFactory | None,
+    locks: RunLocks,
 ) -> UploadResult:
     """Through the resume journal: only what the server has not confirmed is sent, then the
     session is committed and read back (see :mod:`xnatio.resume`)."""
@@ -217,23 +267,20 @@ def _send_rest(
         direct_archive=opts.direct_archive,
         archive_wait=opts.archive_wait,
     )
-    retry = opts.retry or _retry_policy(opts)
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            client = stack.enter_context(rest_client(opts, settings))
-        return resumable_rest_upload(
-            client,
-            manifest,
-            target,
-            options=opts.resume_options(),
-            retry=retry,
-            progress_callback=progress,
-            cancel=cancel,
-            notify=notify,
-            preflight=opts.preflight,
-            on_confirmed=on_confirmed,
-            executor=executor,
-        )
+    return resumable_rest_upload(
+        client,
+        manifest,
+        target,
+        options=opts.resume_options(),
+        retry=opts.retry or _retry_policy(opts),
+        progress_callback=progress,
+        cancel=cancel,
+        notify=notify,
+        preflight=opts.preflight,
+        on_confirmed=on_confirmed,
+        executor=executor,
+        locks=locks,
+    )
 
 
 def _send_dicom_store(
@@ -244,41 +291,35 @@ def _send_dicom_store(
     notify: Notify | None,
     on_confirmed: OnConfirmed | None,
     executor: ExecutorFactory | None,
+    locks: RunLocks,
+    client: XnatClient | None,
 ) -> UploadResult:
-    if not settings.dicom_host:
-        raise ConfigError(
-            "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
-        )
-    # Pre-flight over REST where XNAT's address and credentials are known (facts 2, 3.5).
-    client = preflight_client(opts, settings) if opts.preflight else None
-    with contextlib.ExitStack() as stack:
-        if client is not None:
-            stack.enter_context(client)
-        return resumable_dicom_store_upload(
-            manifest,
-            settings.dicom_host,
-            settings.dicom_port,
-            settings.dicom_called_aet,
-            calling_aet=settings.dicom_calling_aet,
-            num_batches=opts.batches,
-            progress_callback=progress,
-            project=opts.project,
-            subject=opts.subject,
-            session=opts.session,
-            options=opts.resume_options(),
-            notify=notify,
-            routing=opts.routing,
-            max_pdu=opts.max_pdu,
-            acse_timeout=opts.acse_timeout,
-            dimse_timeout=opts.dimse_timeout,
-            network_timeout=opts.network_timeout,
-            retries=opts.retries,
-            retry=opts.retry,
-            executor=executor,
-            allow_multiple_studies=opts.allow_multiple_studies,
-            client=client,
-            on_confirmed=on_confirmed,
-        )
+    return resumable_dicom_store_upload(
+        manifest,
+        dicom_host(settings),
+        settings.dicom_port,
+        settings.dicom_called_aet,
+        calling_aet=settings.dicom_calling_aet,
+        num_batches=opts.batches,
+        progress_callback=progress,
+        project=opts.project,
+        subject=opts.subject,
+        session=opts.session,
+        options=opts.resume_options(),
+        notify=notify,
+        routing=opts.routing,
+        max_pdu=opts.max_pdu,
+        acse_timeout=opts.acse_timeout,
+        dimse_timeout=opts.dimse_timeout,
+        network_timeout=opts.network_timeout,
+        retries=opts.retries,
+        retry=opts.retry,
+        executor=executor,
+        allow_multiple_studies=opts.allow_multiple_studies,
+        client=client,
+        on_confirmed=on_confirmed,
+        locks=locks,
+    )
 
 
 def preflight_client(opts: UploadOptions, settings: Settings) -> XnatClient | None:
@@ -377,10 +418,17 @@ def check_ready(opts: UploadOptions, settings: Settings) -> None:
     if opts.transport == "rest":
         settings.require_server()
         settings.require_credentials()
-    elif not settings.dicom_host:
+    else:
+        dicom_host(settings)
+
+
+def dicom_host(settings: Settings) -> str:
+    """The DICOM receiver's host, or a ConfigError saying how to give it."""
+    if not settings.dicom_host:
         raise ConfigError(
             "no DICOM receiver given: pass --dicom-host (or --server) or set XNAT_DICOM_HOST"
         )
+    return settings.dicom_host
 
 
 # -- the two transports, wired for resume ---------------------------------------------------------
@@ -400,6 +448,7 @@ def resumable_rest_upload(
     preflight: bool = True,
     on_confirmed: OnConfirmed | None = None,
     executor: ExecutorFactory | None = None,
+    locks: RunLocks | None = None,
 ) -> UploadResult:
     """A REST upload of ``manifest`` through the journal, committed and read back with ``client``.
 
@@ -450,6 +499,7 @@ def resumable_rest_upload(
         transport,
         options=options,
         notify=notify,
+        locks=locks,
     )
     result.transport = "rest"
     result.project, result.subject, result.session = target.project, target.subject, target.session
@@ -469,6 +519,7 @@ def resumable_dicom_store_upload(
     notify: Notify | None = None,
     client: XnatClient | None = None,
     on_confirmed: OnConfirmed | None = None,
+    locks: RunLocks | None = None,
     **send_options: Any,
 ) -> UploadResult:
     """A C-STORE upload of ``manifest`` through the journal (every C-STORE success response is a
@@ -502,7 +553,9 @@ def resumable_dicom_store_upload(
         send_options=send_options,
     )
     target = Target.dicom(host, port, called_aet, project, subject, session)
-    result = resumable_upload(target, manifest, transport, options=options, notify=notify)
+    result = resumable_upload(
+        target, manifest, transport, options=options, notify=notify, locks=locks
+    )
     if result.success and notify is not None:
         notify(
             "not read back: XNAT files C-STORE sessions after an idle period; check with "

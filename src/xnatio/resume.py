@@ -41,10 +41,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from xnatio.errors import EXIT_INTERRUPTED, ServerError, XnatioError
-from xnatio.journal import Journal, JournalRun, Target
+from xnatio.journal import Journal, JournalRun, RunLock, Target
 from xnatio.models import (
     DicomFile,
     FileOutcome,
@@ -89,6 +90,45 @@ class ResumeOptions:
     use_journal: bool = True  # False: no journal, no lock (dry runs, library users who opt out)
 
 
+class RunLocks:
+    """The run locks one upload holds (:class:`xnatio.journal.RunLock`), each taken once.
+
+    :func:`xnatio.pipeline.upload` takes the lock of the target as given *before* discovery, so
+    a second run on the same session is refused (or waits, ``wait``) at once, not after reading
+    50,000 headers; :func:`resumable_upload` then holds the target as pre-flight resolved it (a
+    project alias becomes its ID, facts 2) -- the same lock unless the labels differ, then a
+    second one. Every run takes the given labels' lock before the resolved one, and a resolved
+    target resolves to itself, so two runs never wait on each other in a cycle. No lock at all
+    without the journal (``use_journal=False``). Released together, in reverse order.
+    """
+
+    def __init__(self, options: ResumeOptions, notify: Callable[[str], None] | None = None):
+        self.options = options
+        self.say = notify or (lambda msg: log.info("%s", msg))
+        self._held: dict[str, RunLock] = {}
+
+    def hold(self, target: Target) -> None:
+        """Take ``target``'s lock unless it is held already: :class:`~xnatio.journal.LockedError`
+        when another run holds it (or wait for it with ``options.wait``)."""
+        if not self.options.use_journal or target.lock_key() in self._held:
+            return
+        lock = RunLock(target, self.options.lock_dir)
+        lock.acquire(wait=self.options.wait, on_wait=self.say)
+        self._held[target.lock_key()] = lock
+
+    def release(self) -> None:
+        while self._held:
+            self._held.popitem()[1].release()
+
+    def __enter__(self) -> RunLocks:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
 def resumable_upload(
     target: Target,
     manifest: Manifest,
@@ -96,19 +136,23 @@ def resumable_upload(
     *,
     options: ResumeOptions = ResumeOptions(),
     notify: Callable[[str], None] | None = None,
+    locks: RunLocks | None = None,
 ) -> UploadResult:
     """Send what the journal has not seen confirmed and the server does not hold, commit,
-    verify, all through ``transport``; see the module docstring."""
+    verify, all through ``transport``; see the module docstring. ``locks``: the run locks the
+    caller holds already (and releases); ``target``'s is added to them if it is another one."""
     say = notify or (lambda msg: log.info("%s", msg))
     read_back = transport.read_back if options.verify and transport.can_read_back else None
     if not options.use_journal:
         result = transport.send(manifest, _NoJournal(), None)
         committed = _committed(result, transport)
         return _finish(result, manifest, None, read_back, say, committed=committed)
-    journal = Journal(options.journal)
-    lock = journal.lock(target, options.lock_dir)
+    own = locks is None
+    held = RunLocks(options, say) if locks is None else locks
+    journal: Journal | None = None
     try:
-        lock.acquire(wait=options.wait, on_wait=say)
+        held.hold(target)
+        journal = Journal(options.journal)
         run = journal.open_run(target, manifest, restart=options.restart)
         done, todo = run.split()
         if done:
@@ -136,8 +180,10 @@ def resumable_upload(
                 "run the same command again to send the rest"
             ) from None
     finally:
-        lock.release()
-        journal.close()
+        if own:
+            held.release()
+        if journal is not None:
+            journal.close()
 
 
 def _heal(

@@ -188,15 +188,16 @@ def upload_dicom_parallel_rest(
         direct_archive=direct_archive,
         archive_wait=archive_wait,
     )
-    plan = plan_rest_upload(
-        source_dir,
-        num_batches=num_batches,
-        allow_multiple_studies=allow_multiple_studies,
-        manifest=manifest,
-        progress_callback=progress_callback,
-    )
     if dry_run:
+        plan = plan_rest_upload(
+            source_dir,
+            num_batches=num_batches,
+            allow_multiple_studies=allow_multiple_studies,
+            manifest=manifest,
+            progress_callback=progress_callback,
+        )
         return dry_run_result(plan, target)
+    # Discovery inside upload(), after the login and the run lock (cheap checks first).
     return upload(
         settings=_settings(server, username, password, verify_tls),
         options=UploadOptions(
@@ -222,7 +223,7 @@ def upload_dicom_parallel_rest(
             restart=restart,
             wait=wait,
         ),
-        manifest=plan.manifest,
+        manifest=manifest,
         progress=progress_callback,
         client=client,
         cancel=cancel,

@@ -60,9 +60,10 @@ def login(
     save_token: bool,
     output: OutputArgs,
 ) -> None:
-    """Check that the credentials work and print the XNAT server's version.
+    """Check that the credentials work, say whose they are and print the XNAT server's version.
 
-    Opens a session (POST /data/JSESSION) and reads /xapi/siteConfig/buildInfo.
+    Opens a session (POST /data/JSESSION), reads /xapi/users/username (with a saved alias token:
+    the user who issued it, not the alias) and /xapi/siteConfig/buildInfo.
     """
     start_command(ctx, output)
     settings = resolve_cli_settings(server, output=output, profile_may_be_missing=save_token)
@@ -74,6 +75,8 @@ def login(
     try:
         with XnatClient(url, username=username, password=password, verify=settings.verify) as c:
             info = c.build_info()
+            # With an alias token the name logged in with is the alias (a UUID): say whose it is.
+            user = c.current_user() or username
             if save_token:
                 alias, secret = c.issue_token()
                 cfg = Path(settings.config_file or config_file.config_path())
@@ -88,7 +91,7 @@ def login(
     if output.json:
         doc = {
             "server": url,
-            "username": username,
+            "username": user,
             "credentials_from": settings.credential_source(),
             "version": info.get("version"),
             "build_info": info,
@@ -99,7 +102,10 @@ def login(
         return
     if output.quiet:
         return
-    click.echo(f"Logged in to {url} as {username} ({settings.credential_source()}).")
+    source = settings.credential_source()
+    if user != username:  # an alias token: the alias is not who the user is
+        source = f"an alias token from {source}"
+    click.echo(f"Logged in to {url} as {user} ({source}).")
     click.echo(f"XNAT {version}")
     if where is not None:
         click.echo(f"Saved an alias token in {where}; later runs with this profile use it.")

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -243,7 +245,7 @@ def report_option(f: F) -> F:
         "--report",
         type=click.Path(dir_okay=False, writable=True, path_type=Path),
         metavar="FILE",
-        help="Write every file's outcome to FILE (.csv, or JSON for any other name): mode "
+        help="Write every file's outcome to FILE (.csv, or JSON for any other name). Mode "
         "0600, atomically (a temporary file, then renamed), never through a symbolic link.",
     )(f)
 
@@ -287,40 +289,125 @@ def command_exit_codes(**meanings: str) -> dict[int, str]:
     return codes
 
 
+HELP_ALL = "xnatio.help_all"
+_ENV_TAG = re.compile(r"\s*\[env: [^\]]*\]")
+_SENTENCE_END = re.compile(r"(?<=\.)\s+(?=[A-Z(])")
+
+
+def brief_help(text: str) -> str:
+    """An option's help cut to its first sentence for the short ``--help``; the ``[env: …]`` tag
+    is kept, so every option that reads an environment variable still shows it."""
+    env = _ENV_TAG.search(text)
+    first = _SENTENCE_END.split(_ENV_TAG.sub("", text).strip(), maxsplit=1)[0]
+    return first + (f"  {env.group().strip()}" if env else "")
+
+
+def _show_all_help(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    ctx.meta[HELP_ALL] = True
+    click.echo(ctx.get_help(), color=ctx.color)
+    ctx.exit()
+
+
 class SectionedCommand(click.Command):
-    """A command whose ``--help`` lists its options under headings.
+    """A command whose ``--help`` lists its options under headings, the common ones only.
 
     ``sections`` is ``((title, (param name, ...)), ...)``; names that the command does not have
     are passed over (so a section may name an option another branch adds), and options no
     section names are listed last, under "Other options", so none is ever left out.
+
+    ``common`` (param names): what ``--help`` shows, in one list, each option's help cut to its
+    first sentence (its environment variable and default kept), with the first
+    ``brief_paragraphs`` paragraphs of the command's text and ``brief_epilog`` (if given) for the
+    epilog. ``--help-all`` (added here) shows every option under its heading with its whole text,
+    and the whole epilog. Without ``common``, ``--help`` shows everything.
     """
 
     def __init__(
-        self, *args: Any, sections: tuple[tuple[str, tuple[str, ...]], ...] = (), **kwargs: Any
+        self,
+        *args: Any,
+        sections: tuple[tuple[str, tuple[str, ...]], ...] = (),
+        common: frozenset[str] | None = None,
+        brief_paragraphs: int = 2,
+        brief_epilog: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sections = sections
+        self.common = common
+        self.brief_paragraphs = brief_paragraphs
+        self.brief_epilog = brief_epilog
+        if common is not None:
+            self.params.append(
+                click.Option(
+                    ["--help-all"],
+                    is_flag=True,
+                    expose_value=False,
+                    is_eager=True,
+                    callback=_show_all_help,
+                    help="Show every option, under its heading, with its whole help text.",
+                )
+            )
+
+    def _full(self, ctx: click.Context) -> bool:
+        return self.common is None or bool(ctx.meta.get(HELP_ALL))
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self._full(ctx) or not self.help:
+            super().format_help_text(ctx, formatter)
+            return
+        paragraphs = inspect.cleandoc(self.help).split("\n\n")
+        text = "\n\n".join(paragraphs[: self.brief_paragraphs])
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(text)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        full = self._full(ctx)
         records: dict[str, tuple[str, str]] = {}
         help_option = self.get_help_option(ctx)
         for param in self.get_params(ctx):
             if not isinstance(param, click.Option):
                 continue  # arguments are in the usage line and the text
             record = param.get_help_record(ctx)
-            if record is not None and param.name is not None:
-                records["help" if param is help_option else param.name] = record
+            if record is None or param.name is None:
+                continue
+            name = "help" if param is help_option else param.name
+            if not full and self.common is not None:
+                if name not in self.common:
+                    continue
+                text = param.help or ""
+                extras = record[1][len(text) :] if record[1].startswith(text) else ""
+                record = (record[0], brief_help(text) + extras)
+            records[name] = record
         placed: set[str] = set()
+        sections: list[tuple[str, list[tuple[str, str]]]] = []
         for title, names in self.sections:
             rows = [records[n] for n in names if n in records and n not in placed]
             placed.update(names)
             if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
+                sections.append((title, rows))
         rest = [record for name, record in records.items() if name not in placed]
         if rest:
-            with formatter.section("Other options"):
-                formatter.write_dl(rest)
+            sections.append(("Other options", rest))
+        if not full:
+            # One short list, in the sections' order; the headings come with --help-all.
+            shown = len(records)
+            every = sum(1 for p in self.get_params(ctx) if isinstance(p, click.Option))
+            title = f"Common options ({shown} of {every}; --help-all shows every one, in full)"
+            sections = [(title, [row for _, rows in sections for row in rows])]
+        for title, rows in sections:
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self._full(ctx) or self.brief_epilog is None:
+            super().format_epilog(ctx, formatter)
+            return
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(inspect.cleandoc(self.brief_epilog))
 
 
 def finish_command(

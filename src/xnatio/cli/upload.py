@@ -38,7 +38,6 @@ from xnatio.pipeline import (
     describe_dry_run,
     discover_for_upload,
     dry_run_preflight,
-    rest_client,
     upload,
 )
 from xnatio.progress import choose_display
@@ -102,8 +101,17 @@ Examples:
       --dicom-host xnat.example.org --dicom-called-aet XNAT
 """
 
+BRIEF_EXAMPLES = """
+\b
+Examples:
+  export XNAT_SERVER=https://xnat.example.org XNAT_USERNAME=me
+  read -rs XNAT_PASSWORD && export XNAT_PASSWORD
+  xio upload-dicom MYPROJ SUBJ01 SUBJ01_MR1 /data/outbox/SUBJ01 --dry-run
+  xio upload-dicom MYPROJ SUBJ01 SUBJ01_MR1 exam.zip --report outcome.csv
+"""
 
-# --help lists the options under these headings (an option no section names, e.g. one added
+
+# --help-all lists the options under these headings (an option no section names, e.g. one added
 # later, is listed under "Other options": add its name here).
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
@@ -142,7 +150,30 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "no_routing",
         ),
     ),
-    ("Output", ("json_output", "report", "quiet", "verbose", "log_interval", "help")),
+    ("Output", ("json_output", "report", "quiet", "verbose", "log_interval", "help", "help_all")),
+)
+
+# What --help shows (--help-all shows every option): what most uploads need.
+COMMON = frozenset(
+    {
+        "transport",
+        "overwrite",
+        "dry_run",
+        "verify",
+        "restart",
+        "wait",
+        "server",
+        "user",
+        "password",
+        "profile",
+        "ca_bundle",
+        "json_output",
+        "report",
+        "quiet",
+        "verbose",
+        "help",
+        "help_all",
+    }
 )
 
 
@@ -150,8 +181,10 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     "upload-dicom",
     cls=SectionedCommand,
     sections=SECTIONS,
+    common=COMMON,
+    brief_epilog=BRIEF_EXAMPLES + exit_codes_epilog(),
     epilog=EXAMPLES + exit_codes_epilog(),
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 @click.argument("project")
 @click.argument("subject")
@@ -216,7 +249,9 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     type=click.Choice(["none", "append", "delete"]),
     default=defaults.OVERWRITE,
     show_default=True,
-    help="An existing session of this label is always read first, and only the instances it "
+    help="For an instance the session holds already: none refuses it, append overwrites it, "
+    "delete replaces every file (facts 1.5). "
+    "An existing session of this label is always read first, and only the instances it "
     "lacks are sent, then merged into it (XNAT merges into an existing session, facts 1.5). "
     "none: commit as XNAT does, which refuses (409) an instance the session holds already. "
     "append: archive with overwrite=append, which overwrites such clashing files. delete: send "
@@ -271,14 +306,16 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Discover and print the plan on stdout (also with -q); check the labels and, when the "
-    "server and credentials are known, run the pre-flight checks (read-only); send nothing.",
+    help="Print the plan and run the read-only checks; send nothing. The plan goes to stdout "
+    "(also with -q); the labels are checked and, when the server and credentials are known, "
+    "the pre-flight checks run.",
 )
 @click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="After the commit, read the session back and find every instance by the name xio "
+    help="Read the committed session back and check that every instance is there. "
+    "Each instance is looked up by the name xio "
     "sent it as (XNAT keeps it, facts 1.2), counted per series; MD5s are compared only where "
     "XNAT stores our bytes (it re-encodes, and its site script anonymizes, facts 1.7). A missing "
     "instance exits 1 (rest).",
@@ -389,6 +426,8 @@ def upload_dicom(
 ) -> None:
     """Upload the DICOM session under PATH into XNAT as PROJECT / SUBJECT / SESSION.
 
+    Each file once, resumable (run the same command again after a failure), and read back.
+
     PATH is a folder, searched recursively, or a .zip/.tar/.tar.gz archive (its DICOM members
     re-packed while sent, never extracted). DICOM files are recognised by content, not by name;
     every other file is skipped and listed with the reason. Each instance is sent as
@@ -498,16 +537,8 @@ def _upload(
 
     with contextlib.ExitStack() as stack:
         display = stack.enter_context(choose_display(quiet=output.quiet, log_interval=log_interval))
-        client = None
-        if opts.transport == "rest" and not opts.dry_run:
-            # The server and the credentials answer before a discovery that may read 50,000
-            # headers: a wrong password or a server that is down is reported at once (facts 2:
-            # a login is POST /data/JSESSION with Basic auth). The upload then uses this client
-            # (the JSESSION is renewed if it expired meanwhile, xnatio.xnat.client).
-            display(ProgressEvent(Phase.CONNECT, 0, 1, f"logging in to {settings.server}"))
-            client = stack.enter_context(rest_client(opts, settings))  # logs in
-        manifest = discover_for_upload(opts, display)
         if opts.dry_run:
+            manifest = discover_for_upload(opts, display)
             text, data = describe_dry_run(opts, manifest, display)
             checked, data["preflight"] = dry_run_preflight(opts, settings, manifest)
             text = f"{text}\n{checked}"
@@ -515,14 +546,10 @@ def _upload(
             progress: ProgressCallback = display
             if in_flight is not None:
                 in_flight.display, progress = display, in_flight
-            result = upload(
-                settings=settings,
-                options=opts,
-                manifest=manifest,
-                progress=progress,
-                notify=display.note,
-                client=client,
-            )
+            # The library logs in and takes the run lock before discovering (which may read
+            # 50,000 headers): a wrong password, a server that is down or another run on the
+            # same session is reported at once (xnatio.pipeline.upload).
+            result = upload(settings=settings, options=opts, progress=progress, notify=display.note)
     if opts.dry_run:
         # The plan is what a dry run is for, so it is printed even with -q (which silences only
         # progress and logs on stderr).

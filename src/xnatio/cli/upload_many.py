@@ -28,6 +28,7 @@ from xnatio import defaults
 from xnatio.cli.options import (
     DicomArgs,
     OutputArgs,
+    SectionedCommand,
     ServerArgs,
     dicom_options,
     exit_codes_epilog,
@@ -53,7 +54,8 @@ from xnatio.many.runner import (
 )
 from xnatio.many.shard import is_shard_spec, parse_shard, select
 from xnatio.many.templates import TEMPLATE_HELP
-from xnatio.models import ProgressCallback
+from xnatio.models import Phase, ProgressCallback, ProgressEvent
+from xnatio.progress import LogDisplay
 from xnatio.settings import Settings
 
 # `xio upload-dicom`'s options that mean the same for each study of upload-many.
@@ -72,6 +74,7 @@ REUSED = (
     "retry_budget",
     "verify",
     "journal_path",
+    "log_interval",
 )
 
 
@@ -111,11 +114,77 @@ Examples:
   xio status
 """
 
+BRIEF_EXAMPLES = """
+\b
+Examples (the label templates: --help-all):
+  xio upload-many /data/outbox --project MYPROJ --dry-run
+  xio upload-many /data/outbox --project MYPROJ --settle 15m --after move:/data/sent
+  xio status
+"""
+
+# --help-all lists the options under these headings; --help only the COMMON ones.
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "Studies and labels",
+        ("project", "subject", "session", "settle", "dry_run", "plan_out"),
+    ),
+    (
+        "State, retries and scheduling",
+        (
+            "state_dir",
+            "max_attempts",
+            "retry_quarantined",
+            "after",
+            "watch",
+            "interval",
+            "shard",
+        ),
+    ),
+    ("Load on the server", ("parallel_studies", "max_requests")),
+    ("Each study's upload (as xio upload-dicom)", REUSED[:-1]),
+    (
+        "Server and credentials",
+        ("server", "user", "password", "verify_tls", "ca_bundle", "profile", "env_file"),
+    ),
+    (
+        "DICOM C-STORE (--transport dicom-store)",
+        ("dicom_host", "dicom_port", "dicom_called_aet", "dicom_calling_aet"),
+    ),
+    ("Output", ("json_output", "quiet", "verbose", "log_interval", "help", "help_all")),
+)
+COMMON = frozenset(
+    {
+        "project",
+        "subject",
+        "session",
+        "settle",
+        "dry_run",
+        "state_dir",
+        "after",
+        "watch",
+        "parallel_studies",
+        "server",
+        "user",
+        "password",
+        "profile",
+        "json_output",
+        "quiet",
+        "verbose",
+        "help",
+        "help_all",
+    }
+)
+
 
 @click.command(
     "upload-many",
+    cls=SectionedCommand,
+    sections=SECTIONS,
+    common=COMMON,
+    brief_paragraphs=1,
+    brief_epilog=BRIEF_EXAMPLES + exit_codes_epilog(),
     epilog=EXAMPLES + "\n\b\n" + _wrapped(TEMPLATE_HELP) + exit_codes_epilog(),
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 @click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -129,7 +198,7 @@ Examples:
     metavar="TEMPLATE",
     default=defaults.MANY_SUBJECT_TEMPLATE,
     show_default=True,
-    help="Subject label template (see Label templates below).",
+    help="Subject label template (see Label templates at the end of --help-all).",
 )
 @click.option(
     "--session",
@@ -142,9 +211,9 @@ Examples:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the plan (one row per study: labels, patient, date, series, files, bytes, "
-    "folders, warnings, and whether the server holds the session already: one listing per "
-    "project); send nothing.",
+    help="Print the plan and send nothing. One row per study: labels, patient, date, series, "
+    "files, bytes, folders, warnings, and whether the server holds the session already (one "
+    "listing per project).",
 )
 @click.option(
     "--plan-out",
@@ -214,8 +283,8 @@ Examples:
 @click.option(
     "--watch",
     is_flag=True,
-    help="Keep running: rescan the roots every --interval seconds (sooner when the file "
-    "system reports a change) and send each study once it has settled; a heartbeat line "
+    help="Keep running, and send each study once it has settled. The roots are rescanned "
+    "every --interval seconds (sooner when the file system reports a change); a heartbeat line "
     "every interval. SIGTERM lets the studies in flight finish, then exits 0.",
 )
 @click.option(
@@ -308,7 +377,17 @@ def upload_many_command(
     )
     with json_errors(output):
         code = _upload_many(
-            request, opts, server, dicom, output, state_dir, dry_run, plan_out, watch, interval
+            request,
+            opts,
+            server,
+            dicom,
+            output,
+            state_dir,
+            dry_run,
+            plan_out,
+            watch,
+            interval,
+            knobs["log_interval"],
         )
     ctx.exit(code)
 
@@ -378,30 +457,31 @@ def _upload_many(
     plan_out: Path | None,
     watch: bool,
     interval: float,
+    log_interval: float = defaults.LOG_INTERVAL,
 ) -> int:
     opts.check()
     settings = resolve_cli_settings(server, dicom, output=output)
     if not dry_run and opts.transport == "rest":
         settings.require_server()
         settings.require_credentials()
-    plan = request.make()
-    if plan_out is not None:
-        from xnatio.many.plan import write_plan
-
-        write_plan(plan, plan_out)
-        if not output.quiet:
-            click.echo(f"plan written to {plan_out}", err=True)
     if dry_run:
+        plan = _make_plan(request, plan_out, output)
         if is_shard_spec(opts.shard):  # this shard's rows only (--plan-out keeps them all)
             shard = parse_shard(opts.shard, {})
             plan = dataclasses.replace(plan, rows=tuple(select(plan.rows, shard)))
         return _dry_run(plan, settings, output, request.settle)
-    display = ManyDisplay.choose(output)
+    display = ManyDisplay.choose(output, log_interval=log_interval)
     state = state_dir or default_state_dir()
     with display, drain_on_sigterm() as drain:
         run = ManyRun(settings=settings, options=opts, state_dir=state, events=display)
         run.drain = drain
-        with run:
+        with run:  # the run lock of the state folder: another run is refused before the walk
+            if not watch:
+                # The server and the credentials too, before reading every header under the
+                # roots (a login, facts 2). A watch logs in on its first pass instead: a server
+                # that is down then does not end it (docs/upload-many.md, Watching).
+                run.client()
+            plan = _make_plan(request, plan_out, output)
             if watch:
                 from xnatio.many.watch import watch as watch_loop
 
@@ -418,6 +498,18 @@ def _upload_many(
     if watch and result.interrupted:
         return 0  # SIGTERM ends a watch: a normal stop
     return result.exit_code
+
+
+def _make_plan(request: PlanRequest, plan_out: Path | None, output: OutputArgs) -> Plan:
+    """The walk (or the reviewed plan file), written to ``--plan-out`` if asked."""
+    plan = request.make()
+    if plan_out is not None:
+        from xnatio.many.plan import write_plan
+
+        write_plan(plan, plan_out)
+        if not output.quiet:
+            click.echo(f"plan written to {plan_out}", err=True)
+    return plan
 
 
 @contextlib.contextmanager
@@ -558,12 +650,24 @@ def plan_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 class ManyDisplay:
-    """Subscriber of the runner's events: JSON lines, timestamped lines, or a live display.
+    """Subscriber of the runner's events: JSON lines, plain log lines, or a live display.
 
-    Called from worker threads: one lock around everything it prints.
+    This base class is the log (stderr not a terminal: cron, pipes, CI): one line per study
+    event (started, verified, failed, ...), and the progress of the whole run as upload-dicom
+    logs its own, through the same :class:`xnatio.progress.LogDisplay`: a line every
+    ``log_interval`` seconds (``--log-interval``) while files move, a heartbeat line at that
+    interval while nothing does (a server still importing), one when everything is sent. Lines
+    are timestamped by the CLI's stderr (:class:`xnatio.progress.TimestampedStream`), as every
+    command's are. Called from worker threads: one lock around everything it prints.
     """
 
-    def __init__(self, output: OutputArgs, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        output: OutputArgs,
+        stream: IO[str] | None = None,
+        *,
+        log_interval: float = defaults.LOG_INTERVAL,
+    ) -> None:
         self.output = output
         self.stream = stream or sys.stderr
         self.lock = threading.Lock()
@@ -571,20 +675,28 @@ class ManyDisplay:
         self.done_files = 0
         self.done_bytes = 0
         self.counts: dict[str, int] = {}
+        self.log = LogDisplay(self.stream, interval=log_interval, heartbeat=True)
+        self.planned_files = 0
+        self.planned_bytes = 0
+        # Per study in flight: (files, bytes) confirmed so far.
+        self.moving: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def choose(cls, output: OutputArgs) -> ManyDisplay:
+    def choose(
+        cls, output: OutputArgs, *, log_interval: float = defaults.LOG_INTERVAL
+    ) -> ManyDisplay:
         if output.json:
             return JsonDisplay(output, sys.stdout)
-        if not output.quiet and sys.stderr.isatty():
+        # As upload-dicom decides (xnatio.progress.choose_display): TERM=dumb gets plain lines.
+        if not output.quiet and sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
             return LiveDisplay(output)
-        return cls(output)
+        return cls(output, log_interval=log_interval)
 
     def __enter__(self) -> ManyDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        self.log.close()
 
     def __call__(self, event: ManyEvent) -> None:
         with self.lock:
@@ -596,15 +708,47 @@ class ManyDisplay:
             self.show(event)
 
     def show(self, event: ManyEvent) -> None:
-        if event.kind == PROGRESS or self.output.quiet or quiet_skip(event):
+        if self.output.quiet:
             return
-        self.line(describe(event))
+        if event.kind != PROGRESS and not quiet_skip(event):
+            self.line(describe(event))
+        self._progress(event)
+
+    def _progress(self, event: ManyEvent) -> None:
+        """The run's totals as one upload's progress: files and bytes of the studies this run
+        sends (each study's own lines say when it is verified)."""
+        key = event.record.key
+        if event.kind == "planned":
+            self.planned_files += event.record.files
+            self.planned_bytes += event.record.bytes
+            return
+        if event.kind in ("started", PROGRESS):
+            self.moving[key] = (event.files_done, event.bytes_done)
+        elif key in self.moving:
+            del self.moving[key]
+        else:
+            return  # a study this run does not send (skipped, waiting): no progress to show
+        files = self.done_files + sum(f for f, _ in self.moving.values())
+        sent = self.done_bytes + sum(b for _, b in self.moving.values())
+        self.log(
+            ProgressEvent(
+                Phase.UPLOAD,
+                files,
+                max(self.planned_files, files),
+                bytes_done=sent,
+                bytes_total=max(self.planned_bytes, sent),
+            )
+        )
+        if not self.moving:
+            # Nothing in flight (the pass is over, or a watch waits): no heartbeat until the
+            # next study starts.
+            self.log(ProgressEvent(Phase.DONE, 0, 0))
 
     def line(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(f"{stamp} {text}", file=self.stream, flush=True)
+        self.log.note(text)
 
     def finish(self, result: ManyResult) -> None:
+        self.log.close()
         if self.output.quiet and result.ok:
             return
         text = summary_table(result)
@@ -624,8 +768,12 @@ def describe(event: ManyEvent) -> str:
         "waiting": f"waiting  {label}: {event.message}",
         "skipped": f"skipped  {label}: {event.message}",
     }.get(event.kind, f"{event.kind} {label} {event.message}")
-    if event.kind in ("planned", "started", "verified") and event.message:
-        text += f": {event.message}"
+    # A verified study's reason starts with "verified" (then what --after did): not twice.
+    message = event.message
+    if event.kind == "verified":
+        message = message.removeprefix("verified").lstrip("; ")
+    if event.kind in ("planned", "started", "verified") and message:
+        text += f": {message}"
     return text
 
 

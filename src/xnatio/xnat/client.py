@@ -559,6 +559,23 @@ class XnatClient:
         info = self.request("GET", "/xapi/siteConfig/buildInfo").json()
         return dict(info) if isinstance(info, dict) else {"value": info}
 
+    def current_user(self) -> str:
+        """The login these credentials stand for: an alias token's owner, not the alias UUID.
+
+        ``GET /xapi/users/username`` answers ``text/plain`` with the session user's login
+        (NrgXnat/xnat-web UsersApi.getUsername: ``getSessionUser().getUsername()``, any
+        authenticated user); an alias token logs in as the user who issued it
+        (AliasTokenAuthenticationProvider.retrieveUser loads ``token.getXdatUserId()``). The
+        facts file is silent on this (facts 2 covers the token's issue only). An XNAT without
+        the endpoint (404) answers "": the caller keeps the name it logged in with.
+        """
+        try:
+            return self.request("GET", "/xapi/users/username").text.strip()
+        except ServerError as exc:
+            if exc.status in (404, 405):
+                return ""
+            raise
+
     def issue_token(self) -> tuple[str, Secret]:
         """A new alias token (``GET /data/services/tokens/issue``): (alias, secret)."""
         data = self.get_json("/data/services/tokens/issue")
