@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ class Sandbox:
     sampler: Sampler | None = None
     cpu_at_start: float = 0.0
     link: Link | None = None
+    pythonpath: str | None = None
+    """Run the server from another source tree (``PYTHONPATH``), e.g. an older commit's."""
 
     @property
     def host(self) -> str:
@@ -128,6 +131,8 @@ class Sandbox:
         for name, value in knobs.items():
             cmd += [f"--{name.replace('_', '-')}", str(value)]
         env = dict(os.environ, TMPDIR=str(self.tmp_dir))
+        if self.pythonpath:
+            env["PYTHONPATH"] = self.pythonpath
         log = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -281,3 +286,141 @@ class StoreSCP:
 
     def count_received(self) -> int:
         return sum(1 for p in self.out_dir.rglob("*") if p.is_file())
+
+
+# -- what the local server costs -----------------------------------------------------------------
+def tree_cpu_seconds(pid: int, system_only: bool = False) -> float:
+    """User + system CPU (or system CPU alone) of a process, its live descendants and the
+    children each reaped, from /proc."""
+    if system_only:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total = (int(fields[12]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            total = 0.0
+    else:
+        total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(tree_cpu_seconds(int(child), system_only) for child in children)
+
+
+class _CoreSampler(threading.Thread):
+    """The most CPU seconds the server used in any 1-second window (sampled every 0.25 s):
+    how many cores it kept busy at its peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0.0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        samples: list[tuple[float, float]] = []
+        while not self._halt.wait(0.25):
+            samples.append((time.monotonic(), tree_cpu_seconds(self.pid)))
+            while samples and samples[-1][0] - samples[0][0] > 1.0:
+                t0, c0 = samples.pop(0)
+                t1, c1 = samples[-1]
+                self.peak = max(self.peak, (c1 - c0) / (t1 - t0))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def server_cost(
+    session: Path,
+    knobs: dict[str, float],
+    workdir: Path,
+    extra: list[str],
+    server_src: str | None = None,
+) -> dict[str, Any]:
+    """Upload ``session`` with ``xio upload-dicom`` (its defaults) to a fresh sandbox and return
+    the sandbox's CPU seconds (process tree, from /proc) over the upload, per file and per GB."""
+    from benchmarks.contenders import _xio
+
+    files = [p for p in session.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    server = Sandbox(workdir, knobs=dict(knobs), pythonpath=server_src)
+    server.start()
+    try:
+        assert server.proc is not None
+        load = _load()
+        before = tree_cpu_seconds(server.proc.pid)
+        sys_before = tree_cpu_seconds(server.proc.pid, system_only=True)
+        started = time.monotonic()
+        cores = _CoreSampler(server.proc.pid)
+        cores.start()
+        cmd = [*_xio(), "upload-dicom", "BENCH", "S1", "E1", str(session), "--server"]
+        cmd += [server.url, "--user", server.user, "--no-verify", "-q", *extra]
+        env = dict(os.environ, XNAT_PASSWORD=server.password)
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)
+        wall = time.monotonic() - started
+        cpu = tree_cpu_seconds(server.proc.pid) - before
+        system = tree_cpu_seconds(server.proc.pid, system_only=True) - sys_before
+        cores.stop()
+        landed, note = server.count_archived("BENCH", "S1", "E1")
+    finally:
+        server.stop()
+    return {
+        "files": len(files),
+        "bytes": size,
+        "client_exit": done.returncode,
+        "landed": landed,
+        "note": note,
+        "wall_s": round(wall, 2),
+        "server_cpu_s": round(cpu, 2),
+        "server_system_cpu_s": round(system, 2),
+        "server_cpu_share_of_wall": round(cpu / wall, 3),
+        "server_cpu_ms_per_file": round(1000 * cpu / max(1, len(files)), 3),
+        "server_cpu_s_per_gb": round(cpu / (size / 1e9), 2),
+        "server_cores_peak_1s": round(cores.peak, 2),
+        "load_before": load,
+        "load_after": _load(),
+        "knobs": knobs,
+        "server": server_src or "this checkout",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.servers SESSION_DIR [--knob NAME=VALUE]… [-- XIO_ARGS]``: what
+    the sandbox costs (CPU per file and per GB) receiving one xio upload of SESSION_DIR."""
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.servers")
+    parser.add_argument("session", type=Path)
+    parser.add_argument("--knob", action="append", default=[], help="NAME=VALUE (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--compare",
+        metavar="SRC",
+        help="also run the server from this source tree (e.g. an exported older commit's src/),"
+        " alternating with this checkout's",
+    )
+    parser.add_argument("xio_args", nargs="*", help="extra xio upload-dicom arguments (after --)")
+    args = parser.parse_args(argv)
+    knobs = {k: float(v) for k, v in (item.split("=", 1) for item in args.knob)}
+    sources = [None, args.compare] if args.compare else [None]
+    for _ in range(args.repeat):
+        for src in sources:
+            with tempfile.TemporaryDirectory(prefix="xnatio-server-cost-") as work:
+                result = server_cost(args.session, knobs, Path(work), args.xio_args, src)
+                print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,9 @@ bodies), what ``shared/xnat-api.md`` sections 1-5 describe:
   nested archives; Ignore-Unparsable and partial writes; dest, overwrite, Direct-Archive,
   prevent_auto_commit; unknown or unreadable projects into Unassigned, facts 1.2; every data
   error a 400, facts 1.4; every stored file re-encoded and run through the default site
-  anonymization script, facts 1.7) — ``importer.py``, ``api_upload.py``, ``dicom.py``;
+  anonymization script, facts 1.7) — ``importer.py``, ``api_upload.py``, ``dicom.py``, and
+  ``fastdicom.py``, which gives ordinary files the same header fields and stored bytes without
+  pydicom's full parse and re-serialization (what the server costs: ``docs/performance.md``);
 - the prearchive and its life cycle (rows keyed by project, StudyInstanceUID and label and
   reused in any state; the idle builder every N/5 s, ``idle_seconds=``/``--idle-seconds``,
   default 300; CONFLICT/ERROR after a failed archive, facts 3.2), build/commit/move/delete,

@@ -50,6 +50,11 @@ class BodyReader:
         self.bytes_read = 0
 
     @property
+    def will_be_cut(self) -> bool:
+        """The reset_next knob will reset the connection part-way through this body."""
+        return self._reset_at is not None
+
+    @property
     def has_body(self) -> bool:
         return self._chunked or (self._left or 0) > 0
 

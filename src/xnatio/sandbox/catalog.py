@@ -134,6 +134,7 @@ class Catalog:
         self.root = Path(data_dir)
         for sub in ("prearchive", "archive", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.tmp_path = str(self.root / "tmp")  # tmp_dir() as a string, for per-file names
         for leftover in (self.root / "tmp").iterdir():  # bodies of requests cut by a crash
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)

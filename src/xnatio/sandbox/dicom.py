@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -56,9 +58,14 @@ def folder_name(value: str) -> str:
 
 
 def _routing(ds: Dataset) -> dict[str, str]:
+    return routing_of(lambda keyword: ds.get(keyword, ""))
+
+
+def routing_of(get: Callable[[str], Any]) -> dict[str, str]:
+    """The routing fields, given ``get(keyword)`` → the element's value ("" when absent)."""
     # Patient Comments, then Study Comments, then Additional Patient History: first match wins.
     for keyword in ("PatientComments", "StudyComments", "AdditionalPatientHistory"):
-        text = str(ds.get(keyword, "") or "")
+        text = str(get(keyword) or "")
         found = {k.lower(): v for k, v in _ROUTING.findall(text)}
         if found:
             return found

@@ -4,8 +4,10 @@ The body is read entry by entry as it arrives; nested archives are opened too, d
 skipped. Each entry's header decides its row (project, StudyInstanceUID, label, facts 1.2) and
 its scan folder (Series Number). Every file is stored as XNAT stores it (facts 1.7): regenerated
 file meta, the header re-encoded after the default site anonymization script, the rest verbatim;
-the catalog MD5 is the stored file's. Entries written before a bad one stay (XNAT's partial
-write); ``Ignore-Unparsable`` skips bad entries instead. Every data error is a 400 (facts 1.4).
+the catalog MD5 is the stored file's, computed as the file is written (``fastdicom`` builds the
+stored bytes of ordinary files; pydicom does the rest). Entries written before a bad one stay
+(XNAT's partial write); ``Ignore-Unparsable`` skips bad entries instead. Every data error is a
+400 (facts 1.4).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from xnatio.sandbox import fastdicom
 from xnatio.sandbox.dicom import (
     HEAD_BYTES,
     DicomHeader,
@@ -51,6 +55,11 @@ from xnatio.sandbox.zipstream import ZipStreamError, iter_zip_stream
 from xnatio.xnat.labels import clean_label
 
 IMPORT_PATH = "/data/services/import"
+TAR_BLOCK = 1 << 16
+# Temp names of stored files: unique in the process, and across processes by the pid (cheaper
+# than a uuid4 per file; the temp folder is emptied at start, catalog.Catalog).
+_PID = os.getpid()
+_TMP_NAMES = itertools.count()
 HANDLERS = {"DICOM-zip", "gradual-DICOM", "SI"}
 # A body of these types selects gradual-DICOM when no handler is named (Imp:238-244).
 GRADUAL_TYPES = {"application/dicom", "application/x-mirc", "application/x-mirc-dicom"}
@@ -180,6 +189,11 @@ class FullReader:
         self._source = source
         self.name = "upload"
 
+    @property
+    def will_be_cut(self) -> bool:
+        """The body's connection is to be reset part-way (knob ``reset_next``)."""
+        return bool(getattr(self._source, "will_be_cut", False))
+
     def read(self, n: int = -1) -> bytes:
         parts: list[bytes] = []
         got = 0
@@ -235,7 +249,16 @@ def _open_tar(source: Path | FullReader, kind: str) -> tarfile.TarFile:
     if isinstance(source, Path):
         return tarfile.open(source, "r:gz" if kind == "tgz" else "r:")
     mode = "r|gz" if kind == "tgz" else "r|"  # stream mode: no seeking back
-    return tarfile.open(fileobj=source, mode=mode)  # type: ignore[call-overload,no-any-return]
+    # tarfile's stream reads its input in ``bufsize`` blocks (10 KB by default: every 10 KB a
+    # trip through the body reader and its bandwidth throttle) and copies what is left of a
+    # block at every read, so a larger block costs more: 64 KB measured best (0.11 ms per
+    # 167 KB member against 0.42 ms at 10 KB and 0.86 ms at 1 MB).
+    # A body the reset_next knob will cut is read in tar's own 10 KB records, as before, so the
+    # cut falls between the same entries (those read before it stay, facts 1.1).
+    block = tarfile.RECORDSIZE if source.will_be_cut else TAR_BLOCK
+    return tarfile.open(  # type: ignore[call-overload,no-any-return]
+        fileobj=source, mode=mode, bufsize=block
+    )
 
 
 def _maybe_nested(name: str, stream: IO[bytes], tmp_dir: Path) -> Iterator[tuple[str, IO[bytes]]]:
@@ -366,6 +389,11 @@ class DicomImport:
     # -- one entry -------------------------------------------------------------------------
     def _one(self, name: str, stream: IO[bytes]) -> None:
         head = _read_fully(stream, HEAD_BYTES)
+        fast = fastdicom.parse(head, whole=len(head) < HEAD_BYTES)
+        if fast is not None:  # an ordinary file: the same result without pydicom's parse
+            self._place(name, fast.header, head, stream, fast)
+            self.files_written += 1
+            return
         spooled: Path | None = None
         try:
             try:
@@ -416,7 +444,14 @@ class DicomImport:
             return AUTO_ARCHIVE
         return self.store.project_code(project, self.knobs.get().auto_archive_projects)
 
-    def _place(self, name: str, h: DicomHeader, head: bytes, rest: IO[bytes]) -> None:
+    def _place(
+        self,
+        name: str,
+        h: DicomHeader,
+        head: bytes,
+        rest: IO[bytes],
+        fast: fastdicom.FastFile | None = None,
+    ) -> None:
         if h.series_number in self.rejected_series:
             # A series filter / "reject" drops the file at receipt: read, not stored (facts 1.3).
             while rest.read(1 << 16):
@@ -434,7 +469,8 @@ class DicomImport:
             prevent_auto_commit=self.p.prevent_auto_commit,
             prevent_anon=self.p.prevent_anon,
             source=self.p.source,
-            code=self._row_code(project, h),
+            # Looked up only when the file creates the row (its code is the project's then).
+            code=lambda: self._row_code(project, h),
             writer_of=self.writer_of,
         )
         s: PrearcSession | None = None
@@ -457,7 +493,7 @@ class DicomImport:
         if self.site_anon and not self.p.prevent_anon:
             script = SiteScript(None if project == UNASSIGNED else project, subject, label)
         with self.store.file_lock(s.id, scan + "/" + file_name):
-            size, md5 = self._write(folder / file_name, name, head, rest, script)
+            size, md5 = self._write(folder / file_name, name, head, rest, script, fast)
             self.store.record_prearc_file(
                 s.id,
                 scan,
@@ -485,7 +521,13 @@ class DicomImport:
         return wanted
 
     def _write(
-        self, target: Path, name: str, head: bytes, rest: IO[bytes], script: SiteScript | None
+        self,
+        target: Path,
+        name: str,
+        head: bytes,
+        rest: IO[bytes],
+        script: SiteScript | None,
+        fast: fastdicom.FastFile | None = None,
     ) -> tuple[int, str]:
         """Receive head + rest, then store it re-encoded (facts 1.7) at ``target``; returns
         (size, md5) of the stored file.
@@ -499,9 +541,16 @@ class DicomImport:
         if self.knobs.disk_full_for(self.path):
             _drain(rest)
             raise failed
-        ms = self.knobs.get().per_file_ms
-        if ms > 0:
-            time.sleep(ms / 1000)
+        knobs = self.knobs.live
+        if knobs.per_file_ms > 0:
+            time.sleep(knobs.per_file_ms / 1000)
+        reencoding = knobs.reencode or script is not None
+        if fast is not None:
+            # The stored bytes built from the header walk (fastdicom), written and hashed in one
+            # pass; None when it cannot say what pydicom would write: the path below decides.
+            prefix = fast.stored_prefix(script) if reencoding else fast.head[: fast.rest_at]
+            if prefix is not None:
+                return self._write_direct(target, name, prefix, head[fast.rest_at :], rest)
         # Short temp names: the stored name may be up to 255 bytes itself.
         tmp = self.store.tmp_dir()
         received = tmp / f"in-{uuid.uuid4().hex}"
@@ -510,7 +559,7 @@ class DicomImport:
             with received.open("wb") as out:
                 for block in _blocks(head, rest):
                     out.write(block)
-            if self.knobs.get().reencode or script is not None:
+            if reencoding:
                 try:
                     size, digest = reencode(str(received), str(stored), script)
                 except Exception:  # unreadable header, I/O: both a 400 (GDI:431-435)
@@ -526,6 +575,36 @@ class DicomImport:
         finally:
             received.unlink(missing_ok=True)
             stored.unlink(missing_ok=True)
+
+    def _write_direct(
+        self, target: Path | str, name: str, prefix: bytes, tail: bytes, rest: IO[bytes]
+    ) -> tuple[int, str]:
+        """Store ``prefix`` + ``tail`` + the rest of the entry at ``target`` (through a temp
+        file, renamed into place), hashing as it writes; returns (size, md5)."""
+        stored = os.path.join(self.store.tmp_path, f"st-{_PID}-{next(_TMP_NAMES)}")
+        md5 = hashlib.md5(prefix)
+        size = len(prefix)
+        moved = False
+        try:
+            with open(stored, "wb") as out:
+                out.write(prefix)
+                for block in _blocks(tail, rest):
+                    out.write(block)
+                    md5.update(block)  # (hashlib lets go of the GIL for large blocks)
+                    size += len(block)
+            try:
+                os.replace(stored, target)
+            except FileNotFoundError:  # the scan's first file (or its folder was removed)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(stored, target)
+            moved = True
+            return size, md5.hexdigest()
+        except OSError:
+            raise Unparsable(f"unable to read DICOM object {name}") from None
+        finally:
+            if not moved:  # (an unlink that finds nothing costs a system call per file)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stored)
 
 
 def _read_fully(stream: IO[bytes], n: int) -> bytes:

@@ -169,6 +169,12 @@ class KnobBox:
                 reject_series=list(self._knobs.reject_series),
             )
 
+    @property
+    def live(self) -> Knobs:
+        """The live knobs themselves, without a copy, for a quick look (never to be changed:
+        ``set`` swaps the whole object, so a look sees one consistent set)."""
+        return self._knobs
+
     def set(self, **values: Any) -> Knobs:
         clean = coerce_knobs(values)
         with self._lock:
@@ -188,11 +194,15 @@ class KnobBox:
             return True
 
     def disk_full_for(self, path: str) -> bool:
+        if not self._knobs.disk_full:  # (set() swaps the whole object: no lock to look)
+            return False
         with self._lock:
             return self._knobs.disk_full and path.startswith(self._knobs.fault_path)
 
     def throttle(self, nbytes: int) -> None:
         """Account ``nbytes`` of body against the shared bandwidth cap (sleeps as needed)."""
+        if self._knobs.bandwidth_mbps <= 0:  # no cap: every body read passes without the lock
+            return
         with self._lock:
             mbps = self._knobs.bandwidth_mbps
             if mbps <= 0:

@@ -26,10 +26,11 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,10 @@ class Store(Catalog):
             "UPDATE prearc SET status=CASE direct WHEN 1 THEN 'RECEIVING' ELSE 'READY' END"
             " WHERE status IN ('ARCHIVING','QUEUED_BUILDING','BUILDING','QUEUED_ARCHIVING')"
         )
+        # Files being written (PrearcFileLock), behind a lock of their own: taken twice per
+        # file by every import thread, it would otherwise queue them behind the catalog.
         self._file_locks: set[tuple[int, str]] = set()
+        self._file_locks_lock = threading.Lock()
         self._writers: dict[int, int] = {}
         self._archiving: set[int] = set()
         self._last_ts = ""
@@ -235,7 +239,7 @@ class Store(Catalog):
         prevent_auto_commit: bool,
         prevent_anon: bool = False,
         source: str = "",
-        code: int = MANUAL,
+        code: int | Callable[[], int] = MANUAL,
         direct: bool = False,
         writer_of: set[int],
     ) -> PrearcSession | None:
@@ -248,7 +252,8 @@ class Store(Catalog):
         *(inferred)*; the hardest behaviour on the client the facts allow).
 
         The flags (``prevent_auto_commit``, ``prevent_anon``, ``source``, the auto-archive
-        ``code``) are stored only by the request that creates the row (GDI:234-248, 293-327).
+        ``code``) are stored only by the request that creates the row (GDI:234-248, 293-327);
+        ``code`` may be a function, then called only when the row is created.
 
         ``direct``: a Direct-Archive row; None is returned when DA must fall back to the
         prearchive because the key's DA row has left RECEIVING (facts 1.6, DAS:123-148).
@@ -266,6 +271,8 @@ class Store(Catalog):
             if direct and row is not None and row["status"] != "RECEIVING":
                 return None
             if row is None:
+                if callable(code):
+                    code = code()
                 ts = self._new_timestamp()
                 folder = folder_name(name) or "dicom_upload"
                 db.execute(
@@ -304,7 +311,10 @@ class Store(Catalog):
                 db.execute(
                     "UPDATE prearc SET status=?, lastmod=? WHERE id=?", (status, now, row["id"])
                 )
-                row = db.execute("SELECT * FROM prearc WHERE id=?", (row["id"],)).fetchone()
+                if row["id"] not in writer_of:
+                    writer_of.add(row["id"])
+                    self._writers[row["id"]] = self._writers.get(row["id"], 0) + 1
+                return replace(self._prearc(row), status=status, lastmod=now)
             if row["id"] not in writer_of:
                 writer_of.add(row["id"])
                 self._writers[row["id"]] = self._writers.get(row["id"], 0) + 1
@@ -330,14 +340,14 @@ class Store(Catalog):
     @contextmanager
     def file_lock(self, session_id: int, key: str) -> Iterator[None]:
         """XNAT's PrearcFileLock: a second concurrent write of the same file fails with 400."""
-        with self._lock:
+        with self._file_locks_lock:
             if (session_id, key) in self._file_locks:
                 raise HttpError(400, MSG_CONCURRENT_FILE)
             self._file_locks.add((session_id, key))
         try:
             yield
         finally:
-            with self._lock:
+            with self._file_locks_lock:
                 self._file_locks.discard((session_id, key))
 
     def prearc_file_owner(self, session_id: int, scan: str, name: str) -> str | None:
@@ -401,12 +411,10 @@ class Store(Catalog):
         return self._q("SELECT * FROM prearc_files WHERE session_id=? ORDER BY scan, name", (sid,))
 
     def is_busy(self, sid: int) -> bool:
+        with self._file_locks_lock:
+            writing = any(lock[0] == sid for lock in self._file_locks)
         with self._lock:
-            return (
-                sid in self._archiving
-                or self._writers.get(sid, 0) > 0
-                or any(lock[0] == sid for lock in self._file_locks)
-            )
+            return sid in self._archiving or self._writers.get(sid, 0) > 0 or writing
 
     def is_locked(self, sid: int) -> bool:
         """The row is ``_``-locked by an operation in progress (here: archiving) (facts 3.1)."""
@@ -580,34 +588,40 @@ class Store(Catalog):
                 date=s.scan_date,
             )
         src_root = self.prearc_dir(s)
+        made: dict[str, Path] = {}
         for r in rows:
-            dst_dir = self.resource_dir(e, r["scan"], "DICOM")
-            dst_dir.mkdir(parents=True, exist_ok=True)
+            dst_dir = made.get(r["scan"])
+            if dst_dir is None:
+                dst_dir = made[r["scan"]] = self.resource_dir(e, r["scan"], "DICOM")
+                dst_dir.mkdir(parents=True, exist_ok=True)
             src = src_root / "SCANS" / r["scan"] / "DICOM" / r["name"]
             if src.exists():
                 os.replace(src, dst_dir / r["name"])
-            self.upsert_scan(
-                e,
-                r["scan"],
-                series_description=r["series_description"],
-                modality=r["modality"],
-                uid=r["series_uid"],
-            )
-            self.record_file(
-                e,
-                scan_id=r["scan"],
-                resource="DICOM",
-                path=r["name"],
-                size=r["size"],
-                md5=r["md5"],
-                sop_uid=r["sop_uid"],
-                series_number=r["series_number"],
-                fmt="DICOM",
-                content="RAW",
-            )
-        # Success deletes the row and its folder, files that arrived meanwhile included
-        # (PDB:996-1002; PSA:652-664).
-        with self._lock:
+        # The catalog rows in one transaction (not three per file), after the moves.
+        with self._tx():
+            for r in rows:
+                self.upsert_scan(
+                    e,
+                    r["scan"],
+                    series_description=r["series_description"],
+                    modality=r["modality"],
+                    uid=r["series_uid"],
+                )
+                self.record_file(
+                    e,
+                    scan_id=r["scan"],
+                    resource="DICOM",
+                    path=r["name"],
+                    size=r["size"],
+                    md5=r["md5"],
+                    sop_uid=r["sop_uid"],
+                    series_number=r["series_number"],
+                    fmt="DICOM",
+                    content="RAW",
+                )
+            # Success deletes the row and its folder, files that arrived meanwhile included
+            # (PDB:996-1002; PSA:652-664); the row goes in the same transaction, so no reader
+            # sees the session both archived and still in the prearchive.
             self._db.execute("DELETE FROM prearc_files WHERE session_id=?", (s.id,))
             self._db.execute("DELETE FROM prearc WHERE id=?", (s.id,))
         self._remove_prearc_dir(s)
