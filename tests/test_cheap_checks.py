@@ -102,9 +102,14 @@ def test_rest_login_and_lock_come_before_discovery(
     assert Phase.DISCOVER not in _phases(events)
 
     # Free again: the same call uploads, and releases its lock at the end.
+    events.clear()
     result = upload(settings=good, options=opts, progress=events.append)
     assert result.success and len(result.uploaded) == 3
-    assert Phase.DISCOVER in _phases(events)
+    # One connect phase, finished before discovery (a display draws a row per phase change:
+    # a second "connect" after discovery would be a second row saying the same).
+    phases = [e.phase for e in events]
+    assert Phase.CONNECT not in phases[phases.index(Phase.DISCOVER) :]
+    assert [(e.current, e.total) for e in events if e.phase is Phase.CONNECT][-1] == (1, 1)
     again = RunLock(same, opts.lock_dir)
     again.acquire()  # not held any more
     again.release()

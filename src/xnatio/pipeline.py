@@ -170,6 +170,8 @@ def upload(
                 if client is not None
                 else stack.enter_context(rest_client(options, settings))
             )
+            if client is None and progress is not None:
+                progress(ProgressEvent(Phase.CONNECT, 1, 1, f"logged in to {rest.server}"))
             early = Target.rest(rest.server, options.project, options.subject, options.session)
 
             def send(m: Manifest, locks: RunLocks) -> UploadResult:

@@ -107,12 +107,15 @@ class RestUploader:
         )
         committed = True
         try:
-            progress.phase(Phase.CONNECT, 0, 1, f"connecting to {self.client.server}")
-            if not self.client.logged_in:
+            # The pipeline logs in before discovery and shows it; a guest's client may not be.
+            connecting = not self.client.logged_in
+            if connecting:
+                progress.phase(Phase.CONNECT, 0, 1, f"connecting to {self.client.server}")
                 self.client.login()
             if not self.target.direct_archive and not self._put_subject(manifest, run):
                 return self._result(manifest, batches, run, progress, started, False)
-            progress.phase(Phase.CONNECT, 1, 1, "connected")
+            if connecting:
+                progress.phase(Phase.CONNECT, 1, 1, "connected")
             progress.phase(Phase.UPLOAD, 0, len(manifest.files), "uploading")
             sender = self.sender_class(
                 self.client,
