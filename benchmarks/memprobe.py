@@ -65,33 +65,57 @@ def rss(sizes: list[int], verify: bool) -> None:
 
 
 def types(n: int) -> None:
+    """One real upload in this process (the sandbox in its own), snapshots at the commit (every
+    outcome made) and at the end (the result held)."""
     from xnatio.discover import discover
-    from xnatio.models import file_path
-    from xnatio.plan import plan_batches
-    from xnatio.result import assemble_result
+    from xnatio.models import Phase, ProgressEvent
+    from xnatio.pipeline import UploadOptions, upload
+    from xnatio.settings import Secret, Settings
 
     ds = ensure_dataset(DataSpec(n, *IMAGE))
     discover(next(ds.path.iterdir()), workers=1)  # lazy imports first
-    gc.collect()
-    tracemalloc.start(1)
-    manifest = discover(ds.path)
-    after_discover = tracemalloc.take_snapshot()
-    batches = plan_batches(manifest, 42)
-    outcomes = {file_path(f): None for b in batches for f in b.files}
-    result = assemble_result(manifest, {}, transport="rest", duration=1.0, batches_total=42)
-    _, peak = tracemalloc.get_traced_memory()
-    held = tracemalloc.take_snapshot()
-    print(f"{n} files: peak {peak / n:.0f} B/file; held after result:")
-    for stat in held.statistics("lineno")[:14]:
-        frame = stat.traceback[0]
-        print(f"  {stat.size / n:7.0f} B/file  {Path(frame.filename).name}:{frame.lineno}")
-    print("after discovery:")
-    for stat in after_discover.statistics("lineno")[:8]:
-        frame = stat.traceback[0]
-        print(f"  {stat.size / n:7.0f} B/file  {Path(frame.filename).name}:{frame.lineno}")
+    work = Path(tempfile.mkdtemp(prefix=f"memprobe-types-{n}-"))
+    sandbox = Sandbox(work / "server")
+    sandbox.start()
+    snaps: dict[str, tracemalloc.Snapshot] = {}
+
+    def progress(e: ProgressEvent) -> None:
+        if e.phase is Phase.COMMIT and "commit" not in snaps:
+            snaps["commit"] = tracemalloc.take_snapshot()
+
+    try:
+        secret = Secret(sandbox.password)
+        settings = Settings(server=sandbox.url, username="admin", password=secret)
+        options = UploadOptions(
+            project="BENCH",
+            subject="S01",
+            session=f"T{n}",
+            path=ds.path,
+            journal=work / "journal.sqlite",
+            lock_dir=work / "locks",
+        )
+        gc.collect()
+        tracemalloc.start(int(os.environ.get("MEMPROBE_DEPTH", "1")))
+        result = upload(settings=settings, options=options, progress=progress)
+        _, peak = tracemalloc.get_traced_memory()
+        snaps["end"] = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    finally:
+        sandbox.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{n} files: success {result.success}, tracemalloc peak {peak / n:.0f} B/file")
+    for when, snap in snaps.items():
+        print(f"held at {when}:")
+        for stat in snap.statistics("lineno")[:12]:
+            frame = stat.traceback[0]
+            where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}"
+            print(f"  {stat.size / n:7.0f} B/file  {where}:{frame.lineno}")
+    if os.environ.get("MEMPROBE_DEPTH"):
+        for stat in snaps["end"].statistics("traceback")[:3]:
+            print(f"{stat.size / n:.0f} B/file from:")
+            print("\n".join(stat.traceback.format()[-16:]))
     counts = Counter(type(o).__name__ for o in gc.get_objects())
     print("objects per file (gc-tracked):", {k: round(v / n, 2) for k, v in counts.most_common(8)})
-    del outcomes, result, batches, manifest
 
 
 def main() -> None:
