@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections import Counter
@@ -93,10 +94,25 @@ def types(n: int) -> None:
             path=ds.path,
             journal=work / "journal.sqlite",
             lock_dir=work / "locks",
+            verify=not os.environ.get("MEMPROBE_NO_VERIFY"),
         )
         gc.collect()
         tracemalloc.start(int(os.environ.get("MEMPROBE_DEPTH", "1")))
+        stop = threading.Event()
+        best = [0]
+
+        def sample() -> None:  # the snapshot nearest the peak (every 0.2 s)
+            while not stop.wait(0.2):
+                current, _ = tracemalloc.get_traced_memory()
+                if current > best[0]:
+                    best[0] = current
+                    snaps["peak"] = tracemalloc.take_snapshot()
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         result = upload(settings=settings, options=options, progress=progress)
+        stop.set()
+        sampler.join()
         _, peak = tracemalloc.get_traced_memory()
         snaps["end"] = tracemalloc.take_snapshot()
         tracemalloc.stop()
@@ -111,7 +127,7 @@ def types(n: int) -> None:
             where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}"
             print(f"  {stat.size / n:7.0f} B/file  {where}:{frame.lineno}")
     if os.environ.get("MEMPROBE_DEPTH"):
-        for stat in snaps["end"].statistics("traceback")[:3]:
+        for stat in snaps["commit"].statistics("traceback")[:3]:
             print(f"{stat.size / n:.0f} B/file from:")
             print("\n".join(stat.traceback.format()[-16:]))
     counts = Counter(type(o).__name__ for o in gc.get_objects())
