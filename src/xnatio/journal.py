@@ -14,11 +14,11 @@ Files confirmed by an earlier run are reported as ``UPLOADED`` with the reason
 ``"sent by an earlier run (journal)"`` (and become ``VERIFIED`` when read-back finds them): they
 are on the server, so counting them as skipped would make a resumed run look incomplete.
 
-Durability: WAL mode, one short transaction per confirmed batch, written as each batch is
-confirmed (not at the end), so ``kill -9`` loses at most the batches in flight, and those are
-simply sent again (XNAT merges a re-sent instance into the same file; ``overwrite=append``).
-``synchronous=NORMAL`` survives a killed process; a power cut can lose the last confirmations,
-which again only means re-sending.
+Durability: WAL mode (rollback mode on a network file system: :mod:`xnatio.fsinfo`), one short
+transaction per confirmed batch, written as each batch is confirmed (not at the end), so ``kill
+-9`` loses at most the batches in flight, and those are simply sent again (XNAT merges a re-sent
+instance into the same file; ``overwrite=append``). ``synchronous=NORMAL`` survives a killed
+process; a power cut can lose the last confirmations, which again only means re-sending.
 
 A journal that stops taking writes mid-run (its disk fills, it turns read-only, its file system
 errs) degrades instead of failing the upload: one warning line, later writes are dropped, and the
@@ -72,6 +72,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from xnatio.config_file import user_home
 from xnatio.errors import ConfigError, UsageError
+from xnatio.fsinfo import filesystem_type, is_network_filesystem, under_scheduler
 from xnatio.models import DicomFile, FileOutcome, Manifest, Origin, Outcome, file_path
 from xnatio.redact import printable
 
@@ -359,18 +360,32 @@ def _read_holder(fd: int) -> str:
 _BUSY_TIMEOUT_S = 30.0
 
 
-def _enter_wal(db: sqlite3.Connection, within_s: float) -> None:
-    """``PRAGMA journal_mode=WAL``, retried while another connection holds the file.
+def _set_mode(db: sqlite3.Connection, path: Path, within_s: float) -> None:
+    """WAL on a local disk; rollback mode on a network file system, where WAL's shared-memory
+    index cannot be shared between machines (https://sqlite.org/wal.html, "all processes using
+    a database must be on the same host computer").
 
-    SQLite answers this pragma "database is locked" at once, without its busy handler,
-    when another process is opening (or creating) the same journal at that moment; several
-    processes starting together (a job array, parallel studies) met it.
+    The pragma is retried while another connection holds the file: SQLite answers it "database
+    is locked" at once, without its busy handler, when another process is opening (or creating)
+    the same journal at that moment; several processes starting together (a job array, parallel
+    studies) met it.
     """
+    fstype = filesystem_type(path)
+    mode = "DELETE" if is_network_filesystem(fstype) else "WAL"
+    if mode == "DELETE" and under_scheduler():
+        log.warning(
+            "the resume journal %s is on a network file system (%s), which this scheduler's "
+            "tasks may share between nodes: give each node its own on local disk with "
+            "%s=$TMPDIR/xnatio-journal.sqlite (docs/scale-out.md)",
+            path,
+            fstype,
+            JOURNAL_ENV,
+        )
     deadline = time.monotonic() + within_s
     pause = 0.01
     while True:
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_mode={mode}")
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
@@ -403,7 +418,7 @@ class Journal:
         try:
             with contextlib.suppress(OSError):  # the journal names local paths: keep it private
                 os.chmod(self.path, 0o600)
-            _enter_wal(self._db, _BUSY_TIMEOUT_S)
+            _set_mode(self._db, self.path, _BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA synchronous=NORMAL")
             with self._write():
                 for stmt in _SCHEMA.split(";"):
