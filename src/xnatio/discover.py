@@ -478,7 +478,7 @@ def _collect(
         if ctime_ns == mtime_ns:  # a file written once: one 36-byte int for both times
             ctime_ns = mtime_ns
         manifest.files.append(
-            DicomFile(
+            DicomFile.walked(
                 fspath,
                 same_size.setdefault(size, size),
                 mtime_ns,

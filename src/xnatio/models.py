@@ -74,11 +74,11 @@ class DicomFile:
         member: str | None = None,
         ctime_ns: int = 0,
     ) -> None:
-        # A str is kept as given (discovery passes the walked path, normalised as str(Path)
-        # would be); anything else as str(Path(path)), the name the records used before.
+        # Named as str(Path(path)), as records always were ("a//b" and "./a" read "a/b", "a");
+        # discovery, whose walked strings are in that form already, uses :meth:`walked`.
         _init(
             self,
-            path if type(path) is str else str(Path(path)),
+            str(Path(path)),
             size,
             mtime_ns,
             study_uid,
@@ -91,6 +91,15 @@ class DicomFile:
             member,
             ctime_ns,
         )
+
+    @classmethod
+    def walked(cls, fspath: str, *values: object) -> DicomFile:
+        """The record of ``fspath``, a path string already as ``str(Path(fspath))`` would be,
+        kept as that very object (discovery's walk: no second string per file); ``values``:
+        the other fields in constructor order."""
+        self = cls.__new__(cls)
+        _init(self, fspath, *values)
+        return self
 
     @property
     def path(self) -> Path:
