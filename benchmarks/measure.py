@@ -217,12 +217,22 @@ def run_measured(
                 os.killpg(proc.pid, signal.SIGKILL)
 
         watchdog = threading.Timer(timeout, _kill)
+        watchdog.daemon = True
         watchdog.start()
-        with Sampler(proc.pid, watch) as sampler:
-            # wait4 rather than Popen.wait: its rusage gives the client's CPU time.
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - start
-        watchdog.cancel()
+        try:
+            with Sampler(proc.pid, watch) as sampler:
+                # wait4 rather than Popen.wait: its rusage gives the client's CPU time.
+                _, status, usage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - start
+        except BaseException:
+            # Interrupted (Ctrl-C, or SIGTERM turned into it): the client, in a session of its
+            # own, would otherwise go on uploading after the harness has gone.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            watchdog.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
     peak_rss = sampler.peaks.rss_bytes
     return Measured(

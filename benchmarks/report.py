@@ -147,6 +147,9 @@ class Goal:
     text: str
     measured: str
     met: bool | None  # None: not measured in this run
+    # The goal's scenario when it was not part of this run: the table sums those goals up in one
+    # line instead of a row each.
+    not_run: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"goal": self.text, "measured": self.measured, "met": self.met}
@@ -164,6 +167,10 @@ def _find(
 
 def _t(r: ContenderResult) -> float | None:
     return r.med("metric_s") if r.ok else None
+
+
+def _not_run(text: str, scenario: str) -> Goal:
+    return Goal(text, f"not measured: {scenario} not in this run", None, not_run=scenario)
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,26 @@ RATIO_GOALS = (
         False,
         names=("auto", "never"),
     ),
+    # Issue 16 item 6: "Verification must not make xio slower than xnatctl, which checks
+    # nothing": xio as installed (reading back) against xnatctl, wherever both run.
+    RatioGoal(
+        "rest-wan",
+        "xio",
+        "xnatctl",
+        "(issue 16) xio with its read-back not slower than xnatctl (which checks nothing) "
+        "under rest-wan",
+        1.0,
+        False,
+    ),
+    RatioGoal(
+        "rest-slow",
+        "xio",
+        "xnatctl",
+        "(issue 16) xio with its read-back not slower than xnatctl (which checks nothing) "
+        "at 100 Mbit/s (rest-slow)",
+        1.0,
+        False,
+    ),
     RatioGoal(
         "rest-latency",
         "xio --no-verify",
@@ -282,29 +309,191 @@ RATIO_GOALS = (
 def _ratio_goals(results: list[CaseResult], goal: RatioGoal) -> list[Goal]:
     out: list[Goal] = []
     for cr in results:
-        if cr.case.scenario != goal.scenario or goal.a not in cr.results:
+        if cr.case.scenario != goal.scenario:
             continue
-        if goal.b not in cr.results:
+        text = f"{goal.text} ({cr.case.name})"
+        absent = [name for name in (goal.a, goal.b) if name not in cr.results]
+        if absent:
+            out.append(Goal(text, f"not measured: {', '.join(absent)} not run", None))
             continue
         ra, rb = cr.results[goal.a], cr.results[goal.b]
         ta, tb = _t(ra), _t(rb)
-        text = f"{goal.text} ({cr.case.name})"
         if ta is None or tb is None:
             failed = ", ".join(x.name for x in (ra, rb) if not x.ok)
             out.append(Goal(text, f"not measured: {failed} failed", None))
         else:
             measured, met = goal.measure(ta, tb)
             out.append(Goal(text, measured, met))
+    return out or [_not_run(goal.text, goal.scenario)]
+
+
+@dataclass(frozen=True)
+class ServerGoal:
+    """A bound on the receiving server's CPU time (issue 16 item 2), per contender of a case:
+    as a share of the client's wall time (``per="wall"``) or per GB of the session (``"GB"``)."""
+
+    scenario: str
+    text: str
+    limit: float
+    per: str  # "wall" or "GB"
+
+    def goals(self, results: list[CaseResult]) -> list[Goal]:
+        out: list[Goal] = []
+        for cr in results:
+            if cr.case.scenario != self.scenario:
+                continue
+            parts: list[str] = []
+            verdicts: list[bool] = []
+            for r in cr.results.values():
+                runs = [x for x in r.ok_runs if "server_cpu_s" in x.server and x.wall_s > 0]
+                if not runs:
+                    parts.append(f"{r.name}: not measured")
+                    continue
+                cpu = median([x.server["server_cpu_s"] for x in runs]) or 0.0
+                if self.per == "wall":
+                    share = median([x.server["server_cpu_s"] / x.wall_s for x in runs]) or 0.0
+                    wall = median([x.wall_s for x in runs]) or 0.0
+                    parts.append(f"{r.name}: {cpu:.1f} s of {wall:.1f} s = {share:.0%}")
+                    verdicts.append(share < self.limit)
+                else:
+                    per_gb = cpu / (cr.dataset.bytes / 1e9)
+                    parts.append(f"{r.name}: {cpu:.1f} s = {per_gb:.1f} s/GB")
+                    verdicts.append(per_gb <= self.limit)
+            text = f"{self.text} ({cr.case.name})"
+            if not verdicts:
+                out.append(Goal(text, "not measured: " + "; ".join(parts), None))
+            else:
+                # A contender without a measurement cannot make the goal met.
+                complete = len(verdicts) == len(cr.results)
+                met = all(verdicts) if complete or not all(verdicts) else None
+                out.append(Goal(text, "; ".join(parts), met))
+        return out or [_not_run(self.text, self.scenario)]
+
+
+SERVER_GOALS = (
+    ServerGoal(
+        "rest-latency",
+        "(issue 16) the server's CPU < 40 % of the wall time",
+        0.40,
+        "wall",
+    ),
+    ServerGoal(
+        "rest-limit",
+        "(issue 16) server CPU ≤ 5 s per GB of session without knobs",
+        5.0,
+        "GB",
+    ),
+    ServerGoal(
+        "rest-latency",
+        "(issue 16) server CPU ≤ 10 s per GB of session under the knobs",
+        10.0,
+        "GB",
+    ),
+)
+
+# Issue 16 item 4, in the scale scenario (xio as installed, small files).
+SCALE_RSS_AT = 100_000
+SCALE_RSS_LIMIT_MB = 120.0
+SCALE_GROWTH_FROM = 10_000
+SCALE_GROWTH_LIMIT_MB = 20.0
+PLAN_FILES = 1_000_000
+PLAN_RSS_LIMIT_MB = 200.0
+FIRST_REQUEST_LIMIT_S = 3.0
+# The seconds from launch to the first import request, kept in a run's details by a contender
+# that measures it (a relay between client and server sees the request leave).
+FIRST_REQUEST_KEY = "first_import_s"
+
+
+def _scale_goals(results: list[CaseResult]) -> list[Goal]:
+    t_rss = f"(issue 16) peak RSS < {SCALE_RSS_LIMIT_MB:.0f} MB at {SCALE_RSS_AT:,} files (scale)"
+    t_growth = (
+        f"(issue 16) peak RSS grows < {SCALE_GROWTH_LIMIT_MB:.0f} MB from {SCALE_GROWTH_FROM:,} "
+        f"to {SCALE_RSS_AT:,} files (scale)"
+    )
+    t_plan = (
+        f"(issue 16) < {PLAN_RSS_LIMIT_MB:.0f} MB at {PLAN_FILES:,} files (scale; issue 16 asks "
+        "it of planning 1,000,000 files in 1,000 studies)"
+    )
+    t_first = (
+        f"(issue 16) the first import request leaves within {FIRST_REQUEST_LIMIT_S:g} s of "
+        "launch, at any size (scale)"
+    )
+    cases = [cr for cr in results if cr.case.scenario == "scale"]
+    if not cases:
+        return [_not_run(t, "scale") for t in (t_rss, t_growth, t_plan, t_first)]
+
+    def rss(files: int) -> tuple[float | None, str]:
+        """xio's median peak RSS in the scale case of ``files`` files, or why there is none."""
+        for cr in cases:
+            if cr.dataset.files == files and "xio" in cr.results:
+                r = cr.results["xio"]
+                value = r.med("peak_rss_mb") if r.ok else None
+                return value, "" if value is not None else "xio failed"
+        return None, f"no {files:,}-file case in this run"
+
+    out: list[Goal] = []
+    at, why = rss(SCALE_RSS_AT)
+    if at is None:
+        out.append(Goal(t_rss, f"not measured: {why}", None))
+    else:
+        out.append(Goal(t_rss, f"{at:.0f} MB", at < SCALE_RSS_LIMIT_MB))
+    base, why_base = rss(SCALE_GROWTH_FROM)
+    if at is None or base is None:
+        out.append(Goal(t_growth, f"not measured: {why or why_base}", None))
+    else:
+        out.append(
+            Goal(
+                t_growth,
+                f"{base:.0f} → {at:.0f} MB = {at - base:+.0f} MB",
+                at - base < SCALE_GROWTH_LIMIT_MB,
+            )
+        )
+    plan = [(cr, r) for cr in cases if cr.dataset.files >= PLAN_FILES for r in cr.results.values()]
+    if not plan:
+        out.append(Goal(t_plan, f"not measured: no {PLAN_FILES:,}-file case in this run", None))
+    for cr, r in plan:
+        value = r.med("peak_rss_mb") if r.ok else None
+        text = f"{t_plan}, {r.name} ({cr.case.name})"
+        if value is None:
+            out.append(Goal(text, f"not measured: {r.name} failed", None))
+        else:
+            out.append(Goal(text, f"{value:.0f} MB", value < PLAN_RSS_LIMIT_MB))
+    firsts = [
+        (cr.dataset.files, x.details[FIRST_REQUEST_KEY])
+        for cr in cases
+        for r in cr.results.values()
+        for x in r.ok_runs
+        if isinstance(x.details.get(FIRST_REQUEST_KEY), (int, float))
+    ]
+    if not firsts:
+        out.append(Goal(t_first, "not measured: no run recorded its first request", None))
+    else:
+        worst_files, worst = max(firsts, key=lambda p: p[1])
+        out.append(
+            Goal(
+                t_first,
+                f"slowest {worst:.1f} s (at {worst_files:,} files; {len(firsts)} runs)",
+                worst <= FIRST_REQUEST_LIMIT_S,
+            )
+        )
     return out
 
 
 def goals(results: list[CaseResult]) -> list[Goal]:
     out = [g for goal in RATIO_GOALS for g in _ratio_goals(results, goal)]
+    out += [g for goal in SERVER_GOALS for g in goal.goals(results)]
+    out += _scale_goals(results)
     for cr, r in _find(results, "rest-limit", "xio"):
         rss, tmp = r.med("peak_rss_mb"), r.med("peak_tmp_mb")
         where = f"xio, {cr.dataset.files:,} files ({cr.case.name})"
         if not r.ok or rss is None or tmp is None:
-            out.append(Goal(f"RSS < 200 MB and temp disk < 100 MB, {where}", "xio failed", None))
+            out.append(
+                Goal(
+                    f"RSS < 200 MB and temp disk < 100 MB, {where}",
+                    "not measured: xio failed",
+                    None,
+                )
+            )
         else:
             out.append(Goal(f"peak RSS < 200 MB, {where}", f"{rss:.0f} MB", rss < 200))
             out.append(Goal(f"temp disk < 100 MB, {where}", f"{tmp:.1f} MB", tmp < 100))
@@ -312,18 +501,35 @@ def goals(results: list[CaseResult]) -> list[Goal]:
         fps = r.med("files_per_s")
         text = f"discovery ≥ 5,000 files/s, warm cache ({cr.case.name})"
         if not r.ok or fps is None:
-            out.append(Goal(text, "failed", None))
+            out.append(Goal(text, "not measured: discover+plan failed", None))
         else:
             out.append(Goal(text, f"{fps:,.0f} files/s", fps >= 5000))
     return out
 
 
-def goals_table(gs: list[Goal]) -> str:
+def goals_table(gs: list[Goal], *, judged: bool = True) -> str:
+    """The goals of the scenarios that ran, a row each; those of scenarios not in this run in
+    one line below. ``judged=False`` (``--tiny``): the figures are shown but no verdict."""
     lines = ["| goal | measured | met |", "|---|---|---|"]
     for g in gs:
-        met = "n/a" if g.met is None else ("yes" if g.met else "**no**")
+        if g.not_run:
+            continue
+        if g.met is None:
+            met = "not measured"
+        elif not judged:
+            met = "not judged (--tiny)"
+        else:
+            met = "yes" if g.met else "**no**"
         lines.append(f"| {g.text} | {g.measured} | {met} |")
-    return "\n".join(lines) + "\n"
+    skipped: dict[str, int] = {}
+    for g in gs:
+        if g.not_run:
+            skipped[g.not_run] = skipped.get(g.not_run, 0) + 1
+    tail = ""
+    if skipped:
+        listed = ", ".join(f"{n} of {s}" for s, n in skipped.items())
+        tail = f"\nNot measured (their scenario was not in this run): {listed}.\n"
+    return "\n".join(lines) + "\n" + tail
 
 
 def scale_table(results: list[CaseResult]) -> str:

@@ -146,6 +146,9 @@ def test_transcode_without_decoder_says_what_to_install(monkeypatch: pytest.Monk
     # the path a user without them meets is tested here too. pydicom moves a plugin whose
     # import fails from _available to _unavailable: do the same.
     decoder = get_decoder(UID("1.2.840.10008.1.2.4.50"))
+    # (pillow may be installed too: matplotlib, the bench extra, brings it.)
+    missing = {name: ("(not installed)",) for name in decoder._available}
+    monkeypatch.setattr(decoder, "_unavailable", {**decoder._unavailable, **missing})
     monkeypatch.setattr(decoder, "_available", {})
     with pytest.raises(EncodeError, match=r"no decoder is installed \(install one of: .*pillow"):
         transcode(path, "1.2.840.10008.1.2.4.50", ExplicitVRLittleEndian, None)
