@@ -629,3 +629,49 @@ def xio_dry_run() -> Contender:
         build=build,
         check=check,
     )
+
+
+def xio_many_dry_run() -> Contender:
+    """``xio upload-many ROOT --dry-run``: discovery, grouping and the plan of many studies
+    (issue 12), the memory of which issue 16 item 4 bounds."""
+
+    def build(ctx: RunContext) -> Invocation:
+        cmd = [
+            *_xio(),
+            "upload-many",
+            str(ctx.dataset.path),
+            "--project",
+            ctx.project,
+            "--dry-run",
+            "--settle",
+            "0s",
+            "--json",
+            "--state-dir",
+            str(ctx.workdir / "state"),
+        ]
+        return Invocation(cmd)
+
+    def check(ctx: RunContext, m: Measured) -> Checked:
+        if m.returncode != 0:
+            return Checked(False, _failure(m))
+        files = studies = 0
+        for line in m.stdout.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("status") == "ready":
+                studies += 1
+                files += int(row.get("files", 0))
+        if files != ctx.dataset.files:
+            return Checked(False, f"planned {files} of {ctx.dataset.files} files")
+        return Checked(True, landed=files, details={"studies": studies})
+
+    return Contender(
+        name="xio upload-many --dry-run",
+        summary="xio upload-many ROOT --project P --dry-run --settle 0s --json (whole command: "
+        "start-up, discovery of every root, grouping by study, the plan)",
+        prepare=nothing,
+        build=build,
+        check=check,
+    )

@@ -161,3 +161,81 @@ def warm_cache(dataset: Dataset) -> float:
                 while f.read(1 << 20):
                     pass
     return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class ManySpec:
+    """``studies`` studies of ``files_per_study`` tiny files (8 x 8 pixels, ~1.1 KB), in
+    ``series_per_study`` series each: the many-study trees ``upload-many`` plans (issue 12:
+    1,000,000 files in 1,000 studies)."""
+
+    studies: int
+    files_per_study: int
+    series_per_study: int = 4
+
+    @property
+    def files(self) -> int:
+        return self.studies * self.files_per_study
+
+    @property
+    def key(self) -> str:
+        return f"many-{self.studies}x{self.files_per_study}-{self.series_per_study}series-8x8"
+
+
+def _same_length_uid(uid: bytes, n: int) -> bytes:
+    """``uid`` with its tail replaced by ``9`` and ``n`` in ten digits: as long as ``uid`` (so
+    every element length in the file stays right), distinct for distinct ``n``, and no
+    component gains a leading zero."""
+    return uid[:-11] + b"9%010d" % n
+
+
+def ensure_many(spec: ManySpec, log: Callable[[str], None] = print) -> Dataset:
+    """The tree of ``spec`` (``ROOT/STUDYnnnnn/SEnn/IMnnnnnn.dcm``), generated once and cached.
+
+    Writing a million files through pydicom would take most of an hour, so one tiny instance
+    is made with :func:`xnatio.synth.generate_session` and copied with its Study, Series and
+    SOP Instance UIDs and its patient ID replaced by values of the same length: every copy is a
+    valid DICOM file with its own identity, one patient per study.
+    """
+    import pydicom
+
+    root = cache_root() / "data" / spec.key
+    marker = root / "complete.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        return Dataset(_as_dataspec(spec), root / "session", info["files"], info["bytes"], "")
+    if root.exists():
+        shutil.rmtree(root)
+    log(f"generating {spec.files} tiny files in {spec.studies} studies into {root} (once; cached)")
+    start = time.perf_counter()
+    one = generate_session(root / "template", series=1, instances=1, image_size=(8, 8))
+    template_path = next(iter(one.instances.values()))
+    template = template_path.read_bytes()
+    header = pydicom.dcmread(template_path, stop_before_pixels=True)
+    study, series = str(header.StudyInstanceUID).encode(), str(header.SeriesInstanceUID).encode()
+    sop, patient = str(header.SOPInstanceUID).encode(), str(header.PatientID).encode()
+    shutil.rmtree(root / "template")
+    total = n = 0
+    per_series = max(1, spec.files_per_study // spec.series_per_study)
+    for s in range(spec.studies):
+        new_patient = (b"P%0*d" % (len(patient) - 1, s))[-len(patient) :]
+        by_study = template.replace(study, _same_length_uid(study, s)).replace(patient, new_patient)
+        for k in range(spec.series_per_study):
+            folder = root / "session" / f"STUDY{s:05d}" / f"SE{k:02d}"
+            folder.mkdir(parents=True)
+            by_series = by_study.replace(series, _same_length_uid(series, s * 1000 + k))
+            last = spec.files_per_study if k == spec.series_per_study - 1 else (k + 1) * per_series
+            for i in range(k * per_series, last):
+                data = by_series.replace(sop, _same_length_uid(sop, n))
+                (folder / f"IM{i:06d}.dcm").write_bytes(data)
+                n += 1
+                total += len(data)
+    info = {"files": n, "bytes": total, "generate_s": round(time.perf_counter() - start, 2)}
+    marker.write_text(json.dumps(info))
+    log(f"  generated in {info['generate_s']} s")
+    return Dataset(_as_dataspec(spec), root / "session", n, total, "")
+
+
+def _as_dataspec(spec: ManySpec) -> DataSpec:
+    """A DataSpec standing for a many-study tree in the harness's records (files, 8 x 8)."""
+    return DataSpec(spec.files, 8, 8, modality="MANY")

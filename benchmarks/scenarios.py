@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +23,17 @@ from benchmarks import contenders as c
 from benchmarks.data import (
     Dataset,
     DataSpec,
+    ManySpec,
     cache_root,
     ensure_dataset,
     ensure_dcm_view,
+    ensure_many,
     ensure_tar,
     warm_cache,
 )
 from benchmarks.link import Link, link_unavailable
 from benchmarks.measure import MB, median, run_measured
+from benchmarks.relay import FirstImportRelay
 from benchmarks.servers import Sandbox, StoreSCP
 
 # rest-wan's and rest-slow's server costs; docs/performance.md says why these values. Their link
@@ -43,6 +47,11 @@ SLOW_LINK_MBIT = 100.0
 LATENCY_KNOBS: dict[str, float] = {"latency_ms": 50.0, "per_file_ms": 2.0}
 
 REST_WORKERS = 42  # xio's default --num-batches / --upload-workers
+# Issue 16 item 4: peak RSS of an upload of 100,000 files below 120 MB (asserted from this many
+# files up), and planning 1,000,000 files in 1,000 studies (upload-many) below 200 MB.
+SCALE_RSS_FILES = 100_000
+SCALE_RSS_MB = 120.0
+MANY_PLAN_RSS_MB = 200.0
 CSTORE_ASSOCIATIONS = 45  # xio's default --num-batches for --transport dicom-store
 
 # 288 x 288 x 2 bytes + header: 167 KB a file, so 15,000 files are the 2.5 GB of the issue.
@@ -65,6 +74,13 @@ class Case:
     moves_bytes: bool = True  # False for discovery: it reads headers only, MB/s means nothing
     auth_sandbox: bool = False
     timeout: float = 900.0
+    # The memory bound of issue 16 item 4 (0: none): a run whose client peak RSS is above it
+    # fails, with the measurement in its error.
+    max_rss_mb: float = 0.0
+    # A many-study tree (upload-many) instead of one session of ``data``.
+    many: ManySpec | None = None
+    # Note when the first import request leaves the client (benchmarks/relay.py).
+    time_first_import: bool = False
 
 
 @dataclass
@@ -74,7 +90,9 @@ class Sizes:
     slow_files: int = 5_000
     cstore_files: int = 2_000
     discover_files: tuple[int, ...] = (15_000, 50_000)
-    scale_files: tuple[int, ...] = (2_000, 15_000, 50_000)
+    scale_files: tuple[int, ...] = (2_000, 15_000, 50_000, 100_000)
+    # upload-many --dry-run over (studies, files per study): issue 12's million files.
+    scale_many: tuple[int, int] = (1_000, 1_000)
     image: tuple[int, int] = FULL_IMAGE
     scale_image: tuple[int, int] = SMALL_IMAGE
 
@@ -85,6 +103,7 @@ TINY = Sizes(
     cstore_files=10,
     discover_files=(300,),
     scale_files=(60, 180),
+    scale_many=(3, 20),
     image=SMALL_IMAGE,
     scale_image=SMALL_IMAGE,
 )
@@ -233,10 +252,28 @@ def build_cases(names: list[str], sizes: Sizes, repeat: int | None) -> list[Case
                         f"scale {n} files",
                         DataSpec(n, *sizes.scale_image),
                         "sandbox",
-                        [c.xio_rest(REST_WORKERS)],
+                        [c.xio_rest(REST_WORKERS), c.xio_rest_no_verify(REST_WORKERS)],
                         reps(name),
+                        max_rss_mb=SCALE_RSS_MB if n >= SCALE_RSS_FILES else 0.0,
+                        time_first_import=True,
+                        timeout=3600.0,
                     )
                 )
+            many = ManySpec(*sizes.scale_many)
+            cases.append(
+                Case(
+                    "scale",
+                    f"scale upload-many --dry-run {many.files} files in {many.studies} studies",
+                    DataSpec(many.files, 8, 8, modality="MANY"),
+                    "none",
+                    [c.xio_many_dry_run()],
+                    reps(name),
+                    moves_bytes=False,
+                    max_rss_mb=MANY_PLAN_RSS_MB,
+                    many=many,
+                    timeout=3600.0,
+                )
+            )
         else:
             raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     return cases
@@ -358,6 +395,8 @@ class Runner:
     def prepare_case(self, case: Case) -> tuple[Dataset, Path | None, Path | None]:
         """The case's cached data (session, tar, .dcm view) and its selected contenders' tools."""
         chosen = self.selected(case)
+        if case.many is not None:
+            return ensure_many(case.many, self.log), None, None
         dataset = ensure_dataset(case.data, self.log)
         tar = ensure_tar(dataset, self.log) if case.needs_tar else None
         dcm_view = ensure_dcm_view(dataset) if any(x.name == "xnatctl" for x in chosen) else None
@@ -415,6 +454,7 @@ class Runner:
         ctx.home.mkdir(parents=True)
         server_peaks: dict[str, float] = {}
         link: Link | None = None
+        first_import_s: float | None = None
         try:
             try:
                 if case.link_mbit > 0:
@@ -427,6 +467,13 @@ class Runner:
             except (c.Unavailable, RuntimeError) as exc:
                 return _failed(rep, str(exc))
             env = _client_env(ctx, inv.env)
+            relay = None
+            if case.time_first_import and ctx.sandbox is not None:
+                # The client talks to the sandbox through the relay, which notes the first
+                # import request; every byte is forwarded unchanged.
+                relay = FirstImportRelay(ctx.sandbox.host, ctx.sandbox.port).__enter__()
+                inv.cmd = [relay.url if a == ctx.sandbox.url else a for a in inv.cmd]
+            launched = time.perf_counter()
             measured = run_measured(
                 inv.cmd,
                 env=env,
@@ -436,7 +483,17 @@ class Runner:
                 timeout=case.timeout,
                 stdin_text=inv.stdin_text,
             )
+            if relay is not None:
+                relay.close()
+                if relay.first_import_at is not None:
+                    first_import_s = relay.first_import_at - launched
             checked = x.check(ctx, measured)
+            if checked.ok and case.max_rss_mb and measured.peak_rss_mb > case.max_rss_mb:
+                checked.ok = False
+                checked.error = (
+                    f"peak RSS {measured.peak_rss_mb:.1f} MB is over the bound of "
+                    f"{case.max_rss_mb:.0f} MB (issue 16 item 4)"
+                )
         finally:
             # Ctrl-C or SIGTERM during the clean-up waits until it is done (then interrupts), so
             # an interrupted run leaves no receiver, link or work directory behind.
@@ -471,6 +528,8 @@ class Runner:
                 "landed": checked.landed,
                 # State kept under HOME (xio's resume journal, xnatctl's session cache).
                 "home_mb": round(measured.peak_tmp_mb["client_home"], 3),
+                # Seconds from launch to the first import request (issue 16 item 4: <= 3 s).
+                **({"first_import_s": round(first_import_s, 3)} if first_import_s else {}),
                 **checked.details,
             },
         )
@@ -534,4 +593,9 @@ def _line(r: RunRecord) -> str:
         f"{r.metric_s:.2f} s, {r.files_per_s or 0:,.0f} files/s, {mb}"
         f"RSS {r.peak_rss_mb:.0f} MB, tmp {r.peak_tmp_mb:.1f} MB, CPU {r.cpu_s:.1f} s"
         + (f" (server {r.server['server_cpu_s']:.1f} s)" if "server_cpu_s" in r.server else "")
+        + (
+            f", first import at {r.details['first_import_s']:.2f} s"
+            if "first_import_s" in r.details
+            else ""
+        )
     )

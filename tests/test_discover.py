@@ -442,3 +442,32 @@ def test_memory_per_file_is_small(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert len(m.files) + len(m.duplicates) == n
     assert peak / n < 2048, f"{peak / n:.0f} bytes per file"
+
+
+def test_a_file_record_is_a_compact_immutable_value_named_as_before(tmp_path: Path) -> None:
+    """DicomFile keeps its path as one string (issue 16 item 4) yet reads as the dataclass it
+    was: named as str(Path(...)), equal and hashed by value, immutable, ``dataclasses.replace``
+    and pickling work, and discovery's records hold the walked string itself."""
+    import dataclasses
+    import pickle
+
+    from xnatio.models import DicomFile, file_path
+
+    fields = ("s", "se", "sop", "cl", 3, "ts", "p")
+    f = DicomFile("a//b/./c.dcm", 10, 20, *fields)
+    assert f.fspath == file_path(f) == "a/b/c.dcm" and f.path == Path("a/b/c.dcm")
+    assert f == DicomFile(Path("a/b/c.dcm"), 10, 20, *fields)
+    assert hash(f) == hash(DicomFile(Path("a/b/c.dcm"), 10, 20, *fields))
+    changed = dataclasses.replace(f, ctime_ns=5)
+    assert changed != f and changed.ctime_ns == 5 and changed.path == f.path
+    assert pickle.loads(pickle.dumps(changed)) == changed
+    with pytest.raises(AttributeError):
+        f.size = 11  # type: ignore[misc]
+    assert not hasattr(f, "__dict__")
+    member = DicomFile(tmp_path / "x.zip", 1, 2, *fields, member="d/e.dcm")
+    assert file_path(member) == str(tmp_path / "x.zip" / "d/e.dcm")
+    generate_session(tmp_path / "s", series=1, instances=2, image_size=(8, 8))
+    manifest = discover(tmp_path / "s")
+    walked = sorted(str(p) for p in (tmp_path / "s").rglob("*") if p.is_file())
+    assert [file_path(g) for g in manifest.files] == walked
+    assert all(file_path(g) is g.fspath for g in manifest.files)

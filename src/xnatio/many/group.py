@@ -218,10 +218,12 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
     """
     studies: dict[str, Study] = {}
     leftovers: list[SkippedFile] = []
+    # SOP Instance UID -> its first file (file_path(f) is the record's own string: no copy).
     seen: dict[str, str] = {}
     folders: dict[str, list[Path]] = {}
     for m in manifests:
-        here: dict[str, list[str]] = {}
+        # Per study, the distinct folders of its files here (not one folder string per file).
+        here: dict[str, set[str]] = {}
         for f in m.files:
             study = studies.get(f.study_uid)
             if study is None:
@@ -236,10 +238,11 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
                 continue
             seen[f.sop_instance_uid] = file_path(f)
             study.files.append(f)
+            parents = here.get(f.study_uid)
+            if parents is None:
+                parents = here[f.study_uid] = set()
             if m.source_archive is None:
-                here.setdefault(f.study_uid, []).append(str(f.path.parent))
-            else:
-                here.setdefault(f.study_uid, [])
+                parents.add(os.path.dirname(f.fspath))
         if m.duplicates:
             # discover() kept the first copy within one root; a duplicate goes with its study.
             names: dict[str, str] = {}
@@ -253,8 +256,8 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
                     leftovers.append(d)
                 else:
                     studies[uid].duplicates.append(d)
-        for uid, parents in here.items():
-            where = Path(os.path.commonpath(parents)) if parents else m.source_archive or m.root
+        for uid, found in here.items():
+            where = Path(os.path.commonpath(list(found))) if found else m.source_archive or m.root
             folders.setdefault(uid, []).append(where)
     out: list[Study] = []
     for uid, study in studies.items():
@@ -284,7 +287,7 @@ def newest_change(files: Iterable[DicomFile]) -> int:
     a file that vanished since discovery counts as changed now (its study is not complete).
     """
     newest = 0
-    for path in {f.path for f in files}:
+    for path in {f.fspath for f in files}:  # strings: no Path made per file
         try:
             st = os.stat(path)
         except OSError:

@@ -1,0 +1,151 @@
+"""Where xio's memory goes per file, and when its first import request leaves (issue 16 item 4).
+
+    python -m benchmarks.memprobe rss 2000,10000,100000 [--no-verify]
+    python -m benchmarks.memprobe types 10000
+
+``rss``: ``xio upload-dicom`` of cached synthetic sessions (small files, benchmarks/data.py) into
+a sandbox in its own process (its memory is not ours), through :mod:`benchmarks.relay`; prints
+peak RSS of the client's process tree (benchmarks/measure.py) and the seconds from launch to the
+first import request. ``types``: in this process, discover + plan + result of one session under
+tracemalloc; prints the peak and the allocations still held per file, grouped by source line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.data import DataSpec, ensure_dataset
+from benchmarks.measure import run_measured
+from benchmarks.relay import FirstImportRelay
+from benchmarks.servers import Sandbox
+
+IMAGE = (64, 64)
+
+
+def rss(sizes: list[int], verify: bool) -> None:
+    for n in sizes:
+        ds = ensure_dataset(DataSpec(n, *IMAGE))
+        work = Path(tempfile.mkdtemp(prefix=f"memprobe-{n}-"))
+        sandbox = Sandbox(work / "server")
+        sandbox.start()
+        try:
+            with FirstImportRelay("127.0.0.1", sandbox.port) as relay:
+                cmd = [sys.executable, "-m", "xnatio", "upload-dicom", "BENCH", "S01"]
+                cmd += [f"E{n}", str(ds.path), "--server", relay.url, "--user", "admin"]
+                cmd += ["--json", "-q", "--num-batches", "42", "--upload-workers", "42"]
+                if not verify:
+                    cmd.append("--no-verify")
+                (work / "home").mkdir()
+                env = dict(os.environ, XNAT_PASSWORD=sandbox.password, HOME=str(work / "home"))
+                t0 = time.perf_counter()
+                m = run_measured(
+                    cmd, env=env, cwd=work, watch={}, log_dir=work / "log", timeout=1800
+                )
+                first = relay.first_import_at - t0 if relay.first_import_at else float("nan")
+            print(
+                f"{n:>8} files verify={verify}: rc {m.returncode} wall {m.wall_s:.1f} s "
+                f"peak RSS {m.peak_rss_mb:.1f} MB first import {first:.2f} s "
+                f"cpu {m.cpu_s:.1f} s",
+                flush=True,
+            )
+            if m.returncode != 0:
+                print(m.stderr[-2000:])
+        finally:
+            sandbox.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def types(n: int) -> None:
+    """One real upload in this process (the sandbox in its own), snapshots at the commit (every
+    outcome made) and at the end (the result held)."""
+    from xnatio.discover import discover
+    from xnatio.models import Phase, ProgressEvent
+    from xnatio.pipeline import UploadOptions, upload
+    from xnatio.settings import Secret, Settings
+
+    ds = ensure_dataset(DataSpec(n, *IMAGE))
+    discover(next(ds.path.iterdir()), workers=1)  # lazy imports first
+    work = Path(tempfile.mkdtemp(prefix=f"memprobe-types-{n}-"))
+    sandbox = Sandbox(work / "server")
+    sandbox.start()
+    snaps: dict[str, tracemalloc.Snapshot] = {}
+
+    def progress(e: ProgressEvent) -> None:
+        if e.phase is Phase.COMMIT and "commit" not in snaps:
+            snaps["commit"] = tracemalloc.take_snapshot()
+
+    try:
+        secret = Secret(sandbox.password)
+        settings = Settings(server=sandbox.url, username="admin", password=secret)
+        options = UploadOptions(
+            project="BENCH",
+            subject="S01",
+            session=f"T{n}",
+            path=ds.path,
+            journal=work / "journal.sqlite",
+            lock_dir=work / "locks",
+            verify=not os.environ.get("MEMPROBE_NO_VERIFY"),
+        )
+        gc.collect()
+        tracemalloc.start(int(os.environ.get("MEMPROBE_DEPTH", "1")))
+        stop = threading.Event()
+        best = [0]
+
+        def sample() -> None:  # the snapshot nearest the peak (every 0.2 s)
+            while not stop.wait(0.2):
+                current, _ = tracemalloc.get_traced_memory()
+                if current > best[0]:
+                    best[0] = current
+                    snaps["peak"] = tracemalloc.take_snapshot()
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        result = upload(settings=settings, options=options, progress=progress)
+        stop.set()
+        sampler.join()
+        _, peak = tracemalloc.get_traced_memory()
+        snaps["end"] = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    finally:
+        sandbox.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{n} files: success {result.success}, tracemalloc peak {peak / n:.0f} B/file")
+    for when, snap in snaps.items():
+        print(f"held at {when}:")
+        for stat in snap.statistics("lineno")[:12]:
+            frame = stat.traceback[0]
+            where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}"
+            print(f"  {stat.size / n:7.0f} B/file  {where}:{frame.lineno}")
+    if os.environ.get("MEMPROBE_DEPTH"):
+        for stat in snaps["commit"].statistics("traceback")[:3]:
+            print(f"{stat.size / n:.0f} B/file from:")
+            print("\n".join(stat.traceback.format()[-16:]))
+    counts = Counter(type(o).__name__ for o in gc.get_objects())
+    print("objects per file (gc-tracked):", {k: round(v / n, 2) for k, v in counts.most_common(8)})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=("rss", "types"))
+    p.add_argument("sizes")
+    p.add_argument("--no-verify", action="store_true")
+    a = p.parse_args()
+    sizes = [int(x) for x in a.sizes.split(",")]
+    if a.what == "rss":
+        rss(sizes, not a.no_verify)
+    else:
+        types(sizes[0])
+
+
+if __name__ == "__main__":
+    main()
