@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from upload_helpers import run_xio_stamped
 from xnatio.progress import CliLogHandler, TimestampedStream
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
@@ -27,19 +26,7 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ")
 PHASES = ("discover", "plan", "connect", "upload", "commit", "verify")
 
 
-def _xio(
-    *args: str, env: dict[str, str], home: Path, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
-    child_env.update(env, HOME=str(home))
-    child_env.pop("XNATIO_LOG_TIMESTAMPS", None)  # conftest turns them off for other tests
-    return subprocess.run(
-        [sys.executable, "-m", "xnatio", *args],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        timeout=timeout,
-    )
+_xio = run_xio_stamped
 
 
 def _env(server: SandboxServer, url: str | None = None) -> dict[str, str]:

@@ -6,15 +6,13 @@ study event, and a line count bounded by duration / interval + events, never by 
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from upload_helpers import run_xio_stamped
 from xnatio.cli.options import OutputArgs
 from xnatio.cli.upload_many import ManyDisplay
 from xnatio.many.ledger import StudyRecord
@@ -25,17 +23,7 @@ from xnatio.synth import generate_session
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ")
 
 
-def _xio(*args: str, env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
-    child_env.update(env, HOME=str(home))
-    child_env.pop("XNATIO_LOG_TIMESTAMPS", None)  # conftest turns them off for other tests
-    return subprocess.run(
-        [sys.executable, "-m", "xnatio", *args],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        timeout=180,
-    )
+_xio = run_xio_stamped
 
 
 @pytest.mark.integration

@@ -257,3 +257,20 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def run_xio_stamped(
+    *args: str, env: Mapping[str, str], home: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``xio ARGS`` as cron runs it: this process's environment without XNAT settings, ``env``
+    and ``home`` on top, and log timestamps on (conftest turns them off for other tests)."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("XNAT")}
+    child_env.update(env, HOME=str(home))
+    child_env.pop("XNATIO_LOG_TIMESTAMPS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "xnatio", *args],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=timeout,
+    )
