@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -72,7 +73,7 @@ def test_a_scheduler_task_is_recognised() -> None:
 
 
 def _mode(path: Path) -> str:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:  # a Connection's own with: no close
         return str(db.execute("PRAGMA journal_mode").fetchone()[0])
 
 
