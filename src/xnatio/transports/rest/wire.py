@@ -110,11 +110,12 @@ class AckedBytes:
         w1, p1 = marks[1]
         return p0 + (p1 - p0) * (wire - w0) // (w1 - w0)
 
-    def drain(self, report: Callable[[], None], cancel: threading.Event) -> None:
+    def drain(self, report: Callable[[], None], cancel: threading.Event) -> str:
         """Wait while the peer acknowledges what is still queued, calling ``report`` as it does.
 
-        Returns when all is acknowledged, the server has answered or closed (readable), the
-        queue stood still for :data:`DRAIN_IDLE` seconds, or ``cancel`` is set.
+        Returns why it stopped: ``"acknowledged"`` (all of it, or the queue cannot be read),
+        ``"answered"`` (the server answered or closed: readable), ``"still"`` (the queue stood
+        still for :data:`DRAIN_IDLE` seconds) or ``"cancelled"``.
         """
         sock = self._socket_of()
         # Over TLS 1.3 the server sends session tickets after the handshake: a readable socket
@@ -125,17 +126,18 @@ class AckedBytes:
         while not cancel.is_set():
             outq = unacknowledged(sock)
             if not outq:  # 0: all acknowledged; None: unknown (or closed)
-                return
+                return "acknowledged"
             report()
             now = self._clock()
             if outq != last:
                 last, since = outq, now
             elif now - since >= DRAIN_IDLE:
-                return
+                return "still"
             assert sock is not None  # unacknowledged() answered
             try:
                 readable, _, _ = select.select([sock] if answer_shows else [], [], [], DRAIN_POLL)
             except (OSError, ValueError):
-                return
+                return "answered"  # closed under us
             if readable:
-                return
+                return "answered"
+        return "cancelled"
