@@ -9,8 +9,6 @@ import csv
 import os
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 from upload_helpers import PASSWORD, TEST_PROJECTS, USER, upload, xio_command, xio_env
 from xnatio.discover import check_single_study, discover
 from xnatio.errors import UsageError
-from xnatio.models import Manifest, Outcome, UploadResult
+from xnatio.models import Manifest, Outcome, Phase, ProgressEvent, UploadResult
 from xnatio.report import exit_code_of
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
@@ -129,23 +127,22 @@ def test_files_that_vanish_or_grow_during_the_upload(
     manifest = discover(root)
     last = [f.path for f in manifest.files if f.series_number == 3]
     vanished, grown = last[0], last[1]
-    # Slow enough that the meddling (after the first import) surely lands before the last
-    # series is read, even on a loaded machine: batches go one at a time (workers=1).
+    # Batches go one at a time (workers=1), and the server takes 1 s over the first one (4
+    # files at 250 ms): the last series is not even prepared until the first batch is answered.
     sandbox.set_knobs(per_file_ms=250)
+    meddled: list[bool] = []
 
-    def meddle() -> None:
-        # Once the first batch is in, change two files of the last series before they go.
-        deadline = time.monotonic() + 20
-        while sandbox.stats().get("files_imported", 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        vanished.unlink()
-        with grown.open("ab") as fh:
-            fh.write(b"\0" * 64)
+    def meddle(event: ProgressEvent) -> None:
+        # While the first batch is going out, change two files of the last series: in the
+        # sending thread, so it is done before that batch can be answered.
+        if event.phase is Phase.UPLOAD and event.bytes_done > 0 and not meddled:
+            meddled.append(True)
+            vanished.unlink()
+            with grown.open("ab") as fh:
+                fh.write(b"\0" * 64)
 
-    t = threading.Thread(target=meddle, daemon=True)
-    t.start()
-    result = upload(sandbox.url, root, tmp_path / "j.sqlite", batches=3)
-    t.join(20)
+    result = upload(sandbox.url, root, tmp_path / "j.sqlite", batches=3, progress_callback=meddle)
+    assert meddled
     accounted(manifest, full_result(manifest, result))
     by_path = {o.path: o for o in result.files}
     assert by_path[str(vanished)].outcome is Outcome.FAILED

@@ -17,7 +17,7 @@ import requests
 
 from xnatio.archive import instance_file_name
 from xnatio.discover import discover
-from xnatio.models import DicomFile, Manifest, UploadResult
+from xnatio.models import DicomFile, Manifest, ProgressCallback, UploadResult
 from xnatio.pipeline import ResumeOptions, resumable_rest_upload
 from xnatio.plan import RestPlanner
 from xnatio.retry import RetryPolicy
@@ -105,6 +105,7 @@ def upload(
     workers: int = 1,
     retry: RetryPolicy | None = None,
     timeout: float = 60.0,
+    progress_callback: ProgressCallback | None = None,
 ) -> UploadResult:
     """One resumable REST upload of ``root`` to P/S/E, as ``xio upload-dicom`` runs it."""
     manifest = discover(root)
@@ -127,6 +128,7 @@ def upload(
             target,
             options=ResumeOptions(journal=journal, restart=restart),
             retry=retry,
+            progress_callback=progress_callback,
             # N batches even for a small session (the planner sends small ones whole).
             planner=RestPlanner(single_max_files=0, single_max_bytes=0),
         )
