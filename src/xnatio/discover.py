@@ -8,6 +8,7 @@ needs are read (see :mod:`xnatio.dicomheader`); pixel data never is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -19,17 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import IO, NamedTuple
 
 from xnatio.archive import EntryNames, zip_entries
-from xnatio.dicomheader import (
-    MEDIA_STORAGE_DIRECTORY,
-    HeaderFields,
-    NotDicom,
-    read_header_fd,
-    read_header_stream,
-)
 from xnatio.errors import UsageError
+from xnatio.examine import Result, Workers, examine, examine_stream, not_regular_reason
 from xnatio.models import DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent, SkippedFile
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -40,23 +34,12 @@ _CHUNK = 100
 # cold cache 1 thread 9,300 files/s, 4 threads 12,700. Cold is the usual case for a fresh
 # upload (and network file systems gain far more), so reads overlap by default.
 _DEFAULT_THREADS = 4
+# From this many candidates on, headers are read by worker processes, one per core (up to
+# _MAX_PROCESSES): a worker starts in about 0.1 s, while the folders are walked.
+PROCESS_THRESHOLD = 5000
+_MAX_PROCESSES = 8
+_PROCESS_CHUNK = 500
 _PROGRESS_EVERY = 0.1  # seconds between progress events
-
-
-class _Found(NamedTuple):
-    size: int
-    mtime_ns: int
-    fields: HeaderFields
-    ctime_ns: int = 0  # the inode change time (0 inside an archive): see DicomFile.ctime_ns
-
-
-class _Skip(NamedTuple):
-    reason: str
-    size: int = 0
-
-
-# What examining one file gives.
-_Result = _Found | _Skip
 
 
 def discover(
@@ -65,8 +48,14 @@ def discover(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
     require_dicom: bool = True,
+    processes: int | None = None,
 ) -> Manifest:
     """Walk PATH (directory or .zip/.tar/.tar.gz/.tgz archive) and describe every file in it.
+
+    A folder's headers are read by ``processes`` worker processes (:mod:`xnatio.examine`; None:
+    one per core when the folder holds at least :data:`PROCESS_THRESHOLD` files and
+    ``workers`` is not 1; 0: none), else by ``workers`` threads (1: one after the other). The
+    manifest is the same whichever reads them.
 
     Raises UsageError when PATH is missing, not a directory or supported archive, empty, or
     holds no DICOM at all (the last two only with ``require_dicom``: a watched outbox may be
@@ -80,7 +69,7 @@ def discover(
     except OSError as exc:
         raise UsageError(f"{root} cannot be read: {exc.strerror}.") from None
     if stat.S_ISDIR(st.st_mode):
-        manifest = _discover_directory(root, progress, workers)
+        manifest = _discover_directory(root, progress, workers, processes)
     elif stat.S_ISREG(st.st_mode) and archive_format(root) is not None:
         manifest = _discover_archive(root, progress)
     else:
@@ -201,20 +190,6 @@ def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
     return files, skipped
 
 
-_KINDS = (
-    (stat.S_ISFIFO, "FIFO (named pipe)"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-)
-
-
-def not_regular_reason(mode: int) -> str:
-    """Why a file of ``mode`` (not a regular file, not a folder) is skipped."""
-    kind = next((name for test, name in _KINDS if test(mode)), "special file")
-    return f"not a regular file: {kind}"
-
-
 def _not_regular(entry: os.DirEntry[str]) -> str:
     """The skip reason of a walked entry that is neither a folder nor a regular file."""
     if not entry.is_symlink():
@@ -227,67 +202,20 @@ def _not_regular(entry: os.DirEntry[str]) -> str:
     return f"symbolic link to {target}: {not_regular_reason(mode)}"
 
 
-def _examine(path: str) -> _Result:
-    """Open one candidate file and read its header; never raises for a bad file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except PermissionError:
-        return _Skip("not readable (permission denied)", 0)
-    except FileNotFoundError:
-        return _Skip("removed while discovery was running", 0)
-    except OSError as exc:
-        return _Skip(f"not readable ({exc.strerror})", 0)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO or device since the walk
-            return _Skip(not_regular_reason(st.st_mode), 0)
-        if st.st_size == 0:
-            return _Skip("empty file (0 bytes)", 0)
-        try:
-            fields = read_header_fd(fd)
-        except NotDicom as exc:
-            return _Skip(str(exc), st.st_size)
-        except OSError as exc:
-            return _Skip(f"not readable ({exc.strerror})", st.st_size)
-        reason = _unsendable(fields)
-        if reason:
-            return _Skip(reason, st.st_size)
-        return _Found(st.st_size, st.st_mtime_ns, fields, st.st_ctime_ns)
-    finally:
-        os.close(fd)
+def _examine_chunk(paths: list[str]) -> list[Result]:
+    return [examine(p) for p in paths]
 
 
-def _examine_chunk(paths: list[str]) -> list[_Result]:
-    return [_examine(p) for p in paths]
-
-
-def _unsendable(h: HeaderFields) -> str:
-    """Why XNAT would reject this object, or '' when it can be sent."""
-    if MEDIA_STORAGE_DIRECTORY in (h.media_sop_class_uid, h.sop_class_uid):
-        return "DICOMDIR (a media directory index, not an image)"
-    # XNAT's importer rejects objects without these: "object {name} contains no SOP Class UID".
-    if not h.sop_class_uid:
-        return "DICOM object without a SOP Class UID (XNAT rejects it)"
-    if not h.sop_instance_uid:
-        return "DICOM object without a SOP Instance UID (XNAT rejects it)"
-    if not h.study_uid:
-        return "DICOM object without a Study Instance UID"
-    return ""
-
-
-def _examine_all(
-    paths: list[str], workers: int, report: Callable[[int], None]
-) -> Iterator[_Result]:
+def _examine_all(paths: list[str], workers: int, report: Callable[[int], None]) -> Iterator[Result]:
     """Examine ``paths`` in order; with ``workers`` > 1, threads overlap the file reads.
 
     Header parsing holds the GIL, so threads do not add CPU; they hide I/O latency on a cold
     cache or a network file system, where most of the time is spent waiting in open/read.
-    A process pool was measured and dropped: on a warm cache one process already exceeds
-    30,000 files/s, and worker start-up plus result pickling cost more than they save.
+    Worker processes (:class:`xnatio.examine.Workers`) run the parse on every core instead.
     """
     if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
         for i, p in enumerate(paths, 1):
-            yield _examine(p)
+            yield examine(p)
             report(i)
         return
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
@@ -320,16 +248,56 @@ class _Progress:
 
 
 def _discover_directory(
-    root: Path, callback: ProgressCallback | None, workers: int | None
+    root: Path, callback: ProgressCallback | None, workers: int | None, processes: int | None
 ) -> Manifest:
     manifest = Manifest(root=root)
-    paths, manifest.skipped = _walk(root)
-    report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
-    report(0, force=True)
-    results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
-    _collect(manifest, zip(paths, results, strict=True), _PathMaker())
+    with contextlib.ExitStack() as stack:
+        pool: Workers | None = None
+        if processes is None and workers != 1:
+            # Started before the walk, so that they import while it runs; only for a folder
+            # big enough (a cheap look at the top level: a session of a few files never pays).
+            if _looks_big(root):
+                pool = stack.enter_context(Workers(_process_count()))
+        elif processes:
+            pool = stack.enter_context(Workers(processes))
+        paths, manifest.skipped = _walk(root)
+        report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
+        report(0, force=True)
+        if pool is not None and (processes or len(paths) >= PROCESS_THRESHOLD):
+            results = pool.examine(paths, _PROCESS_CHUNK, report)
+        else:
+            stack.close()  # the workers are not needed
+            results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
+        _collect(manifest, zip(paths, results, strict=True), _PathMaker())
     report(len(paths), force=True)
     return manifest
+
+
+def _process_count() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, _MAX_PROCESSES))
+
+
+def _looks_big(root: Path) -> bool:
+    """Could ``root`` hold :data:`PROCESS_THRESHOLD` files? True when its top level and the
+    first level of folders below it list that many entries (or more folders than can be
+    looked at cheaply); a guess that only decides whether workers start early."""
+    seen = 0
+    try:
+        with os.scandir(root) as it:
+            folders = []
+            for entry in it:
+                seen += 1
+                if entry.is_dir():
+                    folders.append(entry.path)
+    except OSError:
+        return False
+    for folder in folders[:64]:
+        if seen >= PROCESS_THRESHOLD:
+            return True
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            seen += sum(1 for _ in it)
+    return seen >= PROCESS_THRESHOLD or len(folders) > 64
 
 
 class _PathMaker:
@@ -373,7 +341,7 @@ def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manif
     return manifest
 
 
-def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[tuple[str, _Result]]:
+def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[tuple[str, Result]]:
     with zipfile.ZipFile(archive) as zf:
         # Unique names: two entries of one name are two files (archive.EntryNames).
         infos = [(name, i) for name, i in zip_entries(zf).items() if not i.is_dir()]
@@ -386,20 +354,20 @@ def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[t
             except (ValueError, OverflowError):
                 mtime = 0  # a zip date that is not a date (month 0): keep the entry anyway
             if info.file_size == 0:
-                yield name, _Skip("empty file (0 bytes)", 0)
+                yield name, ("empty file (0 bytes)", 0)
                 continue
             try:
                 with zf.open(info) as fp:
-                    yield name, _examine_stream(fp, info.file_size, mtime)
+                    yield name, examine_stream(fp, info.file_size, mtime)
             except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
                 # Encrypted members, unsupported compression, CRC errors.
-                yield name, _Skip(f"archive member cannot be read ({exc})", 0)
+                yield name, (f"archive member cannot be read ({exc})", 0)
         report(len(infos), force=True)
 
 
 def _tar_members(
     archive: Path, gzipped: bool, callback: ProgressCallback | None
-) -> Iterator[tuple[str, _Result]]:
+) -> Iterator[tuple[str, Result]]:
     # A compressed tar is read front to back once ("r|gz"), never seeked or extracted.
     report = _Progress(callback, 0, f"reading DICOM headers in {archive.name}")
     report(0, force=True)
@@ -414,30 +382,19 @@ def _tar_members(
             report(n)
             n += 1
             if not info.isfile():
-                yield name, _Skip("not a regular file (link or device entry)", 0)
+                yield name, ("not a regular file (link or device entry)", 0)
                 continue
             if info.size == 0:
-                yield name, _Skip("empty file (0 bytes)", 0)
+                yield name, ("empty file (0 bytes)", 0)
                 continue
             fp = tf.extractfile(info)
             if fp is None:
-                yield name, _Skip("archive member cannot be read", 0)
+                yield name, ("archive member cannot be read", 0)
                 continue
             with fp:
-                yield name, _examine_stream(fp, info.size, int(info.mtime * 1e9))
+                yield name, examine_stream(fp, info.size, int(info.mtime * 1e9))
     report.total = n  # known only now: a streamed tar has no index
     report(n, force=True)
-
-
-def _examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> _Result:
-    try:
-        fields = read_header_stream(fp)
-    except NotDicom as exc:
-        return _Skip(str(exc), size)
-    reason = _unsendable(fields)
-    if reason:
-        return _Skip(reason, size)
-    return _Found(size, mtime_ns, fields)
 
 
 # -- shared ------------------------------------------------------------------------------------
@@ -445,10 +402,13 @@ def _examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> _Result:
 
 def _collect(
     manifest: Manifest,
-    results: Iterable[tuple[str, _Result]],
+    results: Iterable[tuple[str, Result]],
     locate: Callable[[str], tuple[str, str | None]],
 ) -> None:
-    """Turn examined results (in sorted name order) into records; keep the first of duplicates."""
+    """Turn examined results (in sorted name order) into records; keep the first of duplicates.
+
+    The one place a Manifest's files are made from what discovery read (xnatio.examine.Found).
+    """
     first_seen: dict[str, str] = {}
     intern = sys.intern
     # One int object per distinct size (the files of a series mostly share one): an int above
@@ -456,12 +416,12 @@ def _collect(
     same_size: dict[int, int] = {}
     for name, result in results:
         fspath, member = locate(name)
-        if isinstance(result, _Skip):
-            shown = _shown(fspath, member)
-            manifest.skipped.append(SkippedFile(shown, result.reason, result.size))
+        if len(result) == 2:  # a Skip: (reason, size)
+            reason, skipped_size = result
+            manifest.skipped.append(SkippedFile(_shown(fspath, member), reason, skipped_size))
             continue
-        size, mtime_ns, h, ctime_ns = result
-        first = first_seen.get(h.sop_instance_uid)
+        size, mtime_ns, ctime_ns, sop_class, sop_uid, study, series, number, ts, patient = result
+        first = first_seen.get(sop_uid)
         if first is not None:
             shown = _shown(fspath, member)
             manifest.duplicates.append(
@@ -469,12 +429,12 @@ def _collect(
                     shown,
                     f"duplicate of {first} (same SOP Instance UID)",
                     size,
-                    sop_instance_uid=h.sop_instance_uid,
-                    series_uid=h.series_uid,
+                    sop_instance_uid=sop_uid,
+                    series_uid=series,
                 )
             )
             continue
-        first_seen[h.sop_instance_uid] = name
+        first_seen[sop_uid] = name
         if ctime_ns == mtime_ns:  # a file written once: one 36-byte int for both times
             ctime_ns = mtime_ns
         manifest.files.append(
@@ -482,14 +442,15 @@ def _collect(
                 fspath,
                 same_size.setdefault(size, size),
                 mtime_ns,
-                # Interned: a session shares a few study/series/class values across all files.
-                intern(h.study_uid),
-                intern(h.series_uid),
-                h.sop_instance_uid,
-                intern(h.sop_class_uid),
-                h.series_number,
-                intern(h.transfer_syntax_uid),
-                intern(h.patient_id),
+                # Interned (again: a worker process's strings are new ones here): a session
+                # shares a few study/series/class values across all its files.
+                intern(study),
+                intern(series),
+                sop_uid,
+                intern(sop_class),
+                number,
+                intern(ts),
+                intern(patient),
                 member,
                 ctime_ns,
             )
