@@ -513,16 +513,15 @@ class Journal:
         # Resolved: the same source given as a relative path from another folder is the same.
         root = printable(str(Path(manifest.source_archive or manifest.root).resolve()))
         now = time.time()
-        fp = manifest_fingerprint(manifest)
         try:
-            run = self._open_run(target, manifest, root, fp, now, restart=restart)
+            run = self._open_run(target, manifest, root, now, restart=restart)
         except sqlite3.Error as exc:  # e.g. a read-only journal file: exit 2, one line
             raise self._unusable(exc) from None
         self._in_run = True
         return run
 
     def _open_run(
-        self, target: Target, manifest: Manifest, root: str, fp: str, now: float, *, restart: bool
+        self, target: Target, manifest: Manifest, root: str, now: float, *, restart: bool
     ) -> JournalRun:
         with self._write() as db:
             row = db.execute(
@@ -536,16 +535,13 @@ class Journal:
                 row = None
             if row is None:
                 cur = db.execute(
-                    "INSERT INTO runs (target, root, fingerprint, created, updated) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (target.key(), root, fp, now, now),
+                    "INSERT INTO runs (target, root, created, updated) VALUES (?, ?, ?, ?)",
+                    (target.key(), root, now, now),
                 )
                 run_id = int(cur.lastrowid or 0)
             else:
                 run_id = int(row[0])
-                db.execute(
-                    "UPDATE runs SET fingerprint = ?, updated = ? WHERE id = ?", (fp, now, run_id)
-                )
+                db.execute("UPDATE runs SET updated = ? WHERE id = ?", (now, run_id))
         return JournalRun(self, run_id, target, manifest)
 
 
@@ -679,11 +675,14 @@ class JournalRun:
         source, or, renamed or moved since within the same source, the same SOP Instance UID
         and size (its identity; a rename does not send it twice)."""
         rows = self._confirmed_rows()
-        by_uid = _by_instance(rows)
         stale = self._to_replace()
+        files = self.manifest.files if files is None else files
+        if not rows and not stale:  # a first run: nothing to look up per file
+            return [], list(files)
+        by_uid = _by_instance(rows)
         done: list[DicomFile] = []
         todo: list[DicomFile] = []
-        for f in self.manifest.files if files is None else files:
+        for f in files:
             row = rows.get(relative_name(f, self._root))
             if f.sop_instance_uid in stale:
                 todo.append(f)  # the server's copy differs: sent again, replacing it
@@ -700,6 +699,8 @@ class JournalRun:
         and files whose copy on the server was found to differ (:meth:`mark_different`)."""
         rows = self._confirmed_rows()
         stale = self._to_replace()
+        if not rows and not stale:  # a first run: nothing was sent, nothing differs
+            return []
         out = []
         for f in files:
             row = rows.get(relative_name(f, self._root))
@@ -846,6 +847,14 @@ class JournalRun:
     @property
     def session_uri(self) -> str:
         return self._flag("committed")[1]
+
+    def record_fingerprint(self) -> None:
+        """Remember the fingerprint of this run's manifest (:func:`manifest_fingerprint`).
+        Written once the files are sent, not when the run opens: it sorts and hashes every
+        file's name and is needed by no decision before sending."""
+        fp = manifest_fingerprint(self.manifest)
+        with self.journal._write() as db:
+            db.execute("UPDATE runs SET fingerprint = ? WHERE id = ?", (fp, self.run_id))
 
     def record_session_uri(self, uri: str) -> None:
         with self.journal._write() as db:

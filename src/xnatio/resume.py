@@ -164,6 +164,7 @@ def resumable_upload(
             # SIGTERM becomes KeyboardInterrupt only where the CLI installs that (a process-wide
             # change a library must not make): xnatio.cli.options.sigterm_as_interrupt.
             result, committed = _send_rest_of(run, manifest, done, todo, transport, say)
+            run.record_fingerprint()
             return _finish(
                 result,
                 manifest,
