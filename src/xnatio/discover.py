@@ -283,21 +283,24 @@ def _looks_big(root: Path) -> bool:
     first level of folders below it list that many entries (or more folders than can be
     looked at cheaply); a guess that only decides whether workers start early."""
     seen = 0
+    folders: list[str] = []
     try:
         with os.scandir(root) as it:
-            folders = []
             for entry in it:
                 seen += 1
+                if seen >= PROCESS_THRESHOLD:
+                    return True
                 if entry.is_dir():
                     folders.append(entry.path)
     except OSError:
         return False
     for folder in folders[:64]:
-        if seen >= PROCESS_THRESHOLD:
-            return True
         with contextlib.suppress(OSError), os.scandir(folder) as it:
-            seen += sum(1 for _ in it)
-    return seen >= PROCESS_THRESHOLD or len(folders) > 64
+            for _ in it:
+                seen += 1
+                if seen >= PROCESS_THRESHOLD:
+                    return True
+    return len(folders) > 64
 
 
 class _PathMaker:
