@@ -553,6 +553,29 @@ class FileTable(Sequence[DicomFile]):
     def sop_instance_uid(self, i: int) -> str:
         return self._cols.sop_instance_uid[self.row(i)]
 
+    def fspath(self, i: int) -> str:
+        return self._cols.fspath[self.row(i)]
+
+    def folder(self, i: int) -> str:
+        """The folder part of ``fspath(i)``, up to and including its last "/" (kept once)."""
+        return self._cols.fspath.head[self.row(i)]
+
+    def member(self, i: int) -> str | None:
+        members = self._cols.member
+        return None if members is None else members[self.row(i)][1:] or None
+
+    def file_path(self, i: int) -> str:
+        """:func:`file_path` of the ``i``-th file, without making its record."""
+        return _file_name(self.fspath(i), self.member(i))
+
+    def mtime_ns(self, i: int) -> int:
+        return self._cols.mtime_ns[self.row(i)]
+
+    @property
+    def is_view(self) -> bool:
+        """True for :meth:`take`'s views (which cannot be appended to)."""
+        return self._rows is not None
+
     def studies(self) -> list[StudySummary]:
         """Per StudyInstanceUID: its patient, files and bytes (most files first)."""
         c = self._cols
@@ -707,7 +730,11 @@ class FileOutcome:
 def file_path(f: DicomFile) -> str:
     """How outcomes, the journal, verification and the report name a file: its path, or
     ``ARCHIVE/member`` for a member of an archive PATH (the one copy of this rule)."""
-    return str(f.path / f.member) if f.member is not None else f.fspath
+    return _file_name(f.fspath, f.member)
+
+
+def _file_name(fspath: str, member: str | None) -> str:
+    return str(Path(fspath) / member) if member is not None else fspath
 
 
 class SessionKind(str, enum.Enum):
