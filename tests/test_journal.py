@@ -556,7 +556,7 @@ def test_a_write_that_puts_the_mtime_back_is_still_a_change(tmp_path: Path) -> N
     st = f.path.stat()
     m = Manifest(
         root=m.root,
-        files=[dataclasses.replace(g, ctime_ns=st.st_ctime_ns) if g is f else g for g in m.files],
+        files=[dataclasses.replace(g, ctime_ns=st.st_ctime_ns) if g == f else g for g in m.files],
     )
     with Journal(tmp_path / "j.sqlite") as j:
         j.open_run(TARGET, m).record_confirmed(m.files)

@@ -11,20 +11,27 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import sys
 import tarfile
 import time
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 from xnatio.archive import EntryNames, zip_entries
 from xnatio.errors import UsageError
 from xnatio.examine import Result, Workers, examine, examine_stream, not_regular_reason
-from xnatio.models import DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent, SkippedFile
+from xnatio.models import (
+    Manifest,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    SkippedFile,
+    SopIndex,
+    SplitStrings,
+)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # Below this many candidates threads are not worth starting.
@@ -132,13 +139,14 @@ def archive_format(path: Path) -> str | None:
 # -- directories -------------------------------------------------------------------------------
 
 
-def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
+def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
     """Every regular file under ``root`` in sorted path order, plus what could not be walked.
 
     Symlinked directories are followed once: (st_dev, st_ino) of each directory entered is
-    remembered, so a link back up the tree cannot loop.
+    remembered, so a link back up the tree cannot loop. The paths are kept compactly (a folder
+    once, then each name: ~20 bytes a file, where a list of strings held ~170; issue 16 item 4).
     """
-    files: list[str] = []
+    files = SplitStrings(os.sep)
     skipped: list[SkippedFile] = []
     root_st = root.stat()
     visited = {(root_st.st_dev, root_st.st_ino)}
@@ -206,7 +214,9 @@ def _examine_chunk(paths: list[str]) -> list[Result]:
     return [examine(p) for p in paths]
 
 
-def _examine_all(paths: list[str], workers: int, report: Callable[[int], None]) -> Iterator[Result]:
+def _examine_all(
+    paths: SplitStrings, workers: int, report: Callable[[int], None]
+) -> Iterator[Result]:
     """Examine ``paths`` in order; with ``workers`` > 1, threads overlap the file reads.
 
     Header parsing holds the GIL, so threads do not add CPU; they hide I/O latency on a cold
@@ -218,11 +228,26 @@ def _examine_all(paths: list[str], workers: int, report: Callable[[int], None]) 
             yield examine(p)
             report(i)
         return
-    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    chunks = (
+        [paths[j] for j in range(i, min(i + _CHUNK, len(paths)))]
+        for i in range(0, len(paths), _CHUNK)
+    )
     done = 0
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnatio-discover")
+    # A few chunks ahead of the reader, not all of them: Executor.map would submit every chunk
+    # at once and hold each result (a header's strings) until read (issue 16 item 4).
+    pending: deque[Future[list[Result]]] = deque()
     try:
-        for results in pool.map(_examine_chunk, chunks):
+        for chunk in chunks:
+            pending.append(pool.submit(_examine_chunk, chunk))
+            if len(pending) < 4 * workers:
+                continue
+            results = pending.popleft().result()
+            yield from results
+            done += len(results)
+            report(done)
+        while pending:
+            results = pending.popleft().result()
             yield from results
             done += len(results)
             report(done)
@@ -408,15 +433,13 @@ def _collect(
     results: Iterable[tuple[str, Result]],
     locate: Callable[[str], tuple[str, str | None]],
 ) -> None:
-    """Turn examined results (in sorted name order) into records; keep the first of duplicates.
+    """Turn examined results (in sorted name order) into the manifest's file table (columns, no
+    record per file: issue 16 item 4); keep the first of duplicates.
 
     The one place a Manifest's files are made from what discovery read (xnatio.examine.Found).
     """
-    first_seen: dict[str, str] = {}
-    intern = sys.intern
-    # One int object per distinct size (the files of a series mostly share one): an int above
-    # 256 is a 28-byte object of its own, and 100,000 of them are 2.8 MB.
-    same_size: dict[int, int] = {}
+    files = manifest.files
+    first_seen = SopIndex(files)  # SOP Instance UID -> the file that has it first
     for name, result in results:
         fspath, member = locate(name)
         if len(result) == 2:  # a Skip: (reason, size)
@@ -424,39 +447,35 @@ def _collect(
             manifest.skipped.append(SkippedFile(_shown(fspath, member), reason, skipped_size))
             continue
         size, mtime_ns, ctime_ns, sop_class, sop_uid, study, series, number, ts, patient = result
-        first = first_seen.get(sop_uid)
-        if first is not None:
+        at = first_seen.get(sop_uid)
+        if at is not None:
             shown = _shown(fspath, member)
+            first = files[at]
+            first_name = first.fspath if first.member is None else first.member
             manifest.duplicates.append(
                 SkippedFile(
                     shown,
-                    f"duplicate of {first} (same SOP Instance UID)",
+                    f"duplicate of {first_name} (same SOP Instance UID)",
                     size,
                     sop_instance_uid=sop_uid,
                     series_uid=series,
                 )
             )
             continue
-        first_seen[sop_uid] = name
-        if ctime_ns == mtime_ns:  # a file written once: one 36-byte int for both times
-            ctime_ns = mtime_ns
-        manifest.files.append(
-            DicomFile.walked(
-                fspath,
-                same_size.setdefault(size, size),
-                mtime_ns,
-                # Interned (again: a worker process's strings are new ones here): a session
-                # shares a few study/series/class values across all its files.
-                intern(study),
-                intern(series),
-                sop_uid,
-                intern(sop_class),
-                number,
-                intern(ts),
-                intern(patient),
-                member,
-                ctime_ns,
-            )
+        first_seen.add(sop_uid, len(files))
+        files.add(
+            fspath,
+            size,
+            mtime_ns,
+            study,
+            series,
+            sop_uid,
+            sop_class,
+            number,
+            ts,
+            patient,
+            member,
+            ctime_ns,
         )
 
 

@@ -36,7 +36,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from xnatio.dicomheader import (
     MEDIA_STORAGE_DIRECTORY,
@@ -195,6 +195,14 @@ def serve(src: IO[bytes] | None = None, out: IO[bytes] | None = None) -> None:
 WORKER_COMMAND = ("-c", "from xnatio.examine import serve; serve()")
 
 
+class Paths(Protocol):
+    """The paths to examine: a list of strings, or discovery's compact list of them."""
+
+    def __getitem__(self, i: int, /) -> str: ...
+
+    def __len__(self) -> int: ...
+
+
 class _Worker:
     def __init__(self, command: Sequence[str]) -> None:
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (read if it fails; never blocks)
@@ -269,32 +277,40 @@ class Workers:
         while self.workers:
             self.workers.pop().stop()
 
-    def examine(
-        self, paths: Sequence[str], chunk: int, report: Callable[[int], None]
-    ) -> Iterator[Result]:
+    def examine(self, paths: Paths, chunk: int, report: Callable[[int], None]) -> Iterator[Result]:
         """The :func:`examine` result of every path, in order; ``report(done)`` after each
         chunk."""
-        chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+        total = len(paths)
+        bounds = [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
+
+        def part(i: int) -> list[str]:
+            start, end = bounds[i]
+            return [paths[j] for j in range(start, end)]
+
         workers = self.workers
         n = len(workers)
         for k, w in enumerate(workers):
+            # Its share, made into strings only while it is written (the caller keeps the
+            # paths compactly: issue 16 item 4).
+            frame = marshal.dumps([part(i) for i in range(k, len(bounds), n)])
             try:
                 assert w.proc.stdin is not None
-                _write_frame(w.proc.stdin, marshal.dumps([list(c) for c in chunks[k::n]]))
+                _write_frame(w.proc.stdin, frame)
                 w.proc.stdin.close()
             except OSError:
                 self._failed(w)
+            del frame
         done = 0
-        for i, part in enumerate(chunks):
+        for i, (start, end) in enumerate(bounds):
             results: list[Result] | None = None
             if n:
                 w = workers[i % n]
                 if w.alive:
-                    results = self._answer(w, len(part))
+                    results = self._answer(w, end - start)
             if results is None:  # no worker, or it failed: this process reads them
-                results = [examine(p) for p in part]
+                results = [examine(p) for p in part(i)]
             yield from results
-            done += len(part)
+            done += end - start
             report(done)
 
     def _answer(self, w: _Worker, expected: int) -> list[Result] | None:

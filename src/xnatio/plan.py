@@ -26,13 +26,22 @@ import bisect
 import heapq
 import itertools
 import math
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from xnatio.errors import UsageError
-from xnatio.models import Batch, DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent
+from xnatio.models import (
+    Batch,
+    DicomFile,
+    FileTable,
+    Manifest,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+)
 
 # One request for an upload of at most this many files and bytes; batches above either
 # (docs/parallel-upload-strategies.md, "One request or batches"). The most a single request
@@ -62,7 +71,7 @@ class RestPlanner:
 
     def plan(self, manifest: Manifest, parts: int) -> list[Batch]:
         if manifest.source_archive is not None:
-            batches = [Batch(index=0, files=tuple(manifest.files))] if manifest.files else []
+            batches = [Batch(index=0, files=manifest.files)] if manifest.files else []
         else:
             batches = plan_batches(
                 manifest,
@@ -110,12 +119,20 @@ def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
     StudyInstanceUID into its own prearchive session, and each must go under its own label."""
     out: list[Batch] = []
     for batch in batches:
-        groups: dict[str, list[DicomFile]] = {}
-        for f in batch.files:
-            groups.setdefault(f.study_uid, []).append(f)
+        files = _table(batch.files)
+        codes, _ = files.codes("study_uid")
+        groups: dict[int, list[int]] = {}
+        for i, code in enumerate(codes):
+            groups.setdefault(code, []).append(i)
         for group in groups.values():
-            out.append(Batch(index=len(out), files=tuple(group)))
+            out.append(Batch(index=len(out), files=files.take(group)))
     return out
+
+
+def _table(files: Sequence[DicomFile]) -> FileTable:
+    """``files`` as a FileTable (a batch's files are one; records given by a caller are put
+    into one)."""
+    return files if isinstance(files, FileTable) else FileTable(files)
 
 
 def plan_batches(
@@ -134,28 +151,34 @@ def plan_batches(
     Deterministic: the same manifest and arguments always give the same batches, in the same
     order, which resume relies on.
 
-    O(n) in the files (it is on the way to the first request: issue 16): the files are put in
-    series order once, with the running total of their sizes, and every plan tried is made of
-    index ranges into that order, cut by bisection on the running total; only the plan chosen
-    becomes batches of files.
+    O(n) in the files (it is on the way to the first request: issue 16): the files' positions
+    are put in series order once, with the running total of their sizes, and every plan tried
+    is made of ranges of that order, cut by bisection on the running total; each batch is a
+    view of the manifest's table (no record per file: issue 16 item 4).
     """
     files = manifest.files
     if not files:
         return []
-    total = sum(f.size for f in files)
+    total = files.total_bytes
     if num_batches <= 1 or (len(files) <= single_max_files and total <= single_max_bytes):
-        return [Batch(index=0, files=tuple(files))]
+        return [Batch(index=0, files=files)]
     num_batches = min(num_batches, len(files))
     fair_share = max(1, math.ceil(total / num_batches))
-    ordered, series = _series_in_order(files)
-    sums = [0, *itertools.accumulate(f.size for f in ordered)]  # sums[i]: bytes of ordered[:i]
+    series = _series_in_order(files)
+    ordered = [p for group in series for p in group]  # positions, in series order
+    sizes = array("q", files.sizes())
+    sums = [0, *itertools.accumulate(map(sizes.__getitem__, ordered))]  # bytes of ordered[:i]
+    ranges: list[_Range] = []
+    for group in series:
+        start = ranges[-1][1] if ranges else 0
+        ranges.append((start, start + len(group)))
     # Cutting a large series into pieces of exactly a fair share can pack badly (32 series of
     # 1.4 shares in 42 batches: pieces of 0.7, two per batch, heaviest 1.36x the mean), so
     # finer cuts of the large series only are tried too and the most even plan wins.
     best: list[list[_Range]] = []
     best_load = 0
     for finer in _FINER_CUTS:
-        plan, load = _pack(sums, series, num_batches, fair_share, max(1, fair_share // finer))
+        plan, load = _pack(sums, ranges, num_batches, fair_share, max(1, fair_share // finer))
         if not best or load < best_load:
             best, best_load = plan, load
         if best_load <= fair_share * _GOOD_ENOUGH:
@@ -168,7 +191,7 @@ def plan_batches(
         if max(sums[b] - sums[a] for [(a, b)] in plan) < best_load:
             best = plan
     return [
-        Batch(index=i, files=tuple(f for a, b in batch for f in ordered[a:b]))
+        Batch(index=i, files=files.take(p for a, b in batch for p in ordered[a:b]))
         for i, batch in enumerate(best)
     ]
 
@@ -177,8 +200,9 @@ def plan_batches(
 _FINER_CUTS = (1, 2, 3, 4)
 _GOOD_ENOUGH = 1.05
 _ACCEPTABLE = 1.10
-
-_Range = tuple[int, int]  # files ordered[a:b] (plan_batches)
+# Positions of files in the manifest, consecutive in one series.
+_Chunk = list[int]
+_Range = tuple[int, int]  # the files at ordered[a:b] (plan_batches)
 
 
 def _cut_in_order(sums: list[int], num_batches: int, total: int) -> list[list[_Range]]:
@@ -225,26 +249,24 @@ def _pack(
     return [[chunk for _, chunk in sorted(parts)] for parts in contents if parts], heaviest
 
 
-def _series_in_order(files: Sequence[DicomFile]) -> tuple[list[DicomFile], list[_Range]]:
-    """Files grouped by series, series ordered by study then Series Number, file order kept:
-    the files in that order, and each series as a range of it."""
-    groups: dict[tuple[str, int, str], list[DicomFile]] = {}
-    none = 2**31
-    for f in files:
-        number = f.series_number
-        key = (f.study_uid, none if number is None else number, f.series_uid)
+def _series_in_order(files: FileTable) -> list[_Chunk]:
+    """Positions of the files grouped by series, series ordered by study then Series Number;
+    file order kept."""
+    study, studies = files.codes("study_uid")
+    number, numbers = files.codes("series_number")
+    uid, uids = files.codes("series_uid")
+    groups: dict[tuple[int, int, int], _Chunk] = {}
+    for p, key in enumerate(zip(study, number, uid, strict=True)):
         group = groups.get(key)
         if group is None:
-            groups[key] = [f]
-        else:
-            group.append(f)
-    ordered: list[DicomFile] = []
-    ranges: list[_Range] = []
-    for key in sorted(groups):
-        start = len(ordered)
-        ordered += groups[key]
-        ranges.append((start, len(ordered)))
-    return ordered, ranges
+            group = groups[key] = []
+        group.append(p)
+
+    def order(key: tuple[int, int, int]) -> tuple[str, int, str]:
+        n = numbers[key[1]]
+        return (studies[key[0]], n if n is not None else 2**31, uids[key[2]])
+
+    return [groups[key] for key in sorted(groups, key=order)]
 
 
 def _split(sums: list[int], a: int, b: int, limit: int) -> list[_Range]:
@@ -306,20 +328,22 @@ def describe_plan(manifest: Manifest, batches: Sequence[Batch]) -> str:
             f"  {st.study_uid}  patient {st.patient_id or '(none)'}  "
             f"{st.file_count:,} file{_s(st.file_count)}  {human_bytes(st.total_bytes)}"
         )
-    ordered, ranges = _series_in_order(files)
-    series = [ordered[a:b] for a, b in ranges]
+    series = _series_in_order(files)
     lines += ["", f"Series ({len(series)}):"]
     for group in series:
         first = group[0]
-        number = "-" if first.series_number is None else str(first.series_number)
-        size = sum(f.size for f in group)
+        series_number = files.series_number(first)
+        number = "-" if series_number is None else str(series_number)
+        size = sum(map(files.size, group))
         lines.append(
             f"  #{number:<5} {len(group):>7,} file{_s(len(group))} {human_bytes(size):>10}  "
-            f"{first.series_uid}"
+            f"{files.series_uid(first)}"
         )
     lines += ["", f"Batches ({len(batches)}):"]
     for b in batches:
-        numbers = sorted({f.series_number for f in b.files if f.series_number is not None})
+        in_batch = _table(b.files)
+        codes, values = in_batch.codes("series_number")
+        numbers = sorted({values[c] for c in set(codes) if values[c] is not None})
         label = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
         lines.append(
             f"  {b.index + 1:>4}: {len(b.files):>7,} file{_s(len(b.files))} "

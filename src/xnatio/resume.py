@@ -211,8 +211,8 @@ def _heal(
 def _send_rest_of(
     run: JournalRun,
     manifest: Manifest,
-    done: list[DicomFile],
-    todo: list[DicomFile],
+    done: Sequence[DicomFile],
+    todo: Sequence[DicomFile],
     transport: Transport,
     say: Callable[[str], None],
 ) -> tuple[UploadResult, bool]:
@@ -240,7 +240,7 @@ def _send_rest_of(
             # archived elsewhere): what the journal remembers is stale, so send it all again.
             say("the earlier run's prearchive session is gone; sending every file again")
             run.forget(done)
-            done, todo = [], list(manifest.files)
+            done, todo = [], manifest.files
         else:
             if ref is not None and ref.kind is SessionKind.DIRECT_ARCHIVE:
                 pending = ref.uri
@@ -307,7 +307,7 @@ def commit_failure_line(exc: ServerError) -> str:
 def _commit_failed(
     run: JournalRun,
     manifest: Manifest,
-    done: list[DicomFile],
+    done: Sequence[DicomFile],
     already: list[FileOutcome],
     exc: ServerError,
     started: float,
@@ -330,10 +330,10 @@ def _commit_failed(
 def _not_on_server(
     run: JournalRun,
     manifest: Manifest,
-    todo: list[DicomFile],
+    todo: Sequence[DicomFile],
     transport: Transport,
     say: Callable[[str], None],
-) -> tuple[list[DicomFile], list[FileOutcome]]:
+) -> tuple[Sequence[DicomFile], list[FileOutcome]]:
     """Split ``todo`` into what the server lacks and outcomes for what it holds already.
 
     Files that changed since an earlier run sent them are sent anyway (they replace the server's
