@@ -570,8 +570,8 @@ def test_worker_processes_give_the_serial_manifest_in_the_same_order(
 _DIES_AFTER_ONE_CHUNK = """
 import marshal, os, sys
 from xnatio.examine import _read_frame, _write_frame, examine
-chunks = marshal.loads(_read_frame(sys.stdin.buffer))
-_write_frame(sys.stdout.buffer, marshal.dumps([examine(p) for p in chunks[0]]))
+chunk = marshal.loads(_read_frame(sys.stdin.buffer))
+_write_frame(sys.stdout.buffer, marshal.dumps([examine(p) for p in chunk]))
 sys.stderr.write("Traceback (most recent call last):\\nMemoryError: worker broke on purpose\\n")
 sys.stderr.flush()
 os._exit(3)

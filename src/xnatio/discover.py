@@ -293,7 +293,7 @@ def _discover_directory(
         else:
             stack.close()  # the workers are not needed
             results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
-        _collect(manifest, zip(paths, results, strict=True), _PathMaker())
+        _collect(manifest, zip(paths, results, strict=True), _PathMaker(), len(paths))
     report(len(paths), force=True)
     return manifest
 
@@ -365,7 +365,7 @@ def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manif
     # Path order (by component), as the directory walk yields: "a/b" before "a.b".
     members.sort(key=lambda m: m[0].split("/"))
     shared = str(archive)  # one string for every member's record
-    _collect(manifest, members, lambda name: (shared, name))
+    _collect(manifest, members, lambda name: (shared, name), len(members))
     return manifest
 
 
@@ -432,14 +432,17 @@ def _collect(
     manifest: Manifest,
     results: Iterable[tuple[str, Result]],
     locate: Callable[[str], tuple[str, str | None]],
+    expected: int = 0,
 ) -> None:
     """Turn examined results (in sorted name order) into the manifest's file table (columns, no
-    record per file: issue 16 item 4); keep the first of duplicates.
+    record per file: issue 16 item 4); keep the first of duplicates. ``expected``: about how
+    many there are (the index of SOP Instance UIDs is made that big at once: each time it
+    grows it reads every UID back from the table).
 
     The one place a Manifest's files are made from what discovery read (xnatio.examine.Found).
     """
     files = manifest.files
-    first_seen = SopIndex(files)  # SOP Instance UID -> the file that has it first
+    first_seen = SopIndex(files, expected)  # SOP Instance UID -> the file that has it first
     for name, result in results:
         fspath, member = locate(name)
         if len(result) == 2:  # a Skip: (reason, size)

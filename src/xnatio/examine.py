@@ -10,11 +10,11 @@ order of the paths, exactly as examining them one after the other would
 (:func:`xnatio.discover.discover` uses it above a few thousand files). The header walk is Python,
 so threads cannot run it on more than one core; processes can. Each worker is
 ``python -c "from xnatio.examine import serve; serve()"``: this module imports nothing heavy, so a
-worker starts in about a tenth of a second while the parent walks the folders. The parent sends
-each worker its share of the paths in one frame (chunks ``i``, ``i + n``, … of ``n`` workers),
-and each worker sends back one frame per chunk, in order; the parent reads the chunks in path
-order. Frames are ``marshal`` data between two processes of the same interpreter (no code, only
-strings and ints), each preceded by its length.
+worker starts in about a tenth of a second while the parent walks the folders. Chunk ``i`` of
+the paths goes to worker ``i % n``, two chunks ahead of the answer awaited from it; each worker
+answers its chunks in order, one frame each, and the parent reads them in path order (a worker
+holds two chunks, not its share of the paths). Frames are ``marshal`` data between two processes
+of the same interpreter (no code, only strings and ints), each preceded by its length.
 
 Failures: a worker that cannot be started, dies, or answers garbage costs one warning line; the
 chunks it has not answered are examined in the parent, so every file is still examined once and
@@ -30,10 +30,12 @@ import contextlib
 import logging
 import marshal
 import os
+import queue
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Protocol
@@ -177,22 +179,35 @@ def _read_frame(src: IO[bytes]) -> bytes | None:
 
 
 def serve(src: IO[bytes] | None = None, out: IO[bytes] | None = None) -> None:
-    """A worker: read one frame (a list of chunks of paths), answer each chunk with one frame
-    (the list of its :func:`examine` results), then exit."""
+    """A worker: answer each frame (a chunk of paths) with one frame (the list of their
+    :func:`examine` results), in order, until the input ends. A thread reads the input as it
+    comes, so the parent's writes never wait on this worker's answers (no deadlock whatever
+    the frames' sizes)."""
     src = src if src is not None else sys.stdin.buffer
     out = out if out is not None else sys.stdout.buffer
-    frame = _read_frame(src)
-    if frame is None:
-        return
+    frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                frame = _read_frame(src)
+                frames.put(frame)
+                if frame is None:
+                    return
+        except OSError:
+            frames.put(None)
+
+    threading.Thread(target=read, name="xnatio-examine-input", daemon=True).start()
     try:
-        for chunk in marshal.loads(frame):
-            _write_frame(out, marshal.dumps([examine(p) for p in chunk]))
+        while (frame := frames.get()) is not None:
+            _write_frame(out, marshal.dumps([examine(p) for p in marshal.loads(frame)]))
     except BrokenPipeError:  # the parent stopped reading (Ctrl-C, an error): nothing to say
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
 
 
 WORKER_COMMAND = ("-c", "from xnatio.examine import serve; serve()")
+_AHEAD = 2  # chunks sent to a worker ahead of the one whose answer is awaited
 
 
 class Paths(Protocol):
@@ -284,22 +299,32 @@ class Workers:
         bounds = [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
 
         def part(i: int) -> list[str]:
+            # Made into strings only to be sent or read (the caller keeps the paths compactly:
+            # issue 16 item 4).
             start, end = bounds[i]
             return [paths[j] for j in range(start, end)]
 
         workers = self.workers
         n = len(workers)
-        for k, w in enumerate(workers):
-            # Its share, made into strings only while it is written (the caller keeps the
-            # paths compactly: issue 16 item 4).
-            frame = marshal.dumps([part(i) for i in range(k, len(bounds), n)])
+
+        def send(i: int) -> None:
+            """Chunk ``i`` to its worker (``i % n``); its input closed after its last chunk."""
+            w = workers[i % n]
+            if not w.alive:
+                return
+            stdin = w.proc.stdin
+            assert stdin is not None
             try:
-                assert w.proc.stdin is not None
-                _write_frame(w.proc.stdin, frame)
-                w.proc.stdin.close()
+                _write_frame(stdin, marshal.dumps(part(i)))
+                if i + n >= len(bounds):
+                    stdin.close()
             except OSError:
                 self._failed(w)
-            del frame
+
+        # Each worker holds the chunk it reads and the next one (no more: its memory stays
+        # that of a chunk, not of its share of the paths).
+        for i in range(min(len(bounds), _AHEAD * n)):
+            send(i)
         done = 0
         for i, (start, end) in enumerate(bounds):
             results: list[Result] | None = None
@@ -307,6 +332,8 @@ class Workers:
                 w = workers[i % n]
                 if w.alive:
                     results = self._answer(w, end - start)
+                if i + _AHEAD * n < len(bounds):
+                    send(i + _AHEAD * n)
             if results is None:  # no worker, or it failed: this process reads them
                 results = [examine(p) for p in part(i)]
             yield from results
