@@ -34,7 +34,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, overload
 
 from xnatio import defaults
 from xnatio.errors import XnatioError
@@ -161,21 +161,24 @@ class SourceChangedError(XnatioError, Generic[F]):
         self.reason = reason
 
 
-def check_sources(files: Sequence[F]) -> tuple[list[F], list[tuple[F, str]]]:
+def check_sources(files: Sequence[F]) -> tuple[Sequence[F], list[tuple[F, str]]]:
     """Split ``files`` into those still as discovered and those that are not, with a reason.
 
     Called right before a batch's stream is built, so a file deleted or rewritten since discovery
-    is reported failed on its own instead of failing the whole request.
+    is reported failed on its own instead of failing the whole request. When none failed, the
+    first is ``files`` itself (a view of the manifest's columns stays one: no record held per
+    file while the batch is in flight, issue 16 item 4).
     """
-    ok: list[F] = []
     failed: list[tuple[F, str]] = []
-    for f in files:
+    failed_at: set[int] = set()
+    for i, f in enumerate(files):
         reason = _changed(f)
         if reason:
             failed.append((f, reason))
-        else:
-            ok.append(f)
-    return ok, failed
+            failed_at.add(i)
+    if not failed:
+        return files, failed
+    return [f for i, f in enumerate(files) if i not in failed_at], failed
 
 
 def _fspath(f: SourceFile) -> str | Path:
@@ -249,6 +252,34 @@ def _safe_name(rel: str) -> str:
     return "/".join(parts) or "unnamed"
 
 
+class _Members(Sequence[tuple[str, F]]):
+    """(entry name, file) of each member, paired when asked: the files' records are made as
+    they are streamed, not held for the whole request (issue 16 item 4)."""
+
+    def __init__(self, names: Sequence[str], files: Sequence[F]) -> None:
+        if len(names) != len(files):
+            raise ValueError("one archive entry name per file")
+        self.names = names
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, F]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, F]]: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[str, F] | Sequence[tuple[str, F]]:
+        if isinstance(i, slice):
+            return list(zip(self.names[i], self.files[i], strict=True))
+        return self.names[i], self.files[i]
+
+    def __iter__(self) -> Iterator[tuple[str, F]]:
+        return zip(self.names, self.files, strict=True)
+
+
 class ArchiveStream(Generic[F]):
     """A re-iterable archive of ``files``: iterate it for the bytes, once per attempt.
 
@@ -297,7 +328,8 @@ class ArchiveStream(Generic[F]):
         inside = [f for f in files if getattr(f, "member", None) is not None]
         if inside:
             raise ValueError(f"{inside[0].path} is an archive: send it as is, not re-archived")
-        self.files = list(files)
+        # Kept as given: a view of the manifest's columns makes each record when it is streamed.
+        self.files = files
         self.format = fmt
         self.content_type = CONTENT_TYPES[fmt]
         self.filename = FILENAMES[fmt]
@@ -313,7 +345,7 @@ class ArchiveStream(Generic[F]):
             names = member_names(self.files, root, rename_nested_archives=rename_nested_archives)
         elif len(set(names)) != len(self.files):
             raise ValueError("archive entry names must be unique, one per file")
-        self.members: list[tuple[str, F]] = list(zip(names, self.files, strict=True))
+        self.members: Sequence[tuple[str, F]] = _Members(names, self.files)
         self.size: int | None
         if fmt == "tar":
             self.size = _tar_size(self.members)

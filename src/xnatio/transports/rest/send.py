@@ -177,14 +177,15 @@ class BatchSender:
         if coordinator.exception is not None:
             raise coordinator.exception
 
-    def prepare(self, batch: Batch) -> list[DicomFile]:
-        """Check the batch's files against discovery; return those still fit to send."""
-        ok, bad = check_sources(list(batch.files))
+    def prepare(self, batch: Batch) -> Sequence[DicomFile]:
+        """Check the batch's files against discovery; return those still fit to send (the
+        batch's own view of the manifest when all are: no record per file held)."""
+        ok, bad = check_sources(batch.files)
         for f, why in bad:
             self.run.fail([f], why, batch.index)
-        return list(ok)
+        return ok
 
-    def send_guarded(self, batch: Batch, files: list[DicomFile], root: Path) -> None:
+    def send_guarded(self, batch: Batch, files: Sequence[DicomFile], root: Path) -> None:
         """:meth:`send_batch`, with a bug in it reported on the batch's files, not lost."""
         try:
             self.send_batch(batch, files, root)
@@ -193,11 +194,11 @@ class BatchSender:
             left = self.run.not_sent(files)
             self._give_up(left, RuntimeError(f"internal error: {exc!r}"), 0, batch.index)
 
-    def send_batch(self, batch: Batch, files: list[DicomFile], root: Path) -> None:
+    def send_batch(self, batch: Batch, files: Sequence[DicomFile], root: Path) -> None:
         """Send one batch of files under ``root``, each packed as it is read into a
         ``wire_format`` archive (:func:`xnatio.archive.make_archive_stream`)."""
 
-        def pack(left: list[DicomFile]) -> Packed:
+        def pack(left: Sequence[DicomFile]) -> Packed:
             names = instance_member_names(left)
             return make_archive_stream(
                 left,
@@ -217,17 +218,17 @@ class BatchSender:
         disk.
         """
 
-        def pack(left: list[DicomFile]) -> Packed:
+        def pack(left: Sequence[DicomFile]) -> Packed:
             on_digest = self.digests.record if self.digests is not None else None
             return ArchiveMembers(archive, left, instance_member_names(left), on_digest)
 
-        self._send_until_done(batch, list(batch.files), pack, archive.name)
+        self._send_until_done(batch, batch.files, pack, archive.name)
 
     def _send_until_done(
         self,
         batch: Batch,
-        files: list[DicomFile],
-        pack: Callable[[list[DicomFile]], Packed],
+        files: Sequence[DicomFile],
+        pack: Callable[[Sequence[DicomFile]], Packed],
         what: str,
     ) -> None:
         """Send ``files`` of ``batch`` until they land, fail for good, or the upload is cancelled.
@@ -237,7 +238,7 @@ class BatchSender:
         ``Ignore-Unparsable``: every file must be accounted for). Transient failures are retried
         with backoff; anything else fails the rest with XNAT's message.
         """
-        remaining = list(files)
+        remaining = files
         partial = len(remaining) < len(batch.files)
         label = self.run.label_of(batch.files, self.target.session)
         retry_number = 0
@@ -342,7 +343,7 @@ class BatchSender:
         )
 
     def _give_up(
-        self, files: list[DicomFile], err: BaseException, retry_number: int, batch: int
+        self, files: Sequence[DicomFile], err: BaseException, retry_number: int, batch: int
     ) -> None:
         why = reason(err)
         if isinstance(err, TransientError) and retry_number:
@@ -353,7 +354,7 @@ class BatchSender:
 
     def _landed(
         self,
-        files: list[DicomFile],
+        files: Sequence[DicomFile],
         resp: requests.Response,
         batch: int,
         partial: bool,
