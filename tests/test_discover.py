@@ -647,3 +647,18 @@ def test_ctrl_c_stops_discovery_and_no_worker_is_left_behind(
             assert proc.returncode is not None  # killed or ended, and reaped
             with pytest.raises(ProcessLookupError):
                 os.kill(proc.pid, 0)
+
+
+def test_files_are_named_as_their_paths_whatever_the_root_looks_like(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xnatio.models import file_path
+
+    s = _session(tmp_path, series=1, instances=2)
+    expected = sorted(str(p.relative_to(s.root)) for p in s.instances.values())
+    monkeypatch.chdir(s.root)
+    assert sorted(file_path(f) for f in discover(".").files) == expected  # not "./S001/…"
+    monkeypatch.chdir(tmp_path)
+    for root in ("session", "session/", "./session", "session/../session"):
+        named = sorted(file_path(f) for f in discover(root).files)
+        assert named == sorted(str(Path(root) / name) for name in expected), root

@@ -293,7 +293,7 @@ def _discover_directory(
         else:
             stack.close()  # the workers are not needed
             results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
-        _collect(manifest, zip(paths, results, strict=True), _PathMaker(), len(paths))
+        _collect(manifest, zip(paths, results, strict=True), _locate(root), len(paths))
     report(len(paths), force=True)
     return manifest
 
@@ -326,6 +326,18 @@ def _looks_big(root: Path) -> bool:
                 if seen >= PROCESS_THRESHOLD:
                     return True
     return len(folders) > 64
+
+
+def _as_walked(name: str) -> tuple[str, str | None]:
+    return name, None
+
+
+def _locate(root: Path) -> Callable[[str], tuple[str, str | None]]:
+    """How a walked name becomes the path a file is recorded under (see :class:`_PathMaker`).
+    The walk starts from ``str(root)``, which a Path keeps in its normal form, and joins each
+    entry's name to its folder with one "/", so every name it makes is in that form already,
+    except under "." ("./a" is "a"): no per-file work then."""
+    return _PathMaker() if str(root) == "." else _as_walked
 
 
 class _PathMaker:
