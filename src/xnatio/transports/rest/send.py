@@ -141,17 +141,29 @@ class BatchSender:
         t = self.target
         coordinator = self.coordinator
         sending = threading.BoundedSemaphore(t.upload_workers)
+        # The first batch is prepared alone, then the others together: its request leaves
+        # first, not once every batch's files are checked (issue 16: 0.4-0.9 s at 100,000
+        # files). Set once the first batch is prepared (or fails, or its task ends early), and
+        # before a cancelled pool is shut.
+        first_prepared = threading.Event()
 
         def task(batch: Batch) -> None:
             try:
                 if coordinator.cancelled:
                     return
+                if batch is not batches[0]:
+                    first_prepared.wait()
+                    if coordinator.cancelled:
+                        return
                 try:
                     files = self.prepare(batch)
                 except Exception as exc:  # the batch is reported, others go on
                     self.run.fail(batch.files, f"could not prepare the batch: {exc}", batch.index)
                     self.progress.update(batch_done=True, failed=True)
                     return
+                finally:
+                    if batch is batches[0]:
+                        first_prepared.set()
                 with sending:
                     if coordinator.cancelled:
                         return
@@ -159,6 +171,9 @@ class BatchSender:
             except BaseException as exc:
                 coordinator.cancel(exc)
                 raise
+            finally:
+                if batch is batches[0]:
+                    first_prepared.set()
 
         workers = t.upload_workers + t.archive_workers
         pool = BoundedExecutor(workers, self.executor or thread_pool("xnatio-rest"))
@@ -172,6 +187,7 @@ class BatchSender:
             # Cuts every request in flight, even one whose answer is awaited (its connection is
             # shut down), so the pool ends promptly; then the exception goes on.
             coordinator.cancel(exc)
+            first_prepared.set()  # a task waiting for a first batch that will not run
             pool.shutdown(cancel_futures=True)
             raise
         if coordinator.exception is not None:
