@@ -563,8 +563,21 @@ def test_worker_processes_give_the_serial_manifest_in_the_same_order(
             started.append(n)
 
     monkeypatch.setattr(discovery, "Workers", Counted)
+    monkeypatch.setattr(discovery, "_process_count", lambda: 2)  # whatever this machine has
     _same(discover(root), serial)
-    assert started and started[0] >= 1
+    assert started == [2]
+    # Started after the walk when the early look at the top folders misses how many there are.
+    monkeypatch.setattr(discovery, "_looks_big", lambda root: False)
+    _same(discover(root), serial)
+    assert started == [2, 2]
+    # Not on a machine of one core (a worker would only add its start-up), nor below the
+    # threshold.
+    monkeypatch.setattr(discovery, "_process_count", lambda: 1)
+    _same(discover(root), serial)
+    monkeypatch.setattr(discovery, "_process_count", lambda: 2)
+    monkeypatch.setattr(discovery, "PROCESS_THRESHOLD", 1000)
+    _same(discover(root), serial)
+    assert started == [2, 2]
 
 
 _DIES_AFTER_ONE_CHUNK = """

@@ -60,8 +60,9 @@ def discover(
     """Walk PATH (directory or .zip/.tar/.tar.gz/.tgz archive) and describe every file in it.
 
     A folder's headers are read by ``processes`` worker processes (:mod:`xnatio.examine`; None:
-    one per core when the folder holds at least :data:`PROCESS_THRESHOLD` files and
-    ``workers`` is not 1; 0: none), else by ``workers`` threads (1: one after the other). The
+    one per core, on a machine of more than one, when the folder holds at least
+    :data:`PROCESS_THRESHOLD` files and ``workers`` is not 1; 0: none), else by ``workers``
+    threads (1: one after the other). The
     manifest is the same whichever reads them.
 
     Raises UsageError when PATH is missing, not a directory or supported archive, empty, or
@@ -278,14 +279,16 @@ def _discover_directory(
     manifest = Manifest(root=root)
     with contextlib.ExitStack() as stack:
         pool: Workers | None = None
-        if processes is None and workers != 1:
+        auto = processes is None and workers != 1 and _process_count() > 1
+        if auto and _looks_big(root):
             # Started before the walk, so that they import while it runs; only for a folder
             # big enough (a cheap look at the top level: a session of a few files never pays).
-            if _looks_big(root):
-                pool = stack.enter_context(Workers(_process_count()))
+            pool = stack.enter_context(Workers(_process_count()))
         elif processes:
             pool = stack.enter_context(Workers(processes))
         paths, manifest.skipped = _walk(root)
+        if auto and pool is None and len(paths) >= PROCESS_THRESHOLD:  # the early look missed
+            pool = stack.enter_context(Workers(_process_count()))
         report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
         report(0, force=True)
         if pool is not None and (processes or len(paths) >= PROCESS_THRESHOLD):
