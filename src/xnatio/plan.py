@@ -22,7 +22,9 @@ worse than 4/3 of the best possible balance).
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import math
 from array import array
 from collections import Counter
@@ -148,6 +150,11 @@ def plan_batches(
 
     Deterministic: the same manifest and arguments always give the same batches, in the same
     order, which resume relies on.
+
+    O(n) in the files (it is on the way to the first request: issue 16): the files' positions
+    are put in series order once, with the running total of their sizes, and every plan tried
+    is made of ranges of that order, cut by bisection on the running total; each batch is a
+    view of the manifest's table (no record per file: issue 16 item 4).
     """
     files = manifest.files
     if not files:
@@ -157,18 +164,21 @@ def plan_batches(
         return [Batch(index=0, files=files)]
     num_batches = min(num_batches, len(files))
     fair_share = max(1, math.ceil(total / num_batches))
-    # Files are planned by position: their sizes in one array, each batch a view of the
-    # manifest's table (no record per file: issue 16 item 4).
-    sizes = array("q", files.sizes())
     series = _series_in_order(files)
+    ordered = [p for group in series for p in group]  # positions, in series order
+    sizes = array("q", files.sizes())
+    sums = [0, *itertools.accumulate(map(sizes.__getitem__, ordered))]  # bytes of ordered[:i]
+    ranges: list[_Range] = []
+    for group in series:
+        start = ranges[-1][1] if ranges else 0
+        ranges.append((start, start + len(group)))
     # Cutting a large series into pieces of exactly a fair share can pack badly (32 series of
     # 1.4 shares in 42 batches: pieces of 0.7, two per batch, heaviest 1.36x the mean), so
     # finer cuts of the large series only are tried too and the most even plan wins.
-    best: list[list[_Chunk]] = []
+    best: list[list[_Range]] = []
     best_load = 0
     for finer in _FINER_CUTS:
-        plan = _pack(series, sizes, num_batches, fair_share, max(1, fair_share // finer))
-        load = _heaviest(plan, sizes)
+        plan, load = _pack(sums, ranges, num_batches, fair_share, max(1, fair_share // finer))
         if not best or load < best_load:
             best, best_load = plan, load
         if best_load <= fair_share * _GOOD_ENOUGH:
@@ -177,11 +187,11 @@ def plan_batches(
         # Whole series and pieces did not pack within 10 % of even: cut the series, in order,
         # at every fair share instead (even to within one file; splits at most one series per
         # cut).
-        plan = _cut_in_order(series, sizes, num_batches, total)
-        if _heaviest(plan, sizes) < best_load:
+        plan = _cut_in_order(sums, num_batches, total)
+        if max(sums[b] - sums[a] for [(a, b)] in plan) < best_load:
             best = plan
     return [
-        Batch(index=i, files=files.take(p for chunk in batch for p in chunk))
+        Batch(index=i, files=files.take(p for a, b in batch for p in ordered[a:b]))
         for i, batch in enumerate(best)
     ]
 
@@ -192,57 +202,51 @@ _GOOD_ENOUGH = 1.05
 _ACCEPTABLE = 1.10
 # Positions of files in the manifest, consecutive in one series.
 _Chunk = list[int]
+_Range = tuple[int, int]  # the files at ordered[a:b] (plan_batches)
 
 
-def _bytes(chunk: Sequence[int], sizes: array[int]) -> int:
-    return sum(map(sizes.__getitem__, chunk))
-
-
-def _heaviest(plan: list[list[_Chunk]], sizes: array[int]) -> int:
-    return max(sum(_bytes(chunk, sizes) for chunk in batch) for batch in plan)
-
-
-def _cut_in_order(
-    series: list[_Chunk], sizes: array[int], num_batches: int, total: int
-) -> list[list[_Chunk]]:
-    """All files in series order, cut into ``num_batches`` runs of nearly equal bytes."""
-    plan: list[list[_Chunk]] = []
-    current: _Chunk = []
-    running = 0
-    for p in (p for group in series for p in group):
-        current.append(p)
-        running += sizes[p]
-        if len(plan) < num_batches - 1 and running * num_batches >= total * (len(plan) + 1):
-            plan.append([current])
-            current = []
-    if current:
-        plan.append([current])
-    return plan
+def _cut_in_order(sums: list[int], num_batches: int, total: int) -> list[list[_Range]]:
+    """All files in series order, cut into ``num_batches`` runs of nearly equal bytes: a run ends
+    after the first file whose running total reaches its share (``running * num_batches >=
+    total * (runs so far + 1)``), at most one cut per file."""
+    n = len(sums) - 1
+    ends: list[int] = []
+    at = 0
+    while len(ends) < num_batches - 1:
+        need = total * (len(ends) + 1)
+        j = bisect.bisect_left(sums, need, at + 1, n + 1, key=lambda v: v * num_batches)
+        if j > n:
+            break
+        ends.append(j)
+        at = j
+    starts = [0, *ends]
+    return [[(a, b)] for a, b in zip(starts, [*ends, n], strict=True) if a < b]
 
 
 def _pack(
-    series: list[_Chunk], sizes: array[int], num_batches: int, fair_share: int, piece: int
-) -> list[list[_Chunk]]:
+    sums: list[int], series: list[_Range], num_batches: int, fair_share: int, piece: int
+) -> tuple[list[list[_Range]], int]:
     """Greedy longest-processing-time of series chunks into ``num_batches`` batches.
 
     Series up to a fair share stay whole; larger ones are cut into pieces of about ``piece``
-    bytes.
-    Returns the non-empty batches, each a list of chunks in discovery order.
+    bytes. Returns the non-empty batches, each a list of chunks in discovery order, and the
+    heaviest batch's bytes.
     """
-    chunks: list[tuple[int, int, _Chunk]] = []  # (bytes, order, positions)
-    for series_files in series:
-        size = _bytes(series_files, sizes)
-        for chunk in _split(series_files, sizes, piece if size > fair_share else size):
-            chunks.append((_bytes(chunk, sizes), len(chunks), chunk))
+    chunks: list[tuple[int, int, _Range]] = []  # (bytes, order, files)
+    for a, b in series:
+        size = sums[b] - sums[a]
+        for start, end in _split(sums, a, b, piece if size > fair_share else size):
+            chunks.append((sums[end] - sums[start], len(chunks), (start, end)))
     # Largest first; ties broken by the chunk's order so the result is stable.
     chunks.sort(key=lambda c: (-c[0], c[1]))
     heap = [(0, i) for i in range(num_batches)]  # (bytes so far, batch number)
-    contents: list[list[tuple[int, _Chunk]]] = [[] for _ in range(num_batches)]
+    contents: list[list[tuple[int, _Range]]] = [[] for _ in range(num_batches)]
     for size, order, chunk in chunks:
         load, slot = heapq.heappop(heap)
         contents[slot].append((order, chunk))
         heapq.heappush(heap, (load + size, slot))
-    return [[chunk for _, chunk in sorted(parts)] for parts in contents if parts]
+    heaviest = max(load for load, _ in heap)
+    return [[chunk for _, chunk in sorted(parts)] for parts in contents if parts], heaviest
 
 
 def _series_in_order(files: FileTable) -> list[_Chunk]:
@@ -265,28 +269,29 @@ def _series_in_order(files: FileTable) -> list[_Chunk]:
     return [groups[key] for key in sorted(groups, key=order)]
 
 
-def _split(series_files: _Chunk, sizes: array[int], limit: int) -> list[_Chunk]:
-    """A series as is, or cut into consecutive, nearly equal pieces of at most ``limit`` bytes."""
-    size = _bytes(series_files, sizes)
+def _split(sums: list[int], a: int, b: int, limit: int) -> list[_Range]:
+    """A series ``a:b`` as is, or cut into consecutive, nearly equal pieces of at most ``limit``
+    bytes: a piece ends after the first file whose running total reaches its cumulative share
+    (so rounding does not pile up in the last piece), at most one cut per file."""
+    size = sums[b] - sums[a]
     # A series of empty files has a limit of 0 (found by tests/test_properties.py): one piece.
-    pieces = min(len(series_files), math.ceil(size / limit)) if limit > 0 else 1
+    pieces = min(b - a, math.ceil(size / limit)) if limit > 0 else 1
     if pieces <= 1:
-        return [series_files]
+        return [(a, b)]
     target = size / pieces
-    out: list[_Chunk] = []
-    current: _Chunk = []
-    running = 0
-    for p in series_files:
-        current.append(p)
-        running += sizes[p]
-        # Close a piece once the running total reaches its cumulative share, so rounding does
-        # not pile up in the last piece.
-        if len(out) < pieces - 1 and running >= target * (len(out) + 1):
-            out.append(current)
-            current = []
-    if current:
-        out.append(current)
-    return out
+    base = sums[a]
+    ends: list[int] = []
+    at = a
+    while len(ends) < pieces - 1:
+        j = bisect.bisect_left(
+            sums, target * (len(ends) + 1), at + 1, b + 1, key=lambda v: v - base
+        )
+        if j > b:
+            break
+        ends.append(j)
+        at = j
+    starts = [a, *ends]
+    return [(s, e) for s, e in zip(starts, [*ends, b], strict=True) if s < e]
 
 
 # -- --dry-run -------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ def resumable_upload(
             # SIGTERM becomes KeyboardInterrupt only where the CLI installs that (a process-wide
             # change a library must not make): xnatio.cli.options.sigterm_as_interrupt.
             result, committed = _send_rest_of(run, manifest, done, todo, transport, say)
+            run.record_fingerprint()
             return _finish(
                 result,
                 manifest,
@@ -339,7 +340,11 @@ def _not_on_server(
     copy). What the server holds is recorded in the journal as confirmed, like a sent file.
     """
     changed = {file_path(f) for f in run.changed_since_sent(todo)}
-    there = transport.on_server([f for f in todo if file_path(f) not in changed])
+    # Asked as they are when nothing changed (a first run): no record made per file on the way
+    # to the first request (issue 16).
+    there = transport.on_server(
+        [f for f in todo if file_path(f) not in changed] if changed else todo
+    )
     if not there:
         return todo, []
     held = {file_path(f) for f in there}
