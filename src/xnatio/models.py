@@ -20,13 +20,11 @@ class DicomFile:
     """One DICOM instance found on disk (header fields only; pixel data is never read).
 
     Immutable, compared and hashed by value, and a dataclass to ``dataclasses`` (``replace``,
-    ``fields``, ``asdict``: :class:`_DicomFileFields`). Compact, because an upload holds one
-    per file (issue 16 item 4: 100,000 files in well under 120 MB): the path is kept as the
-    string discovery walked (``fspath``), the very object :func:`file_path` returns, so the
-    outcome records, the transports' indexes and the report share it rather than each making
-    its own copy; ``path`` makes a ``Path`` when asked (a ``Path`` per file and the parts it
-    caches cost ~340 bytes a file). Study, series, class, syntax and patient strings are
-    shared too (discovery interns them).
+    ``fields``, ``asdict``: :class:`_DicomFileFields`). A manifest does not hold one per file:
+    it keeps its files in columns (:class:`FileTable`) and makes a record when one is asked for
+    (issue 16 item 4), so hold records only as long as they are needed. The path is kept as a
+    string (``fspath``), the very object :func:`file_path` returns; ``path`` makes a ``Path``
+    when asked (a ``Path`` per file and the parts it caches cost ~340 bytes a file).
     """
 
     # In constructor order (_init, _key, __repr__ and pickling follow it). Besides them,
