@@ -175,3 +175,14 @@ def test_run_outcomes_are_found_by_record_and_by_path_and_read_the_columns() -> 
     )
     assert [x.path for x in result.files] == [file_path(g) for g in view]
     assert result.files[4] is o
+
+
+def test_a_table_is_extended_as_a_list_is() -> None:
+    table = FileTable([_record(1)])
+    table += FileTable([_record(2)])
+    table += [_record(3)]
+    table.extend(table)
+    assert table == [_record(1), _record(2), _record(3)] * 2
+    with pytest.raises(TypeError):
+        view = table.take([0])
+        view += [_record(4)]

@@ -471,6 +471,15 @@ class FileTable(Sequence[DicomFile]):
             ctime_ns,
         )
 
+    def extend(self, records: Iterable[DicomFile]) -> None:
+        for f in list(records):  # a table may be extended with itself
+            self.append(f)
+
+    def __iadd__(self, records: Iterable[DicomFile]) -> FileTable:
+        """``table += records`` appends them, as for the list a manifest's files once were."""
+        self.extend(records)
+        return self
+
     def take(self, positions: Iterable[int]) -> FileTable:
         """A view of the files at ``positions`` (of this sequence), in that order."""
         rows = self._rows
