@@ -16,7 +16,16 @@ import pydicom
 import pytest
 
 from xnatio.discover import discover
-from xnatio.models import DicomFile, FileTable, Manifest, SopIndex, file_path
+from xnatio.models import (
+    DicomFile,
+    FileOutcome,
+    FileTable,
+    Manifest,
+    Outcome,
+    SopIndex,
+    file_path,
+)
+from xnatio.result import NOT_SENT, RunOutcomes, assemble_result
 from xnatio.synth import generate_session
 
 
@@ -64,7 +73,7 @@ def test_a_table_gives_back_every_record_it_was_given_in_order() -> None:
     with pytest.raises(IndexError):
         table[-len(records) - 1]
     assert table.total_bytes == sum(f.size for f in records)
-    assert [table.file_path(i) for i in range(len(table))] == [file_path(f) for f in records]
+    assert [table.name_of(i) for i in range(len(table))] == [file_path(f) for f in records]
     assert table != records[:-1] and table != [*records[:-1], _record(999)]
 
 
@@ -141,3 +150,39 @@ def test_discovery_records_what_each_file_says(tmp_path: Path) -> None:
     first = next(f for f in m.files if f.sop_instance_uid == dup.sop_instance_uid)
     assert dup.reason == f"duplicate of {first.fspath} (same SOP Instance UID)"
     assert [f.fspath for f in m.files] == sorted(f.fspath for f in m.files)
+
+
+def test_run_outcomes_are_found_by_record_and_by_path_and_read_the_columns() -> None:
+    records = [_record(i) for i in range(100, 112)] + ODD  # every path its own
+    table = FileTable(records)
+    view = table.take(range(3, len(records)))
+    outcomes = RunOutcomes(view)
+    assert len(outcomes) == len(view)
+    f = view[4]
+    o = outcomes.of(f)
+    assert o is outcomes[file_path(f)] is outcomes.of(dataclasses.replace(f))  # a plain record
+    assert o == FileOutcome(
+        file_path(f), Outcome.FAILED, NOT_SENT, f.sop_instance_uid, f.series_uid, f.size
+    )
+    o.outcome, o.reason, o.batch = Outcome.UPLOADED, "", 2
+    assert [x.outcome for x in outcomes.values()].count(Outcome.UPLOADED) == 1
+    again = pickle.loads(pickle.dumps(o))
+    assert type(again) is FileOutcome and again == o and again.batch == 2
+    with pytest.raises(KeyError):
+        outcomes.of(table[0])  # not a file of this run
+    result = assemble_result(
+        Manifest(Path("/data"), view), outcomes, transport="rest", duration=1, batches_total=1
+    )
+    assert [x.path for x in result.files] == [file_path(g) for g in view]
+    assert result.files[4] is o
+
+
+def test_a_table_is_extended_as_a_list_is() -> None:
+    table = FileTable([_record(1)])
+    table += FileTable([_record(2)])
+    table += [_record(3)]
+    table.extend(table)
+    assert table == [_record(1), _record(2), _record(3)] * 2
+    with pytest.raises(TypeError):
+        view = table.take([0])
+        view += [_record(4)]

@@ -20,17 +20,17 @@ class DicomFile:
     """One DICOM instance found on disk (header fields only; pixel data is never read).
 
     Immutable, compared and hashed by value, and a dataclass to ``dataclasses`` (``replace``,
-    ``fields``, ``asdict``: :class:`_DicomFileFields`). Compact, because an upload holds one
-    per file (issue 16 item 4: 100,000 files in well under 120 MB): the path is kept as the
-    string discovery walked (``fspath``), the very object :func:`file_path` returns, so the
-    outcome records, the transports' indexes and the report share it rather than each making
-    its own copy; ``path`` makes a ``Path`` when asked (a ``Path`` per file and the parts it
-    caches cost ~340 bytes a file). Study, series, class, syntax and patient strings are
-    shared too (discovery interns them).
+    ``fields``, ``asdict``: :class:`_DicomFileFields`). A manifest does not hold one per file:
+    it keeps its files in columns (:class:`FileTable`) and makes a record when one is asked for
+    (issue 16 item 4), so hold records only as long as they are needed. The path is kept as a
+    string (``fspath``), the very object :func:`file_path` returns; ``path`` makes a ``Path``
+    when asked (a ``Path`` per file and the parts it caches cost ~340 bytes a file).
     """
 
-    # In constructor order (_init, _key, __repr__ and pickling follow it).
-    __slots__ = _SLOTS = (
+    # In constructor order (_init, _key, __repr__ and pickling follow it). Besides them,
+    # ``_table``/``_row``: the FileTable columns and row a record was made from (not part of
+    # its value): outcomes find a file's slot by them without a key string per file.
+    _SLOTS = (
         "fspath",
         "size",
         "mtime_ns",
@@ -44,6 +44,7 @@ class DicomFile:
         "member",
         "ctime_ns",
     )
+    __slots__ = (*_SLOTS, "_row", "_table")
 
     fspath: str  # str(path): the file, or the archive holding it
     size: int
@@ -60,6 +61,9 @@ class DicomFile:
     # The inode change time (ns; 0 when unknown, e.g. inside an archive): any write changes it,
     # even one that puts the modification time back (the journal's change check, issue 13).
     ctime_ns: int
+    # Set only on records a FileTable made (see _SLOTS above).
+    _table: _Columns
+    _row: int
 
     def __init__(
         self,
@@ -379,7 +383,7 @@ class _Columns:
     def record(self, row: int) -> DicomFile:
         mtime_ns = self.mtime_ns[row]
         member = self.member[row][1:] or None if self.member is not None else None
-        return DicomFile.walked(
+        f = DicomFile.walked(
             self.fspath[row],
             self.size[row],
             mtime_ns,
@@ -393,6 +397,9 @@ class _Columns:
             member,
             mtime_ns if self.ctime_ns is None else self.ctime_ns[row],
         )
+        _set(f, "_table", self)
+        _set(f, "_row", row)
+        return f
 
 
 class FileTable(Sequence[DicomFile]):
@@ -463,6 +470,15 @@ class FileTable(Sequence[DicomFile]):
             member,
             ctime_ns,
         )
+
+    def extend(self, records: Iterable[DicomFile]) -> None:
+        for f in list(records):  # a table may be extended with itself
+            self.append(f)
+
+    def __iadd__(self, records: Iterable[DicomFile]) -> FileTable:
+        """``table += records`` appends them, as for the list a manifest's files once were."""
+        self.extend(records)
+        return self
 
     def take(self, positions: Iterable[int]) -> FileTable:
         """A view of the files at ``positions`` (of this sequence), in that order."""
@@ -564,12 +580,24 @@ class FileTable(Sequence[DicomFile]):
         members = self._cols.member
         return None if members is None else members[self.row(i)][1:] or None
 
-    def file_path(self, i: int) -> str:
+    def name_of(self, i: int) -> str:
         """:func:`file_path` of the ``i``-th file, without making its record."""
         return _file_name(self.fspath(i), self.member(i))
 
     def mtime_ns(self, i: int) -> int:
         return self._cols.mtime_ns[self.row(i)]
+
+    def holds(self, f: DicomFile) -> bool:
+        """True when ``f`` was made from these columns (its ``_row`` is a row of them)."""
+        return getattr(f, "_table", None) is self._cols
+
+    def same_rows(self, other: FileTable) -> bool:
+        """True when ``other`` is these very rows of these columns, in the same order."""
+        if other._cols is not self._cols or len(other) != len(self):
+            return False
+        if self._rows is None and other._rows is None:
+            return True
+        return list(self.rows()) == list(other.rows())
 
     @property
     def is_view(self) -> bool:
@@ -725,6 +753,78 @@ class FileOutcome:
     def sent_now(self) -> bool:
         """Bytes this run put on the wire (not an earlier run's, not the server's own)."""
         return self.origin is Origin.RUN
+
+
+class _RowOutcome(FileOutcome):
+    """A FileOutcome whose path, SOP Instance UID, series and size are read from the row of a
+    FileTable when asked, not held as strings (~300 bytes a file in a 100,000-file upload:
+    issue 16 item 4). Equal to, and pickled as, the plain FileOutcome it stands for."""
+
+    __slots__ = ("_row", "_table")
+
+    def __init__(
+        self,
+        table: _Columns,
+        row: int,
+        outcome: Outcome,
+        reason: str = "",
+        origin: Origin = Origin.RUN,
+    ) -> None:
+        self._table = table
+        self._row = row
+        self.outcome = outcome
+        self.reason = reason
+        self.batch = None
+        self.origin = origin
+
+    @property
+    def path(self) -> str:  # type: ignore[override]
+        c = self._table
+        member = c.member[self._row][1:] or None if c.member is not None else None
+        return _file_name(c.fspath[self._row], member)
+
+    @property
+    def sop_instance_uid(self) -> str:  # type: ignore[override]
+        return self._table.sop_instance_uid[self._row]
+
+    @property
+    def series_uid(self) -> str:  # type: ignore[override]
+        return self._table.series_uid[self._row]
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self._table.size[self._row]
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.path,
+            self.outcome,
+            self.reason,
+            self.sop_instance_uid,
+            self.series_uid,
+            self.size,
+            self.batch,
+            self.origin,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileOutcome):
+            return NotImplemented
+        return self._fields() == _RowOutcome._fields(other)  # type: ignore[arg-type]
+
+    __hash__ = None  # type: ignore[assignment]  # as FileOutcome's
+
+    def __repr__(self) -> str:
+        return repr(FileOutcome(*self._fields()))  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (FileOutcome, self._fields())
+
+
+def row_outcome(files: FileTable, i: int, outcome: Outcome, reason: str = "") -> FileOutcome:
+    """The outcome of the ``i``-th file of ``files`` that reads its path and UIDs from the
+    columns (:class:`_RowOutcome`)."""
+    return _RowOutcome(files._cols, files.row(i), outcome, reason)
 
 
 def file_path(f: DicomFile) -> str:

@@ -254,8 +254,8 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
             if first is not None:
                 study.duplicates.append(
                     SkippedFile(
-                        Path(table.file_path(i)),
-                        f"duplicate of {table.file_path(first)} (same SOP Instance UID)",
+                        Path(table.name_of(i)),
+                        f"duplicate of {table.name_of(first)} (same SOP Instance UID)",
                         table.size(i),
                     )
                 )
@@ -358,7 +358,7 @@ def _first(files: FileTable, positions: Iterable[int]) -> int:
 
     def key(i: int) -> tuple[bool, int, str]:
         number = files.series_number(i)
-        return (number is None, number or 0, files.file_path(i))
+        return (number is None, number or 0, files.name_of(i))
 
     return min(positions, key=key)
 
