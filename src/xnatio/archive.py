@@ -261,8 +261,9 @@ class ArchiveStream(Generic[F]):
     :func:`instance_member_names`) instead of the paths relative to ``root``.
 
     ``compression`` (:class:`xnatio.compress.Compression`) decides entry by entry whether a
-    ``zip-auto`` stream deflates (``zip-deflated`` deflates all), and is told every chunk handed
-    out (the wire rate) and every entry deflated (the compressor's rate); ``raw_sent`` counts the
+    ``zip-auto`` stream deflates (``zip-deflated`` deflates all), and is told every entry deflated
+    (the compressor's rate; the link's rate comes from the request body, which knows what the
+    server acknowledged: :class:`xnatio.transports.rest.bodies.StreamBody`); ``raw_sent`` counts the
     uncompressed bytes of the entries produced so far in this iteration (progress of a
     compressed stream counts these, not wire bytes).
 
@@ -337,13 +338,9 @@ class ArchiveStream(Generic[F]):
             )
         else:
             raw = _tar_chunks(self.members, tap)
-        counted = 0  # raw bytes already told to compression
         for chunk in _coalesce(raw):
             if self.on_bytes is not None:
                 self.on_bytes(len(chunk))
-            if compression is not None:
-                compression.sent(len(chunk), self.raw_sent - counted)
-                counted = self.raw_sent
             yield chunk
 
 
