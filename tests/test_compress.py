@@ -549,3 +549,33 @@ def test_a_body_that_measures_limits_its_sockets_unsent_bytes(tmp_path: Path) ->
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.parametrize("library", ["isal", "zlib"])
+def test_either_deflater_writes_what_any_inflater_reads(library: str, tmp_path: Path) -> None:
+    """ISA-L's deflate (where installed) and zlib's both write standard raw deflate streams: a
+    zip reader (java.util.zip in XNAT, facts 1.1; zlib here) inflates them to the same bytes."""
+    import zlib
+
+    from xnatio.archive import DEFLATE_LIBRARY, deflater
+
+    if library == "isal" and DEFLATE_LIBRARY != "isal":
+        pytest.skip("python-isal is not installed here")
+    data = b"".join(f.path.read_bytes() for f in _files(tmp_path, 3))
+    z = deflater(defaults.COMPRESS_LEVEL, library)
+    packed = b"".join(z.compress(data[i : i + 65536]) for i in range(0, len(data), 65536))
+    packed += z.flush()
+    assert zlib.decompressobj(-15).decompress(packed) == data
+    assert len(packed) * 2 < len(data)
+    assert type(z).__module__ == {"isal": "isal_zlib", "zlib": "zlib"}[library]
+
+
+def test_isal_is_the_deflater_where_it_is_installed() -> None:
+    from xnatio.archive import DEFLATE_LIBRARY
+
+    try:
+        import isal  # noqa: F401
+    except ImportError:
+        assert DEFLATE_LIBRARY == "zlib"
+    else:
+        assert DEFLATE_LIBRARY == "isal"
