@@ -155,6 +155,7 @@ class Committer:
                     cancel=self.cancel,
                     sleep=self.sleep,
                     since=since,
+                    reach=self.client.reachability,
                 ):
                     raise
                 retry_number += 1
