@@ -9,15 +9,17 @@ before each entry.
 ``auto`` compresses when the link is slower than the compressor can feed it, from what the run
 measures, never from a guess:
 
-* the **link rate**: wire bytes the server's side acknowledged, over the last ``window`` seconds,
-  for every body of the upload (:meth:`Compression.delivered`, fed by
-  :class:`xnatio.transports.rest.bodies.StreamBody` from ``SIOCOUTQ``:
-  :mod:`xnatio.transports.rest.wire`; bytes handed to the sockets where the platform cannot say).
-  Bytes handed to a socket are not bytes the link carried: 42 sockets whose send buffers grow to
-  megabytes take hundreds of MB at memory speed, which made a 100 Mbit/s link look fast. While
-  ``auto`` measures, the bodies also keep the bytes queued unsent per socket small
-  (``TCP_NOTSENT_LOWAT``, :func:`xnatio.transports.rest.wire.limit_unsent`), so stored bytes do
-  not pile up in socket buffers before the decision;
+* the **link rate**: wire bytes the server's side acknowledged, by every body of the upload,
+  over the period since the choice was last reviewed: each body's pass is watched while it
+  sends (:meth:`Compression.watch`), and its socket's count (bytes handed minus ``SIOCOUTQ``,
+  :class:`xnatio.transports.rest.wire.AckedBytes`; bytes handed where the platform cannot say)
+  is read at each review, from whichever thread reviews. Bytes handed to a socket are not bytes
+  the link carried: 42 sockets whose send buffers grow to megabytes take hundreds of MB at
+  memory speed, which made a 100 Mbit/s link look fast. While ``auto`` measures, the bodies
+  also keep the bytes queued unsent per socket small (``TCP_NOTSENT_LOWAT``,
+  :func:`xnatio.transports.rest.wire.limit_unsent`), so stored bytes do not pile up in socket
+  buffers before the decision. The files' bytes acknowledged (the payload rate) come from the
+  bodies' reports (:meth:`Compression.delivered`), over the last ``window`` seconds;
 * the **compressor's rate**: uncompressed bytes deflated per CPU second of the thread that
   deflates (``cpu_clock``, :func:`time.thread_time`), from the entries deflated in this run; the
   first entry, and one entry every ``sample_interval`` seconds even when ``auto`` stores, is
@@ -28,8 +30,9 @@ Sending N bytes stored costs N / link; deflated it costs max(N / compressor, N /
 deflating pays when the compressor is faster than the link and the data shrink. The rule is
 conservative (``margin``): deflate when ``link rate × margin < compressor rate (one core)`` and
 ``ratio ≥ min_ratio``; a link fast enough to be near what one core deflates (loopback) stays
-uncompressed. The first decision is taken ``probe`` seconds after the first entry (entries go
-stored until then, but for the compressor's sample), from the rates over those seconds.
+uncompressed. The first ``warmup`` seconds of sending are not measured (connections opening,
+TCP slow start); the first decision is taken from the ``probe`` seconds after them, within the
+first second (entries go stored until then, but for the compressor's sample).
 
 That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
 a loaded machine: measured in docs/performance.md, "Compression"), so deflating is a **trial**:
@@ -37,9 +40,12 @@ after ``trial`` seconds, the uncompressed bytes per second the server acknowledg
 deflating (the payload rate, what the user waits for, over the last ``window`` seconds of the
 trial) is compared with the payload rate of the last period stored. Deflating goes on only while
 it is ``gain`` times faster (a margin over the noise of a shared machine); if it is not, entries
-go stored again and the next trial waits ``retry`` seconds. So ``auto`` never stays on a path
-that made the run slower. Entries follow the decision as it changes (one decision for all
-batches of an upload, thread-safe), so a run whose link slows down (or speeds up) follows it.
+go stored again and the next trial waits ``retry`` seconds. A first stored period that
+underestimated the link (deflated, the wire carried more than ``margin`` times as much) is
+measured again, stored. One thread reviews at a time; the others go on with the choice. So
+``auto`` never stays on a path that made the run slower. Entries follow the decision as it
+changes (one decision for all batches of an upload, thread-safe), so a run whose link slows down
+(or speeds up) follows it.
 """
 
 from __future__ import annotations
