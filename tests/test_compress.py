@@ -579,3 +579,55 @@ def test_isal_is_the_deflater_where_it_is_installed() -> None:
         assert DEFLATE_LIBRARY == "zlib"
     else:
         assert DEFLATE_LIBRARY == "isal"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_NOTSENT_LOWAT")
+def test_auto_measures_every_body_of_a_real_upload(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Over real HTTP: each body's pass is watched while it sends, on a socket whose unsent
+    queue is limited, and what the server acknowledged reaches the decision, all of it."""
+    import socket
+
+    from xnatio.plan import plan_batches
+    from xnatio.transports.rest import BatchSender, RestUploader
+
+    session = generate_session(tmp_path / "MR", series=2, instances=6, image_size=(64, 64))
+    seen: dict[str, Any] = {"watched": 0, "live": 0, "lowat": set(), "payload": 0}
+
+    class Watching(Compression):
+        def watch(self, meter: Any) -> None:
+            seen["watched"] += 1
+            seen["live"] += 1
+            sock = meter._socket()
+            option = socket.TCP_NOTSENT_LOWAT  # type: ignore[attr-defined]
+            seen["lowat"].add(sock.getsockopt(socket.IPPROTO_TCP, option))
+            super().watch(meter)
+
+        def unwatch(self, meter: Any) -> None:
+            seen["live"] -= 1
+            super().unwatch(meter)
+
+        def delivered(self, wire: int, payload: int) -> None:
+            seen["payload"] += payload
+            super().delivered(wire, payload)
+
+    class Sender(BatchSender):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, compression=Watching("auto"))
+
+    class Uploader(RestUploader):
+        sender_class = Sender
+
+    manifest = discover(session.root)
+    batches = plan_batches(manifest, 3, single_max_files=1, single_max_bytes=0)
+    target = RestTarget(project="PROJ", subject="SUBJ01", session="SUBJ01_MR1", upload_workers=2)
+    with XnatClient(
+        xnat_server.url, username=xnat_server.username, password=xnat_server.password
+    ) as client:
+        result = Uploader(client, target).upload(manifest, batches)
+    assert result.success, result.errors
+    assert seen["watched"] == len(batches) == 3 and seen["live"] == 0
+    assert seen["lowat"] == {defaults.COMPRESS_UNSENT}
+    assert seen["payload"] == sum(f.size for f in manifest.files)
