@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sys
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,109 +38,193 @@ class FakeClock:
         return self.now
 
 
-def decision(mode: str = "auto") -> tuple[Compression, FakeClock, FakeClock]:
+class FakeSocketCount:
+    """What a body's pass tells of its socket: wire bytes the peer acknowledged."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.calls = 0
+
+    def acknowledged(self) -> int:
+        self.calls += 1
+        return self.acked
+
+
+def decision(mode: str = "auto") -> tuple[Compression, FakeClock, FakeSocketCount]:
     wall, cpu = FakeClock(), FakeClock()
-    return Compression(mode, clock=wall, cpu_clock=cpu), wall, cpu
+    c = Compression(mode, clock=wall, cpu_clock=cpu)
+    c.deflated(10 * MB, int(10 * MB / 2.9), 0.1)  # 100 MB/s per CPU second, ratio 2.9
+    sock = FakeSocketCount()
+    c.watch(sock)  # a body starts sending: the clock of the run starts
+    return c, wall, sock
 
 
-def feed_link(
-    c: Compression, wall: FakeClock, rate: float, seconds: float, ratio: float = 1.0
-) -> None:
-    """The sockets took ``rate`` wire bytes/s for ``seconds`` (in 0.1 s steps), carrying
-    ``ratio`` times as many uncompressed bytes."""
-    for _ in range(round(seconds * 10)):
-        wall.now += 0.1
-        c.sent(int(rate / 10), int(rate * ratio / 10))
-    wall.now += 0.01  # past the boundary whatever the float sums give
-
-
-def after_sample(c: Compression) -> bool:
+def ask(c: Compression) -> bool:
     """The decision for an entry that is not the compressor's periodic sample."""
     c._last_sample = c.clock()  # the sample of this interval is taken
     return c.should_deflate()
 
 
-def test_slow_link_compresses() -> None:
-    c, wall, _ = decision()
-    c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s per CPU second, ratio 3.3
-    feed_link(c, wall, 12.5 * MB, 4.2)  # 100 Mbit/s, stored
-    assert c.wire_rate() == pytest.approx(12.5 * MB, rel=0.15)
-    assert after_sample(c) is True  # the link is slower than the compressor: a trial
-    feed_link(c, wall, 12.5 * MB, 4, ratio=3.3)  # the link carries 3.3× the payload deflated
-    assert after_sample(c) is True  # kept: the payload rate went up
-    feed_link(c, wall, 12.5 * MB, 4, ratio=3.3)
-    assert after_sample(c) is True
+def run(
+    c: Compression,
+    wall: FakeClock,
+    sock: FakeSocketCount,
+    rate: float,
+    seconds: float,
+    ratio: float = 1.0,
+) -> list[tuple[float, bool]]:
+    """The link carries ``rate`` wire bytes/s for ``seconds`` (the peer acknowledges them), each
+    carrying ``ratio`` bytes of the files; an entry is asked for every 10 ms, as 42 bodies do.
+    Returns (seconds since the first entry, verdict) of each entry."""
+    verdicts = []
+    for _ in range(round(seconds * 100)):
+        wall.now += 0.01
+        sock.acked += int(rate / 100)
+        c.delivered(int(rate / 100), int(rate * ratio / 100))
+        verdicts.append((round(wall.now - 100.0, 2), ask(c)))
+    return verdicts
 
 
-def test_fast_link_does_not_compress() -> None:
-    c, wall, _ = decision()
-    c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s
-    feed_link(c, wall, 300 * MB, 4)  # loopback
-    assert after_sample(c) is False
-    feed_link(c, wall, 300 * MB, 30)
-    assert after_sample(c) is False
+def first_deflated(verdicts: list[tuple[float, bool]]) -> float | None:
+    return next((t for t, v in verdicts if v), None)
 
 
-def test_link_near_the_compressor_stays_uncompressed() -> None:
+def test_a_slow_link_is_deflated_within_the_first_second() -> None:
+    """100 Mbit/s: decided from the first ``warmup + probe`` seconds (0.75 s), not 2 + 4 s."""
+    c, wall, sock = decision()
+    verdicts = run(c, wall, sock, 12.5 * MB, 1.0)
+    start = first_deflated(verdicts)
+    assert start is not None and start <= 1.0
+    assert start >= defaults.COMPRESS_WARMUP + defaults.COMPRESS_PROBE - 0.01
+    assert not any(v for t, v in verdicts if t < start)  # stored while it measured
+    # The trial: the link carries 2.9x the files' bytes deflated: kept.
+    assert all(v for _, v in run(c, wall, sock, 12.5 * MB, 6, ratio=2.9))
+
+
+def test_the_link_is_what_the_peer_acknowledged_not_what_the_bodies_reported() -> None:
+    """The sockets' own counts are read at each review; a body reports only between chunks
+    (here: never), which would make any link look idle."""
+    c, wall, sock = decision()
+    for _ in range(100):
+        wall.now += 0.01
+        sock.acked += int(12.5 * MB / 100)
+        ask(c)
+    assert c.link_rate() == pytest.approx(12.5 * MB, rel=0.05)
+    assert ask(c) is True
+    sock.acked = 0
+    c2, wall2, sock2 = decision()
+    for _ in range(100):  # the bodies report 300 MB/s, the sockets say the link took 12.5
+        wall2.now += 0.01
+        sock2.acked += int(12.5 * MB / 100)
+        c2.delivered(3 * MB, 3 * MB)
+        ask(c2)
+    assert ask(c2) is True
+
+
+def test_the_start_up_is_not_measured() -> None:
+    """Connections opening (nothing acknowledged for the first 0.25 s) do not make a link that
+    is as fast as the compressor look slow."""
+    c, wall, sock = decision()
+    assert not any(v for _, v in run(c, wall, sock, 0, defaults.COMPRESS_WARMUP))
+    assert not any(v for _, v in run(c, wall, sock, 100 * MB, 3))  # 100 × 1.5 > 100 MB/s
+
+
+def test_a_fast_link_is_stored() -> None:
+    c, wall, sock = decision()
+    assert not any(v for _, v in run(c, wall, sock, 300 * MB, 30))  # loopback
+    assert c.link_rate() == pytest.approx(300 * MB, rel=0.05)
+
+
+def test_a_link_near_the_compressor_is_stored() -> None:
     """Within the margin (link × 1.5 ≥ compressor): compressing could slow it, so not."""
-    c, wall, _ = decision()
-    c.deflated(10 * MB, 3 * MB, 0.1)  # 100 MB/s
-    feed_link(c, wall, 80 * MB, 4)
-    assert after_sample(c) is False
+    c, wall, sock = decision()
+    assert not any(v for _, v in run(c, wall, sock, 80 * MB, 10))
 
 
-def test_a_trial_that_makes_the_run_slower_is_abandoned() -> None:
+def test_a_trial_that_makes_the_run_slower_is_abandoned_and_retried_later() -> None:
     """A slow link, but deflating costs CPU the receiver needed: the payload rate fell, so the
     upload goes back to stored entries, and tries again only after ``retry`` seconds."""
-    c, wall, _ = decision()
-    c.deflated(10 * MB, 3 * MB, 0.1)
-    feed_link(c, wall, 30 * MB, 4.2)
-    assert after_sample(c) is True  # trial
-    feed_link(c, wall, 6 * MB, 4, ratio=3.0)  # 18 MB/s of payload < 30 stored
-    assert after_sample(c) is False
-    feed_link(c, wall, 30 * MB, defaults.COMPRESS_RETRY - 4)
-    assert after_sample(c) is False  # not before the retry delay
-    feed_link(c, wall, 30 * MB, 4)
-    assert after_sample(c) is True  # tried again: the load may have changed
+    c, wall, sock = decision()
+    assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True  # a trial
+    trial = run(c, wall, sock, 6 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)  # 18 MB/s < 30
+    assert trial[-1][1] is False
+    lost = next(t for t, v in trial if not v)
+    later = run(c, wall, sock, 30 * MB, defaults.COMPRESS_RETRY + defaults.COMPRESS_TRIAL)
+    again = first_deflated(later)
+    assert again is not None and again - lost >= defaults.COMPRESS_RETRY - 0.02
 
 
 def test_a_trial_within_the_noise_is_not_kept() -> None:
-    c, wall, _ = decision()
-    c.deflated(10 * MB, 3 * MB, 0.1)
-    feed_link(c, wall, 30 * MB, 4.2)
-    assert after_sample(c) is True
-    feed_link(c, wall, 11 * MB, 4, ratio=3.0)  # 33 MB/s: 1.1× the stored rate, below the gain
-    assert after_sample(c) is False
+    c, wall, sock = decision()
+    assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True
+    # 33 MB/s of the files: 1.1× the stored rate, below the gain
+    assert run(c, wall, sock, 11 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)[-1][1] is False
 
 
-def test_mixed_link_follows_the_measured_rate() -> None:
-    c, wall, _ = decision()
-    c.deflated(10 * MB, 3 * MB, 0.1)
-    feed_link(c, wall, 300 * MB, 4)
-    assert after_sample(c) is False
-    feed_link(c, wall, 10 * MB, 4)  # the link slows down: the last window is what counts
-    assert after_sample(c) is True
-    feed_link(c, wall, 10 * MB, 4, ratio=3.0)
-    assert after_sample(c) is True
+def test_a_first_period_that_underestimated_the_link_is_measured_again() -> None:
+    """The first period saw 6 MB/s; deflated, the wire carried 30: the link is faster than
+    measured, so stored is measured again (and, the link being that fast, kept)."""
+    c, wall, sock = decision()
+    assert run(c, wall, sock, 6 * MB, 1)[-1][1] is True
+    assert run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL, ratio=2.0)[-1][1] is False
+    assert not any(v for _, v in run(c, wall, sock, 90 * MB, 4))  # 90 × 1.5 > 100: stored
+
+
+def test_only_one_thread_reviews_at_a_time() -> None:
+    """42 bodies ask at once: one reviews (reads the sockets), the others go on with the
+    current choice instead of each taking (and undoing) decisions."""
+    import threading
+
+    c, wall, sock = decision()
+    run(c, wall, sock, 12.5 * MB, 0.5)
+    inside, release = threading.Event(), threading.Event()
+    reading = FakeSocketCount()
+
+    def slow_read() -> int:
+        reading.calls += 1
+        inside.set()
+        release.wait(5)
+        return sock.acked
+
+    reading.acknowledged = slow_read  # type: ignore[method-assign]
+    c.watch(reading)
+    wall.now += 1.0
+    reviewer = threading.Thread(target=ask, args=(c,))
+    reviewer.start()
+    assert inside.wait(5)
+    assert ask(c) is False  # not blocked behind the review, and no second review
+    assert reading.calls == 1
+    release.set()
+    reviewer.join(5)
+    assert ask(c) is True
+
+
+def test_a_link_that_slows_down_is_followed() -> None:
+    c, wall, sock = decision()
+    assert not any(v for _, v in run(c, wall, sock, 300 * MB, 4))
+    slower = run(c, wall, sock, 10 * MB, 3)  # the last period is what counts
+    assert slower[-1][1] is True
+    assert all(v for _, v in run(c, wall, sock, 10 * MB, 4, ratio=3.0))
 
 
 def test_nothing_measured_yet_stores_except_the_sample() -> None:
-    c, wall, _ = decision()
+    wall, cpu = FakeClock(), FakeClock()
+    c = Compression("auto", clock=wall, cpu_clock=cpu)
     assert c.should_deflate() is True  # the first entry measures the compressor
-    assert c.should_deflate() is False  # no window of wire rate yet, nor a deflate rate
-    c.sent(MB)
-    wall.now += 0.5
-    assert c.wire_rate() is None  # less than one window
-    assert c.should_deflate() is False
-    wall.now += defaults.COMPRESS_SAMPLE_INTERVAL
+    assert c.should_deflate() is False  # nothing measured yet
+    wall.now += 5
+    assert c.link_rate() is None  # nothing acknowledged
     assert c.should_deflate() is True  # the compressor is sampled again, under today's load
+    assert c.should_deflate() is False  # no deflate rate, no link rate: stored
 
 
 def test_incompressible_data_are_stored() -> None:
-    c, wall, _ = decision()
+    wall, cpu = FakeClock(), FakeClock()
+    c = Compression("auto", clock=wall, cpu_clock=cpu)
     c.deflated(10 * MB, 9 * MB, 0.1)  # ratio 1.1 < COMPRESS_MIN_RATIO
-    feed_link(c, wall, 1 * MB, 4)
-    assert after_sample(c) is False
+    sock = FakeSocketCount()
+    c.watch(sock)
+    assert not any(v for _, v in run(c, wall, sock, 1 * MB, 4))
 
 
 def test_always_and_never_do_not_measure() -> None:
@@ -147,6 +232,7 @@ def test_always_and_never_do_not_measure() -> None:
     never, _, _ = decision("never")
     assert all(always.should_deflate() for _ in range(5))
     assert not any(never.should_deflate() for _ in range(5))
+    assert not never.measuring and not always.measuring
     with pytest.raises(ValueError, match="compress must be one of"):
         Compression("fast")
 
@@ -154,7 +240,8 @@ def test_always_and_never_do_not_measure() -> None:
 def test_deflate_rate_is_cpu_time_measured_in_the_archive(tmp_path: Path) -> None:
     """The archive reports each deflated entry's size and CPU time to the decision."""
     files = _files(tmp_path, 4)
-    c, _, cpu = decision("always")
+    cpu = FakeClock()
+    c = Compression("always", clock=FakeClock(), cpu_clock=cpu)
     real_cpu = c.cpu_clock
 
     def ticking() -> float:
@@ -304,3 +391,243 @@ def test_progress_of_a_compressed_body_counts_uncompressed_bytes(tmp_path: Path)
     assert progress.bytes_done == payload > wire  # uncompressed, all of it
     # counted while streaming (as each chunk is taken), not only at the end
     assert any(0 < n < payload for n in seen)
+
+
+# -- what the bodies tell the decision, over real sockets ---------------------------------------
+
+
+def _loopback_pair() -> tuple[Any, Any]:
+    """A loopback TCP connection whose receiver holds little and does not read."""
+    import socket
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited on accept
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sender = socket.create_connection(listener.getsockname())
+    receiver, _ = listener.accept()
+    listener.close()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)  # room for megabytes
+    return sender, receiver
+
+
+def _fill(sock: Any) -> int:
+    """Hand ``sock`` what it takes without blocking; how much it took."""
+    sock.setblocking(False)
+    taken = 0
+    for _ in range(1000):
+        try:
+            taken += sock.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+    return taken
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_NOTSENT_LOWAT, SIOCOUTQ")
+def test_limit_unsent_keeps_stored_bytes_out_of_the_send_buffer() -> None:
+    """Without the limit the socket takes megabytes ahead of a peer that does not read (all of
+    them stored bytes before ``auto`` decides); with it, about the limit."""
+    from xnatio.transports.rest.wire import limit_unsent, unacknowledged
+
+    taken = {}
+    for limit in (None, defaults.COMPRESS_UNSENT):
+        sender, receiver = _loopback_pair()
+        try:
+            if limit is not None:
+                assert limit_unsent(sender, limit)
+            taken[limit] = _fill(sender)
+            queued = unacknowledged(sender)
+            assert queued is not None
+            if limit is not None:
+                assert queued <= 4 * limit  # the limit, and the one send() that crossed it
+        finally:
+            sender.close()
+            receiver.close()
+    assert taken[None] > 1_000_000 > 4 * taken[defaults.COMPRESS_UNSENT]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIOCOUTQ is Linux's")
+def test_a_bound_count_is_read_from_another_thread() -> None:
+    """The request's socket is this thread's (``sending_socket``); ``auto`` reads every body's
+    count from whichever thread reviews, so a pass keeps its socket once it starts."""
+    import threading
+
+    from xnatio.transports.rest.wire import AckedBytes
+
+    sender, receiver = _loopback_pair()
+    owner = threading.get_ident()
+    try:
+        acked = AckedBytes(socket_of=lambda: sender if threading.get_ident() == owner else None)
+        acked.bind()
+        acked.was_handed(_fill(sender))
+        seen: list[int] = []
+        reader = threading.Thread(target=lambda: seen.append(acked.acknowledged()))
+        reader.start()
+        reader.join(5)
+        assert seen and 0 < seen[0] < acked.handed  # the peer's count, not what was handed
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_body_tells_the_decision_what_each_pass_delivered(tmp_path: Path) -> None:
+    """Each pass of a body is watched while it sends (the socket's count is read at reviews)
+    and reports what was acknowledged: wire bytes and the files' bytes they carry."""
+    import threading
+
+    from xnatio.events import ProgressCounter
+    from xnatio.transports.rest.bodies import StreamBody
+    from xnatio.transports.rest.send import _raw_sent
+
+    files = _files(tmp_path, 8)
+    payload = sum(f.size for f in files)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.watching: list[Any] = []
+            self.passes = 0
+            self.wire = self.payload = 0
+
+        def watch(self, meter: Any) -> None:
+            self.watching.append(meter)
+            self.passes += 1
+
+        def unwatch(self, meter: Any) -> None:
+            self.watching.remove(meter)
+
+        def delivered(self, wire: int, payload: int) -> None:
+            self.wire += wire
+            self.payload += payload
+
+    link = Recorder()
+    stream = make_archive_stream(files, "zip-deflated", root=tmp_path, compression=Compression())
+    progress = ProgressCounter(None, files_total=len(files), bytes_total=payload, batches_total=1)
+    body = StreamBody(
+        stream, payload, progress, threading.Event(), raw_sent=_raw_sent(stream), link=link
+    )
+    for _ in range(2):  # a first pass and a retry
+        wire = 0
+        for chunk in body:
+            wire += len(chunk)
+            assert len(link.watching) == 1  # watched while it sends
+        assert link.watching == []  # and no longer once the pass ended
+    assert link.passes == 2
+    # No socket here: acknowledged = handed. Both passes were delivered.
+    assert link.wire == 2 * wire and link.payload == 2 * payload
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_NOTSENT_LOWAT")
+def test_a_body_that_measures_limits_its_sockets_unsent_bytes(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from xnatio.events import ProgressCounter
+    from xnatio.transports.rest.bodies import StreamBody
+    from xnatio.transports.rest.wire import AckedBytes
+
+    files = _files(tmp_path, 2)
+    payload = sum(f.size for f in files)
+    sender, receiver = _loopback_pair()
+    option = socket.TCP_NOTSENT_LOWAT  # type: ignore[attr-defined]
+    try:
+        before = sender.getsockopt(socket.IPPROTO_TCP, option)
+        for unsent in (None, 100_000):
+            stream = make_archive_stream(files, "zip", root=tmp_path)
+            progress = ProgressCounter(None, files_total=2, bytes_total=payload, batches_total=1)
+            body = StreamBody(
+                stream,
+                payload,
+                progress,
+                threading.Event(),
+                size=stream.size,
+                acked=lambda: AckedBytes(socket_of=lambda: sender),  # the request's socket
+                unsent=unsent,
+            )
+            next(iter(body))  # the pass has started
+            expected = before if unsent is None else unsent
+            assert sender.getsockopt(socket.IPPROTO_TCP, option) == expected
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("library", ["isal", "zlib"])
+def test_either_deflater_writes_what_any_inflater_reads(library: str, tmp_path: Path) -> None:
+    """ISA-L's deflate (where installed) and zlib's both write standard raw deflate streams: a
+    zip reader (java.util.zip in XNAT, facts 1.1; zlib here) inflates them to the same bytes."""
+    import zlib
+
+    from xnatio.archive import DEFLATE_LIBRARY, deflater
+
+    if library == "isal" and DEFLATE_LIBRARY != "isal":
+        pytest.skip("python-isal is not installed here")
+    data = b"".join(f.path.read_bytes() for f in _files(tmp_path, 3))
+    z = deflater(defaults.COMPRESS_LEVEL, library)
+    packed = b"".join(z.compress(data[i : i + 65536]) for i in range(0, len(data), 65536))
+    packed += z.flush()
+    assert zlib.decompressobj(-15).decompress(packed) == data
+    assert len(packed) * 2 < len(data)
+    assert type(z).__module__ == {"isal": "isal_zlib", "zlib": "zlib"}[library]
+
+
+def test_isal_is_the_deflater_where_it_is_installed() -> None:
+    from xnatio.archive import DEFLATE_LIBRARY
+
+    try:
+        import isal  # noqa: F401
+    except ImportError:
+        assert DEFLATE_LIBRARY == "zlib"
+    else:
+        assert DEFLATE_LIBRARY == "isal"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_NOTSENT_LOWAT")
+def test_auto_measures_every_body_of_a_real_upload(
+    xnat_server: SandboxServer, tmp_path: Path
+) -> None:
+    """Over real HTTP: each body's pass is watched while it sends, on a socket whose unsent
+    queue is limited, and what the server acknowledged reaches the decision, all of it."""
+    import socket
+
+    from xnatio.plan import plan_batches
+    from xnatio.transports.rest import BatchSender, RestUploader
+
+    session = generate_session(tmp_path / "MR", series=2, instances=6, image_size=(64, 64))
+    seen: dict[str, Any] = {"watched": 0, "live": 0, "lowat": set(), "payload": 0}
+
+    class Watching(Compression):
+        def watch(self, meter: Any) -> None:
+            seen["watched"] += 1
+            seen["live"] += 1
+            sock = meter._socket()
+            option = socket.TCP_NOTSENT_LOWAT  # type: ignore[attr-defined]
+            seen["lowat"].add(sock.getsockopt(socket.IPPROTO_TCP, option))
+            super().watch(meter)
+
+        def unwatch(self, meter: Any) -> None:
+            seen["live"] -= 1
+            super().unwatch(meter)
+
+        def delivered(self, wire: int, payload: int) -> None:
+            seen["payload"] += payload
+            super().delivered(wire, payload)
+
+    class Sender(BatchSender):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, compression=Watching("auto"))
+
+    class Uploader(RestUploader):
+        sender_class = Sender
+
+    manifest = discover(session.root)
+    batches = plan_batches(manifest, 3, single_max_files=1, single_max_bytes=0)
+    target = RestTarget(project="PROJ", subject="SUBJ01", session="SUBJ01_MR1", upload_workers=2)
+    with XnatClient(
+        xnat_server.url, username=xnat_server.username, password=xnat_server.password
+    ) as client:
+        result = Uploader(client, target).upload(manifest, batches)
+    assert result.success, result.errors
+    assert seen["watched"] == len(batches) == 3 and seen["live"] == 0
+    assert seen["lowat"] == {defaults.COMPRESS_UNSENT}
+    assert seen["payload"] == sum(f.size for f in manifest.files)

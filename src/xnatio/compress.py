@@ -9,44 +9,66 @@ before each entry.
 ``auto`` compresses when the link is slower than the compressor can feed it, from what the run
 measures, never from a guess:
 
-* the **wire rate**: bytes handed to the sockets by every body of the upload, over the last
-  ``window`` seconds (a socket takes bytes only as fast as the link drains them, once its buffer
-  is full; until ``window`` seconds of sending have been seen, the rate is unknown and entries go
-  stored);
+* the **link rate**: wire bytes the server's side acknowledged, by every body of the upload,
+  over the period since the choice was last reviewed: each body's pass is watched while it
+  sends (:meth:`Compression.watch`), and its socket's count (bytes handed minus ``SIOCOUTQ``,
+  :class:`xnatio.transports.rest.wire.AckedBytes`; bytes handed where the platform cannot say)
+  is read at each review, from whichever thread reviews. Bytes handed to a socket are not bytes
+  the link carried: 42 sockets whose send buffers grow to megabytes take hundreds of MB at
+  memory speed, which made a 100 Mbit/s link look fast. While ``auto`` measures, the bodies
+  also keep the bytes queued unsent per socket small (``TCP_NOTSENT_LOWAT``,
+  :func:`xnatio.transports.rest.wire.limit_unsent`), so stored bytes do not pile up in socket
+  buffers before the decision. The files' bytes acknowledged (the payload rate) come from the
+  bodies' reports (:meth:`Compression.delivered`), over the last ``window`` seconds;
 * the **compressor's rate**: uncompressed bytes deflated per CPU second of the thread that
-  deflates (``cpu_clock``, :func:`time.thread_time`), from the entries deflated in this run; one
-  entry is deflated every ``sample_interval`` seconds even when ``auto`` stores, so the rate is
-  measured on this machine, under its current load; and the ratio (uncompressed / deflated) of
-  those entries.
+  deflates (``cpu_clock``, :func:`time.thread_time`), from the entries deflated in this run; the
+  first entry, and one entry every ``sample_interval`` seconds even when ``auto`` stores, is
+  deflated so that the rate is measured on this machine, under its current load; and the ratio
+  (uncompressed / deflated) of those entries.
 
 Sending N bytes stored costs N / link; deflated it costs max(N / compressor, N / (ratio × link)):
 deflating pays when the compressor is faster than the link and the data shrink. The rule is
-conservative (``margin``): deflate when ``wire rate × margin < compressor rate (one core)`` and
+conservative (``margin``): deflate when ``link rate × margin < compressor rate (one core)`` and
 ``ratio ≥ min_ratio``; a link fast enough to be near what one core deflates (loopback) stays
-uncompressed.
+uncompressed. The first ``warmup`` seconds of sending are not measured (connections opening,
+TCP slow start); the first decision is taken from the ``probe`` seconds after them, within the
+first second (entries go stored until then, but for the compressor's sample).
 
 That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
-a loaded machine: measured in docs/performance.md, "Compression"), so it only opens a **trial**:
-the upload deflates for ``trial`` seconds and compares the uncompressed bytes per second it
-achieves (the payload rate, what the user waits for, over the last ``window`` seconds of the
-trial) with the rate of the ``trial`` seconds stored before. Deflating goes on only while it is
-``gain`` times faster (a margin over the noise of a shared machine); if it is not, entries go
-stored again and the next trial waits ``retry`` seconds. So ``auto`` never stays on a path
-that made the run slower. Entries follow the decision as it changes (one decision for all
-batches of an upload, thread-safe), so a run whose link slows down (or speeds up) follows it.
+a loaded machine: measured in docs/performance.md, "Compression"), so deflating is a **trial**:
+after ``trial`` seconds, the uncompressed bytes per second the server acknowledged while
+deflating (the payload rate, what the user waits for, over the last ``window`` seconds of the
+trial) is compared with the payload rate of the last period stored. Deflating goes on only while
+it is ``gain`` times faster (a margin over the noise of a shared machine); if it is not, entries
+go stored again and the next trial waits ``retry`` seconds. A first stored period that
+underestimated the link (deflated, the wire carried more than ``margin`` times as much) is
+measured again, stored. One thread reviews at a time; the others go on with the choice. So
+``auto`` never stays on a path that made the run slower. Entries follow the decision as it
+changes (one decision for all batches of an upload, thread-safe), so a run whose link slows down
+(or speeds up) follows it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from xnatio import defaults
 
+log = logging.getLogger(__name__)
+
 COMPRESS_MODES = ("auto", "always", "never")
 Clock = Callable[[], float]
+
+
+class Meter(Protocol):
+    """What one body's pass says of its socket (:class:`xnatio.transports.rest.wire.AckedBytes`)."""
+
+    def acknowledged(self) -> int: ...
 
 
 class Compression:
@@ -60,6 +82,8 @@ class Compression:
         cpu_clock: Clock = time.thread_time,
         margin: float = defaults.COMPRESS_MARGIN,
         window: float = defaults.COMPRESS_WINDOW,
+        warmup: float = defaults.COMPRESS_WARMUP,
+        probe: float = defaults.COMPRESS_PROBE,
         sample_interval: float = defaults.COMPRESS_SAMPLE_INTERVAL,
         min_ratio: float = defaults.COMPRESS_MIN_RATIO,
         trial: float = defaults.COMPRESS_TRIAL,
@@ -73,40 +97,93 @@ class Compression:
         self.cpu_clock = cpu_clock
         self.margin = margin
         self.window = window
+        self.warmup = warmup
+        self.probe = probe
         self.sample_interval = sample_interval
         self.min_ratio = min_ratio
         self.trial = trial
         self.retry = retry
         self.gain = gain
         self._lock = threading.Lock()
-        self._sent: deque[tuple[float, int, int]] = deque()  # (when, wire, raw) within the window
-        self._in_window = 0
-        self._raw_in_window = 0
+        # (when, wire, payload) acknowledged within the last window
+        self._delivered: deque[tuple[float, int, int]] = deque()
+        self._live: list[Meter] = []  # the bodies sending now
+        self._watched = False  # a body was ever watched (else its reports are the count)
+        self._retired = 0  # wire bytes acknowledged of the bodies that ended
+        self._reported_wire = 0  # wire bytes the bodies reported (when none is watched)
+        self._mark = 0  # acknowledged() when the current period began
+        self._last_link: float | None = None  # wire bytes/s of the last period reviewed
+        self._link_stored: float | None = None  # wire bytes/s of the last period stored
+        self._from_probe = False  # that period was the first one (start-up included)
+        self._start: float | None = None  # the first entry asked for: sending begins
         self._deflating = False  # auto: the current choice
-        self._since: float | None = None  # when it was taken (None: nothing sent yet)
+        self._decided = False  # the first decision (``probe`` seconds in) was taken
+        self._reviewing = False  # a thread is reviewing the choice
+        self._warm = False  # the warm-up is over: the first period is measured
+        self._since = 0.0  # when the current choice was taken (or last reviewed)
         self._payload_rate: dict[bool, float] = {}  # payload bytes/s of the last period of each
         self._not_before = 0.0  # the next trial of deflating, after one that lost
-        self._first_sent: float | None = None
         self._raw = 0  # uncompressed bytes deflated
         self._packed = 0  # their deflated size
         self._cpu = 0.0  # CPU seconds spent deflating them
         self._last_sample: float | None = None
         self.entries = {True: 0, False: 0}  # entries deflated / stored, for the report
 
+    @property
+    def measuring(self) -> bool:
+        """``auto``: bodies should keep their unsent queues short (the link is measured)."""
+        return self.mode == "auto"
+
     # -- what the run measures ---------------------------------------------------------------
 
-    def sent(self, nbytes: int, raw: int | None = None) -> None:
-        """``nbytes`` of some body were handed to its socket (wire bytes, compressed or not),
-        carrying ``raw`` uncompressed bytes of the files (default: ``nbytes``)."""
+    def watch(self, meter: Meter) -> None:
+        """A body starts sending: ``meter.acknowledged()`` counts its wire bytes the peer has
+        acknowledged (:class:`xnatio.transports.rest.wire.AckedBytes`), read at each review."""
+        if self.mode != "auto":
+            return
         now = self.clock()
-        raw = nbytes if raw is None else raw
         with self._lock:
-            if self._first_sent is None:
-                self._first_sent = self._since = now
-            self._sent.append((now, nbytes, raw))
-            self._in_window += nbytes
-            self._raw_in_window += raw
-            self._trim(now)
+            self._begin(now)
+            self._live.append(meter)
+            self._watched = True
+
+    def unwatch(self, meter: Meter) -> None:
+        """The body's pass ended (sent, failed or cancelled): its count is kept."""
+        if self.mode != "auto":
+            return
+        acknowledged = meter.acknowledged()
+        with self._lock:
+            for i, live in enumerate(self._live):
+                if live is meter:
+                    del self._live[i]
+                    self._retired += acknowledged
+                    break
+
+    def delivered(self, wire: int, payload: int) -> None:
+        """The server's side acknowledged ``wire`` more bytes of some body (compressed or not),
+        carrying ``payload`` bytes of the files."""
+        if self.mode != "auto" or (wire <= 0 and payload <= 0):
+            return
+        now = self.clock()
+        with self._lock:
+            self._begin(now)
+            self._reported_wire += max(wire, 0)
+            self._delivered.append((now, max(wire, 0), max(payload, 0)))
+            while self._delivered and self._delivered[0][0] < now - self.window:
+                self._delivered.popleft()
+
+    def _begin(self, now: float) -> None:
+        if self._start is None:  # (under the lock)
+            self._start = self._since = now
+
+    def acknowledged(self) -> int:
+        """Wire bytes of all bodies the peer acknowledged so far: the watched bodies, read now;
+        the bodies' own reports when none was ever watched."""
+        with self._lock:
+            live, retired, watched = list(self._live), self._retired, self._watched
+            if not live and not retired and not watched:
+                return self._reported_wire
+        return retired + sum(m.acknowledged() for m in live)
 
     def deflated(self, raw: int, packed: int, cpu_seconds: float) -> None:
         """One entry of ``raw`` bytes was deflated to ``packed`` in ``cpu_seconds`` of CPU."""
@@ -115,29 +192,25 @@ class Compression:
             self._packed += packed
             self._cpu += max(cpu_seconds, 0.0)
 
-    def _trim(self, now: float) -> None:
-        while self._sent and self._sent[0][0] < now - self.window:
-            _, wire, raw = self._sent.popleft()
-            self._in_window -= wire
-            self._raw_in_window -= raw
-
-    def wire_rate(self) -> float | None:
-        """Bytes per second handed to the sockets over the last window; None before one window."""
-        now = self.clock()
+    def _payload_rate_over(self, now: float, span: float) -> float | None:
+        """Uncompressed bytes per second the bodies reported acknowledged over the last
+        ``span`` seconds; None when nothing was in that span."""
+        span = min(span, self.window)
+        if span <= 0:
+            return None
+        payload = 0
         with self._lock:
-            if self._first_sent is None or now - self._first_sent < self.window:
-                return None
-            self._trim(now)
-            return self._in_window / self.window
+            for when, _, p in reversed(self._delivered):
+                if when <= now - span:
+                    break
+                payload += p
+        return payload / span if payload > 0 else None
 
-    def payload_rate(self) -> float | None:
-        """Uncompressed bytes per second sent over the last window; None before one window."""
-        now = self.clock()
+    def link_rate(self) -> float | None:
+        """Wire bytes per second the peer acknowledged in the last period reviewed (None
+        before the first): what the link carried, deflated or not."""
         with self._lock:
-            if self._first_sent is None or now - self._first_sent < self.window:
-                return None
-            self._trim(now)
-            return self._raw_in_window / self.window
+            return self._last_link
 
     def deflate_rate(self) -> float | None:
         """Uncompressed bytes deflated per CPU second (one core); None before a measurement."""
@@ -165,6 +238,8 @@ class Compression:
             return self.mode == "always"
         now = self.clock()
         with self._lock:
+            if self._start is None:
+                self._start = self._since = now
             due = self._last_sample is None or now - self._last_sample >= self.sample_interval
             if due:  # keep the compressor's rate measured, on this machine, under today's load
                 self._last_sample = now
@@ -174,34 +249,95 @@ class Compression:
         return self._deflating
 
     def _review(self, now: float) -> None:
-        """Every ``trial`` seconds: keep or change the choice, from the payload rate it gave."""
+        """``probe`` seconds in, then every ``trial`` seconds: take, keep or change the choice,
+        from what was measured since it was last taken."""
         with self._lock:
-            since = self._since
-        if since is None or now - since < self.trial:
-            return
-        payload = self.payload_rate()
-        if payload is None:
+            if not self._warm:
+                if self._start is None or now - self._start < self.warmup or self._reviewing:
+                    return
+                self._reviewing = True
+        if not self._warm:  # the connections are open: the first period starts now
+            acknowledged = self.acknowledged()
+            with self._lock:
+                self._since, self._mark, self._warm = now, acknowledged, True
+                self._reviewing = False
             return
         with self._lock:
-            deflating = self._deflating
+            since, deflating, mark = self._since, self._deflating, self._mark
+            period = self.trial if self._decided else self.probe
+            if now - since < period or self._reviewing:
+                return
+            self._reviewing = True  # one thread reviews; the others go on with the choice
+        try:
+            self._review_period(now, since, deflating, mark)
+        finally:
+            with self._lock:
+                self._reviewing = False
+
+    def _review_period(self, now: float, since: float, deflating: bool, mark: int) -> None:
+        acknowledged = self.acknowledged()
+        wire = (acknowledged - mark) / (now - since)
+        if wire <= 0:
+            return  # nothing acknowledged yet: no decision from nothing
+        if deflating:  # what the files gained: the bodies' reports over the trial's last window
+            payload = self._payload_rate_over(now, now - since)
+            if payload is None:
+                return
+        else:
+            payload = wire  # stored: the files' own bytes (but the compressor's samples)
+        log.debug(
+            "compress auto: %.2f s in, %s: link %.1f MB/s, payload %.1f MB/s",
+            now - (self._start or now),
+            "deflating" if deflating else "stored",
+            wire / 1e6,
+            payload / 1e6,
+        )
+        with self._lock:
+            first = not self._decided
+            self._decided = True
+            self._last_link = wire
             self._payload_rate[deflating] = payload
-            other = self._payload_rate.get(not deflating)
-            self._since = now
+            stored = self._payload_rate.get(False)
+            link_stored, from_probe = self._link_stored, self._from_probe
+            if not deflating:
+                self._link_stored, self._from_probe = wire, first
+            self._since, self._mark = now, acknowledged
         if deflating:
-            if other is not None and payload < other * self.gain:  # not clearly faster: store
+            assert stored is not None and link_stored is not None  # a trial follows a stored period
+            if payload < stored * self.gain:  # not clearly faster: store
+                log.debug(
+                    "compress auto: storing again (payload %.1f MB/s deflated, %.1f MB/s stored)",
+                    payload / 1e6,
+                    stored / 1e6,
+                )
                 self._switch(False, now, not_before=now + self.retry)
+            elif from_probe and wire > link_stored * self.margin:
+                # The wire carried more deflated than stored: the first period (connections
+                # opening, the server starting) did not measure the link. Measure it stored.
+                log.debug(
+                    "compress auto: measuring stored again (link %.1f MB/s deflated, %.1f stored)",
+                    wire / 1e6,
+                    link_stored / 1e6,
+                )
+                self._switch(False, now)
             return
         if now < self._not_before:
             return
-        wire, deflate, ratio = self.wire_rate(), self.deflate_rate(), self.ratio()
-        if wire is None or deflate is None or ratio is None:
+        deflate, ratio = self.deflate_rate(), self.ratio()
+        if deflate is None or ratio is None:
             return
         if ratio >= self.min_ratio and wire * self.margin < deflate:
+            log.debug(
+                "compress auto: deflating (link %.1f MB/s, deflate %.1f MB/s per core, ratio %.2f)",
+                wire / 1e6,
+                deflate / 1e6,
+                ratio,
+            )
             self._switch(True, now)  # a trial: kept only if the payload rate goes up
 
     def _switch(self, deflating: bool, now: float, not_before: float | None = None) -> None:
         with self._lock:
             self._deflating = deflating
-            self._since = now
+            self._since = now  # _mark was taken with it, in _review
             if not_before is not None:
                 self._not_before = not_before

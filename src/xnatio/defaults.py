@@ -63,19 +63,26 @@ MANY_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{Modality}"
 # a session (facts 3.2). Ten minutes leaves a margin over that for a cron job.
 MANY_SETTLE = 600.0
 # --compress (xnatio.compress): "auto" deflates the entries of a batch's zip while the link is
-# slower than one core deflates; the rate on the wire is taken over COMPRESS_WINDOW seconds, one
-# entry is deflated every COMPRESS_SAMPLE_INTERVAL seconds to keep the compressor's rate measured,
-# and data that shrink less than COMPRESS_MIN_RATIO go stored. zlib level 1: on the benchmark data
-# level 6 shrinks no more for several times the CPU (docs/performance.md, "Compression").
+# slower than one core deflates. The link's rate is what the server's side acknowledged; the first
+# decision is taken from the COMPRESS_PROBE seconds that follow COMPRESS_WARMUP seconds of sending
+# (connections opening, TCP slow start); rates of the files' bytes are taken over COMPRESS_WINDOW;
+# one entry is deflated every COMPRESS_SAMPLE_INTERVAL seconds to keep the compressor's rate
+# measured, and data that shrink less than COMPRESS_MIN_RATIO go stored. While auto measures, each
+# body's socket queues at most COMPRESS_UNSENT bytes it has not sent yet (TCP_NOTSENT_LOWAT), so
+# stored bytes do not pile up in send buffers ahead of a slow link. zlib level 1: on the benchmark
+# data level 6 shrinks no more for several times the CPU (docs/performance.md, "Compression").
 COMPRESS = "auto"
 COMPRESS_LEVEL = 1
 COMPRESS_MARGIN = 1.5
-COMPRESS_WINDOW = 2.0
+COMPRESS_WINDOW = 1.0
+COMPRESS_WARMUP = 0.25
+COMPRESS_PROBE = 0.5
 COMPRESS_SAMPLE_INTERVAL = 2.0
 COMPRESS_MIN_RATIO = 1.2
+COMPRESS_UNSENT = 64 * 1024
 # auto's trials: seconds a choice (deflate or store) runs before its payload rate (over the last
 # COMPRESS_WINDOW) is compared with the other's, how much faster deflating must be to be kept,
 # and seconds before deflating is tried again after a trial that lost.
-COMPRESS_TRIAL = 4.0
-COMPRESS_RETRY = 20.0
+COMPRESS_TRIAL = 2.0
+COMPRESS_RETRY = 10.0
 COMPRESS_GAIN = 1.15

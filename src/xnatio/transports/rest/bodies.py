@@ -15,7 +15,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from xnatio.archive import EntryNames, SourceChangedError, tar_header, zip_entries
 from xnatio.errors import XnatioError
@@ -24,6 +24,16 @@ from xnatio.models import DicomFile
 from xnatio.transports.rest.wire import AckedBytes
 
 CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
+
+
+class LinkMeter(Protocol):
+    """What measures the link from the bodies (:class:`xnatio.compress.Compression`)."""
+
+    def watch(self, meter: AckedBytes) -> None: ...
+
+    def unwatch(self, meter: AckedBytes) -> None: ...
+
+    def delivered(self, wire: int, payload: int) -> None: ...
 
 
 class UploadCancelled(XnatioError):
@@ -40,7 +50,10 @@ class StreamBody:
     for a sized archive; for a compressed zip, whose size is unknown, by the uncompressed bytes
     of the entries produced with each chunk (``raw_sent``). After its last chunk a body waits
     while the rest is acknowledged, so the count reaches 100 % as the server reads; the
-    acknowledged wire bytes are counted too (the wire rate beside the payload rate). Each
+    acknowledged wire bytes are counted too (the wire rate beside the payload rate). ``link``
+    (``--compress auto``'s :class:`xnatio.compress.Compression`) is told what each pass has
+    acknowledged, to measure the link. With ``unsent``, the socket queues at most about that
+    many bytes not yet sent (:func:`xnatio.transports.rest.wire.limit_unsent`). Each
     ``iter()`` starts the archive again (a retry, or a resend after a 401) and takes back what
     the previous pass reported. An exception raised by the archive (a source file vanished) is
     kept in ``error``, because urllib3 may wrap it into a connection error on its way out.
@@ -55,8 +68,12 @@ class StreamBody:
         size: int | None = None,
         raw_sent: Callable[[], int] | None = None,
         acked: Callable[[], AckedBytes] = AckedBytes,
+        link: LinkMeter | None = None,
+        unsent: int | None = None,
     ) -> None:
         self._chunks = chunks
+        self._link = link
+        self._unsent = unsent
         self._raw_sent = raw_sent
         self._payload = payload
         self._scale = payload / size if size else 0.0
@@ -73,6 +90,11 @@ class StreamBody:
         self.take_back()
         self.error = None
         self._acked = acked = self._new_pass()
+        acked.bind()
+        if self._unsent is not None:
+            acked.limit_unsent(self._unsent)
+        if self._link is not None:
+            self._link.watch(acked)
         pending: list[bytes] = []
         size = 0
         try:
@@ -101,6 +123,9 @@ class StreamBody:
         except Exception as exc:
             self.error = exc
             raise
+        finally:
+            if self._link is not None:
+                self._link.unwatch(acked)
 
     def _flush(self, pending: list[bytes], size: int) -> bytes:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
@@ -125,10 +150,11 @@ class StreamBody:
 
     def _report(self, reported: int, wire: int, force: bool = False) -> None:
         if reported != self._reported or wire != self._reported_wire:
-            self._progress.update(
-                nbytes=reported - self._reported, wire=wire - self._reported_wire, force=force
-            )
+            nbytes, wire_bytes = reported - self._reported, wire - self._reported_wire
+            self._progress.update(nbytes=nbytes, wire=wire_bytes, force=force)
             self._reported, self._reported_wire = reported, wire
+            if self._link is not None and (nbytes > 0 or wire_bytes > 0):
+                self._link.delivered(wire_bytes, nbytes)
 
     def failure(self, exc: BaseException) -> BaseException:
         """After a failed send: forget this pass's bytes and return the real cause."""

@@ -20,7 +20,7 @@ Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
   task): bodies check its event mid-read and backoffs wait on it.
 
 Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
-in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB zlib for
+in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB deflater for
 zip-deflated]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No
 temporary copy of the dataset is ever written.
 """
@@ -35,6 +35,7 @@ from typing import Protocol
 
 import requests
 
+from xnatio import defaults
 from xnatio.archive import ArchiveStream, check_sources, instance_member_names, make_archive_stream
 from xnatio.compress import Compression
 from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
@@ -276,6 +277,8 @@ class BatchSender:
                     self.progress,
                     self.cancel,
                     raw_sent=_raw_sent(packed),
+                    link=self.compression,
+                    unsent=defaults.COMPRESS_UNSENT if self.compression.measuring else None,
                 )
             )
             # The display shows these files as in flight until the request ends.

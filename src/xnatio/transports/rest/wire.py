@@ -54,6 +54,26 @@ DRAIN_POLL = 0.05
 DRAIN_IDLE = 5.0
 
 
+def limit_unsent(sock: socket.socket | None, nbytes: int) -> bool:
+    """Let ``sock`` queue at most about ``nbytes`` it has not sent yet; False where unknown.
+
+    ``TCP_NOTSENT_LOWAT`` (Linux 3.12+, macOS): a blocking ``send`` waits while the bytes written
+    but not yet sent reach ``nbytes`` (``tcp_stream_memory_free`` in the kernel's
+    ``net/ipv4/tcp.c``, tcp(7)), whatever the send buffer's size; bytes in flight are not
+    limited, so the link stays as full as before. Without it a socket takes megabytes ahead of
+    a slow link (the send buffer autotunes), all of them stored bytes when ``--compress auto``
+    has not decided yet (:mod:`xnatio.compress`).
+    """
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is None or sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, nbytes)
+    except (OSError, ValueError):  # closed, or not a TCP socket
+        return False
+    return True
+
+
 def unacknowledged(sock: socket.socket | None) -> int | None:
     """Bytes written to ``sock`` that its peer has not acknowledged; None when unknown."""
     if _OUTQ is None or sock is None:
@@ -74,6 +94,7 @@ class AckedBytes:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._socket_of = socket_of
+        self._bound: socket.socket | None = None
         self._clock = clock
         self._marks: deque[tuple[int, int]] = deque([(0, 0)])  # (wire end, payload end)
         self._produced = 0
@@ -88,13 +109,26 @@ class AckedBytes:
         """The last chunk is handed out: its end is the whole payload."""
         self._marks[-1] = (self._produced, payload)
 
+    def bind(self) -> None:
+        """Keep the socket of this thread's request (called in the sending thread, as the pass
+        starts): :meth:`acknowledged` may then be asked from any thread (``--compress auto``
+        reads every body's count, :class:`xnatio.compress.Compression`)."""
+        self._bound = self._socket_of()
+
+    def _socket(self) -> socket.socket | None:
+        return self._bound if self._bound is not None else self._socket_of()
+
+    def limit_unsent(self, nbytes: int) -> bool:
+        """Keep the socket's unsent queue near ``nbytes`` (:func:`limit_unsent`)."""
+        return limit_unsent(self._socket(), nbytes)
+
     def was_handed(self, nbytes: int) -> None:
         """The socket took ``nbytes`` more (``sendall`` returned)."""
         self.handed += nbytes
 
     def acknowledged(self) -> int:
         """Wire bytes the peer acknowledged (or, where that is unknown, handed)."""
-        outq = unacknowledged(self._socket_of())
+        outq = unacknowledged(self._socket())
         if outq is None:
             return self.handed
         return max(0, self.handed - outq)
@@ -117,7 +151,7 @@ class AckedBytes:
         ``"answered"`` (the server answered or closed: readable), ``"still"`` (the queue stood
         still for :data:`DRAIN_IDLE` seconds) or ``"cancelled"``.
         """
-        sock = self._socket_of()
+        sock = self._socket()
         # Over TLS 1.3 the server sends session tickets after the handshake: a readable socket
         # is no answer there, and only the queue standing still (or the connection closing)
         # ends the wait.
