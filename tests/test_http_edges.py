@@ -372,3 +372,47 @@ def test_a_missing_ca_bundle_says_so(tls_server: str, tmp_path: Path) -> None:
     bundle = tmp_path / "missing.pem"
     with pytest.raises(ConfigError, match=f"the CA bundle {bundle} does not exist"):
         make_client(f"https://{tls_server}", verify=str(bundle)).login()
+
+
+@pytest.mark.parametrize("row_listed", [False, True])
+def test_a_build_of_a_row_that_is_gone_is_not_retried(
+    mocked: responses.RequestsMock, sleeps: list[float], row_listed: bool
+) -> None:
+    """XNAT answers a build of a missing prearchive row with 500 (facts 3.3), which looks like
+    any transient error: after a 500 the row is looked up, and once it is gone (another request
+    archived the session meanwhile) the build is not retried; the session is read back instead.
+    A row still listed is retried as before."""
+    import threading
+
+    from xnatio.transports.rest.commit import Committer
+    from xnatio.transports.rest.target import RestTarget
+
+    login_ok(mocked)
+    build = mocked.add(
+        responses.POST, f"{SERVER}{PREARC}", status=500, body="Internal Server Error"
+    )
+    row = {"url": PREARC, "status": "READY"}
+    mocked.add(
+        responses.GET,
+        f"{SERVER}/data/prearchive/projects/P",
+        json={"ResultSet": {"Result": [row] if row_listed else []}},
+    )
+    mocked.add(responses.GET, f"{SERVER}/data/projects/P/subjects/S/experiments/E", json={})
+    client = make_client(sleeps=sleeps)
+    committer = Committer(
+        client,
+        RestTarget(project="P", subject="S", session="E", overwrite="append"),
+        retry=RetryPolicy(retries=3, base=1.0, cap=8.0, rng=lambda: 0.5),
+        cancel=threading.Event(),
+        clock=lambda: 0.0,
+        sleep=sleeps.append,
+    )
+    if row_listed:
+        with pytest.raises(ServerError):
+            committer.commit_session(PREARC)
+        assert build.call_count == 4  # the first try and 3 retries
+    else:
+        assert (
+            committer.commit_session(PREARC) == "/data/archive/projects/P/subjects/S/experiments/E"
+        )
+        assert build.call_count == 1

@@ -346,7 +346,10 @@ class _FakeClient:
     logged_in = True
 
     def __init__(self) -> None:
+        from xnatio.retry import Reachability
+
         self.session = requests.Session()
+        self.reachability = Reachability()
 
     def request(self, method: str, path: str, **kw: Any) -> requests.Response:
         from xnatio.xnat.client import XnatClient as Real

@@ -121,3 +121,72 @@ def test_the_attempt_cap_still_binds_when_reached_first() -> None:
     since = clock()
     allowed = [n for n in range(10) if n < policy.retries and policy.wait(n, since=since)]
     assert allowed == [0, 1, 2]
+
+
+def test_a_wait_on_a_broken_connection_ends_when_another_request_is_answered() -> None:
+    """A server back from a restart: every request backing off from a broken connection retries
+    at once (the first answer to any of them wakes the rest), not at the end of its own backoff.
+    Backoffs without ``reach`` (the server answered 503 or a race) are not cut short."""
+    import threading
+
+    from xnatio.retry import Reachability
+
+    reach = Reachability()
+    policy = RetryPolicy(retries=5, base=60.0, cap=60.0, rng=lambda: 1.0)  # a 60 s backoff
+    woke = threading.Event()
+
+    def waiter() -> None:
+        assert policy.wait(0, reach=reach)
+        woke.set()
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    assert not woke.wait(0.3)  # still backing off
+    reach.answered()  # another request reached the server
+    assert woke.wait(10)
+    t.join(10)
+    # A wait that began after the answer is not woken by it, and a cancel still ends it.
+    cancel = threading.Event()
+    done = threading.Event()
+
+    def cancelled() -> None:
+        assert not policy.wait(0, cancel=cancel, reach=reach)
+        done.set()
+
+    t = threading.Thread(target=cancelled, daemon=True)
+    t.start()
+    assert not done.wait(0.3)
+    cancel.set()
+    assert done.wait(10)
+    t.join(10)
+
+
+def test_while_requests_wait_one_of_them_probes_the_server_and_an_answer_wakes_all() -> None:
+    """Every request may be deep in its backoff when the server comes back: one waiter probes
+    (a cheap request) every PROBE_EVERY seconds, and the probe's answer wakes them all."""
+    import threading
+
+    from xnatio.retry import Reachability
+
+    probes: list[int] = []
+    reach = Reachability()
+
+    def probe() -> None:
+        probes.append(len(probes))
+        if len(probes) == 2:  # the server is back at the second probe
+            reach.answered()
+
+    reach.probe = probe
+    reach.PROBE_EVERY = 0.05
+    policy = RetryPolicy(retries=5, base=60.0, cap=60.0, rng=lambda: 1.0)
+    woken = []
+    threads = [
+        threading.Thread(target=lambda: woken.append(policy.wait(0, reach=reach)), daemon=True)
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert woken == [True, True, True]
+    assert len(probes) == 2  # one prober at a time, not one per waiter

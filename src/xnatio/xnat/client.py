@@ -50,7 +50,7 @@ from xnatio import __version__, defaults
 from xnatio import redact as scrubber
 from xnatio.adaptive import AdaptiveLimit, Slot
 from xnatio.errors import AuthError, ConfigError, ServerError, UnreachableError
-from xnatio.retry import RetryPolicy, Sleep, parse_retry_after
+from xnatio.retry import Reachability, RetryPolicy, Sleep, parse_retry_after
 from xnatio.settings import Secret, is_loopback
 from xnatio.xnat.errors import (
     NotXnatError,
@@ -117,6 +117,9 @@ class XnatClient:
         self._jsession: str | None = None
         self._generation = 0  # bumped at each (re)login so concurrent 401s renew only once
         self._reached = False  # the server answered at least once
+        # Answers counted, so that requests waiting out a broken connection (a server
+        # restarting) retry as soon as another request reaches it (xnatio.retry).
+        self.reachability = Reachability(probe=self._probe)
         self.session = session if session is not None else requests.Session()
         # Its connections let a cancel cut the request waiting on them (xnatio.xnat.inflight).
         adapter = CuttableAdapter(
@@ -336,8 +339,29 @@ class XnatClient:
                     retry_number + 1,
                     self.retry.retries,
                 )
-                self.retry.wait(retry_number, exc.retry_after, sleep=self._sleep, since=since)
+                self.retry.wait(
+                    retry_number,
+                    exc.retry_after,
+                    sleep=self._sleep,
+                    since=since,
+                    reach=self.reachability if exc.status is None else None,
+                )
                 retry_number += 1
+
+    def _probe(self) -> None:
+        """One cheap request while others wait out a broken connection (xnatio.retry): any
+        answer, whatever its status, means the server is back and wakes them."""
+        try:
+            self.session.request(
+                "GET",
+                self.url_for("/data/version"),
+                timeout=(2.0, 5.0),
+                verify=self.verify,
+                allow_redirects=False,
+            )
+        except requests.RequestException:
+            return
+        self.reachability.answered()
 
     def _request_once(
         self,
@@ -457,6 +481,7 @@ class XnatClient:
                     allow_redirects=False,
                 )
                 slot.answered(resp.status_code, resp.headers.get("Retry-After"))
+            self.reachability.answered()  # wakes requests waiting out a broken connection
         except requests.exceptions.SSLError as exc:
             raise UnreachableError(self._tls_problem(exc)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:

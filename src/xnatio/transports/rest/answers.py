@@ -15,7 +15,7 @@ import requests
 from xnatio.archive import SourceChangedError
 from xnatio.errors import ServerError, XnatioError
 from xnatio.models import DicomFile
-from xnatio.retry import RetryPolicy, Sleep
+from xnatio.retry import Reachability, RetryPolicy, Sleep
 from xnatio.xnat.errors import TransientError, bad_member
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,21 @@ def wait_to_retry(
     cancel: threading.Event,
     sleep: Sleep | None,
     since: float | None = None,
+    reach: Reachability | None = None,
 ) -> bool:
     """Back off before another attempt when ``err`` is transient and retries are left: fewer
     than ``--retries`` so far, within ``--retry-budget`` of ``since`` (the first failure of this
-    request; xnatio.retry). False when not (or when cancelled while waiting)."""
+    request; xnatio.retry). False when not (or when cancelled while waiting). ``reach``: the
+    client's count of answers; a broken connection (no status) waits only until another request
+    is answered (xnatio.retry)."""
     if not isinstance(err, TransientError) or retry_number >= retry.retries:
         return False
     log.info("%s: %s; retrying (%d/%d)", what, err, retry_number + 1, retry.retries)
-    return retry.wait(retry_number, err.retry_after, cancel=cancel, sleep=sleep, since=since)
+    return retry.wait(
+        retry_number,
+        err.retry_after,
+        cancel=cancel,
+        sleep=sleep,
+        since=since,
+        reach=reach if err.status is None else None,
+    )

@@ -97,7 +97,11 @@ class Committer:
         t = self.target
         action = "commit" if t.overwrite == "none" else "build"
         try:
-            resp = self._archive_request(uri, {"action": action})
+            # A build of a row that is gone answers 500 like a transient error (facts 3.3): on a
+            # 500 the row is looked up, and a missing one is not retried.
+            resp = self._archive_request(
+                uri, {"action": action}, row=uri if action == "build" else None
+            )
             if action == "commit" and resp.status_code == 301:
                 archived = [u for u in uri_list(resp.text) if u.startswith("/data/archive/")]
                 if archived:
@@ -124,9 +128,14 @@ class Committer:
             raise ServerError(f"archiving {uri} returned no archive URI", status=resp.status_code)
         return found[0]
 
-    def _archive_request(self, path: str, params: dict[str, str]) -> requests.Response:
+    def _archive_request(
+        self, path: str, params: dict[str, str], row: str | None = None
+    ) -> requests.Response:
         """One commit/build/archive POST, retried on transient errors except XNAT's final
-        archive failures: "FAILED: …" and the archive timeout (facts 3.3, 3.4)."""
+        archive failures: "FAILED: …" and the archive timeout (facts 3.3, 3.4). ``row``: the
+        prearchive session a build is for; XNAT answers a build of a missing row with 500
+        (facts 3.3: PSR:242-252), so after a 500 the row is looked up, and a row that is gone
+        (archived by another request meanwhile) ends the retries at once."""
         retry_number = 0
         since: float | None = None  # the first failure: retried within the retry budget
         while True:
@@ -134,6 +143,8 @@ class Committer:
                 return self.client.request("POST", path, params=params, idempotent_retry=False)
             except TransientError as err:
                 if final_archive_failure(err.message):
+                    raise ServerError(err.message, status=err.status) from None
+                if row is not None and err.status == 500 and self.in_prearchive(row) is False:
                     raise ServerError(err.message, status=err.status) from None
                 since = self.retry.clock() if since is None else since
                 if not wait_to_retry(
@@ -144,6 +155,7 @@ class Committer:
                     cancel=self.cancel,
                     sleep=self.sleep,
                     since=since,
+                    reach=self.client.reachability,
                 ):
                     raise
                 retry_number += 1
@@ -161,15 +173,25 @@ class Committer:
         t = self.target
         try:
             self.client.get_json(t.experiment_path(label))
-            listing = self.client.get_json(f"/data/prearchive/projects/{quote(t.project)}")
+        except XnatioError:
+            return None
+        if self.in_prearchive(uri) is not False:
+            return None  # still waiting in the prearchive (not archived), or unknown
+        log.info("%s: the answer was lost, but the session is archived as %s", uri, label)
+        return "/data" + t.archive_dest_for(label)
+
+    def in_prearchive(self, uri: str) -> bool | None:
+        """Whether the prearchive lists the session of ``uri`` (facts 3.1); None when the
+        listing cannot be read."""
+        try:
+            listing = self.client.get_json(
+                f"/data/prearchive/projects/{quote(self.target.project)}"
+            )
             rows = listing["ResultSet"]["Result"]
         except (XnatioError, KeyError, TypeError):
             return None
         src = prearchive_path(uri)
-        if any(isinstance(r, dict) and prearchive_path(str(r.get("url"))) == src for r in rows):
-            return None  # still waiting in the prearchive: not archived
-        log.info("%s: the answer was lost, but the session is archived as %s", uri, label)
-        return "/data" + t.archive_dest_for(label)
+        return any(isinstance(r, dict) and prearchive_path(str(r.get("url"))) == src for r in rows)
 
     # -- Direct-Archive ---------------------------------------------------------------------
 

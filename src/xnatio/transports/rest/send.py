@@ -338,6 +338,7 @@ class BatchSender:
             cancel=self.cancel,
             sleep=self.sleep,
             since=since,
+            reach=self.client.reachability,
         )
 
     def _give_up(
