@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,11 @@ class Store(Catalog):
 
     # -- rows ------------------------------------------------------------------------------
     @staticmethod
-    def _prearc(row: sqlite3.Row) -> PrearcSession:
+    def _prearc(
+        row: sqlite3.Row, *, status: str | None = None, lastmod: float | None = None
+    ) -> PrearcSession:
+        """The row as a ``PrearcSession``; ``status``/``lastmod`` replace the row's (the values
+        just written), without ``dataclasses.replace``'s cost on every file."""
         return PrearcSession(
             id=row["id"],
             project=row["project"],
@@ -199,9 +203,9 @@ class Store(Catalog):
             tag=row["tag"],
             name=row["name"],
             subject=row["subject"],
-            status=row["status"],
+            status=row["status"] if status is None else status,
             uploaded=row["uploaded"],
-            lastmod=row["lastmod"],
+            lastmod=row["lastmod"] if lastmod is None else lastmod,
             scan_date=row["scan_date"],
             prevent_auto_commit=bool(row["prevent_auto_commit"]),
             autoarchive=row["autoarchive"],
@@ -315,7 +319,7 @@ class Store(Catalog):
                 if row["id"] not in writer_of:
                     writer_of.add(row["id"])
                     self._writers[row["id"]] = self._writers.get(row["id"], 0) + 1
-                return replace(self._prearc(row), status=status, lastmod=now)
+                return self._prearc(row, status=status, lastmod=now)
             if row["id"] not in writer_of:
                 writer_of.add(row["id"])
                 self._writers[row["id"]] = self._writers.get(row["id"], 0) + 1
