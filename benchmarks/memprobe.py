@@ -2,12 +2,17 @@
 
     python -m benchmarks.memprobe rss 2000,10000,100000 [--no-verify]
     python -m benchmarks.memprobe types 10000
+    python -m benchmarks.memprobe timeline 10000,100000 [--no-verify]
 
 ``rss``: ``xio upload-dicom`` of cached synthetic sessions (small files, benchmarks/data.py) into
 a sandbox in its own process (its memory is not ours), through :mod:`benchmarks.relay`; prints
 peak RSS of the client's process tree (benchmarks/measure.py) and the seconds from launch to the
 first import request. ``types``: in this process, discover + plan + result of one session under
 tracemalloc; prints the peak and the allocations still held per file, grouped by source line.
+``timeline``: the same command as ``rss``, with each stage of the pipeline timed from launch to
+the first import request (:mod:`benchmarks.timeline`); the client stops a second after that
+request starts. ``MEMPROBE_SRC=DIR``: the client runs
+the ``xnatio`` of that source folder (e.g. an older commit's ``src``) for a side-by-side run.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from benchmarks.servers import Sandbox
 IMAGE = (64, 64)
 
 
-def rss(sizes: list[int], verify: bool) -> None:
+def rss(sizes: list[int], verify: bool, timeline: bool = False) -> None:
     for n in sizes:
         ds = ensure_dataset(DataSpec(n, *IMAGE))
         work = Path(tempfile.mkdtemp(prefix=f"memprobe-{n}-"))
@@ -40,13 +45,23 @@ def rss(sizes: list[int], verify: bool) -> None:
         sandbox.start()
         try:
             with FirstImportRelay("127.0.0.1", sandbox.port) as relay:
-                cmd = [sys.executable, "-m", "xnatio", "upload-dicom", "BENCH", "S01"]
+                run = ["benchmarks.timeline", "--"] if timeline else ["xnatio"]
+                cmd = [sys.executable, "-m", *run, "upload-dicom", "BENCH", "S01"]
                 cmd += [f"E{n}", str(ds.path), "--server", relay.url, "--user", "admin"]
                 cmd += ["--json", "-q", "--num-batches", "42", "--upload-workers", "42"]
                 if not verify:
                     cmd.append("--no-verify")
                 (work / "home").mkdir()
                 env = dict(os.environ, XNAT_PASSWORD=sandbox.password, HOME=str(work / "home"))
+                stages = work / "timeline.jsonl"
+                if timeline:
+                    env["TIMELINE_OUT"] = str(stages)
+                    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+                    env["TIMELINE_STOP"] = "1.0"  # the rest of the upload is not measured
+                if os.environ.get("MEMPROBE_SRC"):  # another tree's xnatio (a before/after run)
+                    env["PYTHONPATH"] = os.pathsep.join(
+                        p for p in (os.environ["MEMPROBE_SRC"], env.get("PYTHONPATH")) if p
+                    )
                 t0 = time.perf_counter()
                 m = run_measured(
                     cmd, env=env, cwd=work, watch={}, log_dir=work / "log", timeout=1800
@@ -60,9 +75,27 @@ def rss(sizes: list[int], verify: bool) -> None:
             )
             if m.returncode != 0:
                 print(m.stderr[-2000:])
+            if timeline:
+                _print_timeline(stages, t0, relay.first_import_at)
         finally:
             sandbox.stop()
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_timeline(path: Path, t0: float, first_import: float | None) -> None:
+    """Each timed stage (benchmarks/timeline.py) as seconds from launch, in order of start;
+    the stages that ended after the first import request are left out."""
+    import json
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if first_import is not None:
+        rows.append({"stage": "FIRST IMPORT REQUEST", "start": first_import, "end": first_import})
+    horizon = first_import if first_import is not None else float("inf")
+    for r in sorted(rows, key=lambda r: (r["start"], -r["end"])):
+        if r["start"] > horizon:
+            continue
+        took = r["end"] - r["start"]
+        print(f"  {r['start'] - t0:7.3f} s  +{took:6.3f} s  {r['stage']}")
 
 
 def types(n: int) -> None:
@@ -136,13 +169,13 @@ def types(n: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("rss", "types"))
+    p.add_argument("what", choices=("rss", "types", "timeline"))
     p.add_argument("sizes")
     p.add_argument("--no-verify", action="store_true")
     a = p.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
-    if a.what == "rss":
-        rss(sizes, not a.no_verify)
+    if a.what in ("rss", "timeline"):
+        rss(sizes, not a.no_verify, timeline=a.what == "timeline")
     else:
         types(sizes[0])
 

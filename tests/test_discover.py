@@ -471,3 +471,207 @@ def test_a_file_record_is_a_compact_immutable_value_named_as_before(tmp_path: Pa
     walked = sorted(str(p) for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert [file_path(g) for g in manifest.files] == walked
     assert all(file_path(g) is g.fspath for g in manifest.files)
+
+
+# -- the one-pass header reader and the worker processes (issue 16: the first request sooner) ----
+
+
+def _both_paths(data: bytes) -> tuple[object, object]:
+    """(one-pass reader, general walk) on ``data`` alone: fields or the exception's type; the
+    one-pass reader may decline (None), never differ."""
+    from xnatio.dicomheader import _parse_whole, parse_general
+
+    def run(fn: object) -> object:
+        try:
+            return fn()  # type: ignore[operator]
+        except (NeedFallback, NotDicom) as exc:
+            return type(exc)
+
+    return run(lambda: _parse_whole(data)), run(lambda: parse_general(data, lambda n: b""))
+
+
+def test_one_pass_reader_answers_as_the_general_walk_or_declines(tmp_path: Path) -> None:
+    answered = 0
+    datas = []
+    for path in get_testdata_files():
+        if os.path.isfile(path):
+            with open(path, "rb") as fp:
+                datas.append(fp.read(FIRST_READ))
+    # Every length of a file as discovery writes them, and of one with a sequence (defined and
+    # undefined lengths), implicit VR and a long private element: whole and cut anywhere.
+    ds = _dataset(ExplicitVRLittleEndian)
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    ds.ReferencedImageSequence = [item]
+    ds.save_as(tmp_path / "seq", enforce_file_format=True)
+    seq = (tmp_path / "seq").read_bytes()
+    _dataset(ImplicitVRLittleEndian).save_as(tmp_path / "imp", enforce_file_format=True)
+    long = _dataset(ExplicitVRLittleEndian)
+    block = long.private_block(0x0019, "XNATIO TEST", create=True)
+    block.add_new(0x01, "OB", b"\x01" * 700)
+    long.save_as(tmp_path / "long", enforce_file_format=True)
+    others = [(tmp_path / name).read_bytes() for name in ("imp", "long")]
+    for data in (seq, _undefined_length_sequences(seq), *others):
+        datas += [data[:cut] for cut in range(0, min(len(data), 1500))] + [data]
+    for data in datas:
+        fast, general = _both_paths(data)
+        if fast is not None:
+            answered += 1
+            assert fast == general, data[:200]
+    assert answered > 100
+
+
+def _odd_tree(tmp_path: Path) -> Path:
+    """A session with every odd input, over several folders and many chunks."""
+    extras = ("dicomdir", "txt", "duplicate", "truncated")
+    s = _session(tmp_path, series=3, instances=9, extras=extras)
+    root = s.root
+    (root / "empty").write_bytes(b"")
+    os.symlink("nowhere", root / "dangling")
+    os.mkfifo(root / "S001" / "fifo")
+    (root / "S002" / "notes").write_text("not DICOM")
+    return root
+
+
+def _same(a: object, b: object) -> None:
+    assert a.files == b.files  # type: ignore[attr-defined]
+    assert a.skipped == b.skipped and a.duplicates == b.duplicates  # type: ignore[attr-defined]
+
+
+def test_worker_processes_give_the_serial_manifest_in_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xnatio.discover as discovery
+
+    root = _odd_tree(tmp_path)
+    told: list[ProgressEvent] = []
+    serial = discover(root, workers=1, progress=told.append)
+    monkeypatch.setattr(discovery, "_PROCESS_CHUNK", 4)  # many chunks per worker
+    events: list[ProgressEvent] = []
+    parallel = discover(root, processes=2, progress=events.append)
+    _same(parallel, serial)
+    assert [str(f.path) for f in parallel.files] == sorted(str(f.path) for f in serial.files)
+    assert events[-1] == told[-1] and events[-1].current == events[-1].total == 33
+    # Above the threshold, workers start on their own (here: a lowered one).
+    monkeypatch.setattr(discovery, "PROCESS_THRESHOLD", 10)
+    started: list[int] = []
+    real = discovery.Workers
+
+    class Counted(real):  # type: ignore[misc,valid-type]
+        def __init__(self, n: int) -> None:
+            super().__init__(n)
+            started.append(n)
+
+    monkeypatch.setattr(discovery, "Workers", Counted)
+    monkeypatch.setattr(discovery, "_process_count", lambda: 2)  # whatever this machine has
+    _same(discover(root), serial)
+    assert started == [2]
+    # Started after the walk when the early look at the top folders misses how many there are.
+    monkeypatch.setattr(discovery, "_looks_big", lambda root: False)
+    _same(discover(root), serial)
+    assert started == [2, 2]
+    # Not on a machine of one core (a worker would only add its start-up), nor below the
+    # threshold.
+    monkeypatch.setattr(discovery, "_process_count", lambda: 1)
+    _same(discover(root), serial)
+    monkeypatch.setattr(discovery, "_process_count", lambda: 2)
+    monkeypatch.setattr(discovery, "PROCESS_THRESHOLD", 1000)
+    _same(discover(root), serial)
+    assert started == [2, 2]
+
+
+_DIES_AFTER_ONE_CHUNK = """
+import marshal, os, sys
+from xnatio.examine import _read_frame, _write_frame, examine
+chunk = marshal.loads(_read_frame(sys.stdin.buffer))
+_write_frame(sys.stdout.buffer, marshal.dumps([examine(p) for p in chunk]))
+sys.stderr.write("Traceback (most recent call last):\\nMemoryError: worker broke on purpose\\n")
+sys.stderr.flush()
+os._exit(3)
+"""
+_ANSWERS_GARBAGE = """
+import sys
+sys.stdout.buffer.write((5).to_bytes(8, "little") + b"xxxxx")
+sys.stdout.buffer.flush()
+sys.stdin.buffer.read()
+"""
+
+
+@pytest.mark.parametrize(
+    "script,why",
+    [
+        (_DIES_AFTER_ONE_CHUNK, "MemoryError: worker broke on purpose"),
+        (_ANSWERS_GARBAGE, "an answer that could not be read"),
+        ("import sys; sys.exit(7)", "exit status 7"),
+    ],
+)
+def test_a_failed_worker_is_one_line_and_its_files_are_read_here(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    script: str,
+    why: str,
+) -> None:
+    import xnatio.discover as discovery
+    import xnatio.examine as examine
+
+    root = _odd_tree(tmp_path)
+    serial = discover(root, workers=1)
+    monkeypatch.setattr(discovery, "_PROCESS_CHUNK", 4)
+    monkeypatch.setattr(examine, "WORKER_COMMAND", ("-c", script))
+    with caplog.at_level("WARNING", logger="xnatio.examine"):
+        parallel = discover(root, processes=1)
+    _same(parallel, serial)  # every file examined once, in this process where the worker failed
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"a discovery worker stopped ({why}): reading its share of the headers in this process"
+    ]
+
+
+def test_ctrl_c_stops_discovery_and_no_worker_is_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xnatio.discover as discovery
+
+    root = _odd_tree(tmp_path)
+    monkeypatch.setattr(discovery, "_PROCESS_CHUNK", 4)
+    pools: list[discovery.Workers] = []
+    real = discovery.Workers
+
+    class Recorded(real):  # type: ignore[misc,valid-type]
+        def __init__(self, n: int) -> None:
+            super().__init__(n)
+            pools.append(self)
+            self.procs = [w.proc for w in self.workers]
+
+    monkeypatch.setattr(discovery, "Workers", Recorded)
+
+    def interrupt(event: ProgressEvent) -> None:
+        if event.current > 0:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        discover(root, processes=2, progress=interrupt)
+    discover(root, processes=2)  # and one that ends normally
+    assert len(pools) == 2
+    for pool in pools:
+        assert len(pool.procs) == 2 and not pool.workers
+        for proc in pool.procs:
+            assert proc.returncode is not None  # killed or ended, and reaped
+            with pytest.raises(ProcessLookupError):
+                os.kill(proc.pid, 0)
+
+
+def test_files_are_named_as_their_paths_whatever_the_root_looks_like(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xnatio.models import file_path
+
+    s = _session(tmp_path, series=1, instances=2)
+    expected = sorted(str(p.relative_to(s.root)) for p in s.instances.values())
+    monkeypatch.chdir(s.root)
+    assert sorted(file_path(f) for f in discover(".").files) == expected  # not "./S001/…"
+    monkeypatch.chdir(tmp_path)
+    for root in ("session", "session/", "./session", "session/../session"):
+        named = sorted(file_path(f) for f in discover(root).files)
+        assert named == sorted(str(Path(root) / name) for name in expected), root

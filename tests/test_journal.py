@@ -203,6 +203,28 @@ def test_fingerprint_tracks_size_and_mtime(tmp_path: Path) -> None:
     assert fp != manifest_fingerprint(restat(m))
 
 
+def test_fingerprint_is_written_when_recorded_not_when_the_run_opens(tmp_path: Path) -> None:
+    # Opening a run is on the way to the first request: it no longer sorts and hashes every
+    # file's name (issue 16); the fingerprint is written once the files are sent.
+    m = make_manifest(tmp_path / "src")
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        run = j.open_run(TARGET, m)
+        assert run.split() == ([], m.files)  # a first run: everything to send, nothing changed
+        assert run.changed_since_sent(m.files) == []
+        assert _fingerprint_in(path) == ""
+        run.record_fingerprint()
+    assert _fingerprint_in(path) == manifest_fingerprint(m)
+
+
+def _fingerprint_in(path: Path) -> str:
+    db = sqlite3.connect(path)  # closed here: a Connection's own 'with' does not close it
+    try:
+        return str(db.execute("SELECT fingerprint FROM runs").fetchone()[0])
+    finally:
+        db.close()
+
+
 def test_concurrent_writers_from_threads(tmp_path: Path) -> None:
     m = make_manifest(tmp_path / "src", n=64)
     with Journal(tmp_path / "j.sqlite") as j:
@@ -534,7 +556,7 @@ def test_a_write_that_puts_the_mtime_back_is_still_a_change(tmp_path: Path) -> N
     st = f.path.stat()
     m = Manifest(
         root=m.root,
-        files=[dataclasses.replace(g, ctime_ns=st.st_ctime_ns) if g is f else g for g in m.files],
+        files=[dataclasses.replace(g, ctime_ns=st.st_ctime_ns) if g == f else g for g in m.files],
     )
     with Journal(tmp_path / "j.sqlite") as j:
         j.open_run(TARGET, m).record_confirmed(m.files)

@@ -33,7 +33,7 @@ from xnatio.many import (
 )
 from xnatio.many.group import group_manifests, study_modality
 from xnatio.many.plan import SAME_SESSION, SHARED_SUBJECT, parse_plan, plan_text
-from xnatio.models import DicomFile, Manifest, Phase, ProgressEvent
+from xnatio.models import DicomFile, FileTable, Manifest, Phase, ProgressEvent
 from xnatio.synth import generate_session
 
 # Later than any file's ctime (which no test can set): only mtimes decide in the tests below
@@ -61,9 +61,9 @@ def study(
     uid: str, attributes: dict[str, str], *, mtime: float = NOW - 3600, files: int = 2
 ) -> Study:
     s = Study(uid, folders=(Path("/data/out"),), attributes=attributes)
-    s.files = [
+    s.files = FileTable(
         dicom_file(f"/data/out/{uid}.{i}", uid, f"{uid}.{i}", mtime=mtime) for i in range(files)
-    ]
+    )
     return s
 
 

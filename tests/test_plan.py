@@ -136,3 +136,105 @@ def test_long_skip_lists_are_summarised() -> None:
 )
 def test_human_bytes(n: int, text: str) -> None:
     assert human_bytes(n) == text
+
+
+# -- the O(n) planner gives the batches the per-file planner gave (issue 16) ----------------------
+
+
+def _reference_plan(m: Manifest, num_batches: int) -> list[list[str]]:
+    """The planner as it was before it worked on index ranges (file by file, O(n) per plan
+    tried), kept here as the oracle: same rules, written the obvious way."""
+    import heapq
+    import math
+
+    files = m.files
+    total = sum(f.size for f in files)
+    if num_batches <= 1 or (len(files) <= 100 and total <= 100 * 2**20):
+        return [[f.sop_instance_uid for f in files]]
+    num_batches = min(num_batches, len(files))
+    fair = max(1, math.ceil(total / num_batches))
+    groups: dict[tuple[str, int, str], list[DicomFile]] = {}
+    for f in files:
+        number = f.series_number if f.series_number is not None else 2**31
+        groups.setdefault((f.study_uid, number, f.series_uid), []).append(f)
+    series = [groups[k] for k in sorted(groups)]
+
+    def split(group: list[DicomFile], limit: int) -> list[list[DicomFile]]:
+        size = sum(f.size for f in group)
+        pieces = min(len(group), math.ceil(size / limit)) if limit > 0 else 1
+        if pieces <= 1:
+            return [group]
+        out: list[list[DicomFile]] = []
+        current: list[DicomFile] = []
+        running = 0
+        for f in group:
+            current.append(f)
+            running += f.size
+            if len(out) < pieces - 1 and running >= size / pieces * (len(out) + 1):
+                out.append(current)
+                current = []
+        return out + ([current] if current else [])
+
+    def pack(piece: int) -> list[list[list[DicomFile]]]:
+        chunks = []
+        for group in series:
+            size = sum(f.size for f in group)
+            for chunk in split(group, piece if size > fair else size):
+                chunks.append((sum(f.size for f in chunk), len(chunks), chunk))
+        chunks.sort(key=lambda c: (-c[0], c[1]))
+        heap = [(0, i) for i in range(num_batches)]
+        contents: list[list[tuple[int, list[DicomFile]]]] = [[] for _ in range(num_batches)]
+        for size, order, chunk in chunks:
+            load, slot = heapq.heappop(heap)
+            contents[slot].append((order, chunk))
+            heapq.heappush(heap, (load + size, slot))
+        return [[c for _, c in sorted(p, key=lambda x: x[0])] for p in contents if p]
+
+    def heaviest(plan: list[list[list[DicomFile]]]) -> int:
+        return max(sum(f.size for c in b for f in c) for b in plan)
+
+    best: list[list[list[DicomFile]]] = []
+    for finer in (1, 2, 3, 4):
+        plan = pack(max(1, fair // finer))
+        if not best or heaviest(plan) < heaviest(best):
+            best = plan
+        if heaviest(best) <= fair * 1.05:
+            break
+    if heaviest(best) > fair * 1.10:
+        cut: list[list[list[DicomFile]]] = []
+        current: list[DicomFile] = []
+        running = 0
+        for f in (f for group in series for f in group):
+            current.append(f)
+            running += f.size
+            if len(cut) < num_batches - 1 and running * num_batches >= total * (len(cut) + 1):
+                cut.append([current])
+                current = []
+        if current:
+            cut.append([current])
+        if heaviest(cut) < heaviest(best):
+            best = cut
+    return [[f.sop_instance_uid for c in b for f in c] for b in best]
+
+
+def test_the_planner_gives_the_reference_batches() -> None:
+    rng = random.Random(16)
+    cases = [
+        _manifest([[1000] * 200] * 25),  # the benchmark's 100,000 small files, scaled down
+        _manifest([[MB] * 100] * 10 + [[MB] * 2000]),
+        _manifest([[0] * 50, [0] * 80]),  # empty files
+        _manifest([[7] * 3, [5 * MB], [1] * 300]),
+    ]
+    for _ in range(25):
+        sizes = [
+            [rng.choice([0, 1, rng.randint(1, 4 * MB)]) for _ in range(rng.randint(1, 60))]
+            for _ in range(rng.randint(1, 30))
+        ]
+        cases.append(_manifest(sizes, studies=rng.randint(1, 3)))
+        # A few huge files among tiny ones: one file crosses several cut points at once.
+        spiky = [[rng.choice([1] * 30 + [4 * MB]) for _ in range(rng.randint(1, 60))]]
+        cases.append(_manifest(spiky * rng.randint(1, 4)))
+    for m in cases:
+        for num in (2, 7, 42):
+            got = [[f.sop_instance_uid for f in b.files] for b in plan_batches(m, num)]
+            assert got == _reference_plan(m, num), (num, [len(s) for s in got])

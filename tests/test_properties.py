@@ -288,6 +288,12 @@ def test_any_uid_gives_a_safe_file_name(uid: str) -> None:
 # -- planning partitions the files ----------------------------------------------------------------
 
 
+def _identity(f: DicomFile) -> tuple[str, str | None]:
+    """Which file a record is (each test file has its own path): a manifest makes its records
+    when asked (models.FileTable), so two records of one file are equal, not identical."""
+    return (f.fspath, f.member)
+
+
 def _dicom(i: int, series: int, size: int, study: int = 0) -> DicomFile:
     return DicomFile(
         path=Path(f"/exam/{series}/{i}.dcm"),
@@ -327,7 +333,7 @@ def test_planning_partitions_the_files(
         single_max_bytes=single_max_bytes,
     )
     planned = [f for b in batches for f in b.files]
-    assert sorted(map(id, planned)) == sorted(map(id, files))  # each exactly once
+    assert sorted(map(_identity, planned)) == sorted(map(_identity, files))  # each exactly once
     assert all(b.files for b in batches)  # no empty request
     assert len(batches) <= max(1, num_batches) if files else batches == []
     assert [b.index for b in batches] == list(range(len(batches)))
@@ -345,7 +351,9 @@ def test_planning_partitions_the_files(
         single_max_files=single_max_files,
         single_max_bytes=single_max_bytes,
     )
-    assert [[id(f) for f in b.files] for b in again] == [[id(f) for f in b.files] for b in batches]
+    assert [[_identity(f) for f in b.files] for b in again] == [
+        [_identity(f) for f in b.files] for b in batches
+    ]
 
 
 @FAST
@@ -362,11 +370,13 @@ def test_both_transports_plans_partition_the_files_through_one_interface(
     manifest = Manifest(root=Path("/exam"), files=files)
     batches = make_plan(manifest, parts=parts, planner=planner_for(transport))
     planned = [f for b in batches for f in b.files]
-    assert sorted(map(id, planned)) == sorted(map(id, files))  # each exactly once
+    assert sorted(map(_identity, planned)) == sorted(map(_identity, files))  # each exactly once
     assert all(b.files for b in batches)
     assert [b.index for b in batches] == list(range(len(batches)))
     again = make_plan(manifest, parts=parts, planner=planner_for(transport))
-    assert [[id(f) for f in b.files] for b in again] == [[id(f) for f in b.files] for b in batches]
+    assert [[_identity(f) for f in b.files] for b in again] == [
+        [_identity(f) for f in b.files] for b in batches
+    ]
 
 
 # -- verification's outcome lists partition the files ---------------------------------------------
@@ -414,7 +424,7 @@ def _verdicts(files: list[DicomFile], scans: list[ServerScan]) -> dict[str, Outc
     report.unreadable = unreadable
     lists = [f for c in checks for f in (*c.verified, *c.missing, *c.different, *c.uncounted)]
     # Every local file is in exactly one of a series' lists.
-    assert sorted(map(id, lists)) == sorted(map(id, files))
+    assert sorted(map(_identity, lists)) == sorted(map(_identity, files))
     outcomes = report.outcomes()
     assert sorted(o.path for o in outcomes) == sorted(outcome_path(f) for f in files)
     return {o.path: o.outcome for o in outcomes}

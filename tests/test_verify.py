@@ -814,7 +814,7 @@ def test_rewriting_server_missing_one_file_fails(
     root, files = synthetic
     sandbox.set_knobs(site_anonymization=True)
     lost = files[-1]
-    import_tar(sandbox.url, [f for f in files if f is not lost])
+    import_tar(sandbox.url, [f for f in files if f != lost])
     r = cli_env.invoke(cli, ["verify", "P", "S", "E", str(root), "--json"])
     assert r.exit_code == 1
     data = json.loads(r.stdout)

@@ -32,9 +32,10 @@ import tarfile
 import time
 import zipfile
 import zlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, overload
 
 from xnatio import defaults
 from xnatio.errors import XnatioError
@@ -161,26 +162,36 @@ class SourceChangedError(XnatioError, Generic[F]):
         self.reason = reason
 
 
-def check_sources(files: Sequence[F]) -> tuple[list[F], list[tuple[F, str]]]:
+def check_sources(files: Sequence[F]) -> tuple[Sequence[F], list[tuple[F, str]]]:
     """Split ``files`` into those still as discovered and those that are not, with a reason.
 
     Called right before a batch's stream is built, so a file deleted or rewritten since discovery
-    is reported failed on its own instead of failing the whole request.
+    is reported failed on its own instead of failing the whole request. When none failed, the
+    first is ``files`` itself (a view of the manifest's columns stays one: no record held per
+    file while the batch is in flight, issue 16 item 4).
     """
-    ok: list[F] = []
     failed: list[tuple[F, str]] = []
-    for f in files:
+    failed_at: set[int] = set()
+    for i, f in enumerate(files):
         reason = _changed(f)
         if reason:
             failed.append((f, reason))
-        else:
-            ok.append(f)
-    return ok, failed
+            failed_at.add(i)
+    if not failed:
+        return files, failed
+    return [f for i, f in enumerate(files) if i not in failed_at], failed
+
+
+def _fspath(f: SourceFile) -> str | Path:
+    """Where ``f`` is, as the string a DicomFile keeps: no ``Path`` made per file (its parsed
+    parts, interned, cost ~190 bytes a file that stay held: issue 16 item 4)."""
+    fspath: str | None = getattr(f, "fspath", None)
+    return f.path if fspath is None else fspath
 
 
 def _changed(f: SourceFile) -> str:
     try:
-        st = os.stat(f.path)
+        st = os.stat(_fspath(f))
     except FileNotFoundError:
         return "file no longer exists (deleted or moved after discovery)"
     except PermissionError:
@@ -193,7 +204,7 @@ def _changed(f: SourceFile) -> str:
         return "no longer a regular file"
     if st.st_size != f.size:
         return f"file changed after discovery (size {f.size} -> {st.st_size} bytes)"
-    if not os.access(f.path, os.R_OK):
+    if not os.access(_fspath(f), os.R_OK):
         return "not readable any more (permission denied)"
     return ""
 
@@ -240,6 +251,34 @@ def _safe_name(rel: str) -> str:
         part = part.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         parts.append("".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in part))
     return "/".join(parts) or "unnamed"
+
+
+class _Members(Sequence[tuple[str, F]]):
+    """(entry name, file) of each member, paired when asked: the files' records are made as
+    they are streamed, not held for the whole request (issue 16 item 4)."""
+
+    def __init__(self, names: Sequence[str], files: Sequence[F]) -> None:
+        if len(names) != len(files):
+            raise ValueError("one archive entry name per file")
+        self.names = names
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, F]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, F]]: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[str, F] | Sequence[tuple[str, F]]:
+        if isinstance(i, slice):
+            return list(zip(self.names[i], self.files[i], strict=True))
+        return self.names[i], self.files[i]
+
+    def __iter__(self) -> Iterator[tuple[str, F]]:
+        return zip(self.names, self.files, strict=True)
 
 
 class ArchiveStream(Generic[F]):
@@ -290,7 +329,8 @@ class ArchiveStream(Generic[F]):
         inside = [f for f in files if getattr(f, "member", None) is not None]
         if inside:
             raise ValueError(f"{inside[0].path} is an archive: send it as is, not re-archived")
-        self.files = list(files)
+        # Kept as given: a view of the manifest's columns makes each record when it is streamed.
+        self.files = files
         self.format = fmt
         self.content_type = CONTENT_TYPES[fmt]
         self.filename = FILENAMES[fmt]
@@ -306,7 +346,7 @@ class ArchiveStream(Generic[F]):
             names = member_names(self.files, root, rename_nested_archives=rename_nested_archives)
         elif len(set(names)) != len(self.files):
             raise ValueError("archive entry names must be unique, one per file")
-        self.members: list[tuple[str, F]] = list(zip(names, self.files, strict=True))
+        self.members: Sequence[tuple[str, F]] = _Members(names, self.files)
         self.size: int | None
         if fmt == "tar":
             self.size = _tar_size(self.members)
@@ -467,7 +507,7 @@ class _Source:
         try:
             # O_NONBLOCK: a FIFO put in place of the file must not hang the open (refused below).
             flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-            self.fd = os.open(f.path, flags)
+            self.fd = os.open(_fspath(f), flags)
         except FileNotFoundError:
             raise SourceChangedError(
                 f, "file no longer exists (deleted or moved after discovery)"
@@ -773,7 +813,7 @@ def _deflated_zip_chunks(
     CPU time each deflated entry took (:class:`xnatio.compress.Compression`).
     """
     cpu = compression.cpu_clock if compression is not None else None
-    entries: list[tuple[bytes, int, int, int, int, int, int]] = []  # name, method, flags, crc...
+    entries = _Entries()  # name, method, flags, crc, packed, plain size, offset of each
     offset = 0
     for name, f in members:
         encoded = name.encode("utf-8")
@@ -840,6 +880,66 @@ def _deflated_zip_chunks(
         offset += len(header) + packed + _DESCRIPTOR.size
         tap.done(name, f)
     yield from _central_records(members, entries, offset)
+
+
+class _Entries(Sequence[tuple[bytes, int, int, int, int, int, int]]):
+    """What the central directory needs of each entry already sent, in columns: a batch in
+    flight keeps ~40 bytes an entry, not a tuple of seven values (~300 bytes; every file of an
+    upload is in a batch in flight at once: issue 16 item 4)."""
+
+    def __init__(self) -> None:
+        self.names = bytearray()
+        self.ends: array[int] = array("Q")
+        self.methods = bytearray()
+        self.flags: array[int] = array("H")
+        self.crcs: array[int] = array("I")
+        self.packed: array[int] = array("Q")
+        self.plain: array[int] = array("Q")
+        self.offsets: array[int] = array("Q")
+
+    def append(self, entry: tuple[bytes, int, int, int, int, int, int]) -> None:
+        encoded, method, flags, crc, packed, plain, offset = entry
+        self.names += encoded
+        self.ends.append(len(self.names))
+        self.methods.append(method)
+        self.flags.append(flags)
+        self.crcs.append(crc)
+        self.packed.append(packed)
+        self.plain.append(plain)
+        self.offsets.append(offset)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[bytes, int, int, int, int, int, int]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[bytes, int, int, int, int, int, int]]: ...
+
+    def __getitem__(
+        self, i: int | slice
+    ) -> (
+        tuple[bytes, int, int, int, int, int, int]
+        | Sequence[tuple[bytes, int, int, int, int, int, int]]
+    ):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if i < 0:
+            i += len(self)
+        start = self.ends[i - 1] if i else 0
+        return (
+            bytes(self.names[start : self.ends[i]]),
+            self.methods[i],
+            self.flags[i],
+            self.crcs[i],
+            self.packed[i],
+            self.plain[i],
+            self.offsets[i],
+        )
+
+    def __iter__(self) -> Iterator[tuple[bytes, int, int, int, int, int, int]]:
+        return map(self.__getitem__, range(len(self)))
 
 
 def _central_records(

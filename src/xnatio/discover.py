@@ -8,29 +8,30 @@ needs are read (see :mod:`xnatio.dicomheader`); pixel data never is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-import sys
 import tarfile
 import time
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import IO, NamedTuple
 
 from xnatio.archive import EntryNames, zip_entries
-from xnatio.dicomheader import (
-    MEDIA_STORAGE_DIRECTORY,
-    HeaderFields,
-    NotDicom,
-    read_header_fd,
-    read_header_stream,
-)
 from xnatio.errors import UsageError
-from xnatio.models import DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent, SkippedFile
+from xnatio.examine import Result, Workers, examine, examine_stream, not_regular_reason
+from xnatio.models import (
+    Manifest,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    SkippedFile,
+    SopIndex,
+    SplitStrings,
+)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # Below this many candidates threads are not worth starting.
@@ -40,23 +41,12 @@ _CHUNK = 100
 # cold cache 1 thread 9,300 files/s, 4 threads 12,700. Cold is the usual case for a fresh
 # upload (and network file systems gain far more), so reads overlap by default.
 _DEFAULT_THREADS = 4
+# From this many candidates on, headers are read by worker processes, one per core (up to
+# _MAX_PROCESSES): a worker starts in about 0.1 s, while the folders are walked.
+PROCESS_THRESHOLD = 5000
+_MAX_PROCESSES = 8
+_PROCESS_CHUNK = 500
 _PROGRESS_EVERY = 0.1  # seconds between progress events
-
-
-class _Found(NamedTuple):
-    size: int
-    mtime_ns: int
-    fields: HeaderFields
-    ctime_ns: int = 0  # the inode change time (0 inside an archive): see DicomFile.ctime_ns
-
-
-class _Skip(NamedTuple):
-    reason: str
-    size: int = 0
-
-
-# What examining one file gives.
-_Result = _Found | _Skip
 
 
 def discover(
@@ -65,8 +55,15 @@ def discover(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
     require_dicom: bool = True,
+    processes: int | None = None,
 ) -> Manifest:
     """Walk PATH (directory or .zip/.tar/.tar.gz/.tgz archive) and describe every file in it.
+
+    A folder's headers are read by ``processes`` worker processes (:mod:`xnatio.examine`; None:
+    one per core, on a machine of more than one, when the folder holds at least
+    :data:`PROCESS_THRESHOLD` files and ``workers`` is not 1; 0: none), else by ``workers``
+    threads (1: one after the other). The
+    manifest is the same whichever reads them.
 
     Raises UsageError when PATH is missing, not a directory or supported archive, empty, or
     holds no DICOM at all (the last two only with ``require_dicom``: a watched outbox may be
@@ -80,7 +77,7 @@ def discover(
     except OSError as exc:
         raise UsageError(f"{root} cannot be read: {exc.strerror}.") from None
     if stat.S_ISDIR(st.st_mode):
-        manifest = _discover_directory(root, progress, workers)
+        manifest = _discover_directory(root, progress, workers, processes)
     elif stat.S_ISREG(st.st_mode) and archive_format(root) is not None:
         manifest = _discover_archive(root, progress)
     else:
@@ -143,13 +140,14 @@ def archive_format(path: Path) -> str | None:
 # -- directories -------------------------------------------------------------------------------
 
 
-def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
+def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
     """Every regular file under ``root`` in sorted path order, plus what could not be walked.
 
     Symlinked directories are followed once: (st_dev, st_ino) of each directory entered is
-    remembered, so a link back up the tree cannot loop.
+    remembered, so a link back up the tree cannot loop. The paths are kept compactly (a folder
+    once, then each name: ~20 bytes a file, where a list of strings held ~170; issue 16 item 4).
     """
-    files: list[str] = []
+    files = SplitStrings(os.sep)
     skipped: list[SkippedFile] = []
     root_st = root.stat()
     visited = {(root_st.st_dev, root_st.st_ino)}
@@ -201,20 +199,6 @@ def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
     return files, skipped
 
 
-_KINDS = (
-    (stat.S_ISFIFO, "FIFO (named pipe)"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-)
-
-
-def not_regular_reason(mode: int) -> str:
-    """Why a file of ``mode`` (not a regular file, not a folder) is skipped."""
-    kind = next((name for test, name in _KINDS if test(mode)), "special file")
-    return f"not a regular file: {kind}"
-
-
 def _not_regular(entry: os.DirEntry[str]) -> str:
     """The skip reason of a walked entry that is neither a folder nor a regular file."""
     if not entry.is_symlink():
@@ -227,74 +211,44 @@ def _not_regular(entry: os.DirEntry[str]) -> str:
     return f"symbolic link to {target}: {not_regular_reason(mode)}"
 
 
-def _examine(path: str) -> _Result:
-    """Open one candidate file and read its header; never raises for a bad file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except PermissionError:
-        return _Skip("not readable (permission denied)", 0)
-    except FileNotFoundError:
-        return _Skip("removed while discovery was running", 0)
-    except OSError as exc:
-        return _Skip(f"not readable ({exc.strerror})", 0)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO or device since the walk
-            return _Skip(not_regular_reason(st.st_mode), 0)
-        if st.st_size == 0:
-            return _Skip("empty file (0 bytes)", 0)
-        try:
-            fields = read_header_fd(fd)
-        except NotDicom as exc:
-            return _Skip(str(exc), st.st_size)
-        except OSError as exc:
-            return _Skip(f"not readable ({exc.strerror})", st.st_size)
-        reason = _unsendable(fields)
-        if reason:
-            return _Skip(reason, st.st_size)
-        return _Found(st.st_size, st.st_mtime_ns, fields, st.st_ctime_ns)
-    finally:
-        os.close(fd)
-
-
-def _examine_chunk(paths: list[str]) -> list[_Result]:
-    return [_examine(p) for p in paths]
-
-
-def _unsendable(h: HeaderFields) -> str:
-    """Why XNAT would reject this object, or '' when it can be sent."""
-    if MEDIA_STORAGE_DIRECTORY in (h.media_sop_class_uid, h.sop_class_uid):
-        return "DICOMDIR (a media directory index, not an image)"
-    # XNAT's importer rejects objects without these: "object {name} contains no SOP Class UID".
-    if not h.sop_class_uid:
-        return "DICOM object without a SOP Class UID (XNAT rejects it)"
-    if not h.sop_instance_uid:
-        return "DICOM object without a SOP Instance UID (XNAT rejects it)"
-    if not h.study_uid:
-        return "DICOM object without a Study Instance UID"
-    return ""
+def _examine_chunk(paths: list[str]) -> list[Result]:
+    return [examine(p) for p in paths]
 
 
 def _examine_all(
-    paths: list[str], workers: int, report: Callable[[int], None]
-) -> Iterator[_Result]:
+    paths: SplitStrings, workers: int, report: Callable[[int], None]
+) -> Iterator[Result]:
     """Examine ``paths`` in order; with ``workers`` > 1, threads overlap the file reads.
 
     Header parsing holds the GIL, so threads do not add CPU; they hide I/O latency on a cold
     cache or a network file system, where most of the time is spent waiting in open/read.
-    A process pool was measured and dropped: on a warm cache one process already exceeds
-    30,000 files/s, and worker start-up plus result pickling cost more than they save.
+    Worker processes (:class:`xnatio.examine.Workers`) run the parse on every core instead.
     """
     if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
         for i, p in enumerate(paths, 1):
-            yield _examine(p)
+            yield examine(p)
             report(i)
         return
-    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    chunks = (
+        [paths[j] for j in range(i, min(i + _CHUNK, len(paths)))]
+        for i in range(0, len(paths), _CHUNK)
+    )
     done = 0
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnatio-discover")
+    # A few chunks ahead of the reader, not all of them: Executor.map would submit every chunk
+    # at once and hold each result (a header's strings) until read (issue 16 item 4).
+    pending: deque[Future[list[Result]]] = deque()
     try:
-        for results in pool.map(_examine_chunk, chunks):
+        for chunk in chunks:
+            pending.append(pool.submit(_examine_chunk, chunk))
+            if len(pending) < 4 * workers:
+                continue
+            results = pending.popleft().result()
+            yield from results
+            done += len(results)
+            report(done)
+        while pending:
+            results = pending.popleft().result()
             yield from results
             done += len(results)
             report(done)
@@ -320,16 +274,73 @@ class _Progress:
 
 
 def _discover_directory(
-    root: Path, callback: ProgressCallback | None, workers: int | None
+    root: Path, callback: ProgressCallback | None, workers: int | None, processes: int | None
 ) -> Manifest:
     manifest = Manifest(root=root)
-    paths, manifest.skipped = _walk(root)
-    report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
-    report(0, force=True)
-    results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
-    _collect(manifest, zip(paths, results, strict=True), _PathMaker())
+    with contextlib.ExitStack() as stack:
+        pool: Workers | None = None
+        auto = processes is None and workers != 1 and _process_count() > 1
+        if auto and _looks_big(root):
+            # Started before the walk, so that they import while it runs; only for a folder
+            # big enough (a cheap look at the top level: a session of a few files never pays).
+            pool = stack.enter_context(Workers(_process_count()))
+        elif processes:
+            pool = stack.enter_context(Workers(processes))
+        paths, manifest.skipped = _walk(root)
+        if auto and pool is None and len(paths) >= PROCESS_THRESHOLD:  # the early look missed
+            pool = stack.enter_context(Workers(_process_count()))
+        report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
+        report(0, force=True)
+        if pool is not None and (processes or len(paths) >= PROCESS_THRESHOLD):
+            results = pool.examine(paths, _PROCESS_CHUNK, report)
+        else:
+            stack.close()  # the workers are not needed
+            results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
+        _collect(manifest, zip(paths, results, strict=True), _locate(root), len(paths))
     report(len(paths), force=True)
     return manifest
+
+
+def _process_count() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, _MAX_PROCESSES))
+
+
+def _looks_big(root: Path) -> bool:
+    """Could ``root`` hold :data:`PROCESS_THRESHOLD` files? True when its top level and the
+    first level of folders below it list that many entries (or more folders than can be
+    looked at cheaply); a guess that only decides whether workers start early."""
+    seen = 0
+    folders: list[str] = []
+    try:
+        with os.scandir(root) as it:
+            for entry in it:
+                seen += 1
+                if seen >= PROCESS_THRESHOLD:
+                    return True
+                if entry.is_dir():
+                    folders.append(entry.path)
+    except OSError:
+        return False
+    for folder in folders[:64]:
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            for _ in it:
+                seen += 1
+                if seen >= PROCESS_THRESHOLD:
+                    return True
+    return len(folders) > 64
+
+
+def _as_walked(name: str) -> tuple[str, str | None]:
+    return name, None
+
+
+def _locate(root: Path) -> Callable[[str], tuple[str, str | None]]:
+    """How a walked name becomes the path a file is recorded under (see :class:`_PathMaker`).
+    The walk starts from ``str(root)``, which a Path keeps in its normal form, and joins each
+    entry's name to its folder with one "/", so every name it makes is in that form already,
+    except under "." ("./a" is "a"): no per-file work then."""
+    return _PathMaker() if str(root) == "." else _as_walked
 
 
 class _PathMaker:
@@ -369,11 +380,11 @@ def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manif
     # Path order (by component), as the directory walk yields: "a/b" before "a.b".
     members.sort(key=lambda m: m[0].split("/"))
     shared = str(archive)  # one string for every member's record
-    _collect(manifest, members, lambda name: (shared, name))
+    _collect(manifest, members, lambda name: (shared, name), len(members))
     return manifest
 
 
-def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[tuple[str, _Result]]:
+def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[tuple[str, Result]]:
     with zipfile.ZipFile(archive) as zf:
         # Unique names: two entries of one name are two files (archive.EntryNames).
         infos = [(name, i) for name, i in zip_entries(zf).items() if not i.is_dir()]
@@ -386,20 +397,20 @@ def _zip_members(archive: Path, callback: ProgressCallback | None) -> Iterator[t
             except (ValueError, OverflowError):
                 mtime = 0  # a zip date that is not a date (month 0): keep the entry anyway
             if info.file_size == 0:
-                yield name, _Skip("empty file (0 bytes)", 0)
+                yield name, ("empty file (0 bytes)", 0)
                 continue
             try:
                 with zf.open(info) as fp:
-                    yield name, _examine_stream(fp, info.file_size, mtime)
+                    yield name, examine_stream(fp, info.file_size, mtime)
             except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
                 # Encrypted members, unsupported compression, CRC errors.
-                yield name, _Skip(f"archive member cannot be read ({exc})", 0)
+                yield name, (f"archive member cannot be read ({exc})", 0)
         report(len(infos), force=True)
 
 
 def _tar_members(
     archive: Path, gzipped: bool, callback: ProgressCallback | None
-) -> Iterator[tuple[str, _Result]]:
+) -> Iterator[tuple[str, Result]]:
     # A compressed tar is read front to back once ("r|gz"), never seeked or extracted.
     report = _Progress(callback, 0, f"reading DICOM headers in {archive.name}")
     report(0, force=True)
@@ -414,30 +425,19 @@ def _tar_members(
             report(n)
             n += 1
             if not info.isfile():
-                yield name, _Skip("not a regular file (link or device entry)", 0)
+                yield name, ("not a regular file (link or device entry)", 0)
                 continue
             if info.size == 0:
-                yield name, _Skip("empty file (0 bytes)", 0)
+                yield name, ("empty file (0 bytes)", 0)
                 continue
             fp = tf.extractfile(info)
             if fp is None:
-                yield name, _Skip("archive member cannot be read", 0)
+                yield name, ("archive member cannot be read", 0)
                 continue
             with fp:
-                yield name, _examine_stream(fp, info.size, int(info.mtime * 1e9))
+                yield name, examine_stream(fp, info.size, int(info.mtime * 1e9))
     report.total = n  # known only now: a streamed tar has no index
     report(n, force=True)
-
-
-def _examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> _Result:
-    try:
-        fields = read_header_stream(fp)
-    except NotDicom as exc:
-        return _Skip(str(exc), size)
-    reason = _unsendable(fields)
-    if reason:
-        return _Skip(reason, size)
-    return _Found(size, mtime_ns, fields)
 
 
 # -- shared ------------------------------------------------------------------------------------
@@ -445,54 +445,55 @@ def _examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> _Result:
 
 def _collect(
     manifest: Manifest,
-    results: Iterable[tuple[str, _Result]],
+    results: Iterable[tuple[str, Result]],
     locate: Callable[[str], tuple[str, str | None]],
+    expected: int = 0,
 ) -> None:
-    """Turn examined results (in sorted name order) into records; keep the first of duplicates."""
-    first_seen: dict[str, str] = {}
-    intern = sys.intern
-    # One int object per distinct size (the files of a series mostly share one): an int above
-    # 256 is a 28-byte object of its own, and 100,000 of them are 2.8 MB.
-    same_size: dict[int, int] = {}
+    """Turn examined results (in sorted name order) into the manifest's file table (columns, no
+    record per file: issue 16 item 4); keep the first of duplicates. ``expected``: about how
+    many there are (the index of SOP Instance UIDs is made that big at once: each time it
+    grows it reads every UID back from the table).
+
+    The one place a Manifest's files are made from what discovery read (xnatio.examine.Found).
+    """
+    files = manifest.files
+    first_seen = SopIndex(files, expected)  # SOP Instance UID -> the file that has it first
     for name, result in results:
         fspath, member = locate(name)
-        if isinstance(result, _Skip):
-            shown = _shown(fspath, member)
-            manifest.skipped.append(SkippedFile(shown, result.reason, result.size))
+        if len(result) == 2:  # a Skip: (reason, size)
+            reason, skipped_size = result
+            manifest.skipped.append(SkippedFile(_shown(fspath, member), reason, skipped_size))
             continue
-        size, mtime_ns, h, ctime_ns = result
-        first = first_seen.get(h.sop_instance_uid)
-        if first is not None:
+        size, mtime_ns, ctime_ns, sop_class, sop_uid, study, series, number, ts, patient = result
+        at = first_seen.get(sop_uid)
+        if at is not None:
             shown = _shown(fspath, member)
+            first = files[at]
+            first_name = first.fspath if first.member is None else first.member
             manifest.duplicates.append(
                 SkippedFile(
                     shown,
-                    f"duplicate of {first} (same SOP Instance UID)",
+                    f"duplicate of {first_name} (same SOP Instance UID)",
                     size,
-                    sop_instance_uid=h.sop_instance_uid,
-                    series_uid=h.series_uid,
+                    sop_instance_uid=sop_uid,
+                    series_uid=series,
                 )
             )
             continue
-        first_seen[h.sop_instance_uid] = name
-        if ctime_ns == mtime_ns:  # a file written once: one 36-byte int for both times
-            ctime_ns = mtime_ns
-        manifest.files.append(
-            DicomFile.walked(
-                fspath,
-                same_size.setdefault(size, size),
-                mtime_ns,
-                # Interned: a session shares a few study/series/class values across all files.
-                intern(h.study_uid),
-                intern(h.series_uid),
-                h.sop_instance_uid,
-                intern(h.sop_class_uid),
-                h.series_number,
-                intern(h.transfer_syntax_uid),
-                intern(h.patient_id),
-                member,
-                ctime_ns,
-            )
+        first_seen.add(sop_uid, len(files))
+        files.add(
+            fspath,
+            size,
+            mtime_ns,
+            study,
+            series,
+            sop_uid,
+            sop_class,
+            number,
+            ts,
+            patient,
+            member,
+            ctime_ns,
         )
 
 

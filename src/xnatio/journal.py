@@ -73,7 +73,16 @@ from urllib.parse import urlsplit, urlunsplit
 from xnatio.config_file import user_home
 from xnatio.errors import ConfigError, UsageError
 from xnatio.fsinfo import filesystem_type, is_network_filesystem, under_scheduler
-from xnatio.models import DicomFile, FileOutcome, Manifest, Origin, Outcome, file_path
+from xnatio.models import (
+    DicomFile,
+    FileOutcome,
+    FileTable,
+    Manifest,
+    Origin,
+    Outcome,
+    SopIndex,
+    file_path,
+)
 from xnatio.redact import printable
 
 log = logging.getLogger(__name__)
@@ -255,6 +264,10 @@ class Target:
             server = f"dicom://{canonical_host(parts.hostname or '')}:{parts.port}{parts.path}"
         labels = [x.casefold() for x in (self.project, self.subject, self.session)]
         return json.dumps([server, *labels], separators=(",", ":"))
+
+
+def _as_table(files: Sequence[DicomFile]) -> FileTable:
+    return files if isinstance(files, FileTable) else FileTable(files)
 
 
 def relative_name(f: DicomFile, root: Path) -> str:
@@ -513,16 +526,15 @@ class Journal:
         # Resolved: the same source given as a relative path from another folder is the same.
         root = printable(str(Path(manifest.source_archive or manifest.root).resolve()))
         now = time.time()
-        fp = manifest_fingerprint(manifest)
         try:
-            run = self._open_run(target, manifest, root, fp, now, restart=restart)
+            run = self._open_run(target, manifest, root, now, restart=restart)
         except sqlite3.Error as exc:  # e.g. a read-only journal file: exit 2, one line
             raise self._unusable(exc) from None
         self._in_run = True
         return run
 
     def _open_run(
-        self, target: Target, manifest: Manifest, root: str, fp: str, now: float, *, restart: bool
+        self, target: Target, manifest: Manifest, root: str, now: float, *, restart: bool
     ) -> JournalRun:
         with self._write() as db:
             row = db.execute(
@@ -536,16 +548,13 @@ class Journal:
                 row = None
             if row is None:
                 cur = db.execute(
-                    "INSERT INTO runs (target, root, fingerprint, created, updated) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (target.key(), root, fp, now, now),
+                    "INSERT INTO runs (target, root, created, updated) VALUES (?, ?, ?, ?)",
+                    (target.key(), root, now, now),
                 )
                 run_id = int(cur.lastrowid or 0)
             else:
                 run_id = int(row[0])
-                db.execute(
-                    "UPDATE runs SET fingerprint = ?, updated = ? WHERE id = ?", (fp, now, run_id)
-                )
+                db.execute("UPDATE runs SET updated = ? WHERE id = ?", (now, run_id))
         return JournalRun(self, run_id, target, manifest)
 
 
@@ -649,9 +658,12 @@ class JournalRun:
         self.manifest = manifest
         self._root = manifest.root
         # Outcomes name files by file_path (or the member name inside an archive); they are
-        # found by their SOP Instance UID (a string each record holds already, so the index
-        # costs no string per file) and the name is checked (:meth:`_file_of`).
-        self._by_uid: dict[str, DicomFile] = {f.sop_instance_uid: f for f in manifest.files}
+        # found by their SOP Instance UID (models.SopIndex over the manifest's own column: no
+        # record or string per file, issue 16 item 4) and the name is checked (:meth:`_file_of`).
+        # Made when the first outcome arrives, not here: opening the run is on the way to the
+        # first request (issue 16).
+        self._by_uid: SopIndex | None = None
+        self._index_lock = threading.Lock()
         self._by_name: dict[str, DicomFile] | None = None  # built only if ever needed
         # Files an earlier run found different on the server (:meth:`mark_different`): if this
         # run's read-back finds them different again, replacing them did not help.
@@ -670,36 +682,40 @@ class JournalRun:
             return {}
         return {r[0]: (int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows}
 
-    def split(
-        self, files: Sequence[DicomFile] | None = None
-    ) -> tuple[list[DicomFile], list[DicomFile]]:
+    def split(self, files: Sequence[DicomFile] | None = None) -> tuple[FileTable, FileTable]:
         """``(confirmed earlier, still to send)``; a changed file (size/mtime/UID) is to send.
 
         A file is the same file as one an earlier run sent when it has the same name under the
         source, or, renamed or moved since within the same source, the same SOP Instance UID
-        and size (its identity; a rename does not send it twice)."""
+        and size (its identity; a rename does not send it twice). Both are views of the
+        manifest's file table (no record held per file, issue 16 item 4)."""
         rows = self._confirmed_rows()
-        by_uid = _by_instance(rows)
         stale = self._to_replace()
-        done: list[DicomFile] = []
-        todo: list[DicomFile] = []
-        for f in self.manifest.files if files is None else files:
+        table = self.manifest.files if files is None else _as_table(files)
+        if not rows and not stale:  # a first run: nothing to look up per file
+            return table.take(()), table
+        by_uid = _by_instance(rows)
+        done: list[int] = []
+        todo: list[int] = []
+        for i, f in enumerate(table):
             row = rows.get(relative_name(f, self._root))
             if f.sop_instance_uid in stale:
-                todo.append(f)  # the server's copy differs: sent again, replacing it
+                todo.append(i)  # the server's copy differs: sent again, replacing it
             elif _unchanged(row, f):
-                done.append(f)
+                done.append(i)
             elif row is None and by_uid.get(f.sop_instance_uid) == f.size:
-                done.append(f)  # renamed or moved since the earlier run sent it
+                done.append(i)  # renamed or moved since the earlier run sent it
             else:
-                todo.append(f)
-        return done, todo
+                todo.append(i)
+        return table.take(done), table.take(todo)
 
     def changed_since_sent(self, files: Sequence[DicomFile]) -> list[DicomFile]:
         """Files an earlier run sent (by name) whose size, mtime or SOP Instance UID differ now,
         and files whose copy on the server was found to differ (:meth:`mark_different`)."""
         rows = self._confirmed_rows()
         stale = self._to_replace()
+        if not rows and not stale:  # a first run: nothing was sent, nothing differs
+            return []
         out = []
         for f in files:
             row = rows.get(relative_name(f, self._root))
@@ -793,9 +809,22 @@ class JournalRun:
                 batch = o.batch if o.batch is not None else batch
         return self.record_confirmed(files, batch=batch)
 
+    def _uid_index(self) -> SopIndex:
+        with self._index_lock:  # outcomes arrive from worker threads
+            if self._by_uid is None:
+                files = self.manifest.files
+                index = SopIndex(files, len(files))
+                for i in range(len(files)):
+                    uid = files.sop_instance_uid(i)
+                    if index.get(uid) is None:
+                        index.add(uid, i)
+                self._by_uid = index
+            return self._by_uid
+
     def _file_of(self, o: FileOutcome) -> DicomFile | None:
         """The manifest's file that ``o`` is the outcome of (None: not one of them)."""
-        f = self._by_uid.get(o.sop_instance_uid)
+        at = self._uid_index().get(o.sop_instance_uid)
+        f = None if at is None else self.manifest.files[at]
         if f is not None and o.path in (file_path(f), f.member):
             return f
         if self._by_name is None:  # an outcome without (or with another file's) instance UID
@@ -846,6 +875,14 @@ class JournalRun:
     @property
     def session_uri(self) -> str:
         return self._flag("committed")[1]
+
+    def record_fingerprint(self) -> None:
+        """Remember the fingerprint of this run's manifest (:func:`manifest_fingerprint`).
+        Written once the files are sent, not when the run opens: it sorts and hashes every
+        file's name and is needed by no decision before sending."""
+        fp = manifest_fingerprint(self.manifest)
+        with self.journal._write() as db:
+            db.execute("UPDATE runs SET fingerprint = ? WHERE id = ?", (fp, self.run_id))
 
     def record_session_uri(self, uri: str) -> None:
         with self.journal._write() as db:

@@ -6,6 +6,16 @@
 Cheap checks first: PATH exists, the login (REST; C-STORE's REST pre-flight) and the run lock of
 the session come before discovery, which may read 50,000 headers.
 
+No byte is sent before discovery has read every header, by design: the refusal of several
+studies must come before any byte (a file read last may be of another study), and each study's
+label depends on all of them (the largest study keeps SESSION, :func:`xnatio.transports.rest.
+session_labels`), as does which copy of a duplicated SOP Instance UID is sent (the first in path
+order). Nothing short of reading every header tells that no other study is there, so the first
+request is made fast instead of early (issue 16 item 4): the headers are read by worker
+processes on every core (:mod:`xnatio.examine`), and what follows discovery does no work per
+file where it need not (a first run's journal, the plan in O(n) over the file table's columns,
+the fingerprint written after sending).
+
 :func:`upload` is the entry point. ``xio upload-dicom`` is options → :func:`upload` → render;
 ``xio demo`` and the public Python API (:mod:`xnatio.uploaders`) call it too, so a Python user
 gets exactly what a shell user gets: the resume journal and its lock, the pre-flight, convergence

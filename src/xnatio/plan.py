@@ -22,15 +22,26 @@ worse than 4/3 of the best possible balance).
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import math
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from xnatio.errors import UsageError
-from xnatio.models import Batch, DicomFile, Manifest, Phase, ProgressCallback, ProgressEvent
+from xnatio.models import (
+    Batch,
+    DicomFile,
+    FileTable,
+    Manifest,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+)
 
 # One request for an upload of at most this many files and bytes; batches above either
 # (docs/parallel-upload-strategies.md, "One request or batches"). The most a single request
@@ -60,7 +71,7 @@ class RestPlanner:
 
     def plan(self, manifest: Manifest, parts: int) -> list[Batch]:
         if manifest.source_archive is not None:
-            batches = [Batch(index=0, files=tuple(manifest.files))] if manifest.files else []
+            batches = [Batch(index=0, files=manifest.files)] if manifest.files else []
         else:
             batches = plan_batches(
                 manifest,
@@ -108,12 +119,20 @@ def split_by_study(batches: Sequence[Batch]) -> list[Batch]:
     StudyInstanceUID into its own prearchive session, and each must go under its own label."""
     out: list[Batch] = []
     for batch in batches:
-        groups: dict[str, list[DicomFile]] = {}
-        for f in batch.files:
-            groups.setdefault(f.study_uid, []).append(f)
+        files = _table(batch.files)
+        codes, _ = files.codes("study_uid")
+        groups: dict[int, list[int]] = {}
+        for i, code in enumerate(codes):
+            groups.setdefault(code, []).append(i)
         for group in groups.values():
-            out.append(Batch(index=len(out), files=tuple(group)))
+            out.append(Batch(index=len(out), files=files.take(group)))
     return out
+
+
+def _table(files: Sequence[DicomFile]) -> FileTable:
+    """``files`` as a FileTable (a batch's files are one; records given by a caller are put
+    into one)."""
+    return files if isinstance(files, FileTable) else FileTable(files)
 
 
 def plan_batches(
@@ -131,24 +150,35 @@ def plan_batches(
 
     Deterministic: the same manifest and arguments always give the same batches, in the same
     order, which resume relies on.
+
+    O(n) in the files (it is on the way to the first request: issue 16): the files' positions
+    are put in series order once, with the running total of their sizes, and every plan tried
+    is made of ranges of that order, cut by bisection on the running total; each batch is a
+    view of the manifest's table (no record per file: issue 16 item 4).
     """
     files = manifest.files
     if not files:
         return []
-    total = sum(f.size for f in files)
+    total = files.total_bytes
     if num_batches <= 1 or (len(files) <= single_max_files and total <= single_max_bytes):
-        return [Batch(index=0, files=tuple(files))]
+        return [Batch(index=0, files=files)]
     num_batches = min(num_batches, len(files))
     fair_share = max(1, math.ceil(total / num_batches))
     series = _series_in_order(files)
+    ordered = [p for group in series for p in group]  # positions, in series order
+    sizes = array("q", files.sizes())
+    sums = [0, *itertools.accumulate(map(sizes.__getitem__, ordered))]  # bytes of ordered[:i]
+    ranges: list[_Range] = []
+    for group in series:
+        start = ranges[-1][1] if ranges else 0
+        ranges.append((start, start + len(group)))
     # Cutting a large series into pieces of exactly a fair share can pack badly (32 series of
     # 1.4 shares in 42 batches: pieces of 0.7, two per batch, heaviest 1.36x the mean), so
     # finer cuts of the large series only are tried too and the most even plan wins.
-    best: list[list[tuple[DicomFile, ...]]] = []
+    best: list[list[_Range]] = []
     best_load = 0
     for finer in _FINER_CUTS:
-        plan = _pack(series, num_batches, fair_share, max(1, fair_share // finer))
-        load = _heaviest(plan)
+        plan, load = _pack(sums, ranges, num_batches, fair_share, max(1, fair_share // finer))
         if not best or load < best_load:
             best, best_load = plan, load
         if best_load <= fair_share * _GOOD_ENOUGH:
@@ -157,11 +187,11 @@ def plan_batches(
         # Whole series and pieces did not pack within 10 % of even: cut the series, in order,
         # at every fair share instead (even to within one file; splits at most one series per
         # cut).
-        plan = _cut_in_order(series, num_batches, total)
-        if _heaviest(plan) < best_load:
+        plan = _cut_in_order(sums, num_batches, total)
+        if max(sums[b] - sums[a] for [(a, b)] in plan) < best_load:
             best = plan
     return [
-        Batch(index=i, files=tuple(f for chunk in batch for f in chunk))
+        Batch(index=i, files=files.take(p for a, b in batch for p in ordered[a:b]))
         for i, batch in enumerate(best)
     ]
 
@@ -170,90 +200,98 @@ def plan_batches(
 _FINER_CUTS = (1, 2, 3, 4)
 _GOOD_ENOUGH = 1.05
 _ACCEPTABLE = 1.10
+# Positions of files in the manifest, consecutive in one series.
+_Chunk = list[int]
+_Range = tuple[int, int]  # the files at ordered[a:b] (plan_batches)
 
 
-def _heaviest(plan: list[list[tuple[DicomFile, ...]]]) -> int:
-    return max(sum(f.size for chunk in batch for f in chunk) for batch in plan)
-
-
-def _cut_in_order(
-    series: list[list[DicomFile]], num_batches: int, total: int
-) -> list[list[tuple[DicomFile, ...]]]:
-    """All files in series order, cut into ``num_batches`` runs of nearly equal bytes."""
-    plan: list[list[tuple[DicomFile, ...]]] = []
-    current: list[DicomFile] = []
-    running = 0
-    for f in (f for group in series for f in group):
-        current.append(f)
-        running += f.size
-        if len(plan) < num_batches - 1 and running * num_batches >= total * (len(plan) + 1):
-            plan.append([tuple(current)])
-            current = []
-    if current:
-        plan.append([tuple(current)])
-    return plan
+def _cut_in_order(sums: list[int], num_batches: int, total: int) -> list[list[_Range]]:
+    """All files in series order, cut into ``num_batches`` runs of nearly equal bytes: a run ends
+    after the first file whose running total reaches its share (``running * num_batches >=
+    total * (runs so far + 1)``), at most one cut per file."""
+    n = len(sums) - 1
+    ends: list[int] = []
+    at = 0
+    while len(ends) < num_batches - 1:
+        need = total * (len(ends) + 1)
+        j = bisect.bisect_left(sums, need, at + 1, n + 1, key=lambda v: v * num_batches)
+        if j > n:
+            break
+        ends.append(j)
+        at = j
+    starts = [0, *ends]
+    return [[(a, b)] for a, b in zip(starts, [*ends, n], strict=True) if a < b]
 
 
 def _pack(
-    series: list[list[DicomFile]], num_batches: int, fair_share: int, piece: int
-) -> list[list[tuple[DicomFile, ...]]]:
+    sums: list[int], series: list[_Range], num_batches: int, fair_share: int, piece: int
+) -> tuple[list[list[_Range]], int]:
     """Greedy longest-processing-time of series chunks into ``num_batches`` batches.
 
     Series up to a fair share stay whole; larger ones are cut into pieces of about ``piece``
-    bytes.
-    Returns the non-empty batches, each a list of chunks in discovery order.
+    bytes. Returns the non-empty batches, each a list of chunks in discovery order, and the
+    heaviest batch's bytes.
     """
-    chunks: list[tuple[int, int, tuple[DicomFile, ...]]] = []  # (bytes, order, files)
-    for series_files in series:
-        size = sum(f.size for f in series_files)
-        for chunk in _split(series_files, piece if size > fair_share else size):
-            chunks.append((sum(f.size for f in chunk), len(chunks), chunk))
+    chunks: list[tuple[int, int, _Range]] = []  # (bytes, order, files)
+    for a, b in series:
+        size = sums[b] - sums[a]
+        for start, end in _split(sums, a, b, piece if size > fair_share else size):
+            chunks.append((sums[end] - sums[start], len(chunks), (start, end)))
     # Largest first; ties broken by the chunk's order so the result is stable.
     chunks.sort(key=lambda c: (-c[0], c[1]))
     heap = [(0, i) for i in range(num_batches)]  # (bytes so far, batch number)
-    contents: list[list[tuple[int, tuple[DicomFile, ...]]]] = [[] for _ in range(num_batches)]
+    contents: list[list[tuple[int, _Range]]] = [[] for _ in range(num_batches)]
     for size, order, chunk in chunks:
         load, slot = heapq.heappop(heap)
         contents[slot].append((order, chunk))
         heapq.heappush(heap, (load + size, slot))
-    return [[chunk for _, chunk in sorted(parts)] for parts in contents if parts]
+    heaviest = max(load for load, _ in heap)
+    return [[chunk for _, chunk in sorted(parts)] for parts in contents if parts], heaviest
 
 
-def _series_key(f: DicomFile) -> tuple[str, int, str]:
-    number = f.series_number if f.series_number is not None else 2**31
-    return (f.study_uid, number, f.series_uid)
+def _series_in_order(files: FileTable) -> list[_Chunk]:
+    """Positions of the files grouped by series, series ordered by study then Series Number;
+    file order kept."""
+    study, studies = files.codes("study_uid")
+    number, numbers = files.codes("series_number")
+    uid, uids = files.codes("series_uid")
+    groups: dict[tuple[int, int, int], _Chunk] = {}
+    for p, key in enumerate(zip(study, number, uid, strict=True)):
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = []
+        group.append(p)
+
+    def order(key: tuple[int, int, int]) -> tuple[str, int, str]:
+        n = numbers[key[1]]
+        return (studies[key[0]], n if n is not None else 2**31, uids[key[2]])
+
+    return [groups[key] for key in sorted(groups, key=order)]
 
 
-def _series_in_order(files: Sequence[DicomFile]) -> list[list[DicomFile]]:
-    """Files grouped by series, series ordered by study then Series Number; file order kept."""
-    groups: dict[tuple[str, int, str], list[DicomFile]] = {}
-    for f in files:
-        groups.setdefault(_series_key(f), []).append(f)
-    return [groups[key] for key in sorted(groups)]
-
-
-def _split(series_files: list[DicomFile], limit: int) -> list[tuple[DicomFile, ...]]:
-    """A series as is, or cut into consecutive, nearly equal pieces of at most ``limit`` bytes."""
-    size = sum(f.size for f in series_files)
+def _split(sums: list[int], a: int, b: int, limit: int) -> list[_Range]:
+    """A series ``a:b`` as is, or cut into consecutive, nearly equal pieces of at most ``limit``
+    bytes: a piece ends after the first file whose running total reaches its cumulative share
+    (so rounding does not pile up in the last piece), at most one cut per file."""
+    size = sums[b] - sums[a]
     # A series of empty files has a limit of 0 (found by tests/test_properties.py): one piece.
-    pieces = min(len(series_files), math.ceil(size / limit)) if limit > 0 else 1
+    pieces = min(b - a, math.ceil(size / limit)) if limit > 0 else 1
     if pieces <= 1:
-        return [tuple(series_files)]
+        return [(a, b)]
     target = size / pieces
-    out: list[tuple[DicomFile, ...]] = []
-    current: list[DicomFile] = []
-    running = 0
-    for f in series_files:
-        current.append(f)
-        running += f.size
-        # Close a piece once the running total reaches its cumulative share, so rounding does
-        # not pile up in the last piece.
-        if len(out) < pieces - 1 and running >= target * (len(out) + 1):
-            out.append(tuple(current))
-            current = []
-    if current:
-        out.append(tuple(current))
-    return out
+    base = sums[a]
+    ends: list[int] = []
+    at = a
+    while len(ends) < pieces - 1:
+        j = bisect.bisect_left(
+            sums, target * (len(ends) + 1), at + 1, b + 1, key=lambda v: v - base
+        )
+        if j > b:
+            break
+        ends.append(j)
+        at = j
+    starts = [a, *ends]
+    return [(s, e) for s, e in zip(starts, [*ends, b], strict=True) if s < e]
 
 
 # -- --dry-run -------------------------------------------------------------------------------------
@@ -294,15 +332,18 @@ def describe_plan(manifest: Manifest, batches: Sequence[Batch]) -> str:
     lines += ["", f"Series ({len(series)}):"]
     for group in series:
         first = group[0]
-        number = "-" if first.series_number is None else str(first.series_number)
-        size = sum(f.size for f in group)
+        series_number = files.series_number(first)
+        number = "-" if series_number is None else str(series_number)
+        size = sum(map(files.size, group))
         lines.append(
             f"  #{number:<5} {len(group):>7,} file{_s(len(group))} {human_bytes(size):>10}  "
-            f"{first.series_uid}"
+            f"{files.series_uid(first)}"
         )
     lines += ["", f"Batches ({len(batches)}):"]
     for b in batches:
-        numbers = sorted({f.series_number for f in b.files if f.series_number is not None})
+        in_batch = _table(b.files)
+        codes, values = in_batch.codes("series_number")
+        numbers = sorted({values[c] for c in set(codes) if values[c] is not None})
         label = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
         lines.append(
             f"  {b.index + 1:>4}: {len(b.files):>7,} file{_s(len(b.files))} "

@@ -248,7 +248,7 @@ def check_manifest(
         project=project,
         subject=subject,
         labels=labels,
-        sop_classes={f.sop_class_uid for f in manifest.files},
+        sop_classes=set(manifest.files.codes("sop_class_uid")[1]),  # no record per file
     )
 
 

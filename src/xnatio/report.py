@@ -33,7 +33,9 @@ from xnatio.errors import (
 )
 from xnatio.models import (
     Batch,
+    DicomFile,
     FileOutcome,
+    FileTable,
     Manifest,
     Origin,
     Outcome,
@@ -409,6 +411,14 @@ def summary_text(result: UploadResult, *, cap: int = SUMMARY_LIST_CAP) -> str:
     return printable("\n".join(lines))
 
 
+def _series_of(files: Sequence[DicomFile]) -> list[str]:
+    """The distinct Series Instance UIDs of ``files``, sorted (from the columns of a table)."""
+    if isinstance(files, FileTable):
+        codes, values = files.codes("series_uid")
+        return sorted({values[c] for c in set(codes)})
+    return sorted({f.series_uid for f in files})
+
+
 def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]:
     """The ``--dry-run --json`` result: what would be sent, in which batches, and what not."""
     return {
@@ -418,7 +428,7 @@ def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]
         "totals": {
             "files": len(manifest.files),
             "bytes": manifest.total_bytes,
-            "series": len(manifest.series()),
+            "series": len(set(manifest.files.codes("series_uid")[0])),
             "batches": len(batches),
             "skipped": len(manifest.skipped),
             "duplicates": len(manifest.duplicates),
@@ -437,7 +447,7 @@ def plan_to_dict(manifest: Manifest, batches: Sequence[Batch]) -> dict[str, Any]
                 "index": b.index,
                 "files": len(b.files),
                 "bytes": b.total_bytes,
-                "series": sorted({f.series_uid for f in b.files}),
+                "series": _series_of(b.files),
             }
             for b in batches
         ],

@@ -164,6 +164,7 @@ def resumable_upload(
             # SIGTERM becomes KeyboardInterrupt only where the CLI installs that (a process-wide
             # change a library must not make): xnatio.cli.options.sigterm_as_interrupt.
             result, committed = _send_rest_of(run, manifest, done, todo, transport, say)
+            run.record_fingerprint()
             return _finish(
                 result,
                 manifest,
@@ -210,8 +211,8 @@ def _heal(
 def _send_rest_of(
     run: JournalRun,
     manifest: Manifest,
-    done: list[DicomFile],
-    todo: list[DicomFile],
+    done: Sequence[DicomFile],
+    todo: Sequence[DicomFile],
     transport: Transport,
     say: Callable[[str], None],
 ) -> tuple[UploadResult, bool]:
@@ -239,7 +240,7 @@ def _send_rest_of(
             # archived elsewhere): what the journal remembers is stale, so send it all again.
             say("the earlier run's prearchive session is gone; sending every file again")
             run.forget(done)
-            done, todo = [], list(manifest.files)
+            done, todo = [], manifest.files
         else:
             if ref is not None and ref.kind is SessionKind.DIRECT_ARCHIVE:
                 pending = ref.uri
@@ -306,7 +307,7 @@ def commit_failure_line(exc: ServerError) -> str:
 def _commit_failed(
     run: JournalRun,
     manifest: Manifest,
-    done: list[DicomFile],
+    done: Sequence[DicomFile],
     already: list[FileOutcome],
     exc: ServerError,
     started: float,
@@ -329,17 +330,21 @@ def _commit_failed(
 def _not_on_server(
     run: JournalRun,
     manifest: Manifest,
-    todo: list[DicomFile],
+    todo: Sequence[DicomFile],
     transport: Transport,
     say: Callable[[str], None],
-) -> tuple[list[DicomFile], list[FileOutcome]]:
+) -> tuple[Sequence[DicomFile], list[FileOutcome]]:
     """Split ``todo`` into what the server lacks and outcomes for what it holds already.
 
     Files that changed since an earlier run sent them are sent anyway (they replace the server's
     copy). What the server holds is recorded in the journal as confirmed, like a sent file.
     """
     changed = {file_path(f) for f in run.changed_since_sent(todo)}
-    there = transport.on_server([f for f in todo if file_path(f) not in changed])
+    # Asked as they are when nothing changed (a first run): no record made per file on the way
+    # to the first request (issue 16).
+    there = transport.on_server(
+        [f for f in todo if file_path(f) not in changed] if changed else todo
+    )
     if not there:
         return todo, []
     held = {file_path(f) for f in there}

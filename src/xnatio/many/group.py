@@ -34,11 +34,13 @@ from xnatio.dicomheader import _PYDICOM_LOCK as PYDICOM_LOCK
 from xnatio.discover import archive_format, discover
 from xnatio.models import (
     DicomFile,
+    FileTable,
     Manifest,
     Phase,
     ProgressCallback,
     ProgressEvent,
     SkippedFile,
+    SopIndex,
     file_path,
 )
 
@@ -57,7 +59,9 @@ class Study:
     """One StudyInstanceUID: its files wherever they were found, and its header attributes."""
 
     study_uid: str
-    files: list[DicomFile] = field(default_factory=list)
+    # Its files: a view of the rows of the manifests' file table (no record per file: a plan of
+    # a million files stays within 200 MB, issue 16 item 4); records are accepted too.
+    files: FileTable = field(default_factory=FileTable)
     # Second and later copies of this study's instances (same SOP Instance UID): not sent.
     duplicates: list[SkippedFile] = field(default_factory=list)
     # Per root, the deepest folder holding all of the study's files there (an archive: itself).
@@ -73,6 +77,10 @@ class Study:
     # mtime kept (cp -p, rsync -a) is still new by this; 0 when not looked at.
     newest_change_ns: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.files, FileTable):
+            self.files = FileTable(self.files)
+
     @property
     def patient_id(self) -> str:
         return self.attributes.get("PatientID", self.files[0].patient_id if self.files else "")
@@ -87,17 +95,18 @@ class Study:
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        return self.files.total_bytes
 
     @property
     def series_count(self) -> int:
-        return len({f.series_uid for f in self.files})
+        return len(set(self.files.codes("series_uid")[0]))
 
     @property
     def newest_mtime(self) -> float:
         """When a file of the study last changed (seconds since the epoch): the newest
         modification time, or status change time when that is newer (see ``newest_change_ns``)."""
-        newest = max((f.mtime_ns for f in self.files), default=0)
+        files = self.files
+        newest = max(map(files.mtime_ns, range(len(files))), default=0)
         return max(newest, self.newest_change_ns) / 1e9
 
     def manifests(self) -> list[Manifest]:
@@ -109,17 +118,22 @@ class Study:
         and XNAT merges them into one session (facts 1.5). Folder files share one manifest whose
         root is their common folder. Duplicates go with the first manifest.
         """
-        loose = [f for f in self.files if f.member is None]
-        by_archive: dict[Path, list[DicomFile]] = {}
-        for f in self.files:
-            if f.member is not None:
-                by_archive.setdefault(f.path, []).append(f)
+        files = self.files
+        loose: list[int] = []
+        by_archive: dict[str, list[int]] = {}
+        for i in range(len(files)):
+            if files.member(i) is None:
+                loose.append(i)
+            else:
+                by_archive.setdefault(files.fspath(i), []).append(i)
         out: list[Manifest] = []
         if loose:
-            root = Path(os.path.commonpath([str(f.path.parent) for f in loose]))
-            out.append(Manifest(root=root, files=loose))
-        for archive, files in by_archive.items():
-            out.append(Manifest(root=archive.parent, files=files, source_archive=archive))
+            folders = {files.folder(i) for i in loose}  # each folder once, not a path per file
+            root = Path(os.path.commonpath([str(Path(f or ".")) for f in folders]))
+            out.append(Manifest(root=root, files=files.take(loose)))
+        for archive, members in by_archive.items():
+            where = Path(archive)
+            out.append(Manifest(root=where.parent, files=files.take(members), source_archive=where))
         if out:
             out[0].duplicates = list(self.duplicates)
         return out
@@ -215,34 +229,44 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
     seen, in this or an earlier manifest) its study's duplicates; a duplicate whose study cannot
     be told is returned in the second list. The study's folders are, per manifest, the deepest
     folder holding its files there, or the archive.
+
+    A study's files are a view of one file table (that of the manifest when there is one,
+    else all manifests' files in one), so a million files cost no record each.
     """
+    manifests = list(manifests)
+    table, starts = _one_table(manifests)
     studies: dict[str, Study] = {}
+    rows: dict[str, list[int]] = {}
     leftovers: list[SkippedFile] = []
-    # SOP Instance UID -> its first file (file_path(f) is the record's own string: no copy).
-    seen: dict[str, str] = {}
+    seen = SopIndex(table, len(table))  # SOP Instance UID -> its first file
     folders: dict[str, list[Path]] = {}
-    for m in manifests:
+    for m, start in zip(manifests, starts, strict=True):
         # Per study, the distinct folders of its files here (not one folder string per file).
         here: dict[str, set[str]] = {}
-        for f in m.files:
-            study = studies.get(f.study_uid)
+        for i in range(start, start + len(m.files)):
+            uid = table.study_uid(i)
+            study = studies.get(uid)
             if study is None:
-                study = studies[f.study_uid] = Study(f.study_uid)
-            first = seen.get(f.sop_instance_uid)
+                study = studies[uid] = Study(uid)
+                rows[uid] = []
+            sop = table.sop_instance_uid(i)
+            first = seen.get(sop)
             if first is not None:
                 study.duplicates.append(
                     SkippedFile(
-                        Path(file_path(f)), f"duplicate of {first} (same SOP Instance UID)", f.size
+                        Path(table.name_of(i)),
+                        f"duplicate of {table.name_of(first)} (same SOP Instance UID)",
+                        table.size(i),
                     )
                 )
                 continue
-            seen[f.sop_instance_uid] = file_path(f)
-            study.files.append(f)
-            parents = here.get(f.study_uid)
+            seen.add(sop, i)
+            rows[uid].append(i)
+            parents = here.get(uid)
             if parents is None:
-                parents = here[f.study_uid] = set()
+                parents = here[uid] = set()
             if m.source_archive is None:
-                parents.add(os.path.dirname(f.fspath))
+                parents.add(table.folder(i))
         if m.duplicates:
             # discover() kept the first copy within one root; a duplicate goes with its study.
             names: dict[str, str] = {}
@@ -251,23 +275,42 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
                 if f.member is not None:
                     names[f.member] = f.study_uid
             for d in m.duplicates:
-                uid = _duplicate_study(d, names)
-                if uid is None:
+                duplicate_of = _duplicate_study(d, names)
+                if duplicate_of is None:
                     leftovers.append(d)
                 else:
-                    studies[uid].duplicates.append(d)
+                    studies[duplicate_of].duplicates.append(d)
         for uid, found in here.items():
-            where = Path(os.path.commonpath(list(found))) if found else m.source_archive or m.root
+            where = (
+                Path(os.path.commonpath([os.path.dirname(f) for f in found]))
+                if found
+                else m.source_archive or m.root
+            )
             folders.setdefault(uid, []).append(where)
     out: list[Study] = []
     for uid, study in studies.items():
-        if not study.files:
+        if not rows[uid]:
             # Only copies of instances already found under another study UID: nothing to send.
             leftovers.extend(study.duplicates)
             continue
+        study.files = table.take(rows[uid])
         study.folders = tuple(dict.fromkeys(folders.get(uid, [])))
         out.append(study)
     return out, leftovers
+
+
+def _one_table(manifests: Sequence[Manifest]) -> tuple[FileTable, list[int]]:
+    """The files of ``manifests`` in one table, and where each manifest's files start in it:
+    the manifest's own table when there is one manifest (no copy)."""
+    if len(manifests) == 1 and not manifests[0].files.is_view:
+        return manifests[0].files, [0]
+    table = FileTable()
+    starts: list[int] = []
+    for m in manifests:
+        starts.append(len(table))
+        for f in m.files:
+            table.append(f)
+    return table, starts
 
 
 def _duplicate_study(d: SkippedFile, names: Mapping[str, str]) -> str | None:
@@ -287,7 +330,12 @@ def newest_change(files: Iterable[DicomFile]) -> int:
     a file that vanished since discovery counts as changed now (its study is not complete).
     """
     newest = 0
-    for path in {f.fspath for f in files}:  # strings: no Path made per file
+    paths = (
+        {files.fspath(i) for i in range(len(files))}
+        if isinstance(files, FileTable)
+        else {f.fspath for f in files}
+    )
+    for path in paths:  # strings: no Path made per file
         try:
             st = os.stat(path)
         except OSError:
@@ -304,11 +352,15 @@ def _study_order(s: Study) -> tuple[str, str, str, str]:
 # -- attributes --------------------------------------------------------------------------------
 
 
-def _first(files: Iterable[DicomFile]) -> DicomFile:
-    return min(
-        files,
-        key=lambda f: (f.series_number is None, f.series_number or 0, file_path(f)),
-    )
+def _first(files: FileTable, positions: Iterable[int]) -> int:
+    """The position of the first instance among ``positions`` of ``files``: the lowest series
+    number, then path (read from the columns: no record per file)."""
+
+    def key(i: int) -> tuple[bool, int, str]:
+        number = files.series_number(i)
+        return (number is None, number or 0, files.name_of(i))
+
+    return min(positions, key=key)
 
 
 def study_modality(
@@ -345,12 +397,16 @@ def read_attributes(studies: Sequence[Study], progress: ProgressCallback | None 
     for study in studies:
         if not study.files:
             continue
-        first = firsts[study.study_uid] = _first(study.files)
+        files = study.files
+        first = firsts[study.study_uid] = files[_first(files, range(len(files)))]
         study.first_instance = file_path(first)
-        by_series: dict[str, list[DicomFile]] = {}
-        for f in study.files:
-            by_series.setdefault(f.series_uid, []).append(f)
-        reps = series_firsts[study.study_uid] = {s: _first(fs) for s, fs in by_series.items()}
+        codes, values = files.codes("series_uid")
+        by_series: dict[int, list[int]] = {}
+        for i, code in enumerate(codes):
+            by_series.setdefault(code, []).append(i)
+        reps = series_firsts[study.study_uid] = {
+            values[code]: files[_first(files, positions)] for code, positions in by_series.items()
+        }
         for rep in reps.values():
             wanted.setdefault(rep, False)
         wanted[first] = True
@@ -380,7 +436,8 @@ def read_attributes(studies: Sequence[Study], progress: ProgressCallback | None 
             header = headers.get(rep)
             if isinstance(header, dict):
                 modalities[series_uid] = header.get("Modality", "")
-        counts = Counter(f.series_uid for f in study.files)
+        codes, values = study.files.codes("series_uid")
+        counts = Counter(values[code] for code in codes)
         modality = study_modality(modalities, counts)
         if modality:
             attributes["Modality"] = modality

@@ -141,17 +141,29 @@ class BatchSender:
         t = self.target
         coordinator = self.coordinator
         sending = threading.BoundedSemaphore(t.upload_workers)
+        # The first batch is prepared alone, then the others together: its request leaves
+        # first, not once every batch's files are checked (issue 16: 0.4-0.9 s at 100,000
+        # files). Set once the first batch is prepared (or fails, or its task ends early), and
+        # before a cancelled pool is shut.
+        first_prepared = threading.Event()
 
         def task(batch: Batch) -> None:
             try:
                 if coordinator.cancelled:
                     return
+                if batch is not batches[0]:
+                    first_prepared.wait()
+                    if coordinator.cancelled:
+                        return
                 try:
                     files = self.prepare(batch)
                 except Exception as exc:  # the batch is reported, others go on
                     self.run.fail(batch.files, f"could not prepare the batch: {exc}", batch.index)
                     self.progress.update(batch_done=True, failed=True)
                     return
+                finally:
+                    if batch is batches[0]:
+                        first_prepared.set()
                 with sending:
                     if coordinator.cancelled:
                         return
@@ -159,6 +171,9 @@ class BatchSender:
             except BaseException as exc:
                 coordinator.cancel(exc)
                 raise
+            finally:
+                if batch is batches[0]:
+                    first_prepared.set()
 
         workers = t.upload_workers + t.archive_workers
         pool = BoundedExecutor(workers, self.executor or thread_pool("xnatio-rest"))
@@ -172,19 +187,21 @@ class BatchSender:
             # Cuts every request in flight, even one whose answer is awaited (its connection is
             # shut down), so the pool ends promptly; then the exception goes on.
             coordinator.cancel(exc)
+            first_prepared.set()  # a task waiting for a first batch that will not run
             pool.shutdown(cancel_futures=True)
             raise
         if coordinator.exception is not None:
             raise coordinator.exception
 
-    def prepare(self, batch: Batch) -> list[DicomFile]:
-        """Check the batch's files against discovery; return those still fit to send."""
-        ok, bad = check_sources(list(batch.files))
+    def prepare(self, batch: Batch) -> Sequence[DicomFile]:
+        """Check the batch's files against discovery; return those still fit to send (the
+        batch's own view of the manifest when all are: no record per file held)."""
+        ok, bad = check_sources(batch.files)
         for f, why in bad:
             self.run.fail([f], why, batch.index)
-        return list(ok)
+        return ok
 
-    def send_guarded(self, batch: Batch, files: list[DicomFile], root: Path) -> None:
+    def send_guarded(self, batch: Batch, files: Sequence[DicomFile], root: Path) -> None:
         """:meth:`send_batch`, with a bug in it reported on the batch's files, not lost."""
         try:
             self.send_batch(batch, files, root)
@@ -193,11 +210,11 @@ class BatchSender:
             left = self.run.not_sent(files)
             self._give_up(left, RuntimeError(f"internal error: {exc!r}"), 0, batch.index)
 
-    def send_batch(self, batch: Batch, files: list[DicomFile], root: Path) -> None:
+    def send_batch(self, batch: Batch, files: Sequence[DicomFile], root: Path) -> None:
         """Send one batch of files under ``root``, each packed as it is read into a
         ``wire_format`` archive (:func:`xnatio.archive.make_archive_stream`)."""
 
-        def pack(left: list[DicomFile]) -> Packed:
+        def pack(left: Sequence[DicomFile]) -> Packed:
             names = instance_member_names(left)
             return make_archive_stream(
                 left,
@@ -217,17 +234,17 @@ class BatchSender:
         disk.
         """
 
-        def pack(left: list[DicomFile]) -> Packed:
+        def pack(left: Sequence[DicomFile]) -> Packed:
             on_digest = self.digests.record if self.digests is not None else None
             return ArchiveMembers(archive, left, instance_member_names(left), on_digest)
 
-        self._send_until_done(batch, list(batch.files), pack, archive.name)
+        self._send_until_done(batch, batch.files, pack, archive.name)
 
     def _send_until_done(
         self,
         batch: Batch,
-        files: list[DicomFile],
-        pack: Callable[[list[DicomFile]], Packed],
+        files: Sequence[DicomFile],
+        pack: Callable[[Sequence[DicomFile]], Packed],
         what: str,
     ) -> None:
         """Send ``files`` of ``batch`` until they land, fail for good, or the upload is cancelled.
@@ -237,7 +254,7 @@ class BatchSender:
         ``Ignore-Unparsable``: every file must be accounted for). Transient failures are retried
         with backoff; anything else fails the rest with XNAT's message.
         """
-        remaining = list(files)
+        remaining = files
         partial = len(remaining) < len(batch.files)
         label = self.run.label_of(batch.files, self.target.session)
         retry_number = 0
@@ -342,7 +359,7 @@ class BatchSender:
         )
 
     def _give_up(
-        self, files: list[DicomFile], err: BaseException, retry_number: int, batch: int
+        self, files: Sequence[DicomFile], err: BaseException, retry_number: int, batch: int
     ) -> None:
         why = reason(err)
         if isinstance(err, TransientError) and retry_number:
@@ -353,7 +370,7 @@ class BatchSender:
 
     def _landed(
         self,
-        files: list[DicomFile],
+        files: Sequence[DicomFile],
         resp: requests.Response,
         batch: int,
         partial: bool,

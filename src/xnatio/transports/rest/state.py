@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome, file_path
-from xnatio.result import not_sent
+from xnatio.models import DicomFile, FileOutcome, FileTable, Manifest, Outcome
+from xnatio.result import NOT_SENT, RunOutcomes
 
 OnConfirmed = Callable[[Sequence[FileOutcome]], None]
 
@@ -21,7 +21,8 @@ class UploadRun:
     """
 
     # file_path() of each DicomFile -> its outcome
-    outcomes: dict[str, FileOutcome] = field(default_factory=dict)
+    # One per file of the manifest (result.RunOutcomes: found by record, no string per file).
+    outcomes: RunOutcomes = field(default_factory=lambda: RunOutcomes(FileTable()))
     session_uris: list[str] = field(default_factory=list)
     # StudyInstanceUID -> label it is sent and archived under; session URI -> its label
     labels: dict[str, str] = field(default_factory=dict)
@@ -33,15 +34,12 @@ class UploadRun:
 
     @classmethod
     def of(cls, manifest: Manifest, labels: dict[str, str]) -> UploadRun:
-        run = cls(labels=labels)
-        for f in manifest.files:
-            run.outcomes[file_path(f)] = not_sent(f)
-        return run
+        return cls(labels=labels, outcomes=RunOutcomes(manifest.files))
 
     def fail(self, files: Iterable[DicomFile], reason: str, batch: int | None = None) -> None:
         with self.lock:
             for f in files:
-                o = self.outcomes[file_path(f)]
+                o = self.outcomes.of(f)
                 o.outcome, o.reason = Outcome.FAILED, reason
                 if batch is not None:
                     o.batch = batch
@@ -53,14 +51,14 @@ class UploadRun:
     def not_sent(self, files: Iterable[DicomFile]) -> list[DicomFile]:
         """Those of ``files`` neither confirmed nor failed with a reason of their own."""
         with self.lock:
-            return [f for f in files if self.outcomes[file_path(f)].reason == "not sent"]
+            return [f for f in files if self.outcomes.of(f).reason == NOT_SENT]
 
     def confirm(
         self, files: Sequence[DicomFile], uris: Sequence[str], batch: int, label: str
     ) -> list[FileOutcome]:
         """The server holds ``files`` (in the sessions ``uris``): their outcomes, now UPLOADED."""
         with self.lock:
-            confirmed = [self.outcomes[file_path(f)] for f in files]
+            confirmed = [self.outcomes.of(f) for f in files]
             for o in confirmed:
                 o.outcome, o.reason, o.batch = Outcome.UPLOADED, "", batch
             for uri in uris:

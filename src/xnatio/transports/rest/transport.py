@@ -17,6 +17,7 @@ from xnatio.coordinator import ExecutorFactory
 from xnatio.errors import ServerError, UsageError
 from xnatio.models import (
     DicomFile,
+    FileTable,
     Manifest,
     ProgressCallback,
     ProgressEvent,
@@ -90,11 +91,22 @@ class RestTransport:
     def _label(self, f: DicomFile) -> str:
         return self.study_labels.get(f.study_uid, self.target.session)
 
-    def _by_label(self, files: Sequence[DicomFile]) -> dict[str, list[DicomFile]]:
+    def _by_label(self, files: Sequence[DicomFile]) -> dict[str, Sequence[DicomFile]]:
+        if isinstance(files, FileTable):
+            # By the study column: no record made per file (it was 100,000 of them on the way to
+            # the first request, issue 16); labels in order of first appearance, as below.
+            codes, studies = files.codes("study_uid")
+            label_of = [self.study_labels.get(s, self.target.session) for s in studies]
+            positions: dict[str, list[int]] = {}
+            for i, code in enumerate(codes):
+                positions.setdefault(label_of[code], []).append(i)
+            if len(positions) == 1:
+                return {label: files for label in positions}
+            return {label: files.take(p) for label, p in positions.items()}
         out: dict[str, list[DicomFile]] = {}
         for f in files:
             out.setdefault(self._label(f), []).append(f)
-        return out
+        return dict(out)
 
     def on_server(self, files: Sequence[DicomFile]) -> list[DicomFile]:
         t = self.target
@@ -130,7 +142,8 @@ class RestTransport:
                     "session label"
                 )
             self.existing.add(label)
-            there.extend(already_on_server(server, part))
+            # Records made once (already_on_server tells files apart by identity).
+            there.extend(already_on_server(server, list(part)))
         return there
 
     def send(

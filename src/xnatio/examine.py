@@ -1,0 +1,372 @@
+"""What discovery learns of one file, and the worker processes that learn it in parallel.
+
+:func:`examine` opens one candidate file and reads its header (:mod:`xnatio.dicomheader`); it
+never raises for a bad file. Its answer is a plain tuple (cheap to make, to send between
+processes and to keep): a file to send is :data:`Found`, anything else :data:`Skip`, told apart
+by length.
+
+:class:`Workers` examines a list of paths in worker processes and yields the answers in the
+order of the paths, exactly as examining them one after the other would
+(:func:`xnatio.discover.discover` uses it above a few thousand files). The header walk is Python,
+so threads cannot run it on more than one core; processes can. Each worker is
+``python -c "from xnatio.examine import serve; serve()"``: this module imports nothing heavy, so a
+worker starts in about a tenth of a second while the parent walks the folders. Chunk ``i`` of
+the paths goes to worker ``i % n``, two chunks ahead of the answer awaited from it; each worker
+answers its chunks in order, one frame each, and the parent reads them in path order (a worker
+holds two chunks, not its share of the paths). Frames are ``marshal`` data between two processes
+of the same interpreter (no code, only strings and ints), each preceded by its length.
+
+Failures: a worker that cannot be started, dies, or answers garbage costs one warning line; the
+chunks it has not answered are examined in the parent, so every file is still examined once and
+the manifest is the same. Ctrl-C (or any exception in the caller) stops every worker: they run
+in their own session (the terminal's Ctrl-C does not reach them, so they print no traceback) and
+are killed and reaped when the parent stops reading; a worker whose parent died is stopped by the
+broken pipe of its next answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import marshal
+import os
+import queue
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Protocol
+
+from xnatio.dicomheader import (
+    MEDIA_STORAGE_DIRECTORY,
+    HeaderFields,
+    NotDicom,
+    read_header_fd,
+    read_header_stream,
+)
+
+log = logging.getLogger(__name__)
+
+# (size, mtime_ns, ctime_ns, SOP Class UID, SOP Instance UID, Study Instance UID,
+#  Series Instance UID, Series Number, Transfer Syntax UID, Patient ID); ctime_ns is 0 inside an
+# archive (see DicomFile.ctime_ns).
+Found = tuple[int, int, int, str, str, str, str, int | None, str, str]
+# (one-sentence reason, size)
+Skip = tuple[str, int]
+Result = Found | Skip
+
+_intern = sys.intern
+
+
+def found(size: int, mtime_ns: int, ctime_ns: int, h: HeaderFields) -> Found:
+    # Interned: a session shares a few study/series/class values across all its files (and a
+    # worker's answer then holds each once: marshal writes a shared string once per frame).
+    return (
+        size,
+        mtime_ns,
+        ctime_ns,
+        _intern(h.sop_class_uid),
+        h.sop_instance_uid,
+        _intern(h.study_uid),
+        _intern(h.series_uid),
+        h.series_number,
+        _intern(h.transfer_syntax_uid),
+        _intern(h.patient_id),
+    )
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def not_regular_reason(mode: int) -> str:
+    """Why a file of ``mode`` (not a regular file, not a folder) is skipped."""
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
+    return f"not a regular file: {kind}"
+
+
+def unsendable(h: HeaderFields) -> str:
+    """Why XNAT would reject this object, or '' when it can be sent."""
+    if MEDIA_STORAGE_DIRECTORY in (h.media_sop_class_uid, h.sop_class_uid):
+        return "DICOMDIR (a media directory index, not an image)"
+    # XNAT's importer rejects objects without these: "object {name} contains no SOP Class UID".
+    if not h.sop_class_uid:
+        return "DICOM object without a SOP Class UID (XNAT rejects it)"
+    if not h.sop_instance_uid:
+        return "DICOM object without a SOP Instance UID (XNAT rejects it)"
+    if not h.study_uid:
+        return "DICOM object without a Study Instance UID"
+    return ""
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def examine(path: str) -> Result:
+    """Open one candidate file and read its header; never raises for a bad file."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except PermissionError:
+        return ("not readable (permission denied)", 0)
+    except FileNotFoundError:
+        return ("removed while discovery was running", 0)
+    except OSError as exc:
+        return (f"not readable ({exc.strerror})", 0)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped for a FIFO or device since the walk
+            return (not_regular_reason(st.st_mode), 0)
+        if st.st_size == 0:
+            return ("empty file (0 bytes)", 0)
+        try:
+            fields = read_header_fd(fd)
+        except NotDicom as exc:
+            return (str(exc), st.st_size)
+        except OSError as exc:
+            return (f"not readable ({exc.strerror})", st.st_size)
+        reason = unsendable(fields)
+        if reason:
+            return (reason, st.st_size)
+        return found(st.st_size, st.st_mtime_ns, st.st_ctime_ns, fields)
+    finally:
+        os.close(fd)
+
+
+def examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> Result:
+    """:func:`examine` for an archive member (no inode change time)."""
+    try:
+        fields = read_header_stream(fp)
+    except NotDicom as exc:
+        return (str(exc), size)
+    reason = unsendable(fields)
+    if reason:
+        return (reason, size)
+    return found(size, mtime_ns, 0, fields)
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+_LEN = 8  # bytes of a frame's length
+
+
+def _write_frame(out: IO[bytes], data: bytes) -> None:
+    out.write(len(data).to_bytes(_LEN, "little"))
+    out.write(data)
+    out.flush()
+
+
+def _read_exactly(src: IO[bytes], n: int) -> bytes | None:
+    parts = []
+    while n:
+        part = src.read(n)
+        if not part:
+            return None
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def _read_frame(src: IO[bytes]) -> bytes | None:
+    head = _read_exactly(src, _LEN)
+    return None if head is None else _read_exactly(src, int.from_bytes(head, "little"))
+
+
+def serve(src: IO[bytes] | None = None, out: IO[bytes] | None = None) -> None:
+    """A worker: answer each frame (a chunk of paths) with one frame (the list of their
+    :func:`examine` results), in order, until the input ends. A thread reads the input as it
+    comes, so the parent's writes never wait on this worker's answers (no deadlock whatever
+    the frames' sizes)."""
+    src = src if src is not None else sys.stdin.buffer
+    out = out if out is not None else sys.stdout.buffer
+    frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                frame = _read_frame(src)
+                frames.put(frame)
+                if frame is None:
+                    return
+        except OSError:
+            frames.put(None)
+
+    threading.Thread(target=read, name="xnatio-examine-input", daemon=True).start()
+    try:
+        while (frame := frames.get()) is not None:
+            _write_frame(out, marshal.dumps([examine(p) for p in marshal.loads(frame)]))
+    except BrokenPipeError:  # the parent stopped reading (Ctrl-C, an error): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+
+
+WORKER_COMMAND = ("-c", "from xnatio.examine import serve; serve()")
+_AHEAD = 2  # chunks sent to a worker ahead of the one whose answer is awaited
+
+
+class Paths(Protocol):
+    """The paths to examine: a list of strings, or discovery's compact list of them."""
+
+    def __getitem__(self, i: int, /) -> str: ...
+
+    def __len__(self) -> int: ...
+
+
+class _Worker:
+    def __init__(self, command: Sequence[str]) -> None:
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (read if it fails; never blocks)
+        env = dict(os.environ)
+        # The worker imports the same xnatio as this process, whatever sys.path says.
+        package_dir = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_dir, env.get("PYTHONPATH", "")) if p
+        )
+        self.proc = subprocess.Popen(
+            list(command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=env,
+            close_fds=True,
+            start_new_session=True,  # Ctrl-C in the terminal is the parent's to handle
+        )
+        self.alive = True
+
+    def why(self) -> str:
+        """The worker's last line on stderr, or its exit status."""
+        with contextlib.suppress(OSError):
+            self.stderr.seek(0)
+            lines = self.stderr.read()[-4000:].decode(errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1]
+        code = self.proc.poll()
+        return f"exit status {code}" if code is not None else "no answer"
+
+    def stop(self) -> None:
+        proc = self.proc
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                if stream is not None:
+                    stream.close()
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        self.stderr.close()
+
+
+class Workers:
+    """``n`` worker processes, started at once (they import while the caller walks); see the
+    module docstring. Use as a context manager: leaving it kills and reaps every worker."""
+
+    def __init__(self, n: int, command: Sequence[str] | None = None) -> None:
+        self.command = list(command) if command is not None else [sys.executable, *WORKER_COMMAND]
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(n):
+                self.workers.append(_Worker(self.command))
+        except OSError as exc:
+            log.warning(
+                "could not start a discovery worker (%s): reading the headers in this process",
+                exc.strerror or exc,
+            )
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while self.workers:
+            self.workers.pop().stop()
+
+    def examine(self, paths: Paths, chunk: int, report: Callable[[int], None]) -> Iterator[Result]:
+        """The :func:`examine` result of every path, in order; ``report(done)`` after each
+        chunk."""
+        total = len(paths)
+        bounds = [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
+
+        def part(i: int) -> list[str]:
+            # Made into strings only to be sent or read (the caller keeps the paths compactly:
+            # issue 16 item 4).
+            start, end = bounds[i]
+            return [paths[j] for j in range(start, end)]
+
+        workers = self.workers
+        n = len(workers)
+
+        def send(i: int) -> None:
+            """Chunk ``i`` to its worker (``i % n``); its input closed after its last chunk."""
+            w = workers[i % n]
+            if not w.alive:
+                return
+            stdin = w.proc.stdin
+            assert stdin is not None
+            try:
+                _write_frame(stdin, marshal.dumps(part(i)))
+                if i + n >= len(bounds):
+                    stdin.close()
+            except OSError:
+                self._failed(w)
+
+        # Each worker holds the chunk it reads and the next one (no more: its memory stays
+        # that of a chunk, not of its share of the paths).
+        for i in range(min(len(bounds), _AHEAD * n)):
+            send(i)
+        done = 0
+        for i, (start, end) in enumerate(bounds):
+            results: list[Result] | None = None
+            if n:
+                w = workers[i % n]
+                if w.alive:
+                    results = self._answer(w, end - start)
+                if i + _AHEAD * n < len(bounds):
+                    send(i + _AHEAD * n)
+            if results is None:  # no worker, or it failed: this process reads them
+                results = [examine(p) for p in part(i)]
+            yield from results
+            done += end - start
+            report(done)
+
+    def _answer(self, w: _Worker, expected: int) -> list[Result] | None:
+        assert w.proc.stdout is not None
+        try:
+            frame = _read_frame(w.proc.stdout)
+        except OSError:
+            frame = None
+        if frame is None:  # it died: its stderr or exit status says why
+            self._failed(w)
+            return None
+        try:
+            results = marshal.loads(frame)
+        except (ValueError, EOFError, TypeError):
+            results = None
+        if isinstance(results, list) and len(results) == expected:
+            return results
+        self._failed(w, "an answer that could not be read")
+        return None
+
+    def _failed(self, w: _Worker, why: str = "") -> None:
+        if not w.alive:
+            return
+        w.alive = False
+        with contextlib.suppress(OSError):
+            w.proc.kill()  # answered garbage, or died: either way it is done
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(timeout=5)  # its stderr is complete once it has exited
+        log.warning(
+            "a discovery worker stopped (%s): reading its share of the headers in this process",
+            why or w.why(),
+        )
