@@ -353,7 +353,11 @@ class ServerGoal:
                 if self.per == "wall":
                     share = median([x.server["server_cpu_s"] / x.wall_s for x in runs]) or 0.0
                     wall = median([x.wall_s for x in runs]) or 0.0
-                    parts.append(f"{r.name}: {cpu:.1f} s of {wall:.1f} s = {share:.0%}")
+                    # The window is the client's run (launch to exit, servers.Sandbox); what the
+                    # server did after the client exited is shown beside it, not counted.
+                    after = median([x.server.get("server_cpu_after_s", 0.0) for x in runs])
+                    tail = f" (+{after:.1f} s after the client exited)" if after else ""
+                    parts.append(f"{r.name}: {cpu:.1f} s of {wall:.1f} s = {share:.0%}{tail}")
                     verdicts.append(share < self.limit)
                 else:
                     per_gb = cpu / (cr.dataset.bytes / 1e9)

@@ -473,6 +473,8 @@ class Runner:
                 # import request; every byte is forwarded unchanged.
                 relay = FirstImportRelay(ctx.sandbox.host, ctx.sandbox.port).__enter__()
                 inv.cmd = [relay.url if a == ctx.sandbox.url else a for a in inv.cmd]
+            if ctx.sandbox is not None:
+                ctx.sandbox.client_started()  # the server's CPU counts from here (servers.py)
             launched = time.perf_counter()
             measured = run_measured(
                 inv.cmd,
@@ -483,6 +485,8 @@ class Runner:
                 timeout=case.timeout,
                 stdin_text=inv.stdin_text,
             )
+            if ctx.sandbox is not None:
+                ctx.sandbox.client_exited()  # ... to here; what follows is reported apart
             if relay is not None:
                 relay.close()
                 if relay.first_import_at is not None:

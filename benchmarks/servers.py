@@ -9,10 +9,12 @@ run's result can be counted on the server exactly.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,14 @@ from benchmarks.measure import Sampler, cpu_seconds
 STORESCP = "/usr/bin/storescp"
 ARCHIVE_IDLE_S = 30.0  # the sandbox's --idle-seconds in the harness (XNAT's default: 300)
 STORESCU = "/usr/bin/storescu"
+# Where the sandbox keeps what it receives: in memory (tmpfs) when there is room, so the
+# receiver's file system work is not the client's disk's. Creating a file on this machine's ext4
+# costs 0.3-0.9 ms of kernel CPU (measured: 3,000 empty files, one thread; 0.01 ms on tmpfs),
+# which was half of the sandbox's CPU per file; a real XNAT writes to its own disks, not the
+# client's. XNATIO_BENCH_SERVER_DATA=disk keeps it under the run's work directory (as before).
+SHM = Path("/dev/shm")
+SHM_MIN_FREE = 8e9  # the largest cached session is 4.8 GB
+SERVER_DATA_ENV = "XNATIO_BENCH_SERVER_DATA"
 
 
 def free_port() -> int:
@@ -86,6 +96,11 @@ class Sandbox:
     link: Link | None = None
     pythonpath: str | None = None
     """Run the server from another source tree (``PYTHONPATH``), e.g. an older commit's."""
+    data_dir: Path | None = None
+    """Where the server keeps its data (set at start: tmpfs when there is room)."""
+    in_memory: bool = False
+    cpu_client_start: float | None = None
+    cpu_client_exit: float | None = None
 
     @property
     def host(self) -> str:
@@ -99,8 +114,19 @@ class Sandbox:
     def tmp_dir(self) -> Path:
         return self.workdir / "server-tmp"
 
+    def _choose_data_dir(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        want = os.environ.get(SERVER_DATA_ENV, "memory")
+        if want != "disk" and SHM.is_dir():
+            st = os.statvfs(SHM)
+            if st.f_bavail * st.f_frsize >= SHM_MIN_FREE:
+                self.in_memory = True
+                return Path(tempfile.mkdtemp(prefix="xnatio-bench-server-", dir=SHM))
+        self.in_memory = False
+        return self.workdir / "server-data"
+
     def start(self) -> None:
-        data = self.workdir / "server-data"
+        data = self.data_dir = self._choose_data_dir()
         data.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -149,7 +175,19 @@ class Sandbox:
         watch = {"tmpdir": self.tmp_dir, "spool": data / "tmp"}
         self.sampler = Sampler(self.proc.pid, watch, interval=0.2)
         self.sampler.__enter__()
-        self.cpu_at_start = cpu_seconds(self.proc.pid)  # its start-up is not the run's
+        self.cpu_at_start = tree_cpu_seconds(self.proc.pid)  # its start-up is not the run's
+
+    # The window of the server's CPU that counts (issue 16: "below 40 % of the wall time" of
+    # the run): from the client's launch to its exit. What the server does after the client
+    # exited (the harness's count of what landed, Direct-Archive's idle archiving, the stop) is
+    # reported beside it as server_cpu_after_s, not in it.
+    def client_started(self) -> None:
+        if self.proc is not None:
+            self.cpu_client_start = tree_cpu_seconds(self.proc.pid)
+
+    def client_exited(self) -> None:
+        if self.proc is not None:
+            self.cpu_client_exit = tree_cpu_seconds(self.proc.pid)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 20
@@ -179,18 +217,24 @@ class Sandbox:
         if self.sampler is not None:
             self.sampler.__exit__(None, None, None)
             tmp = self.sampler.peaks.tmp_bytes
+            total = tree_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
             peaks = {
-                "server_cpu_s": cpu_seconds(self.proc.pid) - self.cpu_at_start
-                if self.proc is not None
-                else 0.0,
                 "server_rss_mb": self.sampler.peaks.rss_bytes / 1e6,
                 # Upper bound: the two peaks need not have been at the same moment.
                 "server_tmp_mb": (tmp["tmpdir"] + tmp["spool"]) / 1e6,
+                "server_data_in_memory": float(self.in_memory),
             }
+            if self.cpu_client_start is not None and self.cpu_client_exit is not None:
+                peaks["server_cpu_s"] = self.cpu_client_exit - self.cpu_client_start
+                peaks["server_cpu_after_s"] = total - self.cpu_client_exit
+            else:  # no client window marked: the whole run
+                peaks["server_cpu_s"] = total - self.cpu_at_start
             self.sampler = None
         if self.proc is not None:
             _stop(self.proc)
             self.proc = None
+        if self.in_memory and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
         return peaks
 
     def stats(self) -> dict[str, Any]:
@@ -228,7 +272,7 @@ class Sandbox:
         return total, ""
 
     def _prearchive_note(self, s: requests.Session, project: str) -> str:
-        direct = self.workdir / "server-data" / "direct" / project
+        direct = (self.data_dir or self.workdir / "server-data") / "direct" / project
         if direct.is_dir() and any(direct.iterdir()):
             # Received with Direct-Archive and not yet archived (facts 1.6).
             return "direct-archive pending: received, not yet archived"
@@ -365,14 +409,16 @@ def server_cost(
         cmd = [*_xio(), "upload-dicom", "BENCH", "S1", "E1", str(session), "--server"]
         cmd += [server.url, "--user", server.user, "--no-verify", "-q", *extra]
         env = dict(os.environ, XNAT_PASSWORD=server.password)
+        server.client_started()
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)
+        server.client_exited()
         wall = time.monotonic() - started
         cpu = tree_cpu_seconds(server.proc.pid) - before
         system = tree_cpu_seconds(server.proc.pid, system_only=True) - sys_before
         cores.stop()
         landed, note = server.count_archived("BENCH", "S1", "E1")
     finally:
-        server.stop()
+        peaks = server.stop()
     return {
         "files": len(files),
         "bytes": size,
@@ -386,6 +432,9 @@ def server_cost(
         "server_cpu_ms_per_file": round(1000 * cpu / max(1, len(files)), 3),
         "server_cpu_s_per_gb": round(cpu / (size / 1e9), 2),
         "server_cores_peak_1s": round(cores.peak, 2),
+        # The count of what landed and the stop, after the client exited (not in the above).
+        "server_cpu_after_s": round(peaks.get("server_cpu_after_s", 0.0), 2),
+        "server_data": "memory" if server.in_memory else "disk",
         "load_before": load,
         "load_after": _load(),
         "knobs": knobs,
@@ -398,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     the sandbox costs (CPU per file and per GB) receiving one xio upload of SESSION_DIR."""
     import argparse
     import json
-    import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.servers")
     parser.add_argument("session", type=Path)
@@ -410,15 +458,32 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the server from this source tree (e.g. an exported older commit's src/),"
         " alternating with this checkout's",
     )
+    parser.add_argument(
+        "--data",
+        choices=("memory", "disk", "both"),
+        default="memory",
+        help="where the server keeps its data: tmpfs (the harness's default when there is"
+        " room), the work directory's disk, or both alternately",
+    )
     parser.add_argument("xio_args", nargs="*", help="extra xio upload-dicom arguments (after --)")
     args = parser.parse_args(argv)
     knobs = {k: float(v) for k, v in (item.split("=", 1) for item in args.knob)}
     sources = [None, args.compare] if args.compare else [None]
-    for _ in range(args.repeat):
-        for src in sources:
-            with tempfile.TemporaryDirectory(prefix="xnatio-server-cost-") as work:
-                result = server_cost(args.session, knobs, Path(work), args.xio_args, src)
-                print(json.dumps(result), flush=True)
+    places = ["memory", "disk"] if args.data == "both" else [args.data]
+    previous = os.environ.get(SERVER_DATA_ENV)
+    try:
+        for _ in range(args.repeat):
+            for place in places:
+                os.environ[SERVER_DATA_ENV] = place
+                for src in sources:
+                    with tempfile.TemporaryDirectory(prefix="xnatio-server-cost-") as work:
+                        result = server_cost(args.session, knobs, Path(work), args.xio_args, src)
+                        print(json.dumps(result), flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop(SERVER_DATA_ENV, None)
+        else:
+            os.environ[SERVER_DATA_ENV] = previous
     return 0
 
 

@@ -80,6 +80,33 @@ def test_commit_then_archive_service(xnat_server: SandboxServer, tmp_path: Path)
     assert r.status_code == 404
 
 
+def test_an_archived_session_is_never_seen_without_its_files(
+    xnat_server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an archive moves the files, the new session is not in the archive yet: it appears
+    with its scans and files at once (a reader counting files met it empty once)."""
+    import os
+
+    from xnatio.sandbox import store as store_module
+
+    _, uids = upload_batches(xnat_server, tmp_path)
+    (s,) = xnat_server.prearchive_sessions("P")
+    store = xnat_server._store()
+    seen: list[object] = []
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        seen.append(store.experiment("P", "E"))  # what a reader sees during the moves
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    store.archive(s, merge=True, overwrite=False)
+    monkeypatch.undo()
+    assert len(seen) == len(uids)
+    assert seen == [None] * len(uids)
+    assert set(xnat_server.archived_files("P", "S", "E")) == set(uids)
+
+
 def test_commit_in_auto_archive_project_answers_301(
     xnat_server: SandboxServer, tmp_path: Path
 ) -> None:

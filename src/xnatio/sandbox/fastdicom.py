@@ -144,6 +144,7 @@ class FastFile:
         return b"".join(out)
 
 
+@functools.lru_cache(maxsize=1024)
 def _text(value: str) -> bytes:
     """A string value as pydicom writes a text VR (PN, LO) set from ``str``: encoded, padded
     with a space to even length. Only plain ASCII (no backslash: it would be multi-valued)."""
@@ -170,15 +171,28 @@ def _file_meta(sop_class: str, sop_uid: str, ts: str) -> bytes:
     and dcm4che2's implementation identity (facts 1.7), behind its group length."""
     body = b"".join(
         (
-            _TAG.pack(2, 1) + b"OB\0\0" + _U32.pack(2) + b"\0\1",
+            _META_VERSION,
             _element(0x00020002, b"UI", _uid(sop_class)),
             _element(0x00020003, b"UI", _uid(sop_uid)),
+            _meta_tail(ts),
+        )
+    )
+    return _element(0x00020000, b"UL", _U32.pack(len(body))) + body
+
+
+_META_VERSION = _TAG.pack(2, 1) + b"OB\0\0" + _U32.pack(2) + b"\0\1"
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_tail(ts: str) -> bytes:
+    """Transfer syntax and dcm4che2's implementation identity: the same in every file."""
+    return b"".join(
+        (
             _element(0x00020010, b"UI", _uid(ts)),
             _element(0x00020012, b"UI", _uid(str(IMPLEMENTATION_CLASS_UID))),
             _element(0x00020013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
         )
     )
-    return _element(0x00020000, b"UL", _U32.pack(len(body))) + body
 
 
 def _walk(head: bytes, at: int, *, meta: bool) -> tuple[list[tuple[int, bytes, int, int]], int]:
@@ -249,6 +263,17 @@ def _text_of(tag: int, vr: bytes, value: bytes, encodings: tuple[str, ...]) -> s
         return str(convert_raw_data_element(raw, encoding=list(encodings)).value or "")
 
 
+@functools.lru_cache(maxsize=256)
+def _encodings_of(vr: bytes, value: bytes, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The encodings a Specific Character Set value names, as pydicom converts it; cached: a
+    session repeats one value in every file (converting it was 4 % of the import's CPU)."""
+    raw = RawDataElement(Tag(_CHARSET), vr.decode(), len(value), value, 0, False, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert_raw_data_element(raw, encoding=list(default)).value
+    return tuple(convert_encodings(converted)) if converted else default
+
+
 def parse(head: bytes, whole: bool) -> FastFile | None:
     """The fast reading of ``head`` (the first bytes of an entry; ``whole``: all of it), or None
     when pydicom's path must decide (see the module docstring)."""
@@ -279,15 +304,7 @@ def _parse(head: bytes, whole: bool) -> FastFile:
     if _CHARSET in by_tag:
         tag, vr, start, end = by_tag[_CHARSET]
         value_at = start + (12 if vr in _LONG else 8)
-        raw = RawDataElement(
-            Tag(tag), vr.decode(), end - value_at, head[value_at:end], value_at, False, True
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = convert_raw_data_element(raw, encoding=list(encodings)).value
-        if value:
-            encodings = tuple(convert_encodings(value))
-        _, _, start, end = by_tag[_CHARSET]
+        encodings = _encodings_of(vr, head[value_at:end], encodings)
         charset_raw = head[start + 8 : end].rstrip(b"\0 ")
     for tag in (_SOP_CLASS, _SOP_UID):
         if tag in by_tag and by_tag[tag][1] != b"UI":

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from xnatio.sandbox.catalog import (
     Catalog,
     Experiment,
     FileRecord,
+    check_label,
     now_text,
     xsi_types,
 )
@@ -189,7 +190,11 @@ class Store(Catalog):
 
     # -- rows ------------------------------------------------------------------------------
     @staticmethod
-    def _prearc(row: sqlite3.Row) -> PrearcSession:
+    def _prearc(
+        row: sqlite3.Row, *, status: str | None = None, lastmod: float | None = None
+    ) -> PrearcSession:
+        """The row as a ``PrearcSession``; ``status``/``lastmod`` replace the row's (the values
+        just written), without ``dataclasses.replace``'s cost on every file."""
         return PrearcSession(
             id=row["id"],
             project=row["project"],
@@ -198,9 +203,9 @@ class Store(Catalog):
             tag=row["tag"],
             name=row["name"],
             subject=row["subject"],
-            status=row["status"],
+            status=row["status"] if status is None else status,
             uploaded=row["uploaded"],
-            lastmod=row["lastmod"],
+            lastmod=row["lastmod"] if lastmod is None else lastmod,
             scan_date=row["scan_date"],
             prevent_auto_commit=bool(row["prevent_auto_commit"]),
             autoarchive=row["autoarchive"],
@@ -314,7 +319,7 @@ class Store(Catalog):
                 if row["id"] not in writer_of:
                     writer_of.add(row["id"])
                     self._writers[row["id"]] = self._writers.get(row["id"], 0) + 1
-                return replace(self._prearc(row), status=status, lastmod=now)
+                return self._prearc(row, status=status, lastmod=now)
             if row["id"] not in writer_of:
                 writer_of.add(row["id"])
                 self._writers[row["id"]] = self._writers.get(row["id"], 0) + 1
@@ -579,26 +584,43 @@ class Store(Catalog):
                 with contextlib.suppress(OSError):
                     (self.resource_dir(e, scan, "DICOM") / path).unlink()
         else:
-            e = self.create_experiment(
-                project=project,
-                subject=subject,
-                label=label,
-                uid=s.tag,
-                modality=first["modality"] if first else None,
-                date=s.scan_date,
-            )
+            # A new session is created in the transaction that records its scans and files,
+            # after the moves: no reader sees it archived without its files (XNAT saves the
+            # session document with its scans and catalogs at once, facts 1.6 "saved, row
+            # deleted"). The harness's count of what landed met that window when the server
+            # got faster. Its folder depends only on project and label (experiment_dir); the
+            # labels are checked before anything moves, as create_experiment checks them.
+            check_label(label, "session")
+            check_label(project, "project")
+            check_label(subject, "subject")
+            e = None
+        base = self.root / "archive" / project / "arc001" / label if e is None else None
         src_root = self.prearc_dir(s)
         made: dict[str, Path] = {}
         for r in rows:
             dst_dir = made.get(r["scan"])
             if dst_dir is None:
-                dst_dir = made[r["scan"]] = self.resource_dir(e, r["scan"], "DICOM")
+                if base is not None:
+                    dst_dir = base / "SCANS" / r["scan"] / "DICOM"  # = resource_dir
+                else:
+                    assert e is not None
+                    dst_dir = self.resource_dir(e, r["scan"], "DICOM")
+                made[r["scan"]] = dst_dir
                 dst_dir.mkdir(parents=True, exist_ok=True)
             src = src_root / "SCANS" / r["scan"] / "DICOM" / r["name"]
             if src.exists():
                 os.replace(src, dst_dir / r["name"])
         # The catalog rows in one transaction (not three per file), after the moves.
         with self._tx():
+            if e is None:
+                e = self.create_experiment(
+                    project=project,
+                    subject=subject,
+                    label=label,
+                    uid=s.tag,
+                    modality=first["modality"] if first else None,
+                    date=s.scan_date,
+                )
             for r in rows:
                 self.upsert_scan(
                     e,
