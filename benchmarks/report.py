@@ -131,7 +131,7 @@ def case_table(cr: CaseResult) -> str:
         f"- **{r.name} failed**: {'; '.join(r.errors)}" for r in cr.results.values() if r.errors
     ]
     for r in cr.results.values():
-        own = median([x.details.get("xio_duration_s", 0.0) for x in r.ok_runs if x.details])
+        own = median([x.details.get("xio_duration_s", 0.0) for x in r.measured_runs if x.details])
         t = r.med("metric_s")
         if own and t:
             notes.append(
@@ -345,7 +345,7 @@ class ServerGoal:
             parts: list[str] = []
             verdicts: list[bool] = []
             for r in cr.results.values():
-                runs = [x for x in r.ok_runs if "server_cpu_s" in x.server and x.wall_s > 0]
+                runs = [x for x in r.measured_runs if "server_cpu_s" in x.server and x.wall_s > 0]
                 if not runs:
                     parts.append(f"{r.name}: not measured")
                     continue
@@ -431,7 +431,7 @@ def _scale_goals(results: list[CaseResult]) -> list[Goal]:
         for cr in cases:
             if cr.dataset.files == files and "xio" in cr.results:
                 r = cr.results["xio"]
-                value = r.med("peak_rss_mb") if r.ok else None
+                value = median([x.peak_rss_mb for x in r.measured_runs])
                 return value, "" if value is not None else "xio failed"
         return None, f"no {files:,}-file case in this run"
 
@@ -466,7 +466,7 @@ def _scale_goals(results: list[CaseResult]) -> list[Goal]:
         (cr.dataset.files, x.details[FIRST_REQUEST_KEY])
         for cr in cases
         for r in cr.results.values()
-        for x in r.ok_runs
+        for x in r.measured_runs
         if isinstance(x.details.get(FIRST_REQUEST_KEY), (int, float))
     ]
     if not firsts:

@@ -436,6 +436,28 @@ def test_issue_16_goals_are_judged_on_the_measured_figures() -> None:
     assert growth.met is False and growth.measured == "100 → 125 MB = +25 MB"
 
 
+def test_a_run_over_the_memory_bound_is_judged_on_what_it_measured_not_skipped() -> None:
+    """A 100,000-file run that landed everything but went over the RSS bound is a measured miss:
+    its RSS and its first request count in the goals (they were 'not measured', and the first
+    request goal said 'yes' from the smaller case alone)."""
+    small = _case("scale", {"xio": [5.0]}, files=15_000, rss=98.0)
+    small.results["xio"].runs[0].details["first_import_s"] = 1.3
+    big = _case("scale", {"xio": [50.0]}, files=100_000, rss=219.0)
+    run = big.results["xio"].runs[0]
+    run.ok, run.error = False, "peak RSS 219.0 MB is over the bound of 120 MB (issue 16 item 4)"
+    run.details.update(over_rss_bound=True, first_import_s=3.25)
+    gs = {g.text: g for g in goals([small, big])}
+    rss = gs["(issue 16) peak RSS < 120 MB at 100,000 files (scale)"]
+    assert rss.met is False and rss.measured == "219 MB"
+    first = gs[
+        "(issue 16) the first import request leaves within 3 s of launch, at any size (scale)"
+    ]
+    assert first.met is False and first.measured.startswith("slowest 3.2 s (at 100,000 files")
+    run.details.pop("over_rss_bound")  # any other failure: not measured, never met
+    gs = {g.text: g for g in goals([small, big])}
+    assert gs["(issue 16) peak RSS < 120 MB at 100,000 files (scale)"].met is None
+
+
 def test_chart_data_keep_every_run_the_failures_and_the_ratio_to_the_baseline() -> None:
     limit = _case(
         "rest-limit", {"xio": [12.0, 10.0, 11.0], "curl": [10.0, 9.0, 11.0]}, baseline="curl"
