@@ -30,11 +30,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyte
 import pytest
 
 from xnatio.sandbox import SandboxServer
+
+if TYPE_CHECKING:
+    from xnatio.transports.rest.wire import AckedBytes
 from xnatio.synth import SyntheticSession, generate_session
 
 # The bandwidth cap: slow enough that the kernel's socket buffers (megabytes) would show.
@@ -415,20 +419,27 @@ def test_acknowledged_bytes_are_what_the_peer_received_not_what_the_socket_took(
         receiver.close()
 
 
+def _filled(sender: socket.socket) -> AckedBytes:
+    """Up to 40 × 64 KiB handed to ``sender`` without blocking, counted by an AckedBytes."""
+    from xnatio.transports.rest.wire import AckedBytes
+
+    acked = AckedBytes(socket_of=lambda: sender)
+    sender.setblocking(False)
+    for _ in range(40):
+        try:
+            acked.was_handed(sender.send(b"x" * 65536))
+        except BlockingIOError:
+            break
+    sender.setblocking(True)
+    return acked
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIOCOUTQ is Linux's")
 def test_drain_waits_while_the_peer_reads_and_stops_when_it_answers() -> None:
-    from xnatio.transports.rest.wire import AckedBytes
 
     sender, receiver = _pair()
     try:
-        acked = AckedBytes(socket_of=lambda: sender)
-        sender.setblocking(False)
-        for _ in range(40):
-            try:
-                acked.was_handed(sender.send(b"x" * 65536))
-            except BlockingIOError:
-                break
-        sender.setblocking(True)
+        acked = _filled(sender)
         reports: list[int] = []
 
         def reader() -> None:
@@ -446,13 +457,7 @@ def test_drain_waits_while_the_peer_reads_and_stops_when_it_answers() -> None:
 
     sender, receiver = _pair()
     try:
-        acked = AckedBytes(socket_of=lambda: sender)
-        sender.setblocking(False)
-        for _ in range(40):
-            try:
-                acked.was_handed(sender.send(b"x" * 65536))
-            except BlockingIOError:
-                break
+        acked = _filled(sender)
         receiver.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\n\r\n")  # answers early
         # The answer ends the wait, not the queue standing still (which would say "still").
         assert acked.drain(lambda: None, threading.Event()) == "answered"
