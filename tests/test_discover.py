@@ -582,9 +582,9 @@ def test_worker_processes_give_the_serial_manifest_in_the_same_order(
 
 _DIES_AFTER_ONE_CHUNK = """
 import marshal, os, sys
-from xnatio.examine import _read_frame, _write_frame, examine
+from xnatio.examine import _read_frame, _write_frame, examine, pack
 chunk = marshal.loads(_read_frame(sys.stdin.buffer))
-_write_frame(sys.stdout.buffer, marshal.dumps([examine(p) for p in chunk]))
+_write_frame(sys.stdout.buffer, marshal.dumps(pack([examine(p) for p in chunk])))
 sys.stderr.write("Traceback (most recent call last):\\nMemoryError: worker broke on purpose\\n")
 sys.stderr.flush()
 os._exit(3)

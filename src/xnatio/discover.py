@@ -15,14 +15,23 @@ import tarfile
 import time
 import zipfile
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 from xnatio.archive import EntryNames, zip_entries
 from xnatio.errors import UsageError
-from xnatio.examine import Result, Workers, examine, examine_stream, not_regular_reason
+from xnatio.examine import (
+    Packed,
+    Result,
+    Workers,
+    examine,
+    examine_stream,
+    not_regular_reason,
+    pack,
+)
 from xnatio.models import (
     Manifest,
     Phase,
@@ -215,42 +224,47 @@ def _examine_chunk(paths: list[str]) -> list[Result]:
     return [examine(p) for p in paths]
 
 
+Chunk = tuple[Sequence[str], Packed]  # names (paths, or members of an archive) and results
+
+
 def _examine_all(
     paths: SplitStrings, workers: int, report: Callable[[int], None]
-) -> Iterator[Result]:
-    """Examine ``paths`` in order; with ``workers`` > 1, threads overlap the file reads.
+) -> Iterator[Chunk]:
+    """Examine ``paths`` in order, a chunk at a time; with ``workers`` > 1, threads overlap the
+    file reads.
 
     Header parsing holds the GIL, so threads do not add CPU; they hide I/O latency on a cold
     cache or a network file system, where most of the time is spent waiting in open/read.
     Worker processes (:class:`xnatio.examine.Workers`) run the parse on every core instead.
     """
-    if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
-        for i, p in enumerate(paths, 1):
-            yield examine(p)
-            report(i)
-        return
     chunks = (
         [paths[j] for j in range(i, min(i + _CHUNK, len(paths)))]
         for i in range(0, len(paths), _CHUNK)
     )
     done = 0
+    if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
+        for names in chunks:
+            yield names, pack(_examine_chunk(names))
+            done += len(names)
+            report(done)
+        return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xnatio-discover")
     # A few chunks ahead of the reader, not all of them: Executor.map would submit every chunk
     # at once and hold each result (a header's strings) until read (issue 16 item 4).
-    pending: deque[Future[list[Result]]] = deque()
+    pending: deque[tuple[list[str], Future[list[Result]]]] = deque()
     try:
-        for chunk in chunks:
-            pending.append(pool.submit(_examine_chunk, chunk))
+        for names in chunks:
+            pending.append((names, pool.submit(_examine_chunk, names)))
             if len(pending) < 4 * workers:
                 continue
-            results = pending.popleft().result()
-            yield from results
-            done += len(results)
+            names, results = pending.popleft()
+            yield names, pack(results.result())
+            done += len(names)
             report(done)
         while pending:
-            results = pending.popleft().result()
-            yield from results
-            done += len(results)
+            names, results = pending.popleft()
+            yield names, pack(results.result())
+            done += len(names)
             report(done)
     finally:
         # On Ctrl-C (or an error in the caller) drop the chunks not started yet.
@@ -291,12 +305,13 @@ def _discover_directory(
             pool = stack.enter_context(Workers(_process_count()))
         report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
         report(0, force=True)
+        chunks: Iterable[Chunk]
         if pool is not None and (processes or len(paths) >= PROCESS_THRESHOLD):
-            results = pool.examine(paths, _PROCESS_CHUNK, report)
+            chunks = pool.examine(paths, _PROCESS_CHUNK, report)
         else:
             stack.close()  # the workers are not needed
-            results = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
-        _collect(manifest, zip(paths, results, strict=True), _locate(root), len(paths))
+            chunks = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
+        _collect(manifest, chunks, _locate(root), len(paths))
     report(len(paths), force=True)
     return manifest
 
@@ -331,16 +346,12 @@ def _looks_big(root: Path) -> bool:
     return len(folders) > 64
 
 
-def _as_walked(name: str) -> tuple[str, str | None]:
-    return name, None
-
-
-def _locate(root: Path) -> Callable[[str], tuple[str, str | None]]:
-    """How a walked name becomes the path a file is recorded under (see :class:`_PathMaker`).
-    The walk starts from ``str(root)``, which a Path keeps in its normal form, and joins each
-    entry's name to its folder with one "/", so every name it makes is in that form already,
-    except under "." ("./a" is "a"): no per-file work then."""
-    return _PathMaker() if str(root) == "." else _as_walked
+def _locate(root: Path) -> Callable[[str], str] | None:
+    """How a walked name becomes the path a file is recorded under (see :class:`_PathMaker`);
+    None: the name itself. The walk starts from ``str(root)``, which a Path keeps in its normal
+    form, and joins each entry's name to its folder with one "/", so every name it makes is in
+    that form already, except under "." ("./a" is "a"): no per-file work then."""
+    return _PathMaker() if str(root) == "." else None
 
 
 class _PathMaker:
@@ -352,7 +363,7 @@ class _PathMaker:
     def __init__(self) -> None:
         self._folders: dict[str, str | None] = {}  # folder -> its normal form, None: the same
 
-    def __call__(self, name: str) -> tuple[str, str | None]:
+    def __call__(self, name: str) -> str:
         folder, base = os.path.split(name)
         if folder in self._folders:
             normal = self._folders[folder]
@@ -360,8 +371,8 @@ class _PathMaker:
             as_path = str(Path(folder))
             normal = self._folders[folder] = None if as_path == folder else as_path
         if normal is None:
-            return name, None
-        return (base if normal == "." else os.path.join(normal, base)), None
+            return name
+        return base if normal == "." else os.path.join(normal, base)
 
 
 # -- archives ----------------------------------------------------------------------------------
@@ -379,8 +390,10 @@ def _discover_archive(archive: Path, callback: ProgressCallback | None) -> Manif
         raise UsageError(f"{archive} could not be read as a {fmt} archive: {exc}.") from None
     # Path order (by component), as the directory walk yields: "a/b" before "a.b".
     members.sort(key=lambda m: m[0].split("/"))
-    shared = str(archive)  # one string for every member's record
-    _collect(manifest, members, lambda name: (shared, name), len(members))
+    names = [name for name, _ in members]
+    chunks = [(names, pack([result for _, result in members]))]
+    del members
+    _collect(manifest, chunks, None, len(names), archive=str(archive))
     return manifest
 
 
@@ -445,57 +458,98 @@ def _tar_members(
 
 def _collect(
     manifest: Manifest,
-    results: Iterable[tuple[str, Result]],
-    locate: Callable[[str], tuple[str, str | None]],
+    chunks: Iterable[Chunk],
+    locate: Callable[[str], str] | None,
     expected: int = 0,
+    archive: str | None = None,
 ) -> None:
-    """Turn examined results (in sorted name order) into the manifest's file table (columns, no
-    record per file: issue 16 item 4); keep the first of duplicates. ``expected``: about how
-    many there are (the index of SOP Instance UIDs is made that big at once: each time it
+    """Turn examined chunks (in sorted name order) into the manifest's file table (columns, no
+    record per file: issue 16 item 4), a chunk at a time (FileTable.add_many); keep the first of
+    duplicates. The names are paths, made into the recorded ones by ``locate`` (None: as they
+    are), or, with ``archive``, the members of that archive. ``expected``: about how many
+    files there are (the index of SOP Instance UIDs is made that big at once: each time it
     grows it reads every UID back from the table).
 
     The one place a Manifest's files are made from what discovery read (xnatio.examine.Found).
     """
     files = manifest.files
     first_seen = SopIndex(files, expected)  # SOP Instance UID -> the file that has it first
-    for name, result in results:
-        fspath, member = locate(name)
-        if len(result) == 2:  # a Skip: (reason, size)
-            reason, skipped_size = result
-            manifest.skipped.append(SkippedFile(_shown(fspath, member), reason, skipped_size))
-            continue
-        size, mtime_ns, ctime_ns, sop_class, sop_uid, study, series, number, ts, patient = result
-        at = first_seen.get(sop_uid)
-        if at is not None:
-            shown = _shown(fspath, member)
-            first = files[at]
-            first_name = first.fspath if first.member is None else first.member
-            manifest.duplicates.append(
-                SkippedFile(
-                    shown,
-                    f"duplicate of {first_name} (same SOP Instance UID)",
-                    size,
-                    sop_instance_uid=sop_uid,
-                    series_uid=series,
+    for names, packed in chunks:
+        if locate is not None:
+            names = list(map(locate, names))
+        skips = packed[0]
+        if skips:
+            for at, reason, skipped_size in skips:
+                manifest.skipped.append(
+                    SkippedFile(_shown(names[at], archive), reason, skipped_size)
                 )
+            skipped = {at for at, _, _ in skips}
+            names = [name for at, name in enumerate(names) if at not in skipped]
+        keep = _firsts(manifest, first_seen, names, packed, archive)
+        if len(keep) < len(names):
+            names = [names[j] for j in keep]
+            packed = cast(Packed, ([], *([column[j] for j in keep] for column in packed[1:])))
+        _, size, mtime, ctime, klass, uid, study, series, number, ts, patient = packed
+        start = len(files)
+        if archive is None:
+            files.add_many(
+                names, size, mtime, study, series, uid, klass, number, ts, patient, ctime
             )
+        else:
+            for j, name in enumerate(names):
+                files.add(
+                    archive,
+                    size[j],
+                    mtime[j],
+                    study[j],
+                    series[j],
+                    uid[j],
+                    klass[j],
+                    number[j],
+                    ts[j],
+                    patient[j],
+                    name,
+                    ctime[j],
+                )
+        for j, sop_uid in enumerate(uid):
+            first_seen.add(sop_uid, start + j)
+
+
+def _firsts(
+    manifest: Manifest,
+    first_seen: SopIndex,
+    names: Sequence[str],
+    packed: Packed,
+    archive: str | None,
+) -> list[int]:
+    """The positions of the files of a chunk (``names``, ``packed`` without its skipped files)
+    whose SOP Instance UID neither an earlier file of the table (``first_seen``) nor an earlier
+    one of the chunk holds; the others go to ``manifest.duplicates``, in order."""
+    files = manifest.files
+    _, size, _, _, _, uid, _, series, _, _, _ = packed
+    firsts: dict[str, int] = {}
+    keep: list[int] = []
+    for j, sop_uid in enumerate(uid):
+        before = first_seen.get(sop_uid)
+        if before is not None:
+            first_name = files.fspath(before) if archive is None else files.member(before)
+        elif sop_uid in firsts:
+            first_name = names[firsts[sop_uid]]
+        else:
+            firsts[sop_uid] = j
+            keep.append(j)
             continue
-        first_seen.add(sop_uid, len(files))
-        files.add(
-            fspath,
-            size,
-            mtime_ns,
-            study,
-            series,
-            sop_uid,
-            sop_class,
-            number,
-            ts,
-            patient,
-            member,
-            ctime_ns,
+        manifest.duplicates.append(
+            SkippedFile(
+                _shown(names[j], archive),
+                f"duplicate of {first_name} (same SOP Instance UID)",
+                size[j],
+                sop_instance_uid=sop_uid,
+                series_uid=series[j],
+            )
         )
+    return keep
 
 
-def _shown(fspath: str, member: str | None) -> Path:
-    return Path(fspath, member) if member is not None else Path(fspath)
+def _shown(name: str, archive: str | None) -> Path:
+    return Path(archive, name) if archive is not None else Path(name)

@@ -57,6 +57,23 @@ Found = tuple[int, int, int, str, str, str, str, int | None, str, str]
 # (one-sentence reason, size)
 Skip = tuple[str, int]
 Result = Found | Skip
+# The results of a chunk of files as columns (what a worker answers; issue 16 item 4): the
+# skipped ones as (position in the chunk, reason, size), then each field of Found, in its order,
+# for the files found (the others), in the chunk's order.
+Packed = tuple[
+    list[tuple[int, str, int]],
+    Sequence[int],
+    Sequence[int],
+    Sequence[int],
+    Sequence[str],
+    Sequence[str],
+    Sequence[str],
+    Sequence[str],
+    Sequence[int | None],
+    Sequence[str],
+    Sequence[str],
+]
+_FIELDS = 10  # of Found
 
 _intern = sys.intern
 
@@ -151,6 +168,44 @@ def examine_stream(fp: IO[bytes], size: int, mtime_ns: int) -> Result:
     return found(size, mtime_ns, 0, fields)
 
 
+def pack(results: Sequence[Result]) -> Packed:
+    """The results of a chunk as columns (:data:`Packed`): the parent appends a chunk's files to
+    its table in one call (FileTable.add_many), not one by one."""
+    skips = [(i, r[0], r[1]) for i, r in enumerate(results) if len(r) == 2]
+    found = [r for r in results if len(r) != 2] if skips else results
+    columns = tuple(zip(*found, strict=True)) if found else ((),) * _FIELDS
+    return (skips, *columns)  # type: ignore[return-value]
+
+
+def unpacked(packed: Packed) -> list[Result]:
+    """The results :func:`pack` was given, in order (tests, and archives' one-by-one path)."""
+    skips, *columns = packed
+    found: Iterator[Result] = zip(*columns, strict=True)
+    out: list[Result] = []
+    for at, reason, size in skips:
+        out.extend(next(found) for _ in range(at - len(out)))
+        out.append((reason, size))
+    out.extend(found)
+    return out
+
+
+def _is_packed(value: object, expected: int) -> bool:
+    """Whether a worker's answer has the shape of :data:`Packed` for ``expected`` files."""
+    if not isinstance(value, tuple) or len(value) != 1 + _FIELDS:
+        return False
+    skips, *columns = value
+    if not isinstance(skips, list) or not all(isinstance(c, tuple) for c in columns):
+        return False
+    found = expected - len(skips)
+    positions = [s[0] for s in skips if isinstance(s, tuple) and len(s) == 3]
+    return (
+        len(positions) == len(skips)
+        and positions == sorted(set(positions))
+        and all(0 <= at < expected for at in positions)
+        and all(len(c) == found for c in columns)
+    )
+
+
 # -- worker processes ----------------------------------------------------------------------------
 
 _LEN = 8  # bytes of a frame's length
@@ -200,7 +255,8 @@ def serve(src: IO[bytes] | None = None, out: IO[bytes] | None = None) -> None:
     threading.Thread(target=read, name="xnatio-examine-input", daemon=True).start()
     try:
         while (frame := frames.get()) is not None:
-            _write_frame(out, marshal.dumps([examine(p) for p in marshal.loads(frame)]))
+            answer = pack([examine(p) for p in marshal.loads(frame)])
+            _write_frame(out, marshal.dumps(answer))  # type: ignore[arg-type]  # tuples of columns
     except BrokenPipeError:  # the parent stopped reading (Ctrl-C, an error): nothing to say
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
@@ -292,15 +348,20 @@ class Workers:
         while self.workers:
             self.workers.pop().stop()
 
-    def examine(self, paths: Paths, chunk: int, report: Callable[[int], None]) -> Iterator[Result]:
-        """The :func:`examine` result of every path, in order; ``report(done)`` after each
-        chunk."""
+    def examine(
+        self, paths: Paths, chunk: int, report: Callable[[int], None]
+    ) -> Iterator[tuple[list[str], Packed]]:
+        """Each chunk of ``paths`` (as strings) with the :func:`pack` of its :func:`examine`
+        results, in order; ``report(done)`` after each chunk."""
         total = len(paths)
         bounds = [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
+        # The chunks sent and not answered yet, as the strings sent: made once, kept while in
+        # flight (the caller keeps the paths compactly: issue 16 item 4).
+        sent: dict[int, list[str]] = {}
 
         def part(i: int) -> list[str]:
-            # Made into strings only to be sent or read (the caller keeps the paths compactly:
-            # issue 16 item 4).
+            if i in sent:
+                return sent.pop(i)
             start, end = bounds[i]
             return [paths[j] for j in range(start, end)]
 
@@ -314,8 +375,9 @@ class Workers:
                 return
             stdin = w.proc.stdin
             assert stdin is not None
+            names = sent[i] = part(i)
             try:
-                _write_frame(stdin, marshal.dumps(part(i)))
+                _write_frame(stdin, marshal.dumps(names))
                 if i + n >= len(bounds):
                     stdin.close()
             except OSError:
@@ -327,20 +389,21 @@ class Workers:
             send(i)
         done = 0
         for i, (start, end) in enumerate(bounds):
-            results: list[Result] | None = None
+            packed: Packed | None = None
             if n:
                 w = workers[i % n]
                 if w.alive:
-                    results = self._answer(w, end - start)
+                    packed = self._answer(w, end - start)
                 if i + _AHEAD * n < len(bounds):
                     send(i + _AHEAD * n)
-            if results is None:  # no worker, or it failed: this process reads them
-                results = [examine(p) for p in part(i)]
-            yield from results
+            names = part(i)
+            if packed is None:  # no worker, or it failed: this process reads them
+                packed = pack([examine(p) for p in names])
+            yield names, packed
             done += end - start
             report(done)
 
-    def _answer(self, w: _Worker, expected: int) -> list[Result] | None:
+    def _answer(self, w: _Worker, expected: int) -> Packed | None:
         assert w.proc.stdout is not None
         try:
             frame = _read_frame(w.proc.stdout)
@@ -350,11 +413,11 @@ class Workers:
             self._failed(w)
             return None
         try:
-            results = marshal.loads(frame)
+            packed = marshal.loads(frame)
         except (ValueError, EOFError, TypeError):
-            results = None
-        if isinstance(results, list) and len(results) == expected:
-            return results
+            packed = None
+        if _is_packed(packed, expected):
+            return packed  # type: ignore[no-any-return]
         self._failed(w, "an answer that could not be read")
         return None
 
