@@ -9,6 +9,7 @@ needs are read (see :mod:`xnatio.dicomheader`); pixel data never is.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import stat
 import tarfile
@@ -166,7 +167,7 @@ def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
     def enter(directory: str) -> None:
         try:
             with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_name)
         except PermissionError:
             skipped.append(
                 SkippedFile(Path(directory), "directory not readable (permission denied)")
@@ -179,12 +180,18 @@ def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
 
     enter(str(root))
     while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
-            stack.pop()
-            continue
-        try:
-            if entry.is_dir():
+        # The files of a folder up to its next subfolder, added at once (SplitStrings.extend:
+        # no Python call per file beyond the two type checks, issue 16 item 4).
+        run: list[str] = []
+        for entry in stack[-1]:
+            try:
+                if entry.is_file():  # the type the listing gave (d_type): no stat
+                    run.append(entry.path)
+                    continue
+                if not entry.is_dir():
+                    # Never opened: a FIFO would block discovery, /dev/zero would never end.
+                    skipped.append(SkippedFile(Path(entry.path), _not_regular(entry)))
+                    continue
                 st = entry.stat()
                 key = (st.st_dev, st.st_ino)
                 if key in visited:
@@ -195,17 +202,23 @@ def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
                     )
                     skipped.append(SkippedFile(Path(entry.path), reason))
                     continue
-                visited.add(key)
-                enter(entry.path)
-            elif entry.is_file():
-                files.append(entry.path)
-            else:
-                # Never opened: a FIFO would block discovery, /dev/zero would never end.
-                skipped.append(SkippedFile(Path(entry.path), _not_regular(entry)))
-        except OSError as exc:
-            # A symlink loop (ELOOP) or an entry removed while walking.
-            skipped.append(SkippedFile(Path(entry.path), f"cannot be examined ({exc.strerror})"))
+            except OSError as exc:
+                # A symlink loop (ELOOP) or an entry removed while walking.
+                skipped.append(
+                    SkippedFile(Path(entry.path), f"cannot be examined ({exc.strerror})")
+                )
+                continue
+            visited.add(key)
+            files.extend(run)
+            enter(entry.path)  # walked next, before the rest of this folder
+            break
+        else:
+            files.extend(run)
+            stack.pop()
     return files, skipped
+
+
+_name = operator.attrgetter("name")
 
 
 def _not_regular(entry: os.DirEntry[str]) -> str:
