@@ -15,6 +15,7 @@ is then pointed at ``/dev/null``, so the interpreter's last flush at exit cannot
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import sys
@@ -128,14 +129,54 @@ def _silence_stdout(stream: IO[str] | None) -> None:
         os.close(null)
 
 
+# Each command's module and attribute, in the order ``xio --help`` lists them. A module is
+# imported when its command runs or is listed, not at start-up: ``xio upload-dicom`` imports its
+# own command's module only (issue 16 item 4: start-up counts in every run).
+_COMMANDS = {
+    "upload-dicom": ("xnatio.cli.upload", "upload_dicom"),
+    "upload-many": ("xnatio.cli.upload_many", "upload_many_command"),
+    "status": ("xnatio.cli.status", "status"),
+    "demo": ("xnatio.cli.demo", "demo"),
+    "sandbox": ("xnatio.cli.sandbox", "sandbox"),
+    "synth": ("xnatio.cli.sandbox", "synth"),
+    "verify": ("xnatio.cli.verify", "verify"),
+    "upload-resource": ("xnatio.cli.resource", "upload_resource_command"),
+    "login": ("xnatio.cli.config", "login"),
+    "config": ("xnatio.cli.config", "config"),
+}
+
+
 class XioGroup(click.Group):
-    """Lists commands in the order added; turns expected errors into one line and an exit code.
+    """Lists commands in the order of :data:`_COMMANDS` (then any added), importing each one's
+    module when it is asked for; turns expected errors into one line and an exit code.
 
     Doing it here (not only in ``main``) means ``CliRunner`` tests see exactly what users see.
     """
 
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
+        """Every command, imported (``xio --help``, the docs' check, a mistyped name's hint)."""
+        for name in _COMMANDS:
+            self._load(name)
+        return self._loaded
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._loaded = dict(value)
+
+    def _load(self, name: str) -> click.Command | None:
+        if name not in self._loaded and name in _COMMANDS:
+            module, attribute = _COMMANDS[name]
+            command = getattr(importlib.import_module(module), attribute)
+            assert command.name == name, (command.name, name)
+            self._loaded[name] = command
+        return self._loaded.get(name)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._load(cmd_name)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return [*_COMMANDS, *(name for name in self._loaded if name not in _COMMANDS)]
 
     def invoke(self, ctx: click.Context) -> Any:
         # xnatio's log records go to stderr through the CLI's scrubbing handler, for this command
@@ -198,34 +239,6 @@ def cli() -> None:
     Run `xio demo` to see an upload against a local XNAT-compatible server,
     or `xio COMMAND --help` for the options and examples of one command.
     """
-
-
-def _register() -> None:
-    # One module per command; imported here so `xio --help` lists them all.
-    from xnatio.cli import demo, sandbox, upload
-
-    cli.add_command(upload.upload_dicom)
-    from xnatio.cli import status, upload_many
-
-    cli.add_command(upload_many.upload_many_command)
-    cli.add_command(status.status)
-    cli.add_command(demo.demo)
-    cli.add_command(sandbox.sandbox)
-    cli.add_command(sandbox.synth)
-
-    from xnatio.cli import verify as verify_command
-
-    cli.add_command(verify_command.verify)
-
-    from xnatio.cli import config as config_commands
-    from xnatio.cli import resource
-
-    cli.add_command(resource.upload_resource_command)
-    cli.add_command(config_commands.login)
-    cli.add_command(config_commands.config)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:
