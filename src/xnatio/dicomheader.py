@@ -67,6 +67,11 @@ _ALL_VRS = _LONG_VRS | _SHORT_VRS
 _u16x2 = struct.Struct("<HH")
 _u16 = struct.Struct("<H")
 _u32 = struct.Struct("<L")
+# An explicit VR little endian element's head (tag halves, VR, 16-bit length), the VR read as
+# a number (the fast reader's one unpack per element), and the VRs as such numbers.
+_ELEMENT = struct.Struct("<HH2H")
+_LONG_VR_CODES = frozenset(_u16.unpack(vr)[0] for vr in _LONG_VRS)
+_SHORT_VR_CODES = frozenset(_u16.unpack(vr)[0] for vr in _SHORT_VRS)
 # (tag halves, 16-bit length, 32-bit length) readers by byte order.
 _LITTLE = (_u16x2, _u16, _u32)
 _BIG = (struct.Struct(">HH"), struct.Struct(">H"), struct.Struct(">L"))
@@ -300,21 +305,18 @@ def _walk_prefix(buf: bytes, pos: int, explicit: bool, stop: int, places: Found)
     anything at or past the end of ``buf``: the general walker then reads on). Where it answers,
     the answer is the general walker's (tests/test_discover.py compares the two)."""
     end = len(buf)
-    tag_of = _u16x2.unpack_from
-    u16 = _u16.unpack_from
+    element = _ELEMENT.unpack_from  # tag, VR as a number, 16-bit length: one call
     u32 = _u32.unpack_from
-    long_vrs = _LONG_VRS
-    short_vrs = _SHORT_VRS
+    long_vrs = _LONG_VR_CODES
+    short_vrs = _SHORT_VR_CODES
     wanted = _WANTED
     while pos + 12 <= end:
-        group, elem = tag_of(buf, pos)
+        group, elem, vr, length = element(buf, pos)
         tag = group << 16 | elem
         if tag > stop:
             return None if tag == _ITEM_END else pos
         if explicit:
-            vr = buf[pos + 4 : pos + 6]
             if vr in short_vrs:
-                length = u16(buf, pos + 6)[0]
                 pos += 8
             elif vr in long_vrs:
                 length = u32(buf, pos + 8)[0]
