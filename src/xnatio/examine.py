@@ -177,18 +177,6 @@ def pack(results: Sequence[Result]) -> Packed:
     return (skips, *columns)  # type: ignore[return-value]
 
 
-def unpacked(packed: Packed) -> list[Result]:
-    """The results :func:`pack` was given, in order (tests, and archives' one-by-one path)."""
-    skips, *columns = packed
-    found: Iterator[Result] = zip(*columns, strict=True)
-    out: list[Result] = []
-    for at, reason, size in skips:
-        out.extend(next(found) for _ in range(at - len(out)))
-        out.append((reason, size))
-    out.extend(found)
-    return out
-
-
 def _is_packed(value: object, expected: int) -> bool:
     """Whether a worker's answer has the shape of :data:`Packed` for ``expected`` files."""
     if not isinstance(value, tuple) or len(value) != 1 + _FIELDS:
