@@ -14,7 +14,10 @@ worker starts in about a tenth of a second while the parent walks the folders. C
 the paths goes to worker ``i % n``, two chunks ahead of the answer awaited from it; each worker
 answers its chunks in order, one frame each, and the parent reads them in path order (a worker
 holds two chunks, not its share of the paths). Frames are ``marshal`` data between two processes
-of the same interpreter (no code, only strings and ints), each preceded by its length.
+of the same interpreter (no code, only strings and ints), each preceded by its length. A chunk's
+answer is its results as columns (:func:`pack`: the skipped files, then one column per field of
+the files found), which the parent appends to its file table in one call
+(``FileTable.add_many``), not file by file (issue 16 item 4).
 
 Failures: a worker that cannot be started, dies, or answers garbage costs one warning line; the
 chunks it has not answered are examined in the parent, so every file is still examined once and
