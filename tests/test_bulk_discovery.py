@@ -209,3 +209,50 @@ def test_a_worker_answer_of_the_wrong_shape_is_one_line_and_read_here(
         "a discovery worker stopped (an answer that could not be read): reading its share of "
         "the headers in this process"
     ]
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 100])
+def test_workers_fed_during_the_walk_give_the_serial_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, chunk: int
+) -> None:
+    """Chunks sent while the folders are walked (Workers.feed), some workers' last chunk among
+    them (15 files: chunks of 3 all sent during the walk, of 4 all but the last, of 100 none)."""
+    import xnatio.discover as discovery
+    import xnatio.examine as examine
+
+    root, _ = _with_copies(tmp_path)
+    serial = discover(root, workers=1)
+    monkeypatch.setattr(discovery, "_PROCESS_CHUNK", chunk)
+    fed: list[int] = []
+    real_feed = examine.Workers.feed
+
+    def feed(self: examine.Workers, paths: Any, chunk: int) -> None:
+        real_feed(self, paths, chunk)
+        fed.append(self._next)
+
+    monkeypatch.setattr(examine.Workers, "feed", feed)
+    with caplog.at_level("WARNING", logger="xnatio.examine"):
+        parallel = discover(root, processes=2)
+    assert parallel.files == serial.files and parallel.duplicates == serial.duplicates
+    assert parallel.skipped == serial.skipped
+    assert fed and fed[-1] == 15 // chunk  # every whole chunk was sent during the walk
+    assert not caplog.records  # each worker answered each of its chunks once, in order
+
+
+def test_a_worker_that_dies_while_fed_costs_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import xnatio.discover as discovery
+    import xnatio.examine as examine
+
+    root, _ = _with_copies(tmp_path)
+    serial = discover(root, workers=1)
+    monkeypatch.setattr(discovery, "_PROCESS_CHUNK", 2)
+    monkeypatch.setattr(examine, "WORKER_COMMAND", ("-c", "import os; os._exit(9)"))
+    with caplog.at_level("WARNING", logger="xnatio.examine"):
+        parallel = discover(root, processes=1)
+    assert parallel.files == serial.files and parallel.duplicates == serial.duplicates
+    assert [r.getMessage() for r in caplog.records] == [
+        "a discovery worker stopped (exit status 9): reading its share of the headers in this "
+        "process"
+    ]

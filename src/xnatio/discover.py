@@ -9,6 +9,7 @@ needs are read (see :mod:`xnatio.dicomheader`); pixel data never is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
 import stat
@@ -150,12 +151,15 @@ def archive_format(path: Path) -> str | None:
 # -- directories -------------------------------------------------------------------------------
 
 
-def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
+def _walk(
+    root: Path, walked: Callable[[SplitStrings], None] | None = None
+) -> tuple[SplitStrings, list[SkippedFile]]:
     """Every regular file under ``root`` in sorted path order, plus what could not be walked.
 
     Symlinked directories are followed once: (st_dev, st_ino) of each directory entered is
     remembered, so a link back up the tree cannot loop. The paths are kept compactly (a folder
     once, then each name: ~20 bytes a file, where a list of strings held ~170; issue 16 item 4).
+    ``walked(files)`` is called each time files were added (the workers are fed meanwhile).
     """
     files = SplitStrings(os.sep)
     skipped: list[SkippedFile] = []
@@ -215,6 +219,8 @@ def _walk(root: Path) -> tuple[SplitStrings, list[SkippedFile]]:
         else:
             files.extend(run)
             stack.pop()
+        if run and walked is not None:
+            walked(files)
     return files, skipped
 
 
@@ -313,7 +319,9 @@ def _discover_directory(
             pool = stack.enter_context(Workers(_process_count()))
         elif processes:
             pool = stack.enter_context(Workers(processes))
-        paths, manifest.skipped = _walk(root)
+        # Workers started before the walk are sent chunks of it as it goes (Workers.feed).
+        feed = None if pool is None else functools.partial(pool.feed, chunk=_PROCESS_CHUNK)
+        paths, manifest.skipped = _walk(root, feed)
         if auto and pool is None and len(paths) >= PROCESS_THRESHOLD:  # the early look missed
             pool = stack.enter_context(Workers(_process_count()))
         report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")

@@ -30,6 +30,7 @@ broken pipe of its next answer.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import marshal
 import os
@@ -255,6 +256,11 @@ def serve(src: IO[bytes] | None = None, out: IO[bytes] | None = None) -> None:
 
 WORKER_COMMAND = ("-c", "from xnatio.examine import serve; serve()")
 _AHEAD = 2  # chunks sent to a worker ahead of the one whose answer is awaited
+# While the folders are walked, nothing reads the answers: a worker is sent up to this many
+# chunks, and answers them into a pipe made this big (1 MiB: the most Linux gives an
+# unprivileged process by default, /proc/sys/fs/pipe-max-size), about 14 answers of 500 files.
+_WALK_AHEAD = 12
+_PIPE_SIZE = 1 << 20
 
 
 class Paths(Protocol):
@@ -284,6 +290,11 @@ class _Worker:
             start_new_session=True,  # Ctrl-C in the terminal is the parent's to handle
         )
         self.alive = True
+        # Room for a few answers in the pipe (Linux: 64 KB, about one answer, by default), so
+        # that the worker goes on while the parent is still walking the folders.
+        if hasattr(fcntl, "F_SETPIPE_SZ") and self.proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
     def why(self) -> str:
         """The worker's last line on stderr, or its exit status."""
@@ -324,6 +335,9 @@ class Workers:
                 "could not start a discovery worker (%s): reading the headers in this process",
                 exc.strerror or exc,
             )
+        self._next = 0  # the first chunk not sent yet
+        # The chunks sent and not answered yet, as the strings sent (see _part).
+        self._sent: dict[int, list[str]] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -339,59 +353,75 @@ class Workers:
         while self.workers:
             self.workers.pop().stop()
 
+    def feed(self, paths: Paths, chunk: int) -> None:
+        """Send the workers the whole chunks of ``paths`` so far (a list the caller is still
+        growing: the walk), up to :data:`_WALK_AHEAD` each, so that they read headers while the
+        folders are walked; :meth:`examine` then goes on from there (same ``chunk``)."""
+        n = len(self.workers)
+        limit = min(len(paths) // chunk, _WALK_AHEAD * n)
+        while n and self._next < limit:
+            self._send(paths, chunk, self._next, None)
+            self._next += 1
+
+    def _part(self, paths: Paths, chunk: int, i: int) -> list[str]:
+        """Chunk ``i`` as strings: the very list sent, while in flight (made once; the caller
+        keeps the paths compactly: issue 16 item 4)."""
+        if i in self._sent:
+            return self._sent.pop(i)
+        return [paths[j] for j in range(i * chunk, min((i + 1) * chunk, len(paths)))]
+
+    def _send(self, paths: Paths, chunk: int, i: int, chunks: int | None) -> None:
+        """Chunk ``i`` to its worker (``i % n``); its input closed after its last chunk (of
+        ``chunks``, when known)."""
+        n = len(self.workers)
+        w = self.workers[i % n]
+        if not w.alive:
+            return
+        stdin = w.proc.stdin
+        assert stdin is not None
+        names = self._sent[i] = self._part(paths, chunk, i)
+        try:
+            _write_frame(stdin, marshal.dumps(names))
+            if chunks is not None and i + n >= chunks:
+                stdin.close()
+        except OSError:
+            self._failed(w)
+
     def examine(
         self, paths: Paths, chunk: int, report: Callable[[int], None]
     ) -> Iterator[tuple[list[str], Packed]]:
         """Each chunk of ``paths`` (as strings) with the :func:`pack` of its :func:`examine`
         results, in order; ``report(done)`` after each chunk."""
         total = len(paths)
-        bounds = [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
-        # The chunks sent and not answered yet, as the strings sent: made once, kept while in
-        # flight (the caller keeps the paths compactly: issue 16 item 4).
-        sent: dict[int, list[str]] = {}
-
-        def part(i: int) -> list[str]:
-            if i in sent:
-                return sent.pop(i)
-            start, end = bounds[i]
-            return [paths[j] for j in range(start, end)]
-
+        chunks = -(-total // chunk)
         workers = self.workers
         n = len(workers)
-
-        def send(i: int) -> None:
-            """Chunk ``i`` to its worker (``i % n``); its input closed after its last chunk."""
-            w = workers[i % n]
-            if not w.alive:
-                return
-            stdin = w.proc.stdin
-            assert stdin is not None
-            names = sent[i] = part(i)
-            try:
-                _write_frame(stdin, marshal.dumps(names))
-                if i + n >= len(bounds):
-                    stdin.close()
-            except OSError:
-                self._failed(w)
+        # A worker fed during the walk whose chunks are all sent: its input ends now.
+        for k, w in enumerate(workers):
+            last = k + (chunks - 1 - k) // n * n if k < chunks else -1
+            if w.alive and last < self._next and w.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    w.proc.stdin.close()
 
         # Each worker holds the chunk it reads and the next one (no more: its memory stays
-        # that of a chunk, not of its share of the paths).
-        for i in range(min(len(bounds), _AHEAD * n)):
-            send(i)
+        # that of a chunk, not of its share of the paths), or what it was fed during the walk.
+        def top_up(upto: int) -> None:
+            while n and self._next < min(chunks, upto):
+                self._send(paths, chunk, self._next, chunks)
+                self._next += 1
+
+        top_up(_AHEAD * n)
         done = 0
-        for i, (start, end) in enumerate(bounds):
+        for i in range(chunks):
             packed: Packed | None = None
-            if n:
-                w = workers[i % n]
-                if w.alive:
-                    packed = self._answer(w, end - start)
-                if i + _AHEAD * n < len(bounds):
-                    send(i + _AHEAD * n)
-            names = part(i)
+            if n and workers[i % n].alive:
+                packed = self._answer(workers[i % n], min(chunk, total - i * chunk))
+            top_up(i + 1 + _AHEAD * n)
+            names = self._part(paths, chunk, i)
             if packed is None:  # no worker, or it failed: this process reads them
                 packed = pack([examine(p) for p in names])
             yield names, packed
-            done += end - start
+            done += len(names)
             report(done)
 
     def _answer(self, w: _Worker, expected: int) -> Packed | None:
