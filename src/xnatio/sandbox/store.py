@@ -659,9 +659,11 @@ class Store(Catalog):
                 made[r["scan"]] = dst_dir
                 dst_dir.mkdir(parents=True, exist_ok=True)
             src = src_root / "SCANS" / r["scan"] / "DICOM" / r["name"]
-            if src.exists():
+            with contextlib.suppress(FileNotFoundError):  # a listed file that is not there
                 os.replace(src, dst_dir / r["name"])
-        # The catalog rows in one transaction (not three per file), after the moves.
+        # The catalog rows in one transaction, after the moves: the scan and its DICOM resource
+        # once per scan (INSERT OR IGNORE: the scan's first row decides, as when every row
+        # tried), the files in one executemany.
         with self._tx():
             if e is None:
                 e = self.create_experiment(
@@ -672,7 +674,11 @@ class Store(Catalog):
                     modality=first["modality"] if first else None,
                     date=s.scan_date,
                 )
+            done: set[str] = set()
             for r in rows:
+                if r["scan"] in done:
+                    continue
+                done.add(r["scan"])
                 self.upsert_scan(
                     e,
                     r["scan"],
@@ -680,18 +686,17 @@ class Store(Catalog):
                     modality=r["modality"],
                     uid=r["series_uid"],
                 )
-                self.record_file(
-                    e,
-                    scan_id=r["scan"],
-                    resource="DICOM",
-                    path=r["name"],
-                    size=r["size"],
-                    md5=r["md5"],
-                    sop_uid=r["sop_uid"],
-                    series_number=r["series_number"],
-                    fmt="DICOM",
-                    content="RAW",
-                )
+                self.create_resource(e, r["scan"], "DICOM", "DICOM", "RAW", None)
+            self.record_files(
+                e,
+                "DICOM",
+                [
+                    (r["scan"], r["name"], r["size"], r["md5"], r["sop_uid"], r["series_number"])
+                    for r in rows
+                ],
+                fmt="DICOM",
+                content="RAW",
+            )
             # Success deletes the row and its folder, files that arrived meanwhile included
             # (PDB:996-1002; PSA:652-664); the row goes in the same transaction, so no reader
             # sees the session both archived and still in the prearchive.
