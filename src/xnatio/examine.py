@@ -30,7 +30,6 @@ broken pipe of its next answer.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import marshal
 import os
@@ -43,6 +42,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Protocol
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the pipe keeps its default size
+    fcntl = None  # type: ignore[assignment]
 
 from xnatio.dicomheader import (
     MEDIA_STORAGE_DIRECTORY,
@@ -292,7 +296,7 @@ class _Worker:
         self.alive = True
         # Room for a few answers in the pipe (Linux: 64 KB, about one answer, by default), so
         # that the worker goes on while the parent is still walking the folders.
-        if hasattr(fcntl, "F_SETPIPE_SZ") and self.proc.stdout is not None:
+        if getattr(fcntl, "F_SETPIPE_SZ", None) and self.proc.stdout is not None:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
