@@ -201,7 +201,7 @@ def _heal(
     1.5: the archive step then overwrites clashing files instead of refusing them)."""
     part = Manifest(root=manifest.root, files=lost, source_archive=manifest.source_archive)
     result = transport.send(part, run, overwrite)
-    run.record_outcomes(result.files)
+    run.record_outcomes(result.files, only_new=True)  # the hook has recorded most
     committed = _committed(result, transport)
     if committed:
         run.record_commit(result.session_uri)
@@ -262,8 +262,8 @@ def _send_rest_of(
                 "again, replacing the server's copies (overwrite=delete)"
             )
         result = transport.send(part, run, overwrite)
-        # The hook may have seen them already; recording twice is harmless (same rows).
-        run.record_outcomes(result.files)
+        # What the hook has not seen (it records each batch as the server confirms it).
+        run.record_outcomes(result.files, only_new=True)
         committed = _committed(result, transport)
         if not committed and not any(o.outcome is Outcome.UPLOADED for o in result.files):
             # Nothing of this pass awaits a commit (every file of it failed): what earlier runs
