@@ -89,3 +89,6 @@ COMPRESS_GAIN = 1.15
 # glibc malloc arenas the client may use (xnatio.malloc): 42 sender threads in up to 16 arenas
 # kept 35-50 MB of freed memory at 100,000 files (docs/performance.md, "rss").
 MALLOC_ARENAS = 2
+# Read-back (xnatio.verify): the scans' file listings requested at once, reduced in order, so that
+# verifying costs about one round trip more than the upload, not one per scan.
+VERIFY_LISTINGS = 4
