@@ -165,3 +165,50 @@ def test_the_json_report_is_written_record_by_record(tmp_path: Path) -> None:
     written = json.loads(out.read_text("utf-8"))
     assert written == json.loads(json.dumps(result_to_dict(result, full=True)))
     assert len(written["files"]["uploaded"]) + len(written["files"]["failed"]) == n
+
+
+_JOURNAL_AFTER_SENDING = """
+import sys, tracemalloc
+from pathlib import Path
+from xnatio.journal import Journal, Target
+from xnatio.models import FileTable, Manifest, Outcome, row_outcome
+
+n, batch = 20_000, 500
+files = FileTable()
+for i in range(n):
+    s = i // 400
+    files.add(f"/data/exam/s{s:03d}/IM{i:06d}.dcm", 5000, 10**18 + i, "1.2.3", f"1.2.3.{s}",
+              f"1.2.826.0.1.3680043.8.498.{10**12 + i}", "1.2.840.10008.5.1.4.1.1.4", s + 1,
+              "1.2.840.10008.1.2.1", "PAT")
+manifest = Manifest(root=Path("/data/exam"), files=files)
+outcomes = [row_outcome(files, i, Outcome.UPLOADED) for i in range(n)]
+with Journal(Path(sys.argv[1])) as journal:
+    run = journal.open_run(Target.rest("https://x.org", "P", "S", "E"), manifest)
+    for start in range(0, n, batch):  # the hook, batch by batch
+        run.record_outcomes(outcomes[start : start + batch])
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    again = run.record_outcomes(outcomes, only_new=True)  # resume's safety net
+    run.record_fingerprint()
+    _, peak = tracemalloc.get_traced_memory()
+print(n, again, peak - base)
+"""
+
+
+def test_the_journal_after_a_send_makes_no_record_per_file(tmp_path: Path) -> None:
+    """Issue 16 item 4: after a send, resume records its outcomes once more (a safety net) and
+    the journal writes the manifest's fingerprint. At 100,000 files both made a record per file
+    at once (+34 and +8 MB of RSS, kept as fragmented heap). Measured for 20,000 files (their
+    names in discovery order) at under a byte a file: the safety net writes nothing the hook
+    wrote, the fingerprint is hashed in discovery order; 122 bytes a file when it sorts the
+    names (and more than twice that when it sorted records)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _JOURNAL_AFTER_SENDING, str(tmp_path / "journal.sqlite")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    n, again, peak = (int(x) for x in run.stdout.split())
+    assert again == 0
+    assert peak / n < 40, f"{peak / n:.0f} bytes per file"
