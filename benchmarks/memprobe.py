@@ -4,6 +4,7 @@
     python -m benchmarks.memprobe types 10000
     python -m benchmarks.memprobe timeline 10000,100000 [--no-verify]
     python -m benchmarks.memprobe phases 100000 [--no-verify]
+    python -m benchmarks.memprobe readback 3000
 
 ``rss``: ``xio upload-dicom`` of cached synthetic sessions (small files, benchmarks/data.py) into
 a sandbox in its own process (its memory is not ours), through :mod:`benchmarks.relay`; prints
@@ -14,7 +15,10 @@ tracemalloc; prints the peak and the allocations still held per file, grouped by
 the first import request (:mod:`benchmarks.timeline`); the client stops a second after that
 request starts. ``phases``: the same command as ``rss``, run to its end, with the stages timed
 and the client's own RSS sampled every 50 ms: which stage the peak is reached in, and the RSS at
-the end of each stage. ``MEMPROBE_SRC=DIR``: the client runs
+the end of each stage. ``readback``: a session of 30 series uploaded
+into a sandbox that then answers every request 50 ms late (``rest-wan``'s latency): the read-back
+of its scan listings timed one at a time and ``VERIFY_LISTINGS`` at a time, alternately, 3 times
+each. ``MEMPROBE_SRC=DIR``: the client runs
 the ``xnatio`` of that source folder (e.g. an older commit's ``src``) for a side-by-side run.
 """
 
@@ -139,6 +143,43 @@ def _print_phases(path: Path, t0: float) -> None:
     print(f"  peak {peak / 1e6:.1f} MB at {when - t0:.2f} s, during: {', '.join(active) or '-'}")
 
 
+def readback(n: int) -> None:
+    from xnatio import defaults
+    from xnatio.pipeline import UploadOptions, upload
+    from xnatio.sandbox import SandboxServer
+    from xnatio.settings import Secret, Settings
+    from xnatio.synth import generate_session
+    from xnatio.verify import stream_server_session
+    from xnatio.xnat.client import XnatClient
+
+    work = Path(tempfile.mkdtemp(prefix=f"memprobe-readback-{n}-"))
+    password = Secret("bench-password")
+    try:
+        with SandboxServer(
+            work / "server", users={"admin": password.reveal()}, projects=["BENCH"]
+        ) as server:
+            exam = work / "exam"
+            generate_session(exam, series=30, instances=max(1, n // 30), image_size=(8, 8))
+            settings = Settings(server=server.url, username="admin", password=password)
+            options = UploadOptions(
+                project="BENCH", subject="S01", session="E1", path=exam, resume=False
+            )
+            result = upload(settings=settings, options=options)
+            assert result.success, result.errors[:3]
+            server.set_knobs(latency_ms=50.0)
+            with XnatClient(server.url, username="admin", password=password) as client:
+                for _ in range(3):
+                    for k in (1, defaults.VERIFY_LISTINGS):
+                        t0 = time.perf_counter()
+                        found = stream_server_session(client, "BENCH", "S01", "E1", in_flight=k)
+                        assert found is not None
+                        files = sum(len(s.files) for s in found[1])
+                        took = time.perf_counter() - t0
+                        print(f"  {k} listing(s) at a time: {took:.2f} s ({files} files)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def types(n: int) -> None:
     """One real upload in this process (the sandbox in its own), snapshots at the commit (every
     outcome made) and at the end (the result held)."""
@@ -210,13 +251,15 @@ def types(n: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("rss", "types", "timeline", "phases"))
+    p.add_argument("what", choices=("rss", "types", "timeline", "phases", "readback"))
     p.add_argument("sizes")
     p.add_argument("--no-verify", action="store_true")
     a = p.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     if a.what in ("rss", "timeline", "phases"):
         rss(sizes, not a.no_verify, timeline=a.what == "timeline", phases=a.what == "phases")
+    elif a.what == "readback":
+        readback(sizes[0])
     else:
         types(sizes[0])
 
