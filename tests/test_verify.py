@@ -471,6 +471,40 @@ def test_scan_listings_overlap_and_are_handed_on_in_order(tmp_path: Path) -> Non
     assert together.ok and together.to_dict() == report_of(files, scans).to_dict()
 
 
+def test_large_scans_are_listed_fewer_at_a_time(tmp_path: Path) -> None:
+    """A listing is held parsed while it is reduced (~1.5 KB a file): scans whose listings
+    average more than defaults.VERIFY_LISTING_FILES files are read one at a time, so that
+    four 4,000-file listings are not held at once (issue 16 item 4)."""
+    files = session(tmp_path, series=6, per=2)
+    scans = as_server(files)
+
+    class Counting(_Listing):
+        def __init__(self) -> None:
+            super().__init__(scans)
+            self.lock = threading.Lock()
+            self.active = self.most = 0
+
+        def get_json(self, path: str, params: object = None) -> object:
+            with self.lock:
+                self.active += 1
+                self.most = max(self.most, self.active)
+            try:
+                time.sleep(0.02)
+                return super().get_json(path, params)
+            finally:
+                with self.lock:
+                    self.active -= 1
+
+    server = Counting()
+    per_scan = defaults.VERIFY_LISTING_FILES + 1
+    found = verify_module.stream_server_session(
+        server, "P", "S", "E", expected_files=per_scan * len(scans)
+    )
+    assert found is not None
+    assert [s.id for s in found[1]] == [s.id for s in scans]
+    assert server.most == 1
+
+
 def test_a_failed_listing_raises_in_its_turn(tmp_path: Path) -> None:
     """A listing that fails (not a 404) stops the read-back when its scan's turn comes, with
     the scans before it handed on, as when they were read one after the other."""
