@@ -691,6 +691,40 @@ def test_verify_against_the_server(
 
 
 @pytest.mark.integration
+def test_the_listings_are_read_together_from_the_server(
+    sandbox: SandboxServer, synthetic: tuple[Path, list[DicomFile]]
+) -> None:
+    """Against the sandbox over real HTTP: the scan listings are requested together (the
+    first waits until the second is answered: 10 s, then fails, when read in turn), and every
+    file is found, its series in order."""
+    _, files = synthetic
+    import_tar(sandbox.url, files)
+    with XnatClient(sandbox.url, username=USER, password=PASSWORD) as client:
+        second = threading.Event()
+        asked: list[str] = []
+        overlapped: list[bool] = []
+
+        class Watching:
+            def get_json(self, path: str, params: Any = None) -> Any:
+                if not path.endswith("/resources/DICOM/files"):
+                    return client.get_json(path, params)
+                asked.append(path)
+                nth = len(asked)
+                if nth == 1:
+                    overlapped.append(second.wait(10))
+                try:
+                    return client.get_json(path, params)
+                finally:
+                    if nth == 2:
+                        second.set()
+
+        together = verify_session(Watching(), "P", "S", "E", files)
+    assert overlapped == [True] and len(asked) == 3
+    assert together.ok and len(together.verified) == len(files)
+    assert [s.scan_id for s in together.series] == ["1", "2", "3"]
+
+
+@pytest.mark.integration
 def test_verify_command(
     sandbox: SandboxServer,
     synthetic: tuple[Path, list[DicomFile]],
