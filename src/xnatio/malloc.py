@@ -6,8 +6,9 @@ upload). Memory a thread frees stays with its arena, so the process keeps the hi
 every arena it used: at 100,000 files 35-50 MB of the client's peak RSS was arena retention, not
 live data (``docs/performance.md``, "A lead for the 100,000-file peak"). :func:`cap_arenas` asks
 glibc for at most :data:`xnatio.defaults.MALLOC_ARENAS` arenas with ``mallopt(M_ARENA_MAX)``;
-existing arenas stay, so it is called as early as possible (``xio``'s entry point, and
-:func:`xnatio.pipeline.upload` for library callers, before any of the upload's threads start).
+existing arenas stay, so it is called before any of an upload's threads start, by
+:func:`xnatio.pipeline.upload` (``xio upload-dicom``, ``upload-many``, ``demo`` and library
+callers alike). Not by ``xio sandbox``: the local server's threads are its own concern.
 
 The request bodies in flight each hold a few 256 KB chunks. glibc serves blocks that large with
 ``mmap`` at first, but after the first is freed it raises its mmap threshold to that size (up to

@@ -26,7 +26,6 @@ import click
 from xnatio import __version__, redact
 from xnatio.cli.options import exit_codes_epilog
 from xnatio.errors import EXIT_INTERRUPTED, BrokenPipe, OutputError, XnatioError
-from xnatio.malloc import cap_arenas
 from xnatio.progress import CliLogHandler, TimestampedStream, cli_logging, stderr_is_a_log
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -237,7 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     any other way (``CliRunner``, an embedding program) a command puts it on the ``xnatio``
     logger only.
     """
-    cap_arenas()  # before any thread starts (xnatio.malloc)
     with cli_logging(logger_name=""):
         try:
             cli.main(args=argv, prog_name="xio")
