@@ -9,6 +9,8 @@ are wrapped so that each call's start and end (``time.perf_counter``, one clock 
 process on Linux) are written to ``$TIMELINE_OUT`` as JSON lines. The parent prints them
 relative to the launch, with the relay's first import request among them. With
 ``$TIMELINE_STOP`` (seconds), the client exits that long after its first import request starts.
+With ``$TIMELINE_RSS`` (seconds), a thread also writes the process's
+``VmRSS`` that often (``{"stage": "rss", "rss": bytes}``): where in the run the peak is reached.
 Measurement only: nothing here changes what the stages do.
 """
 
@@ -48,6 +50,18 @@ STAGES = (
     ("xnatio.transports.rest.uploader", "RestUploader.upload"),
     ("xnatio.transports.rest.uploader", "UploadRun.of"),
     ("xnatio.xnat.client", "XnatClient.put_subject"),
+    # After the first request (memprobe phases: where the peak RSS is reached)
+    ("xnatio.transports.rest.send", "BatchSender.send_all"),
+    ("xnatio.transports.rest.uploader", "RestUploader._commit"),
+    ("xnatio.transports.rest.uploader", "RestUploader._result"),
+    ("xnatio.transports.rest.transport", "RestTransport.commit"),
+    ("xnatio.transports.rest.transport", "RestTransport.read_back"),
+    ("xnatio.resume", "_finish"),
+    ("xnatio.resume", "apply_verification"),
+    ("xnatio.journal", "JournalRun.record_outcomes"),
+    ("xnatio.journal", "JournalRun.record_verified"),
+    ("xnatio.report", "account_for_skipped"),
+    ("xnatio.cli.upload", "render_result"),
 )
 
 _lock = threading.Lock()
@@ -106,6 +120,20 @@ def _stop_after_first_import(grace: float) -> None:
     requests.adapters.HTTPAdapter.send = watched  # type: ignore[method-assign]
 
 
+def _sample_rss(interval: float) -> None:
+    """Write this process's resident set size every ``interval`` seconds (from /proc)."""
+
+    def run() -> None:
+        while True:
+            with open("/proc/self/status", "rb") as f:
+                rss = next((int(x.split()[1]) * 1024 for x in f if x.startswith(b"VmRSS:")), 0)
+            now = time.perf_counter()
+            _emit({"stage": "rss", "start": now, "end": now, "rss": rss})
+            time.sleep(interval)
+
+    threading.Thread(target=run, name="timeline-rss", daemon=True).start()
+
+
 def main() -> None:
     global _out
     _out = open(os.environ["TIMELINE_OUT"], "a")  # noqa: SIM115
@@ -114,6 +142,8 @@ def main() -> None:
     from xnatio.cli.main import main as xio_main
 
     _install()
+    if os.environ.get("TIMELINE_RSS"):
+        _sample_rss(float(os.environ["TIMELINE_RSS"]))
     if os.environ.get("TIMELINE_STOP"):
         _stop_after_first_import(float(os.environ["TIMELINE_STOP"]))
     _emit({"stage": "import xnatio + timers", "start": start, "end": time.perf_counter()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sqlite3
@@ -25,9 +26,10 @@ from xnatio.journal import (
     default_journal_path,
     default_lock_dir,
     manifest_fingerprint,
+    relative_name,
     strip_credentials,
 )
-from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome
+from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome, file_path
 
 TARGET = Target.rest("https://xnat.example.org/", "P", "S", "E")
 
@@ -193,6 +195,44 @@ def test_outcomes_hook_and_forget(tmp_path: Path) -> None:
         assert done == [m.files[0], m.files[2]]
         run.forget([m.files[0]])
         assert run.split()[0] == [m.files[2]]
+
+
+def test_the_safety_net_after_a_send_writes_only_what_the_hook_did_not(tmp_path: Path) -> None:
+    """resume records a send's outcomes again after it (``only_new``): rows the hook wrote are
+    not written twice (issue 16 item 4: ~3 s and a record per file at 100,000 files), and
+    what the hook missed is written."""
+    m = make_manifest(tmp_path / "src")
+    with Journal(tmp_path / "j.sqlite") as j:
+        run = j.open_run(TARGET, m)
+        outcomes = [
+            FileOutcome(file_path(f), Outcome.UPLOADED, sop_instance_uid=f.sop_instance_uid)
+            for f in m.files
+        ]
+        assert run.record_outcomes(outcomes[:4]) == 4  # the hook, as batches are confirmed
+        assert run.record_outcomes(outcomes, only_new=True) == 2
+        assert run.record_outcomes(outcomes, only_new=True) == 0
+        assert run.split()[0] == m.files
+        assert run.record_outcomes(outcomes[:1]) == 1  # the hook writes whatever it is given
+
+
+def _fingerprint_of_records(m: Manifest) -> str:
+    """The fingerprint as first written: the records sorted by relative name."""
+    h = hashlib.sha256()
+    for f in sorted(m.files, key=lambda f: relative_name(f, m.root)):
+        h.update(f"{relative_name(f, m.root)}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def test_the_fingerprint_is_the_same_whatever_the_order_of_discovery(tmp_path: Path) -> None:
+    """Read from the columns, in name order (sorted only when discovery's order is not it):
+    the same value as sorting the records, which journals written before hold."""
+    m = make_manifest(tmp_path / "src", n=12)
+    in_order = Manifest(root=m.root, files=sorted(m.files, key=lambda f: f.fspath))
+    shuffled = Manifest(root=m.root, files=[*m.files[7:], *m.files[:7]][::-1])
+    expected = _fingerprint_of_records(m)
+    assert manifest_fingerprint(in_order) == expected
+    assert manifest_fingerprint(shuffled) == expected
+    assert manifest_fingerprint(m) == expected
 
 
 def test_fingerprint_tracks_size_and_mtime(tmp_path: Path) -> None:

@@ -519,3 +519,49 @@ def test_file_that_keeps_getting_lost_fails_after_one_more_try(
     assert "unable to read DICOM object" in failed[0].reason
     sandbox.set_knobs(disk_full=False)
     assert upload(sandbox.url, exam, journal).success
+
+
+def test_read_back_settles_outcomes_by_row_and_earlier_runs_by_path() -> None:
+    """apply_verification finds a verdict by the manifest row where the outcome and the
+    report's file were both made from its columns (no dict of every path, issue 16 item 4),
+    and by path for outcomes made otherwise (an earlier run's, from the journal)."""
+    from xnatio.models import FileOutcome, FileTable, Origin, Outcome, UploadResult, row_outcome
+    from xnatio.resume import apply_verification
+    from xnatio.verify import SeriesCheck, VerifyReport
+
+    files = FileTable()
+    for i in range(6):
+        files.add(
+            f"/exam/s1/IM{i}.dcm",
+            100 + i,
+            0,
+            "1.2",
+            "1.2.1",
+            f"1.2.1.{i}",
+            "1.2.840",
+            1,
+            "1.2",
+            "P",
+        )
+    result = UploadResult(success=True, total_files=6, duration=1.0, total_size_mb=0.0)
+    result.files = [row_outcome(files, i, Outcome.UPLOADED) for i in range(4)]
+    result.files += [
+        FileOutcome(
+            files.fspath(i),
+            Outcome.UPLOADED,
+            reason=EARLIER_RUN_REASON,
+            sop_instance_uid=files.sop_instance_uid(i),
+            origin=Origin.JOURNAL,
+        )
+        for i in (4, 5)
+    ]
+    check = SeriesCheck("1.2.1", 1, "1", local=6, on_server=4)
+    check.verified, check.missing = files.take([0, 1, 2, 4]), files.take([3, 5])
+    report = VerifyReport("P", "S", "E", found=True, series=[check])
+    apply_verification(result, report)
+    V, F = Outcome.VERIFIED, Outcome.FAILED
+    assert [o.outcome for o in result.files] == [V, V, V, F, V, F]
+    assert "1.2.1.3" in result.files[3].reason and "not on the server" in result.files[3].reason
+    assert result.files[4].reason == EARLIER_RUN_REASON
+    assert "1.2.1.5" in result.files[5].reason
+    assert result.verified is False

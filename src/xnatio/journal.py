@@ -63,6 +63,7 @@ import socket
 import sqlite3
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,13 +277,18 @@ def relative_name(f: DicomFile, root: Path) -> str:
     A name holding bytes that are not UTF-8 is kept with those bytes as ``\\xNN`` escapes
     (:func:`xnatio.redact.printable`): SQLite and the fingerprint take UTF-8 text only.
     """
-    if f.member is not None:
-        return printable(f.member)
+    return _relative_name(f.fspath, f.member, str(root))
+
+
+def _relative_name(fspath: str, member: str | None, root: str) -> str:
+    """:func:`relative_name` of the file these fields name (no record needed)."""
+    if member is not None:
+        return printable(member)
     # The folder's part is worked out once per folder (Path.relative_to per file was most of
     # the journal's CPU at 100,000 files), then joined with the file's name.
-    folder, name = os.path.split(f.fspath)
-    prefix = _relative_folder(folder, str(root))
-    return printable(prefix + name if prefix is not None else f.path.as_posix())
+    folder, name = os.path.split(fspath)
+    prefix = _relative_folder(folder, root)
+    return printable(prefix + name if prefix is not None else Path(fspath).as_posix())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -296,9 +302,34 @@ def _relative_folder(folder: str, root: str) -> str | None:
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
+    """SHA-256 over every file's relative name, size and mtime, in the order of the names.
+
+    Read from the file table's columns, no record per file (issue 16 item 4: sorting 100,000
+    records held ~35 MB that the process kept after). Discovery lists the files of a folder in
+    name order, so the names are usually in order already: then nothing is held; else the
+    positions are sorted by name (the names held once, as strings, while sorting).
+    """
+    files, root = manifest.files, str(manifest.root)
+
+    def name(i: int) -> str:
+        return _relative_name(files.fspath(i), files.member(i), root)
+
+    def add(h: Any, i: int, name: str) -> None:
+        h.update(f"{name}\0{files.size(i)}\0{files.mtime_ns(i)}\n".encode())
+
+    n = len(files)
     h = hashlib.sha256()
-    for f in sorted(manifest.files, key=lambda f: relative_name(f, manifest.root)):
-        h.update(f"{relative_name(f, manifest.root)}\0{f.size}\0{f.mtime_ns}\n".encode())
+    previous = ""
+    for i in range(n):  # hashed in discovery order while that is the names' order
+        current = name(i)
+        if i and current < previous:
+            names = [name(j) for j in range(n)]
+            h = hashlib.sha256()
+            for j in sorted(range(n), key=names.__getitem__):
+                add(h, j, names[j])
+            break
+        add(h, i, current)
+        previous = current
     return h.hexdigest()
 
 
@@ -664,7 +695,11 @@ class JournalRun:
         # first request (issue 16).
         self._by_uid: SopIndex | None = None
         self._index_lock = threading.Lock()
-        self._by_name: dict[str, DicomFile] | None = None  # built only if ever needed
+        self._by_name: dict[str, int] | None = None  # built only if ever needed
+        # Positions of the manifest's files this run recorded as confirmed (1 byte a file): the
+        # outcomes of a whole send, recorded again after it as a safety net (``only_new``), are
+        # not written (nor made into records) a second time.
+        self._recorded = bytearray(len(manifest.files))
         # Files an earlier run found different on the server (:meth:`mark_different`): if this
         # run's read-back finds them different again, replacing them did not help.
         self.different_before = self._to_replace()
@@ -796,18 +831,28 @@ class JournalRun:
                 (now, self.run_id),
             )
 
-    def record_outcomes(self, outcomes: Sequence[FileOutcome]) -> int:
-        """The transports' ``on_confirmed`` hook: remember every UPLOADED/VERIFIED outcome."""
-        files = []
+    def record_outcomes(self, outcomes: Sequence[FileOutcome], *, only_new: bool = False) -> int:
+        """The transports' ``on_confirmed`` hook: remember every UPLOADED/VERIFIED outcome.
+
+        ``only_new``: skip the files this run has recorded already (the safety net after a
+        send, when the hook has seen each batch's outcomes: re-writing 100,000 rows cost ~3 s
+        and held a record per file at the peak, issue 16 item 4). Positions are collected first
+        (8 bytes a file), records made one at a time as SQLite takes the rows."""
+        positions = array("q")
         batch: int | None = None
+        recorded = self._recorded
         for o in outcomes:
             if o.outcome not in (Outcome.UPLOADED, Outcome.VERIFIED):
                 continue
-            f = self._file_of(o)
-            if f is not None:
-                files.append(f)
+            at = self._position_of(o)
+            if at is not None and not (only_new and recorded[at]):
+                positions.append(at)
                 batch = o.batch if o.batch is not None else batch
-        return self.record_confirmed(files, batch=batch)
+        files = self.manifest.files
+        count = self.record_confirmed(map(files.__getitem__, positions), batch=batch)
+        for at in positions:
+            recorded[at] = 1
+        return count
 
     def _uid_index(self) -> SopIndex:
         with self._index_lock:  # outcomes arrive from worker threads
@@ -821,19 +866,21 @@ class JournalRun:
                 self._by_uid = index
             return self._by_uid
 
-    def _file_of(self, o: FileOutcome) -> DicomFile | None:
-        """The manifest's file that ``o`` is the outcome of (None: not one of them)."""
+    def _position_of(self, o: FileOutcome) -> int | None:
+        """The position in the manifest of the file ``o`` is the outcome of (None: not one)."""
+        files = self.manifest.files
         at = self._uid_index().get(o.sop_instance_uid)
-        f = None if at is None else self.manifest.files[at]
-        if f is not None and o.path in (file_path(f), f.member):
-            return f
+        if at is not None:
+            member = files.member(at)
+            if o.path == files.name_of(at) or (member is not None and o.path == member):
+                return at
         if self._by_name is None:  # an outcome without (or with another file's) instance UID
-            by_name: dict[str, DicomFile] = {}
-            for g in self.manifest.files:
-                by_name[g.fspath] = g
+            by_name: dict[str, int] = {}
+            for i, g in enumerate(files):
+                by_name[g.fspath] = i
                 if g.member is not None:
-                    by_name[g.member] = g
-                    by_name[file_path(g)] = g
+                    by_name[g.member] = i
+                    by_name[file_path(g)] = i
             self._by_name = by_name
         return self._by_name.get(o.path)
 

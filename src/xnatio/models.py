@@ -960,6 +960,19 @@ def row_outcome(files: FileTable, i: int, outcome: Outcome, reason: str = "") ->
     return _RowOutcome(files._cols, files.row(i), outcome, reason)
 
 
+def table_row(x: DicomFile | FileOutcome) -> tuple[object, int] | None:
+    """The columns and row a record (or a :func:`row_outcome`) was made from, None for one made
+    otherwise: what lets a per-file verdict be kept as a row number, not a path string."""
+    table = getattr(x, "_table", None)
+    return None if table is None else (table, x._row)  # type: ignore[union-attr]
+
+
+def columns_rows(table: object) -> int:
+    """How many rows the columns :func:`table_row` returned hold."""
+    assert isinstance(table, _Columns)
+    return table.rows
+
+
 def file_path(f: DicomFile) -> str:
     """How outcomes, the journal, verification and the report name a file: its path, or
     ``ARCHIVE/member`` for a member of an archive PATH (the one copy of this rule)."""

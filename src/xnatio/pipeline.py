@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from xnatio import defaults
 from xnatio.errors import ConfigError, UsageError
 from xnatio.journal import Target
+from xnatio.malloc import cap_arenas
 from xnatio.models import (
     Batch,
     FileOutcome,
@@ -163,6 +164,7 @@ def upload(
     """
     if options.transport not in ("rest", "dicom-store"):
         raise UsageError(f"unknown transport {options.transport!r}")
+    cap_arenas()  # before the upload's threads start (xnatio.malloc); once per process
     if manifest is None and not os.path.lexists(options.path):  # the cheapest check of all
         raise UsageError(f"{options.path} does not exist.")
     with contextlib.ExitStack() as stack:

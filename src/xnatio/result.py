@@ -34,14 +34,14 @@ class RunOutcomes(Mapping[str, FileOutcome]):
 
     Each outcome reads its path and UIDs from the manifest's columns, and a record made from
     those columns finds its outcome by its row: no key string or path string per file (an
-    upload of 100,000 files held ~400 bytes a file here: issue 16 item 4).
+    upload of 100,000 files held ~400 bytes a file here: issue 16 item 4). An outcome is made
+    when its file is first asked for (a batch confirmed or failed), or when all are listed: while
+    an upload sends, only the files reported so far have one (112 bytes each).
     """
 
     def __init__(self, files: FileTable) -> None:
         self._files = files
-        self._outcomes = [
-            row_outcome(files, i, Outcome.FAILED, NOT_SENT) for i in range(len(files))
-        ]
+        self._outcomes: list[FileOutcome | None] = [None] * len(files)
         # Row in the columns -> position here (-1: not one of ours), when ``files`` is a view.
         self._positions: array[int] | None = None
         if files.is_view:
@@ -60,17 +60,25 @@ class RunOutcomes(Mapping[str, FileOutcome]):
             else:
                 position = positions[row] if row < len(positions) else -1
             if position >= 0:
-                return self._outcomes[position]
+                return self._at(position)
         return self[file_path(f)]
+
+    def _at(self, position: int) -> FileOutcome:
+        o = self._outcomes[position]
+        if o is None:  # FAILED "not sent" until a transport says otherwise
+            o = self._outcomes[position] = row_outcome(
+                self._files, position, Outcome.FAILED, NOT_SENT
+            )
+        return o
 
     def __getitem__(self, path: str) -> FileOutcome:
         if self._by_path is None:
             files = self._files
             self._by_path = {files.name_of(i): i for i in range(len(files))}
-        return self._outcomes[self._by_path[path]]
+        return self._at(self._by_path[path])
 
     def __iter__(self) -> Iterator[str]:
-        return (o.path for o in self._outcomes)
+        return (o.path for o in self.in_order())
 
     def __len__(self) -> int:
         return len(self._outcomes)
@@ -84,8 +92,12 @@ class RunOutcomes(Mapping[str, FileOutcome]):
         return files.same_rows(mine)
 
     def in_order(self) -> list[FileOutcome]:
-        """Every outcome, in the manifest's order."""
-        return self._outcomes
+        """Every outcome, in the manifest's order (those not made yet made now)."""
+        outcomes = self._outcomes
+        for position, o in enumerate(outcomes):
+            if o is None:
+                self._at(position)
+        return outcomes  # type: ignore[return-value]  # no None left
 
 
 class _Values(ValuesView[FileOutcome]):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,9 @@ from xnatio.models import (
     SessionKind,
     SessionRef,
     UploadResult,
+    columns_rows,
     file_path,
+    table_row,
 )
 from xnatio.report import ALREADY_REASON
 from xnatio.transports.base import Transport
@@ -201,7 +204,7 @@ def _heal(
     1.5: the archive step then overwrites clashing files instead of refusing them)."""
     part = Manifest(root=manifest.root, files=lost, source_archive=manifest.source_archive)
     result = transport.send(part, run, overwrite)
-    run.record_outcomes(result.files)
+    run.record_outcomes(result.files, only_new=True)  # the hook has recorded most
     committed = _committed(result, transport)
     if committed:
         run.record_commit(result.session_uri)
@@ -262,8 +265,8 @@ def _send_rest_of(
                 "again, replacing the server's copies (overwrite=delete)"
             )
         result = transport.send(part, run, overwrite)
-        # The hook may have seen them already; recording twice is harmless (same rows).
-        run.record_outcomes(result.files)
+        # What the hook has not seen (it records each batch as the server confirms it).
+        run.record_outcomes(result.files, only_new=True)
         committed = _committed(result, transport)
         if not committed and not any(o.outcome is Outcome.UPLOADED for o in result.files):
             # Nothing of this pass awaits a commit (every file of it failed): what earlier runs
@@ -435,11 +438,14 @@ def _finish(
             result.success = False
             return result
         # Confirmed (by the server, now or by an earlier run) yet not found: lost on the way.
-        uploaded = {o.path for o in sent}
-        lost = [f for f in report.missing if file_path(f) in uploaded]
+        missing = report.missing
+        different = [f for s in report.series for f in s.different]
+        # The set of paths sent only when something is amiss (a string per file otherwise).
+        uploaded = {o.path for o in sent} if missing or different else set()
+        lost = [f for f in missing if file_path(f) in uploaded]
         # Not for Direct-Archive: a re-send into an existing archive folder would fall back to
         # the prearchive (section 1), a second copy rather than a repair.
-        differ = [f for s in report.series for f in s.different if file_path(f) in uploaded]
+        differ = [f for f in different if file_path(f) in uploaded]
         if heal is not None and (lost or differ) and not _is_direct_archive(result.session_uri):
             healed = False
             if lost:
@@ -481,8 +487,9 @@ def _remember_problems(
     """What the journal keeps of files that did not verify, and one line per cause: "the next
     run sends them again" only where that can help (never twice for one cause, issue 13)."""
     different = [f for s in report.series for f in s.different]
-    ids = {id(f) for f in different}
-    others = [f for f, _ in report.problems if id(f) not in ids]
+    # By name: the checks' files may be views of the manifest, a new record at each read.
+    names = {file_path(f) for f in different}
+    others = [f for f, _ in report.problems if file_path(f) not in names]
     if different:
         # Replaced in this run already, or marked by an earlier run (so this run replaced it):
         # sending it once more would not help.
@@ -534,18 +541,63 @@ def _merge(result: UploadResult, again: UploadResult) -> None:
         result.session_uri = again.session_uri
 
 
+class _Verdicts:
+    """Read-back's (outcome, reason) per file, found by an outcome: by the row of the manifest's
+    columns where both were made from them (4 bytes a file, issue 16 item 4: a dict of 100,000
+    paths held ~15 MB at the peak), else by path (built only if an outcome asks: those of an
+    earlier run or already on the server, a re-sent file's)."""
+
+    def __init__(self, report: VerifyReport) -> None:
+        self._report = report
+        self._kinds: list[tuple[Outcome, str]] = []
+        kind: dict[tuple[Outcome, str], int] = {}
+        self._rows: dict[int, array[int]] = {}  # id(columns) -> kind per row (-1: none)
+        self._tables: list[object] = []  # the columns, alive while their ids are keys
+        self._by_path: dict[str, int] | None = None
+        loose: dict[str, int] = {}
+        for f, outcome, reason in report.verdict_files():
+            k = kind.setdefault((outcome, reason), len(kind))
+            if k == len(self._kinds):
+                self._kinds.append((outcome, reason))
+            at = table_row(f)
+            if at is None:
+                loose[file_path(f)] = k  # a later verdict of a file overrides an earlier one
+                continue
+            table, row = at
+            rows = self._rows.get(id(table))
+            if rows is None:
+                rows = self._rows[id(table)] = array("i", [-1]) * columns_rows(table)
+                self._tables.append(table)
+            rows[row] = k
+        self._loose = loose
+
+    def of(self, o: FileOutcome) -> tuple[Outcome, str] | None:
+        at = table_row(o)
+        if at is not None:
+            rows = self._rows.get(id(at[0]))
+            if rows is not None and rows[at[1]] >= 0:
+                return self._kinds[rows[at[1]]]
+        if not self._rows:
+            k = self._loose.get(o.path)
+            return None if k is None else self._kinds[k]
+        if self._by_path is None:  # every verdict by path, in the report's order
+            kinds = {pair: k for k, pair in enumerate(self._kinds)}
+            self._by_path = {
+                file_path(f): kinds[(outcome, reason)]
+                for f, outcome, reason in self._report.verdict_files()
+            }
+        k = self._by_path.get(o.path)
+        return None if k is None else self._kinds[k]
+
+
 def apply_verification(result: UploadResult, report: VerifyReport) -> None:
     """VERIFIED for what read-back found; FAILED (with why) for what it did not."""
-    # (outcome, reason) per path, the pairs shared: no new FileOutcome per file at 50,000 files.
-    by_path: dict[str, tuple[Outcome, str]] = {}
-    shared: dict[tuple[Outcome, str], tuple[Outcome, str]] = {}
-    for path, outcome, reason in report.verdicts():
-        pair = (outcome, reason)
-        by_path[path] = shared.setdefault(pair, pair)
+    # (outcome, reason) per file, the pairs shared: no new FileOutcome per file at 50,000 files.
+    verdicts = _Verdicts(report)
     for o in result.files:
         if o.outcome is not Outcome.UPLOADED:
             continue  # a failed file keeps the transport's reason; skipped stays skipped
-        found = by_path.get(o.path)
+        found = verdicts.of(o)
         if found is None:
             continue
         o.outcome, found_reason = found

@@ -28,8 +28,10 @@ XNAT keeps an uploaded name unless another instance holds it (facts 1.2, ``renam
    PATH in one pass over it). An upload computes none when XNAT's site script will rewrite every
    file anyway (:func:`server_rewrites`).
 
-The server's listing is read one scan at a time and reduced to arrays before the next is read
-(:class:`_Holders`): memory grows with the local files, not with the listing.
+The server's listings are read a few scans at a time (:data:`xnatio.defaults.VERIFY_LISTINGS`
+requests at once, handed on in order) and each is reduced to arrays as its turn comes
+(:class:`_Holders`): memory grows with the local files, not with the listing. The local files are
+compared as positions in arrays over the manifest's columns, with no record per file.
 3. **By count, when no name matches.** A session filled by another tool, or over C-STORE, holds
    XNAT's own file names. A local series none of whose names is on the server is paired with
    the scan of the same Series Instance UID, else with the scan whose ID is its Series Number
@@ -46,6 +48,7 @@ held them before). Progress: with a ``progress`` callback, :func:`verify_session
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -55,21 +58,24 @@ import zipfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import quote
 
+from xnatio import defaults
 from xnatio.archive import EntryNames, instance_file_name, zip_entries
 from xnatio.errors import ServerError, UsageError, XnatioError
 from xnatio.models import (
     DicomFile,
     FileOutcome,
+    FileTable,
     Outcome,
     Phase,
     ProgressCallback,
     ProgressEvent,
+    SopIndex,
     file_path,
 )
 
@@ -176,15 +182,17 @@ class SeriesCheck:
     local: int
     on_server: int
     # Landed: found by name (or, with ``counted``, by count). ``identical``: how many of them the
-    # server holds byte for byte (their MD5 matched).
-    verified: list[DicomFile] = field(default_factory=list)
+    # server holds byte for byte (their MD5 matched). The files are views of the manifest's rows
+    # when it was a FileTable (records made when read: no record per file held, issue 16 item
+    # 4), else lists of the records given.
+    verified: Sequence[DicomFile] = field(default_factory=list)
     identical: int = 0
     counted: bool = False
-    missing: list[DicomFile] = field(default_factory=list)
-    different: list[DicomFile] = field(default_factory=list)
+    missing: Sequence[DicomFile] = field(default_factory=list)
+    different: Sequence[DicomFile] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     # Set when the series was paired by count and the scan holds another number of files.
-    uncounted: list[DicomFile] = field(default_factory=list)
+    uncounted: Sequence[DicomFile] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -229,7 +237,7 @@ class VerifyReport:
     @property
     def warning(self) -> str:
         """One line when files were verified by count only, not by name."""
-        n = len(self.counted)
+        n = sum(len(s.verified) for s in self.series if s.counted)
         if not n:
             return ""
         return (
@@ -264,7 +272,8 @@ class VerifyReport:
     @property
     def rewritten_note(self) -> str:
         """One line when the server's copies are not our bytes (facts 1.7): not a failure."""
-        return REWRITTEN_NOTE if self.byte_identical is False and self.verified else ""
+        verified = any(s.verified for s in self.series)
+        return REWRITTEN_NOTE if self.byte_identical is False and verified else ""
 
     @property
     def note(self) -> str:
@@ -326,14 +335,19 @@ class VerifyReport:
     def verdicts(self) -> Iterator[tuple[str, Outcome, str]]:
         """(outcome path, outcome, reason) per file, in ``outcomes()`` order, made one at a time
         (no FileOutcome per file: callers that only settle existing outcomes need none)."""
-        bad = {id(f) for f, _ in self.problems} if self.other_study else set()
-        for s in self.series:
-            reason = COUNT_REASON if s.counted else ""
-            for f in s.verified:
-                if id(f) not in bad:
-                    yield file_path(f), Outcome.VERIFIED, reason
+        for f, outcome, reason in self.verdict_files():
+            yield file_path(f), outcome, reason
+
+    def verdict_files(self) -> Iterator[tuple[DicomFile, Outcome, str]]:
+        """:meth:`verdicts` with the local file instead of its path (a later verdict of a file
+        overrides an earlier one)."""
+        if not self.other_study:  # else every verified file is one of the problems
+            for s in self.series:
+                reason = COUNT_REASON if s.counted else ""
+                for f in s.verified:
+                    yield f, Outcome.VERIFIED, reason
         for f, why in self.problems:
-            yield file_path(f), Outcome.FAILED, why
+            yield f, Outcome.FAILED, why
 
     def outcomes(self) -> list[FileOutcome]:
         by_path = {file_path(f): f for s in self.series for f in _all_local(s)}
@@ -437,11 +451,27 @@ def read_server_session(
 
 
 def stream_server_session(
-    client: JsonGetter, project: str, subject: str, session: str
+    client: JsonGetter,
+    project: str,
+    subject: str,
+    session: str,
+    *,
+    in_flight: int = defaults.VERIFY_LISTINGS,
+    expected_files: int = 0,
 ) -> tuple[str, Iterator[ServerScan]] | None:
-    """The StudyInstanceUID of a session and its scans, each with its DICOM files, read one
-    scan listing at a time as the iterator is advanced (verification keeps only what it needs of
-    each); None if the session does not exist."""
+    """The StudyInstanceUID of a session and its scans, each with its DICOM files, in the
+    order XNAT lists the scans, as the iterator is advanced; None if the session does not exist.
+
+    Up to ``in_flight`` scan listings are requested at once (each request waits a round trip:
+    one after the other, 30 scans over a 50 ms link cost 1.5 s), each reduced to its
+    :class:`ServerScan` in the thread that read it, and handed out in order: at most
+    ``in_flight`` listings are held, whatever the number of scans (verification keeps only
+    what it needs of each). With ``expected_files`` (the local files), fewer are requested at
+    once when the scans are large: at most :data:`xnatio.defaults.VERIFY_LISTING_FILES` files'
+    listings on average (a parsed listing costs ~1.5 KB a file; four 4,000-file listings held
+    25 MB at the peak of a 100,000-file read-back, where one request's round trip is a small
+    part of reading it). A failed listing raises when its turn comes, as one read in turn
+    would."""
     base = experiment_path(project, subject, session)
     try:
         experiment = client.get_json(base)
@@ -464,30 +494,50 @@ def stream_server_session(
         pass  # the shape is unconfirmed (facts 4): UIDs are a refinement, the listings count
     rows = _rows(client.get_json(base + "/scans"))
 
-    def scans() -> Iterator[ServerScan]:
-        for row in rows:
-            scan_id = str(row.get("ID", ""))
-            scan = ServerScan(scan_id, uids.get(scan_id, "") or str(row.get("UID", "") or ""))
+    def read(row: dict[str, Any]) -> ServerScan:
+        scan_id = str(row.get("ID", ""))
+        scan = ServerScan(scan_id, uids.get(scan_id, "") or str(row.get("UID", "") or ""))
+        try:
+            listing = client.get_json(
+                f"{base}/scans/{quote(scan_id, safe='')}/resources/DICOM/files"
+            )
+        except ServerError as exc:
+            if exc.status == 404:  # a scan without a DICOM resource (snapshots only)
+                return scan
+            raise
+        for f in _rows(listing):
             try:
-                listing = client.get_json(
-                    f"{base}/scans/{quote(scan_id, safe='')}/resources/DICOM/files"
-                )
-            except ServerError as exc:
-                if exc.status == 404:  # a scan without a DICOM resource (snapshots only)
-                    yield scan
-                    continue
-                raise
-            for f in _rows(listing):
-                try:
-                    size = int(str(f.get("Size", "")).strip())
-                except ValueError:
-                    size = -1
-                digest = str(f.get("digest", "") or "").strip().lower()
-                # Name is the file's path in the resource; only its last part is the file name.
-                name = str(f.get("Name", "")).rsplit("/", 1)[-1]
-                scan.files.append(ServerFile(name, size, digest or None))
-            del listing
-            yield scan
+                size = int(str(f.get("Size", "")).strip())
+            except ValueError:
+                size = -1
+            digest = str(f.get("digest", "") or "").strip().lower()
+            # Name is the file's path in the resource; only its last part is the file name.
+            name = str(f.get("Name", "")).rsplit("/", 1)[-1]
+            scan.files.append(ServerFile(name, size, digest or None))
+        return scan
+
+    if expected_files and rows:
+        per_scan = max(1, expected_files // len(rows))
+        in_flight = min(in_flight, max(1, defaults.VERIFY_LISTING_FILES // per_scan))
+
+    def scans() -> Iterator[ServerScan]:
+        if in_flight <= 1 or len(rows) <= 1:
+            yield from map(read, rows)
+            return
+        pool = ThreadPoolExecutor(min(in_flight, len(rows)), thread_name_prefix="xnatio-verify")
+        try:
+            ahead: collections.deque[Future[ServerScan]] = collections.deque()
+            left = iter(rows)
+            for row in itertools.islice(left, in_flight):
+                ahead.append(pool.submit(read, row))
+            while ahead:
+                scan = ahead.popleft().result()
+                for row in itertools.islice(left, 1):
+                    ahead.append(pool.submit(read, row))
+                yield scan
+                del scan
+        finally:  # also when the caller stops early: what is not started is not read
+            pool.shutdown(wait=True, cancel_futures=True)
 
     return study_uid, scans()
 
@@ -533,7 +583,7 @@ class _Progress:
     def __init__(self, callback: ProgressCallback | None, files: Sequence[DicomFile]) -> None:
         self._callback = callback
         self._total = len(files)
-        self._bytes_total = sum(f.size for f in files)
+        self._bytes_total = _total_bytes(files)
         self._current = 0
         self._bytes_done = 0
 
@@ -553,8 +603,20 @@ class _Progress:
     def advance(self, files: Sequence[DicomFile]) -> None:
         if files:
             self._current += len(files)
-            self._bytes_done += sum(f.size for f in files)
+            self._bytes_done += _total_bytes(files)
             self.emit()
+
+
+def _total_bytes(files: Sequence[DicomFile]) -> int:
+    return files.total_bytes if isinstance(files, FileTable) else sum(f.size for f in files)
+
+
+def _pick(files: Sequence[DicomFile], positions: Sequence[int]) -> Sequence[DicomFile]:
+    """The files at ``positions``: a view of a FileTable's rows (4 bytes a file, records made
+    when read), else a list of the records given."""
+    if isinstance(files, FileTable):
+        return files.take(positions)
+    return [files[i] for i in positions]
 
 
 def _local_digests(
@@ -663,19 +725,23 @@ class _Holders:
     further holders (a name in two scans, rare) in a dict."""
 
     def __init__(self, files: Sequence[DicomFile]) -> None:
-        n = len(files)
+        # The files' columns (a copy when given records): names are looked up in an index over
+        # the SOP Instance UID column (models.SopIndex, 8 bytes a slot), not a dict of a string
+        # per file (~15 MB at 100,000 files, issue 16 item 4).
+        self.table = files if isinstance(files, FileTable) else FileTable(files)
+        n = len(self.table)
         self.first = array("i", [-1]) * n
         self.md5 = bytearray(16 * n)
         self.has_md5 = bytearray(n)
         self.more: dict[int, list[tuple[int, str | None]]] = {}
-        # Name -> local index, keyed by the SOP Instance UID strings the manifest holds (a name
-        # xio gives is the UID + ".dcm"): no new string per file. Non-conformant UIDs by name.
-        self._by_uid: dict[str, int] = {}
+        # A name xio gives is the UID + ".dcm": found by its UID; non-conformant UIDs by name.
+        self._by_uid = SopIndex(self.table, n)
         self._by_name: dict[str, int] = {}
-        for i, f in enumerate(files):
-            name = instance_file_name(f.sop_instance_uid)
-            if name == f.sop_instance_uid + ".dcm":
-                self._by_uid[f.sop_instance_uid] = i
+        for i in range(n):
+            uid = self.table.sop_instance_uid(i)
+            name = instance_file_name(uid)
+            if name == uid + ".dcm":
+                self._by_uid.add(uid, i)
             else:
                 self._by_name[name] = i
 
@@ -705,6 +771,10 @@ class _Holders:
                 self.more.setdefault(i, []).append((index, sf.md5))
         return summary
 
+    def holds(self, i: int, scan: int) -> bool:
+        """Does scan number ``scan`` hold local file ``i``'s name?"""
+        return self.first[i] == scan or any(at == scan for at, _ in self.more.get(i, ()))
+
     def md5_at(self, i: int, scan: int) -> tuple[bool, str | None]:
         """(found, MD5 hex or None) of local file ``i`` in scan number ``scan``."""
         if self.first[i] == scan:
@@ -719,16 +789,37 @@ class _Holders:
         return [] if first < 0 else [first, *(index for index, _ in self.more.get(i, []))]
 
 
+def _positions() -> array[int]:
+    return array("i")
+
+
 @dataclass(slots=True)
 class _Pairing:
-    """Where each local series landed, by name (rule 1)."""
+    """Where each local series landed (rules 1 and 3), as positions in the local files; made
+    into the check's files once everything is compared (:meth:`settle`)."""
 
     check: SeriesCheck
-    local: list[DicomFile]
+    local: array[int]
     scan: _ScanSummary | None
-    # Every landed file: its index in the local files and the scan (number) it was found in.
-    landed: array[int] = field(default_factory=lambda: array("i"))
-    landed_in: array[int] = field(default_factory=lambda: array("i"))
+    # Every landed file: its position in the local files and the scan (number) it was found in.
+    landed: array[int] = field(default_factory=_positions)
+    landed_in: array[int] = field(default_factory=_positions)
+    verified: array[int] = field(default_factory=_positions)
+    missing: array[int] = field(default_factory=_positions)
+    different: array[int] = field(default_factory=_positions)
+    uncounted: array[int] = field(default_factory=_positions)
+
+    def settle(self, files: Sequence[DicomFile], dropped: set[int]) -> None:
+        """The check's files from the positions; ``dropped``: landed files found unreadable or
+        different when bytes were compared (not verified)."""
+        c = self.check
+        verified = self.verified
+        if dropped:
+            verified = array("i", (i for i in verified if i not in dropped))
+        c.verified = _pick(files, verified)
+        c.missing = _pick(files, self.missing)
+        c.different = _pick(files, self.different)
+        c.uncounted = _pick(files, self.uncounted)
 
 
 def compare(
@@ -757,23 +848,29 @@ def _compare(
 ) -> tuple[list[SeriesCheck], list[str], list[tuple[DicomFile, str]], bool | None, int]:
     """The comparison, taking ``scans`` one at a time (each listing is reduced to arrays and
     dropped before the next is read: memory does not grow with the server's listing). Also
-    returns how many server files are in scans no local series landed in."""
+    returns how many server files are in scans no local series landed in.
+
+    Files are positions in arrays throughout, read from the columns of a FileTable (no record
+    per file: issue 16 item 4); the checks' files are views of ``files`` when it is one."""
     tracker = _Progress(progress, files)
     holders = _Holders(files)
+    table = holders.table
     summaries = [holders.add(scan, index) for index, scan in enumerate(scans)]
-    by_series: dict[str, array[int]] = {}
-    for i, f in enumerate(files):
-        by_series.setdefault(f.series_uid, array("i")).append(i)
+    codes, series_uids = table.codes("series_uid")
+    by_code: dict[int, array[int]] = {}
+    for i, code in enumerate(codes):
+        by_code.setdefault(code, array("i")).append(i)
+    del codes
+    by_series = {series_uids[code]: indexes for code, indexes in by_code.items()}
     # Per scan, the local files whose name it holds (for the names of its extra files).
     held: dict[int, array[int]] = {}
-    for i in range(len(files)):
+    for i in range(len(table)):
         for at in holders.scans_of(i):
             held.setdefault(at, array("i")).append(i)
 
     pairings: list[_Pairing] = []
     used: set[str] = set()
     for uid, indexes in by_series.items():
-        members = [files[i] for i in indexes]
         hits = Counter(holders.first[i] for i in indexes if holders.first[i] >= 0)
         scan: _ScanSummary | None = None
         at = -1
@@ -784,37 +881,39 @@ def _compare(
             scan = summaries[at]
         check = SeriesCheck(
             series_uid=uid,
-            series_number=members[0].series_number,
+            series_number=table.series_number(indexes[0]),
             scan_id=scan.id if scan is not None else "",
-            local=len(members),
+            local=len(indexes),
             on_server=scan.count if scan is not None else 0,
         )
-        pairing = _Pairing(check, members, scan)
+        pairing = _Pairing(check, indexes, scan)
         pairings.append(pairing)
         if scan is None:
             continue
         used.add(scan.id)
         for i in indexes:
             where = at
-            if holders.md5_at(i, at)[0] is False:
+            if not holders.holds(i, at):
                 # Landed in another scan of the session (split series): still there.
                 where = holders.first[i]
             if where < 0:
-                check.missing.append(files[i])
+                pairing.missing.append(i)
             else:
                 pairing.landed.append(i)
                 pairing.landed_in.append(where)
-                check.verified.append(files[i])
+                pairing.verified.append(i)
         mine = set(indexes)
         others = [
-            instance_file_name(files[j].sop_instance_uid) for j in held.get(at, ()) if j not in mine
+            instance_file_name(table.sop_instance_uid(j)) for j in held.get(at, ()) if j not in mine
         ]
         check.extra = [*scan.foreign, *others]
+    del held
 
-    _pair_by_count(pairings, summaries, used, by_series, files)
-    identity, unreadable = _compare_bytes(pairings, files, holders, threads, sent)
+    _pair_by_count(pairings, summaries, used, by_series, table)
+    identity, unreadable, dropped = _compare_bytes(pairings, files, holders, threads, sent)
     for p in pairings:
-        tracker.advance(p.local)
+        p.settle(files, dropped)
+        tracker.advance(_pick(files, p.local))
     checks = [p.check for p in pairings]
     unmatched = [s.id for s in summaries if s.id not in used]
     unmatched_files = sum(s.count for s in summaries if s.id not in used)
@@ -827,10 +926,10 @@ def _pair_by_count(
     scans: Sequence[_ScanSummary],
     used: set[str],
     by_series: dict[str, array[int]],
-    files: Sequence[DicomFile],
+    table: FileTable,
 ) -> None:
     """Rule 3: series none of whose names is on the server, paired by UID or unique number."""
-    numbers = Counter(files[indexes[0]].series_number for indexes in by_series.values())
+    numbers = Counter(table.series_number(indexes[0]) for indexes in by_series.values())
     by_uid = {s.uid: s for s in scans if s.uid}
     by_id = {s.id: s for s in scans}
     for p in pairings:
@@ -844,36 +943,40 @@ def _pair_by_count(
             if candidate is not None and (not candidate.uid or candidate.uid not in by_series):
                 scan = candidate
         if scan is None or scan.id in used:
-            c.missing = list(p.local)
+            p.missing = array("i", p.local)
             continue
         used.add(scan.id)
         p.scan = scan
         others = len(scan.foreign)  # its files not named after any local instance
         c.scan_id, c.on_server, c.counted = scan.id, others, True
         if others == len(p.local):
-            c.verified = list(p.local)
+            p.verified = array("i", p.local)
         else:
-            c.uncounted = list(p.local)
+            p.uncounted = array("i", p.local)
 
 
 def _digests(
     files: Sequence[DicomFile], threads: int, sent: SentDigests | None
-) -> tuple[dict[int, str], list[tuple[DicomFile, str]]]:
+) -> tuple[dict[int, str], list[tuple[int, str]]]:
     """:func:`_local_digests`, taking the digest of each file sent by this process from
-    ``sent`` instead of reading it again."""
+    ``sent`` instead of reading it again; the files not read as (position, reason)."""
     known: dict[int, str] = {}
-    read: list[int] = []
+    read = array("i")
     for i, f in enumerate(files):
         digest = sent.get(f) if sent is not None else None
         if digest is None:
             read.append(i)
         else:
             known[i] = digest
-    if read:
-        sums, unreadable = _local_digests([files[i] for i in read], threads)
-        known.update((read[j], digest) for j, digest in sums.items())
-        return known, unreadable
-    return known, []
+    if not read:
+        return known, []
+    reading = _pick(files, read)
+    sums, unreadable = _local_digests(reading, threads)
+    known.update((read[j], digest) for j, digest in sums.items())
+    # _local_digests names the unreadable by record: back to positions, by their place in ``read``
+    # (records of a view are made anew when read, so not by identity).
+    where = {file_path(reading[j]): read[j] for j in range(len(read))} if unreadable else {}
+    return known, [(where[file_path(f)], why) for f, why in unreadable]
 
 
 def _compare_bytes(
@@ -882,38 +985,53 @@ def _compare_bytes(
     holders: _Holders,
     threads: int,
     sent: SentDigests | None = None,
-) -> tuple[bool | None, list[tuple[DicomFile, str]]]:
+) -> tuple[bool | None, list[tuple[DicomFile, str]], set[int]]:
     """Rule 2: probe a few landed files; if the server holds our bytes, compare them all (by
-    the digests computed while sending, ``sent``, where there are some)."""
+    the digests computed while sending, ``sent``, where there are some). Also returns the
+    positions of landed files that are not verified after all (unreadable, or different: those
+    are added to their pairing's ``different``)."""
 
-    def with_md5(p: _Pairing) -> Iterator[tuple[DicomFile, str]]:
+    def with_md5(p: _Pairing) -> Iterator[tuple[int, str, int]]:
         for i, at in zip(p.landed, p.landed_in, strict=True):
             md5 = holders.md5_at(i, at)[1]
             if md5:
-                yield files[i], md5
+                yield i, md5, at
 
-    probes = [pair for p in pairings for pair in itertools.islice(with_md5(p), 1)][:PROBES]
+    probes = [(i, md5) for p in pairings for i, md5, _ in itertools.islice(with_md5(p), 1)][:PROBES]
     if not probes:
-        return None, []
-    digests, unreadable = _digests([f for f, _ in probes], threads, sent)
-    if not any(digests.get(i) == md5 for i, (_, md5) in enumerate(probes)):
+        return None, [], set()
+    digests, bad_probes = _digests(_pick(files, [i for i, _ in probes]), threads, sent)
+    unreadable = {probes[k][0]: why for k, why in bad_probes}
+    if not any(digests.get(k) == md5 for k, (_, md5) in enumerate(probes)):
         # No probe matched: the server rewrote its copies (facts 1.7).
-        return (False if digests else None), unreadable
+        return (False if digests else None), _unreadable_files(files, unreadable), set()
     # Every landed file at once: an archive PATH is then read in one pass for all its members.
-    everything = [(p, f, md5) for p in pairings for f, md5 in with_md5(p)]
-    sums, bad = _digests([f for _, f, _ in everything], threads, sent)
-    known = {id(f) for f, _ in unreadable}
-    unreadable.extend(x for x in bad if id(x[0]) not in known)
-    bad_ids = {id(f) for f, _ in bad}
-    for i, (p, f, md5) in enumerate(everything):
-        if id(f) in bad_ids:
-            p.check.verified.remove(f)
-        elif sums.get(i) == md5:
+    owner, positions, scans = array("i"), array("i"), array("i")
+    for n, p in enumerate(pairings):
+        for i, _, at in with_md5(p):
+            owner.append(n)
+            positions.append(i)
+            scans.append(at)
+    sums, bad = _digests(_pick(files, positions), threads, sent)
+    for k, why in bad:
+        unreadable.setdefault(positions[k], why)
+    dropped = {positions[k] for k, _ in bad}
+    for k, (n, i) in enumerate(zip(owner, positions, strict=True)):
+        if i in dropped:
+            continue
+        p = pairings[n]
+        if sums.get(k) == holders.md5_at(i, scans[k])[1]:
             p.check.identical += 1
         else:
-            p.check.verified.remove(f)
-            p.check.different.append(f)
-    return True, unreadable
+            dropped.add(i)
+            p.different.append(i)
+    return True, _unreadable_files(files, unreadable), dropped
+
+
+def _unreadable_files(
+    files: Sequence[DicomFile], unreadable: dict[int, str]
+) -> list[tuple[DicomFile, str]]:
+    return [(files[i], why) for i, why in unreadable.items()]
 
 
 def verify_session(
@@ -931,16 +1049,21 @@ def verify_session(
     ``progress`` receives Phase.VERIFY events (see the module docstring); ``sent``: the digests
     computed while this process sent them (a file without one is read again if its bytes are
     compared)."""
-    local = list(files)
+    # A FileTable as it is (records made when read, issue 16 item 4), other files listed once.
+    local = files if isinstance(files, FileTable) else list(files)
     _Progress(progress, local).emit(f"reading {project}/{subject}/{session} back")
     report = VerifyReport(project, subject, session, found=True)
-    server = stream_server_session(client, project, subject, session)
+    server = stream_server_session(client, project, subject, session, expected_files=len(local))
     study_uid, scans = server if server is not None else ("", iter(()))
     if server is None:
         report.found = False
         # Nothing to read back or hash: no "200/200 files, 13103.8 MB/s" before "not found".
         progress = None
-    studies = {f.study_uid for f in local}
+    studies = (
+        {s.study_uid for s in local.studies()}
+        if isinstance(local, FileTable)
+        else {f.study_uid for f in local}
+    )
     if study_uid and local and study_uid not in studies:
         report.other_study = study_uid
     (
