@@ -34,10 +34,10 @@ uncompressed. The first ``warmup`` seconds of sending are not measured (connecti
 TCP slow start); their entries are deflated once the compressor's first sample shrank (at least
 ``min_ratio``): a fast link loses a quarter of a second of one core's deflating, a slow one
 carries a third of the bytes. The first decision is taken from the ``probe`` seconds after them,
-within the first second (entries go stored meanwhile, but for the compressor's sample), or
-sooner: from ``early_probe`` seconds of the probe on, a link so slow that ``link × margin ×
-early_factor`` is below what one core deflates is decided at once, since the rest of the probe
-could not change the verdict and every stored byte costs that link about three deflated ones.
+within the first second (entries go stored meanwhile, but for the compressor's sample). (A
+verdict taken sooner, after 0.15 s of the probe, for links far below the compressor, was tried
+and dropped: on a loaded loopback those 0.15 s measured 20 MB/s, the trial then compared
+deflating with that, and the upload deflated to the end; docs/performance.md, "wan".)
 
 That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
 a loaded machine: measured in docs/performance.md, "Compression"), so deflating is a **trial**:
@@ -96,9 +96,6 @@ class Compression:
         trial: float = defaults.COMPRESS_TRIAL,
         retry: float = defaults.COMPRESS_RETRY,
         gain: float = defaults.COMPRESS_GAIN,
-        early_probe: float = defaults.COMPRESS_EARLY_PROBE,
-        early_factor: float = defaults.COMPRESS_EARLY_FACTOR,
-        early_interval: float = defaults.COMPRESS_EARLY_INTERVAL,
     ) -> None:
         if mode not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, not {mode!r}")
@@ -114,10 +111,6 @@ class Compression:
         self.trial = trial
         self.retry = retry
         self.gain = gain
-        self.early_probe = early_probe
-        self.early_factor = early_factor
-        self.early_interval = early_interval
-        self._next_early = 0.0  # the next early look at the probe
         self._lock = threading.Lock()
         # (when, wire, payload) acknowledged within the last window
         self._delivered: deque[tuple[float, int, int]] = deque()
@@ -282,41 +275,20 @@ class Compression:
         with self._lock:
             since, deflating, mark = self._since, self._deflating, self._mark
             period = self.trial if self._decided else self.probe
-            # Before the whole probe: a look every early_interval once early_probe seconds are
-            # measured, for a verdict the probe could not change (the link far slower).
-            early = (
-                not self._decided
-                and now - since < period
-                and now - since >= self.early_probe
-                and now >= self._next_early
-            )
-            if (now - since < period and not early) or self._reviewing:
+            if now - since < period or self._reviewing:
                 return
-            if early:
-                self._next_early = now + self.early_interval
             self._reviewing = True  # one thread reviews; the others go on with the choice
         try:
-            self._review_period(now, since, deflating, mark, early)
+            self._review_period(now, since, deflating, mark)
         finally:
             with self._lock:
                 self._reviewing = False
 
-    def _review_period(
-        self, now: float, since: float, deflating: bool, mark: int, early: bool = False
-    ) -> None:
+    def _review_period(self, now: float, since: float, deflating: bool, mark: int) -> None:
         acknowledged = self.acknowledged()
         wire = (acknowledged - mark) / (now - since)
         if wire <= 0:
             return  # nothing acknowledged yet: no decision from nothing
-        if early:  # part of the probe: decided now only when the link is far below the rule
-            deflate, ratio = self.deflate_rate(), self.ratio()
-            if (
-                deflate is None
-                or ratio is None
-                or ratio < self.min_ratio
-                or wire * self.margin * self.early_factor >= deflate
-            ):
-                return
         if deflating:  # what the files gained: the bodies' reports over the trial's last window
             payload = self._payload_rate_over(now, now - since)
             if payload is None:

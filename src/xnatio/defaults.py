@@ -80,13 +80,6 @@ COMPRESS_PROBE = 0.5
 COMPRESS_SAMPLE_INTERVAL = 2.0
 COMPRESS_MIN_RATIO = 1.2
 COMPRESS_UNSENT = 64 * 1024
-# The probe may end early: from COMPRESS_EARLY_PROBE seconds of it on (looked at every
-# COMPRESS_EARLY_INTERVAL), a link so slow that link × margin × COMPRESS_EARLY_FACTOR is still
-# below what one core deflates is decided at once (the rest of the probe could not change the
-# verdict, and every stored byte it sends costs the slow link three times a deflated one).
-COMPRESS_EARLY_PROBE = 0.15
-COMPRESS_EARLY_FACTOR = 8.0
-COMPRESS_EARLY_INTERVAL = 0.05
 # auto's trials: seconds a choice (deflate or store) runs before its payload rate (over the last
 # COMPRESS_WINDOW) is compared with the other's, how much faster deflating must be to be kept,
 # and seconds before deflating is tried again after a trial that lost.
