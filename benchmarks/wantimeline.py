@@ -21,6 +21,7 @@ client or the server do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -38,7 +39,8 @@ from benchmarks.link import Link, link_unavailable
 from benchmarks.scenarios import FULL_IMAGE, SLOW_LINK_MBIT, WAN_KNOBS, WAN_LINK_MBIT
 from benchmarks.servers import Sandbox, tree_cpu_seconds
 
-LINKS = {"rest-wan": WAN_LINK_MBIT, "rest-slow": SLOW_LINK_MBIT}
+# rest-limit: loopback, no knobs (the link's figures are then the loopback interface's).
+LINKS = {"rest-wan": WAN_LINK_MBIT, "rest-slow": SLOW_LINK_MBIT, "rest-limit": 0.0}
 SAMPLE_S = 0.02
 
 # (module, attribute path, how to name one call from its arguments) beyond timeline.STAGES.
@@ -123,17 +125,19 @@ class Sampler(threading.Thread):
 def run(
     scenario: str, files: int, src: str | None, extra: list[str], spy: str | None = None
 ) -> None:
-    why = link_unavailable()
+    mbit = LINKS[scenario]
+    why = link_unavailable() if mbit else None
     if why:
         sys.exit(f"no link: {why}")
     ds = ensure_dataset(DataSpec(files, *FULL_IMAGE))
     work = Path(tempfile.mkdtemp(prefix=f"wantimeline-{scenario}-"))
-    with Link(LINKS[scenario]) as link:
-        sandbox = Sandbox(work / "server", knobs=dict(WAN_KNOBS), link=link)
+    with Link(mbit) if mbit else contextlib.nullcontext() as link:
+        knobs = dict(WAN_KNOBS) if mbit else {}
+        sandbox = Sandbox(work / "server", knobs=knobs, link=link)
         sandbox.start()
         try:
             assert sandbox.proc is not None
-            sampler = Sampler(link._host_if, sandbox.proc.pid)
+            sampler = Sampler(link._host_if if link is not None else "lo", sandbox.proc.pid)
             (work / "home").mkdir()
             stages = work / "timeline.jsonl"
             root = str(Path(__file__).resolve().parent.parent)
@@ -163,7 +167,7 @@ def run(
             time.sleep(0.1)
             sampler.stopped.set()
             sampler.join()
-            report(stages, t0, t_exit, rc, sampler, tx0, LINKS[scenario], work)
+            report(stages, t0, t_exit, rc, sampler, tx0, mbit, work)
         finally:
             sandbox.stop()
     shutil.rmtree(work, ignore_errors=True)
@@ -210,7 +214,7 @@ def report(
     moving = [t for (t, tx), (t1, tx1) in _pairs([(s[0], s[1]) for s in samples]) if tx1 > tx]
     first_tx = min(moving) if moving else t0
     last_tx = max(moving) if moving else t0
-    floor = wire / (mbit * 1e6 / 8)
+    floor = wire / (mbit * 1e6 / 8) if mbit else 0.0
     print(f"link: {wire / 1e6:.1f} MB on the wire, floor {floor:.2f} s at {mbit:g} Mbit/s")
     print(f"  first bytes moving at {first_tx - t0:.2f} s, last at {last_tx - t0:.2f} s")
     if batches:
