@@ -47,9 +47,8 @@ trial) is compared with the payload rate of the last period stored. Deflating go
 it is ``gain`` times faster (a margin over the noise of a shared machine); if it is not, entries
 go stored again and the next trial waits ``retry`` seconds. A first stored period that
 underestimated the link (deflated, the wire carried more than ``margin`` times as much) is
-measured again, stored, when the compressor may be what limits the deflated stream (the files'
-bytes came within ``margin`` of what one core deflates); when it had room, the link carried
-deflated bytes as fast as it could and stored ones would only take their place. One thread
+measured again, stored, for ``probe`` seconds (as long as the first measurement, not a
+trial's length: each stored byte costs a slow link about three deflated ones). One thread
 reviews at a time; the others go on with the choice. So ``auto`` never stays on a path that
 made the run slower. Entries follow the decision as it changes (one decision for all batches of
 an upload, thread-safe), so a run whose link slows down (or speeds up) follows it.
@@ -125,6 +124,7 @@ class Compression:
         self._start: float | None = None  # the first entry asked for: sending begins
         self._deflating = False  # auto: the current choice
         self._decided = False  # the first decision (``probe`` seconds in) was taken
+        self._remeasuring = False  # stored again for a probe's length (an underestimated link)
         self._reviewing = False  # a thread is reviewing the choice
         self._warm = False  # the warm-up is over: the first period is measured
         self._since = 0.0  # when the current choice was taken (or last reviewed)
@@ -274,7 +274,7 @@ class Compression:
             return
         with self._lock:
             since, deflating, mark = self._since, self._deflating, self._mark
-            period = self.trial if self._decided else self.probe
+            period = self.trial if self._decided and not self._remeasuring else self.probe
             if now - since < period or self._reviewing:
                 return
             self._reviewing = True  # one thread reviews; the others go on with the choice
@@ -311,6 +311,7 @@ class Compression:
             link_stored, from_probe = self._link_stored, self._from_probe
             if not deflating:
                 self._link_stored, self._from_probe = wire, first
+                self._remeasuring = False  # measured: stored periods last a trial again
             self._since, self._mark = now, acknowledged
         if deflating:
             assert stored is not None and link_stored is not None  # a trial follows a stored period
@@ -321,25 +322,18 @@ class Compression:
                     stored / 1e6,
                 )
                 self._switch(False, now, not_before=now + self.retry)
-            elif (
-                from_probe
-                and wire > link_stored * self.margin
-                and self._compressor_may_limit(payload)
-            ):
+            elif from_probe and wire > link_stored * self.margin:
                 # The wire carried more deflated than stored: the first period (connections
                 # opening, the server starting) did not measure the link. Measure it stored,
-                # but only when storing could be faster: the files' bytes came near what one
-                # core deflates, so the compressor may be what holds the deflated stream back.
-                # Otherwise the link (at least this fast) carries the deflated bytes the
-                # compressor has room to make, and stored bytes would only take their place
-                # (measured at 100 Mbit/s under load: 1.7 s of stored bytes, 13 MB more on
-                # the wire, for a verdict known in advance).
+                # for a probe's length, not a trial's: at 100 Mbit/s under load a 2 s re-measure
+                # stored 1.7 s of bytes (13 MB more on the wire) for a verdict the probe's
+                # 0.5 s gives as well (docs/performance.md, "wan").
                 log.debug(
                     "compress auto: measuring stored again (link %.1f MB/s deflated, %.1f stored)",
                     wire / 1e6,
                     link_stored / 1e6,
                 )
-                self._switch(False, now)
+                self._switch(False, now, remeasure=True)
             return
         if now < self._not_before:
             return
@@ -355,15 +349,16 @@ class Compression:
             )
             self._switch(True, now)  # a trial: kept only if the payload rate goes up
 
-    def _compressor_may_limit(self, payload: float) -> bool:
-        """The files' bytes came at ``payload`` bytes/s deflated: within ``margin`` of what one
-        core deflates (the rule's own comparison), or the compressor's rate is unknown."""
-        deflate = self.deflate_rate()
-        return deflate is None or payload * self.margin >= deflate
-
-    def _switch(self, deflating: bool, now: float, not_before: float | None = None) -> None:
+    def _switch(
+        self,
+        deflating: bool,
+        now: float,
+        not_before: float | None = None,
+        remeasure: bool = False,
+    ) -> None:
         with self._lock:
             self._deflating = deflating
+            self._remeasuring = remeasure
             self._since = now  # _mark was taken with it, in _review
             if not_before is not None:
                 self._not_before = not_before
