@@ -31,13 +31,14 @@ deflating pays when the compressor is faster than the link and the data shrink. 
 conservative (``margin``): deflate when ``link rate × margin < compressor rate (one core)`` and
 ``ratio ≥ min_ratio``; a link fast enough to be near what one core deflates (loopback) stays
 uncompressed. The first ``warmup`` seconds of sending are not measured (connections opening,
-TCP slow start); their entries are deflated once the compressor's first sample shrank (at least
-``min_ratio``): a fast link loses a quarter of a second of one core's deflating, a slow one
-carries a third of the bytes. The first decision is taken from the ``probe`` seconds after them,
-within the first second (entries go stored meanwhile, but for the compressor's sample). (A
-verdict taken sooner, after 0.15 s of the probe, for links far below the compressor, was tried
-and dropped: on a loaded loopback those 0.15 s measured 20 MB/s, the trial then compared
-deflating with that, and the upload deflated to the end; docs/performance.md, "wan".)
+TCP slow start); the first decision is taken from the ``probe`` seconds after them, within the
+first second (entries go stored until then, but for the compressor's sample). Two ways of
+sending fewer stored bytes before it were tried and dropped (docs/performance.md, "wan"):
+deflating the warm-up's entries (on loopback the sockets hold megabytes in flight, so the
+server spent the probe inflating them and the stored link measured 26 MB/s instead of
+105-156), and a verdict after 0.15 s of the probe for links far below the compressor (on a
+loaded loopback those 0.15 s measured 20 MB/s). Either way the trial then compared deflating
+with a stored rate far too low, and the upload deflated to the end.
 
 That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
 a loaded machine: measured in docs/performance.md, "Compression"), so deflating is a **trial**:
@@ -253,10 +254,7 @@ class Compression:
         if due:
             return True
         self._review(now)
-        with self._lock:
-            if not self._warm:  # the warm-up, not measured: deflate what is known to shrink
-                return self._packed > 0 and self._raw / self._packed >= self.min_ratio
-            return self._deflating
+        return self._deflating
 
     def _review(self, now: float) -> None:
         """``probe`` seconds in, then every ``trial`` seconds: take, keep or change the choice,
