@@ -37,6 +37,10 @@ STORESCU = "/usr/bin/storescu"
 SHM = Path("/dev/shm")
 SHM_MIN_FREE = 8e9  # the largest cached session is 4.8 GB
 SERVER_DATA_ENV = "XNATIO_BENCH_SERVER_DATA"
+# The harness's sandbox runs from this source tree when set (PYTHONPATH), e.g. an older commit's
+# exported src/, so a scenario can be run with two servers side by side; the clients stay this
+# checkout's.
+SERVER_SRC_ENV = "XNATIO_BENCH_SERVER_SRC"
 
 
 def free_port() -> int:
@@ -94,8 +98,9 @@ class Sandbox:
     sampler: Sampler | None = None
     cpu_at_start: float = 0.0
     link: Link | None = None
-    pythonpath: str | None = None
-    """Run the server from another source tree (``PYTHONPATH``), e.g. an older commit's."""
+    pythonpath: str | None = field(default_factory=lambda: os.environ.get(SERVER_SRC_ENV) or None)
+    """Run the server from another source tree (``PYTHONPATH``), e.g. an older commit's
+    (default: ``$XNATIO_BENCH_SERVER_SRC``, else this checkout)."""
     data_dir: Path | None = None
     """Where the server keeps its data (set at start: tmpfs when there is room)."""
     in_memory: bool = False

@@ -383,6 +383,26 @@ class Catalog:
             (e.id, scan_id, resource, path, size, md5, sop_uid, series_number, fmt, content, tags),
         )
 
+    def record_files(
+        self,
+        e: Experiment,
+        resource: str,
+        files: list[tuple[str, str, int, str, str | None, str | None]],
+        *,
+        fmt: str | None = None,
+        content: str | None = None,
+    ) -> None:
+        """``record_file`` for many files of ``resource`` whose resource rows exist already:
+        (scan ID, path, size, md5, SOP Instance UID, series number) each, in one statement."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (e.id, scan, resource, path, size, md5, sop, series, fmt, content, None)
+                    for scan, path, size, md5, sop, series in files
+                ],
+            )
+
     def create_resource(
         self,
         e: Experiment,

@@ -291,6 +291,11 @@ class DicomImport:
         self.user = user
         self.writer_of: set[int] = set()
         self.sessions: dict[int, PrearcSession] = {}
+        # The rows this request writes to by (project, StudyInstanceUID, label, direct), and the
+        # folder of each (row, scan): a later file of the same row takes ``Store.touch_row``
+        # (one statement) instead of ``session_for_file`` (a transaction of four).
+        self._rows: dict[tuple[str, str, str, bool], PrearcSession] = {}
+        self._folders: dict[tuple[int, str], str] = {}
         self.files_written = 0
         # Series a series import filter drops (knob reject_series, facts 1.3), per request.
         self.rejected_series = set(knobs.get().reject_series)
@@ -482,18 +487,22 @@ class DicomImport:
             and self.store.experiment(project, clean_label(label)) is None
             and not (self.store.root / "archive" / project / "arc001" / clean_label(label)).exists()
         ):
-            s = open_row(direct=True)
+            s = self._row(open_row, (project, h.study_uid, label, True))
         if s is None:
-            s = open_row()
+            s = self._row(open_row, (project, h.study_uid, label, False))
             assert s is not None
         self.sessions.setdefault(s.id, s)
         file_name = self._file_name(s, scan, name, h)
-        folder = self.store.prearc_dir(s) / "SCANS" / scan / "DICOM"
+        folder = self._folders.get((s.id, scan))
+        if folder is None:
+            folder = str(self.store.prearc_dir(s) / "SCANS" / scan / "DICOM")
+            self._folders[(s.id, scan)] = folder
         script = None
         if self.site_anon and not self.p.prevent_anon:
             script = SiteScript(None if project == UNASSIGNED else project, subject, label)
         with self.store.file_lock(s.id, scan + "/" + file_name):
-            size, md5 = self._write(folder / file_name, name, head, rest, script, fast)
+            target = os.path.join(folder, file_name)
+            size, md5 = self._write(target, name, head, rest, script, fast)
             self.store.record_prearc_file(
                 s.id,
                 scan,
@@ -509,6 +518,26 @@ class DicomImport:
                 md5=md5,
             )
 
+    def _row(
+        self,
+        open_row: functools.partial[PrearcSession | None],
+        key: tuple[str, str, str, bool],
+    ) -> PrearcSession | None:
+        """The row of ``key`` for this file: ``Store.touch_row`` when this request already
+        writes to it, else ``Store.session_for_file`` (``open_row``), which finds or creates
+        it; None when a Direct-Archive row must fall back to the prearchive (facts 1.6)."""
+        known = self._rows.get(key)
+        if known is not None and known.id in self.writer_of and self.store.touch_row(known):
+            return known
+        s: PrearcSession | None = open_row(direct=key[3])
+        if known is not None:  # gone or changed: its folders too (SQLite may reuse its id)
+            self._folders = {k: v for k, v in self._folders.items() if k[0] != known.id}
+        if s is None:
+            self._rows.pop(key, None)
+        else:
+            self._rows[key] = s
+        return s
+
     def _file_name(self, s: PrearcSession, scan: str, name: str, h: DicomHeader) -> str:
         """The uploaded name, unless ``rename=true`` or another SOP instance holds it in the
         scan (then XNAT's template name) (facts 1.2, GDI:630-659)."""
@@ -522,7 +551,7 @@ class DicomImport:
 
     def _write(
         self,
-        target: Path,
+        target: str,
         name: str,
         head: bytes,
         rest: IO[bytes],
@@ -567,7 +596,7 @@ class DicomImport:
             else:
                 size, digest = _size_md5(received)
                 os.replace(received, stored)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(stored, target)
             return size, digest
         except OSError:
@@ -577,7 +606,7 @@ class DicomImport:
             stored.unlink(missing_ok=True)
 
     def _write_direct(
-        self, target: Path | str, name: str, prefix: bytes, tail: bytes, rest: IO[bytes]
+        self, target: str, name: str, prefix: bytes, tail: bytes, rest: IO[bytes]
     ) -> tuple[int, str]:
         """Store ``prefix`` + ``tail`` + the rest of the entry at ``target`` (through a temp
         file, renamed into place), hashing as it writes; returns (size, md5)."""
