@@ -165,9 +165,24 @@ def test_a_first_period_that_underestimated_the_link_is_measured_again() -> None
     """The first period saw 6 MB/s; deflated, the wire carried 30: the link is faster than
     measured, so stored is measured again (and, the link being that fast, kept)."""
     c, wall, sock = decision()
-    assert run(c, wall, sock, 6 * MB, 1)[-1][1] is True
-    assert run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL, ratio=2.0)[-1][1] is False
+    assert run(c, wall, sock, 6 * MB, 1)[-1][1] is True  # deflating from 0.75 s
+    # the trial ends at 2.75 s (the last entry of this run): measured stored again from there
+    assert run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL - 0.25, ratio=2.0)[-1][1] is False
     assert not any(v for _, v in run(c, wall, sock, 90 * MB, 4))  # 90 × 1.5 > 100: stored
+
+
+def test_an_underestimated_link_is_measured_stored_again_for_a_probe_only() -> None:
+    """100 Mbit/s on a loaded machine: the first period saw 8 MB/s, deflated the wire carries
+    12.5 (more than 1.5 × 8). Stored is measured again for ``probe`` seconds, not a trial's 2 s
+    (measured at 100 Mbit/s under load: 1.7 s of stored bytes, 13 MB more on the wire), then,
+    the link being that slow, deflated to the end."""
+    c, wall, sock = decision()
+    assert run(c, wall, sock, 8 * MB, 1)[-1][1] is True
+    verdicts = run(c, wall, sock, 12.5 * MB, 20, ratio=2.9)
+    stored = [t for t, v in verdicts if not v]
+    assert stored  # measured again
+    assert max(stored) - min(stored) <= defaults.COMPRESS_PROBE + 0.02
+    assert all(v for t, v in verdicts if t > max(stored))
 
 
 def test_only_one_thread_reviews_at_a_time() -> None:

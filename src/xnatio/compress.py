@@ -32,7 +32,13 @@ conservative (``margin``): deflate when ``link rate × margin < compressor rate 
 ``ratio ≥ min_ratio``; a link fast enough to be near what one core deflates (loopback) stays
 uncompressed. The first ``warmup`` seconds of sending are not measured (connections opening,
 TCP slow start); the first decision is taken from the ``probe`` seconds after them, within the
-first second (entries go stored until then, but for the compressor's sample).
+first second (entries go stored until then, but for the compressor's sample). Two ways of
+sending fewer stored bytes before it were tried and dropped (docs/performance.md, "wan"):
+deflating the warm-up's entries (on loopback the sockets hold megabytes in flight, so the
+server spent the probe inflating them and the stored link measured 26 MB/s instead of
+105-156), and a verdict after 0.15 s of the probe for links far below the compressor (on a
+loaded loopback those 0.15 s measured 20 MB/s). Either way the trial then compared deflating
+with a stored rate far too low, and the upload deflated to the end.
 
 That rule cannot see the CPU the receiver or other processes need (a server on the same cores,
 a loaded machine: measured in docs/performance.md, "Compression"), so deflating is a **trial**:
@@ -42,10 +48,11 @@ trial) is compared with the payload rate of the last period stored. Deflating go
 it is ``gain`` times faster (a margin over the noise of a shared machine); if it is not, entries
 go stored again and the next trial waits ``retry`` seconds. A first stored period that
 underestimated the link (deflated, the wire carried more than ``margin`` times as much) is
-measured again, stored. One thread reviews at a time; the others go on with the choice. So
-``auto`` never stays on a path that made the run slower. Entries follow the decision as it
-changes (one decision for all batches of an upload, thread-safe), so a run whose link slows down
-(or speeds up) follows it.
+measured again, stored, for ``probe`` seconds (as long as the first measurement, not a
+trial's length: each stored byte costs a slow link about three deflated ones). One thread
+reviews at a time; the others go on with the choice. So ``auto`` never stays on a path that
+made the run slower. Entries follow the decision as it changes (one decision for all batches of
+an upload, thread-safe), so a run whose link slows down (or speeds up) follows it.
 """
 
 from __future__ import annotations
@@ -118,6 +125,7 @@ class Compression:
         self._start: float | None = None  # the first entry asked for: sending begins
         self._deflating = False  # auto: the current choice
         self._decided = False  # the first decision (``probe`` seconds in) was taken
+        self._remeasuring = False  # stored again for a probe's length (an underestimated link)
         self._reviewing = False  # a thread is reviewing the choice
         self._warm = False  # the warm-up is over: the first period is measured
         self._since = 0.0  # when the current choice was taken (or last reviewed)
@@ -264,7 +272,7 @@ class Compression:
             return
         with self._lock:
             since, deflating, mark = self._since, self._deflating, self._mark
-            period = self.trial if self._decided else self.probe
+            period = self.trial if self._decided and not self._remeasuring else self.probe
             if now - since < period or self._reviewing:
                 return
             self._reviewing = True  # one thread reviews; the others go on with the choice
@@ -301,6 +309,7 @@ class Compression:
             link_stored, from_probe = self._link_stored, self._from_probe
             if not deflating:
                 self._link_stored, self._from_probe = wire, first
+                self._remeasuring = False  # measured: stored periods last a trial again
             self._since, self._mark = now, acknowledged
         if deflating:
             assert stored is not None and link_stored is not None  # a trial follows a stored period
@@ -313,13 +322,16 @@ class Compression:
                 self._switch(False, now, not_before=now + self.retry)
             elif from_probe and wire > link_stored * self.margin:
                 # The wire carried more deflated than stored: the first period (connections
-                # opening, the server starting) did not measure the link. Measure it stored.
+                # opening, the server starting) did not measure the link. Measure it stored,
+                # for a probe's length, not a trial's: at 100 Mbit/s under load a 2 s re-measure
+                # stored 1.7 s of bytes (13 MB more on the wire) for a verdict the probe's
+                # 0.5 s gives as well (docs/performance.md, "wan").
                 log.debug(
                     "compress auto: measuring stored again (link %.1f MB/s deflated, %.1f stored)",
                     wire / 1e6,
                     link_stored / 1e6,
                 )
-                self._switch(False, now)
+                self._switch(False, now, remeasure=True)
             return
         if now < self._not_before:
             return
@@ -335,9 +347,16 @@ class Compression:
             )
             self._switch(True, now)  # a trial: kept only if the payload rate goes up
 
-    def _switch(self, deflating: bool, now: float, not_before: float | None = None) -> None:
+    def _switch(
+        self,
+        deflating: bool,
+        now: float,
+        not_before: float | None = None,
+        remeasure: bool = False,
+    ) -> None:
         with self._lock:
             self._deflating = deflating
+            self._remeasuring = remeasure
             self._since = now  # _mark was taken with it, in _review
             if not_before is not None:
                 self._not_before = not_before
