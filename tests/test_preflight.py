@@ -275,3 +275,54 @@ def test_an_existing_session_without_uid_is_noted(
     found = run(client)
     assert found.sessions[0].same_study is None
     assert "records no StudyInstanceUID" in found.notes[0]
+
+
+# -- one round trip --------------------------------------------------------------------------
+
+
+def test_the_project_reads_go_out_together() -> None:
+    """After the project, the reads of steps 4-6 are in flight at once: each waits at a barrier
+    for the other three, which a one-at-a-time check never reaches (BrokenBarrierError)."""
+    import threading
+
+    together = threading.Barrier(4, timeout=10)
+    project = {"items": [{"data_fields": {"ID": "P"}}]}
+
+    class Remote:
+        logged_in = True
+        username = "alice"
+        server = SERVER
+
+        def get_json(self, path: str, params: Any = None) -> Any:
+            if path == "/data/projects/P":
+                return project
+            together.wait()
+            if path == "/data/projects":
+                return result_set({"id": "P"})
+            if path == "/data/projects/P/subjects":
+                return result_set({"ID": "XNAT_S1", "label": "S"})
+            assert path == "/data/projects/P/experiments/E"
+            return {"items": [experiment(UID)]}
+
+    found = run(Remote())  # type: ignore[arg-type]
+    (session,) = found.sessions
+    assert session.exists and session.same_study and found.subject_exists
+
+
+def test_with_several_refusals_the_first_in_the_order_of_the_checks_is_told(
+    client: XnatClient, mocked: responses.RequestsMock
+) -> None:
+    """Subjects may not be created, sessions may not be created, and the label holds another
+    study: the answers arrive together, the subject's refusal is the one told (step 4 first)."""
+    xnat(mocked, create=(), create_session=(), experiment=experiment("9.9.9"))
+    assert "may not create subjects (xnat:subjectData)" in refusal(client)
+
+
+def test_an_existing_subject_is_not_refused_for_the_right_to_create_subjects(
+    client: XnatClient, mocked: responses.RequestsMock
+) -> None:
+    """The subject-creation right is asked for with the other reads, but judged only when the
+    subject is new."""
+    xnat(mocked, create=(), create_session=("P",), subjects=(("S", "XNAT_S1"),))
+    (session,) = run(client).sessions
+    assert not session.exists

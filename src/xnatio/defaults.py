@@ -97,3 +97,6 @@ VERIFY_LISTING_FILES = 2000
 # Blocks this large or larger are mmap'd and unmapped when freed (xnatio.malloc): the request
 # bodies' 256 KB chunks no longer fragment the arenas (glibc's own threshold climbs to 32 MB).
 MALLOC_MMAP_THRESHOLD = 128 * 1024
+# Pre-flight (xnatio.preflight): its reads of the project (subjects, the two create permissions,
+# each session label) requested at once, judged in order: one round trip instead of four or more.
+PREFLIGHT_READS = 4

@@ -28,6 +28,11 @@ the URI it answers with (facts 1.2, 3.5), so these checks run first, in this ord
    experiment labels match case-insensitively is *(unconfirmed)* (facts 3.5); the hardest case
    is assumed: a session whose label differs only in case is treated as a clash and refused.
 
+The reads of steps 4-6 (the subjects, both create permissions, each session label) go to the
+server together once the project's ID is known, and their answers are judged in the order above,
+so a remote XNAT costs about three round trips (login, project, the rest), not one per read; the
+project's session list (the case check of step 6) is read once, when a label is new.
+
 Every refusal is a :class:`PreflightError` (exit 2) whose one line names what is missing and what
 to do. What was found is a :class:`Preflight`; ``xio upload-dicom --dry-run`` prints it.
 """
@@ -37,9 +42,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from xnatio.defaults import PREFLIGHT_READS
 from xnatio.errors import ServerError, UsageError
 from xnatio.models import Manifest
 from xnatio.xnat.client import XnatClient, quote
@@ -201,22 +208,45 @@ def check(
     if canonical != project:
         notes.append(f"project {project} is an alias of {canonical}: using {canonical}")
     kind = session_type(sop_classes)
-    subjects = _subjects(client, canonical)
-    spelled = _existing_subject(subjects, subject)
-    if spelled is not None and spelled != subject:
-        notes.append(
-            f"subject {subject} exists as {spelled}; XNAT matches subjects regardless of case "
-            f"(facts 3.5), so the session goes to {spelled}"
+    # Steps 4-6 read independent resources of the project: their GETs go out together (each
+    # costs a round trip, 50 ms or more to a remote XNAT), and their answers are judged in the
+    # order above, so the first refusal is the one a one-at-a-time check would give. The
+    # subject-creation check is asked for every time and judged only when the subject is new.
+    with ThreadPoolExecutor(max_workers=PREFLIGHT_READS, thread_name_prefix="preflight") as pool:
+        subjects_read = pool.submit(_subjects, client, canonical)
+        may_create_subject = pool.submit(_may_create, client, canonical, SUBJECT_TYPE)
+        may_create_session = pool.submit(_may_create, client, canonical, kind)
+        sessions_read = [
+            (uid, label, pool.submit(_read_session, client, canonical, label))
+            for uid, label in labels.items()
+        ]
+        subjects = subjects_read.result()
+        spelled = _existing_subject(subjects, subject)
+        if spelled is not None and spelled != subject:
+            notes.append(
+                f"subject {subject} exists as {spelled}; XNAT matches subjects regardless of "
+                f"case (facts 3.5), so the session goes to {spelled}"
+            )
+        if spelled is None:
+            _require(may_create_subject.result(), canonical, SUBJECT_TYPE, "subjects", who)
+        _require(may_create_session.result(), canonical, kind, "sessions", who)
+        subject_label = spelled if spelled is not None else subject
+        subject_id = subjects.get(subject_label, "")
+        twins = _CaseTwins(client, canonical)
+        found = tuple(
+            _session(
+                data.result(),
+                twins,
+                canonical,
+                subject_label,
+                subject_id,
+                subjects,
+                label,
+                uid,
+                kind,
+            )
+            for uid, label, data in sessions_read
         )
-    if spelled is None:
-        _require(client, canonical, SUBJECT_TYPE, "subjects", who)
-    _require(client, canonical, kind, "sessions", who)
-    subject_label = spelled if spelled is not None else subject
-    subject_id = subjects.get(subject_label, "")
-    found = tuple(
-        _session(client, canonical, subject_label, subject_id, subjects, label, uid, kind)
-        for uid, label in labels.items()
-    )
     for s in found:
         if s.exists and s.same_study is None:
             notes.append(
@@ -274,12 +304,17 @@ def _project(client: XnatClient, project: str) -> str:
     return ident or project
 
 
-def _require(client: XnatClient, project: str, data_type: str, what: str, who: str) -> None:
-    """PreflightError unless ``who`` may create ``data_type`` in ``project`` (facts 2)."""
+def _may_create(client: XnatClient, project: str, data_type: str) -> set[str]:
+    """The projects where the user may create ``data_type`` (facts 2)."""
     data = client.get_json(
         "/data/projects", params={"permissions": "create", "dataType": data_type}
     )
-    allowed = {_field(row, "id") for row in _rows(data, "/data/projects?permissions=create")}
+    return {_field(row, "id") for row in _rows(data, "/data/projects?permissions=create")}
+
+
+def _require(allowed: set[str], project: str, data_type: str, what: str, who: str) -> None:
+    """PreflightError unless ``project`` is among the projects ``who`` may create
+    ``data_type`` in (:func:`_may_create`, facts 2)."""
     if project not in allowed:
         raise PreflightError(
             f"user {who} may not create {what} ({data_type}) in project {project}; ask a "
@@ -304,8 +339,20 @@ def _existing_subject(subjects: Mapping[str, str], subject: str) -> str | None:
     return next((s for s in subjects if same_subject(s, subject)), None)
 
 
+def _read_session(client: XnatClient, project: str, label: str) -> Any:
+    """The experiment ``label`` of ``project`` as XNAT answers it, or None if it does not exist
+    (404, facts 3.5)."""
+    try:
+        return client.get_json(f"/data/projects/{quote(project)}/experiments/{quote(label)}")
+    except ServerError as exc:
+        if exc.status != 404:
+            raise
+        return None
+
+
 def _session(
-    client: XnatClient,
+    data: Any,
+    twins: _CaseTwins,
     project: str,
     subject: str,
     subject_id: str,
@@ -315,12 +362,8 @@ def _session(
     kind: str,
 ) -> SessionFound:
     path = f"/data/projects/{quote(project)}/experiments/{quote(label)}"
-    try:
-        data = client.get_json(path)
-    except ServerError as exc:
-        if exc.status != 404:
-            raise
-        _refuse_case_twin(client, project, label)
+    if data is None:
+        twins.refuse(label)
         return SessionFound(label=label, study_uid=study_uid, exists=False)
     try:
         item = data["items"][0]
@@ -358,17 +401,28 @@ def _session(
     return found
 
 
-def _refuse_case_twin(client: XnatClient, project: str, label: str) -> None:
-    """Refuse ``label`` when the project holds a session whose label differs only in case."""
-    data = client.get_json(f"/data/projects/{quote(project)}/experiments")
-    for row in _rows(data, f"/data/projects/{project}/experiments"):
-        other = _field(row, "label")
-        if other != label and other.casefold() == label.casefold():
-            raise PreflightError(
-                f"project {project} holds session {other}, which differs from {label} only in "
-                "case; whether XNAT tells them apart is not confirmed (facts 3.5), so use "
-                f"{other} to add to it, or a clearly different label"
-            )
+class _CaseTwins:
+    """The project's session labels, read once when the first new label needs them: a new
+    label is refused when the project holds one differing only in case."""
+
+    def __init__(self, client: XnatClient, project: str) -> None:
+        self._client = client
+        self._project = project
+        self._labels: list[str] | None = None
+
+    def refuse(self, label: str) -> None:
+        if self._labels is None:
+            project = self._project
+            data = self._client.get_json(f"/data/projects/{quote(project)}/experiments")
+            rows = _rows(data, f"/data/projects/{project}/experiments")
+            self._labels = [_field(row, "label") for row in rows]
+        for other in self._labels:
+            if other != label and other.casefold() == label.casefold():
+                raise PreflightError(
+                    f"project {self._project} holds session {other}, which differs from "
+                    f"{label} only in case; whether XNAT tells them apart is not confirmed "
+                    f"(facts 3.5), so use {other} to add to it, or a clearly different label"
+                )
 
 
 def _rows(data: Any, what: str) -> Sequence[Mapping[str, Any]]:
