@@ -15,7 +15,16 @@ from upload_helpers import TEST_PROJECTS
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
 
-__all__ = ["TEST_PROJECTS", "client", "h3", "import_zip", "instance_files", "session", "zip_bytes"]
+__all__ = [
+    "TEST_PROJECTS",
+    "Unseekable",
+    "client",
+    "h3",
+    "import_zip",
+    "instance_files",
+    "session",
+    "zip_bytes",
+]
 
 
 def session(tmp_path: Path, series: int = 2, instances: int = 3, **kw: Any) -> SyntheticSession:
@@ -70,3 +79,17 @@ def import_zip(
         data=body,
         headers={"Content-Type": "application/zip"},
     )
+
+
+class Unseekable(io.RawIOBase):
+    """A sink zipfile cannot seek back in, so it writes data descriptors (flag bit 3) as
+    streaming zip writers do; what was written is in ``buf``."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        return self.buf.write(b)

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 from pathlib import Path
 
 import pytest
 import requests
 from sandbox_helpers import (
+    Unseekable,
     client,
     h3,
     import_zip,
@@ -383,21 +383,8 @@ def test_labels_that_could_escape_the_data_dir_are_cleaned(
     assert not (xnat_server.data_dir / "x").exists()
 
 
-class _Unseekable(io.RawIOBase):
-    """Makes zipfile write data descriptors (flag bit 3), as streaming zip writers do."""
-
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        return self.buf.write(b)
-
-
 def descriptor_zip(files: dict[str, Path], method: int) -> bytes:
-    out = _Unseekable()
+    out = Unseekable()
     with zipfile.ZipFile(out, "w", compression=method) as zf:
         for name, path in files.items():
             zf.writestr(name, path.read_bytes())

@@ -11,6 +11,7 @@ import zipfile
 import zlib
 
 import pytest
+from sandbox_helpers import Unseekable
 
 from xnatio.sandbox import zipstream
 from xnatio.sandbox.zipstream import ZipStreamError, iter_zip_stream
@@ -21,19 +22,6 @@ except ImportError:  # pragma: no cover - no wheels on this platform
     isal_zlib = None  # type: ignore[assignment]
 
 LIBS = [zlib] + ([isal_zlib] if isal_zlib is not None else [])
-
-
-class _Unseekable(io.RawIOBase):
-    """zipfile writes data descriptors when it cannot seek back (as a streaming writer must)."""
-
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        return self.buf.write(b)
 
 
 def _contents() -> dict[str, bytes]:
@@ -47,12 +35,12 @@ def _contents() -> dict[str, bytes]:
 
 
 def _zip(contents: dict[str, bytes], *, stream: bool) -> bytes:
-    sink: io.RawIOBase | io.BytesIO = _Unseekable() if stream else io.BytesIO()
+    sink: io.RawIOBase | io.BytesIO = Unseekable() if stream else io.BytesIO()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         zf.writestr("dir/", b"")  # a directory entry: skipped
         for name, data in contents.items():
             zf.writestr(name, data)
-    return (sink.buf if isinstance(sink, _Unseekable) else sink).getvalue()
+    return (sink.buf if isinstance(sink, Unseekable) else sink).getvalue()
 
 
 class _Trickle(io.RawIOBase):
