@@ -44,7 +44,7 @@ from xnatio.models import FileTable
 if TYPE_CHECKING:
     from xnatio.compress import Compression
 
-CHUNK = 256 * 1024
+CHUNK = 64 * 1024
 
 
 class Deflater(Protocol):

@@ -10,13 +10,15 @@ existing arenas stay, so it is called before any of an upload's threads start, b
 :func:`xnatio.pipeline.upload` (``xio upload-dicom``, ``upload-many``, ``demo`` and library
 callers alike). Not by ``xio sandbox``: the local server's threads are its own concern.
 
-The request bodies in flight each hold a few 256 KB chunks. glibc serves blocks that large with
-``mmap`` at first, but after the first is freed it raises its mmap threshold to that size (up to
-32 MB) and serves them from the arenas from then on, where freed chunks fragment the heap and
-stay resident. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``,
-:data:`xnatio.defaults.MALLOC_MMAP_THRESHOLD`, which also turns that adjustment off) keeps them
-mapped and returned whole when freed: at 100,000 files the peak went 138.6 -> 131.1 MB and the
-RSS after sending 124 -> 108 MB, for the same CPU (``docs/performance.md``, "rss").
+Large blocks: glibc serves blocks of 128 KiB or more with ``mmap`` at first, but after the first is
+freed it raises its mmap threshold to that size (up to 32 MB) and serves them from the arenas from
+then on, where freed chunks fragment the heap and stay resident. A fixed threshold
+(``mallopt(M_MMAP_THRESHOLD)``, :data:`xnatio.defaults.MALLOC_MMAP_THRESHOLD`, which also turns that
+adjustment off) keeps them mapped and returned whole when freed: at 100,000 files the peak went
+138.6 -> 131.1 MB and the RSS after sending 124 -> 108 MB, for the same CPU
+(``docs/performance.md``, "rss"). That was measured with the request bodies' chunks at 256 KiB; they
+are 64 KiB now (``archive.CHUNK``, below the threshold, from the arenas), which took more off the
+peak ("Smaller body chunks").
 
 Linux with glibc only; elsewhere (musl, macOS, Windows) it does nothing, and a setting the user
 made in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``: glibc reads them at

@@ -23,7 +23,7 @@ from xnatio.events import ProgressCounter
 from xnatio.models import DicomFile
 from xnatio.transports.rest.wire import AckedBytes
 
-CHUNK = 256 * 1024  # request body write size: small header/file pieces are coalesced to this
+CHUNK = 64 * 1024  # request body write size: small header/file pieces are coalesced to this
 
 
 class LinkMeter(Protocol):

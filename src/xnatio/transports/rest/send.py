@@ -20,8 +20,9 @@ Concurrency and memory (s3transfer-style bounds, taken where work is submitted):
   task): bodies check its event mid-read and backoffs wait on it.
 
 Peak memory ≈ manifest (~1 KiB per file) + (upload_workers + archive_workers) × (~1 KiB per file
-in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK`` [+ ~256 KiB deflater for
-zip-deflated]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB + ~22 MB. No
+in a batch, its archive layout) + upload_workers × (2 × ``bodies.CHUNK``, 64 KiB [+ ~256 KiB
+deflater for zip-deflated]). For 15,000 files in 42 batches with 42 + 5 workers: ~15 MB + ~17 MB
++ ~5 MB (~16 MB deflating). No
 temporary copy of the dataset is ever written.
 """
 

@@ -10,7 +10,7 @@ the peer has not acknowledged yet (``tcp_ioctl`` in the kernel's ``net/ipv4/tcp.
 Acknowledged = handed − that. What the peer acknowledged is in its kernel's receive buffer or
 already read by the server, so the count is never ahead of what the server has read by more than
 that receive buffer (the in-flight window; on loopback it is what the server's reads leave in
-it). One ``ioctl`` per 256 KiB chunk: nothing to measure.
+it). One ``ioctl`` per 64 KiB chunk: nothing to measure.
 
 The HTTP headers and chunked framing ahead of the body bytes make the count lag by a few hundred
 bytes, never lead. Over TLS the queue holds records (plaintext plus ~0.2 % overhead): the same.
