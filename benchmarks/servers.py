@@ -394,9 +394,12 @@ def server_cost(
     workdir: Path,
     extra: list[str],
     server_src: str | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Upload ``session`` with ``xio upload-dicom`` (its defaults) to a fresh sandbox and return
-    the sandbox's CPU seconds (process tree, from /proc) over the upload, per file and per GB."""
+    the sandbox's CPU seconds (process tree, from /proc) over the upload, per file and per GB.
+    ``verify`` lets the client read the session back (its default, as the harness's ``xio``
+    runs); otherwise it runs with ``--no-verify``."""
     from benchmarks.contenders import _xio
 
     files = [p for p in session.rglob("*") if p.is_file()]
@@ -412,7 +415,8 @@ def server_cost(
         cores = _CoreSampler(server.proc.pid)
         cores.start()
         cmd = [*_xio(), "upload-dicom", "BENCH", "S1", "E1", str(session), "--server"]
-        cmd += [server.url, "--user", server.user, "--no-verify", "-q", *extra]
+        cmd += [server.url, "--user", server.user, *([] if verify else ["--no-verify"]), "-q"]
+        cmd += extra
         env = dict(os.environ, XNAT_PASSWORD=server.password)
         server.client_started()
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)
@@ -444,6 +448,7 @@ def server_cost(
         "load_after": _load(),
         "knobs": knobs,
         "server": server_src or "this checkout",
+        "verify": verify,
     }
 
 
@@ -470,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where the server keeps its data: tmpfs (the harness's default when there is"
         " room), the work directory's disk, or both alternately",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="let xio read the session back (its default and the harness's); without it the"
+        " upload runs with --no-verify",
+    )
     parser.add_argument("xio_args", nargs="*", help="extra xio upload-dicom arguments (after --)")
     args = parser.parse_args(argv)
     knobs = {k: float(v) for k, v in (item.split("=", 1) for item in args.knob)}
@@ -482,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ[SERVER_DATA_ENV] = place
                 for src in sources:
                     with tempfile.TemporaryDirectory(prefix="xnatio-server-cost-") as work:
-                        result = server_cost(args.session, knobs, Path(work), args.xio_args, src)
+                        result = server_cost(
+                            args.session, knobs, Path(work), args.xio_args, src, args.verify
+                        )
                         print(json.dumps(result), flush=True)
     finally:
         if previous is None:

@@ -16,6 +16,10 @@ from typing import BinaryIO
 from xnatio.sandbox.pages import HttpError
 
 CHUNK = 1 << 16
+# The connection's read buffer (``Handler.rbufsize``): io's default 8 KB made every 64 KiB chunk
+# of a body two or three ``recv`` calls, each letting go of the GIL and taking it back among the
+# request threads; one buffer this size takes what the socket holds in one call.
+RECV_BUFFER = 1 << 18
 
 
 class ConnectionAborted(Exception):

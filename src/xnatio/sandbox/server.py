@@ -32,7 +32,7 @@ from xnatio.sandbox.auth import (
     Principal,
     is_browser,
 )
-from xnatio.sandbox.bodies import BodyReader, ConnectionAborted
+from xnatio.sandbox.bodies import RECV_BUFFER, BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
 from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
 from xnatio.sandbox.store import FileRecord, PrearcSession, Store
@@ -102,6 +102,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "XNAT-sandbox"
     disable_nagle_algorithm = True
+    rbufsize = RECV_BUFFER
     timeout = 300  # idle keep-alive connections are closed after this
     body: BodyReader
     xnat_path: str = ""  # the request's path inside the context path
