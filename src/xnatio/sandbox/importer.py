@@ -51,6 +51,7 @@ from xnatio.sandbox.store import (
     PrearcSession,
     Store,
 )
+from xnatio.sandbox.tarstream import iter_tar_stream
 from xnatio.sandbox.zipstream import ZipStreamError, iter_zip_stream
 from xnatio.xnat.labels import clean_label
 
@@ -229,6 +230,11 @@ def iter_entries(
                 raw = stack.enter_context(source.open("rb")) if isinstance(source, Path) else source
                 for entry_name, entry in iter_zip_stream(raw):
                     yield from entries(entry_name, entry)  # type: ignore[arg-type]
+        elif kind == "tar" and isinstance(source, FullReader) and not source.will_be_cut:
+            # A plain tar body: read as tarfile's stream mode reads it, without its copies
+            # (tarstream); tarfile itself for anything but plain members.
+            for member_name, body_member in iter_tar_stream(source, TAR_BLOCK):
+                yield from entries(member_name, body_member)
         else:
             with _open_tar(source, kind) as tf:
                 for member in tf:

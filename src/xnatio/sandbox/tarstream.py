@@ -1,0 +1,188 @@
+"""Reading a plain (uncompressed) tar request body front to back, as ``tarfile``'s stream mode
+(``r|``) reads it, without its copies.
+
+``tarfile``'s stream reader joins and slices its buffer at every read and hands each member's
+bytes through a ``BufferedReader`` over a reader that copies once more: three or four copies of
+every byte of a tar body before the importer sees it, and its joined buffers (a member and more)
+are fresh ``mmap``s, zeroed page by page. Measured on the benchmark's 3,000-file, 501 MB tar read
+in-process (one thread, 3 runs): 0.24-0.29 s of CPU with ``tarfile``, 0.17-0.18 s with this; over
+HTTP (xio ``--compress never``, 3 alternating pairs, load 1.8-2.4) the server's page faults fell
+from 81-92 thousand to 7.6 thousand and its CPU from 3.87-4.41 s to 2.73-3.38 s. This reader takes the
+common members itself and leaves everything else to ``tarfile``, so what it yields, and every
+error it raises, is what ``tarfile.open(fileobj=…, mode="r|")`` gives:
+
+- headers are parsed by ``tarfile.TarInfo.frombuf`` itself (checksum, numbers, names, the ustar
+  prefix, V7 directories);
+- regular members (types ``0``, NUL, ``7``) are yielded with their data; directories, links,
+  devices and FIFOs are passed over (their size is not data, as ``tarfile`` reads them);
+- at the first header, or at any header of another type (pax ``x``/``g``, GNU long names ``L``/
+  ``K``, sparse ``S``, vendor types), ``tarfile`` takes over from that header to the end, so pax
+  and GNU extensions, and the refusal of a body that is not a tar, are its own;
+- a later header that is all zeros, empty, truncated or invalid ends the archive silently, as in
+  ``TarFile.next`` once past the first member;
+- data or padding cut short raises ``tarfile.ReadError("unexpected end of data")``, where
+  ``tarfile`` raises it (reading the member, or moving to the next header).
+
+``tests/sandbox/test_sandbox_tarstream.py`` compares the two readers member by member and error by
+error.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from typing import IO, Protocol
+
+BLOCK = tarfile.BLOCKSIZE
+_READ = 1 << 16  # what the buffer takes from the body at a time
+_FILES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
+# Types tarfile reads without data blocks after the header (_proc_builtin: only regular files
+# and unknown types skip their size).
+_NO_DATA = frozenset(
+    {
+        tarfile.DIRTYPE,
+        tarfile.SYMTYPE,
+        tarfile.LNKTYPE,
+        tarfile.CHRTYPE,
+        tarfile.BLKTYPE,
+        tarfile.FIFOTYPE,
+    }
+)
+_ENCODING = tarfile.ENCODING
+_ERRORS = "surrogateescape"  # tarfile.TarFile's default
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _Source:
+    """The body with a small look-ahead buffer; reads past it go straight to the body."""
+
+    def __init__(self, raw: Readable) -> None:
+        self.raw = raw
+        self.buf = b""
+        self.pos = 0
+
+    def buffered(self, n: int) -> bytes:
+        """Up to ``n`` of the bytes already buffered (none if the buffer is empty)."""
+        k = min(n, len(self.buf) - self.pos)
+        if k <= 0:
+            return b""
+        whole = self.pos == 0 and k == len(self.buf)
+        data = self.buf if whole else self.buf[self.pos : self.pos + k]
+        self.pos += k
+        return data
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` bytes: the buffered ones first (a short read), else one read of the body
+        (full unless the body ends)."""
+        return self.buffered(n) or self.raw.read(n)
+
+    def block(self) -> bytes:
+        """The next 512-byte header (fewer at the end of the body)."""
+        if len(self.buf) - self.pos < BLOCK:
+            rest = self.buf[self.pos :]
+            self.buf = rest + self.raw.read(_READ)
+            self.pos = 0
+        data = self.buf[self.pos : self.pos + BLOCK]
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> bool:
+        """Pass over ``n`` bytes; False if the body ended first."""
+        while n > 0:
+            data = self.take(min(n, _READ))
+            if not data:
+                return False
+            n -= len(data)
+        return True
+
+    def rest(self) -> bytes:
+        data = self.buf[self.pos :]
+        self.buf, self.pos = b"", 0
+        return data
+
+
+class TarEntryStream:
+    """One member's bytes; reads may be short (never empty before the member's end)."""
+
+    def __init__(self, src: _Source, size: int) -> None:
+        self._src = src
+        self.left = size
+
+    def read(self, n: int = -1, /) -> bytes:
+        want = self.left if n < 0 else min(n, self.left)
+        if want <= 0:
+            return b""
+        data = self._src.buffered(want)
+        if not data:
+            data = self._src.raw.read(want)
+            if len(data) < want:
+                # The body ended inside the member: tarfile's _FileInFile.read says so.
+                raise tarfile.ReadError("unexpected end of data")
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> TarEntryStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class _Resumed:
+    """The header block tarfile takes over at, then the rest of the body."""
+
+    def __init__(self, head: bytes, src: _Source) -> None:
+        self._head = head
+        self._src = src
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return self._src.take(n) if n >= 0 else self._src.rest() + self._src.raw.read()
+
+
+def _by_tarfile(head: bytes, src: _Source, bufsize: int) -> Iterator[tuple[str, IO[bytes]]]:
+    with tarfile.open(  # type: ignore[call-overload]
+        fileobj=_Resumed(head, src), mode="r|", bufsize=bufsize
+    ) as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            stream = tf.extractfile(member)
+            if stream is not None:
+                with stream:
+                    yield member.name, stream
+
+
+def iter_tar_stream(raw: Readable, bufsize: int = _READ) -> Iterator[tuple[str, IO[bytes]]]:
+    """(name, stream) for each regular member of the tar ``raw``, in order, as
+    ``tarfile.open(fileobj=raw, mode="r|", bufsize=bufsize)`` gives them (see the module
+    docstring). The consumer may stop reading a member early: the rest is passed over."""
+    src = _Source(raw)
+    first = True
+    while True:
+        head = src.block()
+        try:
+            info = tarfile.TarInfo.frombuf(head, _ENCODING, _ERRORS)
+        except tarfile.HeaderError:
+            if first:  # tarfile's own refusal (or its reading of an odd first block)
+                yield from _by_tarfile(head, src, bufsize)
+            return  # past the first member, TarFile.next ends the archive here
+        first = False
+        if info.type in _NO_DATA:
+            continue
+        if info.type not in _FILES:
+            yield from _by_tarfile(head, src, bufsize)
+            return
+        entry = TarEntryStream(src, info.size)
+        yield info.name, entry  # type: ignore[misc]
+        padding = -info.size % BLOCK
+        if (entry.left or padding) and not src.skip(entry.left + padding):
+            raise tarfile.ReadError("unexpected end of data")
