@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import requests
 
@@ -381,6 +381,36 @@ class _CoreSampler(threading.Thread):
         self.join()
 
 
+class _PerfStat:
+    """``perf stat`` on a running process: its context switches and page faults until ``stop``."""
+
+    EVENTS: ClassVar[dict[str, str]] = {
+        "context-switches": "server_context_switches",
+        "page-faults": "server_page_faults",
+    }
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        cmd = ["perf", "stat", "-x", ",", "-e", ",".join(self.EVENTS), "-o", str(out)]
+        self.proc = subprocess.Popen([*cmd, "-p", str(pid)], stderr=subprocess.DEVNULL)
+        time.sleep(0.2)  # (perf attaches to every thread before the client starts)
+
+    def stop(self) -> dict[str, int]:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        return perf_counts(self.out.read_text())
+
+
+def perf_counts(text: str) -> dict[str, int]:
+    """The counts of ``perf stat -x ,`` output, by our result names (uncounted events left out)."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2] in _PerfStat.EVENTS and fields[0].isdigit():
+            found[_PerfStat.EVENTS[fields[2]]] = int(fields[0])
+    return found
+
+
 def _load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -395,11 +425,14 @@ def server_cost(
     extra: list[str],
     server_src: str | None = None,
     verify: bool = False,
+    perf: bool = False,
 ) -> dict[str, Any]:
     """Upload ``session`` with ``xio upload-dicom`` (its defaults) to a fresh sandbox and return
     the sandbox's CPU seconds (process tree, from /proc) over the upload, per file and per GB.
     ``verify`` lets the client read the session back (its default, as the harness's ``xio``
-    runs); otherwise it runs with ``--no-verify``."""
+    runs); otherwise it runs with ``--no-verify``. ``perf`` also counts the server's context
+    switches and page faults over the upload with ``perf stat`` (all its threads, ended ones
+    too): less noisy than its CPU on a shared machine."""
     from benchmarks.contenders import _xio
 
     files = [p for p in session.rglob("*") if p.is_file()]
@@ -418,9 +451,11 @@ def server_cost(
         cmd += [server.url, "--user", server.user, *([] if verify else ["--no-verify"]), "-q"]
         cmd += extra
         env = dict(os.environ, XNAT_PASSWORD=server.password)
+        counters = _PerfStat(server.proc.pid, workdir / "perf.txt") if perf else None
         server.client_started()
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)
         server.client_exited()
+        counts = counters.stop() if counters is not None else {}
         wall = time.monotonic() - started
         cpu = tree_cpu_seconds(server.proc.pid) - before
         system = tree_cpu_seconds(server.proc.pid, system_only=True) - sys_before
@@ -449,6 +484,7 @@ def server_cost(
         "knobs": knobs,
         "server": server_src or "this checkout",
         "verify": verify,
+        **counts,
     }
 
 
@@ -481,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         help="let xio read the session back (its default and the harness's); without it the"
         " upload runs with --no-verify",
     )
+    parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="also count the server's context switches and page faults (perf stat)",
+    )
     parser.add_argument("xio_args", nargs="*", help="extra xio upload-dicom arguments (after --)")
     args = parser.parse_args(argv)
     knobs = {k: float(v) for k, v in (item.split("=", 1) for item in args.knob)}
@@ -494,7 +535,13 @@ def main(argv: list[str] | None = None) -> int:
                 for src in sources:
                     with tempfile.TemporaryDirectory(prefix="xnatio-server-cost-") as work:
                         result = server_cost(
-                            args.session, knobs, Path(work), args.xio_args, src, args.verify
+                            args.session,
+                            knobs,
+                            Path(work),
+                            args.xio_args,
+                            src,
+                            args.verify,
+                            args.perf,
                         )
                         print(json.dumps(result), flush=True)
     finally:

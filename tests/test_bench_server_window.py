@@ -68,3 +68,13 @@ def test_the_server_data_stay_on_disk_when_asked(
     finally:
         if server.in_memory:
             chosen.rmdir()
+
+
+def test_perf_stat_counts_are_read_by_name_and_uncounted_ones_left_out() -> None:
+    text = (
+        "# started on Mon Nov 30 15:20:00 2026\n\n"
+        "31781,,context-switches,2960000000,100.00,,\n"
+        "<not counted>,,page-faults,0,0.00,,\n"
+        "3560,msec,task-clock,3560000000,100.00,1.000,CPUs utilized\n"
+    )
+    assert servers.perf_counts(text) == {"server_context_switches": 31781}

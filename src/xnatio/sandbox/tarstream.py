@@ -7,17 +7,19 @@ every byte of a tar body before the importer sees it, and its joined buffers (a 
 are fresh ``mmap``s, zeroed page by page. Measured on the benchmark's 3,000-file, 501 MB tar read
 in-process (one thread, 3 runs): 0.24-0.29 s of CPU with ``tarfile``, 0.17-0.18 s with this; over
 HTTP (xio ``--compress never``, 3 alternating pairs, load 1.8-2.4) the server's page faults fell
-from 81-92 thousand to 7.6 thousand and its CPU from 3.87-4.41 s to 2.73-3.38 s. This reader takes the
-common members itself and leaves everything else to ``tarfile``, so what it yields, and every
-error it raises, is what ``tarfile.open(fileobj=…, mode="r|")`` gives:
+from 81-92 thousand to 7.6 thousand and its CPU from 3.87-4.41 s to 2.73-3.38 s.
+
+This reader takes the common members itself and leaves everything else to ``tarfile``, so what it
+yields, and every error it raises, is what ``tarfile.open(fileobj=…, mode="r|")`` gives:
 
 - headers are parsed by ``tarfile.TarInfo.frombuf`` itself (checksum, numbers, names, the ustar
   prefix, V7 directories);
 - regular members (types ``0``, NUL, ``7``) are yielded with their data; directories, links,
   devices and FIFOs are passed over (their size is not data, as ``tarfile`` reads them);
-- at the first header, or at any header of another type (pax ``x``/``g``, GNU long names ``L``/
-  ``K``, sparse ``S``, vendor types), ``tarfile`` takes over from that header to the end, so pax
-  and GNU extensions, and the refusal of a body that is not a tar, are its own;
+- at a first header that does not parse (a body that is not a tar, an empty one, zeros), or at
+  any header of another type (pax ``x``/``g``, GNU long names ``L``/``K``, sparse ``S``, vendor
+  types), ``tarfile`` takes over from that header to the end, so its refusals and the pax and GNU
+  extensions are its own;
 - a later header that is all zeros, empty, truncated or invalid ends the archive silently, as in
   ``TarFile.next`` once past the first member;
 - data or padding cut short raises ``tarfile.ReadError("unexpected end of data")``, where
