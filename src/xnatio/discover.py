@@ -33,6 +33,7 @@ from xnatio.examine import (
     examine_stream,
     not_regular_reason,
     pack,
+    part,
 )
 from xnatio.models import (
     Manifest,
@@ -256,10 +257,7 @@ def _examine_all(
     cache or a network file system, where most of the time is spent waiting in open/read.
     Worker processes (:class:`xnatio.examine.Workers`) run the parse on every core instead.
     """
-    chunks = (
-        [paths[j] for j in range(i, min(i + _CHUNK, len(paths)))]
-        for i in range(0, len(paths), _CHUNK)
-    )
+    chunks = (part(paths, i, min(i + _CHUNK, len(paths))) for i in range(0, len(paths), _CHUNK))
     done = 0
     if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
         for names in chunks:

@@ -275,6 +275,13 @@ class Paths(Protocol):
     def __len__(self) -> int: ...
 
 
+def part(paths: Paths, start: int, stop: int) -> list[str]:
+    """``paths[start:stop]`` as a list of strings: by the range (``slice``, a few C-level passes)
+    from discovery's compact list (models.SplitStrings), not a call per path."""
+    take: Callable[[int, int], list[str]] | None = getattr(paths, "slice", None)
+    return take(start, stop) if take is not None else [paths[j] for j in range(start, stop)]
+
+
 class _Worker:
     def __init__(self, command: Sequence[str]) -> None:
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (read if it fails; never blocks)
@@ -372,7 +379,7 @@ class Workers:
         keeps the paths compactly: issue 16 item 4)."""
         if i in self._sent:
             return self._sent.pop(i)
-        return [paths[j] for j in range(i * chunk, min((i + 1) * chunk, len(paths)))]
+        return part(paths, i * chunk, min((i + 1) * chunk, len(paths)))
 
     def _send(self, paths: Paths, chunk: int, i: int, chunks: int | None) -> None:
         """Chunk ``i`` to its worker (``i % n``); its input closed after its last chunk (of
