@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,44 @@ def test_split_strings_slice_is_indexing_by_the_range() -> None:
     strings.extend(uids)
     assert strings.slice(len(texts), len(texts) + 50) == uids
     assert strings.slice(len(texts) - 2, len(texts) + 3) == texts[-2:] + uids[:3]
+
+
+def test_uid_index_reads_a_uid_back_only_where_its_hash_matches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from xnatio.models import FileTable, SopIndex
+
+    n = 3000
+    table = FileTable()
+    uids = [f"1.2.826.0.1.3680043.8.498.{10**30 + 7919 * i}" for i in range(n)]
+    table.add_many(
+        [f"/s/{u}" for u in uids], [1] * n, [2] * n, ["1.2"] * n, ["1.2.3"] * n, uids,
+        ["1.2.840"] * n, [1] * n, ["1.2.840.10008.1.2.1"] * n, ["P"] * n, [2] * n,
+    )  # fmt: skip
+    index = SopIndex(table)  # sized for none: it grows (every UID read back once then)
+    for i, uid in enumerate(uids):
+        index.add(uid, i)
+    reads: list[int] = []
+    real = FileTable.sop_instance_uid
+    monkeypatch.setattr(
+        FileTable, "sop_instance_uid", lambda self, i: reads.append(i) or real(self, i)
+    )
+    assert [index.get(uid) for uid in uids] == list(range(n))
+    assert len(reads) <= n + n // 100  # the one that matches (a 23-bit hash clash is rare)
+    reads.clear()
+    assert all(index.get(uid + "9") is None for uid in uids)
+    assert len(reads) <= n // 100
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="Linux pipes only")
+def test_worker_pipes_hold_the_chunks_sent_ahead() -> None:
+    import fcntl
+
+    from xnatio.examine import _PIPE_SIZE, Workers
+
+    # The parent's writes of chunks sent ahead must not wait on the worker's input thread.
+    with Workers(1, [sys.executable, "-c", "import sys; sys.stdin.read()"]) as pool:
+        (worker,) = pool.workers
+        for pipe in (worker.proc.stdin, worker.proc.stdout):
+            assert pipe is not None
+            assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) >= _PIPE_SIZE
