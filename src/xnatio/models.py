@@ -791,21 +791,21 @@ class SopIndex:
         self._count = 0
 
     def _find(self, uid: str) -> int:
-        """The slot holding ``uid``, or the empty slot where it would go. A slot keeps 23 bits
-        of the UID's hash above the position (bits 40-62), so a UID is read back from the table
-        (a decode) only where those match, not at every slot a probe passes (issue 16 item 4)."""
+        """The slot holding ``uid``, or the empty slot where it would go. A slot keeps 27 bits
+        of the UID's hash above the position (:data:`_TAG_SHIFT`), the bits that choose its
+        slot too (up to 2**27 slots): a UID is read back from the table (a decode) only where
+        they match, not at every slot a probe passes, and growing reads none back (issue 16
+        item 4: discovery's index grows while the folders are walked)."""
         slots, mask, uid_at = self._slots, self._mask, self._table.sop_instance_uid
         h = hash(uid)
-        tag = (h >> 32 & _TAG) << 40  # hash bits 32-54: not those that pick the slot
-        i = h & mask
+        tag = h >> 32 & _TAG
+        i = (tag if mask <= _TAG else h) & mask
+        tag <<= _TAG_SHIFT
         while True:
             at = slots[i]
             if at < 0 or (at & _TAG_BITS == tag and uid_at(at & _POSITION) == uid):
                 return i
             i = (i + 1) & mask
-
-    def _tagged(self, uid: str, position: int) -> int:
-        return (hash(uid) >> 32 & _TAG) << 40 | position
 
     def get(self, uid: str) -> int | None:
         """The position of the file holding ``uid`` in the table, or None."""
@@ -816,22 +816,28 @@ class SopIndex:
         """Remember that the file at ``position`` holds ``uid`` (not held yet)."""
         if 2 * (self._count + 1) > len(self._slots):
             self._grow()
-        self._slots[self._find(uid)] = self._tagged(uid, position)
+        self._slots[self._find(uid)] = (hash(uid) >> 32 & _TAG) << _TAG_SHIFT | position
         self._count += 1
 
     def _grow(self) -> None:
         old = [p for p in self._slots if p >= 0]
-        self._slots = array("q", [-1]) * (2 * len(self._slots))
-        self._mask = len(self._slots) - 1
+        slots = self._slots = array("q", [-1]) * (2 * len(self._slots))
+        mask = self._mask = len(slots) - 1
         for tagged in old:
-            uid = self._table.sop_instance_uid(tagged & _POSITION)
-            self._slots[self._find(uid)] = tagged
+            if mask <= _TAG:  # the slot from the kept bits of the hash
+                i = tagged >> _TAG_SHIFT & mask
+                while slots[i] >= 0:
+                    i = (i + 1) & mask
+                slots[i] = tagged
+            else:
+                slots[self._find(self._table.sop_instance_uid(tagged & _POSITION))] = tagged
 
 
-# SopIndex's slots: a position below 2**40, 23 bits of the UID's hash above it.
-_POSITION = (1 << 40) - 1
-_TAG = (1 << 23) - 1
-_TAG_BITS = _TAG << 40
+# SopIndex's slots: a position below 2**36, then 27 bits of the UID's hash.
+_TAG_SHIFT = 36
+_POSITION = (1 << _TAG_SHIFT) - 1
+_TAG = (1 << 27) - 1
+_TAG_BITS = _TAG << _TAG_SHIFT
 
 
 @dataclass(slots=True, init=False)
