@@ -228,3 +228,68 @@ def test_worker_pipes_hold_the_chunks_sent_ahead() -> None:
         for pipe in (worker.proc.stdin, worker.proc.stdout):
             assert pipe is not None
             assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) >= _PIPE_SIZE
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_answers_are_taken_while_the_folders_are_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auto: bool
+) -> None:
+    """The workers' answers go into the file table during the walk (Workers.ready), so they are
+    fed on and do not wait for its end; the manifest is the one read in this process. With
+    ``auto``: workers started early for a folder that then holds fewer files than make them
+    worth it, some answers taken already: the rest are theirs too (none read twice)."""
+    import select
+
+    import xnatio.discover as discovery
+    from xnatio.discover import discover
+    from xnatio.synth import generate_session
+
+    root = generate_session(tmp_path / "s", series=5, instances=6, image_size=(8, 8)).root
+    serial = discover(root, workers=1)
+    monkeypatch.setattr(discovery, "_PROCESS_CHUNK", 2)
+    pools: list[discovery.Workers] = []
+    real_workers = discovery.Workers
+
+    class Recorded(real_workers):  # type: ignore[misc,valid-type]
+        def __init__(self, n: int) -> None:
+            super().__init__(n)
+            pools.append(self)
+
+    monkeypatch.setattr(discovery, "Workers", Recorded)
+    walking: list[bool] = [False]
+    real_walk, real_scandir = discovery._walk, os.scandir
+
+    def walk(*args: object) -> object:
+        walking[0] = True
+        try:
+            return real_walk(*args)  # type: ignore[arg-type]
+        finally:
+            walking[0] = False
+
+    def scandir(path: str) -> object:
+        # Each folder is listed once the answer awaited next is there (no race with the
+        # workers: the walk waits for them here, as a slow file system would make it).
+        pool = pools[0] if pools else None
+        if walking[0] and pool is not None and pool.answered < pool._next:
+            worker = pool.workers[pool.answered % len(pool.workers)]
+            select.select([worker.proc.stdout], [], [], 30)
+        return real_scandir(path)
+
+    taken: list[bool] = []
+    real_take = discovery._Collector.take
+
+    def take(self: object, *args: object) -> None:
+        taken.append(walking[0])
+        real_take(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(discovery, "_walk", walk)
+    monkeypatch.setattr(discovery.os, "scandir", scandir)
+    monkeypatch.setattr(discovery._Collector, "take", take)
+    if auto:
+        monkeypatch.setattr(discovery, "_looks_big", lambda root: True)
+        monkeypatch.setattr(discovery, "_process_count", lambda: 2)
+    parallel = discover(root) if auto else discover(root, processes=2)
+    assert len(pools) == 1
+    assert parallel.files == serial.files and parallel.duplicates == serial.duplicates
+    assert parallel.skipped == serial.skipped
+    assert len(taken) == 15 and any(taken)  # 30 files in chunks of 2, some during the walk
