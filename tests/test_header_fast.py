@@ -114,6 +114,10 @@ def test_one_pass_reader_declines_where_the_general_walk_must_decide() -> None:
         fast = _parse_whole(data[:cut])
         if fast is not None:
             assert fast == _general(data[:cut]), cut
+    # Not ASCII (a character set to apply): the general walk refuses it, pydicom then reads it.
+    for value in ({"patient": b"J\xf6rg"}, {"study": b"1.2.\xb3"}):
+        latin = _file(**value)  # type: ignore[arg-type]
+        assert _parse_whole(latin) is None and _general(latin) is NeedFallback
     # Big endian: the general walk (then pydicom) decides.
     assert _parse_whole(_file(ts=b"1.2.840.10008.1.2.2")) is None
     # A data set whose encoding differs from its transfer syntax.

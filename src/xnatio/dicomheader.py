@@ -94,6 +94,10 @@ class HeaderFields(NamedTuple):
     media_sop_class_uid: str
 
 
+# A HeaderFields from a tuple of its fields in order, without the keyword-taking __new__.
+_new_fields = functools.partial(tuple.__new__, HeaderFields)
+
+
 class NotDicom(Exception):
     """The bytes are not a DICOM object this tool can send; ``str()`` says why in one sentence."""
 
@@ -386,20 +390,24 @@ def _parse_whole(buf: bytes) -> HeaderFields | None:
         number = int(raw) if raw else None
     except ValueError:
         number = parse_int_string(raw)
-    # A missing element reads as b"" (as _uid and _text read None).
-    at, n = get(_SOP_CLASS, empty)
-    sop_class = _uid(buf[at : at + n])
-    at, n = get(_SOP_INSTANCE, empty)
-    sop_instance = _uid(buf[at : at + n])
-    at, n = get(_STUDY_UID, empty)
-    study = _uid(buf[at : at + n])
-    at, n = get(_SERIES_UID, empty)
-    series = _uid(buf[at : at + n])
-    at, n = get(_PATIENT_ID, empty)
-    patient = _text(buf[at : at + n])
-    at, n = get(_MEDIA_SOP_CLASS, empty)
-    media = _uid(buf[at : at + n])
-    return HeaderFields(sop_class, sop_instance, study, series, number, ts, patient, media)
+    # A missing element reads as b"" (as _uid and _text read None); a value that is not ASCII
+    # is the general path's to refuse (NeedFallback there, as in _uid and _text).
+    try:
+        at, n = get(_SOP_CLASS, empty)
+        sop_class = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_SOP_INSTANCE, empty)
+        sop_instance = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_STUDY_UID, empty)
+        study = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_SERIES_UID, empty)
+        series = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_PATIENT_ID, empty)
+        patient = buf[at : at + n].decode("ascii").strip(" \x00")
+        at, n = get(_MEDIA_SOP_CLASS, empty)
+        media = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return _new_fields((sop_class, sop_instance, study, series, number, ts, patient, media))
 
 
 def _place_value(buf: bytes, places: Found, tag: int) -> bytes | None:
