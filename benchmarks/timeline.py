@@ -34,7 +34,8 @@ STAGES = (
     ("xnatio.resume", "RunLocks.hold"),
     ("xnatio.discover", "discover"),
     ("xnatio.discover", "_walk"),
-    ("xnatio.discover", "_collect"),
+    ("xnatio.discover", "_collect"),  # archives; a folder's chunks go to _Collector.take
+    ("xnatio.discover", "_Collector.finish"),  # the last chunk of a folder taken
     ("xnatio.discover", "check_single_study"),
     ("xnatio.transports.rest", "session_labels"),
     ("xnatio.preflight", "before_sending"),

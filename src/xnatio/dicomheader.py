@@ -17,6 +17,7 @@ always the one pydicom would give, only faster in the common case.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -32,7 +33,12 @@ EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 # PS3.4 Annex F: the Media Storage Directory (DICOMDIR) SOP class.
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
-FIRST_READ = 8192
+# The first read of a file: the header up to the Series Number is 0.7 KB in the benchmark's
+# files and 0.5-2 KB in most of pydicom's test files (one in 50 needs 4 KB, a few more). A
+# bigger read costs more than its bytes (8 KB took ~1 us more a file than 2 KB: issue 16 item
+# 4); a longer header is read on to SECOND_READ and parsed again in one pass.
+FIRST_READ = 4096
+SECOND_READ = 16384
 # Headers longer than this (a huge private element before the Series Number) go to pydicom.
 MAX_HEADER = 4 * 2**20
 _MAX_DEPTH = 16
@@ -86,6 +92,10 @@ class HeaderFields(NamedTuple):
     transfer_syntax_uid: str
     patient_id: str
     media_sop_class_uid: str
+
+
+# A HeaderFields from a tuple of its fields in order, without the keyword-taking __new__.
+_new_fields = functools.partial(tuple.__new__, HeaderFields)
 
 
 class NotDicom(Exception):
@@ -298,37 +308,52 @@ def _value(b: Buffer, places: Found, tag: int) -> bytes | None:
     return None if place is None else b.buf[place[0] : place[0] + place[1]]
 
 
+_element_at = _ELEMENT.unpack_from  # tag halves, VR as a number, 16-bit length: one call
+_implicit_at = struct.Struct("<HHL").unpack_from  # tag halves and 32-bit length
+_u32_at = _u32.unpack_from
+
+
 def _walk_prefix(buf: bytes, pos: int, explicit: bool, stop: int, places: Found) -> int | None:
     """:func:`_walk` at the top level for the common case, on ``buf`` alone: the position of the
     first element whose tag is above ``stop``, the wanted places put in ``places``; None where
     the general walker must decide (an undefined length, an unknown VR, an item delimiter, or
     anything at or past the end of ``buf``: the general walker then reads on). Where it answers,
-    the answer is the general walker's (tests/test_discover.py compares the two)."""
-    end = len(buf)
-    element = _ELEMENT.unpack_from  # tag, VR as a number, 16-bit length: one call
-    u32 = _u32.unpack_from
-    long_vrs = _LONG_VR_CODES
-    short_vrs = _SHORT_VR_CODES
+    the answer is the general walker's (tests/test_discover.py compares the two). One loop per
+    encoding, so that an element costs one unpack, two comparisons and two set lookups (most
+    of a worker's time per file is here: issue 16 item 4)."""
+    last = len(buf) - 12  # an element starting after this one is the general walker's
     wanted = _WANTED
-    while pos + 12 <= end:
-        group, elem, vr, length = element(buf, pos)
+    if not explicit:
+        implicit_at = _implicit_at
+        while pos <= last:
+            group, elem, length = implicit_at(buf, pos)
+            tag = group << 16 | elem
+            if tag > stop:
+                return None if tag == _ITEM_END else pos
+            pos += 8
+            if tag in wanted:
+                places[tag] = (pos, length)
+            # An undefined length, or a value that ends past ``buf``, ends the loop: None.
+            pos += length
+        return None
+    element_at = _element_at
+    u32_at = _u32_at
+    short_vrs = _SHORT_VR_CODES
+    long_vrs = _LONG_VR_CODES
+    while pos <= last:
+        group, elem, vr, length = element_at(buf, pos)
         tag = group << 16 | elem
         if tag > stop:
             return None if tag == _ITEM_END else pos
-        if explicit:
-            if vr in short_vrs:
-                pos += 8
-            elif vr in long_vrs:
-                length = u32(buf, pos + 8)[0]
-                pos += 12
-            else:
-                return None
-        else:
-            length = u32(buf, pos + 4)[0]
+        if vr in short_vrs:
             pos += 8
+        elif vr in long_vrs:
+            length = u32_at(buf, pos + 8)[0]
+            pos += 12
+        else:
+            return None
         if tag in wanted:
             places[tag] = (pos, length)
-        # An undefined length, or a value that ends past ``buf``, ends the loop: None.
         pos += length
     return None
 
@@ -337,14 +362,16 @@ def _parse_whole(buf: bytes) -> HeaderFields | None:
     """The header fields of a Part 10 file whose header lies within ``buf``, read in one pass
     without the :class:`Buffer` machinery (most of discovery's time per file was that); None
     where :func:`parse_prefix`'s general path must read it (and then decides alone). Equal to
-    the general path wherever it answers: the same walk, and the same values read from it."""
-    if buf[128:132] != b"DICM" or buf[132:134] != b"\x02\x00" or buf[136:138] not in _ALL_VRS:
+    the general path wherever it answers: the same walk, and the same values read from it
+    (what :func:`_fields` does, written out: this runs once per file)."""
+    if buf[128:134] != b"DICM\x02\x00" or buf[136:138] not in _ALL_VRS:
         return None
     places: Found = {}
     pos = _walk_prefix(buf, 132, True, 0x0002FFFF, places)
     if pos is None:
         return None
-    ts = _uid(_place_value(buf, places, _TS))
+    place = places.get(_TS)
+    ts = _uid(buf[place[0] : place[0] + place[1]]) if place is not None else ""
     if ts == IMPLICIT_VR_LE:
         explicit = False
     elif ts in ("", EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE):
@@ -355,7 +382,32 @@ def _parse_whole(buf: bytes) -> HeaderFields | None:
         return None
     if _walk_prefix(buf, pos, explicit, _SERIES_NUMBER, places) is None:
         return None
-    return _fields(buf, places, ts, True)
+    get = places.get
+    empty = (0, 0)
+    at, n = get(_SERIES_NUMBER, empty)
+    raw = buf[at : at + n]
+    try:  # int() takes ASCII digits with white space around (parse_int_string's common case)
+        number = int(raw) if raw else None
+    except ValueError:
+        number = parse_int_string(raw)
+    # A missing element reads as b"" (as _uid and _text read None); a value that is not ASCII
+    # is the general path's to refuse (NeedFallback there, as in _uid and _text).
+    try:
+        at, n = get(_SOP_CLASS, empty)
+        sop_class = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_SOP_INSTANCE, empty)
+        sop_instance = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_STUDY_UID, empty)
+        study = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_SERIES_UID, empty)
+        series = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+        at, n = get(_PATIENT_ID, empty)
+        patient = buf[at : at + n].decode("ascii").strip(" \x00")
+        at, n = get(_MEDIA_SOP_CLASS, empty)
+        media = buf[at : at + n].rstrip(b"\x00 ").lstrip(b" ").decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return _new_fields((sop_class, sop_instance, study, series, number, ts, patient, media))
 
 
 def _place_value(buf: bytes, places: Found, tag: int) -> bytes | None:
@@ -575,10 +627,18 @@ def _seekable(fp: IO[bytes]) -> bool:
 
 
 def read_header_fd(fd: int) -> HeaderFields:
-    """Header fields of the open file ``fd`` (positioned at 0)."""
+    """Header fields of the open file ``fd`` (positioned at 0): its first :data:`FIRST_READ`
+    bytes in one pass, then, for a longer header, up to :data:`SECOND_READ` in one pass, then
+    the general walk reading on (each answers as the next would: tests/test_discover.py)."""
     first = os.read(fd, FIRST_READ)
+    fields = _parse_whole(first)
+    if fields is None and len(first) == FIRST_READ:
+        first += os.read(fd, SECOND_READ - FIRST_READ)
+        fields = _parse_whole(first)
+    if fields is not None:
+        return fields
     try:
-        return parse_prefix(first, lambda n: os.read(fd, n))
+        return parse_general(first, functools.partial(os.read, fd))
     except NeedFallback:
         pass
     os.lseek(fd, 0, os.SEEK_SET)

@@ -9,7 +9,6 @@ needs are read (see :mod:`xnatio.dicomheader`); pixel data never is.
 from __future__ import annotations
 
 import contextlib
-import functools
 import operator
 import os
 import stat
@@ -33,6 +32,7 @@ from xnatio.examine import (
     examine_stream,
     not_regular_reason,
     pack,
+    part,
 )
 from xnatio.models import (
     Manifest,
@@ -256,10 +256,7 @@ def _examine_all(
     cache or a network file system, where most of the time is spent waiting in open/read.
     Worker processes (:class:`xnatio.examine.Workers`) run the parse on every core instead.
     """
-    chunks = (
-        [paths[j] for j in range(i, min(i + _CHUNK, len(paths)))]
-        for i in range(0, len(paths), _CHUNK)
-    )
+    chunks = (part(paths, i, min(i + _CHUNK, len(paths))) for i in range(0, len(paths), _CHUNK))
     done = 0
     if workers <= 1 or len(paths) < _THREAD_THRESHOLD:
         for names in chunks:
@@ -319,20 +316,34 @@ def _discover_directory(
             pool = stack.enter_context(Workers(_process_count()))
         elif processes:
             pool = stack.enter_context(Workers(processes))
-        # Workers started before the walk are sent chunks of it as it goes (Workers.feed).
-        feed = None if pool is None else functools.partial(pool.feed, chunk=_PROCESS_CHUNK)
-        paths, manifest.skipped = _walk(root, feed)
+        locate = _locate(root)
+        collector = _Collector(manifest, locate)
+        walked = None
+        if pool is not None:
+            feeding = pool
+
+            # Workers started before the walk are sent chunks of it as it goes, and their
+            # answers are taken as they come (Workers.feed, Workers.ready): they never wait
+            # for the walk to end.
+            def walked(files: SplitStrings) -> None:
+                feeding.feed(files, _PROCESS_CHUNK)
+                for names, packed in feeding.ready(files, _PROCESS_CHUNK):
+                    collector.take(names, packed)
+
+        paths, manifest.skipped = _walk(root, walked)
         if auto and pool is None and len(paths) >= PROCESS_THRESHOLD:  # the early look missed
             pool = stack.enter_context(Workers(_process_count()))
         report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")
         report(0, force=True)
         chunks: Iterable[Chunk]
-        if pool is not None and (processes or len(paths) >= PROCESS_THRESHOLD):
+        if pool is not None and (processes or len(paths) >= PROCESS_THRESHOLD or pool.answered):
             chunks = pool.examine(paths, _PROCESS_CHUNK, report)
         else:
-            stack.close()  # the workers are not needed
+            stack.close()  # the workers are not needed (none has answered)
             chunks = _examine_all(paths, _DEFAULT_THREADS if workers is None else workers, report)
-        _collect(manifest, chunks, _locate(root), len(paths))
+        for names, packed in chunks:
+            collector.take(names, packed)
+        collector.finish()
     report(len(paths), force=True)
     return manifest
 
@@ -484,26 +495,53 @@ def _collect(
     expected: int = 0,
     archive: str | None = None,
 ) -> None:
-    """Turn examined chunks (in sorted name order) into the manifest's file table (columns, no
-    record per file: issue 16 item 4), a chunk at a time (FileTable.add_many); keep the first of
-    duplicates. The names are paths, made into the recorded ones by ``locate`` (None: as they
-    are), or, with ``archive``, the members of that archive. ``expected``: about how many
-    files there are (the index of SOP Instance UIDs is made that big at once: each time it
-    grows it reads every UID back from the table).
+    """Turn examined chunks (in sorted name order) into the manifest's file table (see
+    :class:`_Collector`)."""
+    collector = _Collector(manifest, locate, expected, archive)
+    for names, packed in chunks:
+        collector.take(names, packed)
+    collector.finish()
+
+
+class _Collector:
+    """Turns examined chunks (in sorted name order) into the manifest's file table (columns, no
+    record per file: issue 16 item 4), a chunk at a time (FileTable.add_many); keeps the first
+    of duplicates. The names are paths, made into the recorded ones by ``locate`` (None: as
+    they are), or, with ``archive``, the members of that archive. ``expected``: about how many
+    files there are (0: not known yet, the walk goes on; the index grows). The files skipped
+    here follow those already in ``manifest.skipped`` (:meth:`finish`: the walk's come first,
+    though chunks are taken while it runs).
 
     The one place a Manifest's files are made from what discovery read (xnatio.examine.Found).
     """
-    files = manifest.files
-    first_seen = SopIndex(files, expected)  # SOP Instance UID -> the file that has it first
-    for names, packed in chunks:
-        if locate is not None:
-            names = list(map(locate, names))
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        locate: Callable[[str], str] | None,
+        expected: int = 0,
+        archive: str | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.locate = locate
+        self.archive = archive
+        self.skipped: list[SkippedFile] = []
+        # SOP Instance UID -> the file that has it first
+        self.first_seen = SopIndex(manifest.files, expected)
+
+    def take(self, names: Sequence[str], packed: Packed) -> None:
+        manifest, archive, files, first_seen = (
+            self.manifest,
+            self.archive,
+            self.manifest.files,
+            self.first_seen,
+        )
+        if self.locate is not None:
+            names = list(map(self.locate, names))
         skips = packed[0]
         if skips:
             for at, reason, skipped_size in skips:
-                manifest.skipped.append(
-                    SkippedFile(_shown(names[at], archive), reason, skipped_size)
-                )
+                self.skipped.append(SkippedFile(_shown(names[at], archive), reason, skipped_size))
             skipped = {at for at, _, _ in skips}
             names = [name for at, name in enumerate(names) if at not in skipped]
         keep = _firsts(manifest, first_seen, names, packed, archive)
@@ -534,6 +572,10 @@ def _collect(
                 )
         for j, sop_uid in enumerate(uid):
             first_seen.add(sop_uid, start + j)
+
+    def finish(self) -> None:
+        self.manifest.skipped.extend(self.skipped)
+        self.skipped = []
 
 
 def _firsts(

@@ -13,7 +13,10 @@ so threads cannot run it on more than one core; processes can. Each worker is
 worker starts in about a tenth of a second while the parent walks the folders. Chunk ``i`` of
 the paths goes to worker ``i % n``, two chunks ahead of the answer awaited from it; each worker
 answers its chunks in order, one frame each, and the parent reads them in path order (a worker
-holds two chunks, not its share of the paths). Frames are ``marshal`` data between two processes
+holds two chunks, not its share of the paths). While the folders are walked, the workers are
+fed as the paths come (:meth:`Workers.feed`) and the answers already there are taken
+(:meth:`Workers.ready`), so the workers never wait for the walk to end. Frames are ``marshal``
+data between two processes
 of the same interpreter (no code, only strings and ints), each preceded by its length. A chunk's
 answer is its results as columns (:func:`pack`: the skipped files, then one column per field of
 the files found), which the parent appends to its file table in one call
@@ -34,6 +37,7 @@ import logging
 import marshal
 import os
 import queue
+import select
 import stat
 import subprocess
 import sys
@@ -208,8 +212,9 @@ _LEN = 8  # bytes of a frame's length
 
 
 def _write_frame(out: IO[bytes], data: bytes) -> None:
-    out.write(len(data).to_bytes(_LEN, "little"))
-    out.write(data)
+    frame = memoryview(len(data).to_bytes(_LEN, "little") + data)
+    while frame:  # an unbuffered pipe (the parent's ends) may take part of it at a time
+        frame = frame[out.write(frame) or 0 :]
     out.flush()
 
 
@@ -260,9 +265,10 @@ def serve(src: IO[bytes] | None = None, out: IO[bytes] | None = None) -> None:
 
 WORKER_COMMAND = ("-c", "from xnatio.examine import serve; serve()")
 _AHEAD = 2  # chunks sent to a worker ahead of the one whose answer is awaited
-# While the folders are walked, nothing reads the answers: a worker is sent up to this many
-# chunks, and answers them into a pipe made this big (1 MiB: the most Linux gives an
-# unprivileged process by default, /proc/sys/fs/pipe-max-size), about 14 answers of 500 files.
+# While the folders are walked, a worker is sent up to this many chunks not answered yet (the
+# answers already there are taken after each folder: Workers.ready), and answers them into a
+# pipe made this big (1 MiB: the most Linux gives an unprivileged process by default,
+# /proc/sys/fs/pipe-max-size), about 14 answers of 500 files.
 _WALK_AHEAD = 12
 _PIPE_SIZE = 1 << 20
 
@@ -273,6 +279,13 @@ class Paths(Protocol):
     def __getitem__(self, i: int, /) -> str: ...
 
     def __len__(self) -> int: ...
+
+
+def part(paths: Paths, start: int, stop: int) -> list[str]:
+    """``paths[start:stop]`` as a list of strings: by the range (``slice``, a few C-level passes)
+    from discovery's compact list (models.SplitStrings), not a call per path."""
+    take: Callable[[int, int], list[str]] | None = getattr(paths, "slice", None)
+    return take(start, stop) if take is not None else [paths[j] for j in range(start, stop)]
 
 
 class _Worker:
@@ -289,16 +302,22 @@ class _Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
+            bufsize=0,  # unbuffered: what select() says of the pipe is all there is (_waiting)
             env=env,
             close_fds=True,
             start_new_session=True,  # Ctrl-C in the terminal is the parent's to handle
         )
         self.alive = True
         # Room for a few answers in the pipe (Linux: 64 KB, about one answer, by default), so
-        # that the worker goes on while the parent is still walking the folders.
-        if getattr(fcntl, "F_SETPIPE_SZ", None) and self.proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        # that the worker goes on while the parent is still walking the folders; and for the
+        # chunks sent ahead (~50 KB each): with 64 KB the parent's writes waited on the worker's
+        # input thread, which waits for the interpreter lock the header walk holds (0.3-0.5 s
+        # of the parent's time at 100,000 files, issue 16 item 4).
+        if getattr(fcntl, "F_SETPIPE_SZ", None):
+            for pipe in (self.proc.stdout, self.proc.stdin):
+                with contextlib.suppress(OSError):
+                    if pipe is not None:
+                        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
     def why(self) -> str:
         """The worker's last line on stderr, or its exit status."""
@@ -324,6 +343,18 @@ class _Worker:
         self.stderr.close()
 
 
+def _waiting(w: _Worker) -> bool:
+    """Whether ``w`` has written something the parent has not read yet (an answer, or its end):
+    its output is read unbuffered, so the pipe holds all there is (POSIX; elsewhere: never)."""
+    out = w.proc.stdout
+    if out is None or os.name != "posix":
+        return False
+    try:
+        return bool(select.select([out], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
 class Workers:
     """``n`` worker processes, started at once (they import while the caller walks); see the
     module docstring. Use as a context manager: leaving it kills and reaps every worker."""
@@ -340,8 +371,14 @@ class Workers:
                 exc.strerror or exc,
             )
         self._next = 0  # the first chunk not sent yet
+        self._answered = 0  # the first chunk whose answer has not been taken yet
         # The chunks sent and not answered yet, as the strings sent (see _part).
         self._sent: dict[int, list[str]] = {}
+
+    @property
+    def answered(self) -> int:
+        """How many chunks have been answered (and taken) so far."""
+        return self._answered
 
     @property
     def pids(self) -> list[int]:
@@ -359,20 +396,40 @@ class Workers:
 
     def feed(self, paths: Paths, chunk: int) -> None:
         """Send the workers the whole chunks of ``paths`` so far (a list the caller is still
-        growing: the walk), up to :data:`_WALK_AHEAD` each, so that they read headers while the
-        folders are walked; :meth:`examine` then goes on from there (same ``chunk``)."""
+        growing: the walk), up to :data:`_WALK_AHEAD` each not answered yet, so that they read
+        headers while the folders are walked; :meth:`ready` and :meth:`examine` then go on
+        from there (same ``chunk``)."""
         n = len(self.workers)
-        limit = min(len(paths) // chunk, _WALK_AHEAD * n)
-        while n and self._next < limit:
+        whole = len(paths) // chunk
+        while n and self._next < whole and self._next - self._answered < _WALK_AHEAD * n:
             self._send(paths, chunk, self._next, None)
             self._next += 1
+
+    def ready(self, paths: Paths, chunk: int) -> Iterator[tuple[list[str], Packed]]:
+        """The chunks fed so far whose answers are already waiting, in order, as
+        :meth:`examine` gives them; none that would make the caller wait for a worker. During
+        the walk the caller takes them (its file table grows meanwhile), so the workers are
+        fed on and never wait for the walk to end (a worker's output pipe holds ~14 answers:
+        the walk of 100,000 files lists 200 chunks; issue 16 item 4)."""
+        n = len(self.workers)
+        while self._answered < self._next:
+            i = self._answered
+            w = self.workers[i % n]
+            if not w.alive or not _waiting(w):
+                return  # examine() takes it (or reads its files here, if the worker failed)
+            packed = self._answer(w, chunk)  # fed chunks are whole
+            names = self._part(paths, chunk, i)
+            if packed is None:  # it failed: this process reads them
+                packed = pack([examine(p) for p in names])
+            self._answered += 1
+            yield names, packed
 
     def _part(self, paths: Paths, chunk: int, i: int) -> list[str]:
         """Chunk ``i`` as strings: the very list sent, while in flight (made once; the caller
         keeps the paths compactly: issue 16 item 4)."""
         if i in self._sent:
             return self._sent.pop(i)
-        return [paths[j] for j in range(i * chunk, min((i + 1) * chunk, len(paths)))]
+        return part(paths, i * chunk, min((i + 1) * chunk, len(paths)))
 
     def _send(self, paths: Paths, chunk: int, i: int, chunks: int | None) -> None:
         """Chunk ``i`` to its worker (``i % n``); its input closed after its last chunk (of
@@ -414,9 +471,9 @@ class Workers:
                 self._send(paths, chunk, self._next, chunks)
                 self._next += 1
 
-        top_up(_AHEAD * n)
-        done = 0
-        for i in range(chunks):
+        top_up(self._answered + _AHEAD * n)
+        done = min(total, self._answered * chunk)  # the chunks :meth:`ready` gave
+        for i in range(self._answered, chunks):
             packed: Packed | None = None
             if n and workers[i % n].alive:
                 packed = self._answer(workers[i % n], min(chunk, total - i * chunk))
@@ -424,6 +481,7 @@ class Workers:
             names = self._part(paths, chunk, i)
             if packed is None:  # no worker, or it failed: this process reads them
                 packed = pack([examine(p) for p in names])
+            self._answered = i + 1
             yield names, packed
             done += len(names)
             report(done)

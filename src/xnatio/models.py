@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import binascii
 import enum
+import operator
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 from urllib.parse import unquote
@@ -300,6 +301,22 @@ class _Text:
             return data[1:].hex().rstrip("f").translate(_FROM_NIBBLES)
         return data.decode("utf-8", "surrogatepass")
 
+    def slice(self, start: int, stop: int) -> list[str]:
+        """``[self[row] for row in range(start, stop)]``, in a few C-level passes when each of
+        those rows is packed (discovery sends the workers its paths, UID-named files, a chunk
+        at a time: issue 16 item 4)."""
+        ends = self.ends
+        first = ends[start - 1] if start else 0
+        at = [0, *(end - first for end in ends[start:stop])]
+        data = bytes(self.blob[first : first + at[-1]])
+        # Packed rows each start with the 0xFF marker (an empty row has no byte: not packed).
+        if not all(a < b and data[a] == 0xFF for a, b in pairwise(at)):
+            return [self[row] for row in range(start, stop)]
+        # As hexadecimal digits: each row's "ff", then its nibbles ("a" for a dot, a last "f"
+        # padding an odd length); a UID holds no "f", so rstrip leaves the row's characters.
+        text = data.hex().translate(_FROM_NIBBLES)
+        return [text[2 * a + 2 : 2 * b].rstrip("f") for a, b in pairwise(at)]
+
 
 def _encoded(text: str) -> bytes:
     """How :class:`_Text` stores one string."""
@@ -335,6 +352,12 @@ class SplitStrings:
 
     def __getitem__(self, row: int) -> str:
         return self.head[row] + self.tail[row]
+
+    def slice(self, start: int, stop: int) -> list[str]:
+        """``[self[row] for row in range(start, stop)]``, a column at a time."""
+        values = self.head.values
+        heads = [values[code] for code in self.head.codes[start:stop]]
+        return list(map(operator.add, heads, self.tail.slice(start, stop)))
 
     def __len__(self) -> int:
         return len(self.tail.ends)
@@ -768,33 +791,53 @@ class SopIndex:
         self._count = 0
 
     def _find(self, uid: str) -> int:
-        """The slot holding ``uid``, or the empty slot where it would go."""
+        """The slot holding ``uid``, or the empty slot where it would go. A slot keeps 27 bits
+        of the UID's hash above the position (:data:`_TAG_SHIFT`), the bits that choose its
+        slot too (up to 2**27 slots): a UID is read back from the table (a decode) only where
+        they match, not at every slot a probe passes, and growing reads none back (issue 16
+        item 4: discovery's index grows while the folders are walked)."""
         slots, mask, uid_at = self._slots, self._mask, self._table.sop_instance_uid
-        i = hash(uid) & mask
+        h = hash(uid)
+        tag = h >> 32 & _TAG
+        i = (tag if mask <= _TAG else h) & mask
+        tag <<= _TAG_SHIFT
         while True:
             at = slots[i]
-            if at < 0 or uid_at(at) == uid:
+            if at < 0 or (at & _TAG_BITS == tag and uid_at(at & _POSITION) == uid):
                 return i
             i = (i + 1) & mask
 
     def get(self, uid: str) -> int | None:
         """The position of the file holding ``uid`` in the table, or None."""
         at = self._slots[self._find(uid)]
-        return None if at < 0 else at
+        return None if at < 0 else at & _POSITION
 
     def add(self, uid: str, position: int) -> None:
         """Remember that the file at ``position`` holds ``uid`` (not held yet)."""
         if 2 * (self._count + 1) > len(self._slots):
             self._grow()
-        self._slots[self._find(uid)] = position
+        self._slots[self._find(uid)] = (hash(uid) >> 32 & _TAG) << _TAG_SHIFT | position
         self._count += 1
 
     def _grow(self) -> None:
         old = [p for p in self._slots if p >= 0]
-        self._slots = array("q", [-1]) * (2 * len(self._slots))
-        self._mask = len(self._slots) - 1
-        for position in old:
-            self._slots[self._find(self._table.sop_instance_uid(position))] = position
+        slots = self._slots = array("q", [-1]) * (2 * len(self._slots))
+        mask = self._mask = len(slots) - 1
+        for tagged in old:
+            if mask <= _TAG:  # the slot from the kept bits of the hash
+                i = tagged >> _TAG_SHIFT & mask
+                while slots[i] >= 0:
+                    i = (i + 1) & mask
+                slots[i] = tagged
+            else:
+                slots[self._find(self._table.sop_instance_uid(tagged & _POSITION))] = tagged
+
+
+# SopIndex's slots: a position below 2**36, then 27 bits of the UID's hash.
+_TAG_SHIFT = 36
+_POSITION = (1 << _TAG_SHIFT) - 1
+_TAG = (1 << 27) - 1
+_TAG_BITS = _TAG << _TAG_SHIFT
 
 
 @dataclass(slots=True, init=False)
