@@ -51,7 +51,7 @@ from xnatio.sandbox.store import (
     PrearcSession,
     Store,
 )
-from xnatio.sandbox.tarstream import iter_tar_stream
+from xnatio.sandbox.tarstream import iter_tar_stream, tar_files
 from xnatio.sandbox.zipstream import ZipStreamError, iter_zip_stream
 from xnatio.xnat.labels import clean_label
 
@@ -237,13 +237,8 @@ def iter_entries(
                 yield from entries(member_name, body_member)
         else:
             with _open_tar(source, kind) as tf:
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    member_stream = tf.extractfile(member)
-                    if member_stream is not None:
-                        with member_stream:
-                            yield from entries(member.name, member_stream)
+                for member_name, member_stream in tar_files(tf):
+                    yield from entries(member_name, member_stream)
     except (ZipStreamError, tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
-from typing import IO, Protocol
+from typing import IO
+
+from xnatio.sandbox.zipstream import Readable
 
 BLOCK = tarfile.BLOCKSIZE
 _READ = 1 << 16  # what the buffer takes from the body at a time
@@ -52,10 +54,6 @@ _NO_DATA = frozenset(
 )
 _ENCODING = tarfile.ENCODING
 _ERRORS = "surrogateescape"  # tarfile.TarFile's default
-
-
-class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class _Source:
@@ -154,13 +152,19 @@ def _by_tarfile(head: bytes, src: _Source, bufsize: int) -> Iterator[tuple[str, 
     with tarfile.open(  # type: ignore[call-overload]
         fileobj=_Resumed(head, src), mode="r|", bufsize=bufsize
     ) as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            stream = tf.extractfile(member)
-            if stream is not None:
-                with stream:
-                    yield member.name, stream
+        yield from tar_files(tf)
+
+
+def tar_files(tf: tarfile.TarFile) -> Iterator[tuple[str, IO[bytes]]]:
+    """The regular members of an open ``tarfile`` and their streams, in order; the others
+    (folders, links, devices) are skipped."""
+    for member in tf:
+        if not member.isfile():
+            continue
+        stream = tf.extractfile(member)
+        if stream is not None:
+            with stream:
+                yield member.name, stream
 
 
 def iter_tar_stream(raw: Readable, bufsize: int = _READ) -> Iterator[tuple[str, IO[bytes]]]:
