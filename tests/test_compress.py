@@ -270,6 +270,22 @@ def test_deflating_on_saturated_cores_goes_back_to_stored() -> None:
     assert any(v for _, v in run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL + 0.5))
 
 
+def test_saturated_cores_end_only_a_trial_against_the_start_up() -> None:
+    """400 Mbit/s: deflating saturates the cores too, but a trial that beat a stored rate
+    measured after the start-up (47 MB/s stored, 120 deflated) is kept to the end."""
+    c, wall, sock = decision(idle_cores=1.5)
+    assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True  # a trial, against the start-up's 30
+    idle = c.idle_clock
+    assert isinstance(idle, FakeIdle)
+    idle.cores = 0.1
+    assert run(c, wall, sock, 40 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)[-1][1] is False
+    idle.cores = 1.5
+    stored = run(c, wall, sock, 47 * MB, defaults.COMPRESS_TRIAL)  # measured stored again
+    assert stored[-1][1] is True  # and tried again: 47 × 1.5 < 100, idle enough
+    idle.cores = 0.1
+    assert all(v for _, v in run(c, wall, sock, 40 * MB, 20, ratio=3.0))
+
+
 def test_a_slow_link_that_leaves_the_cores_idle_is_deflated_to_the_end() -> None:
     c, wall, sock = decision(idle_cores=1.2)
     run(c, wall, sock, 12.5 * MB, 1)

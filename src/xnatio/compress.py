@@ -56,9 +56,11 @@ machine's idle CPU is known (Linux, ``/proc/stat``: :func:`machine_idle_seconds`
 
 * no trial is made when, while it stored, fewer cores were idle than deflating needs to beat
   storing by ``gain`` (``gain × link / compressor``);
-* a trial or a kept choice ends, stored, when, while it deflated, fewer cores were idle than
-  deflating was using (``payload / compressor``): the CPU was saturated, so deflating took it
-  from the upload itself or from what shares the machine.
+* a trial that beat only the start-up's stored rate ends, stored for a trial's length, when,
+  while it deflated, fewer cores were idle than deflating was using (``payload /
+  compressor``): the CPU was saturated, so deflating may have taken it from the upload itself
+  rather than beaten the link. A trial against the rate measured then is judged as any other
+  (at 400 Mbit/s deflating saturates the cores too, and wins against the stored rate).
 
 That CPU would otherwise come from a receiver on the same cores (loopback: the first stored
 period, start-up included, measured half the steady rate, a trial beat it, and a 15,000-file
@@ -356,10 +358,13 @@ class Compression:
         if deflating:
             assert stored is not None and link_stored is not None  # a trial follows a stored period
             using = payload / deflate if deflate else 0.0  # cores deflating took
-            if idle is not None and idle < using:
-                # The cores were saturated: deflating took its CPU from the upload itself (a
-                # receiver on the same cores) or from what shares the machine. Stored, for a
-                # trial's length; the idle CPU then says whether to try again.
+            if from_probe and idle is not None and idle < using:
+                # The cores were saturated, and the stored rate this trial beat was the
+                # start-up's: deflating may have taken its CPU from the upload itself (a
+                # receiver on the same cores) rather than beaten the link. Stored, for a
+                # trial's length (0.5 s right after deflating measured the receiver still
+                # inflating); the idle CPU then says whether to try again, and a trial is
+                # judged against that rate.
                 log.debug(
                     "compress auto: storing (deflating used %.2f cores, %.2f were idle)",
                     using,
