@@ -17,7 +17,7 @@ import requests
 from xnatio import defaults
 from xnatio.archive import make_archive_stream
 from xnatio.cli.upload import upload_dicom
-from xnatio.compress import Compression
+from xnatio.compress import Compression, machine_idle_seconds
 from xnatio.discover import discover
 from xnatio.models import Outcome
 from xnatio.pipeline import UploadOptions, upload
@@ -50,9 +50,24 @@ class FakeSocketCount:
         return self.acked
 
 
-def decision(mode: str = "auto") -> tuple[Compression, FakeClock, FakeSocketCount]:
+class FakeIdle:
+    """The machine's idle CPU seconds: ``cores`` idle cores as the fake wall clock moves."""
+
+    def __init__(self, wall: FakeClock, cores: float) -> None:
+        self.wall, self.cores = wall, cores
+        self.total, self.last = 0.0, wall.now
+
+    def __call__(self) -> float:
+        self.total += (self.wall.now - self.last) * self.cores
+        self.last = self.wall.now
+        return self.total
+
+
+def decision(
+    mode: str = "auto", idle_cores: float = 1.5
+) -> tuple[Compression, FakeClock, FakeSocketCount]:
     wall, cpu = FakeClock(), FakeClock()
-    c = Compression(mode, clock=wall, cpu_clock=cpu)
+    c = Compression(mode, clock=wall, cpu_clock=cpu, idle_clock=FakeIdle(wall, idle_cores))
     c.deflated(10 * MB, int(10 * MB / 2.9), 0.1)  # 100 MB/s per CPU second, ratio 2.9
     sock = FakeSocketCount()
     c.watch(sock)  # a body starts sending: the clock of the run starts
@@ -222,9 +237,78 @@ def test_a_link_that_slows_down_is_followed() -> None:
     assert all(v for _, v in run(c, wall, sock, 10 * MB, 4, ratio=3.0))
 
 
+def test_no_trial_when_the_cpu_deflating_needs_is_not_idle() -> None:
+    """60 MB/s stored, one core deflates 100 MB/s: deflating to beat storing by the gain needs
+    0.69 cores. With 0.3 idle (a receiver on the same cores) it stays stored; with enough idle,
+    or the idle CPU unknown (not Linux), it is tried as before."""
+    c, wall, sock = decision(idle_cores=0.3)
+    assert not any(v for _, v in run(c, wall, sock, 60 * MB, 20))
+    c, wall, sock = decision(idle_cores=0.8)
+    assert run(c, wall, sock, 60 * MB, 1)[-1][1] is True
+    wall2, cpu2 = FakeClock(), FakeClock()
+    unknown = Compression("auto", clock=wall2, cpu_clock=cpu2, idle_clock=lambda: None)
+    unknown.deflated(10 * MB, int(10 * MB / 2.9), 0.1)
+    sock2 = FakeSocketCount()
+    unknown.watch(sock2)
+    assert run(unknown, wall2, sock2, 60 * MB, 1)[-1][1] is True
+
+
+def test_deflating_on_saturated_cores_goes_back_to_stored() -> None:
+    """Loopback: the start-up measured 30 MB/s stored, a trial deflated the files at 90 MB/s
+    (far more than 30 × 1.15), but the cores were saturated meanwhile (0.1 idle while
+    deflating used 0.9): stored again, and no trial while the cores stay that busy (before this
+    rule, a 15,000-file upload deflated to the end: 1.24x the time of --compress never)."""
+    c, wall, sock = decision(idle_cores=1.5)
+    assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True  # a trial from 0.75 s
+    idle = c.idle_clock
+    assert isinstance(idle, FakeIdle)
+    idle.cores = 0.1
+    trial = run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)
+    assert trial[-1][1] is False
+    assert not any(v for _, v in run(c, wall, sock, 30 * MB, 20))
+    idle.cores = 1.5  # the cores free again (the other work ended): tried again
+    assert any(v for _, v in run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL + 0.5))
+
+
+def test_saturated_cores_end_only_a_trial_against_the_start_up() -> None:
+    """400 Mbit/s: deflating saturates the cores too, but a trial that beat a stored rate
+    measured after the start-up (47 MB/s stored, 120 deflated) is kept to the end."""
+    c, wall, sock = decision(idle_cores=1.5)
+    assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True  # a trial, against the start-up's 30
+    idle = c.idle_clock
+    assert isinstance(idle, FakeIdle)
+    idle.cores = 0.1
+    assert run(c, wall, sock, 40 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)[-1][1] is False
+    idle.cores = 1.5
+    stored = run(c, wall, sock, 47 * MB, defaults.COMPRESS_TRIAL)  # measured stored again
+    assert stored[-1][1] is True  # and tried again: 47 × 1.5 < 100, idle enough
+    idle.cores = 0.1
+    assert all(v for _, v in run(c, wall, sock, 40 * MB, 20, ratio=3.0))
+
+
+def test_a_slow_link_that_leaves_the_cores_idle_is_deflated_to_the_end() -> None:
+    c, wall, sock = decision(idle_cores=1.2)
+    run(c, wall, sock, 12.5 * MB, 1)
+    assert all(v for _, v in run(c, wall, sock, 12.5 * MB, 30, ratio=2.9))
+
+
+def test_machine_idle_seconds_reads_proc_stat(tmp_path: Path) -> None:
+    import os
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 1000 20 0 7 0 0 0\ncpu0 50 0 25 500 10 0 3 0 0 0\n")
+    assert machine_idle_seconds(str(stat)) == pytest.approx(1020 / os.sysconf("SC_CLK_TCK"))
+    assert machine_idle_seconds(str(tmp_path / "missing")) is None
+    stat.write_text("cpu  garbage\n")
+    assert machine_idle_seconds(str(stat)) is None
+    if Path("/proc/stat").exists():
+        first = machine_idle_seconds()
+        assert first is not None and first > 0
+
+
 def test_nothing_measured_yet_stores_except_the_sample() -> None:
     wall, cpu = FakeClock(), FakeClock()
-    c = Compression("auto", clock=wall, cpu_clock=cpu)
+    c = Compression("auto", clock=wall, cpu_clock=cpu, idle_clock=lambda: None)
     assert c.should_deflate() is True  # the first entry measures the compressor
     assert c.should_deflate() is False  # nothing measured yet
     wall.now += 5
