@@ -103,11 +103,12 @@ def case_table(cr: CaseResult) -> str:
     base = cr.results.get(cr.case.baseline or "")
     base_t = base.med("metric_s") if base is not None and base.ok else None
     knobs = ", ".join(f"{k}={v:g}" for k, v in cr.case.knobs.items()) or "none"
+    link = f"; link: {cr.case.link_mbit:g} Mbit/s (veth + tbf)" if cr.case.link_mbit > 0 else ""
     head = (
         f"### {cr.case.name}\n\n"
         f"{cr.dataset.files:,} files, {cr.dataset.bytes / 1e6:,.0f} MB "
-        f"({cr.dataset.to_json()['image']}); receiver: {cr.case.receiver}; server knobs: {knobs}; "
-        f"{cr.case.repeat} run(s) each, alternating.\n\n"
+        f"({cr.dataset.to_json()['image']}); receiver: {cr.case.receiver}; server knobs: {knobs}"
+        f"{link}; {cr.case.repeat} run(s) each, alternating.\n\n"
     )
     ratio_head = f"speed vs {cr.case.baseline}" if cr.case.baseline else "—"
     lines = [

@@ -90,7 +90,8 @@ class Sizes:
     slow_files: int = 5_000
     cstore_files: int = 2_000
     discover_files: tuple[int, ...] = (15_000, 50_000)
-    scale_files: tuple[int, ...] = (2_000, 15_000, 50_000, 100_000)
+    # 10,000 and 100,000: issue 16's RSS growth goal (benchmarks.report.SCALE_GROWTH_FROM).
+    scale_files: tuple[int, ...] = (2_000, 10_000, 15_000, 50_000, 100_000)
     # upload-many --dry-run over (studies, files per study): issue 12's million files.
     scale_many: tuple[int, int] = (1_000, 1_000)
     image: tuple[int, int] = FULL_IMAGE
