@@ -22,6 +22,19 @@ from xnatio.report import result_to_dict, write_report
 from xnatio.synth import generate_session
 
 
+def _fresh_interpreter(script: str, *args: str, timeout: float) -> list[str]:
+    """What ``script`` prints, run in a fresh interpreter (so that what it measures with
+    tracemalloc is its own, not this test process's), split into words."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return run.stdout.split()
+
+
 def _tree_of_tiny_files(tmp_path: Path, n: int) -> Path:
     """``n`` copies of one tiny DICOM file, each with its own SOP Instance UID, in 10 folders."""
     s = generate_session(tmp_path / "one", series=1, instances=1, image_size=(8, 8))
@@ -94,14 +107,8 @@ def test_a_manifest_holds_its_files_in_columns_not_an_object_per_file(tmp_path: 
     made from the columns names its file by the string it holds (no copy per outcome)."""
     n = 2_000
     tree = _tree_of_tiny_files(tmp_path, n)
-    run = subprocess.run(
-        [sys.executable, "-c", _HELD_AFTER_DISCOVERY, str(tree)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    files, held, shared = run.stdout.split()
+    words = _fresh_interpreter(_HELD_AFTER_DISCOVERY, str(tree), timeout=120)
+    files, held, shared = words
     assert int(files) == n
     assert shared == "True"
     assert int(held) / n < 120, f"{int(held) / n:.0f} bytes per file"
@@ -120,14 +127,8 @@ def test_discovery_planning_and_outcomes_cost_well_under_a_kilobyte_per_file(
     """
     n = 10_000
     tree = _tree_of_tiny_files(tmp_path, n)
-    run = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(tree)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    files, outcomes, batches, peak = (int(x) for x in run.stdout.split())
+    words = _fresh_interpreter(_MEASURE, str(tree), timeout=300)
+    files, outcomes, batches, peak = (int(x) for x in words)
     assert files == outcomes == n
     assert batches > 1
     assert peak / n < 600, f"{peak / n:.0f} bytes per file"
@@ -202,14 +203,10 @@ def test_the_journal_after_a_send_makes_no_record_per_file(tmp_path: Path) -> No
     names in discovery order) at under a byte a file: the safety net writes nothing the hook
     wrote, the fingerprint is hashed in discovery order; 122 bytes a file when it sorts the
     names (and more than twice that when it sorted records)."""
-    run = subprocess.run(
-        [sys.executable, "-c", _JOURNAL_AFTER_SENDING, str(tmp_path / "journal.sqlite")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    words = _fresh_interpreter(
+        _JOURNAL_AFTER_SENDING, str(tmp_path / "journal.sqlite"), timeout=120
     )
-    n, again, peak = (int(x) for x in run.stdout.split())
+    n, again, peak = (int(x) for x in words)
     assert again == 0
     assert peak / n < 40, f"{peak / n:.0f} bytes per file"
 
@@ -249,14 +246,8 @@ def test_a_batch_in_flight_holds_no_entry_name_per_file() -> None:
     batches), and each held the entry names of its files (120 bytes a file: 12 MB at 100,000
     files). The names are made as each entry is written (archive.InstanceNames), the same
     names. Measured at 0 bytes a file once the stream is made (~120 as a list)."""
-    run = subprocess.run(
-        [sys.executable, "-c", _BATCH_IN_FLIGHT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    n, held = (int(x) for x in run.stdout.split())
+    words = _fresh_interpreter(_BATCH_IN_FLIGHT, timeout=120)
+    n, held = (int(x) for x in words)
     assert held / n < 20, f"{held / n:.0f} bytes per file"
 
 
@@ -291,12 +282,6 @@ def test_outcomes_are_made_as_files_are_reported() -> None:
     reports the file (or when all are listed at the end), not for every file before the first
     request: 20,000 files with one batch of 1,000 reported hold ~14 bytes a file (the list and
     the 1,000 outcomes); ~148 when every outcome was made at the start."""
-    run = subprocess.run(
-        [sys.executable, "-c", _OUTCOMES_WHILE_SENDING],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    n, held = (int(x) for x in run.stdout.split())
+    words = _fresh_interpreter(_OUTCOMES_WHILE_SENDING, timeout=120)
+    n, held = (int(x) for x in words)
     assert held / n < 40, f"{held / n:.0f} bytes per file"
