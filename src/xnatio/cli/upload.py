@@ -235,7 +235,8 @@ COMMON = frozenset(
     help="Deflate what is sent (rest, with the default tar format): always = a streamed zip of "
     "deflated entries, the one compressed upload XNAT takes (facts 1.1); never = the tar; auto = "
     "a streamed zip whose entries are deflated while the link measured in this run is slower "
-    "than this machine deflates, so a fast link is never slowed.",
+    "than this machine deflates and its cores have the CPU to spare; a trial of deflating is "
+    "kept only if it delivers the files faster.",
 )
 @click.option(
     "--timeout",
