@@ -147,7 +147,13 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
             raise HttpError(400, MSG_NO_FORMAT)
         p = ImportParams.from_params(params, base)
         job = DicomImport(
-            store, req.server.knob_box, p, req.path, _user(req), site_anon=req.server.site_anon
+            store,
+            req.server.knob_box,
+            p,
+            req.path,
+            _user(req),
+            site_anon=req.server.site_anon,
+            slots=req.server.import_slots,
         )
         source: Path | FullReader = body_path if body_path else FullReader(req.body)
         if p.handler == "gradual-DICOM":

@@ -42,6 +42,7 @@ from xnatio.sandbox.dicom import (
 )
 from xnatio.sandbox.knobs import KnobBox
 from xnatio.sandbox.pages import HttpError
+from xnatio.sandbox.slots import Slots
 from xnatio.sandbox.store import (
     AUTO_ARCHIVE,
     AUTO_ARCHIVE_OVERWRITE,
@@ -271,6 +272,9 @@ def _maybe_nested(name: str, stream: IO[bytes], tmp_dir: Path) -> Iterator[tuple
     yield from iter_entries(FullReader(stream), inner, tmp_dir)
 
 
+_NO_SLOTS = Slots(0)
+
+
 class DicomImport:
     """One import request's work. ``run`` returns the URIs for the text/uri-list answer
     (possibly none: a 200 with an empty body, facts 1.3)."""
@@ -283,8 +287,12 @@ class DicomImport:
         path: str,
         user: str | None = None,
         site_anon: bool = True,
+        slots: Slots | None = None,
     ) -> None:
         self.store = store
+        # The server's import slots (``slots``): each file's work is done holding one, so the
+        # request threads take turns instead of all contending for the GIL; None: no turns.
+        self.slots = slots or _NO_SLOTS
         self.site_anon = site_anon
         self.knobs = knobs
         self.p = params
@@ -309,7 +317,12 @@ class DicomImport:
         try:
             for name, stream in entries:
                 try:
-                    self._one(name, stream)
+                    if self.knobs.live.bandwidth_mbps > 0:
+                        # (The bandwidth knob sleeps in the body reads: not while holding a slot.)
+                        self._one(name, stream)
+                    else:
+                        with self.slots.slot():
+                            self._one(name, stream)
                 except Unparsable as err:
                     if not self.p.ignore_unparsable:
                         raise HttpError(400, str(err)) from None
@@ -573,7 +586,8 @@ class DicomImport:
             raise failed
         knobs = self.knobs.live
         if knobs.per_file_ms > 0:
-            time.sleep(knobs.per_file_ms / 1000)
+            with self.slots.paused():  # a simulated cost: parallel across requests, as in XNAT
+                time.sleep(knobs.per_file_ms / 1000)
         reencoding = knobs.reencode or script is not None
         if fast is not None:
             # The stored bytes built from the header walk (fastdicom), written and hashed in one

@@ -35,6 +35,7 @@ from xnatio.sandbox.auth import (
 from xnatio.sandbox.bodies import RECV_BUFFER, BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
 from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
+from xnatio.sandbox.slots import Slots
 from xnatio.sandbox.store import FileRecord, PrearcSession, Store
 
 log = logging.getLogger("xnatio.sandbox")
@@ -413,6 +414,9 @@ class SandboxServer:
         if knobs is not None and knobs.session_timeout is not None:
             self.auth.session_timeout = knobs.session_timeout
         self.store: Store | None = None
+        # The request threads take turns at importing files (slots.py): what each file's
+        # import does is unchanged, only how many threads do it at once.
+        self.import_slots = Slots()
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
