@@ -143,12 +143,16 @@ class _Watching(Slots):
 
 
 class _Entry(io.BytesIO):
-    def __init__(self, data: bytes, slots: _Watching) -> None:
+    def __init__(
+        self, data: bytes, slots: _Watching, on_read: Callable[[], object] = lambda: None
+    ) -> None:
         super().__init__(data)
         self._slots = slots
+        self._on_read = on_read
 
     def read(self, n: int | None = -1, /) -> bytes:
         self._slots.reads_held.append(self._slots.held())
+        self._on_read()
         return super().read(n)
 
 
@@ -176,27 +180,45 @@ def test_the_importer_does_each_files_work_holding_a_slot(store: Store, tmp_path
 def test_the_per_file_knob_sleeps_without_a_slot(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = session(tmp_path, series=1, instances=2)
+    s = session(tmp_path, series=1, instances=3)
     files = [p.read_bytes() for p in s.instances.values()]
     slots = _Watching()
+    knobs = KnobBox(Knobs())
     held_while_sleeping: list[bool] = []
 
     def sleep(seconds: float) -> None:
         held_while_sleeping.append(slots.held())
 
+    def entries() -> Iterator[tuple[str, IO[bytes]]]:
+        # The knob is set while the first file is read (its slot held).
+        yield "f0.dcm", _Entry(files[0], slots, lambda: knobs.set(per_file_ms=5))
+        for i, data in enumerate(files[1:], 1):
+            yield f"f{i}.dcm", _Entry(data, slots)
+
     monkeypatch.setattr(importer.time, "sleep", sleep)
-    job = _import(store, slots, files, Knobs(per_file_ms=5))
-    assert job.files_written == 2
-    assert held_while_sleeping == [False, False]
-    assert all(slots.reads_held)  # and the slot was taken back for the write
+    p = ImportParams.from_params(DEST, "application/zip")
+    job = DicomImport(store, knobs, p, "/data/services/import", slots=slots)
+    job.run(entries())
+    assert job.files_written == 3
+    # The file read when the knob was set sleeps without its slot and takes one back for the
+    # write (granted twice); the next ones, with the knob already on, take none (the knobs
+    # that sleep stand for parallel costs).
+    assert held_while_sleeping == [False, False, False]
+    first = slots.reads_held[: slots.reads_held.index(False)]
+    assert len(first) >= 2 and slots.granted == 2
+    assert not any(slots.reads_held[len(first) :])
     assert slots._free == 1
 
 
-def test_with_the_bandwidth_knob_no_slot_is_taken(store: Store, tmp_path: Path) -> None:
-    # The bandwidth cap sleeps inside the body reads: a slot must not be held through them.
+@pytest.mark.parametrize("knob", [{"bandwidth_mbps": 1000.0}, {"per_file_ms": 1.0}])
+def test_with_a_knob_that_sleeps_no_slot_is_taken(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knob: dict[str, float]
+) -> None:
+    # The bandwidth cap sleeps inside the body reads, per_file_ms per file: parallel costs.
+    monkeypatch.setattr(importer.time, "sleep", lambda seconds: None)
     s = session(tmp_path, series=1, instances=2)
     files = [p.read_bytes() for p in s.instances.values()]
     slots = _Watching()
-    job = _import(store, slots, files, Knobs(bandwidth_mbps=1000))
+    job = _import(store, slots, files, Knobs(**knob))  # type: ignore[arg-type]
     assert job.files_written == 2
     assert slots.granted == 0 and not any(slots.reads_held)

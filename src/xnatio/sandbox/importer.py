@@ -317,8 +317,11 @@ class DicomImport:
         try:
             for name, stream in entries:
                 try:
-                    if self.knobs.live.bandwidth_mbps > 0:
-                        # (The bandwidth knob sleeps in the body reads: not while holding a slot.)
+                    live = self.knobs.live
+                    if live.bandwidth_mbps > 0 or live.per_file_ms > 0:
+                        # The knobs that sleep (in the body reads, per file) stand for a link or
+                        # a server's own cost: taken in parallel, as XNAT's threads would, not
+                        # in turns (measured: turns made rest-latency's upload 15 % slower).
                         self._one(name, stream)
                     else:
                         with self.slots.slot():
@@ -586,7 +589,7 @@ class DicomImport:
             raise failed
         knobs = self.knobs.live
         if knobs.per_file_ms > 0:
-            with self.slots.paused():  # a simulated cost: parallel across requests, as in XNAT
+            with self.slots.paused():  # (set mid-request): a slot is never held in a sleep
                 time.sleep(knobs.per_file_ms / 1000)
         reencoding = knobs.reencode or script is not None
         if fast is not None:
