@@ -44,10 +44,15 @@ class FakeSocketCount:
     def __init__(self) -> None:
         self.acked = 0
         self.calls = 0
+        self.unsent: int | None = None  # the socket's unsent limit; None: never set
 
     def acknowledged(self) -> int:
         self.calls += 1
         return self.acked
+
+    def limit_unsent(self, nbytes: int) -> bool:
+        self.unsent = nbytes
+        return True
 
 
 class FakeIdle:
@@ -102,6 +107,10 @@ def run(
 
 def first_deflated(verdicts: list[tuple[float, bool]]) -> float | None:
     return next((t for t, v in verdicts if v), None)
+
+
+def first_stored_after(verdicts: list[tuple[float, bool]]) -> float | None:
+    return next((t for t, v in verdicts if not v), None)
 
 
 def test_a_slow_link_is_deflated_within_the_first_second() -> None:
@@ -265,9 +274,53 @@ def test_deflating_on_saturated_cores_goes_back_to_stored() -> None:
     idle.cores = 0.1
     trial = run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)
     assert trial[-1][1] is False
+    # Ended a probe's length in, not at the trial's end: 1.5 s less deflating on loopback.
+    ended = first_stored_after(trial)
+    assert ended is not None
+    assert ended - trial[0][0] < defaults.COMPRESS_PROBE + 0.05
     assert not any(v for _, v in run(c, wall, sock, 30 * MB, 20))
     idle.cores = 1.5  # the cores free again (the other work ended): tried again
     assert any(v for _, v in run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL + 0.5))
+
+
+def test_a_trial_on_idle_cores_is_not_ended_before_its_length() -> None:
+    """The look a probe's length into a trial against the start-up judges only the cores: with
+    cores idle, the trial runs its whole length even when its first half-second was slow."""
+    c, wall, sock = decision(idle_cores=1.5)
+    assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True  # a trial against the start-up's 30
+    # Half a second of deflated bytes slower than stored (in flight stored bytes ahead of them)
+    assert all(v for _, v in run(c, wall, sock, 10 * MB, defaults.COMPRESS_PROBE + 0.1))
+    trial = run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)
+    assert all(v for _, v in trial)  # 90 MB/s of the files > 30 × 1.15: kept
+
+
+def test_sockets_queue_few_unsent_bytes_only_while_the_link_is_measured() -> None:
+    """A socket's unsent queue is kept short while auto measures a link that deflating might
+    beat (TCP_NOTSENT_LOWAT); once the link is faster than deflating could beat, every body's
+    limit is lifted (0: the system's default), and set again for a trial on a link that slowed.
+    On loopback the limit cost 3-5 s of the client's system CPU in a 15 s upload."""
+    c, wall, sock = decision()
+    assert sock.unsent == defaults.COMPRESS_UNSENT  # watched: limited from the first byte
+    run(c, wall, sock, 300 * MB, defaults.COMPRESS_WARMUP + defaults.COMPRESS_PROBE + 0.05)
+    assert sock.unsent == 0 and not c.limiting  # 300 × 1.5 ≥ 100 MB/s per core: lifted
+    later = FakeSocketCount()
+    c.watch(later)  # a body that starts now is not limited
+    assert later.unsent is None
+    verdicts = run(c, wall, sock, 12.5 * MB, 2 * defaults.COMPRESS_TRIAL + 0.1)
+    assert first_deflated(verdicts) is not None  # the link slowed: a trial
+    assert sock.unsent == defaults.COMPRESS_UNSENT and later.unsent == defaults.COMPRESS_UNSENT
+    never = Compression("never")
+    other = FakeSocketCount()
+    never.watch(other)
+    assert other.unsent is None and not never.limiting
+
+
+def test_cores_too_busy_to_deflate_lift_the_limit_too() -> None:
+    """60 MB/s stored, deflating would need 0.69 cores, 0.3 idle: stored, and the link need not
+    be measured closely for a trial."""
+    c, wall, sock = decision(idle_cores=0.3)
+    assert not any(v for _, v in run(c, wall, sock, 60 * MB, 3))
+    assert sock.unsent == 0
 
 
 def test_saturated_cores_end_only_a_trial_against_the_start_up() -> None:
@@ -331,7 +384,7 @@ def test_always_and_never_do_not_measure() -> None:
     never, _, _ = decision("never")
     assert all(always.should_deflate() for _ in range(5))
     assert not any(never.should_deflate() for _ in range(5))
-    assert not never.measuring and not always.measuring
+    assert not never.limiting and not always.limiting
     with pytest.raises(ValueError, match="compress must be one of"):
         Compression("fast")
 
@@ -411,10 +464,25 @@ class Recording(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
 
-def _tee(chunks: Iterable[bytes], record: bytearray) -> Iterator[bytes]:
-    for chunk in chunks:
-        record += chunk
-        yield chunk
+class _Tee:
+    """The body as sent, kept in ``record``; sized when the body is (an exact Content-Length)."""
+
+    def __init__(self, chunks: Iterable[bytes], record: bytearray) -> None:
+        self.chunks, self.record = chunks, record
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.record += chunk
+            yield chunk
+
+
+class _SizedTee(_Tee):
+    def __len__(self) -> int:
+        return len(self.chunks)  # type: ignore[arg-type]
+
+
+def _tee(chunks: Iterable[bytes], record: bytearray) -> _Tee:
+    return _SizedTee(chunks, record) if hasattr(chunks, "__len__") else _Tee(chunks, record)
 
 
 @pytest.mark.integration
@@ -451,15 +519,59 @@ def test_compressed_upload_lands_every_instance(
     assert recording.imports  # one request: a small session goes whole (the single-request rule)
     methods = set()
     for content_type, length, body in recording.imports:
+        if mode == "auto":  # the sandbox is on this machine: no link to gain on, the tar
+            assert content_type == "application/x-tar" and length == str(len(body))
+            continue
         assert content_type == "application/zip" and length is None  # chunked zip (facts 1.1)
         with zipfile.ZipFile(io.BytesIO(bytes(body))) as zf:
             methods |= {i.compress_type for i in zf.infolist()}
     if mode == "always":
         assert methods == {zipfile.ZIP_DEFLATED}
-    else:  # the first entry samples the compressor; loopback is too fast to deflate the rest
-        assert zipfile.ZIP_STORED in methods
     sent = sum(f.size for f in discover(session.root).files)
     assert sent == sum(f.size for f in result.files)
+
+
+def test_a_server_on_this_machine_is_sent_stored_by_auto() -> None:
+    from xnatio.compress import for_server
+
+    assert for_server("auto", True) == "never"
+    assert for_server("auto", False) == "auto"
+    assert for_server("always", True) == "always" and for_server("never", False) == "never"
+
+
+def test_on_this_machine_is_the_kernels_answer() -> None:
+    import socket
+
+    from xnatio.xnat.client import on_this_machine
+
+    for host in ("127.0.0.1", "localhost", "127.0.0.9", "[::1]"):
+        assert on_this_machine(host), host
+    # TEST-NET-2 (RFC 5737) and a name that cannot resolve: not this machine.
+    assert not on_this_machine("198.51.100.7")
+    assert not on_this_machine("no-such-host.invalid")
+    assert not on_this_machine("")
+    try:  # this machine's address on the interface of its default route, where it has one
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("198.51.100.7", 9))
+            own = probe.getsockname()[0]
+    except OSError:
+        return
+    assert on_this_machine(own)
+
+
+def test_a_proxy_puts_the_server_beyond_a_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests a proxy takes cross whatever link is behind it: not on this machine."""
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    client = XnatClient("http://127.0.0.1:8080", username="u", password="p")
+    assert client.on_this_machine()
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.org:3128")
+    assert not client.on_this_machine()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert client.on_this_machine()
+    client.session.proxies["http"] = "http://proxy.example.org:3128"
+    assert not client.on_this_machine()
+    assert not XnatClient("https://198.51.100.7/xnat", username="u", password="p").on_this_machine()
 
 
 def _files(tmp_path: Path, n: int) -> list[Any]:
@@ -617,6 +729,9 @@ def test_a_body_tells_the_decision_what_each_pass_delivered(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_NOTSENT_LOWAT")
 def test_a_body_that_measures_limits_its_sockets_unsent_bytes(tmp_path: Path) -> None:
+    """A body watched by auto has its real socket's unsent queue limited as its pass starts;
+    lifting the limit from another thread (the one that reviews) gives the socket back the
+    system's default, the value it had before."""
     import socket
     import threading
 
@@ -630,7 +745,8 @@ def test_a_body_that_measures_limits_its_sockets_unsent_bytes(tmp_path: Path) ->
     option = socket.TCP_NOTSENT_LOWAT  # type: ignore[attr-defined]
     try:
         before = sender.getsockopt(socket.IPPROTO_TCP, option)
-        for unsent in (None, 100_000):
+        for mode in ("never", "auto"):
+            link = Compression(mode, unsent=100_000)
             stream = make_archive_stream(files, "zip", root=tmp_path)
             progress = ProgressCounter(None, files_total=2, bytes_total=payload, batches_total=1)
             body = StreamBody(
@@ -640,11 +756,16 @@ def test_a_body_that_measures_limits_its_sockets_unsent_bytes(tmp_path: Path) ->
                 threading.Event(),
                 size=stream.size,
                 acked=lambda: AckedBytes(socket_of=lambda: sender),  # the request's socket
-                unsent=unsent,
+                link=link,
             )
-            next(iter(body))  # the pass has started
-            expected = before if unsent is None else unsent
+            sending = iter(body)
+            next(sending)  # the pass has started (and goes on while `sending` is referenced)
+            expected = before if mode == "never" else 100_000
             assert sender.getsockopt(socket.IPPROTO_TCP, option) == expected
+        lifter = threading.Thread(target=link._limit, args=(False,))
+        lifter.start()
+        lifter.join()
+        assert sender.getsockopt(socket.IPPROTO_TCP, option) == before
     finally:
         sender.close()
         receiver.close()
@@ -699,10 +820,10 @@ def test_auto_measures_every_body_of_a_real_upload(
         def watch(self, meter: Any) -> None:
             seen["watched"] += 1
             seen["live"] += 1
+            super().watch(meter)  # limits the socket's unsent queue
             sock = meter._socket()
             option = socket.TCP_NOTSENT_LOWAT  # type: ignore[attr-defined]
             seen["lowat"].add(sock.getsockopt(socket.IPPROTO_TCP, option))
-            super().watch(meter)
 
         def unwatch(self, meter: Any) -> None:
             seen["live"] -= 1

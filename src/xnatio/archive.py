@@ -730,6 +730,19 @@ def _dos_time(mtime_ns: int) -> tuple[int, int]:
     return date, clock
 
 
+def _read_whole(source: _Source, size: int) -> tuple[list[bytes], int]:
+    """A file of at most ``_ZIP_SINGLE_READ`` bytes, read once, in ``CHUNK`` pieces, and its
+    CRC-32. The pieces are not joined: a block above the mmap threshold (128 KiB,
+    ``xnatio.malloc``) is mapped fresh and its pages zeroed by the kernel, and joining every
+    167 KB file of a stored zip, then copying it into a chunk of the request body, cost a
+    15,000-file upload 3-4 s of system CPU more than the tar (docs/performance.md, "loop")."""
+    pieces = list(source.read_exactly(size))
+    crc = 0
+    for piece in pieces:
+        crc = crc32(piece, crc)
+    return pieces, crc
+
+
 def _zip_chunks(members: Sequence[tuple[str, F]], tap: _Tap[F]) -> Iterator[bytes]:
     layout = _ZipLayout(members)
     crcs: list[int] = []
@@ -737,11 +750,10 @@ def _zip_chunks(members: Sequence[tuple[str, F]], tap: _Tap[F]) -> Iterator[byte
         source = _Source(f)
         try:
             if f.size <= _ZIP_SINGLE_READ:
-                data = b"".join(source.read_exactly(f.size))
-                crc = crc32(data)
+                pieces, crc = _read_whole(source, f.size)
                 crcs.append(crc)
                 yield _local_header(encoded, f, crc)
-                yield from tap.sent([data])
+                yield from tap.sent(pieces)
             else:
                 crc = 0
                 for piece in source.read_exactly(f.size):
@@ -887,11 +899,10 @@ def _deflated_zip_chunks(
         try:
             if f.size >= _MAX32 or not deflate():
                 if f.size <= _ZIP_SINGLE_READ:  # read once, as in _zip_chunks
-                    data = b"".join(source.read_exactly(f.size))
-                    crc = crc32(data)
+                    pieces, crc = _read_whole(source, f.size)
                     header = _local_header(encoded, f, crc)
                     yield header
-                    yield from tap.sent([data])
+                    yield from tap.sent(pieces)
                 else:
                     crc = 0
                     for piece in source.read_exactly(f.size):

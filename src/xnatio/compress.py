@@ -18,7 +18,9 @@ measures, never from a guess:
   memory speed, which made a 100 Mbit/s link look fast. While ``auto`` measures, the bodies
   also keep the bytes queued unsent per socket small (``TCP_NOTSENT_LOWAT``,
   :func:`xnatio.transports.rest.wire.limit_unsent`), so stored bytes do not pile up in socket
-  buffers before the decision. The files' bytes acknowledged (the payload rate) come from the
+  buffers before the decision; once a stored period finds the link faster than deflating could
+  beat (or the CPU deflating needs not idle), the limit is lifted from every body's socket, and
+  set again for a trial. The files' bytes acknowledged (the payload rate) come from the
   bodies' reports (:meth:`Compression.delivered`), over the last ``window`` seconds;
 * the **compressor's rate**: uncompressed bytes deflated per CPU second of the thread that
   deflates (``cpu_clock``, :func:`time.thread_time`), from the entries deflated in this run; the
@@ -62,6 +64,10 @@ machine's idle CPU is known (Linux, ``/proc/stat``: :func:`machine_idle_seconds`
   rather than beaten the link. A trial against the rate measured then is judged as any other
   (at 400 Mbit/s deflating saturates the cores too, and wins against the stored rate).
 
+A trial against the start-up's rate is looked at once after ``probe`` seconds already, for
+that rule alone (saturated cores): on a fast link with the receiver on the same cores it ended
+deflating 1.5 s sooner; with idle cores the trial runs its length.
+
 That CPU would otherwise come from a receiver on the same cores (loopback: the first stored
 period, start-up included, measured half the steady rate, a trial beat it, and a 15,000-file
 upload deflated to the end, 1.24× the time of ``--compress never``) or from other work; on a
@@ -69,6 +75,9 @@ slow link deflating leaves the cores mostly idle and these checks do not apply. 
 reviews at a time; the others go on with the choice. So ``auto`` never stays on a path that
 made the run slower. Entries follow the decision as it changes (one decision for all batches of
 an upload, thread-safe), so a run whose link slows down (or speeds up) follows it.
+
+A server on this machine (loopback, or one of its own addresses, and no proxy) is reached over
+no link at all: ``auto`` is ``never`` there (:func:`for_server`), the tar, without measuring.
 """
 
 from __future__ import annotations
@@ -103,10 +112,27 @@ def machine_idle_seconds(path: str = _PROC_STAT) -> float | None:
         return None
 
 
+def for_server(mode: str, on_this_machine: bool) -> str:
+    """The mode an upload runs with: ``auto`` to a server on this machine (loopback, or this
+    machine's own address, no proxy: :meth:`xnatio.xnat.client.XnatClient.on_this_machine`)
+    is ``never``. Nothing crosses a link there, so deflating cannot make the upload faster, and
+    it takes CPU from the receiver, which runs on the same cores: even one 2 s trial, and
+    measuring (the sockets' short unsent queues), cost ``auto`` 3-10 % of a 15 s upload to a
+    local server (docs/performance.md, "loop"). A server reached through a tunnel that listens
+    here (``ssh -L``) is on this machine as far as a socket can tell: ``--compress always``
+    deflates for the link behind it."""
+    if mode == "auto" and on_this_machine:
+        log.debug("compress auto: the server is on this machine: no link to gain on, stored")
+        return "never"
+    return mode
+
+
 class Meter(Protocol):
     """What one body's pass says of its socket (:class:`xnatio.transports.rest.wire.AckedBytes`)."""
 
     def acknowledged(self) -> int: ...
+
+    def limit_unsent(self, nbytes: int) -> bool: ...
 
 
 class Compression:
@@ -128,6 +154,7 @@ class Compression:
         trial: float = defaults.COMPRESS_TRIAL,
         retry: float = defaults.COMPRESS_RETRY,
         gain: float = defaults.COMPRESS_GAIN,
+        unsent: int = defaults.COMPRESS_UNSENT,
     ) -> None:
         if mode not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, not {mode!r}")
@@ -144,7 +171,11 @@ class Compression:
         self.trial = trial
         self.retry = retry
         self.gain = gain
+        self.unsent = unsent
         self._lock = threading.Lock()
+        # The bodies' sockets keep at most ``unsent`` bytes unsent while this is True (auto,
+        # until the link is known to be faster than deflating could beat: see _settle).
+        self._limiting = mode == "auto"
         # (when, wire, payload) acknowledged within the last window
         self._delivered: deque[tuple[float, int, int]] = deque()
         self._live: list[Meter] = []  # the bodies sending now
@@ -160,6 +191,7 @@ class Compression:
         self._deflating = False  # auto: the current choice
         self._decided = False  # the first decision (``probe`` seconds in) was taken
         self._remeasuring = False  # stored again for a probe's length (an underestimated link)
+        self._looked = False  # the current trial was looked at after a probe's length
         self._reviewing = False  # a thread is reviewing the choice
         self._warm = False  # the warm-up is over: the first period is measured
         self._since = 0.0  # when the current choice was taken (or last reviewed)
@@ -172,9 +204,10 @@ class Compression:
         self.entries = {True: 0, False: 0}  # entries deflated / stored, for the report
 
     @property
-    def measuring(self) -> bool:
-        """``auto``: bodies should keep their unsent queues short (the link is measured)."""
-        return self.mode == "auto"
+    def limiting(self) -> bool:
+        """Whether the sockets of the bodies watched now keep their unsent queues short."""
+        with self._lock:
+            return self._limiting
 
     # -- what the run measures ---------------------------------------------------------------
 
@@ -188,6 +221,18 @@ class Compression:
             self._begin(now)
             self._live.append(meter)
             self._watched = True
+            if self._limiting:  # under the lock: a body never misses a change of the limit
+                meter.limit_unsent(self.unsent)
+
+    def _limit(self, on: bool) -> None:
+        """Limit (or stop limiting) the unsent queue of every body watched now and later."""
+        with self._lock:
+            if self._limiting == on:
+                return
+            self._limiting = on
+            for meter in self._live:
+                meter.limit_unsent(self.unsent if on else 0)
+        log.debug("compress auto: unsent bytes per socket %s", "limited" if on else "not limited")
 
     def unwatch(self, meter: Meter) -> None:
         """The body's pass ended (sent, failed or cancelled): its count is kept."""
@@ -309,17 +354,28 @@ class Compression:
             since, deflating, mark = self._since, self._deflating, self._mark
             idle_mark = self._idle_mark
             period = self.trial if self._decided and not self._remeasuring else self.probe
+            # A trial against the start-up's stored rate is looked at once after a probe's
+            # length already: saturated cores end it then (see _review_period).
+            early = deflating and self._from_probe and not self._looked
+            if early:
+                period = self.probe
             if now - since < period or self._reviewing:
                 return
             self._reviewing = True  # one thread reviews; the others go on with the choice
         try:
-            self._review_period(now, since, deflating, mark, idle_mark)
+            self._review_period(now, since, deflating, mark, idle_mark, early)
         finally:
             with self._lock:
                 self._reviewing = False
 
     def _review_period(
-        self, now: float, since: float, deflating: bool, mark: int, idle_mark: float | None
+        self,
+        now: float,
+        since: float,
+        deflating: bool,
+        mark: int,
+        idle_mark: float | None,
+        early: bool = False,
     ) -> None:
         acknowledged, idle_now = self.acknowledged(), self.idle_clock()
         wire = (acknowledged - mark) / (now - since)
@@ -331,6 +387,21 @@ class Compression:
                 return
         else:
             payload = wire  # stored: the files' own bytes (but the compressor's samples)
+        idle = (
+            (idle_now - idle_mark) / (now - since)
+            if idle_now is not None and idle_mark is not None
+            else None
+        )
+        deflate, ratio = self.deflate_rate(), self.ratio()
+        if early:
+            # A probe's length into a trial that beat the start-up's rate: only saturated cores
+            # (below) end it this soon, a payload rate over so short a trial is not judged. On
+            # loopback that ended deflating 1.5 s sooner; otherwise the trial runs its length.
+            using = payload / deflate if deflate else 0.0
+            if idle is None or idle >= using:
+                with self._lock:
+                    self._looked = True
+                return
         log.debug(
             "compress auto: %.2f s in, %s: link %.1f MB/s, payload %.1f MB/s",
             now - (self._start or now),
@@ -349,12 +420,6 @@ class Compression:
                 self._link_stored, self._from_probe = wire, first
                 self._remeasuring = False  # measured: stored periods last a trial again
             self._since, self._mark, self._idle_mark = now, acknowledged, idle_now
-        idle = (
-            (idle_now - idle_mark) / (now - since)
-            if idle_now is not None and idle_mark is not None
-            else None
-        )
-        deflate, ratio = self.deflate_rate(), self.ratio()
         if deflating:
             assert stored is not None and link_stored is not None  # a trial follows a stored period
             using = payload / deflate if deflate else 0.0  # cores deflating took
@@ -395,26 +460,30 @@ class Compression:
             return
         if deflate is None or ratio is None:
             return
-        if ratio >= self.min_ratio and wire * self.margin < deflate:
-            # Deflating must take CPU: to beat storing by the gain, gain × link / deflate-rate
-            # cores. If the machine had fewer idle while it stored, that CPU would be taken from
-            # the upload itself (a receiver on the same cores, as on loopback) or what shares
-            # the machine: the link is not what limits this upload, so it stays stored.
-            need = self.gain * wire / deflate
-            if idle is not None and idle < need:
-                log.debug(
-                    "compress auto: storing (deflating would need %.2f cores, %.2f were idle)",
-                    need,
-                    idle,
-                )
-                return
+        if ratio < self.min_ratio or wire * self.margin >= deflate:
+            self._limit(False)  # deflating cannot beat this link: no need to measure it closely
+            return
+        # Deflating must take CPU: to beat storing by the gain, gain × link / deflate-rate
+        # cores. If the machine had fewer idle while it stored, that CPU would be taken from
+        # the upload itself (a receiver on the same cores, as on loopback) or what shares
+        # the machine: the link is not what limits this upload, so it stays stored.
+        need = self.gain * wire / deflate
+        if idle is not None and idle < need:
             log.debug(
-                "compress auto: deflating (link %.1f MB/s, deflate %.1f MB/s per core, ratio %.2f)",
-                wire / 1e6,
-                deflate / 1e6,
-                ratio,
+                "compress auto: storing (deflating would need %.2f cores, %.2f were idle)",
+                need,
+                idle,
             )
-            self._switch(True, now)  # a trial: kept only if the payload rate goes up
+            self._limit(False)
+            return
+        log.debug(
+            "compress auto: deflating (link %.1f MB/s, deflate %.1f MB/s per core, ratio %.2f)",
+            wire / 1e6,
+            deflate / 1e6,
+            ratio,
+        )
+        self._limit(True)
+        self._switch(True, now)  # a trial: kept only if the payload rate goes up
 
     def _switch(
         self,
@@ -426,6 +495,7 @@ class Compression:
         with self._lock:
             self._deflating = deflating
             self._remeasuring = remeasure
+            self._looked = self._looked and not deflating  # a new trial is looked at anew
             self._since = now  # _mark was taken with it, in _review
             if not_before is not None:
                 self._not_before = not_before

@@ -266,8 +266,10 @@ def _send_rest(
 ) -> UploadResult:
     """Through the resume journal: only what the server has not confirmed is sent, then the
     session is committed and read back (see :mod:`xnatio.resume`)."""
+    from xnatio.compress import for_server
     from xnatio.transports.rest import RestTarget
 
+    compress = for_server(opts.compress, opts.compress == "auto" and client.on_this_machine())
     target = RestTarget(
         project=opts.project,
         subject=opts.subject,
@@ -276,7 +278,7 @@ def _send_rest(
         upload_workers=opts.upload_workers,
         archive_workers=opts.archive_workers,
         archive_format=opts.archive_format,
-        compress=opts.compress,
+        compress=compress,
         overwrite=opts.overwrite,
         direct_archive=opts.direct_archive,
         archive_wait=opts.archive_wait,

@@ -236,7 +236,8 @@ COMMON = frozenset(
     "deflated entries, the one compressed upload XNAT takes (facts 1.1); never = the tar; auto = "
     "a streamed zip whose entries are deflated while the link measured in this run is slower "
     "than this machine deflates and its cores have the CPU to spare; a trial of deflating is "
-    "kept only if it delivers the files faster.",
+    "kept only if it delivers the files faster. A server on this machine (no proxy) gets the "
+    "tar, as never (through an ssh -L tunnel, use always).",
 )
 @click.option(
     "--timeout",

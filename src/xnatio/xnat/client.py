@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from http.cookiejar import DefaultCookiePolicy
@@ -67,6 +68,27 @@ log = logging.getLogger(__name__)
 # Not browser-like, so XNAT never asks for a CSRF token (facts 2: XnatSecureGuard 92-106).
 USER_AGENT = f"xnatio/{__version__}"
 Params = Mapping[str, str | int | float | bool] | None
+
+
+def on_this_machine(host: str) -> bool:
+    """Whether every address ``host`` resolves to is this machine's own (loopback, or the
+    address of one of its interfaces): a connection to it crosses no network link, and its
+    receiver shares this machine's CPU. An address is this machine's when a socket can be bound
+    to it (the kernel's own answer, any interface, IPv4 or IPv6); a name that does not resolve
+    is not."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        return False
+    if not infos:
+        return False
+    for family, _, _, _, address in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((address[0], 0, *address[2:]))
+        except OSError:
+            return False  # EADDRNOTAVAIL: another machine's address
+    return True
 
 
 class XnatClient:
@@ -396,6 +418,16 @@ class XnatClient:
                 "XNAT's own address including its context path"
             )
         return resp
+
+    def on_this_machine(self) -> bool:
+        """Whether this client's requests go to this machine without a proxy: the server's
+        host is this machine's own (:func:`on_this_machine`) and no
+        proxy (the session's, or the environment's ``HTTPS_PROXY``/``NO_PROXY``) takes them."""
+        if self.session.proxies.get(urlsplit(self.origin).scheme):
+            return False
+        if self.session.trust_env and requests.utils.get_environ_proxies(self.origin):
+            return False
+        return on_this_machine(urlsplit(self.origin).hostname or "")
 
     def url_for(self, path: str) -> str:
         """The full URL of ``path`` on this server.

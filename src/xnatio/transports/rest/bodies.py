@@ -52,8 +52,8 @@ class StreamBody:
     while the rest is acknowledged, so the count reaches 100 % as the server reads; the
     acknowledged wire bytes are counted too (the wire rate beside the payload rate). ``link``
     (``--compress auto``'s :class:`xnatio.compress.Compression`) is told what each pass has
-    acknowledged, to measure the link. With ``unsent``, the socket queues at most about that
-    many bytes not yet sent (:func:`xnatio.transports.rest.wire.limit_unsent`). Each
+    acknowledged, to measure the link, and watches the pass (which may limit the bytes its
+    socket queues unsent, :func:`xnatio.transports.rest.wire.limit_unsent`). Each
     ``iter()`` starts the archive again (a retry, or a resend after a 401) and takes back what
     the previous pass reported. An exception raised by the archive (a source file vanished) is
     kept in ``error``, because urllib3 may wrap it into a connection error on its way out.
@@ -69,11 +69,9 @@ class StreamBody:
         raw_sent: Callable[[], int] | None = None,
         acked: Callable[[], AckedBytes] = AckedBytes,
         link: LinkMeter | None = None,
-        unsent: int | None = None,
     ) -> None:
         self._chunks = chunks
         self._link = link
-        self._unsent = unsent
         self._raw_sent = raw_sent
         self._payload = payload
         self._scale = payload / size if size else 0.0
@@ -91,8 +89,6 @@ class StreamBody:
         self.error = None
         self._acked = acked = self._new_pass()
         acked.bind()
-        if self._unsent is not None:
-            acked.limit_unsent(self._unsent)
         if self._link is not None:
             self._link.watch(acked)
         pending: list[bytes] = []

@@ -36,7 +36,6 @@ from typing import Protocol
 
 import requests
 
-from xnatio import defaults
 from xnatio.archive import ArchiveStream, check_sources, instance_member_names, make_archive_stream
 from xnatio.compress import Compression
 from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
@@ -279,7 +278,6 @@ class BatchSender:
                     self.cancel,
                     raw_sent=_raw_sent(packed),
                     link=self.compression,
-                    unsent=defaults.COMPRESS_UNSENT if self.compression.measuring else None,
                 )
             )
             # The display shows these files as in flight until the request ends.

@@ -55,7 +55,8 @@ DRAIN_IDLE = 5.0
 
 
 def limit_unsent(sock: socket.socket | None, nbytes: int) -> bool:
-    """Let ``sock`` queue at most about ``nbytes`` it has not sent yet; False where unknown.
+    """Let ``sock`` queue at most about ``nbytes`` it has not sent yet (0: the system's
+    default, no limit unless ``net.ipv4.tcp_notsent_lowat`` sets one); False where unknown.
 
     ``TCP_NOTSENT_LOWAT`` (Linux 3.12+, macOS): a blocking ``send`` waits while the bytes written
     but not yet sent reach ``nbytes`` (``tcp_stream_memory_free`` in the kernel's
@@ -95,6 +96,7 @@ class AckedBytes:
     ) -> None:
         self._socket_of = socket_of
         self._bound: socket.socket | None = None
+        self._was_bound = False
         self._clock = clock
         self._marks: deque[tuple[int, int]] = deque([(0, 0)])  # (wire end, payload end)
         self._produced = 0
@@ -111,15 +113,19 @@ class AckedBytes:
 
     def bind(self) -> None:
         """Keep the socket of this thread's request (called in the sending thread, as the pass
-        starts): :meth:`acknowledged` may then be asked from any thread (``--compress auto``
-        reads every body's count, :class:`xnatio.compress.Compression`)."""
+        starts): :meth:`acknowledged` and :meth:`limit_unsent` may then be asked from any
+        thread (``--compress auto`` reads every body's count and lifts or sets the limit,
+        :class:`xnatio.compress.Compression`)."""
         self._bound = self._socket_of()
+        self._was_bound = True
 
     def _socket(self) -> socket.socket | None:
-        return self._bound if self._bound is not None else self._socket_of()
+        if self._was_bound:  # never another thread's request socket
+            return self._bound
+        return self._socket_of()
 
     def limit_unsent(self, nbytes: int) -> bool:
-        """Keep the socket's unsent queue near ``nbytes`` (:func:`limit_unsent`)."""
+        """Keep the socket's unsent queue near ``nbytes``, 0: no limit (:func:`limit_unsent`)."""
         return limit_unsent(self._socket(), nbytes)
 
     def was_handed(self, nbytes: int) -> None:
