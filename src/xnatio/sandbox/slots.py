@@ -4,11 +4,12 @@ Why. The sandbox serves every connection in its own thread, and a client that up
 parallel batches keeps 42 of them importing at once. Each file's work lets go of the GIL ten
 times or so (socket reads, the write, MD5, open, rename, SQLite), and with 42 threads waiting
 for it every release is a hand-over to another thread: a futex wake-up and a context switch.
-Measured on the benchmark's 15,000-file tar upload (42 tars over 42 connections): about 8
-context switches per file, the kernel's scheduler 12-15 % of the server's CPU, and one tar sent
-by curl (one thread) 25-30 % cheaper per GB than the same files in 42 tars. With two slots the
-other threads sleep on the slot queue, one wake-up per file, and the two that work overlap one's
-GIL-free MD5 and writes with the other's Python (docs/performance.md, "server5").
+Measured on the benchmark's 15,000-file upload in 42 tars over 42 connections: 9 to 14 context
+switches per file, ``futex`` and the scheduler 10-17 % of the server's CPU, and one tar sent by
+curl (one thread) about 30 % cheaper per GB. With two slots the other threads sleep in the slot
+queue, one wake-up per file, and the two that work overlap one's GIL-free MD5 and writes with
+the other's Python. Measured against none, alternating: the context switches halve, the server's
+CPU per GB falls by 3-6 %, the client's time does not change (docs/performance.md, "server5").
 
 What it must not change. The slots order work, they never refuse it nor change what is done:
 every file is imported by its own request's thread as before, in the same order within a
@@ -19,9 +20,11 @@ up for long:
   one (as every thread did before). A slot holder that blocks — a slow client's body, a link
   scenario's kernel queue — therefore delays the others by that much at most, and no wait
   can form a cycle (nothing waits for a slot without a deadline);
-- the knobs' deliberate sleeps (``per_file_ms``) are taken with the slot let go
-  (``Slots.paused``), so a simulated per-file cost stays parallel across requests, as XNAT's
-  own request threads are.
+- no slot is held through the knobs' deliberate sleeps: while ``per_file_ms`` or
+  ``bandwidth_mbps`` is on the importer takes none (a simulated server or link cost stays
+  parallel across requests, as in XNAT's own request threads; with turns, ``rest-latency``'s
+  upload was 15 % slower), and a ``per_file_ms`` set mid-request is slept with the slot let go
+  (``Slots.paused``).
 
 Waiters are served first come, first served: a release hands the slot straight to the
 longest waiter (no barging by the thread that just let go, which would starve the others into
@@ -36,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # Two: one thread's Python overlaps the other's GIL-free work (MD5, writes, socket copies);
-# measured against 1, 4 and none in docs/performance.md ("server5").
+# measured against 1, 3, 4 and none in docs/performance.md ("server5").
 DEFAULT_SLOTS = 2
 # How long a thread waits for a slot before it imports without one. A slot is held for one
 # file (about 1 ms of work on loopback), so 42 threads in turn wait some 20 ms; a holder
