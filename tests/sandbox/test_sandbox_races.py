@@ -67,7 +67,10 @@ def test_concurrent_archiving_imports_skip_the_build_of_a_busy_row(
     s = session(tmp_path, series=2, instances=2)
     uids = list(s.instances)
     halves = [uids[:2], uids[2:]]
-    xnat_server.set_knobs(per_file_ms=300)
+    # Each request writes its files for 2 s: the other one's request, released by the same
+    # barrier, lands within that window even on a loaded machine (with 300 ms per file it
+    # sometimes arrived after the first had built: both answered with the session).
+    xnat_server.set_knobs(per_file_ms=1000)
     barrier = threading.Barrier(2)
 
     def send(part: list[str]) -> requests.Response:
