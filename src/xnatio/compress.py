@@ -116,9 +116,10 @@ def for_server(mode: str, on_this_machine: bool) -> str:
     """The mode an upload runs with: ``auto`` to a server on this machine (loopback, or this
     machine's own address, no proxy: :meth:`xnatio.xnat.client.XnatClient.on_this_machine`)
     is ``never``. Nothing crosses a link there, so deflating cannot make the upload faster, and
-    it takes CPU from the receiver, which runs on the same cores: even one 2 s trial, and
-    measuring (the sockets' short unsent queues), cost ``auto`` 3-10 % of a 15 s upload to a
-    local server (docs/performance.md, "loop"). A server reached through a tunnel that listens
+    it takes CPU from the receiver, which runs on the same cores; and no measurement tells a
+    local server's start-up (42 connections opening: 12-33 MB/s over the first 0.75 s) from a
+    slow link, so a measured ``auto`` began every such upload with a trial of deflating
+    (docs/performance.md, "loop"). A server reached through a tunnel that listens
     here (``ssh -L``) is on this machine as far as a socket can tell: ``--compress always``
     deflates for the link behind it."""
     if mode == "auto" and on_this_machine:
@@ -174,7 +175,7 @@ class Compression:
         self.unsent = unsent
         self._lock = threading.Lock()
         # The bodies' sockets keep at most ``unsent`` bytes unsent while this is True (auto,
-        # until the link is known to be faster than deflating could beat: see _settle).
+        # until the link is known to be faster than deflating could beat: _review_period).
         self._limiting = mode == "auto"
         # (when, wire, payload) acknowledged within the last window
         self._delivered: deque[tuple[float, int, int]] = deque()
