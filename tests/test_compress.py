@@ -178,6 +178,24 @@ def test_a_trial_that_makes_the_run_slower_is_abandoned_and_retried_later() -> N
     assert again is not None and again - lost >= defaults.COMPRESS_RETRY - 0.02
 
 
+def test_a_draining_upload_keeps_deflating() -> None:
+    """The last bodies end: the files' rate falls below the stored rate because fewer bodies
+    send, not because deflating lost. The choice is kept while bodies end without others taking
+    their place; the same fall with every body still sending goes back to stored."""
+    for draining in (True, False):
+        c, wall, sock = decision()
+        others = [FakeSocketCount() for _ in range(5)]
+        for other in others:
+            c.watch(other)
+        assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True  # a trial
+        run(c, wall, sock, 30 * MB, defaults.COMPRESS_TRIAL, ratio=3.0)  # 90 > 30 × 1.15: kept
+        if draining:
+            for other in others:
+                c.unwatch(other)  # their batches are done
+        tail = run(c, wall, sock, 6 * MB, defaults.COMPRESS_TRIAL + 0.05, ratio=3.0)
+        assert tail[-1][1] is draining  # 18 MB/s of the files < 30 × 1.15
+
+
 def test_a_trial_within_the_noise_is_not_kept() -> None:
     c, wall, sock = decision()
     assert run(c, wall, sock, 30 * MB, 1)[-1][1] is True
