@@ -21,14 +21,6 @@ from xnatio.sandbox.store import Store
 DEST = {"PROJECT_ID": "P", "SUBJECT_ID": "S", "EXPT_LABEL": "E"}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "data")
-    s.access = None  # type: ignore[assignment]  # every well-formed project ID is readable
-    yield s
-    s.close()
-
-
 def _run(
     store: Store,
     files: list[bytes],

@@ -126,14 +126,6 @@ def test_a_held_slot_is_not_taken_twice_and_no_limit_never_waits() -> None:
 DEST = {"PROJECT_ID": "P", "SUBJECT_ID": "S", "EXPT_LABEL": "E"}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "data")
-    s.access = None  # type: ignore[assignment]  # every well-formed project ID is readable
-    yield s
-    s.close()
-
-
 class _Watching(Slots):
     """Slots that note, for every file's bytes read, whether the reader held a slot."""
 
