@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xnatio.sandbox import tarstream
 from xnatio.sandbox.importer import TAR_BLOCK, FullReader
@@ -182,3 +184,97 @@ def test_the_importer_reads_a_plain_tar_body_with_tarstream(
 
     cut = [n for n, s in importer.iter_entries(FullReader(Cut(PLAIN)), "tar", Path(str(tmp_path)))]
     assert cut and opened == [tarfile.RECORDSIZE]
+
+
+def _headers(body: bytes) -> list[bytes]:
+    """The header blocks tarfile reads in ``body``."""
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tf:
+        return [body[m.offset : m.offset + 512] for m in tf.getmembers()]
+
+
+def _with_checksum(block: bytes, signed: bool = False) -> bytes:
+    """``block`` with its checksum field rewritten to match (unsigned, or the signed sum some
+    old tars write)."""
+    b = bytearray(block)
+    b[148:156] = b" " * 8
+    total = sum((x - 256 if signed and x > 127 else x) for x in b)
+    b[148:156] = b"%06o\0 " % (total & 0o777777)
+    return bytes(b)
+
+
+_REAL_HEADERS = [h for body in (PLAIN, GNU_LONG, PAX) for h in _headers(body)]
+
+
+def _frombuf(block: bytes) -> tuple[str, int] | str:
+    try:
+        info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as exc:
+        return type(exc).__name__
+    return (info.name, info.size) if info.type in tarstream._FILES else f"type {info.type!r}"
+
+
+def test_the_plain_header_reading_takes_ordinary_headers() -> None:
+    """Every regular member of the fixtures is read by _plain_header, as frombuf reads it."""
+    plain = [h for h in _REAL_HEADERS if h[156:157] in tarstream._FILES]
+    assert len(plain) >= 8
+    for block in plain:
+        fast = tarstream._plain_header(block)
+        assert fast is not None and fast == _frombuf(block)
+
+
+def _edit(block: bytes, at: int, value: bytes) -> bytes:
+    return block[:at] + value + block[at + len(value) :]
+
+
+_ODD = {
+    "base-256 size": lambda b: _with_checksum(_edit(b, 124, b"\x80" + b"\0" * 7 + b"\0\0\1\0")),
+    "negative base-256 mtime": lambda b: _with_checksum(_edit(b, 136, b"\xff" * 12)),
+    "signed checksum": lambda b: _with_checksum(_edit(b, 0, b"\xe9t\xe9.dcm\0"), signed=True),
+    "bad checksum": lambda b: _edit(b, 148, b"0000000\0"),
+    "size with spaces": lambda b: _with_checksum(_edit(b, 124, b"  1750     \0")),
+    "size with an underscore": lambda b: _with_checksum(_edit(b, 124, b"00000001_0\0\0")),
+    "size not octal": lambda b: _with_checksum(_edit(b, 124, b"00000000009\0")),
+    "mode not ascii": lambda b: _with_checksum(_edit(b, 100, b"\xc3\xa9000644")),
+    "devminor not octal": lambda b: _with_checksum(_edit(b, 337, b"x" * 8)),
+    "V7 directory": lambda b: _with_checksum(_edit(_edit(b, 156, b"\0"), 0, b"dir/\0")),
+    "directory type": lambda b: _with_checksum(_edit(b, 156, b"5")),
+    "pax type": lambda b: _with_checksum(_edit(b, 156, b"x")),
+    "utf-8 name": lambda b: _with_checksum(_edit(b, 0, "é/ü.dcm\0".encode())),
+    "undecodable name": lambda b: _with_checksum(_edit(b, 0, b"\xff\xfe.dcm\0")),
+    "ustar prefix": lambda b: _with_checksum(_edit(b, 345, b"pre/fix\0")),
+    "prefix filling its field": lambda b: _with_checksum(_edit(b, 345, b"p" * 155)),
+    "name filling its field": lambda b: _with_checksum(_edit(b, 0, b"n" * 100)),
+    "contiguous type": lambda b: _with_checksum(_edit(b, 156, b"7")),
+    "all zeros": lambda b: b"\0" * 512,
+    "short": lambda b: b[:511],
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ODD))
+def test_the_plain_header_reading_agrees_with_frombuf_or_declines(case: str) -> None:
+    """Where _plain_header answers it gives frombuf's (name, size) of a regular member; every
+    other header is left to frombuf (None)."""
+    block = _ODD[case](next(h for h in _REAL_HEADERS if h[156:157] == tarfile.REGTYPE))
+    fast = tarstream._plain_header(block)
+    if fast is not None:
+        assert fast == _frombuf(block)
+    else:
+        assert case not in {"size with spaces", "utf-8 name", "ustar prefix", "contiguous type"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    index=st.integers(0, len(_REAL_HEADERS) - 1),
+    at=st.integers(0, 511),
+    value=st.binary(min_size=1, max_size=12),
+    fix=st.booleans(),
+)
+def test_a_damaged_header_is_read_as_frombuf_reads_it(
+    index: int, at: int, value: bytes, fix: bool
+) -> None:
+    block = _edit(_REAL_HEADERS[index], at, value)[:512]
+    if fix:
+        block = _with_checksum(block)
+    fast = tarstream._plain_header(block)
+    if fast is not None:
+        assert fast == _frombuf(block)

@@ -13,7 +13,11 @@ This reader takes the common members itself and leaves everything else to ``tarf
 yields, and every error it raises, is what ``tarfile.open(fileobj=…, mode="r|")`` gives:
 
 - headers are parsed by ``tarfile.TarInfo.frombuf`` itself (checksum, numbers, names, the ustar
-  prefix, V7 directories);
+  prefix, V7 directories), except the common one, a regular file's header whose numbers are
+  plain octal and whose checksum is the unsigned one: ``_plain_header`` reads its name and size
+  with the checks ``frombuf`` makes and hands anything else to ``frombuf`` (``frombuf``'s
+  checksum unpacks 504 bytes into two tuples twice; it was 9 % of the server's Python time in
+  a 42-tar upload);
 - regular members (types ``0``, NUL, ``7``) are yielded with their data; directories, links,
   devices and FIFOs are passed over (their size is not data, as ``tarfile`` reads them);
 - at a first header that does not parse (a body that is not a tar, an empty one, zeros), or at
@@ -54,6 +58,47 @@ _NO_DATA = frozenset(
 )
 _ENCODING = tarfile.ENCODING
 _ERRORS = "surrogateescape"  # tarfile.TarFile's default
+
+
+# The number fields frombuf converts besides the checksum and the size (mode, uid, gid, mtime,
+# devmajor, devminor): a header with one that nti refuses is refused by frombuf.
+_OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+
+
+def _octal(field: bytes) -> int:
+    """``tarfile.nti`` of a field in its octal form; ValueError for the base-256 form (left to
+    frombuf) and for anything nti refuses."""
+    if field[0] in (0o200, 0o377):
+        raise ValueError("base-256 number")
+    end = field.find(b"\0")
+    text = (field if end == -1 else field[:end]).decode("ascii")
+    return int(text.strip() or "0", 8)
+
+
+def _plain_header(buf: bytes) -> tuple[str, int] | None:
+    """(name, size) of a regular file's header, as ``TarInfo.frombuf`` reads it, or None when
+    frombuf must decide (another type, a V7 directory, a base-256 or invalid number, a checksum
+    that is not the unsigned sum, a short block)."""
+    if len(buf) != BLOCK or buf[156:157] not in _FILES:
+        return None
+    try:
+        chksum = _octal(buf[148:156])
+        size = _octal(buf[124:136])
+        for start, end in _OTHER_NUMBERS:
+            _octal(buf[start:end])
+    except ValueError:
+        return None
+    if chksum != 256 + sum(buf) - sum(buf[148:156]):
+        return None
+    end = buf.find(b"\0", 0, 100)
+    name = buf[: 100 if end == -1 else end].decode(_ENCODING, _ERRORS)
+    if buf[156:157] == tarfile.AREGTYPE and name.endswith("/"):
+        return None  # a V7 directory
+    end = buf.find(b"\0", 345, 500)
+    prefix = buf[345 : 500 if end == -1 else end]
+    if prefix:  # (the regular types are not GNU types: the ustar prefix applies)
+        name = prefix.decode(_ENCODING, _ERRORS) + "/" + name
+    return name, size
 
 
 class _Source:
@@ -175,20 +220,25 @@ def iter_tar_stream(raw: Readable, bufsize: int = _READ) -> Iterator[tuple[str, 
     first = True
     while True:
         head = src.block()
-        try:
-            info = tarfile.TarInfo.frombuf(head, _ENCODING, _ERRORS)
-        except tarfile.HeaderError:
-            if first:  # tarfile's own refusal (or its reading of an odd first block)
+        plain = _plain_header(head)
+        if plain is None:
+            try:
+                info = tarfile.TarInfo.frombuf(head, _ENCODING, _ERRORS)
+            except tarfile.HeaderError:
+                if first:  # tarfile's own refusal (or its reading of an odd first block)
+                    yield from _by_tarfile(head, src, bufsize)
+                return  # past the first member, TarFile.next ends the archive here
+            if info.type in _NO_DATA:
+                first = False
+                continue
+            if info.type not in _FILES:
                 yield from _by_tarfile(head, src, bufsize)
-            return  # past the first member, TarFile.next ends the archive here
+                return
+            plain = info.name, info.size
         first = False
-        if info.type in _NO_DATA:
-            continue
-        if info.type not in _FILES:
-            yield from _by_tarfile(head, src, bufsize)
-            return
-        entry = TarEntryStream(src, info.size)
-        yield info.name, entry  # type: ignore[misc]
-        padding = -info.size % BLOCK
+        name, size = plain
+        entry = TarEntryStream(src, size)
+        yield name, entry  # type: ignore[misc]
+        padding = -size % BLOCK
         if (entry.left or padding) and not src.skip(entry.left + padding):
             raise tarfile.ReadError("unexpected end of data")
