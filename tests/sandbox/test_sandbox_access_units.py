@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 
 from xnatio.sandbox.access import Access
-from xnatio.sandbox.catalog import Catalog
+from xnatio.sandbox.catalog import Catalog, DataFolderInUse
 
 
 @pytest.fixture
-def access(tmp_path: Path) -> Iterator[Access]:
-    catalog = Catalog(tmp_path / "data")
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    c = Catalog(tmp_path / "data")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def access(catalog: Catalog) -> Access:
     a = catalog.access
     a.add_user("root", "pw-root", admin=True)
     a.add_user("alice", "pw-a")
@@ -24,8 +30,7 @@ def access(tmp_path: Path) -> Iterator[Access]:
     a.set_role("P", "alice", "owner")
     a.set_role("P", "bob", "member")
     a.set_role("P", "carol", "collaborator")
-    yield a
-    catalog.close()
+    return a
 
 
 def test_canonical_project_by_id_or_alias(access: Access) -> None:
@@ -76,7 +81,10 @@ def test_prearchive_code(access: Access) -> None:
     assert access.prearchive_code("Unassigned") == 0
 
 
-def test_passwords_and_roles_survive_restart(tmp_path: Path, access: Access) -> None:
+def test_passwords_and_roles_survive_restart(
+    tmp_path: Path, access: Access, catalog: Catalog
+) -> None:
+    catalog.close()  # the server stops (its catalog holds the database while open)
     restarted = Catalog(tmp_path / "data")
     try:
         again = restarted.access
@@ -112,3 +120,17 @@ def test_set_role_replaces_the_previous_role(access: Access) -> None:
     assert access.remove_role("P", "bob")
     assert not access.can_read("bob", "P")
     assert access.roles_of("alice") == [("P", "owner")]
+
+
+def test_a_second_server_on_the_same_folder_is_refused(tmp_path: Path, catalog: Catalog) -> None:
+    """The catalog holds its database while open: a second one on the folder gets one clear
+    error and leaves the first one's files in the making alone; after a stop it opens."""
+    in_flight = tmp_path / "data" / "tmp" / "st-body-in-flight"
+    in_flight.write_bytes(b"a request's file in the making")
+    with pytest.raises(DataFolderInUse, match="in use by another sandbox server"):
+        Catalog(tmp_path / "data")
+    assert in_flight.exists()
+    catalog.close()
+    again = Catalog(tmp_path / "data")
+    again.close()
+    assert not in_flight.exists()  # a leftover of a stopped server is cleaned up

@@ -597,7 +597,8 @@ class DicomImport:
             # pass; None when it cannot say what pydicom would write: the path below decides.
             prefix = fast.stored_prefix(script) if reencoding else fast.head[: fast.rest_at]
             if prefix is not None:
-                return self._write_direct(target, name, prefix, head[fast.rest_at :], rest)
+                tail = memoryview(head)[fast.rest_at :]  # (written and hashed, not copied)
+                return self._write_direct(target, name, prefix, tail, rest)
         # Short temp names: the stored name may be up to 255 bytes itself.
         tmp = self.store.tmp_dir()
         received = tmp / f"in-{uuid.uuid4().hex}"
@@ -624,7 +625,7 @@ class DicomImport:
             stored.unlink(missing_ok=True)
 
     def _write_direct(
-        self, target: str, name: str, prefix: bytes, tail: bytes, rest: IO[bytes]
+        self, target: str, name: str, prefix: bytes, tail: bytes | memoryview, rest: IO[bytes]
     ) -> tuple[int, str]:
         """Store ``prefix`` + ``tail`` + the rest of the entry at ``target`` (through a temp
         file, renamed into place), hashing as it writes; returns (size, md5)."""
@@ -683,7 +684,7 @@ def _size_md5(path: Path) -> tuple[int, str]:
     return size, md5.hexdigest()
 
 
-def _blocks(head: bytes, rest: IO[bytes]) -> Iterator[bytes]:
+def _blocks(head: bytes | memoryview, rest: IO[bytes]) -> Iterator[bytes | memoryview]:
     if head:
         yield head
     while True:

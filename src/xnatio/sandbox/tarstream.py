@@ -128,7 +128,10 @@ class _Source:
         """The next 512-byte header (fewer at the end of the body)."""
         if len(self.buf) - self.pos < BLOCK:
             rest = self.buf[self.pos :]
-            self.buf = rest + self.raw.read(_READ)
+            # The header and a whole read's worth of the member after it: the importer's first
+            # read of a member (its 64 KiB head) is then served whole from the buffer, one
+            # slice, not a slice and a short read of the body joined to it.
+            self.buf = rest + self.raw.read(_READ + BLOCK - len(rest))
             self.pos = 0
         data = self.buf[self.pos : self.pos + BLOCK]
         self.pos += len(data)
