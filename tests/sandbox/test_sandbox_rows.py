@@ -122,6 +122,7 @@ def test_a_name_recorded_by_another_request_is_seen(store: Store) -> None:
     assert store.prearc_file_owner(sid, "1", "a.dcm") is None  # loaded, empty
     store.record_prearc_file(sid, "1", "a.dcm", sop_uid="1.1", size=1, md5="x")
     assert store.prearc_file_owner(sid, "1", "a.dcm") == "1.1"
+    store.close()  # (the open catalog holds its database)
     fresh = Store(store.root)  # what the index says, read afresh
     try:
         assert fresh.prearc_file_owner(sid, "1", "a.dcm") == "1.1"
