@@ -28,7 +28,8 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Where uploads and the SQLite index are kept (reused across restarts).",
+    help="Where uploads and the SQLite index are kept (reused across restarts; one server"
+    " at a time: a second one on a folder in use stops with a one-line error).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, help="Port (0 picks a free one).")
