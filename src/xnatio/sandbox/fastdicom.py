@@ -11,7 +11,14 @@ length, raw value: ``filewriter.write_data_element`` writes a raw element's valu
 lengths of groups above 6 are dropped, the two UIDs it reads for the new file meta are written
 back converted, and the script's three elements are re-encoded (or inserted in tag order). This
 module walks the header once at byte level, asks pydicom's own converters only for the few values
-the importer needs, and builds those bytes itself.
+the importer needs, and builds those bytes itself: the runs of the header between the elements
+it changes are copied as they are.
+
+Files of one series share their layout (the same elements with the same lengths, but for the
+few values whose length varies), so the walk's result is remembered: a head whose element
+headers (tag, VR, length) and transfer syntax are the bytes of a remembered one at the same
+offsets would be walked exactly the same way, and is checked against it in one comparison
+instead of being walked again (``_known_layout``).
 
 It accepts only what it can reproduce exactly: a Part 10 file (preamble, ``DICM``, explicit VR
 little endian file meta) whose data set is explicit VR little endian, elements in ascending tag
@@ -25,8 +32,10 @@ test_sandbox_fastdicom.py compares the two on pydicom's test files and synthetic
 from __future__ import annotations
 
 import functools
+import operator
 import struct
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom import config as pydicom_config
@@ -95,11 +104,31 @@ _KEYWORDS = {
     "AdditionalPatientHistory": 0x001021B0,
 }
 _ROUTING_TAGS = (0x00104000, 0x00324000, 0x001021B0)
+# The DicomHeader fields read from the data set, in the order _parse unpacks them.
+_FIELDS = tuple(
+    _KEYWORDS[k]
+    for k in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "InstanceNumber",
+        "SeriesDescription",
+        "Modality",
+        "StudyDate",
+        "PatientName",
+        "PatientID",
+        "StudyDescription",
+        "AccessionNumber",
+    )
+)
 # The elements the walk remembers (every other one is only checked and stepped over).
 _WANTED = frozenset(_KEYWORDS.values()) | {_CHARSET}
 # (tag, VR) of the elements the site script sets (dicom.reencode; facts 1.7), in tag order.
 _SCRIPT_VRS = {_STUDY_DESCRIPTION: b"LO", _PATIENT_NAME: b"PN", _PATIENT_ID: b"LO"}
 _SCRIPT_TAGS = tuple(sorted(_SCRIPT_VRS))
+_SCRIPT_CODES = {tag: _code(vr) for tag, vr in _SCRIPT_VRS.items()}
 _NO_TAG = 1 << 32  # above every tag
 
 _HEADER = struct.Struct("<HHHH")  # group, element, VR, 16-bit length (or the reserved bytes)
@@ -161,22 +190,17 @@ class FastFile:
         if script is not None:
             if not self.charset_ok:
                 raise _Decline
-            values = (
-                None if script.project is None else _text(script.project),
-                _text(script.subject),
-                _text(script.session),
-            )
-            for tag, value, cut in zip(_SCRIPT_TAGS, values, self.cuts, strict=True):
-                if value is None:
+            new_elements = _script_elements(script.project, script.subject, script.session)
+            for tag, new, cut in zip(_SCRIPT_TAGS, new_elements, self.cuts, strict=True):
+                if new is None:
                     continue
-                vr = _SCRIPT_VRS[tag]
                 span = spans.get(tag)
                 if span is None:  # not in the file: inserted in tag order
-                    ops.append((cut, cut, tag, _element(tag, vr, value)))
-                elif span[0] != _code(vr):
+                    ops.append((cut, cut, tag, new))
+                elif span[0] != _SCRIPT_CODES[tag]:
                     raise _Decline
                 else:
-                    ops.append((span[1], span[2], tag, _element(tag, vr, value)))
+                    ops.append((span[1], span[2], tag, new))
         ops.sort()  # by position; an insertion before what starts where it goes
         head = self.head
         out = [
@@ -193,6 +217,17 @@ class FastFile:
             at = end
         out.append(head[at : self.rest_at])
         return b"".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _script_elements(project: str | None, subject: str, session: str) -> tuple[bytes | None, ...]:
+    """The elements the site script writes, in ``_SCRIPT_TAGS`` order (None: left as it is);
+    cached: one request's files all get the same."""
+    values = (project, subject, session)
+    return tuple(
+        None if value is None else _element(tag, _SCRIPT_VRS[tag], _text(value))
+        for tag, value in zip(_SCRIPT_TAGS, values, strict=True)
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -332,6 +367,111 @@ def _walk_data(
     return at, spans, dropped, cuts
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where a file's elements lie: what the walks found (positions only, no values), and what
+    makes another head give the same walk (``check(head) == expected``)."""
+
+    ts: str
+    data_at: int
+    rest_at: int
+    spans: dict[int, Span]
+    dropped: tuple[tuple[int, int], ...]
+    cuts: tuple[int, ...]
+    check: Callable[[bytes], tuple[bytes, ...]]
+    expected: tuple[bytes, ...]
+    pixel_tag: bytes
+    fields: tuple[Span | None, ...] = ()
+    """The spans of ``_FIELDS`` (None: absent)."""
+    sop_uis: bool = True
+    """Neither SOP UID element has another VR than UI (else the walk declines)."""
+    routed: bool = False
+    """Any of the routing comment elements is present."""
+
+    def __post_init__(self) -> None:
+        spans = self.spans
+        object.__setattr__(self, "fields", tuple(spans.get(tag) for tag in _FIELDS))
+        object.__setattr__(
+            self, "sop_uis", all(spans[t][0] == _UI for t in (_SOP_CLASS, _SOP_UID) if t in spans)
+        )
+        object.__setattr__(self, "routed", any(tag in spans for tag in _ROUTING_TAGS))
+
+
+def _unchecked(head: bytes) -> tuple[bytes, ...]:
+    """The check of a layout that is never remembered (it does not stop at pixel data)."""
+    return ()
+
+
+def _walk(head: bytes) -> _Layout:
+    """Both walks over a head not seen before; a layout that stops at pixel data is
+    remembered (``_known_layout``)."""
+    ts_span, data_at = _walk_meta(head)
+    if ts_span is None or ts_span[0] != _UI:
+        raise _Decline
+    ts = head[ts_span[1] + 8 : ts_span[2]].decode("ascii").rstrip("\0 ")
+    if ts != EXPLICIT_VR_LE:
+        raise _Decline
+    rest_at, spans, dropped, cuts = _walk_data(head, data_at)
+    if rest_at == len(head):  # no pixel data: nothing to check the next head against
+        return _Layout(
+            ts, data_at, rest_at, spans, tuple(dropped), tuple(cuts), _unchecked, (), b""
+        )
+    # The walks read only these bytes of the head: each element's tag, VR and length fields
+    # (and the transfer syntax's value), and the tag where they stopped. A head with the same
+    # bytes there (and room for the pixel element's header after rest_at, as the walk checks)
+    # walks the same way, element for element: its layout is this one.
+    pieces = [slice(ts_span[1], ts_span[2])]
+    at = 132
+    while at < rest_at:
+        _, _, vr, length = _HEADER.unpack_from(head, at)
+        if vr in _LONG_CODES:
+            pieces.append(slice(at, at + 12))
+            at += 12 + _U32.unpack_from(head, at + 8)[0]
+        else:
+            pieces.append(slice(at, at + 8))
+            at += 8 + length
+    check = operator.itemgetter(*pieces)
+    layout = _Layout(
+        ts,
+        data_at,
+        rest_at,
+        spans,
+        tuple(dropped),
+        tuple(cuts),
+        check,
+        check(head),
+        head[rest_at : rest_at + 4],
+    )
+    global _LAYOUTS
+    _LAYOUTS = (layout, *_LAYOUTS[: _MAX_LAYOUTS - 1])
+    return layout
+
+
+# The layouts of the last heads walked, the last one matched first. A series keeps one layout
+# but for the few lengths that vary file to file (instance number, SOP instance UID), so a
+# handful cover it; a new head is checked against each in C (itemgetter of the slices and a
+# tuple comparison) instead of being walked element by element in Python. Threads share the
+# tuple: it is replaced, never changed in place (a lost update only costs a walk).
+_MAX_LAYOUTS = 16
+_LAYOUTS: tuple[_Layout, ...] = ()
+
+
+def _known_layout(head: bytes) -> _Layout | None:
+    global _LAYOUTS
+    layouts = _LAYOUTS
+    room = len(head) - 8
+    for i, layout in enumerate(layouts):
+        if (
+            layout.rest_at <= room
+            and head.startswith(layout.pixel_tag, layout.rest_at)  # cheap: most misses end here
+            and layout.check(head) == layout.expected
+        ):
+            if i:
+                _LAYOUTS = (layout, *layouts[:i], *layouts[i + 1 :])
+            return layout
+    return None
+
+
 # VRs whose single-valued printable ASCII value pydicom converts to the bytes without their
 # trailing spaces and NULs (values.convert_UI / convert_string / convert_text, multi_string);
 # DA only while pydicom.config.datetime_conversion is off (its default).
@@ -339,27 +479,38 @@ _PLAIN_CODES = frozenset(_code(vr) for vr in (b"UI", b"CS", b"SH", b"LO"))
 _PRINTABLE = bytes(range(0x20, 0x7F)).replace(b"\\", b"")
 
 
-def _value(head: bytes, tag: int, span: Span, encodings: tuple[str, ...]) -> str:
-    """``str(value or "")`` of the value pydicom's ``Dataset.get`` would give for the element,
-    as ``read_header`` uses every value."""
-    vr, start, end = span
-    value = head[start + (12 if vr in _LONG_CODES else 8) : end]
-    # The common cases inline (a UID differs in every file: caching it would only evict).
-    if vr in _PLAIN_CODES or (vr == _DA and not pydicom_config.datetime_conversion):
-        stripped = value.rstrip(b" \0")
-        if not stripped.translate(None, _PRINTABLE):
-            return stripped.decode("ascii")
-    elif vr == _IS:
-        stripped = value.rstrip(b" \0")
-        if stripped.isdigit():  # ASCII digits only (bytes): IS(n) is falsy for 0
-            return "" if int(stripped) == 0 else stripped.decode("ascii")
-    return _text_of(tag, _NAMES[vr], value, encodings)
+def _values(head: bytes, spans: Sequence[Span | None], encodings: tuple[str, ...]) -> list[str]:
+    """``str(value or "")`` of the value pydicom's ``Dataset.get`` would give for each element
+    ("" for None: absent), as ``read_header`` uses every value. One loop for all of a file's
+    fields: this runs for every file."""
+    datetime_conversion = pydicom_config.datetime_conversion
+    out: list[str] = []
+    for span in spans:
+        if span is None:
+            out.append("")
+            continue
+        vr, start, end = span
+        value = head[start + (12 if vr in _LONG_CODES else 8) : end]
+        # The common cases inline (a UID differs in every file: caching it would only evict).
+        if vr in _PLAIN_CODES or (vr == _DA and not datetime_conversion):
+            stripped = value.rstrip(b" \0")
+            if not stripped.translate(None, _PRINTABLE):
+                out.append(stripped.decode("ascii"))
+                continue
+        elif vr == _IS:
+            stripped = value.rstrip(b" \0")
+            if stripped.isdigit():  # ASCII digits only (bytes): IS(n) is falsy for 0
+                out.append("" if int(stripped) == 0 else stripped.decode("ascii"))
+                continue
+        out.append(_text_of(head[start : start + 4], _NAMES[vr], value, encodings))
+    return out
 
 
 @functools.lru_cache(maxsize=8192)
-def _text_of(tag: int, vr: bytes, value: bytes, encodings: tuple[str, ...]) -> str:
+def _text_of(tag: bytes, vr: bytes, value: bytes, encodings: tuple[str, ...]) -> str:
     # Cached: most values repeat in every file of a session (names, comments).
-    raw = RawDataElement(Tag(tag), vr.decode(), len(value), value, 0, False, True)
+    group, elem = _TAG.unpack(tag)
+    raw = RawDataElement(Tag(group, elem), vr.decode(), len(value), value, 0, False, True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return str(convert_raw_data_element(raw, encoding=list(encodings)).value or "")
@@ -390,15 +541,12 @@ def parse(head: bytes, whole: bool) -> FastFile | None:
 def _parse(head: bytes, whole: bool) -> FastFile:
     if len(head) < 144 or head[128:132] != b"DICM":
         raise _Decline
-    ts_span, data_at = _walk_meta(head)
-    if ts_span is None or ts_span[0] != _UI:
-        raise _Decline
-    ts = head[ts_span[1] + 8 : ts_span[2]].decode("ascii").rstrip("\0 ")
-    if ts != EXPLICIT_VR_LE:
-        raise _Decline
-    rest_at, spans, dropped, cuts = _walk_data(head, data_at)
-    if rest_at == len(head) and not whole:
-        raise _Decline  # no pixel data within the head: the header may go on
+    layout = _known_layout(head)
+    if layout is None:
+        layout = _walk(head)
+        if layout.rest_at == len(head) and not whole:
+            raise _Decline  # no pixel data within the head: the header may go on
+    ts, data_at, rest_at, spans = layout.ts, layout.data_at, layout.rest_at, layout.spans
     charset_raw = b""
     encodings: tuple[str, ...] = ("iso8859",)
     charset = spans.get(_CHARSET)
@@ -407,37 +555,48 @@ def _parse(head: bytes, whole: bool) -> FastFile:
         value_at = start + (12 if vr in _LONG_CODES else 8)
         encodings = _encodings_of(_NAMES[vr], head[value_at:end], encodings)
         charset_raw = head[start + 8 : end].rstrip(b"\0 ")
-    for tag in (_SOP_CLASS, _SOP_UID):
-        if tag in spans and spans[tag][0] != _UI:
-            raise _Decline
-
-    def get(keyword: str) -> str:
-        tag = _KEYWORDS[keyword]
-        span = spans.get(tag)
-        return "" if span is None else _value(head, tag, span, encodings)
-
-    sop_class = get("SOPClassUID")
-    sop_uid = get("SOPInstanceUID")
+    if not layout.sop_uis:
+        raise _Decline
+    (
+        sop_class,
+        sop_uid,
+        study_uid,
+        series_uid,
+        series_number,
+        instance_number,
+        series_description,
+        modality,
+        study_date,
+        patient_name,
+        patient_id,
+        study_description,
+        accession_number,
+    ) = _values(head, layout.fields, encodings)
     if not sop_class or not sop_uid:
         raise _Decline  # pydicom's path words the refusal
-    if any(tag in spans for tag in _ROUTING_TAGS):
-        routing = routing_of(lambda kw: get(kw) if kw in _KEYWORDS else "")
+    if layout.routed:
+
+        def get(keyword: str) -> str:
+            tag = _KEYWORDS.get(keyword)
+            return "" if tag is None else _values(head, (spans.get(tag),), encodings)[0]
+
+        routing = routing_of(get)
     else:
-        routing = {}  # routing_of of three empty values
+        routing = {}  # routing_of of three absent (empty) values
     header = DicomHeader(
         sop_class=sop_class,
         sop_uid=sop_uid,
-        study_uid=get("StudyInstanceUID"),
-        series_uid=get("SeriesInstanceUID"),
-        series_number=get("SeriesNumber").strip(),
-        instance_number=get("InstanceNumber").strip(),
-        series_description=get("SeriesDescription"),
-        modality=get("Modality"),
-        study_date=get("StudyDate") or None,
-        patient_name=get("PatientName"),
-        patient_id=get("PatientID"),
-        study_description=get("StudyDescription"),
-        accession_number=get("AccessionNumber"),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        series_number=series_number.strip(),
+        instance_number=instance_number.strip(),
+        series_description=series_description,
+        modality=modality,
+        study_date=study_date or None,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_description=study_description,
+        accession_number=accession_number,
         routing=routing,
     )
     return FastFile(
@@ -447,7 +606,7 @@ def _parse(head: bytes, whole: bool) -> FastFile:
         transfer_syntax=ts,
         data_at=data_at,
         spans=spans,
-        dropped=tuple(dropped),
-        cuts=tuple(cuts),
+        dropped=layout.dropped,
+        cuts=layout.cuts,
         charset_ok=charset_raw in _SAFE_CHARSETS,
     )
