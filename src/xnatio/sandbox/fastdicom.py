@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
 
 from xnatio.sandbox.dicom import (
@@ -165,6 +167,8 @@ class FastFile:
     """For each script tag (``_SCRIPT_TAGS``): where the first element at or above it starts,
     i.e. where the script's element goes when the file has none."""
     charset_ok: bool
+    charset_kept: bool
+    """The Specific Character Set element is written back as it is (``_written_back``)."""
 
     def stored_prefix(self, script: SiteScript | None) -> bytes | None:
         """The stored file up to ``rest_at`` (``dicom.reencode``'s bytes), or None to decline."""
@@ -177,6 +181,8 @@ class FastFile:
         # Every element pydicom writes back as read is copied as one run of ``head``; only the
         # SOP UIDs (written back converted), the group lengths (dropped) and the script's
         # elements (replaced, or inserted in tag order) are spliced in.
+        if not self.charset_kept:
+            raise _Decline
         h = self.header
         spans = self.spans
         meta_a, meta_tail, meta_len, class_element = _meta_parts(h.sop_class, self.transfer_syntax)
@@ -524,7 +530,25 @@ def _encodings_of(vr: bytes, value: bytes, default: tuple[str, ...]) -> tuple[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = convert_raw_data_element(raw, encoding=list(default)).value
-    return tuple(convert_encodings(converted)) if converted else default
+        # (inside: an unknown character set is pydicom's warning, not the importer's)
+        return tuple(convert_encodings(converted)) if converted else default
+
+
+@functools.lru_cache(maxsize=256)
+def _written_back(element: bytes, encodings: tuple[str, ...]) -> bool:
+    """Whether pydicom writes the Specific Character Set element back as these bytes. It is the
+    one element besides the SOP UIDs that pydicom converts while reading (to decode the rest),
+    so it is written from its value: ``MR `` comes back ``MR``, a padding of two spaces as
+    one. Cached: a session repeats one value."""
+    group, elem, vr = struct.unpack_from("<HH2s", element)
+    value = element[12 if _code(vr) in _LONG_CODES else 8 :]
+    raw = RawDataElement(Tag(group, elem), vr.decode(), len(value), value, 0, False, True)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_data_element(out, convert_raw_data_element(raw, encoding=list(encodings)))
+    return out.getvalue() == element
 
 
 def parse(head: bytes, whole: bool) -> FastFile | None:
@@ -548,6 +572,7 @@ def _parse(head: bytes, whole: bool) -> FastFile:
             raise _Decline  # no pixel data within the head: the header may go on
     ts, data_at, rest_at, spans = layout.ts, layout.data_at, layout.rest_at, layout.spans
     charset_raw = b""
+    charset_kept = True
     encodings: tuple[str, ...] = ("iso8859",)
     charset = spans.get(_CHARSET)
     if charset is not None:
@@ -555,6 +580,7 @@ def _parse(head: bytes, whole: bool) -> FastFile:
         value_at = start + (12 if vr in _LONG_CODES else 8)
         encodings = _encodings_of(_NAMES[vr], head[value_at:end], encodings)
         charset_raw = head[start + 8 : end].rstrip(b"\0 ")
+        charset_kept = _written_back(head[start:end], encodings)
     if not layout.sop_uis:
         raise _Decline
     (
@@ -609,4 +635,5 @@ def _parse(head: bytes, whole: bool) -> FastFile:
         dropped=layout.dropped,
         cuts=layout.cuts,
         charset_ok=charset_raw in _SAFE_CHARSETS,
+        charset_kept=charset_kept,
     )
