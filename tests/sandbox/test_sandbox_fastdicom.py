@@ -114,6 +114,9 @@ def variations() -> Iterator[tuple[str, bytes]]:
     elements = base()
     raw = [el(t, vr, v) for t, (vr, v) in sorted(elements.items())]
     yield "group length", part10([el(0x00080000, b"UL", b"\x10\0\0\0"), *raw])
+    # The script's Study Description goes where the dropped group length of 0010 was.
+    before = base(x00081030=b"-", x0008103E=b"-", x00100000=b"UL\x10\0\0\0")
+    yield "group length where a script element goes", build(before)
     yield "out of order", part10([raw[1], raw[0], *raw[2:]])
     yield "unknown VR", part10([*raw[:4], el(0x00080021, b"XX", b"ab"), *raw[4:]])
     yield "reserved bytes", part10([*raw[:4], el(0x00080021, b"OB", b"ab", b"\1\0"), *raw[4:]])
@@ -271,6 +274,11 @@ def test_a_remembered_layout_does_not_outlive_what_it_checked(tmp_path: Path) ->
     # Cut within the pixel data element's header: the walk could not read it, nor may a match.
     assert fastdicom.parse(typical[: first.rest_at + 7], whole=False) is None
     assert fastdicom.parse(typical[: first.rest_at + 8], whole=False) is not None
+    # The same elements up to the remembered end, then one more before the pixel data.
+    longer = build({**base(), 0x00324000: (b"LT", b"Project: P2")})
+    assert longer[: first.rest_at] == typical[: first.rest_at]
+    assert compare("longer", longer, tmp_path)
+    assert fastdicom.parse(longer, whole=True).header.routing == {"project": "P2"}  # type: ignore[union-attr]
     # A pixel data tag at the remembered offset after elements of other lengths is no match.
     shifted = build(base(x0008103E=b"LOseries one!!", x00100010=b"PNDoe^Jo"))
     assert len(shifted) == len(typical)
