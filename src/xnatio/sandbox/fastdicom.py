@@ -23,10 +23,11 @@ instead of being walked again (``_known_layout``).
 It accepts only what it can reproduce exactly: a Part 10 file (preamble, ``DICM``, explicit VR
 little endian file meta) whose data set is explicit VR little endian, elements in ascending tag
 order with known VRs, zero reserved bytes, no sequence and no undefined length, no group below
-0008, the header complete within the bytes given, ASCII for every value it re-encodes, and a
-single-byte or UTF-8 character set. Anything else returns None, and the caller takes pydicom's
-path as before, so the result is always the one that path gives (tests/sandbox/
-test_sandbox_fastdicom.py compares the two on pydicom's test files and synthetic variations).
+0008, the header complete within the bytes given, ASCII for every value it re-encodes, a
+single-byte or UTF-8 character set, and a Specific Character Set element that pydicom writes back
+as it was read. Anything else returns None, and the caller takes pydicom's path as before, so the
+result is always the one that path gives (tests/sandbox/test_sandbox_fastdicom.py compares the
+two on pydicom's test files, synthetic variations and generated series of varied layouts).
 """
 
 from __future__ import annotations
