@@ -1,7 +1,12 @@
 """Scenarios, their cases (one dataset and receiver each), and the loop that runs them.
 
-Within a case every contender runs in the same harness run, alternating (A B C A B C ...), each
-on a freshly started receiver, so slow drifts of a shared machine fall on all of them alike.
+Within a case every contender runs in the same harness run, alternating, each on a freshly
+started receiver, so slow drifts of a shared machine fall on all of them alike; the order turns
+round every other repetition (A B C, C B A, A B C ...), so whatever comes with a place in it
+falls on each alike too. (With a fixed order, the first contender of every repetition was the
+slower one: in the 21:18 UTC proof run xio took 15.67 and 14.56 s on loopback against
+``--compress never``'s 14.01 and 13.11 s with the same tar sent; in three more repetitions the
+first run was 15.28 s, the later ones 12.7-14.3 s for both; docs/performance.md, "srvcpu".)
 """
 
 from __future__ import annotations
@@ -430,7 +435,7 @@ class Runner:
                 self.log(f"   {x.name}: cannot run: {results[x.name].unavailable}")
         runnable = [x for x in contenders if not results[x.name].unavailable]
         for rep in range(case.repeat):
-            for x in runnable:
+            for x in runnable if rep % 2 == 0 else runnable[::-1]:
                 record = self._run_one(case, x, rep, dataset, tar, dcm_view)
                 results[x.name].runs.append(record)
                 self.log(f"   run {rep + 1} {x.name}: {_line(record)}")

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import contenders as c  # noqa: E402
 from benchmarks.data import DataSpec  # noqa: E402
 from benchmarks.measure import run_measured  # noqa: E402
-from benchmarks.scenarios import Case, Runner  # noqa: E402
+from benchmarks.scenarios import Case, Runner, RunRecord  # noqa: E402
 
 
 def test_run_measured_sees_memory_and_temp_disk_of_the_whole_process_tree(tmp_path: Path) -> None:
@@ -604,3 +604,29 @@ def test_a_signal_during_a_runs_clean_up_takes_effect_only_when_it_is_done() -> 
     finally:
         stop.set()
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_order_turns_round_every_other_repetition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A B C, C B A, A B C: a place in the order (the first after a receiver's start-up or a
+    previous run's clean-up) falls on each contender alike."""
+    monkeypatch.setenv("XNATIO_BENCH_CACHE", str(tmp_path / "cache"))
+    order: list[tuple[int, str]] = []
+
+    def run_one(self: Runner, case: Case, x: c.Contender, rep: int, *rest: object) -> RunRecord:
+        order.append((rep, x.name))
+        return RunRecord(rep, True, "", 1.0, 1.0, None, None, 0.0, 0.0, 0.0, {}, {})
+
+    monkeypatch.setattr(Runner, "_run_one", run_one)
+
+    def build(ctx: c.RunContext) -> c.Invocation:
+        return c.Invocation([sys.executable, "-c", "pass"])
+
+    names = ["A", "B", "C"]
+    contenders = [c.Contender(n, n, c.nothing, build, c.check_received) for n in names]
+    case = Case("cstore", "cstore tiny", DataSpec(4, 16, 16), "storescp", contenders, repeat=3)
+    result = Runner(log=lambda s: None).run_case(case)
+    assert [n for _, n in order] == names + names[::-1] + names
+    assert [r for r, _ in order] == [0] * 3 + [1] * 3 + [2] * 3
+    assert all(len(result.results[n].runs) == 3 for n in names)
