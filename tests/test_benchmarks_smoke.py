@@ -304,7 +304,7 @@ def test_sigterm_during_a_run_stops_client_and_receiver_and_removes_the_work_dir
 from benchmarks import charts as ch  # noqa: E402
 from benchmarks.data import Dataset  # noqa: E402
 from benchmarks.report import case_table, goals, goals_table  # noqa: E402
-from benchmarks.scenarios import CaseResult, ContenderResult, RunRecord  # noqa: E402
+from benchmarks.scenarios import CaseResult, ContenderResult  # noqa: E402
 
 
 def _run(rep: int, seconds: float | None, rss: float = 100.0, server_cpu: float = 0.0) -> RunRecord:
