@@ -16,6 +16,16 @@ from xnatio.sandbox.store import Store
 from xnatio.synth import generate_session
 
 
+def _written(path: Path, parts: list[bytes | memoryview]) -> bytes:
+    """What ``_write_all`` leaves in a new file at ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        importer._write_all(fd, parts)
+    finally:
+        os.close(fd)
+    return path.read_bytes()
+
+
 @pytest.mark.parametrize("per_call", [1, 7, 4096, 1 << 30])
 def test_every_byte_is_written_in_order_whatever_each_call_takes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_call: int
@@ -31,12 +41,7 @@ def test_every_byte_is_written_in_order_whatever_each_call_takes(
     monkeypatch.setattr(os, "writev", short)
     parts: list[bytes | memoryview] = [b"head", b"", memoryview(b"0123456789" * 50)[3:], b"tail"]
     expected = b"".join(bytes(p) for p in parts)
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
-    try:
-        importer._write_all(fd, parts)
-    finally:
-        os.close(fd)
-    assert (tmp_path / "f").read_bytes() == expected
+    assert _written(tmp_path / "f", parts) == expected
     assert parts == []  # emptied for the next pieces
     if per_call >= len(expected):
         assert calls == [4]  # one call for all of them
@@ -46,12 +51,7 @@ def test_more_pieces_than_one_call_takes(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(importer, "_IOV_MAX", 3)
     parts: list[bytes | memoryview] = [bytes([i]) * (i + 1) for i in range(10)]
     expected = b"".join(bytes(p) for p in parts)
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
-    try:
-        importer._write_all(fd, parts)
-    finally:
-        os.close(fd)
-    assert (tmp_path / "f").read_bytes() == expected
+    assert _written(tmp_path / "f", parts) == expected
 
 
 def test_a_file_that_takes_nothing_is_an_error(
