@@ -127,6 +127,28 @@ def test_grouping_partitions_the_files_whatever_order_they_are_found_in(
     assert _shape(again) == _shape(studies)
 
 
+def _everything(studies: list[Study]) -> list[tuple[object, ...]]:
+    return [(s.study_uid, [str(f.path) for f in s.files], s.folders, s.duplicates) for s in studies]
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups=found_files())
+def test_grouping_one_discovered_root_without_an_index_is_the_same(
+    groups: list[list[DicomFile]],
+) -> None:
+    """``unique=True`` (one root from discover(), whose files hold each SOP Instance UID once)
+    groups by the study codes alone, with no index of the UIDs: the same studies, files, order
+    and folders as grouping with the index (issue 16 item 4)."""
+    files = [f for g in groups for f in g]
+    firsts = list({f.sop_instance_uid: f for f in reversed(files)}.values())[::-1]
+    table = FileTable(firsts)
+    indexed, left = group_manifests([Manifest(root=Path("/r0"), files=table)])
+    assert not left and sum(len(s.files) for s in indexed) == len(firsts)
+    plain, left = group_manifests([Manifest(root=Path("/r0"), files=table)], unique=True)
+    assert not left
+    assert _everything(plain) == _everything(indexed)
+
+
 def test_a_copy_under_another_study_uid_makes_no_empty_study() -> None:
     """The same SOP Instance UID under two StudyInstanceUIDs (a broken export): the first is
     sent, the copy is accounted for, and no study without files appears."""
@@ -682,3 +704,27 @@ def test_a_plan_saved_by_a_spreadsheet_reads(outbox: Path, tmp_path: Path) -> No
         (r.study_uid, r.session, r.status) for r in p.rows
     ]
     assert all(again.study(r) is not None for r in again.rows)
+
+
+def test_a_dry_run_row_counts_the_series_of_every_manifest_of_its_study() -> None:
+    """A study over a folder and an archive: the series of both manifests (their own tables,
+    their own codes), each once, counted from the codes of the rows the views hold."""
+    from xnatio.cli.upload_many import dry_run_row
+    from xnatio.many.runner import StudyJob
+
+    folder = FileTable(
+        dicom_file(f"/r0/a/f{i}", "A", f"sop{i}", series=f"s{i % 3}") for i in range(9)
+    )
+    archive = FileTable(
+        [dicom_file("/r1/x/g0", "B", "x0", series="s2"), dicom_file("/r1/x/g1", "A", "x1", "s7")]
+    )
+    # Views of some rows: s0 is in rows the first view leaves out.
+    manifests = (
+        Manifest(root=Path("/r0"), files=folder.take([1, 2, 4, 5])),
+        Manifest(root=Path("/r1"), files=archive.take([1])),
+    )
+    job = StudyJob(study_uid="A", project="P", subject="S", session="E", manifests=manifests)
+    expected = {f.series_uid for f in job.all_files}
+    assert expected == {"s1", "s2", "s7"}
+    assert job.series_count == 3
+    assert dry_run_row(job, None)["series"] == 3

@@ -588,7 +588,6 @@ def server_sessions(settings: Settings, projects: set[str]) -> dict[str, set[str
 
 
 def dry_run_row(job: StudyJob, held: dict[str, set[str]] | None) -> dict[str, Any]:
-    files = job.all_files
     if held is None:
         on_server = "not asked"
     elif job.session in held.get(job.project, set()):
@@ -602,7 +601,7 @@ def dry_run_row(job: StudyJob, held: dict[str, set[str]] | None) -> dict[str, An
         "session": job.session,
         "patient_id": job.patient_id,
         "study_date": job.study_date,
-        "series": len({f.series_uid for f in files}),
+        "series": job.series_count,
         "files": job.files,
         "bytes": job.bytes,
         "folders": list(job.folders),

@@ -23,6 +23,7 @@ import tarfile
 import time
 import warnings
 import zipfile
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,7 +182,9 @@ def find_studies(
     manifests = [(discover_manifest or walk)(root) for root in paths.kept]
     for m in manifests:
         found.skipped.extend(m.skipped)
-    found.studies, leftovers = group_manifests(manifests)
+    # One root walked by discover(): its files hold each SOP Instance UID once already.
+    unique = discover_manifest is None and len(manifests) == 1
+    found.studies, leftovers = group_manifests(manifests, unique=unique)
     found.skipped.extend(leftovers)
     read_attributes(found.studies, progress)
     for study in found.studies:
@@ -222,7 +225,9 @@ def _distinct_roots(roots: Sequence[Path]) -> _Roots:
     return out
 
 
-def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[SkippedFile]]:
+def group_manifests(
+    manifests: Iterable[Manifest], *, unique: bool = False
+) -> tuple[list[Study], list[SkippedFile]]:
     """Group the files of ``manifests`` by StudyInstanceUID (no attributes read yet).
 
     Each file ends up in exactly one place: its study's files, or (a SOP Instance UID already
@@ -231,42 +236,65 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
     folder holding its files there, or the archive.
 
     A study's files are a view of one file table (that of the manifest when there is one,
-    else all manifests' files in one), so a million files cost no record each.
+    else all manifests' files in one), so a million files cost no record each: rows are
+    grouped by the table's study codes into arrays (4 bytes a file), never into lists of ints.
+    ``unique``: the caller knows no SOP Instance UID is in two of these files (one manifest
+    straight from :func:`xnatio.discover.discover`, which kept the first of each): no index of
+    them is built (16 MB and a decoded UID per file at a million files, issue 16 item 4).
     """
     manifests = list(manifests)
     table, starts = _one_table(manifests)
-    studies: dict[str, Study] = {}
-    rows: dict[str, list[int]] = {}
+    study_codes, study_uids = table.code_column("study_uid")
+    folder_codes, folder_names = table.code_column("folder")
+    studies: dict[int, Study] = {}  # by study code, in order of first appearance
+    rows: dict[int, array[int]] = {}
     leftovers: list[SkippedFile] = []
-    seen = SopIndex(table, len(table))  # SOP Instance UID -> its first file
-    folders: dict[str, list[Path]] = {}
+    # SOP Instance UID -> its first file
+    seen = None if unique else SopIndex(table, len(table))
+    folders: dict[int, list[Path]] = {}
     for m, start in zip(manifests, starts, strict=True):
-        # Per study, the distinct folders of its files here (not one folder string per file).
-        here: dict[str, set[str]] = {}
-        for i in range(start, start + len(m.files)):
-            uid = table.study_uid(i)
-            study = studies.get(uid)
-            if study is None:
-                study = studies[uid] = Study(uid)
-                rows[uid] = []
-            sop = table.sop_instance_uid(i)
-            first = seen.get(sop)
-            if first is not None:
-                study.duplicates.append(
-                    SkippedFile(
-                        Path(table.name_of(i)),
-                        f"duplicate of {table.name_of(first)} (same SOP Instance UID)",
-                        table.size(i),
+        stop = start + len(m.files)
+        if seen is None:
+            for i in range(start, stop):
+                code = study_codes[i]
+                kept = rows.get(code)
+                if kept is None:
+                    kept = rows[code] = array("I")
+                    studies[code] = Study(study_uids[code])
+                kept.append(i)
+            kept_here: Iterable[int] = range(start, stop)
+        else:
+            kept_rows: array[int] = array("I")
+            kept_here = kept_rows
+            for i in range(start, stop):
+                code = study_codes[i]
+                kept = rows.get(code)
+                if kept is None:
+                    kept = rows[code] = array("I")
+                    studies[code] = Study(study_uids[code])
+                sop = table.sop_instance_uid(i)
+                first = seen.get(sop)
+                if first is not None:
+                    studies[code].duplicates.append(
+                        SkippedFile(
+                            Path(table.name_of(i)),
+                            f"duplicate of {table.name_of(first)} (same SOP Instance UID)",
+                            table.size(i),
+                        )
                     )
-                )
-                continue
-            seen.add(sop, i)
-            rows[uid].append(i)
-            parents = here.get(uid)
-            if parents is None:
-                parents = here[uid] = set()
-            if m.source_archive is None:
-                parents.add(table.folder(i))
+                    continue
+                seen.add(sop, i)
+                kept.append(i)
+                kept_rows.append(i)
+        # Per study, the distinct folders of its files here (codes: not a string per file).
+        here: dict[int, set[int]] = {}
+        pairs = (
+            {(study_codes[i], folder_codes[i]) for i in kept_here}
+            if seen is not None
+            else set(zip(study_codes[start:stop], folder_codes[start:stop], strict=True))
+        )
+        for code, folder in pairs:
+            here.setdefault(code, set()).add(folder)
         if m.duplicates:
             # discover() kept the first copy within one root; a duplicate goes with its study.
             names: dict[str, str] = {}
@@ -274,27 +302,28 @@ def group_manifests(manifests: Iterable[Manifest]) -> tuple[list[Study], list[Sk
                 names[file_path(f)] = f.study_uid
                 if f.member is not None:
                     names[f.member] = f.study_uid
+            by_uid = {s.study_uid: s for s in studies.values()}
             for d in m.duplicates:
                 duplicate_of = _duplicate_study(d, names)
                 if duplicate_of is None:
                     leftovers.append(d)
                 else:
-                    studies[duplicate_of].duplicates.append(d)
-        for uid, found in here.items():
+                    by_uid[duplicate_of].duplicates.append(d)
+        for code in here:  # each study's list: one folder per manifest, in their order
             where = (
-                Path(os.path.commonpath([os.path.dirname(f) for f in found]))
-                if found
+                Path(os.path.commonpath([os.path.dirname(folder_names[f]) for f in here[code]]))
+                if m.source_archive is None
                 else m.source_archive or m.root
             )
-            folders.setdefault(uid, []).append(where)
+            folders.setdefault(code, []).append(where)
     out: list[Study] = []
-    for uid, study in studies.items():
-        if not rows[uid]:
+    for code, study in studies.items():
+        if not rows[code]:
             # Only copies of instances already found under another study UID: nothing to send.
             leftovers.extend(study.duplicates)
             continue
-        study.files = table.take(rows[uid])
-        study.folders = tuple(dict.fromkeys(folders.get(uid, [])))
+        study.files = table.take(rows.pop(code))
+        study.folders = tuple(dict.fromkeys(folders.get(code, [])))
         out.append(study)
     return out, leftovers
 

@@ -112,6 +112,16 @@ class StudyJob:
     def all_files(self) -> list[DicomFile]:
         return [f for m in self.manifests for f in m.files]
 
+    @property
+    def series_count(self) -> int:
+        """How many Series Instance UIDs its files hold: read from the tables' codes, with no
+        record made per file (a dry run of a million files made a million; issue 16 item 4)."""
+        uids: set[str] = set()
+        for m in self.manifests:
+            codes, values = m.files.code_column("series_uid")
+            uids.update(values[code] for code in {codes[row] for row in m.files.rows()})
+        return len(uids)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ManyOptions:
