@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xnatio.discover import discover
 from xnatio.models import (
@@ -23,10 +25,13 @@ from xnatio.models import (
     Manifest,
     Outcome,
     SopIndex,
+    SplitStrings,
     file_path,
 )
 from xnatio.result import NOT_SENT, RunOutcomes, assemble_result
 from xnatio.synth import generate_session
+
+UID = "1.2.826.0.1.3680043.8.498."
 
 
 def _record(i: int, **changes: object) -> DicomFile:
@@ -186,3 +191,73 @@ def test_a_table_is_extended_as_a_list_is() -> None:
     with pytest.raises(TypeError):
         view = table.take([0])
         view += [_record(4)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kept=st.lists(st.booleans(), min_size=1, max_size=40),
+    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=40),
+    one_by_one=st.booleans(),
+)
+def test_a_table_sharing_the_walks_paths_gives_back_the_paths_it_was_given(
+    kept: list[bool], chunks: list[int], one_by_one: bool
+) -> None:
+    """FileTable.share_paths (discovery's walk list as the path column, issue 16 item 4): some
+    of the walked paths added in order, in chunks (add_many) or one by one (add), give the
+    same paths as a table of its own; the walk's list is never changed; the column stays the
+    walk's own list exactly while the rows are the first walked paths (a path left out
+    after the last row costs nothing)."""
+    walked = [
+        f"/data/exam/S{i % 3}/IM{i:04d}.dcm" if i % 4 else f"/data/{UID}{i}"
+        for i in range(len(kept))
+    ]
+    walk = SplitStrings("/")
+    walk.extend(walked)
+    table = FileTable()
+    table.share_paths(walk)
+    names = [p for p, keep in zip(walked, kept, strict=True) if keep]
+    at, sizes = 0, iter(chunks * len(names))
+    while at < len(names):
+        part = names[at : at + next(sizes)]
+        rows = [_record(at + j, path=Path(p)) for j, p in enumerate(part)]
+        if one_by_one:
+            table.extend(rows)
+        else:
+            columns = zip(*(_fields(f) for f in rows), strict=True)
+            table.add_many(*columns)
+        at += len(part)
+    assert [table.fspath(i) for i in range(len(table))] == names
+    assert list(walk) == walked
+    assert (table._cols.fspath is walk) == (names == walked[: len(names)])
+
+
+def _fields(f: DicomFile) -> tuple[object, ...]:
+    """A record's fields in FileTable.add_many's order (files on disk: no member)."""
+    return (
+        f.fspath,
+        f.size,
+        f.mtime_ns,
+        f.study_uid,
+        f.series_uid,
+        f.sop_instance_uid,
+        f.sop_class_uid,
+        f.series_number,
+        f.transfer_syntax_uid,
+        f.patient_id,
+        f.ctime_ns,
+    )
+
+
+def test_discovery_keeps_each_walked_path_once(tmp_path: Path) -> None:
+    """A folder of DICOM files only: the file table's paths are the walk's own list (kept
+    once, issue 16 item 4); with a file skipped among them, a copy of its own, the same paths."""
+    session = generate_session(tmp_path / "exam", series=2, instances=3, image_size=(8, 8))
+    clean = discover(tmp_path / "exam", workers=1)
+    assert clean.files._cols.fspath_shared and len(clean.files._cols.fspath) == len(clean.files)
+    expected = sorted(str(p) for p in session.instances.values())
+    assert [f.fspath for f in clean.files] == expected
+    first = Path(expected[0])
+    (first.parent / (first.name + ".txt")).write_text("not DICOM")  # right after the first
+    mixed = discover(tmp_path / "exam", workers=1)
+    assert not mixed.files._cols.fspath_shared
+    assert [f.fspath for f in mixed.files] == expected and len(mixed.skipped) == 1

@@ -152,7 +152,9 @@ def archive_format(path: Path) -> str | None:
 
 
 def _walk(
-    root: Path, walked: Callable[[SplitStrings], None] | None = None
+    root: Path,
+    walked: Callable[[SplitStrings], None] | None = None,
+    files: SplitStrings | None = None,
 ) -> tuple[SplitStrings, list[SkippedFile]]:
     """Every regular file under ``root`` in sorted path order, plus what could not be walked.
 
@@ -160,8 +162,9 @@ def _walk(
     remembered, so a link back up the tree cannot loop. The paths are kept compactly (a folder
     once, then each name: ~20 bytes a file, where a list of strings held ~170; issue 16 item 4).
     ``walked(files)`` is called each time files were added (the workers are fed meanwhile).
+    ``files``: the (empty) list to walk into; a new one when None.
     """
-    files = SplitStrings(os.sep)
+    files = SplitStrings(os.sep) if files is None else files
     skipped: list[SkippedFile] = []
     root_st = root.stat()
     visited = {(root_st.st_dev, root_st.st_ino)}
@@ -330,7 +333,12 @@ def _discover_directory(
                 for names, packed in feeding.ready(files, _PROCESS_CHUNK):
                     collector.take(names, packed)
 
-        paths, manifest.skipped = _walk(root, walked)
+        walk = SplitStrings(os.sep)
+        if locate is None and os.sep == "/":
+            # The files' paths are the walk's own strings: kept once, not in the walk's list
+            # and again in the file table (FileTable.share_paths; issue 16 item 4).
+            manifest.files.share_paths(walk)
+        paths, manifest.skipped = _walk(root, walked, walk)
         if auto and pool is None and len(paths) >= PROCESS_THRESHOLD:  # the early look missed
             pool = stack.enter_context(Workers(_process_count()))
         report = _Progress(callback, len(paths), f"reading DICOM headers under {root}")

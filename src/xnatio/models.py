@@ -372,6 +372,7 @@ class _Columns:
     __slots__ = (
         "ctime_ns",
         "fspath",
+        "fspath_shared",
         "member",
         "mtime_ns",
         "patient_id",
@@ -388,6 +389,8 @@ class _Columns:
 
     def __init__(self) -> None:
         self.fspath = SplitStrings("/")
+        # True while ``fspath`` is the walk's own list of paths (see FileTable.share_paths).
+        self.fspath_shared = False
         self.size: array[int] = array("I")
         self.size_limit = _limit(self.size)
         self.mtime_ns: array[int] = array("q")
@@ -429,13 +432,15 @@ class _Columns:
             self.member = _Text()
             for _ in range(self.rows):
                 self.member.append("")
+        own_path = self._own_paths(fspath, fspath)
         self.size.append(size)
         self.mtime_ns.append(mtime_ns)
         if self.ctime_ns is not None:
             self.ctime_ns.append(ctime_ns)
         if self.member is not None:
             self.member.append("" if member is None else "/" + member)
-        self.fspath.append(fspath)
+        if own_path:
+            self.fspath.append(fspath)
         self.study_uid.append(study_uid)
         self.series_uid.append(series_uid)
         self.sop_instance_uid.append(sop_instance_uid)
@@ -486,13 +491,15 @@ class _Columns:
             self.size_limit = 1 << 63
         if self.ctime_ns is None and ctimes != mtimes:
             self.ctime_ns = array("q", self.mtime_ns)
+        own_paths = self._own_paths(fspath[0], fspath[-1], n)
         self.size.extend(sizes if self.size.typecode == "q" else size)
         self.mtime_ns.extend(mtimes)
         if self.ctime_ns is not None:
             self.ctime_ns.extend(ctimes)
         if self.member is not None:
             self.member.extend([""] * n)
-        self.fspath.extend(fspath)
+        if own_paths:
+            self.fspath.extend(fspath)
         self.study_uid.extend(study_uid)
         self.series_uid.extend(series_uid)
         self.sop_instance_uid.extend(sop_instance_uid)
@@ -501,6 +508,31 @@ class _Columns:
         self.transfer_syntax_uid.extend(transfer_syntax_uid)
         self.patient_id.extend(patient_id)
         self.rows += n
+
+    def share_paths(self, paths: SplitStrings) -> None:
+        """See :meth:`FileTable.share_paths`."""
+        if self.rows or paths.sep != "/":
+            raise ValueError("only an empty table shares a list of '/'-separated paths")
+        self.fspath = paths
+        self.fspath_shared = True
+
+    def _own_paths(self, first: str, last: str, n: int = 1) -> bool:
+        """Whether the ``n`` rows about to be added (paths ``first`` ... ``last``) must append
+        their paths to ``fspath``: always, unless it is shared and they are its very next
+        ``n`` strings, which :meth:`FileTable.share_paths`'s rule lets the two ends tell. The
+        first time they are not, the rows so far get a copy of their own, and ``fspath`` is
+        this table's alone from then on."""
+        if not self.fspath_shared:
+            return True
+        paths, rows = self.fspath, self.rows
+        if rows + n <= len(paths) and paths[rows] == first and paths[rows + n - 1] == last:
+            return False
+        own = SplitStrings("/")
+        for start in range(0, rows, _COPY_CHUNK):  # a chunk at a time: no list of all of them
+            own.extend(paths.slice(start, min(start + _COPY_CHUNK, rows)))
+        self.fspath = own
+        self.fspath_shared = False
+        return True
 
     def record(self, row: int) -> DicomFile:
         mtime_ns = self.mtime_ns[row]
@@ -522,6 +554,9 @@ class _Columns:
         _set(f, "_table", self)
         _set(f, "_row", row)
         return f
+
+
+_COPY_CHUNK = 10_000  # paths copied at a time when a shared path list stops being shared
 
 
 class FileTable(Sequence[DicomFile]):
@@ -626,6 +661,20 @@ class FileTable(Sequence[DicomFile]):
             patient_id,
             ctime_ns,
         )
+
+    def share_paths(self, paths: SplitStrings) -> None:
+        """Keep the paths of the files added from now on in ``paths`` itself, a list of paths
+        its owner is still growing (discovery's walk), rather than in a copy: the walk's list
+        and the table's column were the same strings twice (~18 MB at a million files, issue
+        16 item 4). The table must be empty, and the paths added afterwards must be, in order,
+        some of ``paths``' strings, each at most once (discovery adds those of the files it
+        keeps); so while the rows added are the very next strings of ``paths`` (checked at the
+        two ends of each addition), they share them. The first addition that is not (a file
+        skipped or a duplicate before it) gives the table a copy of its own paths so far, and
+        the table keeps its own from then on: the same table either way."""
+        if self._rows is not None:
+            raise TypeError("a view of a FileTable cannot share paths")
+        self._cols.share_paths(paths)
 
     def extend(self, records: Iterable[DicomFile]) -> None:
         for f in list(records):  # a table may be extended with itself
