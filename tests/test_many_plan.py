@@ -728,3 +728,22 @@ def test_a_dry_run_row_counts_the_series_of_every_manifest_of_its_study() -> Non
     assert expected == {"s1", "s2", "s7"}
     assert job.series_count == 3
     assert dry_run_row(job, None)["series"] == 3
+
+
+def test_the_plan_is_made_with_the_fixed_mmap_threshold_of_an_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """find_studies sets xnatio.malloc's fixed mmap threshold before the walk, as an upload
+    does: the million-file plan's large blocks are then returned whole when freed (issue 16
+    item 4; what the threshold does is tests/test_malloc.py's)."""
+    import xnatio.many.group as grouping
+
+    calls: list[str] = []
+    monkeypatch.setattr(grouping, "cap_arenas", lambda: calls.append("cap") or True)
+
+    def walk(root: Path) -> Manifest:
+        calls.append("walk")
+        return Manifest(root=root)
+
+    grouping.find_studies([tmp_path], discover_manifest=walk)
+    assert calls == ["cap", "walk"]

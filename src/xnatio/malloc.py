@@ -8,7 +8,9 @@ live data (``docs/performance.md``, "A lead for the 100,000-file peak"). :func:`
 glibc for at most :data:`xnatio.defaults.MALLOC_ARENAS` arenas with ``mallopt(M_ARENA_MAX)``;
 existing arenas stay, so it is called before any of an upload's threads start, by
 :func:`xnatio.pipeline.upload` (``xio upload-dicom``, ``upload-many``, ``demo`` and library
-callers alike). Not by ``xio sandbox``: the local server's threads are its own concern.
+callers alike), and before that by :func:`xnatio.many.group.find_studies` (the plan of
+``upload-many``, its dry run too). Not by ``xio sandbox``: the local server's threads are its
+own concern.
 
 Large blocks: glibc serves blocks of 128 KiB or more with ``mmap`` at first, but after the first is
 freed it raises its mmap threshold to that size (up to 32 MB) and serves them from the arenas from

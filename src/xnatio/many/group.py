@@ -33,6 +33,7 @@ from typing import IO
 # pydicom's warnings and log level are process-wide: one lock for every reader that quiets them.
 from xnatio.dicomheader import _PYDICOM_LOCK as PYDICOM_LOCK
 from xnatio.discover import archive_format, discover
+from xnatio.malloc import cap_arenas
 from xnatio.models import (
     DicomFile,
     FileTable,
@@ -172,6 +173,11 @@ def find_studies(
     outbox is often empty). A root inside another root is walked once, as part of the outer one.
     ``discover_manifest`` replaces the walk of one root (tests).
     """
+    # The fixed mmap threshold of an upload (xnatio.malloc), before the walk: the columns and
+    # the index of a million files are large blocks grown and freed as it goes, which glibc's
+    # own threshold left resident in the heap (10 MB of the million-file plan's peak: "planmem"
+    # in docs/performance.md; issue 16 item 4).
+    cap_arenas()
     paths = _distinct_roots([Path(r) for r in roots])
     found = StudySet(roots=tuple(paths.kept))
     found.notes.extend(paths.notes)
