@@ -1,12 +1,14 @@
 """Scenarios, their cases (one dataset and receiver each), and the loop that runs them.
 
 Within a case every contender runs in the same harness run, alternating, each on a freshly
-started receiver, so slow drifts of a shared machine fall on all of them alike; the order turns
-round every other repetition (A B C, C B A, A B C ...), so whatever comes with a place in it
-falls on each alike too. (With a fixed order, the first contender of every repetition was the
-slower one: in the 21:18 UTC proof run xio took 15.67 and 14.56 s on loopback against
-``--compress never``'s 14.01 and 13.11 s with the same tar sent; in three more repetitions the
-first run was 15.28 s, the later ones 12.7-14.3 s for both; docs/performance.md, "srvcpu".)
+started receiver, so slow drifts of a shared machine fall on all of them alike; each repetition
+starts one place further on (A B C, B C A, C A B ...), so every contender takes every place in
+the order in turn, the first of a case included. (With a fixed order, the first contender of
+every repetition was the slower one: in the 21:18 UTC proof run xio took 15.67 and 14.56 s on
+loopback against ``--compress never``'s 14.01 and 13.11 s with the same tar sent; in three more
+repetitions the first run was 15.28 s, the later ones 12.7-14.3 s for both. With the order turned
+round every other repetition, A B C, C B A, the middle one never ran first or last, and xio, at
+the ends, was the slower one again: docs/performance.md, "srvcpu" and "turns".)
 """
 
 from __future__ import annotations
@@ -123,12 +125,14 @@ SCENARIOS = (
     "discover",
     "scale",
 )
-# Every REST scenario twice, as issue 16 asks of the run that proves its goals, so a plain
+# Every REST scenario at least twice, as issue 16 asks of the run that proves its goals, so a plain
 # `python benchmarks/run.py` is that run (docs/performance.md estimates its time: about an hour on
-# 2 cores). cstore's single-association references take about 2 minutes each, so once; discovery
-# is cheap, so three times. --repeat N runs every contender of every scenario N times, alternating.
+# 2 cores); rest-limit, whose runs are short, three times, so each of its three contenders runs
+# once in each place of the order. cstore's single-association references take about 2 minutes
+# each, so once; discovery is cheap, so three times. --repeat N runs every contender of every
+# scenario N times, each repetition starting one place further on.
 DEFAULT_REPEAT = {
-    "rest-limit": 2,
+    "rest-limit": 3,
     "rest-wan": 2,
     "rest-slow": 2,
     "rest-latency": 2,
@@ -435,7 +439,8 @@ class Runner:
                 self.log(f"   {x.name}: cannot run: {results[x.name].unavailable}")
         runnable = [x for x in contenders if not results[x.name].unavailable]
         for rep in range(case.repeat):
-            for x in runnable if rep % 2 == 0 else runnable[::-1]:
+            turn = rep % len(runnable) if runnable else 0
+            for x in runnable[turn:] + runnable[:turn]:
                 record = self._run_one(case, x, rep, dataset, tar, dcm_view)
                 results[x.name].runs.append(record)
                 self.log(f"   run {rep + 1} {x.name}: {_line(record)}")
