@@ -52,7 +52,7 @@ FOREIGN_OPTIONS = {
     "mypy": {"--strict"},
     "scripts/update-constraints": {"--upgrade"},  # passed on to uv pip compile
     "sbatch": {"--array", "--requeue"},  # Slurm, in scale-out.md
-    "py-spy": {"--gil"},  # the profiler of the measurements in performance.md
+    "py-spy": {"--gil", "--threads"},  # the profiler of the measurements in performance.md
 }
 
 

@@ -29,7 +29,7 @@ from xnatio.journal import (
     relative_name,
     strip_credentials,
 )
-from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome, file_path
+from xnatio.models import DicomFile, FileOutcome, Manifest, Outcome, file_path, row_outcome
 
 TARGET = Target.rest("https://xnat.example.org/", "P", "S", "E")
 
@@ -213,6 +213,41 @@ def test_the_safety_net_after_a_send_writes_only_what_the_hook_did_not(tmp_path:
         assert run.record_outcomes(outcomes, only_new=True) == 0
         assert run.split()[0] == m.files
         assert run.record_outcomes(outcomes[:1]) == 1  # the hook writes whatever it is given
+
+
+def _journal_rows(j: Journal) -> list[tuple[object, ...]]:
+    with sqlite3.connect(j.path) as db:
+        return db.execute(
+            "SELECT relpath, size, mtime_ns, sop_uid, batch, ctime_ns FROM files ORDER BY relpath"
+        ).fetchall()
+
+
+def test_outcomes_made_from_the_manifests_rows_are_recorded_by_row(tmp_path: Path) -> None:
+    """The transports' outcomes carry their row of the manifest's columns (row_outcome): each
+    is recorded as that file, the same rows as by UID and name; in a view of the columns (a
+    resumed run sends only what is left) at its position in the view, and an outcome of a row
+    the view does not hold is none of its files."""
+    m = make_manifest(tmp_path / "src")
+    by_row, by_name = tmp_path / "by_row.sqlite", tmp_path / "by_name.sqlite"
+    with Journal(by_row) as j:
+        run = j.open_run(TARGET, m)
+        assert run.record_outcomes([row_outcome(m.files, i, Outcome.UPLOADED) for i in (5, 0, 3)])
+        assert run.split()[0] == [m.files[0], m.files[3], m.files[5]]
+        assert run._by_uid is None  # found by row: no index of the UIDs was made
+    with Journal(by_name) as j:
+        j.open_run(TARGET, m).record_outcomes(
+            [FileOutcome(file_path(m.files[i]), Outcome.UPLOADED) for i in (5, 0, 3)]
+        )
+    with Journal(by_row) as a, Journal(by_name) as b:
+        assert _journal_rows(a) == _journal_rows(b) != []
+
+    view = Manifest(root=m.root, files=m.files.take([3, 5, 1]))
+    with Journal(tmp_path / "view.sqlite") as j:
+        run = j.open_run(TARGET, view)
+        outcomes = [row_outcome(m.files, i, Outcome.UPLOADED) for i in (1, 0, 5)]
+        assert run.record_outcomes(outcomes) == 2  # row 0 is not in the view
+        assert run.split()[0] == [m.files[5], m.files[1]]
+        assert run.record_outcomes(outcomes, only_new=True) == 0
 
 
 def _fingerprint_of_records(m: Manifest) -> str:

@@ -83,6 +83,7 @@ from xnatio.models import (
     Outcome,
     SopIndex,
     file_path,
+    table_row,
 )
 from xnatio.redact import printable
 
@@ -696,6 +697,9 @@ class JournalRun:
         self._by_uid: SopIndex | None = None
         self._index_lock = threading.Lock()
         self._by_name: dict[str, int] | None = None  # built only if ever needed
+        # A view's position of each row of its columns (-1: not in it), for outcomes that
+        # carry their row (:meth:`_position_of`); built only if the manifest is a view.
+        self._by_row: array[int] | None = None
         # Positions of the manifest's files this run recorded as confirmed (1 byte a file): the
         # outcomes of a whole send, recorded again after it as a safety net (``only_new``), are
         # not written (nor made into records) a second time.
@@ -788,27 +792,46 @@ class JournalRun:
         Rows are made while SQLite inserts them: a 50,000-file batch is never held as 50,000
         row tuples (tens of MB at the peak otherwise).
         """
+        root = self._root
+        return self._record(
+            (
+                (relative_name(f, root), f.size, f.mtime_ns, f.sop_instance_uid, f.ctime_ns)
+                for f in files
+            ),
+            batch,
+        )
+
+    def _record_positions(self, positions: Iterable[int], batch: int | None) -> int:
+        """:meth:`record_confirmed` of the manifest's files at ``positions``, read from its
+        columns: no record made per file."""
+        files, root = self.manifest.files, str(self._root)
+        return self._record(
+            (
+                (
+                    _relative_name(files.fspath(i), files.member(i), root),
+                    files.size(i),
+                    files.mtime_ns(i),
+                    files.sop_instance_uid(i),
+                    files.ctime_ns(i),
+                )
+                for i in positions
+            ),
+            batch,
+        )
+
+    def _record(self, fields: Iterator[tuple[str, int, int, str, int]], batch: int | None) -> int:
+        """Insert (name, size, mtime, SOP Instance UID, ctime) rows, made as SQLite takes them."""
         now = time.time()
-        it = iter(files)
-        first = next(it, None)
+        first = next(fields, None)
         if first is None or self.journal.closed:
             return 0
         count = 0
 
         def rows() -> Iterator[tuple[object, ...]]:
             nonlocal count
-            for f in itertools.chain((first,), it):
+            for name, size, mtime_ns, uid, ctime_ns in itertools.chain((first,), fields):
                 count += 1
-                yield (
-                    self.run_id,
-                    relative_name(f, self._root),
-                    f.size,
-                    f.mtime_ns,
-                    f.sop_instance_uid,
-                    batch,
-                    now,
-                    f.ctime_ns,
-                )
+                yield (self.run_id, name, size, mtime_ns, uid, batch, now, ctime_ns)
 
         try:
             self._insert(rows(), now)
@@ -848,8 +871,7 @@ class JournalRun:
             if at is not None and not (only_new and recorded[at]):
                 positions.append(at)
                 batch = o.batch if o.batch is not None else batch
-        files = self.manifest.files
-        count = self.record_confirmed(map(files.__getitem__, positions), batch=batch)
+        count = self._record_positions(positions, batch)
         for at in positions:
             recorded[at] = 1
         return count
@@ -867,8 +889,27 @@ class JournalRun:
             return self._by_uid
 
     def _position_of(self, o: FileOutcome) -> int | None:
-        """The position in the manifest of the file ``o`` is the outcome of (None: not one)."""
+        """The position in the manifest of the file ``o`` is the outcome of (None: not one).
+
+        An outcome the transports made from a row of the manifest's own columns
+        (:func:`xnatio.models.row_outcome`) is that row's file: found by its row, with no UID or
+        name decoded (finding them by UID and name was a quarter of the client's CPU on
+        loopback: docs/performance.md, "journal"). Any other by UID, then by name."""
         files = self.manifest.files
+        made_from = table_row(o)
+        if made_from is not None and files.holds(o):
+            row = made_from[1]
+            if not files.is_view:
+                return row if row < len(files) else None
+            with self._index_lock:
+                if self._by_row is None:
+                    rows = list(files.rows())
+                    by_row = array("q", [-1]) * (max(rows, default=-1) + 1)
+                    for position, r in enumerate(rows):
+                        by_row[r] = position
+                    self._by_row = by_row
+            by_row = self._by_row
+            return by_row[row] if row < len(by_row) and by_row[row] >= 0 else None
         at = self._uid_index().get(o.sop_instance_uid)
         if at is not None:
             member = files.member(at)

@@ -77,6 +77,7 @@ from xnatio.models import (
     ProgressEvent,
     SopIndex,
     file_path,
+    total_bytes,
 )
 
 # A name xio gives an instance (archive.instance_file_name of a conformant UID): digits and dots.
@@ -583,7 +584,7 @@ class _Progress:
     def __init__(self, callback: ProgressCallback | None, files: Sequence[DicomFile]) -> None:
         self._callback = callback
         self._total = len(files)
-        self._bytes_total = _total_bytes(files)
+        self._bytes_total = total_bytes(files)
         self._current = 0
         self._bytes_done = 0
 
@@ -603,12 +604,8 @@ class _Progress:
     def advance(self, files: Sequence[DicomFile]) -> None:
         if files:
             self._current += len(files)
-            self._bytes_done += _total_bytes(files)
+            self._bytes_done += total_bytes(files)
             self.emit()
-
-
-def _total_bytes(files: Sequence[DicomFile]) -> int:
-    return files.total_bytes if isinstance(files, FileTable) else sum(f.size for f in files)
 
 
 def _pick(files: Sequence[DicomFile], positions: Sequence[int]) -> Sequence[DicomFile]:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from xnatio.errors import UsageError
-from xnatio.models import Batch, DicomFile, Manifest
+from xnatio.models import Batch, DicomFile, Manifest, total_bytes
 from xnatio.transports.dicom_store.encode import UNCOMPRESSED
 from xnatio.transports.dicom_store.ul import ProposedContext
 
@@ -49,7 +49,7 @@ def plan_associations(files: Sequence[DicomFile], count: int) -> list[list[Dicom
     if not files:
         return []
     count = max(1, min(count, len(files)))
-    total = sum(f.size for f in files) or len(files)
+    total = total_bytes(files) or len(files)
     groups: list[list[DicomFile]] = []
     current: list[DicomFile] = []
     done = 0

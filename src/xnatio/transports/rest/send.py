@@ -41,7 +41,7 @@ from xnatio.compress import Compression
 from xnatio.coordinator import BoundedExecutor, Coordinator, ExecutorFactory, thread_pool
 from xnatio.errors import ServerError
 from xnatio.events import ProgressCounter
-from xnatio.models import Batch, DicomFile, Manifest, file_path
+from xnatio.models import Batch, DicomFile, Manifest, file_path, total_bytes
 from xnatio.retry import RetryPolicy, Sleep
 from xnatio.transports.rest.answers import (
     culprit,
@@ -267,7 +267,7 @@ class BatchSender:
             except OSError as exc:  # an archive PATH that can no longer be read
                 self._give_up(remaining, exc, 0, batch.index)
                 return
-            payload = sum(f.size for f in remaining)
+            payload = total_bytes(remaining)
             body = (
                 SizedBody(packed, payload, self.progress, self.cancel, packed.size)
                 if packed.size is not None

@@ -24,6 +24,7 @@ from xnatio.models import (
     SessionKind,
     SessionRef,
     UploadResult,
+    total_bytes,
 )
 from xnatio.plan import Planner, RestPlanner
 from xnatio.retry import RetryPolicy
@@ -204,7 +205,7 @@ class RestTransport:
         if not by_label:
             return verify_session(self.client, t.project, t.subject, t.session, [])
         # One VERIFY count over all sessions: each one's events are shifted by those before it.
-        totals = (len(files), sum(f.size for f in files))
+        totals = (len(files), total_bytes(files))
         done = (0, 0)
         reports: list[VerifyReport] = []
         for label, part in by_label.items():
@@ -220,7 +221,7 @@ class RestTransport:
                     sent=self.digests,
                 )
             )
-            done = (done[0] + len(part), done[1] + sum(f.size for f in part))
+            done = (done[0] + len(part), done[1] + total_bytes(part))
         return merge_reports(reports) if len(reports) > 1 else reports[0]
 
 
