@@ -258,26 +258,27 @@ def group_manifests(
     # SOP Instance UID -> its first file
     seen = None if unique else SopIndex(table, len(table))
     folders: dict[int, list[Path]] = {}
+
+    def rows_of(code: int) -> array[int]:
+        """The rows kept of the study ``code`` (its Study made as it first appears)."""
+        kept = rows.get(code)
+        if kept is None:
+            kept = rows[code] = array("I")
+            studies[code] = Study(study_uids[code])
+        return kept
+
     for m, start in zip(manifests, starts, strict=True):
         stop = start + len(m.files)
         if seen is None:
             for i in range(start, stop):
-                code = study_codes[i]
-                kept = rows.get(code)
-                if kept is None:
-                    kept = rows[code] = array("I")
-                    studies[code] = Study(study_uids[code])
-                kept.append(i)
+                rows_of(study_codes[i]).append(i)
             kept_here: Iterable[int] = range(start, stop)
         else:
             kept_rows: array[int] = array("I")
             kept_here = kept_rows
             for i in range(start, stop):
                 code = study_codes[i]
-                kept = rows.get(code)
-                if kept is None:
-                    kept = rows[code] = array("I")
-                    studies[code] = Study(study_uids[code])
+                kept = rows_of(code)
                 sop = table.sop_instance_uid(i)
                 first = seen.get(sop)
                 if first is not None:
