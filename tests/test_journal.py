@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -216,7 +217,7 @@ def test_the_safety_net_after_a_send_writes_only_what_the_hook_did_not(tmp_path:
 
 
 def _journal_rows(j: Journal) -> list[tuple[object, ...]]:
-    with sqlite3.connect(j.path) as db:
+    with contextlib.closing(sqlite3.connect(j.path)) as db:  # (``with`` a connection: no close)
         return db.execute(
             "SELECT relpath, size, mtime_ns, sop_uid, batch, ctime_ns FROM files ORDER BY relpath"
         ).fetchall()
