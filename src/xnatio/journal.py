@@ -893,8 +893,8 @@ class JournalRun:
 
         An outcome the transports made from a row of the manifest's own columns
         (:func:`xnatio.models.row_outcome`) is that row's file: found by its row, with no UID or
-        name decoded (finding them by UID and name was a quarter of the client's CPU on
-        loopback: docs/performance.md, "journal"). Any other by UID, then by name."""
+        name decoded (finding them by UID and name took a quarter of the samples of a profile of
+        the client on loopback: docs/performance.md, "journal"). Any other by UID, then by name."""
         files = self.manifest.files
         made_from = table_row(o)
         if made_from is not None and files.holds(o):
@@ -903,7 +903,7 @@ class JournalRun:
                 return row if row < len(files) else None
             with self._index_lock:
                 if self._by_row is None:
-                    rows = list(files.rows())
+                    rows = files.rows()  # (a view's own array of rows: not copied)
                     by_row = array("q", [-1]) * (max(rows, default=-1) + 1)
                     for position, r in enumerate(rows):
                         by_row[r] = position
