@@ -126,7 +126,7 @@ SCENARIOS = (
     "scale",
 )
 # Every REST scenario at least twice, as issue 16 asks of the run that proves its goals, so a plain
-# `python benchmarks/run.py` is that run (docs/performance.md estimates its time: about an hour on
+# `python benchmarks/run.py` is that run (docs/performance.md gives its time: about half an hour on
 # 2 cores); rest-limit, whose runs are short, three times, so each of its three contenders runs
 # once in each place of the order. cstore's single-association references take about 2 minutes
 # each, so once; discovery is cheap, so three times. --repeat N runs every contender of every
