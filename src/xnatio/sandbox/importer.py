@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from xnatio.sandbox import fastdicom
 from xnatio.sandbox.dicom import (
@@ -59,9 +59,8 @@ from xnatio.xnat.labels import clean_label
 
 IMPORT_PATH = "/data/services/import"
 TAR_BLOCK = 1 << 16
-# Temp names of stored files: unique in the process, and across processes by the pid (cheaper
-# than a uuid4 per file; the temp folder is emptied at start, catalog.Catalog).
-_PID = os.getpid()
+# Temp names of stored files: unique in the process, and across processes (import workers) by
+# the pid (cheaper than a uuid4 per file; the temp folder is emptied at start, catalog.Catalog).
 _TMP_NAMES = itertools.count()
 HANDLERS = {"DICOM-zip", "gradual-DICOM", "SI"}
 # A body of these types selects gradual-DICOM when no handler is named (Imp:238-244).
@@ -276,9 +275,132 @@ def _maybe_nested(name: str, stream: IO[bytes], tmp_dir: Path) -> Iterator[tuple
 _NO_SLOTS = Slots(0)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Where one file goes and how it is stored, as its request decided (``DicomImport.claim``).
+
+    The request holds the file's lock (XNAT's PrearcFileLock) from the claim until the file is
+    settled or abandoned, so the write happens under it wherever it runs (this process or an
+    import worker, ``workers.py``)."""
+
+    target: str
+    script: SiteScript | None
+    disk_full: bool  # the disk_full knob took this file: drained, then 400
+    per_file_ms: float  # the per_file_ms knob, slept before the write (under the lock)
+    reencode: bool  # the header is re-encoded (the site script, or the reencode knob)
+
+
+class Placer(Protocol):
+    """The side of an import that decides where each file goes and records it: the request's
+    ``DicomImport`` in the server process, or its stand-in in an import worker."""
+
+    def claim(self, name: str, h: DicomHeader) -> Claim | None:
+        """The file's claim (its lock taken), or None: the file is read and dropped."""
+
+    def settle(self, size: int, md5: str) -> None:
+        """Record the claimed file as stored and let go of its lock."""
+
+    def abandon(self) -> None:
+        """Let go of the claimed file's lock without recording it (the write failed)."""
+
+    def sleepy(self) -> bool:
+        """Whether a knob that sleeps is on (then files are imported without a slot)."""
+
+
+class EntryFeed:
+    """The per-file half of an import: each entry's header read, its claim asked of the
+    ``placer``, the file stored as XNAT stores it (facts 1.7) and settled. It needs the body and
+    the temp folder, nothing of the catalog, so it runs where the body is read: the request's
+    thread, or an import worker process (``workers.py``)."""
+
+    def __init__(
+        self, placer: Placer, tmp_path: str, slots: Slots, ignore_unparsable: bool
+    ) -> None:
+        self.placer = placer
+        self.tmp_path = tmp_path
+        # The import slots (``slots.py``): each file's work is done holding one, so the
+        # request threads take turns instead of all contending for the GIL.
+        self.slots = slots
+        self.ignore_unparsable = ignore_unparsable
+        self.files_written = 0
+        self.last_error: Unparsable | None = None
+
+    def run(self, entries: Iterator[tuple[str, IO[bytes]]]) -> None:
+        for name, stream in entries:
+            try:
+                if self.placer.sleepy():
+                    # The knobs that sleep (in the body reads, per file) stand for a link or a
+                    # server's own cost: taken in parallel, as XNAT's threads would, not in
+                    # turns (measured: turns made rest-latency's upload 15 % slower).
+                    self._one(name, stream)
+                else:
+                    with self.slots.slot():
+                        self._one(name, stream)
+            except Unparsable as err:
+                if not self.ignore_unparsable:
+                    raise HttpError(400, str(err)) from None
+                self.last_error = err
+            except ZipStreamError:  # found while reading the entry's bytes
+                raise HttpError(400, f"unable to read DICOM object {name}") from None
+
+    def _one(self, name: str, stream: IO[bytes]) -> None:
+        head = _read_fully(stream, HEAD_BYTES)
+        fast = fastdicom.parse(head, whole=len(head) < HEAD_BYTES)
+        if fast is not None:  # an ordinary file: the same result without pydicom's parse
+            self._place(name, fast.header, head, stream, fast)
+            self.files_written += 1
+            return
+        spooled: Path | None = None
+        try:
+            try:
+                h = read_header(head, name)
+            except Unparsable:
+                if len(head) < HEAD_BYTES:
+                    raise
+                # A header longer than the head: spool the entry and parse the whole file.
+                spooled = Path(self.tmp_path) / f"entry-{uuid.uuid4().hex}"
+                with spooled.open("wb") as out:
+                    out.write(head)
+                    shutil.copyfileobj(stream, out, 1 << 20)
+                h = read_header(head, name, str(spooled))
+            if spooled is not None:
+                with spooled.open("rb") as whole:
+                    self._place(name, h, whole.read(0), whole)
+            else:
+                self._place(name, h, head, stream)
+        finally:
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)
+        self.files_written += 1
+
+    def _place(
+        self,
+        name: str,
+        h: DicomHeader,
+        head: bytes,
+        rest: IO[bytes],
+        fast: fastdicom.FastFile | None = None,
+    ) -> None:
+        claim = self.placer.claim(name, h)
+        if claim is None:  # read, not stored (a rejected series, facts 1.3)
+            _drain(rest)
+            return
+        try:
+            size, md5 = write_file(claim, self.tmp_path, name, head, rest, fast, self.slots)
+        except BaseException:
+            self.placer.abandon()
+            raise
+        self.placer.settle(size, md5)
+
+
 class DicomImport:
     """One import request's work. ``run`` returns the URIs for the text/uri-list answer
-    (possibly none: a 200 with an empty body, facts 1.3)."""
+    (possibly none: a 200 with an empty body, facts 1.3).
+
+    Its ``claim``/``settle``/``abandon`` are the catalog's half of each file (routing, the row,
+    the name, the file lock, the record); ``EntryFeed`` is the body's half. ``run`` does both in
+    the request's thread; with import workers the feed runs in a worker and asks for claims over
+    a pipe (``workers.py``), then ``conclude`` builds and archives here."""
 
     def __init__(
         self,
@@ -291,8 +413,7 @@ class DicomImport:
         slots: Slots | None = None,
     ) -> None:
         self.store = store
-        # The server's import slots (``slots``): each file's work is done holding one, so the
-        # request threads take turns instead of all contending for the GIL; None: no turns.
+        # The server's import slots (``slots``) for the feed; None: no turns.
         self.slots = slots or _NO_SLOTS
         self.site_anon = site_anon
         self.knobs = knobs
@@ -306,6 +427,8 @@ class DicomImport:
         # (one statement) instead of ``session_for_file`` (a transaction of four).
         self._rows: dict[tuple[str, str, str, bool], PrearcSession] = {}
         self._folders: dict[tuple[int, str], str] = {}
+        # The claimed file: its lock and what its record needs.
+        self._held: tuple[contextlib.ExitStack, int, str, str, DicomHeader] | None = None
         self.files_written = 0
         # Series a series import filter drops (knob reject_series, facts 1.3), per request.
         self.rejected_series = set(knobs.get().reject_series)
@@ -314,30 +437,28 @@ class DicomImport:
 
     # -- the request -----------------------------------------------------------------------
     def run(self, entries: Iterator[tuple[str, IO[bytes]]]) -> list[str]:
-        last_error: Unparsable | None = None
+        feed = EntryFeed(self, self.store.tmp_path, self.slots, self.p.ignore_unparsable)
         try:
-            for name, stream in entries:
-                try:
-                    live = self.knobs.live
-                    if live.bandwidth_mbps > 0 or live.per_file_ms > 0:
-                        # The knobs that sleep (in the body reads, per file) stand for a link or
-                        # a server's own cost: taken in parallel, as XNAT's threads would, not
-                        # in turns (measured: turns made rest-latency's upload 15 % slower).
-                        self._one(name, stream)
-                    else:
-                        with self.slots.slot():
-                            self._one(name, stream)
-                except Unparsable as err:
-                    if not self.p.ignore_unparsable:
-                        raise HttpError(400, str(err)) from None
-                    last_error = err
-                except ZipStreamError:  # found while reading the entry's bytes
-                    raise HttpError(400, f"unable to read DICOM object {name}") from None
-            if self.files_written == 0 and last_error is not None:
-                raise HttpError(400, str(last_error))
-            return self._finish()
+            try:
+                feed.run(entries)
+            finally:
+                self.files_written = feed.files_written
+            return self.conclude(feed.files_written, feed.last_error)
         finally:
-            self.store.release_writers(self.writer_of)
+            self.close()
+
+    def conclude(self, files_written: int, last_error: Exception | str | None) -> list[str]:
+        """After the last entry: a 400 if nothing was stored and an entry was unparsable
+        (``Ignore-Unparsable``), else build and archive as asked (``_finish``)."""
+        self.files_written = files_written
+        if files_written == 0 and last_error is not None:
+            raise HttpError(400, str(last_error))
+        return self._finish()
+
+    def close(self) -> None:
+        """The request is over: a claimed file's lock is let go, its rows' writers released."""
+        self.abandon()
+        self.store.release_writers(self.writer_of)
 
     def _finish(self) -> list[str]:
         """Build (any ``dest``, ``action=commit``) and archive (``dest=/archive…``, or
@@ -409,77 +530,18 @@ class DicomImport:
         if ms > 0:
             time.sleep(ms / 1000)
 
-    # -- one entry -------------------------------------------------------------------------
-    def _one(self, name: str, stream: IO[bytes]) -> None:
-        head = _read_fully(stream, HEAD_BYTES)
-        fast = fastdicom.parse(head, whole=len(head) < HEAD_BYTES)
-        if fast is not None:  # an ordinary file: the same result without pydicom's parse
-            self._place(name, fast.header, head, stream, fast)
-            self.files_written += 1
-            return
-        spooled: Path | None = None
-        try:
-            try:
-                h = read_header(head, name)
-            except Unparsable:
-                if len(head) < HEAD_BYTES:
-                    raise
-                # A header longer than the head: spool the entry and parse the whole file.
-                spooled = self.store.tmp_dir() / f"entry-{uuid.uuid4().hex}"
-                with spooled.open("wb") as out:
-                    out.write(head)
-                    shutil.copyfileobj(stream, out, 1 << 20)
-                h = read_header(head, name, str(spooled))
-            if spooled is not None:
-                with spooled.open("rb") as whole:
-                    self._place(name, h, whole.read(0), whole)
-            else:
-                self._place(name, h, head, stream)
-        finally:
-            if spooled is not None:
-                spooled.unlink(missing_ok=True)
-        self.files_written += 1
+    # -- one file: the catalog's half ------------------------------------------------------
+    def sleepy(self) -> bool:
+        live = self.knobs.live
+        return live.bandwidth_mbps > 0 or live.per_file_ms > 0
 
-    def _route_project(self, h: DicomHeader) -> str:
-        """The request's project if readable, else DICOM routing (``Project:`` in the comment
-        fields, then Study Description, then Accession Number, each only if readable), else
-        Unassigned (facts 1.2 and 6)."""
-        if self.project is not None:
-            return self.project
-        for candidate in (h.routing.get("project"), h.study_description, h.accession_number):
-            found = self.store.readable_project(self.user, candidate)
-            if found is not None:
-                return found
-        return UNASSIGNED
-
-    def _identity(self, h: DicomHeader) -> tuple[str, str, str]:
-        """(project, subject, label): label = EXPT_LABEL, else ``Session:``/Patient ID, else
-        ``dicom_upload``; subject = SUBJECT_ID, else ``Subject:``/Patient Name (GDI:216-255).
-        Labels are kept as sent here; XNAT cleans them at archive time (facts 3.5)."""
-        project = self._route_project(h)
-        label = self.p.label or h.routing.get("session") or h.patient_id or "dicom_upload"
-        subject = self.p.subject or h.routing.get("subject") or h.patient_name or label
-        return project, subject, label
-
-    def _row_code(self, project: str, h: DicomHeader) -> int:
-        """A new row's auto-archive code: DICOM ``AA:`` or the project's code now (facts 3.2)."""
-        if h.routing.get("aa", "").lower() == "true" and project != UNASSIGNED:
-            return AUTO_ARCHIVE
-        return self.store.project_code(project, self.knobs.get().auto_archive_projects)
-
-    def _place(
-        self,
-        name: str,
-        h: DicomHeader,
-        head: bytes,
-        rest: IO[bytes],
-        fast: fastdicom.FastFile | None = None,
-    ) -> None:
+    def claim(self, name: str, h: DicomHeader) -> Claim | None:
+        """Route the file (facts 1.2), find or make its row, name it, take its lock; None when
+        a series filter drops it (facts 1.3). A second claim of a file being written is XNAT's
+        400 "Concurrent file sends" (``Store.file_lock``)."""
+        self.abandon()  # (a claim not settled: its lock is let go first)
         if h.series_number in self.rejected_series:
-            # A series filter / "reject" drops the file at receipt: read, not stored (facts 1.3).
-            while rest.read(1 << 16):
-                pass
-            return
+            return None
         project, subject, label = self._identity(h)
         scan = scan_dir(h)
         open_row = functools.partial(
@@ -518,11 +580,31 @@ class DicomImport:
         script = None
         if self.site_anon and not self.p.prevent_anon:
             script = SiteScript(None if project == UNASSIGNED else project, subject, label)
-        with self.store.file_lock(s.id, scan + "/" + file_name):
-            target = os.path.join(folder, file_name)
-            size, md5 = self._write(target, name, head, rest, script, fast)
+        lock = contextlib.ExitStack()
+        lock.enter_context(self.store.file_lock(s.id, scan + "/" + file_name))
+        self._held = (lock, s.id, scan, file_name, h)
+        try:
+            # The knobs as the write meets them, under the lock (``write_file``).
+            disk_full = self.knobs.disk_full_for(self.path)
+            live = self.knobs.live
+        except BaseException:
+            self.abandon()
+            raise
+        return Claim(
+            target=os.path.join(folder, file_name),
+            script=script,
+            disk_full=disk_full,
+            per_file_ms=live.per_file_ms,
+            reencode=live.reencode or script is not None,
+        )
+
+    def settle(self, size: int, md5: str) -> None:
+        assert self._held is not None, "settle without a claim"
+        lock, sid, scan, file_name, h = self._held
+        self._held = None
+        with lock:
             self.store.record_prearc_file(
-                s.id,
+                sid,
                 scan,
                 file_name,
                 sop_uid=h.sop_uid,
@@ -535,6 +617,38 @@ class DicomImport:
                 size=size,
                 md5=md5,
             )
+
+    def abandon(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held[0].close()
+
+    def _route_project(self, h: DicomHeader) -> str:
+        """The request's project if readable, else DICOM routing (``Project:`` in the comment
+        fields, then Study Description, then Accession Number, each only if readable), else
+        Unassigned (facts 1.2 and 6)."""
+        if self.project is not None:
+            return self.project
+        for candidate in (h.routing.get("project"), h.study_description, h.accession_number):
+            found = self.store.readable_project(self.user, candidate)
+            if found is not None:
+                return found
+        return UNASSIGNED
+
+    def _identity(self, h: DicomHeader) -> tuple[str, str, str]:
+        """(project, subject, label): label = EXPT_LABEL, else ``Session:``/Patient ID, else
+        ``dicom_upload``; subject = SUBJECT_ID, else ``Subject:``/Patient Name (GDI:216-255).
+        Labels are kept as sent here; XNAT cleans them at archive time (facts 3.5)."""
+        project = self._route_project(h)
+        label = self.p.label or h.routing.get("session") or h.patient_id or "dicom_upload"
+        subject = self.p.subject or h.routing.get("subject") or h.patient_name or label
+        return project, subject, label
+
+    def _row_code(self, project: str, h: DicomHeader) -> int:
+        """A new row's auto-archive code: DICOM ``AA:`` or the project's code now (facts 3.2)."""
+        if h.routing.get("aa", "").lower() == "true" and project != UNASSIGNED:
+            return AUTO_ARCHIVE
+        return self.store.project_code(project, self.knobs.get().auto_archive_projects)
 
     def _row(
         self,
@@ -567,104 +681,105 @@ class DicomImport:
             return namer_file_name(h)
         return wanted
 
-    def _write(
-        self,
-        target: str,
-        name: str,
-        head: bytes,
-        rest: IO[bytes],
-        script: SiteScript | None,
-        fast: fastdicom.FastFile | None = None,
-    ) -> tuple[int, str]:
-        """Receive head + rest, then store it re-encoded (facts 1.7) at ``target``; returns
-        (size, md5) of the stored file.
 
-        Runs under the file lock, like XNAT's write (+ anonymization): ``per_file_ms`` is spent
-        here, which is also what makes the same-file race observable. I/O failures, a full disk
-        and anonymization failures are all 400 "unable to read DICOM object NAME" (facts 1.4:
-        GDI:385, 403-411, 431-435) — XNAT never answers 507.
-        """
-        failed = Unparsable(f"unable to read DICOM object {name}")
-        if self.knobs.disk_full_for(self.path):
-            _drain(rest)
-            raise failed
-        knobs = self.knobs.live
-        if knobs.per_file_ms > 0:
-            with self.slots.paused():  # (set mid-request): a slot is never held in a sleep
-                time.sleep(knobs.per_file_ms / 1000)
-        reencoding = knobs.reencode or script is not None
-        if fast is not None:
-            # The stored bytes built from the header walk (fastdicom), written and hashed in one
-            # pass; None when it cannot say what pydicom would write: the path below decides.
-            prefix = fast.stored_prefix(script) if reencoding else fast.head[: fast.rest_at]
-            if prefix is not None:
-                tail = memoryview(head)[fast.rest_at :]  # (written and hashed, not copied)
-                return self._write_direct(target, name, prefix, tail, rest)
-        # Short temp names: the stored name may be up to 255 bytes itself.
-        tmp = self.store.tmp_dir()
-        received = tmp / f"in-{uuid.uuid4().hex}"
-        stored = tmp / f"st-{uuid.uuid4().hex}"
+def write_file(
+    claim: Claim,
+    tmp_path: str,
+    name: str,
+    head: bytes,
+    rest: IO[bytes],
+    fast: fastdicom.FastFile | None = None,
+    slots: Slots = _NO_SLOTS,
+) -> tuple[int, str]:
+    """Receive head + rest, then store it re-encoded (facts 1.7) at the claim's target; returns
+    (size, md5) of the stored file.
+
+    Runs under the claim's file lock, like XNAT's write (+ anonymization): ``per_file_ms`` is
+    spent here, which is also what makes the same-file race observable. I/O failures, a full
+    disk and anonymization failures are all 400 "unable to read DICOM object NAME" (facts 1.4:
+    GDI:385, 403-411, 431-435) — XNAT never answers 507.
+    """
+    failed = Unparsable(f"unable to read DICOM object {name}")
+    if claim.disk_full:
+        _drain(rest)
+        raise failed
+    if claim.per_file_ms > 0:
+        with slots.paused():  # (set mid-request): a slot is never held in a sleep
+            time.sleep(claim.per_file_ms / 1000)
+    script = claim.script
+    if fast is not None:
+        # The stored bytes built from the header walk (fastdicom), written and hashed in one
+        # pass; None when it cannot say what pydicom would write: the path below decides.
+        prefix = fast.stored_prefix(script) if claim.reencode else fast.head[: fast.rest_at]
+        if prefix is not None:
+            tail = memoryview(head)[fast.rest_at :]  # (written and hashed, not copied)
+            return _write_direct(tmp_path, claim.target, name, prefix, tail, rest)
+    # Short temp names: the stored name may be up to 255 bytes itself.
+    tmp = Path(tmp_path)
+    received = tmp / f"in-{uuid.uuid4().hex}"
+    stored = tmp / f"st-{uuid.uuid4().hex}"
+    try:
+        with received.open("wb") as out:
+            for block in _blocks(head, rest):
+                out.write(block)
+        if claim.reencode:
+            try:
+                size, digest = reencode(str(received), str(stored), script)
+            except Exception:  # unreadable header, I/O: both a 400 (GDI:431-435)
+                raise failed from None
+        else:
+            size, digest = _size_md5(received)
+            os.replace(received, stored)
+        os.makedirs(os.path.dirname(claim.target), exist_ok=True)
+        os.replace(stored, claim.target)
+        return size, digest
+    except OSError:
+        raise failed from None
+    finally:
+        received.unlink(missing_ok=True)
+        stored.unlink(missing_ok=True)
+
+
+def _write_direct(
+    tmp_path: str, target: str, name: str, prefix: bytes, tail: bytes | memoryview, rest: IO[bytes]
+) -> tuple[int, str]:
+    """Store ``prefix`` + ``tail`` + the rest of the entry at ``target`` (through a temp file,
+    renamed into place), hashing as it writes; returns (size, md5)."""
+    stored = os.path.join(tmp_path, f"st-{os.getpid()}-{next(_TMP_NAMES)}")
+    md5 = hashlib.md5(prefix)
+    size = len(prefix)
+    moved = False
+    try:
+        # One writev per MiB, not a buffered write per piece: an ordinary file is then one
+        # system call (three before), each of which let go of the GIL to a waiting thread.
+        fd = os.open(stored, _NEW_FILE, 0o666)
         try:
-            with received.open("wb") as out:
-                for block in _blocks(head, rest):
-                    out.write(block)
-            if reencoding:
-                try:
-                    size, digest = reencode(str(received), str(stored), script)
-                except Exception:  # unreadable header, I/O: both a 400 (GDI:431-435)
-                    raise failed from None
-            else:
-                size, digest = _size_md5(received)
-                os.replace(received, stored)
+            pending: list[bytes | memoryview] = [prefix]
+            held = len(prefix)
+            for block in _blocks(tail, rest):
+                md5.update(block)  # (hashlib lets go of the GIL for large blocks)
+                size += len(block)
+                pending.append(block)
+                held += len(block)
+                if held >= _WRITE_AT:
+                    _write_all(fd, pending)
+                    held = 0
+            _write_all(fd, pending)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(stored, target)
+        except FileNotFoundError:  # the scan's first file (or its folder was removed)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(stored, target)
-            return size, digest
-        except OSError:
-            raise failed from None
-        finally:
-            received.unlink(missing_ok=True)
-            stored.unlink(missing_ok=True)
-
-    def _write_direct(
-        self, target: str, name: str, prefix: bytes, tail: bytes | memoryview, rest: IO[bytes]
-    ) -> tuple[int, str]:
-        """Store ``prefix`` + ``tail`` + the rest of the entry at ``target`` (through a temp
-        file, renamed into place), hashing as it writes; returns (size, md5)."""
-        stored = os.path.join(self.store.tmp_path, f"st-{_PID}-{next(_TMP_NAMES)}")
-        md5 = hashlib.md5(prefix)
-        size = len(prefix)
-        moved = False
-        try:
-            # One writev per MiB, not a buffered write per piece: an ordinary file is then one
-            # system call (three before), each of which let go of the GIL to a waiting thread.
-            fd = os.open(stored, _NEW_FILE, 0o666)
-            try:
-                pending: list[bytes | memoryview] = [prefix]
-                held = len(prefix)
-                for block in _blocks(tail, rest):
-                    md5.update(block)  # (hashlib lets go of the GIL for large blocks)
-                    size += len(block)
-                    pending.append(block)
-                    held += len(block)
-                    if held >= _WRITE_AT:
-                        _write_all(fd, pending)
-                        held = 0
-                _write_all(fd, pending)
-            finally:
-                os.close(fd)
-            try:
-                os.replace(stored, target)
-            except FileNotFoundError:  # the scan's first file (or its folder was removed)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(stored, target)
-            moved = True
-            return size, md5.hexdigest()
-        except OSError:
-            raise Unparsable(f"unable to read DICOM object {name}") from None
-        finally:
-            if not moved:  # (an unlink that finds nothing costs a system call per file)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(stored)
+        moved = True
+        return size, md5.hexdigest()
+    except OSError:
+        raise Unparsable(f"unable to read DICOM object {name}") from None
+    finally:
+        if not moved:  # (an unlink that finds nothing costs a system call per file)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stored)
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
