@@ -23,6 +23,26 @@ if TYPE_CHECKING:
     from xnatio.sandbox import SandboxServer
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--import-workers",
+        type=int,
+        default=0,
+        help="Run every sandbox of the run with this many import worker processes.",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _sandbox_import_workers(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = request.config.getoption("--import-workers")
+    if n:
+        from xnatio.sandbox.server import SandboxServer
+
+        monkeypatch.setattr(SandboxServer, "default_import_workers", n)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

@@ -77,6 +77,15 @@ Knobs can be changed while it runs (JSON, no login needed, loopback test server)
     "auto-archived); the builder runs every N/5 s, as XNAT's 60 s for 300 (facts 3.2).",
 )
 @click.option(
+    "--import-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Read raw import bodies (zip, tar) in N worker processes, so imports use more than one "
+    "core; 0: every body in its request's thread. Same answers and stored files either way.",
+)
+@click.option(
     "--no-site-anon",
     "no_site_anon",
     is_flag=True,
@@ -120,6 +129,7 @@ def sandbox(
     session_timeout: float,
     context_path: str,
     idle_seconds: float,
+    import_workers: int,
     no_site_anon: bool,
     projects: tuple[str, ...],
     add_users: tuple[str, ...],
@@ -159,6 +169,7 @@ def sandbox(
             context_path=context_path,
             site_anon=not no_site_anon,
             idle_seconds=idle_seconds,
+            import_workers=import_workers,
         )
     except ValueError as exc:  # an invalid context path
         raise UsageError(str(exc)) from None

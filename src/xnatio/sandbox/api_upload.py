@@ -38,6 +38,7 @@ from xnatio.sandbox.store import (
     PrearcSession,
     Store,
 )
+from xnatio.sandbox.workers import Body, import_elsewhere
 
 if TYPE_CHECKING:
     from xnatio.sandbox.server import Request, Response
@@ -173,9 +174,40 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
             kind = archive_kind(name)
             if kind is None:
                 raise HttpError(400, MSG_UNSUPPORTED)
-            uris = job.run(iter_entries(source, kind, store.tmp_dir()))
+            workers = req.server.workers
+            worker = None
+            if workers is not None and body_path is None and _whole_body(req):
+                worker = workers.pick()
+            if workers is not None and worker is not None:
+                # An import worker reads this body (workers.py); the catalog's half is here.
+                sock, buffered = req.body_socket()
+                body = Body(
+                    buffered,
+                    req.body.length,
+                    req.body.chunked,
+                    kind,
+                    store.tmp_path,
+                    p.ignore_unparsable,
+                    job.sleepy(),
+                    sock.gettimeout(),
+                )
+                uris = import_elsewhere(job, workers, worker, sock, req.body, body)
+            else:
+                uris = job.run(iter_entries(source, kind, store.tmp_dir()))
         req.server.knob_box.count("files_imported", job.files_written)
     return uri_answer(req, uris)
+
+
+def _whole_body(req: Request) -> bool:
+    """Whether an import worker may read this body: nothing of it read yet, and no knob in the
+    server's body reader (a cut, a bandwidth cap) applies to it, over a plain connection."""
+    return (
+        req.plain_connection
+        and req.body.untouched
+        and req.body.has_body
+        and not req.body.will_be_cut
+        and req.server.knob_box.live.bandwidth_mbps <= 0
+    )
 
 
 # -- prearchive --------------------------------------------------------------------------------

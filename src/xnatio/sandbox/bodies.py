@@ -44,7 +44,8 @@ class BodyReader:
         on_reset: Callable[[], None] | None = None,
     ) -> None:
         self._rfile = rfile
-        self._left = length if not chunked else None
+        self.length = length if not chunked else None  # (the framing, for an import worker)
+        self._left = self.length
         self._chunked = chunked
         self._chunk_left = 0
         self._done = (length or 0) == 0 and not chunked
@@ -52,6 +53,23 @@ class BodyReader:
         self._reset_at = reset_at
         self._on_reset = on_reset
         self.bytes_read = 0
+        self._cut = False  # read elsewhere, not to its end: the connection must close
+
+    @property
+    def chunked(self) -> bool:
+        return self._chunked
+
+    @property
+    def untouched(self) -> bool:
+        """Nothing of the body was read yet, not even chunk framing."""
+        return self.bytes_read == 0 and self._chunk_left == 0 and not self._done
+
+    def read_elsewhere(self, n: int, *, complete: bool) -> None:
+        """An import worker read the body (``workers.py``): ``n`` bytes, and to its end if
+        ``complete``. Nothing is left to read here; an incomplete body closes the connection."""
+        self.bytes_read = n
+        self._done = True
+        self._cut = not complete
 
     @property
     def will_be_cut(self) -> bool:
@@ -111,6 +129,8 @@ class BodyReader:
 
     def drain(self, limit: int | None = None) -> bool:
         """Read and discard the rest of the body; False if more than ``limit`` bytes remained."""
+        if self._cut:
+            return False
         seen = 0
         while True:
             data = self.read(CHUNK)

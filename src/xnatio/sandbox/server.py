@@ -11,6 +11,7 @@ import html
 import json
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -37,6 +38,7 @@ from xnatio.sandbox.knobs import KnobBox, Knobs
 from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
 from xnatio.sandbox.slots import Slots
 from xnatio.sandbox.store import FileRecord, PrearcSession, Store
+from xnatio.sandbox.workers import ImportWorkers
 
 log = logging.getLogger("xnatio.sandbox")
 
@@ -79,6 +81,7 @@ class Request:
         self.body: BodyReader = handler.body
         self.principal = principal
         self.server: SandboxServer = handler.server.sandbox  # type: ignore[attr-defined]
+        self._handler = handler
         form = self.content_type.lower().startswith("application/x-www-form-urlencoded")
         if form and not self.path.startswith("/_sandbox/"):  # curl -d sends JSON knobs as a form
             # Restlet merges form fields into the request parameters (xnatctl's archive call
@@ -97,6 +100,29 @@ class Request:
 
     def tmp_path(self, prefix: str) -> Path:
         return self.server._store().tmp_dir() / f"{prefix}-{uuid.uuid4().hex}"
+
+    @property
+    def plain_connection(self) -> bool:
+        """The connection is not TLS (a test may wrap the listening socket in TLS; an import
+        worker reads the socket's bytes as they come, so it can take plain ones only)."""
+        return not isinstance(self._handler.connection, ssl.SSLSocket)
+
+    def body_socket(self) -> tuple[socket.socket, bytes]:
+        """The connection, and the bytes of the (untouched) body already in its read buffer,
+        taken out of it: for an import worker that reads the body itself (``workers.py``)."""
+        sock: socket.socket = self._handler.connection
+        rfile = self._handler.rfile
+        timeout = sock.gettimeout()
+        sock.settimeout(0)  # peek gives what is buffered; a read that would wait gives nothing
+        try:
+            buffered = rfile.peek()  # type: ignore[attr-defined]
+        except BlockingIOError:
+            buffered = b""
+        finally:
+            sock.settimeout(timeout)
+        if buffered:
+            rfile.read(len(buffered))
+        return sock, bytes(buffered)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -367,13 +393,20 @@ class SandboxServer:
     seconds; ``max_sessions`` (XNAT: 1000), ``max_failed_logins`` (20) and ``lockout_seconds``
     (3600) are facts 2's login limits, also settable later on ``server.auth``. ``context_path``
     (e.g. ``/xnat``) serves everything under that prefix. ``site_anon`` and ``idle_seconds`` set
-    the ``site_anonymization`` and ``build_idle_seconds`` knobs. ``start()`` returns once the
+    the ``site_anonymization`` and ``build_idle_seconds`` knobs. ``import_workers`` (default 0)
+    starts that many processes that read raw import bodies, so imports use more than one core
+    (``workers.py``). ``start()`` returns once the
     socket listens; ``url`` is then ``http://HOST:PORT`` + the context path. Usable as a context
     manager. ``access`` (once started) holds projects, users and roles (``access.Access``).
+
+    ``default_import_workers`` is what ``import_workers=None`` means (0; the test suite's
+    ``--import-workers`` option sets it for a whole run).
 
     Test helpers read the store directly (no HTTP): ``archived_files``, ``prearchive_sessions``,
     ``experiment_labels``.
     """
+
+    default_import_workers = 0
 
     def __init__(
         self,
@@ -391,6 +424,7 @@ class SandboxServer:
         lockout_seconds: float = LOCKOUT_SECONDS,
         site_anon: bool | None = None,
         idle_seconds: float | None = None,
+        import_workers: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -417,6 +451,11 @@ class SandboxServer:
         # The request threads take turns at importing files (slots.py): what each file's
         # import does is unchanged, only how many threads do it at once.
         self.import_slots = Slots()
+        # Processes that read import bodies (workers.py); 0: every body in its request thread.
+        if import_workers is None:
+            import_workers = self.default_import_workers
+        self.import_workers = max(0, import_workers)
+        self.workers: ImportWorkers | None = None
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -427,6 +466,12 @@ class SandboxServer:
         self.store = Store(self.data_dir)
         self._set_up_access(self.store.access)
         httpd = _HTTPServer((self.host, self._port), Handler)
+        if self.import_workers:
+            try:
+                self.workers = ImportWorkers(self.import_workers).start()
+            except BaseException:
+                httpd.server_close()
+                raise
         httpd.sandbox = self
         self._httpd = httpd
         self._port = httpd.server_address[1]
@@ -449,6 +494,9 @@ class SandboxServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
         for t in self._threads:
             t.join(timeout=5)
         self._threads = []
