@@ -28,7 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--import-workers",
         type=int,
         default=0,
-        help="Run every sandbox of the run with this many import worker processes.",
+        help="Run every sandbox of the run with this many import worker processes, each taking "
+        "every body it can (the server keeps none of its own).",
     )
 
 
@@ -39,8 +40,10 @@ def _sandbox_import_workers(
     n = request.config.getoption("--import-workers")
     if n:
         from xnatio.sandbox.server import SandboxServer
+        from xnatio.sandbox.workers import ImportWorkers
 
         monkeypatch.setattr(SandboxServer, "default_import_workers", n)
+        monkeypatch.setattr(ImportWorkers, "DEFAULT_HOME", 0)  # every body it can hand over
 
 
 @pytest.fixture(autouse=True)

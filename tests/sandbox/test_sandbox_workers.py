@@ -40,13 +40,16 @@ IMPORT = "/data/services/import"
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[SandboxServer, SandboxServer]]:
-    """(a server without workers, one with two), each on its own data dir."""
+    """(a server without workers, one with two that take every body it can hand over), each
+    on its own data dir."""
     plain = SandboxServer(
         tmp_path / "plain", users=USERS, projects=TEST_PROJECTS, import_workers=0
     ).start()
     workers = SandboxServer(
         tmp_path / "workers", users=USERS, projects=TEST_PROJECTS, import_workers=2
     ).start()
+    assert workers.workers is not None
+    workers.workers.home = 0  # (by default the server keeps one body of its own at a time)
     try:
         yield plain, workers
     finally:
@@ -338,6 +341,7 @@ def test_a_worker_that_dies_fails_its_request_and_the_others_take_over(
         tmp_path / "d", users=USERS, projects=TEST_PROJECTS, import_workers=2
     ) as server:
         assert server.workers is not None
+        server.workers.home = 0
         procs = list(server.workers._procs)
         server.set_knobs(per_file_ms=3000)  # the first file's write waits under its lock
         result: list[requests.Response] = []
@@ -372,6 +376,7 @@ def test_stop_ends_the_workers_even_with_a_body_in_flight(tmp_path: Path) -> Non
         tmp_path / "d", users=USERS, projects=TEST_PROJECTS, import_workers=2
     ).start()
     assert server.workers is not None
+    server.workers.home = 0
     procs = list(server.workers._procs)
     body = tar_bytes(files)
     s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -392,6 +397,47 @@ def test_stop_ends_the_workers_even_with_a_body_in_flight(tmp_path: Path) -> Non
     assert all(p.poll() is not None for p in procs)
     assert time.monotonic() - began < 20
     s.close()
+
+
+def test_the_server_imports_one_body_itself_and_hands_over_those_that_come_meanwhile(
+    tmp_path: Path,
+) -> None:
+    files = instance_files(session(tmp_path, series=1, instances=2))
+    with SandboxServer(
+        tmp_path / "d", users=USERS, projects=TEST_PROJECTS, import_workers=2
+    ) as server:
+        assert server.workers is not None and server.workers.home == 1
+        # One at a time: each in the request's thread.
+        for label in ("E1", "E2"):
+            assert post(server, tar_bytes(files), "application/x-tar", EXPT_LABEL=label).ok
+        assert server.workers.handed == 0
+        # The first holds the server's own turn (its files' writes wait 1 s each); the two
+        # sent meanwhile go to the workers.
+        server.set_knobs(per_file_ms=1000)
+        first = threading.Thread(
+            target=lambda: post(server, tar_bytes(files), "application/x-tar", EXPT_LABEL="E3")
+        )
+        first.start()
+        deadline = time.monotonic() + 30
+        while server.workers._home == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(
+                pool.map(
+                    lambda label: (
+                        post(
+                            server, tar_bytes(files), "application/x-tar", EXPT_LABEL=label
+                        ).status_code
+                    ),
+                    ["E4", "E5"],
+                )
+            )
+        first.join(30)
+        assert codes == [200, 200]
+        assert server.workers.handed == 2
+        assert (
+            sorted(len(server.prearchive_files(s)) for s in server.prearchive_sessions()) == [2] * 5
+        )
 
 
 def test_xio_sandbox_serves_imports_with_workers(tmp_path: Path) -> None:

@@ -175,23 +175,24 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
             if kind is None:
                 raise HttpError(400, MSG_UNSUPPORTED)
             workers = req.server.workers
-            worker = None
             if workers is not None and body_path is None and _whole_body(req):
-                worker = workers.pick()
-            if workers is not None and worker is not None:
-                # An import worker reads this body (workers.py); the catalog's half is here.
-                sock, buffered = req.body_socket()
-                body = Body(
-                    buffered,
-                    req.body.length,
-                    req.body.chunked,
-                    kind,
-                    store.tmp_path,
-                    p.ignore_unparsable,
-                    job.sleepy(),
-                    sock.gettimeout(),
-                )
-                uris = import_elsewhere(job, workers, worker, sock, req.body, body)
+                with workers.choose() as worker:
+                    if worker is None:
+                        uris = job.run(iter_entries(source, kind, store.tmp_dir()))
+                    else:
+                        # A worker reads this body (workers.py); the catalog's half is here.
+                        sock, buffered = req.body_socket()
+                        body = Body(
+                            buffered,
+                            req.body.length,
+                            req.body.chunked,
+                            kind,
+                            store.tmp_path,
+                            p.ignore_unparsable,
+                            job.sleepy(),
+                            sock.gettimeout(),
+                        )
+                        uris = import_elsewhere(job, workers, worker, sock, req.body, body)
             else:
                 uris = job.run(iter_entries(source, kind, store.tmp_dir()))
         req.server.knob_box.count("files_imported", job.files_written)
