@@ -41,6 +41,10 @@ SERVER_DATA_ENV = "XNATIO_BENCH_SERVER_DATA"
 # exported src/, so a scenario can be run with two servers side by side; the clients stay this
 # checkout's.
 SERVER_SRC_ENV = "XNATIO_BENCH_SERVER_SRC"
+# The sandbox's import worker processes (``xio sandbox --import-workers``): 0 reads every body
+# in its request thread. The harness's ``--server-workers`` sets it.
+SERVER_WORKERS_ENV = "XNATIO_BENCH_SERVER_WORKERS"
+DEFAULT_SERVER_WORKERS = 0
 
 
 def free_port() -> int:
@@ -101,6 +105,11 @@ class Sandbox:
     pythonpath: str | None = field(default_factory=lambda: os.environ.get(SERVER_SRC_ENV) or None)
     """Run the server from another source tree (``PYTHONPATH``), e.g. an older commit's
     (default: ``$XNATIO_BENCH_SERVER_SRC``, else this checkout)."""
+    import_workers: int = field(
+        default_factory=lambda: int(os.environ.get(SERVER_WORKERS_ENV) or DEFAULT_SERVER_WORKERS)
+    )
+    """``xio sandbox --import-workers`` (default: ``$XNATIO_BENCH_SERVER_WORKERS``, else
+    ``DEFAULT_SERVER_WORKERS``)."""
     data_dir: Path | None = None
     """Where the server keeps its data (set at start: tmpfs when there is room)."""
     in_memory: bool = False
@@ -154,6 +163,8 @@ class Sandbox:
         ]
         for project in self.projects:
             cmd += ["--project", project]
+        if self.import_workers > 0:
+            cmd += ["--import-workers", str(self.import_workers)]
         # Direct-Archive uploads are archived after the idle interval (facts 1.6): shorter here,
         # so the check does not wait XNAT's 5 minutes, but longer than any pause between a
         # peer's requests: a session archived between two of them sends the rest to the

@@ -35,6 +35,9 @@ bodies), what ``shared/xnat-api.md`` sections 1-5 describe:
 - a context path (``context_path=``/``--context-path``: everything under it, 404 outside) and
   the knobs of a proxy in front of XNAT (redirects, a login page) — ``server.py``;
 - XNAT's HTML error pages (message in ``<h3>``) — ``pages.py``;
+- optionally more than one core: ``import_workers=N``/``--import-workers N`` reads raw import
+  bodies in N worker processes, the catalog staying in the server process (same answers and
+  stored files) — ``workers.py``;
 - XNAT's races, reproduced rather than avoided: the same-file race (400 "Concurrent file
   sends…"); an in-request build skipped while another request writes the row (200, empty
   body); a file sent while its row is being archived accepted and then lost with the folder
