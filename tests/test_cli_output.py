@@ -10,13 +10,12 @@ import io
 import logging
 import re
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from upload_helpers import run_xio_stamped
+from upload_helpers import run_xio_stamped, self_signed_certificate
 from xnatio.progress import CliLogHandler, TimestampedStream
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import SyntheticSession, generate_session
@@ -123,20 +122,7 @@ def test_timestamped_stream_stamps_each_line_once() -> None:
 
 @pytest.fixture
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        subprocess.run(
-            [
-                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
-                *("-subj", "/CN=other.example.org", "-keyout", str(key), "-out", str(cert)),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    except FileNotFoundError:
-        pytest.skip("openssl is not installed")
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.integration

@@ -6,9 +6,7 @@ server run against real local servers (http.server, an ``ssl`` wrapped one).
 from __future__ import annotations
 
 import http.server
-import shutil
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 import requests
 import responses
 
+from upload_helpers import self_signed_certificate
 from xnatio import __version__
 from xnatio.errors import EXIT_USAGE, AuthError, ConfigError, ServerError, UnreachableError
 from xnatio.retry import RetryPolicy
@@ -312,19 +311,7 @@ def test_https_to_a_plain_http_port_says_so(plain_web_server: str) -> None:
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for another host name (other.example.org)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
-            *("-subj", "/CN=other.example.org", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -276,3 +276,22 @@ def run_xio_stamped(
         env=child_env,
         timeout=timeout,
     )
+
+
+def self_signed_certificate(folder: Path, host: str = "other.example.org") -> tuple[Path, Path]:
+    """(certificate, key) of a self-signed TLS certificate for ``host``, made with openssl in
+    ``folder``; the calling test is skipped when openssl is not installed."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-subj", f"/CN={host}", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

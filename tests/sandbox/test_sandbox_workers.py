@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import pytest
 import requests
 from sandbox_helpers import TEST_PROJECTS, h3, instance_files, session, tar_bytes, zip_bytes
 
+from upload_helpers import self_signed_certificate
 from xnatio.sandbox import SandboxServer
 from xnatio.synth import generate_session
 
@@ -301,18 +303,7 @@ def test_a_tls_connection_is_imported_in_the_request_thread(
 ) -> None:
     """A worker reads the socket's bytes as they arrive: over TLS they are not the body."""
     _, workers = pair
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(
-            [
-                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
-                *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    except FileNotFoundError:
-        pytest.skip("openssl is not installed")
+    cert, key = self_signed_certificate(tmp_path, "localhost")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
     assert workers._httpd is not None
@@ -333,15 +324,24 @@ def test_a_tls_connection_is_imported_in_the_request_thread(
     assert len(workers.prearchive_files(row)) == 3
 
 
-def test_a_worker_that_dies_fails_its_request_and_the_others_take_over(
-    tmp_path: Path,
-) -> None:
-    files = instance_files(session(tmp_path, series=1, instances=3))
+@contextmanager
+def one_server(tmp_path: Path, home: int) -> Iterator[SandboxServer]:
+    """A started server with two import workers that keep ``home`` bodies in the server
+    process."""
     with SandboxServer(
         tmp_path / "d", users=USERS, projects=TEST_PROJECTS, import_workers=2
     ) as server:
         assert server.workers is not None
-        server.workers.home = 0
+        server.workers.home = home
+        yield server
+
+
+def test_a_worker_that_dies_fails_its_request_and_the_others_take_over(
+    tmp_path: Path,
+) -> None:
+    files = instance_files(session(tmp_path, series=1, instances=3))
+    with one_server(tmp_path, home=0) as server:
+        assert server.workers is not None
         procs = list(server.workers._procs)
         server.set_knobs(per_file_ms=3000)  # the first file's write waits under its lock
         result: list[requests.Response] = []
@@ -403,11 +403,9 @@ def test_the_server_imports_one_body_itself_and_hands_over_those_that_come_meanw
     tmp_path: Path,
 ) -> None:
     files = instance_files(session(tmp_path, series=1, instances=2))
-    with SandboxServer(
-        tmp_path / "d", users=USERS, projects=TEST_PROJECTS, import_workers=2
-    ) as server:
+    # (1 is the default; pytest --import-workers sets 0)
+    with one_server(tmp_path, home=1) as server:
         assert server.workers is not None
-        server.workers.home = 1  # (the default; pytest --import-workers sets 0)
         # One at a time: each in the request's thread.
         for label in ("E1", "E2"):
             assert post(server, tar_bytes(files), "application/x-tar", EXPT_LABEL=label).ok
