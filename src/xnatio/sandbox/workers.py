@@ -103,7 +103,7 @@ class WorkerLost(Exception):
 
 # -- the server's side -----------------------------------------------------------------------
 class ImportWorkers:
-    """``n`` worker processes (``python -m xnatio.sandbox.workers``), each taking any number of
+    """``n`` worker processes (``main``, started as ``_WORKER``), each taking any number of
     import bodies at once in threads, with its own import slots."""
 
     # Bodies the server process imports itself before it hands any to a worker (``choose``).
@@ -189,16 +189,15 @@ class ImportWorkers:
                 mine.close()
                 theirs.close()
                 raise WorkerLost("the import workers are stopped")
-            self._busy[i] += 1
-            self.handed += 1
             try:
                 socket.send_fds(self._controls[i], [b"body"], [sock.fileno(), theirs.fileno()])
             except OSError:
-                self._busy[i] -= 1
                 mine.close()
                 raise WorkerLost("an import worker is gone") from None
             finally:
                 theirs.close()
+            self._busy[i] += 1
+            self.handed += 1
         conn = Connection(mine.detach())
 
         def done() -> None:
