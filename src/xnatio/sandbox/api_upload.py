@@ -3,6 +3,7 @@ Direct-Archive's ``/xapi/direct-archive`` (facts 1, 3). Answers, codes and texts
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -175,26 +176,25 @@ def import_service(req: Request, _: re.Match[str]) -> Response:
             if kind is None:
                 raise HttpError(400, MSG_UNSUPPORTED)
             workers = req.server.workers
-            if workers is not None and body_path is None and _whole_body(req):
-                with workers.choose() as worker:
-                    if worker is None:
-                        uris = job.run(iter_entries(source, kind, store.tmp_dir()))
-                    else:
-                        # A worker reads this body (workers.py); the catalog's half is here.
-                        sock, buffered = req.body_socket()
-                        body = Body(
-                            buffered,
-                            req.body.length,
-                            req.body.chunked,
-                            kind,
-                            store.tmp_path,
-                            p.ignore_unparsable,
-                            job.sleepy(),
-                            sock.gettimeout(),
-                        )
-                        uris = import_elsewhere(job, workers, worker, sock, req.body, body)
-            else:
-                uris = job.run(iter_entries(source, kind, store.tmp_dir()))
+            if body_path is not None or not _whole_body(req):
+                workers = None
+            with workers.choose() if workers is not None else contextlib.nullcontext() as worker:
+                if workers is None or worker is None:
+                    uris = job.run(iter_entries(source, kind, store.tmp_dir()))
+                else:
+                    # A worker reads this body (workers.py); the catalog's half is here.
+                    sock, buffered = req.body_socket()
+                    body = Body(
+                        buffered,
+                        req.body.length,
+                        req.body.chunked,
+                        kind,
+                        store.tmp_path,
+                        p.ignore_unparsable,
+                        job.sleepy(),
+                        sock.gettimeout(),
+                    )
+                    uris = import_elsewhere(job, workers, worker, sock, req.body, body)
         req.server.knob_box.count("files_imported", job.files_written)
     return uri_answer(req, uris)
 

@@ -20,6 +20,9 @@ CHUNK = 1 << 16
 # of a body two or three ``recv`` calls, each letting go of the GIL and taking it back among the
 # request threads; one buffer this size takes what the socket holds in one call.
 RECV_BUFFER = 1 << 18
+# Bytes of an unread body swallowed after the answer is known (so the connection can be kept),
+# before the connection is closed instead; the server's and an import worker's alike.
+DRAIN_LIMIT = 256 * 1024 * 1024
 
 
 class ConnectionAborted(Exception):

@@ -33,7 +33,7 @@ from xnatio.sandbox.auth import (
     Principal,
     is_browser,
 )
-from xnatio.sandbox.bodies import RECV_BUFFER, BodyReader, ConnectionAborted
+from xnatio.sandbox.bodies import DRAIN_LIMIT, RECV_BUFFER, BodyReader, ConnectionAborted
 from xnatio.sandbox.knobs import KnobBox, Knobs
 from xnatio.sandbox.pages import REASONS, HttpError, error_page, login_page
 from xnatio.sandbox.slots import Slots
@@ -44,7 +44,6 @@ log = logging.getLogger("xnatio.sandbox")
 
 SANDBOX_VERSION = "1.8.10"
 LOGIN_PATH = "/app/template/Login.vm"
-DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of an unread body we swallow before closing instead
 
 
 class Response:

@@ -52,15 +52,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from xnatio.sandbox.bodies import RECV_BUFFER, BodyReader, ConnectionAborted
+from xnatio.sandbox.bodies import DRAIN_LIMIT, RECV_BUFFER, BodyReader, ConnectionAborted
 from xnatio.sandbox.dicom import DicomHeader
 from xnatio.sandbox.importer import Claim, DicomImport, EntryFeed, FullReader, iter_entries
 from xnatio.sandbox.pages import HttpError
 from xnatio.sandbox.slots import Slots
-
-# Bytes of an unread body a worker swallows after an error before the connection is closed
-# instead (the server's own DRAIN_LIMIT, server.py).
-DRAIN_LIMIT = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
